@@ -1,0 +1,63 @@
+"""``toolserver-checker``: the checker alone, for deployments that separate it from the manager."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+
+import httpx
+
+from shared.config import load_config
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+
+
+async def _run(cfg) -> None:  # type: ignore[no-untyped-def]
+    from checker.service import Checker
+    from manager.activity import ActivityRecorder, AddressCache
+    from manager.runtime import Runtime
+    from shared import __version__
+    from shared.docker_backend import DockerBackend
+    from shared.keys import Keys
+    from shared.models import ReplicaInfo
+    from shared.store import Store, connect
+
+    redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds, cfg.redis.sentinels, cfg.redis.sentinel_master)
+    store = Store(redis, Keys(cfg.redis.key_prefix), cfg.events.stream_maxlen)
+    backend = DockerBackend(cfg.docker_host, cfg.docker_threads, cfg.node.port, cfg.node.publish_host)
+    async with httpx.AsyncClient(trust_env=False) as http:
+        # a Runtime lets the checker create pooled nodes exactly as a manager does
+        rt = Runtime(cfg=cfg, store=store, backend=backend, http=http, cache=AddressCache(1.0),
+                     activity=ActivityRecorder(store, 1.0),
+                     replica=ReplicaInfo(replica_id=cfg.replica_id, manager_id=cfg.manager_id, url="",
+                                         version=__version__, started_at=time.time()))
+        checker = Checker(cfg, store, backend, replica_id=cfg.replica_id, runtime=rt)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(checker.stop()))
+        await checker.run()
+    await backend.close()
+    with contextlib.suppress(Exception):
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="toolserver-checker", description=__doc__)
+    p.add_argument("--config", "-c", help="YAML config file (default: $TSM_CONFIG)")
+    p.add_argument("--manager-id", help="config: manager_id")
+    ns = p.parse_args(argv)
+    try:
+        cfg = load_config(ns.config, overrides={"manager_id": ns.manager_id} if ns.manager_id else None)
+    except ConfigError as exc:
+        print(f"toolserver-checker: {exc.detail}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(cfg.logger_level, cfg.log_format, cfg.replica_id, cfg.manager_id)
+    asyncio.run(_run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""One reconcile pass as a pure function: desired state from Redis, actual from the
+engine, and the list of actions that brings them together (as JupyterHub's
+check_routes does for its proxy). No I/O here, so it is unit-tested directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.docker_backend import LABEL_CLIENT, LABEL_REPLICA, LABEL_ROLE
+from shared.models import ContainerInfo, NodeRecord, NodeStatus
+
+ENGINE_TO_STATUS = {"running": NodeStatus.RUNNING, "exited": NodeStatus.EXITED, "created": "created",
+                    "restarting": NodeStatus.RESTARTING, "paused": NodeStatus.PAUSED, "dead": NodeStatus.DEAD,
+                    "removing": "removing"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    idle_seconds: float
+    idle_grace_seconds: float
+    exited_gc_seconds: float
+    stuck_creation_seconds: float
+    claim_timeout_seconds: float = 30.0
+    pool_max_age_seconds: float = 3600.0
+
+
+@dataclass
+class Plan:
+    """What one pass will do; each list holds node ids or records."""
+
+    updates: dict[str, dict[str, str]] = field(default_factory=dict)  # node_id -> changed fields
+    health_events: list[tuple[str, str]] = field(default_factory=list)  # (node_id, new health)
+    forget: list[NodeRecord] = field(default_factory=list)  # record without container: delete record
+    remove: list[tuple[NodeRecord, str]] = field(default_factory=list)  # remove container + record, why
+    remove_orphans: list[str] = field(default_factory=list)  # containers without record never started
+    adopt: list[NodeRecord] = field(default_factory=list)  # containers without record: recreate record
+    idle_stop: list[NodeRecord] = field(default_factory=list)
+    stale_reservations: list[str] = field(default_factory=list)
+
+
+def _reservation_time(member: str) -> float:
+    try:
+        return float(member.split(":")[1])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def plan(manager_id: str, members: list[str], records: list[NodeRecord], containers: list[ContainerInfo],
+         last_requests: dict[str, float], now: float, limits: Limits, advertise_host: str) -> Plan:
+    """Compare records (read first) with the engine's containers (listed after) and decide."""
+    p = Plan()
+    by_id = {c.id: c for c in containers}
+    recorded = {r.id for r in records}
+    for m in members:
+        if m.startswith("pending:") and now - _reservation_time(m) > limits.stuck_creation_seconds:
+            p.stale_reservations.append(m)
+    for rec in records:
+        c = by_id.get(rec.id)
+        if c is None:
+            p.forget.append(rec)
+            continue
+        status = ENGINE_TO_STATUS.get(c.status, c.status)
+        if rec.status == NodeStatus.RELEASED:
+            p.remove.append((rec, "released"))
+            continue
+        if rec.status == NodeStatus.CREATING and now - rec.created_at > limits.stuck_creation_seconds:
+            p.remove.append((rec, "stuck in creation"))
+            continue
+        if rec.role == "claiming" and now - rec.claimed_at > limits.claim_timeout_seconds:
+            p.remove.append((rec, "claimed from the pool but never delivered"))
+            continue
+        if rec.role == "pooled" and now - rec.created_at > limits.pool_max_age_seconds:
+            p.remove.append((rec, "pooled node past its maximum age"))
+            continue
+        changed: dict[str, str] = {}
+        # a record mid-transition (creating, restarting) is the creating flow's to finish
+        if status != rec.status and not (rec.status in (NodeStatus.CREATING, NodeStatus.RESTARTING)
+                                         and status == NodeStatus.RUNNING):
+            changed["status"] = status
+            if status == NodeStatus.EXITED:
+                changed["stopped_at"] = f"{now:.3f}"
+                changed["ready_at"] = "0"
+        if c.health != "none" and c.health != rec.health:
+            changed["health"] = c.health
+            p.health_events.append((rec.id, c.health))
+        if c.port and c.port != rec.port:
+            changed["port"] = str(c.port)
+        if changed:
+            p.updates[rec.id] = changed
+        effective = changed.get("status", rec.status)
+        if effective == NodeStatus.EXITED:
+            stopped = rec.stopped_at or now
+            if now - stopped > limits.exited_gc_seconds:
+                p.remove.append((rec, "exited too long"))
+            continue
+        if effective == NodeStatus.RUNNING and rec.role == "node" and rec.ready_at:
+            last = last_requests.get(rec.id, rec.last_request_at or rec.created_at)
+            if now - last > limits.idle_seconds and now - rec.ready_at > limits.idle_grace_seconds:
+                p.idle_stop.append(rec)
+    for c in containers:
+        if c.id in recorded or c.labels.get(LABEL_ROLE) == "test":
+            continue
+        if c.status == "created":
+            if now - c.created > limits.stuck_creation_seconds:
+                p.remove_orphans.append(c.id)  # a replica died between create and record
+            continue
+        if c.status in ("removing", "dead"):
+            continue
+        status = ENGINE_TO_STATUS.get(c.status, c.status)
+        role = c.labels.get(LABEL_ROLE, "node")
+        p.adopt.append(NodeRecord(
+            id=c.id, short_id=c.id[:12], manager_id=manager_id, status=status,
+            health=c.health if c.health != "none" else "unknown", host=advertise_host, port=c.port,
+            created_at=c.created, ready_at=now if status == NodeStatus.RUNNING else 0.0, updated_at=now,
+            last_request_at=now, stopped_at=now if status == NodeStatus.EXITED else 0.0,
+            replica_id=c.labels.get(LABEL_REPLICA, ""), role="node" if role == "claiming" else role,
+            client=c.labels.get(LABEL_CLIENT, ""), image=c.image))
+    return p

@@ -1,0 +1,352 @@
+"""The checker: contends for its manager_id's lease and, while it holds it, reconciles
+the engine with Redis, stops idle nodes, collects garbage and keeps the warm pool.
+
+Runs inside every manager (only the lease holder acts) or alone (checker.main).
+Renewal and the reconcile cycle are separate tasks, so a slow engine call cannot
+make the holder miss a renewal; every write of a cycle is fenced by the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+from checker import reconcile
+from checker.lease import Lease
+from manager import metrics
+from shared.config import Config
+from shared.docker_backend import LABEL_MANAGER, LABEL_ROLE, DockerBackend
+from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
+from shared.models import Event, NodeRecord, NodeStatus
+from shared.store import RESERVATION_PREFIX, Store
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """A fenced write was rejected: a newer holder exists."""
+
+
+class Checker:
+    def __init__(self, cfg: Config, store: Store, backend: DockerBackend, replica_id: str,
+                 runtime: Any = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.backend = backend
+        self.mid = cfg.manager_id
+        self.lease = Lease(store, cfg.manager_id, replica_id, cfg.checker.lease_ttl_seconds)
+        self.runtime = runtime  # a manager Runtime, needed only to create pooled nodes
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._was_leader = False
+        self._filling = False
+        self.cycles = 0
+
+    # --- leadership -------------------------------------------------------------
+    async def run(self) -> None:
+        """Contend for the lease until stopped; act only while holding it."""
+        # staggered start: replicas booted together do not stampede the lease
+        await self._sleep(random.random() * self.cfg.checker.start_jitter_seconds)
+        tasks = [asyncio.create_task(self._lease_loop(), name="checker-lease"),
+                 asyncio.create_task(self._cycle_loop(), name="checker-cycle")]
+        if self.cfg.checker.use_events:
+            tasks.append(asyncio.create_task(self._engine_events(), name="checker-events"))
+        try:
+            await self._stopping.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _lease_loop(self) -> None:
+        ttl = self.cfg.checker.lease_ttl_seconds
+        while not self._stopping.is_set():
+            try:
+                if self.lease.token is None:
+                    if await self.lease.acquire():
+                        self._became_leader()
+                elif not await self.lease.renew():
+                    self._step_down("renewal refused")
+            except RedisUnavailable as exc:
+                if self.lease.token is not None and not self.lease.held:
+                    self._step_down(f"cannot renew: {exc.detail}")
+            await self._sleep(ttl / 3 if self.lease.token is not None else min(1.0, ttl / 3))
+
+    def _became_leader(self) -> None:
+        log.info("lease_acquired manager_id=%s replica_id=%s token=%s", self.mid, self.lease.holder,
+                 self.lease.token)
+        metrics.LEASE_TRANSITIONS.labels(self.mid, "acquired").inc()
+        metrics.LEADER.labels(self.mid).set(1)
+        self._was_leader = False  # the cycle loop runs the leader-start work first
+        self._wake.set()
+
+    def _step_down(self, why: str) -> None:
+        if self.lease.token is None and not self._was_leader:
+            return
+        log.warning("lease_lost manager_id=%s replica_id=%s reason=%s", self.mid, self.lease.holder, why)
+        self.lease.drop()
+        self._was_leader = False
+        metrics.LEASE_TRANSITIONS.labels(self.mid, "lost").inc()
+        metrics.LEADER.labels(self.mid).set(0)
+        _clear_leader_gauges(self.mid)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.lease.held
+
+    async def _cycle_loop(self) -> None:
+        interval = self.cfg.checker.interval_seconds
+        while not self._stopping.is_set():
+            if self.lease.token is not None and not self.lease.held:
+                self._step_down("lease could have expired before renewal")
+            if self.lease.held:
+                try:
+                    if not self._was_leader:
+                        await self.on_leader_start()
+                        self._was_leader = True
+                    await self.cycle()
+                except LeaseLost:
+                    self._step_down("a fenced write was rejected")
+                except EngineUnavailable as exc:
+                    log.warning("checker_engine_unavailable manager_id=%s error=%s", self.mid, exc.detail)
+                except RedisUnavailable as exc:
+                    log.warning("checker_redis_unavailable manager_id=%s error=%s", self.mid, exc.detail)
+                except ManagerError as exc:
+                    log.warning("checker_cycle_failed manager_id=%s error=%s", self.mid, exc.detail)
+                except Exception:  # noqa: BLE001 - the loop must survive any single bad pass
+                    log.exception("checker_cycle_crashed manager_id=%s", self.mid)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
+    async def _engine_events(self) -> None:
+        """Wake the cycle early when the engine reports a change to one of our containers."""
+        loop = asyncio.get_running_loop()
+        stop = self._stopping.is_set
+
+        def pump() -> None:
+            for _ in self.backend.events([f"{LABEL_MANAGER}={self.mid}"], stop):
+                loop.call_soon_threadsafe(self._wake.set)
+
+        while not self._stopping.is_set():
+            try:
+                await loop.run_in_executor(None, pump)
+            except (EngineUnavailable, ManagerError):
+                await self._sleep(2.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def stop(self) -> None:
+        """Release the lease at once (takeover is immediate) and optionally stop our nodes."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        was_holder = self.lease.token is not None
+        with contextlib.suppress(ManagerError):
+            await self.lease.release()
+        if was_holder:
+            metrics.LEADER.labels(self.mid).set(0)
+            _clear_leader_gauges(self.mid)
+            log.info("lease_released manager_id=%s replica_id=%s", self.mid, self.lease.holder)
+        if self.cfg.checker.stop_after_exit:
+            with contextlib.suppress(ManagerError):
+                await self._stop_all_if_last()
+
+    async def _stop_all_if_last(self) -> None:
+        others = [r for r in await self.store.live_replicas(self.mid) if r.replica_id != self.lease.holder]
+        if others:
+            log.info("stop_after_exit_skipped manager_id=%s live_replicas=%d", self.mid, len(others))
+            return
+        for c in await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}"]):
+            if c.status == "running":
+                with contextlib.suppress(ManagerError):
+                    await self.backend.stop(c.id, timeout=self.cfg.node.stop_timeout_seconds)
+                    await self.store.update_node(c.id, status=NodeStatus.EXITED, health="unhealthy",
+                                                 stopped_at=time.time(), ready_at=0)
+        log.info("stop_after_exit manager_id=%s", self.mid)
+
+    # --- acting (lease holder only) -------------------------------------------
+    async def _fenced(self, ops: list[tuple[str, str, list[Any]]]) -> None:
+        if ops and not await self.store.fenced(self.mid, self.lease.holder, self.lease.token or 0, ops):
+            raise LeaseLost()
+
+    async def on_leader_start(self) -> None:
+        """Remove test nodes of this manager_id (XAgent's later manager did this at election)."""
+        for c in await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}", f"{LABEL_ROLE}=test"]):
+            await self.backend.remove(c.id)
+            metrics.CHECKER_ACTIONS.labels(self.mid, "remove_test").inc()
+            log.info("test_node_removed node_id=%s manager_id=%s", c.id[:12], self.mid)
+
+    def limits(self) -> reconcile.Limits:
+        n = self.cfg.node
+        return reconcile.Limits(
+            idle_seconds=n.idling_close_minutes * 60, idle_grace_seconds=n.idle_grace_seconds,
+            exited_gc_seconds=n.exited_gc_minutes * 60,
+            stuck_creation_seconds=max(self.cfg.checker.stuck_creation_seconds, n.creation_wait_seconds + 5),
+            pool_max_age_seconds=self.cfg.pool.max_age_seconds)
+
+    async def cycle(self) -> reconcile.Plan:
+        """One reconcile pass: records first, then one label-filtered list of the engine."""
+        t0 = time.perf_counter()
+        k = self.store.keys
+        members = await self.store.manager_node_ids(self.mid)
+        records = await self.store.get_nodes([m for m in members if not m.startswith(RESERVATION_PREFIX)])
+        last = await self.store.last_requests(self.mid)
+        containers = await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}"])
+        now = time.time()
+        p = reconcile.plan(self.mid, members, records, containers, last, now, self.limits(),
+                           self.cfg.node.advertise_host)
+        ops: list[tuple[str, str, list[Any]]] = []
+        ev = self.store.event_op
+        holder = self.lease.holder
+        for node_id, fields in p.updates.items():
+            args: list[Any] = [x for kv in fields.items() for x in kv] + ["updated_at", f"{now:.3f}"]
+            ops.append(("hset_xx", k.node(node_id), args))
+            if fields.get("status") == NodeStatus.EXITED:
+                ops.append(ev(Event(type="stopped", node_id=node_id, manager_id=self.mid, replica_id=holder,
+                                    detail="seen exited")))
+        for node_id, health in p.health_events:
+            ops.append(ev(Event(type="health", node_id=node_id, manager_id=self.mid, replica_id=holder,
+                                detail=health)))
+        for rec in p.forget:
+            ops += self._delete_ops(rec)
+            ops.append(ev(Event(type="removed", node_id=rec.id, manager_id=self.mid, replica_id=holder,
+                                detail="container gone")))
+        for rec in p.adopt:
+            ops += [("hset", k.node(rec.id), [x for kv in rec.to_hash().items() for x in kv]),
+                    ("sadd", k.manager_nodes(self.mid), [rec.id]),
+                    ("zadd", k.last_request(self.mid), [f"{now:.3f}", rec.id]),
+                    ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder))]
+            if rec.role == "pooled" and rec.status == NodeStatus.RUNNING:
+                ops.append(("rpush", k.pool(self.mid), [rec.id]))
+        for m in p.stale_reservations:
+            ops.append(("srem", k.manager_nodes(self.mid), [m]))
+        ops.append(("hincrby", k.checker_stats(self.mid), [f"cycles:{self.lease.token}", 1]))
+        await self._fenced(ops)
+
+        # engine actions, each confirmed by a fenced write; still the holder before each
+        for rec in p.idle_stop:
+            await self._act_idle_stop(rec)
+        for rec, why in p.remove:
+            await self._act_remove(rec, why)
+        for cid in p.remove_orphans:
+            self._check_held()
+            await self.backend.remove(cid)
+            metrics.CHECKER_ACTIONS.labels(self.mid, "remove_orphan").inc()
+            log.info("orphan_removed node_id=%s manager_id=%s", cid[:12], self.mid)
+        counts = _count(p, records)
+        for action, n in (("update", len(p.updates)), ("forget", len(p.forget)), ("adopt", len(p.adopt))):
+            if n:
+                metrics.CHECKER_ACTIONS.labels(self.mid, action).inc(n)
+                log.info("checker_%s manager_id=%s count=%d", action, self.mid, n)
+        await self._export_gauges(counts)
+        if self.cfg.pool.size > 0 and self.runtime is not None and not self._filling:
+            await self._refill_pool(records, p)
+        elapsed = time.perf_counter() - t0
+        metrics.CHECKER_CYCLE_SECONDS.labels(self.mid).observe(elapsed)
+        self.cycles += 1
+        return p
+
+    def _check_held(self) -> None:
+        if not self.lease.held:
+            raise LeaseLost()
+
+    def _delete_ops(self, rec: NodeRecord) -> list[tuple[str, str, list[Any]]]:
+        k = self.store.keys
+        ops: list[tuple[str, str, list[Any]]] = [
+            ("del", k.node(rec.id), []), ("srem", k.manager_nodes(self.mid), [rec.id]),
+            ("zrem", k.last_request(self.mid), [rec.id]), ("lrem", k.pool(self.mid), [0, rec.id])]
+        if rec.client:
+            ops.append(("hincrby", k.client_count(), [rec.client, -1]))
+        return ops
+
+    async def _act_idle_stop(self, rec: NodeRecord) -> None:
+        self._check_held()
+        with contextlib.suppress(ManagerError):
+            await self.backend.stop(rec.id, timeout=self.cfg.node.stop_timeout_seconds)
+        now = time.time()
+        await self._fenced([
+            ("hset_xx", self.store.keys.node(rec.id), ["status", NodeStatus.EXITED, "health", "unhealthy",
+                                                       "ready_at", 0, "stopped_at", f"{now:.3f}",
+                                                       "updated_at", f"{now:.3f}"]),
+            self.store.event_op(Event(type="idle_stopped", node_id=rec.id, manager_id=self.mid,
+                                      replica_id=self.lease.holder))])
+        metrics.CHECKER_ACTIONS.labels(self.mid, "idle_stop").inc()
+        log.info("node_idle_stopped node_id=%s manager_id=%s", rec.id[:12], self.mid)
+
+    async def _act_remove(self, rec: NodeRecord, why: str) -> None:
+        self._check_held()
+        await self.backend.remove(rec.id)
+        await self._fenced(self._delete_ops(rec) + [self.store.event_op(
+            Event(type="released", node_id=rec.id, manager_id=self.mid, replica_id=self.lease.holder,
+                  detail=why))])
+        metrics.CHECKER_ACTIONS.labels(self.mid, "remove").inc()
+        log.info("node_removed node_id=%s manager_id=%s reason=%s", rec.id[:12], self.mid, why.replace(" ", "_"))
+
+    async def _export_gauges(self, counts: dict[str, int]) -> None:
+        for status in (*NodeStatus.ALL, "pooled"):
+            metrics.NODES.labels(self.mid, status).set(counts.get(status, 0))
+        replicas = await self.store.live_replicas(self.mid)
+        metrics.REPLICAS.labels(self.mid).set(len(replicas))
+
+    async def _refill_pool(self, records: list[NodeRecord], p: reconcile.Plan) -> None:
+        removed = {r.id for r, _ in p.remove}
+        pooled = sum(1 for r in records if r.role == "pooled" and r.id not in removed)
+        metrics.POOL_SIZE.labels(self.mid).set(pooled)
+        missing = self.cfg.pool.size - pooled
+        if missing > 0:
+            self._filling = True
+            asyncio.create_task(self._fill(missing))
+
+    async def _fill(self, n: int) -> None:
+        from manager import lifecycle
+
+        sem = asyncio.Semaphore(4)
+
+        async def one() -> None:
+            async with sem:
+                if not self.lease.held:
+                    return
+                rec = await lifecycle.create_node(self.runtime, role="pooled")
+                try:
+                    await self._fenced([("rpush", self.store.keys.pool(self.mid), [rec.id])])
+                except LeaseLost:
+                    await self.backend.remove(rec.id)
+                    await self.store.delete_node(rec)
+
+        try:
+            results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    log.warning("pool_fill_failed manager_id=%s error=%r", self.mid, r)
+        finally:
+            self._filling = False
+
+
+def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    forgotten = {r.id for r in p.forget}
+    for rec in records:
+        if rec.id in forgotten:
+            continue
+        status = p.updates.get(rec.id, {}).get("status", rec.status)
+        key = "pooled" if rec.role == "pooled" else status
+        counts[key] = counts.get(key, 0) + 1
+    for rec in p.adopt:
+        counts[rec.status] = counts.get(rec.status, 0) + 1
+    return counts
+
+
+def _clear_leader_gauges(mid: str) -> None:
+    for status in (*NodeStatus.ALL, "pooled"):
+        with contextlib.suppress(KeyError):
+            metrics.NODES.remove(mid, status)
+    for g in (metrics.REPLICAS, metrics.POOL_SIZE):
+        with contextlib.suppress(KeyError):
+            g.remove(mid)

@@ -1,0 +1,77 @@
+"""The proxy's hot-path state: node addresses cached in memory and activity batched.
+
+A proxied request costs no Redis command when its node's address is cached, and
+its last-request time is flushed with every other node's in one pipeline a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from shared.errors import RedisUnavailable
+from shared.models import NodeRecord
+from shared.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class AddressCache:
+    """node_id -> NodeRecord for a few seconds; invalidated by lifecycle events."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, NodeRecord]] = {}
+
+    def get(self, node_id: str) -> NodeRecord | None:
+        hit = self._entries.get(node_id)
+        if hit is None:
+            return None
+        if hit[0] < time.monotonic():
+            del self._entries[node_id]
+            return None
+        return hit[1]
+
+    def put(self, rec: NodeRecord) -> None:
+        if len(self._entries) > 100_000:  # bound memory against a scan of bogus cookies
+            self._entries.clear()
+        self._entries[rec.id] = (time.monotonic() + self.ttl, rec)
+
+    def invalidate(self, node_id: str) -> None:
+        self._entries.pop(node_id, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class ActivityRecorder:
+    """Collects last-request times in memory and flushes them in batches."""
+
+    def __init__(self, store: Store, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._pending: dict[str, tuple[str, float]] = {}
+
+    def record(self, node_id: str, manager_id: str) -> None:
+        self._pending[node_id] = (manager_id, time.time())
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        try:
+            await self.store.touch(batch)
+        except RedisUnavailable:
+            # keep the newest time of each node for the next try; nothing is lost while Redis is down
+            for node_id, value in batch.items():
+                self._pending.setdefault(node_id, value)
+            raise
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except RedisUnavailable as exc:
+                log.warning("activity_flush_failed error=%s", exc.detail)

@@ -1,0 +1,187 @@
+"""Admin API under /admin: bearer token (constant-time compare); no token configured = off."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from checker.lease import lease_view
+from manager import cluster, routes, sessions
+from manager.runtime import Runtime
+from shared.errors import BadRequest, Forbidden, ManagerError, NotFound, Unauthorized
+from shared.models import NodeStatus
+
+
+def bearer(header: str | None) -> str | None:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+def check_token(rt: Runtime, token: str | None) -> None:
+    expected = rt.cfg.admin_token
+    if not expected:
+        raise NotFound("the admin API is disabled: no admin.token configured")
+    if not token:
+        raise Unauthorized("missing admin token (Authorization: Bearer <token>)")
+    # compare digests of equal length: no timing difference that leaks the token's length or prefix
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Forbidden("invalid admin token")
+
+
+def _admin(request: Request) -> Runtime:
+    rt = routes.rt_of(request)
+    check_token(rt, bearer(request.headers.get("authorization")))
+    return rt
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"query parameter {name} must be between {lo} and {hi}")
+    return value
+
+
+async def list_nodes(request: Request) -> Response:
+    rt = _admin(request)
+    mid = request.query_params.get("manager_id")
+    status = request.query_params.get("status")
+    if status is not None and status not in NodeStatus.ALL:
+        raise BadRequest(f"unknown status {status!r}; one of {', '.join(NodeStatus.ALL)}")
+    min_idle = _int_param(request, "min_idle_seconds", 0, 0, 10**9)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    now = time.time()
+    rows = []
+    last: dict[str, dict[str, float]] = {}
+    async for rec in rt.store.scan_all_nodes():
+        if (mid and rec.manager_id != mid) or (status and rec.status != status):
+            continue
+        if rec.manager_id not in last:
+            last[rec.manager_id] = await rt.store.last_requests(rec.manager_id)
+        seen = last[rec.manager_id].get(rec.id, rec.last_request_at)
+        idle = now - seen
+        if idle < min_idle:
+            continue
+        row = msgspec.structs.asdict(rec)
+        row["last_request_at"] = seen
+        row["idle_seconds"] = round(idle, 1)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["manager_id"], r["created_at"]))
+    return routes.json_response({"total": len(rows), "offset": offset, "limit": limit,
+                                 "nodes": rows[offset:offset + limit]})
+
+
+async def inspect_node(request: Request) -> Response:
+    rt = _admin(request)
+    node_id = request.path_params["node_id"]
+    rec = await rt.store.get_node(node_id)
+    if rec is None:
+        raise NotFound(f"no node {node_id}")
+    if rec.manager_id == rt.manager_id:
+        from manager.lifecycle import node_detail
+
+        return routes.json_response(await node_detail(rt, node_id))
+    reps = await cluster.owner_replicas(rt, rec.manager_id)
+    if not reps:
+        return routes.json_response({"record": rec, "container": None,
+                                     "error": f"no live manager for {rec.manager_id}"})
+    return routes.json_response(await cluster.remote_get(rt, reps[0], f"/internal/nodes/{node_id}"))
+
+
+class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
+    node_ids: list[str]
+
+
+async def release_nodes(request: Request) -> Response:
+    rt = _admin(request)
+    try:
+        body = msgspec.json.decode(await request.body(), type=ReleaseBody)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"invalid body: {exc}") from exc
+    if not body.node_ids or len(body.node_ids) > 1000:
+        raise BadRequest("node_ids must hold 1 to 1000 ids")
+    results: dict[str, str] = {}
+    for node_id in body.node_ids:
+        try:
+            await sessions.release(rt, node_id)
+            results[node_id] = "released"
+        except ManagerError as exc:
+            results[node_id] = exc.detail
+    return routes.json_response({"results": results})
+
+
+async def release_one(request: Request) -> Response:
+    rt = _admin(request)
+    node_id = request.path_params["node_id"]
+    await sessions.release(rt, node_id)
+    return routes.json_response({"results": {node_id: "released"}})
+
+
+async def list_replicas(request: Request) -> Response:
+    rt = _admin(request)
+    reps = await rt.store.live_replicas()
+    return routes.json_response({"replicas": [cluster.replica_view(r) for r in reps]})
+
+
+async def list_leases(request: Request) -> Response:
+    rt = _admin(request)
+    mids = set(await rt.store.manager_ids()) | {r.manager_id for r in await rt.store.live_replicas()}
+    out = []
+    for mid in sorted(mids):
+        view = msgspec.structs.asdict(await lease_view(rt.store, mid))
+        stats = await rt.store.redis.hgetall(rt.store.keys.checker_stats(mid))
+        view["cycles_by_token"] = {k.decode().split(":", 1)[1]: int(v) for k, v in stats.items()
+                                   if k.startswith(b"cycles:")}
+        out.append(view)
+    return routes.json_response({"leases": out})
+
+
+async def drain(request: Request) -> Response:
+    rt = _admin(request)
+    mid = request.path_params["manager_id"]
+    on = request.method == "POST"
+    await rt.store.set_draining(mid, on)
+    return routes.json_response({"manager_id": mid, "draining": on})
+
+
+async def engines(request: Request) -> Response:
+    rt = _admin(request)
+
+    async def one(rep: Any) -> Any:
+        if rep is None:
+            return await routes.engine_summary(rt)
+        return await cluster.remote_get(rt, rep, "/internal/engine")
+
+    return routes.json_response(await cluster.fan_out(rt, one))
+
+
+async def show_config(request: Request) -> Response:
+    rt = _admin(request)
+    return routes.json_response(rt.cfg.redacted())
+
+
+def admin_routes() -> list[BaseRoute]:
+    return [
+        Route("/admin/nodes", list_nodes, methods=["GET"]),
+        Route("/admin/nodes/release", release_nodes, methods=["POST"]),
+        Route("/admin/nodes/{node_id}", inspect_node, methods=["GET"]),
+        Route("/admin/nodes/{node_id}", release_one, methods=["DELETE"]),
+        Route("/admin/replicas", list_replicas, methods=["GET"]),
+        Route("/admin/leases", list_leases, methods=["GET"]),
+        Route("/admin/managers/{manager_id}/drain", drain, methods=["POST", "DELETE"]),
+        Route("/admin/engines", engines, methods=["GET"]),
+        Route("/admin/config", show_config, methods=["GET"]),
+    ]

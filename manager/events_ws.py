@@ -1,0 +1,175 @@
+"""``/ws/events``: a session's (or, with the admin token, every) node lifecycle events.
+
+The handshake, ping/pong and keep-alive follow XAgent's MainServer: a first message
+``{"status":"connect","success":...}``, ``{"type":"pong"}`` every keep-alive period,
+and the session marked ``alive``/``close`` in Redis while it is watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from manager import admin, metrics
+from manager.runtime import Runtime
+from shared.errors import ManagerError
+from shared.models import Event, NodeStatus
+from shared.store import compare_ids
+
+log = logging.getLogger(__name__)
+
+CLOSE_SILENT = 4408  # like HTTP 408: the client sent nothing for too long
+CLOSE_OVERFLOW = 4429  # the client reads too slowly; it may resume with the last event id
+
+
+class ClientMessage(msgspec.Struct):
+    type: str
+
+
+def _event_msg(ev: Event) -> dict[str, Any]:
+    return {"type": "event", "id": ev.id, "event": ev.type, "node_id": ev.node_id, "manager_id": ev.manager_id,
+            "at": ev.at, "replica_id": ev.replica_id, "detail": ev.detail}
+
+
+async def _authenticate(rt: Runtime, ws: WebSocket) -> tuple[str | None, str | None, Any]:
+    """(node_id filter, manager_id filter, data for the handshake); raises ManagerError."""
+    token = ws.query_params.get("token") or admin.bearer(ws.headers.get("authorization"))
+    if token:
+        admin.check_token(rt, token)
+        mid = ws.query_params.get("manager_id") or None
+        return None, mid, {"scope": "admin", "manager_id": mid}
+    node_id = ws.cookies.get("node_id")
+    rec = await rt.store.get_node(node_id) if node_id else None
+    if rec is None or rec.status == NodeStatus.RELEASED:
+        raise ManagerError(f"invalid node_id: {node_id}")
+    return rec.id, None, rec
+
+
+async def events_socket(ws: WebSocket) -> None:
+    rt: Runtime = ws.app.state.rt
+    hub = ws.app.state.hub
+    await ws.accept()
+    enc = msgspec.json.encode
+    try:
+        node_id, mid, data = await _authenticate(rt, ws)
+    except ManagerError as exc:
+        await ws.send_bytes(enc({"status": "connect", "success": False, "message": exc.detail, "data": None}))
+        await ws.close(code=1000)
+        return
+    sub = hub.subscribe(node_id, mid)
+    gauge = metrics.WEBSOCKETS.labels("events")
+    gauge.inc()
+    watch_key = rt.store.keys.watchers(node_id) if node_id else None
+    try:
+        if watch_key:
+            await rt.store.redis.hset(watch_key, mapping={"status": "alive", "since": time.time()})
+            await rt.store.redis.hincrby(watch_key, "count", 1)
+        await ws.send_text(enc({"status": "connect", "success": True, "message": "connect success",
+                                "data": data}).decode())
+        last = ws.query_params.get("last_event_id")
+        if last:
+            await _replay(rt, ws, sub, last)
+        await _serve(rt, ws, sub)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        sub.close()
+        gauge.dec()
+        if watch_key:
+            with contextlib.suppress(Exception):
+                left = await rt.store.redis.hincrby(watch_key, "count", -1)
+                if left <= 0:
+                    await rt.store.redis.hset(watch_key, mapping={"status": "close", "left_at": time.time(),
+                                                                  "count": 0})
+
+
+async def _replay(rt: Runtime, ws: WebSocket, sub: Any, last: str) -> None:
+    """Send what the client missed after `last`, then mark the live queue to skip duplicates."""
+    try:
+        compare_ids(last, last)
+    except ValueError:
+        await ws.send_text(msgspec.json.encode({"type": "error", "message": f"bad last_event_id: {last}"}).decode())
+        return
+    if not await rt.store.event_exists_after(last):
+        await ws.send_text(msgspec.json.encode({"type": "gap", "message": "some events are no longer stored"}).decode())
+    cursor = last
+    while True:
+        batch = await rt.store.read_events(cursor, block_ms=None, count=500)
+        batch = [e for e in batch if sub.wants(e)] if batch else []
+        if not batch:
+            break
+        for ev in batch:
+            await ws.send_text(msgspec.json.encode(_event_msg(ev)).decode())
+            cursor = ev.id
+    sub.replayed_to = cursor
+
+
+async def _serve(rt: Runtime, ws: WebSocket, sub: Any) -> None:
+    cfg = rt.cfg.events
+    limit = rt.cfg.proxy.websocket_max_message_bytes
+    last_seen = time.monotonic()
+    replayed_to = getattr(sub, "replayed_to", None)
+
+    async def reader() -> None:
+        nonlocal last_seen
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(msg.get("code", 1000))
+            last_seen = time.monotonic()
+            raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+            if raw is None:
+                continue
+            if len(raw) > limit:
+                await ws.close(code=1009, reason="message too big")
+                return
+            try:
+                m = msgspec.json.decode(raw, type=ClientMessage)
+            except msgspec.DecodeError as exc:
+                await ws.send_text(msgspec.json.encode({"type": "error", "message": f"malformed message: {exc}"}).decode())
+                continue
+            if m.type == "ping":
+                await ws.send_text('{"type":"pong"}')
+            else:
+                await ws.send_text(msgspec.json.encode(
+                    {"type": "error", "message": f"unknown message type: {m.type}"}).decode())
+
+    async def writer() -> None:
+        next_keepalive = time.monotonic() + cfg.keepalive_seconds
+        while True:
+            timeout = max(0.0, min(next_keepalive, last_seen + cfg.client_timeout_seconds) - time.monotonic())
+            try:
+                ev = await asyncio.wait_for(sub.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                now = time.monotonic()
+                if now >= last_seen + cfg.client_timeout_seconds:
+                    await ws.close(code=CLOSE_SILENT, reason=f"no message for {cfg.client_timeout_seconds:g}s")
+                    return
+                if now >= next_keepalive:
+                    await ws.send_text('{"type":"pong"}')
+                    next_keepalive = now + cfg.keepalive_seconds
+                continue
+            if sub.overflowed:
+                await ws.close(code=CLOSE_OVERFLOW, reason="too slow; resume with last_event_id")
+                return
+            if replayed_to and compare_ids(ev.id, replayed_to) <= 0:
+                continue
+            await ws.send_text(msgspec.json.encode(_event_msg(ev)).decode())
+
+    tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            exc = t.exception()
+            if exc is not None and not isinstance(exc, (WebSocketDisconnect, RuntimeError)):
+                log.warning("events_socket_error error=%r", exc)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,108 @@
+"""``toolserver-manager``: run one manager replica (with its built-in checker) under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import uvicorn
+
+from shared.config import Config, load_config
+from shared.errors import ConfigError
+from shared.logs import setup_logging
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="toolserver-manager", description=__doc__)
+    p.add_argument("--config", "-c", help="YAML config file (default: $TSM_CONFIG)")
+    p.add_argument("--host", help="listen address (config: host)")
+    p.add_argument("--port", type=int, help="listen port (config: port)")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes (config: workers)")
+    p.add_argument("--manager-id", help="config: manager_id")
+    return p.parse_args(argv)
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("host", "port", "workers", "manager_id"):
+        value = getattr(ns, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def app_factory() -> Any:
+    """Used by uvicorn in each worker process when workers > 1 (config from the environment)."""
+    from manager.app import create_app
+
+    cfg = load_config(overrides=_env_json_overrides())
+    setup_logging(cfg.logger_level, cfg.log_format, cfg.replica_id, cfg.manager_id)
+    return create_app(cfg)
+
+
+def _env_json_overrides() -> dict[str, Any]:
+    import json
+
+    raw = os.environ.get("TSM_CLI_OVERRIDES")
+    return json.loads(raw) if raw else {}
+
+
+class _Server(uvicorn.Server):
+    """Leaves the registry and hands the lease over as soon as a stop signal arrives,
+    before uvicorn waits for in-flight requests to finish."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        app = self.config.loaded_app
+        while hasattr(app, "app") and not hasattr(app, "state"):
+            app = app.app
+        if app is not None and hasattr(app, "state"):
+            from manager.app import begin_shutdown
+
+            asyncio.get_event_loop().create_task(begin_shutdown(app))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = _args(argv)
+    try:
+        cfg: Config = load_config(ns.config, overrides=_overrides(ns))
+    except ConfigError as exc:
+        print(f"toolserver-manager: {exc.detail}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(cfg.logger_level, cfg.log_format, cfg.replica_id, cfg.manager_id)
+    common: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "server_header": False, "log_config": None,
+                              "access_log": False, "ws_max_size": cfg.proxy.websocket_max_message_bytes,
+                              "timeout_graceful_shutdown": 30, "h11_max_incomplete_event_size": cfg.proxy.max_header_bytes}
+    if cfg.workers <= 1:
+        from manager.app import create_app
+
+        print(f"toolserver-manager {cfg.version}: http://{cfg.host}:{cfg.port}  "
+              f"(manager_id={cfg.manager_id}, replica_id={cfg.replica_id})", file=sys.stderr, flush=True)
+        server = _Server(uvicorn.Config(create_app(cfg), **common))
+        server.run()
+        return
+    # several workers: each is its own replica; metrics aggregate through a shared directory
+    import json
+
+    mpdir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="tsm-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = mpdir
+    if ns.config:
+        os.environ["TSM_CONFIG"] = ns.config
+    overrides = _overrides(ns)
+    overrides.pop("workers", None)
+    os.environ["TSM_CLI_OVERRIDES"] = json.dumps(overrides)
+    print(f"toolserver-manager {cfg.version}: http://{cfg.host}:{cfg.port}  ({cfg.workers} workers, "
+          f"manager_id={cfg.manager_id})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run("manager.main:app_factory", factory=True, workers=cfg.workers, **common)
+    finally:
+        shutil.rmtree(mpdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Every Prometheus metric of the project, in one module.
+
+One prefix, base units, ``_total`` on counters, low-cardinality labels (never a node
+id). Gauges counted from Redis are set only by the lease holder, so a ``sum()`` over
+replicas is right. With several uvicorn workers, prometheus-client's multiprocess
+mode is used (PROMETHEUS_MULTIPROC_DIR, set by the run command).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+P = "toolserver_"
+_MULTI = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+CREATE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+PROXY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
+
+NODE_CREATE_SECONDS = Histogram(
+    P + "node_create_duration_seconds", "Time from a creation request to a node answering, by outcome.",
+    ["outcome"], buckets=CREATE_BUCKETS)
+for _o in ("ready", "timeout", "error", "pool"):
+    NODE_CREATE_SECONDS.labels(_o)
+
+PROXY_REQUESTS = Counter(P + "proxy_requests_total", "Requests proxied to nodes, by route and status class.",
+                         ["route", "code"])
+PROXY_SECONDS = Histogram(P + "proxy_request_duration_seconds",
+                          "Time to the response headers of a proxied request, by route.", ["route"],
+                          buckets=PROXY_BUCKETS)
+PROXY_BYTES_IN = Counter(P + "proxy_received_bytes_total", "Request body bytes streamed to nodes.")
+PROXY_BYTES_OUT = Counter(P + "proxy_sent_bytes_total", "Response body bytes streamed back to clients.")
+WEBSOCKETS = Gauge(P + "websocket_connections", "Open client WebSocket connections, by kind.", ["kind"],
+                   multiprocess_mode="livesum")
+for _k in ("proxy", "events"):
+    WEBSOCKETS.labels(_k)
+
+SESSION_OPS = Counter(P + "session_operations_total", "Session lifecycle calls, by operation and result.",
+                      ["op", "result"])
+FORWARDED = Counter(P + "forwarded_requests_total", "Calls forwarded to a replica of another manager_id.",
+                    ["kind"])
+
+NODES = Gauge(P + "nodes", "Node records by status and manager_id (exported by the lease holder only).",
+              ["manager_id", "status"], multiprocess_mode="livemax")
+LEADER = Gauge(P + "checker_leader", "1 while this process holds the checker lease of its manager_id.",
+               ["manager_id"], multiprocess_mode="livesum")
+LEASE_TRANSITIONS = Counter(P + "checker_lease_transitions_total",
+                            "Lease acquisitions and losses by this process.", ["manager_id", "event"])
+CHECKER_CYCLE_SECONDS = Histogram(P + "checker_cycle_duration_seconds", "Duration of one reconcile cycle.",
+                                  ["manager_id"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+CHECKER_ACTIONS = Counter(P + "checker_actions_total", "What the checker did, by action.",
+                          ["manager_id", "action"])
+REPLICAS = Gauge(P + "replicas_alive", "Live replicas seen in the registry (lease holder only).",
+                 ["manager_id"], multiprocess_mode="livemax")
+POOL_SIZE = Gauge(P + "pool_nodes", "Ready pooled nodes waiting to be claimed (lease holder only).",
+                  ["manager_id"], multiprocess_mode="livemax")
+POOL_CLAIMS = Counter(P + "pool_claims_total", "get_cookie served from the warm pool (hit) or not (miss).",
+                      ["result"])
+for _r in ("hit", "miss"):
+    POOL_CLAIMS.labels(_r)
+
+
+def status_class(code: int) -> str:
+    return f"{code // 100}xx"
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for /metrics, aggregated over workers in multiprocess mode."""
+    if _MULTI:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,142 @@
+"""The OpenAPI 3.1 description of every route, including the configured proxied paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.config import Config
+
+_DETAIL = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+_STR = {"type": "string"}
+COOKIE = {"name": "node_id", "in": "cookie", "required": False, "schema": {"type": "string"},
+          "description": "The session's node id, set by /get_cookie."}
+ADMIN_SECURITY = [{"adminToken": []}]
+INTERNAL = {"name": "x-tsm-internal-token", "in": "header", "required": True, "schema": {"type": "string"}}
+
+
+def _json(schema: dict[str, Any], desc: str) -> dict[str, Any]:
+    return {"description": desc, "content": {"application/json": {"schema": schema}}}
+
+
+def _err(*codes: int) -> dict[str, Any]:
+    text = {400: "bad request", 401: "missing token", 403: "invalid token or node_id", 404: "not found",
+            413: "body too large", 429: "quota exceeded", 431: "headers too large", 503: "unavailable"}
+    return {str(c): _json(_DETAIL, text[c]) for c in codes}
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def build_spec(cfg: Config) -> dict[str, Any]:
+    """Describe the manager's routes for this configuration."""
+    session = {"parameters": [COOKIE]}
+    paths: dict[str, Any] = {
+        "/alive": {"get": _op("Liveness", {"200": _json({"const": "alive"}, "alive")})},
+        "/ready": {"get": _op("Readiness: Redis and the engine reachable",
+                              {"200": _json({"type": "object"}, "ready"), **_err(503)})},
+        "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text exposition",
+                                                               "content": {"text/plain": {"schema": _STR}}}})},
+        "/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI")})},
+        "/get_cookie": {"post": _op(
+            "Create a node for a new session; sets cookie node_id",
+            {"200": _json({"type": "object", "properties": {"message": _STR, "version": _STR}}, "node ready"),
+             **_err(400, 429, 503)})},
+        "/reconnect_session": {"post": _op("Restart the session's node and wait until it answers",
+                                           {"200": _json(_STR, "'Reconnect session: <id>' or 'invalid node_id: <id>'"),
+                                            **_err(400, 503)}, **session)},
+        "/close_session": {"post": _op("Stop the session's node (it can be restarted)",
+                                       {"200": _json(_STR, "'Close session: <id>' or 'invalid node_id: <id>'"),
+                                        **_err(400, 503)}, **session)},
+        "/release_session": {"post": _op("Remove the session's node and its record",
+                                         {"200": _json(_STR, "'Release session: <id>' or 'invalid node_id: <id>'"),
+                                          **_err(400, 503)}, **session)},
+        "/ws/events": {"get": _op("WebSocket (upgrade): the session's node lifecycle events; admin token for all",
+                                  {"101": {"description": "switching protocols"}}, parameters=[
+                                      COOKIE, {"name": "last_event_id", "in": "query", "schema": _STR},
+                                      {"name": "manager_id", "in": "query", "schema": _STR},
+                                      {"name": "token", "in": "query", "schema": _STR}])},
+    }
+    proxied = {"200": {"description": "the node's response, passed through (including 404, 422, 450, 500)"},
+               **_err(403, 503)}
+    for method, plist in (("post", cfg.redirect_to_node_path.post), ("get", cfg.redirect_to_node_path.get)):
+        for path in plist:
+            body = {"requestBody": {"required": False, "content": {"*/*": {"schema": {}}}}} if method == "post" else {}
+            paths.setdefault(path, {})[method] = _op(f"Proxied to the session's node: {method.upper()} {path}",
+                                                     proxied, parameters=[COOKIE], **body)
+    for path in cfg.proxy.websocket_paths:
+        paths.setdefault(path, {})["get"] = _op(f"WebSocket (upgrade) proxied to the session's node: {path}",
+                                                {"101": {"description": "switching protocols"}, **_err(403)},
+                                                parameters=[COOKIE])
+    admin: dict[str, Any] = {
+        "/admin/nodes": {"get": _op("List nodes across the cluster", {"200": _json({"type": "object"}, "page"),
+                                                                        **_err(400, 401, 403, 404)},
+                                    parameters=[{"name": n, "in": "query", "schema": s} for n, s in (
+                                        ("manager_id", _STR), ("status", _STR),
+                                        ("min_idle_seconds", {"type": "integer", "minimum": 0}),
+                                        ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                                        ("offset", {"type": "integer", "minimum": 0}))])},
+        "/admin/nodes/release": {"post": _op("Release many nodes", {"200": _json({"type": "object"}, "results"),
+                                                                      **_err(400, 401, 403, 404)},
+                                             requestBody={"required": True, "content": {"application/json": {
+                                                 "schema": {"type": "object", "required": ["node_ids"], "properties": {
+                                                     "node_ids": {"type": "array", "items": _STR}}}}}})},
+        "/admin/nodes/{node_id}": {
+            "get": _op("Inspect one node: record, container, engine stats",
+                       {"200": _json({"type": "object"}, "detail"), **_err(401, 403, 404)},
+                       parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}]),
+            "delete": _op("Release one node", {"200": _json({"type": "object"}, "released"),
+                                               **_err(401, 403, 404, 503)},
+                          parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/replicas": {"get": _op("Live replicas", {"200": _json({"type": "object"}, "replicas"),
+                                                         **_err(401, 403, 404)})},
+        "/admin/leases": {"get": _op("Checker lease holder, token and since when, per manager_id",
+                                     {"200": _json({"type": "object"}, "leases"), **_err(401, 403, 404)})},
+        "/admin/managers/{manager_id}/drain": {m: _op(
+            ("Stop" if m == "post" else "Resume") + " placing new sessions on a manager_id",
+            {"200": _json({"type": "object"}, "state"), **_err(401, 403, 404)},
+            parameters=[{"name": "manager_id", "in": "path", "required": True, "schema": _STR}])
+            for m in ("post", "delete")},
+        "/admin/engines": {"get": _op("Per-engine facts, fanned out; partial results with failures named",
+                                      {"200": _json({"type": "object"}, "results"), **_err(401, 403, 404)})},
+        "/admin/config": {"get": _op("The configuration, secrets redacted",
+                                     {"200": _json({"type": "object"}, "config"), **_err(401, 403, 404)})},
+    }
+    for ops in admin.values():
+        for op in ops.values():
+            op["security"] = ADMIN_SECURITY
+    paths.update(admin)
+    internal = {"parameters": [INTERNAL], "tags": ["internal"]}
+    paths["/internal/nodes"] = {"post": _op("Create a node on this replica's engine (replica to replica)",
+                                            {"200": _json({"type": "object"}, "record"), **_err(403, 429, 503)},
+                                            **internal)}
+    paths["/internal/nodes/{node_id}/{op}"] = {"post": _op(
+        "Run restart|stop|release|ensure on a node of this replica's engine",
+        {"200": _json({"type": "object"}, "done"), **_err(400, 403, 404, 503)},
+        parameters=[INTERNAL, {"name": "node_id", "in": "path", "required": True, "schema": _STR},
+                    {"name": "op", "in": "path", "required": True, "schema": _STR}], tags=["internal"])}
+    paths["/internal/nodes/{node_id}"] = {"get": _op(
+        "Inspect a node of this replica's engine", {"200": _json({"type": "object"}, "detail"), **_err(403, 404)},
+        parameters=[INTERNAL, {"name": "node_id", "in": "path", "required": True, "schema": _STR}],
+        tags=["internal"])}
+    paths["/internal/engine"] = {"get": _op("This replica's engine facts", {"200": _json({"type": "object"}, "info"),
+                                                                            **_err(403, 503)}, **internal)}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "toolserver-manager", "version": cfg.version,
+                 "description": "XAgent ToolServerManager-compatible session manager, as a cluster."},
+        "paths": paths,
+        "components": {"securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    from manager.routes import json_response
+
+    spec = getattr(request.app.state, "openapi", None)
+    if spec is None:
+        spec = request.app.state.openapi = build_spec(request.app.state.cfg)
+    return json_response(spec)

@@ -1,0 +1,113 @@
+"""WebSocket proxy from a client to its node: text and binary frames both ways, close
+codes passed through. Each direction awaits its send before reading the next frame,
+so a slow reader slows the writer instead of growing a buffer in the manager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from manager import cluster, metrics
+from shared.errors import ManagerError, NoLiveManager
+from shared.models import NodeStatus
+
+log = logging.getLogger(__name__)
+
+PASS_HEADERS = ("cookie", "authorization", "user-agent", "origin")
+
+
+async def proxy_socket(ws: WebSocket) -> None:
+    rt = ws.app.state.rt
+    proxy = ws.app.state.proxy
+    try:
+        rec = await proxy.resolve(ws.cookies.get("node_id"))
+        if rec.status != NodeStatus.RUNNING:
+            rec = await proxy._revive(rec)
+    except ManagerError as exc:
+        await ws.close(code=1008, reason=exc.detail[:120])
+        return
+    headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
+    base = rec.address
+    if rec.manager_id != rt.manager_id and rt.cfg.cluster.proxy_through_owner.get(rec.manager_id) \
+            and cluster.VIA_HEADER not in ws.headers:
+        replicas = await cluster.owner_replicas(rt, rec.manager_id)
+        if not replicas:
+            await ws.close(code=1013, reason=NoLiveManager(rec.manager_id).detail[:120])
+            return
+        base = replicas[0].url
+        headers += [(cluster.TOKEN_HEADER, rt.cfg.internal_token), (cluster.VIA_HEADER, rt.replica.replica_id)]
+    url = "ws" + base[4:] + ws.url.path + (f"?{ws.url.query}" if ws.url.query else "")
+    subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    limit = rt.cfg.proxy.websocket_max_message_bytes
+    try:
+        upstream = await connect(url, additional_headers=headers, subprotocols=subprotocols or None,
+                                 max_size=limit, max_queue=16, open_timeout=rt.cfg.proxy.connect_timeout_seconds,
+                                 compression=None, ping_interval=None)
+    except InvalidStatus as exc:
+        await ws.close(code=1011, reason=f"node refused the upgrade: {exc.response.status_code}")
+        return
+    except (OSError, InvalidHandshake, asyncio.TimeoutError):
+        await ws.close(code=1011, reason="node is not responding")
+        return
+    await ws.accept(subprotocol=upstream.subprotocol)
+    rt.activity.record(rec.id, rec.manager_id)
+    gauge = metrics.WEBSOCKETS.labels("proxy")
+    gauge.inc()
+    try:
+        await _pump(ws, upstream, limit)
+    finally:
+        gauge.dec()
+        rt.activity.record(rec.id, rec.manager_id)
+        with contextlib.suppress(Exception):
+            await upstream.close()
+
+
+async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int) -> None:
+    async def client_to_node() -> None:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                await upstream.close(code=msg.get("code", 1000) if msg.get("code") not in (1005, 1006) else 1000)
+                return
+            data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+            if data is None:
+                continue
+            if len(data) > limit:
+                await upstream.close(code=1009)
+                await ws.close(code=1009, reason="message too big")
+                return
+            await upstream.send(data)
+
+    async def node_to_client() -> None:
+        try:
+            async for data in upstream:
+                if isinstance(data, str):
+                    await ws.send_text(data)
+                else:
+                    await ws.send_bytes(data)
+        except ConnectionClosed:
+            pass
+        code = upstream.close_code or 1000
+        if code in (1005, 1006):
+            code = 1011 if code == 1006 else 1000
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close(code=code, reason=upstream.close_reason or "")
+
+    tasks = [asyncio.create_task(client_to_node()), asyncio.create_task(node_to_client())]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # let the other side finish its close handshake briefly, then stop it
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, WebSocketDisconnect, RuntimeError):
+                await t
+

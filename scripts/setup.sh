@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Bring up the real parts on a Debian machine as root: packages, Redis, dockerd,
+# the project's virtualenv and the node image. Idempotent: a second run takes seconds.
+# Sourced by scripts/run.sh and scripts/test.sh; usable alone: `bash scripts/setup.sh [--test]`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"   # logs, caches; survives fresh clones
+VENV="${TSM_VENV:-$ROOT/.venv}"
+REDIS_PORT="${TSM_REDIS_PORT:-6379}"
+WITH_TEST="${TSM_WITH_TEST:-0}"
+[ "${1:-}" = "--test" ] && WITH_TEST=1
+mkdir -p "$STATE"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (apt-get and dockerd need it)"
+
+# --- Debian packages -------------------------------------------------------
+APT_PKGS=(docker.io redis-server debootstrap iptables)
+# what the test suite starts for real: a load balancer, Prometheus, a proxy to compare with
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus nginx-light wrk)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]} (apt, about 30 s)"
+  apt-get update -qq >"$STATE/apt.log" 2>&1 || die "apt-get update failed (see $STATE/apt.log): check the package mirror"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$STATE/apt.log" 2>&1 \
+    || die "apt-get install ${missing[*]} failed (see $STATE/apt.log)"
+fi
+
+# --- Redis -----------------------------------------------------------------
+if ! redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+  say "starting redis-server on 127.0.0.1:$REDIS_PORT"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --save '' --appendonly no \
+    --logfile "$STATE/redis.log" || die "redis-server did not start (see $STATE/redis.log)"
+  for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 || die "redis-server not answering on 127.0.0.1:$REDIS_PORT"
+fi
+
+# --- Docker engine -----------------------------------------------------------
+# Debian's client talks to Debian's daemon; the machine may carry a newer static CLI earlier in PATH.
+DOCKER=/usr/bin/docker
+if ! "$DOCKER" info >/dev/null 2>&1; then
+  say "starting dockerd (log: $STATE/dockerd.log)"
+  # --live-restore: restarting dockerd must not kill the nodes
+  nohup dockerd --live-restore >"$STATE/dockerd.log" 2>&1 &
+  for _ in $(seq 150); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 0.2; done
+  "$DOCKER" info >/dev/null 2>&1 || die "dockerd did not start: $(grep -iE 'level=(error|fatal)' "$STATE/dockerd.log" | tail -1) (needs cgroups and root; see $STATE/dockerd.log)"
+fi
+
+# --- Python virtualenv -------------------------------------------------------
+stamp="$VENV/.tsm-installed"
+want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$WITH_TEST"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  say "installing the Python package into $VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || die "python3 -m venv failed: install python3-venv"
+  extra=""; [ "$WITH_TEST" = 1 ] && extra="[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$extra" >"$STATE/pip.log" 2>&1 \
+    || die "pip install failed (see $STATE/pip.log)"
+  echo "$want" >"$stamp"
+fi
+
+# --- node image --------------------------------------------------------------
+bash "$ROOT/node/build.sh"

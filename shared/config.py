@@ -1,0 +1,277 @@
+"""The one typed configuration: YAML file, then environment variables on top.
+
+Environment overrides: ``TSM_<KEY>`` with ``__`` between nested keys
+(``TSM_NODE__IDLING_CLOSE_MINUTES=5``), and XAgent's top-level names as they are
+(``builtin_monitor=false``). Values are parsed as YAML scalars, so ``false`` is False.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from shared import __version__
+from shared.errors import ConfigError
+
+XAGENT_POST_PATHS = [
+    "/",
+    "/execute_tool",
+    "/get_available_tools",
+    "/get_json_schema_for_tools",
+    "/get_json_schema_for_envs",
+    "/retrieving_tools",
+    "/register_new_tool",
+    "/upload_file",
+    "/download_file",
+    "/download_workspace",
+    "/get_workspace_structure",
+]
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Shared settings: a typo in a key fails at start instead of being ignored."""
+
+
+def _default_creation_kwargs() -> dict[str, Any]:
+    # Hardened defaults (XAgent ran nodes privileged); every key is overridable.
+    return {
+        "image": "toolserver-node:latest",
+        "init": True,
+        "mem_limit": "1g",
+        "nano_cpus": 1_000_000_000,
+        "pids_limit": 512,
+        "cap_drop": ["ALL"],
+        "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID", "KILL"],
+        "security_opt": ["no-new-privileges"],
+    }
+
+
+class NodeConfig(Base):
+    """How nodes are created, probed and retired (XAgent's ``node`` section plus ours)."""
+
+    creation_wait_seconds: float = 30.0
+    idling_close_minutes: float = 30.0
+    health_check: bool = True
+    health_check_interval: float = 1.0
+    port: int = 31942
+    # passed to the Docker SDK's containers.create; labels and ports are merged in
+    creation_kwargs: dict[str, Any] = msgspec.field(default_factory=_default_creation_kwargs)
+    device_requests: list[dict[str, Any]] | None = None
+    health_path: str = "/"
+    probe_interval_seconds: float = 0.02
+    publish_host: str = "127.0.0.1"  # host address node ports are published on
+    advertise_host: str = "127.0.0.1"  # address other replicas reach published ports at
+    restart_stopped: bool = True  # a proxied request to a stopped node restarts it
+    idle_grace_seconds: float = 60.0
+    exited_gc_minutes: float = 24 * 60.0
+    stop_timeout_seconds: int = 5
+    read_only_root: bool = False
+    workspace_path: str = "/app/workspace"
+
+
+class RedirectPaths(Base):
+    post: list[str] = msgspec.field(default_factory=lambda: list(XAGENT_POST_PATHS))
+    get: list[str] = msgspec.field(default_factory=lambda: ["/"])
+
+
+class RedisConfig(Base):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "tsm"
+    socket_timeout_seconds: float = 2.0
+    sentinels: list[str] = msgspec.field(default_factory=list)  # "host:port"; url names the master
+    sentinel_master: str = "mymaster"
+
+
+class ProxyConfig(Base):
+    timeout_seconds: float | None = 600.0  # None: no read timeout (XAgent had none at all)
+    connect_timeout_seconds: float = 5.0
+    path_timeouts: dict[str, float] = msgspec.field(default_factory=dict)
+    max_connections: int = 1000
+    address_cache_seconds: float = 30.0
+    activity_flush_seconds: float = 1.0
+    max_header_bytes: int = 65536
+    websocket_paths: list[str] = msgspec.field(default_factory=lambda: ["/ws/shell", "/ws/echo"])
+    websocket_max_message_bytes: int = 16 * 1024 * 1024
+
+
+class CheckerConfig(Base):
+    lease_ttl_seconds: float = 5.0
+    interval_seconds: float = 1.0
+    stuck_creation_seconds: float = 120.0
+    stop_after_exit: bool = False
+    start_jitter_seconds: float = 1.0
+    use_events: bool = True
+
+
+class ClusterConfig(Base):
+    heartbeat_seconds: float = 2.0
+    replica_ttl_seconds: float = 6.0
+    internal_token: str = ""
+    internal_token_file: str = ""
+    max_nodes_per_manager: int = 0  # 0: unlimited
+    max_nodes_total: int = 0
+    # manager_id -> true when its nodes' addresses are not reachable from other replicas
+    proxy_through_owner: dict[str, bool] = msgspec.field(default_factory=dict)
+    forward_timeout_seconds: float = 60.0
+    fanout_concurrency: int = 8
+    fanout_timeout_seconds: float = 5.0
+
+
+class AdminConfig(Base):
+    token: str = ""
+    token_file: str = ""
+
+
+class QuotaConfig(Base):
+    client_header: str = ""  # e.g. X-API-Key: its value identifies a client for per_client
+    per_client: int = 0  # 0: unlimited
+
+
+class PoolConfig(Base):
+    size: int = 0
+    max_age_seconds: float = 3600.0
+
+
+class EventsConfig(Base):
+    stream_maxlen: int = 10000
+    keepalive_seconds: float = 20.0
+    client_timeout_seconds: float = 60.0
+    stop_after_unwatched_seconds: float | None = None
+
+
+class Config(Base):
+    """Everything a manager replica or a standalone checker reads at start."""
+
+    version: str = __version__
+    logger: str = "toolserver"
+    logger_level: int | str = "INFO"
+    log_format: str = "logfmt"  # or json
+    builtin_monitor: bool = True  # run the checker inside the manager
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    manager_id: str = msgspec.field(default_factory=socket.gethostname)
+    replica_id: str = ""
+    advertise_url: str = ""
+    docker_host: str = ""  # empty: DOCKER_HOST or the local socket
+    docker_threads: int = 8
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
+    redirect_to_node_path: RedirectPaths = msgspec.field(default_factory=RedirectPaths)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
+    checker: CheckerConfig = msgspec.field(default_factory=CheckerConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+
+    def __post_init__(self) -> None:
+        if not self.replica_id:
+            self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if not self.advertise_url:
+            self.advertise_url = f"http://{self.host}:{self.port}"
+        if not self.manager_id or ":" in self.manager_id:
+            raise ValueError("manager_id must be non-empty and contain no ':'")
+        if self.checker.lease_ttl_seconds <= self.checker.interval_seconds:
+            raise ValueError("checker.lease_ttl_seconds must exceed checker.interval_seconds")
+        if self.node.creation_wait_seconds <= 0:
+            raise ValueError("node.creation_wait_seconds must be positive")
+
+    @property
+    def internal_token(self) -> str:
+        return _secret(self.cluster.internal_token, self.cluster.internal_token_file)
+
+    @property
+    def admin_token(self) -> str:
+        return _secret(self.admin.token, self.admin.token_file)
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as plain data with every secret replaced."""
+        data = msgspec.to_builtins(self)
+        for section, key in (("cluster", "internal_token"), ("admin", "token")):
+            if data[section][key]:
+                data[section][key] = "***"
+        return data
+
+
+def _secret(value: str, path: str) -> str:
+    if value or not path:
+        return value
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+
+
+ENV_PREFIX = "TSM_"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    top = set(Config.__struct_fields__)
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX) and name not in ("TSM_CONFIG",):
+            path = name[len(ENV_PREFIX):].lower().split("__")
+        elif name in top:  # XAgent's rule: a top-level key by its own name
+            path = [name]
+        else:
+            continue
+        if path[0] not in top:
+            continue  # TSM_* variables of the scripts (TSM_STATE_DIR, ...) are not config
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Load the config from YAML (path or ``TSM_CONFIG``), the environment and overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("TSM_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        data = loaded or {}
+    _merge(data, _env_overrides(environ))
+    _merge(data, overrides or {})
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate plain data into a Config; the error names the offending key."""
+    # XAgent's manager.yml carries node.creation_kwargs with an image and a network we do not need
+    try:
+        return msgspec.convert(data, Config, str_keys=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc

@@ -1,0 +1,119 @@
+"""The error hierarchy; manager/app.py maps it to HTTP responses in one handler.
+
+    ManagerError (500)
+    ├── ConfigError             invalid configuration, raised at start
+    ├── BadRequest (400)
+    ├── Unauthorized (401)
+    ├── Forbidden (403)
+    │   └── InvalidNode         no or unknown node_id cookie on a proxied path
+    ├── NotFound (404)
+    │   └── NodeNotFound        unknown node on a session or admin route
+    ├── QuotaExceeded (429)
+    └── Unavailable (503)
+        ├── RedisUnavailable
+        ├── EngineUnavailable
+        ├── NodeTimeout         a node did not become ready in time
+        ├── NodeNotRunning
+        ├── NodeNotResponding
+        └── NoLiveManager       no live replica of the owning manager_id
+"""
+
+from __future__ import annotations
+
+
+class ManagerError(Exception):
+    status_code = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ConfigError(ManagerError):
+    pass
+
+
+class BadRequest(ManagerError):
+    status_code = 400
+
+
+class Unauthorized(ManagerError):
+    status_code = 401
+
+
+class Forbidden(ManagerError):
+    status_code = 403
+
+
+class InvalidNode(Forbidden):
+    def __init__(self, node_id: str | None) -> None:
+        super().__init__(f"invalid node_id: {node_id}")
+        self.node_id = node_id
+
+
+class NotFound(ManagerError):
+    status_code = 404
+
+
+class NodeNotFound(NotFound):
+    def __init__(self, node_id: str | None) -> None:
+        super().__init__(f"invalid node_id: {node_id}")
+        self.node_id = node_id
+
+
+class Conflict(ManagerError):
+    status_code = 409
+
+
+class QuotaExceeded(ManagerError):
+    status_code = 429
+
+
+class Unavailable(ManagerError):
+    status_code = 503
+
+
+class RedisUnavailable(Unavailable):
+    def __init__(self, why: str = "") -> None:
+        super().__init__(f"redis is unavailable{': ' + why if why else ''}")
+
+
+class EngineUnavailable(Unavailable):
+    def __init__(self, why: str = "") -> None:
+        super().__init__(f"docker engine is unavailable{': ' + why if why else ''}")
+
+
+class ContainerGone(ManagerError):
+    """The engine has no such container (404 from Docker); callers treat it as an unknown node."""
+
+    status_code = 404
+
+
+class EngineError(ManagerError):
+    """The engine refused an operation (4xx/5xx other than 404)."""
+
+    status_code = 502
+
+
+class NodeTimeout(Unavailable):
+    pass
+
+
+class NodeNotRunning(Unavailable):
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"node is not running: {node_id}")
+
+
+class NodeNotResponding(Unavailable):
+    def __init__(self) -> None:
+        super().__init__("node is not responding")
+
+
+class NoLiveManager(Unavailable):
+    def __init__(self, manager_id: str) -> None:
+        super().__init__(f"no live manager for {manager_id}")
+        self.manager_id = manager_id
+
+
+class CapacityExhausted(Unavailable):
+    pass

@@ -1,0 +1,72 @@
+"""Every Redis key name, built in one place under a configurable prefix."""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def node(self, node_id: str) -> str:
+        """Hash: one node record, written field by field."""
+        return f"{self.prefix}:node:{node_id}"
+
+    def manager_nodes(self, manager_id: str) -> str:
+        """Set: ids of the nodes a manager_id owns."""
+        return f"{self.prefix}:mgr:{manager_id}:nodes"
+
+    def last_request(self, manager_id: str) -> str:
+        """Sorted set: node id scored by last request time (idle scan is one range query)."""
+        return f"{self.prefix}:mgr:{manager_id}:last_request"
+
+    def lease(self, manager_id: str) -> str:
+        """String 'replica_id:token' with a TTL: the checker lease."""
+        return f"{self.prefix}:mgr:{manager_id}:lease"
+
+    def fence(self, manager_id: str) -> str:
+        """Counter bumped at each lease acquisition: the fencing token."""
+        return f"{self.prefix}:mgr:{manager_id}:fence"
+
+    def lease_info(self, manager_id: str) -> str:
+        """Hash: holder, token, since, for admins (the lease key itself expires)."""
+        return f"{self.prefix}:mgr:{manager_id}:lease_info"
+
+    def checker_stats(self, manager_id: str) -> str:
+        """Hash: cycles run per token, last cycle duration (written under the fence)."""
+        return f"{self.prefix}:mgr:{manager_id}:checker_stats"
+
+    def pool(self, manager_id: str) -> str:
+        """List: ready pooled node ids waiting to be claimed."""
+        return f"{self.prefix}:mgr:{manager_id}:pool"
+
+    def draining(self) -> str:
+        """Set: manager_ids that take no new sessions."""
+        return f"{self.prefix}:draining"
+
+    def managers(self) -> str:
+        """Set: every manager_id ever seen (to enumerate indexes)."""
+        return f"{self.prefix}:managers"
+
+    def replica(self, replica_id: str) -> str:
+        """Hash with a TTL renewed by the replica's heartbeat."""
+        return f"{self.prefix}:replica:{replica_id}"
+
+    def replicas(self) -> str:
+        """Sorted set: replica ids scored by last heartbeat (pruned of expired members)."""
+        return f"{self.prefix}:replicas"
+
+    def node_count(self) -> str:
+        """Hash: manager_id -> live node count, kept for atomic quota checks."""
+        return f"{self.prefix}:node_count"
+
+    def client_count(self) -> str:
+        """Hash: client identity -> live node count."""
+        return f"{self.prefix}:client_count"
+
+    def events(self) -> str:
+        """Stream of node lifecycle events (replayable by id)."""
+        return f"{self.prefix}:events"
+
+    def watchers(self, node_id: str) -> str:
+        """String 'alive'/'close': liveness of a session's event watchers, as XAgent's MainServer."""
+        return f"{self.prefix}:watch:{node_id}"

@@ -1,0 +1,56 @@
+"""Structured logs: one line per event, logfmt or JSON, with the replica's identity.
+
+Call sites log ``"event_name key=value key=value"``; the formatter adds time, level,
+replica_id and manager_id, and in JSON mode splits the pairs into fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, fmt: str, replica_id: str, manager_id: str) -> None:
+        super().__init__()
+        self.json = fmt == "json"
+        self.ident = {"replica_id": replica_id, "manager_id": manager_id}
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        if self.json:
+            event, _, rest = msg.partition(" ")
+            out: dict[str, object] = {"ts": ts, "level": record.levelname.lower(), "logger": record.name,
+                                      "event": event}
+            for pair in rest.split(" "):
+                k, sep, v = pair.partition("=")
+                if sep:
+                    out[k] = v
+                elif pair:
+                    out.setdefault("text", "")
+                    out["text"] = f"{out['text']} {pair}".strip()
+            for k, v in self.ident.items():
+                out.setdefault(k, v)
+            if record.exc_info:
+                out["exc"] = self.formatException(record.exc_info)
+            return json.dumps(out)
+        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} replica_id={self.ident['replica_id']} {msg}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: int | str, fmt: str, replica_id: str, manager_id: str) -> None:
+    """Route every logger (ours and uvicorn's) through one structured handler on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(fmt, replica_id, manager_id))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if isinstance(level, int) else level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # never a line per proxied request

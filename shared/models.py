@@ -1,0 +1,113 @@
+"""Typed records exchanged through Redis and the HTTP API.
+
+Records read from Redis ignore unknown fields, so old and new replicas read each
+other's during a rolling upgrade.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+
+class NodeStatus:
+    """Values of NodeRecord.status: Docker's container states plus our own."""
+
+    CREATING = "creating"  # created by a replica, not yet answering
+    RUNNING = "running"
+    EXITED = "exited"
+    RESTARTING = "restarting"
+    PAUSED = "paused"
+    DEAD = "dead"
+    RELEASED = "released"  # release requested; the container is being removed
+    ALL = (CREATING, RUNNING, EXITED, RESTARTING, PAUSED, DEAD, RELEASED, "created", "removing")
+
+
+class NodeRecord(msgspec.Struct, kw_only=True):
+    """One node (container) as stored in its Redis hash, one field per attribute."""
+
+    id: str
+    short_id: str = ""
+    manager_id: str
+    status: str = NodeStatus.CREATING
+    health: str = "unknown"
+    host: str = ""
+    port: int = 0
+    created_at: float = 0.0
+    ready_at: float = 0.0  # 0 until the creating flow saw the node answer
+    updated_at: float = 0.0
+    last_request_at: float = 0.0
+    stopped_at: float = 0.0  # when it was last seen exited (for GC)
+    claimed_at: float = 0.0  # when a replica claimed it from the pool
+    replica_id: str = ""  # the replica that created it
+    role: str = "node"  # node | pooled | claiming | test
+    client: str = ""  # client identity for per-client quotas
+    image: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: str(v) for k, v in msgspec.structs.asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, data: dict[Any, Any]) -> "NodeRecord":
+        clean = {_s(k): _s(v) for k, v in data.items()}
+        clean = {k: v for k, v in clean.items() if k in cls.__struct_fields__}
+        return msgspec.convert(clean, cls, strict=False)
+
+
+class ContainerInfo(msgspec.Struct, kw_only=True):
+    """What the engine says about one project container, from a single list call."""
+
+    id: str
+    status: str  # Docker State: created, running, exited, ...
+    health: str  # healthy, unhealthy, starting, or "none"
+    labels: dict[str, str]
+    created: float
+    port: int = 0  # published host port of the node port, 0 when not published
+    image: str = ""
+
+
+class ReplicaInfo(msgspec.Struct, kw_only=True):
+    replica_id: str
+    manager_id: str
+    url: str
+    version: str
+    started_at: float
+    heartbeat_at: float = 0.0
+    draining: bool = False
+
+    @classmethod
+    def from_hash(cls, data: dict[Any, Any]) -> "ReplicaInfo":
+        clean = {_s(k): _s(v) for k, v in data.items()}
+        clean = {k: v for k, v in clean.items() if k in cls.__struct_fields__}
+        clean["draining"] = clean.get("draining") in ("1", "True", "true")
+        return msgspec.convert(clean, cls, strict=False)
+
+
+class LeaseInfo(msgspec.Struct, kw_only=True):
+    manager_id: str
+    holder: str | None
+    token: int | None
+    since: float | None
+    expires_in_ms: int | None
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """A node lifecycle event, as pushed to watchers."""
+
+    id: str = ""  # the stream entry id, for resuming
+    type: str  # created, ready, stopped, restarted, released, idle_stopped, health, adopted, removed
+    node_id: str
+    manager_id: str
+    at: float = msgspec.field(default_factory=time.time)
+    replica_id: str = ""
+    detail: str = ""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

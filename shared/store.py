@@ -1,0 +1,381 @@
+"""Node records, indexes, replica registry and events in Redis.
+
+Records are hashes written field by field, never overwritten whole, so concurrent
+updates of different fields cannot lose each other. Checker writes go through
+``fenced`` (a Lua script that checks the lease token) so a deposed checker cannot
+overwrite its successor's work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from shared.errors import QuotaExceeded, RedisUnavailable
+from shared.keys import Keys
+from shared.models import Event, NodeRecord, ReplicaInfo
+
+# KEYS[1] node hash; ARGV: field, value, field, value...
+# Only update a record that still exists: a late write must not resurrect a released node.
+HSET_IF_EXISTS = """
+if redis.call('exists', KEYS[1]) == 0 then return 0 end
+redis.call('hset', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# KEYS[1] lease, KEYS[2] fence counter, KEYS[3..] keys the ops name by index
+# ARGV[1] holder, ARGV[2] token, ARGV[3] ops as JSON: [[op, key_index, args...], ...]
+# Rejects every op unless the caller still holds the lease with the current token.
+FENCED = """
+local cur = redis.call('get', KEYS[1])
+if cur ~= (ARGV[1] .. ':' .. ARGV[2]) then return -1 end
+if redis.call('get', KEYS[2]) ~= ARGV[2] then return -1 end
+local ops = cjson.decode(ARGV[3])
+local n = 0
+for _, op in ipairs(ops) do
+  local name, key = op[1], KEYS[op[2]]
+  local args = {}
+  for i = 3, #op do args[#args + 1] = op[i] end
+  if name == 'hset_xx' then
+    if redis.call('exists', key) == 1 then redis.call('hset', key, unpack(args)); n = n + 1 end
+  elseif name == 'xadd' then
+    redis.call('xadd', key, 'MAXLEN', '~', args[1], '*', unpack(args, 2))
+    n = n + 1
+  else
+    redis.call(name, key, unpack(args))
+    n = n + 1
+  end
+end
+return n
+"""
+
+# KEYS[1] manager's node set, KEYS[2] set of manager ids, KEYS[3] client count hash
+# ARGV[1] reservation member, ARGV[2] per-manager limit (0 none), ARGV[3] total limit (0 none),
+# ARGV[4] key prefix, ARGV[5] client id ('' none), ARGV[6] per-client limit (0 none)
+# Check quotas and reserve a slot atomically, so parallel creations never overshoot.
+RESERVE = """
+local per = tonumber(ARGV[2])
+if per > 0 and redis.call('scard', KEYS[1]) >= per then return 'manager' end
+local total = tonumber(ARGV[3])
+if total > 0 then
+  local sum = 0
+  for _, m in ipairs(redis.call('smembers', KEYS[2])) do
+    sum = sum + redis.call('scard', ARGV[4] .. ':mgr:' .. m .. ':nodes')
+  end
+  if sum >= total then return 'total' end
+end
+local climit = tonumber(ARGV[6])
+if ARGV[5] ~= '' and climit > 0 then
+  if tonumber(redis.call('hget', KEYS[3], ARGV[5]) or '0') >= climit then return 'client' end
+end
+redis.call('sadd', KEYS[1], ARGV[1])
+if ARGV[5] ~= '' then redis.call('hincrby', KEYS[3], ARGV[5], 1) end
+return 'ok'
+"""
+
+RESERVATION_PREFIX = "pending:"
+
+
+def _d(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = (),
+            sentinel_master: str = "mymaster") -> aioredis.Redis:
+    """A Redis client from a URL, or through Sentinel when sentinels are configured."""
+    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+                            "health_check_interval": 10, "retry_on_timeout": False}
+    if sentinels:
+        from redis.asyncio.sentinel import Sentinel
+
+        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in sentinels]
+        return Sentinel(hosts, **opts).master_for(sentinel_master, **opts)
+    return aioredis.Redis.from_url(url, **opts)
+
+
+@contextlib.contextmanager
+def redis_errors() -> Any:
+    """Map transport failures of Redis to RedisUnavailable (503)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(type(exc).__name__) from exc
+    except redis.exceptions.BusyLoadingError as exc:  # pragma: no cover - subclass of ConnectionError
+        raise RedisUnavailable("loading") from exc
+
+
+class Store:
+    """Typed access to everything the project keeps in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.stream_maxlen = stream_maxlen
+        self._hset_if_exists = redis.register_script(HSET_IF_EXISTS)
+        self._fenced = redis.register_script(FENCED)
+        self._reserve = redis.register_script(RESERVE)
+
+    async def ping(self) -> None:
+        with redis_errors():
+            await self.redis.ping()
+
+    # --- node records ---------------------------------------------------------
+    async def put_node(self, rec: NodeRecord, replace_member: str | None = None) -> None:
+        """Write a whole new record and index it (creation; not for updates)."""
+        k = self.keys
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.hset(k.node(rec.id), mapping=rec.to_hash())
+                if replace_member:
+                    p.srem(k.manager_nodes(rec.manager_id), replace_member)
+                p.sadd(k.manager_nodes(rec.manager_id), rec.id)
+                p.zadd(k.last_request(rec.manager_id), {rec.id: rec.last_request_at or time.time()})
+                p.sadd(k.managers(), rec.manager_id)
+                await p.execute()
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        with redis_errors():
+            data = await self.redis.hgetall(self.keys.node(node_id))
+        if not data or b"manager_id" not in data:
+            return None
+        try:
+            return NodeRecord.from_hash(data)
+        except msgspec.ValidationError:
+            return None
+
+    async def get_nodes(self, node_ids: Sequence[str]) -> list[NodeRecord]:
+        """Records for many ids in one round trip; missing ones are skipped."""
+        if not node_ids:
+            return []
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as p:
+                for nid in node_ids:
+                    p.hgetall(self.keys.node(nid))
+                rows = await p.execute()
+        out = []
+        for row in rows:
+            if row and b"manager_id" in row:
+                with contextlib.suppress(msgspec.ValidationError):
+                    out.append(NodeRecord.from_hash(row))
+        return out
+
+    async def update_node(self, node_id: str, **fields: Any) -> bool:
+        """Set some fields of an existing record; False when the record is gone."""
+        args: list[str] = []
+        for key, value in fields.items():
+            args += [key, str(value)]
+        args += ["updated_at", str(time.time())]
+        with redis_errors():
+            return bool(await self._hset_if_exists(keys=[self.keys.node(node_id)], args=args))
+
+    async def delete_node(self, rec: NodeRecord) -> None:
+        k = self.keys
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.delete(k.node(rec.id))
+                p.srem(k.manager_nodes(rec.manager_id), rec.id)
+                p.zrem(k.last_request(rec.manager_id), rec.id)
+                p.lrem(k.pool(rec.manager_id), 0, rec.id)
+                if rec.client:
+                    p.hincrby(k.client_count(), rec.client, -1)
+                await p.execute()
+
+    async def manager_node_ids(self, manager_id: str) -> list[str]:
+        with redis_errors():
+            return [_d(m) for m in await self.redis.smembers(self.keys.manager_nodes(manager_id))]
+
+    async def manager_ids(self) -> list[str]:
+        with redis_errors():
+            return sorted(_d(m) for m in await self.redis.smembers(self.keys.managers()))
+
+    async def touch(self, activity: dict[str, tuple[str, float]]) -> None:
+        """Flush a batch of last-request times (node_id -> (manager_id, ts)) in one round trip."""
+        by_mgr: dict[str, dict[str, float]] = {}
+        for node_id, (mgr, ts) in activity.items():
+            by_mgr.setdefault(mgr, {})[node_id] = ts
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as p:
+                for mgr, members in by_mgr.items():
+                    # XX: never re-add a node that was released meanwhile; GT: never go back in time
+                    p.zadd(self.keys.last_request(mgr), members, xx=True, gt=True)
+                await p.execute()
+
+    async def idle_nodes(self, manager_id: str, older_than: float) -> list[str]:
+        """Node ids whose last request is older than the timestamp: one range query."""
+        with redis_errors():
+            return [_d(m) for m in await self.redis.zrangebyscore(self.keys.last_request(manager_id), "-inf",
+                                                                 older_than)]
+
+    async def last_requests(self, manager_id: str) -> dict[str, float]:
+        with redis_errors():
+            rows = await self.redis.zrange(self.keys.last_request(manager_id), 0, -1, withscores=True)
+        return {_d(m): float(s) for m, s in rows}
+
+    # --- quotas and reservations ---------------------------------------------
+    async def reserve(self, manager_id: str, per_manager: int, total: int, client: str = "",
+                      per_client: int = 0) -> str:
+        """Reserve a creation slot atomically; returns the reservation member or raises QuotaExceeded."""
+        member = f"{RESERVATION_PREFIX}{time.time():.3f}:{uuid.uuid4().hex[:8]}"
+        k = self.keys
+        with redis_errors():
+            await self.redis.sadd(k.managers(), manager_id)
+            res = _d(await self._reserve(keys=[k.manager_nodes(manager_id), k.managers(), k.client_count()],
+                                         args=[member, per_manager, total, k.prefix, client, per_client]))
+        if res == "manager":
+            raise QuotaExceeded(f"quota exceeded: manager {manager_id} already has {per_manager} nodes")
+        if res == "total":
+            raise QuotaExceeded(f"quota exceeded: the cluster already has {total} nodes")
+        if res == "client":
+            raise QuotaExceeded(f"quota exceeded: client {client} already has {per_client} nodes")
+        return member
+
+    async def unreserve(self, manager_id: str, member: str, client: str = "") -> None:
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.srem(self.keys.manager_nodes(manager_id), member)
+                if client:
+                    p.hincrby(self.keys.client_count(), client, -1)
+                await p.execute()
+
+    async def node_counts(self) -> dict[str, int]:
+        """Live nodes (and pending reservations) per manager_id."""
+        mids = await self.manager_ids()
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as p:
+                for m in mids:
+                    p.scard(self.keys.manager_nodes(m))
+                counts = await p.execute()
+        return dict(zip(mids, (int(c) for c in counts)))
+
+    # --- fenced writes (checker) ----------------------------------------------
+    async def fenced(self, manager_id: str, holder: str, token: int,
+                     ops: Sequence[tuple[str, str, Sequence[Any]]]) -> bool:
+        """Apply ops [(redis_op, key, args)] atomically iff holder still has the lease with token."""
+        if not ops:
+            return True
+        keys = [self.keys.lease(manager_id), self.keys.fence(manager_id)]
+        index: dict[str, int] = {}
+        encoded = []
+        for name, key, args in ops:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            encoded.append([name, index[key], *[str(a) for a in args]])
+        with redis_errors():
+            res = await self._fenced(keys=keys, args=[holder, token, msgspec.json.encode(encoded)])
+        return int(res) >= 0
+
+    # --- events -----------------------------------------------------------------
+    def event_op(self, ev: Event) -> tuple[str, str, list[Any]]:
+        """An XADD for fenced(): the event travels in the same atomic write as the change."""
+        return ("xadd", self.keys.events(), [self.stream_maxlen, "e", msgspec.json.encode(ev).decode()])
+
+    async def publish(self, ev: Event) -> str:
+        with redis_errors():
+            eid = await self.redis.xadd(self.keys.events(), {"e": msgspec.json.encode(ev)},
+                                        maxlen=self.stream_maxlen, approximate=True)
+        return _d(eid)
+
+    async def read_events(self, last_id: str, block_ms: int | None = 1000, count: int = 500) -> list[Event]:
+        """Events after last_id, waiting up to block_ms for the first (None: do not wait)."""
+        with redis_errors():
+            rows = await self.redis.xread({self.keys.events(): last_id}, block=block_ms, count=count)
+        out: list[Event] = []
+        for _stream, entries in rows or []:
+            for eid, fields in entries:
+                with contextlib.suppress(msgspec.ValidationError, KeyError):
+                    ev = msgspec.json.decode(fields[b"e"], type=Event)
+                    ev.id = _d(eid)
+                    out.append(ev)
+        return out
+
+    async def last_event_id(self) -> str:
+        with redis_errors():
+            rows = await self.redis.xrevrange(self.keys.events(), count=1)
+        return _d(rows[0][0]) if rows else "0-0"
+
+    async def event_exists_after(self, last_id: str) -> bool:
+        """Whether the stream still holds last_id or anything older (so a resume is complete)."""
+        with redis_errors():
+            first = await self.redis.xrange(self.keys.events(), count=1)
+        return bool(first) and compare_ids(_d(first[0][0]), last_id) <= 0
+
+    # --- replica registry --------------------------------------------------------
+    async def heartbeat(self, info: ReplicaInfo, ttl: float) -> None:
+        """Register or renew this replica (re-creates it after a Redis flush)."""
+        k = self.keys
+        info.heartbeat_at = time.time()
+        data = msgspec.structs.asdict(info)
+        data["draining"] = int(info.draining)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.hset(k.replica(info.replica_id), mapping={kk: str(v) for kk, v in data.items()})
+                p.pexpire(k.replica(info.replica_id), int(ttl * 1000))
+                p.zadd(k.replicas(), {info.replica_id: info.heartbeat_at})
+                p.sadd(k.managers(), info.manager_id)
+                await p.execute()
+
+    async def deregister(self, replica_id: str) -> None:
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.delete(self.keys.replica(replica_id))
+                p.zrem(self.keys.replicas(), replica_id)
+                await p.execute()
+
+    async def live_replicas(self, manager_id: str | None = None) -> list[ReplicaInfo]:
+        """Replicas whose heartbeat key has not expired; prunes the index of the dead (as rq does)."""
+        k = self.keys
+        with redis_errors():
+            ids = [_d(m) for m in await self.redis.zrange(k.replicas(), 0, -1)]
+            if not ids:
+                return []
+            async with self.redis.pipeline(transaction=False) as p:
+                for rid in ids:
+                    p.hgetall(k.replica(rid))
+                rows = await p.execute()
+            dead = [rid for rid, row in zip(ids, rows) if not row]
+            if dead:
+                await self.redis.zrem(k.replicas(), *dead)
+        out = []
+        for row in rows:
+            if row:
+                with contextlib.suppress(msgspec.ValidationError):
+                    info = ReplicaInfo.from_hash(row)
+                    if manager_id is None or info.manager_id == manager_id:
+                        out.append(info)
+        return out
+
+    # --- draining -------------------------------------------------------------------
+    async def set_draining(self, manager_id: str, draining: bool) -> None:
+        with redis_errors():
+            if draining:
+                await self.redis.sadd(self.keys.draining(), manager_id)
+            else:
+                await self.redis.srem(self.keys.draining(), manager_id)
+
+    async def draining(self) -> set[str]:
+        with redis_errors():
+            return {_d(m) for m in await self.redis.smembers(self.keys.draining())}
+
+    async def scan_all_nodes(self) -> AsyncIterator[NodeRecord]:
+        """Every record of every manager_id, in batches."""
+        for mid in await self.manager_ids():
+            ids = [i for i in await self.manager_node_ids(mid) if not i.startswith(RESERVATION_PREFIX)]
+            for i in range(0, len(ids), 500):
+                for rec in await self.get_nodes(ids[i:i + 500]):
+                    yield rec
+
+
+def compare_ids(a: str, b: str) -> int:
+    """Order two stream ids: -1, 0 or 1."""
+    pa = tuple(int(x) for x in a.split("-"))
+    pb = tuple(int(x) for x in b.split("-"))
+    return (pa > pb) - (pa < pb)
+

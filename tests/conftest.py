@@ -1,0 +1,215 @@
+"""Fixtures on the real parts: the Redis and dockerd that scripts/test.sh started, manager
+replicas as real processes, and cleanup of every container by the project's label."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import redis
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("TSM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+LABEL = "toolserver-manager.manager_id"
+NODE_IMAGE = "toolserver-node:latest"
+INTERNAL_TOKEN = "test-internal-token"
+ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(REDIS_URL)
+    r.ping()  # scripts/test.sh starts Redis; a failure here is a real failure, not a skip
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41")
+    client.ping()
+    client.images.get(NODE_IMAGE)
+    yield client
+    # nothing a test made may outlive the session
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        if c.labels.get(LABEL, "").startswith("test-"):
+            c.remove(force=True)
+    client.close()
+
+
+@pytest.fixture
+def prefix(redis_client: redis.Redis) -> Iterator[str]:
+    p = f"tsmtest-{uuid.uuid4().hex[:8]}"
+    yield p
+    keys = list(redis_client.scan_iter(match=f"{p}:*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+@pytest.fixture
+def manager_id(docker_client: docker.DockerClient) -> Iterator[str]:
+    mid = f"test-{uuid.uuid4().hex[:8]}"
+    yield mid
+    remove_containers(docker_client, mid)
+
+
+def remove_containers(client: docker.DockerClient, mid: str) -> None:
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL}={mid}"}):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            c.remove(force=True)
+
+
+def project_containers(client: docker.DockerClient, mid: str) -> list[Any]:
+    return client.containers.list(all=True, filters={"label": f"{LABEL}={mid}"})
+
+
+def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "manager_id": manager_id,
+        "log_format": "logfmt",
+        "logger_level": "INFO",
+        "redis": {"url": REDIS_URL, "key_prefix": prefix},
+        "node": {"creation_wait_seconds": 20, "idle_grace_seconds": 0, "stop_timeout_seconds": 2,
+                 "creation_kwargs": {"image": NODE_IMAGE, "init": True, "mem_limit": "512m",
+                                     "labels": {"toolserver-manager.test": "1"}}},
+        "checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 3, "start_jitter_seconds": 0.2},
+        "cluster": {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2},
+        "admin": {"token": ADMIN_TOKEN},
+    }
+    return deep_merge(cfg, over)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+class ManagerProc:
+    """One manager replica as a real process (uvicorn), on 127.0.0.1 and a free port."""
+
+    def __init__(self, cfg: dict[str, Any], tmp: Path, name: str = "m") -> None:
+        self.port = free_port()
+        self.cfg = deep_merge(dict(cfg), {"host": "127.0.0.1", "port": self.port})
+        self.cfg.setdefault("replica_id", f"{name}-{self.port}")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.path = tmp / f"{name}-{self.port}.yml"
+        self.log_path = tmp / f"{name}-{self.port}.log"
+        self.path.write_text(yaml.safe_dump(self.cfg))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def replica_id(self) -> str:
+        return str(self.cfg["replica_id"])
+
+    def start(self, wait: bool = True) -> "ManagerProc":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "manager.main", "--config", str(self.path)],
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_alive()
+        return self
+
+    def wait_alive(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"manager exited with {self.proc.returncode}:\n{self.logs()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/alive", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"manager did not answer /alive:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def managers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[ManagerProc]]:
+    """A list to append started ManagerProcs to; all are stopped at teardown (logs shown on failure)."""
+    procs: list[ManagerProc] = []
+    yield procs
+    for m in procs:
+        m.stop()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for m in procs:
+            sys.stderr.write(f"\n----- log of {m.replica_id} -----\n{m.logs()[-6000:]}\n")
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def start_manager(managers: list[ManagerProc], tmp_path: Path, prefix: str, manager_id: str):  # type: ignore[no-untyped-def]
+    """Start a replica of this test's manager_id (or another) with config overrides."""
+
+    def start(name: str = "m", mid: str | None = None, wait: bool = True, **over: Any) -> ManagerProc:
+        m = ManagerProc(base_config(prefix, mid or manager_id, **over), tmp_path, name)
+        managers.append(m)
+        return m.start(wait=wait)
+
+    return start
+
+
+def wait_for(pred: Any, timeout: float = 20, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
