@@ -7,7 +7,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"   # logs, caches; survives fresh clones
 VENV="${TSM_VENV:-$ROOT/.venv}"
-REDIS_PORT="${TSM_REDIS_PORT:-6379}"
 WITH_TEST="${TSM_WITH_TEST:-0}"
 [ "${1:-}" = "--test" ] && WITH_TEST=1
 mkdir -p "$STATE"
@@ -32,25 +31,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     || die "apt-get install ${missing[*]} failed (see $STATE/apt.log)"
 fi
 
-# --- Redis -----------------------------------------------------------------
-if ! redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-  say "starting redis-server on 127.0.0.1:$REDIS_PORT"
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --save '' --appendonly no \
-    --logfile "$STATE/redis.log" || die "redis-server did not start (see $STATE/redis.log)"
-  for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
-  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 || die "redis-server not answering on 127.0.0.1:$REDIS_PORT"
-fi
-
-# --- Docker engine -----------------------------------------------------------
-# Debian's client talks to Debian's daemon; the machine may carry a newer static CLI earlier in PATH.
+# --- Redis and the Docker engine ---------------------------------------------
+bash "$ROOT/scripts/services.sh" start-redis
+bash "$ROOT/scripts/services.sh" start-dockerd
 DOCKER=/usr/bin/docker
-if ! "$DOCKER" info >/dev/null 2>&1; then
-  say "starting dockerd (log: $STATE/dockerd.log)"
-  # --live-restore: restarting dockerd must not kill the nodes
-  nohup dockerd --live-restore >"$STATE/dockerd.log" 2>&1 &
-  for _ in $(seq 150); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 0.2; done
-  "$DOCKER" info >/dev/null 2>&1 || die "dockerd did not start: $(grep -iE 'level=(error|fatal)' "$STATE/dockerd.log" | tail -1) (needs cgroups and root; see $STATE/dockerd.log)"
-fi
 
 # --- Python virtualenv -------------------------------------------------------
 stamp="$VENV/.tsm-installed"

@@ -54,3 +54,5 @@ def setup_logging(level: int | str, fmt: str, replica_id: str, manager_id: str) 
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # never a line per proxied request
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

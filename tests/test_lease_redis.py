@@ -1,0 +1,75 @@
+"""Lease and fencing on the real Redis: one holder, tokens grow, stale holders are refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from checker.lease import Lease, lease_view
+from shared.keys import Keys
+from shared.store import Store
+from tests.conftest import REDIS_URL
+
+
+@pytest.fixture
+async def store(prefix: str):  # type: ignore[no-untyped-def]
+    r = aioredis.Redis.from_url(REDIS_URL)
+    yield Store(r, Keys(prefix))
+    await r.aclose()
+
+
+async def test_one_holder_and_fencing(store: Store) -> None:
+    a = Lease(store, "m1", "A", ttl=0.6)
+    b = Lease(store, "m1", "B", ttl=0.6)
+    assert await a.acquire() and a.token == 1
+    assert not await b.acquire()
+    assert await a.renew()
+    view = await lease_view(store, "m1")
+    assert view.holder == "A" and view.token == 1 and view.expires_in_ms and view.expires_in_ms > 0
+    node_key = store.keys.node("n1")
+    assert await store.fenced("m1", "A", 1, [("hset", node_key, ["status", "running"])])
+    # A stalls past its TTL; B takes over with a higher token
+    await asyncio.sleep(0.8)
+    assert not a.held
+    assert await b.acquire() and b.token == 2
+    # A's late write is refused and changes nothing; its renewal is refused too
+    assert not await store.fenced("m1", "A", 1, [("hset", node_key, ["status", "stale"])])
+    assert (await store.redis.hget(node_key, "status")) == b"running"
+    assert not await a.renew()
+    assert a.token is None
+
+
+async def test_release_hands_over_at_once(store: Store) -> None:
+    a = Lease(store, "m2", "A", ttl=30)
+    b = Lease(store, "m2", "B", ttl=30)
+    assert await a.acquire()
+    await a.release()
+    assert await b.acquire() and b.token == 2
+    # a released holder cannot free its successor's lease
+    a.token = 1
+    await a.release()
+    assert (await lease_view(store, "m2")).holder == "B"
+
+
+async def test_hset_xx_never_resurrects(store: Store) -> None:
+    a = Lease(store, "m3", "A", ttl=30)
+    await a.acquire()
+    key = store.keys.node("gone")
+    assert await store.fenced("m3", "A", a.token or 0, [("hset_xx", key, ["status", "running"])])
+    assert not await store.redis.exists(key)
+
+
+async def test_quota_reservation_is_atomic(store: Store) -> None:
+    from shared.errors import QuotaExceeded
+
+    async def one() -> str:
+        try:
+            return await store.reserve("mq", per_manager=0, total=10)
+        except QuotaExceeded:
+            return "refused"
+
+    results = await asyncio.gather(*(one() for _ in range(50)))
+    assert sum(r != "refused" for r in results) == 10
+    assert await store.redis.scard(store.keys.manager_nodes("mq")) == 10

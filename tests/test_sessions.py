@@ -1,0 +1,253 @@
+"""The XAgent-compatible session API and proxy, end to end on the real engine and Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+import redis
+
+from tests.conftest import ROOT, project_containers, wait_for
+
+JSON = {"content-type": "application/json"}
+
+
+def new_session(url: str) -> tuple[httpx.Client, str]:
+    c = httpx.Client(base_url=url, timeout=60)
+    r = c.post("/get_cookie")
+    assert r.status_code == 200, r.text
+    return c, r.cookies["node_id"]
+
+
+def rss_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_full_lifecycle(start_manager, docker_client: docker.DockerClient, redis_client: redis.Redis,
+                        prefix: str, manager_id: str, tmp_path: Path) -> None:
+    m = start_manager()
+    c = httpx.Client(base_url=m.url, timeout=60)
+    r = c.post("/get_cookie")
+    assert r.status_code == 200
+    assert r.json() == {"message": "add cookie", "version": "0.3.0"}
+    assert r.headers.get_list("server") == ["ToolServerManager/0.3.0"]
+    set_cookie = r.headers["set-cookie"]
+    node_id = r.cookies["node_id"]
+    assert len(node_id) == 64 and "Path=/" in set_cookie
+    container = docker_client.containers.get(node_id)  # the cookie is the full container id
+    assert container.labels["toolserver-manager.manager_id"] == manager_id
+    assert container.attrs["HostConfig"]["PortBindings"]["31942/tcp"][0]["HostIp"] == "127.0.0.1"
+    rec = redis_client.hgetall(f"{prefix}:node:{node_id}")
+    assert rec[b"status"] == b"running" and rec[b"manager_id"] == manager_id.encode()
+
+    # a proxied tool call runs for real in the node
+    r = c.post("/execute_tool", json={"tool_name": "ShellEnv_execute_command",
+                                      "arguments": {"command": "echo $((6*7))"}})
+    assert r.status_code in (200, 404), r.text
+    tools = c.post("/get_available_tools").json()
+    assert "available_tools" in tools and tools["available_tools"]
+
+    # upload and byte-identical download of a large file, streamed
+    blob = os.urandom(20 * 1024 * 1024)
+    r = c.post("/upload_file", files={"file": ("big.bin", blob, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    r = c.post("/download_file", json={"file_path": "big.bin"})
+    assert r.status_code == 200
+    assert hashlib.sha256(r.content).hexdigest() == hashlib.sha256(blob).hexdigest()
+
+    # query strings are kept (XAgent dropped them) and the node's statuses pass through
+    assert c.get("/?probe=1").json() == {"message": "Hello World"}
+    assert c.post("/execute_tool", json={"tool_name": "NoSuchTool", "arguments": {}}).status_code == 404
+
+    # close stops it; a proxied call restarts the same node with the same workspace
+    assert c.post("/close_session").json() == f"Close session: {node_id}"
+    container.reload()
+    assert container.status == "exited"
+    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"exited"
+    r = c.post("/download_file", json={"file_path": "big.bin"})
+    assert r.status_code == 200 and len(r.content) == len(blob)
+    assert c.cookies["node_id"] == node_id
+
+    # reconnect restarts and waits for it
+    assert c.post("/reconnect_session").json() == f"Reconnect session: {node_id}"
+    assert c.post("/").json() == {"message": "Hello World"}
+
+    # release removes container and record; afterwards the id is invalid everywhere
+    assert c.post("/release_session").json() == f"Release session: {node_id}"
+    assert not project_containers(docker_client, manager_id)
+    assert not redis_client.exists(f"{prefix}:node:{node_id}")
+    r = c.post("/execute_tool", json={})
+    assert r.status_code == 403 and r.json() == {"detail": f"invalid node_id: {node_id}"}
+    for route, verb in (("/reconnect_session", "Reconnect"), ("/close_session", "Close"),
+                        ("/release_session", "Release")):
+        r = c.post(route)
+        assert r.status_code == 200 and r.json() == f"invalid node_id: {node_id}", (route, verb)
+
+
+def test_missing_and_unknown_cookies(start_manager) -> None:
+    m = start_manager()
+    r = httpx.post(m.url + "/execute_tool", json={})
+    assert r.status_code == 403 and r.json() == {"detail": "invalid node_id: None"}
+    bogus = "0" * 64
+    r = httpx.post(m.url + "/get_available_tools", headers={"cookie": f"node_id={bogus}"})
+    assert r.status_code == 403 and r.json() == {"detail": f"invalid node_id: {bogus}"}
+    r = httpx.post(m.url + "/close_session")
+    assert r.status_code == 200 and r.json() == "invalid node_id: None"
+    r = httpx.post(m.url + "/release_session", headers={"cookie": "node_id=x' OR 1=1"})
+    assert r.status_code == 200 and r.json().startswith("invalid node_id:")
+
+
+def test_not_running_without_autorestart(start_manager, docker_client: docker.DockerClient) -> None:
+    m = start_manager(node={"restart_stopped": False})
+    c, node_id = new_session(m.url)
+    c.post("/close_session")
+    r = c.post("/get_available_tools")
+    assert r.status_code == 503 and r.json() == {"detail": f"node is not running: {node_id}"}
+    c.post("/release_session")
+
+
+def test_node_not_responding(start_manager, docker_client: docker.DockerClient) -> None:
+    m = start_manager(proxy={"path_timeouts": {"/get_available_tools": 1.0}})
+    c, node_id = new_session(m.url)
+    docker_client.containers.get(node_id).pause()
+    try:
+        r = c.post("/get_available_tools")
+        assert r.status_code == 503 and r.json() == {"detail": "node is not responding"}
+    finally:
+        docker_client.containers.get(node_id).unpause()
+    assert c.post("/get_available_tools").status_code == 200
+    c.post("/release_session")
+
+
+def test_creation_timeout_leaves_nothing(start_manager, docker_client: docker.DockerClient,
+                                         redis_client: redis.Redis, prefix: str, manager_id: str) -> None:
+    m = start_manager(node={"creation_wait_seconds": 2,
+                            "creation_kwargs": {"command": ["sleep", "infinity"]}})
+    r = httpx.post(m.url + "/get_cookie", timeout=30)
+    assert r.status_code == 503 and r.json() == {"detail": "Node creation timeout!"}
+    assert "node_id" not in r.cookies
+    assert not project_containers(docker_client, manager_id)
+    assert not list(redis_client.scan_iter(f"{prefix}:node:*"))
+    assert redis_client.scard(f"{prefix}:mgr:{manager_id}:nodes") == 0
+
+
+def test_vanished_container_is_an_invalid_id(start_manager, docker_client: docker.DockerClient,
+                                             redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager(builtin_monitor=False)  # no checker: the route itself must cope
+    c, node_id = new_session(m.url)
+    docker_client.containers.get(node_id).remove(force=True)
+    r = c.post("/close_session")
+    assert r.status_code == 200 and r.json() == f"invalid node_id: {node_id}"
+    assert not redis_client.exists(f"{prefix}:node:{node_id}")
+    r = c.post("/get_available_tools")
+    assert r.status_code == 403
+
+
+def test_bad_input_gets_clear_4xx(start_manager) -> None:
+    m = start_manager()
+    with httpx.Client(base_url=m.url) as c:
+        r = c.get("/no/such/path")
+        assert r.status_code == 404 and "detail" in r.json()
+        r = c.delete("/get_cookie")
+        assert r.status_code == 405 and "detail" in r.json()
+        r = c.post("/alive")
+        assert r.status_code == 405
+        r = c.get("/alive", headers={"x-big": "a" * 70000})
+        assert r.status_code in (400, 431)
+        r = c.post("/get_cookie", content=b"x" * (2 << 20))
+        assert r.status_code == 400 and "takes no request body" in r.json()["detail"]
+        r = c.post("/close_session", headers={"cookie": "node_id=\"garb;age\";;==;node_id"})
+        assert r.status_code == 200 and r.json().startswith("invalid node_id")
+
+
+def test_large_bodies_are_streamed_not_buffered(start_manager) -> None:
+    m = start_manager()
+    c, node_id = new_session(m.url)
+    assert m.proc is not None
+    size = 100 * 1024 * 1024
+    chunk = os.urandom(1024 * 1024)
+
+    def body():  # type: ignore[no-untyped-def]
+        for _ in range(size // len(chunk)):
+            yield chunk
+
+    before = rss_hwm(m.proc.pid)
+    boundary = "tsmboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"huge.bin\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def multipart():  # type: ignore[no-untyped-def]
+        yield head
+        yield from body()
+        yield tail
+
+    r = c.post("/upload_file", content=multipart(),
+               headers={"content-type": f"multipart/form-data; boundary={boundary}",
+                        "content-length": str(len(head) + size + len(tail))})
+    assert r.status_code == 200, r.text
+    got = 0
+    digest = hashlib.sha256()
+    with c.stream("POST", "/download_file", json={"file_path": "huge.bin"}) as resp:
+        assert resp.status_code == 200
+        for part in resp.iter_bytes():
+            got += len(part)
+            digest.update(part)
+    assert got == size
+    assert digest.hexdigest() == hashlib.sha256(chunk * (size // len(chunk))).hexdigest()
+    grown = rss_hwm(m.proc.pid) - before
+    assert grown < 40 * 1024 * 1024, f"manager peak memory grew by {grown >> 20} MiB for a 100 MiB body"
+    c.post("/release_session")
+
+
+def test_ready_names_failed_dependency_and_recovers(start_manager) -> None:
+    m = start_manager()
+    assert httpx.get(m.url + "/ready").status_code == 200
+    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "stop-redis"], check=True)
+    try:
+        r = httpx.get(m.url + "/ready", timeout=10)
+        assert r.status_code == 503 and "redis" in r.json()["detail"] and r.json()["engine"] == "ok"
+        assert httpx.get(m.url + "/alive").status_code == 200
+        r = httpx.post(m.url + "/get_cookie", timeout=30)
+        assert r.status_code == 503 and "redis" in r.json()["detail"]
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "start-redis"], check=True)
+    wait_for(lambda: httpx.get(m.url + "/ready").status_code == 200, what="ready after Redis returns")
+    c, node_id = new_session(m.url)
+    assert c.post("/").status_code == 200
+    c.post("/release_session")
+
+
+def test_engine_restart_recovers(start_manager) -> None:
+    m = start_manager()
+    c, node_id = new_session(m.url)
+    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "stop-dockerd"], check=True)
+    try:
+        r = httpx.get(m.url + "/ready", timeout=10)
+        assert r.status_code == 503 and "docker engine" in r.json()["detail"] and r.json()["redis"] == "ok"
+        r = httpx.post(m.url + "/get_cookie", timeout=30)
+        assert r.status_code == 503
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "start-dockerd"], check=True)
+    wait_for(lambda: httpx.get(m.url + "/ready").status_code == 200, what="ready after dockerd returns")
+    # live-restore kept the node running; its published port answers again
+    wait_for(lambda: c.post("/").status_code == 200, timeout=30, what="proxied call after dockerd restart")
+    c.post("/release_session")
+
+
+@pytest.mark.parametrize("health_check", [False])
+def test_health_check_off_works(start_manager, health_check: bool) -> None:
+    m = start_manager(node={"health_check": health_check})
+    c, node_id = new_session(m.url)
+    assert c.post("/").json() == {"message": "Hello World"}
+    c.post("/release_session")
+

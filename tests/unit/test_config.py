@@ -1,0 +1,86 @@
+"""Config loading: YAML, environment overrides (typed, nested), XAgent's keys, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import XAGENT_POST_PATHS, load_config
+from shared.errors import ConfigError
+
+XAGENT_MANAGER_YML = """
+version: "0.2"
+logger: "gunicorn.error"
+logger_level: 20
+builtin_monitor: True
+node:
+  creation_wait_seconds: 30
+  idling_close_minutes: 30
+  health_check: true
+  health_check_interval: 1
+  port: 31942
+  creation_kwargs:
+    image: "xagentteam/toolserver-node:latest"
+    network: "tool-server-network"
+    privileged: true
+    detach: true
+    volumes: ["toolserverconfig:/app/assets/config"]
+  device_requests:
+redirect_to_node_path:
+  post: ["/", "/execute_tool", "/get_available_tools", "/get_json_schema_for_tools",
+         "/get_json_schema_for_envs", "/retrieving_tools", "/register_new_tool", "/upload_file",
+         "/download_file", "/download_workspace", "/get_workspace_structure"]
+  get: ["/"]
+"""
+
+
+def test_xagent_manager_yml_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "manager.yml"
+    p.write_text(XAGENT_MANAGER_YML)
+    cfg = load_config(p, environ={})
+    assert cfg.version == "0.2"
+    assert cfg.node.creation_kwargs["privileged"] is True
+    assert cfg.redirect_to_node_path.post == XAGENT_POST_PATHS
+    assert cfg.node.device_requests is None
+
+
+def test_env_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(None, environ={"builtin_monitor": "false", "TSM_NODE__IDLING_CLOSE_MINUTES": "5",
+                                     "TSM_REDIS__URL": "redis://example:1/2", "TSM_PROXY__PATH_TIMEOUTS": "{/x: 3}",
+                                     "TSM_STATE_DIR": "/ignored"})
+    assert cfg.builtin_monitor is False
+    assert cfg.node.idling_close_minutes == 5.0
+    assert cfg.redis.url == "redis://example:1/2"
+    assert cfg.proxy.path_timeouts == {"/x": 3.0}
+
+
+def test_invalid_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"node\.port"):
+        load_config(None, environ={"TSM_NODE__PORT": "not-a-port"})
+
+
+def test_unknown_key_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "c.yml"
+    p.write_text("node:\n  idling_close_minuts: 3\n")
+    with pytest.raises(ConfigError, match="idling_close_minuts"):
+        load_config(p, environ={})
+
+
+def test_cross_field_rule(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="lease_ttl_seconds"):
+        load_config(None, environ={}, overrides={"checker": {"lease_ttl_seconds": 1, "interval_seconds": 2}})
+
+
+def test_redacted_hides_secrets() -> None:
+    cfg = load_config(None, environ={}, overrides={"admin": {"token": "s3cret"}, "cluster": {"internal_token": "x"}})
+    data = cfg.redacted()
+    assert data["admin"]["token"] == "***" and data["cluster"]["internal_token"] == "***"
+    assert "s3cret" not in repr(data)
+
+
+def test_secret_from_file(tmp_path: Path) -> None:
+    f = tmp_path / "tok"
+    f.write_text("from-file\n")
+    cfg = load_config(None, environ={}, overrides={"admin": {"token_file": str(f)}})
+    assert cfg.admin_token == "from-file"

@@ -1,0 +1,86 @@
+"""The reconcile plan as a pure function: every branch of desired vs actual."""
+
+from __future__ import annotations
+
+from checker.reconcile import Limits, plan
+from shared.docker_backend import LABEL_ROLE
+from shared.models import ContainerInfo, NodeRecord
+
+NOW = 1_000_000.0
+LIMITS = Limits(idle_seconds=600, idle_grace_seconds=60, exited_gc_seconds=3600, stuck_creation_seconds=120)
+
+
+def rec(i: str, **kw: object) -> NodeRecord:
+    base = dict(id=i, manager_id="m", status="running", created_at=NOW - 1000, ready_at=NOW - 900, port=1000)
+    base.update(kw)
+    return NodeRecord(**base)  # type: ignore[arg-type]
+
+
+def cont(i: str, status: str = "running", **kw: object) -> ContainerInfo:
+    base = dict(id=i, status=status, health="none", labels={}, created=NOW - 1000, port=1000)
+    base.update(kw)
+    return ContainerInfo(**base)  # type: ignore[arg-type]
+
+
+def run(records, containers, last=None, members=None):  # type: ignore[no-untyped-def]
+    return plan("m", members or [r.id for r in records], records, containers, last or {}, NOW, LIMITS, "127.0.0.1")
+
+
+def test_record_without_container_is_forgotten() -> None:
+    p = run([rec("a")], [])
+    assert [r.id for r in p.forget] == ["a"]
+
+
+def test_status_health_and_port_are_updated_field_by_field() -> None:
+    p = run([rec("a", health="healthy")], [cont("a", "exited", port=0, health="unhealthy")], {"a": NOW})
+    assert p.updates["a"]["status"] == "exited"
+    assert p.updates["a"]["health"] == "unhealthy"
+    assert "port" not in p.updates["a"]  # an exited container publishes no port: keep the old one
+    p = run([rec("b")], [cont("b", port=2000)], {"b": NOW})
+    assert p.updates["b"] == {"port": "2000"}
+
+
+def test_creating_record_is_left_to_its_flow_until_stuck() -> None:
+    young = rec("a", status="creating", ready_at=0, created_at=NOW - 10)
+    assert not run([young], [cont("a")]).updates
+    old = rec("b", status="creating", ready_at=0, created_at=NOW - 500)
+    assert [(r.id, why) for r, why in run([old], [cont("b")]).remove] == [("b", "stuck in creation")]
+
+
+def test_idle_nodes_are_stopped_after_grace() -> None:
+    p = run([rec("a"), rec("b")], [cont("a"), cont("b")], {"a": NOW - 601, "b": NOW - 10})
+    assert [r.id for r in p.idle_stop] == ["a"]
+    fresh = rec("c", ready_at=NOW - 30)  # restarted 30 s ago: inside the grace period
+    assert not run([fresh], [cont("c")], {"c": NOW - 9999}).idle_stop
+
+
+def test_exited_nodes_are_collected_after_gc_time() -> None:
+    old = rec("a", status="exited", stopped_at=NOW - 4000, ready_at=0)
+    new = rec("b", status="exited", stopped_at=NOW - 10, ready_at=0)
+    p = run([old, new], [cont("a", "exited"), cont("b", "exited")])
+    assert [r.id for r, _ in p.remove] == ["a"]
+
+
+def test_released_record_is_removed_again() -> None:
+    p = run([rec("a", status="released")], [cont("a")])
+    assert [(r.id, why) for r, why in p.remove] == [("a", "released")]
+
+
+def test_containers_without_record_are_adopted_or_removed() -> None:
+    p = run([], [cont("run", port=3000), cont("ex", "exited"), cont("new", "created", created=NOW - 5),
+                 cont("stale", "created", created=NOW - 500), cont("t", labels={LABEL_ROLE: "test"})])
+    adopted = {r.id: r for r in p.adopt}
+    assert set(adopted) == {"run", "ex"}
+    assert adopted["run"].port == 3000 and adopted["run"].ready_at == NOW
+    assert adopted["ex"].status == "exited"
+    assert p.remove_orphans == ["stale"]
+
+
+def test_stale_reservations_are_dropped() -> None:
+    p = run([], [], members=[f"pending:{NOW - 500}:x", f"pending:{NOW - 1}:y"])
+    assert p.stale_reservations == [f"pending:{NOW - 500}:x"]
+
+
+def test_undelivered_pool_claim_is_released() -> None:
+    p = run([rec("a", role="claiming", claimed_at=NOW - 60)], [cont("a")])
+    assert p.remove and p.remove[0][1].startswith("claimed")
