@@ -49,11 +49,13 @@ def docker_client() -> Iterator[docker.DockerClient]:
     client.ping()
     client.images.get(NODE_IMAGE)
     yield client
-    # nothing a test made may outlive the session
-    for c in client.containers.list(all=True, filters={"label": LABEL}):
-        if c.labels.get(LABEL, "").startswith("test-"):
-            c.remove(force=True)
+    # nothing a test of this session made may outlive it
+    for mid in _SESSION_MANAGER_IDS:
+        remove_containers(client, mid)
     client.close()
+
+
+_SESSION_MANAGER_IDS: set[str] = set()
 
 
 @pytest.fixture
@@ -68,6 +70,7 @@ def prefix(redis_client: redis.Redis) -> Iterator[str]:
 @pytest.fixture
 def manager_id(docker_client: docker.DockerClient) -> Iterator[str]:
     mid = f"test-{uuid.uuid4().hex[:8]}"
+    _SESSION_MANAGER_IDS.add(mid)
     yield mid
     remove_containers(docker_client, mid)
 

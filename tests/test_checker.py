@@ -1,0 +1,195 @@
+"""The checker on the real parts: one leader per manager_id, failover, fencing after a stall,
+reconcile (gone, adopted, idle, GC, stuck creations), rebuild after Redis loses everything."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import docker
+import httpx
+import redis
+
+from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, REDIS_URL, project_containers, wait_for
+
+FAST = {"checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 5}}
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def cycles_by_token(r: redis.Redis, prefix: str, mid: str) -> dict[str, int]:
+    raw = r.hgetall(f"{prefix}:mgr:{mid}:checker_stats")
+    return {k.decode().split(":", 1)[1]: int(v) for k, v in raw.items() if k.startswith(b"cycles:")}
+
+
+def lease_holder(r: redis.Redis, prefix: str, mid: str) -> str | None:
+    v = r.get(f"{prefix}:mgr:{mid}:lease")
+    return v.decode().rpartition(":")[0] if v else None
+
+
+def test_exactly_one_leader_and_failover_after_sigkill(start_manager, redis_client: redis.Redis, prefix: str,
+                                                       manager_id: str) -> None:
+    reps = [start_manager(name=f"r{i}", **FAST) for i in range(3)]
+    holder = wait_for(lambda: lease_holder(redis_client, prefix, manager_id), what="a lease holder")
+    time.sleep(2.0)
+    counts = cycles_by_token(redis_client, prefix, manager_id)
+    assert len(counts) == 1, f"more than one checker acted: {counts}"
+    assert lease_holder(redis_client, prefix, manager_id) == holder
+    # the admin view says who holds it, with its token and since when
+    leases = httpx.get(reps[0].url + "/admin/leases", headers=ADMIN).json()["leases"]
+    mine = next(x for x in leases if x["manager_id"] == manager_id)
+    assert mine["holder"] == holder and mine["token"] == 1 and mine["since"]
+
+    leader = next(m for m in reps if m.replica_id == holder)
+    t0 = time.monotonic()
+    leader.kill()
+    new = wait_for(lambda: (h := lease_holder(redis_client, prefix, manager_id)) and h != holder and h,
+                   timeout=10, interval=0.05, what="takeover")
+    took = time.monotonic() - t0
+    print(f"takeover after SIGKILL: {took:.2f}s (TTL 5s)")
+    wait_for(lambda: cycles_by_token(redis_client, prefix, manager_id).get("2", 0) > 0, what="new leader acting")
+    assert new in {m.replica_id for m in reps if m is not leader}
+
+
+def test_stalled_leader_is_fenced_out(start_manager, redis_client: redis.Redis, prefix: str,
+                                      manager_id: str) -> None:
+    reps = [start_manager(name=f"s{i}", **FAST) for i in range(2)]
+    holder = wait_for(lambda: lease_holder(redis_client, prefix, manager_id), what="a lease holder")
+    leader = next(m for m in reps if m.replica_id == holder)
+    leader.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: (h := lease_holder(redis_client, prefix, manager_id)) and h != holder, timeout=12,
+                 what="takeover while the old leader is stopped")
+        old_cycles = cycles_by_token(redis_client, prefix, manager_id).get("1", 0)
+    finally:
+        leader.signal(signal.SIGCONT)
+    wait_for(lambda: "lease_lost" in leader.logs(), timeout=10, what="the old leader stepping down")
+    time.sleep(2.0)
+    counts = cycles_by_token(redis_client, prefix, manager_id)
+    assert counts.get("1", 0) == old_cycles, "the deposed leader wrote after losing its lease"
+    assert counts.get("2", 0) > 0
+    assert lease_holder(redis_client, prefix, manager_id) != holder
+
+
+def test_reconcile_gone_adopted_idle_and_gc(start_manager, docker_client: docker.DockerClient,
+                                            redis_client: redis.Redis, prefix: str, manager_id: str) -> None:
+    m = start_manager(node={"idling_close_minutes": 0.05, "idle_grace_seconds": 0, "exited_gc_minutes": 60},
+                      **FAST)
+    a = httpx.Client(base_url=m.url, timeout=60)
+    a.post("/get_cookie")
+    a_id = a.cookies["node_id"]
+    b = httpx.Client(base_url=m.url, timeout=60)
+    b.post("/get_cookie")
+    b_id = b.cookies["node_id"]
+
+    # removed behind the manager's back: the record goes within a cycle or two
+    docker_client.containers.get(b_id).remove(force=True)
+    wait_for(lambda: not redis_client.exists(f"{prefix}:node:{b_id}"), timeout=5, what="record of a gone container")
+
+    # started by hand with the project's labels: adopted
+    c = docker_client.containers.run(NODE_IMAGE, detach=True, init=True, ports={"31942/tcp": ("127.0.0.1", None)},
+                                     labels={"toolserver-manager.manager_id": manager_id,
+                                             "toolserver-manager.role": "node"})
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{c.id}", "status") == b"running", timeout=5,
+             what="adoption")
+    adopted = httpx.Client(base_url=m.url, timeout=60, cookies={"node_id": c.id})
+    wait_for(lambda: adopted.post("/").status_code == 200, timeout=10, what="proxying to the adopted node")
+
+    # idle for 3 s: stopped by the checker; the next proxied call brings it back
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{a_id}", "status") == b"exited", timeout=15,
+             what="idle stop")
+    assert docker_client.containers.get(a_id).status == "exited"
+    assert a.post("/").json() == {"message": "Hello World"}
+    assert docker_client.containers.get(a_id).status == "running"
+
+
+def test_exited_nodes_are_collected(start_manager, docker_client: docker.DockerClient,
+                                    redis_client: redis.Redis, prefix: str, manager_id: str) -> None:
+    m = start_manager(node={"exited_gc_minutes": 0.03}, **FAST)
+    c = httpx.Client(base_url=m.url, timeout=60)
+    c.post("/get_cookie")
+    node_id = c.cookies["node_id"]
+    c.post("/close_session")
+    wait_for(lambda: not project_containers(docker_client, manager_id), timeout=15, what="GC of an exited node")
+    assert not redis_client.exists(f"{prefix}:node:{node_id}")
+    assert c.post("/reconnect_session").json() == f"invalid node_id: {node_id}"
+
+
+def test_half_made_node_of_a_killed_replica_is_removed(start_manager, docker_client: docker.DockerClient,
+                                                       redis_client: redis.Redis, prefix: str,
+                                                       manager_id: str) -> None:
+    slow = {"node": {"creation_wait_seconds": 3, "creation_kwargs": {"command": ["sleep", "infinity"]}},
+            "checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 5, "stuck_creation_seconds": 1}}
+    survivor = start_manager(name="survivor", builtin_monitor=True, **slow)
+    doomed = start_manager(name="doomed", builtin_monitor=False, **slow)
+    with httpx.Client(timeout=30) as c:
+        try:
+            c.post(doomed.url + "/get_cookie", timeout=1.0)
+        except httpx.ReadTimeout:
+            pass
+    wait_for(lambda: project_containers(docker_client, manager_id), timeout=5, what="the half-made container")
+    doomed.kill()
+    # deadline: creation_wait + 5 s; the survivor's checker removes container and record
+    wait_for(lambda: not project_containers(docker_client, manager_id), timeout=20,
+             what="removal of the half-made container")
+    wait_for(lambda: redis_client.scard(f"{prefix}:mgr:{manager_id}:nodes") == 0, timeout=5,
+             what="its record and reservation gone")
+    assert survivor.proc is not None and survivor.proc.poll() is None
+
+
+def test_test_nodes_are_removed_at_leader_start(start_manager, docker_client: docker.DockerClient,
+                                                manager_id: str) -> None:
+    docker_client.containers.create(NODE_IMAGE, labels={"toolserver-manager.manager_id": manager_id,
+                                                        "toolserver-manager.role": "test"})
+    start_manager(**FAST)
+    wait_for(lambda: not project_containers(docker_client, manager_id), timeout=10, what="test node removal")
+
+
+def test_redis_flush_is_rebuilt_from_the_engine(start_manager, docker_client: docker.DockerClient,
+                                                manager_id: str) -> None:
+    # a database of its own, so flushing it touches no other test's keys
+    url = REDIS_URL.rsplit("/", 1)[0] + "/7"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    prefix = f"flush-{uuid.uuid4().hex[:6]}"
+    m = start_manager(redis={"url": url, "key_prefix": prefix}, **FAST)
+    clients = []
+    for _ in range(2):
+        c = httpx.Client(base_url=m.url, timeout=60)
+        assert c.post("/get_cookie").status_code == 200
+        clients.append(c)
+    ids = {c.cookies["node_id"] for c in clients}
+    r.flushdb()
+    wait_for(lambda: all(r.hget(f"{prefix}:node:{i}", "status") == b"running" for i in ids), timeout=10,
+             what="records adopted back from container labels")
+    for c in clients:
+        assert c.post("/get_available_tools").status_code == 200
+    # the replica re-registered itself and the lease was taken again
+    wait_for(lambda: r.exists(f"{prefix}:replica:{m.replica_id}"), timeout=5, what="re-registration")
+    wait_for(lambda: r.get(f"{prefix}:mgr:{manager_id}:lease"), timeout=10, what="lease re-acquired")
+    for c in clients:
+        c.post("/release_session")
+    r.flushdb()
+    r.close()
+
+
+def test_stop_after_exit_only_when_last(start_manager, docker_client: docker.DockerClient,
+                                        manager_id: str) -> None:
+    opts = {"checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 5, "stop_after_exit": True}}
+    a = start_manager(name="a", **opts)
+    b = start_manager(name="b", **opts)
+    c = httpx.Client(base_url=a.url, timeout=60)
+    c.post("/get_cookie")
+    node_id = c.cookies["node_id"]
+    time.sleep(1.5)  # both registered
+    b.stop()
+    a_alive = docker_client.containers.get(node_id)
+    # stopping one of two replicas (leader or not) must not stop the nodes
+    time.sleep(1.0)
+    a_alive.reload()
+    assert a_alive.status == "running"
+    # wait until a's registry sees b gone, then stop the last replica: its nodes stop
+    time.sleep(2.5)
+    a.stop()
+    wait_for(lambda: docker_client.containers.get(node_id).status == "exited", timeout=10,
+             what="nodes stopped after the last replica exits")
