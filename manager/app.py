@@ -157,6 +157,7 @@ def create_app(cfg: Config) -> Starlette:
     app = Starlette(routes=build_routes(cfg), lifespan=lifespan, exception_handlers={
         ManagerError: on_manager_error, HTTPException: on_http_error, Exception: on_unexpected})
     app.state.cfg = cfg
+    routes.set_replica_id(cfg.replica_id)
     app.state.shutting_down = False
     app.add_middleware(HeaderLimit, limit=cfg.proxy.max_header_bytes)
     return app

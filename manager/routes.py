@@ -35,9 +35,19 @@ def _no_body(request: Request) -> None:
         raise BadRequest(f"{request.url.path} takes no request body (got {length} bytes)")
 
 
+_replica_id = ""  # set by create_app: every answer names the replica that served it
+
+
+def set_replica_id(replica_id: str) -> None:
+    global _replica_id
+    _replica_id = replica_id
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(msgspec.json.encode(data), status_code=status, media_type="application/json",
+    resp = Response(msgspec.json.encode(data), status_code=status, media_type="application/json",
                     headers=headers)
+    resp.headers[cluster.REPLICA_HEADER] = _replica_id
+    return resp
 
 
 async def alive(request: Request) -> Response:

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# A second, independent Docker engine on this machine (own socket, data root, exec root
+# and bridge) for tests and benchmarks of a cluster with two manager_ids.
+#   second-engine.sh start   -> prints the socket URL; loads the node image into it
+#   second-engine.sh stop    -> stops it, removes its containers and its bridge
+set -euo pipefail
+STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"
+NAME="${TSM_ENGINE2_NAME:-tsm-engine2}"
+SOCK="/run/$NAME.sock"
+EXEC="/run/$NAME"
+DATA="$STATE/$NAME-data"
+BR="tsm-br2"
+IMAGE="${TSM_NODE_IMAGE:-toolserver-node:latest}"
+D2=(/usr/bin/docker -H "unix://$SOCK")
+die() { printf '\033[31m[engine2] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+
+start() {
+  if ! "${D2[@]}" info >/dev/null 2>&1; then
+    ip link show "$BR" >/dev/null 2>&1 || {
+      ip link add name "$BR" type bridge
+      ip addr add 172.30.99.1/24 dev "$BR"
+      ip link set "$BR" up
+    }
+    mkdir -p "$DATA" "$EXEC"
+    # no iptables of its own: the first engine owns the NAT chains; docker-proxy still
+    # publishes ports on 127.0.0.1, which is all the nodes need here
+    nohup dockerd --host "unix://$SOCK" --data-root "$DATA" --exec-root "$EXEC" --pidfile "$EXEC.pid" \
+      --bridge "$BR" --iptables=false --ip-masq=false --live-restore >"$STATE/$NAME.log" 2>&1 &
+    for _ in $(seq 150); do "${D2[@]}" info >/dev/null 2>&1 && break; sleep 0.2; done
+    "${D2[@]}" info >/dev/null 2>&1 || die "second dockerd did not start (see $STATE/$NAME.log)"
+  fi
+  want=$(/usr/bin/docker image inspect -f '{{.Id}}' "$IMAGE")
+  have=$("${D2[@]}" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+  if [ "$want" != "$have" ]; then
+    /usr/bin/docker save "$IMAGE" | "${D2[@]}" load -q >/dev/null || die "loading $IMAGE into the second engine failed"
+  fi
+  echo "unix://$SOCK"
+}
+
+stop() {
+  if "${D2[@]}" info >/dev/null 2>&1; then
+    ids=$("${D2[@]}" ps -aq --filter label=toolserver-manager.manager_id)
+    [ -n "$ids" ] && "${D2[@]}" rm -f $ids >/dev/null
+    pid=$(cat "$EXEC.pid" 2>/dev/null || true)
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  ip link del "$BR" 2>/dev/null || true
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac

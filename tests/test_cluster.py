@@ -1,0 +1,272 @@
+"""The cluster on real parts: three replicas, two manager_ids on two real Docker engines,
+HAProxy round-robin in front; forwarding, placement, registry, partial fan-out, kills."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+import redis
+
+from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, LABEL, ROOT, ManagerProc, free_port, remove_containers, wait_for
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def engine2() -> Iterator[str]:
+    """A second dockerd with its own socket, data root, exec root and bridge."""
+    out = subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "start"], check=True,
+                         capture_output=True, text=True)
+    yield out.stdout.strip().splitlines()[-1]
+    subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "stop"], check=False)
+
+
+class HAProxy:
+    def __init__(self, backends: list[ManagerProc], tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        servers = "\n".join(f"    server {m.replica_id} 127.0.0.1:{m.port} check inter 300 fall 2 rise 1"
+                            for m in backends)
+        cfg = tmp / "haproxy.cfg"
+        cfg.write_text(f"""
+global
+    maxconn 2000
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    retries 2
+    option redispatch
+frontend fe
+    bind 127.0.0.1:{self.port}
+    default_backend managers
+backend managers
+    balance roundrobin
+    option httpchk GET /alive
+{servers}
+""")
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(lambda: _ok(self.url + "/alive"), timeout=10, what="haproxy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+
+
+def _ok(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=1).status_code == 200
+    return False
+
+
+@dataclass
+class Cluster:
+    a1: ManagerProc
+    a2: ManagerProc
+    b1: ManagerProc
+    lb: HAProxy
+    mid_a: str
+    mid_b: str
+    prefix: str
+
+
+@pytest.fixture
+def cluster(engine2: str, start_manager, tmp_path: Path, prefix: str, manager_id: str,
+            docker_client: docker.DockerClient) -> Iterator[Cluster]:
+    mid_b = f"test-{uuid.uuid4().hex[:8]}"
+    common = {"checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 5},
+              "cluster": {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
+                          "fanout_timeout_seconds": 2}}
+    a1 = start_manager(name="a1", **common)
+    a2 = start_manager(name="a2", **common)
+    b1 = start_manager(name="b1", mid=mid_b, docker_host=engine2, **common)
+    lb = HAProxy([a1, a2, b1], tmp_path)
+    wait_for(lambda: len(httpx.get(a1.url + "/admin/replicas", headers=ADMIN).json()["replicas"]) == 3,
+             what="three registered replicas")
+    yield Cluster(a1, a2, b1, lb, manager_id, mid_b, prefix)
+    lb.stop()
+    for m in (a1, a2, b1):
+        m.stop()
+    client2 = docker.DockerClient(base_url=engine2, version="1.41")
+    remove_containers(client2, mid_b)
+    client2.close()
+
+
+def test_full_lifecycle_through_the_balancer(cluster: Cluster, redis_client: redis.Redis) -> None:
+    seen: set[str] = set()
+    c = httpx.Client(base_url=cluster.lb.url, timeout=60)
+    r = c.post("/get_cookie")
+    assert r.status_code == 200, r.text
+    node_id = r.cookies["node_id"]
+    seen.add(r.headers["x-tsm-replica"])
+    for _ in range(6):
+        r = c.post("/get_available_tools")
+        assert r.status_code == 200
+        seen.add(r.headers["x-tsm-replica"])
+    blob = b"cluster!" * 100_000
+    assert c.post("/upload_file", files={"file": ("f.bin", blob)}).status_code == 200
+    assert c.post("/download_file", json={"file_path": "f.bin"}).content == blob
+    assert c.post("/close_session").json() == f"Close session: {node_id}"
+    assert c.post("/download_file", json={"file_path": "f.bin"}).content == blob  # restarted, same workspace
+    assert c.post("/reconnect_session").json() == f"Reconnect session: {node_id}"
+    for _ in range(3):
+        r = c.post("/")
+        assert r.status_code == 200
+        seen.add(r.headers["x-tsm-replica"])
+    assert c.post("/release_session").json() == f"Release session: {node_id}"
+    assert c.post("/").status_code == 403
+    assert len(seen) == 3, f"requests landed on {seen}"
+
+
+def test_lifecycle_calls_are_forwarded_to_the_owner(cluster: Cluster, engine2: str) -> None:
+    # created on engine B through its own replica, then driven through replicas of A
+    c = httpx.Client(base_url=cluster.b1.url, timeout=60)
+    assert c.post("/get_cookie").status_code == 200
+    node_id = c.cookies["node_id"]
+    d2 = docker.DockerClient(base_url=engine2, version="1.41")
+    assert d2.containers.get(node_id).labels[LABEL] == cluster.mid_b
+    via_a = httpx.Client(base_url=cluster.a1.url, timeout=60, cookies={"node_id": node_id})
+    assert via_a.post("/close_session").json() == f"Close session: {node_id}"
+    assert d2.containers.get(node_id).status == "exited"
+    assert via_a.post("/").json() == {"message": "Hello World"}  # auto-restart forwarded to the owner
+    assert d2.containers.get(node_id).status == "running"
+    assert via_a.post("/reconnect_session").json() == f"Reconnect session: {node_id}"
+    assert via_a.post("/release_session").json() == f"Release session: {node_id}"
+    with pytest.raises(docker.errors.NotFound):
+        d2.containers.get(node_id)
+    d2.close()
+
+
+def test_forged_internal_request_is_refused(cluster: Cluster) -> None:
+    r = httpx.post(cluster.a1.url + "/internal/nodes", json={})
+    assert r.status_code == 403 and "token" in r.json()["detail"]
+    r = httpx.post(cluster.a1.url + "/internal/nodes", json={}, headers={"x-tsm-internal-token": "guess"})
+    assert r.status_code == 403
+    r = httpx.post(cluster.a1.url + f"/internal/nodes/{'0' * 64}/release", headers={"x-tsm-internal-token": "x"})
+    assert r.status_code == 403
+
+
+def test_no_live_owner_is_a_fast_503(cluster: Cluster) -> None:
+    c = httpx.Client(base_url=cluster.b1.url, timeout=60)
+    c.post("/get_cookie")
+    node_id = c.cookies["node_id"]
+    cluster.b1.kill()
+    wait_for(lambda: all(r["manager_id"] != cluster.mid_b for r in
+                         httpx.get(cluster.a1.url + "/admin/replicas", headers=ADMIN).json()["replicas"]),
+             timeout=10, what="b1 dropping out of the registry")
+    via_a = httpx.Client(base_url=cluster.a1.url, timeout=10, cookies={"node_id": node_id})
+    r = via_a.post("/close_session")
+    assert r.status_code == 503 and r.json() == {"detail": f"no live manager for {cluster.mid_b}"}
+    # proxied traffic still goes straight to the node, which is reachable from here
+    assert via_a.post("/").json() == {"message": "Hello World"}
+
+
+def test_proxy_through_owner_when_not_routable(engine2: str, start_manager, manager_id: str) -> None:
+    mid_b = f"test-{uuid.uuid4().hex[:8]}"
+    opts = {"cluster": {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
+                        "proxy_through_owner": {mid_b: True}}}
+    a = start_manager(name="a", **opts)
+    b = start_manager(name="b", mid=mid_b, docker_host=engine2, **opts)
+    try:
+        c = httpx.Client(base_url=b.url, timeout=60)
+        c.post("/get_cookie")
+        node_id = c.cookies["node_id"]
+        wait_for(lambda: len(httpx.get(a.url + "/admin/replicas", headers=ADMIN).json()["replicas"]) == 2,
+                 what="both registered")
+        via_a = httpx.Client(base_url=a.url, timeout=60, cookies={"node_id": node_id})
+        blob = b"x" * 300_000
+        assert via_a.post("/upload_file", files={"file": ("o.bin", blob)}).status_code == 200
+        assert via_a.post("/download_file", json={"file_path": "o.bin"}).content == blob
+        metrics = httpx.get(a.url + "/metrics").text
+        assert 'toolserver_forwarded_requests_total{kind="proxy"} 2.0' in metrics
+        via_a.post("/release_session")
+    finally:
+        client2 = docker.DockerClient(base_url=engine2, version="1.41")
+        remove_containers(client2, mid_b)
+        client2.close()
+
+
+def test_placement_prefers_own_engine_then_least_loaded(engine2: str, start_manager, manager_id: str,
+                                                        docker_client: docker.DockerClient) -> None:
+    mid_b = f"test-{uuid.uuid4().hex[:8]}"
+    opts = {"cluster": {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
+                        "max_nodes_per_manager": 1}}
+    a = start_manager(name="a", **opts)
+    start_manager(name="b", mid=mid_b, docker_host=engine2, **opts)
+    try:
+        wait_for(lambda: len(httpx.get(a.url + "/admin/replicas", headers=ADMIN).json()["replicas"]) == 2,
+                 what="both registered")
+        first = httpx.Client(base_url=a.url, timeout=60)
+        assert first.post("/get_cookie").status_code == 200
+        assert docker_client.containers.get(first.cookies["node_id"]).labels[LABEL] == manager_id
+        second = httpx.Client(base_url=a.url, timeout=60)
+        assert second.post("/get_cookie").status_code == 200  # engine A is full: placed on B
+        d2 = docker.DockerClient(base_url=engine2, version="1.41")
+        assert d2.containers.get(second.cookies["node_id"]).labels[LABEL] == mid_b
+        assert second.post("/").json() == {"message": "Hello World"}
+        r = httpx.post(a.url + "/get_cookie", timeout=60)
+        assert r.status_code == 503 and "no manager can take a new session" in r.json()["detail"]
+        second.post("/release_session")
+        d2.close()
+    finally:
+        client2 = docker.DockerClient(base_url=engine2, version="1.41")
+        remove_containers(client2, mid_b)
+        client2.close()
+
+
+def test_registry_heartbeat_and_graceful_deregistration(cluster: Cluster, redis_client: redis.Redis) -> None:
+    key = f"{cluster.prefix}:replica:{cluster.a2.replica_id}"
+    assert redis_client.exists(key) and 0 < redis_client.pttl(key) <= 2000
+    cluster.a2.stop()
+    assert not redis_client.exists(key)  # gone at once, not after its TTL
+    key_b = f"{cluster.prefix}:replica:{cluster.b1.replica_id}"
+    cluster.b1.kill()
+    wait_for(lambda: not redis_client.exists(key_b), timeout=5, what="a killed replica expiring")
+
+
+def test_replica_killed_while_proxying_others_keep_serving(cluster: Cluster) -> None:
+    c = httpx.Client(base_url=cluster.lb.url, timeout=60)
+    assert c.post("/get_cookie").status_code == 200
+    cluster.a2.kill()
+    ok = 0
+    for _ in range(12):
+        r = c.post("/get_available_tools")
+        ok += r.status_code == 200
+    assert ok >= 10  # the balancer takes a2 out after its health check fails; nothing else breaks
+    assert c.post("/release_session").status_code == 200
+
+
+def test_restarted_node_port_is_used_at_once_everywhere(cluster: Cluster) -> None:
+    c1 = httpx.Client(base_url=cluster.a1.url, timeout=60)
+    c1.post("/get_cookie")
+    node_id = c1.cookies["node_id"]
+    assert c1.post("/").status_code == 200  # a1 caches the address
+    c2 = httpx.Client(base_url=cluster.a2.url, timeout=60, cookies={"node_id": node_id})
+    for _ in range(3):
+        assert c2.post("/reconnect_session").status_code == 200
+        assert c1.post("/").json() == {"message": "Hello World"}
+    c1.post("/release_session")
+
+
+def test_fan_out_returns_partial_results(cluster: Cluster) -> None:
+    r = httpx.get(cluster.a1.url + "/admin/engines", headers=ADMIN, timeout=10).json()
+    assert set(r["results"]) == {cluster.mid_a, cluster.mid_b} and not r["failures"]
+    cluster.b1.signal(signal.SIGSTOP)
+    try:
+        # bounded by the fan-out timeout (2 s here), not by the stopped replica
+        r = httpx.get(cluster.a1.url + "/admin/engines", headers=ADMIN, timeout=6).json()
+        assert set(r["results"]) == {cluster.mid_a}
+        assert set(r["failures"]) == {cluster.mid_b}
+    finally:
+        cluster.b1.signal(signal.SIGCONT)
