@@ -189,7 +189,8 @@ class Checker:
             idle_seconds=n.idling_close_minutes * 60, idle_grace_seconds=n.idle_grace_seconds,
             exited_gc_seconds=n.exited_gc_minutes * 60,
             stuck_creation_seconds=max(self.cfg.checker.stuck_creation_seconds, n.creation_wait_seconds + 5),
-            pool_max_age_seconds=self.cfg.pool.max_age_seconds)
+            pool_max_age_seconds=self.cfg.pool.max_age_seconds,
+            claim_timeout_seconds=self.cfg.pool.claim_timeout_seconds)
 
     async def cycle(self) -> reconcile.Plan:
         """One reconcile pass: records first, then one label-filtered list of the engine."""

@@ -75,8 +75,9 @@ async def create_node(rt: Runtime, *, role: str = "node", client: str = "", rese
     rec: NodeRecord | None = None
     outcome = "error"
     try:
-        node_id = await rt.backend.create_node(cfg.node.creation_kwargs, _labels(rt, role, client),
-                                               cfg.node.device_requests, command=command)
+        node_id = await rt.backend.create_node(
+            cfg.node.creation_kwargs, _labels(rt, role, client), cfg.node.device_requests, command=command,
+            read_only_workspace=cfg.node.workspace_path if cfg.node.read_only_root else "")
         now = time.time()
         rec = NodeRecord(id=node_id, short_id=node_id[:12], manager_id=rt.manager_id,
                          status=NodeStatus.CREATING, host=cfg.node.advertise_host, created_at=now,

@@ -14,21 +14,6 @@ from manager import metrics
 from manager.runtime import Runtime
 from shared.models import Event, NodeRecord
 
-# KEYS[1] pool list, KEYS[2] client count hash; ARGV[1] node key prefix, ARGV[2] now, ARGV[3] client
-# Pops pooled ids until one whose record still exists; marks it claimed.
-CLAIM = """
-while true do
-  local id = redis.call('lpop', KEYS[1])
-  if not id then return false end
-  local key = ARGV[1] .. id
-  if redis.call('hget', key, 'role') == 'pooled' then
-    redis.call('hset', key, 'role', 'claiming', 'claimed_at', ARGV[2], 'client', ARGV[3], 'updated_at', ARGV[2])
-    if ARGV[3] ~= '' then redis.call('hincrby', KEYS[2], ARGV[3], 1) end
-    return id
-  end
-end
-"""
-
 ROLE_POOLED = "pooled"
 ROLE_CLAIMING = "claiming"
 
@@ -39,13 +24,10 @@ async def claim(rt: Runtime, client: str = "") -> NodeRecord | None:
         return None
     store = rt.store
     t0 = time.monotonic()
-    script = store.redis.register_script(CLAIM)
-    node_id = await script(keys=[store.keys.pool(rt.manager_id), store.keys.client_count()],
-                           args=[store.keys.node(""), time.time(), client])
+    node_id = await store.claim_pooled(rt.manager_id, client)
     if not node_id:
         metrics.POOL_CLAIMS.labels("miss").inc()
         return None
-    node_id = node_id.decode() if isinstance(node_id, bytes) else node_id
     rec = await store.get_node(node_id)
     if rec is None:  # released between pop and read
         metrics.POOL_CLAIMS.labels("miss").inc()

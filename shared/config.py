@@ -134,8 +134,9 @@ class QuotaConfig(Base):
 
 
 class PoolConfig(Base):
-    size: int = 0
-    max_age_seconds: float = 3600.0
+    size: int = 0  # ready nodes kept per manager_id; 0: no pool
+    max_age_seconds: float = 3600.0  # pooled nodes older than this are recycled
+    claim_timeout_seconds: float = 30.0  # a claimed node not delivered by then is released
 
 
 class EventsConfig(Base):

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount
 
 from shared.errors import ContainerGone, EngineError, EngineUnavailable
 from shared.models import ContainerInfo
@@ -117,9 +117,18 @@ class DockerBackend:
     # --- containers -----------------------------------------------------------
     async def create_node(self, creation_kwargs: dict[str, Any], labels: dict[str, str],
                           device_requests: list[dict[str, Any]] | None = None,
-                          command: list[str] | str | None = None) -> str:
-        """Create (not start) a node container with its labels and published port; return its id."""
+                          command: list[str] | str | None = None, read_only_workspace: str = "") -> str:
+        """Create (not start) a node container with its labels and published port; return its id.
+
+        With read_only_workspace, the root filesystem is read-only and only that path (an
+        anonymous volume, kept across restarts, removed with the node) and /tmp are writable.
+        """
         kwargs = {k: v for k, v in creation_kwargs.items() if k not in _DROP_KWARGS}
+        if read_only_workspace:
+            kwargs["read_only"] = True
+            kwargs.setdefault("tmpfs", {"/tmp": "rw,nosuid,size=256m"})
+            kwargs["mounts"] = [*kwargs.get("mounts", []),
+                                Mount(target=read_only_workspace, source=None, type="volume")]
         image = kwargs.pop("image")
         kwargs["labels"] = {**dict(creation_kwargs.get("labels") or {}), **labels,
                             LABEL_PORT: str(self.node_port), LABEL_PROJECT: "toolserver-manager"}

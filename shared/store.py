@@ -80,6 +80,22 @@ if ARGV[5] ~= '' then redis.call('hincrby', KEYS[3], ARGV[5], 1) end
 return 'ok'
 """
 
+# KEYS[1] pool list, KEYS[2] client count hash; ARGV[1] node key prefix, ARGV[2] now, ARGV[3] client
+# Pops pooled ids until one whose record is still pooled and marks it claimed: two replicas
+# can never hand out the same node.
+CLAIM_POOLED = """
+while true do
+  local id = redis.call('lpop', KEYS[1])
+  if not id then return false end
+  local key = ARGV[1] .. id
+  if redis.call('hget', key, 'role') == 'pooled' then
+    redis.call('hset', key, 'role', 'claiming', 'claimed_at', ARGV[2], 'client', ARGV[3], 'updated_at', ARGV[2])
+    if ARGV[3] ~= '' then redis.call('hincrby', KEYS[2], ARGV[3], 1) end
+    return id
+  end
+end
+"""
+
 RESERVATION_PREFIX = "pending:"
 
 
@@ -121,6 +137,7 @@ class Store:
         self._hset_if_exists = redis.register_script(HSET_IF_EXISTS)
         self._fenced = redis.register_script(FENCED)
         self._reserve = redis.register_script(RESERVE)
+        self._claim = redis.register_script(CLAIM_POOLED)
 
     async def ping(self) -> None:
         with redis_errors():
@@ -243,6 +260,14 @@ class Store:
                 if client:
                     p.hincrby(self.keys.client_count(), client, -1)
                 await p.execute()
+
+    async def claim_pooled(self, manager_id: str, client: str = "") -> str | None:
+        """Atomically take a ready pooled node of manager_id, or None when the pool is empty."""
+        k = self.keys
+        with redis_errors():
+            node_id = await self._claim(keys=[k.pool(manager_id), k.client_count()],
+                                        args=[k.node(""), time.time(), client])
+        return _d(node_id) if node_id else None
 
     async def node_counts(self) -> dict[str, int]:
         """Live nodes (and pending reservations) per manager_id."""

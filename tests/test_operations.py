@@ -1,0 +1,177 @@
+"""Operations on real parts: admin API and tokens, quotas under concurrency, hardened
+node defaults, and the warm pool (atomic claims, refill, recycling, undelivered claims)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import docker
+import httpx
+import redis
+
+from tests.conftest import ADMIN_TOKEN, project_containers, wait_for
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def session(url: str, **kw) -> httpx.Client:  # type: ignore[no-untyped-def]
+    c = httpx.Client(base_url=url, timeout=60, **kw)
+    r = c.post("/get_cookie")
+    assert r.status_code == 200, r.text
+    return c
+
+
+def test_admin_api(start_manager, manager_id: str, docker_client: docker.DockerClient) -> None:
+    m = start_manager()
+    a, b = session(m.url), session(m.url)
+    a_id, b_id = a.cookies["node_id"], b.cookies["node_id"]
+    a.post("/close_session")
+    with httpx.Client(base_url=m.url, headers=ADMIN, timeout=30) as adm:
+        page = adm.get("/admin/nodes", params={"manager_id": manager_id}).json()
+        assert page["total"] == 2 and {n["id"] for n in page["nodes"]} == {a_id, b_id}
+        assert [n["id"] for n in adm.get("/admin/nodes", params={"status": "exited"}).json()["nodes"]] == [a_id]
+        assert len(adm.get("/admin/nodes", params={"manager_id": manager_id, "limit": 1}).json()["nodes"]) == 1
+        assert adm.get("/admin/nodes", params={"manager_id": manager_id, "min_idle_seconds": 3600}).json()[
+            "total"] == 0
+        detail = adm.get(f"/admin/nodes/{b_id}").json()
+        assert detail["record"]["id"] == b_id and detail["container"]["status"] == "running"
+        assert detail["stats"]["memory_bytes"] > 0
+        assert adm.get("/admin/replicas").json()["replicas"][0]["replica_id"] == m.replica_id
+        assert any(x["manager_id"] == manager_id for x in adm.get("/admin/leases").json()["leases"])
+        cfg = adm.get("/admin/config").json()
+        assert cfg["admin"]["token"] == "***" and cfg["cluster"]["internal_token"] == "***"
+        assert ADMIN_TOKEN not in adm.get("/admin/config").text
+        # bad input: clear 400s, nothing changed
+        assert adm.get("/admin/nodes", params={"limit": "many"}).status_code == 400
+        assert adm.get("/admin/nodes", params={"status": "sleepy"}).status_code == 400
+        assert adm.post("/admin/nodes/release", content=b"{").status_code == 400
+        assert adm.get("/admin/nodes").json()["total"] >= 2
+        res = adm.post("/admin/nodes/release", json={"node_ids": [a_id, b_id, "0" * 64]}).json()["results"]
+        assert res[a_id] == "released" and res[b_id] == "released" and "invalid" in res["0" * 64]
+    assert not project_containers(docker_client, manager_id)
+    # drain: this manager_id takes no new sessions (and no other has room)
+    httpx.post(m.url + f"/admin/managers/{manager_id}/drain", headers=ADMIN)
+    r = httpx.post(m.url + "/get_cookie", timeout=30)
+    assert r.status_code == 503 and "draining" in r.json()["detail"]
+    httpx.delete(m.url + f"/admin/managers/{manager_id}/drain", headers=ADMIN)
+    session(m.url).post("/release_session")
+
+
+def test_admin_tokens(start_manager) -> None:
+    m = start_manager()
+    r = httpx.get(m.url + "/admin/nodes")
+    assert r.status_code == 401 and "missing admin token" in r.json()["detail"]
+    r = httpx.get(m.url + "/admin/nodes", headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 403 and r.json() == {"detail": "invalid admin token"}
+    r = httpx.delete(m.url + f"/admin/nodes/{'0' * 64}", headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 403
+    off = start_manager(name="off", admin={"token": ""})
+    r = httpx.get(off.url + "/admin/nodes", headers=ADMIN)
+    assert r.status_code == 404 and "disabled" in r.json()["detail"]
+
+
+def test_quota_under_concurrency(start_manager, manager_id: str, docker_client: docker.DockerClient,
+                                 redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager(cluster={"max_nodes_total": 10}, node={"creation_wait_seconds": 60})
+
+    def create(_: int) -> httpx.Response:
+        return httpx.post(m.url + "/get_cookie", timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(create, range(50)))
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) == 10 and codes.count(429) == 40, codes
+    assert all("quota exceeded: the cluster already has 10 nodes" in r.json()["detail"]
+               for r in results if r.status_code == 429)
+    assert len(project_containers(docker_client, manager_id)) == 10
+    assert redis_client.scard(f"{prefix}:mgr:{manager_id}:nodes") == 10
+    for r in results:
+        if r.status_code == 200:
+            httpx.post(m.url + "/release_session", cookies=r.cookies)
+    # released sessions free their slots
+    assert httpx.post(m.url + "/get_cookie", timeout=60).status_code == 200
+
+
+def test_per_client_quota(start_manager) -> None:
+    m = start_manager(quota={"client_header": "X-API-Key", "per_client": 1})
+    a = session(m.url, headers={"X-API-Key": "alice"})
+    r = httpx.post(m.url + "/get_cookie", headers={"X-API-Key": "alice"}, timeout=60)
+    assert r.status_code == 429 and "client alice" in r.json()["detail"]
+    b = session(m.url, headers={"X-API-Key": "bob"})
+    a.post("/release_session")
+    assert httpx.post(m.url + "/get_cookie", headers={"X-API-Key": "alice"}, timeout=60).status_code == 200
+    b.post("/release_session")
+
+
+def test_hardened_node_defaults(start_manager, docker_client: docker.DockerClient, redis_client: redis.Redis) -> None:
+    m = start_manager(node={"read_only_root": True, "creation_kwargs": {
+        "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"], "pids_limit": 128, "mem_limit": "256m",
+        "nano_cpus": 500_000_000}})
+    c = session(m.url)
+    node = docker_client.containers.get(c.cookies["node_id"])
+    hc = node.attrs["HostConfig"]
+    assert hc["Privileged"] is False
+    assert hc["CapDrop"] == ["ALL"] and "no-new-privileges" in hc["SecurityOpt"]
+    assert hc["PidsLimit"] == 128 and hc["Memory"] == 256 * 1024 * 1024 and hc["NanoCpus"] == 500_000_000
+    assert hc["ReadonlyRootfs"] is True
+    assert all(b["HostIp"] == "127.0.0.1" for b in hc["PortBindings"]["31942/tcp"])
+    assert hc["NetworkMode"] != "host"
+    # the workspace is writable, the root is not
+    code, out = node.exec_run(["sh", "-c", "touch /app/workspace/ok && touch /etc/nope"])
+    assert code != 0 and b"Read-only file system" in out
+    assert node.exec_run(["test", "-f", "/app/workspace/ok"]).exit_code == 0
+    # the manager's Redis listens on the host's loopback only, which a bridged node cannot reach
+    assert redis_client.config_get("bind")["bind"].split() == ["127.0.0.1"]
+    code, out = node.exec_run(["python3", "-c", (
+        "import socket; s = socket.socket(); s.settimeout(2)\n"
+        "try:\n    s.connect(('127.0.0.1', 6379)); print('REACHED')\n"
+        "except OSError as e:\n    print('refused', e)")])
+    assert b"REACHED" not in out and b"refused" in out
+    c.post("/release_session")
+
+
+def test_warm_pool(start_manager, manager_id: str, redis_client: redis.Redis, prefix: str,
+                   docker_client: docker.DockerClient) -> None:
+    opts = {"pool": {"size": 3, "max_age_seconds": 3600}, "checker": {"interval_seconds": 0.3}}
+    a = start_manager(name="a", **opts)
+    b = start_manager(name="b", **opts)
+    pool_key = f"{prefix}:mgr:{manager_id}:pool"
+    wait_for(lambda: redis_client.llen(pool_key) == 3, timeout=30, what="pool filled")
+    pooled = {x.decode() for x in redis_client.lrange(pool_key, 0, -1)}
+    # six concurrent sessions over two replicas: the three pooled nodes go out once each
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        rs = list(ex.map(lambda i: httpx.post((a.url, b.url)[i % 2] + "/get_cookie", timeout=60), range(6)))
+    ids = [r.cookies["node_id"] for r in rs]
+    assert all(r.status_code == 200 for r in rs) and len(set(ids)) == 6
+    assert pooled <= set(ids)
+    for i in pooled:
+        assert redis_client.hget(f"{prefix}:node:{i}", "role") == b"node"
+    hits = sum(float(line.split()[-1]) for u in (a.url, b.url) for line in httpx.get(u + "/metrics").text.splitlines()
+               if line.startswith('toolserver_pool_claims_total{result="hit"}'))
+    assert hits == 3
+    wait_for(lambda: redis_client.llen(pool_key) == 3, timeout=30, what="pool refilled")
+    with httpx.Client(base_url=a.url, cookies=rs[0].cookies) as c:
+        assert c.post("/get_available_tools").status_code == 200
+    for r in rs:
+        httpx.post(a.url + "/release_session", cookies=r.cookies)
+
+
+def test_pool_recycles_old_and_undelivered(start_manager, manager_id: str, redis_client: redis.Redis,
+                                           prefix: str, docker_client: docker.DockerClient) -> None:
+    start_manager(pool={"size": 2, "max_age_seconds": 4, "claim_timeout_seconds": 1},
+                  checker={"interval_seconds": 0.3})
+    pool_key = f"{prefix}:mgr:{manager_id}:pool"
+    wait_for(lambda: redis_client.llen(pool_key) == 2, timeout=30, what="pool filled")
+    first = {x.decode() for x in redis_client.lrange(pool_key, 0, -1)}
+    # a replica that claims and dies before answering: simulated with the same atomic claim
+    claimed = redis_client.lpop(pool_key).decode()
+    redis_client.hset(f"{prefix}:node:{claimed}", mapping={"role": "claiming", "claimed_at": time.time()})
+    wait_for(lambda: not redis_client.exists(f"{prefix}:node:{claimed}"), timeout=15,
+             what="undelivered claim released")
+    wait_for(lambda: all(not redis_client.exists(f"{prefix}:node:{i}") for i in first), timeout=20,
+             what="pooled nodes past their age recycled")
+    wait_for(lambda: redis_client.llen(pool_key) == 2, timeout=30, what="pool refilled with fresh nodes")
+    assert not first & {x.decode() for x in redis_client.lrange(pool_key, 0, -1)}
+    live = {c.id for c in project_containers(docker_client, manager_id)}
+    assert claimed not in live and not first & live
