@@ -22,6 +22,7 @@ class Limits:
     stuck_creation_seconds: float
     claim_timeout_seconds: float = 30.0
     pool_max_age_seconds: float = 3600.0
+    unwatched_seconds: float | None = None  # stop a node this long after its last event watcher left
 
 
 @dataclass
@@ -46,8 +47,12 @@ def _reservation_time(member: str) -> float:
 
 
 def plan(manager_id: str, members: list[str], records: list[NodeRecord], containers: list[ContainerInfo],
-         last_requests: dict[str, float], now: float, limits: Limits, advertise_host: str) -> Plan:
-    """Compare records (read first) with the engine's containers (listed after) and decide."""
+         last_requests: dict[str, float], now: float, limits: Limits, advertise_host: str,
+         watchers_left: dict[str, float] | None = None) -> Plan:
+    """Compare records (read first) with the engine's containers (listed after) and decide.
+
+    watchers_left: node id -> when its last event watcher disconnected (nodes still watched absent).
+    """
     p = Plan()
     by_id = {c.id: c for c in containers}
     recorded = {r.id for r in records}
@@ -95,7 +100,10 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
             continue
         if effective == NodeStatus.RUNNING and rec.role == "node" and rec.ready_at:
             last = last_requests.get(rec.id, rec.last_request_at or rec.created_at)
-            if now - last > limits.idle_seconds and now - rec.ready_at > limits.idle_grace_seconds:
+            unwatched = limits.unwatched_seconds is not None and rec.id in (watchers_left or {}) and \
+                now - (watchers_left or {})[rec.id] > limits.unwatched_seconds
+            idle = now - last > limits.idle_seconds
+            if (idle or unwatched) and now - rec.ready_at > limits.idle_grace_seconds:
                 p.idle_stop.append(rec)
     for c in containers:
         if c.id in recorded or c.labels.get(LABEL_ROLE) == "test":

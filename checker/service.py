@@ -190,7 +190,8 @@ class Checker:
             exited_gc_seconds=n.exited_gc_minutes * 60,
             stuck_creation_seconds=max(self.cfg.checker.stuck_creation_seconds, n.creation_wait_seconds + 5),
             pool_max_age_seconds=self.cfg.pool.max_age_seconds,
-            claim_timeout_seconds=self.cfg.pool.claim_timeout_seconds)
+            claim_timeout_seconds=self.cfg.pool.claim_timeout_seconds,
+            unwatched_seconds=self.cfg.events.stop_after_unwatched_seconds)
 
     async def cycle(self) -> reconcile.Plan:
         """One reconcile pass: records first, then one label-filtered list of the engine."""
@@ -199,10 +200,12 @@ class Checker:
         members = await self.store.manager_node_ids(self.mid)
         records = await self.store.get_nodes([m for m in members if not m.startswith(RESERVATION_PREFIX)])
         last = await self.store.last_requests(self.mid)
+        watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
+                    if self.cfg.events.stop_after_unwatched_seconds is not None else None)
         containers = await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}"])
         now = time.time()
         p = reconcile.plan(self.mid, members, records, containers, last, now, self.limits(),
-                           self.cfg.node.advertise_host)
+                           self.cfg.node.advertise_host, watchers)
         ops: list[tuple[str, str, list[Any]]] = []
         ev = self.store.event_op
         holder = self.lease.holder
@@ -261,7 +264,7 @@ class Checker:
     def _delete_ops(self, rec: NodeRecord) -> list[tuple[str, str, list[Any]]]:
         k = self.store.keys
         ops: list[tuple[str, str, list[Any]]] = [
-            ("del", k.node(rec.id), []), ("srem", k.manager_nodes(self.mid), [rec.id]),
+            ("del", k.node(rec.id), []), ("del", k.watchers(rec.id), []), ("srem", k.manager_nodes(self.mid), [rec.id]),
             ("zrem", k.last_request(self.mid), [rec.id]), ("lrem", k.pool(self.mid), [0, rec.id])]
         if rec.client:
             ops.append(("hincrby", k.client_count(), [rec.client, -1]))

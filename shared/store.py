@@ -196,7 +196,7 @@ class Store:
         k = self.keys
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                p.delete(k.node(rec.id))
+                p.delete(k.node(rec.id), k.watchers(rec.id))
                 p.srem(k.manager_nodes(rec.manager_id), rec.id)
                 p.zrem(k.last_request(rec.manager_id), rec.id)
                 p.lrem(k.pool(rec.manager_id), 0, rec.id)
@@ -234,6 +234,17 @@ class Store:
         with redis_errors():
             rows = await self.redis.zrange(self.keys.last_request(manager_id), 0, -1, withscores=True)
         return {_d(m): float(s) for m, s in rows}
+
+    async def watchers_left(self, node_ids: Sequence[str]) -> dict[str, float]:
+        """node id -> when its last /ws/events watcher left, for nodes no longer watched."""
+        if not node_ids:
+            return {}
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as p:
+                for nid in node_ids:
+                    p.hmget(self.keys.watchers(nid), "status", "left_at")
+                rows = await p.execute()
+        return {nid: float(left) for nid, (status, left) in zip(node_ids, rows) if status == b"close" and left}
 
     # --- quotas and reservations ---------------------------------------------
     async def reserve(self, manager_id: str, per_manager: int, total: int, client: str = "",

@@ -193,3 +193,26 @@ def test_stop_after_exit_only_when_last(start_manager, docker_client: docker.Doc
     a.stop()
     wait_for(lambda: docker_client.containers.get(node_id).status == "exited", timeout=10,
              what="nodes stopped after the last replica exits")
+
+
+def test_checker_survives_a_dockerd_restart(start_manager, redis_client: redis.Redis, prefix: str,
+                                            manager_id: str) -> None:
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    m = start_manager(**FAST)
+    c = httpx.Client(base_url=m.url, timeout=60)
+    c.post("/get_cookie")
+    holder = wait_for(lambda: lease_holder(redis_client, prefix, manager_id), what="a lease holder")
+    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "stop-dockerd"], check=True)
+    try:
+        wait_for(lambda: "checker_engine_unavailable" in m.logs(), timeout=10, what="the outage logged")
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "start-dockerd"], check=True)
+    before = sum(cycles_by_token(redis_client, prefix, manager_id).values())
+    wait_for(lambda: sum(cycles_by_token(redis_client, prefix, manager_id).values()) > before + 2, timeout=15,
+             what="cycles resuming")
+    assert lease_holder(redis_client, prefix, manager_id) == holder  # kept its lease through the outage
+    wait_for(lambda: c.post("/").status_code == 200, timeout=20, what="the session serving again")
+    c.post("/release_session")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -270,3 +272,30 @@ def test_fan_out_returns_partial_results(cluster: Cluster) -> None:
         assert set(r["failures"]) == {cluster.mid_b}
     finally:
         cluster.b1.signal(signal.SIGCONT)
+
+
+def test_graceful_stop_deregisters_at_once_and_drains(start_manager, redis_client: redis.Redis,
+                                                      prefix: str) -> None:
+    a1 = start_manager(name="a1")
+    a2 = start_manager(name="a2")
+    c = httpx.Client(base_url=a1.url, timeout=60)
+    c.post("/get_cookie")
+    node_id = c.cookies["node_id"]
+    result: dict[str, httpx.Response] = {}
+
+    def slow_call() -> None:
+        result["r"] = httpx.post(a1.url + "/execute_tool", cookies={"node_id": node_id}, timeout=30, json={
+            "tool_name": "shell_command_executor", "arguments": {"command": "sleep 2; echo drained"}})
+
+    t = threading.Thread(target=slow_call)
+    t.start()
+    time.sleep(0.5)  # the call is in flight on a1
+    a1.signal(signal.SIGTERM)
+    # out of the registry while the in-flight request is still running
+    wait_for(lambda: not redis_client.exists(f"{prefix}:replica:{a1.replica_id}"), timeout=1.5, interval=0.02,
+             what="deregistration at the stop signal")
+    assert t.is_alive()
+    t.join(30)
+    assert result["r"].status_code == 200 and "drained" in result["r"].text
+    assert httpx.post(a2.url + "/", cookies={"node_id": node_id}).status_code == 200
+    httpx.post(a2.url + "/release_session", cookies={"node_id": node_id})

@@ -47,8 +47,9 @@ def test_shell_output_streams_line_by_line_through_another_replica(start_manager
         assert c.post("/get_cookie").status_code == 200
         node_id = c.cookies["node_id"]
         for base in (a2.url, lb.url):
-            c.post("/execute_tool", json={"tool_name": "ShellEnv_execute_command",
-                                          "arguments": {"command": "rm -f go"}})
+            r = c.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                              "arguments": {"command": "rm -f go"}})
+            assert r.status_code == 200, r.text
             with open_ws(ws_url(base, "/ws/shell"), node_id) as ws:
                 # the second line is only printed after we react to the first: proof of streaming
                 ws.send(json.dumps({"command": "echo first; while [ ! -f go ]; do sleep 0.05; done; echo second",
@@ -157,3 +158,19 @@ def test_events_keepalive_silence_and_bad_input(start_manager) -> None:
             while True:
                 ws.recv(timeout=10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
+
+
+def test_node_stops_after_its_last_watcher_left(start_manager, redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager(events={"stop_after_unwatched_seconds": 1}, node={"idle_grace_seconds": 0},
+                      checker={"interval_seconds": 0.3})
+    c = httpx.Client(base_url=m.url, timeout=60)
+    c.post("/get_cookie")
+    node_id = c.cookies["node_id"]
+    with open_ws(ws_url(m.url, "/ws/events"), node_id) as ws:
+        assert recv_json(ws)["success"] is True
+        ws.send(json.dumps({"type": "ping"}))
+        assert recv_json(ws) == {"type": "pong"}
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"exited", timeout=15,
+             what="node stopped after its watcher left")
+    c.post("/release_session")
+    assert not redis_client.exists(f"{prefix}:watch:{node_id}")

@@ -84,3 +84,12 @@ def test_stale_reservations_are_dropped() -> None:
 def test_undelivered_pool_claim_is_released() -> None:
     p = run([rec("a", role="claiming", claimed_at=NOW - 60)], [cont("a")])
     assert p.remove and p.remove[0][1].startswith("claimed")
+
+
+def test_unwatched_nodes_are_stopped_when_configured() -> None:
+    limits = Limits(idle_seconds=600, idle_grace_seconds=0, exited_gc_seconds=3600, stuck_creation_seconds=120,
+                    unwatched_seconds=30)
+    recs = [rec("a"), rec("b"), rec("c")]
+    p = plan("m", ["a", "b", "c"], recs, [cont("a"), cont("b"), cont("c")], {"a": NOW, "b": NOW, "c": NOW}, NOW,
+             limits, "127.0.0.1", {"a": NOW - 31, "b": NOW - 5})
+    assert [r.id for r in p.idle_stop] == ["a"]
