@@ -19,7 +19,10 @@ die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 # --- Debian packages -------------------------------------------------------
 APT_PKGS=(docker.io redis-server debootstrap iptables)
 # what the test suite starts for real: a load balancer, Prometheus, a proxy to compare with
-[ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus nginx-light wrk)
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus)
+# Debian's python3 has no venv module until python3-venv is installed
+python3 -c 'import ensurepip, venv' 2>/dev/null || APT_PKGS+=(python3-venv)
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is needed (found $(python3 --version 2>&1))"
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
