@@ -59,7 +59,8 @@ async def events_socket(ws: WebSocket) -> None:
     try:
         node_id, mid, data = await _authenticate(rt, ws)
     except ManagerError as exc:
-        await ws.send_bytes(enc({"status": "connect", "success": False, "message": exc.detail, "data": None}))
+        await ws.send_text(enc({"status": "connect", "success": False, "message": exc.detail,
+                                "data": None}).decode())
         await ws.close(code=1000)
         return
     sub = hub.subscribe(node_id, mid)
@@ -96,7 +97,7 @@ async def _replay(rt: Runtime, ws: WebSocket, sub: Any, last: str) -> None:
     except ValueError:
         await ws.send_text(msgspec.json.encode({"type": "error", "message": f"bad last_event_id: {last}"}).decode())
         return
-    if not await rt.store.event_exists_after(last):
+    if await rt.store.events_trimmed_after(last):
         await ws.send_text(msgspec.json.encode({"type": "gap", "message": "some events are no longer stored"}).decode())
     cursor = last
     while True:

@@ -85,19 +85,18 @@ async def create_node(rt: Runtime, *, role: str = "node", client: str = "", rese
                          client=client, image=str(cfg.node.creation_kwargs.get("image", "")))
         await rt.store.put_node(rec, replace_member=reservation)
         reservation = None
+        await rt.store.publish(Event(type="created", node_id=node_id, manager_id=rt.manager_id,
+                                     replica_id=rt.replica.replica_id))
         rec.port = await rt.backend.start(node_id)
         # status stays "creating" until the node answers: the checker removes records stuck in it
         await rt.store.update_node(node_id, port=rec.port)
-        await rt.store.publish(Event(type="created", node_id=node_id, manager_id=rt.manager_id,
-                                     replica_id=rt.replica.replica_id))
         if not await wait_ready(rt, rec, deadline):
             outcome = "timeout"
             raise NodeTimeout("Node creation timeout!")
+        # readiness is ours (ready_at); `health` stays Docker's HEALTHCHECK state, synced by the checker
         rec.ready_at = time.time()
-        rec.health = "healthy"
         rec.status = NodeStatus.RUNNING
-        await rt.store.update_node(node_id, ready_at=rec.ready_at, health=rec.health, port=rec.port,
-                                   status=rec.status)
+        await rt.store.update_node(node_id, ready_at=rec.ready_at, port=rec.port, status=rec.status)
         await rt.store.publish(Event(type="ready", node_id=node_id, manager_id=rt.manager_id,
                                      replica_id=rt.replica.replica_id))
         outcome = "ready"
@@ -165,7 +164,7 @@ async def restart_node(rt: Runtime, node_id: str, *, reason: str = "reconnect") 
     if not await wait_ready(rt, rec, t0 + rt.cfg.node.creation_wait_seconds):
         raise NodeTimeout("Node restart timeout!")
     rec.ready_at = time.time()
-    await rt.store.update_node(node_id, ready_at=rec.ready_at, health="healthy")
+    await rt.store.update_node(node_id, ready_at=rec.ready_at)
     await rt.store.publish(Event(type="ready", node_id=node_id, manager_id=rec.manager_id,
                                  replica_id=rt.replica.replica_id))
     # a restarted node counts as active now, or the idle scan would stop it at once
@@ -179,8 +178,7 @@ async def stop_node(rt: Runtime, node_id: str, *, reason: str = "close") -> None
         await rt.backend.stop(node_id, timeout=rt.cfg.node.stop_timeout_seconds)
     except ContainerGone:
         raise await _gone(rt, rec) from None
-    await rt.store.update_node(node_id, status=NodeStatus.EXITED, health="unhealthy", ready_at=0,
-                               stopped_at=time.time())
+    await rt.store.update_node(node_id, status=NodeStatus.EXITED, ready_at=0, stopped_at=time.time())
     rt.cache.invalidate(node_id)
     await rt.store.publish(Event(type="stopped", node_id=node_id, manager_id=rec.manager_id,
                                  replica_id=rt.replica.replica_id, detail=reason))

@@ -337,11 +337,15 @@ class Store:
             rows = await self.redis.xrevrange(self.keys.events(), count=1)
         return _d(rows[0][0]) if rows else "0-0"
 
-    async def event_exists_after(self, last_id: str) -> bool:
-        """Whether the stream still holds last_id or anything older (so a resume is complete)."""
+    async def events_trimmed_after(self, last_id: str) -> bool:
+        """Whether entries newer than last_id were trimmed away (a resume from it is incomplete)."""
         with redis_errors():
-            first = await self.redis.xrange(self.keys.events(), count=1)
-        return bool(first) and compare_ids(_d(first[0][0]), last_id) <= 0
+            try:
+                info = await self.redis.xinfo_stream(self.keys.events())
+            except redis.exceptions.ResponseError:  # no stream yet: nothing was trimmed
+                return False
+        deleted = _d(info.get("max-deleted-entry-id", "0-0"))
+        return compare_ids(deleted, last_id) > 0
 
     # --- replica registry --------------------------------------------------------
     async def heartbeat(self, info: ReplicaInfo, ttl: float) -> None:

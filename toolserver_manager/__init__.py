@@ -1,0 +1,51 @@
+"""Python client of toolserver-manager: one node (sandbox container) per session, tools, files, events, admin."""
+
+from toolserver_manager.client import (
+    Admin,
+    AsyncAdmin,
+    AsyncSession,
+    AsyncToolServer,
+    BadArguments,
+    ConnectionFailed,
+    EventStream,
+    EventStreamError,
+    FileNotFound,
+    InvalidSession,
+    NodeNotFound,
+    NotReady,
+    RequestTimeout,
+    Session,
+    SyncEventStream,
+    ToolFailed,
+    ToolNotFound,
+    ToolServer,
+    ToolServerError,
+    Unauthorized,
+    Unavailable,
+    error_for,
+)
+from toolserver_manager.models import (
+    AvailableTools,
+    CookieInfo,
+    Download,
+    DrainState,
+    Engines,
+    EnvSpec,
+    Event,
+    Lease,
+    NodeDetail,
+    NodeInfo,
+    NodeList,
+    Replica,
+    ToolResult,
+    ToolSpec,
+)
+
+__all__ = [
+    "Admin", "AsyncAdmin", "AsyncSession", "AsyncToolServer", "AvailableTools", "BadArguments",
+    "ConnectionFailed", "CookieInfo", "Download", "DrainState", "Engines", "EnvSpec", "Event", "EventStream",
+    "EventStreamError", "FileNotFound", "InvalidSession", "Lease", "NodeDetail", "NodeInfo", "NodeList",
+    "NodeNotFound", "NotReady", "Replica", "RequestTimeout", "Session", "SyncEventStream", "ToolFailed",
+    "ToolNotFound", "ToolResult", "ToolServer", "ToolServerError", "ToolSpec", "Unauthorized", "Unavailable",
+    "error_for",
+]
