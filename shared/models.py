@@ -50,6 +50,11 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     def address(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @classmethod
+    def numeric_fields(cls) -> list[str]:
+        """Fields stored as text in Redis that decode to numbers."""
+        return [f.name for f in msgspec.structs.fields(cls) if f.type in (int, float)]
+
     def to_hash(self) -> dict[str, str]:
         return {k: str(v) for k, v in msgspec.structs.asdict(self).items()}
 

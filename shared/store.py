@@ -96,6 +96,25 @@ while true do
 end
 """
 
+# KEYS: node hashes; ARGV: names of numeric fields
+# Returns the existing records as one JSON array, numbers typed, for one decode on the client.
+READ_NODES = """
+local num = {}
+for _, f in ipairs(ARGV) do num[f] = true end
+local out = {}
+for _, key in ipairs(KEYS) do
+  local h = redis.call('hgetall', key)
+  if #h > 0 then
+    local t = {}
+    for i = 1, #h, 2 do
+      if num[h[i]] then t[h[i]] = tonumber(h[i + 1]) or 0 else t[h[i]] = h[i + 1] end
+    end
+    if t['id'] and t['manager_id'] then out[#out + 1] = cjson.encode(t) end
+  end
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+
 RESERVATION_PREFIX = "pending:"
 
 
@@ -138,6 +157,7 @@ class Store:
         self._fenced = redis.register_script(FENCED)
         self._reserve = redis.register_script(RESERVE)
         self._claim = redis.register_script(CLAIM_POOLED)
+        self._read_nodes = redis.register_script(READ_NODES)
 
     async def ping(self) -> None:
         with redis_errors():
@@ -168,19 +188,21 @@ class Store:
             return None
 
     async def get_nodes(self, node_ids: Sequence[str]) -> list[NodeRecord]:
-        """Records for many ids in one round trip; missing ones are skipped."""
-        if not node_ids:
-            return []
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as p:
-                for nid in node_ids:
-                    p.hgetall(self.keys.node(nid))
-                rows = await p.execute()
-        out = []
-        for row in rows:
-            if row and b"manager_id" in row:
-                with contextlib.suppress(msgspec.ValidationError):
-                    out.append(NodeRecord.from_hash(row))
+        """Records for many ids, a thousand per round trip; missing ones are skipped.
+
+        One script call returns a chunk as a single JSON array with numbers typed, so the
+        client parses one reply and decodes it in one msgspec call: per-reply overhead,
+        not Redis, dominated reading 10,000 records one HGETALL at a time.
+        """
+        out: list[NodeRecord] = []
+        for i in range(0, len(node_ids), 1000):
+            keys = [self.keys.node(nid) for nid in node_ids[i:i + 1000]]
+            with redis_errors():
+                blob = await self._read_nodes(keys=keys, args=NodeRecord.numeric_fields())
+            try:
+                out += msgspec.json.decode(blob, type=list[NodeRecord])
+            except msgspec.ValidationError:  # a malformed record: fall back to one by one
+                out += [r for r in [await self.get_node(k.rsplit(":", 1)[1]) for k in keys] if r]
         return out
 
     async def update_node(self, node_id: str, **fields: Any) -> bool:
@@ -294,8 +316,14 @@ class Store:
     async def fenced(self, manager_id: str, holder: str, token: int,
                      ops: Sequence[tuple[str, str, Sequence[Any]]]) -> bool:
         """Apply ops [(redis_op, key, args)] atomically iff holder still has the lease with token."""
-        if not ops:
-            return True
+        # in chunks, each fenced on its own, so a mass change never blocks Redis for long
+        for i in range(0, len(ops), 2000):
+            if not await self._fenced_chunk(manager_id, holder, token, ops[i:i + 2000]):
+                return False
+        return True
+
+    async def _fenced_chunk(self, manager_id: str, holder: str, token: int,
+                            ops: Sequence[tuple[str, str, Sequence[Any]]]) -> bool:
         keys = [self.keys.lease(manager_id), self.keys.fence(manager_id)]
         index: dict[str, int] = {}
         encoded = []
