@@ -78,6 +78,40 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
+class ManagerApp:
+    """The ASGI entry: proxied requests skip Starlette's middleware and routing (the hot path
+    is one dict lookup); everything else, lifespan included, goes to the Starlette app."""
+
+    def __init__(self, app: Starlette, cfg: Config) -> None:
+        self.app = app
+        self.state = app.state
+        self.limit = cfg.proxy.max_header_bytes
+        self.proxied: dict[str, frozenset[str]] = {}
+        for method, paths in (("POST", cfg.redirect_to_node_path.post), ("GET", cfg.redirect_to_node_path.get)):
+            for path in paths:
+                self.proxied[path] = self.proxied.get(path, frozenset()) | {method}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            methods = self.proxied.get(scope["path"])
+            if methods is not None and scope["method"] in methods \
+                    and sum(len(k) + len(v) for k, v in scope["headers"]) <= self.limit:
+                await self._proxy(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await self.state.proxy.handle(request)
+        except ManagerError as exc:
+            response = json_response({"detail": exc.detail}, status=exc.status_code)
+        except Exception:  # noqa: BLE001 - answer as the Starlette app would, never a bare 500
+            log.exception("unhandled_error path=%s", scope["path"])
+            response = json_response({"detail": "internal error"}, status=500)
+        await response(scope, receive, send)
+
+
 def build_routes(cfg: Config) -> list[BaseRoute]:
     r: list[BaseRoute] = [
         Route("/alive", routes.alive, methods=["GET"]),
@@ -105,7 +139,7 @@ def build_routes(cfg: Config) -> list[BaseRoute]:
     return r
 
 
-def create_app(cfg: Config) -> Starlette:
+def create_app(cfg: Config) -> ManagerApp:
     """A manager replica as an ASGI app; run it with uvicorn."""
 
     @contextlib.asynccontextmanager
@@ -148,6 +182,7 @@ def create_app(cfg: Config) -> Starlette:
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await rt.activity.flush()
+            app.state.proxy.close()
             await http.aclose()
             await backend.close()
             with contextlib.suppress(Exception):
@@ -160,7 +195,7 @@ def create_app(cfg: Config) -> Starlette:
     routes.set_replica_id(cfg.replica_id)
     app.state.shutting_down = False
     app.add_middleware(HeaderLimit, limit=cfg.proxy.max_header_bytes)
-    return app
+    return ManagerApp(app, cfg)
 
 
 async def begin_shutdown(app: Starlette) -> None:

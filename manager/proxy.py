@@ -1,22 +1,26 @@
 """The reverse proxy from a client to its node: bodies streamed both ways, nothing buffered.
 
 Hot path: the node's record comes from the in-memory address cache, activity is
-recorded in memory; a proxied request normally costs no Redis command at all.
+recorded in memory; a proxied request normally costs no Redis command at all, and
+goes over a pooled keep-alive connection of manager/upstream.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from manager import cluster, metrics, sessions
 from manager.runtime import Runtime
+from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool
+from manager.upstream import Response as UpstreamResponse
 from shared.errors import InvalidNode, NodeNotFound, NodeNotResponding, NodeNotRunning, NoLiveManager
 from shared.models import NodeRecord, NodeStatus
 
@@ -53,11 +57,13 @@ class Proxy:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         p = rt.cfg.proxy
-        self._timeouts: dict[str, httpx.Timeout] = {
-            path: httpx.Timeout(t, connect=p.connect_timeout_seconds) for path, t in p.path_timeouts.items()}
-        self._default_timeout = httpx.Timeout(p.timeout_seconds, connect=p.connect_timeout_seconds)
+        self.pool = UpstreamPool(max_idle_per_host=p.max_connections)
+        self._connect_timeout = p.connect_timeout_seconds
+        self._timeouts = dict(p.path_timeouts)
+        self._default_timeout = p.timeout_seconds
         self._replica_header = (cluster.REPLICA_HEADER.encode(), rt.replica.replica_id.encode())
         self._counters: dict[tuple[str, int], Any] = {}
+        self._histograms: dict[str, Any] = {}
 
     async def resolve(self, node_id: str | None) -> NodeRecord:
         """The node's record: cache first, then Redis; 403 for no or unknown cookie."""
@@ -86,20 +92,21 @@ class Proxy:
         self.rt.cache.put(fresh)
         return fresh
 
-    async def _base_url(self, rec: NodeRecord, scope: Scope,
-                        headers: list[tuple[bytes, bytes]]) -> tuple[str, bool]:
+    async def _target(self, rec: NodeRecord, scope: Scope,
+                      headers: list[tuple[bytes, bytes]]) -> tuple[str, int, bool]:
         """Where to send: the node itself, or a replica of its owner when the node is not routable."""
         rt = self.rt
         if (rec.manager_id == rt.manager_id or not rt.cfg.cluster.proxy_through_owner.get(rec.manager_id)
                 or any(k == _VIA for k, _ in scope["headers"])):  # forwarded once already: never loop
-            return rec.address, False
+            return rec.host, rec.port, False
         replicas = await cluster.owner_replicas(rt, rec.manager_id)
         if not replicas:
             raise NoLiveManager(rec.manager_id)
         metrics.FORWARDED.labels("proxy").inc()
         headers.append((_TOKEN, rt.cfg.internal_token.encode()))
         headers.append((_VIA, rt.replica.replica_id.encode()))
-        return replicas[0].url, True
+        url = urlsplit(replicas[0].url)
+        return url.hostname or "127.0.0.1", url.port or 80, True
 
     async def handle(self, request: Request) -> Response:
         scope = request.scope
@@ -110,25 +117,28 @@ class Proxy:
         if rec.status != NodeStatus.RUNNING:
             rec = await self._revive(rec)
         headers = _request_headers(scope)
-        base, via_owner = await self._base_url(rec, scope, headers)
+        host, port, via_owner = await self._target(rec, scope, headers)
         qs = scope.get("query_string") or b""
-        suffix = path + ("?" + qs.decode("latin-1") if qs else "")
+        target = scope.get("raw_path") or path.encode()
+        if qs:
+            target += b"?" + qs
         timeout = self._timeouts.get(path, self._default_timeout)
-        body_counter = [0]
-        has_body = _has_body(scope)
+        counter = [0]
+        body = _counting(request, counter) if _has_body(scope) else None
         rt.inflight += 1
         try:
             try:
-                upstream = await self._send(scope["method"], base + suffix, headers, request, has_body,
-                                            timeout, body_counter)
-            except httpx.ConnectError:
-                if via_owner or body_counter[0]:
+                upstream = await self.pool.request(scope["method"], host, port, target, headers, body,
+                                                   self._connect_timeout, timeout)
+            except ConnectFailed:
+                if via_owner:
                     raise
                 # the node moved or stopped since we cached it: refresh, revive, retry once
+                # (nothing was sent: a failed connect consumed none of the client's body)
                 rec = await self._revive(rec)
-                upstream = await self._send(scope["method"], rec.address + suffix, headers, request, has_body,
-                                            timeout, body_counter)
-        except httpx.HTTPError:
+                upstream = await self.pool.request(scope["method"], rec.host, rec.port, target, headers, body,
+                                                   self._connect_timeout, timeout)
+        except UpstreamError:
             rt.inflight -= 1
             self._count(path, 503)
             raise NodeNotResponding() from None
@@ -137,16 +147,13 @@ class Proxy:
             raise
         if not via_owner:
             rt.activity.record(rec.id, rec.manager_id)
-        metrics.PROXY_SECONDS.labels(path).observe(time.perf_counter() - t0)
-        metrics.PROXY_BYTES_IN.inc(body_counter[0])
+        hist = self._histograms.get(path)
+        if hist is None:
+            hist = self._histograms[path] = metrics.PROXY_SECONDS.labels(path)
+        hist.observe(time.perf_counter() - t0)
+        metrics.PROXY_BYTES_IN.inc(counter[0])
         self._count(path, upstream.status_code)
         return _Upstream(upstream, self._replica_header, rt)
-
-    async def _send(self, method: str, url: str, headers: list[tuple[bytes, bytes]], request: Request,
-                    has_body: bool, timeout: httpx.Timeout, counter: list[int]) -> httpx.Response:
-        content = _counting(request, counter) if has_body else None
-        req = self.rt.http.build_request(method, url, headers=headers, content=content, timeout=timeout)
-        return await self.rt.http.send(req, stream=True)
 
     def _count(self, path: str, code: int) -> None:
         key = (path, code // 100)
@@ -155,8 +162,11 @@ class Proxy:
             child = self._counters[key] = metrics.PROXY_REQUESTS.labels(path, metrics.status_class(code))
         child.inc()
 
+    def close(self) -> None:
+        self.pool.close()
 
-async def _counting(request: Request, counter: list[int]) -> Any:
+
+async def _counting(request: Request, counter: list[int]) -> AsyncIterator[bytes]:
     async for chunk in request.stream():
         counter[0] += len(chunk)
         yield chunk
@@ -165,11 +175,11 @@ async def _counting(request: Request, counter: list[int]) -> Any:
 class _Upstream(Response):
     """Sends a node's response back as it arrives; small known-length bodies in one piece."""
 
-    def __init__(self, upstream: httpx.Response, replica_header: tuple[bytes, bytes], rt: Runtime) -> None:
+    def __init__(self, upstream: UpstreamResponse, replica_header: tuple[bytes, bytes], rt: Runtime) -> None:
         self.upstream = upstream
         self.status_code = upstream.status_code
         self.rt = rt
-        self.raw_headers = [(k, v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
+        self.raw_headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP]
         self.raw_headers.append(replica_header)
         self.background = None
 
@@ -178,9 +188,9 @@ class _Upstream(Response):
         sent = 0
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            length = up.headers.get("content-length")
-            if length is not None and int(length) <= SMALL_BODY:
-                body = await up.aread()
+            length = up.content_length()
+            if length is not None and length <= SMALL_BODY:
+                body = await up.read()
                 sent = len(body)
                 await send({"type": "http.response.body", "body": body})
                 return
@@ -196,7 +206,7 @@ class _Upstream(Response):
 
             watcher = asyncio.create_task(watch())
             try:
-                async for chunk in up.aiter_raw():
+                async for chunk in up.iter_raw():
                     if disconnected.is_set():
                         return
                     sent += len(chunk)
@@ -204,10 +214,10 @@ class _Upstream(Response):
                 await send({"type": "http.response.body", "body": b""})
             finally:
                 watcher.cancel()
-        except httpx.HTTPError:
+        except UpstreamError:
             # the node dropped the connection mid-body: nothing sane to send, end the response
             return
         finally:
-            await up.aclose()
+            up.close()
             self.rt.inflight -= 1
             metrics.PROXY_BYTES_OUT.inc(sent)
