@@ -1,0 +1,90 @@
+"""Child processes of the node: each one leads its own process group, so a timeout or the node's
+shutdown can kill it together with everything it started."""
+
+import asyncio
+import os
+import signal
+
+from . import config
+
+_LIVE: set = set()
+
+
+def child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+    env.setdefault("HOME", "/tmp")
+    env["PWD"] = config.WORKSPACE
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+async def spawn(*argv, stdin=None, stdout=None, stderr=None, limit=1 << 16) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=config.WORKSPACE, env=child_env(),
+        start_new_session=True, limit=limit,
+    )
+    _LIVE.add(proc)
+    return proc
+
+
+def kill(proc, sig=signal.SIGKILL) -> None:
+    """Signal the whole process group of ``proc`` (its pid is the group id)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if sig == signal.SIGKILL:
+        _LIVE.discard(proc)
+
+
+def forget(proc) -> None:
+    _LIVE.discard(proc)
+
+
+def kill_all() -> None:
+    for proc in list(_LIVE):
+        kill(proc)
+    _LIVE.clear()
+
+
+class Capture:
+    """Collects one pipe of a child into a bounded buffer, in the background."""
+
+    def __init__(self, stream, cap: int = None):
+        self.cap = config.MAX_OUTPUT if cap is None else cap
+        self.buf = bytearray()
+        self.dropped = 0
+        self.task = asyncio.ensure_future(self._pump(stream))
+
+    async def _pump(self, stream):
+        try:
+            while True:
+                chunk = await stream.read(65536)
+                if not chunk:
+                    break
+                room = self.cap - len(self.buf)
+                if room > 0:
+                    self.buf += chunk[:room]
+                self.dropped += max(0, len(chunk) - max(room, 0))
+        except (asyncio.CancelledError, ConnectionError, OSError):
+            pass
+
+    def text(self, since_last=False) -> str:
+        """All output so far, or (``since_last``) only what arrived since the previous such call;
+        consumed output is released, so the cap bounds unread output only."""
+        data = bytes(self.buf)
+        if since_last:
+            self.buf.clear()
+        out = data.decode("utf-8", errors="replace")
+        if self.dropped:
+            out += f"\n[... {self.dropped} more bytes of output dropped]"
+            if since_last:
+                self.dropped = 0
+        return out
+
+    async def finish(self, grace: float = 0.5) -> None:
+        """Wait briefly for EOF (a background grandchild may hold the pipe open), then stop."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), grace)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self.task.cancel()
