@@ -29,7 +29,7 @@ from manager.runtime import Runtime
 from shared import __version__
 from shared.config import Config
 from shared.docker_backend import DockerBackend
-from shared.errors import ManagerError, RedisUnavailable
+from shared.errors import ManagerError
 from shared.keys import Keys
 from shared.models import ReplicaInfo
 from shared.store import Store, connect

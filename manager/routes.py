@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from manager import cluster, lifecycle, metrics, pool, sessions
 from manager.runtime import Runtime

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import ADMIN_TOKEN, wait_for
@@ -89,8 +89,9 @@ def test_echo_frames_close_codes_and_limits(start_manager) -> None:
             ws.recv(timeout=5)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
     # no or bad cookie: refused before the upgrade
-    with pytest.raises(Exception):
-        open_ws(ws_url(m.url, "/ws/echo"), "0" * 64).recv(timeout=5)
+    with pytest.raises(InvalidStatus) as refused:
+        open_ws(ws_url(m.url, "/ws/echo"), "0" * 64)
+    assert refused.value.response.status_code == 403
     c.post("/release_session")
 
 

@@ -180,11 +180,12 @@ def test_shell_command(node):
 
 
 def test_shell_timeout_kills_command(node):
-    t0 = time.monotonic()
-    r = node.tool("shell_command_executor", command="echo started; sleep 30")
+    # the tool timeout is short in this fixture: a 30 s sleep must come back well inside the
+    # client's own 10 s limit (a ReadTimeout here means the command was not killed)
+    r = node.http.post("/execute_tool", timeout=10, json={
+        "tool_name": "shell_command_executor", "arguments": {"command": "echo started; sleep 30"}})
     assert r.status_code == 500
     assert "Timeout" in r.json()["detail"] and "started" in r.json()["detail"]
-    assert time.monotonic() - t0 < 10
     time.sleep(0.2)
     code, out = node.sh("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null"
                         " | grep -c '^sleep 30' || true")
@@ -245,10 +246,9 @@ def test_notebook_keeps_state(node):
 
 def test_notebook_timeout_interrupts(node):
     node.tool("PythonNotebook_execute_cell", code="kept = 'yes'")
-    t0 = time.monotonic()
-    r = node.tool("PythonNotebook_execute_cell", code="import time\nwhile True: time.sleep(0.1)")
+    r = node.http.post("/execute_tool", timeout=10, json={  # a ReadTimeout means no interrupt
+        "tool_name": "PythonNotebook_execute_cell", "arguments": {"code": "import time\nwhile True: time.sleep(0.1)"}})
     assert r.status_code == 500 and "Timeout" in r.json()["detail"]
-    assert time.monotonic() - t0 < 10
     r = node.tool("PythonNotebook_execute_cell", code="kept")
     assert r.status_code == 200 and r.json()["data"][1] == "'yes'"
 
