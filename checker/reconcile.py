@@ -47,11 +47,12 @@ def _reservation_time(member: str) -> float:
 
 
 def plan(manager_id: str, members: list[str], records: list[NodeRecord], containers: list[ContainerInfo],
-         last_requests: dict[str, float], now: float, limits: Limits, advertise_host: str,
+         idle: set[str], now: float, limits: Limits, advertise_host: str,
          watchers_left: dict[str, float] | None = None) -> Plan:
     """Compare records (read first) with the engine's containers (listed after) and decide.
 
-    watchers_left: node id -> when its last event watcher disconnected (nodes still watched absent).
+    idle: ids whose last request is older than limits.idle_seconds (one range query on the
+    last-request sorted set). watchers_left: node id -> when its last event watcher left.
     """
     p = Plan()
     by_id = {c.id: c for c in containers}
@@ -99,11 +100,9 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
                 p.remove.append((rec, "exited too long"))
             continue
         if effective == NodeStatus.RUNNING and rec.role == "node" and rec.ready_at:
-            last = last_requests.get(rec.id, rec.last_request_at or rec.created_at)
             unwatched = limits.unwatched_seconds is not None and rec.id in (watchers_left or {}) and \
                 now - (watchers_left or {})[rec.id] > limits.unwatched_seconds
-            idle = now - last > limits.idle_seconds
-            if (idle or unwatched) and now - rec.ready_at > limits.idle_grace_seconds:
+            if (rec.id in idle or unwatched) and now - rec.ready_at > limits.idle_grace_seconds:
                 p.idle_stop.append(rec)
     for c in containers:
         if c.id in recorded or c.labels.get(LABEL_ROLE) == "test":

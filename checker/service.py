@@ -199,12 +199,12 @@ class Checker:
         k = self.store.keys
         members = await self.store.manager_node_ids(self.mid)
         records = await self.store.get_nodes([m for m in members if not m.startswith(RESERVATION_PREFIX)])
-        last = await self.store.last_requests(self.mid)
+        idle = set(await self.store.idle_nodes(self.mid, time.time() - self.cfg.node.idling_close_minutes * 60))
         watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
         containers = await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}"])
         now = time.time()
-        p = reconcile.plan(self.mid, members, records, containers, last, now, self.limits(),
+        p = reconcile.plan(self.mid, members, records, containers, idle, now, self.limits(),
                            self.cfg.node.advertise_host, watchers)
         ops: list[tuple[str, str, list[Any]]] = []
         ev = self.store.event_op

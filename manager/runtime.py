@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
@@ -23,12 +22,8 @@ class Runtime:
     cache: AddressCache
     activity: ActivityRecorder
     replica: ReplicaInfo
-    inflight: int = 0  # proxied requests in progress, for a draining shutdown
-    started: float = field(default_factory=time.monotonic)
+    inflight: int = 0  # proxied requests in progress
 
     @property
     def manager_id(self) -> str:
         return self.cfg.manager_id
-
-    def node_address(self, host: str, port: int) -> str:
-        return f"http://{host}:{port}"

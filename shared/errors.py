@@ -61,10 +61,6 @@ class NodeNotFound(NotFound):
         self.node_id = node_id
 
 
-class Conflict(ManagerError):
-    status_code = 409
-
-
 class QuotaExceeded(ManagerError):
     status_code = 429
 

@@ -55,10 +55,6 @@ class Keys:
         """Sorted set: replica ids scored by last heartbeat (pruned of expired members)."""
         return f"{self.prefix}:replicas"
 
-    def node_count(self) -> str:
-        """Hash: manager_id -> live node count, kept for atomic quota checks."""
-        return f"{self.prefix}:node_count"
-
     def client_count(self) -> str:
         """Hash: client identity -> live node count."""
         return f"{self.prefix}:client_count"

@@ -23,7 +23,9 @@ def cont(i: str, status: str = "running", **kw: object) -> ContainerInfo:
 
 
 def run(records, containers, last=None, members=None):  # type: ignore[no-untyped-def]
-    return plan("m", members or [r.id for r in records], records, containers, last or {}, NOW, LIMITS, "127.0.0.1")
+    """last: node id -> last request time; turned into the idle set the range query returns."""
+    idle = {i for i, t in (last or {}).items() if NOW - t > LIMITS.idle_seconds}
+    return plan("m", members or [r.id for r in records], records, containers, idle, NOW, LIMITS, "127.0.0.1")
 
 
 def test_record_without_container_is_forgotten() -> None:
@@ -90,6 +92,6 @@ def test_unwatched_nodes_are_stopped_when_configured() -> None:
     limits = Limits(idle_seconds=600, idle_grace_seconds=0, exited_gc_seconds=3600, stuck_creation_seconds=120,
                     unwatched_seconds=30)
     recs = [rec("a"), rec("b"), rec("c")]
-    p = plan("m", ["a", "b", "c"], recs, [cont("a"), cont("b"), cont("c")], {"a": NOW, "b": NOW, "c": NOW}, NOW,
+    p = plan("m", ["a", "b", "c"], recs, [cont("a"), cont("b"), cont("c")], set(), NOW,
              limits, "127.0.0.1", {"a": NOW - 31, "b": NOW - 5})
     assert [r.id for r in p.idle_stop] == ["a"]
