@@ -349,8 +349,6 @@ def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:
 
 def _clear_leader_gauges(mid: str) -> None:
     for status in (*NodeStatus.ALL, "pooled"):
-        with contextlib.suppress(KeyError):
-            metrics.NODES.remove(mid, status)
+        metrics.clear(metrics.NODES, mid, status)
     for g in (metrics.REPLICAS, metrics.POOL_SIZE):
-        with contextlib.suppress(KeyError):
-            g.remove(mid)
+        metrics.clear(g, mid)

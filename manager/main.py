@@ -41,6 +41,9 @@ def app_factory() -> Any:
     from manager.app import create_app
 
     cfg = load_config(overrides=_env_json_overrides())
+    # each worker is a replica of its own: a replica_id from the file would be shared by all
+    if not cfg.replica_id.endswith(f"-{os.getpid()}") and f"-{os.getpid()}-" not in cfg.replica_id:
+        cfg.replica_id = f"{cfg.replica_id}-w{os.getpid()}"
     setup_logging(cfg.logger_level, cfg.log_format, cfg.replica_id, cfg.manager_id)
     return create_app(cfg)
 

@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 
 P = "toolserver_"
-_MULTI = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 CREATE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 PROXY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0)
@@ -72,9 +72,20 @@ def status_class(code: int) -> str:
     return f"{code // 100}xx"
 
 
+def clear(gauge: Gauge, *labels: str) -> None:
+    """Drop a gauge's labelled child (zero it in multiprocess mode, which cannot remove)."""
+    if MULTIPROCESS:
+        gauge.labels(*labels).set(0)
+        return
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
+
+
 def render() -> tuple[bytes, str]:
     """The exposition text for /metrics, aggregated over workers in multiprocess mode."""
-    if _MULTI:
+    if MULTIPROCESS:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()

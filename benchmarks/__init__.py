@@ -1,0 +1,1 @@
+"""Reproducible measurements that print a table; see benchmarks/README.md."""
