@@ -45,6 +45,7 @@ class Checker:
         self._was_leader = False
         self._filling = False
         self.cycles = 0
+        self._cache: dict[str, tuple[NodeRecord, str]] = {}  # node id -> (record, its updated_at)
 
     # --- leadership -------------------------------------------------------------
     async def run(self) -> None:
@@ -198,7 +199,7 @@ class Checker:
         t0 = time.perf_counter()
         k = self.store.keys
         members = await self.store.manager_node_ids(self.mid)
-        records = await self.store.get_nodes([m for m in members if not m.startswith(RESERVATION_PREFIX)])
+        records = await self._records([m for m in members if not m.startswith(RESERVATION_PREFIX)])
         idle = set(await self.store.idle_nodes(self.mid, time.time() - self.cfg.node.idling_close_minutes * 60))
         watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
@@ -256,6 +257,23 @@ class Checker:
         metrics.CHECKER_CYCLE_SECONDS.labels(self.mid).observe(elapsed)
         self.cycles += 1
         return p
+
+    async def _records(self, ids: list[str]) -> list[NodeRecord]:
+        """Every record of this manager_id, re-reading only those whose updated_at moved.
+
+        Every writer stamps updated_at, so it serves as a version: a cycle over 10,000
+        unchanged records reads one short stamp each instead of the whole hash. The cache
+        is dropped now and then so nothing can stay wrong for long.
+        """
+        if self.cycles % 60 == 0:
+            self._cache.clear()
+        stamps = await self.store.node_stamps(ids)
+        stale = [i for i, stamp in stamps.items() if self._cache.get(i, (None, ""))[1] != stamp]
+        for rec in await self.store.get_nodes(stale):
+            self._cache[rec.id] = (rec, stamps[rec.id])
+        for gone in self._cache.keys() - stamps.keys():
+            del self._cache[gone]
+        return [self._cache[i][0] for i in ids if i in self._cache]
 
     def _check_held(self) -> None:
         if not self.lease.held:

@@ -17,6 +17,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from shared.errors import QuotaExceeded, RedisUnavailable
 from shared.keys import Keys
@@ -115,6 +117,13 @@ end
 return '[' .. table.concat(out, ',') .. ']'
 """
 
+# KEYS: node hashes. Returns their updated_at fields joined by newlines ('' where missing).
+READ_STAMPS = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('hget', key, 'updated_at') or '' end
+return table.concat(out, '\\n')
+"""
+
 RESERVATION_PREFIX = "pending:"
 
 
@@ -125,8 +134,11 @@ def _d(v: Any) -> str:
 def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = (),
             sentinel_master: str = "mymaster") -> aioredis.Redis:
     """A Redis client from a URL, or through Sentinel when sentinels are configured."""
+    # a pooled connection may be dead after a Redis restart: retry once on a fresh one
     opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
-                            "health_check_interval": 10, "retry_on_timeout": False}
+                            "health_check_interval": 10, "retry_on_timeout": False,
+                            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                            "retry_on_error": [redis.exceptions.ConnectionError]}
     if sentinels:
         from redis.asyncio.sentinel import Sentinel
 
@@ -158,6 +170,7 @@ class Store:
         self._reserve = redis.register_script(RESERVE)
         self._claim = redis.register_script(CLAIM_POOLED)
         self._read_nodes = redis.register_script(READ_NODES)
+        self._read_stamps = redis.register_script(READ_STAMPS)
 
     async def ping(self) -> None:
         with redis_errors():
@@ -203,6 +216,18 @@ class Store:
                 out += msgspec.json.decode(blob, type=list[NodeRecord])
             except msgspec.ValidationError:  # a malformed record: fall back to one by one
                 out += [r for r in [await self.get_node(k.rsplit(":", 1)[1]) for k in keys] if r]
+        return out
+
+    async def node_stamps(self, node_ids: Sequence[str]) -> dict[str, str]:
+        """node id -> its updated_at as stored (a version stamp), for the records that exist."""
+        out: dict[str, str] = {}
+        for i in range(0, len(node_ids), 5000):
+            chunk = node_ids[i:i + 5000]
+            with redis_errors():
+                blob = await self._read_stamps(keys=[self.keys.node(n) for n in chunk])
+            for node_id, stamp in zip(chunk, _d(blob).split("\n")):
+                if stamp:
+                    out[node_id] = stamp
         return out
 
     async def update_node(self, node_id: str, **fields: Any) -> bool:

@@ -82,7 +82,8 @@ def remove_containers(client: docker.DockerClient, mid: str) -> None:
 
 
 def project_containers(client: docker.DockerClient, mid: str) -> list[Any]:
-    return client.containers.list(all=True, filters={"label": f"{LABEL}={mid}"})
+    # sparse: no inspect per container, which races with removals in progress
+    return client.containers.list(all=True, sparse=True, filters={"label": f"{LABEL}={mid}"})
 
 
 def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
