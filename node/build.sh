@@ -58,4 +58,7 @@ if ! "$DOCKER" image inspect "$HASH_TAG" >/dev/null 2>&1; then
   "$DOCKER" image inspect "$HASH_TAG" >/dev/null 2>&1 || die "docker build of the node image failed"
 fi
 "$DOCKER" tag "$HASH_TAG" "$IMAGE"
+# drop the tags of earlier contexts, so old images do not pile up
+"$DOCKER" images --format '{{.Repository}}:{{.Tag}}' "${IMAGE%:*}" | grep ':ctx-' | grep -vx "$HASH_TAG" \
+  | xargs -r "$DOCKER" rmi >/dev/null 2>&1 || true
 echo "$BASE_TAG" >"$STATE/node-base-tag"
