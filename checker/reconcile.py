@@ -22,6 +22,7 @@ class Limits:
     stuck_creation_seconds: float
     claim_timeout_seconds: float = 30.0
     pool_max_age_seconds: float = 3600.0
+    adopt_after_seconds: float = 5.0  # containers younger than this are not adopted
     unwatched_seconds: float | None = None  # stop a node this long after its last event watcher left
 
 
@@ -111,8 +112,8 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
             if now - c.created > limits.stuck_creation_seconds:
                 p.remove_orphans.append(c.id)  # a replica died between create and record
             continue
-        if c.status in ("removing", "dead"):
-            continue
+        if c.status in ("removing", "dead") or now - c.created < limits.adopt_after_seconds:
+            continue  # a young container may be a creation whose record is being written
         status = ENGINE_TO_STATUS.get(c.status, c.status)
         role = c.labels.get(LABEL_ROLE, "node")
         p.adopt.append(NodeRecord(

@@ -224,7 +224,8 @@ class Checker:
             ops.append(ev(Event(type="removed", node_id=rec.id, manager_id=self.mid, replica_id=holder,
                                 detail="container gone")))
         for rec in p.adopt:
-            ops += [("hset", k.node(rec.id), [x for kv in rec.to_hash().items() for x in kv]),
+            # hset_nx: a creating flow that recorded the node meanwhile keeps its own record
+            ops += [("hset_nx", k.node(rec.id), [x for kv in rec.to_hash().items() for x in kv]),
                     ("sadd", k.manager_nodes(self.mid), [rec.id]),
                     ("zadd", k.last_request(self.mid), [f"{now:.3f}", rec.id]),
                     ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder))]
@@ -246,10 +247,12 @@ class Checker:
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_orphan").inc()
             log.info("orphan_removed node_id=%s manager_id=%s", cid[:12], self.mid)
         counts = _count(p, records)
-        for action, n in (("update", len(p.updates)), ("forget", len(p.forget)), ("adopt", len(p.adopt))):
-            if n:
-                metrics.CHECKER_ACTIONS.labels(self.mid, action).inc(n)
-                log.info("checker_%s manager_id=%s count=%d", action, self.mid, n)
+        for action, ids in (("update", list(p.updates)), ("forget", [r.id for r in p.forget]),
+                            ("adopt", [r.id for r in p.adopt])):
+            if ids:
+                metrics.CHECKER_ACTIONS.labels(self.mid, action).inc(len(ids))
+                log.info("checker_%s manager_id=%s count=%d node_ids=%s", action, self.mid, len(ids),
+                         ",".join(i[:12] for i in ids[:10]))
         await self._export_gauges(counts)
         if self.cfg.pool.size > 0 and self.runtime is not None and not self._filling:
             await self._refill_pool(records, p)

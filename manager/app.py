@@ -206,8 +206,10 @@ async def begin_shutdown(app: Starlette) -> None:
     rt: Runtime | None = getattr(app.state, "rt", None)
     if rt is None:
         return
-    with contextlib.suppress(ManagerError):
-        await rt.store.deregister(rt.replica.replica_id)
+    async with rt.registry_lock:
+        rt.stopping = True
+        with contextlib.suppress(ManagerError):
+            await rt.store.deregister(rt.replica.replica_id)
     checker: Any = app.state.checker
     if checker is not None:
         await checker.stop()

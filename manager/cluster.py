@@ -51,10 +51,13 @@ def check_internal(rt: Runtime, token: str | None) -> None:
 async def heartbeat_loop(rt: Runtime) -> None:
     """Keep this replica registered; re-registers by itself after a Redis flush."""
     ttl = rt.cfg.cluster.replica_ttl_seconds
-    while True:
+    while not rt.stopping:
         try:
-            rt.replica.draining = rt.manager_id in await rt.store.draining()
-            await rt.store.heartbeat(rt.replica, ttl)
+            async with rt.registry_lock:
+                if rt.stopping:
+                    return
+                rt.replica.draining = rt.manager_id in await rt.store.draining()
+                await rt.store.heartbeat(rt.replica, ttl)
         except RedisUnavailable as exc:
             log.warning("heartbeat_failed replica_id=%s error=%s", rt.replica.replica_id, exc.detail)
         await asyncio.sleep(rt.cfg.cluster.heartbeat_seconds)

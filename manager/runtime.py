@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -23,6 +24,8 @@ class Runtime:
     activity: ActivityRecorder
     replica: ReplicaInfo
     inflight: int = 0  # proxied requests in progress
+    stopping: bool = False  # set at the stop signal: the heartbeat must not re-register
+    registry_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # heartbeat vs deregistration
 
     @property
     def manager_id(self) -> str:

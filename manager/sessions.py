@@ -49,7 +49,12 @@ async def _dispatch(rt: Runtime, node_id: str | None, local: Callable[[Runtime, 
         raise NodeNotFound(node_id)
     if rec.manager_id == rt.manager_id:
         return await local(rt, node_id)
-    return await cluster.forward(rt, rec.manager_id, "POST", f"/internal/nodes/{node_id}/{remote_path}")
+    try:
+        return await cluster.forward(rt, rec.manager_id, "POST", f"/internal/nodes/{node_id}/{remote_path}")
+    except cluster.RemoteError as exc:
+        if exc.status_code == 404:  # the owner found no such node: same answer as a local miss
+            raise NodeNotFound(node_id) from None
+        raise
 
 
 async def reconnect(rt: Runtime, node_id: str | None) -> None:

@@ -47,6 +47,8 @@ for _, op in ipairs(ops) do
   for i = 3, #op do args[#args + 1] = op[i] end
   if name == 'hset_xx' then
     if redis.call('exists', key) == 1 then redis.call('hset', key, unpack(args)); n = n + 1 end
+  elseif name == 'hset_nx' then
+    if redis.call('exists', key) == 0 then redis.call('hset', key, unpack(args)); n = n + 1 end
   elseif name == 'xadd' then
     redis.call('xadd', key, 'MAXLEN', '~', args[1], '*', unpack(args, 2))
     n = n + 1

@@ -90,8 +90,8 @@ def test_reconcile_gone_adopted_idle_and_gc(start_manager, docker_client: docker
     c = docker_client.containers.run(NODE_IMAGE, detach=True, init=True, ports={"31942/tcp": ("127.0.0.1", None)},
                                      labels={"toolserver-manager.manager_id": manager_id,
                                              "toolserver-manager.role": "node"})
-    wait_for(lambda: redis_client.hget(f"{prefix}:node:{c.id}", "status") == b"running", timeout=5,
-             what="adoption")
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{c.id}", "status") == b"running", timeout=15,
+             what="adoption (after the young-container grace)")
     adopted = httpx.Client(base_url=m.url, timeout=60, cookies={"node_id": c.id})
     wait_for(lambda: adopted.post("/").status_code == 200, timeout=10, what="proxying to the adopted node")
 
@@ -160,7 +160,7 @@ def test_redis_flush_is_rebuilt_from_the_engine(start_manager, docker_client: do
         clients.append(c)
     ids = {c.cookies["node_id"] for c in clients}
     r.flushdb()
-    wait_for(lambda: all(r.hget(f"{prefix}:node:{i}", "status") == b"running" for i in ids), timeout=10,
+    wait_for(lambda: all(r.hget(f"{prefix}:node:{i}", "status") == b"running" for i in ids), timeout=20,
              what="records adopted back from container labels")
     for c in clients:
         assert c.post("/get_available_tools").status_code == 200

@@ -299,3 +299,15 @@ def test_graceful_stop_deregisters_at_once_and_drains(start_manager, redis_clien
     assert result["r"].status_code == 200 and "drained" in result["r"].text
     assert httpx.post(a2.url + "/", cookies={"node_id": node_id}).status_code == 200
     httpx.post(a2.url + "/release_session", cookies={"node_id": node_id})
+
+
+def test_vanished_node_of_another_owner_is_an_invalid_id(cluster: Cluster, engine2: str) -> None:
+    c = httpx.Client(base_url=cluster.b1.url, timeout=60)
+    c.post("/get_cookie")
+    node_id = c.cookies["node_id"]
+    d2 = docker.DockerClient(base_url=engine2, version="1.41")
+    d2.containers.get(node_id).remove(force=True)
+    d2.close()
+    via_a = httpx.Client(base_url=cluster.a1.url, timeout=60, cookies={"node_id": node_id})
+    r = via_a.post("/close_session")
+    assert r.status_code == 200 and r.json() == f"invalid node_id: {node_id}"

@@ -70,7 +70,8 @@ def test_released_record_is_removed_again() -> None:
 
 def test_containers_without_record_are_adopted_or_removed() -> None:
     p = run([], [cont("run", port=3000), cont("ex", "exited"), cont("new", "created", created=NOW - 5),
-                 cont("stale", "created", created=NOW - 500), cont("t", labels={LABEL_ROLE: "test"})])
+                 cont("stale", "created", created=NOW - 500), cont("t", labels={LABEL_ROLE: "test"}),
+                 cont("young", created=NOW - 1)])  # may be mid-creation: its record is on the way
     adopted = {r.id: r for r in p.adopt}
     assert set(adopted) == {"run", "ex"}
     assert adopted["run"].port == 3000 and adopted["run"].ready_at == NOW
