@@ -52,9 +52,7 @@ def docker_errors() -> Iterator[None]:
         raise ContainerGone(str(exc.explanation or exc)) from exc
     except docker.errors.ImageNotFound as exc:  # pragma: no cover - subclass of NotFound
         raise EngineError(str(exc)) from exc
-    except docker.errors.APIError as exc:
-        if exc.status_code and exc.status_code >= 500 and "connect" in str(exc).lower():
-            raise EngineUnavailable(str(exc.explanation or exc)) from exc
+    except docker.errors.APIError as exc:  # the engine answered: an error of the operation, not an outage
         raise EngineError(f"docker: {exc.explanation or exc}") from exc
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         raise EngineUnavailable(type(exc).__name__) from exc
@@ -146,7 +144,17 @@ class DockerBackend:
 
     async def start(self, node_id: str) -> int:
         """Start a container and return the host port its node port is published on."""
-        await self._call(self.client.api.start, node_id)
+        for attempt in range(3):
+            try:
+                await self._call(self.client.api.start, node_id)
+                break
+            except EngineError as exc:
+                # the engine picked a random host port that something else took meanwhile (another
+                # engine on the same host, say): starting again picks another one
+                if attempt == 2 or "port is already allocated" not in exc.detail and \
+                        "external connectivity" not in exc.detail:
+                    raise
+                log.warning("node_start_retry node_id=%s error=%s", node_id[:12], exc.detail[:120])
         return (await self.inspect(node_id)).port
 
     async def restart(self, node_id: str, timeout: int = 5) -> int:
