@@ -242,7 +242,11 @@ class UpstreamPool:
             assert transport is not None
             transport.write(head_bytes)
             if body is not None:
-                await self._send_body(conn, body, chunked)
+                try:
+                    await self._send_body(conn, body, chunked)
+                except BaseException:
+                    transport.close()  # a half-sent request: this connection is unusable
+                    raise
             try:
                 await asyncio.wait_for(asyncio.shield(conn.head_done), read_timeout)
             except asyncio.TimeoutError:
