@@ -177,8 +177,12 @@ class ManagerProc:
 
 
 @pytest.fixture
-def managers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[ManagerProc]]:
-    """A list to append started ManagerProcs to; all are stopped at teardown (logs shown on failure)."""
+def managers(tmp_path: Path, request: pytest.FixtureRequest, prefix: str,
+             manager_id: str) -> Iterator[list[ManagerProc]]:
+    """A list to append started ManagerProcs to; all are stopped at teardown (logs shown on failure).
+
+    It depends on prefix and manager_id so that the replicas stop before their keys and
+    containers are cleaned up (a replica still running would write them again)."""
     procs: list[ManagerProc] = []
     yield procs
     for m in procs:
