@@ -31,7 +31,23 @@ import httpx
 import redis
 import yaml
 
+from shared.config import deep_merge
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# appended to a wrk script: at the end wrk prints one marked JSON line with its summary
+WRK_MARK = "WRKJSON "
+WRK_REPORT_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '%(mark)s{"requests":%%d,"duration_us":%%d,"bytes":%%d,"p50_us":%%.0f,"p90_us":%%.0f,' ..
+    '"p99_us":%%.0f,"mean_us":%%.1f,"max_us":%%.0f,"connect":%%d,"read":%%d,"write":%%d,' ..
+    '"status":%%d,"timeout":%%d}\\n',
+    summary.requests, summary.duration, summary.bytes, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.mean, latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
 RESULTS = Path(__file__).resolve().parent / "results"
 REDIS_URL = os.environ.get("TSM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 NODE_IMAGE = os.environ.get("TSM_BENCH_NODE_IMAGE", "toolserver-node:latest")
@@ -134,15 +150,6 @@ def calls_between(before: tuple[str, int], after: tuple[str, int]) -> int | None
 
 
 # --- a manager replica as a real process ----------------------------------------------------------
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_merge(base[k], v)
-        else:
-            base[k] = v
-    return base
-
-
 def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
     """A manager config for benchmarks: the project's defaults except ids, Redis and the node's
     creation kwargs, which are the bare ones the raw-Docker floor uses too (image, init)."""

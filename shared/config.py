@@ -237,10 +237,11 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge over into base, nested dicts key by key; returns base."""
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            deep_merge(base[key], value)
         else:
             base[key] = value
     return base
@@ -262,8 +263,8 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
         data = loaded or {}
-    _merge(data, _env_overrides(environ))
-    _merge(data, overrides or {})
+    deep_merge(data, _env_overrides(environ))
+    deep_merge(data, overrides or {})
     return config_from_dict(data)
 
 

@@ -21,6 +21,8 @@ import pytest
 import redis
 import yaml
 
+from shared.config import deep_merge
+
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TSM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LABEL = "toolserver-manager.manager_id"
@@ -100,15 +102,6 @@ def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
         "admin": {"token": ADMIN_TOKEN},
     }
     return deep_merge(cfg, over)
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 class ManagerProc:
