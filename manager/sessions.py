@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from manager import cluster, lifecycle, metrics
+from manager import cluster, lifecycle, metrics, pool
 from manager.runtime import Runtime
 from shared.errors import NodeNotFound, NodeNotRunning, NodeNotResponding, Unavailable
 from shared.models import NodeRecord, NodeStatus
@@ -29,8 +29,6 @@ async def create(rt: Runtime, client: str = "", manager_id: str | None = None) -
 
 
 async def create_local(rt: Runtime, client: str = "") -> NodeRecord:
-    from manager import pool  # the pool module needs sessions' siblings; import late to keep layers flat
-
     claimed = await pool.claim(rt, client)
     if claimed is not None:
         return claimed
