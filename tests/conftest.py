@@ -26,7 +26,8 @@ from shared.config import deep_merge
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TSM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LABEL = "toolserver-manager.manager_id"
-NODE_IMAGE = "toolserver-node:latest"
+# a work tree can build and test its own node image beside others (node/build.sh reads it too)
+NODE_IMAGE = os.environ.get("TSM_NODE_IMAGE", "toolserver-node:latest")
 INTERNAL_TOKEN = "test-internal-token"
 ADMIN_TOKEN = "test-admin-token"
 
