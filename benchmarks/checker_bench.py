@@ -133,17 +133,20 @@ def hex64() -> str:
 async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids: list[str]) -> dict[str, Any]:
     from checker import reconcile
     from checker.service import Checker
+    from nodeops.context import NodeOps
     from shared.config import config_from_dict
     from shared.docker_backend import LABEL_MANAGER, LABEL_ROLE, DockerBackend
     from shared.keys import Keys
-    from shared.models import ContainerInfo, NodeRecord, NodeStatus
+    from shared.models import ContainerInfo, NodeRecord, NodeStatus, ReplicaInfo
     from shared.store import Store, connect
 
     cfg = config_from_dict(base_config(prefix, mid, builtin_monitor=False, replica_id=f"{mid}-inproc"))
     redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds)
     store = Store(redis, Keys(prefix), cfg.events.stream_maxlen)
     backend = DockerBackend(cfg.docker_host, cfg.docker_threads, cfg.node.port, cfg.node.publish_host)
-    checker = Checker(cfg, store, backend, replica_id=cfg.replica_id, runtime=None)
+    checker = Checker(NodeOps(cfg=cfg, store=store, backend=backend, http=httpx.AsyncClient(trust_env=False),
+                              replica=ReplicaInfo(replica_id=cfg.replica_id, manager_id=mid, url="",
+                                                  version="bench", started_at=time.time())))
     rt = RoundTrips(redis)
 
     synthetic_ids = [hex64() for _ in range(args.records)]

@@ -11,31 +11,28 @@ import time
 
 import httpx
 
-from shared.config import load_config
+from checker.service import Checker
+from nodeops.context import NodeOps
+from shared import __version__
+from shared.config import Config, load_config
+from shared.docker_backend import DockerBackend
 from shared.errors import ConfigError
+from shared.keys import Keys
 from shared.logs import setup_logging
+from shared.models import ReplicaInfo
+from shared.store import Store, connect
 
 
-async def _run(cfg) -> None:  # type: ignore[no-untyped-def]
-    from checker.service import Checker
-    from manager.activity import ActivityRecorder, AddressCache
-    from manager.runtime import Runtime
-    from shared import __version__
-    from shared.docker_backend import DockerBackend
-    from shared.keys import Keys
-    from shared.models import ReplicaInfo
-    from shared.store import Store, connect
-
+async def _run(cfg: Config) -> None:
     redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds, cfg.redis.sentinels, cfg.redis.sentinel_master)
     store = Store(redis, Keys(cfg.redis.key_prefix), cfg.events.stream_maxlen)
     backend = DockerBackend(cfg.docker_host, cfg.docker_threads, cfg.node.port, cfg.node.publish_host)
     async with httpx.AsyncClient(trust_env=False) as http:
-        # a Runtime lets the checker create pooled nodes exactly as a manager does
-        rt = Runtime(cfg=cfg, store=store, backend=backend, http=http, cache=AddressCache(1.0),
-                     activity=ActivityRecorder(store, 1.0),
-                     replica=ReplicaInfo(replica_id=cfg.replica_id, manager_id=cfg.manager_id, url="",
-                                         version=__version__, started_at=time.time()))
-        checker = Checker(cfg, store, backend, replica_id=cfg.replica_id, runtime=rt)
+        # the same node operations a manager runs, so pooled nodes are created exactly as sessions are
+        ops = NodeOps(cfg=cfg, store=store, backend=backend, http=http,
+                      replica=ReplicaInfo(replica_id=cfg.replica_id, manager_id=cfg.manager_id, url="",
+                                          version=__version__, started_at=time.time()))
+        checker = Checker(ops)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(checker.stop()))

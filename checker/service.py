@@ -17,12 +17,13 @@ from typing import Any
 
 from checker import reconcile
 from checker.lease import Lease
-from manager import metrics
-from shared.config import Config
-from shared.docker_backend import LABEL_MANAGER, LABEL_ROLE, DockerBackend
+from nodeops import pool
+from nodeops.context import NodeOps
+from shared import metrics
+from shared.docker_backend import LABEL_MANAGER, LABEL_ROLE
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
 from shared.models import Event, NodeRecord, NodeStatus
-from shared.store import RESERVATION_PREFIX, Store
+from shared.store import RESERVATION_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,13 @@ class LeaseLost(Exception):
 
 
 class Checker:
-    def __init__(self, cfg: Config, store: Store, backend: DockerBackend, replica_id: str,
-                 runtime: Any = None) -> None:
-        self.cfg = cfg
-        self.store = store
-        self.backend = backend
+    def __init__(self, ops: NodeOps) -> None:
+        self.ops = ops
+        self.cfg = cfg = ops.cfg
+        self.store = ops.store
+        self.backend = ops.backend
         self.mid = cfg.manager_id
-        self.lease = Lease(store, cfg.manager_id, replica_id, cfg.checker.lease_ttl_seconds)
-        self.runtime = runtime  # a manager Runtime, needed only to create pooled nodes
+        self.lease = Lease(ops.store, cfg.manager_id, ops.replica.replica_id, cfg.checker.lease_ttl_seconds)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._was_leader = False
@@ -94,10 +94,6 @@ class Checker:
         metrics.LEASE_TRANSITIONS.labels(self.mid, "lost").inc()
         metrics.LEADER.labels(self.mid).set(0)
         _clear_leader_gauges(self.mid)
-
-    @property
-    def is_leader(self) -> bool:
-        return self.lease.held
 
     async def _cycle_loop(self) -> None:
         interval = self.cfg.checker.interval_seconds
@@ -254,7 +250,7 @@ class Checker:
                 log.info("checker_%s manager_id=%s count=%d node_ids=%s", action, self.mid, len(ids),
                          ",".join(i[:12] for i in ids[:10]))
         await self._export_gauges(counts)
-        if self.cfg.pool.size > 0 and self.runtime is not None and not self._filling:
+        if self.cfg.pool.size > 0 and not self._filling:
             await self._refill_pool(records, p)
         elapsed = time.perf_counter() - t0
         metrics.CHECKER_CYCLE_SECONDS.labels(self.mid).observe(elapsed)
@@ -330,28 +326,17 @@ class Checker:
             asyncio.create_task(self._fill(missing))
 
     async def _fill(self, n: int) -> None:
-        from manager import lifecycle
-
-        sem = asyncio.Semaphore(4)
-
-        async def one() -> None:
-            async with sem:
-                if not self.lease.held:
-                    return
-                rec = await lifecycle.create_node(self.runtime, role="pooled")
-                try:
-                    await self._fenced([("rpush", self.store.keys.pool(self.mid), [rec.id])])
-                except LeaseLost:
-                    await self.backend.remove(rec.id)
-                    await self.store.delete_node(rec)
-
         try:
-            results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    log.warning("pool_fill_failed manager_id=%s error=%r", self.mid, r)
+            await pool.refill(self.ops, n, lambda: self.lease.held, self._offer_pooled)
         finally:
             self._filling = False
+
+    async def _offer_pooled(self, rec: NodeRecord) -> bool:
+        try:
+            await self._fenced([("rpush", self.store.keys.pool(self.mid), [rec.id])])
+        except LeaseLost:
+            return False
+        return True
 
 
 def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:

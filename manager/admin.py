@@ -12,8 +12,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from checker.lease import lease_view
-from manager import cluster, routes, sessions
+from manager import routes
+from manager.fanout import fan_out, replica_view
 from manager.runtime import Runtime
+from nodeops import lifecycle, sessions
+from nodeops.forward import owner_replicas, remote_get
 from shared.errors import BadRequest, Forbidden, ManagerError, NotFound, Unauthorized
 from shared.models import NodeStatus
 
@@ -91,14 +94,12 @@ async def inspect_node(request: Request) -> Response:
     if rec is None:
         raise NotFound(f"no node {node_id}")
     if rec.manager_id == rt.manager_id:
-        from manager.lifecycle import node_detail
-
-        return routes.json_response(await node_detail(rt, node_id))
-    reps = await cluster.owner_replicas(rt, rec.manager_id)
+        return routes.json_response(await lifecycle.node_detail(rt, node_id))
+    reps = await owner_replicas(rt, rec.manager_id)
     if not reps:
         return routes.json_response({"record": rec, "container": None,
                                      "error": f"no live manager for {rec.manager_id}"})
-    return routes.json_response(await cluster.remote_get(rt, reps[0], f"/internal/nodes/{node_id}"))
+    return routes.json_response(await remote_get(rt, reps[0], f"/internal/nodes/{node_id}"))
 
 
 class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -133,7 +134,7 @@ async def release_one(request: Request) -> Response:
 async def list_replicas(request: Request) -> Response:
     rt = _admin(request)
     reps = await rt.store.live_replicas()
-    return routes.json_response({"replicas": [cluster.replica_view(r) for r in reps]})
+    return routes.json_response({"replicas": [replica_view(r) for r in reps]})
 
 
 async def list_leases(request: Request) -> Response:
@@ -163,9 +164,9 @@ async def engines(request: Request) -> Response:
     async def one(rep: Any) -> Any:
         if rep is None:
             return await routes.engine_summary(rt)
-        return await cluster.remote_get(rt, rep, "/internal/engine")
+        return await remote_get(rt, rep, "/internal/engine")
 
-    return routes.json_response(await cluster.fan_out(rt, one))
+    return routes.json_response(await fan_out(rt, one))
 
 
 async def show_config(request: Request) -> Response:

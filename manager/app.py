@@ -19,11 +19,12 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from checker.service import Checker
-from manager import admin, cluster, events_ws, routes, ws_proxy
+from manager import admin, events_ws, routes, ws_proxy
 from manager.activity import ActivityRecorder, AddressCache
 from manager.events_hub import EventHub
 from manager.openapi import openapi_endpoint
 from manager.proxy import Proxy
+from manager.registry import heartbeat_loop
 from manager.routes import json_response
 from manager.runtime import Runtime
 from shared import __version__
@@ -161,11 +162,11 @@ def create_app(cfg: Config) -> ManagerApp:
         app.state.rt = rt
         app.state.proxy = Proxy(rt)
         hub = app.state.hub = EventHub(store, rt.cache)
-        checker = (Checker(cfg, store, backend, replica_id=cfg.replica_id, runtime=rt)
+        checker = (Checker(rt)
                    if cfg.builtin_monitor else None)
         app.state.checker = checker
         tasks = [asyncio.create_task(coro, name=name) for name, coro in (
-            ("heartbeat", cluster.heartbeat_loop(rt)),
+            ("heartbeat", heartbeat_loop(rt)),
             ("activity", rt.activity.run()),
             ("events", hub.run()),
         )]

@@ -16,8 +16,9 @@ from typing import Any
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from manager import admin, metrics
+from manager import admin
 from manager.runtime import Runtime
+from shared import metrics
 from shared.errors import ManagerError
 from shared.models import Event, NodeStatus
 from shared.store import compare_ids

@@ -17,19 +17,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from manager import cluster, metrics, sessions
+from manager.routes import REPLICA_HEADER
 from manager.runtime import Runtime
 from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool
 from manager.upstream import Response as UpstreamResponse
+from nodeops import sessions
+from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
+from shared import metrics
 from shared.errors import InvalidNode, NodeNotFound, NodeNotResponding, NodeNotRunning, NoLiveManager
 from shared.models import NodeRecord, NodeStatus
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authorization", b"proxy-authenticate", b"host", cluster.TOKEN_HEADER.encode(),
+    b"proxy-authorization", b"proxy-authenticate", b"host", TOKEN_HEADER.encode(),
 })
-_TOKEN = cluster.TOKEN_HEADER.encode()
-_VIA = cluster.VIA_HEADER.encode()
+_TOKEN = TOKEN_HEADER.encode()
+_VIA = VIA_HEADER.encode()
 SMALL_BODY = 65536  # responses up to this size with a known length are sent in one piece
 
 
@@ -61,7 +64,7 @@ class Proxy:
         self._connect_timeout = p.connect_timeout_seconds
         self._timeouts = dict(p.path_timeouts)
         self._default_timeout = p.timeout_seconds
-        self._replica_header = (cluster.REPLICA_HEADER.encode(), rt.replica.replica_id.encode())
+        self._replica_header = (REPLICA_HEADER.encode(), rt.replica.replica_id.encode())
         self._counters: dict[tuple[str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
 
@@ -99,7 +102,7 @@ class Proxy:
         if (rec.manager_id == rt.manager_id or not rt.cfg.cluster.proxy_through_owner.get(rec.manager_id)
                 or any(k == _VIA for k, _ in scope["headers"])):  # forwarded once already: never loop
             return rec.host, rec.port, False
-        replicas = await cluster.owner_replicas(rt, rec.manager_id)
+        replicas = await owner_replicas(rt, rec.manager_id)
         if not replicas:
             raise NoLiveManager(rec.manager_id)
         metrics.FORWARDED.labels("proxy").inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 from typing import Any
 
@@ -9,10 +10,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from manager import cluster, lifecycle, metrics, pool, sessions
 from manager.runtime import Runtime
-from shared.errors import BadRequest, EngineUnavailable, ManagerError, NodeNotFound, RedisUnavailable
+from nodeops import lifecycle, pool, sessions
+from nodeops.forward import TOKEN_HEADER
+from shared import metrics
+from shared.errors import BadRequest, EngineUnavailable, Forbidden, ManagerError, NodeNotFound, RedisUnavailable
 
+REPLICA_HEADER = "x-tsm-replica"
 NODE_ID = re.compile(r"^[0-9a-f]{64}$")
 MAX_IGNORED_BODY = 1 << 20  # routes that take no body ignore small ones (XAgent did), refuse big ones
 
@@ -46,7 +50,7 @@ def set_replica_id(replica_id: str) -> None:
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     resp = Response(msgspec.json.encode(data), status_code=status, media_type="application/json",
                     headers=headers)
-    resp.headers[cluster.REPLICA_HEADER] = _replica_id
+    resp.headers[REPLICA_HEADER] = _replica_id
     return resp
 
 
@@ -124,9 +128,18 @@ async def proxied(request: Request) -> Response:
 
 
 # --- internal routes: called by other replicas with the internal token ---------
+def check_internal(rt: Runtime, token: str | None) -> None:
+    """Accept only requests carrying the cluster's internal token (constant-time compare)."""
+    expected = rt.cfg.internal_token
+    if not expected:
+        raise Forbidden("internal forwarding is disabled: no cluster.internal_token configured")
+    if not token or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Forbidden("invalid internal token")
+
+
 def _internal(request: Request) -> Runtime:
     rt = rt_of(request)
-    cluster.check_internal(rt, request.headers.get(cluster.TOKEN_HEADER))
+    check_internal(rt, request.headers.get(TOKEN_HEADER))
     return rt
 
 
@@ -141,18 +154,11 @@ async def internal_create(request: Request) -> Response:
     return json_response(rec)
 
 
-_LOCAL_OPS = {
-    "restart": lifecycle.restart_node,
-    "stop": lifecycle.stop_node,
-    "release": lifecycle.release_node,
-    "ensure": sessions.ensure_running_local,
-}
-
 
 async def internal_node_op(request: Request) -> Response:
     rt = _internal(request)
     op = request.path_params["op"]
-    fn = _LOCAL_OPS.get(op)
+    fn = sessions.LOCAL_OPS.get(op)
     if fn is None:
         raise NodeNotFound(op)
     node_id = request.path_params["node_id"]

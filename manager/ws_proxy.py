@@ -12,7 +12,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from manager import cluster, metrics
+from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
+from shared import metrics
 from shared.errors import ManagerError, NoLiveManager
 from shared.models import NodeStatus
 
@@ -34,13 +35,13 @@ async def proxy_socket(ws: WebSocket) -> None:
     headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
     base = rec.address
     if rec.manager_id != rt.manager_id and rt.cfg.cluster.proxy_through_owner.get(rec.manager_id) \
-            and cluster.VIA_HEADER not in ws.headers:
-        replicas = await cluster.owner_replicas(rt, rec.manager_id)
+            and VIA_HEADER not in ws.headers:
+        replicas = await owner_replicas(rt, rec.manager_id)
         if not replicas:
             await ws.close(code=1013, reason=NoLiveManager(rec.manager_id).detail[:120])
             return
         base = replicas[0].url
-        headers += [(cluster.TOKEN_HEADER, rt.cfg.internal_token), (cluster.VIA_HEADER, rt.replica.replica_id)]
+        headers += [(TOKEN_HEADER, rt.cfg.internal_token), (VIA_HEADER, rt.replica.replica_id)]
     url = "ws" + base[4:] + ws.url.path + (f"?{ws.url.query}" if ws.url.query else "")
     subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     limit = rt.cfg.proxy.websocket_max_message_bytes

@@ -16,7 +16,7 @@ import prometheus_client
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-import manager.metrics as metrics
+import shared.metrics as metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "helm" / "dashboards" / "toolserver-manager.json"

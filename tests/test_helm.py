@@ -641,7 +641,7 @@ def metric_families() -> dict[str, str]:
     """Family name -> type, from the registry the manager exports (counters lose _total there)."""
     import prometheus_client
 
-    import manager.metrics  # noqa: F401  (registers every family)
+    import shared.metrics  # noqa: F401  (registers every family)
 
     return {f.name: f.type for f in prometheus_client.REGISTRY.collect() if f.name.startswith("toolserver_")}
 

@@ -1,0 +1,33 @@
+"""What every node operation needs: config, store, backend, an HTTP client, who we are."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import httpx
+
+from shared.config import Config
+from shared.docker_backend import DockerBackend
+from shared.models import NodeRecord, ReplicaInfo
+from shared.store import Store
+
+
+@dataclass(kw_only=True)
+class NodeOps:
+    """The clients node operations run on; the checker builds one, a manager's Runtime is one."""
+
+    cfg: Config
+    store: Store
+    backend: DockerBackend
+    http: httpx.AsyncClient  # probes nodes and forwards to other replicas
+    replica: ReplicaInfo
+    # node id -> the restart in progress, so concurrent callers share one restart
+    restarting: dict[str, asyncio.Future[NodeRecord]] = field(default_factory=dict)
+
+    @property
+    def manager_id(self) -> str:
+        return self.cfg.manager_id
+
+    def forget_address(self, node_id: str) -> None:
+        """A node's address changed or it is gone; a manager drops its cached copy at once."""

@@ -1,0 +1,76 @@
+"""Calls to a live replica of another manager_id, with the cluster's internal token.
+
+Lifecycle calls for a node of another manager_id go to a live replica of its owner
+over HTTP, as DB-GPT's RemoteWorkerManager routes a model's start and stop to the
+worker manager that holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import httpx
+
+from nodeops.context import NodeOps
+from shared import metrics
+from shared.errors import ManagerError, NoLiveManager
+from shared.models import ReplicaInfo
+
+log = logging.getLogger(__name__)
+
+TOKEN_HEADER = "x-tsm-internal-token"
+VIA_HEADER = "x-tsm-via"  # set on requests proxied through the owner, so the owner never forwards again
+
+
+class RemoteError(ManagerError):
+    """An error answered by another replica, re-raised here with its status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status
+
+
+async def owner_replicas(ops: NodeOps, manager_id: str) -> list[ReplicaInfo]:
+    """Live replicas of manager_id other than this one, in random order (spreads the load)."""
+    replicas = [r for r in await ops.store.live_replicas(manager_id) if r.replica_id != ops.replica.replica_id]
+    random.shuffle(replicas)
+    return replicas
+
+
+async def forward(ops: NodeOps, manager_id: str, method: str, path: str, body: Any = None) -> Any:
+    """Call an internal route on a live replica of manager_id; its errors are re-raised here."""
+    if not ops.cfg.internal_token:
+        raise NoLiveManager(manager_id)
+    replicas = await owner_replicas(ops, manager_id)
+    if not replicas:
+        raise NoLiveManager(manager_id)
+    metrics.FORWARDED.labels("lifecycle").inc()
+    for rep in replicas:
+        try:
+            resp = await ops.http.request(
+                method, rep.url + path, json=body,
+                headers={TOKEN_HEADER: ops.cfg.internal_token, VIA_HEADER: ops.replica.replica_id},
+                timeout=httpx.Timeout(ops.cfg.cluster.forward_timeout_seconds, connect=2.0))
+        except httpx.TransportError as exc:
+            log.warning("forward_failed manager_id=%s replica_id=%s error=%r", manager_id, rep.replica_id, exc)
+            continue  # that replica died after its last heartbeat: try another
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"detail": resp.text}
+        if resp.status_code >= 400:
+            detail = data.get("detail") if isinstance(data, dict) else str(data)
+            raise RemoteError(resp.status_code, str(detail))
+        return data
+    raise NoLiveManager(manager_id)
+
+
+async def remote_get(ops: NodeOps, rep: ReplicaInfo, path: str) -> Any:
+    """A read from one other replica's internal routes."""
+    resp = await ops.http.get(rep.url + path, headers={TOKEN_HEADER: ops.cfg.internal_token},
+                              timeout=ops.cfg.cluster.fanout_timeout_seconds)
+    if resp.status_code >= 400:
+        raise RemoteError(resp.status_code, resp.text[:200])
+    return resp.json()

@@ -1,0 +1,77 @@
+"""The warm pool: ready nodes waiting for a client, claimed atomically by any replica.
+
+The checker (lease holder) keeps ``pool.size`` pooled nodes per manager_id; a claim
+pops one in a Lua script so two replicas can never hand out the same node. A claimed
+node stays marked ``claiming`` until the answer is on its way; the checker releases
+nodes left in that state by a replica that died in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nodeops import lifecycle
+from nodeops.context import NodeOps
+from shared import metrics
+from shared.models import Event, NodeRecord
+
+log = logging.getLogger(__name__)
+
+ROLE_POOLED = "pooled"
+ROLE_CLAIMING = "claiming"
+FILL_CONCURRENCY = 4
+
+
+async def claim(ops: NodeOps, client: str = "") -> NodeRecord | None:
+    """A ready pooled node for this client, or None when the pool is off or empty."""
+    if ops.cfg.pool.size <= 0:
+        return None
+    store = ops.store
+    t0 = time.monotonic()
+    node_id = await store.claim_pooled(ops.manager_id, client)
+    if not node_id:
+        metrics.POOL_CLAIMS.labels("miss").inc()
+        return None
+    rec = await store.get_node(node_id)
+    if rec is None:  # released between pop and read
+        metrics.POOL_CLAIMS.labels("miss").inc()
+        return None
+    await store.touch({node_id: (rec.manager_id, time.time())})
+    metrics.POOL_CLAIMS.labels("hit").inc()
+    metrics.NODE_CREATE_SECONDS.labels("pool").observe(time.monotonic() - t0)
+    await store.publish(Event(type="ready", node_id=node_id, manager_id=rec.manager_id,
+                              replica_id=ops.replica.replica_id, detail="claimed from pool"))
+    return rec
+
+
+async def delivered(ops: NodeOps, rec: NodeRecord) -> None:
+    """The client has its cookie: the node is an ordinary session from now on."""
+    if rec.role == ROLE_CLAIMING:
+        await ops.store.update_node(rec.id, role="node")
+        rec.role = "node"
+
+
+async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
+                 offer: Callable[[NodeRecord], Awaitable[bool]]) -> None:
+    """Create n pooled nodes while allowed(); offer(rec) puts each in the pool (False: refused).
+
+    A refused node (the lease moved on meanwhile) is removed: nobody would ever hand it out.
+    """
+    sem = asyncio.Semaphore(FILL_CONCURRENCY)
+
+    async def one() -> None:
+        async with sem:
+            if not allowed():
+                return
+            rec = await lifecycle.create_node(ops, role=ROLE_POOLED)
+            if not await offer(rec):
+                await ops.backend.remove(rec.id)
+                await ops.store.delete_node(rec)
+
+    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            log.warning("pool_fill_failed manager_id=%s error=%r", ops.manager_id, r)

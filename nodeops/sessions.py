@@ -1,0 +1,96 @@
+"""Session operations as any replica serves them: local when this replica owns the node's
+manager_id, forwarded to a live replica of the owner otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from nodeops import lifecycle, pool
+from nodeops.context import NodeOps
+from nodeops.forward import RemoteError, forward
+from nodeops.placement import choose_manager
+from shared.errors import NodeNotFound
+from shared.models import NodeRecord
+
+
+async def create(ops: NodeOps, client: str = "", manager_id: str | None = None) -> NodeRecord:
+    """A new ready node for a client, placed on this engine or the least-loaded other one."""
+    mid = manager_id or await choose_manager(ops)
+    if mid != ops.manager_id:
+        data = await forward(ops, mid, "POST", "/internal/nodes", {"client": client})
+        return msgspec.convert(data, NodeRecord)
+    return await create_local(ops, client)
+
+
+async def create_local(ops: NodeOps, client: str = "") -> NodeRecord:
+    """A node on this engine: from the warm pool when it has one, else a new one within quota."""
+    claimed = await pool.claim(ops, client)
+    if claimed is not None:
+        return claimed
+    c = ops.cfg.cluster
+    reservation = await ops.store.reserve(ops.manager_id, c.max_nodes_per_manager, c.max_nodes_total, client,
+                                          ops.cfg.quota.per_client)
+    return await lifecycle.create_node(ops, client=client, reservation=reservation)
+
+
+async def _dispatch(ops: NodeOps, node_id: str | None, local: Callable[[NodeOps, str], Awaitable[Any]],
+                    remote_path: str) -> Any:
+    if not node_id:
+        raise NodeNotFound(node_id)
+    rec = await ops.store.get_node(node_id)
+    if rec is None:
+        raise NodeNotFound(node_id)
+    if rec.manager_id == ops.manager_id:
+        return await local(ops, node_id)
+    try:
+        return await forward(ops, rec.manager_id, "POST", f"/internal/nodes/{node_id}/{remote_path}")
+    except RemoteError as exc:
+        if exc.status_code == 404:  # the owner found no such node: same answer as a local miss
+            raise NodeNotFound(node_id) from None
+        raise
+
+
+async def reconnect(ops: NodeOps, node_id: str | None) -> None:
+    await _dispatch(ops, node_id, lifecycle.restart_node, "restart")
+
+
+async def close(ops: NodeOps, node_id: str | None) -> None:
+    await _dispatch(ops, node_id, lifecycle.stop_node, "stop")
+
+
+async def release(ops: NodeOps, node_id: str | None) -> None:
+    await _dispatch(ops, node_id, lifecycle.release_node, "release")
+
+
+async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
+    """Make sure a node is up (restarting a stopped one when allowed); one restart per node at a time."""
+    fut = ops.restarting.get(node_id)
+    if fut is not None:
+        return await asyncio.shield(fut)
+    fut = asyncio.get_running_loop().create_future()
+    ops.restarting[node_id] = fut
+    try:
+        rec = await _dispatch(ops, node_id, lifecycle.ensure_running, "ensure")
+        if isinstance(rec, dict):
+            rec = msgspec.convert(rec, NodeRecord)
+        fut.set_result(rec)
+        return rec
+    except BaseException as exc:
+        fut.set_exception(exc)
+        fut.exception()  # mark retrieved: waiters re-raise it, nobody else must
+        raise
+    finally:
+        ops.restarting.pop(node_id, None)
+
+
+# the operations another replica may ask this one to run on a node it owns
+LOCAL_OPS: dict[str, Callable[[NodeOps, str], Awaitable[Any]]] = {
+    "restart": lifecycle.restart_node,
+    "stop": lifecycle.stop_node,
+    "release": lifecycle.release_node,
+    "ensure": lifecycle.ensure_running,
+}
