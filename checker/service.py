@@ -220,6 +220,11 @@ class Checker:
             ops.append(ev(Event(type="removed", node_id=rec.id, manager_id=self.mid, replica_id=holder,
                                 detail="container gone")))
         for rec in p.adopt:
+            # the secret lives in the container's own config: a record rebuilt after Redis lost it
+            # must carry it, or the proxy could no longer reach the node
+            with contextlib.suppress(ManagerError):
+                rec.secret = await self.backend.node_secret(rec.id)
+        for rec in p.adopt:
             # hset_nx: a creating flow that recorded the node meanwhile keeps its own record
             ops += [("hset_nx", k.node(rec.id), [x for kv in rec.to_hash().items() for x in kv]),
                     ("sadd", k.manager_nodes(self.mid), [rec.id]),

@@ -78,7 +78,7 @@ async def list_nodes(request: Request) -> Response:
         idle = now - seen
         if idle < min_idle:
             continue
-        row = msgspec.structs.asdict(rec)
+        row = rec.public()
         row["last_request_at"] = seen
         row["idle_seconds"] = round(idle, 1)
         rows.append(row)
@@ -97,7 +97,7 @@ async def inspect_node(request: Request) -> Response:
         return routes.json_response(await lifecycle.node_detail(rt, node_id))
     reps = await owner_replicas(rt, rec.manager_id)
     if not reps:
-        return routes.json_response({"record": rec, "container": None,
+        return routes.json_response({"record": rec.public(), "container": None,
                                      "error": f"no live manager for {rec.manager_id}"})
     return routes.json_response(await remote_get(rt, reps[0], f"/internal/nodes/{node_id}"))
 

@@ -25,12 +25,14 @@ from nodeops import sessions
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
 from shared import metrics
 from shared.errors import InvalidNode, NodeNotFound, NodeNotResponding, NodeNotRunning, NoLiveManager
-from shared.models import NodeRecord, NodeStatus
+from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authorization", b"proxy-authenticate", b"host", TOKEN_HEADER.encode(),
+    NODE_SECRET_HEADER.encode(),  # a client never sets or sees a node's secret
 })
+_SECRET = NODE_SECRET_HEADER.encode()
 _TOKEN = TOKEN_HEADER.encode()
 _VIA = VIA_HEADER.encode()
 SMALL_BODY = 65536  # responses up to this size with a known length are sent in one piece
@@ -101,6 +103,7 @@ class Proxy:
         rt = self.rt
         if (rec.manager_id == rt.manager_id or not rt.cfg.cluster.proxy_through_owner.get(rec.manager_id)
                 or any(k == _VIA for k, _ in scope["headers"])):  # forwarded once already: never loop
+            headers.append((_SECRET, rec.secret.encode()))
             return rec.host, rec.port, False
         replicas = await owner_replicas(rt, rec.manager_id)
         if not replicas:

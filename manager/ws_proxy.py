@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
 from shared import metrics
 from shared.errors import ManagerError, NoLiveManager
-from shared.models import NodeStatus
+from shared.models import NODE_SECRET_HEADER, NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ async def proxy_socket(ws: WebSocket) -> None:
             return
         base = replicas[0].url
         headers += [(TOKEN_HEADER, rt.cfg.internal_token), (VIA_HEADER, rt.replica.replica_id)]
+    else:
+        headers.append((NODE_SECRET_HEADER, rec.secret))
     url = "ws" + base[4:] + ws.url.path + (f"?{ws.url.query}" if ws.url.query else "")
     subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     limit = rt.cfg.proxy.websocket_max_message_bytes

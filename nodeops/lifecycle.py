@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -27,17 +28,22 @@ from shared.errors import (
     NodeTimeout,
     Unavailable,
 )
-from shared.models import Event, NodeRecord, NodeStatus
+from shared.models import NODE_SECRET_HEADER, Event, NodeRecord, NodeStatus
 
 log = logging.getLogger(__name__)
 
 
 async def probe(ops: NodeOps, rec: NodeRecord, timeout: float = 1.0) -> bool:
-    """One HTTP probe of the node's health route."""
+    """One HTTP probe of the node's health route, with the node's secret."""
     try:
-        resp = await ops.http.get(rec.address + ops.cfg.node.health_path, timeout=timeout)
+        resp = await ops.http.get(rec.address + ops.cfg.node.health_path, timeout=timeout,
+                                  headers={NODE_SECRET_HEADER: rec.secret})
     except httpx.HTTPError:
         return False
+    if resp.status_code in (401, 403):
+        # waiting longer cannot help: every proxied request would be refused the same way
+        raise NodeTimeout(f"the node refused its probe with {resp.status_code}: the image "
+                          f"{rec.image or '?'} does not accept the manager's {NODE_SECRET_HEADER} header")
     return resp.status_code < 500
 
 
@@ -84,15 +90,16 @@ async def create_node(ops: NodeOps, *, role: str = "node", client: str = "", res
     node_id: str | None = None
     rec: NodeRecord | None = None
     outcome = "error"
+    secret = secrets.token_urlsafe(32)
     try:
         node_id = await ops.backend.create_node(
             cfg.node.creation_kwargs, _labels(ops, role, client), cfg.node.device_requests, command=command,
-            read_only_workspace=cfg.node.workspace_path if cfg.node.read_only_root else "")
+            read_only_workspace=cfg.node.workspace_path if cfg.node.read_only_root else "", secret=secret)
         now = time.time()
         rec = NodeRecord(id=node_id, short_id=node_id[:12], manager_id=ops.manager_id,
                          status=NodeStatus.CREATING, host=cfg.node.advertise_host, created_at=now,
                          updated_at=now, last_request_at=now, replica_id=ops.replica.replica_id, role=role,
-                         client=client, image=str(cfg.node.creation_kwargs.get("image", "")))
+                         client=client, image=str(cfg.node.creation_kwargs.get("image", "")), secret=secret)
         await ops.store.put_node(rec, replace_member=reservation)
         reservation = None
         await ops.store.publish(Event(type="created", node_id=node_id, manager_id=ops.manager_id,
@@ -217,7 +224,7 @@ async def release_node(ops: NodeOps, node_id: str) -> None:
 async def node_detail(ops: NodeOps, node_id: str) -> dict[str, Any]:
     """Record, container state and engine stats of one local node (admin inspect)."""
     rec = await _owned(ops, node_id)
-    out: dict[str, Any] = {"record": rec}
+    out: dict[str, Any] = {"record": rec.public()}
     try:
         info = await ops.backend.inspect(node_id)
         out["container"] = {"status": info.status, "health": info.health, "port": info.port,

@@ -37,6 +37,7 @@ LABEL_REPLICA = LABEL_PREFIX + "replica_id"
 LABEL_CLIENT = LABEL_PREFIX + "client"
 LABEL_PORT = LABEL_PREFIX + "node_port"
 LABEL_PROJECT = LABEL_PREFIX + "project"
+SECRET_ENV = "NODE_SECRET"  # how the reference node (node/app/auth.py) receives its secret
 API_VERSION = "1.41"  # Debian bookworm's dockerd; newer engines still serve it
 
 # run()-only or handled-by-us keys of XAgent's creation_kwargs
@@ -115,8 +116,12 @@ class DockerBackend:
     # --- containers -----------------------------------------------------------
     async def create_node(self, creation_kwargs: dict[str, Any], labels: dict[str, str],
                           device_requests: list[dict[str, Any]] | None = None,
-                          command: list[str] | str | None = None, read_only_workspace: str = "") -> str:
+                          command: list[str] | str | None = None, read_only_workspace: str = "",
+                          secret: str = "") -> str:
         """Create (not start) a node container with its labels and published port; return its id.
+
+        The secret reaches the node as NODE_SECRET in its environment (never in a label: labels
+        are listed by anyone who lists containers, and shown by the admin API).
 
         With read_only_workspace, the root filesystem is read-only and only that path (an
         anonymous volume, kept across restarts, removed with the node) and /tmp are writable.
@@ -135,6 +140,11 @@ class DockerBackend:
             kwargs["device_requests"] = [DeviceRequest(**r) for r in device_requests]
         if command is not None:
             kwargs["command"] = command
+        if secret:
+            env = kwargs.get("environment") or {}
+            if isinstance(env, list):
+                env = dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
+            kwargs["environment"] = {**env, SECRET_ENV: secret}
 
         def create() -> str:
             # the high-level call translates docker-py's run() kwargs (mem_limit, cap_drop, ...)
@@ -190,6 +200,14 @@ class DockerBackend:
             port=int(ports[0]["HostPort"]) if ports else 0,
             image=(data.get("Config") or {}).get("Image", ""),
         )
+
+    async def node_secret(self, node_id: str) -> str:
+        """The secret a node was created with, from the container's own config ("" if none)."""
+        data = await self._call(self.client.api.inspect_container, node_id)
+        for item in (data.get("Config") or {}).get("Env") or []:
+            if item.startswith(SECRET_ENV + "="):
+                return str(item[len(SECRET_ENV) + 1:])
+        return ""
 
     async def list_nodes(self, label_filters: list[str]) -> list[ContainerInfo]:
         """One engine call: every container (any state) matching all the label filters."""

@@ -12,6 +12,9 @@ from typing import Any
 import msgspec
 
 
+NODE_SECRET_HEADER = "x-node-secret"  # carries NodeRecord.secret from the manager to the node
+
+
 class NodeStatus:
     """Values of NodeRecord.status: Docker's container states plus our own."""
 
@@ -45,6 +48,9 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     role: str = "node"  # node | pooled | claiming | test
     client: str = ""  # client identity for per-client quotas
     image: str = ""
+    # what the node requires in NODE_SECRET_HEADER; also in the container's own config, so the
+    # checker rebuilds it from the engine when Redis lost the record. Never shown: see public()
+    secret: str = ""
 
     @property
     def address(self) -> str:
@@ -54,6 +60,12 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     def numeric_fields(cls) -> list[str]:
         """Fields stored as text in Redis that decode to numbers."""
         return [f.name for f in msgspec.structs.fields(cls) if f.type in (int, float)]
+
+    def public(self) -> dict[str, Any]:
+        """The record as shown to API clients: everything but the secret."""
+        out = msgspec.structs.asdict(self)
+        del out["secret"]
+        return out
 
     def to_hash(self) -> dict[str, str]:
         return {k: str(v) for k, v in msgspec.structs.asdict(self).items()}

@@ -87,7 +87,9 @@ def test_reconcile_gone_adopted_idle_and_gc(start_manager, docker_client: docker
     wait_for(lambda: not redis_client.exists(f"{prefix}:node:{b_id}"), timeout=5, what="record of a gone container")
 
     # started by hand with the project's labels: adopted
+    # (with a secret in its config, as the manager creates nodes: adoption reads it from there)
     c = docker_client.containers.run(NODE_IMAGE, detach=True, init=True, ports={"31942/tcp": ("127.0.0.1", None)},
+                                     environment={"NODE_SECRET": "made-by-hand"},
                                      labels={"toolserver-manager.manager_id": manager_id,
                                              "toolserver-manager.role": "node"})
     wait_for(lambda: redis_client.hget(f"{prefix}:node:{c.id}", "status") == b"running", timeout=15,

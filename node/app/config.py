@@ -33,6 +33,8 @@ MAX_SHELLS = _int("NODE_MAX_SHELLS", 32)
 # How long uvicorn waits for running requests on SIGTERM before cancelling them.
 GRACEFUL_SHUTDOWN = _int("NODE_GRACEFUL_SHUTDOWN", 1)
 LOG_LEVEL = os.environ.get("NODE_LOG_LEVEL", "info").upper()
+# The per-node secret every request must carry (app.auth); empty: every request is refused.
+SECRET = os.environ.get("NODE_SECRET", "")
 # Optional Bing key for WebEnv_search_and_browse (DuckDuckGo's HTML page is used without one).
 BING_API_KEY = os.environ.get("NODE_BING_API_KEY") or None
 BING_ENDPOINT = os.environ.get("NODE_BING_ENDPOINT", "https://api.bing.microsoft.com/v7.0/search")

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from . import config, paths, procs, registry
+from .auth import RequireSecret
 from .errors import NodeError
 
 log = logging.getLogger("uvicorn.error")
@@ -385,8 +386,8 @@ routes = [
     WebSocketRoute("/ws/echo", ws_echo),
 ]
 
-app = Starlette(
+app = RequireSecret(Starlette(
     routes=routes,
     lifespan=lifespan,
     exception_handlers={NodeError: _node_error, HTTPException: _http_error, Exception: _unexpected},
-)
+), config.SECRET)

@@ -16,19 +16,27 @@ IMAGE = os.environ.get("TSM_NODE_IMAGE", "toolserver-node:latest")
 NODE_PORT = 31942
 LABELS = {"toolserver-manager.manager_id": "test-node-image", "toolserver-manager.role": "test"}
 LABEL_FILTER = {"label": [f"{k}={v}" for k, v in LABELS.items()]}
+SECRET = "node-image-test-secret"  # what the manager hands a node as NODE_SECRET
 
 
 class Node:
     """A running node container and an HTTP client pointed at its published port."""
 
-    def __init__(self, container, port: int):
+    def __init__(self, container, port: int, secret: str = SECRET):
         import httpx
 
         self.container = container
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self.ws_base = f"ws://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.base, timeout=30)
+        self.auth = {"X-Node-Secret": secret}
+        self.http = httpx.Client(base_url=self.base, timeout=30, headers=self.auth)
+
+    def ws(self, path: str, **kw):
+        """A WebSocket to the node, with its secret."""
+        from websockets.sync.client import connect
+
+        return connect(self.ws_base + path, additional_headers=self.auth, **kw)
 
     def post(self, path, **kw):
         return self.http.post(path, **kw)
@@ -75,13 +83,13 @@ def docker_client():
     client.close()
 
 
-def wait_ready(base: str, timeout: float = 15.0) -> float:
+def wait_ready(base: str, timeout: float = 15.0, secret: str = SECRET) -> float:
     import httpx
 
     t0 = time.monotonic()
     while True:
         try:
-            if httpx.get(base + "/", timeout=1).status_code == 200:
+            if httpx.get(base + "/", timeout=1, headers={"X-Node-Secret": secret}).status_code in (200, 401):
                 return time.monotonic() - t0
         except httpx.HTTPError:
             pass
@@ -105,7 +113,7 @@ def start_node(docker_client):
             read_only=read_only,
             tmpfs={"/tmp": "rw,exec,nosuid,size=512m",
                    "/app/workspace": "rw,exec,nosuid,uid=1000,gid=1000,mode=0755,size=512m"},
-            environment=environment or {},
+            environment={"NODE_SECRET": SECRET, **(environment or {})},
             init=init,
             mem_limit="1g",
             pids_limit=512,

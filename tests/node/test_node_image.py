@@ -255,7 +255,12 @@ def test_notebook_timeout_interrupts(node):
 
 # --- web -------------------------------------------------------------------------------------------
 def test_browse_website_fetches_a_page(node):
-    r = node.tool("WebEnv_browse_website", url="http://127.0.0.1:31942/", goals_to_browse="greeting")
+    # a page served inside the container (the node's own routes now want its secret)
+    node.sh("mkdir -p /tmp/www && echo '<p>Hello World</p>' > /tmp/www/index.html && "
+            "(setsid python3 -m http.server 8765 --bind 127.0.0.1 -d /tmp/www >/dev/null 2>&1 &) && "
+            "for i in $(seq 50); do python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8765))' "
+            "2>/dev/null && break; sleep 0.1; done")
+    r = node.tool("WebEnv_browse_website", url="http://127.0.0.1:8765/", goals_to_browse="greeting")
     assert r.status_code == 200, r.text
     assert "Hello World" in r.json()
     r = node.tool("WebEnv_browse_website", url="ftp://example.invalid/", goals_to_browse="x")
@@ -364,7 +369,7 @@ def test_upload_is_streamed_to_disk(node):
         yield tail
 
     r = httpx.post(node.base + "/upload_file", content=gen(), timeout=60,
-                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}", **node.auth})
     assert r.status_code == 200, r.text
     code, out = node.sh("stat -c %s /app/workspace/stream.bin")
     assert int(out) == size
@@ -418,7 +423,7 @@ def _recv_all(ws, timeout=10):
 def test_ws_shell_streams_lines(node):
     from websockets.sync.client import connect
 
-    with connect(node.ws_base + "/ws/shell") as ws:
+    with node.ws("/ws/shell") as ws:
         t0 = time.monotonic()
         ws.send(json.dumps({"command": "echo first; echo oops >&2; sleep 1.2; echo second; exit 7",
                             "timeout": 30}))
@@ -436,14 +441,14 @@ def test_ws_shell_streams_lines(node):
 def test_ws_shell_timeout_and_bad_requests(node):
     from websockets.sync.client import connect
 
-    with connect(node.ws_base + "/ws/shell") as ws:
+    with node.ws("/ws/shell") as ws:
         ws.send(json.dumps({"command": "echo x; sleep 20", "timeout": 1}))
         frames, code = _recv_all(ws)
     assert frames[-1][1]["type"] == "exit" and frames[-1][1].get("timed_out") is True
     assert code == 1000
     for payload, want in [("not json", 1008), (json.dumps({"cmd": "ls"}), 1008),
                           (json.dumps({"command": "ls", "timeout": "soon"}), 1008), (b"\x00binary", 1003)]:
-        with connect(node.ws_base + "/ws/shell") as ws:
+        with node.ws("/ws/shell") as ws:
             ws.send(payload)
             frames, code = _recv_all(ws)
         assert frames and frames[0][1]["type"] == "error", payload
@@ -453,7 +458,7 @@ def test_ws_shell_timeout_and_bad_requests(node):
 def test_ws_echo_and_close_code(node):
     from websockets.sync.client import connect
 
-    with connect(node.ws_base + "/ws/echo") as ws:
+    with node.ws("/ws/echo") as ws:
         ws.send("hello")
         assert ws.recv(timeout=5) == "hello"
         blob = os.urandom(70000)
@@ -479,7 +484,7 @@ def test_sigterm_stops_promptly(start_node, init):
     inflight.start()
     from websockets.sync.client import connect
 
-    with connect(node.ws_base + "/ws/shell") as ws:
+    with node.ws("/ws/shell") as ws:
         ws.send(json.dumps({"command": "sleep 300", "timeout": 600}))
         time.sleep(0.3)
         t0 = time.monotonic()
@@ -512,3 +517,52 @@ def test_healthcheck_reports_healthy(node):
             break
         time.sleep(0.5)
     assert status == "healthy"
+
+
+# --- the node's secret -----------------------------------------------------------------------------
+ROUTES = [("GET", "/"), ("POST", "/"), ("POST", "/execute_tool"), ("POST", "/get_available_tools"),
+          ("POST", "/upload_file"), ("POST", "/download_file"), ("POST", "/download_workspace"),
+          ("POST", "/get_workspace_structure"), ("POST", "/register_new_tool"), ("POST", "/retrieving_tools"),
+          ("POST", "/get_json_schema_for_tools"), ("POST", "/get_json_schema_for_envs"), ("GET", "/no_such_route")]
+
+
+def test_every_route_refuses_a_request_without_the_secret(node):
+    import httpx
+
+    for headers in ({}, {"X-Node-Secret": "wrong"}, {"X-Node-Secret": ""}, {"X-Node-Secret": node.auth["X-Node-Secret"] + "x"}):
+        for method, path in ROUTES:
+            r = httpx.request(method, node.base + path, headers=headers, timeout=10,
+                              json={"tool_name": "shell_command_executor", "arguments": {"command": "touch /app/workspace/pwned"}})
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.json() == {"detail": "missing or wrong node secret"}
+    assert absent(node, "/app/workspace/pwned")
+    assert node.http.post("/").status_code == 200  # with the secret
+
+
+def test_websocket_handshake_without_the_secret_gets_401(node):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    for path in ("/ws/shell", "/ws/echo"):
+        for headers in ({}, {"X-Node-Secret": "wrong"}):
+            with pytest.raises(InvalidStatus) as err:
+                with connect(node.ws_base + path, additional_headers=headers, open_timeout=10):
+                    pass
+            assert err.value.response.status_code == 401
+    with node.ws("/ws/echo") as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "hi"
+
+
+def test_a_node_without_a_secret_refuses_everything(start_node):
+    import httpx
+
+    bare = start_node(environment={"NODE_SECRET": ""})
+    for headers in ({}, {"X-Node-Secret": ""}, {"X-Node-Secret": "node-image-test-secret"}):
+        assert httpx.get(bare.base + "/", headers=headers, timeout=10).status_code == 401
+
+
+def test_tools_do_not_see_the_secret(node):
+    r = node.tool("shell_command_executor", command="env; cat /proc/self/environ")
+    assert r.status_code == 200
+    assert node.auth["X-Node-Secret"] not in json.dumps(r.json())
