@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 from starlette.applications import Starlette
@@ -99,6 +100,9 @@ class ManagerApp:
                     and sum(len(k) + len(v) for k, v in scope["headers"]) <= self.limit:
                 await self._proxy(scope, receive, send)
                 return
+        if scope["type"] in ("http", "websocket") and _secret_in_query(scope.get("query_string", b"")):
+            await _refuse_secret_in_url(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,6 +115,25 @@ class ManagerApp:
             log.exception("unhandled_error path=%s", scope["path"])
             response = json_response({"detail": "internal error"}, status=500)
         await response(scope, receive, send)
+
+
+SECRET_PARAMS = frozenset({"token", "access_token", "api_key"})
+
+
+def _secret_in_query(qs: bytes) -> bool:
+    return bool(qs) and any(k.lower() in SECRET_PARAMS for k, _ in parse_qsl(qs.decode("latin-1"),
+                                                                            keep_blank_values=True))
+
+
+async def _refuse_secret_in_url(scope: Scope, receive: Receive, send: Send) -> None:
+    """URLs end up in logs, proxies and browser history: a credential there is refused, never read."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake gets 403
+        return
+    resp = json_response({"detail": "credentials are not accepted in the URL: send the token in the "
+                                    "Authorization header (Bearer) or, for a WebSocket, as the "
+                                    "Sec-WebSocket-Protocol bearer.<token>"}, status=400)
+    await resp(scope, receive, send)
 
 
 def build_routes(cfg: Config) -> list[BaseRoute]:

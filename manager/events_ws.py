@@ -38,9 +38,24 @@ def _event_msg(ev: Event) -> dict[str, Any]:
             "at": ev.at, "replica_id": ev.replica_id, "detail": ev.detail}
 
 
-async def _authenticate(rt: Runtime, ws: WebSocket) -> tuple[str | None, str | None, Any]:
+BEARER_PROTOCOL = "bearer."  # Sec-WebSocket-Protocol: bearer.<token>, for browsers (no headers there)
+
+
+def _offered_token(ws: WebSocket) -> tuple[str | None, str | None]:
+    """(admin token, subprotocol to accept) from the Authorization header or a bearer subprotocol."""
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    others = [p for p in offered if not p.startswith(BEARER_PROTOCOL)]
+    token = admin.bearer(ws.headers.get("authorization"))
+    for p in offered:
+        if p.startswith(BEARER_PROTOCOL):
+            token = token or p[len(BEARER_PROTOCOL):]
+            # a browser fails the handshake unless one offered protocol is accepted
+            return token, others[0] if others else p
+    return token, (others[0] if others else None)
+
+
+async def _authenticate(rt: Runtime, ws: WebSocket, token: str | None) -> tuple[str | None, str | None, Any]:
     """(node_id filter, manager_id filter, data for the handshake); raises ManagerError."""
-    token = ws.query_params.get("token") or admin.bearer(ws.headers.get("authorization"))
     if token:
         admin.check_token(rt, token)
         mid = ws.query_params.get("manager_id") or None
@@ -55,10 +70,11 @@ async def _authenticate(rt: Runtime, ws: WebSocket) -> tuple[str | None, str | N
 async def events_socket(ws: WebSocket) -> None:
     rt: Runtime = ws.app.state.rt
     hub = ws.app.state.hub
-    await ws.accept()
+    token, subprotocol = _offered_token(ws)
+    await ws.accept(subprotocol=subprotocol)
     enc = msgspec.json.encode
     try:
-        node_id, mid, data = await _authenticate(rt, ws)
+        node_id, mid, data = await _authenticate(rt, ws, token)
     except ManagerError as exc:
         await ws.send_text(enc({"status": "connect", "success": False, "message": exc.detail,
                                 "data": None}).decode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from manager.edge import EdgeHttpProtocol
 from shared.config import Config, load_config
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -80,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(cfg.logger_level, cfg.log_format, cfg.replica_id, cfg.manager_id)
     common: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "server_header": False, "log_config": None,
                               "access_log": False, "ws_max_size": cfg.proxy.websocket_max_message_bytes,
-                              "timeout_graceful_shutdown": 30, "h11_max_incomplete_event_size": cfg.proxy.max_header_bytes}
+                              "timeout_graceful_shutdown": 30, "h11_max_incomplete_event_size": cfg.proxy.max_header_bytes,
+                              # one server protocol in every mode: heads bounded in size and time
+                              "http": functools.partial(EdgeHttpProtocol,
+                                                        header_timeout=cfg.proxy.header_timeout_seconds)}
     if cfg.workers <= 1:
         from manager.app import create_app
 

@@ -19,18 +19,22 @@ from starlette.types import Receive, Scope, Send
 
 from manager.routes import REPLICA_HEADER
 from manager.runtime import Runtime
-from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool
+from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamTimeout
 from manager.upstream import Response as UpstreamResponse
 from nodeops import sessions
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
 from shared import metrics
-from shared.errors import InvalidNode, NodeNotFound, NodeNotResponding, NodeNotRunning, NoLiveManager
+from shared.errors import (InvalidNode, NodeNotFound, NodeNotResponding, NodeNotRunning, NodeReadTimeout,
+                           NoLiveManager)
 from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authorization", b"proxy-authenticate", b"host", TOKEN_HEADER.encode(),
     NODE_SECRET_HEADER.encode(),  # a client never sets or sees a node's secret
+    # the manager's own server answers 100-continue to the client; forwarded, the node's interim
+    # answer would be one more response on the upstream connection
+    b"expect",
 })
 _SECRET = NODE_SECRET_HEADER.encode()
 _TOKEN = TOKEN_HEADER.encode()
@@ -144,6 +148,10 @@ class Proxy:
                 rec = await self._revive(rec)
                 upstream = await self.pool.request(scope["method"], rec.host, rec.port, target, headers, body,
                                                    self._connect_timeout, timeout)
+        except UpstreamTimeout:
+            rt.inflight -= 1
+            self._count(path, 504)
+            raise NodeReadTimeout(timeout) from None
         except UpstreamError:
             rt.inflight -= 1
             self._count(path, 503)
@@ -200,21 +208,17 @@ class _Upstream(Response):
                 sent = len(body)
                 await send({"type": "http.response.body", "body": body})
                 return
-            # large or unknown length: stream, and stop reading the node if the client goes away
-            disconnected = asyncio.Event()
-
+            # large or unknown length: stream, and drop the node's connection if the client goes away
             async def watch() -> None:
                 while True:
                     msg = await receive()
                     if msg["type"] == "http.disconnect":
-                        disconnected.set()
+                        up.abort()  # wakes the reader below with an UpstreamError
                         return
 
             watcher = asyncio.create_task(watch())
             try:
                 async for chunk in up.iter_raw():
-                    if disconnected.is_set():
-                        return
                     sent += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})

@@ -33,10 +33,17 @@ def node_cookie(request: Request) -> str | None:
     return value if NODE_ID.match(value) else value[:80]
 
 
-def _no_body(request: Request) -> None:
+async def _no_body(request: Request) -> None:
+    """Ignore a small body, refuse a big one: the same whether its length is announced or chunked."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_IGNORED_BODY:
         raise BadRequest(f"{request.url.path} takes no request body (got {length} bytes)")
+    if "transfer-encoding" in request.headers:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > MAX_IGNORED_BODY:
+                raise BadRequest(f"{request.url.path} takes no request body (got over {MAX_IGNORED_BODY} bytes)")
 
 
 _replica_id = ""  # set by create_app: every answer names the replica that served it
@@ -82,7 +89,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def get_cookie(request: Request) -> Response:
     rt = rt_of(request)
-    _no_body(request)
+    await _no_body(request)
     client = request.headers.get(rt.cfg.quota.client_header, "") if rt.cfg.quota.client_header else ""
     try:
         rec = await sessions.create(rt, client=client[:128])
@@ -100,7 +107,7 @@ async def get_cookie(request: Request) -> Response:
 def _session_route(op: str, verb: str, fn: Any) -> Any:
     async def handler(request: Request) -> Response:
         rt = rt_of(request)
-        _no_body(request)
+        await _no_body(request)
         node_id = node_cookie(request)
         try:
             await fn(rt, node_id)

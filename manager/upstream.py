@@ -4,6 +4,11 @@ httptools (C) parsing, bodies streamed both ways with flow control.
 httpx spent most of a proxied request's time in its own layers (profiled at about 500
 requests/s through the manager against 11,000 straight to the node); this does only
 what a reverse proxy needs. httpx stays for everything else (probes, forwarding).
+
+Framing rules, as nginx applies them to its upstreams: interim (1xx) responses are
+absorbed; a connection goes back to the pool only when the whole request was written
+and the whole response read to its framed end with nothing after it; any other ending
+(early answer, reset, timeout, client gone, stray bytes) closes it.
 """
 
 from __future__ import annotations
@@ -12,18 +17,29 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator
+
 import httptools
 
+from shared import metrics
+
 HIGH_WATER = 1 << 20  # pause reading the node when this much body waits for a slow client
-IDLE_SECONDS = 3.0  # below uvicorn's 5 s keep-alive, so a pooled connection is rarely stale
+IDLE_SECONDS = 3.0  # below the node's keep-alive, so a pooled connection is rarely stale
 
 
 class UpstreamError(Exception):
-    """The node could not be reached or dropped the connection."""
+    """The node could not be reached, dropped the connection or sent something unusable."""
 
 
 class ConnectFailed(UpstreamError):
     """No connection could be opened: nothing was sent."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The node did not answer within the read timeout."""
+
+
+class _Stray(Exception):
+    """Bytes after the framed end of a response: parsing stops there."""
 
 
 class _Conn(asyncio.Protocol):
@@ -31,40 +47,55 @@ class _Conn(asyncio.Protocol):
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.in_use = False
         self.idle_since = 0.0
+        self.can_write = asyncio.Event()
+        self.can_write.set()
         self._reset()
 
     def _reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
+        self.interim = False
         self.complete = False
+        self.request_sent = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.paused_reading = False
-        self.can_write = asyncio.Event()
-        self.can_write.set()
         self.got_bytes = False
         self.keep_alive = False
 
     # --- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        metrics.UPSTREAM_OPEN.inc()
+        self.set_in_use(True)
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_use or self.complete:
+            # bytes nobody asked for (idle in the pool, or after the framed end): whatever they
+            # are, they must never become the next request's response
+            self.abort()
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
+        except _Stray:
+            self.abort()
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("node switched protocols on a plain request"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"bad response from node: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete:
+        metrics.UPSTREAM_OPEN.dec()
+        if self.in_use and not self.complete:
             if self.head_done.done() and self.error is None and not self._framed():
                 self.complete = True  # a close-delimited body ends with the connection
                 self._wake()
@@ -73,6 +104,8 @@ class _Conn(asyncio.Protocol):
         self.can_write.set()
 
     def _framed(self) -> bool:
+        if self.status in (204, 304):
+            return True
         return any(k in (b"content-length", b"transfer-encoding") for k, _ in self.headers)
 
     def pause_writing(self) -> None:
@@ -82,14 +115,27 @@ class _Conn(asyncio.Protocol):
         self.can_write.set()
 
     # --- httptools callbacks ------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.complete or (self.head_done.done() and not self.interim):
+            raise _Stray
+        self.headers = []
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.interim = True  # 100 Continue, 103 Early Hints: not the answer, wait for it
+            return
+        if self.head_done.done():
+            # a second final response to one request: the node is out of step with us
+            self._fail(UpstreamError("node sent more than one response"))
+            return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful before the body
-        if not self.head_done.done():
-            self.head_done.set_result(None)
+        self.head_done.set_result(None)
+        self.can_write.set()  # a writer blocked on flow control must notice the early answer
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -100,6 +146,9 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.complete = True
         self._wake()
 
@@ -109,13 +158,39 @@ class _Conn(asyncio.Protocol):
             self.waiter.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
-        self.error = exc
+        if self.error is None:
+            self.error = exc
         if not self.head_done.done():
             self.head_done.set_exception(exc)
             self.head_done.exception()  # retrieved here; the caller re-raises it
         self._wake()
+        self.can_write.set()
         if self.transport is not None:
             self.transport.close()
+
+    def set_in_use(self, flag: bool) -> None:
+        if flag != self.in_use:
+            self.in_use = flag
+            metrics.UPSTREAM_BUSY.inc() if flag else metrics.UPSTREAM_BUSY.dec()
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding anything unsent; a reader waiting on it is woken."""
+        if self.in_use and not self.complete:
+            self._fail(UpstreamError("connection to the node aborted"))
+        self.set_in_use(False)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if self.error is not None:
+            raise self.error
+        if self.closed or transport is None or transport.is_closing():
+            raise UpstreamError("node closed the connection")
+        try:
+            transport.write(data)
+        except RuntimeError as exc:  # uvloop: "unable to perform operation on <TCPTransport closed=True>"
+            raise UpstreamError(f"node connection failed: {exc}") from None
 
     async def next_chunk(self, timeout: float | None) -> bytes | None:
         """The next body chunk, or None at the end of the response."""
@@ -128,7 +203,7 @@ class _Conn(asyncio.Protocol):
             try:
                 await asyncio.wait_for(self.waiter, timeout)
             except asyncio.TimeoutError:
-                self._fail(UpstreamError("node response timed out"))
+                self._fail(UpstreamTimeout("node response timed out"))
                 raise self.error from None  # type: ignore[misc]
             finally:
                 self.waiter = None
@@ -140,7 +215,9 @@ class _Conn(asyncio.Protocol):
         return chunk
 
     def reusable(self) -> bool:
-        return self.complete and not self.closed and self.error is None and self.keep_alive and not self.chunks
+        return (self.complete and self.request_sent and self.keep_alive and not self.closed
+                and self.error is None and not self.chunks and self.transport is not None
+                and not self.transport.is_closing())
 
 
 class Response:
@@ -151,10 +228,14 @@ class Response:
         self.status_code = conn.status
         self.headers = conn.headers
         self._timeout = read_timeout
+        # HEAD, 204 and 304 carry no body whatever their headers say
+        self._no_body = head_only or conn.status in (204, 304)
         self._head_only = head_only
         self._released = False
 
     def content_length(self) -> int | None:
+        if self._no_body:
+            return 0
         for k, v in self.headers:
             if k == b"content-length":
                 try:
@@ -164,7 +245,7 @@ class Response:
         return None
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
-        if self._head_only:
+        if self._no_body:
             return
         while True:
             chunk = await self._conn.next_chunk(self._timeout)
@@ -176,15 +257,22 @@ class Response:
         return b"".join([c async for c in self.iter_raw()])
 
     def close(self) -> None:
-        """Give the connection back when the response was read to its end, else drop it."""
+        """Give the connection back when request and response were complete, else drop it."""
         if self._released:
             return
         self._released = True
         conn = self._conn
+        # after HEAD the parser cannot know the body is absent: never reuse, never misframe
         if not self._head_only and conn.reusable():
-            self._conn.pool._put(conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+            conn.pool._put(conn)
+        else:
+            conn.abort()
+
+    def abort(self) -> None:
+        """The client went away: free the node's connection at once."""
+        if not self._released:
+            self._released = True
+            self._conn.abort()
 
 
 class UpstreamPool:
@@ -197,12 +285,10 @@ class UpstreamPool:
     def _put(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= self.max_idle_per_host:
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.abort()
             return
+        conn.set_in_use(False)
         conn.idle_since = time.monotonic()
-        conn._reset()
-        conn.parser = httptools.HttpResponseParser(conn)
         idle.append(conn)
 
     async def _get(self, key: tuple[str, int], connect_timeout: float) -> tuple[_Conn, bool]:
@@ -212,9 +298,10 @@ class UpstreamPool:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_SECONDS and conn.transport is not None \
                     and not conn.transport.is_closing():
+                conn.set_in_use(True)
+                conn._reset()
                 return conn, True
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.abort()
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), key[0], key[1]),
@@ -226,7 +313,7 @@ class UpstreamPool:
     async def request(self, method: str, host: str, port: int, target: bytes,
                       headers: list[tuple[bytes, bytes]], body: AsyncIterator[bytes] | None,
                       connect_timeout: float, read_timeout: float | None) -> Response:
-        """Send a request and return once the node's response headers arrived."""
+        """Send a request and return once the node's final response headers arrived."""
         key = (host, port)
         head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", f"{host}:{port}".encode(), b"\r\n"]
         chunked = body is not None and not any(k == b"content-length" for k, _ in headers)
@@ -238,50 +325,46 @@ class UpstreamPool:
         head_bytes = b"".join(head)
         for attempt in (0, 1):
             conn, reused = await self._get(key, connect_timeout)
-            transport = conn.transport
-            assert transport is not None
-            transport.write(head_bytes)
-            if body is not None:
-                try:
-                    await self._send_body(conn, body, chunked)
-                except BaseException:
-                    transport.close()  # a half-sent request: this connection is unusable
-                    raise
             try:
+                conn.write(head_bytes)
+                if body is None:
+                    conn.request_sent = True
+                else:
+                    await self._send_body(conn, body, chunked)
                 await asyncio.wait_for(asyncio.shield(conn.head_done), read_timeout)
             except asyncio.TimeoutError:
-                conn._fail(UpstreamError("node response timed out"))
-                raise UpstreamError("node response timed out") from None
+                conn.abort()
+                raise UpstreamTimeout("node response timed out") from None
             except UpstreamError:
+                conn.abort()
                 # a reused connection the node had just closed: safe to retry only when nothing
-                # of a client body was consumed
+                # of a client body was consumed and the node sent nothing
                 if reused and not conn.got_bytes and body is None and attempt == 0:
                     continue
+                raise
+            except BaseException:
+                conn.abort()  # a half-sent request (client gone, cancelled): this connection is unusable
                 raise
             return Response(conn, read_timeout, method == "HEAD")
         raise UpstreamError("unreachable")  # pragma: no cover
 
     async def _send_body(self, conn: _Conn, body: AsyncIterator[bytes], chunked: bool) -> None:
-        transport = conn.transport
-        assert transport is not None
         async for chunk in body:
-            if conn.error is not None or conn.closed:
-                raise conn.error or UpstreamError("node closed the connection")
+            if conn.head_done.done():
+                return  # answered before the body was sent: stop; the connection is not reused
             if not chunk:
                 continue
-            if chunked:
-                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            else:
-                transport.write(chunk)
+            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             if not conn.can_write.is_set():
                 await conn.can_write.wait()
+        if conn.head_done.done():
+            return
         if chunked:
-            transport.write(b"0\r\n\r\n")
+            conn.write(b"0\r\n\r\n")
+        conn.request_sent = True
 
     def close(self) -> None:
         for conns in self._idle.values():
             for c in conns:
-                if c.transport is not None:
-                    c.transport.close()
+                c.abort()
         self._idle.clear()
-

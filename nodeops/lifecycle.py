@@ -21,6 +21,7 @@ from shared.docker_backend import LABEL_CLIENT, LABEL_CREATED, LABEL_MANAGER, LA
 from shared.errors import (
     ContainerGone,
     EngineError,
+    EngineUnavailable,
     ManagerError,
     NodeNotFound,
     NodeNotResponding,
@@ -243,7 +244,9 @@ async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
         raise NodeNotFound(node_id)
     try:
         info = await ops.backend.inspect(node_id)
-    except Exception:  # noqa: BLE001 - ContainerGone and engine errors are handled alike below
+    except ContainerGone:
+        # only the engine's word that the container does not exist ends a session; an engine
+        # that cannot be reached (EngineUnavailable) is a passing fault, answered 503
         info = None
     if info is not None and info.status == "running" and info.port:
         if info.port != rec.port or rec.status != NodeStatus.RUNNING:
@@ -261,5 +264,7 @@ async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
     metrics.SESSION_OPS.labels("autorestart", "ok").inc()
     try:
         return await restart_node(ops, node_id, reason="proxied request")
+    except EngineUnavailable:
+        raise
     except Unavailable:
         raise NodeNotResponding() from None

@@ -95,7 +95,8 @@ class ProxyConfig(Base):
     max_connections: int = 1000
     address_cache_seconds: float = 30.0
     activity_flush_seconds: float = 1.0
-    max_header_bytes: int = 65536
+    max_header_bytes: int = 65536  # request line + headers, counted while they arrive
+    header_timeout_seconds: float = 15.0  # a request head must arrive whole within this
     websocket_paths: list[str] = msgspec.field(default_factory=lambda: ["/ws/shell", "/ws/echo"])
     websocket_max_message_bytes: int = 16 * 1024 * 1024
 

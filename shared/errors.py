@@ -9,6 +9,7 @@
     ├── NotFound (404)
     │   └── NodeNotFound        unknown node on a session or admin route
     ├── QuotaExceeded (429)
+    ├── NodeReadTimeout (504)   a proxied request got no answer in time: a tool error, not an outage
     └── Unavailable (503)
         ├── RedisUnavailable
         ├── EngineUnavailable
@@ -63,6 +64,13 @@ class NodeNotFound(NotFound):
 
 class QuotaExceeded(ManagerError):
     status_code = 429
+
+
+class NodeReadTimeout(ManagerError):
+    status_code = 504
+
+    def __init__(self, seconds: float | None) -> None:
+        super().__init__(f"the node did not answer within {seconds} s")
 
 
 class Unavailable(ManagerError):

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# a secret in a URL (uvicorn logs WebSocket paths with their query) never reaches a log line
+_SECRET_IN_URL = re.compile(r"(?i)([?&](?:token|access_token|api_key)=)[^&\s\"']*")
+
+
+def redact(text: str) -> str:
+    return _SECRET_IN_URL.sub(r"\1[redacted]", text)
 
 
 class _Formatter(logging.Formatter):
@@ -19,7 +27,7 @@ class _Formatter(logging.Formatter):
         self.ident = {"replica_id": replica_id, "manager_id": manager_id}
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
+        msg = redact(record.getMessage())
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         if self.json:
             event, _, rest = msg.partition(" ")

@@ -38,6 +38,11 @@ PROXY_SECONDS = Histogram(P + "proxy_request_duration_seconds",
                           buckets=PROXY_BUCKETS)
 PROXY_BYTES_IN = Counter(P + "proxy_received_bytes_total", "Request body bytes streamed to nodes.")
 PROXY_BYTES_OUT = Counter(P + "proxy_sent_bytes_total", "Response body bytes streamed back to clients.")
+UPSTREAM_OPEN = Gauge(P + "proxy_upstream_connections", "Open connections from the proxy to nodes.",
+                      multiprocess_mode="livesum")
+UPSTREAM_BUSY = Gauge(P + "proxy_upstream_connections_busy",
+                      "Connections to nodes held by a request (the rest are idle in the pool).",
+                      multiprocess_mode="livesum")
 WEBSOCKETS = Gauge(P + "websocket_connections", "Open client WebSocket connections, by kind.", ["kind"],
                    multiprocess_mode="livesum")
 for _k in ("proxy", "events"):

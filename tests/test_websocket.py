@@ -23,6 +23,7 @@ def ws_url(http_url: str, path: str) -> str:
 
 def open_ws(url: str, node_id: str | None = None, **kw) -> ClientConnection:  # type: ignore[no-untyped-def]
     headers = {"Cookie": f"node_id={node_id}"} if node_id else {}
+    headers.update(kw.pop("additional_headers", {}))
     return connect(url, additional_headers=headers, open_timeout=10, **kw)
 
 
@@ -99,8 +100,8 @@ def test_events_across_replicas_with_resume(start_manager, redis_client: redis.R
                                             manager_id: str) -> None:
     a1 = start_manager(name="a1", **FAST_EVENTS)
     a2 = start_manager(name="a2", **FAST_EVENTS)
-    admin_url = ws_url(a2.url, f"/ws/events?token={ADMIN_TOKEN}&manager_id={manager_id}")
-    with open_ws(admin_url) as ws:
+    admin_url = ws_url(a2.url, f"/ws/events?manager_id={manager_id}")
+    with open_ws(admin_url, additional_headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as ws:
         hello = recv_json(ws)
         assert hello["status"] == "connect" and hello["success"] is True and hello["message"] == "connect success"
         c = httpx.Client(base_url=a1.url, timeout=60)
@@ -142,9 +143,9 @@ def test_events_keepalive_silence_and_bad_input(start_manager) -> None:
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=5)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
-    with open_ws(ws_url(m.url, "/ws/events?token=wrong")) as ws:
+    with open_ws(ws_url(m.url, "/ws/events"), additional_headers={"Authorization": "Bearer wrong"}) as ws:
         assert recv_json(ws)["success"] is False
-    with open_ws(ws_url(m.url, f"/ws/events?token={ADMIN_TOKEN}")) as ws:
+    with open_ws(ws_url(m.url, "/ws/events"), subprotocols=[f"bearer.{ADMIN_TOKEN}"]) as ws:
         assert recv_json(ws)["success"] is True
         assert recv_json(ws) == {"type": "pong"}  # the server's own keep-alive
         ws.send("{not json")
