@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import config, paths, procs, registry
+from . import config, diag, paths, procs, registry
 from .auth import RequireSecret
 from .errors import NodeError
 
@@ -384,6 +384,7 @@ routes = [
     Route("/execute_tool", execute_tool, methods=["POST"]),
     WebSocketRoute("/ws/shell", ws_shell),
     WebSocketRoute("/ws/echo", ws_echo),
+    Route("/diag", diag.DiagRoute(), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
 ]
 
 app = RequireSecret(Starlette(
