@@ -101,7 +101,8 @@ def test_events_across_replicas_with_resume(start_manager, redis_client: redis.R
     a1 = start_manager(name="a1", **FAST_EVENTS)
     a2 = start_manager(name="a2", **FAST_EVENTS)
     admin_url = ws_url(a2.url, f"/ws/events?manager_id={manager_id}")
-    with open_ws(admin_url, additional_headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as ws:
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with open_ws(admin_url, additional_headers=bearer) as ws:
         hello = recv_json(ws)
         assert hello["status"] == "connect" and hello["success"] is True and hello["message"] == "connect success"
         c = httpx.Client(base_url=a1.url, timeout=60)
@@ -126,7 +127,7 @@ def test_events_across_replicas_with_resume(start_manager, redis_client: redis.R
     # events happen while nobody watches; a resume with the last id gets them
     c.post("/reconnect_session")
     c.post("/release_session")
-    with open_ws(admin_url + f"&last_event_id={last_id}") as ws:
+    with open_ws(admin_url + f"&last_event_id={last_id}", additional_headers=bearer) as ws:
         assert recv_json(ws)["success"] is True
         seen = []
         while not seen or seen[-1] != "released":
