@@ -1,6 +1,7 @@
 """``/diag``: an echo route whose behaviour the request chooses, for testing the HTTP path to a
 node (framing, interim responses, early answers, resets). It touches nothing but its own
 connection, and it is reachable through a manager only where a config proxies it.
+Any method is accepted.
 
 Query parameters (all optional):
   id        echoed in ``x-diag-id`` and at the start of the body
@@ -91,8 +92,15 @@ async def diag(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 
-class DiagRoute:
-    """An ASGI endpoint (not a request/response function): /diag needs raw receive and send."""
+class Diag:
+    """Serves /diag itself and hands everything else to the app: /diag needs uvicorn's own send
+    (Starlette wraps it), whose connection it writes interim answers to and resets."""
+
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
-        await diag(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == "/diag":
+            await diag(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -384,11 +384,11 @@ routes = [
     Route("/execute_tool", execute_tool, methods=["POST"]),
     WebSocketRoute("/ws/shell", ws_shell),
     WebSocketRoute("/ws/echo", ws_echo),
-    Route("/diag", diag.DiagRoute(), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
 ]
 
-app = RequireSecret(Starlette(
+# /diag sits in front of Starlette (behind the secret): it needs the server's own send
+app = RequireSecret(diag.Diag(Starlette(
     routes=routes,
     lifespan=lifespan,
     exception_handlers={NodeError: _node_error, HTTPException: _http_error, Exception: _unexpected},
-), config.SECRET)
+)), config.SECRET)
