@@ -134,9 +134,15 @@ class Client:
         return b"".join(parts) + b"0\r\n\r\n"
 
     async def _head(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-        raw = await reader.readuntil(b"\r\n\r\n")
+        try:
+            raw = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise Mismatch("no response head where one was due (over 1 MB without a blank line)") from None
         lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
+        m = re.match(r"HTTP/1\.[01] (\d{3}) ", lines[0] + " ")
+        if not m:
+            raise Mismatch(f"not a status line where a response was due: {lines[0][:80]!r}")
+        status = int(m.group(1))
         headers: dict[str, str] = {}
         for line in lines[1:]:
             if line:
@@ -321,7 +327,12 @@ async def _drive(specs: list[dict[str, Any]], ports: dict[str, int], cookies: li
         client = Client(ports[path], cookies, stats, errors)
         q = queues[path]
         while q:
-            await client.run(q.popleft())
+            spec = q.popleft()
+            try:  # a bound, not a measurement: an answer that went elsewhere never comes
+                await asyncio.wait_for(client.run(spec), 30)
+            except asyncio.TimeoutError:
+                errors.append(f"#{spec['i']} {spec['kind']} {spec['path']}: no answer within 30 s")
+                client.drop()
         client.drop()
 
     await asyncio.gather(*(worker(p) for p in ports for _ in range(CONCURRENCY)))
