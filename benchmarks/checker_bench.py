@@ -135,15 +135,16 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
     from checker.service import Checker
     from nodeops.context import NodeOps
     from shared.config import config_from_dict
-    from shared.docker_backend import LABEL_MANAGER, LABEL_ROLE, DockerBackend
+    from shared.backend import NodeInfo
+    from shared.engines import open_backend
     from shared.keys import Keys
-    from shared.models import ContainerInfo, NodeRecord, NodeStatus, ReplicaInfo
+    from shared.models import NodeRecord, NodeStatus, ReplicaInfo
     from shared.store import Store, connect
 
     cfg = config_from_dict(base_config(prefix, mid, builtin_monitor=False, replica_id=f"{mid}-inproc"))
     redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds)
     store = Store(redis, Keys(prefix), cfg.events.stream_maxlen)
-    backend = DockerBackend(cfg.docker_host, cfg.docker_threads, cfg.node.port, cfg.node.publish_host)
+    backend = open_backend(cfg)
     checker = Checker(NodeOps(cfg=cfg, store=store, backend=backend, http=httpx.AsyncClient(trust_env=False),
                               replica=ReplicaInfo(replica_id=cfg.replica_id, manager_id=mid, url="",
                                                   version="bench", started_at=time.time())))
@@ -168,10 +169,10 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
         await asyncio.gather(*(put(n) for n in synthetic_ids))
         return time.perf_counter() - t0
 
-    fake_containers = [ContainerInfo(id=nid, status="running", health="none",
-                                     labels={LABEL_MANAGER: mid, LABEL_ROLE: "node"}, created=time.time(),
-                                     port=synth_port[nid]) for nid in synthetic_ids]
-    real_list = backend.list_nodes
+    fake_containers = [NodeInfo(id=nid, owner=mid, role="node", status=NodeStatus.RUNNING, health="none",
+                                created=time.time(), host="127.0.0.1", port=synth_port[nid])
+                       for nid in synthetic_ids]
+    real_list = backend.list
     phases: dict[str, float] = {}
     engine_real: list[int] = []
 
@@ -184,13 +185,13 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
                 phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
         return wrapper
 
-    async def list_with_synthetic(label_filters: list[str]) -> list[Any]:
-        got = await real_list(label_filters)
+    async def list_with_synthetic(owner: str, role: str | None = None) -> list[Any]:
+        got = await real_list(owner, role)
         engine_real.append(len(got))
         return got + fake_containers
 
-    async def list_real(label_filters: list[str]) -> list[Any]:
-        got = await real_list(label_filters)
+    async def list_real(owner: str, role: str | None = None) -> list[Any]:
+        got = await real_list(owner, role)
         engine_real.append(len(got))
         return got
 
@@ -221,7 +222,7 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
         cases: dict[str, dict[str, Any]] = {}
 
         async def run_case(name: str, iterations: int, listing: Any, before: Any = None) -> None:
-            backend.list_nodes = timed("engine list (1 Docker call)", listing)  # type: ignore[method-assign]
+            backend.list = timed("engine list (1 Docker call)", listing)  # type: ignore[method-assign]
             samples, trips, cmds, per_phase, plans = [], [], [], [], []
             for i in range(iterations + 1):  # the first one is an untimed warm-up (script load, caches)
                 if before is not None:

@@ -15,7 +15,7 @@ from checker.service import Checker
 from nodeops.context import NodeOps
 from shared import __version__
 from shared.config import Config, load_config
-from shared.docker_backend import DockerBackend
+from shared.engines import open_backend
 from shared.errors import ConfigError
 from shared.keys import Keys
 from shared.logs import setup_logging
@@ -26,7 +26,7 @@ from shared.store import Store, connect
 async def _run(cfg: Config) -> None:
     redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds, cfg.redis.sentinels, cfg.redis.sentinel_master)
     store = Store(redis, Keys(cfg.redis.key_prefix), cfg.events.stream_maxlen)
-    backend = DockerBackend(cfg.docker_host, cfg.docker_threads, cfg.node.port, cfg.node.publish_host)
+    backend = open_backend(cfg)
     async with httpx.AsyncClient(trust_env=False) as http:
         # the same node operations a manager runs, so pooled nodes are created exactly as sessions are
         ops = NodeOps(cfg=cfg, store=store, backend=backend, http=http,

@@ -6,12 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.docker_backend import LABEL_CLIENT, LABEL_REPLICA, LABEL_ROLE
-from shared.models import ContainerInfo, NodeRecord, NodeStatus
-
-ENGINE_TO_STATUS = {"running": NodeStatus.RUNNING, "exited": NodeStatus.EXITED, "created": "created",
-                    "restarting": NodeStatus.RESTARTING, "paused": NodeStatus.PAUSED, "dead": NodeStatus.DEAD,
-                    "removing": "removing"}
+from shared.backend import NodeInfo
+from shared.models import NodeRecord, NodeStatus, Role
 
 
 @dataclass(frozen=True)
@@ -47,8 +43,8 @@ def _reservation_time(member: str) -> float:
         return 0.0
 
 
-def plan(manager_id: str, members: list[str], records: list[NodeRecord], containers: list[ContainerInfo],
-         idle: set[str], now: float, limits: Limits, advertise_host: str,
+def plan(manager_id: str, members: list[str], records: list[NodeRecord], containers: list[NodeInfo],
+         idle: set[str], now: float, limits: Limits,
          watchers_left: dict[str, float] | None = None) -> Plan:
     """Compare records (read first) with the engine's containers (listed after) and decide.
 
@@ -66,17 +62,17 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
         if c is None:
             p.forget.append(rec)
             continue
-        status = ENGINE_TO_STATUS.get(c.status, c.status)
+        status = c.status
         if rec.status == NodeStatus.RELEASED:
             p.remove.append((rec, "released"))
             continue
         if rec.status == NodeStatus.CREATING and now - rec.created_at > limits.stuck_creation_seconds:
             p.remove.append((rec, "stuck in creation"))
             continue
-        if rec.role == "claiming" and now - rec.claimed_at > limits.claim_timeout_seconds:
+        if rec.role == Role.CLAIMING and now - rec.claimed_at > limits.claim_timeout_seconds:
             p.remove.append((rec, "claimed from the pool but never delivered"))
             continue
-        if rec.role == "pooled" and now - rec.created_at > limits.pool_max_age_seconds:
+        if rec.role == Role.POOLED and now - rec.created_at > limits.pool_max_age_seconds:
             p.remove.append((rec, "pooled node past its maximum age"))
             continue
         changed: dict[str, str] = {}
@@ -100,27 +96,26 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
             if now - stopped > limits.exited_gc_seconds:
                 p.remove.append((rec, "exited too long"))
             continue
-        if effective == NodeStatus.RUNNING and rec.role == "node" and rec.ready_at:
+        if effective == NodeStatus.RUNNING and rec.role == Role.NODE and rec.ready_at:
             unwatched = limits.unwatched_seconds is not None and rec.id in (watchers_left or {}) and \
                 now - (watchers_left or {})[rec.id] > limits.unwatched_seconds
             if (rec.id in idle or unwatched) and now - rec.ready_at > limits.idle_grace_seconds:
                 p.idle_stop.append(rec)
     for c in containers:
-        if c.id in recorded or c.labels.get(LABEL_ROLE) == "test":
+        if c.id in recorded or c.role == Role.TEST:
             continue
-        if c.status == "created":
+        if c.status == NodeStatus.CREATED:
             if now - c.created > limits.stuck_creation_seconds:
                 p.remove_orphans.append(c.id)  # a replica died between create and record
             continue
-        if c.status in ("removing", "dead") or now - c.created < limits.adopt_after_seconds:
+        if c.status in (NodeStatus.REMOVING, NodeStatus.DEAD) or now - c.created < limits.adopt_after_seconds:
             continue  # a young container may be a creation whose record is being written
-        status = ENGINE_TO_STATUS.get(c.status, c.status)
-        role = c.labels.get(LABEL_ROLE, "node")
+        status = c.status
         p.adopt.append(NodeRecord(
             id=c.id, short_id=c.id[:12], manager_id=manager_id, status=status,
-            health=c.health if c.health != "none" else "unknown", host=advertise_host, port=c.port,
+            health=c.health if c.health != "none" else "unknown", host=c.host, port=c.port,
             created_at=c.created, ready_at=now if status == NodeStatus.RUNNING else 0.0, updated_at=now,
             last_request_at=now, stopped_at=now if status == NodeStatus.EXITED else 0.0,
-            replica_id=c.labels.get(LABEL_REPLICA, ""), role="node" if role == "claiming" else role,
-            client=c.labels.get(LABEL_CLIENT, ""), image=c.image))
+            replica_id=c.replica_id, role=Role.NODE if c.role == Role.CLAIMING else c.role,
+            client=c.client, image=c.image))
     return p

@@ -20,9 +20,8 @@ from checker.lease import Lease
 from nodeops import pool
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.docker_backend import LABEL_MANAGER, LABEL_ROLE
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
-from shared.models import Event, NodeRecord, NodeStatus
+from shared.models import Event, NodeRecord, NodeStatus, Role
 from shared.store import RESERVATION_PREFIX
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ class Checker:
         stop = self._stopping.is_set
 
         def pump() -> None:
-            for _ in self.backend.events([f"{LABEL_MANAGER}={self.mid}"], stop):
+            for _ in self.backend.changes(self.mid, stop):
                 loop.call_soon_threadsafe(self._wake.set)
 
         while not self._stopping.is_set():
@@ -160,8 +159,8 @@ class Checker:
         if others:
             log.info("stop_after_exit_skipped manager_id=%s live_replicas=%d", self.mid, len(others))
             return
-        for c in await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}"]):
-            if c.status == "running":
+        for c in await self.backend.list(self.mid):
+            if c.status == NodeStatus.RUNNING:
                 with contextlib.suppress(ManagerError):
                     await self.backend.stop(c.id, timeout=self.cfg.node.stop_timeout_seconds)
                     await self.store.update_node(c.id, status=NodeStatus.EXITED, health="unhealthy",
@@ -175,7 +174,7 @@ class Checker:
 
     async def on_leader_start(self) -> None:
         """Remove test nodes of this manager_id (XAgent's later manager did this at election)."""
-        for c in await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}", f"{LABEL_ROLE}=test"]):
+        for c in await self.backend.list(self.mid, Role.TEST):
             await self.backend.remove(c.id)
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_test").inc()
             log.info("test_node_removed node_id=%s manager_id=%s", c.id[:12], self.mid)
@@ -199,10 +198,9 @@ class Checker:
         idle = set(await self.store.idle_nodes(self.mid, time.time() - self.cfg.node.idling_close_minutes * 60))
         watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
-        containers = await self.backend.list_nodes([f"{LABEL_MANAGER}={self.mid}"])
+        containers = await self.backend.list(self.mid)
         now = time.time()
-        p = reconcile.plan(self.mid, members, records, containers, idle, now, self.limits(),
-                           self.cfg.node.advertise_host, watchers)
+        p = reconcile.plan(self.mid, members, records, containers, idle, now, self.limits(), watchers)
         ops: list[tuple[str, str, list[Any]]] = []
         ev = self.store.event_op
         holder = self.lease.holder
@@ -230,7 +228,7 @@ class Checker:
                     ("sadd", k.manager_nodes(self.mid), [rec.id]),
                     ("zadd", k.last_request(self.mid), [f"{now:.3f}", rec.id]),
                     ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder))]
-            if rec.role == "pooled" and rec.status == NodeStatus.RUNNING:
+            if rec.role == Role.POOLED and rec.status == NodeStatus.RUNNING:
                 ops.append(("rpush", k.pool(self.mid), [rec.id]))
         for m in p.stale_reservations:
             ops.append(("srem", k.manager_nodes(self.mid), [m]))
@@ -316,14 +314,14 @@ class Checker:
         log.info("node_removed node_id=%s manager_id=%s reason=%s", rec.id[:12], self.mid, why.replace(" ", "_"))
 
     async def _export_gauges(self, counts: dict[str, int]) -> None:
-        for status in (*NodeStatus.ALL, "pooled"):
+        for status in (*NodeStatus, Role.POOLED):
             metrics.NODES.labels(self.mid, status).set(counts.get(status, 0))
         replicas = await self.store.live_replicas(self.mid)
         metrics.REPLICAS.labels(self.mid).set(len(replicas))
 
     async def _refill_pool(self, records: list[NodeRecord], p: reconcile.Plan) -> None:
         removed = {r.id for r, _ in p.remove}
-        pooled = sum(1 for r in records if r.role == "pooled" and r.id not in removed)
+        pooled = sum(1 for r in records if r.role == Role.POOLED and r.id not in removed)
         metrics.POOL_SIZE.labels(self.mid).set(pooled)
         missing = self.cfg.pool.size - pooled
         if missing > 0:
@@ -351,7 +349,7 @@ def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:
         if rec.id in forgotten:
             continue
         status = p.updates.get(rec.id, {}).get("status", rec.status)
-        key = "pooled" if rec.role == "pooled" else status
+        key = Role.POOLED if rec.role == Role.POOLED else status
         counts[key] = counts.get(key, 0) + 1
     for rec in p.adopt:
         counts[rec.status] = counts.get(rec.status, 0) + 1
@@ -359,7 +357,7 @@ def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:
 
 
 def _clear_leader_gauges(mid: str) -> None:
-    for status in (*NodeStatus.ALL, "pooled"):
+    for status in (*NodeStatus, Role.POOLED):
         metrics.clear(metrics.NODES, mid, status)
     for g in (metrics.REPLICAS, metrics.POOL_SIZE):
         metrics.clear(g, mid)

@@ -61,8 +61,8 @@ async def list_nodes(request: Request) -> Response:
     rt = _admin(request)
     mid = request.query_params.get("manager_id")
     status = request.query_params.get("status")
-    if status is not None and status not in NodeStatus.ALL:
-        raise BadRequest(f"unknown status {status!r}; one of {', '.join(NodeStatus.ALL)}")
+    if status is not None and status not in tuple(NodeStatus):
+        raise BadRequest(f"unknown status {status!r}; one of {', '.join(NodeStatus)}")
     min_idle = _int_param(request, "min_idle_seconds", 0, 0, 10**9)
     limit = _int_param(request, "limit", 100, 1, 1000)
     offset = _int_param(request, "offset", 0, 0, 10**9)

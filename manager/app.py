@@ -30,7 +30,7 @@ from manager.routes import json_response
 from manager.runtime import Runtime
 from shared import __version__
 from shared.config import Config
-from shared.docker_backend import DockerBackend
+from shared.engines import open_backend
 from shared.errors import ManagerError
 from shared.keys import Keys
 from shared.models import ReplicaInfo
@@ -171,7 +171,7 @@ def create_app(cfg: Config) -> ManagerApp:
         redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds, cfg.redis.sentinels,
                         cfg.redis.sentinel_master)
         store = Store(redis, Keys(cfg.redis.key_prefix), cfg.events.stream_maxlen)
-        backend = DockerBackend(cfg.docker_host, cfg.docker_threads, cfg.node.port, cfg.node.publish_host)
+        backend = open_backend(cfg)
         limits = httpx.Limits(max_connections=cfg.proxy.max_connections,
                               max_keepalive_connections=cfg.proxy.max_connections, keepalive_expiry=30)
         http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.proxy.timeout_seconds,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from shared.config import Config
-from shared.docker_backend import DockerBackend
+from shared.backend import NodeBackend
 from shared.models import NodeRecord, ReplicaInfo
 from shared.store import Store
 
@@ -19,7 +19,7 @@ class NodeOps:
 
     cfg: Config
     store: Store
-    backend: DockerBackend
+    backend: NodeBackend
     http: httpx.AsyncClient  # probes nodes and forwards to other replicas
     replica: ReplicaInfo
     # node id -> the restart in progress, so concurrent callers share one restart

@@ -17,7 +17,7 @@ import httpx
 
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.docker_backend import LABEL_CLIENT, LABEL_CREATED, LABEL_MANAGER, LABEL_REPLICA, LABEL_ROLE
+from shared.backend import NewNode
 from shared.errors import (
     ContainerGone,
     EngineError,
@@ -29,7 +29,7 @@ from shared.errors import (
     NodeTimeout,
     Unavailable,
 )
-from shared.models import NODE_SECRET_HEADER, Event, NodeRecord, NodeStatus
+from shared.models import NODE_SECRET_HEADER, Event, NodeRecord, NodeStatus, Role
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +61,16 @@ async def wait_ready(ops: NodeOps, rec: NodeRecord, deadline: float) -> bool:
         if time.monotonic() >= next_inspect:
             next_inspect = time.monotonic() + 0.5
             info = await ops.backend.inspect(rec.id)
-            if info.status in ("exited", "dead"):
+            if info.status in (NodeStatus.EXITED, NodeStatus.DEAD):
                 raise NodeTimeout(f"Node creation failed: the container {info.status}")
-            if info.port and info.port != rec.port:
-                rec.port = info.port
+            if info.port and info.address != (rec.host, rec.port):
+                rec.host, rec.port = info.address
         await asyncio.sleep(interval)
     return False
 
 
-def _labels(ops: NodeOps, role: str, client: str) -> dict[str, str]:
-    labels = {LABEL_MANAGER: ops.manager_id, LABEL_ROLE: role, LABEL_CREATED: f"{time.time():.3f}",
-              LABEL_REPLICA: ops.replica.replica_id}
-    if client:
-        labels[LABEL_CLIENT] = client
-    return labels
-
-
-async def create_node(ops: NodeOps, *, role: str = "node", client: str = "", reservation: str | None = None,
-                      command: list[str] | None = None) -> NodeRecord:
+async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
+                      reservation: str | None = None) -> NodeRecord:
     """Create a node on this engine, record it, and return once it answers.
 
     The container is created before it is started and recorded in between: a replica that
@@ -93,28 +85,28 @@ async def create_node(ops: NodeOps, *, role: str = "node", client: str = "", res
     outcome = "error"
     secret = secrets.token_urlsafe(32)
     try:
-        node_id = await ops.backend.create_node(
-            cfg.node.creation_kwargs, _labels(ops, role, client), cfg.node.device_requests, command=command,
-            read_only_workspace=cfg.node.workspace_path if cfg.node.read_only_root else "", secret=secret)
+        node_id = await ops.backend.create(NewNode(owner=ops.manager_id, role=role, client=client, secret=secret,
+                                                   replica_id=ops.replica.replica_id, created_at=time.time()))
         now = time.time()
         rec = NodeRecord(id=node_id, short_id=node_id[:12], manager_id=ops.manager_id,
-                         status=NodeStatus.CREATING, host=cfg.node.advertise_host, created_at=now,
+                         status=NodeStatus.CREATING, created_at=now,
                          updated_at=now, last_request_at=now, replica_id=ops.replica.replica_id, role=role,
                          client=client, image=str(cfg.node.creation_kwargs.get("image", "")), secret=secret)
         await ops.store.put_node(rec, replace_member=reservation)
         reservation = None
         await ops.store.publish(Event(type="created", node_id=node_id, manager_id=ops.manager_id,
                                      replica_id=ops.replica.replica_id))
-        rec.port = await ops.backend.start(node_id)
+        rec.host, rec.port = await ops.backend.start(node_id)
         # status stays "creating" until the node answers: the checker removes records stuck in it
-        await ops.store.update_node(node_id, port=rec.port)
+        await ops.store.update_node(node_id, host=rec.host, port=rec.port)
         if not await wait_ready(ops, rec, deadline):
             outcome = "timeout"
             raise NodeTimeout("Node creation timeout!")
         # readiness is ours (ready_at); `health` stays Docker's HEALTHCHECK state, synced by the checker
         rec.ready_at = time.time()
         rec.status = NodeStatus.RUNNING
-        await ops.store.update_node(node_id, ready_at=rec.ready_at, port=rec.port, status=rec.status)
+        await ops.store.update_node(node_id, ready_at=rec.ready_at, host=rec.host, port=rec.port,
+                                    status=rec.status)
         await ops.store.publish(Event(type="ready", node_id=node_id, manager_id=ops.manager_id,
                                      replica_id=ops.replica.replica_id))
         outcome = "ready"
@@ -171,11 +163,11 @@ async def restart_node(ops: NodeOps, node_id: str, *, reason: str = "reconnect")
     await ops.store.update_node(node_id, status=NodeStatus.RESTARTING, ready_at=0)
     ops.forget_address(node_id)
     try:
-        rec.port = await ops.backend.restart(node_id, timeout=ops.cfg.node.stop_timeout_seconds)
+        rec.host, rec.port = await ops.backend.restart(node_id, timeout=ops.cfg.node.stop_timeout_seconds)
     except ContainerGone:
         raise await _gone(ops, rec) from None
     rec.status = NodeStatus.RUNNING
-    await ops.store.update_node(node_id, status=NodeStatus.RUNNING, port=rec.port)
+    await ops.store.update_node(node_id, status=NodeStatus.RUNNING, host=rec.host, port=rec.port)
     # other replicas drop their cached (old) port at once
     await ops.store.publish(Event(type="restarted", node_id=node_id, manager_id=rec.manager_id,
                                  replica_id=ops.replica.replica_id, detail=reason))
@@ -229,8 +221,8 @@ async def node_detail(ops: NodeOps, node_id: str) -> dict[str, Any]:
     try:
         info = await ops.backend.inspect(node_id)
         out["container"] = {"status": info.status, "health": info.health, "port": info.port,
-                            "image": info.image, "labels": info.labels}
-        if info.status == "running":
+                            "image": info.image, "labels": info.meta}
+        if info.status == NodeStatus.RUNNING:
             out["stats"] = await ops.backend.stats(node_id)
     except ContainerGone:
         out["container"] = None
@@ -248,10 +240,10 @@ async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
         # only the engine's word that the container does not exist ends a session; an engine
         # that cannot be reached (EngineUnavailable) is a passing fault, answered 503
         info = None
-    if info is not None and info.status == "running" and info.port:
-        if info.port != rec.port or rec.status != NodeStatus.RUNNING:
-            rec.port, rec.status = info.port, NodeStatus.RUNNING
-            await ops.store.update_node(node_id, port=info.port, status=NodeStatus.RUNNING)
+    if info is not None and info.status == NodeStatus.RUNNING and info.port:
+        if info.address != (rec.host, rec.port) or rec.status != NodeStatus.RUNNING:
+            (rec.host, rec.port), rec.status = info.address, NodeStatus.RUNNING
+            await ops.store.update_node(node_id, host=rec.host, port=rec.port, status=NodeStatus.RUNNING)
         if await wait_ready(ops, rec, time.monotonic() + ops.cfg.node.creation_wait_seconds):
             return rec
         raise NodeNotResponding()

@@ -16,12 +16,10 @@ from collections.abc import Awaitable, Callable
 from nodeops import lifecycle
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.models import Event, NodeRecord
+from shared.models import Event, NodeRecord, Role
 
 log = logging.getLogger(__name__)
 
-ROLE_POOLED = "pooled"
-ROLE_CLAIMING = "claiming"
 FILL_CONCURRENCY = 4
 
 
@@ -49,9 +47,9 @@ async def claim(ops: NodeOps, client: str = "") -> NodeRecord | None:
 
 async def delivered(ops: NodeOps, rec: NodeRecord) -> None:
     """The client has its cookie: the node is an ordinary session from now on."""
-    if rec.role == ROLE_CLAIMING:
-        await ops.store.update_node(rec.id, role="node")
-        rec.role = "node"
+    if rec.role == Role.CLAIMING:
+        await ops.store.update_node(rec.id, role=Role.NODE)
+        rec.role = Role.NODE
 
 
 async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
@@ -66,7 +64,7 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
         async with sem:
             if not allowed():
                 return
-            rec = await lifecycle.create_node(ops, role=ROLE_POOLED)
+            rec = await lifecycle.create_node(ops, role=Role.POOLED)
             if not await offer(rec):
                 await ops.backend.remove(rec.id)
                 await ops.store.delete_node(rec)

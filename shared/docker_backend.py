@@ -1,6 +1,6 @@
-"""The only module that talks to a Docker engine.
+"""The Docker engine as a NodeBackend: the only module that knows Docker's words.
 
-The SDK is blocking, so every call runs in this backend's own bounded thread pool:
+Labels, label filters, state names and port bindings stay in here. The SDK is blocking, so every call runs in this backend's own bounded thread pool:
 a slow engine cannot starve the event loop or Starlette's threads. SDK errors are
 mapped to ours at one boundary (``_call``).
 """
@@ -23,8 +23,10 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, Mount
 
+from shared.backend import Address, NewNode, NodeBackend, NodeInfo
+from shared.config import Config
 from shared.errors import ContainerGone, EngineError, EngineUnavailable
-from shared.models import ContainerInfo
+from shared.models import NodeStatus, Role
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +40,9 @@ LABEL_CLIENT = LABEL_PREFIX + "client"
 LABEL_PORT = LABEL_PREFIX + "node_port"
 LABEL_PROJECT = LABEL_PREFIX + "project"
 SECRET_ENV = "NODE_SECRET"  # how the reference node (node/app/auth.py) receives its secret
+# Docker's container states are ours by the same names; one the engine adds later passes as is
+_STATES = {s.value: s for s in (NodeStatus.CREATED, NodeStatus.RUNNING, NodeStatus.PAUSED, NodeStatus.RESTARTING,
+                                NodeStatus.REMOVING, NodeStatus.EXITED, NodeStatus.DEAD)}
 API_VERSION = "1.41"  # Debian bookworm's dockerd; newer engines still serve it
 
 # run()-only or handled-by-us keys of XAgent's creation_kwargs
@@ -70,16 +75,28 @@ def _parse_time(value: str) -> float:
     return base + float("0." + (m.group(2) or "0"))
 
 
-class DockerBackend:
-    """Async facade over one Docker engine."""
+def _state(value: str) -> str:
+    return _STATES.get(value, value)
 
-    def __init__(self, docker_host: str = "", threads: int = 8, node_port: int = 31942,
-                 publish_host: str = "127.0.0.1", timeout: int = 60) -> None:
-        self.docker_host = docker_host
-        self.node_port = node_port
-        self.publish_host = publish_host
+
+def _owner_filter(owner: str, role: str | None = None) -> list[str]:
+    return [f"{LABEL_MANAGER}={owner}"] + ([f"{LABEL_ROLE}={role}"] if role else [])
+
+
+class DockerBackend(NodeBackend):
+    """One Docker engine, configured by the node section of the config."""
+
+    def __init__(self, cfg: Config, timeout: int = 60) -> None:
+        n = cfg.node
+        self.docker_host = cfg.docker_host
+        self.node_port = n.port
+        self.publish_host = n.publish_host
+        self.advertise_host = n.advertise_host
+        self._creation_kwargs = n.creation_kwargs
+        self._device_requests = n.device_requests
+        self._read_only_workspace = n.workspace_path if n.read_only_root else ""
         self._timeout = timeout
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="docker")
+        self._pool = ThreadPoolExecutor(max_workers=cfg.docker_threads, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
 
     @property
@@ -91,12 +108,6 @@ class DockerBackend:
             else:
                 self._client = docker.from_env(**kw)
         return self._client
-
-    async def __aenter__(self) -> "DockerBackend":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -114,18 +125,22 @@ class DockerBackend:
         await self._call(self.client.api.ping)
 
     # --- containers -----------------------------------------------------------
-    async def create_node(self, creation_kwargs: dict[str, Any], labels: dict[str, str],
-                          device_requests: list[dict[str, Any]] | None = None,
-                          command: list[str] | str | None = None, read_only_workspace: str = "",
-                          secret: str = "") -> str:
+    async def create(self, node: NewNode) -> str:
         """Create (not start) a node container with its labels and published port; return its id.
 
         The secret reaches the node as NODE_SECRET in its environment (never in a label: labels
         are listed by anyone who lists containers, and shown by the admin API).
 
-        With read_only_workspace, the root filesystem is read-only and only that path (an
+        With node.read_only_root, the root filesystem is read-only and only the workspace (an
         anonymous volume, kept across restarts, removed with the node) and /tmp are writable.
         """
+        creation_kwargs = self._creation_kwargs
+        device_requests = self._device_requests
+        read_only_workspace = self._read_only_workspace
+        labels = {LABEL_MANAGER: node.owner, LABEL_ROLE: node.role, LABEL_CREATED: f"{node.created_at:.3f}",
+                  LABEL_REPLICA: node.replica_id}
+        if node.client:
+            labels[LABEL_CLIENT] = node.client
         kwargs = {k: v for k, v in creation_kwargs.items() if k not in _DROP_KWARGS}
         if read_only_workspace:
             kwargs["read_only"] = True
@@ -138,13 +153,11 @@ class DockerBackend:
         kwargs["ports"] = {f"{self.node_port}/tcp": (self.publish_host, None)}
         if device_requests:
             kwargs["device_requests"] = [DeviceRequest(**r) for r in device_requests]
-        if command is not None:
-            kwargs["command"] = command
-        if secret:
+        if node.secret:
             env = kwargs.get("environment") or {}
             if isinstance(env, list):
                 env = dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
-            kwargs["environment"] = {**env, SECRET_ENV: secret}
+            kwargs["environment"] = {**env, SECRET_ENV: node.secret}
 
         def create() -> str:
             # the high-level call translates docker-py's run() kwargs (mem_limit, cap_drop, ...)
@@ -152,8 +165,8 @@ class DockerBackend:
 
         return await self._call(create)
 
-    async def start(self, node_id: str) -> int:
-        """Start a container and return the host port its node port is published on."""
+    async def start(self, node_id: str) -> Address:
+        """Start a container; its node port is published on a host port the engine picks."""
         for attempt in range(3):
             try:
                 await self._call(self.client.api.start, node_id)
@@ -165,11 +178,11 @@ class DockerBackend:
                         "external connectivity" not in exc.detail:
                     raise
                 log.warning("node_start_retry node_id=%s error=%s", node_id[:12], exc.detail[:120])
-        return (await self.inspect(node_id)).port
+        return (await self.inspect(node_id)).address
 
-    async def restart(self, node_id: str, timeout: int = 5) -> int:
+    async def restart(self, node_id: str, timeout: int = 5) -> Address:
         await self._call(self.client.api.restart, node_id, timeout=timeout)
-        return (await self.inspect(node_id)).port
+        return (await self.inspect(node_id)).address
 
     async def stop(self, node_id: str, timeout: int = 5) -> None:
         await self._call(self.client.api.stop, node_id, timeout=timeout)
@@ -186,20 +199,22 @@ class DockerBackend:
             raise
         return True
 
-    async def inspect(self, node_id: str) -> ContainerInfo:
+    def _info(self, cid: str, status: str, health: str, labels: dict[str, str], created: float, port: int,
+              image: str) -> NodeInfo:
+        return NodeInfo(id=cid, owner=labels.get(LABEL_MANAGER, ""), role=labels.get(LABEL_ROLE, Role.NODE),
+                        status=_state(status), health=health, created=created, host=self.advertise_host,
+                        port=port, replica_id=labels.get(LABEL_REPLICA, ""), client=labels.get(LABEL_CLIENT, ""),
+                        image=image, meta=labels)
+
+    async def inspect(self, node_id: str) -> NodeInfo:
         data = await self._call(self.client.api.inspect_container, node_id)
         state = data.get("State") or {}
         ports = ((data.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{self.node_port}/tcp") or []
         labels = (data.get("Config") or {}).get("Labels") or {}
-        return ContainerInfo(
-            id=data["Id"],
-            status=state.get("Status", "unknown"),
-            health=((state.get("Health") or {}).get("Status")) or "none",
-            labels=labels,
-            created=float(labels.get(LABEL_CREATED) or _parse_time(data.get("Created", ""))),
-            port=int(ports[0]["HostPort"]) if ports else 0,
-            image=(data.get("Config") or {}).get("Image", ""),
-        )
+        return self._info(data["Id"], state.get("Status", "unknown"),
+                          ((state.get("Health") or {}).get("Status")) or "none", labels,
+                          float(labels.get(LABEL_CREATED) or _parse_time(data.get("Created", ""))),
+                          int(ports[0]["HostPort"]) if ports else 0, (data.get("Config") or {}).get("Image", ""))
 
     async def node_secret(self, node_id: str) -> str:
         """The secret a node was created with, from the container's own config ("" if none)."""
@@ -209,9 +224,9 @@ class DockerBackend:
                 return str(item[len(SECRET_ENV) + 1:])
         return ""
 
-    async def list_nodes(self, label_filters: list[str]) -> list[ContainerInfo]:
-        """One engine call: every container (any state) matching all the label filters."""
-        raw = await self._call(self.client.api.containers, all=True, filters={"label": label_filters})
+    async def list(self, owner: str, role: str | None = None) -> list[NodeInfo]:
+        """One engine call: every container (any state) of owner, optionally of one role."""
+        raw = await self._call(self.client.api.containers, all=True, filters={"label": _owner_filter(owner, role)})
         out = []
         for c in raw:
             labels = c.get("Labels") or {}
@@ -226,11 +241,8 @@ class DockerBackend:
                 if f"({h})" in status_text:
                     health = h.replace("health: ", "")
                     break
-            out.append(ContainerInfo(
-                id=c["Id"], status=c.get("State", "unknown"), health=health, labels=labels,
-                created=float(labels.get(LABEL_CREATED) or c.get("Created") or 0), port=port,
-                image=c.get("Image", ""),
-            ))
+            out.append(self._info(c["Id"], c.get("State", "unknown"), health, labels,
+                                  float(labels.get(LABEL_CREATED) or c.get("Created") or 0), port, c.get("Image", "")))
         return out
 
     async def stats(self, node_id: str) -> dict[str, Any]:
@@ -248,14 +260,14 @@ class DockerBackend:
         return {k: raw.get(k) for k in ("Name", "ServerVersion", "Containers", "ContainersRunning",
                                          "ContainersStopped", "NCPU", "MemTotal")}
 
-    def events(self, label_filters: list[str], stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
-        """Blocking generator of container events (run it in a thread); ends when stop() is true."""
+    def changes(self, owner: str, stop: Callable[[], bool]) -> Iterator[None]:
+        """Blocking generator, one item per container event of owner (run it in a thread)."""
         since = time.time()
         while not stop():
             with docker_errors():
                 stream = self.client.api.events(since=since, decode=True,
-                                                filters={"type": "container", "label": label_filters},
+                                                filters={"type": "container", "label": _owner_filter(owner)},
                                                 until=time.time() + 1.0)
                 for ev in stream:
                     since = max(since, float(ev.get("time", since)))
-                    yield ev
+                    yield None

@@ -6,6 +6,7 @@ other's during a rolling upgrade.
 
 from __future__ import annotations
 
+import enum
 import time
 from typing import Any
 
@@ -15,17 +16,25 @@ import msgspec
 NODE_SECRET_HEADER = "x-node-secret"  # carries NodeRecord.secret from the manager to the node
 
 
-class NodeStatus:
-    """Values of NodeRecord.status: Docker's container states plus our own."""
+class NodeStatus(enum.StrEnum):
+    """A node's state: the engine's view (created ... dead) plus the record's own two."""
 
-    CREATING = "creating"  # created by a replica, not yet answering
+    CREATING = "creating"  # record only: created by a replica, not yet answering
     RUNNING = "running"
     EXITED = "exited"
     RESTARTING = "restarting"
     PAUSED = "paused"
     DEAD = "dead"
-    RELEASED = "released"  # release requested; the container is being removed
-    ALL = (CREATING, RUNNING, EXITED, RESTARTING, PAUSED, DEAD, RELEASED, "created", "removing")
+    RELEASED = "released"  # record only: release requested, the container is being removed
+    CREATED = "created"  # created, never started
+    REMOVING = "removing"
+
+
+class Role(enum.StrEnum):
+    NODE = "node"  # a client's session
+    POOLED = "pooled"  # ready in the warm pool
+    CLAIMING = "claiming"  # taken from the pool, cookie not yet delivered
+    TEST = "test"  # made by tests; removed when a checker takes the lease
 
 
 class NodeRecord(msgspec.Struct, kw_only=True):
@@ -45,7 +54,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     stopped_at: float = 0.0  # when it was last seen exited (for GC)
     claimed_at: float = 0.0  # when a replica claimed it from the pool
     replica_id: str = ""  # the replica that created it
-    role: str = "node"  # node | pooled | claiming | test
+    role: str = Role.NODE
     client: str = ""  # client identity for per-client quotas
     image: str = ""
     # what the node requires in NODE_SECRET_HEADER; also in the container's own config, so the
@@ -75,18 +84,6 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         clean = {_s(k): _s(v) for k, v in data.items()}
         clean = {k: v for k, v in clean.items() if k in cls.__struct_fields__}
         return msgspec.convert(clean, cls, strict=False)
-
-
-class ContainerInfo(msgspec.Struct, kw_only=True):
-    """What the engine says about one project container, from a single list call."""
-
-    id: str
-    status: str  # Docker State: created, running, exited, ...
-    health: str  # healthy, unhealthy, starting, or "none"
-    labels: dict[str, str]
-    created: float
-    port: int = 0  # published host port of the node port, 0 when not published
-    image: str = ""
 
 
 class ReplicaInfo(msgspec.Struct, kw_only=True):

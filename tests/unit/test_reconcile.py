@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from checker.reconcile import Limits, plan
-from shared.docker_backend import LABEL_ROLE
-from shared.models import ContainerInfo, NodeRecord
+from shared.backend import NodeInfo
+from shared.models import NodeRecord
 
 NOW = 1_000_000.0
 LIMITS = Limits(idle_seconds=600, idle_grace_seconds=60, exited_gc_seconds=3600, stuck_creation_seconds=120)
@@ -16,16 +16,17 @@ def rec(i: str, **kw: object) -> NodeRecord:
     return NodeRecord(**base)  # type: ignore[arg-type]
 
 
-def cont(i: str, status: str = "running", **kw: object) -> ContainerInfo:
-    base = dict(id=i, status=status, health="none", labels={}, created=NOW - 1000, port=1000)
+def cont(i: str, status: str = "running", **kw: object) -> NodeInfo:
+    base = dict(id=i, owner="m", role="node", status=status, health="none", created=NOW - 1000,
+                host="127.0.0.1", port=1000)
     base.update(kw)
-    return ContainerInfo(**base)  # type: ignore[arg-type]
+    return NodeInfo(**base)  # type: ignore[arg-type]
 
 
 def run(records, containers, last=None, members=None):  # type: ignore[no-untyped-def]
     """last: node id -> last request time; turned into the idle set the range query returns."""
     idle = {i for i, t in (last or {}).items() if NOW - t > LIMITS.idle_seconds}
-    return plan("m", members or [r.id for r in records], records, containers, idle, NOW, LIMITS, "127.0.0.1")
+    return plan("m", members or [r.id for r in records], records, containers, idle, NOW, LIMITS)
 
 
 def test_record_without_container_is_forgotten() -> None:
@@ -70,7 +71,7 @@ def test_released_record_is_removed_again() -> None:
 
 def test_containers_without_record_are_adopted_or_removed() -> None:
     p = run([], [cont("run", port=3000), cont("ex", "exited"), cont("new", "created", created=NOW - 5),
-                 cont("stale", "created", created=NOW - 500), cont("t", labels={LABEL_ROLE: "test"}),
+                 cont("stale", "created", created=NOW - 500), cont("t", role="test"),
                  cont("young", created=NOW - 1)])  # may be mid-creation: its record is on the way
     adopted = {r.id: r for r in p.adopt}
     assert set(adopted) == {"run", "ex"}
@@ -94,5 +95,5 @@ def test_unwatched_nodes_are_stopped_when_configured() -> None:
                     unwatched_seconds=30)
     recs = [rec("a"), rec("b"), rec("c")]
     p = plan("m", ["a", "b", "c"], recs, [cont("a"), cont("b"), cont("c")], set(), NOW,
-             limits, "127.0.0.1", {"a": NOW - 31, "b": NOW - 5})
+             limits, {"a": NOW - 31, "b": NOW - 5})
     assert [r.id for r in p.idle_stop] == ["a"]

@@ -1,0 +1,115 @@
+"""The NodeBackend interface: what node operations ask of a container engine, in our terms.
+
+Owner (manager_id), role, a status from NodeStatus, an address to reach the node at:
+nothing here names a label, a filter or an engine's state word. The Docker engine is
+the one implementation (shared/docker_backend.py); a second engine is a module that
+implements this class, added to shared/engines.py. The shape follows JupyterHub's
+Proxy (a few abstract coroutines) and dockerspawner's create_object/remove_object.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import msgspec
+
+from shared.models import NodeStatus, Role
+
+__all__ = ["Address", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role"]
+
+
+class Address(NamedTuple):
+    """Where a node's HTTP port is reached from the replicas."""
+
+    host: str
+    port: int
+
+
+class NewNode(msgspec.Struct, kw_only=True):
+    """What a node is created with, besides the engine's own settings from the config."""
+
+    owner: str  # manager_id
+    role: str
+    replica_id: str  # the replica that creates it
+    created_at: float
+    client: str = ""
+    secret: str = ""  # the node requires it on every request; kept by the engine, never in a label
+
+
+class NodeInfo(msgspec.Struct, kw_only=True):
+    """What the engine says about one of our nodes."""
+
+    id: str
+    owner: str
+    role: str
+    status: str  # a NodeStatus; a state the engine names that we do not know passes as it is
+    health: str  # healthy, unhealthy, starting, or "none" when the image has no health check
+    created: float
+    host: str = ""  # where the node is reached (with port)
+    port: int = 0  # 0 when not reachable (not running)
+    replica_id: str = ""
+    client: str = ""
+    image: str = ""
+    meta: dict[str, str] = msgspec.field(default_factory=dict)  # engine metadata, shown to admins as is
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port)
+
+
+class NodeBackend(abc.ABC):
+    """One container engine, driven asynchronously."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise EngineUnavailable unless the engine answers."""
+
+    @abc.abstractmethod
+    async def create(self, node: NewNode) -> str:
+        """Create (not start) a node; return its id."""
+
+    @abc.abstractmethod
+    async def start(self, node_id: str) -> Address:
+        """Start a node; return where it is reached."""
+
+    @abc.abstractmethod
+    async def restart(self, node_id: str, timeout: int = 5) -> Address:
+        """Restart (or start) a node; return where it is reached."""
+
+    @abc.abstractmethod
+    async def stop(self, node_id: str, timeout: int = 5) -> None:
+        """Stop a node, keeping it for a later restart."""
+
+    @abc.abstractmethod
+    async def remove(self, node_id: str) -> bool:
+        """Kill and remove a node; False when it was already gone."""
+
+    @abc.abstractmethod
+    async def inspect(self, node_id: str) -> NodeInfo:
+        """One node; ContainerGone when the engine has no such node."""
+
+    @abc.abstractmethod
+    async def node_secret(self, node_id: str) -> str:
+        """The secret a node was created with ("" when none), to rebuild a lost record."""
+
+    @abc.abstractmethod
+    async def list(self, owner: str, role: str | None = None) -> list[NodeInfo]:
+        """Every node of owner (any status), optionally of one role: one engine call."""
+
+    @abc.abstractmethod
+    async def stats(self, node_id: str) -> dict[str, Any]:
+        """Memory, CPU and process counts of a running node."""
+
+    @abc.abstractmethod
+    async def info(self) -> dict[str, Any]:
+        """Facts about the engine for cluster-wide reads."""
+
+    @abc.abstractmethod
+    def changes(self, owner: str, stop: Callable[[], bool]) -> Iterator[None]:
+        """Blocking: yields whenever a node of owner changes, until stop() (run it in a thread)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the engine's clients and threads."""
