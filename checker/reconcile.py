@@ -76,9 +76,11 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
             p.remove.append((rec, "pooled node past its maximum age"))
             continue
         changed: dict[str, str] = {}
-        # a record mid-transition (creating, restarting) is the creating flow's to finish
-        if status != rec.status and not (rec.status in (NodeStatus.CREATING, NodeStatus.RESTARTING)
-                                         and status == NodeStatus.RUNNING):
+        # a record mid-transition (creating, restarting) is the creating flow's to finish; a creation
+        # seen between the engine's create and start ("created") must stay "creating", or the
+        # stuck-creation rule below could never remove it when its replica dies
+        if status != rec.status and rec.status != NodeStatus.CREATING and not (
+                rec.status == NodeStatus.RESTARTING and status == NodeStatus.RUNNING):
             changed["status"] = status
             if status == NodeStatus.EXITED:
                 changed["stopped_at"] = f"{now:.3f}"

@@ -50,6 +50,13 @@ def test_creating_record_is_left_to_its_flow_until_stuck() -> None:
     assert [(r.id, why) for r, why in run([old], [cont("b")]).remove] == [("b", "stuck in creation")]
 
 
+def test_creation_seen_before_its_start_stays_creating_and_is_removed_when_stuck() -> None:
+    young = rec("a", status="creating", ready_at=0, created_at=NOW - 10)
+    assert not run([young], [cont("a", "created", port=0)]).updates  # not "created": it would never be stuck
+    old = rec("b", status="creating", ready_at=0, created_at=NOW - 500)
+    assert [why for _, why in run([old], [cont("b", "created", port=0)]).remove] == ["stuck in creation"]
+
+
 def test_idle_nodes_are_stopped_after_grace() -> None:
     p = run([rec("a"), rec("b")], [cont("a"), cont("b")], {"a": NOW - 601, "b": NOW - 10})
     assert [r.id for r in p.idle_stop] == ["a"]
