@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import sys
 import time
@@ -17,15 +16,13 @@ from shared import __version__
 from shared.config import Config, load_config
 from shared.engines import open_backend
 from shared.errors import ConfigError
-from shared.keys import Keys
 from shared.logs import setup_logging
 from shared.models import ReplicaInfo
-from shared.store import Store, connect
+from shared.store import Store
 
 
 async def _run(cfg: Config) -> None:
-    redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds, cfg.redis.sentinels, cfg.redis.sentinel_master)
-    store = Store(redis, Keys(cfg.redis.key_prefix), cfg.events.stream_maxlen)
+    store = Store.open(cfg)
     backend = open_backend(cfg)
     async with httpx.AsyncClient(trust_env=False) as http:
         # the same node operations a manager runs, so pooled nodes are created exactly as sessions are
@@ -38,8 +35,7 @@ async def _run(cfg: Config) -> None:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(checker.stop()))
         await checker.run()
     await backend.close()
-    with contextlib.suppress(Exception):
-        await redis.aclose()
+    await store.close()
 
 
 def main(argv: list[str] | None = None) -> None:

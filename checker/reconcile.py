@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.backend import NodeInfo
+from shared.keys import is_reservation, reservation_time
 from shared.models import NodeRecord, NodeStatus, Role
 
 
@@ -36,13 +37,6 @@ class Plan:
     stale_reservations: list[str] = field(default_factory=list)
 
 
-def _reservation_time(member: str) -> float:
-    try:
-        return float(member.split(":")[1])
-    except (IndexError, ValueError):
-        return 0.0
-
-
 def plan(manager_id: str, members: list[str], records: list[NodeRecord], containers: list[NodeInfo],
          idle: set[str], now: float, limits: Limits,
          watchers_left: dict[str, float] | None = None) -> Plan:
@@ -55,7 +49,7 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
     by_id = {c.id: c for c in containers}
     recorded = {r.id for r in records}
     for m in members:
-        if m.startswith("pending:") and now - _reservation_time(m) > limits.stuck_creation_seconds:
+        if is_reservation(m) and now - reservation_time(m) > limits.stuck_creation_seconds:
             p.stale_reservations.append(m)
     for rec in records:
         c = by_id.get(rec.id)

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
 
 from checker import reconcile
 from checker.lease import Lease
@@ -22,7 +21,8 @@ from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
 from shared.models import Event, NodeRecord, NodeStatus, Role
-from shared.store import RESERVATION_PREFIX
+from shared.keys import is_reservation
+from shared.store import Op
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Checker:
         log.info("stop_after_exit manager_id=%s", self.mid)
 
     # --- acting (lease holder only) -------------------------------------------
-    async def _fenced(self, ops: list[tuple[str, str, list[Any]]]) -> None:
+    async def _fenced(self, ops: list[Op]) -> None:
         if ops and not await self.store.fenced(self.mid, self.lease.holder, self.lease.token or 0, ops):
             raise LeaseLost()
 
@@ -192,21 +192,20 @@ class Checker:
     async def cycle(self) -> reconcile.Plan:
         """One reconcile pass: records first, then one label-filtered list of the engine."""
         t0 = time.perf_counter()
-        k = self.store.keys
         members = await self.store.manager_node_ids(self.mid)
-        records = await self._records([m for m in members if not m.startswith(RESERVATION_PREFIX)])
+        records = await self._records([m for m in members if not is_reservation(m)])
         idle = set(await self.store.idle_nodes(self.mid, time.time() - self.cfg.node.idling_close_minutes * 60))
         watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
         containers = await self.backend.list(self.mid)
         now = time.time()
         p = reconcile.plan(self.mid, members, records, containers, idle, now, self.limits(), watchers)
-        ops: list[tuple[str, str, list[Any]]] = []
-        ev = self.store.event_op
+        store = self.store
+        ops: list[Op] = []
+        ev = store.event_op
         holder = self.lease.holder
         for node_id, fields in p.updates.items():
-            args: list[Any] = [x for kv in fields.items() for x in kv] + ["updated_at", f"{now:.3f}"]
-            ops.append(("hset_xx", k.node(node_id), args))
+            ops.append(store.update_op(node_id, fields, now))
             if fields.get("status") == NodeStatus.EXITED:
                 ops.append(ev(Event(type="stopped", node_id=node_id, manager_id=self.mid, replica_id=holder,
                                     detail="seen exited")))
@@ -214,7 +213,7 @@ class Checker:
             ops.append(ev(Event(type="health", node_id=node_id, manager_id=self.mid, replica_id=holder,
                                 detail=health)))
         for rec in p.forget:
-            ops += self._delete_ops(rec)
+            ops += store.delete_ops(rec)
             ops.append(ev(Event(type="removed", node_id=rec.id, manager_id=self.mid, replica_id=holder,
                                 detail="container gone")))
         for rec in p.adopt:
@@ -223,16 +222,13 @@ class Checker:
             with contextlib.suppress(ManagerError):
                 rec.secret = await self.backend.node_secret(rec.id)
         for rec in p.adopt:
-            # hset_nx: a creating flow that recorded the node meanwhile keeps its own record
-            ops += [("hset_nx", k.node(rec.id), [x for kv in rec.to_hash().items() for x in kv]),
-                    ("sadd", k.manager_nodes(self.mid), [rec.id]),
-                    ("zadd", k.last_request(self.mid), [f"{now:.3f}", rec.id]),
-                    ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder))]
+            ops += store.adopt_ops(rec, now)
+            ops.append(ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder)))
             if rec.role == Role.POOLED and rec.status == NodeStatus.RUNNING:
-                ops.append(("rpush", k.pool(self.mid), [rec.id]))
+                ops.append(store.pool_push_op(self.mid, rec.id))
         for m in p.stale_reservations:
-            ops.append(("srem", k.manager_nodes(self.mid), [m]))
-        ops.append(("hincrby", k.checker_stats(self.mid), [f"cycles:{self.lease.token}", 1]))
+            ops.append(store.unreserve_op(self.mid, m))
+        ops.append(store.cycle_count_op(self.mid, self.lease.token or 0))
         await self._fenced(ops)
 
         # engine actions, each confirmed by a fenced write; still the holder before each
@@ -281,24 +277,14 @@ class Checker:
         if not self.lease.held:
             raise LeaseLost()
 
-    def _delete_ops(self, rec: NodeRecord) -> list[tuple[str, str, list[Any]]]:
-        k = self.store.keys
-        ops: list[tuple[str, str, list[Any]]] = [
-            ("del", k.node(rec.id), []), ("del", k.watchers(rec.id), []), ("srem", k.manager_nodes(self.mid), [rec.id]),
-            ("zrem", k.last_request(self.mid), [rec.id]), ("lrem", k.pool(self.mid), [0, rec.id])]
-        if rec.client:
-            ops.append(("hincrby", k.client_count(), [rec.client, -1]))
-        return ops
-
     async def _act_idle_stop(self, rec: NodeRecord) -> None:
         self._check_held()
         with contextlib.suppress(ManagerError):
             await self.backend.stop(rec.id, timeout=self.cfg.node.stop_timeout_seconds)
         now = time.time()
         await self._fenced([
-            ("hset_xx", self.store.keys.node(rec.id), ["status", NodeStatus.EXITED, "health", "unhealthy",
-                                                       "ready_at", 0, "stopped_at", f"{now:.3f}",
-                                                       "updated_at", f"{now:.3f}"]),
+            self.store.update_op(rec.id, {"status": NodeStatus.EXITED, "health": "unhealthy", "ready_at": 0,
+                                          "stopped_at": f"{now:.3f}"}, now),
             self.store.event_op(Event(type="idle_stopped", node_id=rec.id, manager_id=self.mid,
                                       replica_id=self.lease.holder))])
         metrics.CHECKER_ACTIONS.labels(self.mid, "idle_stop").inc()
@@ -307,7 +293,7 @@ class Checker:
     async def _act_remove(self, rec: NodeRecord, why: str) -> None:
         self._check_held()
         await self.backend.remove(rec.id)
-        await self._fenced(self._delete_ops(rec) + [self.store.event_op(
+        await self._fenced(self.store.delete_ops(rec) + [self.store.event_op(
             Event(type="released", node_id=rec.id, manager_id=self.mid, replica_id=self.lease.holder,
                   detail=why))])
         metrics.CHECKER_ACTIONS.labels(self.mid, "remove").inc()
@@ -336,7 +322,7 @@ class Checker:
 
     async def _offer_pooled(self, rec: NodeRecord) -> bool:
         try:
-            await self._fenced([("rpush", self.store.keys.pool(self.mid), [rec.id])])
+            await self._fenced([self.store.pool_push_op(self.mid, rec.id)])
         except LeaseLost:
             return False
         return True

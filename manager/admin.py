@@ -11,7 +11,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from checker.lease import lease_view
 from manager import routes
 from manager.fanout import fan_out, replica_view
 from manager.runtime import Runtime
@@ -142,10 +141,8 @@ async def list_leases(request: Request) -> Response:
     mids = set(await rt.store.manager_ids()) | {r.manager_id for r in await rt.store.live_replicas()}
     out = []
     for mid in sorted(mids):
-        view = msgspec.structs.asdict(await lease_view(rt.store, mid))
-        stats = await rt.store.redis.hgetall(rt.store.keys.checker_stats(mid))
-        view["cycles_by_token"] = {k.decode().split(":", 1)[1]: int(v) for k, v in stats.items()
-                                   if k.startswith(b"cycles:")}
+        view = msgspec.structs.asdict(await rt.store.lease_view(mid))
+        view["cycles_by_token"] = await rt.store.checker_cycles(mid)
         out.append(view)
     return routes.json_response({"leases": out})
 

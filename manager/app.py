@@ -32,9 +32,8 @@ from shared import __version__
 from shared.config import Config
 from shared.engines import open_backend
 from shared.errors import ManagerError
-from shared.keys import Keys
 from shared.models import ReplicaInfo
-from shared.store import Store, connect
+from shared.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +167,7 @@ def create_app(cfg: Config) -> ManagerApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = connect(cfg.redis.url, cfg.redis.socket_timeout_seconds, cfg.redis.sentinels,
-                        cfg.redis.sentinel_master)
-        store = Store(redis, Keys(cfg.redis.key_prefix), cfg.events.stream_maxlen)
+        store = Store.open(cfg)
         backend = open_backend(cfg)
         limits = httpx.Limits(max_connections=cfg.proxy.max_connections,
                               max_keepalive_connections=cfg.proxy.max_connections, keepalive_expiry=30)
@@ -209,8 +206,7 @@ def create_app(cfg: Config) -> ManagerApp:
             app.state.proxy.close()
             await http.aclose()
             await backend.close()
-            with contextlib.suppress(Exception):
-                await redis.aclose()
+            await store.close()
             log.info("replica_stopped replica_id=%s", cfg.replica_id)
 
     app = Starlette(routes=build_routes(cfg), lifespan=lifespan, exception_handlers={

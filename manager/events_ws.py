@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_SILENT = 4408  # like HTTP 408: the client sent nothing for too long
 CLOSE_OVERFLOW = 4429  # the client reads too slowly; it may resume with the last event id
+CLOSE_UNAVAILABLE = 1013  # "try again later": Redis is unavailable
 
 
 class ClientMessage(msgspec.Struct):
@@ -83,11 +84,11 @@ async def events_socket(ws: WebSocket) -> None:
     sub = hub.subscribe(node_id, mid)
     gauge = metrics.WEBSOCKETS.labels("events")
     gauge.inc()
-    watch_key = rt.store.keys.watchers(node_id) if node_id else None
+    watched = False
     try:
-        if watch_key:
-            await rt.store.redis.hset(watch_key, mapping={"status": "alive", "since": time.time()})
-            await rt.store.redis.hincrby(watch_key, "count", 1)
+        if node_id:
+            await rt.store.watch_started(node_id)
+            watched = True
         await ws.send_text(enc({"status": "connect", "success": True, "message": "connect success",
                                 "data": data}).decode())
         last = ws.query_params.get("last_event_id")
@@ -96,15 +97,17 @@ async def events_socket(ws: WebSocket) -> None:
         await _serve(rt, ws, sub)
     except (WebSocketDisconnect, RuntimeError):
         pass
+    except ManagerError as exc:
+        # Redis went away mid-session: close cleanly, the client reconnects with its last event id
+        log.warning("events_socket_closed error=%s", exc.detail)
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close(code=CLOSE_UNAVAILABLE, reason=exc.detail[:120])
     finally:
         sub.close()
         gauge.dec()
-        if watch_key:
-            with contextlib.suppress(Exception):
-                left = await rt.store.redis.hincrby(watch_key, "count", -1)
-                if left <= 0:
-                    await rt.store.redis.hset(watch_key, mapping={"status": "close", "left_at": time.time(),
-                                                                  "count": 0})
+        if watched:
+            with contextlib.suppress(ManagerError):
+                await rt.store.watch_ended(node_id)
 
 
 async def _replay(rt: Runtime, ws: WebSocket, sub: Any, last: str) -> None:

@@ -66,3 +66,23 @@ class Keys:
     def watchers(self, node_id: str) -> str:
         """String 'alive'/'close': liveness of a session's event watchers, as XAgent's MainServer."""
         return f"{self.prefix}:watch:{node_id}"
+
+
+# A creation slot held in a manager's node set until the node's own id replaces it.
+RESERVATION_PREFIX = "pending:"
+
+
+def reservation_member(at: float, nonce: str) -> str:
+    return f"{RESERVATION_PREFIX}{at:.3f}:{nonce}"
+
+
+def is_reservation(member: str) -> bool:
+    return member.startswith(RESERVATION_PREFIX)
+
+
+def reservation_time(member: str) -> float:
+    """When a reservation was taken (0 when the member is not one)."""
+    try:
+        return float(member[len(RESERVATION_PREFIX):].split(":")[0]) if is_reservation(member) else 0.0
+    except ValueError:
+        return 0.0

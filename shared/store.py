@@ -20,9 +20,10 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from shared.config import Config
 from shared.errors import QuotaExceeded, RedisUnavailable
-from shared.keys import Keys
-from shared.models import Event, NodeRecord, ReplicaInfo
+from shared.keys import Keys, is_reservation, reservation_member
+from shared.models import Event, LeaseInfo, NodeRecord, ReplicaInfo
 
 # KEYS[1] node hash; ARGV: field, value, field, value...
 # Only update a record that still exists: a late write must not resurrect a released node.
@@ -60,44 +61,74 @@ end
 return n
 """
 
-# KEYS[1] manager's node set, KEYS[2] set of manager ids, KEYS[3] client count hash
+# KEYS[1] manager's node set, KEYS[2] set of manager ids, KEYS[3] client count hash,
+# KEYS[4..] the node set of every manager id in KEYS[2] (read just before; only for a total limit)
 # ARGV[1] reservation member, ARGV[2] per-manager limit (0 none), ARGV[3] total limit (0 none),
-# ARGV[4] key prefix, ARGV[5] client id ('' none), ARGV[6] per-client limit (0 none)
-# Check quotas and reserve a slot atomically, so parallel creations never overshoot.
+# ARGV[4] client id ('' none), ARGV[5] per-client limit (0 none)
+# Check quotas and reserve a slot atomically, so parallel creations never overshoot. The set
+# of manager ids only grows, so an unchanged size means the node sets given are all of them;
+# 'stale' asks the caller to read it again.
 RESERVE = """
 local per = tonumber(ARGV[2])
 if per > 0 and redis.call('scard', KEYS[1]) >= per then return 'manager' end
 local total = tonumber(ARGV[3])
 if total > 0 then
+  if redis.call('scard', KEYS[2]) ~= #KEYS - 3 then return 'stale' end
   local sum = 0
-  for _, m in ipairs(redis.call('smembers', KEYS[2])) do
-    sum = sum + redis.call('scard', ARGV[4] .. ':mgr:' .. m .. ':nodes')
-  end
+  for i = 4, #KEYS do sum = sum + redis.call('scard', KEYS[i]) end
   if sum >= total then return 'total' end
 end
-local climit = tonumber(ARGV[6])
-if ARGV[5] ~= '' and climit > 0 then
-  if tonumber(redis.call('hget', KEYS[3], ARGV[5]) or '0') >= climit then return 'client' end
+local climit = tonumber(ARGV[5])
+if ARGV[4] ~= '' and climit > 0 then
+  if tonumber(redis.call('hget', KEYS[3], ARGV[4]) or '0') >= climit then return 'client' end
 end
 redis.call('sadd', KEYS[1], ARGV[1])
-if ARGV[5] ~= '' then redis.call('hincrby', KEYS[3], ARGV[5], 1) end
+if ARGV[4] ~= '' then redis.call('hincrby', KEYS[3], ARGV[4], 1) end
 return 'ok'
 """
 
-# KEYS[1] pool list, KEYS[2] client count hash; ARGV[1] node key prefix, ARGV[2] now, ARGV[3] client
-# Pops pooled ids until one whose record is still pooled and marks it claimed: two replicas
-# can never hand out the same node.
+# KEYS[1] pool list, KEYS[2] client count hash, KEYS[3..] the records of the ids at the pool's head
+# ARGV[1] now, ARGV[2] client, ARGV[3..] those ids in pool order (ARGV[i] is the id of KEYS[i])
+# Pops the head while it is the id expected, until one whose record is still pooled, and marks
+# it claimed: two replicas can never hand out the same node. 'again' when the head moved since
+# it was read or more ids wait than were given.
 CLAIM_POOLED = """
-while true do
-  local id = redis.call('lpop', KEYS[1])
-  if not id then return false end
-  local key = ARGV[1] .. id
-  if redis.call('hget', key, 'role') == 'pooled' then
-    redis.call('hset', key, 'role', 'claiming', 'claimed_at', ARGV[2], 'client', ARGV[3], 'updated_at', ARGV[2])
-    if ARGV[3] ~= '' then redis.call('hincrby', KEYS[2], ARGV[3], 1) end
-    return id
+for i = 3, #ARGV do
+  if redis.call('lindex', KEYS[1], 0) ~= ARGV[i] then return 'again' end
+  redis.call('lpop', KEYS[1])
+  if redis.call('hget', KEYS[i], 'role') == 'pooled' then
+    redis.call('hset', KEYS[i], 'role', 'claiming', 'claimed_at', ARGV[1], 'client', ARGV[2], 'updated_at', ARGV[1])
+    if ARGV[2] ~= '' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
+    return ARGV[i]
   end
 end
+if redis.call('llen', KEYS[1]) > 0 then return 'again' end
+return false
+"""
+
+# KEYS[1] lease, KEYS[2] fence counter, KEYS[3] lease info hash
+# ARGV[1] holder, ARGV[2] ttl ms, ARGV[3] now (unix seconds)
+LEASE_ACQUIRE = """
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+local token = redis.call('incr', KEYS[2])
+redis.call('set', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
+redis.call('hset', KEYS[3], 'holder', ARGV[1], 'token', token, 'since', ARGV[3])
+return token
+"""
+
+# KEYS[1] lease; ARGV[1] 'holder:token', ARGV[2] ttl ms
+LEASE_RENEW = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('pexpire', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] lease, KEYS[2] lease info; ARGV[1] 'holder:token', ARGV[2] now
+LEASE_RELEASE = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('del', KEYS[1])
+redis.call('hset', KEYS[2], 'holder', '', 'released_at', ARGV[2])
+return 1
 """
 
 # KEYS: node hashes; ARGV: names of numeric fields
@@ -126,7 +157,8 @@ for i, key in ipairs(KEYS) do out[i] = redis.call('hget', key, 'updated_at') or 
 return table.concat(out, '\\n')
 """
 
-RESERVATION_PREFIX = "pending:"
+CLAIM_BATCH = 10  # pool ids read ahead per claim attempt
+Op = tuple[str, str, list[Any]]  # (command, key, args): one write of a fenced batch
 
 
 def _d(v: Any) -> str:
@@ -173,6 +205,20 @@ class Store:
         self._claim = redis.register_script(CLAIM_POOLED)
         self._read_nodes = redis.register_script(READ_NODES)
         self._read_stamps = redis.register_script(READ_STAMPS)
+        self._lease_acquire = redis.register_script(LEASE_ACQUIRE)
+        self._lease_renew = redis.register_script(LEASE_RENEW)
+        self._lease_release = redis.register_script(LEASE_RELEASE)
+
+    @classmethod
+    def open(cls, cfg: Config) -> "Store":
+        """The store of a configuration, on its own client (closed by close())."""
+        r = cfg.redis
+        return cls(connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master), Keys(r.key_prefix),
+                   cfg.events.stream_maxlen)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
 
     async def ping(self) -> None:
         with redis_errors():
@@ -187,8 +233,7 @@ class Store:
                 p.hset(k.node(rec.id), mapping=rec.to_hash())
                 if replace_member:
                     p.srem(k.manager_nodes(rec.manager_id), replace_member)
-                p.sadd(k.manager_nodes(rec.manager_id), rec.id)
-                p.zadd(k.last_request(rec.manager_id), {rec.id: rec.last_request_at or time.time()})
+                _queue(p, self._index_ops(rec, rec.last_request_at or time.time()))
                 p.sadd(k.managers(), rec.manager_id)
                 await p.execute()
 
@@ -217,7 +262,7 @@ class Store:
             try:
                 out += msgspec.json.decode(blob, type=list[NodeRecord])
             except msgspec.ValidationError:  # a malformed record: fall back to one by one
-                out += [r for r in [await self.get_node(k.rsplit(":", 1)[1]) for k in keys] if r]
+                out += [r for r in [await self.get_node(nid) for nid in node_ids[i:i + 1000]] if r]
         return out
 
     async def node_stamps(self, node_ids: Sequence[str]) -> dict[str, str]:
@@ -242,15 +287,10 @@ class Store:
             return bool(await self._hset_if_exists(keys=[self.keys.node(node_id)], args=args))
 
     async def delete_node(self, rec: NodeRecord) -> None:
-        k = self.keys
+        """Remove a record and every index entry of it."""
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                p.delete(k.node(rec.id), k.watchers(rec.id))
-                p.srem(k.manager_nodes(rec.manager_id), rec.id)
-                p.zrem(k.last_request(rec.manager_id), rec.id)
-                p.lrem(k.pool(rec.manager_id), 0, rec.id)
-                if rec.client:
-                    p.hincrby(k.client_count(), rec.client, -1)
+                _queue(p, self.delete_ops(rec))
                 await p.execute()
 
     async def manager_node_ids(self, manager_id: str) -> list[str]:
@@ -299,12 +339,15 @@ class Store:
     async def reserve(self, manager_id: str, per_manager: int, total: int, client: str = "",
                       per_client: int = 0) -> str:
         """Reserve a creation slot atomically; returns the reservation member or raises QuotaExceeded."""
-        member = f"{RESERVATION_PREFIX}{time.time():.3f}:{uuid.uuid4().hex[:8]}"
+        member = reservation_member(time.time(), uuid.uuid4().hex[:8])
         k = self.keys
         with redis_errors():
             await self.redis.sadd(k.managers(), manager_id)
-            res = _d(await self._reserve(keys=[k.manager_nodes(manager_id), k.managers(), k.client_count()],
-                                         args=[member, per_manager, total, k.prefix, client, per_client]))
+            res = "stale"
+            while res == "stale":
+                others = [k.manager_nodes(m) for m in await self.manager_ids()] if total > 0 else []
+                res = _d(await self._reserve(keys=[k.manager_nodes(manager_id), k.managers(), k.client_count(),
+                                                   *others], args=[member, per_manager, total, client, per_client]))
         if res == "manager":
             raise QuotaExceeded(f"quota exceeded: manager {manager_id} already has {per_manager} nodes")
         if res == "total":
@@ -325,9 +368,16 @@ class Store:
         """Atomically take a ready pooled node of manager_id, or None when the pool is empty."""
         k = self.keys
         with redis_errors():
-            node_id = await self._claim(keys=[k.pool(manager_id), k.client_count()],
-                                        args=[k.node(""), time.time(), client])
-        return _d(node_id) if node_id else None
+            while True:
+                ids = [_d(i) for i in await self.redis.lrange(k.pool(manager_id), 0, CLAIM_BATCH - 1)]
+                if not ids:
+                    return None
+                got = await self._claim(keys=[k.pool(manager_id), k.client_count(), *[k.node(i) for i in ids]],
+                                        args=[time.time(), client, *ids])
+                if not got:
+                    return None
+                if _d(got) != "again":
+                    return _d(got)
 
     async def node_counts(self) -> dict[str, int]:
         """Live nodes (and pending reservations) per manager_id."""
@@ -340,8 +390,7 @@ class Store:
         return dict(zip(mids, (int(c) for c in counts)))
 
     # --- fenced writes (checker) ----------------------------------------------
-    async def fenced(self, manager_id: str, holder: str, token: int,
-                     ops: Sequence[tuple[str, str, Sequence[Any]]]) -> bool:
+    async def fenced(self, manager_id: str, holder: str, token: int, ops: Sequence[Op]) -> bool:
         """Apply ops [(redis_op, key, args)] atomically iff holder still has the lease with token."""
         # in chunks, each fenced on its own, so a mass change never blocks Redis for long
         for i in range(0, len(ops), 2000):
@@ -349,8 +398,7 @@ class Store:
                 return False
         return True
 
-    async def _fenced_chunk(self, manager_id: str, holder: str, token: int,
-                            ops: Sequence[tuple[str, str, Sequence[Any]]]) -> bool:
+    async def _fenced_chunk(self, manager_id: str, holder: str, token: int, ops: Sequence[Op]) -> bool:
         keys = [self.keys.lease(manager_id), self.keys.fence(manager_id)]
         index: dict[str, int] = {}
         encoded = []
@@ -363,8 +411,102 @@ class Store:
             res = await self._fenced(keys=keys, args=[holder, token, msgspec.json.encode(encoded)])
         return int(res) >= 0
 
+    # writes for fenced(): each a (command, key, args) the FENCED script applies
+    def update_op(self, node_id: str, fields: dict[str, Any], now: float) -> Op:
+        """Set fields of a record that still exists (never resurrects a removed one)."""
+        args = [x for kv in fields.items() for x in kv] + ["updated_at", f"{now:.3f}"]
+        return ("hset_xx", self.keys.node(node_id), args)
+
+    def adopt_ops(self, rec: NodeRecord, now: float) -> list[Op]:
+        """Record and index a node found on the engine; a record written meanwhile is kept."""
+        return [("hset_nx", self.keys.node(rec.id), [x for kv in rec.to_hash().items() for x in kv]),
+                *self._index_ops(rec, now)]
+
+    def _index_ops(self, rec: NodeRecord, last_request: float) -> list[Op]:
+        k = self.keys
+        return [("sadd", k.manager_nodes(rec.manager_id), [rec.id]),
+                ("zadd", k.last_request(rec.manager_id), [str(last_request), rec.id])]
+
+    def delete_ops(self, rec: NodeRecord) -> list[Op]:
+        k = self.keys
+        ops: list[Op] = [("del", k.node(rec.id), []), ("del", k.watchers(rec.id), []),
+                         ("srem", k.manager_nodes(rec.manager_id), [rec.id]),
+                         ("zrem", k.last_request(rec.manager_id), [rec.id]),
+                         ("lrem", k.pool(rec.manager_id), [0, rec.id])]
+        if rec.client:
+            ops.append(("hincrby", k.client_count(), [rec.client, -1]))
+        return ops
+
+    def pool_push_op(self, manager_id: str, node_id: str) -> Op:
+        return ("rpush", self.keys.pool(manager_id), [node_id])
+
+    def unreserve_op(self, manager_id: str, member: str) -> Op:
+        return ("srem", self.keys.manager_nodes(manager_id), [member])
+
+    def cycle_count_op(self, manager_id: str, token: int) -> Op:
+        return ("hincrby", self.keys.checker_stats(manager_id), [f"cycles:{token}", 1])
+
+    async def checker_cycles(self, manager_id: str) -> dict[str, int]:
+        """Reconcile cycles run per lease token (admin view)."""
+        with redis_errors():
+            stats = await self.redis.hgetall(self.keys.checker_stats(manager_id))
+        return {_d(k).split(":", 1)[1]: int(v) for k, v in stats.items() if _d(k).startswith("cycles:")}
+
+    # --- checker lease ----------------------------------------------------------
+    async def lease_acquire(self, manager_id: str, holder: str, ttl_ms: int) -> int:
+        """A new fencing token when the lease was free, else 0."""
+        k = self.keys
+        with redis_errors():
+            return int(await self._lease_acquire(keys=[k.lease(manager_id), k.fence(manager_id),
+                                                       k.lease_info(manager_id)],
+                                                 args=[holder, ttl_ms, f"{time.time():.3f}"]))
+
+    async def lease_renew(self, manager_id: str, value: str, ttl_ms: int) -> bool:
+        with redis_errors():
+            return bool(await self._lease_renew(keys=[self.keys.lease(manager_id)], args=[value, ttl_ms]))
+
+    async def lease_release(self, manager_id: str, value: str) -> None:
+        k = self.keys
+        with redis_errors():
+            await self._lease_release(keys=[k.lease(manager_id), k.lease_info(manager_id)],
+                                      args=[value, f"{time.time():.3f}"])
+
+    async def lease_view(self, manager_id: str) -> LeaseInfo:
+        """Who holds a manager_id's lease, its token and since when (admin view)."""
+        k = self.keys
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as p:
+                p.get(k.lease(manager_id))
+                p.pttl(k.lease(manager_id))
+                p.hgetall(k.lease_info(manager_id))
+                value, pttl, info = await p.execute()
+        if not value:
+            return LeaseInfo(manager_id=manager_id, holder=None, token=None, since=None, expires_in_ms=None)
+        holder, _, token = _d(value).rpartition(":")
+        since = info.get(b"since") if info and _d(info.get(b"holder", b"")) == holder else None
+        return LeaseInfo(manager_id=manager_id, holder=holder, token=int(token),
+                         since=float(since) if since else None, expires_in_ms=int(pttl))
+
+    # --- event watchers -----------------------------------------------------------
+    async def watch_started(self, node_id: str) -> None:
+        """A /ws/events watcher of a session connected (XAgent's MainServer marks it alive)."""
+        key = self.keys.watchers(node_id)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.hset(key, mapping={"status": "alive", "since": time.time()})
+                p.hincrby(key, "count", 1)
+                await p.execute()
+
+    async def watch_ended(self, node_id: str) -> None:
+        """A watcher left; the last one to leave marks the session unwatched since now."""
+        key = self.keys.watchers(node_id)
+        with redis_errors():
+            left = await self.redis.hincrby(key, "count", -1)
+            if left <= 0:
+                await self.redis.hset(key, mapping={"status": "close", "left_at": time.time(), "count": 0})
+
     # --- events -----------------------------------------------------------------
-    def event_op(self, ev: Event) -> tuple[str, str, list[Any]]:
+    def event_op(self, ev: Event) -> Op:
         """An XADD for fenced(): the event travels in the same atomic write as the change."""
         return ("xadd", self.keys.events(), [self.stream_maxlen, "e", msgspec.json.encode(ev).decode()])
 
@@ -462,10 +604,16 @@ class Store:
     async def scan_all_nodes(self) -> AsyncIterator[NodeRecord]:
         """Every record of every manager_id, in batches."""
         for mid in await self.manager_ids():
-            ids = [i for i in await self.manager_node_ids(mid) if not i.startswith(RESERVATION_PREFIX)]
+            ids = [i for i in await self.manager_node_ids(mid) if not is_reservation(i)]
             for i in range(0, len(ids), 500):
                 for rec in await self.get_nodes(ids[i:i + 500]):
                     yield rec
+
+
+def _queue(p: Any, ops: Sequence[Op]) -> None:
+    """Queue ops on a pipeline as plain commands (outside a fenced script)."""
+    for name, key, args in ops:
+        p.execute_command(name.upper(), key, *args)
 
 
 def compare_ids(a: str, b: str) -> int:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from checker.lease import Lease, lease_view
+from checker.lease import Lease
 from shared.keys import Keys
 from shared.store import Store
 from tests.conftest import REDIS_URL
@@ -26,7 +26,7 @@ async def test_one_holder_and_fencing(store: Store) -> None:
     assert await a.acquire() and a.token == 1
     assert not await b.acquire()
     assert await a.renew()
-    view = await lease_view(store, "m1")
+    view = await store.lease_view("m1")
     assert view.holder == "A" and view.token == 1 and view.expires_in_ms and view.expires_in_ms > 0
     node_key = store.keys.node("n1")
     assert await store.fenced("m1", "A", 1, [("hset", node_key, ["status", "running"])])
@@ -50,7 +50,7 @@ async def test_release_hands_over_at_once(store: Store) -> None:
     # a released holder cannot free its successor's lease
     a.token = 1
     await a.release()
-    assert (await lease_view(store, "m2")).holder == "B"
+    assert (await store.lease_view("m2")).holder == "B"
 
 
 async def test_hset_xx_never_resurrects(store: Store) -> None:

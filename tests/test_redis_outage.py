@@ -1,0 +1,92 @@
+"""A Redis outage, for real: a private redis-server for the test, killed mid-run.
+
+Every Redis call goes through the store's error mapping, so an admin call answers 503
+with JSON naming Redis and /ws/events closes cleanly; the process keeps running.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from tests.conftest import ADMIN_TOKEN, free_port, wait_for
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class PrivateRedis:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: _pings(client), timeout=10, what="the private redis-server")
+        client.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    r = PrivateRedis(tmp_path)
+    yield r
+    r.kill()
+
+
+def _down(m, r: PrivateRedis) -> None:  # type: ignore[no-untyped-def]
+    r.kill()
+    wait_for(lambda: httpx.get(m.url + "/ready").status_code == 503, what="/ready to see Redis gone")
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/admin/leases"), ("GET", "/admin/nodes"),
+                                         ("GET", "/admin/replicas"), ("POST", "/admin/managers/x/drain")])
+def test_admin_call_during_outage_is_503_naming_redis(start_manager, private_redis: PrivateRedis,
+                                                      method: str, path: str) -> None:
+    m = start_manager(redis={"url": private_redis.url, "socket_timeout_seconds": 0.5}, builtin_monitor=False)
+    assert httpx.request(method, m.url + path, headers=ADMIN, timeout=10).status_code == 200
+    _down(m, private_redis)
+    r = httpx.request(method, m.url + path, headers=ADMIN, timeout=10)
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["detail"].startswith("redis is unavailable")
+    assert m.proc is not None and m.proc.poll() is None
+    assert "Traceback" not in m.logs()
+
+
+def test_events_socket_during_outage_closes_cleanly(start_manager, private_redis: PrivateRedis) -> None:
+    m = start_manager(redis={"url": private_redis.url, "socket_timeout_seconds": 0.5}, builtin_monitor=False)
+    url = "ws" + m.url[4:] + "/ws/events?last_event_id=0-0"
+    with connect(url, additional_headers=ADMIN, open_timeout=10) as ws:  # Redis up: a normal session
+        assert '"success":true' in ws.recv(timeout=10)
+    _down(m, private_redis)
+    # resuming needs the stream: with Redis gone the socket says so and closes, "try again later"
+    with connect(url, additional_headers=ADMIN, open_timeout=10) as ws:
+        assert '"success":true' in ws.recv(timeout=10)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=10)
+    assert ws.close_code == 1013, (ws.close_code, ws.close_reason)
+    assert ws.close_reason.startswith("redis is unavailable")
+    time.sleep(0.2)  # the handler's own log line, if it had failed, is written after the close
+    assert m.proc is not None and m.proc.poll() is None
+    assert "Traceback" not in m.logs() and "Exception in ASGI application" not in m.logs()

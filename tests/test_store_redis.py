@@ -1,0 +1,56 @@
+"""Store scripts on the real Redis: quotas across manager ids and pool claims, keys passed in."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared.errors import QuotaExceeded
+from shared.keys import Keys
+from shared.models import NodeRecord
+from shared.store import Store
+from tests.conftest import REDIS_URL
+
+
+@pytest.fixture
+async def store(prefix: str):  # type: ignore[no-untyped-def]
+    r = aioredis.Redis.from_url(REDIS_URL)
+    yield Store(r, Keys(prefix))
+    await r.aclose()
+
+
+async def test_total_quota_counts_every_manager_id(store: Store) -> None:
+    for _ in range(3):
+        await store.reserve("ma", per_manager=0, total=5)
+    # a manager id the reserving replica has never seen counts too
+
+    async def one() -> str:
+        try:
+            return await store.reserve("mb", per_manager=0, total=5)
+        except QuotaExceeded as exc:
+            return exc.detail
+
+    results = await asyncio.gather(*(one() for _ in range(6)))
+    assert sum(not r.startswith("quota") for r in results) == 2
+    assert "quota exceeded: the cluster already has 5 nodes" in results
+
+
+async def test_claim_skips_stale_ids_and_never_hands_a_node_out_twice(store: Store) -> None:
+    k = store.keys
+    pooled = [f"p{i}" for i in range(25)]
+    for nid in pooled:
+        await store.put_node(NodeRecord(id=nid, manager_id="mp", role="pooled"))
+    # ids whose record is gone or no longer pooled sit in front of and between the live ones
+    await store.redis.rpush(k.pool("mp"), "gone1", *pooled[:12], "gone2", *pooled[12:])
+    await store.put_node(NodeRecord(id="taken", manager_id="mp", role="node"))
+    await store.redis.lpush(k.pool("mp"), "taken")
+    got = await asyncio.gather(*(store.claim_pooled("mp", client="c1") for _ in range(30)))
+    claimed = [g for g in got if g]
+    assert sorted(claimed) == sorted(pooled)
+    assert got.count(None) == 5
+    assert await store.redis.llen(k.pool("mp")) == 0
+    rec = await store.get_node("p3")
+    assert rec is not None and rec.role == "claiming" and rec.client == "c1"
+    assert int(await store.redis.hget(k.client_count(), "c1")) == 25
