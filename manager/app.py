@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -110,6 +110,8 @@ class ManagerApp:
             response = await self.state.proxy.handle(request)
         except ManagerError as exc:
             response = json_response({"detail": exc.detail}, status=exc.status_code)
+        except ClientDisconnect:
+            return  # gone mid-body: the node's connection is already dropped, nobody to answer
         except Exception:  # noqa: BLE001 - answer as the Starlette app would, never a bare 500
             log.exception("unhandled_error path=%s", scope["path"])
             response = json_response({"detail": "internal error"}, status=500)
