@@ -72,6 +72,7 @@ async def bench(port: int, secret: str, n: int, conc: int) -> list[dict[str, Any
     try:
         for name, method, query, body_len in CASES:
             body = b"x" * body_len
+            want = int(query.split("=")[1])
             target = f"/diag?id=b&{query}"
 
             async def ours(i: int) -> None:
@@ -83,13 +84,17 @@ async def bench(port: int, secret: str, n: int, conc: int) -> list[dict[str, Any
                     headers.append((b"content-length", str(body_len).encode()))
                 r = await pool.request(method, "127.0.0.1", port, target.encode(), headers,
                                        gen() if body_len else None, 5.0, 30.0)
-                await r.read()
+                data = await r.read()
                 r.close()
+                if r.status_code != 200 or len(data) != want:
+                    raise RuntimeError(f"upstream.py: {r.status_code}, {len(data)} bytes")
 
             async def theirs(i: int) -> None:
                 async with session.request(method, f"http://127.0.0.1:{port}{target}",
                                            headers={"x-node-secret": secret}, data=body or None) as r:
-                    await r.read()
+                    data = await r.read()
+                    if r.status != 200 or len(data) != want:
+                        raise RuntimeError(f"aiohttp: {r.status}, {len(data)} bytes")
 
             for label, fn in (("manager/upstream.py", ours), ("aiohttp", theirs)):
                 await timed(min(1000, n), conc, fn)  # warm-up
