@@ -330,7 +330,7 @@ class UpstreamPool:
                 if body is None:
                     conn.request_sent = True
                 else:
-                    await self._send_body(conn, body, chunked)
+                    await self._send_body(conn, body, chunked, read_timeout)
                 await asyncio.wait_for(asyncio.shield(conn.head_done), read_timeout)
             except asyncio.TimeoutError:
                 conn.abort()
@@ -348,7 +348,8 @@ class UpstreamPool:
             return Response(conn, read_timeout, method == "HEAD")
         raise UpstreamError("unreachable")  # pragma: no cover
 
-    async def _send_body(self, conn: _Conn, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async def _send_body(self, conn: _Conn, body: AsyncIterator[bytes], chunked: bool,
+                         timeout: float | None) -> None:
         async for chunk in body:
             if conn.head_done.done():
                 return  # answered before the body was sent: stop; the connection is not reused
@@ -356,7 +357,8 @@ class UpstreamPool:
                 continue
             conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             if not conn.can_write.is_set():
-                await conn.can_write.wait()
+                # a node that neither reads nor answers times out like one that does not answer
+                await asyncio.wait_for(conn.can_write.wait(), timeout)
         if conn.head_done.done():
             return
         if chunked:
