@@ -249,3 +249,28 @@ def test_an_admin_token_in_a_url_is_refused_and_never_logged(start_manager) -> N
         assert json.loads(conn.recv(timeout=10))["success"] is True
     m.stop()
     assert ADMIN_TOKEN not in m.logs()
+
+
+AMBIGUOUS = {  # request framings a proxy and a server may read differently (HTTP Garden's favourites)
+    "length and chunked": b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    "unknown coding": b"Content-Length: 5\r\nTransfer-Encoding: xchunked\r\n",
+    "space before colon": b"Content-Length: 5\r\nTransfer-Encoding : chunked\r\n",
+    "two lengths": b"Content-Length: 5\r\nContent-Length: 0\r\n",
+    "chunked not last": b"Transfer-Encoding: chunked, identity\r\n",
+    "obs-fold": b"Transfer-Encoding: identity\r\n chunked\r\nContent-Length: 5\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(AMBIGUOUS))
+def test_an_ambiguous_body_framing_is_refused_never_smuggled(start_manager, case: str) -> None:
+    m = start_manager(**DIAG)
+    cookie = session(m.url).cookies["node_id"]
+    smuggled = f"GET /diag?id=smuggled HTTP/1.1\r\nHost: x\r\nCookie: node_id={cookie}\r\n\r\n".encode()
+    head = f"POST /diag?id=first HTTP/1.1\r\nHost: x\r\nCookie: node_id={cookie}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", m.port), timeout=30) as s:
+        s.sendall(head + AMBIGUOUS[case] + b"\r\n0\r\n\r\n" + smuggled)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert b"x-diag-id" not in data  # neither request reached the node
