@@ -24,6 +24,7 @@ from shared.store import Store
 async def _run(cfg: Config) -> None:
     store = Store.open(cfg)
     backend = open_backend(cfg)
+    await backend.prepare(cfg.manager_id)
     async with httpx.AsyncClient(trust_env=False) as http:
         # the same node operations a manager runs, so pooled nodes are created exactly as sessions are
         ops = NodeOps(cfg=cfg, store=store, backend=backend, http=http,

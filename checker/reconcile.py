@@ -84,6 +84,8 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
             p.health_events.append((rec.id, c.health))
         if c.port and c.port != rec.port:
             changed["port"] = str(c.port)
+        if c.port and c.host and c.host != rec.host:  # an address on the node network may change at a restart
+            changed["host"] = c.host
         if changed:
             p.updates[rec.id] = changed
         effective = changed.get("status", rec.status)

@@ -31,6 +31,9 @@ class LeaseLost(Exception):
     """A fenced write was rejected: a newer holder exists."""
 
 
+STORAGE_GC_CYCLES = 30  # one volume listing every 30 passes is enough for leftovers
+
+
 class Checker:
     def __init__(self, ops: NodeOps) -> None:
         self.ops = ops
@@ -241,6 +244,13 @@ class Checker:
             await self.backend.remove(cid)
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_orphan").inc()
             log.info("orphan_removed node_id=%s manager_id=%s", cid[:12], self.mid)
+        if self.cycles % STORAGE_GC_CYCLES == 0:
+            # workspaces whose node was removed behind our back, or whose creation died half-way
+            self._check_held()
+            gone = await self.backend.collect_storage(self.mid, time.time() - self.limits().stuck_creation_seconds)
+            if gone:
+                metrics.CHECKER_ACTIONS.labels(self.mid, "remove_storage").inc(gone)
+                log.info("orphan_storage_removed manager_id=%s count=%d", self.mid, gone)
         counts = _count(p, records)
         for action, ids in (("update", list(p.updates)), ("forget", [r.id for r in p.forget]),
                             ("adopt", [r.id for r in p.adopt])):

@@ -171,6 +171,13 @@ def create_app(cfg: Config) -> ManagerApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store.open(cfg)
         backend = open_backend(cfg)
+        try:
+            isolation = await backend.prepare(cfg.manager_id)
+        except ManagerError as exc:  # a bad setting: stop here, naming it
+            log.error("startup_failed error=%r", exc.detail)
+            await backend.close()
+            await store.close()
+            raise
         limits = httpx.Limits(max_connections=cfg.proxy.max_connections,
                               max_keepalive_connections=cfg.proxy.max_connections, keepalive_expiry=30)
         http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.proxy.timeout_seconds,
@@ -181,6 +188,7 @@ def create_app(cfg: Config) -> ManagerApp:
         rt = Runtime(cfg=cfg, store=store, backend=backend, http=http,
                      cache=AddressCache(cfg.proxy.address_cache_seconds),
                      activity=ActivityRecorder(store, cfg.proxy.activity_flush_seconds), replica=replica)
+        rt.isolation = isolation
         app.state.rt = rt
         app.state.proxy = Proxy(rt)
         hub = app.state.hub = EventHub(store, rt.cache)

@@ -78,8 +78,9 @@ async def ready(request: Request) -> Response:
             checks[name] = exc.detail
             failed.append(exc)
     if failed:
-        return json_response({"detail": "; ".join(e.detail for e in failed), **checks}, status=503)
-    return json_response({"status": "ready", **checks})
+        return json_response({"detail": "; ".join(e.detail for e in failed), **checks,
+                              "isolation": rt.isolation}, status=503)
+    return json_response({"status": "ready", **checks, "isolation": rt.isolation})
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -24,6 +24,7 @@ class NodeOps:
     replica: ReplicaInfo
     # node id -> the restart in progress, so concurrent callers share one restart
     restarting: dict[str, asyncio.Future[NodeRecord]] = field(default_factory=dict)
+    isolation: dict[str, str] = field(default_factory=dict)  # what backend.prepare set up, for /ready
 
     @property
     def manager_id(self) -> str:

@@ -41,6 +41,16 @@ stop() {
   if "${D2[@]}" info >/dev/null 2>&1; then
     ids=$("${D2[@]}" ps -aq --filter label=toolserver-manager.manager_id)
     [ -n "$ids" ] && "${D2[@]}" rm -f $ids >/dev/null
+    # bounded workspaces (a volume on a loop-attached image) and node networks go too
+    for v in $("${D2[@]}" volume ls -q --filter label=toolserver-manager.manager_id); do
+      img=$("${D2[@]}" volume inspect -f '{{index .Labels "toolserver-manager.image_file"}}' "$v" 2>/dev/null || true)
+      "${D2[@]}" volume rm -f "$v" >/dev/null 2>&1 || true
+      if [ -n "$img" ]; then
+        for d in $(losetup -j "$img" | cut -d: -f1); do losetup -d "$d" || true; done
+        rm -f "$img"
+      fi
+    done
+    "${D2[@]}" network ls -q --filter label=toolserver-manager.manager_id | xargs -r "${D2[@]}" network rm >/dev/null 2>&1 || true
     pid=$(cat "$EXEC.pid" 2>/dev/null || true)
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
     for _ in $(seq 100); do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done

@@ -113,3 +113,12 @@ class NodeBackend(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the engine's clients and threads."""
+
+    async def prepare(self, owner: str) -> dict[str, str]:
+        """Check the settings and make what owner's nodes need before the first one (their
+        network, host rules); what protects them, by name. Bad settings raise ConfigError."""
+        return {}
+
+    async def collect_storage(self, owner: str, older_than: float) -> int:
+        """Remove storage of owner's nodes that no longer exist, made before older_than; how many."""
+        return 0

@@ -7,6 +7,7 @@ Environment overrides: ``TSM_<KEY>`` with ``__`` between nested keys
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
@@ -52,6 +53,35 @@ def _default_creation_kwargs() -> dict[str, Any]:
     }
 
 
+EGRESS_MODES = ("open", "none")
+
+
+class NetworkConfig(Base):
+    """Where nodes live on the network (see the README's isolation section)."""
+
+    # a bridge per manager_id with traffic between nodes off; nodes join it and nothing else.
+    # false: the engine's default bridge, as before this setting existed (no isolation)
+    isolated: bool = True
+    egress: str = "open"  # open: the outside only (no private, link-local or host address); none: nothing
+    # publish the node port on node.publish_host: only where another host must reach nodes
+    # (DaemonSet mode); a published port still wants the node's secret
+    publish: bool = False
+    allow_cidrs: list[str] = msgspec.field(default_factory=list)  # private destinations nodes may reach
+    # install the host firewall chains (TSM-INPUT, TSM-FORWARD) at start; without the privilege to,
+    # the manager says so once and /ready reports it
+    firewall: bool = True
+
+
+class DiskConfig(Base):
+    """What a node may write (see the README's isolation section)."""
+
+    workspace_bytes: int = 1 << 30  # the workspace: a file system of its own of this size; 0: unbounded
+    tmp_bytes: int = 256 << 20  # /tmp (memory-backed, counts against the memory limit)
+    read_only_root: bool = True  # everything else is read-only
+    log_bytes: int = 20 << 20  # the container's log, in two rotated files; 0: the engine's default
+    image_dir: str = "/var/lib/toolserver-manager/workspaces"  # where workspace images are kept
+
+
 class NodeConfig(Base):
     """How nodes are created, probed and retired (XAgent's ``node`` section plus ours)."""
 
@@ -71,8 +101,11 @@ class NodeConfig(Base):
     idle_grace_seconds: float = 60.0
     exited_gc_minutes: float = 24 * 60.0
     stop_timeout_seconds: int = 5
-    read_only_root: bool = False
+    read_only_root: bool = False  # superseded by disk.read_only_root; kept for old config files
     workspace_path: str = "/app/workspace"
+    runtime: str = ""  # an OCI runtime the engine knows (runsc, say); "": the engine's default
+    network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    disk: DiskConfig = msgspec.field(default_factory=DiskConfig)
 
 
 class RedirectPaths(Base):
@@ -185,6 +218,16 @@ class Config(Base):
             raise ValueError("checker.lease_ttl_seconds must exceed checker.interval_seconds")
         if self.node.creation_wait_seconds <= 0:
             raise ValueError("node.creation_wait_seconds must be positive")
+        if self.node.network.egress not in EGRESS_MODES:
+            raise ValueError(f"node.network.egress must be one of {', '.join(EGRESS_MODES)}, "
+                             f"not {self.node.network.egress!r}")
+        for cidr in self.node.network.allow_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"node.network.allow_cidrs: {cidr!r} is not an address range") from None
+        if self.node.disk.workspace_bytes and self.node.disk.workspace_bytes < 16 << 20:
+            raise ValueError("node.disk.workspace_bytes must be 0 (unbounded) or at least 16 MiB")
 
     @property
     def internal_token(self) -> str:

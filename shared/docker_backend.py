@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import os
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -21,11 +24,12 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest, Mount
+from docker.types import DeviceRequest, LogConfig, Mount
 
+from shared import firewall, loopdisk
 from shared.backend import Address, NewNode, NodeBackend, NodeInfo
 from shared.config import Config
-from shared.errors import ContainerGone, EngineError, EngineUnavailable
+from shared.errors import ConfigError, ContainerGone, EngineError, EngineUnavailable
 from shared.models import NodeStatus, Role
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,12 @@ LABEL_REPLICA = LABEL_PREFIX + "replica_id"
 LABEL_CLIENT = LABEL_PREFIX + "client"
 LABEL_PORT = LABEL_PREFIX + "node_port"
 LABEL_PROJECT = LABEL_PREFIX + "project"
+LABEL_EGRESS = LABEL_PREFIX + "egress"
+LABEL_IMAGE_FILE = LABEL_PREFIX + "image_file"
+# node bridges are named <prefix><hash>: the host firewall (shared/firewall.py) matches the prefixes
+BRIDGE_PREFIXES = {"open": "tsmo", "none": "tsmn"}
+NETWORK_PREFIX = "tsm-"  # node networks: tsm-<manager_id>-<egress>
+WORKSPACE_PREFIX = "tsm-ws-"  # volume names of bounded workspaces
 SECRET_ENV = "NODE_SECRET"  # how the reference node (node/app/auth.py) receives its secret
 # Docker's container states are ours by the same names; one the engine adds later passes as is
 _STATES = {s.value: s for s in (NodeStatus.CREATED, NodeStatus.RUNNING, NodeStatus.PAUSED, NodeStatus.RESTARTING,
@@ -47,6 +57,8 @@ API_VERSION = "1.41"  # Debian bookworm's dockerd; newer engines still serve it
 
 # run()-only or handled-by-us keys of XAgent's creation_kwargs
 _DROP_KWARGS = {"detach", "remove", "stream", "ports", "labels", "name", "auto_remove"}
+# replaced by the node network when nodes are isolated
+_NETWORK_KWARGS = {"network", "network_mode", "networking_config", "links", "dns"}
 
 
 @contextlib.contextmanager
@@ -83,6 +95,14 @@ def _owner_filter(owner: str, role: str | None = None) -> list[str]:
     return [f"{LABEL_MANAGER}={owner}"] + ([f"{LABEL_ROLE}={role}"] if role else [])
 
 
+def _node_ip(settings: dict[str, Any]) -> str:
+    """The container's address on its node network ("" when it has none: not running)."""
+    for name, net in (settings.get("Networks") or {}).items():
+        if name.startswith(NETWORK_PREFIX) and net.get("IPAddress"):
+            return str(net["IPAddress"])
+    return ""
+
+
 class DockerBackend(NodeBackend):
     """One Docker engine, configured by the node section of the config."""
 
@@ -94,10 +114,20 @@ class DockerBackend(NodeBackend):
         self.advertise_host = n.advertise_host
         self._creation_kwargs = n.creation_kwargs
         self._device_requests = n.device_requests
-        self._read_only_workspace = n.workspace_path if n.read_only_root else ""
+        self._read_only_workspace = n.workspace_path if n.read_only_root or n.disk.read_only_root else ""
+        # None: nodes on the engine's default bridge with a published port, as before isolation
+        self.network = n.network if n.network.isolated else None
+        self.disk = n.disk
+        self.runtime = n.runtime
         self._timeout = timeout
         self._pool = ThreadPoolExecutor(max_workers=cfg.docker_threads, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
+        self._networks: dict[str, str] = {}  # owner -> node network name, once ensured
+
+    @property
+    def publish(self) -> bool:
+        """Whether node ports are published on the host (else reached on the node network)."""
+        return self.network is None or self.network.publish
 
     @property
     def client(self) -> docker.DockerClient:
@@ -124,6 +154,132 @@ class DockerBackend(NodeBackend):
         """Raise EngineUnavailable unless the engine answers."""
         await self._call(self.client.api.ping)
 
+    # --- isolation --------------------------------------------------------------
+    async def prepare(self, owner: str) -> dict[str, str]:
+        """Check node.runtime, make the node network, install the host firewall; what is in place."""
+        status: dict[str, str] = {}
+        disk = self.disk
+        if disk.workspace_bytes:
+            if self.docker_host and not self.docker_host.startswith("unix://"):
+                raise ConfigError("node.disk.workspace_bytes needs the engine on this host (workspaces are "
+                                  f"loop devices here), not {self.docker_host}; set it to 0")
+            loopdisk.check_tools()
+            status["disk"] = f"workspace {disk.workspace_bytes} bytes, /tmp {disk.tmp_bytes} bytes, read-only root"
+        else:
+            status["disk"] = "workspace unbounded"
+        try:
+            await self.check_runtime()
+            if self.network is not None:
+                await self.ensure_network(owner)
+        except EngineUnavailable as exc:  # both are checked again at each creation
+            log.warning("isolation_check_deferred reason=%s", exc.detail)
+        net = self.network
+        if net is None:
+            status["network"] = "not isolated (node.network.isolated is false)"
+            return status
+        status["network"] = f"{self.network_name(owner)} egress={net.egress}" + (" published" if net.publish else "")
+        if not net.firewall:
+            status["firewall"] = "off (node.network.firewall is false)"
+            return status
+        allow = {self.bridge_name(owner): list(net.allow_cidrs)} if net.allow_cidrs else None
+        try:
+            await asyncio.to_thread(firewall.install, BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"], allow)
+            status["firewall"] = "installed"
+        except firewall.NoPrivilege as exc:
+            status["firewall"] = f"not installed: {exc}"
+            log.warning("firewall_not_installed reason=%r: nodes can reach the host's own services and "
+                        "private ranges; run `bash scripts/firewall.sh install` as root", str(exc))
+        return status
+
+    async def check_runtime(self) -> None:
+        """Raise ConfigError unless the engine knows node.runtime."""
+        if not self.runtime:
+            return
+        known = (await self._call(self.client.api.info)).get("Runtimes") or {}
+        if self.runtime not in known:
+            raise ConfigError(f"node.runtime {self.runtime!r} is not registered with the engine "
+                              f"(it knows {', '.join(sorted(known)) or 'none'}); see the README")
+
+    def network_name(self, owner: str) -> str:
+        assert self.network is not None
+        return f"{NETWORK_PREFIX}{owner}-{self.network.egress}"
+
+    def bridge_name(self, owner: str) -> str:
+        """The host interface of a node network: a firewall prefix, then a hash (15 chars at most)."""
+        assert self.network is not None
+        return BRIDGE_PREFIXES[self.network.egress] + hashlib.sha256(owner.encode()).hexdigest()[:10]
+
+    async def ensure_network(self, owner: str) -> str:
+        """The node network of owner, created if missing (idempotent, race-safe); its name."""
+        assert self.network is not None
+        name = self._networks.get(owner)
+        if name:
+            return name
+        name = self.network_name(owner)
+        egress = self.network.egress
+
+        def ensure() -> None:
+            api = self.client.api
+            found = [n for n in api.networks(names=[name]) if n.get("Name") == name]
+            if found:
+                labels = found[0].get("Labels") or {}
+                if labels.get(LABEL_MANAGER) != owner:
+                    raise ConfigError(f"a network named {name} exists that is not this manager's "
+                                      f"(label {LABEL_MANAGER}={labels.get(LABEL_MANAGER)!r})")
+                return
+            try:
+                api.create_network(
+                    name, driver="bridge", check_duplicate=True, internal=egress == "none",
+                    labels={LABEL_MANAGER: owner, LABEL_PROJECT: "toolserver-manager", LABEL_EGRESS: egress},
+                    options={"com.docker.network.bridge.enable_icc": "false",
+                             "com.docker.network.bridge.name": self.bridge_name(owner)})
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409 and "already exists" not in str(exc.explanation):
+                    raise  # 409: another replica made it meanwhile
+
+        await self._call(ensure)
+        self._networks[owner] = name
+        return name
+
+    async def _create_workspace(self, owner: str) -> str:
+        """A volume on a fresh fixed-size ext4 image; its name."""
+        name = WORKSPACE_PREFIX + uuid.uuid4().hex
+        path = os.path.join(self.disk.image_dir, name + ".img")
+        dev = await self._call(loopdisk.create, path, self.disk.workspace_bytes)
+        try:
+            await self._call(self.client.api.create_volume, name, driver="local",
+                             driver_opts={"type": "ext4", "device": dev},
+                             labels={LABEL_MANAGER: owner, LABEL_PROJECT: "toolserver-manager",
+                                     LABEL_IMAGE_FILE: path, LABEL_CREATED: f"{time.time():.3f}"})
+        except BaseException:
+            await asyncio.shield(self._call(loopdisk.destroy, path))
+            raise
+        return name
+
+    async def _remove_workspace(self, name: str) -> None:
+        """Remove a workspace volume, detach its loop device and delete its image."""
+        try:
+            vol = await self._call(self.client.api.inspect_volume, name)
+        except ContainerGone:
+            return
+        path = (vol.get("Labels") or {}).get(LABEL_IMAGE_FILE, "")
+        with contextlib.suppress(ContainerGone):
+            await self._call(self.client.api.remove_volume, name, force=True)
+        if path:
+            await self._call(loopdisk.destroy, path)
+
+    async def collect_storage(self, owner: str, older_than: float) -> int:
+        """Remove owner's workspaces no container uses, made before older_than."""
+        raw = await self._call(self.client.api.volumes,
+                               filters={"label": [f"{LABEL_MANAGER}={owner}"], "dangling": True})
+        gone = 0
+        for vol in (raw or {}).get("Volumes") or []:
+            labels = vol.get("Labels") or {}
+            if vol["Name"].startswith(WORKSPACE_PREFIX) and float(labels.get(LABEL_CREATED) or 0) < older_than:
+                await self._remove_workspace(vol["Name"])
+                gone += 1
+        return gone
+
     # --- containers -----------------------------------------------------------
     async def create(self, node: NewNode) -> str:
         """Create (not start) a node container with its labels and published port; return its id.
@@ -142,15 +298,30 @@ class DockerBackend(NodeBackend):
         if node.client:
             labels[LABEL_CLIENT] = node.client
         kwargs = {k: v for k, v in creation_kwargs.items() if k not in _DROP_KWARGS}
+        disk = self.disk
+        bounded = bool(read_only_workspace and disk.workspace_bytes)
         if read_only_workspace:
             kwargs["read_only"] = True
-            kwargs.setdefault("tmpfs", {"/tmp": "rw,nosuid,size=256m"})
-            kwargs["mounts"] = [*kwargs.get("mounts", []),
-                                Mount(target=read_only_workspace, source=None, type="volume")]
+            kwargs.setdefault("tmpfs", {"/tmp": f"rw,exec,nosuid,nodev,size={disk.tmp_bytes}"})
+            if not bounded:  # anonymous: kept across restarts, removed with the node
+                kwargs["mounts"] = [*kwargs.get("mounts", []),
+                                    Mount(target=read_only_workspace, source=None, type="volume")]
+        if disk.log_bytes:
+            kwargs["log_config"] = LogConfig(type="json-file", config={
+                "max-size": str(max(disk.log_bytes // 2, 1 << 16)), "max-file": "2"})
+        if self.runtime:
+            kwargs["runtime"] = self.runtime
         image = kwargs.pop("image")
         kwargs["labels"] = {**dict(creation_kwargs.get("labels") or {}), **labels,
                             LABEL_PORT: str(self.node_port), LABEL_PROJECT: "toolserver-manager"}
-        kwargs["ports"] = {f"{self.node_port}/tcp": (self.publish_host, None)}
+        if self.network is not None:
+            for k in _NETWORK_KWARGS:
+                kwargs.pop(k, None)
+            kwargs["network"] = await self.ensure_network(node.owner)
+            # the node network has no IPv6: no link-local path to the host either
+            kwargs["sysctls"] = {**dict(kwargs.get("sysctls") or {}), "net.ipv6.conf.all.disable_ipv6": "1"}
+        if self.publish:
+            kwargs["ports"] = {f"{self.node_port}/tcp": (self.publish_host, None)}
         if device_requests:
             kwargs["device_requests"] = [DeviceRequest(**r) for r in device_requests]
         if node.secret:
@@ -163,7 +334,23 @@ class DockerBackend(NodeBackend):
             # the high-level call translates docker-py's run() kwargs (mem_limit, cap_drop, ...)
             return self.client.containers.create(image, **kwargs).id  # type: ignore[no-any-return]
 
-        return await self._call(create)
+        workspace = ""
+        try:
+            if bounded:  # made last: only the container's creation can fail after it
+                workspace = await self._create_workspace(node.owner)
+                kwargs["mounts"] = [*kwargs.get("mounts", []),
+                                    Mount(target=read_only_workspace, source=workspace, type="volume")]
+            return await self._call(create)
+        except BaseException as exc:
+            if workspace:
+                await asyncio.shield(self._remove_workspace(workspace))
+            if isinstance(exc, EngineError):
+                if "network" in exc.detail and "not found" in exc.detail:
+                    self._networks.pop(node.owner, None)  # removed behind our back: made again next time
+                if "runtime" in exc.detail and self.runtime:
+                    raise EngineError(f"node.runtime {self.runtime!r} is not registered with the engine "
+                                      f"({exc.detail}); see the README") from exc
+            raise
 
     async def start(self, node_id: str) -> Address:
         """Start a container; its node port is published on a host port the engine picks."""
@@ -188,7 +375,13 @@ class DockerBackend(NodeBackend):
         await self._call(self.client.api.stop, node_id, timeout=timeout)
 
     async def remove(self, node_id: str) -> bool:
-        """Kill and remove a container; False when it was already gone."""
+        """Kill and remove a container and its workspace; False when it was already gone."""
+        try:
+            data = await self._call(self.client.api.inspect_container, node_id)
+        except ContainerGone:
+            return False
+        workspaces = [m["Name"] for m in data.get("Mounts") or []
+                      if m.get("Type") == "volume" and str(m.get("Name", "")).startswith(WORKSPACE_PREFIX)]
         try:
             await self._call(self.client.api.remove_container, node_id, force=True, v=True)
         except ContainerGone:
@@ -197,12 +390,19 @@ class DockerBackend(NodeBackend):
             if "already in progress" in exc.detail:
                 return True
             raise
+        for name in workspaces:
+            await self._remove_workspace(name)
         return True
 
     def _info(self, cid: str, status: str, health: str, labels: dict[str, str], created: float, port: int,
-              image: str) -> NodeInfo:
+              image: str, ip: str = "") -> NodeInfo:
+        # a published port is reached at the advertised host; an unpublished node at its address
+        # on the node network (only while it runs: a stopped container has none)
+        host = self.advertise_host
+        if not port and ip:
+            host, port = ip, int(labels.get(LABEL_PORT, self.node_port))
         return NodeInfo(id=cid, owner=labels.get(LABEL_MANAGER, ""), role=labels.get(LABEL_ROLE, Role.NODE),
-                        status=_state(status), health=health, created=created, host=self.advertise_host,
+                        status=_state(status), health=health, created=created, host=host,
                         port=port, replica_id=labels.get(LABEL_REPLICA, ""), client=labels.get(LABEL_CLIENT, ""),
                         image=image, meta=labels)
 
@@ -214,7 +414,8 @@ class DockerBackend(NodeBackend):
         return self._info(data["Id"], state.get("Status", "unknown"),
                           ((state.get("Health") or {}).get("Status")) or "none", labels,
                           float(labels.get(LABEL_CREATED) or _parse_time(data.get("Created", ""))),
-                          int(ports[0]["HostPort"]) if ports else 0, (data.get("Config") or {}).get("Image", ""))
+                          int(ports[0]["HostPort"]) if ports else 0, (data.get("Config") or {}).get("Image", ""),
+                          _node_ip(data.get("NetworkSettings") or {}) if state.get("Running") else "")
 
     async def node_secret(self, node_id: str) -> str:
         """The secret a node was created with, from the container's own config ("" if none)."""
@@ -241,8 +442,10 @@ class DockerBackend(NodeBackend):
                 if f"({h})" in status_text:
                     health = h.replace("health: ", "")
                     break
+            ip = _node_ip(c.get("NetworkSettings") or {}) if c.get("State") == "running" else ""
             out.append(self._info(c["Id"], c.get("State", "unknown"), health, labels,
-                                  float(labels.get(LABEL_CREATED) or c.get("Created") or 0), port, c.get("Image", "")))
+                                  float(labels.get(LABEL_CREATED) or c.get("Created") or 0), port, c.get("Image", ""),
+                                  ip))
         return out
 
     async def stats(self, node_id: str) -> dict[str, Any]:

@@ -79,9 +79,21 @@ def manager_id(docker_client: docker.DockerClient) -> Iterator[str]:
 
 
 def remove_containers(client: docker.DockerClient, mid: str) -> None:
+    """Everything a manager_id made on the engine: containers, then workspaces and the node network."""
+    from shared import loopdisk
+
     for c in client.containers.list(all=True, filters={"label": f"{LABEL}={mid}"}):
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            c.remove(force=True)
+            c.remove(force=True, v=True)
+    for v in client.volumes.list(filters={"label": f"{LABEL}={mid}"}):
+        image = (v.attrs.get("Labels") or {}).get("toolserver-manager.image_file", "")
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            v.remove(force=True)
+        if image:
+            loopdisk.destroy(image)
+    for n in client.networks.list(filters={"label": f"{LABEL}={mid}"}):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            n.remove()
 
 
 def project_containers(client: docker.DockerClient, mid: str) -> list[Any]:

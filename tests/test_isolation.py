@@ -3,13 +3,22 @@ bounded disk. The network tests play the attacker from inside a node (its shell 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
 
 import docker
 import httpx
-import redis
 
-from tests.conftest import ADMIN_TOKEN, wait_for
+from tests.conftest import ADMIN_TOKEN, ROOT, wait_for
 
 SECRET_HEADER = "X-Node-Secret"
 
@@ -82,3 +91,326 @@ def test_secret_is_never_shown(start_manager, docker_client: docker.DockerClient
     for text in seen + [m.logs()]:
         assert secret not in text
     assert json.loads(seen[1])["record"].get("secret") is None
+
+
+# --- the network, as an attacker inside node A sees it ------------------------------------------
+PROBE = r"""
+import json, socket, sys
+out = []
+for host, port in json.loads(sys.argv[1]):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(1.5)
+    try:
+        s.connect((host, port))
+        out.append([host, port, "connected"])
+    except OSError as exc:
+        out.append([host, port, type(exc).__name__])
+    finally:
+        s.close()
+print("PROBE" + json.dumps(out))
+"""
+
+
+def probe_from(c: httpx.Client, targets: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Connect from inside the cookie's node (its shell tool) to each target; what happened."""
+    cmd = f"python3 -c {shlex.quote(PROBE)} {shlex.quote(json.dumps(targets))}"
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
+               timeout=120)
+    assert r.status_code == 200, r.text
+    display = r.json()["data"]["display"]
+    results = json.loads(display.split("PROBE", 1)[1].strip().splitlines()[0])
+    return {(h, p): what for h, p, what in results}
+
+
+class Listener:
+    """A TCP listener of the test on the host: accepts and closes."""
+
+    def __init__(self, host: str = "0.0.0.0") -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def host_ipv4_addresses() -> list[str]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3].split("/")[0] for line in out.splitlines()]
+
+
+def networks_of(docker_client: docker.DockerClient, node_id: str) -> dict[str, dict[str, str]]:
+    return docker_client.api.inspect_container(node_id)["NetworkSettings"]["Networks"]
+
+
+@contextlib.contextmanager
+def outside_host() -> Iterator[tuple[str, int]]:
+    """A test host in a network namespace of its own, routed from the host like the outside world."""
+    tag = uuid.uuid4().hex[:6]
+    ns, veth_h, veth_n = f"tsmt-{tag}", f"tsmv{tag}h", f"tsmv{tag}n"
+    third = int(tag[:2], 16) % 200 + 1  # 198.51.100.0/24 is TEST-NET-2: routed nowhere else
+    host_ip, ns_ip = f"198.51.{third}.1", f"198.51.{third}.2"
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    sh("ip", "netns", "add", ns)
+    server = None
+    try:
+        sh("ip", "link", "add", veth_h, "type", "veth", "peer", "name", veth_n)
+        sh("ip", "link", "set", veth_n, "netns", ns)
+        sh("ip", "addr", "add", f"{host_ip}/30", "dev", veth_h)
+        sh("ip", "link", "set", veth_h, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_ip}/30", "dev", veth_n)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", veth_n, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", host_ip)
+        # a bare accept loop (http.server would first look its own name up, with no DNS in there)
+        accept = (f"import socket\ns = socket.socket(); s.bind(('{ns_ip}', 8080)); s.listen(16)\n"
+                  "while True:\n    s.accept()[0].close()\n")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", accept],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["ip", "netns", "exec", ns, "python3", "-c",
+                                         f"import socket; socket.create_connection(('{ns_ip}', 8080), 1)"],
+                                        capture_output=True).returncode == 0, timeout=10, what="outside host")
+        yield ns_ip, 8080
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", veth_h], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_node_reaches_no_other_node_nor_the_host(start_manager, docker_client: docker.DockerClient) -> None:
+    m = start_manager()
+    a, a_id = new_session(m.url)
+    b, b_id = new_session(m.url)
+    b_nets = networks_of(docker_client, b_id)
+    assert list(b_nets) == list(networks_of(docker_client, a_id))  # the node network, and only it
+    (net_name,) = b_nets
+    assert net_name.startswith("tsm-")
+    gateway = docker_client.api.inspect_network(net_name)["IPAM"]["Config"][0]["Gateway"]
+    ports = docker_client.api.inspect_container(b_id)["NetworkSettings"]["Ports"]
+    assert all(binding is None for binding in ports.values()), ports  # nothing published
+    any_host = Listener("0.0.0.0")
+    on_gateway = Listener(gateway)
+    try:
+        targets = [(net["IPAddress"], port) for net in b_nets.values() for port in (31942, 22, 80, 8080)]
+        targets += [(gateway, any_host.port), (gateway, on_gateway.port), (gateway, 6379), (gateway, 31942),
+                    (gateway, 22)]
+        targets += [(ip, any_host.port) for ip in host_ipv4_addresses()]
+        targets += [("169.254.169.254", 80)]
+        seen = probe_from(a, targets)
+        for target, what in seen.items():
+            assert what != "connected", (target, seen)
+        assert any_host.accepted == 0 and on_gateway.accepted == 0
+        # the host itself still reaches both listeners (they are real)
+        socket.create_connection((gateway, on_gateway.port), 2).close()
+        # and no IPv6 path to the host either
+        r = a.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {
+            "command": "echo V6=$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6); echo V6ADDRS=$(cat /proc/net/if_inet6 | wc -l)"}})
+        assert r.status_code == 200, r.text
+        display = r.json()["data"]["display"]
+        assert "V6=1" in display and "V6ADDRS=0" in display, display
+    finally:
+        any_host.close()
+        on_gateway.close()
+    # tool calls through the manager keep working for both
+    for c in (a, b):
+        assert c.post("/get_available_tools").status_code == 200
+    a.post("/release_session")
+    b.post("/release_session")
+
+
+def test_an_unprivileged_host_user_cannot_drive_a_node(start_manager, docker_client: docker.DockerClient) -> None:
+    m = start_manager()
+    c, node_id = new_session(m.url)
+    base = direct_url(docker_client, node_id)
+    pid = docker_client.api.inspect_container(node_id)["State"]["Pid"]
+    script = (f"import urllib.request as u, urllib.error as e\n"
+              f"req = u.Request('{base}/execute_tool', method='POST', headers={{'content-type': 'application/json'}},"
+              f" data=b'{{\"tool_name\": \"shell_command_executor\", \"arguments\": {{\"command\": \"id\"}}}}')\n"
+              f"try:\n    print(u.urlopen(req, timeout=10).status)\nexcept e.HTTPError as x:\n    print(x.code)\n")
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "401", out
+    # nor learn its secret: not from the engine, not from the node's processes
+    for cmd in (["cat", "/var/run/docker.sock"], ["cat", f"/proc/{pid}/environ"]):
+        res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd],
+                             capture_output=True, text=True, timeout=10)
+        assert res.returncode != 0 and "NODE_SECRET" not in res.stdout, (cmd, res)
+    assert c.post("/get_available_tools").status_code == 200
+    c.post("/release_session")
+
+
+def test_published_ports_are_refused_from_nodes_and_want_the_secret(start_manager,
+                                                                   docker_client: docker.DockerClient) -> None:
+    """DaemonSet mode: node ports published on the host; nodes still cannot reach them."""
+    m = start_manager(node={"network": {"publish": True}})
+    a, a_id = new_session(m.url)
+    b, b_id = new_session(m.url)
+    ports = docker_client.api.inspect_container(b_id)["NetworkSettings"]["Ports"]["31942/tcp"]
+    published = int(ports[0]["HostPort"])
+    (net_name,) = networks_of(docker_client, b_id)
+    gateway = docker_client.api.inspect_network(net_name)["IPAM"]["Config"][0]["Gateway"]
+    targets = [(ip, published) for ip in host_ipv4_addresses()] + [(gateway, published), ("127.0.0.1", published)]
+    targets += [(net["IPAddress"], 31942) for net in networks_of(docker_client, b_id).values()]
+    seen = probe_from(a, targets)
+    for target, what in seen.items():
+        assert what != "connected", (target, seen)
+    assert httpx.get(f"http://127.0.0.1:{published}/", timeout=10).status_code == 401
+    assert b.post("/get_available_tools").status_code == 200
+    a.post("/release_session")
+    b.post("/release_session")
+
+
+def test_egress_open_reaches_the_outside_and_none_does_not(start_manager, docker_client: docker.DockerClient,
+                                                          manager_id: str) -> None:
+    with outside_host() as outside:
+        m = start_manager()
+        c, _ = new_session(m.url)
+        assert probe_from(c, [outside])[outside] == "connected"  # the probe can succeed
+        c.post("/release_session")
+        closed = start_manager(name="closed", node={"network": {"egress": "none"}})
+        c, node_id = new_session(closed.url)
+        assert list(networks_of(docker_client, node_id)) == [f"tsm-{manager_id}-none"]
+        assert probe_from(c, [outside])[outside] != "connected"
+        assert c.post("/get_available_tools").status_code == 200  # the manager still reaches it
+        c.post("/release_session")
+
+
+def test_bad_isolation_settings_fail_at_start(start_manager) -> None:
+    m = start_manager(wait=False, node={"network": {"egress": "sometimes"}})
+    assert m.proc is not None and m.proc.wait(30) != 0
+    assert "node.network.egress must be one of open, none, not 'sometimes'" in m.logs()
+
+
+# --- disk ------------------------------------------------------------------------------------------
+MiB = 1 << 20
+DISK = {"workspace_bytes": 256 * MiB, "tmp_bytes": 32 * MiB, "log_bytes": 2 * MiB}
+
+
+def shell(c: httpx.Client, command: str) -> str:
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": command}},
+               timeout=120)
+    assert r.status_code in (200, 500), r.text
+    body = r.json()
+    return str((body.get("data") or body.get("detail") or {}).get("display", body))
+
+
+def workspace_image(docker_client: docker.DockerClient, node_id: str) -> str:
+    (vol,) = [m["Name"] for m in docker_client.api.inspect_container(node_id)["Mounts"]
+              if m["Destination"] == "/app/workspace"]
+    return str(docker_client.api.inspect_volume(vol)["Labels"]["toolserver-manager.image_file"])
+
+
+def loop_devices_of(path: str) -> str:
+    return subprocess.run(["losetup", "--associated", path], capture_output=True, text=True).stdout.strip()
+
+
+def test_a_node_cannot_write_more_than_its_bound(start_manager, docker_client: docker.DockerClient) -> None:
+    m = start_manager(node={"disk": DISK})
+    a, a_id = new_session(m.url)
+    b, _ = new_session(m.url)
+    image = workspace_image(docker_client, a_id)
+    assert loop_devices_of(image)
+    # the workspace keeps its contents across close and reconnect
+    shell(a, "echo kept > /app/workspace/keep.txt")
+    assert a.post("/close_session").status_code == 200
+    assert a.post("/reconnect_session").status_code == 200
+    assert "kept" in shell(a, "cat /app/workspace/keep.txt")
+
+    free_before = shutil.disk_usage(image).free
+    answers: list[int] = []
+    done = threading.Event()
+
+    def other_session() -> None:
+        while not done.is_set():
+            answers.append(b.post("/get_available_tools", timeout=30).status_code)
+
+    t = threading.Thread(target=other_session)
+    t.start()
+    try:
+        out = shell(a, "dd if=/dev/zero of=/app/workspace/big bs=1M count=512 2>&1; "
+                       "dd if=/dev/zero of=/tmp/big bs=1M count=64 2>&1; touch /opt/x 2>&1; sync")
+    finally:
+        done.set()
+        t.join()
+    assert out.count("No space left on device") == 2, out
+    assert "Read-only file system" in out, out
+    drop = free_before - shutil.disk_usage(image).free
+    assert drop <= DISK["workspace_bytes"] + 64 * MiB, drop
+    assert os.stat(image).st_blocks * 512 <= DISK["workspace_bytes"]
+    assert answers and set(answers) == {200}, answers
+    assert "kept" in shell(a, "cat /app/workspace/keep.txt")
+    # released: the volume, its loop device and its image are gone
+    vol = [mt["Name"] for mt in docker_client.api.inspect_container(a_id)["Mounts"]
+           if mt["Destination"] == "/app/workspace"][0]
+    assert a.post("/release_session").status_code == 200
+    assert not os.path.exists(image) and not loop_devices_of(image)
+    assert not docker_client.volumes.list(filters={"name": vol})
+    b.post("/release_session")
+
+
+def test_a_node_flooding_stdout_leaves_a_bounded_log(start_manager, docker_client: docker.DockerClient) -> None:
+    m = start_manager(node={"disk": DISK})
+    c, node_id = new_session(m.url)
+    # 50 MB at the container's own stdout (the init process's), in lines of 1000 bytes
+    shell(c, "yes $(head -c 999 /dev/zero | tr '\\\\0' x) | head -c 50000000 > /proc/1/fd/1; echo done")
+    log_path = docker_client.api.inspect_container(node_id)["LogPath"]
+    files = [p for p in (log_path, log_path + ".1", log_path + ".2") if os.path.exists(p)]
+    total = sum(os.path.getsize(p) for p in files)
+    assert os.path.getsize(log_path) + (os.path.getsize(log_path + ".1") if log_path + ".1" in files else 0) > MiB
+    assert total <= DISK["log_bytes"] + 64 * 1024, (files, total)
+    assert c.post("/get_available_tools").status_code == 200
+    c.post("/release_session")
+
+
+def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.DockerClient, manager_id: str) -> None:
+    m = start_manager(node={"disk": DISK, "creation_wait_seconds": 5}, checker={"stuck_creation_seconds": 1})
+    c, node_id = new_session(m.url)
+    image = workspace_image(docker_client, node_id)
+    docker_client.api.remove_container(node_id, force=True)  # behind the manager's back
+    wait_for(lambda: not os.path.exists(image), timeout=40, what="the orphan workspace collected")
+    assert not loop_devices_of(image)
+    assert not docker_client.volumes.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
+
+
+# --- runtime ---------------------------------------------------------------------------------------
+def test_nodes_run_under_gvisor_when_asked(start_manager, docker_client: docker.DockerClient) -> None:
+    subprocess.run(["bash", str(ROOT / "scripts/register-runsc.sh")], check=True, capture_output=True)
+    m = start_manager(node={"runtime": "runsc"})
+    c, node_id = new_session(m.url)
+    assert docker_client.api.inspect_container(node_id)["HostConfig"]["Runtime"] == "runsc"
+    assert "dmesg-gvisor" in shell(c, "dmesg 2>&1 | head -3 | tr -d ' ' | sed 's/^/dmesg-/' | tr 'A-Z' 'a-z'") \
+        or "4.4.0" in shell(c, "uname -r")  # gVisor's own kernel, not the host's
+    listener = Listener("0.0.0.0")
+    try:
+        (net,) = networks_of(docker_client, node_id).values()
+        seen = probe_from(c, [(net["Gateway"], listener.port), ("169.254.169.254", 80)])
+        assert all(what != "connected" for what in seen.values()), seen
+    finally:
+        listener.close()
+    c.post("/release_session")
+
+
+def test_an_unknown_runtime_fails_the_start_naming_it(start_manager, docker_client: docker.DockerClient,
+                                                      manager_id: str) -> None:
+    m = start_manager(wait=False, node={"runtime": "no-such-runtime"})
+    assert m.proc is not None and m.proc.wait(30) != 0
+    assert "node.runtime 'no-such-runtime' is not registered with the engine" in m.logs()
+    assert not docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"})

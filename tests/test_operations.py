@@ -115,7 +115,7 @@ def test_hardened_node_defaults(start_manager, docker_client: docker.DockerClien
     assert hc["CapDrop"] == ["ALL"] and "no-new-privileges" in hc["SecurityOpt"]
     assert hc["PidsLimit"] == 128 and hc["Memory"] == 256 * 1024 * 1024 and hc["NanoCpus"] == 500_000_000
     assert hc["ReadonlyRootfs"] is True
-    assert all(b["HostIp"] == "127.0.0.1" for b in hc["PortBindings"]["31942/tcp"])
+    assert not hc["PortBindings"]  # reached on its node network, nothing published
     assert hc["NetworkMode"] != "host"
     # the workspace is writable, the root is not
     code, out = node.exec_run(["sh", "-c", "touch /app/workspace/ok && touch /etc/nope"])

@@ -45,7 +45,9 @@ def test_full_lifecycle(start_manager, docker_client: docker.DockerClient, redis
     assert len(node_id) == 64 and "Path=/" in set_cookie
     container = docker_client.containers.get(node_id)  # the cookie is the full container id
     assert container.labels["toolserver-manager.manager_id"] == manager_id
-    assert container.attrs["HostConfig"]["PortBindings"]["31942/tcp"][0]["HostIp"] == "127.0.0.1"
+    # on its manager_id's node network, no host port published
+    assert not container.attrs["HostConfig"]["PortBindings"]
+    assert list(container.attrs["NetworkSettings"]["Networks"]) == [f"tsm-{manager_id}-open"]
     rec = redis_client.hgetall(f"{prefix}:node:{node_id}")
     assert rec[b"status"] == b"running" and rec[b"manager_id"] == manager_id.encode()
 

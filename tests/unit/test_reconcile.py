@@ -11,7 +11,8 @@ LIMITS = Limits(idle_seconds=600, idle_grace_seconds=60, exited_gc_seconds=3600,
 
 
 def rec(i: str, **kw: object) -> NodeRecord:
-    base = dict(id=i, manager_id="m", status="running", created_at=NOW - 1000, ready_at=NOW - 900, port=1000)
+    base = dict(id=i, manager_id="m", status="running", created_at=NOW - 1000, ready_at=NOW - 900,
+                host="127.0.0.1", port=1000)
     base.update(kw)
     return NodeRecord(**base)  # type: ignore[arg-type]
 
@@ -104,3 +105,11 @@ def test_unwatched_nodes_are_stopped_when_configured() -> None:
     p = plan("m", ["a", "b", "c"], recs, [cont("a"), cont("b"), cont("c")], set(), NOW,
              limits, {"a": NOW - 31, "b": NOW - 5})
     assert [r.id for r in p.idle_stop] == ["a"]
+
+
+def test_a_new_address_on_the_node_network_is_recorded() -> None:
+    """An unpublished node may get another address when it is restarted behind our back."""
+    p = run([rec("a", host="172.18.0.2", port=31942)], [cont("a", host="172.18.0.5", port=31942)])
+    assert p.updates == {"a": {"host": "172.18.0.5"}}
+    p = run([rec("a", host="172.18.0.2", port=31942)], [cont("a", status="exited", host="127.0.0.1", port=0)])
+    assert "host" not in p.updates.get("a", {})

@@ -1,0 +1,156 @@
+"""The host firewall rules that keep nodes off the host and off private networks.
+
+Docker's own rules (a bridge with inter-container traffic off) stop node-to-node traffic on
+one bridge; they do not stop a node from opening a connection to the host itself (the
+gateway address, or any other address of the host: that is INPUT, not FORWARD), nor to
+private ranges and 169.254.0.0/16 beyond the host. These rules do, for every bridge whose
+name starts with one of the node bridge prefixes (the backend names its bridges so):
+
+  INPUT   -> TSM-INPUT:    replies pass; anything a node opens to the host is refused
+  FORWARD -> DOCKER-USER -> TSM-FORWARD:
+                           replies pass; TSM-ALLOW (per-bridge exceptions) accepts;
+                           node to node refused; private, link-local, loopback and
+                           shared ranges refused; egress "none" bridges refused everything
+
+The chains are ours: installing flushes and refills TSM-INPUT and TSM-FORWARD, adds the two
+jumps if missing, and appends missing TSM-ALLOW rules; nothing else is touched, and
+``remove`` takes away exactly that. ``python -m shared.firewall install|remove|show``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+from shared.errors import ConfigError
+
+INPUT_CHAIN = "TSM-INPUT"
+FORWARD_CHAIN = "TSM-FORWARD"
+ALLOW_CHAIN = "TSM-ALLOW"
+# where nodes must never connect to (RFC 1918, link-local incl. cloud metadata, loopback,
+# carrier-grade NAT, "this network", benchmarking, multicast)
+BLOCKED = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
+           "100.64.0.0/10", "0.0.0.0/8", "198.18.0.0/15", "224.0.0.0/4")
+
+
+class NoPrivilege(Exception):
+    """iptables is missing or we may not run it: isolation rests on Docker's rules alone."""
+
+
+class FirewallError(ConfigError):
+    """The rules could not be installed for another reason (named in the message)."""
+
+
+def _reject(match: list[str]) -> list[list[str]]:
+    # refuse at once (a TCP reset, an ICMP error otherwise) rather than let the node wait
+    return [[*match, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+            [*match, "-j", "REJECT", "--reject-with", "icmp-port-unreachable"]]
+
+
+def rules(open_prefix: str, none_prefix: str) -> dict[str, list[list[str]]]:
+    """The content of our two main chains, for the bridge name prefixes of each egress mode."""
+    bridges = [f"{open_prefix}+", f"{none_prefix}+"]
+    inp: list[list[str]] = []
+    fwd: list[list[str]] = [["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"]]
+    for b in bridges:
+        inp.append(["-i", b, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "RETURN"])
+        inp += _reject(["-i", b])
+        fwd.append(["-i", b, "-j", ALLOW_CHAIN])
+    for b in bridges:
+        for other in bridges:
+            fwd += _reject(["-i", b, "-o", other])
+    for cidr in BLOCKED:
+        fwd += _reject(["-d", cidr, "-i", bridges[0]])  # in the order iptables -S prints
+    fwd += _reject(["-i", bridges[1]])
+    return {INPUT_CHAIN: inp, FORWARD_CHAIN: fwd}
+
+
+def _ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("iptables")
+    if exe is None:
+        raise NoPrivilege("iptables is not installed")
+    try:
+        res = subprocess.run([exe, "-w", "5", *args], capture_output=True, text=True, timeout=30)
+    except PermissionError as exc:
+        raise NoPrivilege(f"cannot run iptables: {exc}") from exc
+    err = (res.stderr or "").strip()
+    if res.returncode != 0 and ("Permission denied" in err or "you must be root" in err
+                                or "Operation not permitted" in err):
+        raise NoPrivilege(f"iptables: {err.splitlines()[0] if err else 'permission denied'}")
+    if check and res.returncode != 0:
+        raise FirewallError(f"iptables {' '.join(args)} failed: {err}")
+    return res
+
+
+def _ensure_chain(name: str) -> None:
+    if _ipt("-n", "-L", name, check=False).returncode != 0:
+        _ipt("-N", name)
+
+
+def _ensure_jump(parent: str, chain: str) -> None:
+    if _ipt("-C", parent, "-j", chain, check=False).returncode != 0:
+        _ipt("-I", parent, "1", "-j", chain)
+
+
+def install(open_prefix: str, none_prefix: str, allow: dict[str, list[str]] | None = None) -> None:
+    """Install (idempotently) the chains and jumps; ``allow`` maps a bridge to ranges it may reach."""
+    want = rules(open_prefix, none_prefix)
+    for chain in (ALLOW_CHAIN, INPUT_CHAIN, FORWARD_CHAIN):
+        _ensure_chain(chain)
+    for chain, body in want.items():
+        have = [line for line in _ipt("-S", chain).stdout.splitlines() if line.startswith("-A ")]
+        if have != [_render(chain, r) for r in body]:
+            _ipt("-F", chain)
+            for r in body:
+                _ipt("-A", chain, *r)
+    for bridge, cidrs in (allow or {}).items():
+        for cidr in cidrs:
+            rule = ["-i", bridge, "-d", cidr, "-j", "ACCEPT"]
+            if _ipt("-C", ALLOW_CHAIN, *rule, check=False).returncode != 0:
+                _ipt("-A", ALLOW_CHAIN, *rule)
+    _ensure_jump("INPUT", INPUT_CHAIN)
+    # Docker puts DOCKER-USER before its own accepts; an engine without iptables has none
+    parent = "DOCKER-USER" if _ipt("-n", "-L", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
+    _ensure_jump(parent, FORWARD_CHAIN)
+
+
+def remove() -> None:
+    """Take away our jumps and chains, and nothing else."""
+    for parent, chain in (("INPUT", INPUT_CHAIN), ("DOCKER-USER", FORWARD_CHAIN), ("FORWARD", FORWARD_CHAIN)):
+        while _ipt("-D", parent, "-j", chain, check=False).returncode == 0:
+            pass
+    for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN):
+        if _ipt("-n", "-L", chain, check=False).returncode == 0:
+            _ipt("-F", chain)
+            _ipt("-X", chain)
+
+
+def _render(chain: str, rule: list[str]) -> str:
+    """A rule as ``iptables -S`` prints it (addresses with their mask, as given here)."""
+    return " ".join(["-A", chain, *rule])
+
+
+def main(argv: list[str]) -> int:
+    from shared.docker_backend import BRIDGE_PREFIXES
+
+    cmd = argv[1] if len(argv) > 1 else "show"
+    try:
+        if cmd == "install":
+            install(BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"])
+        elif cmd == "remove":
+            remove()
+        elif cmd == "show":
+            for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN):
+                print(_ipt("-S", chain, check=False).stdout, end="")
+        else:
+            print("usage: python -m shared.firewall install|remove|show", file=sys.stderr)
+            return 2
+    except (NoPrivilege, FirewallError) as exc:
+        print(f"firewall: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

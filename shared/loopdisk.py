@@ -1,0 +1,78 @@
+"""Fixed-size file systems in sparse image files, attached as loop devices.
+
+Used for node workspaces: overlay2 on ext4 cannot bound a container's writes and this kernel
+has no XFS project quota, but an ext4 file system in an image of N bytes holds at most N
+bytes, and its sparse file takes on the host only what was written. Blocking calls: run
+them in a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from shared.errors import ConfigError, EngineError
+
+
+class DiskError(EngineError):
+    """A workspace image could not be made or attached (the message names the step)."""
+
+
+def check_tools() -> None:
+    """Raise ConfigError naming what is missing for bounded workspaces."""
+    missing = [t for t in ("mkfs.ext4", "debugfs", "losetup") if shutil.which(t) is None]
+    if missing:
+        raise ConfigError(f"node.disk.workspace_bytes needs {', '.join(missing)} (e2fsprogs, mount)")
+    if os.geteuid() != 0:
+        raise ConfigError("node.disk.workspace_bytes needs root (loop devices); set it to 0 to run "
+                          "without a workspace bound")
+
+
+def _run(*argv: str) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        raise DiskError(f"{argv[0]}: {exc}") from exc
+    if res.returncode != 0:
+        raise DiskError(f"{' '.join(argv[:2])} failed: {(res.stderr or res.stdout).strip()[:300]}")
+    return res.stdout.strip()
+
+
+def create(path: str, size: int, uid: int = 1000, gid: int = 1000) -> str:
+    """Make an ext4 image of ``size`` bytes owned by uid:gid at its root, attach it; the device."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        with open(path, "xb") as f:
+            f.truncate(size)
+        _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+             f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1", path)
+        # an empty workspace, as before: no lost+found in the node's listing
+        _run("debugfs", "-w", "-R", "rmdir lost+found", path)
+        return _run("losetup", "--find", "--show", path)
+    except BaseException:
+        with_unlink(path)
+        raise
+
+
+def device_of(path: str) -> str:
+    """The loop device backed by ``path`` ("" when none)."""
+    out = _run("losetup", "--associated", path) if os.path.exists(path) else ""
+    return out.splitlines()[0].split(":", 1)[0].strip() if out else ""  # "/dev/loop3: [64769]:12 (path)"
+
+
+def destroy(path: str) -> None:
+    """Detach every loop device of ``path`` and delete it; nothing left is fine."""
+    for _ in range(8):  # one image is attached once, but be sure
+        dev = device_of(path)
+        if not dev:
+            break
+        _run("losetup", "--detach", dev)
+    with_unlink(path)
+
+
+def with_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
