@@ -11,7 +11,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from manager import routes
+from manager import internal
+from manager.responses import json_response
+from manager.routes import rt_of
 from manager.fanout import fan_out, replica_view
 from manager.runtime import Runtime
 from nodeops import lifecycle, sessions
@@ -38,7 +40,7 @@ def check_token(rt: Runtime, token: str | None) -> None:
 
 
 def _admin(request: Request) -> Runtime:
-    rt = routes.rt_of(request)
+    rt = rt_of(request)
     check_token(rt, bearer(request.headers.get("authorization")))
     return rt
 
@@ -82,7 +84,7 @@ async def list_nodes(request: Request) -> Response:
         row["idle_seconds"] = round(idle, 1)
         rows.append(row)
     rows.sort(key=lambda r: (r["manager_id"], r["created_at"]))
-    return routes.json_response({"total": len(rows), "offset": offset, "limit": limit,
+    return json_response({"total": len(rows), "offset": offset, "limit": limit,
                                  "nodes": rows[offset:offset + limit]})
 
 
@@ -93,12 +95,12 @@ async def inspect_node(request: Request) -> Response:
     if rec is None:
         raise NotFound(f"no node {node_id}")
     if rec.manager_id == rt.manager_id:
-        return routes.json_response(await lifecycle.node_detail(rt, node_id))
+        return json_response(await lifecycle.node_detail(rt, node_id))
     reps = await owner_replicas(rt, rec.manager_id)
     if not reps:
-        return routes.json_response({"record": rec.public(), "container": None,
+        return json_response({"record": rec.public(), "container": None,
                                      "error": f"no live manager for {rec.manager_id}"})
-    return routes.json_response(await remote_get(rt, reps[0], f"/internal/nodes/{node_id}"))
+    return json_response(await remote_get(rt, reps[0], f"/internal/nodes/{node_id}"))
 
 
 class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,20 +122,20 @@ async def release_nodes(request: Request) -> Response:
             results[node_id] = "released"
         except ManagerError as exc:
             results[node_id] = exc.detail
-    return routes.json_response({"results": results})
+    return json_response({"results": results})
 
 
 async def release_one(request: Request) -> Response:
     rt = _admin(request)
     node_id = request.path_params["node_id"]
     await sessions.release(rt, node_id)
-    return routes.json_response({"results": {node_id: "released"}})
+    return json_response({"results": {node_id: "released"}})
 
 
 async def list_replicas(request: Request) -> Response:
     rt = _admin(request)
     reps = await rt.store.live_replicas()
-    return routes.json_response({"replicas": [replica_view(r) for r in reps]})
+    return json_response({"replicas": [replica_view(r) for r in reps]})
 
 
 async def list_leases(request: Request) -> Response:
@@ -144,7 +146,7 @@ async def list_leases(request: Request) -> Response:
         view = msgspec.structs.asdict(await rt.store.lease_view(mid))
         view["cycles_by_token"] = await rt.store.checker_cycles(mid)
         out.append(view)
-    return routes.json_response({"leases": out})
+    return json_response({"leases": out})
 
 
 async def drain(request: Request) -> Response:
@@ -152,7 +154,7 @@ async def drain(request: Request) -> Response:
     mid = request.path_params["manager_id"]
     on = request.method == "POST"
     await rt.store.set_draining(mid, on)
-    return routes.json_response({"manager_id": mid, "draining": on})
+    return json_response({"manager_id": mid, "draining": on})
 
 
 async def engines(request: Request) -> Response:
@@ -160,15 +162,15 @@ async def engines(request: Request) -> Response:
 
     async def one(rep: Any) -> Any:
         if rep is None:
-            return await routes.engine_summary(rt)
+            return await internal.engine_summary(rt)
         return await remote_get(rt, rep, "/internal/engine")
 
-    return routes.json_response(await fan_out(rt, one))
+    return json_response(await fan_out(rt, one))
 
 
 async def show_config(request: Request) -> Response:
     rt = _admin(request)
-    return routes.json_response(rt.cfg.redacted())
+    return json_response(rt.cfg.redacted())
 
 
 def admin_routes() -> list[BaseRoute]:

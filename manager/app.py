@@ -1,5 +1,5 @@
-"""The app factory: routes, one error handler for the hierarchy, and the lifespan that
-owns every long-lived client and background task of a replica."""
+"""The app factory: the lifespan that owns every long-lived client and background task
+of a replica, and the first stage of its graceful stop."""
 
 from __future__ import annotations
 
@@ -9,24 +9,19 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from checker.service import Checker
-from manager import admin, events_ws, routes, ws_proxy
+from manager import errors_http
 from manager.activity import ActivityRecorder, AddressCache
+from manager.entry import HeaderLimit, ManagerApp
 from manager.events_hub import EventHub
-from manager.openapi import openapi_endpoint
 from manager.proxy import Proxy
 from manager.registry import heartbeat_loop
-from manager.routes import json_response
+from manager.resolve import Resolver
+from manager.routing import build_routes
 from manager.runtime import Runtime
 from shared import __version__
 from shared.config import Config
@@ -36,132 +31,6 @@ from shared.models import ReplicaInfo
 from shared.store import Store
 
 log = logging.getLogger(__name__)
-
-
-async def on_manager_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ManagerError)
-    return json_response({"detail": exc.detail}, status=exc.status_code)
-
-
-async def on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    detail = exc.detail
-    if exc.status_code == 404:
-        detail = f"no route for {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        detail = f"method {request.method} not allowed on {request.url.path}"
-    return json_response({"detail": detail}, status=exc.status_code, headers=exc.headers)
-
-
-async def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled_error path=%s", request.url.path)
-    return json_response({"detail": f"internal error: {type(exc).__name__}"}, status=500)
-
-
-class HeaderLimit:
-    """Refuses requests whose headers exceed the configured size with a JSON 431."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            size = sum(len(k) + len(v) for k, v in scope["headers"])
-            if size > self.limit:
-                if scope["type"] == "http":
-                    resp = json_response({"detail": f"request headers too large ({size} > {self.limit} bytes)"},
-                                         status=431)
-                    await resp(scope, receive, send)
-                else:
-                    await send({"type": "websocket.close", "code": 1009})
-                return
-        await self.app(scope, receive, send)
-
-
-class ManagerApp:
-    """The ASGI entry: proxied requests skip Starlette's middleware and routing (the hot path
-    is one dict lookup); everything else, lifespan included, goes to the Starlette app."""
-
-    def __init__(self, app: Starlette, cfg: Config) -> None:
-        self.app = app
-        self.state = app.state
-        self.limit = cfg.proxy.max_header_bytes
-        self.proxied: dict[str, frozenset[str]] = {}
-        for method, paths in (("POST", cfg.redirect_to_node_path.post), ("GET", cfg.redirect_to_node_path.get)):
-            for path in paths:
-                self.proxied[path] = self.proxied.get(path, frozenset()) | {method}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            methods = self.proxied.get(scope["path"])
-            if methods is not None and scope["method"] in methods \
-                    and sum(len(k) + len(v) for k, v in scope["headers"]) <= self.limit:
-                await self._proxy(scope, receive, send)
-                return
-        if scope["type"] in ("http", "websocket") and _secret_in_query(scope.get("query_string", b"")):
-            await _refuse_secret_in_url(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        try:
-            response = await self.state.proxy.handle(request)
-        except ManagerError as exc:
-            response = json_response({"detail": exc.detail}, status=exc.status_code)
-        except ClientDisconnect:
-            return  # gone mid-body: the node's connection is already dropped, nobody to answer
-        except Exception:  # noqa: BLE001 - answer as the Starlette app would, never a bare 500
-            log.exception("unhandled_error path=%s", scope["path"])
-            response = json_response({"detail": "internal error"}, status=500)
-        await response(scope, receive, send)
-
-
-SECRET_PARAMS = frozenset({"token", "access_token", "api_key"})
-
-
-def _secret_in_query(qs: bytes) -> bool:
-    return bool(qs) and any(k.lower() in SECRET_PARAMS for k, _ in parse_qsl(qs.decode("latin-1"),
-                                                                            keep_blank_values=True))
-
-
-async def _refuse_secret_in_url(scope: Scope, receive: Receive, send: Send) -> None:
-    """URLs end up in logs, proxies and browser history: a credential there is refused, never read."""
-    if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake gets 403
-        return
-    resp = json_response({"detail": "credentials are not accepted in the URL: send the token in the "
-                                    "Authorization header (Bearer) or, for a WebSocket, as the "
-                                    "Sec-WebSocket-Protocol bearer.<token>"}, status=400)
-    await resp(scope, receive, send)
-
-
-def build_routes(cfg: Config) -> list[BaseRoute]:
-    r: list[BaseRoute] = [
-        Route("/alive", routes.alive, methods=["GET"]),
-        Route("/ready", routes.ready, methods=["GET"]),
-        Route("/metrics", routes.metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
-        Route("/get_cookie", routes.get_cookie, methods=["POST"]),
-        Route("/reconnect_session", routes.reconnect_session, methods=["POST"]),
-        Route("/close_session", routes.close_session, methods=["POST"]),
-        Route("/release_session", routes.release_session, methods=["POST"]),
-        Route("/internal/nodes", routes.internal_create, methods=["POST"]),
-        Route("/internal/nodes/{node_id}/{op}", routes.internal_node_op, methods=["POST"]),
-        Route("/internal/nodes/{node_id}", routes.internal_node_detail, methods=["GET"]),
-        Route("/internal/engine", routes.internal_engine, methods=["GET"]),
-        WebSocketRoute("/ws/events", events_ws.events_socket),
-        *admin.admin_routes(),
-    ]
-    methods: dict[str, list[str]] = {}
-    for path in cfg.redirect_to_node_path.post:
-        methods.setdefault(path, []).append("POST")
-    for path in cfg.redirect_to_node_path.get:
-        methods.setdefault(path, []).append("GET")
-    r += [Route(path, routes.proxied, methods=m, name=f"proxy:{path}") for path, m in methods.items()]
-    r += [WebSocketRoute(path, ws_proxy.proxy_socket) for path in cfg.proxy.websocket_paths]
-    return r
 
 
 def create_app(cfg: Config) -> ManagerApp:
@@ -190,10 +59,10 @@ def create_app(cfg: Config) -> ManagerApp:
                      activity=ActivityRecorder(store, cfg.proxy.activity_flush_seconds), replica=replica)
         rt.isolation = isolation
         app.state.rt = rt
-        app.state.proxy = Proxy(rt)
+        app.state.resolver = resolver = Resolver(rt)
+        app.state.proxy = Proxy(rt, resolver)
         hub = app.state.hub = EventHub(store, rt.cache)
-        checker = (Checker(rt)
-                   if cfg.builtin_monitor else None)
+        checker = Checker(rt) if cfg.builtin_monitor else None
         app.state.checker = checker
         tasks = [asyncio.create_task(coro, name=name) for name, coro in (
             ("heartbeat", heartbeat_loop(rt)),
@@ -219,10 +88,8 @@ def create_app(cfg: Config) -> ManagerApp:
             await store.close()
             log.info("replica_stopped replica_id=%s", cfg.replica_id)
 
-    app = Starlette(routes=build_routes(cfg), lifespan=lifespan, exception_handlers={
-        ManagerError: on_manager_error, HTTPException: on_http_error, Exception: on_unexpected})
+    app = Starlette(routes=build_routes(cfg), lifespan=lifespan, exception_handlers=errors_http.HANDLERS)
     app.state.cfg = cfg
-    routes.set_replica_id(cfg.replica_id)
     app.state.shutting_down = False
     app.add_middleware(HeaderLimit, limit=cfg.proxy.max_header_bytes)
     return ManagerApp(app, cfg)

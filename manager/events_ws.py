@@ -17,10 +17,11 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from manager import admin
+from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
 from shared import metrics
 from shared.errors import ManagerError
-from shared.models import Event, NodeStatus
+from shared.models import Event
 from shared.store import compare_ids
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,9 @@ async def _authenticate(rt: Runtime, ws: WebSocket, token: str | None) -> tuple[
         admin.check_token(rt, token)
         mid = ws.query_params.get("manager_id") or None
         return None, mid, {"scope": "admin", "manager_id": mid}
-    node_id = ws.cookies.get("node_id")
-    rec = await rt.store.get_node(node_id) if node_id else None
-    if rec is None or rec.status == NodeStatus.RELEASED:
-        raise ManagerError(f"invalid node_id: {node_id}")
-    return rec.id, None, rec
+    resolver: Resolver = ws.app.state.resolver
+    rec = await resolver.record(node_cookie(ws.cookies))
+    return rec.id, None, rec.public()
 
 
 async def events_socket(ws: WebSocket) -> None:

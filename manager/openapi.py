@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from manager.responses import json_response
 from shared.config import Config
 
 _DETAIL = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
@@ -134,8 +135,6 @@ def build_spec(cfg: Config) -> dict[str, Any]:
 
 
 async def openapi_endpoint(request: Request) -> Response:
-    from manager.routes import json_response
-
     spec = getattr(request.app.state, "openapi", None)
     if spec is None:
         spec = request.app.state.openapi = build_spec(request.app.state.cfg)

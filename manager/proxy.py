@@ -11,22 +11,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from manager.routes import REPLICA_HEADER
+from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
 from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamTimeout
 from manager.upstream import Response as UpstreamResponse
-from nodeops import sessions
-from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
+from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
-from shared.errors import (InvalidNode, NodeNotFound, NodeNotResponding, NodeNotRunning, NodeReadTimeout,
-                           NoLiveManager)
-from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
+from shared.errors import NodeNotResponding, NodeReadTimeout
+from shared.models import NODE_SECRET_HEADER
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -36,8 +33,6 @@ HOP_BY_HOP = frozenset({
     # answer would be one more response on the upstream connection
     b"expect",
 })
-_SECRET = NODE_SECRET_HEADER.encode()
-_TOKEN = TOKEN_HEADER.encode()
 _VIA = VIA_HEADER.encode()
 SMALL_BODY = 65536  # responses up to this size with a known length are sent in one piece
 
@@ -67,71 +62,27 @@ def _has_body(scope: Scope) -> bool:
 class Proxy:
     """Proxies one request to the cookie's node; built once per app."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, resolver: Resolver) -> None:
         self.rt = rt
+        self.resolver = resolver
         p = rt.cfg.proxy
         self.pool = UpstreamPool(max_idle_per_host=p.max_connections)
         self._connect_timeout = p.connect_timeout_seconds
         self._timeouts = dict(p.path_timeouts)
         self._default_timeout = p.timeout_seconds
-        self._replica_header = (REPLICA_HEADER.encode(), rt.replica.replica_id.encode())
         self._counters: dict[tuple[str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
-
-    async def resolve(self, node_id: str | None) -> NodeRecord:
-        """The node's record: cache first, then Redis; 403 for no or unknown cookie."""
-        if not node_id:
-            raise InvalidNode(node_id)
-        rec = self.rt.cache.get(node_id)
-        if rec is None:
-            rec = await self.rt.store.get_node(node_id)
-            if rec is None or rec.status == NodeStatus.RELEASED:
-                raise InvalidNode(node_id)
-            self.rt.cache.put(rec)
-        return rec
-
-    async def _revive(self, rec: NodeRecord) -> NodeRecord:
-        """The node did not answer or is not running: restart it (or say why not)."""
-        self.rt.cache.invalidate(rec.id)
-        fresh = await self.rt.store.get_node(rec.id)
-        if fresh is None or fresh.status == NodeStatus.RELEASED:
-            raise InvalidNode(rec.id)
-        if not self.rt.cfg.node.restart_stopped and fresh.status != NodeStatus.RUNNING:
-            raise NodeNotRunning(rec.id)
-        try:
-            fresh = await sessions.ensure_running(self.rt, rec.id)
-        except NodeNotFound:
-            raise InvalidNode(rec.id) from None
-        self.rt.cache.put(fresh)
-        return fresh
-
-    async def _target(self, rec: NodeRecord, scope: Scope,
-                      headers: list[tuple[bytes, bytes]]) -> tuple[str, int, bool]:
-        """Where to send: the node itself, or a replica of its owner when the node is not routable."""
-        rt = self.rt
-        if (rec.manager_id == rt.manager_id or not rt.cfg.cluster.proxy_through_owner.get(rec.manager_id)
-                or any(k == _VIA for k, _ in scope["headers"])):  # forwarded once already: never loop
-            headers.append((_SECRET, rec.secret.encode()))
-            return rec.host, rec.port, False
-        replicas = await owner_replicas(rt, rec.manager_id)
-        if not replicas:
-            raise NoLiveManager(rec.manager_id)
-        metrics.FORWARDED.labels("proxy").inc()
-        headers.append((_TOKEN, rt.cfg.internal_token.encode()))
-        headers.append((_VIA, rt.replica.replica_id.encode()))
-        url = urlsplit(replicas[0].url)
-        return url.hostname or "127.0.0.1", url.port or 80, True
 
     async def handle(self, request: Request) -> Response:
         scope = request.scope
         rt = self.rt
         path = scope["path"]
         t0 = time.perf_counter()
-        rec = await self.resolve(request.cookies.get("node_id"))
-        if rec.status != NodeStatus.RUNNING:
-            rec = await self._revive(rec)
+        rec = await self.resolver.live(node_cookie(request.cookies))
         headers = _request_headers(scope)
-        host, port, via_owner = await self._target(rec, scope, headers)
+        to = await self.resolver.target(rec, any(k == _VIA for k, _ in scope["headers"]))
+        headers += [(k.encode(), v.encode()) for k, v in to.headers]
+        host, port, via_owner = to.host, to.port, to.via_owner
         qs = scope.get("query_string") or b""
         target = scope.get("raw_path") or path.encode()
         if qs:
@@ -149,7 +100,7 @@ class Proxy:
                     raise
                 # the node moved or stopped since we cached it: refresh, revive, retry once
                 # (nothing was sent: a failed connect consumed none of the client's body)
-                rec = await self._revive(rec)
+                rec = await self.resolver.revive(rec)
                 upstream = await self.pool.request(scope["method"], rec.host, rec.port, target, headers, body,
                                                    self._connect_timeout, timeout)
         except UpstreamTimeout:
@@ -171,7 +122,7 @@ class Proxy:
         hist.observe(time.perf_counter() - t0)
         metrics.PROXY_BYTES_IN.inc(counter[0])
         self._count(path, upstream.status_code)
-        return _Upstream(upstream, self._replica_header, rt)
+        return _Upstream(upstream, rt)
 
     def _count(self, path: str, code: int) -> None:
         key = (path, code // 100)
@@ -193,12 +144,11 @@ async def _counting(request: Request, counter: list[int]) -> AsyncIterator[bytes
 class _Upstream(Response):
     """Sends a node's response back as it arrives; small known-length bodies in one piece."""
 
-    def __init__(self, upstream: UpstreamResponse, replica_header: tuple[bytes, bytes], rt: Runtime) -> None:
+    def __init__(self, upstream: UpstreamResponse, rt: Runtime) -> None:
         self.upstream = upstream
         self.status_code = upstream.status_code
         self.rt = rt
         self.raw_headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP]
-        self.raw_headers.append(replica_header)
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

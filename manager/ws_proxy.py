@@ -12,10 +12,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
+from manager.resolve import Resolver, node_cookie
+from nodeops.forward import VIA_HEADER
 from shared import metrics
 from shared.errors import ManagerError, NoLiveManager
-from shared.models import NODE_SECRET_HEADER, NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -24,27 +24,20 @@ PASS_HEADERS = ("cookie", "authorization", "user-agent", "origin")
 
 async def proxy_socket(ws: WebSocket) -> None:
     rt = ws.app.state.rt
-    proxy = ws.app.state.proxy
+    resolver: Resolver = ws.app.state.resolver
     try:
-        rec = await proxy.resolve(ws.cookies.get("node_id"))
-        if rec.status != NodeStatus.RUNNING:
-            rec = await proxy._revive(rec)
+        rec = await resolver.live(node_cookie(ws.cookies))
     except ManagerError as exc:
         await ws.close(code=1008, reason=exc.detail[:120])
         return
-    headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
-    base = rec.address
-    if rec.manager_id != rt.manager_id and rt.cfg.cluster.proxy_through_owner.get(rec.manager_id) \
-            and VIA_HEADER not in ws.headers:
-        replicas = await owner_replicas(rt, rec.manager_id)
-        if not replicas:
-            await ws.close(code=1013, reason=NoLiveManager(rec.manager_id).detail[:120])
-            return
-        base = replicas[0].url
-        headers += [(TOKEN_HEADER, rt.cfg.internal_token), (VIA_HEADER, rt.replica.replica_id)]
-    else:
-        headers.append((NODE_SECRET_HEADER, rec.secret))
-    url = "ws" + base[4:] + ws.url.path + (f"?{ws.url.query}" if ws.url.query else "")
+    try:
+        to = await resolver.target(rec, VIA_HEADER in ws.headers)
+    except NoLiveManager as exc:
+        await ws.close(code=1013, reason=exc.detail[:120])
+        return
+    headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS] + to.headers
+    scheme = "wss" if to.scheme == "https" else "ws"
+    url = f"{scheme}://{to.host}:{to.port}{ws.url.path}" + (f"?{ws.url.query}" if ws.url.query else "")
     subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     limit = rt.cfg.proxy.websocket_max_message_bytes
     try:

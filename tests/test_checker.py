@@ -113,7 +113,8 @@ def test_exited_nodes_are_collected(start_manager, docker_client: docker.DockerC
     node_id = c.cookies["node_id"]
     c.post("/close_session")
     wait_for(lambda: not project_containers(docker_client, manager_id), timeout=15, what="GC of an exited node")
-    assert not redis_client.exists(f"{prefix}:node:{node_id}")
+    # the record goes in the fenced write that follows the container's removal
+    wait_for(lambda: not redis_client.exists(f"{prefix}:node:{node_id}"), timeout=5, what="its record gone")
     assert c.post("/reconnect_session").json() == f"invalid node_id: {node_id}"
 
 

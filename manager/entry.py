@@ -1,0 +1,107 @@
+"""The ASGI entry of a replica, in front of the Starlette app.
+
+Proxied requests skip Starlette's middleware and routing (the hot path is one dict
+lookup); everything else, lifespan included, goes to the Starlette app. Every HTTP
+answer, proxied or not, is stamped here with the replica that served it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from manager import errors_http
+from manager.responses import REPLICA_HEADER, json_response
+from shared.config import Config
+
+SECRET_PARAMS = frozenset({"token", "access_token", "api_key"})
+
+
+class HeaderLimit:
+    """Refuses requests whose headers exceed the configured size with a JSON 431."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            size = sum(len(k) + len(v) for k, v in scope["headers"])
+            if size > self.limit:
+                if scope["type"] == "http":
+                    resp = json_response({"detail": f"request headers too large ({size} > {self.limit} bytes)"},
+                                         status=431)
+                    await resp(scope, receive, send)
+                else:
+                    await send({"type": "websocket.close", "code": 1009})
+                return
+        await self.app(scope, receive, send)
+
+
+def _proxied_methods(cfg: Config) -> dict[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
+    for method, paths in (("POST", cfg.redirect_to_node_path.post), ("GET", cfg.redirect_to_node_path.get),
+                          ("HEAD", cfg.redirect_to_node_path.get)):  # HEAD goes wherever GET does
+        for path in paths:
+            out[path] = out.get(path, frozenset()) | {method}
+    return out
+
+
+class ManagerApp:
+    def __init__(self, app: Starlette, cfg: Config) -> None:
+        self.app = app
+        self.state = app.state
+        self.limit = cfg.proxy.max_header_bytes
+        self.proxied = _proxied_methods(cfg)
+        self._replica = (REPLICA_HEADER.encode(), cfg.replica_id.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket" and _secret_in_query(scope.get("query_string", b"")):
+                await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake gets 403
+                return
+            await self.app(scope, receive, send)
+            return
+        replica = self._replica
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), replica]
+            await send(message)
+
+        methods = self.proxied.get(scope["path"])
+        if methods is not None and sum(len(k) + len(v) for k, v in scope["headers"]) <= self.limit:
+            await self._proxy(scope, receive, stamped, methods)
+        elif _secret_in_query(scope.get("query_string", b"")):
+            await _refuse_secret_in_url(scope, receive, stamped)
+        else:
+            await self.app(scope, receive, stamped)
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, methods: frozenset[str]) -> None:
+        request = Request(scope, receive)
+        try:
+            if scope["method"] not in methods:
+                raise HTTPException(405, headers={"Allow": ", ".join(sorted(methods))})
+            response = await self.state.proxy.handle(request)
+        except ClientDisconnect:
+            return  # gone mid-body: the node's connection is already dropped, nobody to answer
+        except Exception as exc:  # noqa: BLE001 - mapped exactly as the Starlette app maps it
+            response = await errors_http.handle(request, exc)
+        await response(scope, receive, send)
+
+
+def _secret_in_query(qs: bytes) -> bool:
+    return bool(qs) and any(k.lower() in SECRET_PARAMS for k, _ in parse_qsl(qs.decode("latin-1"),
+                                                                            keep_blank_values=True))
+
+
+async def _refuse_secret_in_url(scope: Scope, receive: Receive, send: Send) -> None:
+    """URLs end up in logs, proxies and browser history: a credential there is refused, never read."""
+    resp = json_response({"detail": "credentials are not accepted in the URL: send the token in the "
+                                    "Authorization header (Bearer) or, for a WebSocket, as the "
+                                    "Sec-WebSocket-Protocol bearer.<token>"}, status=400)
+    await resp(scope, receive, send)

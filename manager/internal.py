@@ -1,0 +1,75 @@
+"""Internal routes: other replicas forward lifecycle calls and reads here with the internal token."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from manager.responses import json_response
+from manager.routes import rt_of
+from manager.runtime import Runtime
+from nodeops import lifecycle, pool, sessions
+from nodeops.forward import TOKEN_HEADER
+from shared.errors import BadRequest, Forbidden, NodeNotFound
+
+
+def check_internal(rt: Runtime, token: str | None) -> None:
+    """Accept only requests carrying the cluster's internal token (constant-time compare)."""
+    expected = rt.cfg.internal_token
+    if not expected:
+        raise Forbidden("internal forwarding is disabled: no cluster.internal_token configured")
+    if not token or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Forbidden("invalid internal token")
+
+
+def _internal(request: Request) -> Runtime:
+    rt = rt_of(request)
+    check_internal(rt, request.headers.get(TOKEN_HEADER))
+    return rt
+
+
+async def internal_create(request: Request) -> Response:
+    rt = _internal(request)
+    try:
+        body = msgspec.json.decode(await request.body() or b"{}", type=dict[str, str])
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"invalid body: {exc}") from exc
+    rec = await sessions.create_local(rt, client=body.get("client", ""))
+    await pool.delivered(rt, rec)
+    return json_response(rec)
+
+
+async def internal_node_op(request: Request) -> Response:
+    rt = _internal(request)
+    op = request.path_params["op"]
+    fn = sessions.LOCAL_OPS.get(op)
+    if fn is None:
+        raise NodeNotFound(op)
+    node_id = request.path_params["node_id"]
+    rec = await rt.store.get_node(node_id)
+    if rec is None:
+        raise NodeNotFound(node_id)
+    if rec.manager_id != rt.manager_id:
+        raise BadRequest(f"node {node_id} belongs to {rec.manager_id}, not {rt.manager_id}")
+    result = await fn(rt, node_id)
+    return json_response(result if result is not None else {"ok": True})
+
+
+async def internal_node_detail(request: Request) -> Response:
+    rt = _internal(request)
+    return json_response(await lifecycle.node_detail(rt, request.path_params["node_id"]))
+
+
+async def internal_engine(request: Request) -> Response:
+    rt = _internal(request)
+    return json_response(await engine_summary(rt))
+
+
+async def engine_summary(rt: Runtime) -> dict[str, Any]:
+    """This replica's engine, as one row of a cluster-wide read."""
+    info = await rt.backend.info()
+    return {"manager_id": rt.manager_id, "replica_id": rt.replica.replica_id, "engine": info}

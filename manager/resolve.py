@@ -1,0 +1,85 @@
+"""From a node_id cookie to a live node and where its traffic goes: the one way the proxy,
+the WebSocket proxy, the events socket and the session routes read a cookie."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from manager.runtime import Runtime
+from nodeops import sessions
+from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
+from shared import metrics
+from shared.errors import InvalidNode, NodeNotFound, NoLiveManager
+from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
+
+NODE_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def node_cookie(cookies: Mapping[str, str]) -> str | None:
+    """The node_id cookie; one that is not a container id is cut short (it is echoed in errors)."""
+    value = cookies.get("node_id")
+    if value is None:
+        return None
+    return value if NODE_ID.match(value) else value[:80]
+
+
+@dataclass
+class Target:
+    """Where a node's traffic goes: the node itself, or a replica of its owner."""
+
+    scheme: str
+    host: str
+    port: int
+    via_owner: bool
+    headers: list[tuple[str, str]] = field(default_factory=list)  # to add to the forwarded request
+
+
+class Resolver:
+    """Cookie -> record (address cache first) -> a running node -> its target; one per app."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def record(self, node_id: str | None) -> NodeRecord:
+        """The node's record: cache first, then Redis; 403 for no or unknown cookie."""
+        if not node_id:
+            raise InvalidNode(node_id)
+        rec = self.rt.cache.get(node_id)
+        if rec is None:
+            rec = await self.rt.store.get_node(node_id)
+            if rec is None or rec.status == NodeStatus.RELEASED:
+                raise InvalidNode(node_id)
+            self.rt.cache.put(rec)
+        return rec
+
+    async def live(self, node_id: str | None) -> NodeRecord:
+        """The node's record once it runs (a stopped node is restarted when the config allows)."""
+        rec = await self.record(node_id)
+        return rec if rec.status == NodeStatus.RUNNING else await self.revive(rec)
+
+    async def revive(self, rec: NodeRecord) -> NodeRecord:
+        """The node did not answer or is not running: make it run (its owner decides how) or say why not."""
+        self.rt.cache.invalidate(rec.id)
+        try:
+            fresh = await sessions.ensure_running(self.rt, rec.id)
+        except NodeNotFound:
+            raise InvalidNode(rec.id) from None
+        self.rt.cache.put(fresh)
+        return fresh
+
+    async def target(self, rec: NodeRecord, forwarded: bool) -> Target:
+        """The node itself, or a replica of its owner when the node is not routable from here."""
+        rt = self.rt
+        if (rec.manager_id == rt.manager_id or not rt.cfg.cluster.proxy_through_owner.get(rec.manager_id)
+                or forwarded):  # forwarded once already: never loop
+            return Target("http", rec.host, rec.port, False, [(NODE_SECRET_HEADER, rec.secret)])
+        replicas = await owner_replicas(rt, rec.manager_id)
+        if not replicas:
+            raise NoLiveManager(rec.manager_id)
+        metrics.FORWARDED.labels("proxy").inc()
+        url = urlsplit(replicas[0].url)
+        return Target(url.scheme or "http", url.hostname or "127.0.0.1", url.port or 80, True,
+                      [(TOKEN_HEADER, rt.cfg.internal_token), (VIA_HEADER, rt.replica.replica_id)])

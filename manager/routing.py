@@ -1,0 +1,29 @@
+"""Every route of the Starlette app (proxied paths are served in front of it, manager/entry.py)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+
+from manager import admin, events_ws, internal, routes, ws_proxy
+from manager.openapi import openapi_endpoint
+from shared.config import Config
+
+
+def build_routes(cfg: Config) -> list[BaseRoute]:
+    return [
+        Route("/alive", routes.alive, methods=["GET"]),
+        Route("/ready", routes.ready, methods=["GET"]),
+        Route("/metrics", routes.metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+        Route("/get_cookie", routes.get_cookie, methods=["POST"]),
+        Route("/reconnect_session", routes.reconnect_session, methods=["POST"]),
+        Route("/close_session", routes.close_session, methods=["POST"]),
+        Route("/release_session", routes.release_session, methods=["POST"]),
+        Route("/internal/nodes", internal.internal_create, methods=["POST"]),
+        Route("/internal/nodes/{node_id}/{op}", internal.internal_node_op, methods=["POST"]),
+        Route("/internal/nodes/{node_id}", internal.internal_node_detail, methods=["GET"]),
+        Route("/internal/engine", internal.internal_engine, methods=["GET"]),
+        WebSocketRoute("/ws/events", events_ws.events_socket),
+        *admin.admin_routes(),
+        *[WebSocketRoute(path, ws_proxy.proxy_socket) for path in cfg.proxy.websocket_paths],
+    ]
