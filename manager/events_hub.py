@@ -47,7 +47,6 @@ class EventHub:
         self.store = store
         self.cache = cache
         self.subscribers: set[Subscription] = set()
-        self.last_id = "0-0"
 
     def subscribe(self, node_id: str | None = None, manager_id: str | None = None) -> Subscription:
         sub = Subscription(self, node_id, manager_id)
@@ -68,7 +67,6 @@ class EventHub:
                     for sub in list(self.subscribers):
                         if sub.wants(ev):
                             sub.offer(ev)
-                self.last_id = last
                 if not events and compare_ids(await self.store.last_event_id(), last) < 0:
                     last = None  # the stream was reset (FLUSHALL): follow its new end
             except RedisUnavailable:

@@ -87,6 +87,8 @@ class NodeConfig(Base):
 
     creation_wait_seconds: float = 30.0
     idling_close_minutes: float = 30.0
+    # XAgent's manager.yml sets these two; accepted so it loads unchanged, never read: readiness
+    # is always our own fast probe of health_path, and Docker's HEALTHCHECK is only recorded
     health_check: bool = True
     health_check_interval: float = 1.0
     port: int = 31942
@@ -184,7 +186,7 @@ class Config(Base):
     """Everything a manager replica or a standalone checker reads at start."""
 
     version: str = __version__
-    logger: str = "toolserver"
+    logger: str = "toolserver"  # XAgent's logger name: accepted so its manager.yml loads, never read
     logger_level: int | str = "INFO"
     log_format: str = "logfmt"  # or json
     builtin_monitor: bool = True  # run the checker inside the manager

@@ -16,7 +16,7 @@ ADMIN = ROOT / ".venv" / "bin" / "toolserver-admin"
 
 def admin(*args: str, url: str = "", token: str | None = ADMIN_TOKEN, timeout: float = 30,
           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [str(ADMIN) if ADMIN.exists() else sys.executable, *([] if ADMIN.exists() else ["-m", "manager.cli"])]
+    cmd = [str(ADMIN) if ADMIN.exists() else sys.executable, *([] if ADMIN.exists() else ["-m", "toolserver_manager.cli"])]
     if url:
         cmd += ["--url", url]
     if token is not None:
@@ -132,6 +132,6 @@ def test_cli_errors(start_manager) -> None:
 
 
 def test_cli_module_help() -> None:
-    p = subprocess.run([sys.executable, "-m", "manager.cli", "nodes", "--help"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "toolserver_manager.cli", "nodes", "--help"], capture_output=True, text=True,
                        cwd=Path(ROOT), timeout=30)
     assert p.returncode == 0 and "--min-idle-seconds" in p.stdout

@@ -244,10 +244,16 @@ def test_engine_restart_recovers(start_manager) -> None:
     c.post("/release_session")
 
 
-@pytest.mark.parametrize("health_check", [False])
-def test_health_check_off_works(start_manager, health_check: bool) -> None:
-    m = start_manager(node={"health_check": health_check})
-    c, node_id = new_session(m.url)
-    assert c.post("/").json() == {"message": "Hello World"}
+@pytest.mark.parametrize("status,ready", [(500, False), (404, True)])
+def test_readiness_is_the_managers_probe_of_health_path(start_manager, status: int, ready: bool) -> None:
+    # the node runs and answers "/" either way; only node.health_path decides when it is ready
+    # (XAgent's health_check switch is accepted and ignored: shared/config.py says why)
+    m = start_manager(node={"health_path": f"/diag?status={status}", "creation_wait_seconds": 3})
+    c = httpx.Client(base_url=m.url, timeout=30)
+    r = c.post("/get_cookie")
+    if not ready:
+        assert r.status_code == 503 and r.json() == {"detail": "Node creation timeout!"}
+        return
+    assert r.status_code == 200 and c.post("/").json() == {"message": "Hello World"}
     c.post("/release_session")
 

@@ -1,0 +1,89 @@
+"""The admin API: nodes, replicas, leases, drain, engines, events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import msgspec
+
+from toolserver_manager.errors import Unauthorized
+from toolserver_manager.events import EventStream
+from toolserver_manager.models import DrainState, Engines, Lease, NodeDetail, NodeList, Replica
+from toolserver_manager.transport import AsyncBase, DEFAULT_URL
+
+
+class AsyncAdmin(AsyncBase):
+    """The admin API under ``/admin`` (``Authorization: Bearer <token>``)."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0,
+                 **kwargs: Any) -> None:
+        headers = dict(kwargs.pop("headers", None) or {})
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        super().__init__(url, timeout=timeout, headers=headers, **kwargs)
+        self._token = token
+
+    async def __aenter__(self) -> "AsyncAdmin":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def _get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        p = {k: str(v) for k, v in (params or {}).items() if v is not None}
+        return await self._send("GET", path, op="admin", params=p, retry=False)
+
+    async def list_nodes(self, *, manager_id: str | None = None, status: str | None = None,
+                         min_idle_seconds: int | None = None, limit: int | None = None,
+                         offset: int | None = None) -> NodeList:
+        """Node records, filtered and paged."""
+        resp = await self._get("/admin/nodes", {"manager_id": manager_id, "status": status,
+                                                "min_idle_seconds": min_idle_seconds, "limit": limit,
+                                                "offset": offset})
+        return msgspec.json.decode(resp.content, type=NodeList, strict=False)
+
+    async def inspect_node(self, node_id: str) -> NodeDetail:
+        """One node: record, container state, stats."""
+        resp = await self._get(f"/admin/nodes/{node_id}")
+        return msgspec.json.decode(resp.content, type=NodeDetail, strict=False)
+
+    async def release_nodes(self, *node_ids: str) -> dict[str, str]:
+        """Release nodes; maps each id to ``released`` or the reason it was not."""
+        resp = await self._send("POST", "/admin/nodes/release", op="admin", retry=False,
+                                json={"node_ids": list(node_ids)})
+        return dict(resp.json()["results"])
+
+    async def replicas(self) -> list[Replica]:
+        """The live manager replicas."""
+        resp = await self._get("/admin/replicas")
+        return msgspec.convert(resp.json()["replicas"], list[Replica], strict=False)
+
+    async def leases(self) -> list[Lease]:
+        """The checker lease of each manager_id."""
+        resp = await self._get("/admin/leases")
+        return msgspec.convert(resp.json()["leases"], list[Lease], strict=False)
+
+    async def drain(self, manager_id: str, on: bool = True) -> DrainState:
+        """Stop placing new nodes on a manager_id (``on=False`` resumes)."""
+        resp = await self._send("POST" if on else "DELETE", f"/admin/managers/{manager_id}/drain",
+                                op="admin", retry=False)
+        return msgspec.json.decode(resp.content, type=DrainState, strict=False)
+
+    async def engines(self) -> Engines:
+        """Each live manager_id's engine summary."""
+        resp = await self._get("/admin/engines")
+        return msgspec.json.decode(resp.content, type=Engines, strict=False)
+
+    async def config(self) -> dict[str, Any]:
+        """The answering replica's configuration, secrets redacted."""
+        return dict((await self._get("/admin/config")).json())
+
+    def watch_events(self, manager_id: str | None = None, last_event_id: str | None = None, *,
+                     ping_interval: float | None = 20.0, resume_attempts: int = 5) -> EventStream:
+        """Every node's events (or one manager_id's)."""
+        if not self._token:
+            raise Unauthorized("missing admin token (Authorization: Bearer <token>)", 401)
+        headers = {"Authorization": f"Bearer {self._token}"}
+        return self._stream_events({"manager_id": manager_id or ""}, headers, last_event_id, ping_interval,
+                                   resume_attempts)
