@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from manager.client_auth import ClientKeys, deny
 from manager import errors_http
 from manager.responses import REPLICA_HEADER, json_response
 from shared.config import Config
@@ -58,8 +59,12 @@ class ManagerApp:
         self.limit = cfg.proxy.max_header_bytes
         self.proxied = _proxied_methods(cfg)
         self._replica = (REPLICA_HEADER.encode(), cfg.replica_id.encode())
+        self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.client_keys and scope["type"] in ("http", "websocket") and not self.client_keys.allowed(scope):
+            await deny(scope, receive, send)
+            return
         if scope["type"] != "http":
             if scope["type"] == "websocket" and _secret_in_query(scope.get("query_string", b"")):
                 await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake gets 403

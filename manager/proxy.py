@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from manager.client_auth import ClientKeys
 from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
 from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -65,6 +66,8 @@ class Proxy:
     def __init__(self, rt: Runtime, resolver: Resolver) -> None:
         self.rt = rt
         self.resolver = resolver
+        cfg = rt.cfg
+        self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
         p = rt.cfg.proxy
         self.pool = UpstreamPool(max_idle_per_host=p.max_connections)
         self._connect_timeout = p.connect_timeout_seconds
@@ -80,6 +83,8 @@ class Proxy:
         t0 = time.perf_counter()
         rec = await self.resolver.live(node_cookie(request.cookies))
         headers = _request_headers(scope)
+        if self.client_keys:
+            headers = self.client_keys.strip(headers)
         to = await self.resolver.target(rec, any(k == _VIA for k, _ in scope["headers"]))
         headers += [(k.encode(), v.encode()) for k, v in to.headers]
         host, port, via_owner = to.host, to.port, to.via_owner

@@ -35,7 +35,12 @@ async def proxy_socket(ws: WebSocket) -> None:
     except NoLiveManager as exc:
         await ws.close(code=1013, reason=exc.detail[:120])
         return
-    headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS] + to.headers
+    headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
+    keys = ws.app.state.proxy.client_keys
+    if keys:  # the client's API key stays here
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in keys.strip(
+            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])]
+    headers += to.headers
     scheme = "wss" if to.scheme == "https" else "ws"
     url = f"{scheme}://{to.host}:{to.port}{ws.url.path}" + (f"?{ws.url.query}" if ws.url.query else "")
     subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]

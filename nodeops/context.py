@@ -24,7 +24,8 @@ class NodeOps:
     replica: ReplicaInfo
     # node id -> the restart in progress, so concurrent callers share one restart
     restarting: dict[str, asyncio.Future[NodeRecord]] = field(default_factory=dict)
-    isolation: dict[str, str] = field(default_factory=dict)  # what backend.prepare set up, for /ready
+    isolation: dict[str, str] = field(default_factory=dict)
+    derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known  # what backend.prepare set up, for /ready
 
     @property
     def manager_id(self) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from nodeops import capacity
 from nodeops.context import NodeOps
 from shared.errors import CapacityExhausted
 
 
 async def choose_manager(ops: NodeOps) -> str:
     """This replica's own manager_id unless it is full or draining; else the least-loaded live one."""
-    limit = ops.cfg.cluster.max_nodes_per_manager
+    # other manager_ids are judged by this one's cap: each enforces its own when it creates
+    limit = await capacity.node_cap(ops)
     draining = await ops.store.draining()
     if ops.manager_id not in draining and limit <= 0:
         return ops.manager_id

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from nodeops import lifecycle, pool
+from nodeops import capacity, lifecycle, pool
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward
 from nodeops.placement import choose_manager
@@ -32,7 +32,7 @@ async def create_local(ops: NodeOps, client: str = "") -> NodeRecord:
     if claimed is not None:
         return claimed
     c = ops.cfg.cluster
-    reservation = await ops.store.reserve(ops.manager_id, c.max_nodes_per_manager, c.max_nodes_total, client,
+    reservation = await ops.store.reserve(ops.manager_id, await capacity.node_cap(ops), c.max_nodes_total, client,
                                           ops.cfg.quota.per_client)
     return await lifecycle.create_node(ops, client=client, reservation=reservation)
 

@@ -150,7 +150,9 @@ class ClusterConfig(Base):
     replica_ttl_seconds: float = 6.0
     internal_token: str = ""
     internal_token_file: str = ""
-    max_nodes_per_manager: int = 0  # 0: unlimited
+    # live nodes per manager_id. 0: as many as the engine's memory holds at the node memory limit
+    # (creation_kwargs.mem_limit; unlimited when nodes have none); -1: unlimited
+    max_nodes_per_manager: int = 0
     max_nodes_total: int = 0
     # manager_id -> true when its nodes' addresses are not reachable from other replicas
     proxy_through_owner: dict[str, bool] = msgspec.field(default_factory=dict)
@@ -162,6 +164,15 @@ class ClusterConfig(Base):
 class AdminConfig(Base):
     token: str = ""
     token_file: str = ""
+
+
+class ClientAuthConfig(Base):
+    """Optional API keys for clients: off when none is set (XAgent's client sends none)."""
+
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    api_keys_file: str = ""  # one key per line
+    header: str = "X-API-Key"
+    cookie: str = "tsm_api_key"  # for clients that cannot set headers (browsers' WebSockets)
 
 
 class QuotaConfig(Base):
@@ -207,6 +218,7 @@ class Config(Base):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
+    client_auth: ClientAuthConfig = msgspec.field(default_factory=ClientAuthConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
 
     def __post_init__(self) -> None:
@@ -239,9 +251,21 @@ class Config(Base):
     def admin_token(self) -> str:
         return _secret(self.admin.token, self.admin.token_file)
 
+    @property
+    def api_keys(self) -> list[str]:
+        keys = list(self.client_auth.api_keys)
+        path = self.client_auth.api_keys_file
+        if path:
+            try:
+                keys += [k.strip() for k in Path(path).read_text().splitlines() if k.strip()]
+            except OSError as exc:
+                raise ConfigError(f"cannot read client_auth.api_keys_file {path}: {exc.strerror}") from exc
+        return keys
+
     def redacted(self) -> dict[str, Any]:
         """The configuration as plain data with every secret replaced."""
         data = msgspec.to_builtins(self)
+        data["client_auth"]["api_keys"] = ["***" for _ in data["client_auth"]["api_keys"]]
         for section, key in (("cluster", "internal_token"), ("admin", "token")):
             if data[section][key]:
                 data[section][key] = "***"

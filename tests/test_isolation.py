@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 
 import docker
+import pytest
 import httpx
 
 from tests.conftest import ADMIN_TOKEN, ROOT, wait_for
@@ -414,3 +415,57 @@ def test_an_unknown_runtime_fails_the_start_naming_it(start_manager, docker_clie
     assert m.proc is not None and m.proc.wait(30) != 0
     assert "node.runtime 'no-such-runtime' is not registered with the engine" in m.logs()
     assert not docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"})
+
+
+# --- who may create nodes --------------------------------------------------------------------------
+def test_a_default_cap_from_the_engines_memory(start_manager, docker_client: docker.DockerClient) -> None:
+    total = int(docker_client.info()["MemTotal"])
+    # nodes so large that the engine's memory holds one (they use nothing near it: a limit only)
+    m = start_manager(node={"creation_kwargs": {"mem_limit": str(total // 2 + 1)}})
+    a, _ = new_session(m.url)
+    r = httpx.post(m.url + "/get_cookie", timeout=60)
+    assert r.status_code == 503 and "at capacity (1 nodes)" in r.json()["detail"], r.text
+    assert len(docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={m.cfg['manager_id']}"})) == 1
+    a.post("/release_session")
+    # overridable: -1 lifts it
+    lifted = start_manager(name="lifted", node={"creation_kwargs": {"mem_limit": str(total // 2 + 1)}},
+                           cluster={"max_nodes_per_manager": -1})
+    clients = [new_session(lifted.url)[0] for _ in range(2)]
+    for c in clients:
+        c.post("/release_session")
+
+
+def test_client_api_keys_when_set(start_manager, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("from-file\n")
+    m = start_manager(client_auth={"api_keys": ["k-one"], "api_keys_file": str(keyfile)})
+    for path in ("/alive", "/ready", "/metrics"):
+        assert httpx.get(m.url + path, timeout=10).status_code == 200, path
+    for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+        r = httpx.post(m.url + "/get_cookie", headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json() == {"detail": "missing or invalid API key"}
+    assert httpx.get(m.url + "/openapi.json", timeout=10).status_code == 401
+    c = httpx.Client(base_url=m.url, timeout=60, headers={"X-API-Key": "k-one"})
+    assert c.post("/get_cookie").status_code == 200
+    assert c.post("/get_available_tools").status_code == 200
+    # a client that cannot set headers: the key as a cookie, next to node_id
+    by_cookie = httpx.Client(base_url=m.url, timeout=60, cookies={"tsm_api_key": "from-file",
+                                                                  "node_id": c.cookies["node_id"]})
+    assert by_cookie.post("/get_available_tools").status_code == 200
+    bare = httpx.Client(base_url=m.url, timeout=60, cookies={"node_id": c.cookies["node_id"]})
+    assert bare.post("/get_available_tools").status_code == 401
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with pytest.raises(InvalidStatus) as err:
+        with connect(m.url.replace("http", "ws") + "/ws/echo",
+                     additional_headers={"Cookie": f"node_id={c.cookies['node_id']}"}):
+            pass
+    assert err.value.response.status_code == 401
+    with connect(m.url.replace("http", "ws") + "/ws/echo",
+                 additional_headers={"Cookie": f"node_id={c.cookies['node_id']}; tsm_api_key=k-one"}) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "hi"
+    assert "k-one" not in httpx.get(m.url + "/admin/config", timeout=10,
+                                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
+    c.post("/release_session")
