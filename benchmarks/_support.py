@@ -4,7 +4,6 @@ Redis round-trip counter, and small Redis readers (lease holder, pool length, re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -13,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import httpx
 import redis
 
-from benchmarks.common import LABEL, ROOT, WRK_MARK, WRK_REPORT_LUA, free_port, stop_process
+from benchmarks.common import LABEL, ROOT, WRK_MARK, WRK_REPORT_LUA
 
 ENGINE2_SOCK = "unix:///run/tsm-engine2.sock"
 
@@ -37,7 +35,7 @@ def wrk_script(path: Path, node_id: str, method: str = "POST", body: str = "{}")
 
 
 def run_wrk(url: str, script: Path, duration: int, connections: int, threads: int) -> dict[str, Any]:
-    """One wrk run; its done() hook prints the numbers as one JSON line."""
+    """One wrk run (whole seconds: wrk has no finer unit); its done() hook prints the numbers as JSON."""
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, duration)}s", "--latency", "--timeout", "10s",
            "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
@@ -48,53 +46,10 @@ def run_wrk(url: str, script: Path, duration: int, connections: int, threads: in
             data["errors"] = sum(int(data[k]) for k in ("connect", "read", "write", "status", "timeout"))
             m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out.stdout)
             data["non_2xx"] = int(m.group(1)) if m else 0
+            m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+            data["wrk_requests_per_s"] = float(m.group(1)) if m else None
             return data
     raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
-
-
-# --- HAProxy --------------------------------------------------------------------------------------
-class HAProxy:
-    """Round-robin HAProxy on 127.0.0.1 in front of manager replicas (as tests/test_cluster.py)."""
-
-    def __init__(self, backends: list[tuple[str, int]], tmp: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        servers = "\n".join(f"    server {name} 127.0.0.1:{port} check inter 300 fall 2 rise 1"
-                            for name, port in backends)
-        cfg = tmp / "haproxy.cfg"
-        cfg.write_text(f"""
-global
-    maxconn 4000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 120s
-    timeout server 120s
-    retries 2
-    option redispatch
-    option http-keep-alive
-frontend fe
-    bind 127.0.0.1:{self.port}
-    default_backend managers
-backend managers
-    balance roundrobin
-    option httpchk GET /alive
-{servers}
-""")
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                                     stderr=open(tmp / "haproxy.log", "ab"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/alive", timeout=1).status_code == 200:
-                    return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with {self.proc.returncode}")
-            time.sleep(0.05)
-        raise RuntimeError("haproxy did not answer")
-
-    def stop(self) -> None:
-        stop_process(self.proc, 5)
 
 
 # --- the second Docker engine ---------------------------------------------------------------------

@@ -48,9 +48,10 @@ import httpx
 
 from benchmarks._support import RoundTrips, lease_holder, remove_containers_retry
 from benchmarks.common import (
-    ManagerProc, base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line,
-    markdown_table, percentile, redis_client, summarize, verdict, write_json,
+    base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
+    percentile, redis_client, summarize, verdict, write_json,
 )
+from testing.harness import ManagerProc
 
 GOAL_CYCLE_MS = 100.0
 

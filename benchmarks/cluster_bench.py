@@ -46,13 +46,14 @@ import docker
 import httpx
 
 from benchmarks._support import (
-    HAProxy, count_containers, engine2_start, engine2_stop, manager_members, node_port, node_records,
+    count_containers, engine2_start, engine2_stop, manager_members, node_port, node_records,
     remove_containers_retry, run_wrk, wrk_script,
 )
 from benchmarks.common import (
-    ManagerProc, base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line,
-    markdown_table, redis_client, summarize, write_json,
+    base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
+    redis_client, summarize, write_json,
 )
+from testing.harness import HAProxy, ManagerProc
 
 REPLICA_HEADER = "x-tsm-replica"
 

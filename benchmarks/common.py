@@ -15,7 +15,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,11 +26,10 @@ from typing import Any
 
 import docker
 import docker.errors
-import httpx
 import redis
-import yaml
 
 from shared.config import deep_merge
+from testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +58,6 @@ ROLE_LABEL = "toolserver-manager.role"
 def bench_id(kind: str) -> str:
     """``bench-<kind>-<random>``: a key prefix or manager_id nobody else uses."""
     return f"bench-{kind}-{uuid.uuid4().hex[:8]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -163,72 +155,6 @@ def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
         "admin": {"token": uuid.uuid4().hex},
     }
     return deep_merge(cfg, over)
-
-
-class ManagerProc:
-    """One manager replica (``python -m manager.main --config``) on 127.0.0.1 and a free port."""
-
-    def __init__(self, cfg: dict[str, Any], tmp: Path, name: str = "m") -> None:
-        self.port = free_port()
-        self.cfg = deep_merge(json.loads(json.dumps(cfg)), {"host": "127.0.0.1", "port": self.port})
-        if int(self.cfg.get("workers", 1)) <= 1:  # several workers: each must make its own replica_id
-            self.cfg.setdefault("replica_id", f"{cfg['manager_id']}-{name}-{self.port}")
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.path = tmp / f"{name}-{self.port}.yml"
-        self.log_path = tmp / f"{name}-{self.port}.log"
-        self.path.write_text(yaml.safe_dump(self.cfg))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-
-    def start(self, timeout: float = 30.0) -> "ManagerProc":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "manager.main", "--config", str(self.path)],
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"manager exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/alive", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError(f"manager did not answer /alive:\n{self.logs()[-4000:]}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
-
-
-def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
-    """SIGTERM one process we started, then SIGKILL if it does not go."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def process_tree(pid: int) -> list[int]:

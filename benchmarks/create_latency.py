@@ -29,10 +29,11 @@ import docker
 import httpx
 
 from benchmarks.common import (
-    LABEL, NODE_IMAGE, NODE_PORT, ROLE_LABEL, ManagerProc, base_config, bench_id, command_line,
-    delete_keys, docker_client, fmt, load_line, markdown_table, redis_client, remove_containers, summarize,
-    verdict, write_json,
+    LABEL, NODE_IMAGE, NODE_PORT, ROLE_LABEL, base_config, bench_id, command_line, delete_keys,
+    docker_client, fmt, load_line, markdown_table, redis_client, remove_containers, summarize, verdict,
+    write_json,
 )
+from testing.harness import ManagerProc
 
 GOAL_RATIO = 1.15
 POLL_S = 0.010

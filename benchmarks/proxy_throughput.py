@@ -33,7 +33,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -45,12 +44,13 @@ from typing import Any
 
 import httpx
 
+from benchmarks._support import run_wrk
 from benchmarks.common import (
-    NODE_PORT, REDIS_URL, ManagerProc, base_config, bench_id, calls_between, command_line, cpu_seconds,
-    delete_keys, docker_client, fmt, free_port, load_line, markdown_table, process_tree, redis_calls,
-    redis_client, remove_containers, start_private_redis, stop_process, verdict, wait_port, write_json,
-    WRK_MARK, WRK_REPORT_LUA,
+    NODE_PORT, REDIS_URL, base_config, bench_id, calls_between, command_line, cpu_seconds, delete_keys,
+    docker_client, fmt, load_line, markdown_table, process_tree, redis_calls, redis_client,
+    remove_containers, start_private_redis, verdict, wait_port, write_json, WRK_MARK, WRK_REPORT_LUA,
 )
+from testing.harness import ManagerProc, free_port, stop_process
 
 CHP_VERSION = "5.3.0"
 CHP_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "toolserver-manager-bench" / "chp"
@@ -193,20 +193,6 @@ def ensure_chp() -> Path:
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(CHP_DIR),
                         f"configurable-http-proxy@{CHP_VERSION}"], check=True, stdout=subprocess.DEVNULL)
     return exe
-
-
-def run_wrk(url: str, script: Path, duration: int, connections: int, threads: int) -> dict[str, Any]:
-    """One wrk run (whole seconds: wrk has no finer unit); its done() hook prints the numbers as JSON."""
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, duration)}s", "--latency", "--timeout", "10s",
-           "-s", str(script), url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    for line in out.stdout.splitlines():
-        if line.startswith(WRK_MARK):
-            data: dict[str, Any] = json.loads(line[len(WRK_MARK):])
-            m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
-            data["wrk_requests_per_s"] = float(m.group(1)) if m else None
-            return data
-    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
 def lua_script(body: Body, node_id: str, secret: str) -> str:

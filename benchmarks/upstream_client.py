@@ -26,8 +26,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import free_port
 from manager.upstream import UpstreamPool
+from testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("GET 100 B", "GET", "size=100", 0), ("GET 64 KiB", "GET", "size=65536", 0),

@@ -30,9 +30,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks._support import node_port, remove_containers_retry
 from benchmarks.common import (
-    ManagerProc, base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line,
-    markdown_table, percentile, redis_client, summarize, write_json,
+    base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
+    percentile, redis_client, summarize, write_json,
 )
+from testing.harness import ManagerProc
 
 BLOCK = 100
 

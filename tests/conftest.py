@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -16,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import httpx
 import pytest
 import redis
-import yaml
+import redis.asyncio as aioredis
 
 from shared.config import deep_merge
+from shared.keys import Keys
+from shared.store import Store
+from testing.harness import ManagerProc
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TSM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -30,12 +29,6 @@ LABEL = "toolserver-manager.manager_id"
 NODE_IMAGE = os.environ.get("TSM_NODE_IMAGE", "toolserver-node:latest")
 INTERNAL_TOKEN = "test-internal-token"
 ADMIN_TOKEN = "test-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +61,14 @@ def prefix(redis_client: redis.Redis) -> Iterator[str]:
     keys = list(redis_client.scan_iter(match=f"{p}:*", count=1000))
     if keys:
         redis_client.delete(*keys)
+
+
+@pytest.fixture
+async def store(prefix: str) -> Any:
+    """The project's Store on the test Redis, under this test's own key prefix."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    yield Store(r, Keys(prefix))
+    await r.aclose()
 
 
 @pytest.fixture
@@ -115,71 +116,6 @@ def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
         "admin": {"token": ADMIN_TOKEN},
     }
     return deep_merge(cfg, over)
-
-
-class ManagerProc:
-    """One manager replica as a real process (uvicorn), on 127.0.0.1 and a free port."""
-
-    def __init__(self, cfg: dict[str, Any], tmp: Path, name: str = "m") -> None:
-        self.port = free_port()
-        self.cfg = deep_merge(dict(cfg), {"host": "127.0.0.1", "port": self.port})
-        self.cfg.setdefault("replica_id", f"{name}-{self.port}")
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.path = tmp / f"{name}-{self.port}.yml"
-        self.log_path = tmp / f"{name}-{self.port}.log"
-        self.path.write_text(yaml.safe_dump(self.cfg))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def replica_id(self) -> str:
-        return str(self.cfg["replica_id"])
-
-    def start(self, wait: bool = True) -> "ManagerProc":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "manager.main", "--config", str(self.path)],
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        if wait:
-            self.wait_alive()
-        return self
-
-    def wait_alive(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"manager exited with {self.proc.returncode}:\n{self.logs()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/alive", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"manager did not answer /alive:\n{self.logs()}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 15) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, LABEL, ROOT, ManagerProc, free_port, remove_containers, wait_for
+from testing.harness import HAProxy, ManagerProc
+from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, LABEL, ROOT, remove_containers, wait_for
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -30,40 +31,6 @@ def engine2() -> Iterator[str]:
                          capture_output=True, text=True)
     yield out.stdout.strip().splitlines()[-1]
     subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "stop"], check=False)
-
-
-class HAProxy:
-    def __init__(self, backends: list[ManagerProc], tmp: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        servers = "\n".join(f"    server {m.replica_id} 127.0.0.1:{m.port} check inter 300 fall 2 rise 1"
-                            for m in backends)
-        cfg = tmp / "haproxy.cfg"
-        cfg.write_text(f"""
-global
-    maxconn 2000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    retries 2
-    option redispatch
-frontend fe
-    bind 127.0.0.1:{self.port}
-    default_backend managers
-backend managers
-    balance roundrobin
-    option httpchk GET /alive
-{servers}
-""")
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_for(lambda: _ok(self.url + "/alive"), timeout=10, what="haproxy")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
 
 
 def _ok(url: str) -> bool:
@@ -93,7 +60,7 @@ def cluster(engine2: str, start_manager, tmp_path: Path, prefix: str, manager_id
     a1 = start_manager(name="a1", **common)
     a2 = start_manager(name="a2", **common)
     b1 = start_manager(name="b1", mid=mid_b, docker_host=engine2, **common)
-    lb = HAProxy([a1, a2, b1], tmp_path)
+    lb = HAProxy([(m.replica_id, m.port) for m in (a1, a2, b1)], tmp_path)
     wait_for(lambda: len(httpx.get(a1.url + "/admin/replicas", headers=ADMIN).json()["replicas"]) == 3,
              what="three registered replicas")
     yield Cluster(a1, a2, b1, lb, manager_id, mid_b, prefix)

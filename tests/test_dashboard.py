@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 import shared.metrics as metrics
+from testing.metrics import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "helm" / "dashboards" / "toolserver-manager.json"
@@ -29,21 +30,6 @@ TARGET_LABELS = {"job", "instance", "namespace", "pod", "manager_id"}
 def exported_families() -> dict[str, str]:
     """Family name -> type, from the registry the manager exports (counters lose _total there)."""
     return {f.name: f.type for f in prometheus_client.REGISTRY.collect() if f.name.startswith("toolserver_")}
-
-
-def family_of(name: str, families: dict[str, str]) -> str | None:
-    """The family a PromQL metric name belongs to, or None when the manager exposes no such series.
-
-    Counters are exposed as <family>_total, histograms as <family>_bucket/_count/_sum (never bare),
-    gauges as the family name."""
-    if families.get(name) in ("gauge", "unknown"):
-        return name
-    for suffix, types in (("_total", ("counter",)), ("_bucket", ("histogram",)),
-                          ("_count", ("histogram", "summary")), ("_sum", ("histogram", "summary"))):
-        base = name.removesuffix(suffix)
-        if name.endswith(suffix) and families.get(base) in types:
-            return base
-    return None
 
 
 @pytest.fixture(scope="module")

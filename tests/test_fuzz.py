@@ -12,7 +12,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import ManagerProc, base_config
+from testing.harness import ManagerProc
+from tests.conftest import base_config
 
 
 @pytest.fixture(scope="module")

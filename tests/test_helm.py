@@ -24,6 +24,7 @@ import yaml
 
 from shared import __version__
 from shared.config import Config, load_config
+from testing.metrics import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "toolserver-manager"
@@ -533,7 +534,7 @@ def test_prometheus_rule_alerts(rendered, metric_families) -> None:
         assert set(r) <= {"alert", "expr", "for", "labels", "annotations"}, r
         assert r["expr"] and r["labels"]["severity"]
         for name in re.findall(r"\btoolserver_[a-zA-Z0-9_]+", r["expr"]):
-            assert _family_of(name, metric_families), f"{r['alert']}: {name} is not exported"
+            assert family_of(name, metric_families), f"{r['alert']}: {name} is not exported"
     assert "toolserver_checker_leader" in by_name["ToolserverCheckerNoLeader"]["expr"]
     assert 'outcome="timeout"' in by_name["ToolserverNodeCreateTimeouts"]["expr"]
     assert f'job="{FULLNAME}", namespace="{NAMESPACE}"' in by_name["ToolserverManagerReplicaDown"]["expr"]
@@ -644,14 +645,3 @@ def metric_families() -> dict[str, str]:
     import shared.metrics  # noqa: F401  (registers every family)
 
     return {f.name: f.type for f in prometheus_client.REGISTRY.collect() if f.name.startswith("toolserver_")}
-
-
-def _family_of(name: str, families: dict[str, str]) -> str | None:
-    if families.get(name) in ("gauge", "unknown"):
-        return name
-    for suffix, kinds_ in (("_total", ("counter",)), ("_bucket", ("histogram",)), ("_count", ("histogram", "summary")),
-                           ("_sum", ("histogram", "summary"))):
-        base = name.removesuffix(suffix)
-        if name.endswith(suffix) and families.get(base) in kinds_:
-            return base
-    return None

@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-import redis.asyncio as aioredis
-
 from checker.lease import Lease
-from shared.keys import Keys
 from shared.store import Store
-from tests.conftest import REDIS_URL
-
-
-@pytest.fixture
-async def store(prefix: str):  # type: ignore[no-untyped-def]
-    r = aioredis.Redis.from_url(REDIS_URL)
-    yield Store(r, Keys(prefix))
-    await r.aclose()
 
 
 async def test_one_holder_and_fencing(store: Store) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ManagerProc, free_port, wait_for
+from testing.harness import ManagerProc, free_port
+from tests.conftest import wait_for
 
 
 class Prometheus:

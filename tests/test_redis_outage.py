@@ -17,7 +17,8 @@ import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import ADMIN_TOKEN, free_port, wait_for
+from testing.harness import free_port
+from tests.conftest import ADMIN_TOKEN, wait_for
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 

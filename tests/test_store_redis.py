@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-import redis.asyncio as aioredis
-
 from shared.errors import QuotaExceeded
-from shared.keys import Keys
 from shared.models import NodeRecord
 from shared.store import Store
-from tests.conftest import REDIS_URL
-
-
-@pytest.fixture
-async def store(prefix: str):  # type: ignore[no-untyped-def]
-    r = aioredis.Redis.from_url(REDIS_URL)
-    yield Store(r, Keys(prefix))
-    await r.aclose()
 
 
 async def test_total_quota_counts_every_manager_id(store: Store) -> None:

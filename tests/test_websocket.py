@@ -11,8 +11,8 @@ import redis
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from testing.harness import HAProxy
 from tests.conftest import ADMIN_TOKEN, wait_for
-from tests.test_cluster import HAProxy
 
 FAST_EVENTS = {"events": {"keepalive_seconds": 0.5, "client_timeout_seconds": 3}}
 
@@ -42,7 +42,7 @@ def recv_event(ws: ClientConnection, timeout: float = 15) -> dict:  # type: igno
 def test_shell_output_streams_line_by_line_through_another_replica(start_manager, tmp_path: Path) -> None:
     a1 = start_manager(name="a1")
     a2 = start_manager(name="a2")
-    lb = HAProxy([a1, a2], tmp_path)
+    lb = HAProxy([(m.replica_id, m.port) for m in (a1, a2)], tmp_path)
     try:
         c = httpx.Client(base_url=a1.url, timeout=60)
         assert c.post("/get_cookie").status_code == 200

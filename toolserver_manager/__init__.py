@@ -1,29 +1,7 @@
 """Python client of toolserver-manager: one node (sandbox container) per session, tools, files, events, admin."""
 
-from toolserver_manager.client import (
-    Admin,
-    AsyncAdmin,
-    AsyncSession,
-    AsyncToolServer,
-    BadArguments,
-    ConnectionFailed,
-    EventStream,
-    EventStreamError,
-    FileNotFound,
-    InvalidSession,
-    NodeNotFound,
-    NotReady,
-    RequestTimeout,
-    Session,
-    SyncEventStream,
-    ToolFailed,
-    ToolNotFound,
-    ToolServer,
-    ToolServerError,
-    Unauthorized,
-    Unavailable,
-    error_for,
-)
+from toolserver_manager import client
+from toolserver_manager.client import *  # noqa: F403 - the client's public names, listed there
 from toolserver_manager.models import (
     AvailableTools,
     CookieInfo,
@@ -41,11 +19,5 @@ from toolserver_manager.models import (
     ToolSpec,
 )
 
-__all__ = [
-    "Admin", "AsyncAdmin", "AsyncSession", "AsyncToolServer", "AvailableTools", "BadArguments",
-    "ConnectionFailed", "CookieInfo", "Download", "DrainState", "Engines", "EnvSpec", "Event", "EventStream",
-    "EventStreamError", "FileNotFound", "InvalidSession", "Lease", "NodeDetail", "NodeInfo", "NodeList",
-    "NodeNotFound", "NotReady", "Replica", "RequestTimeout", "Session", "SyncEventStream", "ToolFailed",
-    "ToolNotFound", "ToolResult", "ToolServer", "ToolServerError", "ToolSpec", "Unauthorized", "Unavailable",
-    "error_for",
-]
+__all__ = [*client.__all__, "AvailableTools", "CookieInfo", "Download", "DrainState", "Engines", "EnvSpec",
+           "Event", "Lease", "NodeDetail", "NodeInfo", "NodeList", "Replica", "ToolResult", "ToolSpec"]

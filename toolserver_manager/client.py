@@ -30,10 +30,10 @@ from toolserver_manager.errors import (
 from toolserver_manager.events import EventStream
 from toolserver_manager.sessions import AsyncSession, AsyncToolServer
 from toolserver_manager.sync import Admin, Session, SyncEventStream, ToolServer
-from toolserver_manager.transport import DEFAULT_URL
+from toolserver_manager.transport import DEFAULT_URL  # noqa: F401 - a public name of this module too
 
 __all__ = [
-    "DEFAULT_URL", "Admin", "AsyncAdmin", "AsyncSession", "AsyncToolServer", "BadArguments", "ConnectionFailed",
+    "Admin", "AsyncAdmin", "AsyncSession", "AsyncToolServer", "BadArguments", "ConnectionFailed",
     "EventStream", "EventStreamError", "FileNotFound", "InvalidSession", "NodeNotFound", "NotReady",
     "RequestTimeout", "Session", "SyncEventStream", "ToolFailed", "ToolNotFound", "ToolServer", "ToolServerError",
     "Unauthorized", "Unavailable", "error_for",

@@ -1,0 +1,1 @@
+"""What tests and benchmarks both use to drive the real parts: manager processes, HAProxy."""

@@ -1,0 +1,157 @@
+"""Manager replicas and HAProxy as real processes on 127.0.0.1, for tests and benchmarks alike."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from shared.config import deep_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after timeout."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=1).status_code == 200
+    return False
+
+
+class ManagerProc:
+    """One manager replica (``python -m manager.main --config``) on 127.0.0.1 and a free port."""
+
+    def __init__(self, cfg: dict[str, Any], tmp: Path, name: str = "m") -> None:
+        self.port = free_port()
+        self.cfg = deep_merge(json.loads(json.dumps(cfg)), {"host": "127.0.0.1", "port": self.port})
+        if int(self.cfg.get("workers", 1)) <= 1:  # several workers: each makes its own replica_id
+            self.cfg.setdefault("replica_id", f"{name}-{self.port}")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.path = tmp / f"{name}-{self.port}.yml"
+        self.log_path = tmp / f"{name}-{self.port}.log"
+        self.path.write_text(yaml.safe_dump(self.cfg))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    @property
+    def replica_id(self) -> str:
+        return str(self.cfg.get("replica_id", ""))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> "ManagerProc":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "manager.main", "--config", str(self.path)],
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_alive(timeout)
+        return self
+
+    def wait_alive(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"manager exited with {self.proc.returncode}:\n{self.logs()[-6000:]}")
+            if _answers(self.url + "/alive"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"manager did not answer /alive:\n{self.logs()[-6000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """Graceful stop (a stopped, SIGSTOPped process is continued first), SIGKILL after timeout."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            stop_process(self.proc, timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class HAProxy:
+    """Round-robin HAProxy on 127.0.0.1 in front of manager replicas ((name, port) each)."""
+
+    def __init__(self, backends: list[tuple[str, int]], tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        servers = "\n".join(f"    server {name} 127.0.0.1:{port} check inter 300 fall 2 rise 1"
+                            for name, port in backends)
+        cfg = tmp / "haproxy.cfg"
+        cfg.write_text(f"""
+global
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+    retries 2
+    option redispatch
+    option http-keep-alive
+frontend fe
+    bind 127.0.0.1:{self.port}
+    default_backend managers
+backend managers
+    balance roundrobin
+    option httpchk GET /alive
+{servers}
+""")
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                                     stderr=open(tmp / "haproxy.log", "ab"))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if _answers(self.url + "/alive"):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}")
+            time.sleep(0.05)
+        raise RuntimeError("haproxy did not answer")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 5)
