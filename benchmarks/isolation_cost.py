@@ -29,10 +29,11 @@ from typing import Any
 import httpx
 
 from benchmarks.common import (
-    LABEL, NODE_IMAGE, ManagerProc, base_config, bench_id, command_line, docker_client, fmt, load_line,
-    markdown_table, remove_containers, start_private_redis, stop_process, summarize, write_json,
+    LABEL, NODE_IMAGE, base_config, bench_id, command_line, docker_client, fmt, load_line, markdown_table,
+    remove_containers, start_private_redis, summarize, write_json,
 )
 from shared import loopdisk
+from testing.harness import ManagerProc, stop_process
 
 CASES: dict[str, dict[str, Any]] = {
     "before": {"node": {"network": {"isolated": False},
