@@ -85,5 +85,5 @@ class AsyncAdmin(AsyncBase):
         if not self._token:
             raise Unauthorized("missing admin token (Authorization: Bearer <token>)", 401)
         headers = {"Authorization": f"Bearer {self._token}"}
-        return self._stream_events({"manager_id": manager_id or ""}, headers, last_event_id, ping_interval,
-                                   resume_attempts)
+        return EventStream(self, {"manager_id": manager_id or ""}, headers, last_event_id=last_event_id,
+                           ping_interval=ping_interval, resume_attempts=resume_attempts)

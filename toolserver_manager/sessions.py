@@ -217,7 +217,8 @@ class AsyncSession(AsyncBase):
         ``last_event_id`` replays what followed that id (``"0"`` for everything still stored).
         """
         headers = {"Cookie": f"node_id={self._need_node()}"}
-        return self._stream_events({}, headers, last_event_id, ping_interval, resume_attempts)
+        return EventStream(self, {}, headers, last_event_id=last_event_id, ping_interval=ping_interval,
+                           resume_attempts=resume_attempts)
 
 
 AsyncToolServer = AsyncSession

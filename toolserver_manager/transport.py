@@ -21,7 +21,6 @@ from toolserver_manager.errors import (
     retryable,
     ToolServerError,
 )
-from toolserver_manager.events import EventStream
 
 T = TypeVar("T")
 Source = str | os.PathLike[str] | IO[bytes]
@@ -113,8 +112,3 @@ class AsyncBase:
         parts = urlsplit(self.url)
         scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
         return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, urlencode(query), ""))
-
-    def _stream_events(self, query: dict[str, str], headers: dict[str, str], last_event_id: str | None,
-                       ping_interval: float | None, resume_attempts: int) -> "EventStream":
-        return EventStream(self, query, headers, last_event_id=last_event_id, ping_interval=ping_interval,
-                           resume_attempts=resume_attempts)
