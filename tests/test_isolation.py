@@ -371,7 +371,7 @@ def test_a_node_flooding_stdout_leaves_a_bounded_log(start_manager, docker_clien
     m = start_manager(node={"disk": DISK})
     c, node_id = new_session(m.url)
     # 50 MB at the container's own stdout (the init process's), in lines of 1000 bytes
-    shell(c, "yes $(head -c 999 /dev/zero | tr '\\\\0' x) | head -c 50000000 > /proc/1/fd/1; echo done")
+    shell(c, "yes $(head -c 999 /dev/zero | tr '\\0' x) | head -c 50000000 > /proc/1/fd/1; echo done")
     log_path = docker_client.api.inspect_container(node_id)["LogPath"]
     files = [p for p in (log_path, log_path + ".1", log_path + ".2") if os.path.exists(p)]
     total = sum(os.path.getsize(p) for p in files)
@@ -397,8 +397,8 @@ def test_nodes_run_under_gvisor_when_asked(start_manager, docker_client: docker.
     m = start_manager(node={"runtime": "runsc"})
     c, node_id = new_session(m.url)
     assert docker_client.api.inspect_container(node_id)["HostConfig"]["Runtime"] == "runsc"
-    assert "dmesg-gvisor" in shell(c, "dmesg 2>&1 | head -3 | tr -d ' ' | sed 's/^/dmesg-/' | tr 'A-Z' 'a-z'") \
-        or "4.4.0" in shell(c, "uname -r")  # gVisor's own kernel, not the host's
+    # gVisor's own kernel answers (it says 4.4.0), not the host's
+    assert "4.4.0" in shell(c, "uname -r") and os.uname().release != "4.4.0"
     listener = Listener("0.0.0.0")
     try:
         (net,) = networks_of(docker_client, node_id).values()
