@@ -49,6 +49,9 @@ end
 RESULTS = Path(__file__).resolve().parent / "results"
 REDIS_URL = os.environ.get("TSM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 NODE_IMAGE = os.environ.get("TSM_BENCH_NODE_IMAGE", "toolserver-node:latest")
+# raw nodes started by a benchmark (no manager) need a secret too: nodes refuse requests without one
+BENCH_NODE_SECRET = "bench-node-secret"
+BENCH_NODE_HEADERS = {"X-Node-Secret": BENCH_NODE_SECRET}
 NODE_PORT = 31942
 LABEL = "toolserver-manager.manager_id"
 ROLE_LABEL = "toolserver-manager.role"

@@ -29,7 +29,7 @@ import docker
 import httpx
 
 from benchmarks.common import (
-    LABEL, NODE_IMAGE, NODE_PORT, ROLE_LABEL, base_config, bench_id, command_line, delete_keys,
+    BENCH_NODE_HEADERS, BENCH_NODE_SECRET, LABEL, NODE_IMAGE, NODE_PORT, ROLE_LABEL, base_config, bench_id, command_line, delete_keys,
     docker_client, fmt, load_line, markdown_table, redis_client, remove_containers, summarize, verdict,
     write_json,
 )
@@ -44,7 +44,7 @@ def http_ok(port: int) -> bool:
     """One ``GET /`` on a fresh connection; True on HTTP 200."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
     try:
-        conn.request("GET", "/")
+        conn.request("GET", "/", headers=BENCH_NODE_HEADERS)
         return conn.getresponse().status == 200
     except (OSError, http.client.HTTPException):
         return False
@@ -56,7 +56,8 @@ def floor_trial(client: docker.DockerClient, floor_mid: str) -> float:
     """Seconds from create to the node's first 200; the container is removed afterwards."""
     t0 = time.perf_counter()
     c = client.containers.create(NODE_IMAGE, init=True, ports={f"{NODE_PORT}/tcp": ("127.0.0.1", None)},
-                                 labels={LABEL: floor_mid, ROLE_LABEL: "bench"})
+                                 labels={LABEL: floor_mid, ROLE_LABEL: "bench"},
+                                 environment={"NODE_SECRET": BENCH_NODE_SECRET})
     try:
         c.start()
         c.reload()

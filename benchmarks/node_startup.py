@@ -10,7 +10,7 @@ Measured, over N runs each (default 10):
   (c) ``container.stop(timeout=5)`` of an idle node (SIGTERM handling).
 Every container is labelled toolserver-manager.manager_id=bench-node-startup and removed.
 
-Usage: .venv/bin/python benchmarks/node_startup.py [--runs 10] [--image toolserver-node:latest]
+Usage: .venv/bin/python -m benchmarks.node_startup [--runs 10] [--image toolserver-node:latest]
 """
 
 import argparse
@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 import uuid
+
+from benchmarks.common import BENCH_NODE_HEADERS, BENCH_NODE_SECRET
 
 LABELS = {"toolserver-manager.manager_id": "bench-node-startup", "toolserver-manager.role": "bench"}
 PORT = 31942
@@ -65,7 +67,7 @@ def first_200(port: int, timeout: float = 20.0) -> float:
     while time.monotonic() < t_end:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
         try:
-            conn.request("GET", "/")
+            conn.request("GET", "/", headers=BENCH_NODE_HEADERS)
             if conn.getresponse().status == 200:
                 return time.monotonic()
         except (OSError, http.client.HTTPException):
@@ -97,7 +99,7 @@ def main() -> int:
     image = client.images.get(args.image)
     size_mb = image.attrs["Size"] / 1e6
     cleanup(client)
-    run_kw = dict(labels=LABELS, ports={f"{PORT}/tcp": ("127.0.0.1", None)}, init=True,
+    run_kw = dict(labels=LABELS, environment={"NODE_SECRET": BENCH_NODE_SECRET}, ports={f"{PORT}/tcp": ("127.0.0.1", None)}, init=True,
                   read_only=True, tmpfs={"/tmp": "rw,exec,nosuid,size=64m",
                                          "/app/workspace": "rw,exec,uid=1000,gid=1000,size=64m"})
     try:
