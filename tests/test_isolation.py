@@ -158,12 +158,13 @@ def networks_of(docker_client: docker.DockerClient, node_id: str) -> dict[str, d
 
 
 @contextlib.contextmanager
-def outside_host() -> Iterator[tuple[str, int]]:
-    """A test host in a network namespace of its own, routed from the host like the outside world."""
+def outside_host(prefix: str = "198.51") -> Iterator[tuple[str, int]]:
+    """A test host in a network namespace of its own, routed from the host like the outside world
+    (198.51.x: documentation addresses, routed nowhere else), or like a private network (10.x)."""
     tag = uuid.uuid4().hex[:6]
     ns, veth_h, veth_n = f"tsmt-{tag}", f"tsmv{tag}h", f"tsmv{tag}n"
-    third = int(tag[:2], 16) % 200 + 1  # 198.51.100.0/24 is TEST-NET-2: routed nowhere else
-    host_ip, ns_ip = f"198.51.{third}.1", f"198.51.{third}.2"
+    third = int(tag[:2], 16) % 200 + 1
+    host_ip, ns_ip = f"{prefix}.{third}.1", f"{prefix}.{third}.2"
 
     def sh(*cmd: str) -> None:
         subprocess.run(cmd, check=True, capture_output=True)
@@ -469,3 +470,35 @@ def test_client_api_keys_when_set(start_manager, tmp_path) -> None:  # type: ign
     assert "k-one" not in httpx.get(m.url + "/admin/config", timeout=10,
                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
     c.post("/release_session")
+
+
+def test_without_the_firewall_privilege_ready_says_so(start_manager, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a manager that cannot run iptables (here: not on its PATH), and no loop devices either
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    m = start_manager(node={"disk": {"workspace_bytes": 0}})
+    ready = httpx.get(m.url + "/ready", timeout=10).json()
+    assert ready["status"] == "ready"
+    assert ready["isolation"]["firewall"] == "not installed: iptables is not installed", ready
+    assert m.logs().count("firewall_not_installed") == 1
+    c, _ = new_session(m.url)  # nodes still run, on their network
+    assert c.post("/get_available_tools").status_code == 200
+    c.post("/release_session")
+
+
+def test_allowed_private_ranges(start_manager, docker_client: docker.DockerClient, manager_id: str) -> None:
+    with outside_host(prefix="10.213") as private:
+        m = start_manager()
+        c, _ = new_session(m.url)
+        assert probe_from(c, [private])[private] != "connected"  # private: refused by default
+        c.post("/release_session")
+        allowed = start_manager(name="allowed", node={"network": {"allow_cidrs": ["10.213.0.0/16"]}})
+        c, node_id = new_session(allowed.url)
+        try:
+            assert probe_from(c, [private])[private] == "connected"
+        finally:
+            c.post("/release_session")
+            bridge = docker_client.api.inspect_network(f"tsm-{manager_id}-open")["Options"][
+                "com.docker.network.bridge.name"]
+            # the test's own exception goes with its network
+            subprocess.run(["iptables", "-w", "-D", "TSM-ALLOW", "-i", bridge, "-d", "10.213.0.0/16", "-j", "ACCEPT"],
+                           check=True)
