@@ -502,3 +502,15 @@ def test_allowed_private_ranges(start_manager, docker_client: docker.DockerClien
             # the test's own exception goes with its network
             subprocess.run(["iptables", "-w", "-D", "TSM-ALLOW", "-i", bridge, "-d", "10.213.0.0/16", "-j", "ACCEPT"],
                            check=True)
+
+
+def test_a_node_refusing_its_probe_fails_creation_naming_why(start_manager, docker_client: docker.DockerClient,
+                                                             manager_id: str) -> None:
+    # a node that checks some other secret: every probe gets 401
+    m = start_manager(node={"creation_kwargs": {"command": ["sh", "-c", "NODE_SECRET=other exec python3 -m app"]}})
+    r = httpx.post(m.url + "/get_cookie", timeout=60)
+    assert r.status_code == 503, r.text
+    assert "refused its probe with 401" in r.json()["detail"] and "x-node-secret" in r.json()["detail"]
+    wait_for(lambda: not docker_client.containers.list(
+        all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"}), timeout=10, what="nothing left")
+    assert not docker_client.volumes.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
