@@ -33,8 +33,9 @@ start_dockerd() {
 
 stop_dockerd() {
   local pid
-  pid=$(pgrep -x dockerd || true)
-  [ -n "$pid" ] || return 0
+  # the default engine only: a second engine (scripts/second-engine.sh) is a dockerd too
+  pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 0  # a stale pid file
   kill "$pid"
   for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
   die "dockerd did not stop"

