@@ -88,13 +88,23 @@ def remove_containers(client: docker.DockerClient, mid: str) -> None:
             c.remove(force=True, v=True)
     for v in client.volumes.list(filters={"label": f"{LABEL}={mid}"}):
         image = (v.attrs.get("Labels") or {}).get("toolserver-manager.image_file", "")
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            v.remove(force=True)
+        _remove_in_time(v.remove, force=True)
         if image:
             loopdisk.destroy(image)
     for n in client.networks.list(filters={"label": f"{LABEL}={mid}"}):
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            n.remove()
+        _remove_in_time(n.remove)
+
+
+def _remove_in_time(remove: Any, **kw: Any) -> None:
+    # the engine releases a removed container's volumes and endpoints a moment after it answers
+    for _ in range(20):
+        try:
+            remove(**kw)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            time.sleep(0.1)
 
 
 def project_containers(client: docker.DockerClient, mid: str) -> list[Any]:
