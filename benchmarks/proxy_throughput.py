@@ -103,7 +103,7 @@ http {
   scgi_temp_path %(dir)s/scgi;
   keepalive_requests 1000000;
   upstream node {
-    server 127.0.0.1:%(node_port)d;
+    server %(node_host)s:%(node_port)d;
     keepalive 64;
     keepalive_requests 1000000;
   }
@@ -326,10 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             if resp.status_code != 200:
                 raise RuntimeError(f"/get_cookie answered {resp.status_code}: {resp.text[:300]}")
             node_id = resp.cookies["node_id"]
-        ports = client.containers.get(node_id).attrs["NetworkSettings"]["Ports"][f"{NODE_PORT}/tcp"]
-        node_port = int(ports[0]["HostPort"])
-        direct = f"http://127.0.0.1:{node_port}"
-        env = client.containers.get(node_id).attrs["Config"].get("Env") or []
+        attrs = client.containers.get(node_id).attrs
+        ports = attrs["NetworkSettings"]["Ports"].get(f"{NODE_PORT}/tcp")
+        if ports:  # published (node.network.publish)
+            node_host, node_port = "127.0.0.1", int(ports[0]["HostPort"])
+        else:  # the default: reached at its address on the node network, as the manager does
+            nets = attrs["NetworkSettings"]["Networks"]
+            node_host, node_port = next(iter(nets.values()))["IPAddress"], NODE_PORT
+        direct = f"http://{node_host}:{node_port}"
+        env = attrs["Config"].get("Env") or []
         secret = next((e.split("=", 1)[1] for e in env if e.startswith("NODE_SECRET=")), "")
         with httpx.Client(timeout=10, headers={"X-Node-Secret": secret}) as c:
             for name, data in files.items():
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             scripts[b.label] = tmp / f"body{i}.lua"
             scripts[b.label].write_text(lua_script(b, node_id, secret))
 
-        print(f"node {node_id[:12]} on 127.0.0.1:{node_port}; manager_id {mid}, key prefix {prefix}",
+        print(f"node {node_id[:12]} on {node_host}:{node_port}; manager_id {mid}, key prefix {prefix}",
               file=sys.stderr, flush=True)
         for target in targets:
             if target == "direct":
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             elif target == "nginx":
                 port = free_port()
                 conf = tmp / "nginx.conf"
-                conf.write_text(NGINX_CONF % {"workers": args.nginx_workers, "dir": tmp, "node_port": node_port,
+                conf.write_text(NGINX_CONF % {"workers": args.nginx_workers, "dir": tmp, "node_host": node_host, "node_port": node_port,
                                               "port": port})
                 with open(tmp / "nginx.out", "ab") as log:
                     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp), "-e",
