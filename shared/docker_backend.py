@@ -218,24 +218,29 @@ class DockerBackend(NodeBackend):
         name = self.network_name(owner)
         egress = self.network.egress
 
-        def ensure() -> None:
-            api = self.client.api
-            found = [n for n in api.networks(names=[name]) if n.get("Name") == name]
+        def exists() -> bool:
+            found = [n for n in self.client.api.networks(names=[name]) if n.get("Name") == name]
             if found:
                 labels = found[0].get("Labels") or {}
                 if labels.get(LABEL_MANAGER) != owner:
                     raise ConfigError(f"a network named {name} exists that is not this manager's "
                                       f"(label {LABEL_MANAGER}={labels.get(LABEL_MANAGER)!r})")
+            return bool(found)
+
+        def ensure() -> None:
+            if exists():
                 return
             try:
-                api.create_network(
+                self.client.api.create_network(
                     name, driver="bridge", check_duplicate=True, internal=egress == "none",
                     labels={LABEL_MANAGER: owner, LABEL_PROJECT: "toolserver-manager", LABEL_EGRESS: egress},
                     options={"com.docker.network.bridge.enable_icc": "false",
                              "com.docker.network.bridge.name": self.bridge_name(owner)})
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409 and "already exists" not in str(exc.explanation):
-                    raise  # 409: another replica made it meanwhile
+            except docker.errors.APIError:
+                # another replica or worker made it meanwhile: the engine answers 409 for the name,
+                # or 403 "networks have same bridge name" when both passed the duplicate check
+                if not exists():
+                    raise
 
         await self._call(ensure)
         self._networks[owner] = name

@@ -3,6 +3,7 @@ bounded disk. The network tests play the attacker from inside a node (its shell 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -514,3 +515,21 @@ def test_a_node_refusing_its_probe_fails_creation_naming_why(start_manager, dock
     wait_for(lambda: not docker_client.containers.list(
         all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"}), timeout=10, what="nothing left")
     assert not docker_client.volumes.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
+
+
+async def test_replicas_racing_to_make_the_node_network_agree_on_one(manager_id: str, prefix: str,
+                                                                     docker_client: docker.DockerClient) -> None:
+    # the workers of one manager start together; each must end up with the same, single network
+    from shared.config import load_config
+    from shared.docker_backend import DockerBackend
+
+    cfg = load_config(None, environ={}, overrides={"manager_id": manager_id, "redis": {"key_prefix": prefix}})
+    backends = [DockerBackend(cfg) for _ in range(4)]
+    try:
+        names = await asyncio.gather(*(b.ensure_network(manager_id) for b in backends))
+    finally:
+        for b in backends:
+            await b.close()
+    assert len(set(names)) == 1
+    nets = docker_client.networks.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
+    assert [n.name for n in nets] == names[:1]
