@@ -29,7 +29,7 @@ import docker.errors
 import redis
 
 from shared.config import deep_merge
-from testing.harness import free_port
+from testing.harness import free_port, remove_project_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,13 +106,8 @@ def start_private_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def remove_containers(client: docker.DockerClient, manager_id: str) -> int:
-    """Remove every container labelled with this manager_id; returns how many there were."""
-    n = 0
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL}={manager_id}"}):
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            c.remove(force=True, v=True)
-            n += 1
-    return n
+    """Remove everything labelled with this manager_id; returns how many containers there were."""
+    return remove_project_objects(client, manager_id)
 
 
 def delete_keys(r: redis.Redis, prefix: str) -> int:

@@ -155,3 +155,40 @@ backend managers
 
     def stop(self) -> None:
         stop_process(self.proc, 5)
+
+
+def remove_project_objects(client: Any, manager_id: str) -> int:
+    """Everything a manager_id made on an engine (containers, workspace volumes with their loop
+    images, the node network); returns how many containers there were. ``client``: a DockerClient."""
+    import docker
+
+    from shared import loopdisk
+
+    label = f"toolserver-manager.manager_id={manager_id}"
+    n = 0
+    for c in client.containers.list(all=True, filters={"label": label}):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            c.remove(force=True, v=True)
+            n += 1
+    for v in client.volumes.list(filters={"label": label}):
+        image = (v.attrs.get("Labels") or {}).get("toolserver-manager.image_file", "")
+        _remove_in_time(v.remove, force=True)
+        if image:
+            loopdisk.destroy(image)
+    for net in client.networks.list(filters={"label": label}):
+        _remove_in_time(net.remove)
+    return n
+
+
+def _remove_in_time(remove: Any, **kw: Any) -> None:
+    # the engine lets go of a removed container's volumes and endpoints a moment after it answers
+    import docker
+
+    for _ in range(20):
+        try:
+            remove(**kw)
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            time.sleep(0.1)

@@ -3,7 +3,6 @@ replicas as real processes, and cleanup of every container by the project's labe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import redis.asyncio as aioredis
 from shared.config import deep_merge
 from shared.keys import Keys
 from shared.store import Store
-from testing.harness import ManagerProc
+from testing.harness import ManagerProc, remove_project_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TSM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -79,32 +78,21 @@ def manager_id(docker_client: docker.DockerClient) -> Iterator[str]:
     remove_containers(docker_client, mid)
 
 
+@pytest.fixture
+def manager_id_b(docker_client: docker.DockerClient) -> Iterator[str]:
+    """A second manager_id on this engine, cleaned up like the first. Name it before start_manager
+    in a test's arguments, so that the replicas stop before its objects are removed. (Tests must not
+    add to _SESSION_MANAGER_IDS themselves: pytest loads this file as `conftest`, and a test's
+    `from tests.conftest import ...` gets a second copy of the module and of that set.)"""
+    mid = f"test-{uuid.uuid4().hex[:8]}"
+    _SESSION_MANAGER_IDS.add(mid)
+    yield mid
+    remove_containers(docker_client, mid)
+
+
 def remove_containers(client: docker.DockerClient, mid: str) -> None:
-    """Everything a manager_id made on the engine: containers, then workspaces and the node network."""
-    from shared import loopdisk
-
-    for c in client.containers.list(all=True, filters={"label": f"{LABEL}={mid}"}):
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            c.remove(force=True, v=True)
-    for v in client.volumes.list(filters={"label": f"{LABEL}={mid}"}):
-        image = (v.attrs.get("Labels") or {}).get("toolserver-manager.image_file", "")
-        _remove_in_time(v.remove, force=True)
-        if image:
-            loopdisk.destroy(image)
-    for n in client.networks.list(filters={"label": f"{LABEL}={mid}"}):
-        _remove_in_time(n.remove)
-
-
-def _remove_in_time(remove: Any, **kw: Any) -> None:
-    # the engine releases a removed container's volumes and endpoints a moment after it answers
-    for _ in range(20):
-        try:
-            remove(**kw)
-            return
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError:
-            time.sleep(0.1)
+    """Everything a manager_id made on the engine: containers, workspaces, the node network."""
+    remove_project_objects(client, mid)
 
 
 def project_containers(client: docker.DockerClient, mid: str) -> list[Any]:

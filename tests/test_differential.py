@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from node.app.diag import body_bytes
-from tests.conftest import _SESSION_MANAGER_IDS, wait_for
+from tests.conftest import wait_for
 from tests.test_http_edge import DIAG, session
 
 SEED = int(os.environ.get("TSM_DIFF_SEED", "1414"))
@@ -338,9 +338,9 @@ async def _drive(specs: list[dict[str, Any]], ports: dict[str, int], cookies: li
     await asyncio.gather(*(worker(p) for p in ports for _ in range(CONCURRENCY)))
 
 
-def test_every_response_reaches_its_own_request(start_manager, manager_id: str, docker_client) -> None:
-    mid_b = f"test-{uuid.uuid4().hex[:8]}"
-    _SESSION_MANAGER_IDS.add(mid_b)
+def test_every_response_reaches_its_own_request(manager_id_b: str, start_manager, manager_id: str,
+                                                docker_client) -> None:
+    mid_b = manager_id_b
     a = start_manager(name="a", **DIAG)
     b = start_manager(name="b", mid=mid_b, cluster={"proxy_through_owner": {manager_id: True}}, **DIAG)
     cookies = [session(a.url).cookies["node_id"] for _ in range(2)]

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from shared.config import XAGENT_POST_PATHS
-from tests.conftest import ADMIN_TOKEN, _SESSION_MANAGER_IDS, project_containers, wait_for
+from tests.conftest import ADMIN_TOKEN, project_containers, wait_for
 from tests.edge_tools import Forwarder, exchange, rss_bytes
 
 DIAG = {"redirect_to_node_path": {"post": [*XAGENT_POST_PATHS, "/diag"], "get": ["/", "/diag"]}}
@@ -52,9 +52,8 @@ def test_expect_100_continue_never_shifts_responses(start_manager) -> None:
     _expect_round(m.port, cookies, 6)
 
 
-def test_expect_100_continue_through_the_owner_replica(start_manager, manager_id: str) -> None:
-    mid_b = f"test-{uuid.uuid4().hex[:8]}"
-    _SESSION_MANAGER_IDS.add(mid_b)
+def test_expect_100_continue_through_the_owner_replica(manager_id_b: str, start_manager, manager_id: str) -> None:
+    mid_b = manager_id_b
     a = start_manager(name="a", **DIAG)
     b = start_manager(name="b", mid=mid_b, cluster={"proxy_through_owner": {manager_id: True}}, **DIAG)
     cookies = [session(a.url).cookies["node_id"] for _ in range(2)]
