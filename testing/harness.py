@@ -115,13 +115,14 @@ class ManagerProc:
 
 
 class HAProxy:
-    """Round-robin HAProxy on 127.0.0.1 in front of manager replicas ((name, port) each)."""
+    """Round-robin HAProxy on 127.0.0.1 in front of manager replicas: (name, port) each on
+    127.0.0.1, or (name, address, port) for a replica elsewhere (a test host's namespace)."""
 
-    def __init__(self, backends: list[tuple[str, int]], tmp: Path) -> None:
+    def __init__(self, backends: list[tuple[str, int]] | list[tuple[str, str, int]], tmp: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        servers = "\n".join(f"    server {name} 127.0.0.1:{port} check inter 300 fall 2 rise 1"
-                            for name, port in backends)
+        servers = "\n".join(f"    server {b[0]} {'127.0.0.1' if len(b) == 2 else b[1]}:{b[-1]} "
+                            f"check inter 300 fall 2 rise 1" for b in backends)
         cfg = tmp / "haproxy.cfg"
         cfg.write_text(f"""
 global

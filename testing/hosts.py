@@ -1,0 +1,367 @@
+"""Several hosts on one machine, for tests of a cluster across hosts and its faults.
+
+Each host is a network namespace joined to a bridge in the root namespace by a veth
+pair, with its own dockerd (own socket, data root, exec root, pidfile; its containers,
+bridges and published ports live in the namespace) and its own manager replica with
+``manager_id`` = the host's name, listening and publishing node ports on the host's
+address. One Redis on the bridge address of the root namespace serves them all; HAProxy
+(testing.harness.HAProxy) goes in front. Faults are real: a manager killed, the host's
+link set down, the host crashed (manager, containers and dockerd killed at once).
+
+Everything made is named after one random tag, and ``Hosts.close`` removes it all:
+containers by label, dockerds and their data, namespaces, the bridge, the forward rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from shared.config import deep_merge
+from testing.harness import ROOT, ManagerProc, free_port, remove_project_objects, stop_process
+
+STATE = Path(os.environ.get("TSM_STATE_DIR", "/var/lib/toolserver-manager"))
+IMAGE_CACHE = STATE / "image-cache"
+MANAGER_PORT = 8080  # each host has its own ports: every manager listens on the same one
+
+
+def sh(*cmd: str, check: bool = True, ns: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command (in a namespace when ns is given); its output is returned, errors raise."""
+    argv = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+    return proc
+
+
+def in_netns(ns: str) -> list[str]:
+    """The prefix that runs a command in a namespace's network only: `ip netns exec` also gives it a
+    fresh /sys without the cgroup mounts dockerd needs."""
+    return ["nsenter", f"--net=/run/netns/{ns}", "--"]
+
+
+def saved_image(image: str) -> Path:
+    """The node image as a `docker save` tar, made once per image id (a cache across runs)."""
+    image_id = sh("/usr/bin/docker", "image", "inspect", "-f", "{{.Id}}", image).stdout.strip()
+    path = IMAGE_CACHE / f"{image_id.split(':')[-1][:16]}.tar"
+    if not path.exists():
+        IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+        for old in IMAGE_CACHE.glob("*.tar"):  # one image at a time: older builds are dead weight
+            old.unlink(missing_ok=True)
+        tmp = path.with_suffix(".part")
+        sh("/usr/bin/docker", "save", "-o", str(tmp), image)
+        tmp.rename(path)
+    return path
+
+
+class HostManager(ManagerProc):
+    """A manager replica run inside a host's network namespace, on the host's address."""
+
+    def __init__(self, cfg: dict[str, Any], tmp: Path, ns: str, addr: str) -> None:
+        super().__init__(cfg, tmp, name=ns)
+        self.ns = ns
+        self.port = MANAGER_PORT
+        self.cfg.update(host=addr, port=MANAGER_PORT, replica_id=f"{ns}-r1",
+                        advertise_url=f"http://{addr}:{MANAGER_PORT}")
+        self.url = f"http://{addr}:{MANAGER_PORT}"
+        self.path.write_text(yaml.safe_dump(self.cfg))
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> "HostManager":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
+        if self._log is None:
+            self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([*in_netns(self.ns), sys.executable, "-m", "manager.main",
+                                      "--config", str(self.path)],
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_alive(timeout)
+        return self
+
+
+@dataclass
+class Host:
+    """One host: its namespace, address, engine and manager."""
+
+    name: str  # namespace name and manager_id
+    addr: str
+    veth: str  # the root-namespace end of its link
+    sock: str
+    data_root: Path
+    exec_root: Path
+    log: Path
+    dockerd: subprocess.Popen[bytes] | None = None
+    manager: HostManager | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def docker_host(self) -> str:
+        return f"unix://{self.sock}"
+
+    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("/usr/bin/docker", "-H", self.docker_host, *args, check=check)
+
+    def engine_answers(self) -> bool:
+        return self.docker("info", "--format", "{{.ID}}", check=False).returncode == 0
+
+    def start_dockerd(self, timeout: float = 30.0) -> None:
+        """This host's dockerd inside its namespace (own bridge, iptables and published ports)."""
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.exec_root.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.dockerd = subprocess.Popen(
+                [*in_netns(self.name), "dockerd", "--host", self.docker_host,
+                 "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
+                 "--pidfile", f"{self.exec_root}.pid"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.engine_answers():
+                return
+            if self.dockerd.poll() is not None:
+                raise RuntimeError(f"dockerd of {self.name} exited: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"dockerd of {self.name} did not answer: {self.log.read_text()[-2000:]}")
+
+    def engine_pids(self) -> list[int]:
+        """dockerd, its containerd and the shims: every process naming this host's exec root."""
+        mark = str(self.exec_root).encode()
+        pids = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if mark in (p / "cmdline").read_bytes():
+                        pids.append(int(p.name))
+        if self.dockerd is not None and self.dockerd.poll() is None:
+            pids.append(self.dockerd.pid)
+        return sorted(set(pids))
+
+    def kill_engine(self) -> None:
+        """A crash: the containers die with their engine (SIGKILL to the containers, then to dockerd,
+        containerd and the shims)."""
+        ids = self.docker("ps", "-q", check=False).stdout.split()
+        if ids:
+            self.docker("kill", *ids, check=False)
+        for pid in self.engine_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.dockerd is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.dockerd.wait(10)
+
+    def stop_dockerd(self) -> None:
+        if self.dockerd is not None and self.dockerd.poll() is None:
+            stop_process(self.dockerd, 20)
+        for pid in self.engine_pids():  # containerd and shims left behind by a killed dockerd
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def link(self, up: bool) -> None:
+        """Cut or restore this host's only link (the root end of its veth pair)."""
+        sh("ip", "link", "set", self.veth, "up" if up else "down")
+
+
+class Hosts:
+    """N hosts, one Redis, HAProxy in front; ``close`` removes everything they made."""
+
+    def __init__(self, tmp: Path, image: str, n: int = 2, manager_overrides: dict[str, Any] | None = None,
+                 internal_token: str = "hosts-internal-token", admin_token: str = "hosts-admin-token") -> None:
+        self.tmp = tmp
+        self.internal_token = internal_token
+        self.admin_token = admin_token
+        self.image = image
+        self.tag = uuid.uuid4().hex[:4]
+        self.bridge = f"tsmhbr{self.tag}"
+        self.subnet = self._free_subnet()
+        self.gateway = f"{self.subnet}.1"
+        self.redis_port = free_port()
+        self.redis_url = f"redis://{self.gateway}:{self.redis_port}/0"
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.hosts: list[Host] = []
+        self.overrides = manager_overrides or {}
+        self._forward_rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+        self.timings: dict[str, float] = {}
+        for i in range(1, n + 1):
+            name = f"host{i}-{self.tag}"
+            run = f"/run/tsmh-{self.tag}-{i}"
+            self.hosts.append(Host(name=name, addr=f"{self.subnet}.{10 + i}", veth=f"tsmh{self.tag}v{i}",
+                                   sock=f"{run}.sock", data_root=STATE / f"tsmh-{self.tag}-{i}",
+                                   exec_root=Path(run), log=tmp / f"dockerd-{name}.log"))
+
+    @staticmethod
+    def _free_subnet() -> str:
+        used = sh("ip", "-4", "addr").stdout
+        for _ in range(50):
+            net = f"10.231.{random.randint(1, 254)}"
+            if f"{net}." not in used:
+                return net
+        raise RuntimeError("no free 10.231.x.0/24 subnet for the test hosts")
+
+    # --- set-up -------------------------------------------------------------------
+    def start(self) -> "Hosts":
+        t0 = time.monotonic()
+        try:
+            self._network()
+            self._start_redis()
+            image = saved_image(self.image)
+            self.timings["image_saved"] = time.monotonic() - t0
+            with ThreadPoolExecutor(len(self.hosts)) as pool:
+                list(pool.map(lambda h: self._start_engine(h, image), self.hosts))
+            self.timings["engines_ready"] = time.monotonic() - t0
+            for h in self.hosts:
+                h.manager = HostManager(self.manager_config(h), self.tmp, h.name, h.addr)
+                h.manager.start(wait=False)
+            for h in self.hosts:
+                assert h.manager is not None
+                h.manager.wait_alive(60)
+            self.timings["managers_alive"] = time.monotonic() - t0
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _network(self) -> None:
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+        # bridged traffic between hosts crosses the root namespace's FORWARD chain (br_netfilter),
+        # whose policy dockerd sets to DROP
+        sh("iptables", "-I", *self._forward_rule)
+        for i, h in enumerate(self.hosts, 1):
+            sh("ip", "netns", "add", h.name)
+            inner = f"tsmh{self.tag}i{i}"
+            sh("ip", "link", "add", h.veth, "type", "veth", "peer", "name", inner)
+            sh("ip", "link", "set", inner, "netns", h.name)
+            sh("ip", "link", "set", h.veth, "master", self.bridge)
+            sh("ip", "link", "set", h.veth, "up")
+            sh("ip", "link", "set", "lo", "up", ns=h.name)
+            sh("ip", "link", "set", inner, "name", "eth0", ns=h.name)
+            sh("ip", "addr", "add", f"{h.addr}/24", "dev", "eth0", ns=h.name)
+            sh("ip", "link", "set", "eth0", "up", ns=h.name)
+            sh("ip", "route", "add", "default", "via", self.gateway, ns=h.name)
+
+    def _start_redis(self) -> None:
+        self.redis = subprocess.Popen(
+            ["redis-server", "--bind", self.gateway, "--port", str(self.redis_port), "--save", "",
+             "--appendonly", "no", "--protected-mode", "no", "--logfile", str(self.tmp / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if sh("redis-cli", "-h", self.gateway, "-p", str(self.redis_port), "ping", check=False).stdout.strip() \
+                    == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the hosts' Redis did not answer")
+
+    def _start_engine(self, h: Host, image: Path) -> None:
+        t0 = time.monotonic()
+        h.start_dockerd()
+        h.timings["dockerd"] = time.monotonic() - t0
+        h.docker("load", "-q", "-i", str(image))
+        h.timings["image_loaded"] = time.monotonic() - t0
+
+    def manager_config(self, h: Host) -> dict[str, Any]:
+        """A host's manager: manager_id = host name, node ports published on the host's address."""
+        cfg: dict[str, Any] = {
+            "manager_id": h.name,
+            "log_format": "logfmt",
+            "logger_level": "INFO",
+            "docker_host": h.docker_host,
+            "redis": {"url": self.redis_url, "key_prefix": "tsm", "socket_timeout_seconds": 1.0},
+            "node": {"creation_wait_seconds": 20, "idle_grace_seconds": 0, "stop_timeout_seconds": 2,
+                     "publish_host": h.addr, "advertise_host": h.addr,
+                     "network": {"publish": True},
+                     "disk": {"workspace_bytes": 0},
+                     "creation_kwargs": {"image": self.image, "init": True, "mem_limit": "512m"}},
+            "proxy": {"connect_timeout_seconds": 2.0},
+            "checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 3, "start_jitter_seconds": 0.2},
+            "cluster": {"internal_token": self.internal_token, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
+                        "fanout_timeout_seconds": 2, "max_nodes_per_manager": 40},
+            "admin": {"token": self.admin_token},
+        }
+        return deep_merge(cfg, json.loads(json.dumps(self.overrides)))
+
+    # --- faults -------------------------------------------------------------------
+    def host(self, name_or_index: str | int) -> Host:
+        if isinstance(name_or_index, int):
+            return self.hosts[name_or_index]
+        return next(h for h in self.hosts if h.name == name_or_index)
+
+    def restart_manager(self, h: Host) -> None:
+        assert h.manager is not None
+        h.manager.stop(5)
+        h.manager.start()
+
+    def crash(self, h: Host) -> None:
+        """The host is gone at once: link down, manager SIGKILLed, containers and engine killed."""
+        h.link(False)
+        assert h.manager is not None
+        h.manager.kill()
+        h.kill_engine()
+
+    def recover(self, h: Host) -> None:
+        """A crashed host boots again: engine, link, manager."""
+        h.start_dockerd()
+        h.link(True)
+        assert h.manager is not None
+        h.manager.start()
+
+    # --- teardown -----------------------------------------------------------------
+    def logs(self) -> str:
+        out = []
+        for h in self.hosts:
+            if h.manager is not None:
+                out.append(f"----- manager {h.name} -----\n{h.manager.logs()[-5000:]}")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        """Remove everything: managers, containers by label, engines and their data, namespaces, bridge."""
+        for h in self.hosts:
+            if h.manager is not None:
+                with contextlib.suppress(Exception):
+                    h.manager.stop(5)
+        import docker  # noqa: PLC0415 - only for the clean-up by label
+
+        for h in self.hosts:
+            with contextlib.suppress(Exception):
+                h.link(True)
+            if h.dockerd is not None and h.dockerd.poll() is None and h.engine_answers():
+                with contextlib.suppress(Exception):
+                    client = docker.DockerClient(base_url=h.docker_host, version="1.41", timeout=30)
+                    remove_project_objects(client, h.name)
+                    client.close()
+            h.stop_dockerd()
+            shutil.rmtree(h.data_root, ignore_errors=True)
+            shutil.rmtree(h.exec_root, ignore_errors=True)
+            Path(f"{h.exec_root}.pid").unlink(missing_ok=True)
+            Path(h.sock).unlink(missing_ok=True)
+            sh("ip", "netns", "del", h.name, check=False)
+        if self.redis is not None:
+            stop_process(self.redis, 5)
+        sh("ip", "link", "del", self.bridge, check=False)
+        while sh("iptables", "-D", *self._forward_rule, check=False).returncode == 0:
+            pass
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
