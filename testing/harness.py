@@ -114,16 +114,30 @@ class ManagerProc:
             self.proc.wait()
 
 
-class HAProxy:
-    """Round-robin HAProxy on 127.0.0.1 in front of manager replicas: (name, port) each on
-    127.0.0.1, or (name, address, port) for a replica elsewhere (a test host's namespace)."""
+# The README's load-balancer config: a request that fails on one replica is retried on another.
+# A connection refused or reset before the request was sent is retried whatever the method; one
+# that got no answer (the replica died with it in flight) only when it is idempotent (GET, HEAD):
+# a tool call or get_cookie may have been carried out before the replica died.
+HAPROXY_RETRY = """\
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response junk-response response-timeout
+    http-request disable-l7-retry unless METH_GET
+"""
 
-    def __init__(self, backends: list[tuple[str, int]] | list[tuple[str, str, int]], tmp: Path) -> None:
+
+class HAProxy:
+    """HAProxy on 127.0.0.1 in front of manager replicas, retrying on another replica as the
+    README shows: (name, port) each on 127.0.0.1, or (name, address, port) for a replica elsewhere
+    (a test host's namespace); balance: roundrobin, or first (every request to the first live)."""
+
+    def __init__(self, backends: list[tuple[str, int]] | list[tuple[str, str, int]], tmp: Path,
+                 balance: str = "roundrobin") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         servers = "\n".join(f"    server {b[0]} {'127.0.0.1' if len(b) == 2 else b[1]}:{b[-1]} "
                             f"check inter 300 fall 2 rise 1" for b in backends)
-        cfg = tmp / "haproxy.cfg"
+        cfg = tmp / f"haproxy-{self.port}.cfg"
         cfg.write_text(f"""
 global
     maxconn 4000
@@ -132,16 +146,14 @@ defaults
     timeout connect 2s
     timeout client 120s
     timeout server 120s
-    retries 2
-    option redispatch
     option http-keep-alive
 frontend fe
     bind 127.0.0.1:{self.port}
     default_backend managers
 backend managers
-    balance roundrobin
+    balance {balance}
     option httpchk GET /alive
-{servers}
+{HAPROXY_RETRY}{servers}
 """)
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
                                      stderr=open(tmp / "haproxy.log", "ab"))

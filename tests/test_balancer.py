@@ -1,0 +1,74 @@
+"""The load balancer of the README (testing.harness.HAProxy) in front of two replicas: a replica
+stopped (SIGTERM) or killed (SIGKILL) under a steady stream of idempotent requests loses none of
+them; each is retried on the other replica."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from testing.harness import HAProxy, ManagerProc
+from tests.conftest import wait_for
+
+STREAMS = 8  # concurrent clients: some request is always in flight on each replica
+BEFORE, AFTER = 0.8, 1.7  # seconds of traffic before and after the stop
+
+
+async def _stream(url: str, cookie: str, stop_at: float, out: Counter[str]) -> None:
+    async with httpx.AsyncClient(base_url=url, cookies={"node_id": cookie}, timeout=10) as c:
+        while time.monotonic() < stop_at:
+            try:
+                r = await c.get("/")
+                out[str(r.status_code) if r.status_code != 200 or r.json() == {"message": "Hello World"}
+                    else "200 but wrong body"] += 1
+            except httpx.HTTPError as exc:
+                out[type(exc).__name__] += 1
+
+
+async def _traffic_while(url: str, cookie: str, act) -> Counter[str]:  # type: ignore[no-untyped-def]
+    """STREAMS clients sending GETs for BEFORE + AFTER seconds; act() runs after BEFORE."""
+    out: Counter[str] = Counter()
+    t0 = time.monotonic()
+    tasks = [asyncio.create_task(_stream(url, cookie, t0 + BEFORE + AFTER, out)) for _ in range(STREAMS)]
+    await asyncio.sleep(BEFORE)
+    act()
+    await asyncio.gather(*tasks)
+    return out
+
+
+def _live_in_balancer(lb: HAProxy, cookie: str, m: ManagerProc) -> bool:
+    """The balancer sends requests to m again (its health check passed)."""
+    seen = {httpx.get(lb.url + "/", cookies={"node_id": cookie}, timeout=5).headers.get("x-tsm-replica")
+            for _ in range(6)}
+    return m.replica_id in seen
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_replica_stopping_loses_no_idempotent_request(sig: signal.Signals, start_manager,
+                                                        tmp_path: Path) -> None:
+    a = start_manager(name="a")
+    b = start_manager(name="b")
+    lb = HAProxy([(m.replica_id, m.port) for m in (a, b)], tmp_path)
+    try:
+        r = httpx.post(lb.url + "/get_cookie", timeout=60)
+        assert r.status_code == 200, r.text
+        cookie = r.cookies["node_id"]
+        wait_for(lambda: _live_in_balancer(lb, cookie, a) and _live_in_balancer(lb, cookie, b),
+                 what="both replicas serving through the balancer")
+        out = asyncio.run(_traffic_while(lb.url, cookie, lambda: a.signal(sig)))
+        total = sum(out.values())
+        assert total > 200, f"too few requests to tell: {dict(out)}"
+        assert out == Counter({"200": total}), f"requests lost when a replica got {sig.name}: {dict(out)}"
+        assert a.proc is not None and a.proc.wait(20) is not None
+        # the survivor serves on, through the balancer, alone
+        assert httpx.get(lb.url + "/", cookies={"node_id": cookie}, timeout=10).headers["x-tsm-replica"] == \
+            b.replica_id
+        httpx.post(lb.url + "/release_session", cookies={"node_id": cookie}, timeout=30)
+    finally:
+        lb.stop()
