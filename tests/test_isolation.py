@@ -419,6 +419,55 @@ def test_an_unknown_runtime_fails_the_start_naming_it(start_manager, docker_clie
     assert not docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"})
 
 
+@contextlib.contextmanager
+def engine_runtime(name: str) -> Iterator[None]:
+    """Register runc under another name with the local dockerd for a while (SIGHUP reload)."""
+    conf_path = "/etc/docker/daemon.json"
+    before = open(conf_path).read() if os.path.exists(conf_path) else None
+
+    def write(conf: dict) -> None:
+        with open(conf_path + ".tmp", "w") as f:
+            json.dump(conf, f)
+        os.replace(conf_path + ".tmp", conf_path)
+        os.kill(int(open("/var/run/docker.pid").read()), 1)
+
+    def known() -> bool:
+        return name in docker.from_env().info().get("Runtimes", {})
+
+    conf = json.loads(before) if before else {}
+    conf.setdefault("runtimes", {})[name] = {"path": shutil.which("runc") or "runc"}
+    write(conf)
+    wait_for(known, timeout=10)
+    try:
+        yield
+    finally:
+        conf["runtimes"].pop(name, None)
+        write(conf)
+        wait_for(lambda: not known(), timeout=10)
+        if before is None:
+            os.unlink(conf_path)
+
+
+def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(start_manager, docker_client: docker.DockerClient,
+                                                                   manager_id: str) -> None:
+    owned = {"label": f"toolserver-manager.manager_id={manager_id}"}
+    with engine_runtime("tsm-vanishing"):
+        m = start_manager(node={"runtime": "tsm-vanishing"})
+        c, _ = new_session(m.url)  # known at start: nodes run
+        c.post("/release_session")
+        wait_for(lambda: not docker_client.containers.list(all=True, filters=owned), timeout=30)
+    volumes_before = {v.name for v in docker_client.volumes.list(filters=owned)}
+    # the engine forgot it since: creation names the cause and leaves nothing half-made
+    r = httpx.post(m.url + "/get_cookie", timeout=60)
+    assert r.status_code == 502, r.text
+    assert "node.runtime 'tsm-vanishing' is not registered with the engine" in r.json()["detail"]
+    assert "node_id" not in r.cookies
+    assert not docker_client.containers.list(all=True, filters=owned)
+    assert {v.name for v in docker_client.volumes.list(filters=owned)} <= volumes_before
+    admin = httpx.get(m.url + "/admin/nodes", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+    assert admin.status_code == 200 and admin.json()["nodes"] == [], admin.text
+
+
 # --- who may create nodes --------------------------------------------------------------------------
 def test_a_default_cap_from_the_engines_memory(start_manager, docker_client: docker.DockerClient) -> None:
     total = int(docker_client.info()["MemTotal"])
