@@ -160,9 +160,11 @@ class DockerBackend(NodeBackend):
         status: dict[str, str] = {}
         disk = self.disk
         if disk.workspace_bytes:
-            if self.docker_host and not self.docker_host.startswith("unix://"):
+            # DOCKER_HOST counts too: docker.from_env() follows it
+            engine = self.docker_host or os.environ.get("DOCKER_HOST", "")
+            if engine and not engine.startswith("unix://"):
                 raise ConfigError("node.disk.workspace_bytes needs the engine on this host (workspaces are "
-                                  f"loop devices here), not {self.docker_host}; set it to 0")
+                                  f"loop devices here), not {engine}; set it to 0")
             loopdisk.check_tools()
             status["disk"] = f"workspace {disk.workspace_bytes} bytes, /tmp {disk.tmp_bytes} bytes, read-only root"
         else:
@@ -181,7 +183,8 @@ class DockerBackend(NodeBackend):
         if not net.firewall:
             status["firewall"] = "off (node.network.firewall is false)"
             return status
-        allow = {self.bridge_name(owner): list(net.allow_cidrs)} if net.allow_cidrs else None
+        # always given, so a restart without allow_cidrs takes a former exception away
+        allow = {self.bridge_name(owner): list(net.allow_cidrs)}
         try:
             await asyncio.to_thread(firewall.install, BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"], allow)
             status["firewall"] = "installed"

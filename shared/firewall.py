@@ -13,12 +13,16 @@ name starts with one of the node bridge prefixes (the backend names its bridges 
                            shared ranges refused; egress "none" bridges refused everything
 
 The chains are ours: installing flushes and refills TSM-INPUT and TSM-FORWARD, adds the two
-jumps if missing, and appends missing TSM-ALLOW rules; nothing else is touched, and
-``remove`` takes away exactly that. ``python -m shared.firewall install|remove|show``.
+jumps if missing, makes a bridge's TSM-ALLOW rules exactly the ranges it is given now, and
+drops those of bridges that no longer exist (a network removed, or a manager_id gone), so an
+exception never outlives its network nor passes to a later network of the same name; nothing
+else is touched, and ``remove`` takes away exactly that. ``python -m shared.firewall install|remove|show``.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import shutil
 import subprocess
 import sys
@@ -105,14 +109,46 @@ def install(open_prefix: str, none_prefix: str, allow: dict[str, list[str]] | No
             for r in body:
                 _ipt("-A", chain, *r)
     for bridge, cidrs in (allow or {}).items():
-        for cidr in cidrs:
-            rule = ["-i", bridge, "-d", cidr, "-j", "ACCEPT"]
-            if _ipt("-C", ALLOW_CHAIN, *rule, check=False).returncode != 0:
-                _ipt("-A", ALLOW_CHAIN, *rule)
+        sync_allow(bridge, cidrs)
+    prune_allow()
     _ensure_jump("INPUT", INPUT_CHAIN)
     # Docker puts DOCKER-USER before its own accepts; an engine without iptables has none
     parent = "DOCKER-USER" if _ipt("-n", "-L", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
     _ensure_jump(parent, FORWARD_CHAIN)
+
+
+def _allow_rules() -> list[tuple[str, str]]:
+    """(bridge, range) of each TSM-ALLOW rule, as ``iptables -S`` prints them."""
+    found = []
+    for line in _ipt("-S", ALLOW_CHAIN, check=False).stdout.splitlines():
+        words = line.split()
+        if words[:2] == ["-A", ALLOW_CHAIN] and "-i" in words and "-d" in words:
+            found.append((words[words.index("-i") + 1], words[words.index("-d") + 1]))
+    return found
+
+
+def _allow_rule(bridge: str, cidr: str) -> list[str]:
+    return ["-i", bridge, "-d", cidr, "-j", "ACCEPT"]
+
+
+def sync_allow(bridge: str, cidrs: list[str]) -> None:
+    """Make ``bridge``'s exceptions exactly ``cidrs`` (an empty list takes them all away)."""
+    # iptables prints a range with its mask and host bits cleared: compare in that form
+    want = {str(ipaddress.ip_network(c, strict=False)) for c in cidrs}
+    have = {cidr for b, cidr in _allow_rules() if b == bridge}
+    for cidr in sorted(have - want):
+        _ipt("-D", ALLOW_CHAIN, *_allow_rule(bridge, cidr), check=False)
+    for cidr in sorted(want - have):
+        _ipt("-A", ALLOW_CHAIN, *_allow_rule(bridge, cidr))
+
+
+def prune_allow() -> int:
+    """Drop the exceptions of bridges this host no longer has; how many went."""
+    gone = 0
+    for bridge, cidr in _allow_rules():
+        if not os.path.exists(f"/sys/class/net/{bridge}"):
+            gone += _ipt("-D", ALLOW_CHAIN, *_allow_rule(bridge, cidr), check=False).returncode == 0
+    return gone
 
 
 def remove() -> None:

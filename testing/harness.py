@@ -172,10 +172,10 @@ backend managers
 
 def remove_project_objects(client: Any, manager_id: str) -> int:
     """Everything a manager_id made on an engine (containers, workspace volumes with their loop
-    images, the node network); returns how many containers there were. ``client``: a DockerClient."""
+    images, the node network and its firewall exceptions); returns how many containers there were. ``client``: a DockerClient."""
     import docker
 
-    from shared import loopdisk
+    from shared import firewall, loopdisk
 
     label = f"toolserver-manager.manager_id={manager_id}"
     n = 0
@@ -190,6 +190,8 @@ def remove_project_objects(client: Any, manager_id: str) -> int:
             loopdisk.destroy(image)
     for net in client.networks.list(filters={"label": label}):
         _remove_in_time(net.remove)
+    with contextlib.suppress(firewall.NoPrivilege, firewall.FirewallError):
+        firewall.prune_allow()  # a network's firewall exceptions go with it
     return n
 
 

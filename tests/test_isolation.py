@@ -448,6 +448,20 @@ def engine_runtime(name: str) -> Iterator[None]:
             os.unlink(conf_path)
 
 
+@pytest.mark.parametrize("how", ["config", "environment"])
+def test_a_workspace_bound_refuses_an_engine_on_another_host(start_manager, monkeypatch, how: str) -> None:  # type: ignore[no-untyped-def]
+    # a loop device made here would be mounted, or not, on whatever that engine's host has
+    remote = "tcp://127.0.0.1:9"
+    if how == "environment":
+        monkeypatch.setenv("DOCKER_HOST", remote)
+        m = start_manager(wait=False)
+    else:
+        m = start_manager(wait=False, docker_host=remote)
+    assert m.proc is not None and m.proc.wait(30) != 0
+    assert f"node.disk.workspace_bytes needs the engine on this host (workspaces are loop devices here), " \
+           f"not {remote}; set it to 0" in m.logs()
+
+
 def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(start_manager, docker_client: docker.DockerClient,
                                                                    manager_id: str) -> None:
     owned = {"label": f"toolserver-manager.manager_id={manager_id}"}
@@ -547,11 +561,35 @@ def test_allowed_private_ranges(start_manager, docker_client: docker.DockerClien
             assert probe_from(c, [private])[private] == "connected"
         finally:
             c.post("/release_session")
-            bridge = docker_client.api.inspect_network(f"tsm-{manager_id}-open")["Options"][
-                "com.docker.network.bridge.name"]
-            # the test's own exception goes with its network
-            subprocess.run(["iptables", "-w", "-D", "TSM-ALLOW", "-i", bridge, "-d", "10.213.0.0/16", "-j", "ACCEPT"],
-                           check=True)
+        bridge = docker_client.api.inspect_network(f"tsm-{manager_id}-open")["Options"][
+            "com.docker.network.bridge.name"]
+        assert allow_rules(bridge) == ["10.213.0.0/16"]
+        # the exception is the configuration's, not the chain's: a start without it takes it away
+        again = start_manager(name="again")
+        assert allow_rules(bridge) == []
+        c, _ = new_session(again.url)
+        assert probe_from(c, [private])[private] != "connected"
+        c.post("/release_session")
+
+
+def allow_rules(bridge: str) -> list[str]:
+    out = subprocess.run(["iptables", "-w", "-S", "TSM-ALLOW"], capture_output=True, text=True, check=True).stdout
+    return [line.split(" -d ")[1].split()[0] for line in out.splitlines() if f" -i {bridge} " in line]
+
+
+def test_exceptions_of_a_network_that_is_gone_are_dropped() -> None:
+    from shared import firewall
+    from shared.docker_backend import BRIDGE_PREFIXES
+
+    def install() -> None:  # idempotent: the chains exactly as any manager's start leaves them
+        firewall.install(BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"])
+
+    install()
+    gone = BRIDGE_PREFIXES["open"] + "gone" + uuid.uuid4().hex[:6]  # a bridge no host has
+    subprocess.run(["iptables", "-w", "-A", "TSM-ALLOW", "-i", gone, "-d", "10.99.0.0/16", "-j", "ACCEPT"], check=True)
+    assert allow_rules(gone) == ["10.99.0.0/16"]
+    install()
+    assert allow_rules(gone) == []
 
 
 def test_a_node_refusing_its_probe_fails_creation_naming_why(start_manager, docker_client: docker.DockerClient,
