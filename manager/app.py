@@ -23,6 +23,7 @@ from manager.registry import heartbeat_loop
 from manager.resolve import Resolver
 from manager.routing import build_routes
 from manager.runtime import Runtime
+from nodeops import images
 from shared import __version__
 from shared.config import Config
 from shared.engines import open_backend
@@ -68,6 +69,7 @@ def create_app(cfg: Config) -> ManagerApp:
             ("heartbeat", heartbeat_loop(rt)),
             ("activity", rt.activity.run()),
             ("events", hub.run()),
+            ("image", images.keep_present(rt)),
         )]
         if checker is not None:
             tasks.append(asyncio.create_task(checker.run(), name="checker"))

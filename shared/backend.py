@@ -114,6 +114,18 @@ class NodeBackend(abc.ABC):
     async def close(self) -> None:
         """Release the engine's clients and threads."""
 
+    @property
+    def image(self) -> str:
+        """The image nodes are created from ("" when the engine has no such notion)."""
+        return ""
+
+    async def image_present(self) -> bool:
+        """Whether the engine has the node image."""
+        return True
+
+    async def pull_image(self) -> None:
+        """Fetch the node image from its registry; EngineError when it cannot."""
+
     async def prepare(self, owner: str) -> dict[str, str]:
         """Check the settings and make what owner's nodes need before the first one (their
         network, host rules); what protects them, by name. Bad settings raise ConfigError."""

@@ -54,6 +54,7 @@ def _default_creation_kwargs() -> dict[str, Any]:
 
 
 EGRESS_MODES = ("open", "none")
+IMAGE_PULL_POLICIES = ("missing", "never")
 
 
 class NetworkConfig(Base):
@@ -106,6 +107,10 @@ class NodeConfig(Base):
     read_only_root: bool = False  # superseded by disk.read_only_root; kept for old config files
     workspace_path: str = "/app/workspace"
     runtime: str = ""  # an OCI runtime the engine knows (runsc, say); "": the engine's default
+    # creation_kwargs.image absent from the engine: "missing" pulls it from its registry (at start,
+    # then every image_check_seconds while it is missing); "never" waits for it to be loaded
+    image_pull: str = "missing"
+    image_check_seconds: float = 30.0
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     disk: DiskConfig = msgspec.field(default_factory=DiskConfig)
 
@@ -235,6 +240,11 @@ class Config(Base):
         if self.node.network.egress not in EGRESS_MODES:
             raise ValueError(f"node.network.egress must be one of {', '.join(EGRESS_MODES)}, "
                              f"not {self.node.network.egress!r}")
+        if self.node.image_pull not in IMAGE_PULL_POLICIES:
+            raise ValueError(f"node.image_pull must be one of {', '.join(IMAGE_PULL_POLICIES)}, "
+                             f"not {self.node.image_pull!r}")
+        if not str(self.node.creation_kwargs.get("image") or ""):
+            raise ValueError("node.creation_kwargs.image must name the node image")
         for cidr in self.node.network.allow_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)

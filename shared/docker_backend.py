@@ -29,7 +29,7 @@ from docker.types import DeviceRequest, LogConfig, Mount
 from shared import firewall, loopdisk
 from shared.backend import Address, NewNode, NodeBackend, NodeInfo
 from shared.config import Config
-from shared.errors import ConfigError, ContainerGone, EngineError, EngineUnavailable
+from shared.errors import ConfigError, ContainerGone, EngineError, EngineUnavailable, ImageMissing
 from shared.models import NodeStatus, Role
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ def docker_errors() -> Iterator[None]:
     """Translate SDK and transport errors into the project's hierarchy."""
     try:
         yield
+    except docker.errors.ImageNotFound as exc:  # a NotFound too: caught first, it is no session's end
+        found = re.search(r"No such image: (\S+)", str(exc.explanation or ""))
+        raise ImageMissing(found.group(1) if found else str(exc.explanation or exc)) from exc
     except docker.errors.NotFound as exc:
         raise ContainerGone(str(exc.explanation or exc)) from exc
-    except docker.errors.ImageNotFound as exc:  # pragma: no cover - subclass of NotFound
-        raise EngineError(str(exc)) from exc
     except docker.errors.APIError as exc:  # the engine answered: an error of the operation, not an outage
         raise EngineError(f"docker: {exc.explanation or exc}") from exc
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
@@ -153,6 +154,45 @@ class DockerBackend(NodeBackend):
     async def ping(self) -> None:
         """Raise EngineUnavailable unless the engine answers."""
         await self._call(self.client.api.ping)
+
+    # --- the node image ---------------------------------------------------------
+    @property
+    def image(self) -> str:
+        return str(self._creation_kwargs["image"])
+
+    async def image_present(self) -> bool:
+        """Whether the engine has the node image (by name and tag, or digest)."""
+        try:
+            await self._call(self.client.api.inspect_image, self.image)
+        except ImageMissing:
+            return False
+        except ContainerGone:  # an engine that words the 404 otherwise
+            return False
+        return True
+
+    async def pull_image(self) -> None:
+        """Pull the node image from its registry, logging progress; EngineError when it cannot."""
+        image = self.image
+
+        def pull() -> None:
+            layers: dict[str, str] = {}
+            done_states = ("Pull complete", "Already exists")
+            last_log = 0.0
+            for ev in self.client.api.pull(image, stream=True, decode=True):
+                if ev.get("error"):  # the engine reports a failed pull inside the stream
+                    raise EngineError(f"pulling {image}: {ev['error']}")
+                if ev.get("id") and ev.get("status") and "progressDetail" in ev:
+                    layers[ev["id"]] = ev["status"]
+                now = time.monotonic()
+                if now - last_log >= 2.0:
+                    last_log = now
+                    log.info("image_pull_progress image=%s layers_done=%d/%d status=%r", image,
+                             sum(s in done_states for s in layers.values()), len(layers), ev.get("status", ""))
+
+        t0 = time.monotonic()
+        log.info("image_pull_started image=%s", image)
+        await self._call(pull)
+        log.info("image_pulled image=%s elapsed_s=%.1f", image, time.monotonic() - t0)
 
     # --- isolation --------------------------------------------------------------
     async def prepare(self, owner: str) -> dict[str, str]:
@@ -352,6 +392,8 @@ class DockerBackend(NodeBackend):
         except BaseException as exc:
             if workspace:
                 await asyncio.shield(self._remove_workspace(workspace))
+            if isinstance(exc, ImageMissing):
+                raise ImageMissing(image) from exc
             if isinstance(exc, EngineError):
                 if "network" in exc.detail and "not found" in exc.detail:
                     self._networks.pop(node.owner, None)  # removed behind our back: made again next time

@@ -16,7 +16,8 @@
         ├── NodeTimeout         a node did not become ready in time
         ├── NodeNotRunning
         ├── NodeNotResponding
-        └── NoLiveManager       no live replica of the owning manager_id
+        ├── NoLiveManager       no live replica of the owning manager_id
+        └── ImageMissing        the engine has no node image (not pulled or loaded yet)
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class EngineUnavailable(Unavailable):
 
 
 class ContainerGone(ManagerError):
-    """The engine has no such container (404 from Docker); callers treat it as an unknown node."""
+    """The engine has no such container (404 from Docker); callers treat it as an unknown node.
+
+    Only for containers (and their volumes): a missing image is ImageMissing, never a session gone."""
 
     status_code = 404
 
@@ -121,3 +124,11 @@ class NoLiveManager(Unavailable):
 
 class CapacityExhausted(Unavailable):
     pass
+
+
+class ImageMissing(Unavailable):
+    """No node image on the engine: nothing can be created until it is pulled or loaded."""
+
+    def __init__(self, image: str, why: str = "") -> None:
+        super().__init__(f"node image {image} is not on the engine{f' ({why})' if why else ''}")
+        self.image = image
