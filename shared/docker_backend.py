@@ -226,7 +226,8 @@ class DockerBackend(NodeBackend):
         # always given, so a restart without allow_cidrs takes a former exception away
         allow = {self.bridge_name(owner): list(net.allow_cidrs)}
         try:
-            await asyncio.to_thread(firewall.install, BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"], allow)
+            await asyncio.to_thread(firewall.install, BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"], allow,
+                                    firewall.Iptables(net.firewall_host_namespace))
             status["firewall"] = "installed"
         except firewall.NoPrivilege as exc:
             status["firewall"] = f"not installed: {exc}"

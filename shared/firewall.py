@@ -22,7 +22,6 @@ else is touched, and ``remove`` takes away exactly that. ``python -m shared.fire
 from __future__ import annotations
 
 import ipaddress
-import os
 import shutil
 import subprocess
 import sys
@@ -70,57 +69,90 @@ def rules(open_prefix: str, none_prefix: str) -> dict[str, list[list[str]]]:
     return {INPUT_CHAIN: inp, FORWARD_CHAIN: fwd}
 
 
-def _ipt(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("iptables")
-    if exe is None:
-        raise NoPrivilege("iptables is not installed")
-    try:
-        res = subprocess.run([exe, "-w", "5", *args], capture_output=True, text=True, timeout=30)
-    except PermissionError as exc:
-        raise NoPrivilege(f"cannot run iptables: {exc}") from exc
-    err = (res.stderr or "").strip()
-    if res.returncode != 0 and ("Permission denied" in err or "you must be root" in err
-                                or "Operation not permitted" in err):
-        raise NoPrivilege(f"iptables: {err.splitlines()[0] if err else 'permission denied'}")
-    if check and res.returncode != 0:
-        raise FirewallError(f"iptables {' '.join(args)} failed: {err}")
-    return res
+class Iptables:
+    """Runs iptables here, or (host_ns) in PID 1's mount and network namespaces.
+
+    host_ns is for a manager in a container that shares the host's PID namespace (the chart's
+    pods with the host's engine): the rules must land in the host's network namespace, where
+    the node bridges are, and the host's own iptables binary puts them there.
+    """
+
+    def __init__(self, host_ns: bool = False) -> None:
+        self.host_ns = host_ns
+
+    def argv(self) -> list[str]:
+        if not self.host_ns:
+            exe = shutil.which("iptables")
+            if exe is None:
+                raise NoPrivilege("iptables is not installed")
+            return [exe]
+        exe = shutil.which("nsenter")
+        if exe is None:
+            raise NoPrivilege("nsenter is not installed (node.network.firewall_host_namespace)")
+        return [exe, "--target", "1", "--mount", "--net", "--", "iptables"]
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            res = subprocess.run([*self.argv(), "-w", "5", *args], capture_output=True, text=True, timeout=30)
+        except PermissionError as exc:
+            raise NoPrivilege(f"cannot run iptables: {exc}") from exc
+        err = (res.stderr or "").strip()
+        if res.returncode != 0 and any(w in err for w in (
+                "Permission denied", "you must be root", "Operation not permitted",
+                "nsenter: ", "No such file or directory")):
+            raise NoPrivilege(f"iptables: {err.splitlines()[0] if err else 'permission denied'}")
+        if check and res.returncode != 0:
+            raise FirewallError(f"iptables {' '.join(args)} failed: {err}")
+        return res
+
+    def has_interface(self, name: str) -> bool:
+        """Whether the namespace the rules are in has this network interface."""
+        # /proc/<pid>/net/dev lists the interfaces of that process's network namespace
+        try:
+            with open(f"/proc/{1 if self.host_ns else 'self'}/net/dev") as f:
+                return any(line.split(":", 1)[0].strip() == name for line in f.readlines()[2:])
+        except OSError:
+            return True  # cannot tell: keep the rule
 
 
-def _ensure_chain(name: str) -> None:
-    if _ipt("-n", "-L", name, check=False).returncode != 0:
-        _ipt("-N", name)
+HERE = Iptables()
 
 
-def _ensure_jump(parent: str, chain: str) -> None:
-    if _ipt("-C", parent, "-j", chain, check=False).returncode != 0:
-        _ipt("-I", parent, "1", "-j", chain)
+def _ensure_chain(ipt: Iptables, name: str) -> None:
+    if ipt("-n", "-L", name, check=False).returncode != 0:
+        ipt("-N", name)
 
 
-def install(open_prefix: str, none_prefix: str, allow: dict[str, list[str]] | None = None) -> None:
+def _ensure_jump(ipt: Iptables, parent: str, chain: str) -> None:
+    if ipt("-C", parent, "-j", chain, check=False).returncode != 0:
+        ipt("-I", parent, "1", "-j", chain)
+
+
+def install(open_prefix: str, none_prefix: str, allow: dict[str, list[str]] | None = None,
+            ipt: Iptables = HERE) -> None:
     """Install (idempotently) the chains and jumps; ``allow`` maps a bridge to ranges it may reach."""
     want = rules(open_prefix, none_prefix)
     for chain in (ALLOW_CHAIN, INPUT_CHAIN, FORWARD_CHAIN):
-        _ensure_chain(chain)
+        _ensure_chain(ipt, chain)
     for chain, body in want.items():
-        have = [line for line in _ipt("-S", chain).stdout.splitlines() if line.startswith("-A ")]
+        have = [line for line in ipt("-S", chain).stdout.splitlines() if line.startswith("-A ")]
         if have != [_render(chain, r) for r in body]:
-            _ipt("-F", chain)
+            ipt("-F", chain)
             for r in body:
-                _ipt("-A", chain, *r)
+                ipt("-A", chain, *r)
     for bridge, cidrs in (allow or {}).items():
-        sync_allow(bridge, cidrs)
-    prune_allow()
-    _ensure_jump("INPUT", INPUT_CHAIN)
+        sync_allow(bridge, cidrs, ipt)
+    prune_allow(ipt)
+    _ensure_jump(ipt, "INPUT", INPUT_CHAIN)
     # Docker puts DOCKER-USER before its own accepts; an engine without iptables has none
-    parent = "DOCKER-USER" if _ipt("-n", "-L", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
-    _ensure_jump(parent, FORWARD_CHAIN)
+    parent = "DOCKER-USER" if ipt("-n", "-L", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
+    _ensure_jump(ipt, parent, FORWARD_CHAIN)
 
 
-def _allow_rules() -> list[tuple[str, str]]:
+def _allow_rules(ipt: Iptables) -> list[tuple[str, str]]:
     """(bridge, range) of each TSM-ALLOW rule, as ``iptables -S`` prints them."""
     found = []
-    for line in _ipt("-S", ALLOW_CHAIN, check=False).stdout.splitlines():
+    for line in ipt("-S", ALLOW_CHAIN, check=False).stdout.splitlines():
         words = line.split()
         if words[:2] == ["-A", ALLOW_CHAIN] and "-i" in words and "-d" in words:
             found.append((words[words.index("-i") + 1], words[words.index("-d") + 1]))
@@ -131,35 +163,35 @@ def _allow_rule(bridge: str, cidr: str) -> list[str]:
     return ["-i", bridge, "-d", cidr, "-j", "ACCEPT"]
 
 
-def sync_allow(bridge: str, cidrs: list[str]) -> None:
+def sync_allow(bridge: str, cidrs: list[str], ipt: Iptables = HERE) -> None:
     """Make ``bridge``'s exceptions exactly ``cidrs`` (an empty list takes them all away)."""
     # iptables prints a range with its mask and host bits cleared: compare in that form
     want = {str(ipaddress.ip_network(c, strict=False)) for c in cidrs}
-    have = {cidr for b, cidr in _allow_rules() if b == bridge}
+    have = {cidr for b, cidr in _allow_rules(ipt) if b == bridge}
     for cidr in sorted(have - want):
-        _ipt("-D", ALLOW_CHAIN, *_allow_rule(bridge, cidr), check=False)
+        ipt("-D", ALLOW_CHAIN, *_allow_rule(bridge, cidr), check=False)
     for cidr in sorted(want - have):
-        _ipt("-A", ALLOW_CHAIN, *_allow_rule(bridge, cidr))
+        ipt("-A", ALLOW_CHAIN, *_allow_rule(bridge, cidr))
 
 
-def prune_allow() -> int:
+def prune_allow(ipt: Iptables = HERE) -> int:
     """Drop the exceptions of bridges this host no longer has; how many went."""
     gone = 0
-    for bridge, cidr in _allow_rules():
-        if not os.path.exists(f"/sys/class/net/{bridge}"):
-            gone += _ipt("-D", ALLOW_CHAIN, *_allow_rule(bridge, cidr), check=False).returncode == 0
+    for bridge, cidr in _allow_rules(ipt):
+        if not ipt.has_interface(bridge):
+            gone += ipt("-D", ALLOW_CHAIN, *_allow_rule(bridge, cidr), check=False).returncode == 0
     return gone
 
 
-def remove() -> None:
+def remove(ipt: Iptables = HERE) -> None:
     """Take away our jumps and chains, and nothing else."""
     for parent, chain in (("INPUT", INPUT_CHAIN), ("DOCKER-USER", FORWARD_CHAIN), ("FORWARD", FORWARD_CHAIN)):
-        while _ipt("-D", parent, "-j", chain, check=False).returncode == 0:
+        while ipt("-D", parent, "-j", chain, check=False).returncode == 0:
             pass
     for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN):
-        if _ipt("-n", "-L", chain, check=False).returncode == 0:
-            _ipt("-F", chain)
-            _ipt("-X", chain)
+        if ipt("-n", "-L", chain, check=False).returncode == 0:
+            ipt("-F", chain)
+            ipt("-X", chain)
 
 
 def _render(chain: str, rule: list[str]) -> str:
@@ -178,7 +210,7 @@ def main(argv: list[str]) -> int:
             remove()
         elif cmd == "show":
             for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN):
-                print(_ipt("-S", chain, check=False).stdout, end="")
+                print(HERE("-S", chain, check=False).stdout, end="")
         else:
             print("usage: python -m shared.firewall install|remove|show", file=sys.stderr)
             return 2

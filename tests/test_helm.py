@@ -243,6 +243,42 @@ def test_daemonset_drives_the_hosts_engine(rendered) -> None:
     assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
 
 
+@pytest.mark.parametrize("mode", ["daemonset", "deployment"])
+def test_with_the_hosts_engine_the_manager_gets_what_isolation_needs(helm: str, mode: str, tmp_path: Path) -> None:
+    docs = template(helm, sets=[f"mode={mode}"])
+    pod = workload(docs)["spec"]["template"]["spec"]
+    c = manager_container(docs)
+    # the firewall runs the host's iptables in PID 1's namespaces; loop devices need root and /dev
+    assert pod["hostPID"] is True
+    assert c["securityContext"]["privileged"] is True and c["securityContext"]["runAsUser"] == 0
+    assert c["securityContext"]["runAsNonRoot"] is False
+    assert "allowPrivilegeEscalation" not in c["securityContext"]  # false contradicts privileged
+    assert env_of(c)["TSM_NODE__NETWORK__FIREWALL_HOST_NAMESPACE"] == "true"
+    cfg = load_rendered_config(docs, tmp_path)
+    assert cfg.node.disk.workspace_bytes == 1 << 30  # bounded by default
+    host_paths = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert host_paths["host-dev"] == {"path": "/dev", "type": "Directory"} and mounts["host-dev"] == "/dev"
+    assert host_paths["workspace-images"] == {"path": cfg.node.disk.image_dir, "type": "DirectoryOrCreate"}
+    assert mounts["workspace-images"] == cfg.node.disk.image_dir
+
+
+def test_without_host_privileges_a_workspace_bound_refuses_to_render(helm: str) -> None:
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "--set", "mode=daemonset",
+                    "--set", "hostIsolation.enabled=false")
+    assert proc.returncode != 0
+    assert ("config.node.disk.workspace_bytes needs docker.hostSocket.enabled and hostIsolation.enabled"
+            in proc.stderr), proc.stderr
+    docs = template(helm, sets=["mode=daemonset", "hostIsolation.enabled=false", "config.node.disk.workspace_bytes=0"])
+    pod = workload(docs)["spec"]["template"]["spec"]
+    c = manager_container(docs)
+    assert "hostPID" not in pod and "privileged" not in c["securityContext"]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "TSM_NODE__NETWORK__FIREWALL_HOST_NAMESPACE" not in env_of(c)
+    assert {v["name"] for v in pod["volumes"]} >= {"docker-socket"} and not {"host-dev", "workspace-images"} & {
+        v["name"] for v in pod["volumes"]}
+
+
 def test_deployment_on_a_shared_engine_mounts_no_socket(rendered) -> None:
     docs = rendered("deployment")
     dep = one(docs, "Deployment", FULLNAME)

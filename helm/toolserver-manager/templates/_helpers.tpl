@@ -92,6 +92,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or (eq .Values.mode "daemonset") .Values.docker.hostSocket.enabled }}true{{ end }}
 {{- end }}
 
+{{/* The manager runs with the host privileges its isolation needs (loop devices, host firewall). */}}
+{{- define "toolserver-manager.hostIsolation" -}}
+{{- if and (include "toolserver-manager.hostSocket" .) .Values.hostIsolation.enabled }}true{{ end }}
+{{- end }}
+
 {{/* manager_id in the file: config.manager_id, or the full name (per pod: the node name with the host socket). */}}
 {{- define "toolserver-manager.managerId" -}}
 {{- default (include "toolserver-manager.fullname" .) .Values.config.manager_id }}
