@@ -71,9 +71,9 @@ class NetworkConfig(Base):
     # install the host firewall chains (TSM-INPUT, TSM-FORWARD) at start; without the privilege to,
     # the manager says so once and /ready reports it
     firewall: bool = True
-    # run the host's iptables in PID 1's namespaces (nsenter): for a manager in a container that
-    # shares the host's PID namespace (the chart's pods on the host's engine), so the rules land
-    # on the host, where the node bridges are
+    # run iptables in the namespaces of the engine (the dockerd process that has the node bridge,
+    # else PID 1) with nsenter: for a manager in a container that shares the host's PID namespace
+    # (the chart's pods on the host's engine), so the rules land where the node bridges are
     firewall_host_namespace: bool = False
 
 

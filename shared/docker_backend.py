@@ -226,8 +226,9 @@ class DockerBackend(NodeBackend):
         # always given, so a restart without allow_cidrs takes a former exception away
         allow = {self.bridge_name(owner): list(net.allow_cidrs)}
         try:
-            await asyncio.to_thread(firewall.install, BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"], allow,
-                                    firewall.Iptables(net.firewall_host_namespace))
+            ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge_name(owner))
+                   if net.firewall_host_namespace else firewall.HERE)
+            await asyncio.to_thread(firewall.install, BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"], allow, ipt)
             status["firewall"] = "installed"
         except firewall.NoPrivilege as exc:
             status["firewall"] = f"not installed: {exc}"

@@ -22,6 +22,7 @@ else is touched, and ``remove`` takes away exactly that. ``python -m shared.fire
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import subprocess
 import sys
@@ -70,18 +71,35 @@ def rules(open_prefix: str, none_prefix: str) -> dict[str, list[list[str]]]:
 
 
 class Iptables:
-    """Runs iptables here, or (host_ns) in PID 1's mount and network namespaces.
+    """Runs iptables here, or in the network and mount namespaces of another process.
 
-    host_ns is for a manager in a container that shares the host's PID namespace (the chart's
-    pods with the host's engine): the rules must land in the host's network namespace, where
-    the node bridges are, and the host's own iptables binary puts them there.
+    The other process is for a manager in a container that shares the host's PID namespace (the
+    chart's pods with the host's engine): the rules must land in the engine's network namespace,
+    where the node bridges are, and that namespace's own iptables binary puts them there.
     """
 
-    def __init__(self, host_ns: bool = False) -> None:
-        self.host_ns = host_ns
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+
+    @classmethod
+    def of_engine(cls, bridge: str) -> "Iptables":
+        """The namespaces of the dockerd process that has ``bridge`` (else PID 1's)."""
+        for entry in sorted(os.listdir("/proc"), key=lambda e: (len(e), e)):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() != "dockerd":
+                        continue
+            except OSError:
+                continue
+            found = cls(int(entry))
+            if found.has_interface(bridge):
+                return found
+        return cls(1)
 
     def argv(self) -> list[str]:
-        if not self.host_ns:
+        if self.pid is None:
             exe = shutil.which("iptables")
             if exe is None:
                 raise NoPrivilege("iptables is not installed")
@@ -89,7 +107,7 @@ class Iptables:
         exe = shutil.which("nsenter")
         if exe is None:
             raise NoPrivilege("nsenter is not installed (node.network.firewall_host_namespace)")
-        return [exe, "--target", "1", "--mount", "--net", "--", "iptables"]
+        return [exe, "--target", str(self.pid), "--mount", "--net", "--", "iptables"]
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         try:
@@ -106,10 +124,10 @@ class Iptables:
         return res
 
     def has_interface(self, name: str) -> bool:
-        """Whether the namespace the rules are in has this network interface."""
+        """Whether the network namespace the rules go to has this interface."""
         # /proc/<pid>/net/dev lists the interfaces of that process's network namespace
         try:
-            with open(f"/proc/{1 if self.host_ns else 'self'}/net/dev") as f:
+            with open(f"/proc/{self.pid or 'self'}/net/dev") as f:
                 return any(line.split(":", 1)[0].strip() == name for line in f.readlines()[2:])
         except OSError:
             return True  # cannot tell: keep the rule

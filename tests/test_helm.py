@@ -24,6 +24,7 @@ import yaml
 
 from shared import __version__
 from shared.config import Config, load_config
+from testing import podrun
 from testing.metrics import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +249,7 @@ def test_with_the_hosts_engine_the_manager_gets_what_isolation_needs(helm: str, 
     docs = template(helm, sets=[f"mode={mode}"])
     pod = workload(docs)["spec"]["template"]["spec"]
     c = manager_container(docs)
-    # the firewall runs the host's iptables in PID 1's namespaces; loop devices need root and /dev
+    # the firewall runs iptables in the engine's namespaces; loop devices need root and /dev
     assert pod["hostPID"] is True
     assert c["securityContext"]["privileged"] is True and c["securityContext"]["runAsUser"] == 0
     assert c["securityContext"]["runAsNonRoot"] is False
@@ -350,11 +351,12 @@ def test_daemonset_config_and_env_load_per_pod(rendered, tmp_path: Path) -> None
     docs = rendered("daemonset")
     path = tmp_path / "manager.yml"
     path.write_text(manager_yml(docs))
-    env = {"TSM_MANAGER_ID": "worker-7", "TSM_NODE__ADVERTISE_HOST": "10.0.0.7",
-           "TSM_NODE__PUBLISH_HOST": "10.0.0.7", "TSM_ADVERTISE_URL": "http://10.244.3.9:8080"}
+    env = podrun.environ(manager_container(docs), {"spec.nodeName": "worker-7", "status.hostIP": "10.0.0.7",
+                                                   "status.podIP": "10.244.3.9"})
     cfg = load_config(path, environ=env)
     assert cfg.manager_id == "worker-7"
     assert (cfg.node.advertise_host, cfg.node.publish_host) == ("10.0.0.7", "10.0.0.7")
+    assert cfg.node.network.publish  # replicas on other hosts reach the node at the host's address
     assert cfg.advertise_url == "http://10.244.3.9:8080"
     assert cfg.node.creation_kwargs["image"] == "registry.example.com/toolserver-node:0.3.0"
     assert cfg.node.idling_close_minutes == 15
