@@ -14,9 +14,9 @@ import logging
 import random
 import time
 
-from checker import reconcile
+from checker import intents, reconcile
 from checker.lease import Lease
-from nodeops import pool
+from nodeops import lost, pool
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
@@ -195,6 +195,7 @@ class Checker:
     async def cycle(self) -> reconcile.Plan:
         """One reconcile pass: records first, then one label-filtered list of the engine."""
         t0 = time.perf_counter()
+        await intents.carry_out(self)  # first: the pass below must see what clients asked meanwhile
         members = await self.store.manager_node_ids(self.mid)
         records = await self._records([m for m in members if not is_reservation(m)])
         idle = set(await self.store.idle_nodes(self.mid, time.time() - self.cfg.node.idling_close_minutes * 60))
@@ -314,6 +315,7 @@ class Checker:
             metrics.NODES.labels(self.mid, status).set(counts.get(status, 0))
         replicas = await self.store.live_replicas(self.mid)
         metrics.REPLICAS.labels(self.mid).set(len(replicas))
+        await _export_lost(self.ops)
 
     async def _refill_pool(self, records: list[NodeRecord], p: reconcile.Plan) -> None:
         removed = {r.id for r, _ in p.remove}
@@ -350,6 +352,18 @@ def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:
     for rec in p.adopt:
         counts[rec.status] = counts.get(rec.status, 0) + 1
     return counts
+
+
+async def _export_lost(ops: NodeOps) -> None:
+    """Lost manager_ids and their nodes, as every lease holder sees them (dashboards take the max)."""
+    gone = await lost.lost_managers(ops)
+    for mid in await ops.store.manager_ids():
+        if mid == ops.manager_id:
+            continue
+        is_lost = mid in gone
+        metrics.MANAGER_LOST.labels(mid).set(int(is_lost))
+        count = len([m for m in await ops.store.manager_node_ids(mid) if not is_reservation(m)]) if is_lost else 0
+        metrics.NODES_UNREACHABLE.labels(mid).set(count)
 
 
 def _clear_leader_gauges(mid: str) -> None:

@@ -16,7 +16,7 @@ from manager.responses import json_response
 from manager.routes import rt_of
 from manager.fanout import fan_out, replica_view
 from manager.runtime import Runtime
-from nodeops import lifecycle, sessions
+from nodeops import lifecycle, lost, sessions
 from nodeops.forward import owner_replicas, remote_get
 from shared.errors import BadRequest, Forbidden, ManagerError, NotFound, Unauthorized
 from shared.models import NodeStatus
@@ -70,8 +70,10 @@ async def list_nodes(request: Request) -> Response:
     now = time.time()
     rows = []
     last: dict[str, dict[str, float]] = {}
+    lost_ids = await lost.lost_managers(rt)
     async for rec in rt.store.scan_all_nodes():
-        if (mid and rec.manager_id != mid) or (status and rec.status != status):
+        shown = NodeStatus.UNREACHABLE if rec.manager_id in lost_ids else rec.status
+        if (mid and rec.manager_id != mid) or (status and shown != status):
             continue
         if rec.manager_id not in last:
             last[rec.manager_id] = await rt.store.last_requests(rec.manager_id)
@@ -79,7 +81,7 @@ async def list_nodes(request: Request) -> Response:
         idle = now - seen
         if idle < min_idle:
             continue
-        row = rec.public()
+        row = lost.as_seen(rec.public(), lost_ids)
         row["last_request_at"] = seen
         row["idle_seconds"] = round(idle, 1)
         rows.append(row)
@@ -96,10 +98,13 @@ async def inspect_node(request: Request) -> Response:
         raise NotFound(f"no node {node_id}")
     if rec.manager_id == rt.manager_id:
         return json_response(await lifecycle.node_detail(rt, node_id))
+    lost_ids = await lost.lost_managers(rt)
     reps = await owner_replicas(rt, rec.manager_id)
     if not reps:
-        return json_response({"record": rec.public(), "container": None,
-                                     "error": f"no live manager for {rec.manager_id}"})
+        error = (f"host of {rec.manager_id} is unreachable: no replica seen for "
+                 f"{lost_ids[rec.manager_id]:.0f} s" if rec.manager_id in lost_ids
+                 else f"no live manager for {rec.manager_id}")
+        return json_response({"record": lost.as_seen(rec.public(), lost_ids), "container": None, "error": error})
     return json_response(await remote_get(rt, reps[0], f"/internal/nodes/{node_id}"))
 
 

@@ -24,6 +24,7 @@ from manager.resolve import Resolver
 from manager.routing import build_routes
 from manager.runtime import Runtime
 from nodeops import images
+from nodeops.circuit import Circuits
 from shared import __version__
 from shared.config import Config
 from shared.engines import open_backend
@@ -56,6 +57,7 @@ def create_app(cfg: Config) -> ManagerApp:
         replica = ReplicaInfo(replica_id=cfg.replica_id, manager_id=cfg.manager_id, url=cfg.advertise_url,
                               version=__version__, started_at=time.time())
         rt = Runtime(cfg=cfg, store=store, backend=backend, http=http,
+                     circuits=Circuits(cfg.proxy.circuit_retry_seconds, cfg.proxy.circuit_probe_seconds),
                      cache=AddressCache(cfg.proxy.address_cache_seconds),
                      activity=ActivityRecorder(store, cfg.proxy.activity_flush_seconds), replica=replica)
         rt.isolation = isolation
@@ -85,6 +87,7 @@ def create_app(cfg: Config) -> ManagerApp:
             with contextlib.suppress(Exception):
                 await rt.activity.flush()
             app.state.proxy.close()
+            rt.circuits.close()
             await http.aclose()
             await backend.close()
             await store.close()

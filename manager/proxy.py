@@ -19,11 +19,11 @@ from starlette.types import Receive, Scope, Send
 from manager.client_auth import ClientKeys
 from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
-from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamTimeout
+from manager.upstream import ConnectFailed, HostLost, UpstreamError, UpstreamPool, UpstreamTimeout
 from manager.upstream import Response as UpstreamResponse
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
-from shared.errors import NodeNotResponding, NodeReadTimeout
+from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, UpstreamLost
 from shared.models import NODE_SECRET_HEADER
 
 HOP_BY_HOP = frozenset({
@@ -69,7 +69,9 @@ class Proxy:
         cfg = rt.cfg
         self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
         p = rt.cfg.proxy
-        self.pool = UpstreamPool(max_idle_per_host=p.max_connections)
+        self.pool = UpstreamPool(max_idle_per_host=p.max_connections, keepalive_seconds=p.keepalive_seconds)
+        # a host's circuit opening ends the requests in flight to it at once
+        rt.circuits.on_open.append(lambda host, why: self.pool.abort_host(host, why) and None)
         self._connect_timeout = p.connect_timeout_seconds
         self._timeouts = dict(p.path_timeouts)
         self._default_timeout = p.timeout_seconds
@@ -88,6 +90,8 @@ class Proxy:
         to = await self.resolver.target(rec, any(k == _VIA for k, _ in scope["headers"]))
         headers += [(k.encode(), v.encode()) for k, v in to.headers]
         host, port, via_owner = to.host, to.port, to.via_owner
+        circuits = rt.circuits
+        circuits.check(host)  # a host known to be down: fail now, not after a connect timeout
         qs = scope.get("query_string") or b""
         target = scope.get("raw_path") or path.encode()
         if qs:
@@ -100,7 +104,10 @@ class Proxy:
             try:
                 upstream = await self.pool.request(scope["method"], host, port, target, headers, body,
                                                    self._connect_timeout, timeout)
-            except ConnectFailed:
+            except ConnectFailed as exc:
+                if exc.host_unreachable:
+                    circuits.failure(host, port, rec.manager_id, str(exc))
+                    raise HostUnreachable(host, rec.manager_id, str(exc)) from None
                 if via_owner:
                     raise
                 # the node moved or stopped since we cached it: refresh, revive, retry once
@@ -112,6 +119,15 @@ class Proxy:
             rt.inflight -= 1
             self._count(path, 504)
             raise NodeReadTimeout(timeout) from None
+        except HostLost as exc:
+            rt.inflight -= 1
+            self._count(path, 502)
+            circuits.failure(host, port, rec.manager_id, str(exc))
+            raise UpstreamLost(f"{exc}; the request may or may not have been carried out") from None
+        except HostUnreachable:
+            rt.inflight -= 1
+            self._count(path, 503)
+            raise
         except UpstreamError:
             rt.inflight -= 1
             self._count(path, 503)
@@ -119,6 +135,8 @@ class Proxy:
         except BaseException:
             rt.inflight -= 1
             raise
+        if circuits.is_open(host):
+            circuits.success(host)  # the half-open probe went through
         if not via_owner:
             rt.activity.record(rec.id, rec.manager_id)
         hist = self._histograms.get(path)

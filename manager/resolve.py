@@ -63,6 +63,8 @@ class Resolver:
     async def revive(self, rec: NodeRecord) -> NodeRecord:
         """The node did not answer or is not running: make it run (its owner decides how) or say why not."""
         self.rt.cache.invalidate(rec.id)
+        if rec.manager_id != self.rt.manager_id and rec.host:
+            self.rt.circuits.check(rec.host)  # its host is known to be down: say so now
         try:
             fresh = await sessions.ensure_running(self.rt, rec.id)
         except NodeNotFound:

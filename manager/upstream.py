@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 import httptools
 
+from nodeops.circuit import host_unreachable_error
 from shared import metrics
 
 HIGH_WATER = 1 << 20  # pause reading the node when this much body waits for a slow client
@@ -33,9 +37,31 @@ class UpstreamError(Exception):
 class ConnectFailed(UpstreamError):
     """No connection could be opened: nothing was sent."""
 
+    def __init__(self, detail: str, host_unreachable: bool = False) -> None:
+        super().__init__(detail)
+        self.host_unreachable = host_unreachable  # timed out or no route: the host, not a port
+
+
+class HostLost(UpstreamError):
+    """The node's host stopped answering while a request was in flight (keep-alive probes went
+    unanswered, or its circuit opened)."""
+
 
 class UpstreamTimeout(UpstreamError):
     """The node did not answer within the read timeout."""
+
+
+def _keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
+    """TCP keep-alive on a node connection: a request in flight to a host that vanished (no reset,
+    no answer) ends after idle + 3 unanswered probes a second apart, not at the read timeout."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or idle <= 0:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 class _Stray(Exception):
@@ -73,6 +99,7 @@ class _Conn(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        _keepalive(transport, self.pool.keepalive_seconds)
         metrics.UPSTREAM_OPEN.inc()
         self.set_in_use(True)
 
@@ -99,6 +126,8 @@ class _Conn(asyncio.Protocol):
             if self.head_done.done() and self.error is None and not self._framed():
                 self.complete = True  # a close-delimited body ends with the connection
                 self._wake()
+            elif host_unreachable_error(exc):
+                self._fail(HostLost(f"host {self.key[0]} stopped answering: {exc!r}"))
             else:
                 self._fail(UpstreamError("node closed the connection"))
         self.can_write.set()
@@ -278,9 +307,23 @@ class Response:
 class UpstreamPool:
     """Idle keep-alive connections per (host, port)."""
 
-    def __init__(self, max_idle_per_host: int = 64) -> None:
+    def __init__(self, max_idle_per_host: int = 64, keepalive_seconds: float = 0) -> None:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self.max_idle_per_host = max_idle_per_host
+        self.keepalive_seconds = keepalive_seconds  # TCP keep-alive idle time; 0: the system's
+        self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
+
+    def abort_host(self, host: str, why: str) -> int:
+        """End every request in flight to a host now (its circuit opened); how many there were."""
+        n = 0
+        for conn in list(self._conns):
+            if conn.key[0] == host and not conn.closed:
+                if conn.in_use and not conn.complete:
+                    conn._fail(HostLost(f"host {host} became unreachable: {why}"))
+                    n += 1
+                conn.abort()
+        self._idle = {k: v for k, v in self._idle.items() if k[0] != host}
+        return n
 
     def _put(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.key, [])
@@ -307,7 +350,10 @@ class UpstreamPool:
             _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), key[0], key[1]),
                                              connect_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {exc!r}") from exc
+            why = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
+            raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {why}",
+                                host_unreachable_error(exc)) from exc
+        self._conns.add(conn)
         return conn, False
 
     async def request(self, method: str, host: str, port: int, target: bytes,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from nodeops.circuit import Circuits
 from shared.config import Config
 from shared.backend import NodeBackend
 from shared.models import NodeRecord, ReplicaInfo
@@ -34,6 +35,7 @@ class NodeOps:
     restarting: dict[str, asyncio.Future[NodeRecord]] = field(default_factory=dict)
     isolation: dict[str, str] = field(default_factory=dict)
     image: ImageState = field(default_factory=ImageState)
+    circuits: Circuits = field(default_factory=Circuits)  # by host address: fail fast while one is down
     derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known  # what backend.prepare set up, for /ready
 
     @property

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import random
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from nodeops.circuit import host_unreachable_error
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.errors import ManagerError, NoLiveManager
+from shared.errors import HostUnreachable, ManagerError, NoLiveManager
 from shared.models import ReplicaInfo
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,27 @@ async def forward(ops: NodeOps, manager_id: str, method: str, path: str, body: A
     if not replicas:
         raise NoLiveManager(manager_id)
     metrics.FORWARDED.labels("lifecycle").inc()
+    unreachable: HostUnreachable | None = None
     for rep in replicas:
+        host, port = _host_port(rep.url)
+        try:
+            ops.circuits.check(host)
+        except HostUnreachable as exc:  # its host is known to be down: do not wait for a connect
+            unreachable = exc
+            continue
         try:
             resp = await ops.http.request(
                 method, rep.url + path, json=body,
                 headers={TOKEN_HEADER: ops.cfg.internal_token, VIA_HEADER: ops.replica.replica_id},
-                timeout=httpx.Timeout(ops.cfg.cluster.forward_timeout_seconds, connect=2.0))
+                timeout=httpx.Timeout(ops.cfg.cluster.forward_timeout_seconds,
+                                      connect=min(2.0, ops.cfg.proxy.connect_timeout_seconds)))
         except httpx.TransportError as exc:
             log.warning("forward_failed manager_id=%s replica_id=%s error=%r", manager_id, rep.replica_id, exc)
+            if isinstance(exc, httpx.ConnectTimeout) or _unreachable(exc):
+                ops.circuits.failure(host, port, manager_id, f"replica {rep.replica_id}: {exc!r}")
+                unreachable = HostUnreachable(host, manager_id, f"connecting to replica {rep.replica_id} failed")
             continue  # that replica died after its last heartbeat: try another
+        ops.circuits.success(host)
         try:
             data = resp.json()
         except ValueError:
@@ -64,7 +78,24 @@ async def forward(ops: NodeOps, manager_id: str, method: str, path: str, body: A
             detail = data.get("detail") if isinstance(data, dict) else str(data)
             raise RemoteError(resp.status_code, str(detail))
         return data
-    raise NoLiveManager(manager_id)
+    raise unreachable or NoLiveManager(manager_id)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a transport error (or what caused it, a few layers down) says the host cannot be reached."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return False
+        if host_unreachable_error(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 async def remote_get(ops: NodeOps, rep: ReplicaInfo, path: str) -> Any:

@@ -9,12 +9,12 @@ from typing import Any
 
 import msgspec
 
-from nodeops import capacity, lifecycle, pool
+from nodeops import capacity, intents, lifecycle, pool
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward
 from nodeops.placement import choose_manager
-from shared.errors import NodeNotFound
-from shared.models import NodeRecord
+from shared.errors import NodeNotFound, NoLiveManager
+from shared.models import IntentOp, NodeRecord, NodeStatus
 
 
 async def create(ops: NodeOps, client: str = "", manager_id: str | None = None) -> NodeRecord:
@@ -38,11 +38,11 @@ async def create_local(ops: NodeOps, client: str = "") -> NodeRecord:
 
 
 async def _dispatch(ops: NodeOps, node_id: str | None, local: Callable[[NodeOps, str], Awaitable[Any]],
-                    remote_path: str) -> Any:
+                    remote_path: str, durable: IntentOp | None = None) -> Any:
     if not node_id:
         raise NodeNotFound(node_id)
     rec = await ops.store.get_node(node_id)
-    if rec is None:
+    if rec is None or rec.status == NodeStatus.RELEASED:
         raise NodeNotFound(node_id)
     if rec.manager_id == ops.manager_id:
         return await local(ops, node_id)
@@ -52,18 +52,34 @@ async def _dispatch(ops: NodeOps, node_id: str | None, local: Callable[[NodeOps,
         if exc.status_code == 404:  # the owner found no such node: same answer as a local miss
             raise NodeNotFound(node_id) from None
         raise
+    except NoLiveManager:
+        if durable is None:
+            raise
+        # no replica of the owner could be reached: the call is kept for it, and answered now
+        await intents.record(ops, rec, durable)
+        return None
 
 
 async def reconnect(ops: NodeOps, node_id: str | None) -> None:
-    await _dispatch(ops, node_id, lifecycle.restart_node, "restart")
+    await _dispatch(ops, node_id, _restart, "restart")
 
 
 async def close(ops: NodeOps, node_id: str | None) -> None:
-    await _dispatch(ops, node_id, lifecycle.stop_node, "stop")
+    await _dispatch(ops, node_id, lifecycle.stop_node, "stop", durable=IntentOp.STOP)
 
 
 async def release(ops: NodeOps, node_id: str | None) -> None:
-    await _dispatch(ops, node_id, lifecycle.release_node, "release")
+    await _dispatch(ops, node_id, lifecycle.release_node, "release", durable=IntentOp.RELEASE)
+
+
+async def _restart(ops: NodeOps, node_id: str) -> Any:
+    await intents.supersede_stop(ops, ops.manager_id, node_id)
+    return await lifecycle.restart_node(ops, node_id)
+
+
+async def _ensure(ops: NodeOps, node_id: str) -> Any:
+    await intents.supersede_stop(ops, ops.manager_id, node_id)
+    return await lifecycle.ensure_running(ops, node_id)
 
 
 async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
@@ -74,7 +90,7 @@ async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
     fut = asyncio.get_running_loop().create_future()
     ops.restarting[node_id] = fut
     try:
-        rec = await _dispatch(ops, node_id, lifecycle.ensure_running, "ensure")
+        rec = await _dispatch(ops, node_id, _ensure, "ensure")
         if isinstance(rec, dict):
             rec = msgspec.convert(rec, NodeRecord)
         fut.set_result(rec)
@@ -89,8 +105,8 @@ async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
 
 # the operations another replica may ask this one to run on a node it owns
 LOCAL_OPS: dict[str, Callable[[NodeOps, str], Awaitable[Any]]] = {
-    "restart": lifecycle.restart_node,
+    "restart": _restart,
     "stop": lifecycle.stop_node,
     "release": lifecycle.release_node,
-    "ensure": lifecycle.ensure_running,
+    "ensure": _ensure,
 }

@@ -141,6 +141,13 @@ class ProxyConfig(Base):
     activity_flush_seconds: float = 1.0
     max_header_bytes: int = 65536  # request line + headers, counted while they arrive
     header_timeout_seconds: float = 15.0  # a request head must arrive whole within this
+    # TCP keep-alive on node connections: a request in flight to a host that vanished ends with a 502
+    # about this many seconds (plus 3 one-second probes) after its last byte; 0: the system's (hours)
+    keepalive_seconds: float = 5.0
+    # a host that did not answer a connection: calls to it fail at once; one goes through (half-open)
+    # this often, and a probe connects every circuit_probe_seconds to close it as soon as it answers
+    circuit_retry_seconds: float = 5.0
+    circuit_probe_seconds: float = 0.5
     websocket_paths: list[str] = msgspec.field(default_factory=lambda: ["/ws/shell", "/ws/echo"])
     websocket_max_message_bytes: int = 16 * 1024 * 1024
 
@@ -166,6 +173,9 @@ class ClusterConfig(Base):
     # manager_id -> true when its nodes' addresses are not reachable from other replicas
     proxy_through_owner: dict[str, bool] = msgspec.field(default_factory=dict)
     forward_timeout_seconds: float = 60.0
+    # no replica of a manager_id live for this long: its host counts as lost and its nodes show as
+    # unreachable in every view and metric (as Kubernetes marks a lost node's pods Unknown)
+    lost_after_seconds: float = 30.0
     fanout_concurrency: int = 8
     fanout_timeout_seconds: float = 5.0
 

@@ -10,6 +10,7 @@
     │   └── NodeNotFound        unknown node on a session or admin route
     ├── QuotaExceeded (429)
     ├── NodeReadTimeout (504)   a proxied request got no answer in time: a tool error, not an outage
+    ├── UpstreamLost (502)      the connection to a node's host was lost mid-request
     └── Unavailable (503)
         ├── RedisUnavailable
         ├── EngineUnavailable
@@ -17,6 +18,7 @@
         ├── NodeNotRunning
         ├── NodeNotResponding
         ├── NoLiveManager       no live replica of the owning manager_id
+        │   └── HostUnreachable the host of a node (or of the owner's replicas) does not answer
         └── ImageMissing        the engine has no node image (not pulled or loaded yet)
 """
 
@@ -120,6 +122,22 @@ class NoLiveManager(Unavailable):
     def __init__(self, manager_id: str) -> None:
         super().__init__(f"no live manager for {manager_id}")
         self.manager_id = manager_id
+
+
+class HostUnreachable(NoLiveManager):
+    """The host does not answer connections: a circuit is open for it (see nodeops/circuit.py)."""
+
+    def __init__(self, host: str, manager_id: str, why: str = "") -> None:
+        super().__init__(manager_id)
+        self.detail = f"host {host} is unreachable (nodes of {manager_id}){': ' + why if why else ''}"
+        self.args = (self.detail,)
+        self.host = host
+
+
+class UpstreamLost(ManagerError):
+    """A request was in flight when its node's host stopped answering."""
+
+    status_code = 502
 
 
 class CapacityExhausted(Unavailable):

@@ -39,6 +39,15 @@ class Keys:
         """List: ready pooled node ids waiting to be claimed."""
         return f"{self.prefix}:mgr:{manager_id}:pool"
 
+    def intents(self, manager_id: str) -> str:
+        """Hash: node id -> a lifecycle call (stop, release) accepted while no replica of the owner
+        was reachable, for the owner's checker to carry out."""
+        return f"{self.prefix}:mgr:{manager_id}:intents"
+
+    def manager_seen(self) -> str:
+        """Sorted set: manager_id scored by the last heartbeat of any of its replicas."""
+        return f"{self.prefix}:manager_seen"
+
     def draining(self) -> str:
         """Set: manager_ids that take no new sessions."""
         return f"{self.prefix}:draining"

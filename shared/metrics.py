@@ -53,6 +53,22 @@ SESSION_OPS = Counter(P + "session_operations_total", "Session lifecycle calls, 
 FORWARDED = Counter(P + "forwarded_requests_total", "Calls forwarded to a replica of another manager_id.",
                     ["kind"])
 
+INTENTS = Counter(P + "intents_total", "Lifecycle calls recorded for an unreachable owner, and what became of "
+                  "them (recorded, done, superseded).", ["op", "result"])
+
+CIRCUIT_OPEN = Gauge(P + "circuit_open_hosts", "Hosts whose circuit is open in this process (calls fail fast).",
+                     multiprocess_mode="livesum")
+CIRCUIT_TRANSITIONS = Counter(P + "circuit_transitions_total", "Host circuits opened and closed.", ["to"])
+for _t in ("open", "closed"):
+    CIRCUIT_TRANSITIONS.labels(_t)
+CIRCUIT_REJECTED = Counter(P + "circuit_rejected_total", "Calls refused at once because their host's circuit "
+                           "was open.")
+MANAGER_LOST = Gauge(P + "manager_lost", "1 when no replica of the manager_id has been live for "
+                     "cluster.lost_after_seconds (its host counts as lost).", ["manager_id"],
+                     multiprocess_mode="livemax")
+NODES_UNREACHABLE = Gauge(P + "nodes_unreachable", "Node records of a lost manager_id (shown as unreachable).",
+                          ["manager_id"], multiprocess_mode="livemax")
+
 NODES = Gauge(P + "nodes", "Node records by status and manager_id (exported by the lease holder only).",
               ["manager_id", "status"], multiprocess_mode="livemax")
 LEADER = Gauge(P + "checker_leader", "1 while this process holds the checker lease of its manager_id.",

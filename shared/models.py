@@ -28,6 +28,7 @@ class NodeStatus(enum.StrEnum):
     RELEASED = "released"  # record only: release requested, the container is being removed
     CREATED = "created"  # created, never started
     REMOVING = "removing"
+    UNREACHABLE = "unreachable"  # views only: the owner's host is lost (no replica live for a grace period)
 
 
 class Role(enum.StrEnum):
@@ -84,6 +85,19 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         clean = {_s(k): _s(v) for k, v in data.items()}
         clean = {k: v for k, v in clean.items() if k in cls.__struct_fields__}
         return msgspec.convert(clean, cls, strict=False)
+
+
+class IntentOp(enum.StrEnum):
+    STOP = "stop"  # close_session
+    RELEASE = "release"  # release_session
+
+
+class Intent(msgspec.Struct, kw_only=True):
+    """A lifecycle call accepted for a node whose owner had no reachable replica (durable until done)."""
+
+    op: str
+    at: float
+    by: str = ""  # the replica that accepted it
 
 
 class ReplicaInfo(msgspec.Struct, kw_only=True):

@@ -23,7 +23,7 @@ from redis.backoff import ExponentialBackoff
 from shared.config import Config
 from shared.errors import QuotaExceeded, RedisUnavailable
 from shared.keys import Keys, is_reservation, reservation_member
-from shared.models import Event, LeaseInfo, NodeRecord, ReplicaInfo
+from shared.models import Event, Intent, LeaseInfo, NodeRecord, ReplicaInfo
 
 # KEYS[1] node hash; ARGV: field, value, field, value...
 # Only update a record that still exists: a late write must not resurrect a released node.
@@ -157,6 +157,30 @@ for i, key in ipairs(KEYS) do out[i] = redis.call('hget', key, 'updated_at') or 
 return table.concat(out, '\\n')
 """
 
+# KEYS[1] node hash, KEYS[2] the owner's intents hash; ARGV[1] node id, ARGV[2] op, ARGV[3] intent JSON,
+# ARGV[4] now. Records a stop or release the owner will carry out, and makes the record say so at
+# once: a release marks it released (every replica answers 403 for it from now on), a stop marks it
+# exited (the next call must restart it through the owner). Nothing for a missing or released record.
+RECORD_INTENT = """
+if redis.call('exists', KEYS[1]) == 0 then return 0 end
+if redis.call('hget', KEYS[1], 'status') == 'released' then return 0 end
+if ARGV[2] == 'release' then
+  redis.call('hset', KEYS[1], 'status', 'released', 'updated_at', ARGV[4])
+else
+  redis.call('hset', KEYS[1], 'status', 'exited', 'ready_at', '0', 'stopped_at', ARGV[4], 'updated_at', ARGV[4])
+end
+local cur = redis.call('hget', KEYS[2], ARGV[1])
+if not (cur and string.find(cur, '"op":"release"', 1, true)) then redis.call('hset', KEYS[2], ARGV[1], ARGV[3]) end
+return 1
+"""
+
+# KEYS[1] intents hash; ARGV[1] node id, ARGV[2] op. Drops the node's intent if it is that op.
+DROP_INTENT = """
+local cur = redis.call('hget', KEYS[1], ARGV[1])
+if cur and string.find(cur, '"op":"' .. ARGV[2] .. '"', 1, true) then return redis.call('hdel', KEYS[1], ARGV[1]) end
+return 0
+"""
+
 CLAIM_BATCH = 10  # pool ids read ahead per claim attempt
 Op = tuple[str, str, list[Any]]  # (command, key, args): one write of a fenced batch
 
@@ -208,6 +232,8 @@ class Store:
         self._lease_acquire = redis.register_script(LEASE_ACQUIRE)
         self._lease_renew = redis.register_script(LEASE_RENEW)
         self._lease_release = redis.register_script(LEASE_RELEASE)
+        self._record_intent = redis.register_script(RECORD_INTENT)
+        self._drop_intent = redis.register_script(DROP_INTENT)
 
     @classmethod
     def open(cls, cfg: Config) -> "Store":
@@ -557,7 +583,14 @@ class Store:
                 p.pexpire(k.replica(info.replica_id), int(ttl * 1000))
                 p.zadd(k.replicas(), {info.replica_id: info.heartbeat_at})
                 p.sadd(k.managers(), info.manager_id)
+                p.zadd(k.manager_seen(), {info.manager_id: info.heartbeat_at}, gt=True)
                 await p.execute()
+
+    async def managers_seen(self) -> dict[str, float]:
+        """manager_id -> when a replica of it last sent a heartbeat."""
+        with redis_errors():
+            rows = await self.redis.zrange(self.keys.manager_seen(), 0, -1, withscores=True)
+        return {_d(m): float(s) for m, s in rows}
 
     async def deregister(self, replica_id: str) -> None:
         with redis_errors():
@@ -588,6 +621,33 @@ class Store:
                     if manager_id is None or info.manager_id == manager_id:
                         out.append(info)
         return out
+
+    # --- intents: lifecycle calls waiting for their owner -----------------------------
+    async def record_intent(self, rec: NodeRecord, intent: Intent) -> bool:
+        """Record a stop or release for the node's owner to carry out; False when the record is gone."""
+        with redis_errors():
+            return bool(await self._record_intent(
+                keys=[self.keys.node(rec.id), self.keys.intents(rec.manager_id)],
+                args=[rec.id, intent.op, msgspec.json.encode(intent), f"{intent.at:.3f}"]))
+
+    async def intents(self, manager_id: str) -> dict[str, Intent]:
+        """node id -> the intent waiting for this manager_id (malformed entries are skipped)."""
+        with redis_errors():
+            raw = await self.redis.hgetall(self.keys.intents(manager_id))
+        out: dict[str, Intent] = {}
+        for node_id, blob in raw.items():
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                out[_d(node_id)] = msgspec.json.decode(blob, type=Intent)
+        return out
+
+    async def drop_intent(self, manager_id: str, node_id: str, op: str) -> bool:
+        """Forget the node's intent if it is op (a later call superseded it)."""
+        with redis_errors():
+            return bool(await self._drop_intent(keys=[self.keys.intents(manager_id)], args=[node_id, op]))
+
+    def intent_done_op(self, manager_id: str, node_id: str) -> Op:
+        """An HDEL for fenced(): the intent goes in the same write that records it carried out."""
+        return ("hdel", self.keys.intents(manager_id), [node_id])
 
     # --- draining -------------------------------------------------------------------
     async def set_draining(self, manager_id: str, draining: bool) -> None:

@@ -290,7 +290,7 @@ class Hosts:
             "proxy": {"connect_timeout_seconds": 2.0},
             "checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 3, "start_jitter_seconds": 0.2},
             "cluster": {"internal_token": self.internal_token, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
-                        "fanout_timeout_seconds": 2, "max_nodes_per_manager": 40},
+                        "fanout_timeout_seconds": 2, "max_nodes_per_manager": 40, "lost_after_seconds": 3},
             "admin": {"token": self.admin_token},
         }
         return deep_merge(cfg, json.loads(json.dumps(self.overrides)))

@@ -5,9 +5,12 @@ host can have, asserted as the client sees it and as the records and engines sho
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,6 +55,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if lb is not None:
             lb.stop()
         hosts.close()
+
+
+@pytest.fixture(scope="module")
+def fault_table() -> Iterator[list[dict[str, Any]]]:
+    """Rows of fault -> what the client saw -> time, printed at the end of the module."""
+    rows: list[dict[str, Any]] = []
+    yield rows
+    sys.stderr.write("\n| fault | call | client saw | seconds |\n| --- | --- | --- | --- |\n")
+    for r in rows:
+        sys.stderr.write(f"| {r['fault']} | {r['call']} | {r['client saw']} | {r['seconds']:.3f} |\n")
 
 
 def _on(c: Cluster, host_index: int) -> tuple[httpx.Client, str]:
@@ -101,3 +114,206 @@ def test_lifecycle_through_the_balancer(cluster: Cluster) -> None:
     assert owners == {h.name for h in cluster.hosts.hosts}, owners
     for h in cluster.hosts.hosts:
         assert h.docker("ps", "-aq", "--filter", "label=toolserver-manager.manager_id").stdout.split() == []
+
+
+def _containers(h: Any) -> dict[str, str]:
+    """id -> state of the project's containers on a host's engine."""
+    out = h.docker("ps", "-a", "--no-trunc", "--filter", "label=toolserver-manager.manager_id",
+                   "--format", "{{.ID}} {{.State}}").stdout.split("\n")
+    return dict(line.split(" ", 1) for line in out if line.strip())
+
+
+def _consistent(c: Cluster) -> None:
+    """Every record has its container in the state it says, and every container its record."""
+    for h in c.hosts.hosts:
+        rows = c.admin(f"/admin/nodes?manager_id={h.name}&limit=1000").json()["nodes"]
+        recs = {r["id"]: r["status"] for r in rows}
+        assert recs == _containers(h), f"{h.name}: records {recs} vs containers {_containers(h)}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_calls_while_a_manager_is_down_are_carried_out_when_it_returns(cluster: Cluster, sig: int,
+                                                                       fault_table: list[dict[str, Any]]) -> None:
+    h2 = cluster.h2
+    assert h2.manager is not None
+    released, rid = _on(cluster, 1)
+    closed, cid = _on(cluster, 1)
+    kept, kid = _on(cluster, 1)
+    h2.manager.signal(sig)
+    h2.manager.proc.wait(20)
+    t0 = time.monotonic()
+    r = released.post("/release_session")
+    t_release = time.monotonic() - t0
+    assert r.status_code == 200 and r.json() == f"Release session: {rid}", r.text
+    t0 = time.monotonic()
+    r = closed.post("/close_session")
+    t_close = time.monotonic() - t0
+    assert r.status_code == 200 and r.json() == f"Close session: {cid}", r.text
+    # the session is gone for the client at once, and the closed one does not run on by itself
+    r = released.post("/get_available_tools")
+    assert r.status_code == 403 and r.json()["detail"] == f"invalid node_id: {rid}"
+    assert released.post("/release_session").json() == f"invalid node_id: {rid}"
+    r = closed.post("/get_available_tools")
+    assert r.status_code == 503, r.text
+    # a running node of the host keeps serving: its engine and network are fine
+    t0 = time.monotonic()
+    assert kept.post("/get_available_tools").status_code == 200
+    t_kept = time.monotonic() - t0
+    assert _containers(h2)[rid] == "running"  # nothing happened yet: the owner is away
+    h2.manager.start()
+    wait_for(lambda: rid not in _containers(h2) and _containers(h2).get(cid) == "exited", timeout=20,
+             what="the owner carrying out the release and the close")
+    r = closed.post("/get_available_tools")  # a closed session comes back on its next call
+    assert r.status_code == 200, r.text
+    _consistent(cluster)
+    name = signal.Signals(sig).name
+    fault_table += [
+        {"fault": f"manager {name}", "call": "release_session", "client saw": "200 Release session (recorded)",
+         "seconds": t_release},
+        {"fault": f"manager {name}", "call": "close_session", "client saw": "200 Close session (recorded)",
+         "seconds": t_close},
+        {"fault": f"manager {name}", "call": "tool call, running node", "client saw": "200", "seconds": t_kept},
+    ]
+    for cl in (released, closed, kept):
+        cl.post("/release_session")
+
+
+def _direct(c: Cluster, node_id: str, host_index: int = 0) -> httpx.Client:
+    """A client of one host's replica (timings of the manager itself, not of the balancer's health checks)."""
+    m = c.hosts.hosts[host_index].manager
+    assert m is not None
+    cl = httpx.Client(base_url=m.url, timeout=60)
+    cl.cookies.set("node_id", node_id)
+    return cl
+
+
+def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[httpx.Response, float]:
+    t0 = time.monotonic()
+    r = fn(*args, **kw)
+    return r, time.monotonic() - t0
+
+
+def _metric(c: Cluster, name: str, manager_id: str) -> float | None:
+    m = c.hosts.hosts[0].manager
+    assert m is not None
+    for line in httpx.get(m.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + "{") and f'manager_id="{manager_id}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _unreachable_calls(c: Cluster, fault: str, victim: str, node_id: str,
+                       rows: list[dict[str, Any]]) -> None:
+    """The first tool call to a node of the lost host pays one connect timeout; every later one fails in
+    milliseconds; each answer is a 503 naming the host's address, not a manager."""
+    host = c.hosts.host(victim)
+    cl = _direct(c, node_id)
+    r, first = _timed(cl.post, "/get_available_tools")
+    assert r.status_code == 503, r.text
+    assert r.json()["detail"].startswith(f"host {host.addr} is unreachable"), r.text
+    later = []
+    for _ in range(5):
+        r, t = _timed(cl.post, "/get_available_tools")
+        assert r.status_code == 503 and host.addr in r.json()["detail"], r.text
+        later.append(t)
+    assert max(later) < 0.1, later  # a generous bound: each is a dict lookup in the replica
+    rows += [{"fault": fault, "call": "first tool call", "client saw": "503 host unreachable", "seconds": first},
+             {"fault": fault, "call": "later tool calls (max of 5)", "client saw": "503 host unreachable",
+              "seconds": max(later)}]
+
+
+def _in_flight(c: Cluster, node_id: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A long tool call on its way when the fault strikes; its outcome and duration land in the dict."""
+    out: dict[str, Any] = {}
+    cl = _direct(c, node_id)
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out["response"] = cl.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                                             "arguments": {"command": "sleep 40"}}, timeout=60)
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+        out["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)  # on its way to the node
+    out["t0"] = time.monotonic()
+    return t, out
+
+
+def test_a_host_whose_link_is_cut(cluster: Cluster, fault_table: list[dict[str, Any]]) -> None:
+    h2 = cluster.h2
+    _, run_id = _on(cluster, 1)
+    _, rel_id = _on(cluster, 1)
+    _, cls_id = _on(cluster, 1)
+    _, slow_id = _on(cluster, 1)
+    thread, slow = _in_flight(cluster, slow_id)
+    h2.link(False)
+    fault = "link cut"
+    t0 = time.monotonic()
+    # the request in flight ends with a clear error when the host is known gone, never hangs
+    thread.join(20)
+    assert not thread.is_alive(), "the request in flight to the cut host still hangs"
+    r = slow["response"]
+    assert r.status_code == 502 and h2.addr in r.json()["detail"], r.text
+    fault_table.append({"fault": fault, "call": "tool call in flight", "client saw": f"{r.status_code} "
+                        f"{r.json()['detail'][:40]}...", "seconds": time.monotonic() - slow["t0"]})
+    _unreachable_calls(cluster, fault, h2.name, run_id, fault_table)
+    # lifecycle calls are kept for the host and answered at once
+    r, t = _timed(_direct(cluster, rel_id).post, "/release_session")
+    assert r.status_code == 200 and r.json() == f"Release session: {rel_id}", r.text
+    fault_table.append({"fault": fault, "call": "release_session", "client saw": "200 (recorded)", "seconds": t})
+    r, t = _timed(_direct(cluster, cls_id).post, "/close_session")
+    assert r.status_code == 200 and r.json() == f"Close session: {cls_id}", r.text
+    fault_table.append({"fault": fault, "call": "close_session", "client saw": "200 (recorded)", "seconds": t})
+    assert _direct(cluster, rel_id).post("/").status_code == 403
+    # past the grace period the host is lost in every view and metric
+    lost_after = cluster.hosts.manager_config(h2)["cluster"]["lost_after_seconds"]
+    wait_for(lambda: {n["status"] for n in cluster.admin(f"/admin/nodes?manager_id={h2.name}").json()["nodes"]}
+             == {"unreachable"}, timeout=lost_after + 10, what="the cut host's nodes shown unreachable")
+    wait_for(lambda: _metric(cluster, "toolserver_manager_lost", h2.name) == 1, timeout=10,
+             what="toolserver_manager_lost of the cut host")
+    down_for = time.monotonic() - t0
+    h2.link(True)
+    t1 = time.monotonic()
+    # the first call after the host is back goes through (the circuit's probe saw it answer)
+    wait_for(lambda: _direct(cluster, run_id).post("/get_available_tools").status_code == 200, timeout=10,
+             interval=0.05, what="a call to the host once its link is back")
+    fault_table.append({"fault": fault, "call": "first call after the link is back", "client saw": "200",
+                        "seconds": time.monotonic() - t1})
+    wait_for(lambda: rel_id not in _containers(h2) and _containers(h2).get(cls_id) == "exited", timeout=20,
+             what="the host carrying out the release and close sent while it was cut off")
+    wait_for(lambda: _metric(cluster, "toolserver_manager_lost", h2.name) == 0, timeout=10,
+             what="the host no longer lost")
+    _consistent(cluster)
+    assert down_for < 60
+    for nid in (run_id, cls_id, slow_id):
+        _direct(cluster, nid).post("/release_session")
+
+
+def test_a_host_that_crashes(cluster: Cluster, fault_table: list[dict[str, Any]]) -> None:
+    h2 = cluster.h2
+    _, a_id = _on(cluster, 1)
+    cl_b, b_id = _on(cluster, 1)
+    assert cl_b.post("/upload_file", files={"file": ("keep.txt", b"kept")}).status_code == 200
+    cluster.hosts.crash(h2)
+    fault = "host crash"
+    _unreachable_calls(cluster, fault, h2.name, b_id, fault_table)
+    r, t = _timed(_direct(cluster, a_id).post, "/release_session")
+    assert r.status_code == 200 and r.json() == f"Release session: {a_id}", r.text
+    fault_table.append({"fault": fault, "call": "release_session", "client saw": "200 (recorded)", "seconds": t})
+    lost_after = cluster.hosts.manager_config(h2)["cluster"]["lost_after_seconds"]
+    wait_for(lambda: cluster.admin(f"/admin/nodes/{b_id}").json()["record"]["status"] == "unreachable",
+             timeout=lost_after + 10, what="the crashed host's node shown unreachable")
+    assert "unreachable" in cluster.admin(f"/admin/nodes/{b_id}").json()["error"]
+    cluster.hosts.recover(h2)
+    # the release sent meanwhile is carried out, the killed node is seen exited, and comes back on its next call
+    wait_for(lambda: a_id not in _containers(h2), timeout=20, what="the release carried out after the crash")
+    r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
+        _direct(cluster, b_id).post("/download_file", json={"file_path": "keep.txt"})), timeout=30,
+        what="the crashed host's node back on its next call")
+    assert r.content == b"kept"
+    _consistent(cluster)
+    _direct(cluster, b_id).post("/release_session")
