@@ -42,3 +42,25 @@ async def test_claim_skips_stale_ids_and_never_hands_a_node_out_twice(store: Sto
     rec = await store.get_node("p3")
     assert rec is not None and rec.role == "claiming" and rec.client == "c1"
     assert int(await store.redis.hget(k.client_count(), "c1")) == 25
+
+
+async def test_intents_mark_the_record_at_once_and_a_release_is_never_undone(store: Store) -> None:
+    from shared.models import Intent
+
+    for nid in ("a", "b"):
+        await store.put_node(NodeRecord(id=nid, manager_id="mi", status="running"))
+    assert await store.record_intent(NodeRecord(id="a", manager_id="mi"), Intent(op="stop", at=1.0, by="r"))
+    assert (await store.get_node("a")).status == "exited"
+    assert await store.record_intent(NodeRecord(id="a", manager_id="mi"), Intent(op="release", at=2.0, by="r"))
+    assert (await store.get_node("a")).status == "released"
+    # a later close of a released node changes nothing: the release stands
+    assert not await store.record_intent(NodeRecord(id="a", manager_id="mi"), Intent(op="stop", at=3.0, by="r"))
+    assert (await store.intents("mi"))["a"].op == "release"
+    # a call that wants the node running drops a pending stop, never a release
+    assert await store.record_intent(NodeRecord(id="b", manager_id="mi"), Intent(op="stop", at=1.0, by="r"))
+    assert not await store.drop_intent("mi", "a", "stop")
+    assert await store.drop_intent("mi", "b", "stop")
+    assert set(await store.intents("mi")) == {"a"}
+    # no record, no intent
+    assert not await store.record_intent(NodeRecord(id="zz", manager_id="mi"), Intent(op="release", at=1.0))
+    assert set(await store.intents("mi")) == {"a"}
