@@ -6,9 +6,10 @@ import hmac
 import time
 from typing import Any
 
+import httpx
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from manager import internal
@@ -18,7 +19,8 @@ from manager.fanout import fan_out, replica_view
 from manager.runtime import Runtime
 from nodeops import lifecycle, lost, sessions
 from nodeops.forward import owner_replicas, remote_get
-from shared.errors import BadRequest, Forbidden, ManagerError, NotFound, Unauthorized
+from shared.errors import (BadRequest, EngineError, Forbidden, ManagerError, NodeNotRunning, NotFound,
+                           Unauthorized)
 from shared.models import NodeStatus
 
 
@@ -137,6 +139,54 @@ async def release_one(request: Request) -> Response:
     return json_response({"results": {node_id: "released"}})
 
 
+# what an operator may do to one session from the admin API (and the console)
+NODE_ACTIONS = {"stop": sessions.close, "restart": sessions.reconnect, "release": sessions.release}
+
+
+async def node_action(request: Request) -> Response:
+    rt = _admin(request)
+    node_id, action = request.path_params["node_id"], request.path_params["action"]
+    fn = NODE_ACTIONS.get(action)
+    if fn is None:
+        raise NotFound(f"unknown action {action!r}; one of {', '.join(NODE_ACTIONS)}")
+    await fn(rt, node_id)
+    return json_response({"results": {node_id: action}})
+
+
+async def node_logs(request: Request) -> Response:
+    """The node's output as plain text; with follow=1 the response streams until the node stops."""
+    rt = _admin(request)
+    tail, follow = internal.logs_params(request)
+    chunks = await sessions.logs(rt, request.path_params["node_id"], tail, follow)
+    # no-transform and no buffering: a proxy in between must pass lines as they come
+    return StreamingResponse(chunks, media_type="text/plain; charset=utf-8",
+                             headers={"cache-control": "no-store, no-transform", "x-accel-buffering": "no"})
+
+
+WORKSPACE_TOOL = "FileSystemEnv_print_filesys_struture"  # XAgent's name, typo included
+
+
+async def node_files(request: Request) -> Response:
+    """The workspace tree of a running node, as its file-system tool prints it."""
+    rt = _admin(request)
+    node_id = request.path_params["node_id"]
+    resolver = request.app.state.resolver
+    rec = await resolver.record(node_id)
+    if rec.status != NodeStatus.RUNNING:
+        raise NodeNotRunning(node_id)
+    to = await resolver.target(rec, False)
+    try:
+        resp = await rt.http.post(f"{to.scheme}://{to.host}:{to.port}/execute_tool", headers=dict(to.headers),
+                                  json={"tool_name": WORKSPACE_TOOL, "arguments": {"return_root": False}},
+                                  timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise EngineError(f"node {node_id[:12]} did not answer its workspace listing: {type(exc).__name__}") from exc
+    if resp.status_code != 200:
+        raise EngineError(f"node {node_id[:12]} answered {resp.status_code} to its workspace listing")
+    tree = resp.json()
+    return json_response({"node_id": node_id, "tree": tree if isinstance(tree, str) else str(tree)})
+
+
 async def list_replicas(request: Request) -> Response:
     rt = _admin(request)
     reps = await rt.store.live_replicas()
@@ -184,6 +234,9 @@ def admin_routes() -> list[BaseRoute]:
         Route("/admin/nodes/release", release_nodes, methods=["POST"]),
         Route("/admin/nodes/{node_id}", inspect_node, methods=["GET"]),
         Route("/admin/nodes/{node_id}", release_one, methods=["DELETE"]),
+        Route("/admin/nodes/{node_id}/logs", node_logs, methods=["GET"]),
+        Route("/admin/nodes/{node_id}/files", node_files, methods=["GET"]),
+        Route("/admin/nodes/{node_id}/{action}", node_action, methods=["POST"]),
         Route("/admin/replicas", list_replicas, methods=["GET"]),
         Route("/admin/leases", list_leases, methods=["GET"]),
         Route("/admin/managers/{manager_id}/drain", drain, methods=["POST", "DELETE"]),

@@ -15,7 +15,7 @@ from http.cookies import SimpleCookie
 from starlette.types import Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/alive", "/ready", "/metrics"})
-OWN_TOKEN_PREFIXES = ("/internal/", "/admin/", "/admin")
+OWN_TOKEN_PREFIXES = ("/internal/", "/admin/", "/admin", "/ui")  # /ui: the console's own login
 _DENIED = json.dumps({"detail": "missing or invalid API key"}).encode()
 
 

@@ -69,7 +69,6 @@ async def _authenticate(rt: Runtime, ws: WebSocket, token: str | None) -> tuple[
 
 async def events_socket(ws: WebSocket) -> None:
     rt: Runtime = ws.app.state.rt
-    hub = ws.app.state.hub
     token, subprotocol = _offered_token(ws)
     await ws.accept(subprotocol=subprotocol)
     enc = msgspec.json.encode
@@ -80,12 +79,22 @@ async def events_socket(ws: WebSocket) -> None:
                                 "data": None}).decode())
         await ws.close(code=1000)
         return
+    await stream_events(ws, node_id, mid, data, watch=node_id is not None)
+
+
+async def stream_events(ws: WebSocket, node_id: str | None, mid: str | None, data: Any, *, watch: bool) -> None:
+    """Serve an accepted, authenticated socket: the handshake message, what it missed after
+    ?last_event_id=, then live events of node_id (or all, or of manager_id mid) until it goes.
+    watch marks the node watched (a client session's own socket) while it is open."""
+    rt: Runtime = ws.app.state.rt
+    hub = ws.app.state.hub
+    enc = msgspec.json.encode
     sub = hub.subscribe(node_id, mid)
     gauge = metrics.WEBSOCKETS.labels("events")
     gauge.inc()
     watched = False
     try:
-        if node_id:
+        if watch and node_id:
             await rt.store.watch_started(node_id)
             watched = True
         await ws.send_text(enc({"status": "connect", "success": True, "message": "connect success",

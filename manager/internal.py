@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from manager.responses import json_response
 from manager.routes import rt_of
@@ -62,6 +62,28 @@ async def internal_node_op(request: Request) -> Response:
 async def internal_node_detail(request: Request) -> Response:
     rt = _internal(request)
     return json_response(await lifecycle.node_detail(rt, request.path_params["node_id"]))
+
+
+def logs_params(request: Request) -> tuple[int, bool]:
+    """(tail, follow) of a log read: tail=0..10000 lines (200), follow=1 to keep streaming."""
+    raw_tail, follow = request.query_params.get("tail", "200"), request.query_params.get("follow", "0")
+    if not raw_tail.isdigit() or int(raw_tail) > 10000:
+        raise BadRequest(f"query parameter tail must be an integer from 0 to 10000, got {raw_tail[:20]!r}")
+    if follow not in ("0", "1", "true", "false"):
+        raise BadRequest(f"query parameter follow must be 0 or 1, got {follow[:20]!r}")
+    return int(raw_tail), follow in ("1", "true")
+
+
+async def internal_node_logs(request: Request) -> Response:
+    rt = _internal(request)
+    tail, follow = logs_params(request)
+    node_id = request.path_params["node_id"]
+    rec = await rt.store.get_node(node_id)
+    if rec is None:
+        raise NodeNotFound(node_id)
+    if rec.manager_id != rt.manager_id:
+        raise BadRequest(f"node {node_id} belongs to {rec.manager_id}, not {rt.manager_id}")
+    return StreamingResponse(await sessions.logs(rt, node_id, tail, follow), media_type="text/plain; charset=utf-8")
 
 
 async def internal_engine(request: Request) -> Response:

@@ -24,7 +24,8 @@ def _json(schema: dict[str, Any], desc: str) -> dict[str, Any]:
 
 def _err(*codes: int) -> dict[str, Any]:
     text = {400: "bad request", 401: "missing token", 403: "invalid token or node_id", 404: "not found",
-            413: "body too large", 429: "quota exceeded", 431: "headers too large", 503: "unavailable"}
+            413: "body too large", 429: "quota exceeded", 431: "headers too large", 502: "the node answered badly",
+            503: "unavailable"}
     return {str(c): _json(_DETAIL, text[c]) for c in codes}
 
 
@@ -92,6 +93,22 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             "delete": _op("Release one node", {"200": _json({"type": "object"}, "released"),
                                                **_err(401, 403, 404, 503)},
                           parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/nodes/{node_id}/logs": {"get": _op(
+            "A node's output (stdout and stderr): the last tail lines, then with follow=1 live until it stops",
+            {"200": {"description": "text/plain, streamed", "content": {"text/plain": {"schema": _STR}}},
+             **_err(400, 401, 403, 404, 503)},
+            parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR},
+                        {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10000}},
+                        {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}])},
+        "/admin/nodes/{node_id}/files": {"get": _op(
+            "The workspace tree of a running node, as its file-system tool prints it",
+            {"200": _json({"type": "object"}, "tree"), **_err(401, 403, 404, 502, 503)},
+            parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/nodes/{node_id}/{action}": {"post": _op(
+            "Act on one session: stop, restart or release",
+            {"200": _json({"type": "object"}, "done"), **_err(401, 403, 404, 503)},
+            parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR},
+                        {"name": "action", "in": "path", "required": True, "schema": _STR}])},
         "/admin/replicas": {"get": _op("Live replicas", {"200": _json({"type": "object"}, "replicas"),
                                                          **_err(401, 403, 404)})},
         "/admin/leases": {"get": _op("Checker lease holder, token and since when, per manager_id",
@@ -110,6 +127,18 @@ def build_spec(cfg: Config) -> dict[str, Any]:
         for op in ops.values():
             op["security"] = ADMIN_SECURITY
     paths.update(admin)
+    console = {"tags": ["console"]}
+    paths["/ui/"] = {"get": _op("The operator console (a page; 404 when no admin token is configured)",
+                                {"200": {"description": "text/html"}, **_err(404)}, **console)}
+    paths["/ui/login"] = {"post": _op(
+        "Log in to the console: sets an HttpOnly SameSite=Strict cookie; the Origin must be this host",
+        {"200": _json({"type": "object"}, "logged in"), **_err(400, 403, 404)},
+        requestBody={"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["token"], "properties": {"token": _STR}}}}}, **console)}
+    paths["/ui/logout"] = {"post": _op("Log out of the console", {"200": _json({"type": "object"}, "ok"),
+                                                                   **_err(403, 404)}, **console)}
+    paths["/ui/whoami"] = {"get": _op("The console login and the replica serving it",
+                                      {"200": _json({"type": "object"}, "login"), **_err(401, 403, 404)}, **console)}
     internal = {"parameters": [INTERNAL], "tags": ["internal"]}
     paths["/internal/nodes"] = {"post": _op("Create a node on this replica's engine (replica to replica)",
                                             {"200": _json({"type": "object"}, "record"), **_err(403, 429, 503)},

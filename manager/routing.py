@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from manager import admin, events_ws, internal, routes, ws_proxy
+from manager import admin, console, events_ws, internal, routes, ws_proxy
 from manager.openapi import openapi_endpoint
 from shared.config import Config
 
@@ -22,8 +22,10 @@ def build_routes(cfg: Config) -> list[BaseRoute]:
         Route("/internal/nodes", internal.internal_create, methods=["POST"]),
         Route("/internal/nodes/{node_id}/{op}", internal.internal_node_op, methods=["POST"]),
         Route("/internal/nodes/{node_id}", internal.internal_node_detail, methods=["GET"]),
+        Route("/internal/nodes/{node_id}/logs", internal.internal_node_logs, methods=["GET"]),
         Route("/internal/engine", internal.internal_engine, methods=["GET"]),
         WebSocketRoute("/ws/events", events_ws.events_socket),
         *admin.admin_routes(),
+        *console.console_routes(),
         *[WebSocketRoute(path, ws_proxy.proxy_socket) for path in cfg.proxy.websocket_paths],
     ]

@@ -16,6 +16,7 @@ from manager.resolve import Resolver, node_cookie
 from nodeops.forward import VIA_HEADER
 from shared import metrics
 from shared.errors import ManagerError, NoLiveManager
+from shared.models import NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -23,27 +24,36 @@ PASS_HEADERS = ("cookie", "authorization", "user-agent", "origin")
 
 
 async def proxy_socket(ws: WebSocket) -> None:
-    rt = ws.app.state.rt
+    """A client's socket to its cookie's node, at the same path."""
     resolver: Resolver = ws.app.state.resolver
     try:
         rec = await resolver.live(node_cookie(ws.cookies))
     except ManagerError as exc:
         await ws.close(code=1008, reason=exc.detail[:120])
         return
-    try:
-        to = await resolver.target(rec, VIA_HEADER in ws.headers)
-    except NoLiveManager as exc:
-        await ws.close(code=1013, reason=exc.detail[:120])
-        return
     headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
     keys = ws.app.state.proxy.client_keys
     if keys:  # the client's API key stays here
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in keys.strip(
             [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])]
-    headers += to.headers
-    scheme = "wss" if to.scheme == "https" else "ws"
-    url = f"{scheme}://{to.host}:{to.port}{ws.url.path}" + (f"?{ws.url.query}" if ws.url.query else "")
     subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    path = ws.url.path + (f"?{ws.url.query}" if ws.url.query else "")
+    await proxy_to_node(ws, rec, path, headers, subprotocols)
+
+
+async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list[tuple[str, str]],
+                        subprotocols: list[str]) -> None:
+    """Connect to path on rec's node (or through its owner) with headers, then pump both ways."""
+    rt = ws.app.state.rt
+    resolver: Resolver = ws.app.state.resolver
+    try:
+        to = await resolver.target(rec, VIA_HEADER in ws.headers)
+    except NoLiveManager as exc:
+        await ws.close(code=1013, reason=exc.detail[:120])
+        return
+    headers = [*headers, *to.headers]
+    scheme = "wss" if to.scheme == "https" else "ws"
+    url = f"{scheme}://{to.host}:{to.port}{path}"
     limit = rt.cfg.proxy.websocket_max_message_bytes
     try:
         upstream = await connect(url, additional_headers=headers, subprotocols=subprotocols or None,

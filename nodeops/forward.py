@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -105,3 +106,26 @@ async def remote_get(ops: NodeOps, rep: ReplicaInfo, path: str) -> Any:
     if resp.status_code >= 400:
         raise RemoteError(resp.status_code, resp.text[:200])
     return resp.json()
+
+
+async def remote_stream(ops: NodeOps, rep: ReplicaInfo, path: str) -> AsyncIterator[bytes]:
+    """A streamed read from another replica's internal routes, opened (its errors raised here)."""
+    req = ops.http.build_request("GET", rep.url + path, headers={TOKEN_HEADER: ops.cfg.internal_token},
+                                 timeout=httpx.Timeout(None, connect=2.0))
+    try:
+        resp = await ops.http.send(req, stream=True)
+    except httpx.TransportError as exc:
+        raise NoLiveManager(rep.manager_id) from exc
+    if resp.status_code >= 400:
+        body = await resp.aread()
+        await resp.aclose()
+        raise RemoteError(resp.status_code, body.decode("utf-8", "replace")[:200])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        finally:
+            await resp.aclose()
+
+    return chunks()

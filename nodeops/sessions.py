@@ -4,16 +4,16 @@ manager_id, forwarded to a live replica of the owner otherwise."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 
 from nodeops import capacity, intents, lifecycle, pool
 from nodeops.context import NodeOps
-from nodeops.forward import RemoteError, forward
+from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.placement import choose_manager
-from shared.errors import NodeNotFound, NoLiveManager
+from shared.errors import ContainerGone, NodeNotFound, NoLiveManager
 from shared.models import IntentOp, NodeRecord, NodeStatus
 
 
@@ -110,3 +110,24 @@ LOCAL_OPS: dict[str, Callable[[NodeOps, str], Awaitable[Any]]] = {
     "release": lifecycle.release_node,
     "ensure": _ensure,
 }
+
+
+async def logs(ops: NodeOps, node_id: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
+    """A node's log from its owner's engine, opened: the last tail lines, then (follow) live."""
+    rec = await ops.store.get_node(node_id)
+    if rec is None:
+        raise NodeNotFound(node_id)
+    if rec.manager_id == ops.manager_id:
+        try:
+            return await ops.backend.logs(node_id, tail, follow)
+        except ContainerGone:
+            raise NodeNotFound(node_id) from None
+    replicas = await owner_replicas(ops, rec.manager_id)
+    if not replicas or not ops.cfg.internal_token:
+        raise NoLiveManager(rec.manager_id)
+    try:
+        return await remote_stream(ops, replicas[0], f"/internal/nodes/{node_id}/logs?tail={tail}&follow={int(follow)}")
+    except RemoteError as exc:
+        if exc.status_code == 404:
+            raise NodeNotFound(node_id) from None
+        raise

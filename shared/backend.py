@@ -10,7 +10,7 @@ Proxy (a few abstract coroutines) and dockerspawner's create_object/remove_objec
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, NamedTuple
 
 import msgspec
@@ -101,6 +101,12 @@ class NodeBackend(abc.ABC):
     @abc.abstractmethod
     async def stats(self, node_id: str) -> dict[str, Any]:
         """Memory, CPU and process counts of a running node."""
+
+    @abc.abstractmethod
+    async def logs(self, node_id: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
+        """A node's output (stdout and stderr) as the engine kept it, opened: the last tail lines,
+        then, with follow, what it prints until it stops or the caller closes the iterator;
+        ContainerGone when the engine has no such node."""
 
     @abc.abstractmethod
     async def info(self) -> dict[str, Any]:

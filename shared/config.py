@@ -183,6 +183,13 @@ class ClusterConfig(Base):
 class AdminConfig(Base):
     token: str = ""
     token_file: str = ""
+    console: bool = True  # the operator console under /ui/ (only ever served when a token is set)
+    # where scripts/console-assets.sh put the console's npm libraries (xterm.js, uPlot)
+    console_assets_dir: str = "/var/lib/toolserver-manager/console-assets"
+    console_session_minutes: int = 720  # a console login lasts this long (then: log in again)
+    # origins besides the request's own (scheme-less host:port match) allowed to act through
+    # the console, e.g. https://ops.example.com when a proxy in front rewrites Host
+    console_origins: list[str] = msgspec.field(default_factory=list)
 
 
 class ClientAuthConfig(Base):

@@ -13,9 +13,10 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
@@ -123,6 +124,7 @@ class DockerBackend(NodeBackend):
         self._timeout = timeout
         self._pool = ThreadPoolExecutor(max_workers=cfg.docker_threads, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
+        self._stream_client: docker.DockerClient | None = None
         self._networks: dict[str, str] = {}  # owner -> node network name, once ensured
 
     @property
@@ -140,10 +142,20 @@ class DockerBackend(NodeBackend):
                 self._client = docker.from_env(**kw)
         return self._client
 
+    @property
+    def stream_client(self) -> docker.DockerClient:
+        """A client without read timeout, for log streams that may stay silent for minutes."""
+        if self._stream_client is None:
+            kw: dict[str, Any] = {"version": API_VERSION, "timeout": None}
+            self._stream_client = (docker.DockerClient(base_url=self.docker_host, **kw) if self.docker_host
+                                   else docker.from_env(**kw))
+        return self._stream_client
+
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._client is not None:
-            self._client.close()
+        for c in (self._client, self._stream_client):
+            if c is not None:
+                c.close()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -508,6 +520,50 @@ class DockerBackend(NodeBackend):
         return {"memory_bytes": mem.get("usage"), "memory_limit_bytes": mem.get("limit"),
                 "cpu_total_ns": (cpu.get("cpu_usage") or {}).get("total_usage"),
                 "pids": (raw.get("pids_stats") or {}).get("current")}
+
+    async def logs(self, node_id: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
+        """The container's log: last tail lines, then (follow) new output until it stops or we close."""
+        stream = await self._call(self.stream_client.api.logs, node_id, stdout=True, stderr=True, stream=True,
+                                  follow=follow, tail=tail)
+        return self._log_chunks(node_id, stream)
+
+    async def _log_chunks(self, node_id: str, stream: Any) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)  # a slow reader slows the pump
+        closed = threading.Event()
+
+        def put(item: bytes | None) -> None:
+            fut = asyncio.run_coroutine_threadsafe(chunks.put(item), loop)
+            while not closed.is_set():
+                try:
+                    fut.result(timeout=0.5)
+                    return
+                except TimeoutError:
+                    continue
+            fut.cancel()
+
+        def pump() -> None:
+            # a thread of its own, not the pool's: a follow holds it for as long as someone reads
+            try:
+                for chunk in stream:
+                    if closed.is_set():
+                        break
+                    put(chunk)
+            except Exception as exc:  # noqa: BLE001 - closed under us, or the engine went away
+                if not closed.is_set():
+                    log.info("log_stream_ended node_id=%s error=%r", node_id[:12], exc)
+            finally:
+                if not closed.is_set():
+                    put(None)
+
+        threading.Thread(target=pump, name="docker-logs", daemon=True).start()
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+        finally:
+            closed.set()
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, stream.close)
 
     async def info(self) -> dict[str, Any]:
         """Engine facts for cluster-wide reads."""

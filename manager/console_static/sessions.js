@@ -1,0 +1,81 @@
+// Every session across all manager_ids: filter, sort, CPU and memory on demand, actions.
+import { h, fill, table, age, bytes, confirmButton } from './dom.js';
+import { api } from './api.js';
+
+const view = { filter: '', status: '', sortKey: 'created_at', sortDir: -1 };
+const stats = new Map();  // node id -> text shown in the usage column
+
+const COLUMNS = [['id', 'session'], ['manager_id', 'owner'], ['status', 'status'], ['role', 'role'],
+  ['client', 'client'], ['created_at', 'age'], ['idle_seconds', 'last activity'], ['usage', 'CPU / memory'],
+  ['actions', '']];
+
+export async function runAction(id, action, refresh, flash) {
+  try {
+    await api(`nodes/${encodeURIComponent(id)}/${action}`, { method: 'POST' });
+  } catch (e) {
+    flash(`${action} ${id.slice(0, 12)}: ${e.detail ?? e.message}`);
+  }
+  refresh();
+}
+
+export function actionButtons(n, actions, refresh, flash) {
+  const enabled = a => n.status !== 'released' && !(a === 'stop' && n.status !== 'running')
+    && !(a === 'pause' && n.status !== 'running') && !(a === 'resume' && !['paused', 'exited', 'archived'].includes(n.tier || n.status));
+  return h('span', { class: 'toolbar' }, actions.filter(enabled).map(
+    a => confirmButton(a, `${a}:${n.id}`, () => runAction(n.id, a, refresh, flash))));
+}
+
+async function loadStats(n, rerender) {
+  stats.set(n.id, 'reading\u2026');
+  rerender();
+  try {
+    const d = await api(`nodes/${encodeURIComponent(n.id)}`);
+    const s = d.stats;
+    stats.set(n.id, s ? `${(s.cpu_total_ns / 1e9).toFixed(2)} CPU s, ${bytes(s.memory_bytes)} of ${bytes(s.memory_limit_bytes)}`
+      : 'not running');
+  } catch (e) {
+    stats.set(n.id, e.detail ?? e.message);
+  }
+  rerender();
+}
+
+export function renderSessions(el, state, ctx) {
+  const rerender = () => renderSessions(el, state, ctx);
+  const now = Date.now() / 1000;
+  const statuses = [...new Set(state.nodes.map(n => n.tier || n.status))].sort();
+  let rows = state.nodes.filter(n => !view.status || (n.tier || n.status) === view.status);
+  const key = view.sortKey;
+  rows = rows.sort((a, b) => {
+    const x = a[key] ?? '', y = b[key] ?? '';
+    return (x < y ? -1 : x > y ? 1 : 0) * view.sortDir;
+  });
+  const onSort = k => {
+    if (k === 'actions' || k === 'usage') return;
+    view.sortDir = view.sortKey === k ? -view.sortDir : 1;
+    view.sortKey = k;
+    rerender();
+  };
+  const filterBox = h('input', { type: 'search', id: 'filter', placeholder: 'filter: id, owner, client, status', value: view.filter });
+  filterBox.addEventListener('input', () => { view.filter = filterBox.value; renderTable(); });
+  const statusSel = h('select', { id: 'status-filter' }, h('option', { value: '' }, 'any status'),
+    statuses.map(s => h('option', { value: s, selected: s === view.status }, s)));
+  statusSel.addEventListener('change', () => { view.status = statusSel.value; rerender(); });
+  const tableBox = h('div');
+  const renderTable = () => {
+    const q = view.filter.toLowerCase();
+    const shown = rows.filter(n => !q || [n.id, n.manager_id, n.client, n.status, n.role, n.tier]
+      .some(v => (v ?? '').toLowerCase().includes(q)));
+    fill(tableBox, table(COLUMNS, shown.map(n => [
+      h('td', {}, h('a', { class: 'node', href: `#/session/${encodeURIComponent(n.id)}`, 'data-node': n.id }, n.id.slice(0, 12))),
+      n.manager_id, n.tier ? `${n.status} (${n.tier})` : n.status, n.role, n.client || '',
+      age(now - n.created_at), n.idle_seconds != null ? age(n.idle_seconds) + ' ago' : '',
+      h('td', {}, stats.has(n.id) ? stats.get(n.id) : h('button', { type: 'button', onclick: () => loadStats(n, rerender) }, 'read')),
+      h('td', {}, actionButtons(n, ctx.actions, ctx.refresh, ctx.flash)),
+    ]), { onSort, sortKey: view.sortKey, sortDir: view.sortDir }),
+    h('p', { class: 'muted' }, `${shown.length} of ${state.nodes.length} sessions`));
+  };
+  const focused = document.activeElement?.id === 'filter';
+  fill(el, h('h1', {}, 'Sessions'), h('div', { class: 'toolbar' }, filterBox, statusSel), tableBox);
+  renderTable();
+  if (focused) { filterBox.focus(); filterBox.setSelectionRange(filterBox.value.length, filterBox.value.length); }
+}

@@ -1,0 +1,227 @@
+"""The operator console (/ui/) in headless Chromium: Debian's chromium driven by Playwright
+through its executable_path, one browser and one manager replica for the module.
+
+Screenshots of the cluster view, the sessions view and the terminal land in
+benchmarks/results/ (git-ignored): `bash scripts/test.sh tests/test_console.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from testing.harness import ManagerProc, free_port
+from tests.conftest import ADMIN_TOKEN, ROOT, base_config, remove_containers, wait_for
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+RESULTS = ROOT / "benchmarks" / "results"
+MARKUP = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory: pytest.TempPathFactory, docker_client: Any, redis_client: Any) -> Iterator[ManagerProc]:
+    """One replica for the module, with its own key prefix and manager_id, cleaned up after."""
+    prefix, mid = f"tsmtest-{uuid.uuid4().hex[:8]}", f"test-{uuid.uuid4().hex[:8]}"
+    m = ManagerProc(base_config(prefix, mid), tmp_path_factory.mktemp("console"), "console").start()
+    yield m
+    m.stop()
+    remove_containers(docker_client, mid)
+    keys = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        redis_client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    yield ctx
+    ctx.close()
+
+
+def log_in(page: Page, base: str, token: str = ADMIN_TOKEN) -> None:
+    page.goto(base + "/ui/")
+    page.fill("#token", token)
+    page.click("#login-form button[type=submit]")
+
+
+def logged_in(context: BrowserContext, base: str) -> Page:
+    page = context.new_page()
+    log_in(page, base)
+    page.wait_for_selector("#nav:not([hidden])")
+    return page
+
+
+def new_session(base: str) -> tuple[httpx.Client, str]:
+    c = httpx.Client(base_url=base, timeout=60)
+    r = c.post("/get_cookie")
+    assert r.status_code == 200, r.text
+    return c, c.cookies["node_id"]
+
+
+def node_prints(c: httpx.Client, text: str) -> None:
+    """The node writes text to its own output (what the engine keeps as its log)."""
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                      "arguments": {"command": f"printf '%s\\n' {json.dumps(text)} > /proc/1/fd/1"}})
+    assert r.status_code == 200, r.text
+
+
+def test_wrong_token_refused_right_one_logs_in_without_leaking_it(manager: ManagerProc, context: BrowserContext) -> None:
+    urls: list[str] = []
+    page = context.new_page()
+    page.on("request", lambda req: urls.append(req.url))
+    log_in(page, manager.url, "not-the-token")
+    page.wait_for_selector("#login-error:has-text('Wrong token')")
+    assert not [c for c in context.cookies() if c["name"] == "tsm_console"]
+    r = httpx.post(manager.url + "/ui/login", json={"token": "not-the-token"}, headers={"Origin": manager.url})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    assert httpx.get(manager.url + "/ui/api/nodes").status_code == 401
+
+    log_in(page, manager.url)
+    page.wait_for_selector("#nav:not([hidden])")
+    page.wait_for_selector("#live:has-text('live')")
+    cookie, = [c for c in context.cookies() if c["name"] == "tsm_console"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
+    assert ADMIN_TOKEN not in cookie["value"]
+    assert page.evaluate("document.cookie") == ""  # page scripts cannot read it
+    assert urls and not [u for u in urls if ADMIN_TOKEN in u]
+    assert ADMIN_TOKEN not in manager.logs()
+
+
+def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserContext) -> None:
+    page = logged_in(context, manager.url)
+    page.goto(manager.url + "/ui/#/sessions")
+    page.wait_for_selector("#sessions:not([hidden])")
+    c, node_id = new_session(manager.url)
+    # created by a client: on the page within a second (the events stream, no reload)
+    page.wait_for_selector(f'a[data-node="{node_id}"]', timeout=1000)
+    page.screenshot(path=str(RESULTS / "console-sessions.png"), full_page=True)
+
+    page.click(f'a[data-node="{node_id}"]')
+    page.wait_for_selector(f"#session-id:has-text('{node_id}')")
+    line = f"console-log-{uuid.uuid4().hex[:8]}"
+    node_prints(c, line)
+    page.wait_for_selector(f"#log div:text-is('{line}')", timeout=10000)  # followed live, as printed
+
+    page.click("#terminal")
+    page.keyboard.type("echo term-$((6*7))-ok")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#terminal:has-text('term-42-ok')", timeout=15000)
+    page.screenshot(path=str(RESULTS / "console-terminal.png"), full_page=True)
+
+    assert c.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                         "arguments": {"command": "true"}}).status_code == 200
+    release = page.locator("#session h1 button[data-action^='release:']")
+    release.click()
+    release.click()  # confirmed
+    wait_for(lambda: c.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                                   "arguments": {"command": "true"}}).status_code == 403,
+             timeout=15, what="the client refused after a release from the page")
+    page.goto(manager.url + "/ui/#/sessions")
+    page.wait_for_selector(f'a[data-node="{node_id}"]', state="detached", timeout=5000)
+
+    # released by a client: gone from the page without a reload
+    c2, node2 = new_session(manager.url)
+    page.wait_for_selector(f'a[data-node="{node2}"]', timeout=1000)
+    assert c2.post("/release_session").status_code == 200
+    page.wait_for_selector(f'a[data-node="{node2}"]', state="detached", timeout=2000)
+
+    page.goto(manager.url + "/ui/#/cluster")
+    page.wait_for_selector(f"#cluster td:text-is('{manager.replica_id}')")
+    page.wait_for_timeout(5500)  # a few metric samples for the charts
+    page.screenshot(path=str(RESULTS / "console-cluster.png"), full_page=True)
+
+
+def test_markup_a_node_prints_is_shown_as_text(manager: ManagerProc, context: BrowserContext) -> None:
+    page = logged_in(context, manager.url)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    c, node_id = new_session(manager.url)
+    node_prints(c, MARKUP)
+    page.goto(manager.url + f"/ui/#/session/{node_id}")
+    page.wait_for_selector("#log div", timeout=10000)
+    wait_for(lambda: MARKUP in page.locator("#log").inner_text(), timeout=10, what="the line shown literally")
+    page.wait_for_timeout(500)
+    assert page.locator("#log img").count() == 0
+    assert page.locator("img").count() == 0
+    assert dialogs == []
+    c.post("/release_session")
+
+
+class _Attacker(BaseHTTPRequestHandler):
+    """A page of another origin on the same host (same site: the Strict cookie goes along)."""
+
+    page = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.end_headers()
+        self.wfile.write(self.page)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_actions_from_another_origin_are_refused(manager: ManagerProc, context: BrowserContext) -> None:
+    page = logged_in(context, manager.url)
+    c, node_id = new_session(manager.url)
+    api = f"{manager.url}/ui/api/nodes/release"
+    body = json.dumps({"node_ids": [node_id]})
+    _Attacker.page = (f"<script>fetch({json.dumps(api)}, {{method: 'POST', mode: 'no-cors', credentials: 'include',"
+                      f" body: {json.dumps(body)}}}).then(() => document.title = 'sent', () => document.title = 'sent');"
+                      f"</script>").encode()
+    port = free_port()
+    srv = ThreadingHTTPServer(("127.0.0.1", port), _Attacker)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        evil = page.context.new_page()
+        evil.goto(f"http://127.0.0.1:{port}/")
+        wait_for(lambda: evil.title() == "sent", timeout=10, what="the other origin's request sent")
+    finally:
+        srv.shutdown()
+    time.sleep(0.5)
+    assert c.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                         "arguments": {"command": "true"}}).status_code == 200
+
+    cookie = {c["name"]: c["value"] for c in context.cookies()}
+    jar = {"tsm_console": cookie["tsm_console"]}
+    for origin in (f"http://127.0.0.1:{port}", None):
+        headers = {"Origin": origin} if origin else {}
+        r = httpx.post(api, cookies=jar, headers=headers, content=body)
+        assert r.status_code == 403 and "cross-origin" in r.json()["detail"], r.text
+        with pytest.raises(InvalidStatus) as exc:
+            connect(f"ws://127.0.0.1:{manager.port}/ui/ws/shell/{node_id}", open_timeout=5,
+                    additional_headers={"Cookie": f"tsm_console={jar['tsm_console']}", **headers})
+        assert exc.value.response.status_code == 403
+    # the same request from the console's own origin goes through
+    r = httpx.post(f"{manager.url}/ui/api/nodes/{node_id}/stop", cookies=jar, headers={"Origin": manager.url})
+    assert r.status_code == 200, r.text
+    c.post("/release_session")
+
+
+def test_console_is_off_without_an_admin_token(start_manager: Any) -> None:
+    m = start_manager(admin={"token": ""})
+    for path in ("/ui/", "/ui/static/app.js", "/ui/whoami"):
+        assert httpx.get(m.url + path).status_code == 404
+    assert httpx.post(m.url + "/ui/login", json={"token": ""}, headers={"Origin": m.url}).status_code == 404
