@@ -105,10 +105,10 @@ def _logged_in(rt: Runtime, conn: HTTPConnection) -> None:
         raise Unauthorized("not logged in to the console (or the login expired)")
 
 
-def _page_file(path: Path, media_type: str) -> Response:
+def _page_file(path: Path, media_type: str, cache: str = "no-store") -> Response:
     if not path.is_file():
         raise NotFound(f"{path.name} is missing: run scripts/setup.sh (it installs the console's assets)")
-    return FileResponse(path, media_type=media_type, headers=PAGE_HEADERS)
+    return FileResponse(path, media_type=media_type, headers={**PAGE_HEADERS, "cache-control": cache})
 
 
 # --- pages and assets ---------------------------------------------------------------------------
@@ -137,7 +137,8 @@ async def vendor(request: Request) -> Response:
     entry = VENDOR.get(request.path_params["name"])
     if entry is None:
         raise NotFound(f"no console library {request.path_params['name'][:80]!r}")
-    return _page_file(Path(rt.cfg.admin.console_assets_dir) / entry[0], entry[1])
+    # pinned library versions: a browser may keep them a day
+    return _page_file(Path(rt.cfg.admin.console_assets_dir) / entry[0], entry[1], "public, max-age=86400")
 
 
 # --- login ------------------------------------------------------------------------------------------

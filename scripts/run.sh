@@ -6,5 +6,16 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 export TSM_CONFIG="${TSM_CONFIG:-$ROOT/config/manager.yml}"
+STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"
+export TSM_ADMIN__CONSOLE_ASSETS_DIR="${TSM_ADMIN__CONSOLE_ASSETS_DIR:-$STATE/console-assets}"
+# the admin API and console need a token: without one given, a random one kept in the state
+# dir (root only), so the console works after this command with nothing else to do
+if [ -z "${TSM_ADMIN__TOKEN:-}" ] && [ -z "${TSM_ADMIN__TOKEN_FILE:-}" ]; then
+  export TSM_ADMIN__TOKEN_FILE="$STATE/admin-token"
+  if [ ! -s "$TSM_ADMIN__TOKEN_FILE" ]; then
+    (umask 077; head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$TSM_ADMIN__TOKEN_FILE")
+  fi
+fi
 echo "[run] manager on http://127.0.0.1:${TSM_PORT:-8080} (config: $TSM_CONFIG); Ctrl-C to stop"
+echo "[run] console on http://127.0.0.1:${TSM_PORT:-8080}/ui/ (admin token: ${TSM_ADMIN__TOKEN_FILE:-TSM_ADMIN__TOKEN})"
 exec "$ROOT/.venv/bin/toolserver-manager" --host 127.0.0.1 --port "${TSM_PORT:-8080}" "$@"
