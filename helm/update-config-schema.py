@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SCHEMA = ROOT / "helm" / "toolserver-manager" / "values.schema.json"
 
-from shared.config import IMAGE_PULL_POLICIES, Config  # noqa: E402
+from shared.config import IMAGE_PULL_POLICIES, PLACEMENTS, Config  # noqa: E402
 
 # constraints msgspec cannot know: (path, extra schema)
 CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
@@ -35,6 +35,7 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("node.port", {"minimum": 1, "maximum": 65535}),
     ("node.creation_wait_seconds", {"exclusiveMinimum": 0}),
     ("node.image_pull", {"enum": list(IMAGE_PULL_POLICIES)}),
+    ("cluster.placement", {"enum": list(PLACEMENTS)}),
     ("checker.lease_ttl_seconds", {"exclusiveMinimum": 0}),
     ("checker.interval_seconds", {"exclusiveMinimum": 0}),
     ("redis.sentinels.items", {"pattern": "^.+:[0-9]+$"}),

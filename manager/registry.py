@@ -6,7 +6,8 @@ import asyncio
 import logging
 
 from manager.runtime import Runtime
-from shared.errors import RedisUnavailable
+from nodeops import capacity
+from shared.errors import EngineUnavailable, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,11 @@ async def heartbeat_loop(rt: Runtime) -> None:
                 if rt.stopping:
                     return
                 rt.replica.draining = rt.manager_id in await rt.store.draining()
+                if rt.replica.node_cap < 0:
+                    try:
+                        rt.replica.node_cap = await capacity.node_cap(rt)
+                    except EngineUnavailable:  # said at a later beat
+                        pass
                 await rt.store.heartbeat(rt.replica, ttl)
         except RedisUnavailable as exc:
             log.warning("heartbeat_failed replica_id=%s error=%s", rt.replica.replica_id, exc.detail)

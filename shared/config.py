@@ -55,6 +55,7 @@ def _default_creation_kwargs() -> dict[str, Any]:
 
 EGRESS_MODES = ("open", "none")
 IMAGE_PULL_POLICIES = ("missing", "never")
+PLACEMENTS = ("spread", "local")
 
 
 class NetworkConfig(Base):
@@ -170,6 +171,10 @@ class ClusterConfig(Base):
     # (creation_kwargs.mem_limit; unlimited when nodes have none); -1: unlimited
     max_nodes_per_manager: int = 0
     max_nodes_total: int = 0
+    # where a new session goes: "spread": the live manager_id with the fewest nodes (this
+    # replica's own among equals); "local": this replica's own; either way one that is full or
+    # draining is skipped
+    placement: str = "spread"
     # manager_id -> true when its nodes' addresses are not reachable from other replicas
     proxy_through_owner: dict[str, bool] = msgspec.field(default_factory=dict)
     forward_timeout_seconds: float = 60.0
@@ -261,6 +266,9 @@ class Config(Base):
         if self.node.network.egress not in EGRESS_MODES:
             raise ValueError(f"node.network.egress must be one of {', '.join(EGRESS_MODES)}, "
                              f"not {self.node.network.egress!r}")
+        if self.cluster.placement not in PLACEMENTS:
+            raise ValueError(f"cluster.placement must be one of {', '.join(PLACEMENTS)}, "
+                             f"not {self.cluster.placement!r}")
         if self.node.image_pull not in IMAGE_PULL_POLICIES:
             raise ValueError(f"node.image_pull must be one of {', '.join(IMAGE_PULL_POLICIES)}, "
                              f"not {self.node.image_pull!r}")

@@ -108,6 +108,7 @@ class ReplicaInfo(msgspec.Struct, kw_only=True):
     started_at: float
     heartbeat_at: float = 0.0
     draining: bool = False
+    node_cap: int = -1  # its manager_id's cap on live nodes (0: none; -1: not known yet), for placement
 
     @classmethod
     def from_hash(cls, data: dict[Any, Any]) -> "ReplicaInfo":

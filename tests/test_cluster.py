@@ -4,6 +4,7 @@ HAProxy round-robin in front; forwarding, placement, registry, partial fan-out, 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import signal
 import subprocess
 import threading
@@ -26,11 +27,16 @@ ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 @pytest.fixture(scope="module")
 def engine2() -> Iterator[str]:
-    """A second dockerd with its own socket, data root, exec root and bridge."""
-    out = subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "start"], check=True,
-                         capture_output=True, text=True)
-    yield out.stdout.strip().splitlines()[-1]
-    subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "stop"], check=False)
+    """A second dockerd with its own socket, data root, exec root and bridge; held under
+    /tmp/tsm-engine2.lock, since another run on this machine would stop it under our feet."""
+    with open("/tmp/tsm-engine2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out = subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "start"], check=True,
+                             capture_output=True, text=True)
+        try:
+            yield out.stdout.strip().splitlines()[-1]
+        finally:
+            subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "stop"], check=False)
 
 
 def _ok(url: str) -> bool:
@@ -175,11 +181,11 @@ def test_proxy_through_owner_when_not_routable(engine2: str, start_manager, mana
         client2.close()
 
 
-def test_placement_prefers_own_engine_then_least_loaded(engine2: str, start_manager, manager_id: str,
-                                                        docker_client: docker.DockerClient) -> None:
+def test_local_placement_prefers_own_engine_then_least_loaded(engine2: str, start_manager, manager_id: str,
+                                                              docker_client: docker.DockerClient) -> None:
     mid_b = f"test-{uuid.uuid4().hex[:8]}"
     opts = {"cluster": {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
-                        "max_nodes_per_manager": 1}}
+                        "max_nodes_per_manager": 1, "placement": "local"}}
     a = start_manager(name="a", **opts)
     start_manager(name="b", mid=mid_b, docker_host=engine2, **opts)
     try:
@@ -201,6 +207,44 @@ def test_placement_prefers_own_engine_then_least_loaded(engine2: str, start_mana
         client2 = docker.DockerClient(base_url=engine2, version="1.41")
         remove_containers(client2, mid_b)
         client2.close()
+
+
+def test_spread_placement_evens_engines_and_skips_a_full_one(engine2: str, start_manager, manager_id: str,
+                                                             docker_client: docker.DockerClient,
+                                                             tmp_path: Path) -> None:
+    """Every get_cookie reaches replica a (HAProxy balance first); sessions still spread over both
+    engines, and b, full at its own cap (2, where a's is 4), is skipped though it has fewer."""
+    mid_b = f"test-{uuid.uuid4().hex[:8]}"
+    opts = {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2}
+    a = start_manager(name="a", cluster={**opts, "max_nodes_per_manager": 4})
+    b = start_manager(name="b", mid=mid_b, docker_host=engine2, cluster={**opts, "max_nodes_per_manager": 2})
+    lb = HAProxy([(a.replica_id, a.port), (b.replica_id, b.port)], tmp_path, balance="first")
+    d2 = docker.DockerClient(base_url=engine2, version="1.41")
+    try:
+        wait_for(lambda: {r["manager_id"]: r["node_cap"] for r in
+                          httpx.get(a.url + "/admin/replicas", headers=ADMIN).json()["replicas"]}
+                 == {manager_id: 4, mid_b: 2}, what="both registered with their caps")
+        on: dict[str, int] = {manager_id: 0, mid_b: 0}
+        placed = []
+        for _ in range(6):
+            r = httpx.post(lb.url + "/get_cookie", timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-tsm-replica"] == a.replica_id
+            node_id = r.cookies["node_id"]
+            (owner,) = [mid for mid, engine in ((manager_id, docker_client), (mid_b, d2))
+                        if engine.containers.list(filters={"id": node_id, "label": f"{LABEL}={mid}"})]
+            on[owner] += 1
+            placed.append("a" if owner == manager_id else "b")
+            if len(placed) <= 4:
+                assert abs(on[manager_id] - on[mid_b]) <= 1, placed
+        assert placed == ["a", "b", "a", "b", "a", "a"]  # the last: b has fewer but is full
+        assert len(d2.containers.list(filters={"label": f"{LABEL}={mid_b}"})) == 2
+        r = httpx.post(lb.url + "/get_cookie", timeout=60)
+        assert r.status_code == 503 and "no manager can take a new session" in r.json()["detail"]
+    finally:
+        lb.stop()
+        remove_containers(d2, mid_b)
+        d2.close()
 
 
 def test_registry_heartbeat_and_graceful_deregistration(cluster: Cluster, redis_client: redis.Redis) -> None:

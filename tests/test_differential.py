@@ -341,7 +341,8 @@ async def _drive(specs: list[dict[str, Any]], ports: dict[str, int], cookies: li
 def test_every_response_reaches_its_own_request(manager_id_b: str, start_manager, manager_id: str,
                                                 docker_client) -> None:
     mid_b = manager_id_b
-    a = start_manager(name="a", **DIAG)
+    # both sessions on a's engine (spread placement would put the second on b's)
+    a = start_manager(name="a", cluster={"placement": "local"}, **DIAG)
     b = start_manager(name="b", mid=mid_b, cluster={"proxy_through_owner": {manager_id: True}}, **DIAG)
     cookies = [session(a.url).cookies["node_id"] for _ in range(2)]
     specs = plan(SEED, TOTAL)

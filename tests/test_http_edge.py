@@ -54,7 +54,8 @@ def test_expect_100_continue_never_shifts_responses(start_manager) -> None:
 
 def test_expect_100_continue_through_the_owner_replica(manager_id_b: str, start_manager, manager_id: str) -> None:
     mid_b = manager_id_b
-    a = start_manager(name="a", **DIAG)
+    # both sessions on a's engine (spread placement would put the second on b's)
+    a = start_manager(name="a", cluster={"placement": "local"}, **DIAG)
     b = start_manager(name="b", mid=mid_b, cluster={"proxy_through_owner": {manager_id: True}}, **DIAG)
     cookies = [session(a.url).cookies["node_id"] for _ in range(2)]
     # sessions A and B share B's pooled connections to the owner replica
