@@ -8,6 +8,7 @@ cookie is passed on to a node (see Proxy): code in a node never learns a client'
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from http.cookies import SimpleCookie
@@ -42,6 +43,13 @@ class ClientKeys:
                 if self.cookie in jar:
                     return jar[self.cookie].value.encode("latin-1")
         return b""
+
+    def identity(self, scope: Scope) -> str:
+        """Who the request's key says the client is (a hash of the key; "" without keys), so state
+        made with one key is never served to another."""
+        if not self.keys:
+            return ""
+        return hashlib.sha256(self._given(scope)).hexdigest()[:32]
 
     def allowed(self, scope: Scope) -> bool:
         path = scope.get("path", "")

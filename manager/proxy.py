@@ -147,6 +147,51 @@ class Proxy:
         self._count(path, upstream.status_code)
         return _Upstream(upstream, rt)
 
+    async def call(self, node_id: str, path: str, body: bytes, content_type: str = "application/json",
+                   extra: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
+        """One buffered POST to a session's node (the MCP gateway's tool calls): same resolver,
+        secret, timeouts, pool and activity as a proxied request; returns status and body."""
+        rt = self.rt
+        t0 = time.perf_counter()
+        rec = await self.resolver.live(node_id)
+        to = await self.resolver.target(rec, False)
+        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),
+                   *(extra or ()), *((k.encode(), v.encode()) for k, v in to.headers)]
+        if to.via_owner:  # the owner's proxy finds the node by the session's cookie
+            headers.append((b"cookie", b"node_id=" + node_id.encode()))
+        timeout = self._timeouts.get(path, self._default_timeout)
+
+        async def once(host: str, port: int) -> tuple[int, bytes]:
+            up = await self.pool.request("POST", host, port, path.encode(), headers, _one(body),
+                                         self._connect_timeout, timeout)
+            try:
+                return up.status_code, await up.read()
+            finally:
+                up.close()
+
+        rt.inflight += 1
+        try:
+            try:
+                status, data = await once(to.host, to.port)
+            except ConnectFailed:
+                if to.via_owner:
+                    raise
+                rec = await self.resolver.revive(rec)  # moved or stopped since cached: once more
+                status, data = await once(rec.host, rec.port)
+        except UpstreamTimeout:
+            self._count(path, 504)
+            raise NodeReadTimeout(timeout) from None
+        except UpstreamError:
+            self._count(path, 503)
+            raise NodeNotResponding() from None
+        finally:
+            rt.inflight -= 1
+        if not to.via_owner:
+            rt.activity.record(rec.id, rec.manager_id)
+        metrics.PROXY_SECONDS.labels(path).observe(time.perf_counter() - t0)
+        self._count(path, status)
+        return status, data
+
     def _count(self, path: str, code: int) -> None:
         key = (path, code // 100)
         child = self._counters.get(key)
@@ -156,6 +201,10 @@ class Proxy:
 
     def close(self) -> None:
         self.pool.close()
+
+
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 async def _counting(request: Request, counter: list[int]) -> AsyncIterator[bytes]:

@@ -224,6 +224,24 @@ class EventsConfig(Base):
     stop_after_unwatched_seconds: float | None = None
 
 
+class McpConfig(Base):
+    """The MCP gateway at /mcp (Streamable HTTP, revisions 2025-11-25 and 2026-07-28)."""
+
+    enabled: bool = True
+    # browsers' Origins allowed to call /mcp (exact, e.g. https://app.example); a request with
+    # any other Origin gets 403 (DNS rebinding). Requests without Origin (non-browser) pass.
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    max_message_bytes: int = 4 << 20  # a JSON-RPC message over this is refused (413)
+    session_ttl_seconds: float = 7 * 86400.0  # an MCP session unused this long is forgotten
+    stream_ttl_seconds: float = 600.0  # how long a stream's events stay resumable after its last one
+    progress_interval_seconds: float = 1.0  # progress notifications of a running call that asked for them
+    retry_ms: int = 500  # the SSE retry hint: how soon a client reconnects a dropped stream
+    # close a call's SSE response after this long (the client resumes it with Last-Event-ID, on
+    # any replica): keeps streams shorter than a balancer's idle timeout; 0: keep it open
+    stream_close_seconds: float = 0.0
+    tools_ttl_seconds: float = 60.0  # how long clients may cache tools/list (2026-07-28)
+
+
 class Config(Base):
     """Everything a manager replica or a standalone checker reads at start."""
 
@@ -251,6 +269,7 @@ class Config(Base):
     quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
     client_auth: ClientAuthConfig = msgspec.field(default_factory=ClientAuthConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    mcp: McpConfig = msgspec.field(default_factory=McpConfig)
 
     def __post_init__(self) -> None:
         if not self.replica_id:

@@ -76,6 +76,22 @@ class Keys:
         """String 'alive'/'close': liveness of a session's event watchers, as XAgent's MainServer."""
         return f"{self.prefix}:watch:{node_id}"
 
+    def mcp_session(self, token_hash: str) -> str:
+        """Hash: one MCP session (Mcp-Session-Id or 2026 handle, by its hash): node, owner, version."""
+        return f"{self.prefix}:mcp:session:{token_hash}"
+
+    def mcp_stream(self, token_hash: str, stream_id: str) -> str:
+        """Stream: the SSE events of one MCP response stream, replayable by Last-Event-ID."""
+        return f"{self.prefix}:mcp:stream:{token_hash}:{stream_id}"
+
+    def mcp_stream_owner(self, token_hash: str, stream_id: str) -> str:
+        """String replica_id with a short TTL, renewed while the stream's call runs."""
+        return f"{self.prefix}:mcp:stream_owner:{token_hash}:{stream_id}"
+
+    def mcp_tools(self, image: str) -> str:
+        """String: the MCP tool list last read from a node of this image (JSON)."""
+        return f"{self.prefix}:mcp:tools:{image}"
+
 
 # A creation slot held in a manager's node set until the node's own id replaces it.
 RESERVATION_PREFIX = "pending:"

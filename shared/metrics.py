@@ -92,6 +92,15 @@ for _r in ("hit", "miss"):
 def status_class(code: int) -> str:
     return f"{code // 100}xx"
 
+MCP_REQUESTS = Counter(P + "mcp_requests_total",
+                       "MCP gateway messages by method and outcome (ok or the JSON-RPC error code).",
+                       ["method", "outcome"])
+MCP_SECONDS = Histogram(P + "mcp_request_duration_seconds", "Time to answer an MCP request, by method.",
+                        ["method"], buckets=PROXY_BUCKETS)
+MCP_RESUMES = Counter(P + "mcp_stream_resumes_total",
+                      "SSE streams resumed with Last-Event-ID, by outcome (complete, lost: the call's "
+                      "replica died).", ["outcome"])
+
 
 def clear(gauge: Gauge, *labels: str) -> None:
     """Drop a gauge's labelled child (zero it in multiprocess mode, which cannot remove)."""

@@ -570,6 +570,79 @@ class Store:
         deleted = _d(info.get("max-deleted-entry-id", "0-0"))
         return compare_ids(deleted, last_id) > 0
 
+    # --- MCP sessions and streams ------------------------------------------------
+    async def mcp_session_put(self, token_hash: str, fields: dict[str, str], ttl: float) -> None:
+        key = self.keys.mcp_session(token_hash)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.hset(key, mapping=fields)
+                p.pexpire(key, int(ttl * 1000))
+                await p.execute()
+
+    async def mcp_session_get(self, token_hash: str) -> dict[str, str] | None:
+        with redis_errors():
+            data = await self.redis.hgetall(self.keys.mcp_session(token_hash))
+        return {_d(k): _d(v) for k, v in data.items()} if data else None
+
+    async def mcp_session_touch(self, token_hash: str, ttl: float) -> None:
+        with redis_errors():
+            await self.redis.pexpire(self.keys.mcp_session(token_hash), int(ttl * 1000))
+
+    async def mcp_session_delete(self, token_hash: str) -> bool:
+        """Forget an MCP session; False when it was already gone (another replica ended it)."""
+        with redis_errors():
+            return bool(await self.redis.delete(self.keys.mcp_session(token_hash)))
+
+    async def mcp_stream_add(self, token_hash: str, stream_id: str, data: str, kind: str, ttl: float) -> str:
+        """Append one SSE event (kind: a one-letter tag of the caller's) to a stream; its id is the
+        entry id, and the stream expires ttl after its last event."""
+        key = self.keys.mcp_stream(token_hash, stream_id)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as p:
+                p.xadd(key, {"d": data, "k": kind}, maxlen=10000, approximate=True)
+                p.pexpire(key, int(ttl * 1000))
+                eid, _ = await p.execute()
+        return _d(eid)
+
+    async def mcp_stream_read(self, token_hash: str, stream_id: str, after: str,
+                              block_ms: int | None) -> list[tuple[str, str, str]]:
+        """Events after an entry id as (id, data, kind); waits up to block_ms for one when given."""
+        key = self.keys.mcp_stream(token_hash, stream_id)
+        with redis_errors():
+            if block_ms is None:
+                rows = await self.redis.xrange(key, min=f"({after}", max="+")
+            else:
+                got = await self.redis.xread({key: after}, block=block_ms, count=100)
+                rows = got[0][1] if got else []
+        return [(_d(eid), _d(f.get(b"d", b"")), _d(f.get(b"k", b""))) for eid, f in rows]
+
+    async def mcp_stream_exists(self, token_hash: str, stream_id: str) -> bool:
+        with redis_errors():
+            return bool(await self.redis.exists(self.keys.mcp_stream(token_hash, stream_id)))
+
+    async def mcp_stream_hold(self, token_hash: str, stream_id: str, replica_id: str, ttl: float) -> None:
+        """Say (for ttl) that this replica still runs the stream's call."""
+        with redis_errors():
+            await self.redis.set(self.keys.mcp_stream_owner(token_hash, stream_id), replica_id,
+                                 px=int(ttl * 1000))
+
+    async def mcp_stream_let_go(self, token_hash: str, stream_id: str) -> None:
+        with redis_errors():
+            await self.redis.delete(self.keys.mcp_stream_owner(token_hash, stream_id))
+
+    async def mcp_stream_held(self, token_hash: str, stream_id: str) -> bool:
+        with redis_errors():
+            return bool(await self.redis.exists(self.keys.mcp_stream_owner(token_hash, stream_id)))
+
+    async def mcp_tools_put(self, image: str, tools_json: str, ttl: float) -> None:
+        with redis_errors():
+            await self.redis.set(self.keys.mcp_tools(image), tools_json, px=int(ttl * 1000))
+
+    async def mcp_tools_get(self, image: str) -> str | None:
+        with redis_errors():
+            v = await self.redis.get(self.keys.mcp_tools(image))
+        return _d(v) if v is not None else None
+
     # --- replica registry --------------------------------------------------------
     async def heartbeat(self, info: ReplicaInfo, ttl: float) -> None:
         """Register or renew this replica (re-creates it after a Redis flush)."""

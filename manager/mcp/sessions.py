@@ -1,0 +1,85 @@
+"""MCP sessions in Redis: an Mcp-Session-Id (2025-11-25) or a handle (2026-07-28) names one
+ordinary session (a node made by nodeops.sessions.create), so any replica serves it.
+
+Redis holds only a hash of the token, bound to the client's identity (its API key's hash):
+a token presented with another key is unknown, and reading Redis yields no usable token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from manager.runtime import Runtime
+from nodeops import sessions
+from shared.errors import ManagerError, NodeNotFound
+
+TOUCH_EVERY = 60.0  # seconds between TTL renewals of one session by one replica
+
+
+@dataclass(frozen=True)
+class McpSession:
+    token_hash: str
+    node_id: str  # the session's cookie value: what the resolver and nodeops take
+    owner: str
+    version: str
+    kind: str  # "session" (Mcp-Session-Id) or "handle" (a 2026-07-28 tool argument)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class McpSessions:
+    """Open, find and end MCP sessions; one per app."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self._touched: dict[str, float] = {}
+
+    async def open(self, kind: str, version: str, owner: str, client: str) -> tuple[str, McpSession]:
+        """A new node session and the token that names it (returned once, never stored)."""
+        rt = self.rt
+        rec = await sessions.create(rt, client=client)
+        token = secrets.token_urlsafe(32)
+        sess = McpSession(hash_token(token), rec.id, owner, version, kind)
+        try:
+            await rt.store.mcp_session_put(sess.token_hash, {
+                "node_id": rec.id, "owner": owner, "version": version, "kind": kind,
+                "created_at": f"{time.time():.3f}"}, rt.cfg.mcp.session_ttl_seconds)
+        except ManagerError:
+            with contextlib.suppress(ManagerError):
+                await sessions.release(rt, rec.id)  # nobody could ever name this node: do not leak it
+            raise
+        return token, sess
+
+    async def find(self, token: str, owner: str, kind: str) -> McpSession | None:
+        """The session a token names for this client, or None (unknown, ended, or another's)."""
+        if not token or len(token) > 256:
+            return None
+        h = hash_token(token)
+        data = await self.rt.store.mcp_session_get(h)
+        if not data or data.get("kind") != kind or data.get("owner", "") != owner:
+            return None
+        now = time.monotonic()
+        if now - self._touched.get(h, 0.0) > TOUCH_EVERY:
+            self._touched[h] = now
+            if len(self._touched) > 100_000:
+                self._touched.clear()
+            await self.rt.store.mcp_session_touch(h, self.rt.cfg.mcp.session_ttl_seconds)
+        return McpSession(h, data.get("node_id", ""), owner, data.get("version", ""), kind)
+
+    async def end(self, sess: McpSession) -> None:
+        """Release the session's node and forget the token (either may be gone already)."""
+        with contextlib.suppress(NodeNotFound):
+            await sessions.release(self.rt, sess.node_id)
+        await self.rt.store.mcp_session_delete(sess.token_hash)
+        self._touched.pop(sess.token_hash, None)
+
+    async def forget(self, sess: McpSession) -> None:
+        """The node is gone (released elsewhere): the token names nothing any more."""
+        await self.rt.store.mcp_session_delete(sess.token_hash)
+        self._touched.pop(sess.token_hash, None)
