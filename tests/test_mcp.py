@@ -161,3 +161,152 @@ def test_stateless_2026_07_28_with_handles(cluster) -> None:  # type: ignore[no-
     assert calls, "the handle was never mirrored into Mcp-Param-Session"
     assert len({s["replica"] for s in wire.seen}) == 3
     wait_for(lambda: admin_nodes(lb.url) == [], what="the node released by release_session")
+
+
+def test_replica_killed_under_an_open_stream(cluster, redis_client: redis.Redis, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    lb, ms = cluster()
+    by_id = {m.replica_id: m for m in ms}
+    wire = Wire()
+    progress: list[float] = []
+    killed: list[ManagerProc] = []
+
+    async def on_progress(p: float, total: float | None, message: str | None) -> None:
+        progress.append(p)
+
+    async def run() -> None:
+        async with sdk(lb.url, wire, "legacy") as c:
+            await c.list_tools()
+            call = asyncio.create_task(c.call_tool(SHELL, {"command": "sleep 8; echo never"},
+                                                   progress_callback=on_progress))
+            while len(progress) < 2:
+                await asyncio.sleep(0.05)
+            streamed = [s for s in wire.seen if s["method"] == "POST" and "event-stream" in s["ctype"]]
+            killed.append(by_id[streamed[-1]["replica"]])
+            killed[0].kill()  # SIGKILL with the call's stream open
+            t0 = time.monotonic()
+            with pytest.raises(MCPError) as err:
+                await asyncio.wait_for(call, 30)  # never a hang
+            assert "stopped before it answered" in err.value.error.message, err.value.error
+            assert time.monotonic() - t0 < 15
+            # the survivors serve the session on
+            r = await c.call_tool(SHELL, {"command": "echo still here"})
+            assert "still here" in text(r)
+
+    asyncio.run(run())
+    resumed = [s for s in wire.seen if s["resume"]]
+    assert resumed and all(s["replica"] != killed[0].replica_id and s["status"] == 200 for s in resumed), wire.seen
+    # every event the dead replica emitted before it died reached the client
+    from shared.keys import Keys
+
+    keys = list(redis_client.scan_iter(match=Keys(prefix).mcp_stream("*", "*")))
+    assert len(keys) == 1, keys
+    emitted = [json.loads(f[b"d"])["params"]["progress"] for _, f in redis_client.xrange(keys[0]) if f[b"k"] == b"m"]
+    assert emitted and emitted == progress[:len(emitted)] and len(progress) == len(emitted), (emitted, progress)
+
+
+KEY_A, KEY_B = "key-of-client-a", "key-of-client-b"
+MODERN = "2026-07-28"
+META = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def _post(url: str, body: Any, key: str | None = KEY_A, **headers: str) -> httpx.Response:
+    h = {"accept": "application/json, text/event-stream", "content-type": "application/json", **headers}
+    if key:
+        h["x-api-key"] = key
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + "/mcp", content=data, headers=h, timeout=30)
+
+
+def _modern(url: str, method: str, params: dict[str, Any], key: str = KEY_A, **headers: str) -> httpx.Response:
+    h = {"mcp-protocol-version": MODERN, "mcp-method": method, **headers}
+    if "name" in params:
+        h.setdefault("mcp-name", params["name"])
+    return _post(url, {"jsonrpc": "2.0", "id": 7, "method": method, "params": {**params, "_meta": META}}, key, **h)
+
+
+def _code(r: httpx.Response) -> int:
+    return int(r.json()["error"]["code"])
+
+
+def test_bad_input_gets_the_spec_errors_and_changes_nothing(start_manager, docker_client, manager_id: str,
+                                                            redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager(client_auth={"api_keys": [KEY_A, KEY_B]}, mcp={"max_message_bytes": 65536})
+    url = m.url
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    r = _post(url, init)
+    assert r.status_code == 200, r.text
+    sid = r.headers["mcp-session-id"]
+    r = _modern(url, "tools/call", {"name": "create_session", "arguments": {}})
+    assert r.status_code == 200 and not r.json()["result"]["isError"], r.text
+    handle = r.json()["result"]["structuredContent"]["session"]
+    listed = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+    shell = {"name": SHELL, "arguments": {"session": handle, "command": "true"}}
+
+    def state() -> tuple[int, int]:
+        from shared.keys import Keys
+
+        return (len(docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id="
+                                                                              f"{manager_id}"})),
+                len(list(redis_client.scan_iter(match=Keys(prefix).mcp_session("*")))))
+
+    before = state()
+    assert before == (2, 2)
+    cases: list[tuple[str, httpx.Response, int, int | None]] = [
+        ("no API key", _post(url, init, key=None), 401, None),
+        ("foreign Origin", _post(url, init, origin="http://evil.example"), 403, -32600),
+        ("Accept without SSE", _post(url, init, accept="application/json"), 406, -32600),
+        ("not JSON content", _post(url, init, **{"content-type": "text/plain"}), 415, -32600),
+        ("malformed JSON", _post(url, b'{"jsonrpc": "2.0", "id": 1, "method": '), 400, -32700),
+        ("a batch", _post(url, [init, init]), 400, -32600),
+        ("not JSON-RPC 2.0", _post(url, {**init, "jsonrpc": "1.0"}), 400, -32600),
+        ("a bool id", _post(url, {**init, "id": True}), 400, -32600),
+        ("oversized", _post(url, {**init, "params": {**init["params"], "pad": "x" * 70000}}), 413, -32600),
+        ("initialize with bad params", _post(url, {**init, "params": {"capabilities": 3}}), 400, -32602),
+        ("no session id", _post(url, listed), 400, -32600),
+        ("unknown session id", _post(url, listed, **{"mcp-session-id": "nope" * 10}), 404, -32600),
+        ("another client's session id", _post(url, listed, key=KEY_B, **{"mcp-session-id": sid}), 404, -32600),
+        ("unknown method", _post(url, {**listed, "method": "tools/explode"}, **{"mcp-session-id": sid}), 200,
+         -32601),
+        ("tools/call without a name", _post(url, {**listed, "method": "tools/call", "params": {}},
+                                            **{"mcp-session-id": sid}), 400, -32602),
+        ("bad protocol version", _post(url, listed, **{"mcp-session-id": sid, "mcp-protocol-version": "1999"}),
+         400, -32600),
+        ("bogus Last-Event-ID", httpx.get(url + "/mcp", headers={
+            "accept": "text/event-stream", "x-api-key": KEY_A, "mcp-session-id": sid,
+            "last-event-id": "0123456789abcdef_1-0"}, timeout=10), 400, -32600),
+        ("DELETE of an unknown session", httpx.delete(url + "/mcp", headers={
+            "x-api-key": KEY_A, "mcp-session-id": "x" * 43}, timeout=10), 404, -32600),
+        ("2026: GET", httpx.get(url + "/mcp", headers={"x-api-key": KEY_A, "mcp-protocol-version": MODERN,
+                                                        "accept": "text/event-stream"}, timeout=10), 405, None),
+        ("2026: no _meta", _post(url, {**listed, "params": {}}, **{"mcp-protocol-version": MODERN,
+                                                                 "mcp-method": "tools/list"}), 400, -32602),
+        ("2026: Mcp-Method disagrees", _modern(url, "tools/list", {}, **{"mcp-method": "tools/call"}), 400, -32020),
+        ("2026: Mcp-Name disagrees", _modern(url, "tools/call", shell, **{"mcp-name": "other",
+                                                                          "mcp-param-session": handle}), 400, -32020),
+        ("2026: Mcp-Param-Session disagrees", _modern(url, "tools/call", shell, **{"mcp-param-session": "other"}),
+         400, -32020),
+        ("2026: Mcp-Param-Session missing", _modern(url, "tools/call", shell), 400, -32020),
+        ("2026: another client's handle", _modern(url, "tools/call", shell, key=KEY_B,
+                                                  **{"mcp-param-session": handle}), 400, -32602),
+        ("2026: unknown tool", _modern(url, "tools/call", {**shell, "name": "no_such_tool"},
+                                       **{"mcp-param-session": handle}), 400, -32602),
+        ("2026: unknown method", _modern(url, "tools/explode", {}), 404, -32601),
+        ("2026: initialize", _modern(url, "initialize", init["params"]), 404, -32601),
+    ]
+    for what, resp, status, code in cases:
+        assert resp.status_code == status, (what, resp.status_code, resp.text)
+        if code is not None:
+            assert _code(resp) == code, (what, resp.text)
+    assert state() == before  # nothing created, nothing lost
+
+    # the right client's calls still work, and ending each session releases its node
+    r = _modern(url, "tools/call", shell, **{"mcp-param-session": handle})
+    assert r.status_code == 200 and not r.json()["result"]["isError"], r.text
+    assert httpx.delete(url + "/mcp", headers={"x-api-key": KEY_A, "mcp-session-id": sid}, timeout=30).status_code \
+        == 204
+    assert _post(url, listed, **{"mcp-session-id": sid}).status_code == 404  # ended: the client starts over
+    r = _modern(url, "tools/call", {"name": "release_session", "arguments": {"session": handle}},
+                **{"mcp-param-session": handle})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: state() == (0, 0), what="both nodes and sessions gone")

@@ -79,16 +79,20 @@ class Streams:
         return self._live(frames)
 
     async def _live(self, frames: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+        """The frames as they come; ends early when held long enough or this replica stops (the
+        client resumes with Last-Event-ID elsewhere while the call goes on here)."""
         close_after = self.cfg.stream_close_seconds
         deadline = time.monotonic() + close_after if close_after > 0 else None
-        while True:
-            timeout = None if deadline is None else deadline - time.monotonic()
+        while not self.rt.stopping:
+            timeout = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if timeout <= 0:
+                return
             try:
-                frame = await asyncio.wait_for(frames.get(), timeout) if timeout is None or timeout > 0 else None
+                frame = await asyncio.wait_for(frames.get(), timeout)
             except asyncio.TimeoutError:
-                frame = None
+                continue
             if frame is None:
-                return  # done, or held long enough: the client resumes with Last-Event-ID
+                return
             yield frame
 
     async def _hold(self, h: str, sid: str) -> None:
@@ -115,7 +119,7 @@ class Streams:
         request_id = next((_request_id(d) for _, d, k in rows if k == PRIMING), None)
         pending = [r for r in rows if _after(r[0], after)]
         last, quiet = after, time.monotonic()
-        while True:
+        while not self.rt.stopping:  # stopping: the client resumes from `last` elsewhere
             for eid, data, kind in pending:
                 last = eid
                 if kind != PRIMING:
@@ -155,7 +159,11 @@ class Streams:
             if waited % KEEPALIVE_SECONDS == 0:
                 yield b": keep-alive\n\n"
 
-    async def close(self) -> None:
+    async def close(self, grace: float) -> None:
+        """Let running calls finish (their clients resume elsewhere and read the answers from
+        Redis) for up to grace seconds, then cancel them."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -259,8 +259,8 @@ class Gateway:
         await self.sessions.end(sess)
         return Response(status_code=204)
 
-    async def close(self) -> None:
-        await self.streams.close()
+    async def close(self, grace: float = 20.0) -> None:
+        await self.streams.close(grace)
 
 
 _GONE = RpcError(INVALID_REQUEST, "session not found: it ended or expired; send initialize again", status=404)
