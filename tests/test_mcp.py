@@ -59,7 +59,9 @@ def cluster(start_manager, tmp_path: Path) -> Iterator[Any]:  # type: ignore[no-
     lbs: list[HAProxy] = []
 
     def start(**over: Any) -> tuple[HAProxy, list[ManagerProc]]:
-        ms = [start_manager(name=n, **over) for n in ("a", "b", "c")]
+        ms = [start_manager(name=n, wait=False, **over) for n in ("a", "b", "c")]
+        for m in ms:  # started together: a replica takes seconds to start
+            m.wait_alive()
         lbs.append(HAProxy([(m.replica_id, m.port) for m in ms], tmp_path))
         return lbs[-1], ms
 
@@ -115,18 +117,20 @@ async def _exercise(c: Client, lb: HAProxy, args: dict[str, Any]) -> None:
     assert len(progress) >= 2 and progress == sorted(progress), progress
 
 
-def test_sessions_of_2025_11_25_on_any_replica(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_both_revisions_on_any_replica(cluster) -> None:  # type: ignore[no-untyped-def]
     # a call's SSE answer is closed after 1 s: the client resumes it with Last-Event-ID, wherever
     lb, ms = cluster(mcp={"stream_close_seconds": 1.0})
+
+    # 2025-11-25: Mcp-Session-Id minted by the manager, kept in Redis
     wire = Wire()
 
-    async def run() -> None:
+    async def legacy() -> None:
         async with sdk(lb.url, wire, "legacy") as c:
             assert c.protocol_version == "2025-11-25"
             await _exercise(c, lb, {})
             assert len(admin_nodes(lb.url)) == 1  # a normal session: the admin view lists it
 
-    asyncio.run(run())
+    asyncio.run(legacy())
     posts = [s for s in wire.seen if s["method"] == "POST"]
     assert len({s["replica"] for s in posts}) == 3, posts  # no stickiness: every replica served it
     resumed = [s for s in wire.seen if s["resume"]]
@@ -135,13 +139,11 @@ def test_sessions_of_2025_11_25_on_any_replica(cluster) -> None:  # type: ignore
     assert [s["status"] for s in closing] == [204], closing
     wait_for(lambda: admin_nodes(lb.url) == [], what="the node released by DELETE")
 
-
-def test_stateless_2026_07_28_with_handles(cluster) -> None:  # type: ignore[no-untyped-def]
-    lb, ms = cluster()
+    # 2026-07-28: server/discover, no sessions, the node handle as a routed tool argument
     wire = Wire()
 
-    async def run() -> None:
-        async with sdk(lb.url, wire, "auto") as c:  # server/discover, then the stateless revision
+    async def modern() -> None:
+        async with sdk(lb.url, wire, "auto") as c:
             assert c.protocol_version == "2026-07-28"
             made = await c.call_tool("create_session", {})
             handle = made.structured_content["session"]
@@ -155,10 +157,9 @@ def test_stateless_2026_07_28_with_handles(cluster) -> None:  # type: ignore[no-
                 await c.call_tool(SHELL, {"session": handle, "command": "true"})
             assert err.value.code == -32602
 
-    asyncio.run(run())
+    asyncio.run(modern())
     assert not any(s["method"] in ("GET", "DELETE") for s in wire.seen)  # no streams, no sessions
-    calls = [s for s in wire.seen if s["param_session"]]
-    assert calls, "the handle was never mirrored into Mcp-Param-Session"
+    assert any(s["param_session"] for s in wire.seen), "the handle was never mirrored into Mcp-Param-Session"
     assert len({s["replica"] for s in wire.seen}) == 3
     wait_for(lambda: admin_nodes(lb.url) == [], what="the node released by release_session")
 
