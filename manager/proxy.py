@@ -160,6 +160,8 @@ class Proxy:
         if to.via_owner:  # the owner's proxy finds the node by the session's cookie
             headers.append((b"cookie", b"node_id=" + node_id.encode()))
         timeout = self._timeouts.get(path, self._default_timeout)
+        circuits = rt.circuits
+        circuits.check(to.host)
 
         async def once(host: str, port: int) -> tuple[int, bytes]:
             up = await self.pool.request("POST", host, port, path.encode(), headers, _one(body),
@@ -173,7 +175,10 @@ class Proxy:
         try:
             try:
                 status, data = await once(to.host, to.port)
-            except ConnectFailed:
+            except ConnectFailed as exc:
+                if exc.host_unreachable:
+                    circuits.failure(to.host, to.port, rec.manager_id, str(exc))
+                    raise HostUnreachable(to.host, rec.manager_id, str(exc)) from None
                 if to.via_owner:
                     raise
                 rec = await self.resolver.revive(rec)  # moved or stopped since cached: once more
@@ -181,11 +186,20 @@ class Proxy:
         except UpstreamTimeout:
             self._count(path, 504)
             raise NodeReadTimeout(timeout) from None
+        except HostLost as exc:
+            self._count(path, 502)
+            circuits.failure(to.host, to.port, rec.manager_id, str(exc))
+            raise UpstreamLost(f"{exc}; the request may or may not have been carried out") from None
+        except HostUnreachable:
+            self._count(path, 503)
+            raise
         except UpstreamError:
             self._count(path, 503)
             raise NodeNotResponding() from None
         finally:
             rt.inflight -= 1
+        if circuits.is_open(to.host):
+            circuits.success(to.host)
         if not to.via_owner:
             rt.activity.record(rec.id, rec.manager_id)
         metrics.PROXY_SECONDS.labels(path).observe(time.perf_counter() - t0)
