@@ -13,6 +13,7 @@ from nodeops import capacity, intents, lifecycle, pool
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.placement import choose_manager
+from shared import metrics
 from shared.errors import ContainerGone, NodeNotFound, NoLiveManager
 from shared.models import IntentOp, NodeRecord, NodeStatus
 
@@ -125,6 +126,7 @@ async def logs(ops: NodeOps, node_id: str, tail: int, follow: bool) -> AsyncIter
     replicas = await owner_replicas(ops, rec.manager_id)
     if not replicas or not ops.cfg.internal_token:
         raise NoLiveManager(rec.manager_id)
+    metrics.FORWARDED.labels("logs").inc()  # read from the owner's engine, which may be another host's
     try:
         return await remote_stream(ops, replicas[0], f"/internal/nodes/{node_id}/logs?tail={tail}&follow={int(follow)}")
     except RemoteError as exc:

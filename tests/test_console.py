@@ -115,6 +115,7 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     c, node_id = new_session(manager.url)
     # created by a client: on the page within a second (the events stream, no reload)
     page.wait_for_selector(f'a[data-node="{node_id}"]', timeout=1000)
+    page.wait_for_selector(f"tr:has(a[data-node='{node_id}']) td:text-is('running')", timeout=5000)
     page.screenshot(path=str(RESULTS / "console-sessions.png"), full_page=True)
 
     page.click(f'a[data-node="{node_id}"]')
@@ -128,6 +129,12 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     page.keyboard.press("Enter")
     page.wait_for_selector("#terminal:has-text('term-42-ok')", timeout=15000)
     page.screenshot(path=str(RESULTS / "console-terminal.png"), full_page=True)
+
+    page.goto(manager.url + "/ui/#/cluster")  # charts have sampled /metrics since the login
+    page.wait_for_selector(f"#cluster td:text-is('{manager.replica_id}')")
+    page.wait_for_selector("#cluster .chart .u-over")
+    page.screenshot(path=str(RESULTS / "console-cluster.png"), full_page=True)
+    page.goto(manager.url + f"/ui/#/session/{node_id}")
 
     assert c.post("/execute_tool", json={"tool_name": "shell_command_executor",
                                          "arguments": {"command": "true"}}).status_code == 200
@@ -145,11 +152,6 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     page.wait_for_selector(f'a[data-node="{node2}"]', timeout=1000)
     assert c2.post("/release_session").status_code == 200
     page.wait_for_selector(f'a[data-node="{node2}"]', state="detached", timeout=2000)
-
-    page.goto(manager.url + "/ui/#/cluster")
-    page.wait_for_selector(f"#cluster td:text-is('{manager.replica_id}')")
-    page.wait_for_timeout(5500)  # a few metric samples for the charts
-    page.screenshot(path=str(RESULTS / "console-cluster.png"), full_page=True)
 
 
 def test_markup_a_node_prints_is_shown_as_text(manager: ManagerProc, context: BrowserContext) -> None:
@@ -225,3 +227,29 @@ def test_console_is_off_without_an_admin_token(start_manager: Any) -> None:
     for path in ("/ui/", "/ui/static/app.js", "/ui/whoami"):
         assert httpx.get(m.url + path).status_code == 404
     assert httpx.post(m.url + "/ui/login", json={"token": ""}, headers={"Origin": m.url}).status_code == 404
+
+
+def test_logs_of_a_node_on_another_manager_id_stream_through_any_replica(
+        manager_id_b: str, start_manager: Any) -> None:
+    a, b = start_manager(name="a"), start_manager(name="b", mid=manager_id_b)
+    c, node_id = new_session(b.url)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = httpx.get(f"{a.url}/admin/nodes/{node_id}/logs?tail=50", headers=auth, timeout=10)
+    assert r.status_code == 200 and "node ready on" in r.text, r.text
+    assert httpx.get(f"{a.url}/admin/nodes/{node_id}/logs?tail=-1", headers=auth).status_code == 400
+    assert httpx.get(f"{a.url}/admin/nodes/{'0' * 64}/logs", headers=auth).status_code == 404
+    line = f"followed-{uuid.uuid4().hex[:8]}"
+    seen = ""
+    with httpx.stream("GET", f"{a.url}/admin/nodes/{node_id}/logs?tail=0&follow=1", headers=auth,
+                      timeout=httpx.Timeout(20, connect=5)) as resp:
+        assert resp.status_code == 200
+        node_prints(c, line)
+        chunks = resp.iter_text()
+        while line not in seen:
+            seen += next(chunks)
+        assert c.post("/release_session").status_code == 200
+        for chunk in chunks:  # the stream ends when the node is gone
+            seen += chunk
+    assert "node ready on" not in seen  # tail=0: only what came after
+    # both reads went to the owner (one engine here: only the count tells they were forwarded)
+    assert 'toolserver_forwarded_requests_total{kind="logs"} 2.0' in httpx.get(a.url + "/metrics").text
