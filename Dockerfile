@@ -21,7 +21,13 @@ RUN set -eu; \
     else \
       python3 -m pip install --root /install --no-warn-script-location --root-user-action=ignore /src; \
     fi; \
-    test -x /install/usr/local/bin/toolserver-manager
+    test -x /install/usr/local/bin/toolserver-manager; \
+    # the console's libraries (scripts/build-manager-image.sh puts them in the context) where
+    # admin.console_assets_dir looks by default
+    if [ -d /src/build/console-assets ]; then \
+      mkdir -p /install/var/lib/toolserver-manager; \
+      cp -r /src/build/console-assets /install/var/lib/toolserver-manager/console-assets; \
+    fi
 
 # --- runtime image -----------------------------------------------------------------------------
 FROM ${BASE_IMAGE}

@@ -66,6 +66,13 @@ if [ "$(cat "$WHEELS/.deps" 2>/dev/null)" != "$deps_hash" ]; then
   echo "$deps_hash" >"$WHEELS/.deps"
 fi
 
+# --- the console's npm libraries, served under /ui/vendor/ (admin.console_assets_dir) ----------
+ASSETS="$(bash "$ROOT/scripts/console-assets.sh")" || die "the console's assets could not be installed"
+rm -rf "$ROOT/build/console-assets"
+mkdir -p "$ROOT/build/console-assets"
+(cd "$ASSETS" && cp --parents node_modules/@xterm/xterm/lib/xterm.mjs node_modules/@xterm/xterm/css/xterm.css \
+   node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css "$ROOT/build/console-assets/")
+
 # --- the image ---------------------------------------------------------------------------------
 say "building $IMAGE (base $BASE_IMAGE)"
 "$DOCKER" build --network none --build-arg BASE_IMAGE="$BASE_IMAGE" \
