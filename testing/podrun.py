@@ -95,6 +95,8 @@ def docker_run_kwargs(pod: dict[str, Any], container: dict[str, Any], fields: di
         kw["pid_mode"] = "host"
     if sc.get("capabilities", {}).get("drop"):
         kw["cap_drop"] = sc["capabilities"]["drop"]
+    if sc.get("capabilities", {}).get("add"):
+        kw["cap_add"] = sc["capabilities"]["add"]
     if sc.get("allowPrivilegeEscalation") is False:
         kw["security_opt"] = [*kw.get("security_opt", []), "no-new-privileges"]
     def expand(args: list[str]) -> list[str]:

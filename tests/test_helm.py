@@ -46,6 +46,7 @@ CASES: dict[str, list[Path]] = {
     "external-sentinel": [CI / "external-sentinel-values.yaml"],
     "bundled-redis": [CI / "bundled-redis-values.yaml"],
     "monitoring": [CI / "monitoring-values.yaml"],
+    "dind": [CI / "dind-values.yaml"],
 }
 
 
@@ -278,6 +279,81 @@ def test_without_host_privileges_a_workspace_bound_refuses_to_render(helm: str) 
     assert "TSM_NODE__NETWORK__FIREWALL_HOST_NAMESPACE" not in env_of(c)
     assert {v["name"] for v in pod["volumes"]} >= {"docker-socket"} and not {"host-dev", "workspace-images"} & {
         v["name"] for v in pod["volumes"]}
+
+
+def socket_access(docs: list[dict[str, Any]]) -> str:
+    """How the manager container of a rendered pod can open the mounted docker socket: "root",
+    "the socket's group" (started as root, setpriv to its uid with the GID read off the socket),
+    "gid N" (a supplementary group given by hand) or "none"."""
+    pod = workload(docs)["spec"]["template"]["spec"]
+    c = manager_container(docs)
+    sc = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+    sock = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["docker-socket"]
+    script = " ".join(c.get("args", []))
+    if c["command"] == ["/bin/sh", "-c"] and f'gid="$(stat -c %g {sock})"' in script:
+        assert sc["runAsUser"] == 0 and set(sc["capabilities"]["add"]) == {"SETUID", "SETGID"}
+        assert sc["capabilities"]["drop"] == ["ALL"] and sc["allowPrivilegeEscalation"] is False
+        assert re.search(r'exec setpriv --reuid=10001 --regid=10001 --groups="\$gid" --inh-caps=-all -- '
+                         r'toolserver-manager --config ', script), script
+        return "the socket's group"
+    if sc.get("runAsUser") == 0:
+        return "root"
+    groups = pod.get("securityContext", {}).get("supplementalGroups") or []
+    return f"gid {groups[0]}" if groups else "none"
+
+
+@pytest.mark.parametrize(("sets", "access"), [
+    ([], "root"),  # hostIsolation (default): privileged root for workspaces and the firewall
+    (["hostIsolation.enabled=false", "config.node.disk.workspace_bytes=0"], "the socket's group"),
+    (["hostIsolation.enabled=false", "config.node.disk.workspace_bytes=0", "docker.hostSocket.group=998"],
+     "gid 998"),
+], ids=["default", "no-host-privileges", "gid-by-hand"])
+def test_daemonset_pods_can_open_the_socket_without_a_hand_set_value(helm: str, sets: list[str],
+                                                                     access: str) -> None:
+    docs = template(helm, sets=["mode=daemonset", *sets])
+    assert socket_access(docs) == access
+    if access == "gid 998":  # never root, not even at start
+        c = manager_container(docs)
+        assert c["command"] == ["toolserver-manager"] and "runAsUser" not in c["securityContext"]
+        assert workload(docs)["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_dind_gives_each_pod_an_engine_of_its_own(rendered, tmp_path: Path) -> None:
+    docs = rendered("dind")
+    pod = workload(docs)["spec"]["template"]["spec"]
+    (dind,) = [c for c in pod["containers"] if c["name"] == "dind"]
+    manager = manager_container(docs)
+    assert dind["image"] == "docker:24.0-dind" and dind["securityContext"]["privileged"] is True
+    # dockerd first: the image's entrypoint adds no TCP listener; the socket's group is the manager's
+    gid = pod["securityContext"]["runAsGroup"]
+    assert dind["args"] == ["dockerd", "--host=unix:///run/tsm-docker/docker.sock", f"--group={gid}"]
+    assert not any("tcp://" in a for a in dind["args"]) and "ports" not in dind
+    assert manager["securityContext"].get("runAsUser", pod["securityContext"]["runAsUser"]) == 10001
+    mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (dind, manager)}
+    assert mounts["dind"]["dind-socket"] == mounts["manager"]["dind-socket"] == "/run/tsm-docker"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dind-socket"] == {"name": "dind-socket", "emptyDir": {}}
+    assert volumes["dind-data"]["emptyDir"] == {"sizeLimit": "30Gi"} and mounts["dind"]["dind-data"] == "/var/lib/docker"
+    assert not [v for v in pod["volumes"] if "hostPath" in v] and "hostPID" not in pod  # nothing of the host
+    # what the manager sees: its own engine, its own manager_id, nodes published on the pod IP
+    env = podrun.environ(manager, {"metadata.name": "tsm-abcde", "status.podIP": "10.244.3.9"})
+    path = tmp_path / "manager.yml"
+    path.write_text(manager_yml(docs))
+    cfg = load_config(path, environ={k: v for k, v in env.items() if k.startswith("TSM_")})
+    assert cfg.manager_id == "tsm-abcde" and cfg.docker_host == "unix:///run/tsm-docker/docker.sock"
+    assert (cfg.node.publish_host, cfg.node.advertise_host) == ("10.244.3.9", "10.244.3.9")
+    assert cfg.node.network.publish and cfg.node.image_pull == "missing" and cfg.node.disk.workspace_bytes == 0
+    assert cfg.advertise_url == "http://10.244.3.9:8080"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["docker.dind.enabled=true"], "docker.dind.enabled needs config.node.disk.workspace_bytes=0"),
+    (["docker.dind.enabled=true", "config.node.disk.workspace_bytes=0", "config.node.image_pull=never"],
+     "docker.dind.enabled needs config.node.image_pull=missing"),
+])
+def test_dind_refuses_what_it_cannot_do_naming_the_value(helm: str, sets: list[str], message: str) -> None:
+    proc = run_helm(helm, "template", RELEASE, str(CHART), *[a for s in sets for a in ("--set", s)])
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
 def test_deployment_on_a_shared_engine_mounts_no_socket(rendered) -> None:

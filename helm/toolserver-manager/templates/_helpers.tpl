@@ -89,7 +89,28 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Whether pods drive their host's Docker engine (always in daemonset mode). */}}
 {{- define "toolserver-manager.hostSocket" -}}
-{{- if or (eq .Values.mode "daemonset") .Values.docker.hostSocket.enabled }}true{{ end }}
+{{- if and (not .Values.docker.dind.enabled) (or (eq .Values.mode "daemonset") .Values.docker.hostSocket.enabled) }}true{{ end }}
+{{- end }}
+
+{{/* Whether each pod runs its own engine, a Docker-in-Docker sidecar (clusters without Docker on the hosts). */}}
+{{- define "toolserver-manager.dind" -}}
+{{- if .Values.docker.dind.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The uid and gid the manager runs as (the image's 10001 unless podSecurityContext says otherwise). */}}
+{{- define "toolserver-manager.uid" -}}
+{{- .Values.podSecurityContext.runAsUser | default 10001 | int }}
+{{- end }}
+{{- define "toolserver-manager.gid" -}}
+{{- .Values.podSecurityContext.runAsGroup | default 10001 | int }}
+{{- end }}
+
+{{/*
+Whether the manager starts as root only to take the host socket's group, whatever its GID on
+that host, then runs as its uid (docker.hostSocket.group: auto, without hostIsolation's root).
+*/}}
+{{- define "toolserver-manager.socketGroupDrop" -}}
+{{- if and (include "toolserver-manager.hostSocket" .) (not (include "toolserver-manager.hostIsolation" .)) (eq (toString .Values.docker.hostSocket.group) "auto") }}true{{ end }}
 {{- end }}
 
 {{/* The manager runs with the host privileges its isolation needs (loop devices, host firewall). */}}
