@@ -116,6 +116,8 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     # created by a client: on the page within a second (the events stream, no reload)
     page.wait_for_selector(f'a[data-node="{node_id}"]', timeout=1000)
     page.wait_for_selector(f"tr:has(a[data-node='{node_id}']) td:text-is('running')", timeout=5000)
+    page.click(f"tr:has(a[data-node='{node_id}']) button:text-is('read')")  # CPU and memory on demand
+    page.wait_for_selector(f"tr:has(a[data-node='{node_id}']) td:has-text('CPU s')", timeout=10000)
     page.screenshot(path=str(RESULTS / "console-sessions.png"), full_page=True)
 
     page.click(f'a[data-node="{node_id}"]')
@@ -160,12 +162,17 @@ def test_markup_a_node_prints_is_shown_as_text(manager: ManagerProc, context: Br
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     c, node_id = new_session(manager.url)
     node_prints(c, MARKUP)
+    fname = "<b>f.txt"  # a file name is node-controlled too
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                      "arguments": {"command": f"touch '/app/workspace/{fname}'"}})
+    assert r.status_code == 200, r.text
     page.goto(manager.url + f"/ui/#/session/{node_id}")
+    wait_for(lambda: fname in page.locator("#files").inner_text(), timeout=10, what="the file name shown literally")
     page.wait_for_selector("#log div", timeout=10000)
     wait_for(lambda: MARKUP in page.locator("#log").inner_text(), timeout=10, what="the line shown literally")
     page.wait_for_timeout(500)
     assert page.locator("#log img").count() == 0
-    assert page.locator("img").count() == 0
+    assert page.locator("img, #files b").count() == 0
     assert dialogs == []
     c.post("/release_session")
 
