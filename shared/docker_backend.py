@@ -399,6 +399,8 @@ class DockerBackend(NodeBackend):
         workspace = ""
         try:
             if bounded:  # made last: only the container's creation can fail after it
+                if not await self.image_present():  # a file system made for nothing costs a mkfs
+                    raise ImageMissing(image)
                 workspace = await self._create_workspace(node.owner)
                 kwargs["mounts"] = [*kwargs.get("mounts", []),
                                     Mount(target=read_only_workspace, source=workspace, type="volume")]
