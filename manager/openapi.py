@@ -62,6 +62,25 @@ def build_spec(cfg: Config) -> dict[str, Any]:
                                       {"name": "manager_id", "in": "query", "schema": _STR},
                                       {"name": "token", "in": "query", "schema": _STR}])},
     }
+    if cfg.mcp.enabled:
+        rpc = {"type": "object", "properties": {"jsonrpc": {"const": "2.0"}}}
+        mcp_errors = {str(c): _json(rpc, f"a JSON-RPC error ({what})") for c, what in (
+            (400, "parse error, invalid request or params, header mismatch"), (401, "missing API key"),
+            (403, "Origin not allowed"), (404, "unknown or ended session; unknown method (2026-07-28)"),
+            (406, "Accept"), (413, "message too large"), (415, "Content-Type"), (503, "unavailable"))}
+        mcp_doc = ("MCP Streamable HTTP, revisions 2025-11-25 (Mcp-Session-Id) and 2026-07-28 "
+                   "(MCP-Protocol-Version, Mcp-Method, Mcp-Param-Session): see the README")
+        paths["/mcp"] = {
+            "post": _op("MCP: one JSON-RPC request or notification", {
+                "200": {"description": "application/json or text/event-stream"},
+                "202": {"description": "notification accepted"}, **mcp_errors}, description=mcp_doc,
+                requestBody={"required": True, "content": {"application/json": {"schema": rpc}}}),
+            "get": _op("MCP (2025-11-25): the session's SSE stream, or a dropped one resumed with Last-Event-ID",
+                       {"200": {"description": "text/event-stream"}, "405": {"description": "2026-07-28"},
+                        **mcp_errors}, description=mcp_doc),
+            "delete": _op("MCP (2025-11-25): end the session and release its node",
+                          {"204": {"description": "ended"}, "405": {"description": "2026-07-28"}, **mcp_errors},
+                          description=mcp_doc)}
     proxied = {"200": {"description": "the node's response, passed through (including 404, 422, 450, 500)"},
                **_err(403, 503)}
     for method, plist in (("post", cfg.redirect_to_node_path.post), ("get", cfg.redirect_to_node_path.get)):

@@ -35,6 +35,8 @@ def test_no_server_errors(fuzz_manager: ManagerProc) -> None:
     # schemathesis's pytest plugin does not run under pytest 9: drive its strategies with hypothesis
     schema = schemathesis.openapi.from_url(fuzz_manager.url + "/openapi.json")
     schema = schema.exclude(path="/get_cookie").exclude(path_regex="^/internal/nodes$")
+    # JSON-RPC errors carry no "detail"; test_mcp sends /mcp its bad input, by the spec's codes
+    schema = schema.exclude(path="/mcp")
     failures: list[str] = []
     count = 0
     for result in schema.get_all_operations():
