@@ -18,7 +18,7 @@ from manager import errors_http
 from manager.activity import ActivityRecorder, AddressCache
 from manager.entry import HeaderLimit, ManagerApp
 from manager.events_hub import EventHub
-from manager.mcp.transport import Gateway
+from manager.mcp import route as mcp_route
 from manager.proxy import Proxy
 from manager.registry import heartbeat_loop
 from manager.resolve import Resolver
@@ -65,7 +65,6 @@ def create_app(cfg: Config) -> ManagerApp:
         app.state.rt = rt
         app.state.resolver = resolver = Resolver(rt)
         app.state.proxy = Proxy(rt, resolver)
-        app.state.mcp = Gateway(rt, app.state.proxy)
         hub = app.state.hub = EventHub(store, rt.cache)
         checker = Checker(rt) if cfg.builtin_monitor else None
         app.state.checker = checker
@@ -88,7 +87,7 @@ def create_app(cfg: Config) -> ManagerApp:
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await rt.activity.flush()
-            await app.state.mcp.close()
+            await mcp_route.close(app)
             app.state.proxy.close()
             rt.circuits.close()
             await http.aclose()

@@ -18,6 +18,10 @@ from nodeops import sessions
 from shared.errors import ManagerError, NodeNotFound
 
 TOUCH_EVERY = 60.0  # seconds between TTL renewals of one session by one replica
+# a session's record is read from Redis at most this often per replica: ending it elsewhere
+# releases its node, which the resolver learns at once, so a stale copy serves nothing more
+CACHE_SECONDS = 2.0
+CACHE_MAX = 50_000
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class McpSessions:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._touched: dict[str, float] = {}
+        self._cache: dict[str, tuple[float, dict[str, str]]] = {}
 
     async def open(self, kind: str, version: str, owner: str, client: str) -> tuple[str, McpSession]:
         """A new node session and the token that names it (returned once, never stored)."""
@@ -61,10 +66,18 @@ class McpSessions:
         if not token or len(token) > 256:
             return None
         h = hash_token(token)
-        data = await self.rt.store.mcp_session_get(h)
+        now = time.monotonic()
+        hit = self._cache.get(h)
+        if hit is not None and hit[0] > now:
+            data: dict[str, str] | None = hit[1]
+        else:
+            data = await self.rt.store.mcp_session_get(h)
+            if data:
+                if len(self._cache) >= CACHE_MAX:
+                    self._cache.clear()
+                self._cache[h] = (now + CACHE_SECONDS, data)
         if not data or data.get("kind") != kind or data.get("owner", "") != owner:
             return None
-        now = time.monotonic()
         if now - self._touched.get(h, 0.0) > TOUCH_EVERY:
             self._touched[h] = now
             if len(self._touched) > 100_000:
@@ -78,8 +91,10 @@ class McpSessions:
             await sessions.release(self.rt, sess.node_id)
         await self.rt.store.mcp_session_delete(sess.token_hash)
         self._touched.pop(sess.token_hash, None)
+        self._cache.pop(sess.token_hash, None)
 
     async def forget(self, sess: McpSession) -> None:
         """The node is gone (released elsewhere): the token names nothing any more."""
         await self.rt.store.mcp_session_delete(sess.token_hash)
         self._touched.pop(sess.token_hash, None)
+        self._cache.pop(sess.token_hash, None)

@@ -319,8 +319,3 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
         raise RpcError(INVALID_REQUEST, "the client closed the request: cancelled", status=499)
     return task.result()
 
-
-async def endpoint(request: Request) -> Response:
-    """The /mcp route."""
-    gateway: Gateway = request.app.state.mcp
-    return await gateway.handle(request)
