@@ -27,8 +27,8 @@ def rank(own: str, policy: str, live: set[str], counts: dict[str, int], caps: di
     return by_load
 
 
-async def choose_manager(ops: NodeOps) -> str:
-    """The manager_id a new session goes to, by cluster.placement."""
+async def choose_managers(ops: NodeOps) -> list[str]:
+    """The manager_ids a new session may go to, by cluster.placement, best first (never empty)."""
     own_cap = await capacity.node_cap(ops)
     draining = await ops.store.draining()
     counts = await ops.store.node_counts()
@@ -47,4 +47,4 @@ async def choose_manager(ops: NodeOps) -> str:
         why = "draining" if ops.manager_id in draining else f"at capacity ({own_cap} nodes)"
         raise CapacityExhausted(f"no manager can take a new session: {ops.manager_id} is {why} and no other "
                                 f"live manager_id has room")
-    return ranked[0]
+    return ranked

@@ -4,6 +4,7 @@ manager_id, forwarded to a live replica of the owner otherwise."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,15 +13,30 @@ import msgspec
 from nodeops import capacity, intents, lifecycle, pool
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
-from nodeops.placement import choose_manager
+from nodeops.placement import choose_managers
 from shared import metrics
-from shared.errors import ContainerGone, NodeNotFound, NoLiveManager
+from shared.errors import ContainerGone, ImageMissing, NodeNotFound, NoLiveManager
 from shared.models import IntentOp, NodeRecord, NodeStatus
+
+log = logging.getLogger(__name__)
 
 
 async def create(ops: NodeOps, client: str = "", manager_id: str | None = None) -> NodeRecord:
-    """A new ready node for a client, placed on this engine or the least-loaded other one."""
-    mid = manager_id or await choose_manager(ops)
+    """A new ready node for a client, on manager_id or where placement puts it. An engine that
+    cannot take it now (no replica of it answers, or it lacks the node image) passes it to the
+    next one placement names; the last one's error is the answer."""
+    if manager_id:
+        return await _create_on(ops, manager_id, client)
+    *first, last = await choose_managers(ops)
+    for mid in first:
+        try:
+            return await _create_on(ops, mid, client)
+        except (NoLiveManager, ImageMissing) as exc:
+            log.warning("placement_next manager_id=%s reason=%r", mid, exc.detail)
+    return await _create_on(ops, last, client)
+
+
+async def _create_on(ops: NodeOps, mid: str, client: str) -> NodeRecord:
     if mid != ops.manager_id:
         data = await forward(ops, mid, "POST", "/internal/nodes", {"client": client})
         return msgspec.convert(data, NodeRecord)

@@ -65,7 +65,9 @@ def cluster(engine2: str, start_manager, tmp_path: Path, prefix: str, manager_id
                           "fanout_timeout_seconds": 2}}
     a1 = start_manager(name="a1", **common)
     a2 = start_manager(name="a2", **common)
-    b1 = start_manager(name="b1", mid=mid_b, docker_host=engine2, **common)
+    # sessions made through b1 stay on engine B, whose nodes the tests drive (placement spreads otherwise)
+    b1 = start_manager(name="b1", mid=mid_b, docker_host=engine2,
+                       **{**common, "cluster": {**common["cluster"], "placement": "local"}})
     lb = HAProxy([(m.replica_id, m.port) for m in (a1, a2, b1)], tmp_path)
     wait_for(lambda: len(httpx.get(a1.url + "/admin/replicas", headers=ADMIN).json()["replicas"]) == 3,
              what="three registered replicas")
@@ -245,6 +247,35 @@ def test_spread_placement_evens_engines_and_skips_a_full_one(engine2: str, start
         lb.stop()
         remove_containers(d2, mid_b)
         d2.close()
+
+
+def test_an_engine_that_cannot_take_a_session_passes_it_on(start_manager, manager_id: str, manager_id_b: str,
+                                                            docker_client: docker.DockerClient) -> None:
+    """Placement's first choice fails at once (its replica died before its registry entry expired;
+    its engine lacks the node image): the next manager_id takes the session."""
+    a = start_manager(name="a")
+    b = start_manager(name="b", mid=manager_id_b, cluster={"replica_ttl_seconds": 60})
+    wait_for(lambda: len(httpx.get(a.url + "/admin/replicas", headers=ADMIN).json()["replicas"]) == 2,
+             what="both registered")
+    first = httpx.post(a.url + "/get_cookie", timeout=60)
+    assert first.status_code == 200
+    assert docker_client.containers.get(first.cookies["node_id"]).labels[LABEL] == manager_id
+    b.kill()  # still registered for a minute: b, with fewer nodes, is placement's first choice
+    r = httpx.post(a.url + "/get_cookie", timeout=60)
+    assert r.status_code == 200, r.text
+    assert docker_client.containers.get(r.cookies["node_id"]).labels[LABEL] == manager_id
+    assert f"placement_next manager_id={manager_id_b} reason='no live manager for {manager_id_b}'" in a.logs()
+
+    image = f"toolserver-node:absent-{uuid.uuid4().hex[:8]}"
+    c = start_manager(name="c", mid=manager_id_b, node={"creation_kwargs": {"image": image}})
+    wait_for(lambda: manager_id_b in {r["manager_id"] for r in
+                                      httpx.get(a.url + "/admin/replicas", headers=ADMIN).json()["replicas"]
+                                      if r["replica_id"] == c.replica_id}, what="c registered")
+    r = httpx.post(c.url + "/get_cookie", timeout=60)  # c's engine lacks the image: a's has it
+    assert r.status_code == 200, r.text
+    assert docker_client.containers.get(r.cookies["node_id"]).labels[LABEL] == manager_id
+    assert f"placement_next manager_id={manager_id_b} reason='node image {image} is not on the engine'" in c.logs()
+    assert httpx.get(c.url + "/ready").status_code == 503
 
 
 def test_registry_heartbeat_and_graceful_deregistration(cluster: Cluster, redis_client: redis.Redis) -> None:
