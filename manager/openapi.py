@@ -38,7 +38,7 @@ def build_spec(cfg: Config) -> dict[str, Any]:
     session = {"parameters": [COOKIE]}
     paths: dict[str, Any] = {
         "/alive": {"get": _op("Liveness", {"200": _json({"const": "alive"}, "alive")})},
-        "/ready": {"get": _op("Readiness: Redis and the engine reachable",
+        "/ready": {"get": _op("Readiness: Redis and the engine reachable, the node image on the engine",
                               {"200": _json({"type": "object"}, "ready"), **_err(503)})},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text exposition",
                                                                "content": {"text/plain": {"schema": _STR}}}})},
