@@ -1,6 +1,6 @@
 """The MCP gateway driven by the official `mcp` SDK client, unchanged, through HAProxy over three
 replicas with no stickiness: both revisions end to end, a replica killed under an open stream,
-and bad input (the spec's codes, no 5xx, nothing created)."""
+bad input (the spec's codes, no 5xx, nothing created), and a 2026-07-28 call cancelled by closing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import httpx2
 import pytest
@@ -311,3 +312,20 @@ def test_bad_input_gets_the_spec_errors_and_changes_nothing(start_manager, docke
                 **{"mcp-param-session": handle})
     assert r.status_code == 200, r.text
     wait_for(lambda: state() == (0, 0), what="both nodes and sessions gone")
+
+
+def test_closing_a_2026_request_cancels_the_call(start_manager) -> None:  # type: ignore[no-untyped-def]
+    m = start_manager()
+    wire = Wire()
+
+    async def run() -> None:
+        async with sdk(m.url, wire, MODERN) as c:
+            handle = (await c.call_tool("create_session", {})).structured_content["session"]
+            with anyio.move_on_after(1.0):  # the client gives up: its POST is closed
+                await c.call_tool(SHELL, {"session": handle, "command": "sleep 2.5; touch late"})
+            await asyncio.sleep(3)
+            r = await c.call_tool(SHELL, {"session": handle, "command": "ls late || echo cancelled"})
+            assert "cancelled" in text(r), text(r)
+            await c.call_tool("release_session", {"session": handle})
+
+    asyncio.run(run())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -44,6 +45,8 @@ from manager.proxy import Proxy
 from manager.runtime import Runtime
 from shared import metrics
 from shared.errors import ManagerError
+
+log = logging.getLogger(__name__)
 
 SESSION_HEADER = "mcp-session-id"
 VERSION_HEADER = "mcp-protocol-version"
@@ -316,6 +319,7 @@ async def _until_disconnect(request: Request, work: Any) -> Any:
         watcher.cancel()
     if not task.done():
         task.cancel()
+        log.info("mcp_call_cancelled reason=client_closed")
         raise RpcError(INVALID_REQUEST, "the client closed the request: cancelled", status=499)
     return task.result()
 

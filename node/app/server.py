@@ -139,6 +139,33 @@ def wrap_tool_response(obj):
     return {"type": "simple", "data": obj}
 
 
+async def _unless_client_leaves(request, work):
+    """Run a tool unless the client closes the connection first: then it is cancelled (a shell's
+    processes are killed), as nobody will read its result (MCP 2026-07-28: closing cancels)."""
+    import asyncio
+
+    task = asyncio.ensure_future(work)
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled() or not task.done():
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        raise NodeError(499, "the client closed the connection: the tool was cancelled")
+    return task.result()
+
+
 async def execute_tool(request):
     data = await _body(request)
     tool_name = _field(data, "tool_name", str)
@@ -155,7 +182,7 @@ async def execute_tool(request):
     env_name = _field(data, "env_name", str, None, nullable=True)
     tool = registry.lookup(tool_name, env_name)
     try:
-        result = await registry.execute(tool, arguments)
+        result = await _unless_client_leaves(request, registry.execute(tool, arguments))
         return JSON(wrap_tool_response(result))
     except NodeError as exc:
         if exc.status >= 500:
