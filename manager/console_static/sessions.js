@@ -19,8 +19,10 @@ export async function runAction(id, action, refresh, flash) {
 }
 
 export function actionButtons(n, actions, refresh, flash) {
+  // tiers (running, paused, stopped, archived) once records carry them; else the status alone
+  const idle = ['paused', 'stopped', 'archived', 'exited'].includes(n.tier || n.status);
   const enabled = a => n.status !== 'released' && !(a === 'stop' && n.status !== 'running')
-    && !(a === 'pause' && n.status !== 'running') && !(a === 'resume' && !['paused', 'exited', 'archived'].includes(n.tier || n.status));
+    && !(a === 'pause' && n.status !== 'running') && !(a === 'resume' && !idle);
   return h('span', { class: 'toolbar' }, actions.filter(enabled).map(
     a => confirmButton(a, `${a}:${n.id}`, () => runAction(n.id, a, refresh, flash))));
 }
