@@ -272,6 +272,8 @@ class Hosts:
         h.start_dockerd()
         h.timings["dockerd"] = time.monotonic() - t0
         h.docker("load", "-q", "-i", str(image))
+        # the cached tar carries the tag it was saved under (another run's, for the same image id)
+        h.docker("tag", image.stem, self.image)
         h.timings["image_loaded"] = time.monotonic() - t0
 
     def manager_config(self, h: Host) -> dict[str, Any]:
