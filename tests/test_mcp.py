@@ -232,7 +232,8 @@ def _code(r: httpx.Response) -> int:
 
 def test_bad_input_gets_the_spec_errors_and_changes_nothing(start_manager, docker_client, manager_id: str,
                                                             redis_client: redis.Redis, prefix: str) -> None:
-    m = start_manager(client_auth={"api_keys": [KEY_A, KEY_B]}, mcp={"max_message_bytes": 65536})
+    m = start_manager(client_auth={"api_keys": [KEY_A, KEY_B]}, mcp={"max_message_bytes": 65536},
+                      quota={"client_header": "X-API-Key", "per_client": 2})
     url = m.url
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
@@ -295,6 +296,9 @@ def test_bad_input_gets_the_spec_errors_and_changes_nothing(start_manager, docke
                                        **{"mcp-param-session": handle}), 400, -32602),
         ("2026: unknown method", _modern(url, "tools/explode", {}), 404, -32601),
         ("2026: initialize", _modern(url, "initialize", init["params"]), 404, -32601),
+        ("over the client's quota", _post(url, init), 429, -32000),
+        ("2026: over the client's quota", _modern(url, "tools/call", {"name": "create_session", "arguments": {}}),
+         429, -32000),
     ]
     for what, resp, status, code in cases:
         assert resp.status_code == status, (what, resp.status_code, resp.text)
@@ -302,9 +306,17 @@ def test_bad_input_gets_the_spec_errors_and_changes_nothing(start_manager, docke
             assert _code(resp) == code, (what, resp.text)
     assert state() == before  # nothing created, nothing lost
 
-    # the right client's calls still work, and ending each session releases its node
+    # the right client's calls still work, a stopped node is resumed by the next call, and ending
+    # each session releases its node
     r = _modern(url, "tools/call", shell, **{"mcp-param-session": handle})
     assert r.status_code == 200 and not r.json()["result"]["isError"], r.text
+    node = next(n for n in admin_nodes(url) if n["status"] == "running")["id"]
+    r = httpx.post(f"{url}/admin/nodes/{node}/stop", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    assert r.status_code == 200 and {n["id"]: n["status"] for n in admin_nodes(url)}[node] != "running", r.text
+    for call in (_post(url, {**listed, "method": "tools/call", "params": {"name": SHELL, "arguments": {}}},
+                       **{"mcp-session-id": sid}), _modern(url, "tools/call", shell, **{"mcp-param-session": handle})):
+        assert call.status_code == 200 and not call.json()["result"]["isError"], call.text
+    assert all(n["status"] == "running" for n in admin_nodes(url))
     assert httpx.delete(url + "/mcp", headers={"x-api-key": KEY_A, "mcp-session-id": sid}, timeout=30).status_code \
         == 204
     assert _post(url, listed, **{"mcp-session-id": sid}).status_code == 404  # ended: the client starts over
