@@ -88,6 +88,10 @@ class Keys:
         """String replica_id with a short TTL, renewed while the stream's call runs."""
         return f"{self.prefix}:mcp:stream_owner:{token_hash}:{stream_id}"
 
+    def mcp_cancel(self, token_hash: str, request_id: str) -> str:
+        """String with a TTL: the client cancelled this request of this session (2025-11-25)."""
+        return f"{self.prefix}:mcp:cancel:{token_hash}:{request_id}"
+
     def mcp_tools(self, image: str) -> str:
         """String: the MCP tool list last read from a node of this image (JSON)."""
         return f"{self.prefix}:mcp:tools:{image}"

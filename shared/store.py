@@ -634,6 +634,14 @@ class Store:
         with redis_errors():
             return bool(await self.redis.exists(self.keys.mcp_stream_owner(token_hash, stream_id)))
 
+    async def mcp_cancel(self, token_hash: str, request_id: str, ttl: float) -> None:
+        with redis_errors():
+            await self.redis.set(self.keys.mcp_cancel(token_hash, request_id), "1", px=int(ttl * 1000))
+
+    async def mcp_cancelled(self, token_hash: str, request_id: str) -> bool:
+        with redis_errors():
+            return bool(await self.redis.exists(self.keys.mcp_cancel(token_hash, request_id)))
+
     async def mcp_tools_put(self, image: str, tools_json: str, ttl: float) -> None:
         with redis_errors():
             await self.redis.set(self.keys.mcp_tools(image), tools_json, px=int(ttl * 1000))

@@ -130,6 +130,12 @@ def test_both_revisions_on_any_replica(cluster) -> None:  # type: ignore[no-unty
             assert c.protocol_version == "2025-11-25"
             await _exercise(c, lb, {})
             assert len(admin_nodes(lb.url)) == 1  # a normal session: the admin view lists it
+            # cancelling (notifications/cancelled, to whichever replica) stops the call where it runs
+            with anyio.move_on_after(1.0):
+                await c.call_tool(SHELL, {"command": "sleep 2.5; touch late"})
+            await asyncio.sleep(3)
+            r = await c.call_tool(SHELL, {"command": "ls late || echo cancelled"})
+            assert "cancelled" in text(r), text(r)
 
     asyncio.run(legacy())
     posts = [s for s in wire.seen if s["method"] == "POST"]

@@ -54,6 +54,7 @@ class Call:
     session: McpSession | None = None  # 2025-11-25: the Mcp-Session-Id's session
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # passed on to the node
     progress: Progress | None = None
+    cancelled: Callable[[], Awaitable[bool]] | None = None  # 2025-11-25: did the client cancel it?
 
 
 class Methods:
@@ -144,8 +145,8 @@ class Methods:
             return await self._upload(call, node_id, args)
         body = json.dumps({"tool_name": name, "arguments": args}).encode()
         work = self._node(call, node_id, "/execute_tool", body, call.extra_headers)
-        status, answer = await (with_progress(work, call.progress, self.rt.cfg.mcp.progress_interval_seconds)
-                                if call.progress else work)
+        status, answer = await (supervise(work, self.rt.cfg.mcp.progress_interval_seconds, call.progress,
+                                          call.cancelled) if call.progress or call.cancelled else work)
         if status == 404 and _detail(answer) == NODE_NOT_FOUND.format(name):
             raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}")
         return tools.node_result(status, answer)
@@ -225,8 +226,10 @@ def as_rpc(exc: ManagerError) -> RpcError:
     return RpcError(SERVER_ERROR, exc.detail, data={"status": exc.status_code}, status=exc.status_code)
 
 
-async def with_progress(work: Awaitable[Any], progress: Progress, interval: float) -> Any:
-    """Await work, reporting elapsed seconds every interval until it is done."""
+async def supervise(work: Awaitable[Any], interval: float, progress: Progress | None,
+                    cancelled: Callable[[], Awaitable[bool]] | None) -> Any:
+    """Await work; every interval until it is done, report elapsed seconds and see whether the
+    client cancelled it (then the node's call is dropped, which cancels the tool there)."""
     task = asyncio.ensure_future(work)
     elapsed = 0.0
     try:
@@ -235,7 +238,10 @@ async def with_progress(work: Awaitable[Any], progress: Progress, interval: floa
             if done:
                 return task.result()
             elapsed += interval
-            await progress(elapsed, f"running for {elapsed:.0f} s")
+            if cancelled is not None and await cancelled():
+                raise RpcError(SERVER_ERROR, "cancelled by the client (notifications/cancelled)")
+            if progress is not None:
+                await progress(elapsed, f"running for {elapsed:.0f} s")
     finally:
         if not task.done():
             task.cancel()

@@ -48,6 +48,7 @@ from shared.errors import ManagerError
 
 log = logging.getLogger(__name__)
 
+CANCEL_TTL = 60.0  # a running call sees its cancellation within a progress interval
 SESSION_HEADER = "mcp-session-id"
 VERSION_HEADER = "mcp-protocol-version"
 SSE_HEADERS = {"cache-control": "no-cache, no-transform", "x-accel-buffering": "no"}
@@ -146,7 +147,14 @@ class Gateway:
         call = self._call(request, sess.version, False)
         call.session = sess
         if "id" not in msg:
-            return Response(status_code=202)  # notifications: initialized needs nothing, cancelled see README
+            if method == "notifications/cancelled":  # the call may run on any replica: say it in Redis
+                rid = params.get("requestId")
+                if isinstance(rid, (str, int)) and not isinstance(rid, bool) and len(str(rid)) <= 200:
+                    await self.rt.store.mcp_cancel(sess.token_hash, json.dumps(rid), CANCEL_TTL)
+            return Response(status_code=202)  # other notifications need nothing
+        if method == "tools/call":
+            h, rid = sess.token_hash, json.dumps(req_id)
+            call.cancelled = lambda: self.rt.store.mcp_cancelled(h, rid)
         try:
             if method == "tools/call" and _progress_token(params) is not None:
                 return await self._streamed(call, req_id, method, params)
