@@ -52,8 +52,9 @@ class UpstreamTimeout(UpstreamError):
 
 
 def _keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
-    """TCP keep-alive on a node connection: a request in flight to a host that vanished (no reset,
-    no answer) ends after idle + 3 unanswered probes a second apart, not at the read timeout."""
+    """A node connection notices a host that vanished (no reset, no answer) within idle + 3 s, not at
+    the read timeout: keep-alive probes while it waits for an answer, and a bound on how long sent
+    bytes may stay unacknowledged (a request written to a dead host retransmits for many minutes)."""
     sock = transport.get_extra_info("socket")
     if sock is None or idle <= 0:
         return
@@ -62,6 +63,7 @@ def _keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int((max(1, int(idle)) + 3) * 1000))
 
 
 class _Stray(Exception):
@@ -381,11 +383,11 @@ class UpstreamPool:
             except asyncio.TimeoutError:
                 conn.abort()
                 raise UpstreamTimeout("node response timed out") from None
-            except UpstreamError:
+            except UpstreamError as exc:
                 conn.abort()
                 # a reused connection the node had just closed: safe to retry only when nothing
-                # of a client body was consumed and the node sent nothing
-                if reused and not conn.got_bytes and body is None and attempt == 0:
+                # of a client body was consumed and the node sent nothing (never when its host is gone)
+                if reused and not conn.got_bytes and body is None and attempt == 0 and not isinstance(exc, HostLost):
                     continue
                 raise
             except BaseException:
