@@ -105,7 +105,9 @@ class Proxy:
                 upstream = await self.pool.request(scope["method"], host, port, target, headers, body,
                                                    self._connect_timeout, timeout)
             except ConnectFailed as exc:
-                if exc.host_unreachable:
+                if exc.timed_out and rec.manager_id != rt.manager_id:
+                    # another host's node did not answer at all: its host is down or cut off (any
+                    # other failure asks the owner below, whose replicas' failures open the circuit)
                     circuits.failure(host, port, rec.manager_id, str(exc))
                     raise HostUnreachable(host, rec.manager_id, str(exc)) from None
                 if via_owner:

@@ -37,9 +37,11 @@ class UpstreamError(Exception):
 class ConnectFailed(UpstreamError):
     """No connection could be opened: nothing was sent."""
 
-    def __init__(self, detail: str, host_unreachable: bool = False) -> None:
+    def __init__(self, detail: str, timed_out: bool = False) -> None:
         super().__init__(detail)
-        self.host_unreachable = host_unreachable  # timed out or no route: the host, not a port
+        # nothing answered at all: a host gone or cut off (a stopped container on a local bridge is
+        # "no route to host" once ARP gives up, a closed port a refusal)
+        self.timed_out = timed_out
 
 
 class HostLost(UpstreamError):
@@ -354,7 +356,7 @@ class UpstreamPool:
         except (OSError, asyncio.TimeoutError) as exc:
             why = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
             raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {why}",
-                                host_unreachable_error(exc)) from exc
+                                isinstance(exc, (asyncio.TimeoutError, TimeoutError))) from exc
         self._conns.add(conn)
         return conn, False
 
