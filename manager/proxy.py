@@ -124,7 +124,8 @@ class Proxy:
         except HostLost as exc:
             rt.inflight -= 1
             self._count(path, 502)
-            circuits.failure(host, port, rec.manager_id, str(exc))
+            if rec.manager_id != rt.manager_id:  # a local node's address is a container's, not a host's
+                circuits.failure(host, port, rec.manager_id, str(exc))
             raise UpstreamLost(f"{exc}; the request may or may not have been carried out") from None
         except HostUnreachable:
             rt.inflight -= 1
@@ -178,7 +179,7 @@ class Proxy:
             try:
                 status, data = await once(to.host, to.port)
             except ConnectFailed as exc:
-                if exc.host_unreachable:
+                if exc.timed_out and rec.manager_id != rt.manager_id:  # as in handle()
                     circuits.failure(to.host, to.port, rec.manager_id, str(exc))
                     raise HostUnreachable(to.host, rec.manager_id, str(exc)) from None
                 if to.via_owner:
@@ -190,7 +191,8 @@ class Proxy:
             raise NodeReadTimeout(timeout) from None
         except HostLost as exc:
             self._count(path, 502)
-            circuits.failure(to.host, to.port, rec.manager_id, str(exc))
+            if rec.manager_id != rt.manager_id:
+                circuits.failure(to.host, to.port, rec.manager_id, str(exc))
             raise UpstreamLost(f"{exc}; the request may or may not have been carried out") from None
         except HostUnreachable:
             self._count(path, 503)

@@ -71,16 +71,17 @@ def fault_table() -> Iterator[list[dict[str, Any]]]:
 
 
 def _on(c: Cluster, host_index: int) -> tuple[httpx.Client, str]:
-    """A session whose node lives on the given host (sessions are placed by whoever answers)."""
+    """A session whose node lives on the given host: made by that host's replica on its own engine
+    (what placement does for a session it sends there), then used through the balancer."""
     h = c.hosts.hosts[host_index]
     assert h.manager is not None
-    cl = httpx.Client(base_url=h.manager.url, timeout=60)
-    r = cl.post("/get_cookie")
+    r = httpx.post(h.manager.url + "/internal/nodes", json={}, headers={"x-tsm-internal-token": INTERNAL_TOKEN},
+                   timeout=60)
     assert r.status_code == 200, r.text
-    node_id = r.cookies["node_id"]
+    node_id = r.json()["id"]
+    assert r.json()["manager_id"] == h.name
     lb = c.client()
     lb.cookies.set("node_id", node_id)
-    cl.close()
     return lb, node_id
 
 
