@@ -41,9 +41,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("hosts")
-    # local placement: a session goes to the host whose manager is asked (_on relies on it)
-    hosts = Hosts(tmp, NODE_IMAGE, internal_token=INTERNAL_TOKEN, admin_token=ADMIN_TOKEN,
-                  manager_overrides={"cluster": {"placement": "local"}}).start()
+    # default placement (spread): _on makes a fault's sessions on the host it faults by itself
+    hosts = Hosts(tmp, NODE_IMAGE, internal_token=INTERNAL_TOKEN, admin_token=ADMIN_TOKEN).start()
     lb = None
     try:
         lb = HAProxy([(h.name, h.addr, h.manager.port) for h in hosts.hosts if h.manager], tmp)
