@@ -48,6 +48,7 @@ async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list
     resolver: Resolver = ws.app.state.resolver
     try:
         to = await resolver.target(rec, VIA_HEADER in ws.headers)
+        rt.circuits.check(to.host)  # HostUnreachable is a NoLiveManager: closed at once, naming the host
     except NoLiveManager as exc:
         await ws.close(code=1013, reason=exc.detail[:120])
         return
@@ -62,7 +63,11 @@ async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list
     except InvalidStatus as exc:
         await ws.close(code=1011, reason=f"node refused the upgrade: {exc.response.status_code}")
         return
-    except (OSError, InvalidHandshake, asyncio.TimeoutError):
+    except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and rec.manager_id != rt.manager_id:
+            rt.circuits.failure(to.host, to.port, rec.manager_id, "websocket connect timed out")
+            await ws.close(code=1013, reason=f"host {to.host} is unreachable"[:120])
+            return
         await ws.close(code=1011, reason="node is not responding")
         return
     await ws.accept(subprotocol=upstream.subprotocol)

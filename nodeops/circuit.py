@@ -101,13 +101,16 @@ class Circuits:
                  time.monotonic() - state.since)
 
     async def _probe(self, host: str, state: _Open) -> None:
+        loop = asyncio.get_running_loop()
         while self._open.get(host) is state:
-            await asyncio.sleep(self.probe_seconds)
+            t0 = loop.time()
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, state.port), self.probe_seconds)
                 writer.close()
             except (OSError, asyncio.TimeoutError) as exc:
                 if host_unreachable_error(exc):
+                    # one attempt per probe_seconds: a timed-out one has already waited that long
+                    await asyncio.sleep(max(0.0, self.probe_seconds - (loop.time() - t0)))
                     continue
             if self._open.get(host) is state:
                 self.success(host)
