@@ -314,8 +314,8 @@ def test_bad_input_gets_the_spec_errors_and_changes_nothing(start_manager, docke
 
     # the right client's calls still work, a stopped node is resumed by the next call, and ending
     # each session releases its node
-    r = _modern(url, "tools/call", shell, **{"mcp-param-session": handle})
-    assert r.status_code == 200 and not r.json()["result"]["isError"], r.text
+    r = _modern(url, "tools/call", shell, **{"mcp-param-session": handle, "mcp-param-trace": "for the node"})
+    assert r.status_code == 200 and not r.json()["result"]["isError"], r.text  # undeclared Mcp-Param-*: passed on
     node = next(n for n in admin_nodes(url) if n["status"] == "running")["id"]
     r = httpx.post(f"{url}/admin/nodes/{node}/stop", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
     assert r.status_code == 200 and {n["id"]: n["status"] for n in admin_nodes(url)}[node] != "running", r.text
