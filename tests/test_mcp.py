@@ -99,10 +99,10 @@ async def _exercise(c: Client, lb: HAProxy, args: dict[str, Any]) -> None:
     assert f"hi from {node_hostname(lb.url)}" in text(r)  # ran in this session's own node
 
     payload = "first line\nsecond line ünicode\n"
-    r = await c.call_tool("upload_file", {**args, "path": "in/notes.txt",
+    r = await c.call_tool("upload_file", {**args, "path": "in/nötes.txt",
                                           "content_base64": base64.b64encode(payload.encode()).decode()})
     assert not r.is_error, text(r)
-    r = await c.call_tool(READ, {**args, "filepath": "in/notes.txt"})
+    r = await c.call_tool(READ, {**args, "filepath": "in/nötes.txt"})
     assert not r.is_error and "second line ünicode" in text(r), text(r)
 
     r = await c.call_tool(READ, {**args, "filepath": "no/such/file"})

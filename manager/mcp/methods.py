@@ -172,12 +172,14 @@ class Methods:
         path, content = args.get("path"), args.get("content_base64")
         if not isinstance(path, str) or not path or not isinstance(content, str):
             raise RpcError(INVALID_PARAMS, "upload_file takes `path` and `content_base64` (strings)")
+        if any(ord(ch) < 32 or ch == "\x7f" for ch in path):
+            raise RpcError(INVALID_PARAMS, "upload_file: `path` has control characters")
         try:
             data = base64.b64decode(content, validate=True)
         except (binascii.Error, ValueError):
             raise RpcError(INVALID_PARAMS, "content_base64 is not valid base64") from None
         boundary = secrets.token_hex(16)
-        name = json.dumps(path)  # a quoted filename: quotes and backslashes escaped
+        name = json.dumps(path, ensure_ascii=False)  # quoted, with quotes and backslashes escaped
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename={name}\r\n"
                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
         status, answer = await self._node(call, node_id, "/upload_file", body,
