@@ -82,10 +82,10 @@ def text(result: Any) -> str:
 
 
 def node_hostname(url: str) -> str:
-    """The one node's short id (its hostname inside the container), from the admin view."""
+    """The one session's container's short id (its hostname), from the admin view."""
     nodes = admin_nodes(url)
     assert len(nodes) == 1, nodes
-    return nodes[0]["id"][:12]
+    return str(nodes[0].get("container_id") or nodes[0]["id"])[:12]
 
 
 async def _exercise(c: Client, lb: HAProxy, args: dict[str, Any]) -> None:
