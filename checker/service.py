@@ -16,6 +16,7 @@ import time
 
 from checker import intents, reconcile
 from checker.lease import Lease
+from checker.tiers import TierActions
 from nodeops import lost, pool
 from nodeops.context import NodeOps
 from shared import metrics
@@ -34,7 +35,7 @@ class LeaseLost(Exception):
 STORAGE_GC_CYCLES = 30  # one volume listing every 30 passes is enough for leftovers
 
 
-class Checker:
+class Checker(TierActions):
     def __init__(self, ops: NodeOps) -> None:
         self.ops = ops
         self.cfg = cfg = ops.cfg
@@ -48,6 +49,8 @@ class Checker:
         self._filling = False
         self.cycles = 0
         self._cache: dict[str, tuple[NodeRecord, str]] = {}  # node id -> (record, its updated_at)
+        self._rebuild = True  # the first pass of a lease holder takes ownerless workspaces for sessions
+        self._orphans: dict[str, float] = {}  # workspace -> when first seen without a session
 
     # --- leadership -------------------------------------------------------------
     async def run(self) -> None:
@@ -166,7 +169,7 @@ class Checker:
             if c.status == NodeStatus.RUNNING:
                 with contextlib.suppress(ManagerError):
                     await self.backend.stop(c.id, timeout=self.cfg.node.stop_timeout_seconds)
-                    await self.store.update_node(c.id, status=NodeStatus.EXITED, health="unhealthy",
+                    await self.store.update_node(c.session, status=NodeStatus.EXITED, health="unhealthy",
                                                  stopped_at=time.time(), ready_at=0)
         log.info("stop_after_exit manager_id=%s", self.mid)
 
@@ -177,6 +180,10 @@ class Checker:
 
     async def on_leader_start(self) -> None:
         """Remove test nodes of this manager_id (XAgent's later manager did this at election)."""
+        # Redis may have lost records (a flush ends every lease): the first pass rebuilds
+        # archived sessions from their workspaces before any workspace is judged an orphan
+        self._rebuild = True
+        self._orphans = {}
         for c in await self.backend.list(self.mid, Role.TEST):
             await self.backend.remove(c.id)
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_test").inc()
@@ -184,8 +191,12 @@ class Checker:
 
     def limits(self) -> reconcile.Limits:
         n = self.cfg.node
+        t = n.tiers
         return reconcile.Limits(
-            idle_seconds=n.idling_close_minutes * 60, idle_grace_seconds=n.idle_grace_seconds,
+            idle_seconds=n.idling_close_minutes * 60 if n.idling_close_minutes is not None else None,
+            idle_grace_seconds=n.idle_grace_seconds, pause_seconds=t.pause_after_seconds,
+            archive_seconds=t.archive_after_seconds, delete_seconds=t.delete_after_seconds,
+            orphan_workspace_grace_seconds=t.orphan_workspace_grace_seconds,
             exited_gc_seconds=n.exited_gc_minutes * 60,
             stuck_creation_seconds=max(self.cfg.checker.stuck_creation_seconds, n.creation_wait_seconds + 5),
             pool_max_age_seconds=self.cfg.pool.max_age_seconds,
@@ -198,12 +209,20 @@ class Checker:
         await intents.carry_out(self)  # first: the pass below must see what clients asked meanwhile
         members = await self.store.manager_node_ids(self.mid)
         records = await self._records([m for m in members if not is_reservation(m)])
-        idle = set(await self.store.idle_nodes(self.mid, time.time() - self.cfg.node.idling_close_minutes * 60))
+        limits = self.limits()
+        smallest = limits.smallest_idle()
+        idle = await self.store.idle_since(self.mid, time.time() - smallest) if smallest is not None else {}
         watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
+        # a creating or claiming replica not in here is dead: what it had not handed out goes
+        live = {r.replica_id for r in await self.store.live_replicas()} | {self.lease.holder}
         containers = await self.backend.list(self.mid)
+        rebuild = self._rebuild
+        workspaces = (await self.backend.workspaces(self.mid)
+                      if rebuild or self.cycles % STORAGE_GC_CYCLES == 0 else None)
         now = time.time()
-        p = reconcile.plan(self.mid, members, records, containers, idle, now, self.limits(), watchers)
+        p = reconcile.plan(self.mid, members, records, containers, idle, now, limits, watchers, live_replicas=live,
+                           workspaces=workspaces, rebuild=rebuild, orphans_seen=self._orphans)
         store = self.store
         ops: list[Op] = []
         ev = store.event_op
@@ -230,14 +249,31 @@ class Checker:
             ops.append(ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder)))
             if rec.role == Role.POOLED and rec.status == NodeStatus.RUNNING:
                 ops.append(store.pool_push_op(self.mid, rec.id))
+        for rec in p.restore:
+            ops += store.adopt_ops(rec, now)
+            ops.append(ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder,
+                                detail="archived, from its workspace")))
+        ops += await self._act_lost(p.lost)
         for m in p.stale_reservations:
             ops.append(store.unreserve_op(self.mid, m))
         ops.append(store.cycle_count_op(self.mid, self.lease.token or 0))
         await self._fenced(ops)
+        self._rebuild = self._rebuild and not rebuild
+        self._orphans = p.orphans_seen
 
         # engine actions, each confirmed by a fenced write; still the holder before each
+        for rec in p.expire:
+            await self._act_expire(rec)
+        for rec in p.archive:
+            await self._act_archive(rec)
         for rec in p.idle_stop:
             await self._act_idle_stop(rec)
+        for rec in p.pause:
+            await self._act_pause(rec)
+        for cid in p.duplicates:
+            await self._remove_duplicate(cid)
+        for name in p.orphan_workspaces:
+            await self._remove_orphan_workspace(name)
         for rec, why in p.remove:
             await self._act_remove(rec, why)
         for cid in p.remove_orphans:
@@ -254,7 +290,7 @@ class Checker:
                 log.info("orphan_storage_removed manager_id=%s count=%d", self.mid, gone)
         counts = _count(p, records)
         for action, ids in (("update", list(p.updates)), ("forget", [r.id for r in p.forget]),
-                            ("adopt", [r.id for r in p.adopt])):
+                            ("adopt", [r.id for r in p.adopt]), ("restore", [r.id for r in p.restore])):
             if ids:
                 metrics.CHECKER_ACTIONS.labels(self.mid, action).inc(len(ids))
                 log.info("checker_%s manager_id=%s count=%d node_ids=%s", action, self.mid, len(ids),
@@ -290,20 +326,29 @@ class Checker:
 
     async def _act_idle_stop(self, rec: NodeRecord) -> None:
         self._check_held()
+        n = self.cfg.node
+        threshold = n.idling_close_minutes * 60 if n.idling_close_minutes is not None else None
+        if threshold is not None and not await self._still_idle(rec, threshold) and \
+                self.cfg.events.stop_after_unwatched_seconds is None:
+            return  # work arrived since the plan was made
         with contextlib.suppress(ManagerError):
-            await self.backend.stop(rec.id, timeout=self.cfg.node.stop_timeout_seconds)
+            await self.backend.stop(rec.cid, timeout=self.cfg.node.stop_timeout_seconds)
         now = time.time()
         await self._fenced([
             self.store.update_op(rec.id, {"status": NodeStatus.EXITED, "health": "unhealthy", "ready_at": 0,
-                                          "stopped_at": f"{now:.3f}"}, now),
+                                          "paused_at": 0, "stopped_at": f"{now:.3f}"}, now),
             self.store.event_op(Event(type="idle_stopped", node_id=rec.id, manager_id=self.mid,
                                       replica_id=self.lease.holder))])
         metrics.CHECKER_ACTIONS.labels(self.mid, "idle_stop").inc()
+        metrics.TIER_TRANSITIONS.labels(self.mid, "stopped").inc()
         log.info("node_idle_stopped node_id=%s manager_id=%s", rec.id[:12], self.mid)
 
     async def _act_remove(self, rec: NodeRecord, why: str) -> None:
         self._check_held()
-        await self.backend.remove(rec.id)
+        if rec.cid:
+            await self.backend.remove(rec.cid)
+        if rec.workspace:
+            await self.backend.remove_workspace(rec.workspace)
         await self._fenced(self.store.delete_ops(rec) + [self.store.event_op(
             Event(type="released", node_id=rec.id, manager_id=self.mid, replica_id=self.lease.holder,
                   detail=why))])
@@ -349,7 +394,7 @@ def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:
         status = p.updates.get(rec.id, {}).get("status", rec.status)
         key = Role.POOLED if rec.role == Role.POOLED else status
         counts[key] = counts.get(key, 0) + 1
-    for rec in p.adopt:
+    for rec in p.adopt + p.restore:
         counts[rec.status] = counts.get(rec.status, 0) + 1
     return counts
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from shared.errors import RedisUnavailable
 from shared.models import NodeRecord
@@ -46,17 +47,48 @@ class AddressCache:
 
 
 class ActivityRecorder:
-    """Collects last-request times in memory and flushes them in batches."""
+    """Collects activity in memory and flushes it in batches.
+
+    Activity is work in progress: a node with a request in flight or an open WebSocket here is
+    flushed as active now at every flush, so it never looks idle however long the work takes;
+    its idle time starts when the last one ends. One pipeline a flush, never a write a request.
+    """
 
     def __init__(self, store: Store, interval: float) -> None:
         self.store = store
         self.interval = interval
         self._pending: dict[str, tuple[str, float]] = {}
+        self._busy: dict[str, list[Any]] = {}  # node id -> [manager_id, works in progress]
 
     def record(self, node_id: str, manager_id: str) -> None:
         self._pending[node_id] = (manager_id, time.time())
 
+    def begin(self, node_id: str, manager_id: str) -> None:
+        """A request or WebSocket of the node started."""
+        busy = self._busy.get(node_id)
+        if busy is None:
+            self._busy[node_id] = [manager_id, 1]
+        else:
+            busy[1] += 1
+        self._pending[node_id] = (manager_id, time.time())
+
+    def end(self, node_id: str) -> None:
+        """One ended; the last to end starts the node's idle time."""
+        busy = self._busy.get(node_id)
+        if busy is None:
+            return
+        busy[1] -= 1
+        if busy[1] <= 0:
+            del self._busy[node_id]
+        self._pending[node_id] = (busy[0], time.time())
+
+    def busy(self, node_id: str) -> bool:
+        return node_id in self._busy
+
     async def flush(self) -> None:
+        now = time.time()
+        for node_id, (mid, _) in self._busy.items():
+            self._pending[node_id] = (mid, now)
         if not self._pending:
             return
         batch, self._pending = self._pending, {}

@@ -21,6 +21,7 @@ from manager.events_hub import EventHub
 from manager.mcp import route as mcp_route
 from manager.proxy import Proxy
 from manager.registry import heartbeat_loop
+from manager.thaw import Thawer
 from manager.resolve import Resolver
 from manager.routing import build_routes
 from manager.runtime import Runtime
@@ -65,7 +66,7 @@ def create_app(cfg: Config) -> ManagerApp:
         app.state.rt = rt
         app.state.resolver = resolver = Resolver(rt)
         app.state.proxy = Proxy(rt, resolver)
-        hub = app.state.hub = EventHub(store, rt.cache)
+        hub = app.state.hub = EventHub(store, rt.cache, Thawer(rt))
         checker = Checker(rt) if cfg.builtin_monitor else None
         app.state.checker = checker
         tasks = [asyncio.create_task(coro, name=name) for name, coro in (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from manager.activity import AddressCache
 from shared.errors import RedisUnavailable
@@ -43,10 +44,12 @@ class Subscription:
 
 
 class EventHub:
-    def __init__(self, store: Store, cache: AddressCache) -> None:
+    def __init__(self, store: Store, cache: AddressCache,
+                 on_event: Callable[[Event], None] | None = None) -> None:
         self.store = store
         self.cache = cache
         self.subscribers: set[Subscription] = set()
+        self.on_event = on_event  # sees every event once, after the cache dropped its node
 
     def subscribe(self, node_id: str | None = None, manager_id: str | None = None) -> Subscription:
         sub = Subscription(self, node_id, manager_id)
@@ -64,6 +67,8 @@ class EventHub:
                 for ev in events:
                     last = ev.id
                     self.cache.invalidate(ev.node_id)
+                    if self.on_event is not None:
+                        self.on_event(ev)
                     for sub in list(self.subscribers):
                         if sub.wants(ev):
                             sub.offer(ev)

@@ -97,6 +97,7 @@ async def stream_events(ws: WebSocket, node_id: str | None, mid: str | None, dat
         if watch and node_id:
             await rt.store.watch_started(node_id)
             watched = True
+            rt.activity.begin(node_id, data["manager_id"])  # a watched session is not idle
         await ws.send_text(enc({"status": "connect", "success": True, "message": "connect success",
                                 "data": data}).decode())
         last = ws.query_params.get("last_event_id")
@@ -114,6 +115,7 @@ async def stream_events(ws: WebSocket, node_id: str | None, mid: str | None, dat
         sub.close()
         gauge.dec()
         if watched:
+            rt.activity.end(node_id)
             with contextlib.suppress(ManagerError):
                 await rt.store.watch_ended(node_id)
 

@@ -35,6 +35,7 @@ HOP_BY_HOP = frozenset({
     b"expect",
 })
 _VIA = VIA_HEADER.encode()
+_SECRET = NODE_SECRET_HEADER.encode()
 SMALL_BODY = 65536  # responses up to this size with a known length are sent in one piece
 
 
@@ -100,6 +101,8 @@ class Proxy:
         counter = [0]
         body = _counting(request, counter) if _has_body(scope) else None
         rt.inflight += 1
+        activity = rt.activity
+        activity.begin(rec.id, rec.manager_id)  # ended with the response (or the error) below
         try:
             try:
                 upstream = await self.pool.request(scope["method"], host, port, target, headers, body,
@@ -115,10 +118,13 @@ class Proxy:
                 # the node moved or stopped since we cached it: refresh, revive, retry once
                 # (nothing was sent: a failed connect consumed none of the client's body)
                 rec = await self.resolver.revive(rec)
+                # a session brought back from its workspace alone has a new secret
+                headers = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rec.secret.encode())]
                 upstream = await self.pool.request(scope["method"], rec.host, rec.port, target, headers, body,
                                                    self._connect_timeout, timeout)
         except UpstreamTimeout:
             rt.inflight -= 1
+            activity.end(rec.id)
             self._count(path, 504)
             raise NodeReadTimeout(timeout) from None
         except HostLost as exc:
@@ -133,22 +139,22 @@ class Proxy:
             raise
         except UpstreamError:
             rt.inflight -= 1
+            activity.end(rec.id)
             self._count(path, 503)
             raise NodeNotResponding() from None
         except BaseException:
             rt.inflight -= 1
+            activity.end(rec.id)
             raise
         if circuits.is_open(host):
             circuits.success(host)  # the half-open probe went through
-        if not via_owner:
-            rt.activity.record(rec.id, rec.manager_id)
         hist = self._histograms.get(path)
         if hist is None:
             hist = self._histograms[path] = metrics.PROXY_SECONDS.labels(path)
         hist.observe(time.perf_counter() - t0)
         metrics.PROXY_BYTES_IN.inc(counter[0])
         self._count(path, upstream.status_code)
-        return _Upstream(upstream, rt)
+        return _Upstream(upstream, rt, rec.id)
 
     async def call(self, node_id: str, path: str, body: bytes, content_type: str = "application/json",
                    extra: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
@@ -234,8 +240,9 @@ async def _counting(request: Request, counter: list[int]) -> AsyncIterator[bytes
 class _Upstream(Response):
     """Sends a node's response back as it arrives; small known-length bodies in one piece."""
 
-    def __init__(self, upstream: UpstreamResponse, rt: Runtime) -> None:
+    def __init__(self, upstream: UpstreamResponse, rt: Runtime, node_id: str) -> None:
         self.upstream = upstream
+        self.node_id = node_id
         self.status_code = upstream.status_code
         self.rt = rt
         self.raw_headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP]
@@ -274,4 +281,5 @@ class _Upstream(Response):
         finally:
             up.close()
             self.rt.inflight -= 1
+            self.rt.activity.end(self.node_id)
             metrics.PROXY_BYTES_OUT.inc(sent)

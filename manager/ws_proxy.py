@@ -71,14 +71,14 @@ async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list
         await ws.close(code=1011, reason="node is not responding")
         return
     await ws.accept(subprotocol=upstream.subprotocol)
-    rt.activity.record(rec.id, rec.manager_id)
+    rt.activity.begin(rec.id, rec.manager_id)  # an open socket is work in progress: never idle
     gauge = metrics.WEBSOCKETS.labels("proxy")
     gauge.inc()
     try:
         await _pump(ws, upstream, limit)
     finally:
         gauge.dec()
-        rt.activity.record(rec.id, rec.manager_id)
+        rt.activity.end(rec.id)
         with contextlib.suppress(Exception):
             await upstream.close()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from nodeops import resume
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.backend import NewNode
@@ -29,7 +30,7 @@ from shared.errors import (
     NodeTimeout,
     Unavailable,
 )
-from shared.models import NODE_SECRET_HEADER, Event, NodeRecord, NodeStatus, Role
+from shared.models import NODE_SECRET_HEADER, Event, NodeRecord, NodeStatus, Role, Tier
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ async def wait_ready(ops: NodeOps, rec: NodeRecord, deadline: float) -> bool:
             return True
         if time.monotonic() >= next_inspect:
             next_inspect = time.monotonic() + 0.5
-            info = await ops.backend.inspect(rec.id)
+            info = await ops.backend.inspect(rec.cid)
             if info.status in (NodeStatus.EXITED, NodeStatus.DEAD):
                 raise NodeTimeout(f"Node creation failed: the container {info.status}")
             if info.port and info.address != (rec.host, rec.port):
@@ -71,53 +72,55 @@ async def wait_ready(ops: NodeOps, rec: NodeRecord, deadline: float) -> bool:
 
 async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
                       reservation: str | None = None) -> NodeRecord:
-    """Create a node on this engine, record it, and return once it answers.
+    """Create a session (its workspace and a node on this engine), record it, return once it answers.
 
-    The container is created before it is started and recorded in between: a replica that
-    dies before the record leaves a never-started container, one that dies after leaves a
-    record that never became ready; the checker removes both past a deadline.
+    The record is written first, naming the workspace and (by the session id) the container
+    before either exists: a replica that dies at any step leaves a record in "creating" that
+    says what to remove, and the checker removes all of it once that replica's heartbeat has
+    expired. Nothing of a session that was never handed out is ever adopted.
     """
     cfg = ops.cfg
     t0 = time.monotonic()
     deadline = t0 + cfg.node.creation_wait_seconds
-    node_id: str | None = None
     rec: NodeRecord | None = None
     outcome = "error"
-    secret = secrets.token_urlsafe(32)
+    session_id = secrets.token_hex(32)  # the shape of a container id: cookies look as they always did
+    now = time.time()
+    new = NewNode(owner=ops.manager_id, role=role, client=client, secret=secrets.token_urlsafe(32),
+                  replica_id=ops.replica.replica_id, created_at=now, session_id=session_id,
+                  workspace=ops.backend.workspace_name(session_id))
     try:
-        node_id = await ops.backend.create(NewNode(owner=ops.manager_id, role=role, client=client, secret=secret,
-                                                   replica_id=ops.replica.replica_id, created_at=time.time()))
-        now = time.time()
-        rec = NodeRecord(id=node_id, short_id=node_id[:12], manager_id=ops.manager_id,
-                         status=NodeStatus.CREATING, created_at=now,
-                         updated_at=now, last_request_at=now, replica_id=ops.replica.replica_id, role=role,
-                         client=client, image=str(cfg.node.creation_kwargs.get("image", "")), secret=secret)
+        rec = NodeRecord(id=session_id, short_id=session_id[:12], manager_id=ops.manager_id,
+                         status=NodeStatus.CREATING, created_at=now, updated_at=now, last_request_at=now,
+                         replica_id=ops.replica.replica_id, role=role, client=client, workspace=new.workspace,
+                         image=str(cfg.node.creation_kwargs.get("image", "")), secret=new.secret)
         await ops.store.put_node(rec, replace_member=reservation)
         reservation = None
-        await ops.store.publish(Event(type="created", node_id=node_id, manager_id=ops.manager_id,
+        await ops.store.publish(Event(type="created", node_id=session_id, manager_id=ops.manager_id,
                                      replica_id=ops.replica.replica_id))
-        rec.host, rec.port = await ops.backend.start(node_id)
+        await ops.backend.create_workspace(new)
+        rec.container_id = await ops.backend.create(new)
+        rec.host, rec.port = await ops.backend.start(rec.container_id)
         # status stays "creating" until the node answers: the checker removes records stuck in it
-        await ops.store.update_node(node_id, host=rec.host, port=rec.port)
+        await ops.store.update_node(session_id, host=rec.host, port=rec.port, container_id=rec.container_id)
         if not await wait_ready(ops, rec, deadline):
             outcome = "timeout"
             raise NodeTimeout("Node creation timeout!")
         # readiness is ours (ready_at); `health` stays Docker's HEALTHCHECK state, synced by the checker
         rec.ready_at = time.time()
         rec.status = NodeStatus.RUNNING
-        await ops.store.update_node(node_id, ready_at=rec.ready_at, host=rec.host, port=rec.port,
+        await ops.store.update_node(session_id, ready_at=rec.ready_at, host=rec.host, port=rec.port,
                                     status=rec.status)
-        await ops.store.publish(Event(type="ready", node_id=node_id, manager_id=ops.manager_id,
+        await ops.store.publish(Event(type="ready", node_id=session_id, manager_id=ops.manager_id,
                                      replica_id=ops.replica.replica_id))
         outcome = "ready"
-        log.info("node_ready node_id=%s manager_id=%s elapsed_s=%.3f", node_id[:12], ops.manager_id,
-                 time.monotonic() - t0)
+        log.info("node_ready node_id=%s container=%s manager_id=%s elapsed_s=%.3f", session_id[:12],
+                 rec.container_id[:12], ops.manager_id, time.monotonic() - t0)
         return rec
     except BaseException as exc:
         # includes cancellation (the client went away): never leave a container or record behind
-        log.warning("node_create_failed node_id=%s manager_id=%s error=%r", (node_id or "-")[:12],
-                    ops.manager_id, exc)
-        await asyncio.shield(_discard(ops, node_id, rec, reservation, client))
+        log.warning("node_create_failed node_id=%s manager_id=%s error=%r", session_id[:12], ops.manager_id, exc)
+        await asyncio.shield(_discard(ops, rec, reservation, client))
         if isinstance(exc, ManagerError) or not isinstance(exc, Exception):
             raise
         raise Unavailable(f"Node creation failed: {exc}") from exc
@@ -125,30 +128,40 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
         metrics.NODE_CREATE_SECONDS.labels(outcome).observe(time.monotonic() - t0)
 
 
-async def _discard(ops: NodeOps, node_id: str | None, rec: NodeRecord | None, reservation: str | None,
-                   client: str) -> None:
+async def discard(ops: NodeOps, rec: NodeRecord) -> None:
+    """Remove a session entirely: its container, its workspace, then its record (in that order, so
+    that a failure half-way leaves a record saying what is left)."""
+    if rec.cid:
+        await ops.backend.remove(rec.cid)
+    if rec.workspace:
+        await ops.backend.remove_workspace(rec.workspace)
+    await ops.store.delete_node(rec)
+    ops.forget_address(rec.id)
+
+
+async def _discard(ops: NodeOps, rec: NodeRecord | None, reservation: str | None, client: str) -> None:
     try:
-        if node_id:
-            await ops.backend.remove(node_id)
         if rec is not None:
-            await ops.store.delete_node(rec)
+            await discard(ops, rec)
             await ops.store.publish(Event(type="released", node_id=rec.id, manager_id=ops.manager_id,
                                          replica_id=ops.replica.replica_id, detail="creation failed"))
         if reservation:
             await ops.store.unreserve(ops.manager_id, reservation, client)
     except ManagerError as exc:  # the checker removes what is left (stuck creation)
-        log.error("node_cleanup_failed node_id=%s error=%s", (node_id or "-")[:12], exc.detail)
+        log.error("node_cleanup_failed node_id=%s error=%s", (rec.id if rec else "-")[:12], exc.detail)
 
 
-async def _owned(ops: NodeOps, node_id: str) -> NodeRecord:
+async def owned(ops: NodeOps, node_id: str) -> NodeRecord:
+    """A session's record; NodeNotFound when there is none or it is being released."""
     rec = await ops.store.get_node(node_id)
     if rec is None or rec.status == NodeStatus.RELEASED:
         raise NodeNotFound(node_id)
     return rec
 
 
-async def _gone(ops: NodeOps, rec: NodeRecord) -> NodeNotFound:
-    """The container vanished behind our back: drop the record, answer as for an unknown id."""
+async def gone(ops: NodeOps, rec: NodeRecord) -> NodeNotFound:
+    """The engine says the session's container (and workspace, if it had one) is gone: drop the
+    record, answer as for an unknown id."""
     await ops.store.delete_node(rec)
     ops.forget_address(rec.id)
     await ops.store.publish(Event(type="removed", node_id=rec.id, manager_id=rec.manager_id,
@@ -157,17 +170,23 @@ async def _gone(ops: NodeOps, rec: NodeRecord) -> NodeNotFound:
 
 
 async def restart_node(ops: NodeOps, node_id: str, *, reason: str = "reconnect") -> NodeRecord:
-    """Restart (or start) a node, refresh its address, and wait until it answers."""
-    rec = await _owned(ops, node_id)
+    """Restart (or start) a session's node and wait until it answers; one whose container is gone
+    (archived) gets a new one on its workspace."""
+    rec = await owned(ops, node_id)
+    if rec.status == NodeStatus.ARCHIVED or not rec.cid:
+        return await resume.bring_back(ops, rec, auto=False, reason=reason)
     t0 = time.monotonic()
+    from_tier = rec.tier
     await ops.store.update_node(node_id, status=NodeStatus.RESTARTING, ready_at=0)
     ops.forget_address(node_id)
     try:
-        rec.host, rec.port = await ops.backend.restart(node_id, timeout=ops.cfg.node.stop_timeout_seconds)
+        rec.host, rec.port = await ops.backend.restart(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
     except ContainerGone:
-        raise await _gone(ops, rec) from None
+        if rec.workspace:
+            return await resume.bring_back(ops, rec, auto=False, reason=reason)
+        raise await gone(ops, rec) from None
     rec.status = NodeStatus.RUNNING
-    await ops.store.update_node(node_id, status=NodeStatus.RUNNING, host=rec.host, port=rec.port)
+    await ops.store.update_node(node_id, status=NodeStatus.RUNNING, host=rec.host, port=rec.port, paused_at=0)
     # other replicas drop their cached (old) port at once
     await ops.store.publish(Event(type="restarted", node_id=node_id, manager_id=rec.manager_id,
                                  replica_id=ops.replica.replica_id, detail=reason))
@@ -177,33 +196,47 @@ async def restart_node(ops: NodeOps, node_id: str, *, reason: str = "reconnect")
     await ops.store.update_node(node_id, ready_at=rec.ready_at)
     await ops.store.publish(Event(type="ready", node_id=node_id, manager_id=rec.manager_id,
                                  replica_id=ops.replica.replica_id))
+    if from_tier in (Tier.PAUSED, Tier.STOPPED):
+        await ops.store.publish(Event(type="resumed", node_id=node_id, manager_id=rec.manager_id,
+                                      replica_id=ops.replica.replica_id, detail=from_tier))
+    resume.observe(from_tier, t0)
     # a restarted node counts as active now, or the idle scan would stop it at once
     await ops.store.touch({node_id: (rec.manager_id, time.time())})
     return rec
 
 
 async def stop_node(ops: NodeOps, node_id: str, *, reason: str = "close") -> None:
-    rec = await _owned(ops, node_id)
+    """Stop a session's node (XAgent's close); an archived session has nothing left to stop."""
+    rec = await owned(ops, node_id)
+    if rec.status == NodeStatus.ARCHIVED or not rec.cid:
+        return
     try:
-        await ops.backend.stop(node_id, timeout=ops.cfg.node.stop_timeout_seconds)
+        await ops.backend.stop(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
     except ContainerGone:
-        raise await _gone(ops, rec) from None
-    await ops.store.update_node(node_id, status=NodeStatus.EXITED, ready_at=0, stopped_at=time.time())
+        if rec.workspace:
+            return  # the checker records it archived
+        raise await gone(ops, rec) from None
+    await ops.store.update_node(node_id, status=NodeStatus.EXITED, ready_at=0, stopped_at=time.time(), paused_at=0)
     ops.forget_address(node_id)
     await ops.store.publish(Event(type="stopped", node_id=node_id, manager_id=rec.manager_id,
                                  replica_id=ops.replica.replica_id, detail=reason))
 
 
 async def release_node(ops: NodeOps, node_id: str) -> None:
-    """Kill and remove a node and its record; a released node never comes back."""
+    """Remove a session: its container, its workspace and its record; it never comes back."""
     rec = await ops.store.get_node(node_id)
     if rec is None:
         raise NodeNotFound(node_id)
     # mark first: if removal fails (engine down) the checker finishes it, and proxies refuse it now
     await ops.store.update_node(node_id, status=NodeStatus.RELEASED)
     ops.forget_address(node_id)
+    existed = False
     try:
-        existed = await ops.backend.remove(node_id)
+        if rec.cid:
+            existed = await ops.backend.remove(rec.cid)
+        if rec.workspace:
+            await ops.backend.remove_workspace(rec.workspace)
+            existed = existed or rec.status == NodeStatus.ARCHIVED
     except EngineError as exc:
         log.warning("node_remove_failed node_id=%s error=%s", node_id[:12], exc.detail)
         raise
@@ -215,48 +248,21 @@ async def release_node(ops: NodeOps, node_id: str) -> None:
 
 
 async def node_detail(ops: NodeOps, node_id: str) -> dict[str, Any]:
-    """Record, container state and engine stats of one local node (admin inspect)."""
-    rec = await _owned(ops, node_id)
-    out: dict[str, Any] = {"record": rec.public()}
+    """Record, container state and engine stats of one local session (admin inspect)."""
+    rec = await owned(ops, node_id)
+    out: dict[str, Any] = {"record": rec.public(), "container": None}
     try:
-        info = await ops.backend.inspect(node_id)
-        out["container"] = {"status": info.status, "health": info.health, "port": info.port,
-                            "image": info.image, "labels": info.meta}
-        if info.status == NodeStatus.RUNNING:
-            out["stats"] = await ops.backend.stats(node_id)
+        if rec.cid:
+            info = await ops.backend.inspect(rec.cid)
+            out["container"] = {"id": info.id, "status": info.status, "health": info.health, "port": info.port,
+                                "image": info.image, "labels": info.meta}
+            if info.status == NodeStatus.RUNNING:
+                out["stats"] = await ops.backend.stats(rec.cid)
     except ContainerGone:
-        out["container"] = None
+        pass
     return out
 
 
 async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
-    """A local node up and answering: restarted when stopped and node.restart_stopped allows it."""
-    rec = await ops.store.get_node(node_id)
-    if rec is None or rec.status == NodeStatus.RELEASED:
-        raise NodeNotFound(node_id)
-    try:
-        info = await ops.backend.inspect(node_id)
-    except ContainerGone:
-        # only the engine's word that the container does not exist ends a session; an engine
-        # that cannot be reached (EngineUnavailable) is a passing fault, answered 503
-        info = None
-    if info is not None and info.status == NodeStatus.RUNNING and info.port:
-        if info.address != (rec.host, rec.port) or rec.status != NodeStatus.RUNNING:
-            (rec.host, rec.port), rec.status = info.address, NodeStatus.RUNNING
-            await ops.store.update_node(node_id, host=rec.host, port=rec.port, status=NodeStatus.RUNNING)
-        if await wait_ready(ops, rec, time.monotonic() + ops.cfg.node.creation_wait_seconds):
-            return rec
-        raise NodeNotResponding()
-    if info is None:
-        # gone from the engine: same answer as an unknown id
-        raise NodeNotFound(node_id)
-    if not ops.cfg.node.restart_stopped:
-        raise NodeNotRunning(node_id)
-    log.info("node_autorestart node_id=%s status=%s", node_id[:12], info.status)
-    metrics.SESSION_OPS.labels("autorestart", "ok").inc()
-    try:
-        return await restart_node(ops, node_id, reason="proxied request")
-    except EngineUnavailable:
-        raise
-    except Unavailable:
-        raise NodeNotResponding() from None
+    """A local session's node up and answering, from whatever tier it is in."""
+    return await resume.resume(ops, await owned(ops, node_id))

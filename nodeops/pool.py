@@ -29,7 +29,7 @@ async def claim(ops: NodeOps, client: str = "") -> NodeRecord | None:
         return None
     store = ops.store
     t0 = time.monotonic()
-    node_id = await store.claim_pooled(ops.manager_id, client)
+    node_id = await store.claim_pooled(ops.manager_id, client, ops.replica.replica_id)
     if not node_id:
         metrics.POOL_CLAIMS.labels("miss").inc()
         return None
@@ -66,8 +66,7 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
                 return
             rec = await lifecycle.create_node(ops, role=Role.POOLED)
             if not await offer(rec):
-                await ops.backend.remove(rec.id)
-                await ops.store.delete_node(rec)
+                await lifecycle.discard(ops, rec)
 
     results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
     for r in results:

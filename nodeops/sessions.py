@@ -50,7 +50,7 @@ async def create_local(ops: NodeOps, client: str = "") -> NodeRecord:
         return claimed
     c = ops.cfg.cluster
     reservation = await ops.store.reserve(ops.manager_id, await capacity.node_cap(ops), c.max_nodes_total, client,
-                                          ops.cfg.quota.per_client)
+                                          ops.cfg.quota.per_client, ops.replica.replica_id)
     return await lifecycle.create_node(ops, client=client, reservation=reservation)
 
 

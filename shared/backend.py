@@ -17,7 +17,7 @@ import msgspec
 
 from shared.models import NodeStatus, Role
 
-__all__ = ["Address", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role"]
+__all__ = ["Address", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role", "WorkspaceInfo"]
 
 
 class Address(NamedTuple):
@@ -36,6 +36,8 @@ class NewNode(msgspec.Struct, kw_only=True):
     created_at: float
     client: str = ""
     secret: str = ""  # the node requires it on every request; kept by the engine, never in a label
+    session_id: str = ""  # the session it serves; the container is named after it
+    workspace: str = ""  # the session's workspace (from create_workspace) to mount; "": none of its own
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
@@ -53,10 +55,29 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     client: str = ""
     image: str = ""
     meta: dict[str, str] = msgspec.field(default_factory=dict)  # engine metadata, shown to admins as is
+    session_id: str = ""  # the session it serves ("" for containers made before sessions had ids)
+    workspace: str = ""  # the session workspace it mounts
 
     @property
     def address(self) -> Address:
         return Address(self.host, self.port)
+
+    @property
+    def session(self) -> str:
+        """The session this container serves: its own id for containers older than session ids."""
+        return self.session_id or self.id
+
+
+class WorkspaceInfo(msgspec.Struct, kw_only=True):
+    """A session's workspace as the engine describes it."""
+
+    name: str
+    session_id: str
+    owner: str
+    role: str
+    replica_id: str
+    created: float
+    client: str = ""
 
 
 class NodeBackend(abc.ABC):
@@ -140,3 +161,33 @@ class NodeBackend(abc.ABC):
     async def collect_storage(self, owner: str, older_than: float) -> int:
         """Remove storage of owner's nodes that no longer exist, made before older_than; how many."""
         return 0
+
+    # --- session tiers and workspaces -----------------------------------------------
+    @abc.abstractmethod
+    async def pause(self, node_id: str) -> None:
+        """Freeze a running node: memory kept, no CPU."""
+
+    @abc.abstractmethod
+    async def unpause(self, node_id: str) -> None:
+        """Thaw a paused node."""
+
+    @abc.abstractmethod
+    def workspace_name(self, session_id: str) -> str:
+        """The name create_workspace gives a session's workspace."""
+
+    @abc.abstractmethod
+    async def create_workspace(self, node: NewNode) -> str:
+        """Make the workspace of node.session_id (labelled like its nodes, outliving them); its name."""
+
+    @abc.abstractmethod
+    async def ready_workspace(self, name: str) -> None:
+        """Make an existing workspace mountable again (its storage attached); WorkspaceUnavailable
+        when it cannot be, ContainerGone when the engine has no such workspace."""
+
+    @abc.abstractmethod
+    async def remove_workspace(self, name: str) -> None:
+        """Remove a session's workspace and whatever holds it; nothing left is fine."""
+
+    @abc.abstractmethod
+    async def workspaces(self, owner: str) -> list[WorkspaceInfo]:
+        """Every session workspace of owner: one engine call."""

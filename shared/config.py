@@ -88,11 +88,23 @@ class DiskConfig(Base):
     image_dir: str = "/var/lib/toolserver-manager/workspaces"  # where workspace images are kept
 
 
+class TiersConfig(Base):
+    """How long a session may sit idle (no request in flight, no open WebSocket) before it goes to
+    a cheaper tier; null turns a tier off. Stopping in between is node.idling_close_minutes."""
+
+    pause_after_seconds: float | None = 300.0  # docker pause: memory kept, no CPU, resumed in ms
+    archive_after_seconds: float | None = 86400.0  # container removed, workspace kept
+    delete_after_seconds: float | None = None  # retention: session and workspace removed; null: release only
+    # a session workspace with neither a record nor a container (its creation died before the
+    # record, or the record was lost) is removed this long after it was first seen so
+    orphan_workspace_grace_seconds: float = 600.0
+
+
 class NodeConfig(Base):
     """How nodes are created, probed and retired (XAgent's ``node`` section plus ours)."""
 
     creation_wait_seconds: float = 30.0
-    idling_close_minutes: float = 30.0
+    idling_close_minutes: float | None = 30.0  # idle time before a session's node is stopped; null: never
     # XAgent's manager.yml sets these two; accepted so it loads unchanged, never read: readiness
     # is always our own fast probe of health_path, and Docker's HEALTHCHECK is only recorded
     health_check: bool = True
@@ -107,6 +119,8 @@ class NodeConfig(Base):
     advertise_host: str = "127.0.0.1"  # address other replicas reach published ports at
     restart_stopped: bool = True  # a proxied request to a stopped node restarts it
     idle_grace_seconds: float = 60.0
+    # a stopped node without a workspace of its own (pooled, or made before sessions had one) is
+    # removed after this long; sessions with one are archived instead (tiers.archive_after_seconds)
     exited_gc_minutes: float = 24 * 60.0
     stop_timeout_seconds: int = 5
     read_only_root: bool = False  # superseded by disk.read_only_root; kept for old config files
@@ -118,6 +132,7 @@ class NodeConfig(Base):
     image_check_seconds: float = 30.0
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     disk: DiskConfig = msgspec.field(default_factory=DiskConfig)
+    tiers: TiersConfig = msgspec.field(default_factory=TiersConfig)
 
 
 class RedirectPaths(Base):

@@ -28,9 +28,10 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from shared import firewall, loopdisk
-from shared.backend import Address, NewNode, NodeBackend, NodeInfo
+from shared.backend import Address, NewNode, NodeBackend, NodeInfo, WorkspaceInfo
 from shared.config import Config
-from shared.errors import ConfigError, ContainerGone, EngineError, EngineUnavailable, ImageMissing
+from shared.errors import (ConfigError, ContainerGone, EngineError, EngineUnavailable, ImageMissing,
+                           WorkspaceUnavailable)
 from shared.models import NodeStatus, Role
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,13 @@ LABEL_PORT = LABEL_PREFIX + "node_port"
 LABEL_PROJECT = LABEL_PREFIX + "project"
 LABEL_EGRESS = LABEL_PREFIX + "egress"
 LABEL_IMAGE_FILE = LABEL_PREFIX + "image_file"
+LABEL_SESSION = LABEL_PREFIX + "session_id"
+LABEL_WORKSPACE = LABEL_PREFIX + "workspace"
 # node bridges are named <prefix><hash>: the host firewall (shared/firewall.py) matches the prefixes
 BRIDGE_PREFIXES = {"open": "tsmo", "none": "tsmn"}
 NETWORK_PREFIX = "tsm-"  # node networks: tsm-<manager_id>-<egress>
-WORKSPACE_PREFIX = "tsm-ws-"  # volume names of bounded workspaces
+WORKSPACE_PREFIX = "tsm-ws-"  # bounded workspaces of containers made before sessions had their own
+SESSION_WORKSPACE_PREFIX = "tsm-session-"  # a session's workspace: tsm-session-<session id>
 SECRET_ENV = "NODE_SECRET"  # how the reference node (node/app/auth.py) receives its secret
 # Docker's container states are ours by the same names; one the engine adds later passes as is
 _STATES = {s.value: s for s in (NodeStatus.CREATED, NodeStatus.RUNNING, NodeStatus.PAUSED, NodeStatus.RESTARTING,
@@ -116,7 +120,8 @@ class DockerBackend(NodeBackend):
         self.advertise_host = n.advertise_host
         self._creation_kwargs = n.creation_kwargs
         self._device_requests = n.device_requests
-        self._read_only_workspace = n.workspace_path if n.read_only_root or n.disk.read_only_root else ""
+        self._read_only_root = n.read_only_root or n.disk.read_only_root
+        self.workspace_path = n.workspace_path
         # None: nodes on the engine's default bridge with a published port, as before isolation
         self.network = n.network if n.network.isolated else None
         self.disk = n.disk
@@ -303,20 +308,69 @@ class DockerBackend(NodeBackend):
         self._networks[owner] = name
         return name
 
-    async def _create_workspace(self, owner: str) -> str:
-        """A volume on a fresh fixed-size ext4 image; its name."""
-        name = WORKSPACE_PREFIX + uuid.uuid4().hex
+    def workspace_name(self, session_id: str) -> str:
+        return SESSION_WORKSPACE_PREFIX + session_id
+
+    async def create_workspace(self, node: NewNode) -> str:
+        """The session's volume, labelled like its nodes: on a fresh fixed-size ext4 image when
+        node.disk.workspace_bytes bounds it, else a plain local volume; its name."""
+        name = self.workspace_name(node.session_id)
+        labels = {LABEL_MANAGER: node.owner, LABEL_PROJECT: "toolserver-manager", LABEL_SESSION: node.session_id,
+                  LABEL_ROLE: node.role, LABEL_REPLICA: node.replica_id, LABEL_CREATED: f"{node.created_at:.3f}"}
+        if node.client:
+            labels[LABEL_CLIENT] = node.client
+        if not self.disk.workspace_bytes:
+            await self._call(self.client.api.create_volume, name, driver="local", labels=labels)
+            return name
+        if not await self.image_present():  # a file system made for nothing costs a mkfs
+            raise ImageMissing(self.image)
         path = os.path.join(self.disk.image_dir, name + ".img")
         dev = await self._call(loopdisk.create, path, self.disk.workspace_bytes)
         try:
             await self._call(self.client.api.create_volume, name, driver="local",
-                             driver_opts={"type": "ext4", "device": dev},
-                             labels={LABEL_MANAGER: owner, LABEL_PROJECT: "toolserver-manager",
-                                     LABEL_IMAGE_FILE: path, LABEL_CREATED: f"{time.time():.3f}"})
+                             driver_opts={"type": "ext4", "device": dev}, labels={**labels, LABEL_IMAGE_FILE: path})
         except BaseException:
             await asyncio.shield(self._call(loopdisk.destroy, path))
             raise
         return name
+
+    async def ready_workspace(self, name: str) -> None:
+        """Attach the workspace's image again if it lost its loop device, and point the volume at it."""
+        vol = await self._call(self.client.api.inspect_volume, name)
+        labels = vol.get("Labels") or {}
+        path = labels.get(LABEL_IMAGE_FILE, "")
+        if not path:
+            return  # a plain volume: nothing to attach
+        session = labels.get(LABEL_SESSION, name)
+        try:
+            dev = await self._call(loopdisk.attach, path)
+        except loopdisk.DiskError as exc:
+            raise WorkspaceUnavailable(session, exc.detail) from exc
+        if (vol.get("Options") or {}).get("device") == dev:
+            return
+        # a volume's options are fixed at creation: made again (same name and labels) on the new
+        # device; its files live in the image, not in the volume
+        log.warning("workspace_reattached name=%s device=%s", name, dev)
+        try:
+            await self._call(self.client.api.remove_volume, name)
+            await self._call(self.client.api.create_volume, name, driver="local",
+                             driver_opts={"type": "ext4", "device": dev}, labels=labels)
+        except EngineError as exc:
+            raise WorkspaceUnavailable(session, exc.detail) from exc
+
+    async def remove_workspace(self, name: str) -> None:
+        await self._remove_workspace(name)
+
+    async def workspaces(self, owner: str) -> list[WorkspaceInfo]:
+        """Every session workspace of owner (one engine call)."""
+        raw = await self._call(self.client.api.volumes, filters={"label": [f"{LABEL_MANAGER}={owner}", LABEL_SESSION]})
+        out = []
+        for vol in (raw or {}).get("Volumes") or []:
+            labels = vol.get("Labels") or {}
+            out.append(WorkspaceInfo(name=vol["Name"], session_id=labels.get(LABEL_SESSION, ""), owner=owner,
+                                     role=labels.get(LABEL_ROLE, Role.NODE), replica_id=labels.get(LABEL_REPLICA, ""),
+                                     created=float(labels.get(LABEL_CREATED) or 0), client=labels.get(LABEL_CLIENT, "")))
+        return out
 
     async def _remove_workspace(self, name: str) -> None:
         """Remove a workspace volume, detach its loop device and delete its image."""
@@ -331,7 +385,7 @@ class DockerBackend(NodeBackend):
             await self._call(loopdisk.destroy, path)
 
     async def collect_storage(self, owner: str, older_than: float) -> int:
-        """Remove owner's workspaces no container uses, made before older_than."""
+        """Remove owner's workspaces of removed containers (not sessions'), made before older_than."""
         raw = await self._call(self.client.api.volumes,
                                filters={"label": [f"{LABEL_MANAGER}={owner}"], "dangling": True})
         gone = 0
@@ -344,30 +398,35 @@ class DockerBackend(NodeBackend):
 
     # --- containers -----------------------------------------------------------
     async def create(self, node: NewNode) -> str:
-        """Create (not start) a node container with its labels and published port; return its id.
+        """Create (not start) a node container with its labels, named after its session; its id.
 
         The secret reaches the node as NODE_SECRET in its environment (never in a label: labels
-        are listed by anyone who lists containers, and shown by the admin API).
-
-        With node.read_only_root, the root filesystem is read-only and only the workspace (an
-        anonymous volume, kept across restarts, removed with the node) and /tmp are writable.
+        are listed by anyone who lists containers, and shown by the admin API). The session's
+        workspace is mounted at node.workspace_path; with a read-only root, it and /tmp are all
+        the node can write. A name is unique on an engine: a second container for the same
+        session is refused (EngineError naming the conflict).
         """
         creation_kwargs = self._creation_kwargs
         device_requests = self._device_requests
-        read_only_workspace = self._read_only_workspace
         labels = {LABEL_MANAGER: node.owner, LABEL_ROLE: node.role, LABEL_CREATED: f"{node.created_at:.3f}",
                   LABEL_REPLICA: node.replica_id}
         if node.client:
             labels[LABEL_CLIENT] = node.client
+        if node.session_id:
+            labels[LABEL_SESSION] = node.session_id
+        if node.workspace:
+            labels[LABEL_WORKSPACE] = node.workspace
         kwargs = {k: v for k, v in creation_kwargs.items() if k not in _DROP_KWARGS}
         disk = self.disk
-        bounded = bool(read_only_workspace and disk.workspace_bytes)
-        if read_only_workspace:
+        if self._read_only_root:
             kwargs["read_only"] = True
             kwargs.setdefault("tmpfs", {"/tmp": f"rw,exec,nosuid,nodev,size={disk.tmp_bytes}"})
-            if not bounded:  # anonymous: kept across restarts, removed with the node
-                kwargs["mounts"] = [*kwargs.get("mounts", []),
-                                    Mount(target=read_only_workspace, source=None, type="volume")]
+        if node.workspace:
+            kwargs["mounts"] = [*kwargs.get("mounts", []),
+                                Mount(target=self.workspace_path, source=node.workspace, type="volume")]
+        elif self._read_only_root:  # anonymous: kept across restarts, removed with the node
+            kwargs["mounts"] = [*kwargs.get("mounts", []),
+                                Mount(target=self.workspace_path, source=None, type="volume")]
         if disk.log_bytes:
             kwargs["log_config"] = LogConfig(type="json-file", config={
                 "max-size": str(max(disk.log_bytes // 2, 1 << 16)), "max-file": "2"})
@@ -376,6 +435,8 @@ class DockerBackend(NodeBackend):
         image = kwargs.pop("image")
         kwargs["labels"] = {**dict(creation_kwargs.get("labels") or {}), **labels,
                             LABEL_PORT: str(self.node_port), LABEL_PROJECT: "toolserver-manager"}
+        if node.session_id:
+            kwargs["name"] = node.session_id
         if self.network is not None:
             for k in _NETWORK_KWARGS:
                 kwargs.pop(k, None)
@@ -396,26 +457,16 @@ class DockerBackend(NodeBackend):
             # the high-level call translates docker-py's run() kwargs (mem_limit, cap_drop, ...)
             return self.client.containers.create(image, **kwargs).id  # type: ignore[no-any-return]
 
-        workspace = ""
         try:
-            if bounded:  # made last: only the container's creation can fail after it
-                if not await self.image_present():  # a file system made for nothing costs a mkfs
-                    raise ImageMissing(image)
-                workspace = await self._create_workspace(node.owner)
-                kwargs["mounts"] = [*kwargs.get("mounts", []),
-                                    Mount(target=read_only_workspace, source=workspace, type="volume")]
             return await self._call(create)
-        except BaseException as exc:
-            if workspace:
-                await asyncio.shield(self._remove_workspace(workspace))
-            if isinstance(exc, ImageMissing):
-                raise ImageMissing(image) from exc
-            if isinstance(exc, EngineError):
-                if "network" in exc.detail and "not found" in exc.detail:
-                    self._networks.pop(node.owner, None)  # removed behind our back: made again next time
-                if "runtime" in exc.detail and self.runtime:
-                    raise EngineError(f"node.runtime {self.runtime!r} is not registered with the engine "
-                                      f"({exc.detail}); see the README") from exc
+        except ImageMissing as exc:
+            raise ImageMissing(image) from exc
+        except EngineError as exc:
+            if "network" in exc.detail and "not found" in exc.detail:
+                self._networks.pop(node.owner, None)  # removed behind our back: made again next time
+            if "runtime" in exc.detail and self.runtime:
+                raise EngineError(f"node.runtime {self.runtime!r} is not registered with the engine "
+                                  f"({exc.detail}); see the README") from exc
             raise
 
     async def start(self, node_id: str) -> Address:
@@ -440,8 +491,19 @@ class DockerBackend(NodeBackend):
     async def stop(self, node_id: str, timeout: int = 5) -> None:
         await self._call(self.client.api.stop, node_id, timeout=timeout)
 
+    async def pause(self, node_id: str) -> None:
+        await self._call(self.client.api.pause, node_id)
+
+    async def unpause(self, node_id: str) -> None:
+        try:
+            await self._call(self.client.api.unpause, node_id)
+        except EngineError as exc:
+            if "is not paused" not in exc.detail:  # thawed meanwhile by another caller: what we wanted
+                raise
+
     async def remove(self, node_id: str) -> bool:
-        """Kill and remove a container and its workspace; False when it was already gone."""
+        """Kill and remove a container (and a workspace that dies with it, as containers made before
+        sessions had their own have; a session's workspace is kept); False when it was already gone."""
         try:
             data = await self._call(self.client.api.inspect_container, node_id)
         except ContainerGone:
@@ -470,7 +532,8 @@ class DockerBackend(NodeBackend):
         return NodeInfo(id=cid, owner=labels.get(LABEL_MANAGER, ""), role=labels.get(LABEL_ROLE, Role.NODE),
                         status=_state(status), health=health, created=created, host=host,
                         port=port, replica_id=labels.get(LABEL_REPLICA, ""), client=labels.get(LABEL_CLIENT, ""),
-                        image=image, meta=labels)
+                        image=image, meta=labels, session_id=labels.get(LABEL_SESSION, ""),
+                        workspace=labels.get(LABEL_WORKSPACE, ""))
 
     async def inspect(self, node_id: str) -> NodeInfo:
         data = await self._call(self.client.api.inspect_container, node_id)

@@ -17,6 +17,7 @@
         ├── NodeTimeout         a node did not become ready in time
         ├── NodeNotRunning
         ├── NodeNotResponding
+        ├── WorkspaceUnavailable a session's workspace cannot be mounted (the session is kept)
         ├── NoLiveManager       no live replica of the owning manager_id
         │   └── HostUnreachable the host of a node (or of the owner's replicas) does not answer
         └── ImageMissing        the engine has no node image (not pulled or loaded yet)
@@ -116,6 +117,11 @@ class NodeNotRunning(Unavailable):
 class NodeNotResponding(Unavailable):
     def __init__(self) -> None:
         super().__init__("node is not responding")
+
+
+class WorkspaceUnavailable(Unavailable):
+    def __init__(self, session_id: str, why: str) -> None:
+        super().__init__(f"the workspace of session {session_id} cannot be mounted: {why}")
 
 
 class NoLiveManager(Unavailable):

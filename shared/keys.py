@@ -72,6 +72,10 @@ class Keys:
         """Stream of node lifecycle events (replayable by id)."""
         return f"{self.prefix}:events"
 
+    def session_lock(self, session_id: str) -> str:
+        """String 'holder' with a TTL: who is bringing a session's container back."""
+        return f"{self.prefix}:lock:{session_id}"
+
     def watchers(self, node_id: str) -> str:
         """String 'alive'/'close': liveness of a session's event watchers, as XAgent's MainServer."""
         return f"{self.prefix}:watch:{node_id}"
@@ -101,8 +105,14 @@ class Keys:
 RESERVATION_PREFIX = "pending:"
 
 
-def reservation_member(at: float, nonce: str) -> str:
-    return f"{RESERVATION_PREFIX}{at:.3f}:{nonce}"
+def reservation_member(at: float, nonce: str, replica_id: str = "") -> str:
+    return f"{RESERVATION_PREFIX}{at:.3f}:{nonce}" + (f":{replica_id}" if replica_id else "")
+
+
+def reservation_replica(member: str) -> str:
+    """The replica that took a reservation ("" when it does not say)."""
+    parts = member[len(RESERVATION_PREFIX):].split(":", 2) if is_reservation(member) else []
+    return parts[2] if len(parts) == 3 else ""
 
 
 def is_reservation(member: str) -> bool:

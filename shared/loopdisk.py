@@ -55,6 +55,13 @@ def create(path: str, size: int, uid: int = 1000, gid: int = 1000) -> str:
         raise
 
 
+def attach(path: str) -> str:
+    """The loop device backing ``path``, attached now if it was not (after a reboot, say)."""
+    if not os.path.exists(path):
+        raise DiskError(f"the image {path} does not exist")
+    return device_of(path) or _run("losetup", "--find", "--show", path)
+
+
 def device_of(path: str) -> str:
     """The loop device backed by ``path`` ("" when none)."""
     out = _run("losetup", "--associated", path) if os.path.exists(path) else ""

@@ -83,6 +83,14 @@ REPLICAS = Gauge(P + "replicas_alive", "Live replicas seen in the registry (leas
                  ["manager_id"], multiprocess_mode="livemax")
 POOL_SIZE = Gauge(P + "pool_nodes", "Ready pooled nodes waiting to be claimed (lease holder only).",
                   ["manager_id"], multiprocess_mode="livemax")
+TIER_TRANSITIONS = Counter(P + "session_tier_transitions_total",
+                           "Sessions the checker moved to an idle tier (paused, stopped, archived, deleted).",
+                           ["manager_id", "tier"])
+RESUME_SECONDS = Histogram(P + "session_resume_duration_seconds",
+                           "Time to bring a session back to running, by the tier it left.", ["tier"],
+                           buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
+for _t in ("paused", "stopped", "archived"):
+    RESUME_SECONDS.labels(_t)
 POOL_CLAIMS = Counter(P + "pool_claims_total", "get_cookie served from the warm pool (hit) or not (miss).",
                       ["result"])
 for _r in ("hit", "miss"):

@@ -29,6 +29,29 @@ class NodeStatus(enum.StrEnum):
     CREATED = "created"  # created, never started
     REMOVING = "removing"
     UNREACHABLE = "unreachable"  # views only: the owner's host is lost (no replica live for a grace period)
+    ARCHIVED = "archived"  # record only: the container was removed, the session's workspace is kept
+
+
+class Tier(enum.StrEnum):
+    """Where an idle session sits, cheapest to resume first (see nodeops/tiers.py)."""
+
+    RUNNING = "running"
+    PAUSED = "paused"  # frozen: memory kept, no CPU
+    STOPPED = "stopped"  # memory freed, container kept
+    ARCHIVED = "archived"  # container removed, workspace kept
+
+
+def tier_of(status: str) -> str:
+    """The tier a record's status puts its session in ("" while it is made or removed)."""
+    if status in (NodeStatus.RUNNING, NodeStatus.RESTARTING):
+        return Tier.RUNNING
+    if status == NodeStatus.PAUSED:
+        return Tier.PAUSED
+    if status in (NodeStatus.EXITED, NodeStatus.CREATED, NodeStatus.DEAD):
+        return Tier.STOPPED
+    if status == NodeStatus.ARCHIVED:
+        return Tier.ARCHIVED
+    return ""
 
 
 class Role(enum.StrEnum):
@@ -39,7 +62,12 @@ class Role(enum.StrEnum):
 
 
 class NodeRecord(msgspec.Struct, kw_only=True):
-    """One node (container) as stored in its Redis hash, one field per attribute."""
+    """One session as stored in its Redis hash, one field per attribute.
+
+    ``id`` is the session id (the ``node_id`` cookie); the container that serves it is
+    ``container_id`` and may be replaced. Records written before sessions had ids of their own
+    have no ``container_id``: their id is the container's (see ``cid``).
+    """
 
     id: str
     short_id: str = ""
@@ -61,10 +89,26 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     # what the node requires in NODE_SECRET_HEADER; also in the container's own config, so the
     # checker rebuilds it from the engine when Redis lost the record. Never shown: see public()
     secret: str = ""
+    container_id: str = ""  # "" in records older than session ids: the container's id is ``id``
+    workspace: str = ""  # the session's own volume; "" when the workspace dies with the container
+    paused_at: float = 0.0
+    archived_at: float = 0.0
+    claimed_by: str = ""  # the replica that claimed it from the pool
 
     @property
     def address(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def cid(self) -> str:
+        """The id of the container serving this session ("" when archived)."""
+        if self.status == NodeStatus.ARCHIVED:
+            return self.container_id
+        return self.container_id or self.id
+
+    @property
+    def tier(self) -> str:
+        return tier_of(self.status)
 
     @classmethod
     def numeric_fields(cls) -> list[str]:
@@ -75,6 +119,8 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         """The record as shown to API clients: everything but the secret."""
         out = msgspec.structs.asdict(self)
         del out["secret"]
+        out["container_id"] = self.cid
+        out["tier"] = self.tier
         return out
 
     def to_hash(self) -> dict[str, str]:
@@ -130,7 +176,9 @@ class Event(msgspec.Struct, kw_only=True):
     """A node lifecycle event, as pushed to watchers."""
 
     id: str = ""  # the stream entry id, for resuming
-    type: str  # created, ready, stopped, restarted, released, idle_stopped, health, adopted, removed
+    # created, ready, stopped, restarted, released, idle_stopped, health, adopted, removed,
+    # paused, archived, expired (retention), resumed (detail: the tier it left), orphan_removed
+    type: str
     node_id: str
     manager_id: str
     at: float = msgspec.field(default_factory=time.time)

@@ -88,18 +88,21 @@ return 'ok'
 """
 
 # KEYS[1] pool list, KEYS[2] client count hash, KEYS[3..] the records of the ids at the pool's head
-# ARGV[1] now, ARGV[2] client, ARGV[3..] those ids in pool order (ARGV[i] is the id of KEYS[i])
+# ARGV[1] now, ARGV[2] client, ARGV[3] claiming replica, ARGV[4..] those ids in pool order
+# (ARGV[i + 1] is the id of KEYS[i])
 # Pops the head while it is the id expected, until one whose record is still pooled, and marks
 # it claimed: two replicas can never hand out the same node. 'again' when the head moved since
 # it was read or more ids wait than were given.
 CLAIM_POOLED = """
-for i = 3, #ARGV do
-  if redis.call('lindex', KEYS[1], 0) ~= ARGV[i] then return 'again' end
+for i = 3, #KEYS do
+  local id = ARGV[i + 1]
+  if redis.call('lindex', KEYS[1], 0) ~= id then return 'again' end
   redis.call('lpop', KEYS[1])
   if redis.call('hget', KEYS[i], 'role') == 'pooled' then
-    redis.call('hset', KEYS[i], 'role', 'claiming', 'claimed_at', ARGV[1], 'client', ARGV[2], 'updated_at', ARGV[1])
+    redis.call('hset', KEYS[i], 'role', 'claiming', 'claimed_at', ARGV[1], 'client', ARGV[2], 'updated_at', ARGV[1],
+               'claimed_by', ARGV[3])
     if ARGV[2] ~= '' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
-    return ARGV[i]
+    return id
   end
 end
 if redis.call('llen', KEYS[1]) > 0 then return 'again' end
@@ -148,6 +151,12 @@ for _, key in ipairs(KEYS) do
   end
 end
 return '[' .. table.concat(out, ',') .. ']'
+"""
+
+# KEYS[1] lock; ARGV[1] holder. Deletes the lock only while the caller still holds it.
+UNLOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
 """
 
 # KEYS: node hashes. Returns their updated_at fields joined by newlines ('' where missing).
@@ -229,6 +238,7 @@ class Store:
         self._claim = redis.register_script(CLAIM_POOLED)
         self._read_nodes = redis.register_script(READ_NODES)
         self._read_stamps = redis.register_script(READ_STAMPS)
+        self._unlock = redis.register_script(UNLOCK)
         self._lease_acquire = redis.register_script(LEASE_ACQUIRE)
         self._lease_renew = redis.register_script(LEASE_RENEW)
         self._lease_release = redis.register_script(LEASE_RELEASE)
@@ -339,6 +349,28 @@ class Store:
                     p.zadd(self.keys.last_request(mgr), members, xx=True, gt=True)
                 await p.execute()
 
+    async def idle_since(self, manager_id: str, older_than: float) -> dict[str, float]:
+        """node id -> last activity, for nodes idle since before the timestamp: one range query."""
+        with redis_errors():
+            rows = await self.redis.zrangebyscore(self.keys.last_request(manager_id), "-inf", older_than,
+                                                  withscores=True)
+        return {_d(m): float(s) for m, s in rows}
+
+    async def last_activity(self, manager_id: str, node_id: str) -> float | None:
+        with redis_errors():
+            score = await self.redis.zscore(self.keys.last_request(manager_id), node_id)
+        return None if score is None else float(score)
+
+    # --- session locks ----------------------------------------------------------------
+    async def lock_session(self, session_id: str, holder: str, ttl_ms: int) -> bool:
+        """Take the lock that lets one caller at a time bring a session's container back."""
+        with redis_errors():
+            return bool(await self.redis.set(self.keys.session_lock(session_id), holder, nx=True, px=ttl_ms))
+
+    async def unlock_session(self, session_id: str, holder: str) -> None:
+        with redis_errors():
+            await self._unlock(keys=[self.keys.session_lock(session_id)], args=[holder])
+
     async def idle_nodes(self, manager_id: str, older_than: float) -> list[str]:
         """Node ids whose last request is older than the timestamp: one range query."""
         with redis_errors():
@@ -363,9 +395,9 @@ class Store:
 
     # --- quotas and reservations ---------------------------------------------
     async def reserve(self, manager_id: str, per_manager: int, total: int, client: str = "",
-                      per_client: int = 0) -> str:
+                      per_client: int = 0, replica_id: str = "") -> str:
         """Reserve a creation slot atomically; returns the reservation member or raises QuotaExceeded."""
-        member = reservation_member(time.time(), uuid.uuid4().hex[:8])
+        member = reservation_member(time.time(), uuid.uuid4().hex[:8], replica_id)
         k = self.keys
         with redis_errors():
             await self.redis.sadd(k.managers(), manager_id)
@@ -390,7 +422,7 @@ class Store:
                     p.hincrby(self.keys.client_count(), client, -1)
                 await p.execute()
 
-    async def claim_pooled(self, manager_id: str, client: str = "") -> str | None:
+    async def claim_pooled(self, manager_id: str, client: str = "", claimer: str = "") -> str | None:
         """Atomically take a ready pooled node of manager_id, or None when the pool is empty."""
         k = self.keys
         with redis_errors():
@@ -399,7 +431,7 @@ class Store:
                 if not ids:
                     return None
                 got = await self._claim(keys=[k.pool(manager_id), k.client_count(), *[k.node(i) for i in ids]],
-                                        args=[time.time(), client, *ids])
+                                        args=[time.time(), client, claimer, *ids])
                 if not got:
                     return None
                 if _d(got) != "again":

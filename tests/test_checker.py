@@ -82,9 +82,11 @@ def test_reconcile_gone_adopted_idle_and_gc(start_manager, docker_client: docker
     b.post("/get_cookie")
     b_id = b.cookies["node_id"]
 
-    # removed behind the manager's back: the record goes within a cycle or two
+    # removed behind the manager's back: the session is archived within a cycle or two (its
+    # workspace is kept for its next call)
     docker_client.containers.get(b_id).remove(force=True)
-    wait_for(lambda: not redis_client.exists(f"{prefix}:node:{b_id}"), timeout=5, what="record of a gone container")
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{b_id}", "status") == b"archived", timeout=5,
+             what="the session of a gone container archived")
 
     # started by hand with the project's labels: adopted
     # (with a secret in its config, as the manager creates nodes: adoption reads it from there)
@@ -105,17 +107,19 @@ def test_reconcile_gone_adopted_idle_and_gc(start_manager, docker_client: docker
     assert docker_client.containers.get(a_id).status == "running"
 
 
-def test_exited_nodes_are_collected(start_manager, docker_client: docker.DockerClient,
-                                    redis_client: redis.Redis, prefix: str, manager_id: str) -> None:
-    m = start_manager(node={"exited_gc_minutes": 0.03}, **FAST)
+def test_stopped_sessions_are_archived_and_come_back(start_manager, docker_client: docker.DockerClient,
+                                                    redis_client: redis.Redis, prefix: str, manager_id: str) -> None:
+    m = start_manager(node={"tiers": {"archive_after_seconds": 2}}, **FAST)
     c = httpx.Client(base_url=m.url, timeout=60)
     c.post("/get_cookie")
     node_id = c.cookies["node_id"]
     c.post("/close_session")
-    wait_for(lambda: not project_containers(docker_client, manager_id), timeout=15, what="GC of an exited node")
-    # the record goes in the fenced write that follows the container's removal
-    wait_for(lambda: not redis_client.exists(f"{prefix}:node:{node_id}"), timeout=5, what="its record gone")
-    assert c.post("/reconnect_session").json() == f"invalid node_id: {node_id}"
+    wait_for(lambda: not project_containers(docker_client, manager_id), timeout=15, what="archival of a stopped node")
+    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"archived"
+    assert docker_client.volumes.get(f"tsm-session-{node_id}")  # the workspace stays
+    assert c.post("/reconnect_session").json() == f"Reconnect session: {node_id}"
+    assert docker_client.containers.get(node_id).status == "running"
+    c.post("/release_session")
 
 
 def test_half_made_node_of_a_killed_replica_is_removed(start_manager, docker_client: docker.DockerClient,

@@ -140,16 +140,29 @@ def test_creation_timeout_leaves_nothing(start_manager, docker_client: docker.Do
     assert redis_client.scard(f"{prefix}:mgr:{manager_id}:nodes") == 0
 
 
-def test_vanished_container_is_an_invalid_id(start_manager, docker_client: docker.DockerClient,
-                                             redis_client: redis.Redis, prefix: str) -> None:
-    m = start_manager(builtin_monitor=False)  # no checker: the route itself must cope
+def test_vanished_container_comes_back_on_its_workspace(start_manager, docker_client: docker.DockerClient,
+                                                       redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager(builtin_monitor=False)  # no checker: the routes themselves must cope
     c, node_id = new_session(m.url)
+    assert c.post("/upload_file", files={"file": ("keep.txt", b"still here", "text/plain")}).status_code == 200
     docker_client.containers.get(node_id).remove(force=True)
-    r = c.post("/close_session")
-    assert r.status_code == 200 and r.json() == f"invalid node_id: {node_id}"
-    assert not redis_client.exists(f"{prefix}:node:{node_id}")
+    r = c.post("/close_session")  # nothing left to stop: the session stays
+    assert r.status_code == 200 and r.json() == f"Close session: {node_id}"
+    r = c.post("/download_file", json={"file_path": "keep.txt"})
+    assert r.status_code == 200 and r.content == b"still here"
+    assert c.cookies["node_id"] == node_id
+    # its workspace gone too: only then is the session over
+    docker_client.containers.get(node_id).remove(force=True)
+    vol = docker_client.volumes.get(f"tsm-session-{node_id}")
+    image = vol.attrs["Labels"].get("toolserver-manager.image_file", "")
+    vol.remove(force=True)
+    if image:
+        from shared import loopdisk
+
+        loopdisk.destroy(image)
     r = c.post("/get_available_tools")
-    assert r.status_code == 403
+    assert r.status_code == 403 and r.json() == {"detail": f"invalid node_id: {node_id}"}
+    assert not redis_client.exists(f"{prefix}:node:{node_id}")
 
 
 def test_bad_input_gets_clear_4xx(start_manager) -> None:
