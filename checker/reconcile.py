@@ -59,6 +59,7 @@ class Plan:
     restore: list[NodeRecord] = field(default_factory=list)  # workspaces without record: archived sessions
     orphan_workspaces: list[str] = field(default_factory=list)  # workspaces of no session, past the grace
     orphans_seen: dict[str, float] = field(default_factory=dict)  # workspace -> first seen without a session
+    young_workspaces: int = 0  # without a record but too young to judge: a rebuild looks again
 
 
 def plan(manager_id: str, members: list[str], records: list[NodeRecord], containers: list[NodeInfo],
@@ -197,9 +198,11 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
     if workspaces is not None:
         seen = dict(orphans_seen or {})
         for w in workspaces:
-            if not w.session_id or w.session_id in recorded or w.session_id in by_session \
-                    or now - w.created < limits.adopt_after_seconds:
+            if not w.session_id or w.session_id in recorded or w.session_id in by_session:
                 seen.pop(w.name, None)
+                continue
+            if now - w.created < limits.adopt_after_seconds:  # may be a creation whose record is on the way
+                p.young_workspaces += 1
                 continue
             if rebuild and w.role in (Role.NODE, Role.CLAIMING):
                 p.restore.append(NodeRecord(

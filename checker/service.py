@@ -218,8 +218,9 @@ class Checker(TierActions):
         live = {r.replica_id for r in await self.store.live_replicas()} | {self.lease.holder}
         containers = await self.backend.list(self.mid)
         rebuild = self._rebuild
+        # listed now and then, and every pass while some workspace is on its way to being collected
         workspaces = (await self.backend.workspaces(self.mid)
-                      if rebuild or self.cycles % STORAGE_GC_CYCLES == 0 else None)
+                      if rebuild or self._orphans or self.cycles % STORAGE_GC_CYCLES == 0 else None)
         now = time.time()
         p = reconcile.plan(self.mid, members, records, containers, idle, now, limits, watchers, live_replicas=live,
                            workspaces=workspaces, rebuild=rebuild, orphans_seen=self._orphans)
@@ -229,6 +230,8 @@ class Checker(TierActions):
         holder = self.lease.holder
         for node_id, fields in p.updates.items():
             ops.append(store.update_op(node_id, fields, now))
+            if "container_id" in fields:  # an archived session found with a container again
+                ops.append(store.archived_op(self.mid, node_id, False))
             if fields.get("status") == NodeStatus.EXITED:
                 ops.append(ev(Event(type="stopped", node_id=node_id, manager_id=self.mid, replica_id=holder,
                                     detail="seen exited")))
@@ -250,7 +253,7 @@ class Checker(TierActions):
             if rec.role == Role.POOLED and rec.status == NodeStatus.RUNNING:
                 ops.append(store.pool_push_op(self.mid, rec.id))
         for rec in p.restore:
-            ops += store.adopt_ops(rec, now)
+            ops += [*store.adopt_ops(rec, now), store.archived_op(self.mid, rec.id)]
             ops.append(ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder,
                                 detail="archived, from its workspace")))
         ops += await self._act_lost(p.lost)
@@ -258,7 +261,7 @@ class Checker(TierActions):
             ops.append(store.unreserve_op(self.mid, m))
         ops.append(store.cycle_count_op(self.mid, self.lease.token or 0))
         await self._fenced(ops)
-        self._rebuild = self._rebuild and not rebuild
+        self._rebuild = self._rebuild and (not rebuild or p.young_workspaces > 0)
         self._orphans = p.orphans_seen
 
         # engine actions, each confirmed by a fenced write; still the holder before each

@@ -76,11 +76,13 @@ class TierActions:
             if fresh is None or fresh.cid != rec.cid or fresh.status in (NodeStatus.RELEASED, NodeStatus.RESTARTING) \
                     or not await self._still_idle(fresh, self.cfg.node.tiers.archive_after_seconds):
                 return
+            log.info("session_archiving node_id=%s container=%s status=%s last_activity=%s", rec.id[:12],
+                     fresh.cid[:12], fresh.status, await self.store.last_activity(self.mid, rec.id))
             if fresh.cid:
                 await self.backend.remove(fresh.cid)
             now = time.time()
             await self._fenced([self.store.update_op(rec.id, archived_fields(now), now),
-                                self._event("archived", rec.id, "idle")])
+                                self.store.archived_op(self.mid, rec.id), self._event("archived", rec.id, "idle")])
             self.ops.forget_address(rec.id)
             self._transition(Tier.ARCHIVED, rec)
         finally:
@@ -113,7 +115,7 @@ class TierActions:
         now = time.time()
         ops: list[Op] = []
         for rec in recs:
-            ops += [self.store.update_op(rec.id, archived_fields(now), now),
+            ops += [self.store.update_op(rec.id, archived_fields(now), now), self.store.archived_op(self.mid, rec.id),
                     self._event("archived", rec.id, "container gone")]
             self.ops.forget_address(rec.id)
             self._transition(Tier.ARCHIVED, rec)

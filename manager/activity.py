@@ -7,6 +7,7 @@ its last-request time is flushed with every other node's in one pipeline a secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -59,6 +60,8 @@ class ActivityRecorder:
         self.interval = interval
         self._pending: dict[str, tuple[str, float]] = {}
         self._busy: dict[str, list[Any]] = {}  # node id -> [manager_id, works in progress]
+        self._flushed: dict[str, float] = {}  # node id -> when its activity last went out
+        self._wake = asyncio.Event()
 
     def record(self, node_id: str, manager_id: str) -> None:
         self._pending[node_id] = (manager_id, time.time())
@@ -66,11 +69,16 @@ class ActivityRecorder:
     def begin(self, node_id: str, manager_id: str) -> None:
         """A request or WebSocket of the node started."""
         busy = self._busy.get(node_id)
+        now = time.time()
         if busy is None:
             self._busy[node_id] = [manager_id, 1]
+            # work on a node quiet for a while goes out at once, not up to a second later: the
+            # checker may be about to pause it on what it last saw
+            if now - self._flushed.get(node_id, 0.0) > 2 * self.interval:
+                self._wake.set()
         else:
             busy[1] += 1
-        self._pending[node_id] = (manager_id, time.time())
+        self._pending[node_id] = (manager_id, now)
 
     def end(self, node_id: str) -> None:
         """One ended; the last to end starts the node's idle time."""
@@ -92,6 +100,10 @@ class ActivityRecorder:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
+        if len(self._flushed) > 100_000:
+            self._flushed.clear()
+        for node_id in batch:
+            self._flushed[node_id] = now
         try:
             await self.store.touch(batch)
         except RedisUnavailable:
@@ -102,7 +114,11 @@ class ActivityRecorder:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            # early flushes are batched too: ten a second at most, whatever the request rate
+            await asyncio.sleep(self.interval / 10)
+            self._wake.clear()
             try:
                 await self.flush()
             except RedisUnavailable as exc:

@@ -61,7 +61,10 @@ async def wait_ready(ops: NodeOps, rec: NodeRecord, deadline: float) -> bool:
             return True
         if time.monotonic() >= next_inspect:
             next_inspect = time.monotonic() + 0.5
-            info = await ops.backend.inspect(rec.cid)
+            try:
+                info = await ops.backend.inspect(rec.cid)
+            except ContainerGone:
+                raise NodeTimeout("Node start failed: its container was removed") from None
             if info.status in (NodeStatus.EXITED, NodeStatus.DEAD):
                 raise NodeTimeout(f"Node creation failed: the container {info.status}")
             if info.port and info.address != (rec.host, rec.port):
@@ -113,6 +116,8 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
                                     status=rec.status)
         await ops.store.publish(Event(type="ready", node_id=session_id, manager_id=ops.manager_id,
                                      replica_id=ops.replica.replica_id))
+        # its idle time starts when it is handed out, not when its creation began
+        await ops.store.touch({session_id: (ops.manager_id, rec.ready_at)})
         outcome = "ready"
         log.info("node_ready node_id=%s container=%s manager_id=%s elapsed_s=%.3f", session_id[:12],
                  rec.container_id[:12], ops.manager_id, time.monotonic() - t0)
@@ -173,18 +178,24 @@ async def restart_node(ops: NodeOps, node_id: str, *, reason: str = "reconnect")
     """Restart (or start) a session's node and wait until it answers; one whose container is gone
     (archived) gets a new one on its workspace."""
     rec = await owned(ops, node_id)
-    if rec.status == NodeStatus.ARCHIVED or not rec.cid:
-        return await resume.bring_back(ops, rec, auto=False, reason=reason)
     t0 = time.monotonic()
     from_tier = rec.tier
-    await ops.store.update_node(node_id, status=NodeStatus.RESTARTING, ready_at=0)
-    ops.forget_address(node_id)
-    try:
-        rec.host, rec.port = await ops.backend.restart(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
-    except ContainerGone:
+    gone_container = False
+    async with resume.session_lock(ops, rec):  # the checker does not archive it meanwhile
+        rec = await owned(ops, node_id)
+        if rec.status == NodeStatus.ARCHIVED or not rec.cid:
+            gone_container = True
+        else:
+            await ops.store.update_node(node_id, status=NodeStatus.RESTARTING, ready_at=0)
+            ops.forget_address(node_id)
+            try:
+                rec.host, rec.port = await ops.backend.restart(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
+            except ContainerGone:
+                gone_container = True
+    if gone_container:
         if rec.workspace:
             return await resume.bring_back(ops, rec, auto=False, reason=reason)
-        raise await gone(ops, rec) from None
+        raise await gone(ops, rec)
     rec.status = NodeStatus.RUNNING
     await ops.store.update_node(node_id, status=NodeStatus.RUNNING, host=rec.host, port=rec.port, paused_at=0)
     # other replicas drop their cached (old) port at once

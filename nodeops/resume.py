@@ -9,10 +9,12 @@ own refusal of a second container of the same name (a container is named after i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from nodeops import lifecycle
 from nodeops.context import NodeOps
@@ -63,10 +65,10 @@ async def resume(ops: NodeOps, rec: NodeRecord, *, auto: bool = True) -> NodeRec
         raise NodeNotFound(rec.id) from None
     if info.status == NodeStatus.PAUSED:
         t0 = time.monotonic()
+        await ops.store.touch({rec.id: (rec.manager_id, time.time())})  # before: or it is idle when thawed
         await ops.backend.unpause(rec.cid)
         rec.status = NodeStatus.RUNNING
         await ops.store.update_node(rec.id, status=NodeStatus.RUNNING, paused_at=0)
-        await ops.store.touch({rec.id: (rec.manager_id, time.time())})
         await _resumed(ops, rec, Tier.PAUSED)
         observe(Tier.PAUSED, t0)
         info.status = NodeStatus.RUNNING
@@ -89,13 +91,12 @@ async def resume(ops: NodeOps, rec: NodeRecord, *, auto: bool = True) -> NodeRec
         raise NodeNotResponding() from None
 
 
-async def bring_back(ops: NodeOps, rec: NodeRecord, *, auto: bool = True, reason: str = "") -> NodeRecord:
-    """A new container for a session whose container is gone, on the same workspace."""
-    if not rec.workspace:  # its workspace went with its container: nothing to bring back
-        raise await lifecycle.gone(ops, rec)
-    if auto and not ops.cfg.node.restart_stopped:
-        raise NodeNotRunning(rec.id)
+@contextlib.asynccontextmanager
+async def session_lock(ops: NodeOps, rec: NodeRecord) -> AsyncIterator[None]:
+    """Hold the session's lock (waiting for another holder) while its container is made or
+    restarted: the checker takes it too before it removes a container."""
     store = ops.store
+    await store.touch({rec.id: (rec.manager_id, time.time())})  # in use: no tier action meanwhile
     wait = ops.cfg.node.creation_wait_seconds + 10
     holder = f"{ops.replica.replica_id}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + wait
@@ -104,6 +105,20 @@ async def bring_back(ops: NodeOps, rec: NodeRecord, *, auto: bool = True, reason
             raise NodeTimeout("Node restart timeout!")
         await asyncio.sleep(LOCK_POLL_SECONDS)
     try:
+        yield
+    finally:
+        with contextlib.suppress(ManagerError):
+            await store.unlock_session(rec.id, holder)
+
+
+async def bring_back(ops: NodeOps, rec: NodeRecord, *, auto: bool = True, reason: str = "") -> NodeRecord:
+    """A new container for a session whose container is gone, on the same workspace."""
+    if not rec.workspace:  # its workspace went with its container: nothing to bring back
+        raise await lifecycle.gone(ops, rec)
+    if auto and not ops.cfg.node.restart_stopped:
+        raise NodeNotRunning(rec.id)
+    store = ops.store
+    async with session_lock(ops, rec):
         rec = await lifecycle.owned(ops, rec.id)
         try:
             info = await ops.backend.inspect(rec.id)  # by name: whoever made it
@@ -118,8 +133,7 @@ async def bring_back(ops: NodeOps, rec: NodeRecord, *, auto: bool = True, reason
                 rec.secret = await ops.backend.node_secret(info.id)
                 fields["secret"] = rec.secret
             await store.update_node(rec.id, **fields)
-    finally:
-        await store.unlock_session(rec.id, holder)
+            await store.unarchived(rec.manager_id, rec.id)
     return await resume(ops, rec, auto=False)
 
 
@@ -135,6 +149,7 @@ async def _recreate(ops: NodeOps, rec: NodeRecord) -> NodeRecord:
                   client=rec.client, secret=rec.secret or secrets.token_urlsafe(32), session_id=rec.id,
                   workspace=rec.workspace)
     cid = await ops.backend.create(new)
+    await store.unarchived(rec.manager_id, rec.id)
     rec.container_id, rec.secret, rec.ready_at = cid, new.secret, 0.0
     await store.update_node(rec.id, container_id=cid, secret=new.secret, status=NodeStatus.RESTARTING, ready_at=0,
                             archived_at=0)
@@ -149,6 +164,7 @@ async def _recreate(ops: NodeOps, rec: NodeRecord) -> NodeRecord:
             await ops.backend.remove(cid)
             await store.update_node(rec.id, status=NodeStatus.ARCHIVED, container_id="", host="", port=0,
                                     archived_at=time.time())
+            await store.mark_archived(rec.manager_id, rec.id)
         except ManagerError as cleanup:
             log.error("bring_back_cleanup_failed node_id=%s error=%s", rec.id[:12], cleanup.detail)
         raise WorkspaceUnavailable(rec.id, exc.detail) from exc

@@ -15,6 +15,10 @@ class Keys:
         """Set: ids of the nodes a manager_id owns."""
         return f"{self.prefix}:mgr:{manager_id}:nodes"
 
+    def archived(self, manager_id: str) -> str:
+        """Set: ids of a manager's archived sessions (they hold no container: not counted by quotas)."""
+        return f"{self.prefix}:mgr:{manager_id}:archived"
+
     def last_request(self, manager_id: str) -> str:
         """Sorted set: node id scored by last request time (idle scan is one range query)."""
         return f"{self.prefix}:mgr:{manager_id}:last_request"

@@ -62,7 +62,8 @@ return n
 """
 
 # KEYS[1] manager's node set, KEYS[2] set of manager ids, KEYS[3] client count hash,
-# KEYS[4..] the node set of every manager id in KEYS[2] (read just before; only for a total limit)
+# KEYS[4] the manager's archived sessions (members of KEYS[1] that hold no container),
+# KEYS[5..] the node set of every manager id in KEYS[2] (read just before; only for a total limit)
 # ARGV[1] reservation member, ARGV[2] per-manager limit (0 none), ARGV[3] total limit (0 none),
 # ARGV[4] client id ('' none), ARGV[5] per-client limit (0 none)
 # Check quotas and reserve a slot atomically, so parallel creations never overshoot. The set
@@ -70,12 +71,12 @@ return n
 # 'stale' asks the caller to read it again.
 RESERVE = """
 local per = tonumber(ARGV[2])
-if per > 0 and redis.call('scard', KEYS[1]) >= per then return 'manager' end
+if per > 0 and redis.call('scard', KEYS[1]) - redis.call('scard', KEYS[4]) >= per then return 'manager' end
 local total = tonumber(ARGV[3])
 if total > 0 then
-  if redis.call('scard', KEYS[2]) ~= #KEYS - 3 then return 'stale' end
+  if redis.call('scard', KEYS[2]) ~= #KEYS - 4 then return 'stale' end
   local sum = 0
-  for i = 4, #KEYS do sum = sum + redis.call('scard', KEYS[i]) end
+  for i = 5, #KEYS do sum = sum + redis.call('scard', KEYS[i]) end
   if sum >= total then return 'total' end
 end
 local climit = tonumber(ARGV[5])
@@ -405,7 +406,8 @@ class Store:
             while res == "stale":
                 others = [k.manager_nodes(m) for m in await self.manager_ids()] if total > 0 else []
                 res = _d(await self._reserve(keys=[k.manager_nodes(manager_id), k.managers(), k.client_count(),
-                                                   *others], args=[member, per_manager, total, client, per_client]))
+                                                   k.archived(manager_id), *others],
+                                             args=[member, per_manager, total, client, per_client]))
         if res == "manager":
             raise QuotaExceeded(f"quota exceeded: manager {manager_id} already has {per_manager} nodes")
         if res == "total":
@@ -444,8 +446,9 @@ class Store:
             async with self.redis.pipeline(transaction=False) as p:
                 for m in mids:
                     p.scard(self.keys.manager_nodes(m))
+                    p.scard(self.keys.archived(m))
                 counts = await p.execute()
-        return dict(zip(mids, (int(c) for c in counts)))
+        return {m: int(counts[2 * i]) - int(counts[2 * i + 1]) for i, m in enumerate(mids)}
 
     # --- fenced writes (checker) ----------------------------------------------
     async def fenced(self, manager_id: str, holder: str, token: int, ops: Sequence[Op]) -> bool:
@@ -489,11 +492,26 @@ class Store:
         k = self.keys
         ops: list[Op] = [("del", k.node(rec.id), []), ("del", k.watchers(rec.id), []),
                          ("srem", k.manager_nodes(rec.manager_id), [rec.id]),
+                         ("srem", k.archived(rec.manager_id), [rec.id]),
                          ("zrem", k.last_request(rec.manager_id), [rec.id]),
                          ("lrem", k.pool(rec.manager_id), [0, rec.id])]
         if rec.client:
             ops.append(("hincrby", k.client_count(), [rec.client, -1]))
         return ops
+
+    def archived_op(self, manager_id: str, node_id: str, archived: bool = True) -> Op:
+        """Count a session as archived (holding no container) or no longer."""
+        return ("sadd" if archived else "srem", self.keys.archived(manager_id), [node_id])
+
+    async def unarchived(self, manager_id: str, node_id: str) -> None:
+        """A session has a container again: it counts against quotas."""
+        with redis_errors():
+            await self.redis.srem(self.keys.archived(manager_id), node_id)
+
+    async def mark_archived(self, manager_id: str, node_id: str) -> None:
+        """A session stays archived after a failed bring-back (not a checker write: no fence)."""
+        with redis_errors():
+            await self.redis.sadd(self.keys.archived(manager_id), node_id)
 
     def pool_push_op(self, manager_id: str, node_id: str) -> Op:
         return ("rpush", self.keys.pool(manager_id), [node_id])

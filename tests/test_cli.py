@@ -43,7 +43,7 @@ def test_cli_against_a_manager(start_manager, manager_id: str) -> None:
         # nodes: a table for people, JSON for machines, filters passed through
         out = ok(admin("nodes", url=m.url))
         header, *rows = out.splitlines()
-        assert header.split()[:3] == ["NODE", "MANAGER", "STATUS"]
+        assert header.split()[:4] == ["NODE", "MANAGER", "TIER", "STATUS"]
         assert any(r.startswith(node_id[:12]) and manager_id in r and "running" in r for r in rows)
         data = json.loads(ok(admin("nodes", "--json", "--manager-id", manager_id, "--status", "running", url=m.url)))
         assert data["total"] == 1 and data["nodes"][0]["id"] == node_id
@@ -60,6 +60,8 @@ def test_cli_against_a_manager(start_manager, manager_id: str) -> None:
         assert node_id in out and "running" in out
         detail = json.loads(ok(admin("inspect", node_id, "--json", url=m.url)))
         assert detail["record"]["id"] == node_id and detail["container"]["status"] == "running"
+        assert detail["record"]["tier"] == "running" and detail["record"]["container_id"] == detail["container"]["id"]
+        assert "tier" in out and "workspace" in out
         missing = admin("inspect", "0" * 64, url=m.url)
         assert missing.returncode == 1 and "404" in missing.stderr and missing.stdout == ""
 

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import docker
-import pytest
 import httpx
+import pytest
+import redis
 
 from tests.conftest import ADMIN_TOKEN, ROOT, wait_for
 
@@ -384,11 +385,19 @@ def test_a_node_flooding_stdout_leaves_a_bounded_log(start_manager, docker_clien
     c.post("/release_session")
 
 
-def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.DockerClient, manager_id: str) -> None:
-    m = start_manager(node={"disk": DISK, "creation_wait_seconds": 5}, checker={"stuck_creation_seconds": 1})
+def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.DockerClient, manager_id: str,
+                                         redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager(node={"disk": DISK, "creation_wait_seconds": 5,
+                            "tiers": {"orphan_workspace_grace_seconds": 1}}, checker={"stuck_creation_seconds": 1})
     c, node_id = new_session(m.url)
     image = workspace_image(docker_client, node_id)
-    docker_client.api.remove_container(node_id, force=True)  # behind the manager's back
+    docker_client.api.remove_container(node_id, force=True)  # behind the manager's back: archived, kept
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"archived", timeout=10,
+             what="the session archived")
+    assert os.path.exists(image)
+    # its record lost too: a workspace of no session, collected after the grace period
+    redis_client.delete(f"{prefix}:node:{node_id}")
+    redis_client.srem(f"{prefix}:mgr:{manager_id}:nodes", node_id)
     wait_for(lambda: not os.path.exists(image), timeout=40, what="the orphan workspace collected")
     assert not loop_devices_of(image)
     assert not docker_client.volumes.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})

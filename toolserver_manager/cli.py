@@ -77,10 +77,11 @@ async def cmd_nodes(a: AsyncAdmin, ns: argparse.Namespace) -> int:
         emit_json(res)
         return EXIT_OK
     now = time.time()
-    rows = [(n.id[:12], n.manager_id, n.status, n.health, f"{n.host}:{n.port}" if n.port else "-",
+    rows = [(n.id[:12], n.manager_id, n.tier or "-", n.status, n.health, f"{n.host}:{n.port}" if n.port else "-",
              ago(n.created_at, now), duration(n.idle_seconds), n.replica_id or "-", n.client or "-")
             for n in res.nodes]
-    print(table(("NODE", "MANAGER", "STATUS", "HEALTH", "ADDRESS", "AGE", "IDLE", "REPLICA", "CLIENT"), rows))
+    print(table(("NODE", "MANAGER", "TIER", "STATUS", "HEALTH", "ADDRESS", "AGE", "IDLE", "REPLICA", "CLIENT"),
+                rows))
     shown = len(res.nodes)
     if res.total != shown:
         print(f"({shown} of {res.total} shown; offset {res.offset})")
@@ -95,7 +96,8 @@ async def cmd_inspect(a: AsyncAdmin, ns: argparse.Namespace) -> int:
     r = d.record
     now = time.time()
     pairs: list[tuple[str, Any]] = [
-        ("id", r.id), ("manager_id", r.manager_id), ("status", r.status), ("health", r.health),
+        ("id", r.id), ("manager_id", r.manager_id), ("tier", r.tier or "-"), ("status", r.status),
+        ("container", r.container_id[:12] or "-"), ("workspace", r.workspace or "-"), ("health", r.health),
         ("address", f"{r.host}:{r.port}" if r.port else "-"), ("image", r.image or "-"), ("role", r.role),
         ("replica", r.replica_id or "-"), ("client", r.client or "-"),
         ("created", f"{stamp(r.created_at)} ({ago(r.created_at, now)} ago)"),
@@ -104,9 +106,9 @@ async def cmd_inspect(a: AsyncAdmin, ns: argparse.Namespace) -> int:
     ]
     c = d.container
     if c is None:
-        pairs.append(("container", "gone" if not d.error else "-"))
+        pairs.append(("container state", "gone" if not d.error else "-"))
     else:
-        pairs += [("container", c.get("status")), ("docker health", c.get("health"))]
+        pairs += [("container state", c.get("status")), ("docker health", c.get("health"))]
     if d.stats:
         s = d.stats
         for key in sorted(s):
@@ -264,7 +266,7 @@ def parser() -> argparse.ArgumentParser:
 
     n = add("nodes", "list nodes")
     n.add_argument("--manager-id", help="only this manager_id's nodes")
-    n.add_argument("--status", help="only nodes in this status (running, exited, creating, ...)")
+    n.add_argument("--status", help="only nodes in this status (running, paused, exited, archived, creating, ...)")
     n.add_argument("--min-idle-seconds", type=non_negative, help="only nodes idle at least this long")
     n.add_argument("--limit", type=positive, help="at most this many (server default 100, max 1000)")
     n.add_argument("--offset", type=non_negative, help="skip this many")

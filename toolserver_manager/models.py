@@ -123,6 +123,11 @@ class NodeInfo(Struct):
     client: str = ""
     image: str = ""
     idle_seconds: float = 0.0
+    tier: str = ""  # running, paused, stopped, archived ("" while made or removed)
+    container_id: str = ""  # the container serving the session now ("" when archived)
+    workspace: str = ""
+    paused_at: float = 0.0
+    archived_at: float = 0.0
 
 
 class NodeList(Struct):
