@@ -9,6 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from checker.tiers import archived_fields
 from shared import metrics
 from shared.errors import ContainerGone
 from shared.models import Event, IntentOp, NodeStatus
@@ -36,17 +37,24 @@ async def carry_out(ck: "Checker") -> int:
             await ck._fenced([store.intent_done_op(ck.mid, node_id)])
             continue
         if intent.op == IntentOp.RELEASE:
-            await ck.backend.remove(node_id)
+            if rec.cid:
+                await ck.backend.remove(rec.cid)
+            if rec.workspace:
+                await ck.backend.remove_workspace(rec.workspace)
             await ck._fenced(store.delete_ops(rec) + [store.intent_done_op(ck.mid, node_id), store.event_op(
                 Event(type="released", node_id=node_id, manager_id=ck.mid, replica_id=holder,
                       detail=f"intent of {intent.at:.3f} carried out"))])
         else:
-            gone = False
+            gone = not rec.cid
             try:
-                await ck.backend.stop(node_id, timeout=ck.cfg.node.stop_timeout_seconds)
+                if rec.cid:
+                    await ck.backend.stop(rec.cid, timeout=ck.cfg.node.stop_timeout_seconds)
             except ContainerGone:
                 gone = True
-            if gone:  # only the engine's word ends a session: the container is no more
+            if gone and rec.workspace:  # nothing left to stop: the session stays, archived
+                ops = [store.update_op(node_id, archived_fields(now), now), store.archived_op(ck.mid, node_id)]
+                gone = False
+            elif gone:  # only the engine's word ends a session: the container is no more
                 ops = store.delete_ops(rec)
             else:
                 ops = [store.update_op(node_id, {"status": NodeStatus.EXITED, "ready_at": 0,

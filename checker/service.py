@@ -246,7 +246,7 @@ class Checker(TierActions):
             # the secret lives in the container's own config: a record rebuilt after Redis lost it
             # must carry it, or the proxy could no longer reach the node
             with contextlib.suppress(ManagerError):
-                rec.secret = await self.backend.node_secret(rec.id)
+                rec.secret = await self.backend.node_secret(rec.cid)
         for rec in p.adopt:
             ops += store.adopt_ops(rec, now)
             ops.append(ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder)))

@@ -129,12 +129,14 @@ class Proxy:
             raise NodeReadTimeout(timeout) from None
         except HostLost as exc:
             rt.inflight -= 1
+            activity.end(rec.id)
             self._count(path, 502)
             if rec.manager_id != rt.manager_id:  # a local node's address is a container's, not a host's
                 circuits.failure(host, port, rec.manager_id, str(exc))
             raise UpstreamLost(f"{exc}; the request may or may not have been carried out") from None
         except HostUnreachable:
             rt.inflight -= 1
+            activity.end(rec.id)
             self._count(path, 503)
             raise
         except UpstreamError:
@@ -181,6 +183,7 @@ class Proxy:
                 up.close()
 
         rt.inflight += 1
+        rt.activity.begin(rec.id, rec.manager_id)
         try:
             try:
                 status, data = await once(to.host, to.port)
@@ -191,6 +194,7 @@ class Proxy:
                 if to.via_owner:
                     raise
                 rec = await self.resolver.revive(rec)  # moved or stopped since cached: once more
+                headers[:] = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rec.secret.encode())]
                 status, data = await once(rec.host, rec.port)
         except UpstreamTimeout:
             self._count(path, 504)
@@ -208,10 +212,9 @@ class Proxy:
             raise NodeNotResponding() from None
         finally:
             rt.inflight -= 1
+            rt.activity.end(rec.id)
         if circuits.is_open(to.host):
             circuits.success(to.host)
-        if not to.via_owner:
-            rt.activity.record(rec.id, rec.manager_id)
         metrics.PROXY_SECONDS.labels(path).observe(time.perf_counter() - t0)
         self._count(path, status)
         return status, data
