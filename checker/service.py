@@ -235,6 +235,9 @@ class Checker(TierActions):
             if fields.get("status") == NodeStatus.EXITED:
                 ops.append(ev(Event(type="stopped", node_id=node_id, manager_id=self.mid, replica_id=holder,
                                     detail="seen exited")))
+            elif fields.get("status") == NodeStatus.PAUSED:  # paused behind our back: proxies must thaw it
+                ops.append(ev(Event(type="paused", node_id=node_id, manager_id=self.mid, replica_id=holder,
+                                    detail="seen paused")))
         for node_id, health in p.health_events:
             ops.append(ev(Event(type="health", node_id=node_id, manager_id=self.mid, replica_id=holder,
                                 detail=health)))

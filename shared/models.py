@@ -119,7 +119,8 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         """The record as shown to API clients: everything but the secret."""
         out = msgspec.structs.asdict(self)
         del out["secret"]
-        out["container_id"] = self.cid
+        # records older than session ids have the container's id as their own
+        out["container_id"] = self.container_id or ("" if self.workspace else self.cid)
         out["tier"] = self.tier
         return out
 
