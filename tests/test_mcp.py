@@ -211,6 +211,27 @@ def test_replica_killed_under_an_open_stream(cluster, redis_client: redis.Redis,
     emitted = [json.loads(f[b"d"])["params"]["progress"] for _, f in redis_client.xrange(keys[0]) if f[b"k"] == b"m"]
     assert emitted and emitted == progress[:len(emitted)] and len(progress) == len(emitted), (emitted, progress)
 
+    # 2026-07-28 has no resumption: a call whose replica dies ends at once with an error
+    wire = Wire()
+
+    async def modern() -> None:
+        async with sdk(lb.url, wire, "2026-07-28") as c:
+            handle = (await c.call_tool("create_session", {})).structured_content["session"]
+            call = asyncio.create_task(c.call_tool(SHELL, {"session": handle, "command": "sleep 8"},
+                                                   progress_callback=on_progress))
+            while not [s for s in wire.seen if "event-stream" in s["ctype"]]:
+                await asyncio.sleep(0.05)
+            streamed = [s for s in wire.seen if "event-stream" in s["ctype"]]
+            by_id[streamed[-1]["replica"]].kill()
+            t0 = time.monotonic()
+            with pytest.raises(MCPError):
+                await asyncio.wait_for(call, 10)
+            assert time.monotonic() - t0 < 5
+            r = await c.call_tool("release_session", {"session": handle})  # the last replica serves on
+            assert not r.is_error, text(r)
+
+    asyncio.run(modern())
+
 
 KEY_A, KEY_B = "key-of-client-a", "key-of-client-b"
 MODERN = "2026-07-28"
