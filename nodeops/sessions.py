@@ -10,12 +10,12 @@ from typing import Any
 
 import msgspec
 
-from nodeops import capacity, intents, lifecycle, pool
+from nodeops import capacity, intents, lifecycle, lost, pool
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.placement import choose_managers
 from shared import metrics
-from shared.errors import ContainerGone, ImageMissing, NodeNotFound, NoLiveManager
+from shared.errors import ContainerGone, HostUnreachable, ImageMissing, NodeNotFound, NoLiveManager
 from shared.models import IntentOp, NodeRecord, NodeStatus
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,22 @@ async def _dispatch(ops: NodeOps, node_id: str | None, local: Callable[[NodeOps,
         if exc.status_code == 404:  # the owner found no such node: same answer as a local miss
             raise NodeNotFound(node_id) from None
         raise
-    except NoLiveManager:
+    except NoLiveManager as exc:
         if durable is None:
-            raise
+            raise await _named(ops, rec, exc) from None
         # no replica of the owner could be reached: the call is kept for it, and answered now
         await intents.record(ops, rec, durable)
         return None
+
+
+async def _named(ops: NodeOps, rec: NodeRecord, exc: NoLiveManager) -> NoLiveManager:
+    """The error to answer: past the grace period the owner's host is lost, and named as such."""
+    if isinstance(exc, HostUnreachable):
+        return exc
+    silent = (await lost.lost_managers(ops)).get(rec.manager_id)
+    if silent is None:
+        return exc
+    return HostUnreachable(rec.host or "?", rec.manager_id, f"no replica of it seen for {silent:.0f} s")
 
 
 async def reconnect(ops: NodeOps, node_id: str | None) -> None:

@@ -319,6 +319,9 @@ def test_a_host_that_crashes(cluster: Cluster, fault_table: list[dict[str, Any]]
     wait_for(lambda: cluster.admin(f"/admin/nodes/{b_id}").json()["record"]["status"] == "unreachable",
              timeout=lost_after + 10, what="the crashed host's node shown unreachable")
     assert "unreachable" in cluster.admin(f"/admin/nodes/{b_id}").json()["error"]
+    # what only the owner can do is refused naming the lost host, not a manager
+    r = _direct(cluster, b_id).post("/reconnect_session")
+    assert r.status_code == 503 and r.json()["detail"].startswith(f"host {h2.addr} is unreachable"), r.text
     m1 = cluster.h1.manager
     assert m1 is not None
     cli = subprocess.run([sys.executable, "-m", "toolserver_manager.cli", "--url", m1.url, "--token", ADMIN_TOKEN,
