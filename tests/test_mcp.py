@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
