@@ -140,7 +140,8 @@ async def release_one(request: Request) -> Response:
 
 
 # what an operator may do to one session from the admin API (and the console)
-NODE_ACTIONS = {"stop": sessions.close, "restart": sessions.reconnect, "release": sessions.release}
+NODE_ACTIONS = {"stop": sessions.close, "restart": sessions.reconnect, "release": sessions.release,
+                "pause": sessions.pause, "resume": sessions.resume}
 
 
 async def node_action(request: Request) -> Response:

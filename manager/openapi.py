@@ -124,7 +124,7 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             {"200": _json({"type": "object"}, "tree"), **_err(401, 403, 404, 502, 503)},
             parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
         "/admin/nodes/{node_id}/{action}": {"post": _op(
-            "Act on one session: stop, restart or release",
+            "Act on one session: stop, restart, release, pause (freeze a running node) or resume (from any tier)",
             {"200": _json({"type": "object"}, "done"), **_err(401, 403, 404, 503)},
             parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR},
                         {"name": "action", "in": "path", "required": True, "schema": _STR}])},

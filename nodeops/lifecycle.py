@@ -20,6 +20,7 @@ from nodeops.context import NodeOps
 from shared import metrics
 from shared.backend import NewNode
 from shared.errors import (
+    BadRequest,
     ContainerGone,
     EngineError,
     EngineUnavailable,
@@ -277,3 +278,22 @@ async def node_detail(ops: NodeOps, node_id: str) -> dict[str, Any]:
 async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
     """A local session's node up and answering, from whatever tier it is in."""
     return await resume.resume(ops, await owned(ops, node_id))
+
+
+async def pause_node(ops: NodeOps, node_id: str) -> None:
+    """Freeze a running session's node at an operator's word (memory kept, no CPU); its next
+    call thaws it, as after the checker's pause."""
+    rec = await owned(ops, node_id)
+    if rec.status != NodeStatus.RUNNING or not rec.cid:
+        raise BadRequest(f"session {node_id} is {rec.status}: only a running one can be paused")
+    await ops.backend.pause(rec.cid)
+    await ops.store.update_node(node_id, status=NodeStatus.PAUSED, paused_at=time.time())
+    ops.forget_address(node_id)
+    await ops.store.publish(Event(type="paused", node_id=node_id, manager_id=rec.manager_id,
+                                 replica_id=ops.replica.replica_id, detail="operator"))
+
+
+async def resume_node(ops: NodeOps, node_id: str) -> NodeRecord:
+    """Bring a session back from any tier at an operator's word (node.restart_stopped is for
+    proxied calls: it does not hold an operator back)."""
+    return await resume.resume(ops, await owned(ops, node_id), auto=False)

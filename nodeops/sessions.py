@@ -15,7 +15,7 @@ from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.placement import choose_managers
 from shared import metrics
-from shared.errors import ContainerGone, HostUnreachable, ImageMissing, NodeNotFound, NoLiveManager
+from shared.errors import ContainerGone, HostUnreachable, ImageMissing, NodeNotFound, NoLiveManager, NotFound
 from shared.models import IntentOp, NodeRecord, NodeStatus
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,19 @@ async def _ensure(ops: NodeOps, node_id: str) -> Any:
     return await lifecycle.ensure_running(ops, node_id)
 
 
+async def _resume(ops: NodeOps, node_id: str) -> Any:
+    await intents.supersede_stop(ops, ops.manager_id, node_id)
+    return await lifecycle.resume_node(ops, node_id)
+
+
+async def pause(ops: NodeOps, node_id: str | None) -> None:
+    await _dispatch(ops, node_id, lifecycle.pause_node, "pause")
+
+
+async def resume(ops: NodeOps, node_id: str | None) -> None:
+    await _dispatch(ops, node_id, _resume, "resume")
+
+
 async def ensure_running(ops: NodeOps, node_id: str) -> NodeRecord:
     """Make sure a node is up (restarting a stopped one when allowed); one restart per node at a time."""
     fut = ops.restarting.get(node_id)
@@ -136,6 +149,8 @@ LOCAL_OPS: dict[str, Callable[[NodeOps, str], Awaitable[Any]]] = {
     "stop": lifecycle.stop_node,
     "release": lifecycle.release_node,
     "ensure": _ensure,
+    "pause": lifecycle.pause_node,
+    "resume": _resume,
 }
 
 
@@ -144,9 +159,11 @@ async def logs(ops: NodeOps, node_id: str, tail: int, follow: bool) -> AsyncIter
     rec = await ops.store.get_node(node_id)
     if rec is None:
         raise NodeNotFound(node_id)
+    if rec.status == NodeStatus.ARCHIVED or not rec.cid:
+        raise NotFound(f"session {node_id} is archived: its container, and the log with it, are gone")
     if rec.manager_id == ops.manager_id:
         try:
-            return await ops.backend.logs(node_id, tail, follow)
+            return await ops.backend.logs(rec.cid, tail, follow)
         except ContainerGone:
             raise NodeNotFound(node_id) from None
     replicas = await owner_replicas(ops, rec.manager_id)

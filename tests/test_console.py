@@ -138,6 +138,13 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     page.screenshot(path=str(RESULTS / "console-cluster.png"), full_page=True)
     page.goto(manager.url + f"/ui/#/session/{node_id}")
 
+    status = "#record tr:has(th:text-is('status')) td"
+    for action, now in (("pause", "paused"), ("resume", "running")):  # tiers, from the page
+        button = page.locator(f"#session h1 button[data-action^='{action}:']")
+        button.click()
+        button.click()  # confirmed
+        page.wait_for_selector(f"{status}:text-is('{now}')", timeout=15000)
+
     assert c.post("/execute_tool", json={"tool_name": "shell_command_executor",
                                          "arguments": {"command": "true"}}).status_code == 200
     release = page.locator("#session h1 button[data-action^='release:']")

@@ -69,7 +69,7 @@ export function renderSessions(el, state, ctx) {
       .some(v => (v ?? '').toLowerCase().includes(q)));
     fill(tableBox, table(COLUMNS, shown.map(n => [
       h('td', {}, h('a', { class: 'node', href: `#/session/${encodeURIComponent(n.id)}`, 'data-node': n.id }, n.id.slice(0, 12))),
-      n.manager_id, n.tier ? `${n.status} (${n.tier})` : n.status, n.role, n.client || '',
+      n.manager_id, n.tier && n.tier !== n.status ? `${n.status} (${n.tier})` : n.status, n.role, n.client || '',
       age(now - n.created_at), n.idle_seconds != null ? age(n.idle_seconds) + ' ago' : '',
       h('td', {}, stats.has(n.id) ? stats.get(n.id) : h('button', { type: 'button', onclick: () => loadStats(n, rerender) }, 'read')),
       h('td', {}, actionButtons(n, ctx.actions, ctx.refresh, ctx.flash)),
