@@ -119,6 +119,11 @@ def test_lifecycle_through_the_balancer(cluster: Cluster) -> None:
         assert h.docker("ps", "-aq", "--filter", "label=toolserver-manager.manager_id").stdout.split() == []
 
 
+def _cid(c: Cluster, node_id: str) -> str:
+    """The container a session runs in now (a session's id is its own, not its container's)."""
+    return str(c.admin(f"/admin/nodes/{node_id}").json()["record"]["container_id"])
+
+
 def _containers(h: Any) -> dict[str, str]:
     """id -> state of the project's containers on a host's engine."""
     out = h.docker("ps", "-a", "--no-trunc", "--filter", "label=toolserver-manager.manager_id",
@@ -130,8 +135,11 @@ def _consistent(c: Cluster) -> None:
     """Every record has its container in the state it says, and every container its record."""
     for h in c.hosts.hosts:
         rows = c.admin(f"/admin/nodes?manager_id={h.name}&limit=1000").json()["nodes"]
-        recs = {r["id"]: r["status"] for r in rows}
+        # a session's container may be replaced or archived away: records are matched by container id
+        recs = {r["container_id"]: r["status"] for r in rows if r["container_id"]}
         assert recs == _containers(h), f"{h.name}: records {recs} vs containers {_containers(h)}"
+        for r in rows:
+            assert r["container_id"] or r["status"] == "archived", r
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -142,6 +150,7 @@ def test_calls_while_a_manager_is_down_are_carried_out_when_it_returns(cluster: 
     released, rid = _on(cluster, 1)
     closed, cid = _on(cluster, 1)
     kept, kid = _on(cluster, 1)
+    rcid, ccid = _cid(cluster, rid), _cid(cluster, cid)
     h2.manager.signal(sig)
     h2.manager.proc.wait(20)
     t0 = time.monotonic()
@@ -162,9 +171,9 @@ def test_calls_while_a_manager_is_down_are_carried_out_when_it_returns(cluster: 
     t0 = time.monotonic()
     assert kept.post("/get_available_tools").status_code == 200
     t_kept = time.monotonic() - t0
-    assert _containers(h2)[rid] == "running"  # nothing happened yet: the owner is away
+    assert _containers(h2)[rcid] == "running"  # nothing happened yet: the owner is away
     h2.manager.start()
-    wait_for(lambda: rid not in _containers(h2) and _containers(h2).get(cid) == "exited", timeout=20,
+    wait_for(lambda: rcid not in _containers(h2) and _containers(h2).get(ccid) == "exited", timeout=20,
              what="the owner carrying out the release and the close")
     r = closed.post("/get_available_tools")  # a closed session comes back on its next call
     assert r.status_code == 200, r.text
@@ -256,6 +265,7 @@ def test_a_host_whose_link_is_cut(cluster: Cluster, fault_table: list[dict[str, 
     _, rel_id = _on(cluster, 1)
     _, cls_id = _on(cluster, 1)
     _, slow_id = _on(cluster, 1)
+    rel_cid, cls_cid = _cid(cluster, rel_id), _cid(cluster, cls_id)
     thread, slow = _in_flight(cluster, slow_id)
     h2.link(False)
     slow["t0"] = fault_at = time.monotonic()
@@ -291,7 +301,7 @@ def test_a_host_whose_link_is_cut(cluster: Cluster, fault_table: list[dict[str, 
              interval=0.05, what="a call to the host once its link is back")
     fault_table.append({"fault": fault, "call": "first call after the link is back", "client saw": "200",
                         "seconds": time.monotonic() - t1})
-    wait_for(lambda: rel_id not in _containers(h2) and _containers(h2).get(cls_id) == "exited", timeout=20,
+    wait_for(lambda: rel_cid not in _containers(h2) and _containers(h2).get(cls_cid) == "exited", timeout=20,
              what="the host carrying out the release and close sent while it was cut off")
     wait_for(lambda: _metric(cluster, "toolserver_manager_lost", h2.name) == 0, timeout=10,
              what="the host no longer lost")
@@ -305,6 +315,7 @@ def test_a_host_that_crashes(cluster: Cluster, fault_table: list[dict[str, Any]]
     h2 = cluster.h2
     _, a_id = _on(cluster, 1)
     cl_b, b_id = _on(cluster, 1)
+    a_cid = _cid(cluster, a_id)
     assert cl_b.post("/upload_file", files={"file": ("keep.txt", b"kept")}).status_code == 200
     # host1's replica keeps a connection to the node alive: the first call after the crash is written
     # to a host that never acknowledges it, the hardest case for a proxy to notice
@@ -331,7 +342,7 @@ def test_a_host_that_crashes(cluster: Cluster, fault_table: list[dict[str, Any]]
              what="toolserver_nodes_unreachable of the crashed host")
     cluster.hosts.recover(h2)
     # the release sent meanwhile is carried out, the killed node is seen exited, and comes back on its next call
-    wait_for(lambda: a_id not in _containers(h2), timeout=20, what="the release carried out after the crash")
+    wait_for(lambda: a_cid not in _containers(h2), timeout=20, what="the release carried out after the crash")
     r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
         _direct(cluster, b_id).post("/download_file", json={"file_path": "keep.txt"})), timeout=30,
         what="the crashed host's node back on its next call")
