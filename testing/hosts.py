@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -193,6 +194,7 @@ class Hosts:
         self.redis: subprocess.Popen[bytes] | None = None
         self.hosts: list[Host] = []
         self.overrides = manager_overrides or {}
+        self.marker = Path(f"/run/tsmh-{self.tag}.started")
         self._forward_rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
         self.timings: dict[str, float] = {}
         for i in range(1, n + 1):
@@ -214,6 +216,8 @@ class Hosts:
     # --- set-up -------------------------------------------------------------------
     def start(self) -> "Hosts":
         t0 = time.monotonic()
+        sweep_stale()
+        self.marker.touch()  # until its engines run, this marks the tag as a run setting up
         try:
             self._network()
             self._start_redis()
@@ -357,6 +361,70 @@ class Hosts:
         sh("ip", "link", "del", self.bridge, check=False)
         while sh("iptables", "-D", *self._forward_rule, check=False).returncode == 0:
             pass
+        self.marker.unlink(missing_ok=True)
+
+
+def sweep_stale() -> list[str]:
+    """Remove what a run killed before its teardown left (namespaces, bridges, engines' data), for
+    tags whose engines are all dead; a run in progress keeps its own. Returns the tags removed."""
+    tags: dict[str, list[str]] = {}
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        m = re.fullmatch(r"host(\d+)-([0-9a-f]{4})", name)
+        if m:
+            tags.setdefault(m.group(2), []).append(m.group(1))
+    for line in sh("ip", "-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
+        m = re.search(r": tsmhbr([0-9a-f]{4}):", line)
+        if m:
+            tags.setdefault(m.group(1), [])
+    removed = []
+    for tag, indexes in tags.items():
+        if _young(Path(f"/run/tsmh-{tag}.started")) or any(_alive(Path(f"/run/tsmh-{tag}-{i}.pid"))
+                                                            for i in indexes):
+            continue  # a run setting up (its engines not started yet), or one going on
+        for i in indexes:
+            for pid in _pids_naming(f"/run/tsmh-{tag}-{i}"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(STATE / f"tsmh-{tag}-{i}", ignore_errors=True)
+            shutil.rmtree(f"/run/tsmh-{tag}-{i}", ignore_errors=True)
+            for leftover in (f"/run/tsmh-{tag}-{i}.pid", f"/run/tsmh-{tag}-{i}.sock"):
+                Path(leftover).unlink(missing_ok=True)
+            sh("ip", "netns", "del", f"host{i}-{tag}", check=False)
+        sh("ip", "link", "del", f"tsmhbr{tag}", check=False)
+        Path(f"/run/tsmh-{tag}.started").unlink(missing_ok=True)
+        rule = ["FORWARD", "-i", f"tsmhbr{tag}", "-o", f"tsmhbr{tag}", "-j", "ACCEPT"]
+        while sh("iptables", "-D", *rule, check=False).returncode == 0:
+            pass
+        removed.append(tag)
+    return removed
+
+
+def _young(path: Path, seconds: float = 120) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _pids_naming(path: str) -> list[int]:
+    """Processes whose command line names path (itself, or a file beside or under it)."""
+    pattern = re.compile(re.escape(path.encode()) + rb"[/.\x00]")
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if pattern.search((p / "cmdline").read_bytes() + b"\x00"):
+                    out.append(int(p.name))
+    return out
 
 
 def wait_http(url: str, timeout: float = 20) -> None:

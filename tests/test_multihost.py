@@ -11,13 +11,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from testing.harness import HAProxy
-from testing.hosts import Hosts
+from testing.hosts import Hosts, sh, sweep_stale
 from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, NODE_IMAGE, ROOT, wait_for
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -349,3 +350,26 @@ def test_a_host_that_crashes(cluster: Cluster, fault_table: list[dict[str, Any]]
     assert r.content == b"kept"
     _consistent(cluster)
     _direct(cluster, b_id).post("/release_session")
+
+
+def test_leftovers_of_a_killed_run_are_swept_and_a_live_run_is_not(cluster: Cluster) -> None:
+    """A run killed before its teardown leaves namespaces, a bridge and a forward rule; the next run
+    removes them, never those of a run still going (this module's hosts)."""
+    tag = "f" + cluster.hosts.tag[1:] if cluster.hosts.tag[0] != "f" else "e" + cluster.hosts.tag[1:]
+    sh("ip", "netns", "add", f"host1-{tag}")
+    marker = Path(f"/run/tsmh-{tag}.started")  # made by a run long gone (a young one may be setting up)
+    marker.touch()
+    os.utime(marker, (time.time() - 3600, time.time() - 3600))
+    sh("ip", "link", "add", f"tsmhbr{tag}", "type", "bridge")
+    sh("iptables", "-I", "FORWARD", "-i", f"tsmhbr{tag}", "-o", f"tsmhbr{tag}", "-j", "ACCEPT")
+    try:
+        assert sweep_stale() == [tag]
+        assert f"host1-{tag}" not in sh("ip", "netns", "list").stdout
+        assert sh("ip", "link", "show", f"tsmhbr{tag}", check=False).returncode != 0
+        assert f"tsmhbr{tag}" not in sh("iptables", "-S", "FORWARD").stdout and not marker.exists()
+        for h in cluster.hosts.hosts:  # the live run is untouched
+            assert h.name in sh("ip", "netns", "list").stdout and h.engine_answers()
+    finally:
+        sh("ip", "netns", "del", f"host1-{tag}", check=False)
+        sh("ip", "link", "del", f"tsmhbr{tag}", check=False)
+        sh("iptables", "-D", "FORWARD", "-i", f"tsmhbr{tag}", "-o", f"tsmhbr{tag}", "-j", "ACCEPT", check=False)
