@@ -294,6 +294,20 @@ def test_a_host_whose_link_is_cut(cluster: Cluster, fault_table: list[dict[str, 
              == {"unreachable"}, timeout=lost_after + 10, what="the cut host's nodes shown unreachable")
     wait_for(lambda: _metric(cluster, "toolserver_manager_lost", h2.name) == 1, timeout=10,
              what="toolserver_manager_lost of the cut host")
+    # through the balancer too, once its health checks stopped sending anything to the cut host
+    lb = cluster.client()
+    lb.cookies.set("node_id", run_id)
+    r1 = f"{cluster.h1.name}-r1"
+    wait_for(lambda: all(lb.post("/").headers.get("x-tsm-replica") == r1 for _ in range(3)), timeout=15,
+             what="the balancer sending everything to host1")
+    via_lb = []
+    for _ in range(5):
+        r, t = _timed(lb.post, "/get_available_tools")
+        assert r.status_code == 503 and r.json()["detail"].startswith(f"host {h2.addr} is unreachable"), r.text
+        via_lb.append(t)
+    assert max(via_lb) < 0.1, via_lb
+    fault_table.append({"fault": fault, "call": "tool calls via HAProxy (max of 5)", "client saw": "503 host "
+                        "unreachable", "seconds": max(via_lb)})
     down_for = time.monotonic() - fault_at
     h2.link(True)
     t1 = time.monotonic()
