@@ -39,12 +39,22 @@ export function openSession(el, id, ctx) {
   const follow = h('input', { type: 'checkbox', id: 'log-follow', checked: true });
   const logState = h('span', { class: 'muted', id: 'log-state' });
 
+  // one read at a time (an inspect samples the engine's stats: about a second), one more if asked meanwhile
   const loadRecord = async () => {
+    if (cur.loading) { cur.again = true; return; }
+    cur.loading = true;
+    try { do { cur.again = false; await readRecord(); } while (cur.again && current === cur); }
+    finally { cur.loading = false; }
+  };
+  const readRecord = async () => {
     try {
       const d = await api(`nodes/${encodeURIComponent(id)}`);
       if (current !== cur) return;
       const rec = d.record ?? {};
-      fill(actionsBox, actionButtons(rec, ctx.actions, () => { ctx.refresh(); loadRecord(); }, ctx.flash));
+      if (cur.shownStatus !== rec.status) {  // buttons stay put while the status does
+        cur.shownStatus = rec.status;
+        fill(actionsBox, actionButtons(rec, ctx.actions, () => { ctx.refresh(); loadRecord(); }, ctx.flash));
+      }
       fill(recordBox, h('div', { class: 'cols' },
         h('div', {}, h('h2', {}, 'Record'), kv(rec)),
         h('div', {}, h('h2', {}, 'Container'), d.container ? kv(d.container) : h('p', { class: 'muted' }, d.error ?? 'no container'),
