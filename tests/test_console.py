@@ -159,7 +159,8 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     # released by a client: gone from the page without a reload
     c2, node2 = new_session(manager.url)
     page.wait_for_selector(f'a[data-node="{node2}"]', timeout=1000)
-    assert c2.post("/release_session").status_code == 200
+    r = c2.post("/release_session")
+    assert r.status_code == 200, r.text
     page.wait_for_selector(f'a[data-node="{node2}"]', state="detached", timeout=2000)
 
 
