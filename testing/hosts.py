@@ -351,8 +351,8 @@ class Hosts:
                     remove_project_objects(client, h.name)
                     client.close()
             h.stop_dockerd()
-            shutil.rmtree(h.data_root, ignore_errors=True)
-            shutil.rmtree(h.exec_root, ignore_errors=True)
+            remove_tree(h.data_root)
+            remove_tree(h.exec_root)
             Path(f"{h.exec_root}.pid").unlink(missing_ok=True)
             Path(h.sock).unlink(missing_ok=True)
             sh("ip", "netns", "del", h.name, check=False)
@@ -386,8 +386,8 @@ def sweep_stale() -> list[str]:
             for pid in _pids_naming(f"/run/tsmh-{tag}-{i}"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(STATE / f"tsmh-{tag}-{i}", ignore_errors=True)
-            shutil.rmtree(f"/run/tsmh-{tag}-{i}", ignore_errors=True)
+            remove_tree(STATE / f"tsmh-{tag}-{i}")
+            remove_tree(Path(f"/run/tsmh-{tag}-{i}"))
             for leftover in (f"/run/tsmh-{tag}-{i}.pid", f"/run/tsmh-{tag}-{i}.sock"):
                 Path(leftover).unlink(missing_ok=True)
             sh("ip", "netns", "del", f"host{i}-{tag}", check=False)
@@ -398,6 +398,21 @@ def sweep_stale() -> list[str]:
             pass
         removed.append(tag)
     return removed
+
+
+def remove_tree(root: Path) -> None:
+    """Unmount what an engine left mounted under root (a killed dockerd leaves its data root bound
+    onto itself, and container layers), deepest first, then delete it."""
+    prefix = str(root)
+    points = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        sh("umount", "-l", point, check=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _young(path: Path, seconds: float = 120) -> bool:
