@@ -208,7 +208,7 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
     reconcile.plan = plan_timed  # type: ignore[assignment]
     store.manager_node_ids = timed("SMEMBERS node index", store.manager_node_ids)  # type: ignore[method-assign]
     store.get_nodes = timed("HGETALL records (pipeline)", store.get_nodes)  # type: ignore[method-assign]
-    store.idle_nodes = timed("ZRANGEBYSCORE idle", store.idle_nodes)  # type: ignore[method-assign]
+    store.idle_since = timed("ZRANGEBYSCORE idle", store.idle_since)  # type: ignore[method-assign]
     store.fenced = timed("fenced write (script)", store.fenced)  # type: ignore[method-assign]
     store.live_replicas = timed("replica registry (gauges)", store.live_replicas)  # type: ignore[method-assign]
 

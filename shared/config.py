@@ -313,6 +313,13 @@ class Config(Base):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ValueError(f"node.network.allow_cidrs: {cidr!r} is not an address range") from None
+        t = self.node.tiers
+        for key, value in (("node.idling_close_minutes", self.node.idling_close_minutes),
+                           ("node.tiers.pause_after_seconds", t.pause_after_seconds),
+                           ("node.tiers.archive_after_seconds", t.archive_after_seconds),
+                           ("node.tiers.delete_after_seconds", t.delete_after_seconds)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{key} must be positive, or null to turn that tier off")
         if self.node.disk.workspace_bytes and self.node.disk.workspace_bytes < 16 << 20:
             raise ValueError("node.disk.workspace_bytes must be 0 (unbounded) or at least 16 MiB")
 

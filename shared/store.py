@@ -372,12 +372,6 @@ class Store:
         with redis_errors():
             await self._unlock(keys=[self.keys.session_lock(session_id)], args=[holder])
 
-    async def idle_nodes(self, manager_id: str, older_than: float) -> list[str]:
-        """Node ids whose last request is older than the timestamp: one range query."""
-        with redis_errors():
-            return [_d(m) for m in await self.redis.zrangebyscore(self.keys.last_request(manager_id), "-inf",
-                                                                 older_than)]
-
     async def last_requests(self, manager_id: str) -> dict[str, float]:
         with redis_errors():
             rows = await self.redis.zrange(self.keys.last_request(manager_id), 0, -1, withscores=True)

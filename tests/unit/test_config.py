@@ -84,3 +84,12 @@ def test_secret_from_file(tmp_path: Path) -> None:
     f.write_text("from-file\n")
     cfg = load_config(None, environ={}, overrides={"admin": {"token_file": str(f)}})
     assert cfg.admin_token == "from-file"
+
+
+def test_tiers_can_be_turned_off_but_not_set_to_nonsense() -> None:
+    cfg = load_config(environ={"TSM_NODE__TIERS__PAUSE_AFTER_SECONDS": "null", "TSM_NODE__IDLING_CLOSE_MINUTES": "null",
+                               "TSM_NODE__TIERS__DELETE_AFTER_SECONDS": "604800"})
+    assert cfg.node.tiers.pause_after_seconds is None and cfg.node.idling_close_minutes is None
+    assert cfg.node.tiers.archive_after_seconds == 86400 and cfg.node.tiers.delete_after_seconds == 604800
+    with pytest.raises(ConfigError, match="node.tiers.archive_after_seconds must be positive"):
+        load_config(environ={"TSM_NODE__TIERS__ARCHIVE_AFTER_SECONDS": "0"})
