@@ -39,7 +39,7 @@ import httpx
 from benchmarks._support import pool_len, remove_containers_retry
 from benchmarks.common import (
     base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
-    redis_client, summarize, write_json,
+    redis_client, start_private_redis, summarize, write_json,
 )
 from testing.harness import ManagerProc
 
@@ -109,17 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command_line()}", flush=True)
     load0 = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-tiers-"))
-    client, r = docker_client(), redis_client()
+    # a Redis of its own: other work restarting the shared one would end the run half-way
+    redis_proc, redis_url = start_private_redis(tmp)
+    client, r = docker_client(), redis_client(redis_url)
+    private = {"redis": {"url": redis_url}}
     node = {"creation_wait_seconds": 90, "idle_grace_seconds": 0, "idling_close_minutes": None}
     ids = {k: (bench_id(k), bench_id(k)) for k in ("plain", "paused", "archived", "pool")}
     procs = {
-        "plain": ManagerProc(base_config(*ids["plain"], node={**node, "tiers": OFF}, checker=FAST_CHECKER), tmp, "plain"),
+        "plain": ManagerProc(base_config(*ids["plain"], node={**node, "tiers": OFF}, checker=FAST_CHECKER,
+                                         **private), tmp, "plain"),
         "paused": ManagerProc(base_config(*ids["paused"], node={**node, "tiers": {**OFF, "pause_after_seconds": 1}},
-                                          checker=FAST_CHECKER), tmp, "paused"),
+                                          checker=FAST_CHECKER, **private), tmp, "paused"),
         "archived": ManagerProc(base_config(*ids["archived"], node={
-            **node, "tiers": {**OFF, "archive_after_seconds": 1}}, checker=FAST_CHECKER), tmp, "archived"),
+            **node, "tiers": {**OFF, "archive_after_seconds": 1}}, checker=FAST_CHECKER, **private), tmp,
+                                "archived"),
         "pool": ManagerProc(base_config(*ids["pool"], node={**node, "tiers": OFF}, pool={"size": 5},
-                                        checker=FAST_CHECKER), tmp, "pool"),
+                                        checker=FAST_CHECKER, **private), tmp, "pool"),
     }
     results: dict[str, list[float]] = {}
     memory: dict[str, int] = {}
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             remove_containers_retry(mid)
             delete_keys(r, prefix)
         client.close()
+        redis_proc.terminate()
+        redis_proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = []

@@ -76,8 +76,6 @@ class TierActions:
             if fresh is None or fresh.cid != rec.cid or fresh.status in (NodeStatus.RELEASED, NodeStatus.RESTARTING) \
                     or not await self._still_idle(fresh, self.cfg.node.tiers.archive_after_seconds):
                 return
-            log.info("session_archiving node_id=%s container=%s status=%s last_activity=%s", rec.id[:12],
-                     fresh.cid[:12], fresh.status, await self.store.last_activity(self.mid, rec.id))
             if fresh.cid:
                 await self.backend.remove(fresh.cid)
             now = time.time()

@@ -367,9 +367,10 @@ class DockerBackend(NodeBackend):
         out = []
         for vol in (raw or {}).get("Volumes") or []:
             labels = vol.get("Labels") or {}
-            out.append(WorkspaceInfo(name=vol["Name"], session_id=labels.get(LABEL_SESSION, ""), owner=owner,
-                                     role=labels.get(LABEL_ROLE, Role.NODE), replica_id=labels.get(LABEL_REPLICA, ""),
-                                     created=float(labels.get(LABEL_CREATED) or 0), client=labels.get(LABEL_CLIENT, "")))
+            out.append(WorkspaceInfo(
+                name=vol["Name"], session_id=labels.get(LABEL_SESSION, ""), owner=owner,
+                role=labels.get(LABEL_ROLE, Role.NODE), replica_id=labels.get(LABEL_REPLICA, ""),
+                created=float(labels.get(LABEL_CREATED) or 0), client=labels.get(LABEL_CLIENT, "")))
         return out
 
     async def _remove_workspace(self, name: str) -> None:

@@ -6,6 +6,7 @@ of every tier rebuilt after Redis lost everything. Thresholds are seconds, so ea
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -92,9 +93,12 @@ def test_each_tier_is_entered_when_idle_and_left_by_the_next_call(start_manager,
         assert f'toolserver_session_tier_transitions_total{{manager_id="{m.cfg["manager_id"]}",tier="{tier}"}}' \
             in metrics
         assert f'toolserver_session_resume_duration_seconds_count{{tier="{tier}"}} 1.0' in metrics
-    c.post("/release_session")
+    image = docker_client.volumes.get(f"tsm-session-{node_id}").attrs["Labels"]["toolserver-manager.image_file"]
+    c.post("/release_session")  # leaves nothing: container, volume, loop device, image, record
     assert not containers_of(docker_client, node_id)
     assert not docker_client.volumes.list(filters={"label": f"{SESSION}={node_id}"})
+    assert not os.path.exists(image) and not loopdisk.device_of(image)
+    assert not redis_client.exists(f"{prefix}:node:{node_id}")
 
 
 def test_work_in_progress_keeps_a_node_running(start_manager, redis_client: redis.Redis, prefix: str) -> None:
@@ -120,6 +124,10 @@ def test_work_in_progress_keeps_a_node_running(start_manager, redis_client: redi
             time.sleep(6)
             ws.send(json.dumps({"command": "echo alive", "timeout": 10}))
             assert recv_json(ws) == {"type": "stdout", "line": "alive"}
+        # a session's event stream, watched for longer than the pause threshold
+        with open_ws(ws_url(m.url, "/ws/events"), node_id) as ws:
+            assert recv_json(ws)["success"] is True
+            time.sleep(3)
     finally:
         done.set()
         watcher.join()
