@@ -102,7 +102,8 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
         if c is not None:
             used.add(c.id)
         if rec.status == NodeStatus.RELEASED:
-            p.remove.append((rec, "released"))
+            if now - rec.updated_at > limits.adopt_after_seconds:  # else its release is still under way
+                p.remove.append((rec, "released"))
             continue
         if rec.status == NodeStatus.CREATING:
             if dead(rec.replica_id):

@@ -55,6 +55,22 @@ async def resume(ops: NodeOps, rec: NodeRecord, *, auto: bool = True) -> NodeRec
     may forbid to start a stopped or archived node (a paused one is always thawed)."""
     if rec.status == NodeStatus.ARCHIVED or not rec.cid:
         return await bring_back(ops, rec, auto=auto)
+    if rec.status == NodeStatus.PAUSED and rec.port:
+        # the record says paused: thaw it straight away, one engine call (its address is unchanged)
+        t0 = time.monotonic()
+        await ops.store.touch({rec.id: (rec.manager_id, time.time())})  # before: or it is idle when thawed
+        try:
+            await ops.backend.unpause(rec.cid)
+        except ContainerGone:
+            pass  # gone meanwhile: the way below finds out what is left
+        else:
+            rec.status = NodeStatus.RUNNING
+            await ops.store.update_node(rec.id, status=NodeStatus.RUNNING, paused_at=0)
+            with contextlib.suppress(NodeTimeout):  # not answering (stopped behind our back?): see below
+                if await lifecycle.wait_ready(ops, rec, time.monotonic() + 2.0):
+                    await _resumed(ops, rec, Tier.PAUSED)
+                    observe(Tier.PAUSED, t0)
+                    return rec
     try:
         info = await ops.backend.inspect(rec.cid)
     except ContainerGone:

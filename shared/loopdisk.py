@@ -74,7 +74,11 @@ def destroy(path: str) -> None:
         dev = device_of(path)
         if not dev:
             break
-        _run("losetup", "--detach", dev)
+        try:
+            _run("losetup", "--detach", dev)
+        except DiskError:
+            if device_of(path) == dev:  # not detached by someone else meanwhile: a real failure
+                raise
     with_unlink(path)
 
 
