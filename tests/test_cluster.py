@@ -234,7 +234,8 @@ def test_spread_placement_evens_engines_and_skips_a_full_one(engine2: str, start
             assert r.headers["x-tsm-replica"] == a.replica_id
             node_id = r.cookies["node_id"]
             (owner,) = [mid for mid, engine in ((manager_id, docker_client), (mid_b, d2))
-                        if engine.containers.list(filters={"id": node_id, "label": f"{LABEL}={mid}"})]
+                        if engine.containers.list(filters={"label": [f"{LABEL}={mid}",
+                                                                     f"toolserver-manager.session_id={node_id}"]})]
             on[owner] += 1
             placed.append("a" if owner == manager_id else "b")
             if len(placed) <= 4:
@@ -352,13 +353,19 @@ def test_graceful_stop_deregisters_at_once_and_drains(start_manager, redis_clien
     httpx.post(a2.url + "/release_session", cookies={"node_id": node_id})
 
 
-def test_vanished_node_of_another_owner_is_an_invalid_id(cluster: Cluster, engine2: str) -> None:
+def test_vanished_node_of_another_owner_comes_back_on_its_engine(cluster: Cluster, engine2: str) -> None:
     c = httpx.Client(base_url=cluster.b1.url, timeout=60)
     c.post("/get_cookie")
     node_id = c.cookies["node_id"]
+    assert c.post("/upload_file", files={"file": ("keep.txt", b"on engine 2")}).status_code == 200
     d2 = docker.DockerClient(base_url=engine2, version="1.41")
     d2.containers.get(node_id).remove(force=True)
-    d2.close()
     via_a = httpx.Client(base_url=cluster.a1.url, timeout=60, cookies={"node_id": node_id})
-    r = via_a.post("/close_session")
-    assert r.status_code == 200 and r.json() == f"invalid node_id: {node_id}"
+    r = via_a.post("/close_session")  # nothing left to stop; the session (its workspace) stays
+    assert r.status_code == 200 and r.json() == f"Close session: {node_id}"
+    # the next call through a replica of the other manager_id: its owner makes a new container
+    r = via_a.post("/download_file", json={"file_path": "keep.txt"})
+    assert r.status_code == 200 and r.content == b"on engine 2"
+    assert len(d2.containers.list(filters={"label": f"toolserver-manager.session_id={node_id}"})) == 1
+    d2.close()
+    assert via_a.post("/release_session").json() == f"Release session: {node_id}"
