@@ -1,44 +1,63 @@
-"""The chart's DaemonSet pod without host privileges (hostIsolation.enabled false), run for real as a
-kubelet would (testing/podrun.py) with the manager image: by default it takes the socket's group,
-whatever its GID on this host, and runs as uid 10001 with it: the engine answers, /ready is 200."""
+"""The chart's DaemonSet pod, run for real as a kubelet would (testing/podrun.py) with the manager
+image: its rendered security context, volumes, hostPID and environment, in a network namespace of
+its own like a pod's, against a Redis on the engine's bridge.
+
+- Without host privileges (hostIsolation.enabled false) it takes the socket's group by default,
+  whatever its GID on this host, and runs as uid 10001 with it: the engine answers.
+- With them (the default) workspaces are bounded and the host firewall lands in the engine's
+  network namespace (nsenter), not in the pod's own.
+"""
 
 from __future__ import annotations
 
 import base64
 import os
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import httpx
+import pytest
 import yaml
 
 from testing import podrun
 from testing.harness import free_port
 from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, ROOT, wait_for
+from tests.test_isolation import Listener, allow_rules, new_session, probe_from, shell
 
 IMAGE = "toolserver-manager:chart-pod-test"
+MiB = 1 << 20
 
 
-def _render(helm: str, sets: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, str]]]:
-    out = subprocess.run([helm, "template", "tsm", str(ROOT / "helm/toolserver-manager"),
-                          *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, check=True).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d]
-    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
-    pod = ds["spec"]["template"]["spec"]
-    (container,) = [c for c in pod["containers"] if c["name"] == "manager"]
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "manager.yml" in d.get("data", {})]
-    (secret,) = [d for d in docs if d["kind"] == "Secret"]
-    secrets = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
-    return pod, container, {"config": cm["data"], "secrets": secrets}
+class Pod:
+    def __init__(self, container: Any, url: str, spec: dict[str, Any]) -> None:
+        self.container, self.url, self.spec = container, url, spec
+
+    def status(self) -> dict[str, Any]:
+        """/ready's answer once the manager answers it."""
+        def ready() -> Any:
+            try:
+                r = httpx.get(self.url + "/ready", timeout=5)
+            except httpx.HTTPError:
+                return None
+            return r.json() if r.status_code in (200, 503) else None
+
+        return wait_for(ready, timeout=60, what=f"the pod's /ready (logs: {self.container.logs()[-2000:]!r})")
 
 
-def test_the_unprivileged_daemonset_pod_opens_the_socket_by_default(docker_client: docker.DockerClient,
-                                                                    manager_id: str, manager_id_b: str,
-                                                                    prefix: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def manager_image() -> str:
     subprocess.run(["bash", str(ROOT / "scripts/build-manager-image.sh")], check=True, capture_output=True,
                    env={**os.environ, "TSM_MANAGER_IMAGE": IMAGE})
+    return IMAGE
+
+
+@pytest.fixture
+def run_pod(docker_client: docker.DockerClient, manager_image: str, manager_id: str, manager_id_b: str,
+            prefix: str, tmp_path: Path) -> Iterator[Callable[[list[str]], Pod]]:
+    """Render the chart in daemonset mode with these --set values and run its manager pod."""
     helm = subprocess.run(["bash", str(ROOT / "scripts/install-helm.sh")], capture_output=True, text=True,
                           check=True).stdout.strip().splitlines()[-1]
     gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
@@ -46,39 +65,77 @@ def test_the_unprivileged_daemonset_pod_opens_the_socket_by_default(docker_clien
     redis_proc = subprocess.Popen(["redis-server", "--bind", gateway, "--port", str(redis_port), "--save", "",
                                    "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    repo, tag = IMAGE.split(":")
-    pod, container, files = _render(helm, [
-        "mode=daemonset", "hostIsolation.enabled=false", "config.node.disk.workspace_bytes=0",
-        "redis.mode=external", f"config.redis.url=redis://{gateway}:{redis_port}/0", f"config.redis.key_prefix={prefix}",
-        f"image.repository={repo}", f"image.tag={tag}", f"config.node.creation_kwargs.image={NODE_IMAGE}",
-        f"secrets.adminToken={ADMIN_TOKEN}", "secrets.internalToken=pod-test-internal"])
-    sock_gid = os.stat("/var/run/docker.sock").st_gid
-    assert sock_gid not in pod["securityContext"].get("supplementalGroups", []), "nothing set by hand"
-    kw = podrun.docker_run_kwargs(pod, container, {"spec.nodeName": manager_id, "status.hostIP": gateway,
-                                                   "status.podIP": "127.0.0.1"}, files, tmp_path / "pod")
-    port = free_port()
-    mgr = docker_client.containers.run(IMAGE, detach=True, ports={"8080/tcp": ("127.0.0.1", port)},
-                                       labels={"toolserver-manager.manager_id": manager_id_b,
-                                               "toolserver-manager.role": "test"}, **kw)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> Any:
-            try:
-                r = httpx.get(url + "/ready", timeout=5)
-            except httpx.HTTPError:
-                return None
-            return r.json() if r.status_code in (200, 503) else None
+    started: list[Any] = []
 
-        status = wait_for(ready, timeout=60, what=f"the pod's /ready (logs: {mgr.logs()[-2000:]!r})")
-        assert status.get("status") == "ready" and status["engine"] == "ok", (status, mgr.logs()[-3000:])
-        # the manager runs as uid 10001 with the socket's group and no capability, not as root
-        proc = mgr.exec_run(["cat", "/proc/1/status"]).output.decode()
-        fields = dict(line.split(":", 1) for line in proc.splitlines() if ":" in line)
-        assert fields["Uid"].split()[:2] == ["10001", "10001"], proc
-        assert fields["Gid"].split()[:2] == ["10001", "10001"], proc
-        assert fields["Groups"].split() == [str(sock_gid)], proc
-        assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0, proc
+    def run(sets: list[str]) -> Pod:
+        repo, tag = manager_image.split(":")
+        sets = ["mode=daemonset", "redis.mode=external", f"config.redis.url=redis://{gateway}:{redis_port}/0",
+                f"config.redis.key_prefix={prefix}", f"image.repository={repo}", f"image.tag={tag}",
+                f"config.node.creation_kwargs.image={NODE_IMAGE}", f"secrets.adminToken={ADMIN_TOKEN}",
+                "secrets.internalToken=pod-test-internal", *sets]
+        out = subprocess.run([helm, "template", "tsm", str(ROOT / "helm/toolserver-manager"),
+                              *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,
+                             check=True).stdout
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+        pod = ds["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == "manager"]
+        (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "manager.yml" in d.get("data", {})]
+        (secret,) = [d for d in docs if d["kind"] == "Secret"]
+        secrets = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        kw = podrun.docker_run_kwargs(pod, container, {"spec.nodeName": manager_id, "status.hostIP": gateway,
+                                                       "status.podIP": "127.0.0.1"},
+                                      {"config": cm["data"], "secrets": secrets}, tmp_path / "pod")
+        port = free_port()
+        # labelled under another manager_id: its own checker would take it for a stray node
+        mgr = docker_client.containers.run(manager_image, detach=True, ports={"8080/tcp": ("127.0.0.1", port)},
+                                           labels={"toolserver-manager.manager_id": manager_id_b,
+                                                   "toolserver-manager.role": "test"}, **kw)
+        started.append(mgr)
+        return Pod(mgr, f"http://127.0.0.1:{port}", pod)
+
+    try:
+        yield run
     finally:
-        mgr.remove(force=True)
+        for mgr in started:
+            mgr.remove(force=True)
         redis_proc.kill()
         redis_proc.wait()
+
+
+def test_the_unprivileged_daemonset_pod_opens_the_socket_by_default(run_pod: Callable[[list[str]], Pod]) -> None:
+    pod = run_pod(["hostIsolation.enabled=false", "config.node.disk.workspace_bytes=0"])
+    sock_gid = os.stat("/var/run/docker.sock").st_gid
+    assert sock_gid not in pod.spec["securityContext"].get("supplementalGroups", []), "nothing set by hand"
+    status = pod.status()
+    assert status.get("status") == "ready" and status["engine"] == "ok", (status, pod.container.logs()[-3000:])
+    # the manager runs as uid 10001 with the socket's group and no capability, not as root
+    proc = pod.container.exec_run(["cat", "/proc/1/status"]).output.decode()
+    fields = dict(line.split(":", 1) for line in proc.splitlines() if ":" in line)
+    assert fields["Uid"].split()[:2] == ["10001", "10001"], proc
+    assert fields["Gid"].split()[:2] == ["10001", "10001"], proc
+    assert fields["Groups"].split() == [str(sock_gid)], proc
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0, proc
+
+
+def test_the_default_daemonset_pod_bounds_disk_and_installs_the_host_firewall(
+        run_pod: Callable[[list[str]], Pod], docker_client: docker.DockerClient, manager_id: str) -> None:
+    pod = run_pod([f"config.node.disk.workspace_bytes={64 * MiB}", "config.node.network.allow_cidrs={10.214.0.0/16}"])
+    status = pod.status()
+    assert status["status"] == "ready", status
+    assert status["isolation"]["firewall"] == "installed", status
+    assert status["isolation"]["disk"].startswith(f"workspace {64 * MiB} bytes"), status
+    # the exception of this manager's bridge is in the host's chain: the host namespace has it
+    net = docker_client.api.inspect_network(f"tsm-{manager_id}-open")
+    assert allow_rules(net["Options"]["com.docker.network.bridge.name"]) == ["10.214.0.0/16"]
+    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    c, _ = new_session(pod.url)
+    listener = Listener("0.0.0.0")
+    try:
+        seen = probe_from(c, [(net["IPAM"]["Config"][0]["Gateway"], listener.port), (gateway, listener.port)])
+        assert all(what != "connected" for what in seen.values()), seen
+    finally:
+        listener.close()
+    written = shell(c, "dd if=/dev/zero of=/app/workspace/big bs=1M count=128 2>&1; df -B1 /app/workspace")
+    assert "No space left on device" in written, written
+    assert c.post("/release_session").status_code == 200

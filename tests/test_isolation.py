@@ -15,7 +15,6 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import docker
 import httpx
@@ -401,84 +400,6 @@ def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.Do
     wait_for(lambda: not os.path.exists(image), timeout=40, what="the orphan workspace collected")
     assert not loop_devices_of(image)
     assert not docker_client.volumes.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
-
-
-# --- the chart's pod -------------------------------------------------------------------------------
-def test_the_charts_daemonset_pod_bounds_disk_and_installs_the_host_firewall(
-        docker_client: docker.DockerClient, manager_id_b: str, manager_id: str, prefix: str,
-        tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The manager image run as the chart's DaemonSet pod (defaults) runs it: privileged root with
-    the host's /dev, hostPID, its own network namespace. Workspaces are bounded and the firewall
-    lands in the host's network namespace, not the pod's."""
-    import base64
-
-    import yaml
-
-    from testing import podrun
-    from testing.harness import free_port
-
-    image = "toolserver-manager:isolation-test"
-    subprocess.run(["bash", str(ROOT / "scripts/build-manager-image.sh")], check=True, capture_output=True,
-                   env={**os.environ, "TSM_MANAGER_IMAGE": image})
-    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
-    redis_port = free_port()
-    redis_proc = subprocess.Popen(["redis-server", "--bind", gateway, "--port", str(redis_port), "--save", "",
-                                   "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    helm = subprocess.run(["bash", str(ROOT / "scripts/install-helm.sh")], capture_output=True, text=True,
-                          check=True).stdout.strip().splitlines()[-1]
-    sets = ["mode=daemonset", "redis.mode=external", f"config.redis.url=redis://{gateway}:{redis_port}/0",
-            f"config.redis.key_prefix={prefix}", "image.repository=toolserver-manager", "image.tag=isolation-test",
-            f"config.node.creation_kwargs.image={os.environ.get('TSM_NODE_IMAGE', 'toolserver-node:latest')}",
-            f"config.node.disk.workspace_bytes={64 * MiB}", "config.node.network.allow_cidrs={10.214.0.0/16}",
-            f"secrets.adminToken={ADMIN_TOKEN}", "secrets.internalToken=pod-test-internal"]
-    out = subprocess.run([helm, "template", "tsm", str(ROOT / "helm/toolserver-manager"),
-                          *[a for s_ in sets for a in ("--set", s_)]], capture_output=True, text=True, check=True).stdout
-    docs = [d for d in yaml.safe_load_all(out) if d]
-    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
-    pod = ds["spec"]["template"]["spec"]
-    (container,) = [c for c in pod["containers"] if c["name"] == "manager"]
-    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "manager.yml" in d.get("data", {})]
-    (secret,) = [d for d in docs if d["kind"] == "Secret"]
-    secret_files = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
-    secret_files.update(secret.get("stringData") or {})
-    kw = podrun.docker_run_kwargs(pod, container, {"spec.nodeName": manager_id, "status.hostIP": gateway,
-                                                   "status.podIP": "127.0.0.1"},
-                                  {"config": cm["data"], "secrets": secret_files}, tmp_path / "pod")
-    port = free_port()
-    # labelled under another manager_id: its own checker would take it for a stray node
-    mgr = docker_client.containers.run(image, detach=True, ports={"8080/tcp": ("127.0.0.1", port)},
-                                       labels={"toolserver-manager.manager_id": manager_id_b,
-                                               "toolserver-manager.role": "test"}, **kw)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> Any:
-            try:
-                r = httpx.get(url + "/ready", timeout=5)
-            except httpx.HTTPError:
-                return None
-            return r.status_code == 200 and r.json()
-
-        status = wait_for(ready, timeout=60, what=f"the pod's /ready (logs: {mgr.logs()[-2000:]!r})")
-        assert status["isolation"]["firewall"] == "installed", status
-        assert status["isolation"]["disk"].startswith(f"workspace {64 * MiB} bytes"), status
-        # the exception of this manager's bridge is in the host's chain: the host namespace has it
-        net = docker_client.api.inspect_network(f"tsm-{manager_id}-open")
-        assert allow_rules(net["Options"]["com.docker.network.bridge.name"]) == ["10.214.0.0/16"]
-        c, _ = new_session(url)
-        listener = Listener("0.0.0.0")
-        try:
-            seen = probe_from(c, [(net["IPAM"]["Config"][0]["Gateway"], listener.port), (gateway, listener.port)])
-            assert all(what != "connected" for what in seen.values()), seen
-        finally:
-            listener.close()
-        written = shell(c, "dd if=/dev/zero of=/app/workspace/big bs=1M count=128 2>&1; df -B1 /app/workspace")
-        assert "No space left on device" in written, written
-        assert c.post("/release_session").status_code == 200
-    finally:
-        mgr.remove(force=True)
-        redis_proc.kill()
-        redis_proc.wait()
 
 
 # --- runtime ---------------------------------------------------------------------------------------
