@@ -43,18 +43,23 @@ async def internal_create(request: Request) -> Response:
     return json_response(rec)
 
 
+async def _own_node(rt: Runtime, node_id: str) -> str:
+    """node_id, once its record says this replica's manager_id owns it (forwarded calls only act on those)."""
+    rec = await rt.store.get_node(node_id)
+    if rec is None:
+        raise NodeNotFound(node_id)
+    if rec.manager_id != rt.manager_id:
+        raise BadRequest(f"node {node_id} belongs to {rec.manager_id}, not {rt.manager_id}")
+    return node_id
+
+
 async def internal_node_op(request: Request) -> Response:
     rt = _internal(request)
     op = request.path_params["op"]
     fn = sessions.LOCAL_OPS.get(op)
     if fn is None:
         raise NodeNotFound(op)
-    node_id = request.path_params["node_id"]
-    rec = await rt.store.get_node(node_id)
-    if rec is None:
-        raise NodeNotFound(node_id)
-    if rec.manager_id != rt.manager_id:
-        raise BadRequest(f"node {node_id} belongs to {rec.manager_id}, not {rt.manager_id}")
+    node_id = await _own_node(rt, request.path_params["node_id"])
     result = await fn(rt, node_id)
     return json_response(result if result is not None else {"ok": True})
 
@@ -77,12 +82,7 @@ def logs_params(request: Request) -> tuple[int, bool]:
 async def internal_node_logs(request: Request) -> Response:
     rt = _internal(request)
     tail, follow = logs_params(request)
-    node_id = request.path_params["node_id"]
-    rec = await rt.store.get_node(node_id)
-    if rec is None:
-        raise NodeNotFound(node_id)
-    if rec.manager_id != rt.manager_id:
-        raise BadRequest(f"node {node_id} belongs to {rec.manager_id}, not {rt.manager_id}")
+    node_id = await _own_node(rt, request.path_params["node_id"])
     return StreamingResponse(await sessions.logs(rt, node_id, tail, follow), media_type="text/plain; charset=utf-8")
 
 
