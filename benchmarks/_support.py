@@ -4,10 +4,15 @@ Redis round-trip counter, and small Redis readers (lease holder, pool length, re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +110,22 @@ def node_port(r: redis.Redis, prefix: str, node_id: str) -> int:
     return int(r.hget(f"{prefix}:node:{node_id}", "port") or 0)
 
 
+def node_direct(client: docker.DockerClient, node_id: str) -> tuple[str, int, str]:
+    """(host, port, secret) to reach a node straight from this host, as the manager does: its
+    published port when there is one, else its address on the node network."""
+    from benchmarks.common import NODE_PORT
+
+    attrs = client.containers.get(node_id).attrs  # containers are named after their session
+    ports = attrs["NetworkSettings"]["Ports"].get(f"{NODE_PORT}/tcp")
+    if ports:  # published (node.network.publish)
+        host, port = "127.0.0.1", int(ports[0]["HostPort"])
+    else:
+        host, port = next(iter(attrs["NetworkSettings"]["Networks"].values()))["IPAddress"], NODE_PORT
+    env = attrs["Config"].get("Env") or []
+    secret = next((e.split("=", 1)[1] for e in env if e.startswith("NODE_SECRET=")), "")
+    return host, port, secret
+
+
 # --- client-side Redis round trips ----------------------------------------------------------------
 class RoundTrips:
     """Counts round trips of one redis.asyncio client: each command sent on its own (scripts
@@ -175,3 +196,38 @@ def remove_containers_retry(manager_id: str, base_url: str = "unix:///var/run/do
             raise RuntimeError(f"containers of {manager_id} keep coming back")
         time.sleep(1.0)
 
+
+
+class ManagerRun:
+    """One benchmark manager with its own key prefix and manager_id; what its clean-up removed."""
+
+    def __init__(self, proc: Any, redis_client: redis.Redis, prefix: str, manager_id: str) -> None:
+        self.m, self.r, self.prefix, self.mid = proc, redis_client, prefix, manager_id
+        self.removed = 0
+        self.deleted = 0
+
+
+@contextlib.contextmanager
+def one_manager(kind: str, **config: Any) -> Iterator[ManagerRun]:
+    """Start a manager for a benchmark; afterwards remove its containers and keys, and on a
+    failure print the end of its log and keep its directory."""
+    from benchmarks.common import base_config, bench_id, delete_keys, redis_client
+    from testing.harness import ManagerProc
+
+    prefix, mid = bench_id(kind), bench_id(kind)
+    tmp = Path(tempfile.mkdtemp(prefix=f"tsm-bench-{kind}-"))
+    run = ManagerRun(ManagerProc(base_config(prefix, mid, **config), tmp, kind), redis_client(), prefix, mid)
+    failed = True
+    try:
+        run.m.start()
+        yield run
+        failed = False
+    finally:
+        if failed:
+            sys.stderr.write(f"----- manager log -----\n{run.m.logs()[-4000:]}\n")
+        run.m.stop()
+        run.removed = remove_containers_retry(mid)
+        run.deleted = delete_keys(run.r, prefix)
+        run.r.close()
+        if not failed:
+            shutil.rmtree(tmp, ignore_errors=True)

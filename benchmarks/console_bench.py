@@ -15,19 +15,13 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 from playwright.sync_api import sync_playwright
 
-from benchmarks._support import remove_containers_retry
-from benchmarks.common import (
-    base_config, bench_id, command_line, delete_keys, fmt, load_line, markdown_table, redis_client, summarize,
-    write_json,
-)
-from testing.harness import ManagerProc
+from benchmarks._support import one_manager
+from benchmarks.common import command_line, fmt, load_line, markdown_table, summarize, write_json
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -39,19 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"$ {command_line()}", flush=True)
     load0 = os.getloadavg()
-    prefix, mid = bench_id("console"), bench_id("console")
-    tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-console-"))
-    r = redis_client()
-    cfg = base_config(prefix, mid)
-    token = cfg["admin"]["token"]
-    m = ManagerProc(cfg, tmp, "console")
     appear: list[float] = []
     gone: list[float] = []
     created: list[float] = []
     loaded: dict[str, int] = {}
-    failed = True
-    try:
-        m.start()
+    with one_manager("console") as run:
+        m, token = run.m, run.m.cfg["admin"]["token"]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
             page = browser.new_page()
@@ -85,16 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 appear.append(t2 - t1)
                 gone.append(time.monotonic() - t3)
             browser.close()
-        failed = False
-    finally:
-        if failed:
-            sys.stderr.write(f"----- manager log -----\n{m.logs()[-4000:]}\n")
-        m.stop()
-        removed = remove_containers_retry(mid)
-        deleted = delete_keys(r, prefix)
-        r.close()
-        if not failed:
-            shutil.rmtree(tmp, ignore_errors=True)
+    removed, deleted = run.removed, run.deleted
 
     rows = []
     for name, values in (("get_cookie (for scale)", created), ("listed after get_cookie answered", appear),
@@ -107,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlogin to the cluster view drawn: {first_draw * 1000:.0f} ms; the page loaded {len(loaded)} files, "
           f"{total / 1000:.0f} kB (uncompressed)")
     print(f"cleanup: {removed} container(s) removed, {deleted} key(s) deleted")
-    path = write_json("console_bench", {"loadavg_at_start": load0, "params": {**vars(args), "manager_id": mid},
+    path = write_json("console_bench", {"loadavg_at_start": load0, "params": {**vars(args), "manager_id": run.mid},
                                         "get_cookie_s": created, "appear_s": appear, "gone_s": gone,
                                         "first_draw_s": first_draw, "files": loaded,
                                         "cleanup": {"containers_removed": removed, "keys_deleted": deleted}})

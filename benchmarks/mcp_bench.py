@@ -26,9 +26,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,12 +34,11 @@ from typing import Any
 
 import httpx
 
-from benchmarks._support import remove_containers_retry
+from benchmarks._support import one_manager
 from benchmarks.common import (
-    base_config, bench_id, calls_between, command_line, cpu_seconds, delete_keys, docker_client, fmt, load_line,
-    markdown_table, redis_calls, redis_client, summarize, write_json,
+    calls_between, command_line, cpu_seconds, docker_client, fmt, load_line,
+    markdown_table, redis_calls, summarize, write_json,
 )
-from testing.harness import ManagerProc
 
 BLOCK = 20
 MODERN = "2026-07-28"
@@ -166,26 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command_line()}", flush=True)
     load0 = os.getloadavg()
 
-    prefix, mid = bench_id("mcp"), bench_id("mcp")
-    tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-mcp-"))
-    client, r = docker_client(), redis_client()
+    client = docker_client()  # the engine answers before anything starts
     client.close()
-    m = ManagerProc(base_config(prefix, mid), tmp, "mcp")
-    failed = True
-    result: dict[str, Any] = {}
-    try:
-        m.start()
-        result = asyncio.run(measure(m.url, m.pid, args, r))
-        failed = False
-    finally:
-        if failed:
-            sys.stderr.write(f"----- manager log -----\n{m.logs()[-4000:]}\n")
-        m.stop()
-        removed = remove_containers_retry(mid)
-        deleted = delete_keys(r, prefix)
-        r.close()
-        if not failed:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with one_manager("mcp") as run:
+        result = asyncio.run(measure(run.m.url, run.m.pid, args, run.r))
+    removed, deleted = run.removed, run.deleted
 
     base = summarize(result["samples"]["execute_tool"])
     rows = []
@@ -202,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                           "rate vs execute_tool", "manager CPU ms/call", "Redis cmds/call"], rows))
     print(f"cleanup: {removed} container(s) removed, {deleted} key(s) deleted")
     path = write_json("mcp_bench", {"loadavg_at_start": load0,
-        "params": {**vars(args), "manager_id": mid, "key_prefix": prefix, "block": BLOCK},
+        "params": {**vars(args), "manager_id": run.mid, "key_prefix": run.prefix, "block": BLOCK},
         "latency": {k: {**summarize(v), "samples_ms": [x * 1000 for x in v]} for k, v in result["samples"].items()},
         "rate": result["rates"], "cleanup": {"containers_removed": removed, "keys_deleted": deleted}})
     print(load_line(load0))

@@ -44,9 +44,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks._support import run_wrk
+from benchmarks._support import node_direct, run_wrk
 from benchmarks.common import (
-    NODE_PORT, REDIS_URL, base_config, bench_id, calls_between, command_line, cpu_seconds, delete_keys,
+    REDIS_URL, base_config, bench_id, calls_between, command_line, cpu_seconds, delete_keys,
     docker_client, fmt, load_line, markdown_table, process_tree, redis_calls, redis_client,
     remove_containers, start_private_redis, verdict, wait_port, write_json, WRK_MARK, WRK_REPORT_LUA,
 )
@@ -326,16 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             if resp.status_code != 200:
                 raise RuntimeError(f"/get_cookie answered {resp.status_code}: {resp.text[:300]}")
             node_id = resp.cookies["node_id"]
-        attrs = client.containers.get(node_id).attrs
-        ports = attrs["NetworkSettings"]["Ports"].get(f"{NODE_PORT}/tcp")
-        if ports:  # published (node.network.publish)
-            node_host, node_port = "127.0.0.1", int(ports[0]["HostPort"])
-        else:  # the default: reached at its address on the node network, as the manager does
-            nets = attrs["NetworkSettings"]["Networks"]
-            node_host, node_port = next(iter(nets.values()))["IPAddress"], NODE_PORT
+        node_host, node_port, secret = node_direct(client, node_id)
         direct = f"http://{node_host}:{node_port}"
-        env = attrs["Config"].get("Env") or []
-        secret = next((e.split("=", 1)[1] for e in env if e.startswith("NODE_SECRET=")), "")
         with httpx.Client(timeout=10, headers={"X-Node-Secret": secret}) as c:
             for name, data in files.items():
                 up = c.post(direct + "/upload_file", files={"file": (name, data, "application/octet-stream")})

@@ -2,7 +2,7 @@
 
 One session (``POST /get_cookie`` on one replica); two connections to the node's ``/ws/echo``:
 
-    direct    ``ws://127.0.0.1:<node port>/ws/echo`` (the port from the node's Redis record)
+    direct    ``ws://<node address>:31942/ws/echo`` with the node's secret (as the manager reaches it)
     manager   ``ws://127.0.0.1:<manager port>/ws/echo`` with the ``node_id`` cookie
 
 N small text messages (default 2000, 32 bytes) are sent one at a time on each connection, each
@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,12 +26,11 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
-from benchmarks._support import node_port, remove_containers_retry
+from benchmarks._support import node_direct, one_manager
 from benchmarks.common import (
-    base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
-    percentile, redis_client, summarize, write_json,
+    command_line, docker_client, fmt, load_line, markdown_table,
+    percentile, summarize, write_json,
 )
-from testing.harness import ManagerProc
 
 BLOCK = 100
 
@@ -50,11 +47,12 @@ async def roundtrips(ws: ClientConnection, n: int, payload: str, out: list[float
             out.append(el)
 
 
-async def measure(direct_url: str, manager_url: str, node_id: str, n: int, size: int) -> dict[str, list[float]]:
+async def measure(direct_url: str, secret: str, manager_url: str, node_id: str, n: int,
+                  size: int) -> dict[str, list[float]]:
     payload = ("x" * size)[:size]
     opts: dict[str, Any] = {"open_timeout": 10, "compression": None, "ping_interval": None, "max_queue": 4}
     samples: dict[str, list[float]] = {"direct": [], "manager": []}
-    async with connect(direct_url, **opts) as d, \
+    async with connect(direct_url, additional_headers={"X-Node-Secret": secret}, **opts) as d, \
             connect(manager_url, additional_headers={"Cookie": f"node_id={node_id}"}, **opts) as m:
         conns = {"direct": d, "manager": m}
         for ws in conns.values():
@@ -77,35 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command_line()}", flush=True)
     load0 = os.getloadavg()
 
-    prefix, mid = bench_id("ws"), bench_id("ws")
-    tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-ws-"))
-    client, r = docker_client(), redis_client()
-    client.close()
-    m = ManagerProc(base_config(prefix, mid), tmp, "ws")
-    failed = True
-    samples: dict[str, list[float]] = {}
-    try:
-        m.start()
+    client = docker_client()
+    with one_manager("ws") as run:
+        m = run.m
         resp = httpx.post(m.url + "/get_cookie", timeout=60)
         if resp.status_code != 200:
             raise RuntimeError(f"/get_cookie answered {resp.status_code}: {resp.text[:300]}")
         node_id = resp.cookies["node_id"]
-        port = node_port(r, prefix, node_id)
-        direct = f"ws://127.0.0.1:{port}/ws/echo"
+        host, port, secret = node_direct(client, node_id)
+        direct = f"ws://{host}:{port}/ws/echo"
         via = f"ws://127.0.0.1:{m.port}/ws/echo"
-        print(f"  node {node_id[:12]} on 127.0.0.1:{port}, manager on 127.0.0.1:{m.port}", file=sys.stderr, flush=True)
-        samples = asyncio.run(measure(direct, via, node_id, args.n, args.size))
+        print(f"  node {node_id[:12]} on {host}:{port}, manager on 127.0.0.1:{m.port}", file=sys.stderr, flush=True)
+        samples = asyncio.run(measure(direct, secret, via, node_id, args.n, args.size))
         httpx.post(m.url + "/release_session", headers={"Cookie": f"node_id={node_id}"}, timeout=30)
-        failed = False
-    finally:
-        if failed:
-            sys.stderr.write(f"----- manager log -----\n{m.logs()[-4000:]}\n")
-        m.stop()
-        removed = remove_containers_retry(mid)
-        deleted = delete_keys(r, prefix)
-        r.close()
-        if not failed:
-            shutil.rmtree(tmp, ignore_errors=True)
+    client.close()
+    removed, deleted = run.removed, run.deleted
 
     d, v = summarize(samples["direct"]), summarize(samples["manager"])
     rows = [["direct to the node", d["n"], fmt(d["p50_ms"], 3), fmt(d["p90_ms"], 3), fmt(d["p99_ms"], 3), "-"],
@@ -120,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{percentile(diffs, 50) * 1000:+.3f} ms")
     print(f"cleanup: {removed} container(s) removed, {deleted} key(s) deleted")
     path = write_json("ws_bench", {"loadavg_at_start": load0,
-        "params": {**vars(args), "manager_id": mid, "key_prefix": prefix, "block": BLOCK},
+        "params": {**vars(args), "manager_id": run.mid, "key_prefix": run.prefix, "block": BLOCK},
         "direct": {**d, "samples_ms": [x * 1000 for x in samples["direct"]]},
         "manager": {**v, "samples_ms": [x * 1000 for x in samples["manager"]]},
         "added_p50_ms": v["p50_ms"] - d["p50_ms"], "added_p99_ms": v["p99_ms"] - d["p99_ms"],
