@@ -27,6 +27,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def bridge_gateway(client: Any, network: str) -> str:
+    """The host's IPv4 address on an engine's bridge network, read from the bridge interface.
+
+    Not the network's IPAM ``Gateway``: a dockerd started for the first time leaves that key out of
+    its default ``bridge`` (it appears only after a restart). ``client``: a DockerClient."""
+    net = client.api.inspect_network(network)
+    dev = (net.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{net['Id'][:12]}"
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", dev], capture_output=True, text=True,
+                         check=True).stdout
+    (link,) = json.loads(out)
+    return str(link["addr_info"][0]["local"])
+
+
 def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after timeout."""
     if proc is None or proc.poll() is not None:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from testing import podrun
-from testing.harness import free_port
+from testing.harness import bridge_gateway, free_port
 from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, ROOT, wait_for
 from tests.test_isolation import Listener, allow_rules, new_session, probe_from, shell
 
@@ -60,7 +60,7 @@ def run_pod(docker_client: docker.DockerClient, manager_image: str, manager_id: 
     """Render the chart in daemonset mode with these --set values and run its manager pod."""
     helm = subprocess.run(["bash", str(ROOT / "scripts/install-helm.sh")], capture_output=True, text=True,
                           check=True).stdout.strip().splitlines()[-1]
-    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(docker_client, "bridge")
     redis_port = free_port()
     redis_proc = subprocess.Popen(["redis-server", "--bind", gateway, "--port", str(redis_port), "--save", "",
                                    "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)],
@@ -128,11 +128,11 @@ def test_the_default_daemonset_pod_bounds_disk_and_installs_the_host_firewall(
     # the exception of this manager's bridge is in the host's chain: the host namespace has it
     net = docker_client.api.inspect_network(f"tsm-{manager_id}-open")
     assert allow_rules(net["Options"]["com.docker.network.bridge.name"]) == ["10.214.0.0/16"]
-    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(docker_client, "bridge")
     c, _ = new_session(pod.url)
     listener = Listener("0.0.0.0")
     try:
-        seen = probe_from(c, [(net["IPAM"]["Config"][0]["Gateway"], listener.port), (gateway, listener.port)])
+        seen = probe_from(c, [(bridge_gateway(docker_client, net["Name"]), listener.port), (gateway, listener.port)])
         assert all(what != "connected" for what in seen.values()), seen
     finally:
         listener.close()

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import redis
 
+from testing.harness import bridge_gateway
 from tests.conftest import ADMIN_TOKEN, ROOT, wait_for
 
 SECRET_HEADER = "X-Node-Secret"
@@ -207,7 +208,7 @@ def test_a_node_reaches_no_other_node_nor_the_host(start_manager, docker_client:
     assert list(b_nets) == list(networks_of(docker_client, a_id))  # the node network, and only it
     (net_name,) = b_nets
     assert net_name.startswith("tsm-")
-    gateway = docker_client.api.inspect_network(net_name)["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(docker_client, net_name)
     ports = docker_client.api.inspect_container(b_id)["NetworkSettings"]["Ports"]
     assert all(binding is None for binding in ports.values()), ports  # nothing published
     any_host = Listener("0.0.0.0")
@@ -270,7 +271,7 @@ def test_published_ports_are_refused_from_nodes_and_want_the_secret(start_manage
     ports = docker_client.api.inspect_container(b_id)["NetworkSettings"]["Ports"]["31942/tcp"]
     published = int(ports[0]["HostPort"])
     (net_name,) = networks_of(docker_client, b_id)
-    gateway = docker_client.api.inspect_network(net_name)["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(docker_client, net_name)
     targets = [(ip, published) for ip in host_ipv4_addresses()] + [(gateway, published), ("127.0.0.1", published)]
     targets += [(net["IPAddress"], 31942) for net in networks_of(docker_client, b_id).values()]
     seen = probe_from(a, targets)
@@ -412,8 +413,8 @@ def test_nodes_run_under_gvisor_when_asked(start_manager, docker_client: docker.
     assert "4.4.0" in shell(c, "uname -r") and os.uname().release != "4.4.0"
     listener = Listener("0.0.0.0")
     try:
-        (net,) = networks_of(docker_client, node_id).values()
-        seen = probe_from(c, [(net["Gateway"], listener.port), ("169.254.169.254", 80)])
+        (net_name,) = networks_of(docker_client, node_id)
+        seen = probe_from(c, [(bridge_gateway(docker_client, net_name), listener.port), ("169.254.169.254", 80)])
         assert all(what != "connected" for what in seen.values()), seen
     finally:
         listener.close()
