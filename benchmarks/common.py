@@ -30,6 +30,7 @@ import redis
 
 from shared.config import deep_merge
 from testing.harness import free_port, remove_project_objects
+from testing.redis_env import private_server_args, private_url, redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ done = function(summary, latency, requests)
 end
 """
 RESULTS = Path(__file__).resolve().parent / "results"
-REDIS_URL = os.environ.get("TSM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("TSM_BENCH_REDIS_URL") or redis_url()  # the project's Redis, password included
 NODE_IMAGE = os.environ.get("TSM_BENCH_NODE_IMAGE", "toolserver-node:latest")
 # raw nodes started by a benchmark (no manager) need a secret too: nodes refuse requests without one
 BENCH_NODE_SECRET = "bench-node-secret"
@@ -98,11 +99,11 @@ def start_private_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     if exe is None:
         raise SystemExit("redis-server is not installed: apt-get install -y redis-server")
     port = free_port()
-    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+    proc = subprocess.Popen([exe, *private_server_args(port), "--save", "", "--appendonly", "no",
                              "--dir", str(tmp), "--logfile", str(tmp / "redis.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc=proc)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    return proc, private_url("127.0.0.1", port)
 
 
 def remove_containers(client: docker.DockerClient, manager_id: str) -> int:

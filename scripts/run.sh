@@ -7,6 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 export TSM_CONFIG="${TSM_CONFIG:-$ROOT/config/manager.yml}"
 STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"
+# the project's Redis (set up above) requires the password setup.sh keeps root-only in the state dir
+export TSM_REDIS__PASSWORD_FILE="${TSM_REDIS__PASSWORD_FILE:-$STATE/redis-password}"
 export TSM_ADMIN__CONSOLE_ASSETS_DIR="${TSM_ADMIN__CONSOLE_ASSETS_DIR:-$STATE/console-assets}"
 # the admin API and console need a token: without one given, a random one kept in the state
 # dir (root only), so the console works after this command with nothing else to do

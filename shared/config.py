@@ -13,6 +13,7 @@ import socket
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import yaml
@@ -141,7 +142,11 @@ class RedirectPaths(Base):
 
 
 class RedisConfig(Base):
+    # may carry a user and password (redis://user:password@host:port/db); views redact it
     url: str = "redis://127.0.0.1:6379/0"
+    # a root-only file holding the password (it wins over one in the url): Redis must require
+    # one, or any local user reads and rewrites every node record
+    password_file: str = ""
     key_prefix: str = "tsm"
     socket_timeout_seconds: float = 2.0
     sentinels: list[str] = msgspec.field(default_factory=list)  # "host:port"; url names the master
@@ -342,14 +347,29 @@ class Config(Base):
                 raise ConfigError(f"cannot read client_auth.api_keys_file {path}: {exc.strerror}") from exc
         return keys
 
+    @property
+    def redis_password(self) -> str | None:
+        """The password from redis.password_file (None: the url's own, if any)."""
+        return _secret("", self.redis.password_file) or None
+
     def redacted(self) -> dict[str, Any]:
         """The configuration as plain data with every secret replaced."""
         data = msgspec.to_builtins(self)
+        data["redis"]["url"] = redact_url(data["redis"]["url"])
         data["client_auth"]["api_keys"] = ["***" for _ in data["client_auth"]["api_keys"]]
         for section, key in (("cluster", "internal_token"), ("admin", "token")):
             if data[section][key]:
                 data[section][key] = "***"
         return data
+
+
+def redact_url(url: str) -> str:
+    """The URL with the password of its userinfo (user:password@) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}"))
 
 
 def _secret(value: str, path: str) -> str:

@@ -200,10 +200,10 @@ def _d(v: Any) -> str:
 
 
 def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = (),
-            sentinel_master: str = "mymaster") -> aioredis.Redis:
+            sentinel_master: str = "mymaster", password: str | None = None) -> aioredis.Redis:
     """A Redis client from a URL, or through Sentinel when sentinels are configured."""
     # a pooled connection may be dead after a Redis restart: retry once on a fresh one
-    opts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+    opts: dict[str, Any] = {**({"password": password} if password else {}),"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
                             "health_check_interval": 10, "retry_on_timeout": False,
                             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
                             "retry_on_error": [redis.exceptions.ConnectionError]}
@@ -250,7 +250,8 @@ class Store:
     def open(cls, cfg: Config) -> "Store":
         """The store of a configuration, on its own client (closed by close())."""
         r = cfg.redis
-        return cls(connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master), Keys(r.key_prefix),
+        return cls(connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, cfg.redis_password),
+                   Keys(r.key_prefix),
                    cfg.events.stream_maxlen)
 
     async def close(self) -> None:

@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import yaml
 
 from shared.config import deep_merge
 from testing.harness import ROOT, ManagerProc, free_port, remove_project_objects, stop_process
+from testing.redis_env import private_server_args, private_url
 
 STATE = Path(os.environ.get("TSM_STATE_DIR", "/var/lib/toolserver-manager"))
 IMAGE_CACHE = STATE / "image-cache"
@@ -190,7 +192,7 @@ class Hosts:
         self.subnet = self._free_subnet()
         self.gateway = f"{self.subnet}.1"
         self.redis_port = free_port()
-        self.redis_url = f"redis://{self.gateway}:{self.redis_port}/0"
+        self.redis_url = private_url(self.gateway, self.redis_port)
         self.redis: subprocess.Popen[bytes] | None = None
         self.hosts: list[Host] = []
         self.overrides = manager_overrides or {}
@@ -260,14 +262,14 @@ class Hosts:
 
     def _start_redis(self) -> None:
         self.redis = subprocess.Popen(
-            ["redis-server", "--bind", self.gateway, "--port", str(self.redis_port), "--save", "",
+            ["redis-server", *private_server_args(self.redis_port, bind=self.gateway), "--save", "",
              "--appendonly", "no", "--protected-mode", "no", "--logfile", str(self.tmp / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if sh("redis-cli", "-h", self.gateway, "-p", str(self.redis_port), "ping", check=False).stdout.strip() \
-                    == "PONG":
-                return
+            with contextlib.suppress(redis.RedisError), redis.Redis.from_url(self.redis_url, socket_timeout=0.5) as r:
+                if r.ping():
+                    return
             time.sleep(0.05)
         raise RuntimeError("the hosts' Redis did not answer")
 

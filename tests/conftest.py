@@ -20,9 +20,10 @@ from shared.config import deep_merge
 from shared.keys import Keys
 from shared.store import Store
 from testing.harness import ManagerProc, remove_project_objects
+from testing.redis_env import redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("TSM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = redis_url()  # the project's own Redis, with its password (never the machine's 6379)
 LABEL = "toolserver-manager.manager_id"
 # a work tree can build and test its own node image beside others (node/build.sh reads it too)
 NODE_IMAGE = os.environ.get("TSM_NODE_IMAGE", "toolserver-node:latest")

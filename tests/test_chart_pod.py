@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from testing import podrun
+from testing import podrun, redis_env
 from testing.harness import bridge_gateway, free_port
 from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, ROOT, wait_for
 from tests.test_isolation import Listener, allow_rules, new_session, probe_from, shell
@@ -62,14 +62,14 @@ def run_pod(docker_client: docker.DockerClient, manager_image: str, manager_id: 
                           check=True).stdout.strip().splitlines()[-1]
     gateway = bridge_gateway(docker_client, "bridge")
     redis_port = free_port()
-    redis_proc = subprocess.Popen(["redis-server", "--bind", gateway, "--port", str(redis_port), "--save", "",
+    redis_proc = subprocess.Popen(["redis-server", *redis_env.private_server_args(redis_port, bind=gateway), "--save", "",
                                    "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started: list[Any] = []
 
     def run(sets: list[str]) -> Pod:
         repo, tag = manager_image.split(":")
-        sets = ["mode=daemonset", "redis.mode=external", f"config.redis.url=redis://{gateway}:{redis_port}/0",
+        sets = ["mode=daemonset", "redis.mode=external", f"config.redis.url={redis_env.private_url(gateway, redis_port)}",
                 f"config.redis.key_prefix={prefix}", f"image.repository={repo}", f"image.tag={tag}",
                 f"config.node.creation_kwargs.image={NODE_IMAGE}", f"secrets.adminToken={ADMIN_TOKEN}",
                 "secrets.internalToken=pod-test-internal", *sets]

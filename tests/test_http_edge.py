@@ -17,6 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from shared.config import XAGENT_POST_PATHS
+from testing import redis_env
 from tests.conftest import ADMIN_TOKEN, project_containers, wait_for
 from tests.edge_tools import Forwarder, exchange, rss_bytes
 
@@ -211,17 +212,17 @@ def test_engine_unreachable_is_a_503_naming_the_engine(start_manager, tmp_path, 
 
 
 def test_redis_unreachable_is_a_503_naming_redis(start_manager) -> None:
-    redis_fwd = Forwarder(("127.0.0.1", 6379))
+    redis_fwd = Forwarder(("127.0.0.1", redis_env.PORT))
     port = redis_fwd.address[1]  # type: ignore[index]
     try:
-        m = start_manager(redis={"url": f"redis://127.0.0.1:{port}/0"}, proxy={"address_cache_seconds": 0})
+        m = start_manager(redis={"url": redis_env.private_url("127.0.0.1", port)}, proxy={"address_cache_seconds": 0})
         c = session(m.url)
         assert c.post("/").status_code == 200
         redis_fwd.stop()
         for path in ("/", "/get_cookie"):
             r = c.post(path)
             assert r.status_code == 503 and "redis is unavailable" in r.json()["detail"], (path, r.text)
-        redis_fwd = Forwarder(("127.0.0.1", 6379), listen=port)
+        redis_fwd = Forwarder(("127.0.0.1", redis_env.PORT), listen=port)
         assert wait_for(lambda: c.post("/").status_code == 200, what="the session served again")
     finally:
         redis_fwd.stop()

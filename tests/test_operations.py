@@ -10,6 +10,7 @@ import docker
 import httpx
 import redis
 
+from testing import redis_env
 from tests.conftest import ADMIN_TOKEN, project_containers, wait_for
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -125,8 +126,8 @@ def test_hardened_node_defaults(start_manager, docker_client: docker.DockerClien
     assert redis_client.config_get("bind")["bind"].split() == ["127.0.0.1"]
     code, out = node.exec_run(["python3", "-c", (
         "import socket; s = socket.socket(); s.settimeout(2)\n"
-        "try:\n    s.connect(('127.0.0.1', 6379)); print('REACHED')\n"
-        "except OSError as e:\n    print('refused', e)")])
+        "try:\n    s.connect(('127.0.0.1', %d)); print('REACHED')\n"
+        "except OSError as e:\n    print('refused', e)") % redis_env.PORT])
     assert b"REACHED" not in out and b"refused" in out
     c.post("/release_session")
 

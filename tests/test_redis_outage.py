@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from testing.harness import free_port
+from testing import redis_env
 from tests.conftest import ADMIN_TOKEN, wait_for
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -26,11 +27,11 @@ ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 class PrivateRedis:
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        self.url = redis_env.private_url("127.0.0.1", self.port)
+        self.proc = subprocess.Popen(["redis-server", *redis_env.private_server_args(self.port),
                                       "--save", "", "--appendonly", "no", "--dir", str(tmp)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        client = redis.Redis.from_url(self.url)
         wait_for(lambda: _pings(client), timeout=10, what="the private redis-server")
         client.close()
 

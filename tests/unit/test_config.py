@@ -79,6 +79,18 @@ def test_redacted_hides_secrets() -> None:
     assert "s3cret" not in repr(data)
 
 
+def test_redis_password_is_redacted_and_read_from_its_file(tmp_path: Path) -> None:
+    f = tmp_path / "redis-password"
+    f.write_text("pw-from-file\n")
+    cfg = load_config(None, environ={}, overrides={"redis": {"url": "redis://tsm:pw-in-url@r:6380/2",
+                                                             "password_file": str(f)}})
+    assert cfg.redis_password == "pw-from-file"
+    assert cfg.redacted()["redis"]["url"] == "redis://tsm:***@r:6380/2"
+    assert "pw-in-url" not in repr(cfg.redacted()) and "pw-from-file" not in repr(cfg.redacted())
+    bare = load_config(None, environ={}, overrides={"redis": {"url": "redis://:only-pw@r/0"}})
+    assert bare.redis_password is None and bare.redacted()["redis"]["url"] == "redis://:***@r/0"
+
+
 def test_secret_from_file(tmp_path: Path) -> None:
     f = tmp_path / "tok"
     f.write_text("from-file\n")
