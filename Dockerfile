@@ -44,7 +44,7 @@ RUN set -eu; \
 # Non-root. Driving the host's engine through a mounted /var/run/docker.sock needs the socket's
 # group: `docker run --group-add <gid>`, or securityContext.supplementalGroups in Kubernetes.
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/alive' % os.environ.get('TSM_PORT', '8080'), timeout=2)"]
 # The chart runs: toolserver-manager --config /etc/toolserver-manager/manager.yml

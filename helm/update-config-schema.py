@@ -33,6 +33,7 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("log_format", {"enum": ["logfmt", "json"]}),
     ("manager_id", {"pattern": "^[^:]*$", "description": "empty: the chart's full name; no ':'"}),
     ("node.port", {"minimum": 1, "maximum": 65535}),
+    ("admin.console_port", {"minimum": 1, "maximum": 65535}),
     ("node.creation_wait_seconds", {"exclusiveMinimum": 0}),
     ("node.image_pull", {"enum": list(IMAGE_PULL_POLICIES)}),
     ("cluster.placement", {"enum": list(PLACEMENTS)}),

@@ -1,5 +1,7 @@
-"""The operator console under /ui/: a page, its two npm libraries, and the admin API, the
-events stream and a node's /ws/shell behind a login cookie.
+"""The operator console under /ui/ on a port of its own (admin.console_port; manager/entry.py
+serves /ui only there): a page, its two npm libraries, and the admin API, the events stream and
+a node's /ws/shell behind a login cookie. Its own origin keeps every page a node serves through
+the proxy port out of reach: such a page is another origin, and a sandboxed one.
 
 The admin token is typed once into the login form and POSTed; the answer is a cookie that
 holds no token but an expiry signed with it (HMAC), HttpOnly (page scripts cannot read it),
@@ -27,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from manager import admin, events_ws, ws_proxy
+from manager.forwarding import CONSOLE_COOKIE
 from manager.responses import json_response
 from manager.routes import rt_of
 from manager.runtime import Runtime
@@ -34,7 +37,7 @@ from shared.errors import BadRequest, Forbidden, ManagerError, NotFound, Unautho
 
 log = logging.getLogger(__name__)
 
-COOKIE = "tsm_console"
+COOKIE = CONSOLE_COOKIE
 STATIC_DIR = Path(__file__).parent / "console_static"
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                 ".html": "text/html; charset=utf-8"}

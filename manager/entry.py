@@ -3,6 +3,12 @@
 Proxied requests skip Starlette's middleware and routing (the hot path is one dict
 lookup); everything else, lifespan included, goes to the Starlette app. Every HTTP
 answer, proxied or not, is stamped here with the replica that served it.
+
+The console has an origin of its own: the same process listens on admin.console_port too,
+and a request is told apart by the port it arrived on (the ASGI scope's server address).
+That port serves the console (and /metrics, which its charts read) and nothing a node sends;
+the proxy port never serves /ui. A node's page, however hostile, is never same-origin with
+the console, so the browser keeps it from the console's cookie-bearing API.
 """
 
 from __future__ import annotations
@@ -12,14 +18,17 @@ from urllib.parse import parse_qsl
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from manager.client_auth import ClientKeys, deny
 from manager import errors_http
+from manager.forwarding import CONSOLE_COOKIE, HeaderRules
 from manager.responses import REPLICA_HEADER, json_response
 from shared.config import Config
 
 SECRET_PARAMS = frozenset({"token", "access_token", "api_key"})
+CONSOLE_PORT_EXTRAS = frozenset({"/metrics", "/alive"})  # the console's charts read /metrics
 
 
 class HeaderLimit:
@@ -60,13 +69,18 @@ class ManagerApp:
         self.proxied = _proxied_methods(cfg)
         self._replica = (REPLICA_HEADER.encode(), cfg.replica_id.encode())
         self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
+        self.console_port = cfg.admin.console_port
+        self.rules = HeaderRules(cfg)
+        self.url_secrets = SECRET_PARAMS | {n.lower() for n in (cfg.client_auth.cookie, CONSOLE_COOKIE) if n}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not await self._on_its_port(scope, receive, send):
+            return
         if self.client_keys and scope["type"] in ("http", "websocket") and not self.client_keys.allowed(scope):
             await deny(scope, receive, send)
             return
         if scope["type"] != "http":
-            if scope["type"] == "websocket" and _secret_in_query(scope.get("query_string", b"")):
+            if scope["type"] == "websocket" and self._secret_in_query(scope.get("query_string", b"")):
                 await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake gets 403
                 return
             await self.app(scope, receive, send)
@@ -79,12 +93,42 @@ class ManagerApp:
             await send(message)
 
         methods = self.proxied.get(scope["path"])
-        if methods is not None and sum(len(k) + len(v) for k, v in scope["headers"]) <= self.limit:
-            await self._proxy(scope, receive, stamped, methods)
-        elif _secret_in_query(scope.get("query_string", b"")):
+        if self._secret_in_query(scope.get("query_string", b"")):  # proxied routes too: never to a node
             await _refuse_secret_in_url(scope, receive, stamped)
+        elif methods is not None and sum(len(k) + len(v) for k, v in scope["headers"]) <= self.limit:
+            await self._proxy(scope, receive, stamped, methods)
         else:
             await self.app(scope, receive, stamped)
+
+    def _secret_in_query(self, qs: bytes) -> bool:
+        """A credential's name, or one of the manager's own tokens as any value, in the query."""
+        if not qs:
+            return False
+        for k, v in parse_qsl(qs.decode("latin-1"), keep_blank_values=True):
+            if k.lower() in self.url_secrets or (len(v) >= 8 and self.rules.is_own_token(v.encode("latin-1"))):
+                return True
+        return False
+
+    async def _on_its_port(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """False (and answered) when the request came to the wrong port for its path."""
+        server = scope.get("server")
+        on_console = bool(server) and server[1] == self.console_port
+        path = scope["path"]
+        console_path = path == "/ui" or path.startswith("/ui/")
+        if on_console == console_path or (on_console and path in CONSOLE_PORT_EXTRAS):
+            return True
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return False
+        if on_console and path == "/":
+            resp: Response = RedirectResponse("/ui/", status_code=307)
+        elif on_console:
+            resp = json_response({"detail": "this port serves only the operator console (/ui/)"}, status=404)
+        else:
+            resp = json_response({"detail": "the operator console is served on its own port "
+                                            "(admin.console_port), not here"}, status=404)
+        await resp(scope, receive, send)
+        return False
 
     async def _proxy(self, scope: Scope, receive: Receive, send: Send, methods: frozenset[str]) -> None:
         request = Request(scope, receive)
@@ -99,9 +143,6 @@ class ManagerApp:
         await response(scope, receive, send)
 
 
-def _secret_in_query(qs: bytes) -> bool:
-    return bool(qs) and any(k.lower() in SECRET_PARAMS for k, _ in parse_qsl(qs.decode("latin-1"),
-                                                                            keep_blank_values=True))
 
 
 async def _refuse_secret_in_url(scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,11 +7,13 @@ import asyncio
 import functools
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from manager.edge import EdgeHttpProtocol
 from shared.config import Config, load_config
@@ -86,13 +88,17 @@ def main(argv: list[str] | None = None) -> None:
                               # one server protocol in every mode: heads bounded in size and time
                               "http": functools.partial(EdgeHttpProtocol,
                                                         header_timeout=cfg.proxy.header_timeout_seconds)}
+    console = _console_url(cfg)
     if cfg.workers <= 1:
         from manager.app import create_app
 
         print(f"toolserver-manager {cfg.version}: http://{cfg.host}:{cfg.port}  "
               f"(manager_id={cfg.manager_id}, replica_id={cfg.replica_id})", file=sys.stderr, flush=True)
-        server = _Server(uvicorn.Config(create_app(cfg), **common))
-        server.run()
+        if console:
+            print(f"toolserver-manager console: {console}/ui/", file=sys.stderr, flush=True)
+        config = uvicorn.Config(create_app(cfg), **common)
+        server = _Server(config)
+        server.run(sockets=_sockets(config, cfg))
         return
     # several workers: each is its own replica; metrics aggregate through a shared directory
     import json
@@ -106,10 +112,30 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["TSM_CLI_OVERRIDES"] = json.dumps(overrides)
     print(f"toolserver-manager {cfg.version}: http://{cfg.host}:{cfg.port}  ({cfg.workers} workers, "
           f"manager_id={cfg.manager_id})", file=sys.stderr, flush=True)
+    if console:
+        print(f"toolserver-manager console: {console}/ui/", file=sys.stderr, flush=True)
     try:
-        uvicorn.run("manager.main:app_factory", factory=True, workers=cfg.workers, **common)
+        config = uvicorn.Config("manager.main:app_factory", factory=True, workers=cfg.workers, **common)
+        Multiprocess(config, sockets=_sockets(config, cfg)).run()
     finally:
         shutil.rmtree(mpdir, ignore_errors=True)
+
+
+def _console_url(cfg: Config) -> str:
+    """Where the console listens, or "" when it is off (no admin token, or admin.console false)."""
+    if not cfg.admin.console or not cfg.admin_token:
+        return ""
+    return f"http://{cfg.admin.console_host or cfg.host}:{cfg.admin.console_port}"
+
+
+def _sockets(config: uvicorn.Config, cfg: Config) -> list[socket.socket]:
+    """The proxy's listening socket and, when the console is on, the console's: one process
+    serves both, and each request is told apart by the port it came to (manager/entry.py)."""
+    socks = [config.bind_socket()]
+    if _console_url(cfg):
+        socks.append(uvicorn.Config(config.app, host=cfg.admin.console_host or cfg.host,
+                                    port=cfg.admin.console_port).bind_socket())
+    return socks
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from manager.client_auth import ClientKeys
+from manager.forwarding import HeaderRules
 from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
 from manager.upstream import ConnectFailed, HostLost, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -69,6 +70,7 @@ class Proxy:
         self.resolver = resolver
         cfg = rt.cfg
         self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
+        self.rules = HeaderRules(cfg)
         p = rt.cfg.proxy
         self.pool = UpstreamPool(max_idle_per_host=p.max_connections, keepalive_seconds=p.keepalive_seconds)
         # a host's circuit opening ends the requests in flight to it at once
@@ -88,6 +90,7 @@ class Proxy:
         headers = _request_headers(scope)
         if self.client_keys:
             headers = self.client_keys.strip(headers)
+        headers = self.rules.to_node(headers)
         to = await self.resolver.target(rec, any(k == _VIA for k, _ in scope["headers"]))
         headers += [(k.encode(), v.encode()) for k, v in to.headers]
         host, port, via_owner = to.host, to.port, to.via_owner
@@ -156,7 +159,7 @@ class Proxy:
         hist.observe(time.perf_counter() - t0)
         metrics.PROXY_BYTES_IN.inc(counter[0])
         self._count(path, upstream.status_code)
-        return _Upstream(upstream, rt, rec.id)
+        return _Upstream(upstream, rt, rec.id, self.rules)
 
     async def call(self, node_id: str, path: str, body: bytes, content_type: str = "application/json",
                    extra: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
@@ -243,12 +246,12 @@ async def _counting(request: Request, counter: list[int]) -> AsyncIterator[bytes
 class _Upstream(Response):
     """Sends a node's response back as it arrives; small known-length bodies in one piece."""
 
-    def __init__(self, upstream: UpstreamResponse, rt: Runtime, node_id: str) -> None:
+    def __init__(self, upstream: UpstreamResponse, rt: Runtime, node_id: str, rules: HeaderRules) -> None:
         self.upstream = upstream
         self.node_id = node_id
         self.status_code = upstream.status_code
         self.rt = rt
-        self.raw_headers = [(k, v) for k, v in upstream.headers if k not in HOP_BY_HOP]
+        self.raw_headers = rules.from_node((k, v) for k, v in upstream.headers if k not in HOP_BY_HOP)
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -32,10 +32,12 @@ async def proxy_socket(ws: WebSocket) -> None:
         await ws.close(code=1008, reason=exc.detail[:120])
         return
     headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
-    keys = ws.app.state.proxy.client_keys
-    if keys:  # the client's API key stays here
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in keys.strip(
-            [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers])]
+    proxy = ws.app.state.proxy
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    if proxy.client_keys:  # the client's API key stays here
+        raw = proxy.client_keys.strip(raw)
+    # nor any other credential of the manager's (console cookie, admin or internal token)
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in proxy.rules.to_node(raw)]
     subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     path = ws.url.path + (f"?{ws.url.query}" if ws.url.query else "")
     await proxy_to_node(ws, rec, path, headers, subprotocols)

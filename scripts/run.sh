@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the service: set up what is missing, then one manager with its built-in checker
-# on 127.0.0.1:8080 in the foreground. Ctrl-C stops it gracefully (lease released,
-# replica deregistered); Redis, dockerd and the nodes' records stay consistent.
+# on 127.0.0.1:8080 (its console on 127.0.0.1:8081, an origin of its own) in the foreground.
+# Ctrl-C stops it gracefully (lease released, replica deregistered); Redis, dockerd and the
+# nodes' records stay consistent.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
@@ -19,5 +20,6 @@ if [ -z "${TSM_ADMIN__TOKEN:-}" ] && [ -z "${TSM_ADMIN__TOKEN_FILE:-}" ]; then
   fi
 fi
 echo "[run] manager on http://127.0.0.1:${TSM_PORT:-8080} (config: $TSM_CONFIG); Ctrl-C to stop"
-echo "[run] console on http://127.0.0.1:${TSM_PORT:-8080}/ui/ (admin token: ${TSM_ADMIN__TOKEN_FILE:-TSM_ADMIN__TOKEN})"
+export TSM_ADMIN__CONSOLE_PORT="${TSM_ADMIN__CONSOLE_PORT:-8081}"
+echo "[run] console on http://127.0.0.1:${TSM_ADMIN__CONSOLE_PORT}/ui/ (admin token: ${TSM_ADMIN__TOKEN_FILE:-TSM_ADMIN__TOKEN})"
 exec "$ROOT/.venv/bin/toolserver-manager" --host 127.0.0.1 --port "${TSM_PORT:-8080}" "$@"

@@ -171,6 +171,9 @@ class ProxyConfig(Base):
     circuit_probe_seconds: float = 0.5
     websocket_paths: list[str] = msgspec.field(default_factory=lambda: ["/ws/shell", "/ws/echo"])
     websocket_max_message_bytes: int = 16 * 1024 * 1024
+    # sent with every proxied response, so a page a node serves runs in an opaque origin with no
+    # script ("sandbox allow-scripts" lets node UIs run script, still in an opaque origin); "": none
+    response_csp: str = "sandbox"
 
 
 class CheckerConfig(Base):
@@ -212,6 +215,10 @@ class AdminConfig(Base):
     # where scripts/console-assets.sh put the console's npm libraries (xterm.js, uPlot)
     console_assets_dir: str = "/var/lib/toolserver-manager/console-assets"
     console_session_minutes: int = 720  # a console login lasts this long (then: log in again)
+    # the console's own origin: a port of its own, so no page a node serves through the proxy
+    # port is ever same-origin with it (empty host: the manager's host)
+    console_port: int = 8081
+    console_host: str = ""
     # origins besides the request's own (scheme-less host:port match) allowed to act through
     # the console, e.g. https://ops.example.com when a proxy in front rewrites Host
     console_origins: list[str] = msgspec.field(default_factory=list)
@@ -327,6 +334,9 @@ class Config(Base):
                 raise ValueError(f"{key} must be positive, or null to turn that tier off")
         if self.node.disk.workspace_bytes and self.node.disk.workspace_bytes < 16 << 20:
             raise ValueError("node.disk.workspace_bytes must be 0 (unbounded) or at least 16 MiB")
+        if not 0 < self.admin.console_port < 65536 or self.admin.console_port == self.port:
+            raise ValueError("admin.console_port must be a port other than port: the console needs an "
+                             "origin of its own, apart from the pages nodes serve")
 
     @property
     def internal_token(self) -> str:

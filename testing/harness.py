@@ -67,6 +67,9 @@ class ManagerProc:
         if int(self.cfg.get("workers", 1)) <= 1:  # several workers: each makes its own replica_id
             self.cfg.setdefault("replica_id", f"{name}-{self.port}")
         self.url = f"http://127.0.0.1:{self.port}"
+        # the console's own origin: a free port of its own unless the config names one
+        self.cfg.setdefault("admin", {}).setdefault("console_port", free_port())
+        self.console_url = f"http://127.0.0.1:{self.cfg['admin']['console_port']}"
         self.path = tmp / f"{name}-{self.port}.yml"
         self.log_path = tmp / f"{name}-{self.port}.log"
         self.path.write_text(yaml.safe_dump(self.cfg))
