@@ -205,7 +205,9 @@ def test_default_is_a_deployment_with_probes_resources_and_pdb(rendered) -> None
     assert c["args"] == ["--config", "/etc/toolserver-manager/manager.yml"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/alive", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    # the console on a port of its own: an origin apart from the pages nodes serve on "http"
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "console", "containerPort": 8081, "protocol": "TCP"}]
     assert c["resources"]["requests"] and c["resources"]["limits"]
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     pod = dep["spec"]["template"]["spec"]
@@ -218,6 +220,7 @@ def test_default_is_a_deployment_with_probes_resources_and_pdb(rendered) -> None
     assert "checksum/config" in dep["spec"]["template"]["metadata"]["annotations"]
     service = one(docs, "Service", FULLNAME)
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["ports"][1] == {"name": "console", "port": 8081, "targetPort": "console", "protocol": "TCP"}
 
 
 def test_daemonset_drives_the_hosts_engine(rendered) -> None:
