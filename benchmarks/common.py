@@ -53,6 +53,7 @@ NODE_IMAGE = os.environ.get("TSM_BENCH_NODE_IMAGE", "toolserver-node:latest")
 # raw nodes started by a benchmark (no manager) need a secret too: nodes refuse requests without one
 BENCH_NODE_SECRET = "bench-node-secret"
 BENCH_NODE_HEADERS = {"X-Node-Secret": BENCH_NODE_SECRET}
+NODE_SECRET_KEY = uuid.uuid4().hex  # one per run: every manager of a benchmark derives the same secrets
 NODE_PORT = 31942
 LABEL = "toolserver-manager.manager_id"
 ROLE_LABEL = "toolserver-manager.role"
@@ -150,7 +151,7 @@ def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
         "logger_level": "INFO",
         "redis": {"url": REDIS_URL, "key_prefix": prefix},
         "node": {"creation_kwargs": {"image": NODE_IMAGE, "init": True}},
-        "cluster": {"internal_token": uuid.uuid4().hex},
+        "cluster": {"internal_token": uuid.uuid4().hex, "node_secret_key": NODE_SECRET_KEY},
         "admin": {"token": uuid.uuid4().hex},
     }
     return deep_merge(cfg, over)

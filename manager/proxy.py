@@ -121,9 +121,10 @@ class Proxy:
                 # the node moved or stopped since we cached it: refresh, revive, retry once
                 # (nothing was sent: a failed connect consumed none of the client's body)
                 rec = await self.resolver.revive(rec)
-                # a session brought back from its workspace alone has a new secret
-                headers = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rec.secret.encode())]
-                upstream = await self.pool.request(scope["method"], rec.host, rec.port, target, headers, body,
+                again = await self.resolver.target(rec, True)  # the engine-confirmed address again
+                # a session brought back from its workspace alone may have a new secret
+                headers = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rt.store.secrets.of(rec).encode())]
+                upstream = await self.pool.request(scope["method"], again.host, again.port, target, headers, body,
                                                    self._connect_timeout, timeout)
         except UpstreamTimeout:
             rt.inflight -= 1
@@ -197,8 +198,9 @@ class Proxy:
                 if to.via_owner:
                     raise
                 rec = await self.resolver.revive(rec)  # moved or stopped since cached: once more
-                headers[:] = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rec.secret.encode())]
-                status, data = await once(rec.host, rec.port)
+                again = await self.resolver.target(rec, True)  # the engine-confirmed address again
+                headers[:] = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rt.store.secrets.of(rec).encode())]
+                status, data = await once(again.host, again.port)
         except UpstreamTimeout:
             self._count(path, 504)
             raise NodeReadTimeout(timeout) from None

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from manager.runtime import Runtime
-from nodeops import sessions
+from nodeops import addresses, sessions
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
 from shared import metrics
-from shared.errors import InvalidNode, NodeNotFound, NoLiveManager
+from shared.errors import ContainerGone, InvalidNode, NodeNotFound, NoLiveManager
 from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
 
 NODE_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -73,11 +73,19 @@ class Resolver:
         return fresh
 
     async def target(self, rec: NodeRecord, forwarded: bool) -> Target:
-        """The node itself, or a replica of its owner when the node is not routable from here."""
+        """The node itself, or a replica of its owner when the node is not routable from here.
+
+        A node's secret goes only to the address the engine confirms (nodeops/addresses.py),
+        never one a Redis record alone names."""
         rt = self.rt
         if (rec.manager_id == rt.manager_id or not rt.cfg.cluster.proxy_through_owner.get(rec.manager_id)
                 or forwarded):  # forwarded once already: never loop
-            return Target("http", rec.host, rec.port, False, [(NODE_SECRET_HEADER, rec.secret)])
+            try:
+                host, port = await addresses.confirmed(rt, rec)
+            except ContainerGone:  # the record is stale: the session comes back, then it is checked again
+                rec = await self.revive(rec)
+                host, port = await addresses.confirmed(rt, rec)
+            return Target("http", host, port, False, [(NODE_SECRET_HEADER, rt.store.secrets.of(rec))])
         replicas = await owner_replicas(rt, rec.manager_id)
         if not replicas:
             raise NoLiveManager(rec.manager_id)

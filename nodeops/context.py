@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from nodeops.addresses import ConfirmedAddresses
 from nodeops.circuit import Circuits
 from shared.config import Config
 from shared.backend import NodeBackend
@@ -36,6 +37,7 @@ class NodeOps:
     isolation: dict[str, str] = field(default_factory=dict)
     image: ImageState = field(default_factory=ImageState)
     circuits: Circuits = field(default_factory=Circuits)  # by host address: fail fast while one is down
+    addresses: ConfirmedAddresses = field(default_factory=ConfirmedAddresses)  # what the engine confirmed
     derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known  # what backend.prepare set up, for /ready
 
     @property

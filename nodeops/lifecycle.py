@@ -15,11 +15,12 @@ from typing import Any
 
 import httpx
 
-from nodeops import resume
+from nodeops import addresses, resume
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.backend import NewNode
+from shared.backend import Address, NewNode
 from shared.errors import (
+    AddressUnconfirmed,
     BadRequest,
     ContainerGone,
     EngineError,
@@ -37,10 +38,15 @@ log = logging.getLogger(__name__)
 
 
 async def probe(ops: NodeOps, rec: NodeRecord, timeout: float = 1.0) -> bool:
-    """One HTTP probe of the node's health route, with the node's secret."""
+    """One HTTP probe of the node's health route, with the node's secret (sent only to the
+    address the engine confirms: nodeops/addresses.py)."""
     try:
-        resp = await ops.http.get(rec.address + ops.cfg.node.health_path, timeout=timeout,
-                                  headers={NODE_SECRET_HEADER: rec.secret})
+        host, port = await addresses.confirmed(ops, rec)
+    except (AddressUnconfirmed, ContainerGone):
+        return False
+    try:
+        resp = await ops.http.get(f"http://{host}:{port}{ops.cfg.node.health_path}", timeout=timeout,
+                                  headers={NODE_SECRET_HEADER: ops.store.secrets.of(rec)})
     except httpx.HTTPError:
         return False
     if resp.status_code in (401, 403):
@@ -90,7 +96,7 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
     outcome = "error"
     session_id = secrets.token_hex(32)  # the shape of a container id: cookies look as they always did
     now = time.time()
-    new = NewNode(owner=ops.manager_id, role=role, client=client, secret=secrets.token_urlsafe(32),
+    new = NewNode(owner=ops.manager_id, role=role, client=client, secret=ops.store.secrets.new(session_id),
                   replica_id=ops.replica.replica_id, created_at=now, session_id=session_id,
                   workspace=ops.backend.workspace_name(session_id))
     try:
@@ -105,6 +111,7 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
         await ops.backend.create_workspace(new)
         rec.container_id = await ops.backend.create(new)
         rec.host, rec.port = await ops.backend.start(rec.container_id)
+        ops.addresses.put(rec.container_id, rec.id, Address(rec.host, rec.port))  # the engine's own word
         # status stays "creating" until the node answers: the checker removes records stuck in it
         await ops.store.update_node(session_id, host=rec.host, port=rec.port, container_id=rec.container_id)
         if not await wait_ready(ops, rec, deadline):
@@ -191,6 +198,7 @@ async def restart_node(ops: NodeOps, node_id: str, *, reason: str = "reconnect")
             ops.forget_address(node_id)
             try:
                 rec.host, rec.port = await ops.backend.restart(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
+                ops.addresses.put(rec.cid, rec.id, Address(rec.host, rec.port))
             except ContainerGone:
                 gone_container = True
     if gone_container:

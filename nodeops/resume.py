@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from collections.abc import AsyncIterator
 from nodeops import lifecycle
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.backend import NewNode
+from shared.backend import Address, NewNode
 from shared.errors import (
     ContainerGone,
     EngineError,
@@ -160,9 +159,10 @@ async def _recreate(ops: NodeOps, rec: NodeRecord) -> NodeRecord:
         await ops.backend.ready_workspace(rec.workspace)
     except ContainerGone:  # the engine says the workspace is gone: so is the session
         raise await lifecycle.gone(ops, rec) from None
-    # the session keeps its secret (a record rebuilt from a workspace alone has none: a new one then)
+    # the session keeps its secret (derived from its id; without a key its clear one, or a new one
+    # for a record rebuilt from a workspace alone)
     new = NewNode(owner=ops.manager_id, role=rec.role, replica_id=ops.replica.replica_id, created_at=time.time(),
-                  client=rec.client, secret=rec.secret or secrets.token_urlsafe(32), session_id=rec.id,
+                  client=rec.client, secret=ops.store.secrets.new(rec.id, rec.secret), session_id=rec.id,
                   workspace=rec.workspace)
     cid = await ops.backend.create(new)
     await store.unarchived(rec.manager_id, rec.id)
@@ -172,6 +172,7 @@ async def _recreate(ops: NodeOps, rec: NodeRecord) -> NodeRecord:
     ops.forget_address(rec.id)
     try:
         rec.host, rec.port = await ops.backend.start(cid)
+        ops.addresses.put(cid, rec.id, Address(rec.host, rec.port))  # the engine's own word
     except EngineError as exc:
         # the engine would not start it, most likely because the workspace cannot be mounted: the
         # session stays archived, its workspace untouched, and the caller is told why

@@ -10,6 +10,13 @@ export TSM_CONFIG="${TSM_CONFIG:-$ROOT/config/manager.yml}"
 STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"
 # the project's Redis (set up above) requires the password setup.sh keeps root-only in the state dir
 export TSM_REDIS__PASSWORD_FILE="${TSM_REDIS__PASSWORD_FILE:-$STATE/redis-password}"
+# node secrets are derived from a key Redis never sees (shared/nodesecret.py), root only like the rest
+if [ -z "${TSM_CLUSTER__NODE_SECRET_KEY:-}" ] && [ -z "${TSM_CLUSTER__NODE_SECRET_KEY_FILE:-}" ]; then
+  export TSM_CLUSTER__NODE_SECRET_KEY_FILE="$STATE/node-secret-key"
+  if [ ! -s "$TSM_CLUSTER__NODE_SECRET_KEY_FILE" ]; then
+    (umask 077; head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$TSM_CLUSTER__NODE_SECRET_KEY_FILE")
+  fi
+fi
 export TSM_ADMIN__CONSOLE_ASSETS_DIR="${TSM_ADMIN__CONSOLE_ASSETS_DIR:-$STATE/console-assets}"
 # the admin API and console need a token: without one given, a random one kept in the state
 # dir (root only), so the console works after this command with nothing else to do

@@ -190,6 +190,10 @@ class ClusterConfig(Base):
     replica_ttl_seconds: float = 6.0
     internal_token: str = ""
     internal_token_file: str = ""
+    # the key every replica derives node secrets from (shared/nodesecret.py), kept out of Redis;
+    # without one, node secrets are random and sit in Redis in clear (as before version 0.4)
+    node_secret_key: str = ""
+    node_secret_key_file: str = ""
     # live nodes per manager_id. 0: as many as the engine's memory holds at the node memory limit
     # (creation_kwargs.mem_limit; unlimited when nodes have none); -1: unlimited
     max_nodes_per_manager: int = 0
@@ -343,6 +347,10 @@ class Config(Base):
         return _secret(self.cluster.internal_token, self.cluster.internal_token_file)
 
     @property
+    def node_secret_key(self) -> str:
+        return _secret(self.cluster.node_secret_key, self.cluster.node_secret_key_file)
+
+    @property
     def admin_token(self) -> str:
         return _secret(self.admin.token, self.admin.token_file)
 
@@ -367,7 +375,7 @@ class Config(Base):
         data = msgspec.to_builtins(self)
         data["redis"]["url"] = redact_url(data["redis"]["url"])
         data["client_auth"]["api_keys"] = ["***" for _ in data["client_auth"]["api_keys"]]
-        for section, key in (("cluster", "internal_token"), ("admin", "token")):
+        for section, key in (("cluster", "internal_token"), ("cluster", "node_secret_key"), ("admin", "token")):
             if data[section][key]:
                 data[section][key] = "***"
         return data

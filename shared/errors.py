@@ -119,6 +119,13 @@ class NodeNotResponding(Unavailable):
         super().__init__("node is not responding")
 
 
+class AddressUnconfirmed(Unavailable):
+    """The engine does not confirm a node's recorded address: its secret is not sent there."""
+
+    def __init__(self, node_id: str, why: str) -> None:
+        super().__init__(f"the engine does not confirm the address of node {node_id}: {why}")
+
+
 class WorkspaceUnavailable(Unavailable):
     def __init__(self, session_id: str, why: str) -> None:
         super().__init__(f"the workspace of session {session_id} cannot be mounted: {why}")

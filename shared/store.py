@@ -24,6 +24,7 @@ from shared.config import Config
 from shared.errors import QuotaExceeded, RedisUnavailable
 from shared.keys import Keys, is_reservation, reservation_member
 from shared.models import Event, Intent, LeaseInfo, NodeRecord, ReplicaInfo
+from shared.nodesecret import NodeSecrets
 
 # KEYS[1] node hash; ARGV: field, value, field, value...
 # Only update a record that still exists: a late write must not resurrect a released node.
@@ -229,9 +230,11 @@ def redis_errors() -> Any:
 class Store:
     """Typed access to everything the project keeps in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000,
+                 secrets: NodeSecrets | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        self.secrets = secrets or NodeSecrets()  # a derived secret is never written
         self.stream_maxlen = stream_maxlen
         self._hset_if_exists = redis.register_script(HSET_IF_EXISTS)
         self._fenced = redis.register_script(FENCED)
@@ -251,8 +254,7 @@ class Store:
         """The store of a configuration, on its own client (closed by close())."""
         r = cfg.redis
         return cls(connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, cfg.redis_password),
-                   Keys(r.key_prefix),
-                   cfg.events.stream_maxlen)
+                   Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key))
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -268,7 +270,7 @@ class Store:
         k = self.keys
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                p.hset(k.node(rec.id), mapping=rec.to_hash())
+                p.hset(k.node(rec.id), mapping=self._hash(rec))
                 if replace_member:
                     p.srem(k.manager_nodes(rec.manager_id), replace_member)
                 _queue(p, self._index_ops(rec, rec.last_request_at or time.time()))
@@ -315,8 +317,20 @@ class Store:
                     out[node_id] = stamp
         return out
 
+    def _hash(self, rec: NodeRecord) -> dict[str, str]:
+        """The record as written: a derived secret left out (the node's is computed on use)."""
+        out = rec.to_hash()
+        out["secret"] = self.secrets.stored(rec.id, rec.secret)
+        return out
+
+    def _fields(self, node_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        if "secret" in fields:
+            fields = {**fields, "secret": self.secrets.stored(node_id, str(fields["secret"]))}
+        return fields
+
     async def update_node(self, node_id: str, **fields: Any) -> bool:
         """Set some fields of an existing record; False when the record is gone."""
+        fields = self._fields(node_id, fields)
         args: list[str] = []
         for key, value in fields.items():
             args += [key, str(value)]
@@ -470,12 +484,12 @@ class Store:
     # writes for fenced(): each a (command, key, args) the FENCED script applies
     def update_op(self, node_id: str, fields: dict[str, Any], now: float) -> Op:
         """Set fields of a record that still exists (never resurrects a removed one)."""
-        args = [x for kv in fields.items() for x in kv] + ["updated_at", f"{now:.3f}"]
+        args = [x for kv in self._fields(node_id, fields).items() for x in kv] + ["updated_at", f"{now:.3f}"]
         return ("hset_xx", self.keys.node(node_id), args)
 
     def adopt_ops(self, rec: NodeRecord, now: float) -> list[Op]:
         """Record and index a node found on the engine; a record written meanwhile is kept."""
-        return [("hset_nx", self.keys.node(rec.id), [x for kv in rec.to_hash().items() for x in kv]),
+        return [("hset_nx", self.keys.node(rec.id), [x for kv in self._hash(rec).items() for x in kv]),
                 *self._index_ops(rec, now)]
 
     def _index_ops(self, rec: NodeRecord, last_request: float) -> list[Op]:

@@ -297,7 +297,8 @@ class Hosts:
                      "creation_kwargs": {"image": self.image, "init": True, "mem_limit": "512m"}},
             "proxy": {"connect_timeout_seconds": 2.0},
             "checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 3, "start_jitter_seconds": 0.2},
-            "cluster": {"internal_token": self.internal_token, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
+            "cluster": {"internal_token": self.internal_token, "node_secret_key": f"{self.internal_token}-nodes",
+                        "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
                         "fanout_timeout_seconds": 2, "max_nodes_per_manager": 40, "lost_after_seconds": 3},
             "admin": {"token": self.admin_token},
         }

@@ -28,6 +28,7 @@ LABEL = "toolserver-manager.manager_id"
 # a work tree can build and test its own node image beside others (node/build.sh reads it too)
 NODE_IMAGE = os.environ.get("TSM_NODE_IMAGE", "toolserver-node:latest")
 INTERNAL_TOKEN = "test-internal-token"
+NODE_SECRET_KEY = "test-node-secret-key"  # node secrets derived, never in Redis (shared/nodesecret.py)
 ADMIN_TOKEN = "test-admin-token"
 
 
@@ -111,7 +112,8 @@ def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
                  "creation_kwargs": {"image": NODE_IMAGE, "init": True, "mem_limit": "512m",
                                      "labels": {"toolserver-manager.test": "1"}}},
         "checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 3, "start_jitter_seconds": 0.2},
-        "cluster": {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2},
+        "cluster": {"internal_token": INTERNAL_TOKEN, "node_secret_key": NODE_SECRET_KEY, "heartbeat_seconds": 0.5,
+                    "replica_ttl_seconds": 2},
         "admin": {"token": ADMIN_TOKEN},
     }
     return deep_merge(cfg, over)

@@ -1,0 +1,80 @@
+"""Where a node's secret may go: only to the address the engine confirms for that session.
+
+A node's address in its Redis record is data anyone who can write Redis controls: rewriting it
+once delivered a session's next request, with its cookie, body and node secret, to a listener of
+a local user's. So the address a local node is reached at comes from the engine: checked once per
+container (the engine's inspect: that container carries this session's label and our
+manager_id, and is running at that address), then cached by container id, and checked again
+whenever the record names another address (a restart moved it, or someone rewrote it). On a
+mismatch the engine's address is used, never the record's.
+
+Chosen over a per-request signature the node would verify: a signature keeps the secret from a
+listener but not the request itself (cookie, body) nor the client's trust in the answer, and it
+would need every node image to change. The cost is one engine call per container per replica.
+
+Nodes of another manager_id are on another engine this replica cannot ask; their address is the
+record's (Redis requires a password, so only the replicas write it) or, with
+cluster.proxy_through_owner, reached through their owner, which confirms it with its engine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shared.backend import Address
+from shared.errors import AddressUnconfirmed, ContainerGone
+from shared.models import NodeRecord
+
+if TYPE_CHECKING:
+    from nodeops.context import NodeOps
+
+LIMIT = 20000  # containers remembered per replica; beyond, the oldest are checked again
+
+
+class ConfirmedAddresses:
+    """container id -> the session it serves and the address the engine gave for it (bounded,
+    oldest dropped first). Keyed by container and checked against the session too: a record may
+    name another session's container at that container's true address."""
+
+    def __init__(self) -> None:
+        self._by_cid: dict[str, tuple[str, Address]] = {}
+
+    def get(self, cid: str) -> tuple[str, Address] | None:
+        return self._by_cid.get(cid)
+
+    def put(self, cid: str, session_id: str, addr: Address) -> None:
+        """Remember what the engine just said (inspect, start, restart) for a session's container."""
+        self._by_cid.pop(cid, None)
+        self._by_cid[cid] = (session_id, addr)
+        if len(self._by_cid) > LIMIT:
+            del self._by_cid[next(iter(self._by_cid))]
+
+    def drop(self, cid: str) -> None:
+        self._by_cid.pop(cid, None)
+
+
+async def confirmed(ops: NodeOps, rec: NodeRecord) -> Address:
+    """The address to send rec's node its secret at: the engine's for a local node."""
+    recorded = Address(rec.host, rec.port)
+    if rec.manager_id != ops.manager_id:
+        return recorded
+    cid = rec.cid
+    if not cid:
+        raise AddressUnconfirmed(rec.id, "the record names no container")
+    if ops.addresses.get(cid) == (rec.id, recorded):
+        return recorded
+    try:
+        info = await ops.backend.inspect(cid)
+    except ContainerGone:
+        ops.addresses.drop(cid)
+        raise
+    # the record's container id is Redis data too: it must be this session's, made by us
+    ours = info.owner == ops.manager_id and (info.session_id == rec.id or (not info.session_id and info.id == rec.id))
+    if not ours:
+        raise AddressUnconfirmed(rec.id, f"container {cid[:12]} does not belong to it")
+    if not info.port:
+        ops.addresses.drop(cid)
+        raise AddressUnconfirmed(rec.id, "its container is not running")
+    ops.addresses.put(cid, rec.id, info.address)
+    return info.address
+
