@@ -166,3 +166,25 @@ def test_local_user_cannot_redirect_a_session(start_manager, prefix: str, redis_
         listener.kill()
         seen, _ = listener.communicate(timeout=10)
     assert seen.strip() == "", f"the listener of nobody received: {seen[:2000]}"
+
+
+def test_sessions_made_before_the_key_keep_working_then_lose_their_clear_secret(
+        start_manager, prefix: str, redis_client: redis.Redis, docker_client: docker.DockerClient) -> None:
+    """A rolling upgrade: a session made by a replica without node_secret_key (its secret random,
+    in Redis) is served by replicas with the key, and its next container gets the derived one."""
+    old = start_manager("old", cluster={"node_secret_key": ""})
+    c, node_id = new_session(old.url)
+    key = f"{prefix}:node:{node_id}"
+    clear = redis_client.hget(key, "secret")
+    assert clear and clear.decode() == node_secret(docker_client, node_id)
+    old.stop()
+    new = start_manager("new")
+    c.base_url = httpx.URL(new.url)
+    assert c.post("/").status_code == 200  # the clear secret is used as it is
+    # its container gone, the session comes back on its workspace with a derived secret
+    cid = redis_client.hget(key, "container_id").decode()
+    docker_client.api.remove_container(cid, force=True)
+    assert wait_for(lambda: c.post("/").status_code == 200, timeout=60, what="the session back")
+    new_cid = redis_client.hget(key, "container_id").decode()
+    assert new_cid != cid and redis_client.hget(key, "secret") == b""
+    assert node_secret(docker_client, new_cid) != clear.decode()
