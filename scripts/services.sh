@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start or stop the real parts the same way everywhere (set-up, tests, benchmarks):
-#   services.sh redis-password | start-redis | stop-redis | start-dockerd | stop-dockerd
+#   services.sh redis-password | start-redis | stop-redis | start-dockerd
+# No stop-dockerd: the engine is the machine's (its containers are not all ours); tests that need
+# an engine to go away start one of their own (testing/hosts.py PrivateEngine).
 set -euo pipefail
 STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"
 REDIS_PORT="${TSM_REDIS_PORT:-6380}"
@@ -71,21 +73,10 @@ start_dockerd() {
   die "dockerd did not start: $(grep -iE 'level=(error|fatal)' "$STATE/dockerd.log" | tail -1) (it needs root and cgroups; see $STATE/dockerd.log)"
 }
 
-stop_dockerd() {
-  local pid
-  # the default engine only: a second engine (scripts/second-engine.sh) is a dockerd too
-  pid=$(cat /var/run/docker.pid 2>/dev/null || true)
-  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 0  # a stale pid file
-  kill "$pid"
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  die "dockerd did not stop"
-}
-
 case "${1:-}" in
   redis-password) redis_password ;;
   start-redis) start_redis ;;
   stop-redis) stop_redis ;;
   start-dockerd) start_dockerd ;;
-  stop-dockerd) stop_dockerd ;;
-  *) echo "usage: $0 redis-password|start-redis|stop-redis|start-dockerd|stop-dockerd" >&2; exit 2 ;;
+  *) echo "usage: $0 redis-password|start-redis|stop-redis|start-dockerd" >&2; exit 2 ;;
 esac

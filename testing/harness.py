@@ -52,6 +52,40 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> N
         proc.wait()
 
 
+class PrivateRedis:
+    """A redis-server of a test's own on 127.0.0.1 and a free port (nothing saved): faults are done
+    to it (killed, started again on the same port), never to the machine's or the project's."""
+
+    def __init__(self, tmp: Path, port: int | None = None, args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.tmp = tmp
+        self.args = args or []
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> "PrivateRedis":
+        import redis  # noqa: PLC0415
+
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.tmp), *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(redis.RedisError):
+                    if client.ping():
+                        return self
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _answers(url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(url, timeout=1).status_code == 200

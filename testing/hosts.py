@@ -28,6 +28,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -109,6 +110,7 @@ class Host:
     log: Path
     dockerd: subprocess.Popen[bytes] | None = None
     manager: HostManager | None = None
+    dockerd_args: list[str] = field(default_factory=list)  # beyond socket, roots and pidfile
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -129,7 +131,7 @@ class Host:
             self.dockerd = subprocess.Popen(
                 [*in_netns(self.name), "dockerd", "--host", self.docker_host,
                  "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
-                 "--pidfile", f"{self.exec_root}.pid"],
+                 "--pidfile", f"{self.exec_root}.pid", *self.dockerd_args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -166,9 +168,13 @@ class Host:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.dockerd.wait(10)
 
-    def stop_dockerd(self) -> None:
+    def stop_dockerd(self, keep_containers: bool = False) -> None:
+        """Stop dockerd; then kill its containerd and shims, unless keep_containers (live-restore:
+        the containers run on, and the engine finds them again when it starts)."""
         if self.dockerd is not None and self.dockerd.poll() is None:
             stop_process(self.dockerd, 20)
+        if keep_containers:
+            return
         for pid in self.engine_pids():  # containerd and shims left behind by a killed dockerd
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -216,7 +222,7 @@ class Hosts:
         raise RuntimeError("no free 10.231.x.0/24 subnet for the test hosts")
 
     # --- set-up -------------------------------------------------------------------
-    def start(self) -> "Hosts":
+    def start(self, managers: bool = True) -> "Hosts":
         t0 = time.monotonic()
         sweep_stale()
         self.marker.touch()  # until its engines run, this marks the tag as a run setting up
@@ -228,10 +234,10 @@ class Hosts:
             with ThreadPoolExecutor(len(self.hosts)) as pool:
                 list(pool.map(lambda h: self._start_engine(h, image), self.hosts))
             self.timings["engines_ready"] = time.monotonic() - t0
-            for h in self.hosts:
+            for h in self.hosts if managers else []:
                 h.manager = HostManager(self.manager_config(h), self.tmp, h.name, h.addr)
                 h.manager.start(wait=False)
-            for h in self.hosts:
+            for h in self.hosts if managers else []:
                 assert h.manager is not None
                 h.manager.wait_alive(60)
             self.timings["managers_alive"] = time.monotonic() - t0
@@ -365,6 +371,106 @@ class Hosts:
         while sh("iptables", "-D", *self._forward_rule, check=False).returncode == 0:
             pass
         self.marker.unlink(missing_ok=True)
+
+
+class PrivateEngine(Hosts):
+    """One host of its own for a test's faults: a dockerd in a network namespace (live-restore, its
+    runtimes in a config file of its own) that tests stop, restart and reconfigure, never the
+    machine's. Managers run on this machine (``start_manager(**engine.manager_overrides())``) and
+    reach nodes at ports published on the host's address, as in DaemonSet mode."""
+
+    def __init__(self, tmp: Path, image: str) -> None:
+        super().__init__(tmp, image, n=1)
+        self.config_path = tmp / "daemon.json"
+        self.runtimes: dict[str, Any] = {}
+        runsc = shutil.which("runsc")
+        if runsc:  # Debian's runsc cannot build its own network stack here: --network=host (register-runsc.sh)
+            self.runtimes["runsc"] = {"path": runsc, "runtimeArgs": ["--network=host"]}
+        self._write_config()
+        self.host = self.hosts[0]
+        self.host.dockerd_args = ["--live-restore", "--config-file", str(self.config_path)]
+
+    @property
+    def docker_host(self) -> str:
+        return self.host.docker_host
+
+    @property
+    def addr(self) -> str:
+        return self.host.addr
+
+    def start(self, managers: bool = False) -> "PrivateEngine":
+        super().start(managers=False)
+        return self
+
+    def manager_overrides(self) -> dict[str, Any]:
+        """start_manager keyword arguments for a manager driving this engine."""
+        # the firewall goes where the engine's bridges are (its namespace), as for the chart's pods
+        return {"docker_host": self.docker_host,
+                "node": {"publish_host": self.addr, "advertise_host": self.addr,
+                         "network": {"publish": True, "firewall_host_namespace": True}}}
+
+    def client(self) -> Any:
+        import docker  # noqa: PLC0415
+
+        return docker.DockerClient(base_url=self.docker_host, version="1.41", timeout=60)
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(json.dumps({"runtimes": self.runtimes}))
+
+    def set_runtime(self, name: str, spec: dict[str, Any] | None) -> None:
+        """Register (spec) or forget (None) a runtime: its config file rewritten, SIGHUP to reload."""
+        if spec is None:
+            self.runtimes.pop(name, None)
+        else:
+            self.runtimes[name] = spec
+        self._write_config()
+        assert self.host.dockerd is not None
+        self.host.dockerd.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            known = json.loads(self.host.docker("info", "--format", "{{json .Runtimes}}").stdout)
+            if (name in known) == (spec is not None):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the private engine did not {'learn' if spec else 'forget'} runtime {name}")
+
+    def stop_engine(self) -> None:
+        """dockerd stopped gracefully; with live-restore its containers keep running."""
+        self.host.stop_dockerd(keep_containers=True)
+
+    def start_engine(self) -> None:
+        self.host.start_dockerd()
+
+    def ensure_running(self) -> None:
+        if not self.host.engine_answers():
+            self.start_engine()
+
+    @contextlib.contextmanager
+    def listener(self, reach: str = "") -> Iterator[int]:
+        """A TCP listener on every address of the engine's host (its namespace), which that host
+        reaches itself at ``reach`` (default: its address); yields its port."""
+        port = random.randint(20000, 30000)
+        accept = (f"import socket\ns = socket.socket(); s.bind(('0.0.0.0', {port})); s.listen(16)\n"
+                  "while True:\n    s.accept()[0].close()\n")
+        proc = subprocess.Popen([*in_netns(self.host.name), sys.executable, "-c", accept],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            check = f"import socket; socket.create_connection(('{reach or self.addr}', {port}), 1)"
+            deadline = time.monotonic() + 10
+            while sh(sys.executable, "-c", check, ns=self.host.name, check=False).returncode != 0:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"the listener on {self.host.name}:{port} did not answer")
+                time.sleep(0.05)
+            yield port
+        finally:
+            stop_process(proc, 5)
+
+    def bridge_address(self, network: str) -> str:
+        """The host's address on one of this engine's bridge networks, from the interface itself."""
+        net = json.loads(self.host.docker("network", "inspect", network).stdout)[0]
+        dev = (net.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{net['Id'][:12]}"
+        (link,) = json.loads(sh("ip", "-j", "-4", "addr", "show", "dev", dev, ns=self.host.name).stdout)
+        return str(link["addr_info"][0]["local"])
 
 
 def sweep_stale() -> list[str]:

@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 from shared.config import deep_merge
 from shared.keys import Keys
 from shared.store import Store
-from testing.harness import ManagerProc, remove_project_objects
+from testing.harness import ManagerProc, PrivateRedis, remove_project_objects
+from testing.hosts import PrivateEngine
 from testing.redis_env import redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,38 @@ def manager_id_b(docker_client: docker.DockerClient) -> Iterator[str]:
     _SESSION_MANAGER_IDS.add(mid)
     yield mid
     remove_containers(docker_client, mid)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of this test's own, for faults (kill it, start it again on its port)."""
+    r = PrivateRedis(tmp_path).start()
+    yield r
+    r.kill()
+
+
+@pytest.fixture(scope="session")
+def _private_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateEngine]:
+    # one per run, made on first use: a namespace, a dockerd and the node image cost seconds
+    eng = PrivateEngine(tmp_path_factory.mktemp("private-engine"), NODE_IMAGE).start()
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+@pytest.fixture
+def private_engine(_private_engine: PrivateEngine, manager_id: str) -> Iterator[PrivateEngine]:
+    """A dockerd of the run's own (testing.hosts.PrivateEngine) for faults: stopped, restarted,
+    runtimes registered. Name it before start_manager so that replicas stop before its clean-up."""
+    _private_engine.ensure_running()
+    yield _private_engine
+    _private_engine.ensure_running()
+    client = _private_engine.client()
+    try:
+        remove_project_objects(client, manager_id)
+    finally:
+        client.close()
 
 
 def remove_containers(client: docker.DockerClient, mid: str) -> None:

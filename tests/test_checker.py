@@ -11,7 +11,9 @@ import docker
 import httpx
 import redis
 
-from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, REDIS_URL, project_containers, wait_for
+from testing.harness import PrivateRedis
+from testing.hosts import PrivateEngine
+from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, project_containers, wait_for
 
 FAST = {"checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 5}}
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -152,12 +154,11 @@ def test_test_nodes_are_removed_at_leader_start(start_manager, docker_client: do
     wait_for(lambda: not project_containers(docker_client, manager_id), timeout=10, what="test node removal")
 
 
-def test_redis_flush_is_rebuilt_from_the_engine(start_manager, docker_client: docker.DockerClient,
-                                                manager_id: str) -> None:
-    # a database of its own, so flushing it touches no other test's keys
-    url = REDIS_URL.rsplit("/", 1)[0] + "/7"
+def test_redis_flush_is_rebuilt_from_the_engine(private_redis: PrivateRedis, start_manager,  # type: ignore[no-untyped-def]
+                                                docker_client: docker.DockerClient, manager_id: str) -> None:
+    # a Redis of its own: flushing it touches nobody's data
+    url = private_redis.url
     r = redis.Redis.from_url(url)
-    r.flushdb()
     prefix = f"flush-{uuid.uuid4().hex[:6]}"
     m = start_manager(redis={"url": url, "key_prefix": prefix}, **FAST)
     clients = []
@@ -202,21 +203,18 @@ def test_stop_after_exit_only_when_last(start_manager, docker_client: docker.Doc
              what="nodes stopped after the last replica exits")
 
 
-def test_checker_survives_a_dockerd_restart(start_manager, redis_client: redis.Redis, prefix: str,
-                                            manager_id: str) -> None:
-    import subprocess
-
-    from tests.conftest import ROOT
-
-    m = start_manager(**FAST)
+def test_checker_survives_a_dockerd_restart(private_engine: PrivateEngine, start_manager,  # type: ignore[no-untyped-def]
+                                            redis_client: redis.Redis, prefix: str, manager_id: str) -> None:
+    # the run's private engine is the one restarted, never the machine's
+    m = start_manager(**FAST, **private_engine.manager_overrides())
     c = httpx.Client(base_url=m.url, timeout=60)
-    c.post("/get_cookie")
+    assert c.post("/get_cookie").status_code == 200
     holder = wait_for(lambda: lease_holder(redis_client, prefix, manager_id), what="a lease holder")
-    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "stop-dockerd"], check=True)
+    private_engine.stop_engine()
     try:
         wait_for(lambda: "checker_engine_unavailable" in m.logs(), timeout=10, what="the outage logged")
     finally:
-        subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "start-dockerd"], check=True)
+        private_engine.start_engine()
     before = sum(cycles_by_token(redis_client, prefix, manager_id).values())
     wait_for(lambda: sum(cycles_by_token(redis_client, prefix, manager_id).values()) > before + 2, timeout=15,
              what="cycles resuming")

@@ -21,7 +21,9 @@ import httpx
 import pytest
 import redis
 
+from shared.config import deep_merge
 from testing.harness import bridge_gateway
+from testing.hosts import PrivateEngine
 from tests.conftest import ADMIN_TOKEN, ROOT, wait_for
 
 SECRET_HEADER = "X-Node-Secret"
@@ -404,20 +406,23 @@ def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.Do
 
 
 # --- runtime ---------------------------------------------------------------------------------------
-def test_nodes_run_under_gvisor_when_asked(start_manager, docker_client: docker.DockerClient) -> None:
-    subprocess.run(["bash", str(ROOT / "scripts/register-runsc.sh")], check=True, capture_output=True)
-    m = start_manager(node={"runtime": "runsc"})
+def test_nodes_run_under_gvisor_when_asked(private_engine: PrivateEngine, start_manager) -> None:  # type: ignore[no-untyped-def]
+    # runsc is registered with the run's private engine (its own config file), never the machine's
+    m = start_manager(**deep_merge(private_engine.manager_overrides(), {"node": {"runtime": "runsc"}}))
     c, node_id = new_session(m.url)
-    assert docker_client.api.inspect_container(node_id)["HostConfig"]["Runtime"] == "runsc"
+    engine = private_engine.client()
+    try:
+        assert engine.api.inspect_container(node_id)["HostConfig"]["Runtime"] == "runsc"
+        (net_name,) = networks_of(engine, node_id)
+        gateway = private_engine.bridge_address(net_name)
+    finally:
+        engine.close()
     # gVisor's own kernel answers (it says 4.4.0), not the host's
     assert "4.4.0" in shell(c, "uname -r") and os.uname().release != "4.4.0"
-    listener = Listener("0.0.0.0")
-    try:
-        (net_name,) = networks_of(docker_client, node_id)
-        seen = probe_from(c, [(bridge_gateway(docker_client, net_name), listener.port), ("169.254.169.254", 80)])
-        assert all(what != "connected" for what in seen.values()), seen
-    finally:
-        listener.close()
+    # a listener of the engine's host (its namespace), which the host itself reaches
+    with private_engine.listener(reach=gateway) as port:
+        seen = probe_from(c, [(gateway, port), ("169.254.169.254", 80)])
+    assert all(what != "connected" for what in seen.values()), seen
     c.post("/release_session")
 
 
@@ -427,35 +432,6 @@ def test_an_unknown_runtime_fails_the_start_naming_it(start_manager, docker_clie
     assert m.proc is not None and m.proc.wait(30) != 0
     assert "node.runtime 'no-such-runtime' is not registered with the engine" in m.logs()
     assert not docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"})
-
-
-@contextlib.contextmanager
-def engine_runtime(name: str) -> Iterator[None]:
-    """Register runc under another name with the local dockerd for a while (SIGHUP reload)."""
-    conf_path = "/etc/docker/daemon.json"
-    before = open(conf_path).read() if os.path.exists(conf_path) else None
-
-    def write(conf: dict) -> None:
-        with open(conf_path + ".tmp", "w") as f:
-            json.dump(conf, f)
-        os.replace(conf_path + ".tmp", conf_path)
-        os.kill(int(open("/var/run/docker.pid").read()), 1)
-
-    def known() -> bool:
-        return name in docker.from_env().info().get("Runtimes", {})
-
-    conf = json.loads(before) if before else {}
-    conf.setdefault("runtimes", {})[name] = {"path": shutil.which("runc") or "runc"}
-    write(conf)
-    wait_for(known, timeout=10)
-    try:
-        yield
-    finally:
-        conf["runtimes"].pop(name, None)
-        write(conf)
-        wait_for(lambda: not known(), timeout=10)
-        if before is None:
-            os.unlink(conf_path)
 
 
 @pytest.mark.parametrize("how", ["config", "environment"])
@@ -472,24 +448,29 @@ def test_a_workspace_bound_refuses_an_engine_on_another_host(start_manager, monk
            f"not {remote}; set it to 0" in m.logs()
 
 
-def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(start_manager, docker_client: docker.DockerClient,
+def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(private_engine: PrivateEngine, start_manager,  # type: ignore[no-untyped-def]
                                                                    manager_id: str) -> None:
     owned = {"label": f"toolserver-manager.manager_id={manager_id}"}
-    with engine_runtime("tsm-vanishing"):
-        m = start_manager(node={"runtime": "tsm-vanishing"})
+    engine = private_engine.client()
+    private_engine.set_runtime("tsm-vanishing", {"path": shutil.which("runc") or "runc"})
+    try:
+        m = start_manager(**deep_merge(private_engine.manager_overrides(), {"node": {"runtime": "tsm-vanishing"}}))
         c, _ = new_session(m.url)  # known at start: nodes run
         c.post("/release_session")
-        wait_for(lambda: not docker_client.containers.list(all=True, filters=owned), timeout=30)
-    volumes_before = {v.name for v in docker_client.volumes.list(filters=owned)}
+        wait_for(lambda: not engine.containers.list(all=True, filters=owned), timeout=30)
+    finally:
+        private_engine.set_runtime("tsm-vanishing", None)
+    volumes_before = {v.name for v in engine.volumes.list(filters=owned)}
     # the engine forgot it since: creation names the cause and leaves nothing half-made
     r = httpx.post(m.url + "/get_cookie", timeout=60)
     assert r.status_code == 502, r.text
     assert "node.runtime 'tsm-vanishing' is not registered with the engine" in r.json()["detail"]
     assert "node_id" not in r.cookies
-    assert not docker_client.containers.list(all=True, filters=owned)
-    assert {v.name for v in docker_client.volumes.list(filters=owned)} <= volumes_before
+    assert not engine.containers.list(all=True, filters=owned)
+    assert {v.name for v in engine.volumes.list(filters=owned)} <= volumes_before
     admin = httpx.get(m.url + "/admin/nodes", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
     assert admin.status_code == 200 and admin.json()["nodes"] == [], admin.text
+    engine.close()
 
 
 # --- who may create nodes --------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 
 from pathlib import Path
 
@@ -13,7 +12,9 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, project_containers, wait_for
+from testing.harness import PrivateRedis
+from testing.hosts import PrivateEngine
+from tests.conftest import project_containers, wait_for
 
 JSON = {"content-type": "application/json"}
 
@@ -222,10 +223,11 @@ def test_large_bodies_are_streamed_not_buffered(start_manager) -> None:
     c.post("/release_session")
 
 
-def test_ready_names_failed_dependency_and_recovers(start_manager) -> None:
-    m = start_manager()
+def test_ready_names_failed_dependency_and_recovers(private_redis: PrivateRedis, start_manager) -> None:  # type: ignore[no-untyped-def]
+    # a Redis of the test's own goes down, never the machine's or the project's
+    m = start_manager(redis={"url": private_redis.url})
     assert httpx.get(m.url + "/ready").status_code == 200
-    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "stop-redis"], check=True)
+    private_redis.kill()
     try:
         r = httpx.get(m.url + "/ready", timeout=10)
         assert r.status_code == 503 and "redis" in r.json()["detail"] and r.json()["engine"] == "ok"
@@ -233,32 +235,33 @@ def test_ready_names_failed_dependency_and_recovers(start_manager) -> None:
         r = httpx.post(m.url + "/get_cookie", timeout=30)
         assert r.status_code == 503 and "redis" in r.json()["detail"]
     finally:
-        subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "start-redis"], check=True)
+        private_redis.start()
     wait_for(lambda: httpx.get(m.url + "/ready").status_code == 200, what="ready after Redis returns")
     c, node_id = new_session(m.url)
     assert c.post("/").status_code == 200
     c.post("/release_session")
 
 
-def test_engine_restart_recovers(start_manager) -> None:
-    m = start_manager()
+def test_engine_restart_recovers(private_engine: PrivateEngine, start_manager) -> None:  # type: ignore[no-untyped-def]
+    # the run's private engine is stopped and started, never the machine's
+    m = start_manager(**private_engine.manager_overrides())
     c, node_id = new_session(m.url)
-    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "stop-dockerd"], check=True)
+    private_engine.stop_engine()
     try:
         r = httpx.get(m.url + "/ready", timeout=10)
         assert r.status_code == 503 and "docker engine" in r.json()["detail"] and r.json()["redis"] == "ok"
         r = httpx.post(m.url + "/get_cookie", timeout=30)
         assert r.status_code == 503
     finally:
-        subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "start-dockerd"], check=True)
+        private_engine.start_engine()
     wait_for(lambda: httpx.get(m.url + "/ready").status_code == 200, what="ready after dockerd returns")
     # live-restore kept the node running; its published port answers again
     wait_for(lambda: c.post("/").status_code == 200, timeout=30, what="proxied call after dockerd restart")
     c.post("/release_session")
     # dockerd (20.10) forgets to drop the mount count of a volume whose container it restored with
     # live-restore, so the workspace cannot be removed until the engine restarts once more
-    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "stop-dockerd"], check=True)
-    subprocess.run(["bash", str(ROOT / "scripts/services.sh"), "start-dockerd"], check=True)
+    private_engine.stop_engine()
+    private_engine.start_engine()
 
 
 @pytest.mark.parametrize("status,ready", [(500, False), (404, True)])
