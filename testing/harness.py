@@ -17,6 +17,7 @@ import httpx
 import yaml
 
 from shared.config import deep_merge
+from testing import redis_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,17 +61,18 @@ class PrivateRedis:
         self.port = port or free_port()
         self.tmp = tmp
         self.args = args or []
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        # it wants the project's password like the project's own Redis: a local user gets nothing
+        self.url = redis_env.private_url("127.0.0.1", self.port)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> "PrivateRedis":
         import redis  # noqa: PLC0415
 
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        self.proc = subprocess.Popen(["redis-server", *redis_env.private_server_args(self.port),
                                       "--save", "", "--appendonly", "no", "--dir", str(self.tmp), *self.args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+        with redis.Redis.from_url(self.url, socket_timeout=0.5) as client:
             while time.monotonic() < deadline:
                 with contextlib.suppress(redis.RedisError):
                     if client.ping():

@@ -6,53 +6,17 @@ with JSON naming Redis and /ws/events closes cleanly; the process keeps running.
 
 from __future__ import annotations
 
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from testing.harness import free_port
-from testing import redis_env
+from testing.harness import PrivateRedis
 from tests.conftest import ADMIN_TOKEN, wait_for
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-class PrivateRedis:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.url = redis_env.private_url("127.0.0.1", self.port)
-        self.proc = subprocess.Popen(["redis-server", *redis_env.private_server_args(self.port),
-                                      "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_for(lambda: _pings(client), timeout=10, what="the private redis-server")
-        client.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    r = PrivateRedis(tmp_path)
-    yield r
-    r.kill()
 
 
 def _down(m, r: PrivateRedis) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,8 @@ import httpx
 import redis
 
 from shared import loopdisk
-from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, REDIS_URL, project_containers, wait_for
+from testing.harness import PrivateRedis
+from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, project_containers, wait_for
 from tests.test_websocket import open_ws, recv_json, ws_url
 
 SESSION = "toolserver-manager.session_id"
@@ -215,9 +216,9 @@ def test_creation_of_a_killed_replica_leaves_nothing(start_manager, docker_clien
     assert "checker_adopt" not in survivor.logs()
 
 
-def test_redis_flush_brings_back_sessions_of_every_tier(start_manager, docker_client: docker.DockerClient,
-                                                        manager_id: str) -> None:
-    url = REDIS_URL.rsplit("/", 1)[0] + "/11"  # a database of its own: flushing it touches nobody else
+def test_redis_flush_brings_back_sessions_of_every_tier(private_redis: PrivateRedis, start_manager,  # type: ignore[no-untyped-def]
+                                                        docker_client: docker.DockerClient, manager_id: str) -> None:
+    url = private_redis.url  # a Redis of its own: flushing it touches nobody's data
     r = redis.Redis.from_url(url)
     prefix = f"flush-{uuid.uuid4().hex[:6]}"
     m = start_manager(redis={"url": url, "key_prefix": prefix}, **FAST)
