@@ -45,6 +45,9 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("admin.token_file", {"maxLength": 0, "description": "set by the chart: leave empty"}),
     ("cluster.internal_token", {"maxLength": 0, "description": "set by the chart from secrets.*: leave empty"}),
     ("cluster.internal_token_file", {"maxLength": 0, "description": "set by the chart: leave empty"}),
+    ("cluster.node_secret_key", {"maxLength": 0, "description": "set by the chart from secrets.*: leave empty"}),
+    ("cluster.node_secret_key_file", {"maxLength": 0, "description": "set by the chart: leave empty"}),
+    ("redis.password_file", {"maxLength": 0, "description": "set by the chart from secrets.*: leave empty"}),
 ]
 
 

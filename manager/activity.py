@@ -19,12 +19,39 @@ from shared.store import Store
 log = logging.getLogger(__name__)
 
 
+UNKNOWN_LIMIT = 10_000  # unknown ids remembered per replica
+
+
 class AddressCache:
     """node_id -> NodeRecord for a few seconds; invalidated by lifecycle events."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, unknown_ttl: float = 2.0) -> None:
         self.ttl = ttl
         self._entries: dict[str, tuple[float, NodeRecord]] = {}
+        # ids Redis just said it does not know: a client retrying a stale or made-up cookie is
+        # answered without a round trip. Small and short-lived; the id's "created" (or "adopted")
+        # event drops it, like every other entry, and nobody can guess a new session's id before
+        # it exists
+        self.unknown_ttl = unknown_ttl
+        self._unknown: dict[str, float] = {}
+
+    def is_unknown(self, node_id: str) -> bool:
+        """Redis said recently that it has no record of node_id."""
+        until = self._unknown.get(node_id)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._unknown[node_id]
+            return False
+        return True
+
+    def put_unknown(self, node_id: str) -> None:
+        if self.unknown_ttl <= 0:
+            return
+        self._unknown.pop(node_id, None)
+        self._unknown[node_id] = time.monotonic() + self.unknown_ttl
+        if len(self._unknown) > UNKNOWN_LIMIT:
+            del self._unknown[next(iter(self._unknown))]  # the oldest
 
     def get(self, node_id: str) -> NodeRecord | None:
         hit = self._entries.get(node_id)
@@ -42,9 +69,11 @@ class AddressCache:
 
     def invalidate(self, node_id: str) -> None:
         self._entries.pop(node_id, None)
+        self._unknown.pop(node_id, None)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._unknown.clear()
 
 
 class ActivityRecorder:

@@ -60,7 +60,7 @@ def create_app(cfg: Config) -> ManagerApp:
                               version=__version__, started_at=time.time())
         rt = Runtime(cfg=cfg, store=store, backend=backend, http=http,
                      circuits=Circuits(cfg.proxy.circuit_retry_seconds, cfg.proxy.circuit_probe_seconds),
-                     cache=AddressCache(cfg.proxy.address_cache_seconds),
+                     cache=AddressCache(cfg.proxy.address_cache_seconds, cfg.proxy.unknown_cookie_cache_seconds),
                      activity=ActivityRecorder(store, cfg.proxy.activity_flush_seconds), replica=replica)
         rt.isolation = isolation
         app.state.rt = rt

@@ -45,14 +45,19 @@ class Resolver:
 
     async def record(self, node_id: str | None) -> NodeRecord:
         """The node's record: cache first, then Redis; 403 for no or unknown cookie."""
-        if not node_id:
+        # no Redis round trip for a cookie that cannot be a session id (every id is 64 hex digits:
+        # a session's own, or a container's for records older than sessions) or one Redis has
+        # just said it does not know
+        cache = self.rt.cache
+        if not node_id or not NODE_ID.match(node_id) or cache.is_unknown(node_id):
             raise InvalidNode(node_id)
-        rec = self.rt.cache.get(node_id)
+        rec = cache.get(node_id)
         if rec is None:
             rec = await self.rt.store.get_node(node_id)
             if rec is None or rec.status == NodeStatus.RELEASED:
+                cache.put_unknown(node_id)
                 raise InvalidNode(node_id)
-            self.rt.cache.put(rec)
+            cache.put(rec)
         return rec
 
     async def live(self, node_id: str | None) -> NodeRecord:

@@ -149,6 +149,10 @@ class RedisConfig(Base):
     password_file: str = ""
     key_prefix: str = "tsm"
     socket_timeout_seconds: float = 2.0
+    # connections per replica process; a command waits up to pool_timeout_seconds for a free one
+    # (then 503 naming Redis) instead of failing at once when a burst has them all
+    max_connections: int = 100
+    pool_timeout_seconds: float = 5.0
     sentinels: list[str] = msgspec.field(default_factory=list)  # "host:port"; url names the master
     sentinel_master: str = "mymaster"
 
@@ -159,6 +163,8 @@ class ProxyConfig(Base):
     path_timeouts: dict[str, float] = msgspec.field(default_factory=dict)
     max_connections: int = 1000
     address_cache_seconds: float = 30.0
+    # how long a cookie Redis does not know is answered 403 without asking Redis again (0: always ask)
+    unknown_cookie_cache_seconds: float = 2.0
     activity_flush_seconds: float = 1.0
     max_header_bytes: int = 65536  # request line + headers, counted while they arrive
     header_timeout_seconds: float = 15.0  # a request head must arrive whole within this

@@ -201,8 +201,13 @@ def _d(v: Any) -> str:
 
 
 def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = (),
-            sentinel_master: str = "mymaster", password: str | None = None) -> aioredis.Redis:
-    """A Redis client from a URL, or through Sentinel when sentinels are configured."""
+            sentinel_master: str = "mymaster", password: str | None = None, max_connections: int = 100,
+            pool_timeout: float = 5.0) -> aioredis.Redis:
+    """A Redis client from a URL, or through Sentinel when sentinels are configured.
+
+    Its pool waits up to pool_timeout for a free connection rather than failing at once: with a
+    fail-fast pool, 1,000 concurrent requests with random cookies made 578 of them (legitimate
+    calls too) fail with MaxConnectionsError; waiting, a burst is queued and served."""
     # a pooled connection may be dead after a Redis restart: retry once on a fresh one
     opts: dict[str, Any] = {**({"password": password} if password else {}),"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
                             "health_check_interval": 10, "retry_on_timeout": False,
@@ -213,7 +218,9 @@ def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = ()
 
         hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in sentinels]
         return Sentinel(hosts, **opts).master_for(sentinel_master, **opts)
-    return aioredis.Redis.from_url(url, **opts)
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout,
+                                                    **opts)
+    return aioredis.Redis.from_pool(pool)
 
 
 @contextlib.contextmanager
@@ -231,8 +238,11 @@ class Store:
     """Typed access to everything the project keeps in Redis."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000,
-                 secrets: NodeSecrets | None = None) -> None:
+                 secrets: NodeSecrets | None = None, lease_redis: aioredis.Redis | None = None) -> None:
         self.redis = redis
+        # the checker's lease on a client of its own: client load filling the main pool must never
+        # delay a renewal (3,000 /ws/events sockets once cost the checker its lease 3 times in 2 min)
+        self.lease_redis = lease_redis or redis
         self.keys = keys
         self.secrets = secrets or NodeSecrets()  # a derived secret is never written
         self.stream_maxlen = stream_maxlen
@@ -243,9 +253,9 @@ class Store:
         self._read_nodes = redis.register_script(READ_NODES)
         self._read_stamps = redis.register_script(READ_STAMPS)
         self._unlock = redis.register_script(UNLOCK)
-        self._lease_acquire = redis.register_script(LEASE_ACQUIRE)
-        self._lease_renew = redis.register_script(LEASE_RENEW)
-        self._lease_release = redis.register_script(LEASE_RELEASE)
+        self._lease_acquire = self.lease_redis.register_script(LEASE_ACQUIRE)
+        self._lease_renew = self.lease_redis.register_script(LEASE_RENEW)
+        self._lease_release = self.lease_redis.register_script(LEASE_RELEASE)
         self._record_intent = redis.register_script(RECORD_INTENT)
         self._drop_intent = redis.register_script(DROP_INTENT)
 
@@ -253,12 +263,17 @@ class Store:
     def open(cls, cfg: Config) -> "Store":
         """The store of a configuration, on its own client (closed by close())."""
         r = cfg.redis
-        return cls(connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, cfg.redis_password),
-                   Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key))
+        password = cfg.redis_password
+        main = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password,
+                       r.max_connections, r.pool_timeout_seconds)
+        lease = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password, 2,
+                        r.socket_timeout_seconds)
+        return cls(main, Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
+        for client in {id(self.redis): self.redis, id(self.lease_redis): self.lease_redis}.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     async def ping(self) -> None:
         with redis_errors():
