@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from typing import Any
 
@@ -205,10 +206,18 @@ async def list_leases(request: Request) -> Response:
     return json_response({"leases": out})
 
 
+MANAGER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
 async def drain(request: Request) -> Response:
     rt = _admin(request)
     mid = request.path_params["manager_id"]
     on = request.method == "POST"
+    if not MANAGER_ID.match(mid):
+        raise BadRequest(f"invalid manager_id {mid[:80]!r}: letters, digits, '_', '.', '-', at most 128")
+    if on and mid not in set(await rt.store.manager_ids()) | {r.manager_id for r in await rt.store.live_replicas()}:
+        # draining a name nothing runs under would only leave a stray entry behind
+        raise BadRequest(f"unknown manager_id {mid!r}: no replica or node of it is known")
     await rt.store.set_draining(mid, on)
     return json_response({"manager_id": mid, "draining": on})
 

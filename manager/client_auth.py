@@ -4,16 +4,25 @@ The key comes in a header (``client_auth.header``) or, for clients that cannot s
 (a browser's WebSocket), a cookie (``client_auth.cookie``); compared in constant time with each
 configured key. /internal and /admin have tokens of their own. Neither the header nor the
 cookie is passed on to a node (see Proxy): code in a node never learns a client's key.
+
+Who a client is (for quotas and for binding a session to the key that made it) is one string,
+never a key in clear: ``key:<hash of its API key>`` however the key came, else
+``hdr:<hash of quota.client_header's value>``, else ``addr:<its address>`` (behind a balancer
+listed in quota.trusted_proxies, the address X-Forwarded-For names).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 from http.cookies import SimpleCookie
 
 from starlette.types import Receive, Scope, Send
+
+from shared.config import QuotaConfig
+from shared.errors import InvalidNode
 
 OPEN_PATHS = frozenset({"/alive", "/ready", "/metrics"})
 OWN_TOKEN_PREFIXES = ("/internal/", "/admin/", "/admin", "/ui")  # /ui: the console's own login
@@ -51,6 +60,15 @@ class ClientKeys:
             return ""
         return hashlib.sha256(self._given(scope)).hexdigest()[:32]
 
+    def owner(self, scope: Scope) -> str:
+        """The identity a session made by this request is bound to ("" without keys)."""
+        return f"key:{self.identity(scope)}" if self.keys else ""
+
+    def check_bound(self, client: str, scope: Scope, node_id: str) -> None:
+        """A session made with one API key answers to no other: the same 403 as an unknown session."""
+        if self.keys and client.startswith("key:") and not hmac.compare_digest(client, self.owner(scope)):
+            raise InvalidNode(node_id)
+
     def allowed(self, scope: Scope) -> bool:
         path = scope.get("path", "")
         if path in OPEN_PATHS or path.startswith(OWN_TOKEN_PREFIXES):
@@ -74,6 +92,47 @@ class ClientKeys:
                 v = b";".join(kept).strip()
             out.append((k, v))
         return out
+
+
+class ClientIds:
+    """Who a request's client is, for quotas: one per app, from the config."""
+
+    def __init__(self, keys: ClientKeys, quota: QuotaConfig) -> None:
+        self.keys = keys
+        self.header = quota.client_header.lower().encode()
+        self.trusted = [ipaddress.ip_network(c, strict=False) for c in quota.trusted_proxies]
+
+    def of(self, scope: Scope) -> str:
+        """key:<hash>, hdr:<hash> or addr:<address> (see the module's docstring)."""
+        if self.keys:
+            return self.keys.owner(scope)
+        if self.header:
+            for k, v in scope["headers"]:
+                if k == self.header and v:
+                    return "hdr:" + hashlib.sha256(bytes(v)).hexdigest()[:32]
+        return "addr:" + self.address(scope)
+
+    def _is_trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def address(self, scope: Scope) -> str:
+        """The client's address: the peer's, or, when the peer is a trusted proxy, the last address
+        in X-Forwarded-For that is not one (a client can prepend anything, never append)."""
+        peer = str((scope.get("client") or ("",))[0])
+        if not self.trusted or not self._is_trusted(peer):
+            return peer
+        hops: list[str] = []
+        for k, v in scope["headers"]:
+            if k == b"x-forwarded-for":
+                hops += [h.strip() for h in v.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop[:64]
+        return peer
 
 
 async def deny(scope: Scope, receive: Receive, send: Send) -> None:

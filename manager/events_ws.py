@@ -64,6 +64,9 @@ async def _authenticate(rt: Runtime, ws: WebSocket, token: str | None) -> tuple[
         return None, mid, {"scope": "admin", "manager_id": mid}
     resolver: Resolver = ws.app.state.resolver
     rec = await resolver.record(node_cookie(ws.cookies))
+    keys = ws.app.state.proxy.client_keys
+    if keys:  # another key's session is unknown here
+        keys.check_bound(rec.client, ws.scope, rec.id)
     return rec.id, None, rec.public()
 
 

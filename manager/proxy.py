@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from manager.client_auth import ClientKeys
+from manager.client_auth import ClientIds, ClientKeys
 from manager.forwarding import HeaderRules
 from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
@@ -25,7 +25,7 @@ from manager.upstream import Response as UpstreamResponse
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
 from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, UpstreamLost
-from shared.models import NODE_SECRET_HEADER
+from shared.models import NODE_SECRET_HEADER, NodeStatus
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -71,6 +71,7 @@ class Proxy:
         cfg = rt.cfg
         self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
         self.rules = HeaderRules(cfg)
+        self.client_ids = ClientIds(self.client_keys, cfg.quota)
         p = rt.cfg.proxy
         self.pool = UpstreamPool(max_idle_per_host=p.max_connections, keepalive_seconds=p.keepalive_seconds)
         # a host's circuit opening ends the requests in flight to it at once
@@ -86,7 +87,11 @@ class Proxy:
         rt = self.rt
         path = scope["path"]
         t0 = time.perf_counter()
-        rec = await self.resolver.live(node_cookie(request.cookies))
+        rec = await self.resolver.record(node_cookie(request.cookies))
+        if self.client_keys:  # before anything is done for it: another key's session is unknown here
+            self.client_keys.check_bound(rec.client, scope, rec.id)
+        if rec.status != NodeStatus.RUNNING:
+            rec = await self.resolver.revive(rec)
         headers = _request_headers(scope)
         if self.client_keys:
             headers = self.client_keys.strip(headers)

@@ -72,9 +72,10 @@ async def metrics_endpoint(request: Request) -> Response:
 async def get_cookie(request: Request) -> Response:
     rt = rt_of(request)
     await _no_body(request)
-    client = request.headers.get(rt.cfg.quota.client_header, "") if rt.cfg.quota.client_header else ""
+    # who the client is, for its quota and its session's binding: never its key in clear
+    client = request.app.state.proxy.client_ids.of(request.scope)
     try:
-        rec = await sessions.create(rt, client=client[:128])
+        rec = await sessions.create(rt, client=client)
     except ManagerError:
         metrics.SESSION_OPS.labels("create", "error").inc()
         raise
@@ -86,12 +87,25 @@ async def get_cookie(request: Request) -> Response:
     return resp
 
 
+async def _bound(request: Request, rt: Runtime, node_id: str | None) -> None:
+    """With API keys, a session made with another key is answered as an unknown one."""
+    keys = request.app.state.proxy.client_keys
+    if keys and node_id:
+        rec = await rt.store.get_node(node_id)
+        if rec is not None:
+            try:
+                keys.check_bound(rec.client, request.scope, node_id)
+            except ManagerError:
+                raise NodeNotFound(node_id) from None
+
+
 def _session_route(op: str, verb: str, fn: Any) -> Any:
     async def handler(request: Request) -> Response:
         rt = rt_of(request)
         await _no_body(request)
         node_id = node_cookie(request.cookies)
         try:
+            await _bound(request, rt, node_id)
             await fn(rt, node_id)
         except NodeNotFound:
             # XAgent answers 200 with this string and its clients depend on it

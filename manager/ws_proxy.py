@@ -26,13 +26,16 @@ PASS_HEADERS = ("cookie", "authorization", "user-agent", "origin")
 async def proxy_socket(ws: WebSocket) -> None:
     """A client's socket to its cookie's node, at the same path."""
     resolver: Resolver = ws.app.state.resolver
+    proxy = ws.app.state.proxy
     try:
-        rec = await resolver.live(node_cookie(ws.cookies))
+        rec = await resolver.record(node_cookie(ws.cookies))
+        if proxy.client_keys:  # another key's session is unknown here
+            proxy.client_keys.check_bound(rec.client, ws.scope, rec.id)
+        rec = await resolver.live(rec.id)
     except ManagerError as exc:
         await ws.close(code=1008, reason=exc.detail[:120])
         return
     headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
-    proxy = ws.app.state.proxy
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     if proxy.client_keys:  # the client's API key stays here
         raw = proxy.client_keys.strip(raw)

@@ -244,8 +244,16 @@ class ClientAuthConfig(Base):
 
 
 class QuotaConfig(Base):
-    client_header: str = ""  # e.g. X-API-Key: its value identifies a client for per_client
-    per_client: int = 0  # 0: unlimited
+    """Live sessions per client. A client is its API key (header or cookie) when keys are set, else
+    client_header's value when set, else its address (see trusted_proxies)."""
+
+    client_header: str = ""  # without API keys: this header's value identifies a client
+    # null: a quarter of this manager_id's node cap (at least 1), so one client cannot take a
+    # host; 0: unlimited
+    per_client: int | None = None
+    # balancers whose X-Forwarded-For is believed (CIDRs): behind one not listed, every client
+    # has the balancer's address and is one client
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class PoolConfig(Base):
@@ -330,6 +338,11 @@ class Config(Base):
                              f"not {self.node.image_pull!r}")
         if not str(self.node.creation_kwargs.get("image") or ""):
             raise ValueError("node.creation_kwargs.image must name the node image")
+        for cidr in self.quota.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"quota.trusted_proxies: {cidr!r} is not an address range") from None
         for cidr in self.node.network.allow_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)

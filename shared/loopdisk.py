@@ -43,7 +43,8 @@ def create(path: str, size: int, uid: int = 1000, gid: int = 1000) -> str:
     """Make an ext4 image of ``size`` bytes owned by uid:gid at its root, attach it; the device."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
-        with open(path, "xb") as f:
+        # 0600 from the first byte: the image holds a session's files, no other host user may read them
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.truncate(size)
         _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E",
              f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1", path)
@@ -59,6 +60,7 @@ def attach(path: str) -> str:
     """The loop device backing ``path``, attached now if it was not (after a reboot, say)."""
     if not os.path.exists(path):
         raise DiskError(f"the image {path} does not exist")
+    os.chmod(path, 0o600)  # images made before they were created 0600
     return device_of(path) or _run("losetup", "--find", "--show", path)
 
 

@@ -7,12 +7,15 @@ other's during a rolling upgrade.
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from typing import Any
 
 import msgspec
 
 
+# how a session's client is kept (manager/client_auth.py): hashes and addresses, never a key
+CLIENT_KINDS = ("key:", "hdr:", "addr:")
 NODE_SECRET_HEADER = "x-node-secret"  # carries NodeRecord.secret from the manager to the node
 
 
@@ -122,6 +125,8 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         # records older than session ids have the container's id as their own
         out["container_id"] = self.container_id or ("" if self.workspace else self.cid)
         out["tier"] = self.tier
+        if self.client and not self.client.startswith(CLIENT_KINDS):  # a raw value of older replicas: a key
+            out["client"] = "hash:" + hashlib.sha256(self.client.encode()).hexdigest()[:16]
         return out
 
     def to_hash(self) -> dict[str, str]:

@@ -148,6 +148,8 @@ def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
         "cluster": {"internal_token": INTERNAL_TOKEN, "node_secret_key": NODE_SECRET_KEY, "heartbeat_seconds": 0.5,
                     "replica_ttl_seconds": 2},
         "admin": {"token": ADMIN_TOKEN},
+        # every test's client is 127.0.0.1, one anonymous client: no per-client limit unless a test sets one
+        "quota": {"per_client": 0},
     }
     return deep_merge(cfg, over)
 

@@ -17,7 +17,7 @@ export function renderCluster(el, state, refresh) {
   const byMid = Object.fromEntries(mids.map(m => [m, countBy(sessions.filter(n => n.manager_id === m), n => n.tier || n.status)]));
   const draining = Object.fromEntries(replicas.map(r => [r.manager_id, r.draining]));
   const poolSize = config?.pool?.size ?? 0;
-  const perClient = config?.quota?.per_client ?? 0;
+  const perClient = config?.quota?.per_client;  // null: a quarter of the manager_id's cap
   const perManager = config?.cluster?.max_nodes_per_manager ?? 0;
   const clients = countBy(sessions.filter(n => n.client), n => n.client);
 
@@ -47,8 +47,8 @@ export function renderCluster(el, state, refresh) {
     h('h2', {}, 'Quota use by client'),
     Object.keys(clients).length
       ? table([['c', 'client'], ['n', 'sessions'], ['q', 'quota']],
-        Object.entries(clients).sort().map(([c, n]) => [c, n, perClient || 'unlimited']))
-      : h('p', { class: 'muted' }, `No session names a client (quota.client_header ${config?.quota?.client_header ? 'is ' + config.quota.client_header : 'is not set'}).`),
+        Object.entries(clients).sort().map(([c, n]) => [c, n, perClient == null ? '¼ of the cap' : perClient || 'unlimited']))
+      : h('p', { class: 'muted' }, 'No session names a client.'),
   );
 }
 

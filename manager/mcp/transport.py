@@ -129,9 +129,8 @@ class Gateway:
         return b"".join(chunks)
 
     def _call(self, request: Request, version: str, modern: bool) -> Call:
-        quota = self.rt.cfg.quota.client_header
         return Call(version=version, modern=modern, owner=self.keys.identity(request.scope),
-                    client=request.headers.get(quota, "")[:128] if quota else "")
+                    client=request.app.state.proxy.client_ids.of(request.scope))
 
     async def _legacy(self, request: Request, msg: dict[str, Any]) -> Response:
         method, params, req_id = msg["method"], msg.get("params") or {}, msg.get("id")

@@ -1,0 +1,97 @@
+"""Quotas and credentials on a real replica (issue 22): quotas follow a client's identity however its
+key arrives, one anonymous client cannot take a host, a session answers only to the key that made
+it, and no API key is kept or shown in clear. Nodes are the light hostile node (they only answer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import redis
+
+from testing.hostile_node import hostile_config
+from tests.conftest import ADMIN_TOKEN
+
+KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+TOOL = {"tool_name": "shell_command_executor", "arguments": {"command": "true"}}
+
+
+def create(url: str, headers: dict[str, str] | None = None, cookies: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(url + "/get_cookie", headers=headers or {}, cookies=cookies or {}, timeout=60)
+
+
+def test_the_quota_follows_the_key_however_it_arrives_and_no_key_is_kept_in_clear(
+        start_manager: Any, redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager(**hostile_config(client_auth={"api_keys": [KEY_A, KEY_B]}, quota={"per_client": 2}))
+    for _ in range(2):  # as the cookie, which the quota did not see before
+        r = create(m.url, cookies={"tsm_api_key": KEY_A})
+        assert r.status_code == 200, r.text
+    r = create(m.url, headers={"X-API-Key": KEY_A})
+    assert r.status_code == 429 and "already has 2" in r.text, r.text
+    assert KEY_A not in r.text  # the client is named by a hash
+    assert create(m.url, headers={"X-API-Key": KEY_B}).status_code == 200  # another key: its own quota
+
+    listed = httpx.get(m.url + "/admin/nodes", headers=ADMIN).json()["nodes"]
+    assert len(listed) == 3 and all(n["client"].startswith("key:") for n in listed), listed
+    assert len({n["client"] for n in listed}) == 2
+    shown = httpx.get(m.url + "/admin/nodes", headers=ADMIN).text + httpx.get(m.url + "/admin/config",
+                                                                              headers=ADMIN).text
+    for key in (KEY_A, KEY_B):
+        assert key not in shown
+        for k in redis_client.scan_iter(match=f"{prefix}:*", count=1000):
+            kind = redis_client.type(k)
+            data = (redis_client.hgetall(k) if kind == b"hash" else redis_client.get(k) if kind == b"string"
+                    else redis_client.smembers(k) if kind == b"set" else b"")
+            assert key.encode() not in repr(data).encode() and key.encode() not in k, (k, data)
+
+
+def test_a_session_answers_only_to_the_key_that_made_it(start_manager: Any) -> None:
+    m = start_manager(**hostile_config(client_auth={"api_keys": [KEY_A, KEY_B]}))
+    a = httpx.Client(base_url=m.url, headers={"X-API-Key": KEY_A}, timeout=60)
+    assert a.post("/get_cookie").status_code == 200
+    node_id = a.cookies["node_id"]
+    assert a.post("/execute_tool", json=TOOL).status_code == 200
+    # the same key as a cookie is the same client
+    r = httpx.post(m.url + "/execute_tool", json=TOOL, cookies={"node_id": node_id, "tsm_api_key": KEY_A})
+    assert r.status_code == 200, r.text
+    other = httpx.Client(base_url=m.url, headers={"X-API-Key": KEY_B}, cookies={"node_id": node_id}, timeout=60)
+    unknown = httpx.Client(base_url=m.url, headers={"X-API-Key": KEY_B}, cookies={"node_id": "0" * 64}, timeout=60)
+    for c in (other, unknown):
+        r = c.post("/execute_tool", json=TOOL)
+        assert r.status_code == 403 and "invalid node_id" in r.json()["detail"], r.text
+        for route in ("/close_session", "/release_session", "/reconnect_session"):
+            r = c.post(route)  # XAgent's answer to an unknown session: 200 with this text
+            assert r.status_code == 200 and "invalid node_id" in r.text, (route, r.text)
+    assert a.post("/execute_tool", json=TOOL).status_code == 200  # untouched by the other key
+    rec = httpx.get(f"{m.url}/admin/nodes/{node_id}", headers=ADMIN).json()["record"]
+    assert rec["status"] == "running"
+
+
+def test_one_anonymous_client_cannot_take_the_host(start_manager: Any) -> None:
+    """Without keys a client is its address (X-Forwarded-For only from a trusted balancer); by
+    default it may hold a quarter of the manager_id's cap."""
+    m = start_manager(**hostile_config(quota={"per_client": None, "trusted_proxies": ["127.0.0.1/32"]},
+                                       cluster={"max_nodes_per_manager": 8}))
+    for _ in range(2):
+        assert create(m.url).status_code == 200
+    r = create(m.url)
+    assert r.status_code == 429 and "addr:127.0.0.1 already has 2" in r.text, r.text
+    # behind the trusted balancer (here: 127.0.0.1) each address is a client of its own
+    for _ in range(2):
+        assert create(m.url, headers={"X-Forwarded-For": "10.1.1.1"}).status_code == 200
+    # a client can prepend to X-Forwarded-For, never append: the balancer's last entry counts
+    r = create(m.url, headers={"X-Forwarded-For": "10.9.9.9, 10.1.1.1"})
+    assert r.status_code == 429 and "addr:10.1.1.1" in r.text, r.text
+
+
+def test_drain_refuses_what_is_not_a_manager_id(start_manager: Any, redis_client: redis.Redis, prefix: str,
+                                                manager_id: str) -> None:
+    m = start_manager()
+    for value in ("a:b", "x" * 200, "bad id", "unknown-manager"):
+        r = httpx.post(f"{m.url}/admin/managers/{value}/drain", headers=ADMIN)
+        assert r.status_code == 400 and "manager_id" in r.json()["detail"], (value, r.text)
+    assert redis_client.smembers(f"{prefix}:draining") == set()  # nothing was recorded
+    r = httpx.post(f"{m.url}/admin/managers/{manager_id}/drain", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["draining"] is True, r.text
+    assert redis_client.smembers(f"{prefix}:draining") == {manager_id.encode()}
