@@ -9,11 +9,11 @@ from typing import Any
 
 import httpx
 import msgspec
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from manager import internal
+from manager import internal, ratelimit
 from manager.responses import json_response
 from manager.routes import rt_of
 from manager.fanout import fan_out, replica_view
@@ -42,10 +42,22 @@ def check_token(rt: Runtime, token: str | None) -> None:
         raise Forbidden("invalid admin token")
 
 
-def _admin(request: Request) -> Runtime:
-    rt = rt_of(request)
-    check_token(rt, bearer(request.headers.get("authorization")))
+def verify(conn: HTTPConnection, token: str | None) -> Runtime:
+    """check_token, with wrong tokens from one address limited (ratelimit.py)."""
+    rt: Runtime = conn.app.state.rt
+    lim, addr = ratelimit.limiter(conn)
+    if rt.cfg.admin_token:
+        lim.check(addr)
+    try:
+        check_token(rt, token)
+    except Forbidden:
+        lim.failed(addr)
+        raise
     return rt
+
+
+def _admin(request: Request) -> Runtime:
+    return verify(request, bearer(request.headers.get("authorization")))
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:

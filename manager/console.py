@@ -6,7 +6,7 @@ the proxy port out of reach: such a page is another origin, and a sandboxed one.
 The admin token is typed once into the login form and POSTed; the answer is a cookie that
 holds no token but an expiry signed with it (HMAC), HttpOnly (page scripts cannot read it),
 SameSite=Strict, Path=/ui. Any replica checks it (they share the token), changing the token
-ends every login. SameSite does not cover another port of the same host (a published node
+ends every login, a logout ends that one login on every replica. SameSite does not cover another port of the same host (a published node
 port is same-site), so every state-changing request and every WebSocket upgrade must also
 come with an Origin naming this host (or one of admin.console_origins). Off (404) like /admin
 when no token is configured.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -58,24 +59,34 @@ MAX_LOGIN_BODY = 4096
 
 
 # --- the login cookie ----------------------------------------------------------------------------
-def _signature(token: str, expires: int) -> str:
-    return hmac.new(token.encode(), f"tsm-console.v1.{expires}".encode(), hashlib.sha256).hexdigest()
+def _signature(token: str, expires: int, login_id: str) -> str:
+    return hmac.new(token.encode(), f"tsm-console.v2.{expires}.{login_id}".encode(), hashlib.sha256).hexdigest()
 
 
 def issue_cookie(token: str, minutes: int, now: float | None = None) -> tuple[str, int]:
-    """(cookie value, expiry): the expiry and its HMAC under the admin token, no token in it."""
+    """(cookie value, expiry): the expiry and a random login id, HMAC'd under the admin token;
+    no token in it. The id is what a logout revokes."""
     expires = int((now or time.time()) + minutes * 60)
-    return f"{expires}.{_signature(token, expires)}", expires
+    login_id = secrets.token_hex(16)
+    return f"{expires}.{login_id}.{_signature(token, expires, login_id)}", expires
+
+
+def parse_cookie(token: str, value: str | None, now: float | None = None) -> tuple[int, str] | None:
+    """(expiry, login id) of a cookie issued with this token and not expired, else None."""
+    if not value or not token:
+        return None
+    exp, _, rest = value.partition(".")
+    login_id, _, sig = rest.partition(".")
+    if not exp.isdigit() or int(exp) <= (now or time.time()) or len(login_id) != 32:
+        return None
+    if not hmac.compare_digest(sig.encode(), _signature(token, int(exp), login_id).encode()):
+        return None
+    return int(exp), login_id
 
 
 def cookie_valid(token: str, value: str | None, now: float | None = None) -> bool:
-    """The cookie was issued with this token and has not expired."""
-    if not value or not token:
-        return False
-    exp, _, sig = value.partition(".")
-    if not exp.isdigit() or int(exp) <= (now or time.time()):
-        return False
-    return hmac.compare_digest(sig.encode(), _signature(token, int(exp)).encode())
+    """The cookie was issued with this token and has not expired (revocation aside)."""
+    return parse_cookie(token, value, now) is not None
 
 
 def origin_allowed(conn: HTTPConnection, extra: list[str]) -> bool:
@@ -103,9 +114,14 @@ def _check_origin(rt: Runtime, conn: HTTPConnection, required: bool) -> None:
         raise Forbidden("cross-origin request refused: the console acts only for pages it served itself")
 
 
-def _logged_in(rt: Runtime, conn: HTTPConnection) -> None:
-    if not cookie_valid(rt.cfg.admin_token, conn.cookies.get(COOKIE)):
+async def _logged_in(rt: Runtime, conn: HTTPConnection) -> tuple[int, str]:
+    """(expiry, login id) of a valid, unrevoked login cookie; else Unauthorized."""
+    got = parse_cookie(rt.cfg.admin_token, conn.cookies.get(COOKIE))
+    if got is None:
         raise Unauthorized("not logged in to the console (or the login expired)")
+    if await rt.store.console_login_revoked(got[1]):  # a logout on any replica
+        raise Unauthorized("this console login was ended by a logout")
+    return got
 
 
 def _page_file(path: Path, media_type: str, cache: str = "no-store") -> Response:
@@ -160,7 +176,7 @@ async def login(request: Request) -> Response:
     except msgspec.DecodeError as exc:
         raise BadRequest(f"invalid body: {exc}") from exc
     try:
-        admin.check_token(rt, body.token)
+        admin.verify(request, body.token)
     except Unauthorized:
         raise Forbidden("invalid admin token") from None
     value, expires = issue_cookie(rt.cfg.admin_token, rt.cfg.admin.console_session_minutes)
@@ -175,8 +191,12 @@ def _https(request: Request) -> bool:
 
 
 async def logout(request: Request) -> Response:
+    """Ends this login on every replica (its id revoked in Redis until it would have expired)."""
     rt = _enabled(request)
     _check_origin(rt, request, required=True)
+    got = parse_cookie(rt.cfg.admin_token, request.cookies.get(COOKIE))
+    if got is not None:
+        await rt.store.revoke_console_login(got[1], got[0] - int(time.time()) + 1)
     resp = json_response({"ok": True})
     resp.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict")
     return resp
@@ -185,8 +205,7 @@ async def logout(request: Request) -> Response:
 async def whoami(request: Request) -> Response:
     rt = _enabled(request)
     _check_origin(rt, request, required=False)
-    _logged_in(rt, request)
-    exp = int(request.cookies[COOKIE].partition(".")[0])
+    exp, _ = await _logged_in(rt, request)
     return json_response({"ok": True, "expires_at": exp, "replica_id": rt.replica.replica_id,
                           "manager_id": rt.manager_id, "version": rt.cfg.version,
                           "actions": list(admin.NODE_ACTIONS)})
@@ -204,7 +223,7 @@ class AdminBridge:
         request = Request(scope, receive)
         rt = _enabled(request)
         _check_origin(rt, request, required=scope["method"] not in ("GET", "HEAD"))
-        _logged_in(rt, request)
+        await _logged_in(rt, request)
         path = "/admin/" + scope["path_params"]["rest"]
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"authorization", b"cookie")]
         headers.append((b"authorization", b"Bearer " + rt.cfg.admin_token.encode()))
@@ -218,7 +237,7 @@ async def _admit(ws: WebSocket) -> Runtime | None:
     try:
         rt = _enabled(ws)
         _check_origin(rt, ws, required=True)
-        _logged_in(rt, ws)
+        await _logged_in(rt, ws)
     except ManagerError as exc:
         log.info("console_socket_refused path=%s reason=%s", ws.url.path, exc.detail)
         await ws.close(code=1008)

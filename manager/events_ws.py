@@ -59,7 +59,7 @@ def _offered_token(ws: WebSocket) -> tuple[str | None, str | None]:
 async def _authenticate(rt: Runtime, ws: WebSocket, token: str | None) -> tuple[str | None, str | None, Any]:
     """(node_id filter, manager_id filter, data for the handshake); raises ManagerError."""
     if token:
-        admin.check_token(rt, token)
+        admin.verify(ws, token)
         mid = ws.query_params.get("manager_id") or None
         return None, mid, {"scope": "admin", "manager_id": mid}
     resolver: Resolver = ws.app.state.resolver

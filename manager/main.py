@@ -133,8 +133,19 @@ def _sockets(config: uvicorn.Config, cfg: Config) -> list[socket.socket]:
     serves both, and each request is told apart by the port it came to (manager/entry.py)."""
     socks = [config.bind_socket()]
     if _console_url(cfg):
-        socks.append(uvicorn.Config(config.app, host=cfg.admin.console_host or cfg.host,
-                                    port=cfg.admin.console_port).bind_socket())
+        # bound here, not by a second uvicorn.Config: making one resets logging to uvicorn's own
+        host = cfg.admin.console_host or cfg.host
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, cfg.admin.console_port))
+        except OSError as exc:
+            sock.close()
+            print(f"toolserver-manager: cannot listen on {host}:{cfg.admin.console_port} "
+                  f"(admin.console_port): {exc.strerror}", file=sys.stderr)
+            sys.exit(1)
+        sock.set_inheritable(True)
+        socks.append(sock)
     return socks
 
 

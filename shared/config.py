@@ -229,6 +229,10 @@ class AdminConfig(Base):
     # port is ever same-origin with it (empty host: the manager's host)
     console_port: int = 8081
     console_host: str = ""
+    # wrong admin tokens (bearer, console login) one address may send per window before every
+    # attempt from it is refused (429, Retry-After) until the window ends; 0: no limit
+    token_failures_per_window: int = 10
+    token_failure_window_seconds: float = 60.0
     # origins besides the request's own (scheme-less host:port match) allowed to act through
     # the console, e.g. https://ops.example.com when a proxy in front rewrites Host
     console_origins: list[str] = msgspec.field(default_factory=list)

@@ -9,6 +9,7 @@
     ├── NotFound (404)
     │   └── NodeNotFound        unknown node on a session or admin route
     ├── QuotaExceeded (429)
+    ├── TooManyFailures (429)   too many wrong admin tokens from one address (Retry-After)
     ├── NodeReadTimeout (504)   a proxied request got no answer in time: a tool error, not an outage
     ├── UpstreamLost (502)      the connection to a node's host was lost mid-request
     └── Unavailable (503)
@@ -68,6 +69,14 @@ class NodeNotFound(NotFound):
 
 class QuotaExceeded(ManagerError):
     status_code = 429
+
+
+class TooManyFailures(ManagerError):
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
 
 
 class NodeReadTimeout(ManagerError):

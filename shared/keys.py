@@ -100,6 +100,10 @@ class Keys:
         """String with a TTL: the client cancelled this request of this session (2025-11-25)."""
         return f"{self.prefix}:mcp:cancel:{token_hash}:{request_id}"
 
+    def console_revoked(self, login_id: str) -> str:
+        """String with a TTL: a console login ended by logout (until the cookie would expire)."""
+        return f"{self.prefix}:console:revoked:{login_id}"
+
     def mcp_tools(self, image: str) -> str:
         """String: the MCP tool list last read from a node of this image (JSON)."""
         return f"{self.prefix}:mcp:tools:{image}"

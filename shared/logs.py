@@ -13,11 +13,15 @@ import sys
 import time
 
 # a secret in a URL (uvicorn logs WebSocket paths with their query) never reaches a log line
-_SECRET_IN_URL = re.compile(r"(?i)([?&](?:token|access_token|api_key)=)[^&\s\"']*")
+_SECRET_IN_URL = re.compile(r"(?i)([?&](?:token|access_token|api_key|tsm_api_key|tsm_console)=)[^&\s\"']*")
+# a session id is a bearer credential (the node_id cookie): logs show its first 12 characters, as
+# Docker shows ids, enough to find it with the admin API (digests after "sha256:" are left alone)
+_SESSION_ID = re.compile(r"(?<![0-9a-f:])([0-9a-f]{12})[0-9a-f]{52}(?![0-9a-f])")
 
 
 def redact(text: str) -> str:
-    return _SECRET_IN_URL.sub(r"\1[redacted]", text)
+    """The text without credentials: URL secrets replaced, session ids cut to 12 characters."""
+    return _SESSION_ID.sub(r"\1...", _SECRET_IN_URL.sub(r"\1[redacted]", text))
 
 
 class _Formatter(logging.Formatter):
@@ -43,11 +47,11 @@ class _Formatter(logging.Formatter):
             for k, v in self.ident.items():
                 out.setdefault(k, v)
             if record.exc_info:
-                out["exc"] = self.formatException(record.exc_info)
+                out["exc"] = redact(self.formatException(record.exc_info))
             return json.dumps(out)
         line = f"ts={ts} level={record.levelname.lower()} logger={record.name} replica_id={self.ident['replica_id']} {msg}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + redact(self.formatException(record.exc_info))
         return line
 
 

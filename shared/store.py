@@ -816,6 +816,16 @@ class Store:
         with redis_errors():
             return {_d(m) for m in await self.redis.smembers(self.keys.draining())}
 
+    # --- console logins ---------------------------------------------------------------
+    async def revoke_console_login(self, login_id: str, ttl_seconds: int) -> None:
+        """Every replica refuses this console login from now until its cookie would expire."""
+        with redis_errors():
+            await self.redis.set(self.keys.console_revoked(login_id), b"1", ex=max(1, ttl_seconds))
+
+    async def console_login_revoked(self, login_id: str) -> bool:
+        with redis_errors():
+            return bool(await self.redis.exists(self.keys.console_revoked(login_id)))
+
     async def scan_all_nodes(self) -> AsyncIterator[NodeRecord]:
         """Every record of every manager_id, in batches."""
         for mid in await self.manager_ids():

@@ -444,3 +444,57 @@ def test_the_console_has_an_origin_of_its_own(manager: ManagerProc) -> None:
     assert httpx.get(manager.console_url + "/ui/").status_code == 200
     for path in ("/get_cookie", "/execute_tool", "/admin/nodes"):  # nothing a node answers, nor the rest
         assert httpx.post(manager.console_url + path).status_code == 404
+
+
+# --- credentials of the console and the admin API (issue 22) -------------------------------------------
+def _login(console_url: str, token: str = ADMIN_TOKEN) -> httpx.Response:
+    return httpx.post(console_url + "/ui/login", json={"token": token}, headers={"Origin": console_url})
+
+
+def test_logout_ends_that_login_on_every_replica(start_manager: Any) -> None:
+    a, b = start_manager(name="a"), start_manager(name="b")
+    jar = {"tsm_console": _login(a.console_url).cookies["tsm_console"]}
+    other = {"tsm_console": _login(a.console_url).cookies["tsm_console"]}  # a second login
+    for m in (a, b):  # any replica accepts it
+        assert httpx.get(m.console_url + "/ui/whoami", cookies=jar).status_code == 200
+    r = httpx.post(a.console_url + "/ui/logout", cookies=jar, headers={"Origin": a.console_url})
+    assert r.status_code == 200
+    for m in (a, b):  # the cookie kept (copied, say) answers nowhere now, API and sockets alike
+        r = httpx.get(m.console_url + "/ui/whoami", cookies=jar)
+        assert r.status_code == 401 and "logout" in r.json()["detail"], r.text
+        assert httpx.get(m.console_url + "/ui/api/nodes", cookies=jar).status_code == 401
+        with pytest.raises(InvalidStatus):
+            connect(f"ws://{m.console_url[7:]}/ui/ws/events", open_timeout=5,
+                    additional_headers={"Cookie": f"tsm_console={jar['tsm_console']}", "Origin": m.console_url})
+        assert httpx.get(m.console_url + "/ui/whoami", cookies=other).status_code == 200  # other logins live on
+
+
+def test_wrong_admin_tokens_are_rate_limited_per_address(start_manager: Any) -> None:
+    m = start_manager(quota={"trusted_proxies": ["127.0.0.1/32"]}, admin={"token_failures_per_window": 5})
+    for i in range(5):
+        r = httpx.get(m.url + "/admin/nodes", headers={"Authorization": f"Bearer guess-{i}"})
+        assert r.status_code == 403, r.text
+    r = httpx.get(m.url + "/admin/nodes", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= 60, r.text  # even the right one, now
+    r = _login(m.console_url)
+    assert r.status_code == 429 and "retry-after" in r.headers and "set-cookie" not in r.headers, r.text
+    # another address (here through the trusted balancer) is not held back
+    r = httpx.get(m.url + "/admin/nodes", headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                                   "X-Forwarded-For": "10.2.3.4"})
+    assert r.status_code == 200, r.text
+    for i in range(5):  # console logins count the same way
+        assert httpx.post(m.console_url + "/ui/login", json={"token": f"guess-{i}"},
+                          headers={"Origin": m.console_url, "X-Forwarded-For": "10.9.9.9"}).status_code == 403
+    assert httpx.post(m.console_url + "/ui/login", json={"token": ADMIN_TOKEN},
+                      headers={"Origin": m.console_url, "X-Forwarded-For": "10.9.9.9"}).status_code == 429
+
+
+def test_session_ids_are_cut_short_in_log_lines(manager: ManagerProc) -> None:
+    c, node_id = new_session(manager.url)
+    jar = _login(manager.console_url).cookies["tsm_console"]
+    with connect(f"ws://{manager.console_url[7:]}/ui/ws/shell/{node_id}", open_timeout=10,
+                 additional_headers={"Cookie": f"tsm_console={jar}", "Origin": manager.console_url}):
+        pass
+    wait_for(lambda: f"/ui/ws/shell/{node_id[:12]}" in manager.logs(), timeout=10, what="the socket's log line")
+    assert node_id not in manager.logs()
+    c.post("/release_session")

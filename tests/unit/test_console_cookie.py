@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from manager.console import cookie_valid, issue_cookie, origin_allowed
+from manager.console import cookie_valid, issue_cookie, origin_allowed, parse_cookie
 
 
 def test_cookie_holds_no_token_and_expires() -> None:
@@ -17,11 +17,19 @@ def test_cookie_holds_no_token_and_expires() -> None:
 
 def test_cookie_cannot_be_extended_or_forged() -> None:
     value, _ = issue_cookie("tok", minutes=10, now=1000.0)
-    exp, sig = value.split(".")
-    assert not cookie_valid("tok", f"{int(exp) + 3600}.{sig}", now=1001)
-    for bad in ("", ".", "x.y", f"{exp}.", f"{exp}.{'0' * 64}", sig, None):
+    exp, login_id, sig = value.split(".")
+    assert not cookie_valid("tok", f"{int(exp) + 3600}.{login_id}.{sig}", now=1001)
+    assert not cookie_valid("tok", f"{exp}.{'0' * 32}.{sig}", now=1001)  # another login's id
+    for bad in ("", ".", "x.y", f"{exp}.", f"{exp}.{login_id}.", f"{exp}.{login_id}.{'0' * 64}", sig,
+                f"{exp}.{sig}", None):
         assert not cookie_valid("tok", bad, now=1001)
     assert not cookie_valid("", value, now=1001)
+
+
+def test_each_login_has_its_own_id_to_revoke() -> None:
+    a, b = issue_cookie("tok", minutes=10, now=1000.0)[0], issue_cookie("tok", minutes=10, now=1000.0)[0]
+    got_a, got_b = parse_cookie("tok", a, now=1001), parse_cookie("tok", b, now=1001)
+    assert got_a and got_b and got_a[0] == got_b[0] == 1600 and got_a[1] != got_b[1]
 
 
 def conn(origin: str | None, host: str = "127.0.0.1:8080") -> SimpleNamespace:
