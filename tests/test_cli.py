@@ -16,14 +16,14 @@ ADMIN = ROOT / ".venv" / "bin" / "toolserver-admin"
 
 def admin(*args: str, url: str = "", token: str | None = ADMIN_TOKEN, timeout: float = 30,
           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [str(ADMIN) if ADMIN.exists() else sys.executable, *([] if ADMIN.exists() else ["-m", "toolserver_manager.cli"])]
+    # the console script itself, as a user runs it: a missing entry point is a failure, not a fallback
+    assert ADMIN.exists(), f"{ADMIN} missing: the package's toolserver-admin entry point was not installed"
+    cmd = [str(ADMIN)]
     if url:
         cmd += ["--url", url]
     if token is not None:
         cmd += ["--token", token]
     base = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
-    # the checkout is importable even if the editable install predates the client package
-    base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd="/",
                           env={**base, **(env or {})})
 

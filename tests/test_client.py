@@ -66,7 +66,10 @@ async def test_session_end_to_end(start_manager, tmp_path: Path) -> None:
 
         tools = await s.get_available_tools()
         assert isinstance(tools, AvailableTools) and tools.tools_json and tools.available_envs
-        assert {t.name for t in tools.tools_json} <= set(tools.available_tools) | {t.name for t in tools.tools_json}
+        # the client keeps what the node said: every tool, with its schema, in the node's order
+        raw = await s.call("/get_available_tools")
+        assert tools.available_tools == raw["available_tools"]
+        assert [t.name for t in tools.tools_json] == [t["name"] for t in raw["tools_json"]] == tools.available_tools
         shell = await shell_tool(s)
         r = await s.execute_tool(shell, {"command": "echo $((6*7))"})
         assert isinstance(r, ToolResult) and r.tool_name == shell

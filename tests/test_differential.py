@@ -245,7 +245,7 @@ class Client:
                 try:
                     await writer.drain()
                 except ConnectionError:
-                    pass
+                    self.stats["early_body_cut_off"] += 1  # the answer must still come, whole
             else:
                 await writer.drain()
             status, headers = early_final or await self._final_head(reader)
@@ -266,8 +266,9 @@ class Client:
             self.errors.append(str(exc))
             self.drop()
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            # allowed only where the node or our own body cut the exchange short
-            if kind in ("reset", "early"):
+            # allowed only where the node cut its answer short; an early answer must reach the client
+            # whole even when the manager stops reading the body we are still sending
+            if kind == "reset":
                 self.stats[f"{kind}_connection_ended"] += 1
             else:
                 self.errors.append(f"#{spec['i']} {kind} {spec['path']}: connection failed: {exc!r}")

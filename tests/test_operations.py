@@ -4,6 +4,7 @@ node defaults, and the warm pool (atomic claims, refill, recycling, undelivered 
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 import time
 
 import docker
@@ -105,6 +106,32 @@ def test_per_client_quota(start_manager) -> None:
     b.post("/release_session")
 
 
+REDIS_PROBE = r"""
+import socket, struct, sys
+port, hosts = int(sys.argv[1]), ["127.0.0.1"]
+for line in open("/proc/net/route").read().splitlines()[1:]:  # the default route's gateway: the host
+    f = line.split()
+    if f[1] == "00000000":
+        hosts.append(socket.inet_ntoa(struct.pack("<L", int(f[2], 16))))
+print("PROBE ", end="")
+for host in dict.fromkeys(hosts + sys.argv[2:]):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        print(host, "REACHED")
+    except OSError as e:
+        print(host, "refused", e)
+    finally:
+        s.close()
+"""
+
+
+def host_ipv4_addresses() -> list[str]:
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3].split("/")[0] for line in out.splitlines()]
+
+
 def test_hardened_node_defaults(start_manager, docker_client: docker.DockerClient, redis_client: redis.Redis) -> None:
     m = start_manager(node={"read_only_root": True, "creation_kwargs": {
         "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"], "pids_limit": 128, "mem_limit": "256m",
@@ -122,13 +149,15 @@ def test_hardened_node_defaults(start_manager, docker_client: docker.DockerClien
     code, out = node.exec_run(["sh", "-c", "touch /app/workspace/ok && touch /etc/nope"])
     assert code != 0 and b"Read-only file system" in out
     assert node.exec_run(["test", "-f", "/app/workspace/ok"]).exit_code == 0
-    # the manager's Redis listens on the host's loopback only, which a bridged node cannot reach
+    # the manager's Redis listens on the host's loopback only, and the node cannot reach it: not at
+    # its own 127.0.0.1 (which would be the host's were it on the host's network), nor at any of the
+    # host's addresses (its gateway, read from inside the node, and every address of the host)
     assert redis_client.config_get("bind")["bind"].split() == ["127.0.0.1"]
-    code, out = node.exec_run(["python3", "-c", (
-        "import socket; s = socket.socket(); s.settimeout(2)\n"
-        "try:\n    s.connect(('127.0.0.1', %d)); print('REACHED')\n"
-        "except OSError as e:\n    print('refused', e)") % redis_env.PORT])
-    assert b"REACHED" not in out and b"refused" in out
+    code, out = node.exec_run(["python3", "-c", REDIS_PROBE, str(redis_env.PORT), *host_ipv4_addresses()])
+    assert code == 0, out
+    seen = dict(line.split(" ", 1) for line in out.decode().split("PROBE ", 1)[1].splitlines())
+    assert "127.0.0.1" in seen and len(seen) >= 3, seen  # loopback, the gateway, the host's own
+    assert all(what.startswith("refused") for what in seen.values()), seen
     c.post("/release_session")
 
 

@@ -90,15 +90,27 @@ def test_multiprocess_workers_aggregate(start_manager) -> None:  # type: ignore[
     m = start_manager(workers=2)
     c = httpx.Client(base_url=m.url, timeout=60)
     assert c.post("/get_cookie").status_code == 200
-    n = 40
-    for _ in range(n):
-        assert c.post("/").status_code == 200
-    # any worker answers /metrics with the sum over both processes
-    for _ in range(4):
-        text = httpx.get(m.url + "/metrics").text
-        line = next(x for x in text.splitlines()
+    cookies = {"node_id": c.cookies["node_id"]}
+    # one connection per request (no keep-alive), so the kernel hands requests to both workers;
+    # each worker is a replica of its own and says so in x-tsm-replica
+    served: dict[str, int] = {}
+    while len(served) < 2 or min(served.values()) < 5:
+        r = httpx.post(m.url + "/", cookies=cookies, timeout=30)
+        assert r.status_code == 200
+        served[r.headers["x-tsm-replica"]] = served.get(r.headers["x-tsm-replica"], 0) + 1
+        assert sum(served.values()) < 400, f"one worker took every request: {served}"
+    n = sum(served.values())
+    # each worker answers /metrics with the sum over both processes
+    answered: set[str] = set()
+    for _ in range(400):
+        if answered == set(served):
+            break
+        r = httpx.get(m.url + "/metrics", timeout=30)
+        line = next(x for x in r.text.splitlines()
                     if x.startswith('toolserver_proxy_requests_total{code="2xx",route="/"}'))
-        assert float(line.split()[-1]) == n
+        assert float(line.split()[-1]) == n, (r.headers["x-tsm-replica"], line, served)
+        answered.add(r.headers["x-tsm-replica"])
+    assert answered == set(served), f"/metrics answered only by {answered}"
     wait_for(lambda: any(x == "toolserver_checker_leader{manager_id=\"%s\"} 1.0" % m.cfg["manager_id"]
                          for x in httpx.get(m.url + "/metrics").text.splitlines()), timeout=15,
              what="one leader over two workers")
