@@ -25,7 +25,10 @@ from shared.config import QuotaConfig
 from shared.errors import InvalidNode
 
 OPEN_PATHS = frozenset({"/alive", "/ready", "/metrics"})
-OWN_TOKEN_PREFIXES = ("/internal/", "/admin/", "/admin", "/ui")  # /ui: the console's own login
+# routes with tokens of their own (/ui: the console's login); each is the path itself or below it,
+# never a mere prefix: a proxied node path such as /uix or /administer still wants the API key
+OWN_TOKEN_ROOTS = ("/internal", "/admin", "/ui")
+_OWN_TOKEN_PREFIXES = tuple(root + "/" for root in OWN_TOKEN_ROOTS)
 _DENIED = json.dumps({"detail": "missing or invalid API key"}).encode()
 
 
@@ -71,7 +74,7 @@ class ClientKeys:
 
     def allowed(self, scope: Scope) -> bool:
         path = scope.get("path", "")
-        if path in OPEN_PATHS or path.startswith(OWN_TOKEN_PREFIXES):
+        if path in OPEN_PATHS or path in OWN_TOKEN_ROOTS or path.startswith(_OWN_TOKEN_PREFIXES):
             return True
         given = self._given(scope)
         ok = False

@@ -11,6 +11,7 @@ import docker
 import httpx
 import redis
 
+from shared.config import XAGENT_POST_PATHS
 from testing import redis_env
 from tests.conftest import ADMIN_TOKEN, project_containers, wait_for
 
@@ -58,6 +59,49 @@ def test_admin_api(start_manager, manager_id: str, docker_client: docker.DockerC
     assert r.status_code == 503 and "draining" in r.json()["detail"]
     httpx.delete(m.url + f"/admin/managers/{manager_id}/drain", headers=ADMIN)
     session(m.url).post("/release_session")
+
+
+def test_admin_restart_and_delete_one_node(start_manager, manager_id: str, docker_client: docker.DockerClient,
+                                           redis_client: redis.Redis, prefix: str) -> None:
+    m = start_manager()
+    c = session(m.url)
+    node_id = c.cookies["node_id"]
+    with httpx.Client(base_url=m.url, headers=ADMIN, timeout=60) as adm:
+        assert c.post("/close_session").status_code == 200
+        stopped_at = docker_client.containers.get(node_id).attrs["State"]["FinishedAt"]
+        # restart: the stopped node runs again and answers once the call returns
+        r = adm.post(f"/admin/nodes/{node_id}/restart")
+        assert r.status_code == 200 and r.json() == {"results": {node_id: "restart"}}, r.text
+        node = docker_client.containers.get(node_id)
+        assert node.status == "running" and node.attrs["State"]["StartedAt"] > stopped_at
+        assert adm.get(f"/admin/nodes/{node_id}").json()["record"]["status"] == "running"
+        assert c.post("/get_available_tools").status_code == 200
+        r = adm.post(f"/admin/nodes/{node_id}/reboot")
+        assert r.status_code == 404 and "unknown action 'reboot'" in r.json()["detail"]
+        # DELETE: the session goes with its container, workspace and record
+        r = adm.delete(f"/admin/nodes/{node_id}")
+        assert r.status_code == 200 and r.json() == {"results": {node_id: "released"}}, r.text
+        assert not project_containers(docker_client, manager_id)
+        assert not docker_client.volumes.list(filters={"label": f"toolserver-manager.session_id={node_id}"})
+        assert not redis_client.exists(f"{prefix}:node:{node_id}")
+        assert c.post("/get_available_tools").status_code == 403
+        assert adm.get(f"/admin/nodes/{node_id}").status_code == 404
+
+
+def test_api_keys_exempt_only_the_console_and_admin_routes_themselves(start_manager) -> None:
+    # /uix is a node path here: it must want the key like every proxied path, whatever its first letters
+    m = start_manager(client_auth={"api_keys": ["k-one"]},
+                      redirect_to_node_path={"post": [*XAGENT_POST_PATHS, "/uix"], "get": ["/"]})
+    for path in ("/uix", "/get_available_tools"):
+        r = httpx.post(m.url + path, timeout=30)
+        assert r.status_code == 401 and r.json() == {"detail": "missing or invalid API key"}, (path, r.text)
+    # the console and the admin API keep their own tokens: no API key asked there
+    assert httpx.get(m.url + "/ui/", timeout=30).status_code == 200
+    assert httpx.get(m.url + "/admin/nodes", headers=ADMIN, timeout=30).status_code == 200
+    c = httpx.Client(base_url=m.url, timeout=60, headers={"X-API-Key": "k-one"})
+    assert c.post("/get_cookie").status_code == 200
+    assert c.post("/uix").status_code == 404  # with the key it reaches the node, which has no such route
+    c.post("/release_session")
 
 
 def test_admin_tokens(start_manager) -> None:

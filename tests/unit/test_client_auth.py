@@ -25,6 +25,14 @@ def test_open_and_own_token_routes_need_no_key() -> None:
     assert not ClientKeys([], "X-API-Key", "c")  # off without keys
 
 
+def test_own_token_routes_are_whole_path_segments() -> None:
+    for path in ("/ui", "/ui/", "/ui/api/nodes", "/admin", "/internal/nodes"):
+        assert KEYS.allowed(scope(path)), path
+    # a node path that merely starts with the same letters is a node path: it wants the key
+    for path in ("/uix", "/ui_state", "/administer", "/admins/x", "/internals"):
+        assert not KEYS.allowed(scope(path)), path
+
+
 def test_the_key_is_stripped_before_the_node() -> None:
     out = KEYS.strip([(b"x-api-key", b"alpha"), (b"cookie", b"node_id=abc; tsm_api_key=alpha"),
                       (b"content-type", b"application/json")])
