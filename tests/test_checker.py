@@ -33,7 +33,8 @@ def test_exactly_one_leader_and_failover_after_sigkill(start_manager, redis_clie
                                                        manager_id: str) -> None:
     reps = [start_manager(name=f"r{i}", **FAST) for i in range(3)]
     holder = wait_for(lambda: lease_holder(redis_client, prefix, manager_id), what="a lease holder")
-    time.sleep(2.0)
+    # four passes of the holder: time enough for any other replica to have acted too
+    wait_for(lambda: sum(cycles_by_token(redis_client, prefix, manager_id).values()) >= 4, what="four passes")
     counts = cycles_by_token(redis_client, prefix, manager_id)
     assert len(counts) == 1, f"more than one checker acted: {counts}"
     assert lease_holder(redis_client, prefix, manager_id) == holder
@@ -66,7 +67,10 @@ def test_stalled_leader_is_fenced_out(start_manager, redis_client: redis.Redis, 
     finally:
         leader.signal(signal.SIGCONT)
     wait_for(lambda: "lease_lost" in leader.logs(), timeout=10, what="the old leader stepping down")
-    time.sleep(2.0)
+    # four passes of the new holder since then: the deposed one had as long to write, were it able to
+    since = cycles_by_token(redis_client, prefix, manager_id).get("2", 0)
+    wait_for(lambda: cycles_by_token(redis_client, prefix, manager_id).get("2", 0) >= since + 4,
+             what="four passes of the new holder")
     counts = cycles_by_token(redis_client, prefix, manager_id)
     assert counts.get("1", 0) == old_cycles, "the deposed leader wrote after losing its lease"
     assert counts.get("2", 0) > 0
@@ -182,22 +186,22 @@ def test_redis_flush_is_rebuilt_from_the_engine(private_redis: PrivateRedis, sta
 
 
 def test_stop_after_exit_only_when_last(start_manager, docker_client: docker.DockerClient,
-                                        manager_id: str) -> None:
+                                        manager_id: str, redis_client: redis.Redis, prefix: str) -> None:
     opts = {"checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 5, "stop_after_exit": True}}
     a = start_manager(name="a", **opts)
     b = start_manager(name="b", **opts)
     c = httpx.Client(base_url=a.url, timeout=60)
     c.post("/get_cookie")
     node_id = c.cookies["node_id"]
-    time.sleep(1.5)  # both registered
+    registered = [f"{prefix}:replica:{m.replica_id}" for m in (a, b)]
+    wait_for(lambda: redis_client.exists(*registered) == 2, what="both replicas registered")
+    # stopping one of two replicas (leader or not) must not stop the nodes: a replica stops them
+    # while it shuts down, so once b has exited they would be stopped already
     b.stop()
-    a_alive = docker_client.containers.get(node_id)
-    # stopping one of two replicas (leader or not) must not stop the nodes
-    time.sleep(1.0)
-    a_alive.reload()
-    assert a_alive.status == "running"
-    # wait until a's registry sees b gone, then stop the last replica: its nodes stop
-    time.sleep(2.5)
+    assert "stop_after_exit_skipped" in b.logs()
+    assert docker_client.containers.get(node_id).status == "running"
+    # b deregistered as it stopped, so a is the last replica: stopping it stops its nodes
+    wait_for(lambda: not redis_client.exists(registered[1]), what="b gone from the registry")
     a.stop()
     wait_for(lambda: docker_client.containers.get(node_id).status == "exited", timeout=10,
              what="nodes stopped after the last replica exits")

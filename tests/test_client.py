@@ -9,6 +9,7 @@ import os
 import tracemalloc
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,8 +120,16 @@ async def test_session_end_to_end(start_manager, tmp_path: Path) -> None:
         other = AsyncSession(m.url, node_id=node_id, on_exit="keep")
         patient = AsyncSession(m.url, node_id=node_id, on_exit="keep", retries=8, backoff=0.2, max_backoff=1.0)
 
+        refused = asyncio.Event()
+
+        async def saw(resp: Any) -> None:
+            if resp.status_code == 503:
+                refused.set()
+
+        patient._http.event_hooks["response"].append(saw)
+
         async def restart_later() -> str:
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(refused.wait(), 30)  # the patient client was refused and is backing off
             return await other.reconnect()
 
         r2, restarted = await asyncio.gather(patient.execute_tool(shell, {"command": "echo back"}), restart_later())

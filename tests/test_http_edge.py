@@ -236,6 +236,29 @@ def test_a_proxy_read_timeout_is_a_504_with_a_json_detail(start_manager) -> None
     assert c.post("/diag?id=after").content == b"after"  # the late answer reached nobody
 
 
+def test_a_running_node_whose_server_is_gone_is_a_503_not_responding(start_manager, docker_client,
+                                                                      redis_client, prefix: str) -> None:
+    # the node's server runs under a shell that outlives it: the container keeps running without it
+    m = start_manager(node={"creation_kwargs": {"command": ["sh", "-c", "python3 -m app & exec sleep infinity"]}})
+    c = session(m.url)
+    node_id = c.cookies["node_id"]
+    assert c.post("/get_available_tools").status_code == 200
+    node = docker_client.containers.get(node_id)
+    kill = ("for p in /proc/[0-9]*; do [ \"$(tr '\\0' ' ' < $p/cmdline)\" = 'python3 -m app ' ] && "
+            "kill -9 ${p#/proc/} && echo killed; done; true")
+    assert b"killed" in node.exec_run(["sh", "-c", kill]).output
+    for _ in range(3):  # a pooled connection or a new one: either way the node does not answer
+        r = c.post("/get_available_tools")
+        assert r.status_code == 503 and r.json() == {"detail": "node is not responding"}, r.text
+    # a passing fault: the session is kept (running, same container) and a restart brings it back
+    node.reload()
+    assert node.status == "running"
+    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"running"
+    assert c.post("/reconnect_session").status_code == 200
+    assert c.post("/get_available_tools").status_code == 200
+    c.post("/release_session")
+
+
 def test_an_admin_token_in_a_url_is_refused_and_never_logged(start_manager) -> None:
     m = start_manager()
     r = httpx.get(m.url + f"/admin/replicas?token={ADMIN_TOKEN}")

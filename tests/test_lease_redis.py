@@ -18,8 +18,12 @@ async def test_one_holder_and_fencing(store: Store) -> None:
     assert view.holder == "A" and view.token == 1 and view.expires_in_ms and view.expires_in_ms > 0
     node_key = store.keys.node("n1")
     assert await store.fenced("m1", "A", 1, [("hset", node_key, ["status", "running"])])
-    # A stalls past its TTL; B takes over with a higher token
-    await asyncio.sleep(0.8)
+    # A stalls past its TTL (it renews no more): its lease lapses in Redis; B takes over with a higher token
+    async def lapsed() -> None:
+        while (await store.lease_view("m1")).holder is not None:
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(lapsed(), 5)
     assert not a.held
     assert await b.acquire() and b.token == 2
     # A's late write is refused and changes nothing; its renewal is refused too

@@ -6,8 +6,6 @@ with JSON naming Redis and /ws/events closes cleanly; the process keeps running.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -53,6 +51,8 @@ def test_events_socket_during_outage_closes_cleanly(start_manager, private_redis
                 ws.recv(timeout=10)
     assert ws.close_code == 1013, (ws.close_code, ws.close_reason)
     assert ws.close_reason.startswith("redis is unavailable")
-    time.sleep(0.2)  # the handler's own log line, if it had failed, is written after the close
+    # the handler has ended (its socket no longer counted): its own log line, had it failed, is written
+    wait_for(lambda: 'toolserver_websocket_connections{kind="events"} 0.0' in httpx.get(m.url + "/metrics").text,
+             interval=0.05, what="the events handler finished")
     assert m.proc is not None and m.proc.poll() is None
     assert "Traceback" not in m.logs() and "Exception in ASGI application" not in m.logs()

@@ -186,9 +186,13 @@ def test_shell_timeout_kills_command(node):
         "tool_name": "shell_command_executor", "arguments": {"command": "echo started; sleep 30"}})
     assert r.status_code == 500
     assert "Timeout" in r.json()["detail"] and "started" in r.json()["detail"]
-    time.sleep(0.2)
-    code, out = node.sh("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null"
-                        " | grep -c '^sleep 30' || true")
+    # killed, not left to run its 30 s: gone within a few seconds of the answer (kill is asynchronous)
+    for _ in range(100):
+        code, out = node.sh("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null"
+                            " | grep -c '^sleep 30' || true")
+        if out.strip() == "0":
+            break
+        time.sleep(0.05)
     assert out.strip() == "0", "the timed-out command is still running"
 
 
@@ -424,18 +428,16 @@ def test_ws_shell_streams_lines(node):
     from websockets.sync.client import connect
 
     with node.ws("/ws/shell") as ws:
-        t0 = time.monotonic()
-        ws.send(json.dumps({"command": "echo first; echo oops >&2; sleep 1.2; echo second; exit 7",
-                            "timeout": 30}))
+        # the command blocks after its first lines until the test lets it go on: lines that arrive
+        # before then were streamed as produced, not sent at the end
+        ws.send(json.dumps({"command": "echo first; echo oops >&2; while [ ! -f /tmp/go ]; do sleep 0.05; done;"
+                                       " echo second; exit 7", "timeout": 30}))
+        early = [json.loads(ws.recv(timeout=10)) for _ in range(2)]
+        node.sh("touch /tmp/go")
         frames, code = _recv_all(ws)
-    msgs = [m for _, m in frames]
-    assert {"type": "stdout", "line": "first"} in msgs
-    assert {"type": "stderr", "line": "oops"} in msgs
-    assert msgs[-1] == {"type": "exit", "code": 7}
+    assert sorted(early, key=str) == [{"type": "stderr", "line": "oops"}, {"type": "stdout", "line": "first"}]
+    assert [m for _, m in frames] == [{"type": "stdout", "line": "second"}, {"type": "exit", "code": 7}]
     assert code == 1000
-    t_first = next(t for t, m in frames if m.get("line") == "first") - t0
-    t_second = next(t for t, m in frames if m.get("line") == "second") - t0
-    assert t_first < 1.0 and t_second - t_first > 0.8  # streamed as produced, not at the end
 
 
 def test_ws_shell_timeout_and_bad_requests(node):
@@ -486,15 +488,20 @@ def test_sigterm_stops_promptly(start_node, init):
 
     with node.ws("/ws/shell") as ws:
         ws.send(json.dumps({"command": "sleep 300", "timeout": 600}))
-        time.sleep(0.3)
+        running = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null | grep -c '^sleep 300'"
+        for _ in range(200):  # the background shell's and the WebSocket's
+            if node.sh(running)[1].strip() == "2":
+                break
+            time.sleep(0.05)
+        assert node.sh(running)[1].strip() == "2"
         t0 = time.monotonic()
         node.container.stop(timeout=5)
         took = time.monotonic() - t0
     node.container.reload()
     exit_code = node.container.attrs["State"]["ExitCode"]
     print(f"docker stop ({'init' if init else 'python as PID 1'}): {took:.2f} s, exit code {exit_code}")
+    # the bound is docker's own stop timeout: a node that does not exit on SIGTERM is killed (137)
     assert exit_code != 137, "the node ignored SIGTERM and was killed"
-    assert took < 5
     inflight.join(10)
     node.close()
     node.container.remove(force=True)
