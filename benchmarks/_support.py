@@ -34,8 +34,13 @@ wrk.headers["Cookie"] = "node_id=%(node_id)s"
 
 
 # --- wrk ------------------------------------------------------------------------------------------
-def wrk_script(path: Path, node_id: str, method: str = "POST", body: str = "{}") -> Path:
-    path.write_text((WRK_LUA + WRK_REPORT_LUA) % {"method": method, "body": body, "node_id": node_id, "mark": WRK_MARK})
+def wrk_script(path: Path, node_id: str, method: str = "POST", body: str = "{}", secret: str = "") -> Path:
+    """A wrk script posting with the session's cookie; with `secret`, also the node's own header (a node
+    reached directly, as the manager reaches it, refuses requests without it)."""
+    lua = (WRK_LUA + WRK_REPORT_LUA) % {"method": method, "body": body, "node_id": node_id, "mark": WRK_MARK}
+    if secret:
+        lua = f'wrk.headers["X-Node-Secret"] = "{secret}"\n' + lua
+    path.write_text(lua)
     return path
 
 

@@ -18,7 +18,7 @@ sessions   S sessions (default 200), C at a time (default 20). Each session: ``P
            either manager_id on either engine, node records and index members must all be 0.
 throughput wrk -t2 -c16 -d5s --latency (after a 1 s warm-up), ``POST /`` with the cookie of a session
            owned by ``bench-a`` (node on engine A) or ``bench-b`` (node on engine B):
-             node direct           the A node's published port
+             node direct           the A node at its network address, with its X-Node-Secret
              a1 → own node         a1 proxies straight to its node
              b1 → own node         the owner of the B node, straight to it
              a1 → b1 → node        a1 forwards through the owner b1 (proxy_through_owner)
@@ -46,7 +46,7 @@ import docker
 import httpx
 
 from benchmarks._support import (
-    count_containers, engine2_start, engine2_stop, manager_members, node_port, node_records,
+    count_containers, engine2_start, engine2_stop, manager_members, node_direct, node_records,
     remove_containers_retry, run_wrk, wrk_script,
 )
 from benchmarks.common import (
@@ -184,14 +184,17 @@ def main(argv: list[str] | None = None) -> int:
             held.append((a1, sa))
             sb = httpx.post(b1.url + "/get_cookie", timeout=60).cookies["node_id"]
             held.append((b1, sb))
-            scripts = {"A": wrk_script(tmp / "a.lua", sa), "B": wrk_script(tmp / "b.lua", sb)}
-            cases = [("node direct", "A", f"http://127.0.0.1:{node_port(r, prefix, sa)}"),
+            host, port, secret = node_direct(client, sa)  # at its network address, with its secret
+            scripts = {"A": wrk_script(tmp / "a.lua", sa), "B": wrk_script(tmp / "b.lua", sb),
+                       "direct": wrk_script(tmp / "direct.lua", sa, secret=secret)}
+            cases = [("node direct", "direct", f"http://{host}:{port}"),
                      ("a1 → own node", "A", a1.url), ("b1 → own node", "B", b1.url),
                      ("a1 → b1 → node (through owner)", "B", a1.url),
                      ("LB → A node", "A", lb.url), ("LB → B node (2/3 through owner)", "B", lb.url)]
             for name, owner, base in cases:
                 url = base + args.wrk_path
-                check = httpx.post(url, headers={"Cookie": f"node_id={sa if owner == 'A' else sb}"}, timeout=10)
+                check = httpx.post(url, headers={"Cookie": f"node_id={sa if owner != 'B' else sb}",
+                                                 **({"X-Node-Secret": secret} if owner == "direct" else {})}, timeout=10)
                 if check.status_code != 200:
                     raise RuntimeError(f"{name}: {url} answered {check.status_code}: {check.text[:200]}")
                 run_wrk(url, scripts[owner], 1, args.connections, args.threads)

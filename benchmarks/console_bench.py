@@ -43,15 +43,15 @@ def main(argv: list[str] | None = None) -> int:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
             page = browser.new_page()
             page.on("response", lambda resp: loaded.__setitem__(resp.url, len(resp.body()))
-                    if resp.url.startswith(m.url + "/ui/") and resp.status == 200 and "/ui/api/" not in resp.url
+                    if resp.url.startswith(m.console_url + "/ui/") and resp.status == 200 and "/ui/api/" not in resp.url
                     else None)
-            page.goto(m.url + "/ui/")
+            page.goto(m.console_url + "/ui/")  # the console has a port of its own
             page.fill("#token", token)
             t0 = time.monotonic()
             page.click("#login-form button[type=submit]")
             page.wait_for_selector("#cluster td")
             first_draw = time.monotonic() - t0
-            page.goto(m.url + "/ui/#/sessions")
+            page.goto(m.console_url + "/ui/#/sessions")
             page.wait_for_selector("#sessions:not([hidden])")
             for _ in range(args.n):
                 c = httpx.Client(base_url=m.url, timeout=60)

@@ -247,11 +247,11 @@ def test_actions_from_another_origin_are_refused(manager: ManagerProc, context: 
 
 def test_the_page_runs_only_its_own_scripts_and_logout_ends_the_login(manager: ManagerProc,
                                                                        context: BrowserContext) -> None:
-    r = httpx.get(manager.url + "/ui/")
+    r = httpx.get(manager.console_url + "/ui/")
     csp = {d.split()[0]: d.split()[1:] for d in r.headers["content-security-policy"].split("; ")}
     assert csp["script-src"] == ["'self'"] and csp["default-src"] == ["'none'"], csp
     assert csp["frame-ancestors"] == ["'none'"] and csp["base-uri"] == ["'none'"], csp
-    page = logged_in(context, manager.url)
+    page = logged_in(context, manager.console_url)
     # the browser enforces it: a script injected into the page (as a node's text would be, were it
     # ever inserted as markup) does not run, inline or from another origin
     ran = page.evaluate("""() => new Promise(done => {

@@ -96,7 +96,7 @@ def test_api_keys_exempt_only_the_console_and_admin_routes_themselves(start_mana
         r = httpx.post(m.url + path, timeout=30)
         assert r.status_code == 401 and r.json() == {"detail": "missing or invalid API key"}, (path, r.text)
     # the console and the admin API keep their own tokens: no API key asked there
-    assert httpx.get(m.url + "/ui/", timeout=30).status_code == 200
+    assert httpx.get(m.console_url + "/ui/", timeout=30).status_code == 200
     assert httpx.get(m.url + "/admin/nodes", headers=ADMIN, timeout=30).status_code == 200
     c = httpx.Client(base_url=m.url, timeout=60, headers={"X-API-Key": "k-one"})
     assert c.post("/get_cookie").status_code == 200
