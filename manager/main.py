@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
 import shutil
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"toolserver-manager console: {console}/ui/", file=sys.stderr, flush=True)
         config = uvicorn.Config(create_app(cfg), **common)
         server = _Server(config)
-        server.run(sockets=_sockets(config, cfg))
+        # uvicorn shuts down gracefully on Ctrl-C, then raises SIGINT again for its caller: here that
+        # is only a KeyboardInterrupt traceback after a clean stop
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=_sockets(config, cfg))
         return
     # several workers: each is its own replica; metrics aggregate through a shared directory
     import json

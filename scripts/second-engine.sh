@@ -2,14 +2,15 @@
 # A second, independent Docker engine on this machine (own socket, data root, exec root
 # and bridge) for tests and benchmarks of a cluster with two manager_ids.
 #   second-engine.sh start   -> prints the socket URL; loads the node image into it
-#   second-engine.sh stop    -> stops it, removes its containers and its bridge
+#   second-engine.sh stop    -> stops it, removes its containers, its bridge and its data
 set -euo pipefail
 STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"
 NAME="${TSM_ENGINE2_NAME:-tsm-engine2}"
 SOCK="/run/$NAME.sock"
 EXEC="/run/$NAME"
 DATA="$STATE/$NAME-data"
-BR="tsm-br2"
+BR="${TSM_ENGINE2_BRIDGE:-tsm-br2}"
+BR_ADDR="${TSM_ENGINE2_BRIDGE_ADDR:-172.30.99.1/24}"
 IMAGE="${TSM_NODE_IMAGE:-toolserver-node:latest}"
 D2=(/usr/bin/docker -H "unix://$SOCK")
 die() { printf '\033[31m[engine2] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -18,7 +19,7 @@ start() {
   if ! "${D2[@]}" info >/dev/null 2>&1; then
     ip link show "$BR" >/dev/null 2>&1 || {
       ip link add name "$BR" type bridge
-      ip addr add 172.30.99.1/24 dev "$BR"
+      ip addr add "$BR_ADDR" dev "$BR"
       ip link set "$BR" up
     }
     mkdir -p "$DATA" "$EXEC"
@@ -56,6 +57,14 @@ stop() {
     for _ in $(seq 100); do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
   ip link del "$BR" 2>/dev/null || true
+  # its data goes too (the image loaded into it is loaded again at the next start, in seconds):
+  # unmount what it left mounted there, deepest first, then delete
+  for root in "$DATA" "$EXEC"; do
+    awk -v r="$root" '$5 == r || index($5, r "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r \
+      | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    rm -rf "$root"
+  done
+  rm -f "$SOCK" "$EXEC.pid"
 }
 
 case "${1:-}" in

@@ -24,6 +24,8 @@ APT_PKGS=(docker.io redis-server debootstrap iptables)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(iproute2 util-linux)
 # gVisor, for the test of node.runtime (tests register it with scripts/register-runsc.sh)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(runsc)
+# Redis Sentinel, for the failover test (a primary, a replica and three sentinels of the test's own)
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(redis-sentinel)
 # an image registry on 127.0.0.1, for the test of pulling a missing node image
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(docker-registry)
 # the console's tests drive Debian's Chromium headless (through Playwright, never its own browsers)
@@ -44,8 +46,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     || die "apt-get install ${missing[*]} failed (see $STATE/apt.log)"
 fi
 # the tests run their own registry on 127.0.0.1; Debian's package would serve one on every address
+# (and its own sentinels: the packaged one would watch the machine's Redis on every boot). Only
+# the services this run just installed: one the machine had before is its owner's to run
 if [ "$WITH_TEST" = 1 ] && command -v systemctl >/dev/null; then
-  systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  for svc in docker-registry redis-sentinel; do
+    case " ${missing[*]} " in *" $svc "*) systemctl disable --now "$svc" >/dev/null 2>&1 || true ;; esac
+  done
 fi
 
 # --- Redis and the Docker engine ---------------------------------------------

@@ -17,7 +17,7 @@ import httpx
 import yaml
 
 from shared.config import deep_merge
-from testing import redis_env
+from testing import machine, redis_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,7 @@ class ManagerProc:
     def __init__(self, cfg: dict[str, Any], tmp: Path, name: str = "m") -> None:
         self.port = free_port()
         self.cfg = deep_merge(json.loads(json.dumps(cfg)), {"host": "127.0.0.1", "port": self.port})
+        machine.RUN.manager_ids.add(str(self.cfg.get("manager_id", "")))  # what the run must clean up
         if int(self.cfg.get("workers", 1)) <= 1:  # several workers: each makes its own replica_id
             self.cfg.setdefault("replica_id", f"{name}-{self.port}")
         self.url = f"http://127.0.0.1:{self.port}"

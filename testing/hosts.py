@@ -36,6 +36,7 @@ import redis
 import yaml
 
 from shared.config import deep_merge
+from testing import machine
 from testing.harness import ROOT, ManagerProc, free_port, remove_project_objects, stop_process
 from testing.redis_env import private_server_args, private_url
 
@@ -194,6 +195,7 @@ class Hosts:
         self.admin_token = admin_token
         self.image = image
         self.tag = uuid.uuid4().hex[:4]
+        machine.RUN.host_tags.add(self.tag)
         self.bridge = f"tsmhbr{self.tag}"
         self.subnet = self._free_subnet()
         self.gateway = f"{self.subnet}.1"
@@ -207,6 +209,7 @@ class Hosts:
         self.timings: dict[str, float] = {}
         for i in range(1, n + 1):
             name = f"host{i}-{self.tag}"
+            machine.RUN.manager_ids.add(name)
             run = f"/run/tsmh-{self.tag}-{i}"
             self.hosts.append(Host(name=name, addr=f"{self.subnet}.{10 + i}", veth=f"tsmh{self.tag}v{i}",
                                    sock=f"{run}.sock", data_root=STATE / f"tsmh-{self.tag}-{i}",

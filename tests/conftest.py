@@ -3,6 +3,7 @@ replicas as real processes, and cleanup of every container by the project's labe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from shared.config import deep_merge
 from shared.keys import Keys
 from shared.store import Store
+from testing import machine
 from testing.harness import ManagerProc, PrivateRedis, remove_project_objects
 from testing.hosts import PrivateEngine
 from testing.redis_env import redis_url
@@ -48,12 +50,32 @@ def docker_client() -> Iterator[docker.DockerClient]:
     client.images.get(NODE_IMAGE)
     yield client
     # nothing a test of this session made may outlive it
-    for mid in _SESSION_MANAGER_IDS:
+    for mid in sorted(machine.RUN.manager_ids):
         remove_containers(client, mid)
     client.close()
 
 
-_SESSION_MANAGER_IDS: set[str] = set()
+MACHINE_REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's own Redis, if it has one: never used, only watched
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_untouched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run: the machine's dockerd (pid), its Redis and the project's (run_id) and
+    /etc/docker/daemon.json (sha256) are as they were, and nothing the run made is left
+    (testing/machine.py). Autouse and first, so it is torn down after every other fixture."""
+    client = docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41")
+    urls = [MACHINE_REDIS_URL, REDIS_URL]
+    before = machine.snapshot(client, urls)
+    yield
+    if not any(line.startswith("-N TSM-") for line in before.firewall):
+        from shared import firewall  # noqa: PLC0415 - the run's managers installed the chains: it takes them away
+
+        with contextlib.suppress(firewall.NoPrivilege, firewall.FirewallError):
+            firewall.remove()
+    after = machine.snapshot(client, urls, settle=True)
+    client.close()
+    found = machine.problems(before, after, tmp_path_factory.getbasetemp())
+    assert not found, "the run changed the machine or left things behind:\n- " + "\n- ".join(found)
 
 
 @pytest.fixture
@@ -76,7 +98,7 @@ async def store(prefix: str) -> Any:
 @pytest.fixture
 def manager_id(docker_client: docker.DockerClient) -> Iterator[str]:
     mid = f"test-{uuid.uuid4().hex[:8]}"
-    _SESSION_MANAGER_IDS.add(mid)
+    machine.RUN.manager_ids.add(mid)
     yield mid
     remove_containers(docker_client, mid)
 
@@ -84,11 +106,11 @@ def manager_id(docker_client: docker.DockerClient) -> Iterator[str]:
 @pytest.fixture
 def manager_id_b(docker_client: docker.DockerClient) -> Iterator[str]:
     """A second manager_id on this engine, cleaned up like the first. Name it before start_manager
-    in a test's arguments, so that the replicas stop before its objects are removed. (Tests must not
-    add to _SESSION_MANAGER_IDS themselves: pytest loads this file as `conftest`, and a test's
-    `from tests.conftest import ...` gets a second copy of the module and of that set.)"""
+    in a test's arguments, so that the replicas stop before its objects are removed. (The run's
+    manager_ids are kept in testing.machine.RUN, not here: pytest loads this file as `conftest`,
+    and a test's `from tests.conftest import ...` gets a second copy of the module.)"""
     mid = f"test-{uuid.uuid4().hex[:8]}"
-    _SESSION_MANAGER_IDS.add(mid)
+    machine.RUN.manager_ids.add(mid)
     yield mid
     remove_containers(docker_client, mid)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import signal
 import subprocess
 import threading
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from testing import machine
 from testing.harness import HAProxy, ManagerProc
 from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, LABEL, ROOT, remove_containers, wait_for
 
@@ -26,16 +28,23 @@ ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 @pytest.fixture(scope="module")
 def engine2() -> Iterator[str]:
-    """A second dockerd with its own socket, data root, exec root and bridge; held under
-    /tmp/tsm-engine2.lock, since another run on this machine would stop it under our feet."""
-    with open("/tmp/tsm-engine2.lock", "w") as lock:
+    """A second dockerd with its own socket, data root, exec root and bridge; held under a lock on
+    the state directory (no file of its own to leave behind), since another run on this machine
+    would stop it under our feet."""
+    state = os.environ.get("TSM_STATE_DIR", "/var/lib/toolserver-manager")
+    os.makedirs(state, exist_ok=True)
+    lock = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        machine.RUN.host_tags.add("tsm-engine2")  # its data, socket and bridge are this run's to remove
         out = subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "start"], check=True,
                              capture_output=True, text=True)
         try:
             yield out.stdout.strip().splitlines()[-1]
         finally:
             subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "stop"], check=False)
+    finally:
+        os.close(lock)
 
 
 def _ok(url: str) -> bool:
