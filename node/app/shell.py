@@ -102,6 +102,7 @@ async def _run_to_end(sh: _Shell, command: str, kill: bool):
         if display:
             des += " But get some response:" + display
         raise NodeError(500, des) from None
+    procs.kill(sh.proc)  # the call is over: what it left running in the background ends with it
     await sh.finish()
     sh.close()
     result = {"ReturnCode": sh.proc.returncode, "display": sh.display()}
@@ -132,6 +133,7 @@ async def _run_async(sh: _Shell, command: str, kill: bool):
         sh.close()
         result["status"] = "shell thread has been killed"
     elif sh.proc.returncode is not None:
+        procs.kill(sh.proc)  # the shell is gone: so is everything it started
         await sh.finish(0.2)
         result["display"] = sh.display()
         result["ReturnCode"] = sh.proc.returncode
@@ -172,6 +174,7 @@ async def run_interpreter(code: str = None, command: str = None, filename: str =
         procs.kill(sh.proc)
         sh.close()
         raise
+    procs.kill(sh.proc)  # the call is over: what it left running in the background ends with it
     await sh.finish()
     sh.close()
     result = {"ReturnCode": sh.proc.returncode}
@@ -256,9 +259,8 @@ async def stream_command(websocket) -> None:
             procs.kill(proc)
             pumps.cancel()
             return
-        if exited not in done:
-            timed_out = True
-            procs.kill(proc)
+        timed_out = exited not in done
+        procs.kill(proc)  # exited or timed out: its background children end with the command
         # the rest of the output; a background child still holding the pipes is not waited for
         try:
             await asyncio.wait_for(asyncio.shield(pumps), 1 if timed_out else 0.5)

@@ -573,3 +573,31 @@ def test_tools_do_not_see_the_secret(node):
     r = node.tool("shell_command_executor", command="env; cat /proc/self/environ")
     assert r.status_code == 200
     assert node.auth["X-Node-Secret"] not in json.dumps(r.json())
+
+
+def _running(node, marker: str) -> int:
+    """How many processes of the node have marker in their command line."""
+    _, out = node.sh(f"for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null | grep -c '{marker}' || true")
+    return int(out.strip() or 0)
+
+
+def test_what_a_call_started_ends_with_the_call(node):
+    """A tool's process group is killed when its call ends: nothing it left in the background runs on."""
+    r = node.tool("shell_command_executor", command="sleep 311 & sleep 312 </dev/null >/dev/null 2>&1 & echo started")
+    assert r.status_code == 200 and "started" in r.json()["data"]["display"], r.text
+    assert _running(node, "^sleep 31[12]") == 0
+    r = node.tool("run_interpreter", code="import subprocess\nsubprocess.Popen(['sleep', '313'])\nprint('left')")
+    assert r.status_code == 200 and "left" in r.json()["data"]["Output"], r.text
+    assert _running(node, "^sleep 313") == 0
+    with node.ws("/ws/shell") as ws:
+        ws.send(json.dumps({"command": "sleep 314 & echo bg", "timeout": 30}))
+        frames, _ = _recv_all(ws)
+    assert {"type": "exit", "code": 0} in [m for _, m in frames]
+    assert _running(node, "^sleep 314") == 0
+    # an async shell keeps running between calls (XAgent's shell_id), and ends with its exit
+    r = node.tool("shell_command_executor", command="sleep 315 & echo one", run_async=True)
+    sid = r.json()["data"]["shell_id"]
+    assert _running(node, "^sleep 315") == 1
+    r = node.tool("shell_command_executor", command="exit 0", shell_id=sid, run_async=True)
+    assert "exited" in r.json()["data"]["status"], r.text
+    assert _running(node, "^sleep 315") == 0
