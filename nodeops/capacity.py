@@ -28,3 +28,11 @@ async def node_cap(ops: NodeOps) -> int:
         # no memory limit on nodes (or an engine that does not say): nothing to derive from
         ops.derived_cap = max(1, total // per_node) if per_node and total else 0
     return ops.derived_cap
+
+
+def client_cap(per_client: int | None, node_cap: int) -> int:
+    """Live sessions one client may hold (0: no limit): quota.per_client, or by default a quarter
+    of this manager_id's node cap, so one client (an anonymous one included) never takes a host."""
+    if per_client is not None:
+        return max(per_client, 0)
+    return max(1, node_cap // 4) if node_cap > 0 else 0

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from nodeops import lifecycle
+from nodeops import capacity, lifecycle
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.models import Event, NodeRecord, Role
@@ -29,7 +29,9 @@ async def claim(ops: NodeOps, client: str = "") -> NodeRecord | None:
         return None
     store = ops.store
     t0 = time.monotonic()
-    node_id = await store.claim_pooled(ops.manager_id, client, ops.replica.replica_id)
+    # the client's quota holds for pooled nodes too (over it: None, and the reservation says why)
+    limit = capacity.client_cap(ops.cfg.quota.per_client, await capacity.node_cap(ops)) if client else 0
+    node_id = await store.claim_pooled(ops.manager_id, client, ops.replica.replica_id, limit)
     if not node_id:
         metrics.POOL_CLAIMS.labels("miss").inc()
         return None

@@ -51,16 +51,8 @@ async def create_local(ops: NodeOps, client: str = "") -> NodeRecord:
     c = ops.cfg.cluster
     cap = await capacity.node_cap(ops)
     reservation = await ops.store.reserve(ops.manager_id, cap, c.max_nodes_total, client,
-                                          client_cap(ops.cfg.quota.per_client, cap), ops.replica.replica_id)
+                                          capacity.client_cap(ops.cfg.quota.per_client, cap), ops.replica.replica_id)
     return await lifecycle.create_node(ops, client=client, reservation=reservation)
-
-
-def client_cap(per_client: int | None, node_cap: int) -> int:
-    """Live sessions one client may hold (0: no limit): quota.per_client, or by default a quarter
-    of this manager_id's node cap, so one client (an anonymous one included) never takes a host."""
-    if per_client is not None:
-        return max(per_client, 0)
-    return max(1, node_cap // 4) if node_cap > 0 else 0
 
 
 async def _dispatch(ops: NodeOps, node_id: str | None, local: Callable[[NodeOps, str], Awaitable[Any]],

@@ -91,11 +91,15 @@ return 'ok'
 
 # KEYS[1] pool list, KEYS[2] client count hash, KEYS[3..] the records of the ids at the pool's head
 # ARGV[1] now, ARGV[2] client, ARGV[3] claiming replica, ARGV[4..] those ids in pool order
-# (ARGV[i + 1] is the id of KEYS[i])
+# (ARGV[i + 1] is the id of KEYS[i]), last ARGV the client's limit (0 none)
 # Pops the head while it is the id expected, until one whose record is still pooled, and marks
 # it claimed: two replicas can never hand out the same node. 'again' when the head moved since
 # it was read or more ids wait than were given.
 CLAIM_POOLED = """
+local climit = tonumber(ARGV[#KEYS + 2] or '0')
+if ARGV[2] ~= '' and climit > 0 and tonumber(redis.call('hget', KEYS[2], ARGV[2]) or '0') >= climit then
+  return 'client'
+end
 for i = 3, #KEYS do
   local id = ARGV[i + 1]
   if redis.call('lindex', KEYS[1], 0) ~= id then return 'again' end
@@ -448,8 +452,10 @@ class Store:
                     p.hincrby(self.keys.client_count(), client, -1)
                 await p.execute()
 
-    async def claim_pooled(self, manager_id: str, client: str = "", claimer: str = "") -> str | None:
-        """Atomically take a ready pooled node of manager_id, or None when the pool is empty."""
+    async def claim_pooled(self, manager_id: str, client: str = "", claimer: str = "",
+                           per_client: int = 0) -> str | None:
+        """Atomically take a ready pooled node of manager_id, or None when the pool is empty or
+        the client already holds per_client sessions."""
         k = self.keys
         with redis_errors():
             while True:
@@ -457,8 +463,8 @@ class Store:
                 if not ids:
                     return None
                 got = await self._claim(keys=[k.pool(manager_id), k.client_count(), *[k.node(i) for i in ids]],
-                                        args=[time.time(), client, claimer, *ids])
-                if not got:
+                                        args=[time.time(), client, claimer, *ids, per_client])
+                if not got or _d(got) == "client":
                     return None
                 if _d(got) != "again":
                     return _d(got)

@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import redis
 
+from shared.keys import Keys
 from testing.hostile_node import hostile_config
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, wait_for
 
 KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -95,3 +96,16 @@ def test_drain_refuses_what_is_not_a_manager_id(start_manager: Any, redis_client
     r = httpx.post(f"{m.url}/admin/managers/{manager_id}/drain", headers=ADMIN)
     assert r.status_code == 200 and r.json()["draining"] is True, r.text
     assert redis_client.smembers(f"{prefix}:draining") == {manager_id.encode()}
+
+
+def test_the_warm_pool_keeps_the_client_quota(start_manager: Any, redis_client: redis.Redis, prefix: str,
+                                              manager_id: str) -> None:
+    """A ready pooled node is handed out within the client's quota only (the pool skipped it before)."""
+    m = start_manager(**hostile_config(quota={"per_client": 1}, pool={"size": 2}))
+    pool_key = Keys(prefix).pool(manager_id)
+    wait_for(lambda: redis_client.llen(pool_key) >= 2, timeout=60, what="the pool filled")
+    assert create(m.url).status_code == 200
+    wait_for(lambda: redis_client.llen(pool_key) >= 1, timeout=60, what="a pooled node ready")
+    r = create(m.url)
+    assert r.status_code == 429 and "already has 1" in r.text, r.text
+    assert redis_client.llen(pool_key) >= 1  # still there for another client
