@@ -46,6 +46,7 @@ class Checker(TierActions):
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._was_leader = False
+        self._alive_at = time.monotonic()  # the lease loop's last turn: the keeper renews while it is recent
         self._filling = False
         self.cycles = 0
         self._cache: dict[str, tuple[NodeRecord, str]] = {}  # node id -> (record, its updated_at)
@@ -70,11 +71,18 @@ class Checker(TierActions):
 
     async def _lease_loop(self) -> None:
         ttl = self.cfg.checker.lease_ttl_seconds
+        # renewals from a thread of the lease's own (checker/lease.py), while this loop shows life
+        self.lease.keep(lambda: self._alive_at, max(self.cfg.checker.loop_stall_seconds, ttl))
         while not self._stopping.is_set():
+            self._alive_at = time.monotonic()
             try:
+                if self.lease.token is not None and self.lease.refused:
+                    self._step_down("renewal refused")
                 if self.lease.token is None:
                     if await self.lease.acquire():
                         self._became_leader()
+                elif self.lease.kept:
+                    pass  # the keeper renews; the cycle loop steps down if the lease could have expired
                 elif not await self.lease.renew():
                     self._step_down("renewal refused")
             except RedisUnavailable as exc:

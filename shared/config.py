@@ -188,6 +188,9 @@ class CheckerConfig(Base):
     stuck_creation_seconds: float = 120.0
     stop_after_exit: bool = False
     start_jitter_seconds: float = 1.0
+    # the lease is renewed from a thread of its own (client load lagging the event loop cannot cost
+    # it), but not once the event loop has shown no life for this long (a wedged process)
+    loop_stall_seconds: float = 30.0
     use_events: bool = True
 
 

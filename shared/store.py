@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import msgspec
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -227,6 +228,38 @@ def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = ()
     return aioredis.Redis.from_pool(pool)
 
 
+class LeaseRenewer:
+    """Renews checker leases from a thread of the checker's own, on a blocking connection of its
+    own: neither client load on the event loop nor a full pool can delay a renewal."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._r = client
+        self._keys = keys
+        self._renew = client.register_script(LEASE_RENEW)
+
+    def renew(self, manager_id: str, value: str, ttl_ms: int) -> bool:
+        """True when renewed; False when the lease is no longer value's; RedisUnavailable when Redis
+        did not answer."""
+        with redis_errors():
+            return bool(self._renew(keys=[self._keys.lease(manager_id)], args=[value, ttl_ms]))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._r.close()
+
+
+def _sync_client(cfg: Config) -> redis.Redis:
+    r = cfg.redis
+    opts: dict[str, Any] = {"socket_timeout": r.socket_timeout_seconds, "socket_connect_timeout": r.socket_timeout_seconds,
+                            **({"password": cfg.redis_password} if cfg.redis_password else {})}
+    if r.sentinels:
+        from redis.sentinel import Sentinel
+
+        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in r.sentinels]
+        return Sentinel(hosts, **opts).master_for(r.sentinel_master, **opts)
+    return redis.Redis.from_url(r.url, max_connections=1, **opts)
+
+
 @contextlib.contextmanager
 def redis_errors() -> Any:
     """Map transport failures of Redis to RedisUnavailable (503)."""
@@ -247,6 +280,7 @@ class Store:
         # the checker's lease on a client of its own: client load filling the main pool must never
         # delay a renewal (3,000 /ws/events sockets once cost the checker its lease 3 times in 2 min)
         self.lease_redis = lease_redis or redis
+        self.lease_renewer: Callable[[], LeaseRenewer] | None = None  # set by open(): a renewer thread's client
         self.keys = keys
         self.secrets = secrets or NodeSecrets()  # a derived secret is never written
         self.stream_maxlen = stream_maxlen
@@ -272,7 +306,9 @@ class Store:
                        r.max_connections, r.pool_timeout_seconds)
         lease = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password, 2,
                         r.socket_timeout_seconds)
-        return cls(main, Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
+        store = cls(main, Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
+        store.lease_renewer = lambda: LeaseRenewer(_sync_client(cfg), store.keys)
+        return store
 
     async def close(self) -> None:
         for client in {id(self.redis): self.redis, id(self.lease_redis): self.lease_redis}.values():
