@@ -221,8 +221,14 @@ def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = ()
     if sentinels:
         from redis.asyncio.sentinel import Sentinel
 
+        from redis.asyncio.connection import parse_url
+
         hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in sentinels]
-        return Sentinel(hosts, **opts).master_for(sentinel_master, **opts)
+        # the URL's host is the sentinels' business; its database, user and password are the master's
+        # (a password_file still wins); the sentinels themselves get only the socket options
+        creds = {k: v for k, v in parse_url(url).items() if k in ("db", "username", "password")} if url else {}
+        master = {**creds, **opts}
+        return Sentinel(hosts, **opts).master_for(sentinel_master, **master)
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout,
                                                     **opts)
     return aioredis.Redis.from_pool(pool)

@@ -24,6 +24,7 @@ from tests.conftest import wait_for
 from tests.test_tiers import read, write
 
 MASTER = "tsmtest"
+DB = 2
 DOWN_AFTER_MS = 1000
 
 
@@ -77,7 +78,8 @@ class SentinelSet:
             return False
 
     def node(self, name: str) -> redis.Redis:
-        return redis.Redis(port=self.ports[name], password=self.password, socket_timeout=2, decode_responses=True)
+        return redis.Redis(port=self.ports[name], password=self.password, db=DB, socket_timeout=2,
+                           decode_responses=True)
 
     def master_port(self) -> int:
         with redis.Redis(port=self.sentinel_ports[0], socket_timeout=1) as s:
@@ -108,8 +110,8 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
 
 def test_managers_follow_a_sentinel_promotion_and_lose_no_session(sentinels: SentinelSet, start_manager,  # type: ignore[no-untyped-def]
                                                                   prefix: str) -> None:
-    redis_cfg = {"url": f"redis://127.0.0.1:{sentinels.ports['primary']}/0",  # not used with sentinels
-                 "password_file": str(redis_env.PASSWORD_FILE), "socket_timeout_seconds": 0.5,
+    # with sentinels, the URL's host is not used; its database and password are the master's (README)
+    redis_cfg = {"url": redis_env.private_url("127.0.0.1", sentinels.ports["primary"], db=DB), "socket_timeout_seconds": 0.5,
                  "sentinels": [f"127.0.0.1:{p}" for p in sentinels.sentinel_ports], "sentinel_master": MASTER}
     reps = [start_manager(name=f"s{i}", redis=redis_cfg) for i in range(2)]
     sessions: list[tuple[httpx.Client, str, bytes]] = []
