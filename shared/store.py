@@ -214,7 +214,8 @@ def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = ()
     fail-fast pool, 1,000 concurrent requests with random cookies made 578 of them (legitimate
     calls too) fail with MaxConnectionsError; waiting, a burst is queued and served."""
     # a pooled connection may be dead after a Redis restart: retry once on a fresh one
-    opts: dict[str, Any] = {**({"password": password} if password else {}),"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+    opts: dict[str, Any] = {**({"password": password} if password else {}),
+                            "socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
                             "health_check_interval": 10, "retry_on_timeout": False,
                             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
                             "retry_on_error": [redis.exceptions.ConnectionError]}
@@ -259,10 +260,12 @@ def _sync_client(cfg: Config) -> redis.Redis:
     opts: dict[str, Any] = {"socket_timeout": r.socket_timeout_seconds, "socket_connect_timeout": r.socket_timeout_seconds,
                             **({"password": cfg.redis_password} if cfg.redis_password else {})}
     if r.sentinels:
+        from redis.connection import parse_url
         from redis.sentinel import Sentinel
 
         hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in r.sentinels]
-        return Sentinel(hosts, **opts).master_for(r.sentinel_master, **opts)
+        creds = {k: v for k, v in parse_url(r.url).items() if k in ("db", "username", "password")} if r.url else {}
+        return Sentinel(hosts, **opts).master_for(r.sentinel_master, **{**creds, **opts})
     return redis.Redis.from_url(r.url, max_connections=1, **opts)
 
 

@@ -25,6 +25,7 @@ import yaml
 from shared import __version__
 from shared.config import Config, load_config
 from testing import podrun
+from testing.harness import free_port
 from testing.metrics import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -422,7 +423,57 @@ def test_sentinel_config_comes_through(rendered, tmp_path: Path) -> None:
     assert not kinds(docs, "Secret")
     (vol,) = [v for v in workload(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == "secrets"]
     assert vol["secret"]["secretName"] == "toolserver-tokens"
-    assert {i["key"] for i in vol["secret"]["items"]} == {"admin", "internal"}
+    assert {i["key"] for i in vol["secret"]["items"]} == {"admin", "internal", "node-secret-key"}
+    assert cfg.redis.password_file == ""  # external, no password given: the URL's, if any
+
+
+def test_redis_password_and_node_key_come_from_the_secret(helm: str, rendered, tmp_path: Path) -> None:
+    docs = rendered("default")
+    cfg = load_rendered_config(docs, tmp_path)
+    assert cfg.redis.password_file == "/etc/toolserver-manager/secrets/redis-password"
+    assert cfg.cluster.node_secret_key_file == "/etc/toolserver-manager/secrets/node-secret-key"
+    secret = one(docs, "Secret", FULLNAME)
+    password = base64.b64decode(secret["data"]["redis-password"]).decode()
+    assert len(password) >= 32 and len(base64.b64decode(secret["data"]["node-secret-key"])) >= 32
+    (vol,) = [v for v in workload(docs)["spec"]["template"]["spec"]["volumes"] if v["name"] == "secrets"]
+    assert {"redis-password", "node-secret-key"} <= {i["key"] for i in vol["secret"]["items"]}
+    # the bundled Redis requires it, read from the Secret on stdin: never on a command line
+    sts = one(docs, "StatefulSet", f"{FULLNAME}-redis")
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert password not in json.dumps(sts)
+    (auth,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth"]
+    assert auth["secret"]["items"] == [{"key": "redis-password", "path": "redis-password"}]
+    # the container's command and probe, run here with the host's redis-server (paths moved)
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "auth" / "redis-password").write_text(password)
+    port = str(free_port())
+    script = c["args"][0].replace("/etc/redis-auth", str(tmp_path / "auth")).replace("6379", port)
+    script = script.replace("--dir /data", f"--dir {tmp_path}")
+    proc = subprocess.Popen([*c["command"], script, *c["args"][1:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        probe = [a.replace("/etc/redis-auth", str(tmp_path / "auth")).replace("6379", port)
+                 for a in c["readinessProbe"]["exec"]["command"]]
+        for _ in range(100):
+            if subprocess.run(probe).returncode == 0:
+                break
+            subprocess.run(["sleep", "0.05"])
+        else:
+            raise AssertionError("the bundled Redis's probe never passed")
+        anonymous = subprocess.run(["redis-cli", "-p", port, "keys", "*"], capture_output=True, text=True)
+        assert "NOAUTH" in anonymous.stdout + anonymous.stderr
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+    # external Redis: a password given goes to the Secret and the config; none given, neither
+    docs = template(helm, sets=["redis.mode=external", "config.redis.url=redis://r:6379/0",
+                                "secrets.redisPassword=ext-password"])
+    assert base64.b64decode(one(docs, "Secret", FULLNAME)["data"]["redis-password"]) == b"ext-password"
+    assert load_rendered_config(docs, tmp_path).redis.password_file.endswith("/redis-password")
+    docs = template(helm, sets=["redis.mode=external", "config.redis.url=redis://r:6379/0"])
+    assert "redis-password" not in one(docs, "Secret", FULLNAME)["data"]
+    assert load_rendered_config(docs, tmp_path).redis.password_file == ""
 
 
 def test_daemonset_config_and_env_load_per_pod(rendered, tmp_path: Path) -> None:

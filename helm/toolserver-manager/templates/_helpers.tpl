@@ -123,6 +123,11 @@ that host, then runs as its uid (docker.hostSocket.group: auto, without hostIsol
 {{- default (include "toolserver-manager.fullname" .) .Values.config.manager_id }}
 {{- end }}
 
+{{/* "true" when the managers read a Redis password from the Secret (always for the bundled Redis). */}}
+{{- define "toolserver-manager.redisAuth" -}}
+{{- if or (eq .Values.redis.mode "bundled") .Values.secrets.redisPassword .Values.redis.passwordFromSecret }}true{{- end }}
+{{- end }}
+
 {{/* Where the Secret's files are mounted. */}}
 {{- define "toolserver-manager.secretsDir" -}}
 /etc/toolserver-manager/secrets
@@ -146,6 +151,11 @@ manager.yml: .Values.config key for key, with what the chart owns filled in (see
 {{- $_ := set $cfg.admin "token_file" (printf "%s/%s" $dir .Values.secrets.adminTokenKey) }}
 {{- $_ := set $cfg.cluster "internal_token" "" }}
 {{- $_ := set $cfg.cluster "internal_token_file" (printf "%s/%s" $dir .Values.secrets.internalTokenKey) }}
+{{- $_ := set $cfg.cluster "node_secret_key" "" }}
+{{- $_ := set $cfg.cluster "node_secret_key_file" (printf "%s/%s" $dir .Values.secrets.nodeSecretKeyKey) }}
+{{- if include "toolserver-manager.redisAuth" . }}
+{{- $_ := set $cfg.redis "password_file" (printf "%s/%s" $dir .Values.secrets.redisPasswordKey) }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
