@@ -205,9 +205,9 @@ def test_replica_killed_under_an_open_stream(cluster, redis_client: redis.Redis,
             killed[0].kill()  # SIGKILL with the call's stream open
             t0 = time.monotonic()
             with pytest.raises(MCPError) as err:
-                # never a hang: the bound is 10x the lease's 3 s, far below the node's 8 s call finishing
-                # on an answer nobody can carry any more
-                await asyncio.wait_for(call, 30)
+                # never a hang: the bound is 10x and more what it takes (the lease's 3 s and a resume:
+                # 3.6 s measured, printed below)
+                await asyncio.wait_for(call, 40)
             assert "stopped before it answered" in err.value.error.message, err.value.error
             print(f"\nlegacy call ended after its replica's SIGKILL: {time.monotonic() - t0:.2f} s")
             # the survivors serve the session on
