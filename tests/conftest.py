@@ -59,10 +59,14 @@ MACHINE_REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's own Redis, if it
 
 
 @pytest.fixture(scope="session", autouse=True)
-def machine_untouched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def machine_untouched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """After the whole run: the machine's dockerd (pid), its Redis and the project's (run_id) and
     /etc/docker/daemon.json (sha256) are as they were, and nothing the run made is left
-    (testing/machine.py). Autouse and first, so it is torn down after every other fixture."""
+    (testing/machine.py). Autouse and first, so it is torn down after every other fixture.
+    A run of unit tests alone touches no service and needs none."""
+    if all(Path(item.path).parent.name == "unit" for item in request.session.items):
+        yield
+        return
     client = docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41")
     urls = [MACHINE_REDIS_URL, REDIS_URL]
     before = machine.snapshot(client, urls)

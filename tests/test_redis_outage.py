@@ -23,10 +23,11 @@ def _down(m, r: PrivateRedis) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/admin/leases"), ("GET", "/admin/nodes"),
-                                         ("GET", "/admin/replicas"), ("POST", "/admin/managers/x/drain")])
-def test_admin_call_during_outage_is_503_naming_redis(start_manager, private_redis: PrivateRedis,
-                                                      method: str, path: str) -> None:
+                                         ("GET", "/admin/replicas"), ("POST", "/admin/managers/{manager_id}/drain")])
+def test_admin_call_during_outage_is_503_naming_redis(start_manager, private_redis: PrivateRedis,  # type: ignore[no-untyped-def]
+                                                      manager_id: str, method: str, path: str) -> None:
     m = start_manager(redis={"url": private_redis.url, "socket_timeout_seconds": 0.5}, builtin_monitor=False)
+    path = path.format(manager_id=manager_id)  # drain takes only a manager_id it knows
     assert httpx.request(method, m.url + path, headers=ADMIN, timeout=10).status_code == 200
     _down(m, private_redis)
     r = httpx.request(method, m.url + path, headers=ADMIN, timeout=10)
