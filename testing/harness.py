@@ -22,6 +22,14 @@ from testing import machine, redis_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FIGURES: list[str] = []  # measured by tests, printed at the end of the run (tests/conftest.py)
+
+
+def report(line: str) -> None:
+    """A figure a test measured, for the run's summary (pytest captures a test's own output)."""
+    FIGURES.append(line)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -197,6 +197,16 @@ def managers(tmp_path: Path, request: pytest.FixtureRequest, prefix: str,
             sys.stderr.write(f"\n----- log of {m.replica_id} -----\n{m.logs()[-6000:]}\n")
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The figures tests measured (testing.harness.report), e.g. the Sentinel failover's recovery."""
+    from testing.harness import FIGURES  # noqa: PLC0415
+
+    if FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield

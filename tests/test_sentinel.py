@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ import pytest
 import redis
 
 from testing import redis_env
-from testing.harness import free_port, stop_process
+from testing.harness import free_port, report, stop_process
 from tests.conftest import wait_for
 from tests.test_tiers import read, write
 
@@ -167,10 +166,9 @@ def test_managers_follow_a_sentinel_promotion_and_lose_no_session(sentinels: Sen
     worker.join(30)
     first_ok = min(t for t, what, code in results if t > promoted and what.startswith("ready") and code == 200)
     failed = [(round(t - killed, 2), what, code) for t, what, code in results if t > killed and code != 200]
-    sys.stderr.write(f"\nsentinel failover: promotion {promoted - killed:.2f} s after the kill "
-                     f"(down-after {DOWN_AFTER_MS} ms), managers serving again {first_ok - killed:.2f} s after it; "
-                     f"{len(failed)} of {len([r for r in results if r[0] > killed])} calls failed meanwhile\n")
-    print(f"sentinel failover: time to recover {first_ok - killed:.2f} s")
+    report(f"sentinel failover: promotion {promoted - killed:.2f} s after the primary was killed (down-after "
+           f"{DOWN_AFTER_MS} ms); managers serving again (time to recover) {first_ok - killed:.2f} s after it; "
+           f"{len(failed)} of {len([r for r in results if r[0] > killed])} calls failed meanwhile, all of them /ready")
     # tool calls never needed Redis to go on: none failed
     assert not [f for f in failed if f[1].startswith("tools")], failed
 
