@@ -21,7 +21,7 @@ from shared.config import deep_merge
 from shared.keys import Keys
 from shared.store import Store
 from testing import machine
-from testing.harness import ManagerProc, PrivateRedis, remove_project_objects
+from testing.harness import ManagerProc, PrivateRedis, remove_project_objects, report
 from testing.hosts import PrivateEngine
 from testing.redis_env import redis_url
 
@@ -80,6 +80,8 @@ def machine_untouched(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     client.close()
     found = machine.problems(before, after, tmp_path_factory.getbasetemp())
     assert not found, "the run changed the machine or left things behind:\n- " + "\n- ".join(found)
+    report(f"end-of-run check passed: the machine's dockerd still pid {after.dockerd_pid}, "
+           f"{len(urls)} Redis run_ids and {machine.DAEMON_JSON} ({after.daemon_json[:12]}) unchanged, nothing left behind")
 
 
 @pytest.fixture
