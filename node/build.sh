@@ -46,7 +46,7 @@ if [ ! -f "$WHEELS/.done" ]; then
 fi
 
 # --- node image, tagged by the hash of its context ---------------------------
-ctx_hash=$(cd "$HERE" && { cat Dockerfile requirements.txt; find app -type f -name '*.py' | sort | xargs cat; echo "$BASE_TAG"; } | sha256sum | cut -c1-12)
+ctx_hash=$(cd "$HERE" && { cat Dockerfile requirements.txt entrypoint.sh; find app -type f -name '*.py' | sort | xargs cat; echo "$BASE_TAG"; } | sha256sum | cut -c1-12)
 HASH_TAG="${IMAGE%:*}:ctx-$ctx_hash"
 if ! "$DOCKER" image inspect "$HASH_TAG" >/dev/null 2>&1; then
   say "building $IMAGE"

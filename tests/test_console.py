@@ -80,10 +80,17 @@ def new_session(base: str) -> tuple[httpx.Client, str]:
     return c, c.cookies["node_id"]
 
 
+PRINT_TOOL = ("def print_to_log(text: str):\n"
+              "    \"\"\"Print text to the node's own output.\"\"\"\n"
+              "    print(text, flush=True)\n")
+
+
 def node_prints(c: httpx.Client, text: str) -> None:
-    """The node writes text to its own output (what the engine keeps as its log)."""
-    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor",
-                                      "arguments": {"command": f"printf '%s\\n' {json.dumps(text)} > /proc/1/fd/1"}})
+    """The node writes text to its own output (what the engine keeps as its log): its server does,
+    through a registered tool (a tool's process, another uid than the server's, cannot reach it)."""
+    r = c.post("/register_new_tool", json={"tool_name": "print_to_log", "code": PRINT_TOOL})
+    assert r.status_code == 200 or "replicated" in r.text, r.text
+    r = c.post("/execute_tool", json={"tool_name": "print_to_log", "arguments": {"text": text}})
     assert r.status_code == 200, r.text
 
 

@@ -380,8 +380,16 @@ def test_a_node_cannot_write_more_than_its_bound(start_manager, docker_client: d
 def test_a_node_flooding_stdout_leaves_a_bounded_log(start_manager, docker_client: docker.DockerClient) -> None:
     m = start_manager(node={"disk": DISK})
     c, node_id = new_session(m.url)
-    # 50 MB at the container's own stdout (the init process's), in lines of 1000 bytes
-    shell(c, "yes $(head -c 999 /dev/zero | tr '\\0' x) | head -c 50000000 > /proc/1/fd/1; echo done")
+    # 50 MB at the container's own stdout, in lines of 1000 bytes: written by the node's server (a
+    # registered tool runs in it), since a tool's process runs as another uid and cannot reach it
+    code = ("def flood_log(n: int):\n"
+            "    import sys\n"
+            "    for _ in range(n // 1000):\n"
+            "        sys.stdout.write('x' * 999 + '\\n')\n"
+            "    sys.stdout.flush()\n")
+    assert c.post("/register_new_tool", json={"tool_name": "flood_log", "code": code}).status_code == 200
+    r = c.post("/execute_tool", json={"tool_name": "flood_log", "arguments": {"n": 50_000_000}}, timeout=120)
+    assert r.status_code == 200, r.text
     log_path = docker_client.api.inspect_container(node_id)["LogPath"]
     files = [p for p in (log_path, log_path + ".1", log_path + ".2") if os.path.exists(p)]
     total = sum(os.path.getsize(p) for p in files)

@@ -18,9 +18,23 @@ def child_env() -> dict:
     return env
 
 
+# the uid and gid tools run as when the server runs as another (entrypoint.sh sets them): a tool
+# can then neither ptrace, signal nor read the environment of the server
+TOOL_UID = os.environ.get("NODE_TOOL_UID", "")
+TOOL_GID = os.environ.get("NODE_TOOL_GID", TOOL_UID)
+
+
+def as_tool(argv: tuple) -> tuple:
+    """argv run as the tools' uid, with no capability, when the server's uid is another."""
+    if not TOOL_UID or str(os.getuid()) == TOOL_UID:
+        return argv
+    return ("setpriv", f"--reuid={TOOL_UID}", f"--regid={TOOL_GID}", "--clear-groups", "--inh-caps=-all",
+            "--ambient-caps=-all", "--", *argv)
+
+
 async def spawn(*argv, stdin=None, stdout=None, stderr=None, limit=1 << 16) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=config.WORKSPACE, env=child_env(),
+        *as_tool(argv), stdin=stdin, stdout=stdout, stderr=stderr, cwd=config.WORKSPACE, env=child_env(),
         start_new_session=True, limit=limit,
     )
     _LIVE.add(proc)

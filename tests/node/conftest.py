@@ -103,7 +103,7 @@ def start_node(docker_client):
     """Factory: start a node container (removed at the end of the session at the latest)."""
     started = []
 
-    def start(environment=None, init=False, read_only=True):
+    def start(environment=None, init=False, read_only=True, **extra):
         container = docker_client.containers.run(
             IMAGE,
             detach=True,
@@ -117,6 +117,7 @@ def start_node(docker_client):
             init=init,
             mem_limit="1g",
             pids_limit=512,
+            **extra,
         )
         started.append(container)
         container.reload()

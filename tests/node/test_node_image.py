@@ -601,3 +601,36 @@ def test_what_a_call_started_ends_with_the_call(node):
     r = node.tool("shell_command_executor", command="exit 0", shell_id=sid, run_async=True)
     assert "exited" in r.json()["data"]["status"], r.text
     assert _running(node, "^sleep 315") == 0
+
+
+# what config/manager.yml gives a node: no capability beyond these, no new privileges
+HARDENED = {"cap_drop": ["ALL"], "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID", "KILL"],
+            "security_opt": ["no-new-privileges"]}
+
+
+@pytest.mark.parametrize("init", [False, True])
+def test_tools_run_as_another_uid_than_the_server(start_node, init):
+    """A tool can neither read the server's environment (its secret), nor signal nor trace it; files
+    pass both ways in the workspace."""
+    node = start_node(init=init, **HARDENED)
+    _, server = node.sh("for p in /proc/[0-9]*; do grep -q 'app' $p/cmdline 2>/dev/null && "
+                        "tr '\\0' ' ' < $p/cmdline | grep -q '^python3 -m app' && echo ${p#/proc/}; done")
+    pid = server.split()[0]
+    _, status = node.sh(f"grep -E '^(Uid|CapEff)' /proc/{pid}/status")
+    assert "Uid:\t1001" in status, status
+    r = node.tool("shell_command_executor", command=f"id -u; grep CapEff /proc/self/status; "
+                  f"cat /proc/{pid}/environ; cat /proc/1/environ; kill -0 {pid} && echo signalled; "
+                  f"grep -c . /proc/{pid}/maps || true; touch from-tool.txt; ls -ln", kill=True)
+    assert r.status_code == 200, r.text
+    display = r.json()["data"]["display"]
+    assert display.split("stdout:\n")[1].startswith("1000\nCapEff:\t0000000000000000\n"), display
+    assert node.auth["X-Node-Secret"] not in display and "signalled" not in display, display
+    assert "Permission denied" in display and "Operation not permitted" in display, display
+    # the server writes where tools wrote and the other way round
+    r = node.tool("FileSystemEnv_write_to_file", filepath="from-tool.txt", content="server was here")
+    assert r.status_code == 200, r.text
+    r = node.tool("FileSystemEnv_write_to_file", filepath="d/from-server.txt", content="x")
+    assert r.status_code == 200, r.text
+    r = node.tool("shell_command_executor", command="cat from-tool.txt; echo more >> d/from-server.txt; "
+                  "touch d/t && echo wrote")
+    assert r.status_code == 200 and "server was here" in r.text and "wrote" in r.text, r.text

@@ -1,0 +1,27 @@
+#!/bin/sh
+# Start the node's server as uid 1001 ("server", group 1000) holding only what it needs to start
+# tools as uid 1000 ("node") and to end them: setuid, setgid, kill, plus dac_override and fowner
+# for workspace files tools made before tools had a uid of their own. A tool (uid 1000, no
+# capabilities) can then neither ptrace, signal nor read the environment of the server, which
+# holds the node secret. umask 002 and the shared group keep the workspace writable by both.
+# Started as another user than root (or without those capabilities): the server runs as it is,
+# and tools share its uid, as before.
+set -eu
+umask 002
+CAPS=+setuid,+setgid,+kill,+dac_override,+fowner
+run_as_server() {
+  setpriv --reuid=1001 --regid=1000 --clear-groups --inh-caps="$CAPS" --ambient-caps="$CAPS" -- "$@"
+}
+if [ "$(id -u)" = 0 ] && run_as_server true 2>/dev/null; then
+  ws="${NODE_WORKSPACE:-/app/workspace}"
+  # the workspace's root: group-writable, new entries in the shared group (a volume keeps this)
+  chgrp 1000 "$ws" 2>/dev/null || true
+  chmod 2775 "$ws" 2>/dev/null || true
+  export NODE_TOOL_UID=1000 NODE_TOOL_GID=1000
+  exec setpriv --reuid=1001 --regid=1000 --clear-groups --inh-caps="$CAPS" --ambient-caps="$CAPS" -- "$@"
+fi
+if [ "$(id -u)" = 0 ]; then
+  echo "node: cannot switch uids (no setuid/setgid capability): the server and its tools share uid 1000" >&2
+  exec setpriv --reuid=1000 --regid=1000 --clear-groups -- "$@"
+fi
+exec "$@"
