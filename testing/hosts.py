@@ -385,6 +385,7 @@ class PrivateEngine(Hosts):
     def __init__(self, tmp: Path, image: str) -> None:
         super().__init__(tmp, image, n=1)
         self.config_path = tmp / "daemon.json"
+        self.first_bridge: dict[str, Any] = {}  # its default bridge as its first start made it
         self.runtimes: dict[str, Any] = {}
         runsc = shutil.which("runsc")
         if runsc:  # Debian's runsc cannot build its own network stack here: --network=host (register-runsc.sh)
@@ -403,6 +404,9 @@ class PrivateEngine(Hosts):
 
     def start(self, managers: bool = False) -> "PrivateEngine":
         super().start(managers=False)
+        # its data root is new: this is a dockerd's first start, as on a new user's machine (the
+        # default bridge's IPAM has no Gateway key until a restart; kept for the test that says so)
+        self.first_bridge = json.loads(self.host.docker("network", "inspect", "bridge").stdout)[0]
         return self
 
     def manager_overrides(self) -> dict[str, Any]:

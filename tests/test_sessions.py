@@ -242,6 +242,19 @@ def test_ready_names_failed_dependency_and_recovers(private_redis: PrivateRedis,
     c.post("/release_session")
 
 
+def test_an_engine_started_for_the_first_time_serves_sessions(private_engine: PrivateEngine, start_manager) -> None:  # type: ignore[no-untyped-def]
+    """The machine of a new user: a dockerd whose first start left the Gateway key out of its default
+    bridge's IPAM (the private engine's data root is new at every run). Nothing may depend on it."""
+    bridge = private_engine.first_bridge  # as it first started (a test may have restarted it since)
+    assert all("Gateway" not in c for c in bridge["IPAM"]["Config"]), bridge["IPAM"]  # the case, as on a fresh box
+    assert private_engine.bridge_address("bridge").count(".") == 3  # what tests read instead
+    m = start_manager(**private_engine.manager_overrides())
+    c, node_id = new_session(m.url)
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": "echo ok"}})
+    assert r.status_code == 200 and "ok" in r.text, r.text
+    assert c.post("/release_session").status_code == 200
+
+
 def test_engine_restart_recovers(private_engine: PrivateEngine, start_manager) -> None:  # type: ignore[no-untyped-def]
     # the run's private engine is stopped and started, never the machine's
     m = start_manager(**private_engine.manager_overrides())
