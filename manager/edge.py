@@ -1,46 +1,116 @@
-"""The manager's HTTP/1.1 server protocol: uvicorn's httptools protocol with the request head
-bounded while it is read, in size and in time.
+"""The manager's HTTP/1.1 server protocol: uvicorn's httptools protocol with what one client
+connection may hold bounded: the request head in size and time, the body in time, and how many
+connections the replica and one client address hold at once.
 
 uvicorn's httptools parser buffers a request head whole before anything can refuse it
 (``h11_max_incomplete_event_size`` applies to h11 only) and times out idle keep-alive
 connections but not a head arriving a byte at a time. Like nginx's
-``large_client_header_buffers`` and ``client_header_timeout``, this counts head bytes as
-they arrive and answers 431 past the limit, and 408 when a head is not complete in time;
-either way the connection is closed at once.
+``large_client_header_buffers``, ``client_header_timeout`` and ``client_body_timeout``, this
+counts head bytes as they arrive and answers 431 past the limit, 408 when a head is not complete
+in time or a body stops arriving; either way the connection is closed at once. A connection
+past ``proxy.max_client_connections`` (or ``max_connections_per_address`` from one address) is
+answered 503 and closed as it opens, so held connections can never use up the file descriptors
+that /alive and every other client need. An upgrade other than WebSocket (``h2c``) is never
+taken: the request is answered over HTTP/1.1 and the connection closed after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+from manager.responses import REPLICA_HEADER
+
+_replica = b""  # "x-tsm-replica: <id>\r\n" once the app knows its replica id (each worker its own)
+
+
+def set_replica(replica_id: str) -> None:
+    """The replica named on answers given here, before or without the app (as on every other)."""
+    global _replica
+    _replica = REPLICA_HEADER.encode() + b": " + replica_id.encode() + b"\r\n"
+
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
+
+
+class Limits:
+    """The connection bounds of one server process (0: unbounded)."""
+
+    def __init__(self, header_timeout: float = 15.0, body_timeout: float = 60.0, max_connections: int = 0,
+                 max_per_address: int = 0) -> None:
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.by_address: collections.Counter[str] = collections.Counter()
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
-    """One client connection; the limit is uvicorn's h11_max_incomplete_event_size."""
+    """One client connection; the head limit is uvicorn's h11_max_incomplete_event_size."""
 
     def __init__(self, config: Any, server_state: Any, app_state: Any, _loop: Any = None,
-                 header_timeout: float = 15.0) -> None:
+                 limits: Limits | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self._limits = limits or Limits()
         self._head_limit = config.h11_max_incomplete_event_size or 65536
-        self._head_timeout = header_timeout
+        self._head_timeout = self._limits.header_timeout
         self._in_head = True
         self._head_bytes = 0
         self._tail = b""
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_seen = 0.0
         self._refused = False
+        self._address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        lim = self._limits
+        address = self.client[0] if self.client else ""
+        if lim.max_connections and len(self.connections) > lim.max_connections:
+            self._refuse(503, f"this replica holds its maximum of {lim.max_connections} connections "
+                              "(proxy.max_client_connections); retry shortly")
+            return
+        if lim.max_per_address and lim.by_address[address] >= lim.max_per_address:
+            self._refuse(503, f"{lim.max_per_address} connections from your address are open "
+                              "(proxy.max_connections_per_address); reuse them or retry shortly")
+            return
+        self._address = address
+        lim.by_address[address] += 1
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_body()
+        self._release_address()
         super().connection_lost(exc)
+
+    def _release_address(self) -> None:
+        if self._address is not None:
+            by = self._limits.by_address
+            by[self._address] -= 1
+            if by[self._address] <= 0:
+                del by[self._address]
+            self._address = None
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm_body()
+        super().handle_websocket_upgrade()
+        # the socket now belongs to the WebSocket protocol: it gives the address's slot back
+        if self._address is not None:
+            ws = self.transport.get_protocol()
+            lost = ws.connection_lost
+
+            def connection_lost(exc: Exception | None, _release: Any = self._release_address) -> None:
+                _release()
+                lost(exc)
+
+            ws.connection_lost = connection_lost  # type: ignore[method-assign]
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -57,7 +127,20 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                 self._refuse(431, f"request head too large (over {self._head_limit} bytes)")
                 return
             self._tail = seen[-3:]
+        elif self._body_timer is not None:
+            self._body_seen = self.loop.time()
         super().data_received(data)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn stops parsing at an upgrade it cannot take (h2c): a body would never arrive and
+        # the request would hang. Answered over HTTP/1.1 when it is complete, refused when not.
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body:
+            cycle.keep_alive = False  # the parser is stopped: nothing more can be read after it
+            self.transport.pause_reading()
+            return
+        self._refuse(400, "upgrade to anything but websocket is not supported: send the request "
+                          "without an Upgrade header")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -65,8 +148,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._tail = b""
         self._disarm()
         super().on_headers_complete()
+        if self._limits.body_timeout and self.cycle is not None and self.cycle.more_body and _has_body(self.headers):
+            self._body_seen = self.loop.time()
+            self._body_timer = self.loop.call_later(self._limits.body_timeout, self._body_check)
 
     def on_message_complete(self) -> None:
+        self._disarm_body()
         super().on_message_complete()
         self._in_head = True
 
@@ -78,21 +165,63 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _disarm_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_check(self) -> None:
+        """No body byte for body_timeout seconds while we were reading: the client is gone or
+        trickling; time spent paused by our own flow control (the node reads slowly) never counts."""
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        idle = now - self._body_seen
+        if self.flow.read_paused:
+            self._body_seen = now
+            idle = 0.0
+        if idle < self._limits.body_timeout:
+            self._body_timer = self.loop.call_later(self._limits.body_timeout - idle, self._body_check)
+            return
+        self._refuse(408, f"request body stalled for {self._limits.body_timeout:g} s (proxy.body_timeout_seconds)",
+                     body_stalled=True)
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._in_head and not self.transport.is_closing():
             self._refuse(408, f"request head not received within {self._head_timeout} s")
 
-    def _refuse(self, status: int, detail: str) -> None:
-        """Answer and close, unless a response is under way (then just close after it)."""
+    def _refuse(self, status: int, detail: str, body_stalled: bool = False) -> None:
+        """Answer and close; when a response is already under way, just close after it (at once when
+        its request's body stalled: a response to a request never read whole cannot end cleanly)."""
         self._disarm()
+        self._disarm_body()
         self._in_head = False
         self._refused = True
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
-            self.transport.pause_reading()
-            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if not body_stalled:
+                cycle.keep_alive = False
+                self.transport.pause_reading()
+                return
+            if cycle.response_started:
+                self.transport.abort()
+                return
+            # the app still waits for the body: it sees a disconnect, and its answer goes nowhere
+            cycle.disconnected = True
+            cycle.message_event.set()
         body = msgspec.json.encode({"detail": detail})
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body))
+                             b"%sconnection: close\r\n\r\n%s" % (status, _REASONS[status], len(body),
+                                                                  _replica, body))
         self.transport.close()
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for k, v in headers:
+        if k == b"content-length":
+            return v.strip() not in (b"0", b"")
+        if k == b"transfer-encoding":
+            return True
+    return False

@@ -22,7 +22,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from manager.client_auth import ClientKeys, deny
-from manager import errors_http
+from manager import edge, errors_http
 from manager.forwarding import CONSOLE_COOKIE, HeaderRules
 from manager.responses import REPLICA_HEADER, json_response
 from shared.config import Config
@@ -68,6 +68,7 @@ class ManagerApp:
         self.limit = cfg.proxy.max_header_bytes
         self.proxied = _proxied_methods(cfg)
         self._replica = (REPLICA_HEADER.encode(), cfg.replica_id.encode())
+        edge.set_replica(cfg.replica_id)  # the edge's own answers (408, 431, 503) name it too
         self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
         self.console_port = cfg.admin.console_port
         self.rules = HeaderRules(cfg)

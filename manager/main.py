@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import logging
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -16,7 +18,7 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from manager.edge import EdgeHttpProtocol
+from manager.edge import EdgeHttpProtocol, Limits
 from shared.config import Config, load_config
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -60,6 +62,31 @@ def _env_json_overrides() -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+FD_RESERVE = 512  # descriptors kept for Redis, the engine, logs and listening sockets
+
+
+def _connection_cap(wanted: int) -> int:
+    """The client connections one process may hold: each proxied one can use two descriptors (the
+    client's and the node's). Raises the soft descriptor limit to the hard one, and lowers the cap
+    (saying so) when even that is too few: refusing with a 503 beats failing accept() for everyone."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ValueError, OSError):
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    fits = max(16, (soft - FD_RESERVE) // 2)
+    if wanted <= 0 or wanted > fits:
+        logging.getLogger(__name__).warning(
+            "connection_cap_lowered wanted=%s cap=%s nofile=%s (raise the descriptor limit: ulimit -n)",
+            wanted or "unbounded", fits, soft)
+        return fits
+    return wanted
+
+
 class _Server(uvicorn.Server):
     """Leaves the registry and hands the lease over as soon as a stop signal arrives,
     before uvicorn waits for in-flight requests to finish."""
@@ -87,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
                               "access_log": False, "ws_max_size": cfg.proxy.websocket_max_message_bytes,
                               "timeout_graceful_shutdown": 30, "h11_max_incomplete_event_size": cfg.proxy.max_header_bytes,
                               # one server protocol in every mode: heads bounded in size and time
-                              "http": functools.partial(EdgeHttpProtocol,
-                                                        header_timeout=cfg.proxy.header_timeout_seconds)}
+                              "http": functools.partial(EdgeHttpProtocol, limits=Limits(
+                                  header_timeout=cfg.proxy.header_timeout_seconds,
+                                  body_timeout=cfg.proxy.body_timeout_seconds,
+                                  max_connections=_connection_cap(cfg.proxy.max_client_connections),
+                                  max_per_address=cfg.proxy.max_connections_per_address))}
     console = _console_url(cfg)
     if cfg.workers <= 1:
         from manager.app import create_app

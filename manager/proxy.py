@@ -20,11 +20,13 @@ from manager.client_auth import ClientIds, ClientKeys
 from manager.forwarding import HeaderRules
 from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
-from manager.upstream import ConnectFailed, HostLost, UpstreamError, UpstreamPool, UpstreamTimeout
+from manager.upstream import (ConnectFailed, HostLost, Limits, ResponseTooLarge, UpstreamError, UpstreamPool,
+                              UpstreamTimeout)
 from manager.upstream import Response as UpstreamResponse
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
-from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, UpstreamLost
+from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, NodeResponseTooLarge,
+                           UpstreamLost
 from shared.models import NODE_SECRET_HEADER, NodeStatus
 
 HOP_BY_HOP = frozenset({
@@ -73,7 +75,9 @@ class Proxy:
         self.rules = HeaderRules(cfg)
         self.client_ids = ClientIds(self.client_keys, cfg.quota)
         p = rt.cfg.proxy
-        self.pool = UpstreamPool(max_idle_per_host=p.max_connections, keepalive_seconds=p.keepalive_seconds)
+        self.pool = UpstreamPool(max_idle_per_host=p.max_connections, keepalive_seconds=p.keepalive_seconds,
+                                 limits=Limits(p.max_response_head_bytes, p.max_response_headers,
+                                               p.max_read_body_bytes))
         # a host's circuit opening ends the requests in flight to it at once
         rt.circuits.on_open.append(lambda host, why: self.pool.abort_host(host, why) and None)
         self._connect_timeout = p.connect_timeout_seconds
@@ -148,6 +152,11 @@ class Proxy:
             activity.end(rec.id)
             self._count(path, 503)
             raise
+        except ResponseTooLarge as exc:
+            rt.inflight -= 1
+            activity.end(rec.id)
+            self._count(path, 502)
+            raise NodeResponseTooLarge(str(exc)) from None
         except UpstreamError:
             rt.inflight -= 1
             activity.end(rec.id)
@@ -217,6 +226,9 @@ class Proxy:
         except HostUnreachable:
             self._count(path, 503)
             raise
+        except ResponseTooLarge as exc:
+            self._count(path, 502)
+            raise NodeResponseTooLarge(str(exc)) from None
         except UpstreamError:
             self._count(path, 503)
             raise NodeNotResponding() from None

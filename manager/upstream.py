@@ -53,6 +53,20 @@ class UpstreamTimeout(UpstreamError):
     """The node did not answer within the read timeout."""
 
 
+class ResponseTooLarge(UpstreamError):
+    """The node's response went past a bound (head bytes, header count, a body read whole): the
+    connection is dropped at once, whatever else the node meant to send."""
+
+
+class Limits:
+    """What a node's response may cost the manager; 0 means unbounded."""
+
+    def __init__(self, head_bytes: int = 65536, header_count: int = 100, read_bytes: int = 16 << 20) -> None:
+        self.head_bytes = head_bytes  # status line + headers, interim responses' each on their own
+        self.header_count = header_count
+        self.read_bytes = read_bytes  # a body the manager reads whole (Response.read)
+
+
 def _keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
     """A node connection notices a host that vanished (no reset, no answer) within idle + 3 s, not at
     the read timeout: keep-alive probes while it waits for an answer, and a bound on how long sent
@@ -76,6 +90,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self, pool: "UpstreamPool", key: tuple[str, int]) -> None:
         self.pool = pool
         self.key = key
+        self.limits = pool.limits
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.in_use = False
@@ -88,6 +103,11 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        # head bytes counted as they arrive, before the parser sees them: httptools joins a header's
+        # pieces by concatenation, quadratic in its size, so a huge head must never reach it whole
+        self.in_head = True
+        self.head_bytes = 0
+        self.tail = b""
         self.head_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -114,6 +134,17 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
+        if self.in_head and self.limits.head_bytes:
+            seen = self.tail + data
+            ends = [i + n for i, n in ((seen.find(b"\r\n\r\n"), 4), (seen.find(b"\n\n"), 2)) if i >= 0]
+            # only head bytes count: what follows the blank line is body (or the final response
+            # after an interim one, counted once the parser starts its head)
+            self.head_bytes += len(data) if not ends else max(0, min(ends) - len(self.tail))
+            if self.head_bytes > self.limits.head_bytes:
+                self._fail(ResponseTooLarge(f"node response head over {self.limits.head_bytes} bytes "
+                                            "(proxy.max_response_head_bytes)"), drop=True)
+                return
+            self.tail = seen[-3:]
         try:
             self.parser.feed_data(data)
         except _Stray:
@@ -152,11 +183,20 @@ class _Conn(asyncio.Protocol):
         if self.complete or (self.head_done.done() and not self.interim):
             raise _Stray
         self.headers = []
+        self.in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
+        if len(self.headers) > self.limits.header_count > 0:
+            # failed here (httptools wraps what a callback raises): parsing stops, the connection drops
+            self._fail(ResponseTooLarge(f"node response has over {self.limits.header_count} headers "
+                                        "(proxy.max_response_headers)"), drop=True)
+            raise _Stray
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        self.tail = b""
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 100 Continue, 103 Early Hints: not the answer, wait for it
@@ -190,7 +230,7 @@ class _Conn(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, drop: bool = False) -> None:
         if self.error is None:
             self.error = exc
         if not self.head_done.done():
@@ -199,7 +239,8 @@ class _Conn(asyncio.Protocol):
         self._wake()
         self.can_write.set()
         if self.transport is not None:
-            self.transport.close()
+            # drop: nothing more is read from this node (close() would keep reading until it flushed)
+            self.transport.abort() if drop else self.transport.close()
 
     def set_in_use(self, flag: bool) -> None:
         if flag != self.in_use:
@@ -287,7 +328,21 @@ class Response:
             yield chunk
 
     async def read(self) -> bytes:
-        return b"".join([c async for c in self.iter_raw()])
+        """The whole body, at most limits.read_bytes of it (ResponseTooLarge past that)."""
+        limit = self._conn.limits.read_bytes
+        declared = self.content_length()
+        if limit and declared is not None and declared > limit:
+            self.abort()
+            raise ResponseTooLarge(f"node response body of {declared} bytes is over {limit} bytes "
+                                   "(proxy.max_read_body_bytes)")
+        chunks, size = [], 0
+        async for c in self.iter_raw():
+            size += len(c)
+            if limit and size > limit:
+                self.abort()
+                raise ResponseTooLarge(f"node response body over {limit} bytes (proxy.max_read_body_bytes)")
+            chunks.append(c)
+        return b"".join(chunks)
 
     def close(self) -> None:
         """Give the connection back when request and response were complete, else drop it."""
@@ -311,7 +366,9 @@ class Response:
 class UpstreamPool:
     """Idle keep-alive connections per (host, port)."""
 
-    def __init__(self, max_idle_per_host: int = 64, keepalive_seconds: float = 0) -> None:
+    def __init__(self, max_idle_per_host: int = 64, keepalive_seconds: float = 0,
+                 limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self.max_idle_per_host = max_idle_per_host
         self.keepalive_seconds = keepalive_seconds  # TCP keep-alive idle time; 0: the system's

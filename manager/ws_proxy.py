@@ -1,18 +1,29 @@
 """WebSocket proxy from a client to its node: text and binary frames both ways, close
 codes passed through. Each direction awaits its send before reading the next frame,
-so a slow reader slows the writer instead of growing a buffer in the manager."""
+so a slow reader slows the writer instead of growing a buffer in the manager.
+
+What one socket can hold is bounded: a message over ``proxy.websocket_max_message_bytes``
+closes it with 1009; from the node at most one frame waits in the client library's queue;
+a client that has not taken a node's message within ``proxy.websocket_send_timeout_seconds``
+is closed with 1011. So a socket holds at most about three messages (one queued, one in
+hand, one in the client's socket buffer), and a session at most
+``proxy.websocket_max_per_session`` sockets on a replica.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from manager.resolve import Resolver, node_cookie
+from manager.responses import json_response
 from nodeops.forward import VIA_HEADER
 from shared import metrics
 from shared.errors import ManagerError, NoLiveManager
@@ -21,6 +32,12 @@ from shared.models import NodeRecord
 log = logging.getLogger(__name__)
 
 PASS_HEADERS = ("cookie", "authorization", "user-agent", "origin")
+# open proxied sockets per session on this replica (one event loop: no lock needed)
+_OPEN: collections.Counter[str] = collections.Counter()
+
+
+class _ClientTooSlow(Exception):
+    pass
 
 
 async def proxy_socket(ws: WebSocket) -> None:
@@ -57,13 +74,32 @@ async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list
     except NoLiveManager as exc:
         await ws.close(code=1013, reason=exc.detail[:120])
         return
+    cap = rt.cfg.proxy.websocket_max_per_session
+    if cap and _OPEN[rec.id] >= cap:
+        # refused before the upgrade, with a status a client can read (not a bare 403)
+        await ws.send_denial_response(json_response(
+            {"detail": f"this session already has {cap} open sockets on this replica "
+                       "(proxy.websocket_max_per_session)"}, status=503))
+        return
+    _OPEN[rec.id] += 1
+    try:
+        await _open_and_pump(ws, rt, rec, to, path, headers, subprotocols)
+    finally:
+        _OPEN[rec.id] -= 1
+        if _OPEN[rec.id] <= 0:
+            del _OPEN[rec.id]
+
+
+async def _open_and_pump(ws: WebSocket, rt: Any, rec: NodeRecord, to: Any, path: str,
+                         headers: list[tuple[str, str]], subprotocols: list[str]) -> None:
     headers = [*headers, *to.headers]
     scheme = "wss" if to.scheme == "https" else "ws"
     url = f"{scheme}://{to.host}:{to.port}{path}"
     limit = rt.cfg.proxy.websocket_max_message_bytes
     try:
         upstream = await connect(url, additional_headers=headers, subprotocols=subprotocols or None,
-                                 max_size=limit, max_queue=16, open_timeout=rt.cfg.proxy.connect_timeout_seconds,
+                                 # one frame waits at most: flow control holds the rest in the node
+                                 max_size=limit, max_queue=1, open_timeout=rt.cfg.proxy.connect_timeout_seconds,
                                  compression=None, ping_interval=None)
     except InvalidStatus as exc:
         await ws.close(code=1011, reason=f"node refused the upgrade: {exc.response.status_code}")
@@ -80,7 +116,7 @@ async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list
     gauge = metrics.WEBSOCKETS.labels("proxy")
     gauge.inc()
     try:
-        await _pump(ws, upstream, limit)
+        await _pump(ws, upstream, limit, rt.cfg.proxy.websocket_send_timeout_seconds)
     finally:
         gauge.dec()
         rt.activity.end(rec.id)
@@ -88,7 +124,7 @@ async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list
             await upstream.close()
 
 
-async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int) -> None:
+async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int, send_timeout: float) -> None:
     async def client_to_node() -> None:
         while True:
             msg = await ws.receive()
@@ -105,19 +141,30 @@ async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int) -> None:
             await upstream.send(data)
 
     async def node_to_client() -> None:
+        reason = None
         try:
             async for data in upstream:
-                if isinstance(data, str):
-                    await ws.send_text(data)
-                else:
-                    await ws.send_bytes(data)
-        except ConnectionClosed:
-            pass
-        code = upstream.close_code or 1000
-        if code in (1005, 1006):
-            code = 1011 if code == 1006 else 1000
+                send = ws.send_text(data) if isinstance(data, str) else ws.send_bytes(data)
+                try:
+                    # the send waits while the client's socket buffer is full: a client that does
+                    # not read is closed, never left to pile the node's messages up here
+                    await asyncio.wait_for(send, send_timeout or None)
+                except asyncio.TimeoutError:
+                    raise _ClientTooSlow from None
+        except _ClientTooSlow:
+            code, reason = 1011, f"client did not read for {send_timeout:g} s (proxy.websocket_send_timeout_seconds)"
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(upstream.close(code=1011, reason="client too slow"), 2.0)
+        except ConnectionClosed as exc:
+            if exc.sent is not None and exc.sent.code == 1009:  # the node's message was over the limit
+                code, reason = 1009, f"node message over {limit} bytes (proxy.websocket_max_message_bytes)"
+        if reason is None:
+            code = upstream.close_code or 1000
+            if code in (1005, 1006):
+                code = 1011 if code == 1006 else 1000
+            reason = upstream.close_reason or ""
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await ws.close(code=code, reason=upstream.close_reason or "")
+            await ws.close(code=code, reason=reason[:120])
 
     tasks = [asyncio.create_task(client_to_node()), asyncio.create_task(node_to_client())]
     try:

@@ -26,6 +26,13 @@ if [ -z "${TSM_ADMIN__TOKEN:-}" ] && [ -z "${TSM_ADMIN__TOKEN_FILE:-}" ]; then
     (umask 077; head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$TSM_ADMIN__TOKEN_FILE")
   fi
 fi
+# each proxied connection holds two descriptors (the client's and the node's): raise the limit so
+# proxy.max_client_connections fits (the manager lowers its cap to what the limit allows, and
+# raises its own soft limit to the hard one, as it does in the chart's container)
+if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt 65536 ]; then
+  ulimit -Hn 65536 2>/dev/null || echo "[run] warning: descriptor limit $(ulimit -Hn); connections capped to fit" >&2
+fi
+ulimit -Sn "$(ulimit -Hn)"
 echo "[run] manager on http://127.0.0.1:${TSM_PORT:-8080} (config: $TSM_CONFIG); Ctrl-C to stop"
 export TSM_ADMIN__CONSOLE_PORT="${TSM_ADMIN__CONSOLE_PORT:-8081}"
 echo "[run] console on http://127.0.0.1:${TSM_ADMIN__CONSOLE_PORT}/ui/ (admin token: ${TSM_ADMIN__TOKEN_FILE:-TSM_ADMIN__TOKEN})"

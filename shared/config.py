@@ -180,6 +180,22 @@ class ProxyConfig(Base):
     # sent with every proxied response, so a page a node serves runs in an opaque origin with no
     # script ("sandbox allow-scripts" lets node UIs run script, still in an opaque origin); "": none
     response_csp: str = "sandbox"
+    # what a node's answer may cost the replica (a node runs code its session chose: as hostile as
+    # a client); past a bound the client gets 502 naming it and the node's connection is dropped
+    max_response_head_bytes: int = 65536  # status line + headers of one response
+    max_response_headers: int = 100
+    max_read_body_bytes: int = 16 << 20  # a node body the manager reads whole (MCP tool calls)
+    # a request body that stops arriving for this long (not counting pauses the node's pace
+    # imposes) gets 408 and the connection closed, freeing the node connection it holds
+    body_timeout_seconds: float = 60.0
+    # client connections one replica process holds; past it (or past the per-address cap from one
+    # address) a new connection is answered 503 and closed. Lowered at start to what the descriptor
+    # limit allows (two per connection); 0 for the per-address cap: none (say, behind a balancer)
+    max_client_connections: int = 8192
+    max_connections_per_address: int = 1024
+    websocket_max_per_session: int = 8  # open proxied sockets of one session on one replica; 0: no cap
+    # a client that has not taken a node's message for this long is closed with 1011
+    websocket_send_timeout_seconds: float = 30.0
 
 
 class CheckerConfig(Base):

@@ -12,6 +12,7 @@
     ├── TooManyFailures (429)   too many wrong admin tokens from one address (Retry-After)
     ├── NodeReadTimeout (504)   a proxied request got no answer in time: a tool error, not an outage
     ├── UpstreamLost (502)      the connection to a node's host was lost mid-request
+    ├── NodeResponseTooLarge (502) a node's answer went past a bound (head, headers, a body read whole)
     └── Unavailable (503)
         ├── RedisUnavailable
         ├── EngineUnavailable
@@ -158,6 +159,12 @@ class HostUnreachable(NoLiveManager):
 
 class UpstreamLost(ManagerError):
     """A request was in flight when its node's host stopped answering."""
+
+    status_code = 502
+
+
+class NodeResponseTooLarge(ManagerError):
+    """A node's answer went past one of the proxy's bounds; its connection was dropped."""
 
     status_code = 502
 

@@ -75,6 +75,14 @@ class Bystander:
         assert grew < rss_growth, f"replica RSS grew by {grew >> 20} MiB (bound {rss_growth >> 20} MiB)"
 
 
+def attack(c: httpx.Client, **spec: Any) -> httpx.Response | str:
+    """A request asking the node for this answer; what the client got, or what went wrong."""
+    try:
+        return c.get("/", headers=spec_header(**spec))
+    except httpx.HTTPError as exc:
+        return repr(exc)
+
+
 def test_the_hostile_node_fixture_answers_as_asked(start_manager) -> None:
     m = start_manager(**hostile_config())
     c = session(m.url)
@@ -87,3 +95,40 @@ def test_the_hostile_node_fixture_answers_as_asked(start_manager) -> None:
     assert c.get("/").status_code == 202
     set_rules(c, {})
     assert stats(c)["requests"] >= 5
+
+
+HEAD_LIMIT_HIT = "proxy.max_response_head_bytes"
+RSS_BOUND = 64 << 20
+
+
+def test_a_1gb_response_header_is_cut_off_at_the_head_limit(start_manager) -> None:
+    m = start_manager(**hostile_config())
+    h = session(m.url)
+    with Bystander(m) as other:
+        r = attack(h, head_bytes=1 << 30)
+    other.check(RSS_BOUND)
+    assert isinstance(r, httpx.Response) and r.status_code == 502 and HEAD_LIMIT_HIT in r.json()["detail"], getattr(r, "text", r)
+    seen = stats(h)
+    # the node's connection was dropped early: it could write only what the socket buffers hold
+    assert seen["aborted"] >= 1 and seen["written"] < 64 << 20, seen
+    assert h.get("/").status_code == 200  # the session itself goes on
+
+
+def test_12800_headers_of_800mb_are_cut_off_at_the_head_limit(start_manager) -> None:
+    m = start_manager(**hostile_config())
+    h = session(m.url)
+    with Bystander(m) as other:
+        r = attack(h, header_count=12800, header_size=65536)
+    other.check(RSS_BOUND)
+    assert isinstance(r, httpx.Response) and r.status_code == 502 and HEAD_LIMIT_HIT in r.json()["detail"], getattr(r, "text", r)
+    assert stats(h)["written"] < 64 << 20
+
+
+def test_too_many_response_headers_are_a_502_naming_the_limit(start_manager) -> None:
+    m = start_manager(**hostile_config(proxy={"max_response_headers": 50}))
+    h = session(m.url)
+    assert h.get("/", headers=spec_header(header_count=40)).status_code == 200
+    with Bystander(m) as other:
+        r = attack(h, header_count=4000)  # 47 KB: under the head limit, over the count
+    other.check(RSS_BOUND)
+    assert isinstance(r, httpx.Response) and r.status_code == 502 and "proxy.max_response_headers" in r.json()["detail"], getattr(r, "text", r)
