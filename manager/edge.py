@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from manager.responses import REPLICA_HEADER
 
+ABORT_EXTENSION = "tsm.abort"  # in a WebSocket's scope: {"abort": drop the client's connection now}
 _replica = b""  # "x-tsm-replica: <id>\r\n" once the app knows its replica id (each worker its own)
 
 
@@ -66,6 +67,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_seen = 0.0
         self._refused = False
+        self._bad_upgrade = False
         self._address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -101,9 +103,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self._disarm_body()
         super().handle_websocket_upgrade()
+        ws = self.transport.get_protocol()
+        scope = getattr(ws, "scope", None)
+        if isinstance(scope, dict):
+            # a socket closed for not reading keeps what it was sent in its buffer until the client
+            # reads: the proxy can drop it instead (ASGI has no word for that)
+            scope.setdefault("extensions", {})[ABORT_EXTENSION] = {"abort": self.transport.abort}
         # the socket now belongs to the WebSocket protocol: it gives the address's slot back
         if self._address is not None:
-            ws = self.transport.get_protocol()
             lost = ws.connection_lost
 
             def connection_lost(exc: Exception | None, _release: Any = self._release_address) -> None:
@@ -132,27 +139,33 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def _unsupported_upgrade_warning(self) -> None:
-        # uvicorn stops parsing at an upgrade it cannot take (h2c): a body would never arrive and
-        # the request would hang. Answered over HTTP/1.1 when it is complete, refused when not.
-        cycle = self.cycle
-        if cycle is not None and not cycle.more_body:
-            cycle.keep_alive = False  # the parser is stopped: nothing more can be read after it
-            self.transport.pause_reading()
+        # the parser stops at an upgrade (h2c): whatever follows the head is the other protocol's.
+        # A request without a body is answered over HTTP/1.1, then the connection closed; one with
+        # a body was never started (on_headers_complete): its body would never arrive
+        if self._bad_upgrade:
+            self._refuse(400, "upgrade to anything but websocket is not supported on a request with a "
+                              "body: send it without an Upgrade header")
             return
-        self._refuse(400, "upgrade to anything but websocket is not supported: send the request "
-                          "without an Upgrade header")
+        if self.cycle is not None:
+            self.cycle.keep_alive = False  # nothing more can be parsed on this connection
+        self.transport.pause_reading()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         self._tail = b""
         self._disarm()
+        if self.parser.should_upgrade() and not self._should_upgrade() and _has_body(self.headers):
+            self._bad_upgrade = True  # refused once the parser stops at the upgrade (above)
+            return
         super().on_headers_complete()
         if self._limits.body_timeout and self.cycle is not None and self.cycle.more_body and _has_body(self.headers):
             self._body_seen = self.loop.time()
             self._body_timer = self.loop.call_later(self._limits.body_timeout, self._body_check)
 
     def on_message_complete(self) -> None:
+        if self._bad_upgrade:
+            return
         self._disarm_body()
         super().on_message_complete()
         self._in_head = True
@@ -185,23 +198,24 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._body_timer = self.loop.call_later(self._limits.body_timeout - idle, self._body_check)
             return
         self._refuse(408, f"request body stalled for {self._limits.body_timeout:g} s (proxy.body_timeout_seconds)",
-                     body_stalled=True)
+                     abandon=True)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._in_head and not self.transport.is_closing():
             self._refuse(408, f"request head not received within {self._head_timeout} s")
 
-    def _refuse(self, status: int, detail: str, body_stalled: bool = False) -> None:
-        """Answer and close; when a response is already under way, just close after it (at once when
-        its request's body stalled: a response to a request never read whole cannot end cleanly)."""
+    def _refuse(self, status: int, detail: str, abandon: bool = False) -> None:
+        """Answer and close; when a response is already under way, just close after it. abandon: the
+        request's body will never be read whole (stalled, or behind an upgrade the parser stopped at):
+        the app sees a disconnect, and a response under way is cut off, since it cannot end cleanly."""
         self._disarm()
         self._disarm_body()
         self._in_head = False
         self._refused = True
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            if not body_stalled:
+            if not abandon:
                 cycle.keep_alive = False
                 self.transport.pause_reading()
                 return

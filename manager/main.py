@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(cfg.logger_level, cfg.log_format, cfg.replica_id, cfg.manager_id)
     common: dict[str, Any] = {"host": cfg.host, "port": cfg.port, "server_header": False, "log_config": None,
                               "access_log": False, "ws_max_size": cfg.proxy.websocket_max_message_bytes,
+                              # messages a client sent that wait for the node: 2, not uvicorn's 32
+                              "ws_max_queue": 2,
                               "timeout_graceful_shutdown": 30, "h11_max_incomplete_event_size": cfg.proxy.max_header_bytes,
                               # one server protocol in every mode: heads bounded in size and time
                               "http": functools.partial(EdgeHttpProtocol, limits=Limits(

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from manager.edge import ABORT_EXTENSION
 from manager.resolve import Resolver, node_cookie
 from manager.responses import json_response
 from nodeops.forward import VIA_HEADER
@@ -155,6 +156,11 @@ async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int, send_time
             code, reason = 1011, f"client did not read for {send_timeout:g} s (proxy.websocket_send_timeout_seconds)"
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(upstream.close(code=1011, reason="client too slow"), 2.0)
+            # what sits in the client's socket buffer stays there until it reads: it gets one more
+            # send_timeout to take it and the close, then its connection is dropped
+            abort = (ws.scope.get("extensions") or {}).get(ABORT_EXTENSION, {}).get("abort")
+            if abort is not None:
+                asyncio.get_running_loop().call_later(send_timeout, _quietly, abort)
         except ConnectionClosed as exc:
             if exc.sent is not None and exc.sent.code == 1009:  # the node's message was over the limit
                 code, reason = 1009, f"node message over {limit} bytes (proxy.websocket_max_message_bytes)"
@@ -163,8 +169,9 @@ async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int, send_time
             if code in (1005, 1006):
                 code = 1011 if code == 1006 else 1000
             reason = upstream.close_reason or ""
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await ws.close(code=code, reason=reason[:120])
+        # the close waits for room in the client's buffer like any send: bounded the same way
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, asyncio.TimeoutError):
+            await asyncio.wait_for(ws.close(code=code, reason=reason[:120]), send_timeout or None)
 
     tasks = [asyncio.create_task(client_to_node()), asyncio.create_task(node_to_client())]
     try:
@@ -179,3 +186,7 @@ async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int, send_time
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, WebSocketDisconnect, RuntimeError):
                 await t
 
+
+def _quietly(fn: Any) -> None:
+    with contextlib.suppress(Exception):
+        fn()

@@ -176,7 +176,9 @@ class ProxyConfig(Base):
     circuit_retry_seconds: float = 5.0
     circuit_probe_seconds: float = 0.5
     websocket_paths: list[str] = msgspec.field(default_factory=lambda: ["/ws/shell", "/ws/echo"])
-    websocket_max_message_bytes: int = 16 * 1024 * 1024
+    # a proxied WebSocket message (either way) over this closes the socket with 1009; a socket holds a
+    # few messages at most, so this sets what one costs the replica
+    websocket_max_message_bytes: int = 4 << 20
     # sent with every proxied response, so a page a node serves runs in an opaque origin with no
     # script ("sandbox allow-scripts" lets node UIs run script, still in an opaque origin); "": none
     response_csp: str = "sandbox"

@@ -21,8 +21,10 @@ Usage in a test (the reference node image is kept; only its command is replaced)
     c.get("/", headers=spec_header(status=200, headers=[["set-cookie", "tsm_console=x"]],
                                    content_type="text/html", body="<script>...</script>"))
     set_rules(c, {"/execute_command_in_shell": {"endless": True}})   # sticky: for requests the test
-    # does not write itself (MCP tool calls, the reference client); by path, "*" for every path
-    stats(c)  # {"requests": .., "aborted": .., "written": .., "ws_sent": ..} as the node saw them
+    # does not write itself (the reference client); by path, "*" for every path
+    start_manager(**hostile_config(rules={"/execute_tool": {"endless": True}}))  # from the start
+    # (sessions the test cannot name a cookie for: MCP tool calls)
+    stats(c)  # {"requests", "aborted", "written", "ws_sent", "ws_close_codes"} as the node saw them
 
 A spec is a JSON object; it comes from the request's ``x-hostile`` header, else its ``hostile`` query
 parameter, else the sticky rule for its path (then "*"), else the default (200 ``{"ok": true}``,
@@ -62,15 +64,17 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # --- the test side -----------------------------------------------------------------------
 
 
-def hostile_config(image: str | None = None, **over: Any) -> dict[str, Any]:
-    """Manager config overrides whose nodes run this server (on the reference node image)."""
+def hostile_config(image: str | None = None, rules: dict[str, dict[str, Any]] | None = None,
+                   **over: Any) -> dict[str, Any]:
+    """Manager config overrides whose nodes run this server (on the reference node image), each
+    started with these sticky rules."""
     if image is None:
         image = os.environ.get("TSM_NODE_IMAGE", "toolserver-node:latest")
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
     cfg: dict[str, Any] = {"node": {"creation_kwargs": {
         "image": image, "init": True, "mem_limit": "512m", "labels": {"toolserver-manager.test": "1"},
-        "command": ["python3", "-c", source]}}}
+        "command": ["python3", "-c", source], "environment": {"HOSTILE_RULES": json.dumps(rules or {})}}}}
     for k, v in over.items():
         cfg[k] = v
     return cfg
@@ -97,8 +101,9 @@ def stats(client: Any, path: str = "/") -> dict[str, int]:
 
 # --- the node side -----------------------------------------------------------------------
 
-STATS = {"requests": 0, "aborted": 0, "written": 0, "ws_sent": 0, "connections": 0}
-RULES: dict[str, dict[str, Any]] = {}
+STATS: dict[str, Any] = {"requests": 0, "aborted": 0, "written": 0, "ws_sent": 0, "connections": 0,
+                         "ws_close_codes": []}
+RULES: dict[str, dict[str, Any]] = json.loads(os.environ.get("HOSTILE_RULES") or "{}")
 
 
 def _secret() -> bytes:
@@ -222,11 +227,24 @@ async def _websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  b"sec-websocket-accept: " + accept + b"\r\n\r\n")
     opcode = 1 if spec.get("ws_text") else 2
     size = int(spec.get("ws_frame_bytes") or 0)
-    for _ in range(int(spec.get("ws_frames") or 0)):
-        frame = _frame(opcode, (b"t" if opcode == 1 else b"\x00") * size)
-        writer.write(frame)
-        await writer.drain()
-        STATS["ws_sent"] += len(frame)
+    lock = asyncio.Lock()
+
+    async def flood() -> None:
+        for _ in range(int(spec.get("ws_frames") or 0)):
+            frame = _frame(opcode, (b"t" if opcode == 1 else b"\x00") * size)
+            async with lock:
+                writer.write(frame)
+            await writer.drain()
+            STATS["ws_sent"] += len(frame)
+
+    sender = asyncio.ensure_future(flood())  # read while it sends: a close is seen even then
+    try:
+        await _ws_echo(reader, writer, lock)
+    finally:
+        sender.cancel()
+
+
+async def _ws_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
     while True:  # echo until close
         b0, b1 = await reader.readexactly(2)
         n = b1 & 0x7F
@@ -238,13 +256,15 @@ async def _websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         data = bytes(c ^ mask[i % 4] for i, c in enumerate(await reader.readexactly(n)))
         op = b0 & 0x0F
         if op == 8:
-            writer.write(_frame(8, data[:2]))
-            await writer.drain()
+            STATS["ws_close_codes"].append(struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005)
+            async with lock:  # after a whole frame of the flood, never inside one
+                writer.write(_frame(8, data[:2]))
             return
-        if op == 9:
-            writer.write(_frame(10, data))
-        elif op in (1, 2):
-            writer.write(_frame(op, data))
+        async with lock:
+            if op == 9:
+                writer.write(_frame(10, data))
+            elif op in (1, 2):
+                writer.write(_frame(op, data))
         await writer.drain()
 
 

@@ -105,6 +105,8 @@ def test_a_huge_request_head_is_refused_while_it_arrives(start_manager, workers:
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 431") and b"request head too large" in data
+    # the edge's own answer names its replica like every other (each worker is a replica of its own)
+    assert (b"\r\nx-tsm-replica: " + m.replica_id.encode()) in data
 
 
 def test_trickled_request_heads_are_timed_out(start_manager) -> None:
@@ -133,6 +135,8 @@ def test_trickled_request_heads_are_timed_out(start_manager) -> None:
         assert len(answers) == len(socks), "some trickling connections were never closed"
         assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in answers.values())
         assert any(a.startswith(b"HTTP/1.1 408") for a in answers.values())
+        assert all(b"\r\nx-tsm-replica: " + m.replica_id.encode() + b"\r\n" in a
+                   for a in answers.values() if a.startswith(b"HTTP/1.1 408"))
     finally:
         for s in socks:
             s.close()
