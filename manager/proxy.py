@@ -25,8 +25,8 @@ from manager.upstream import (ConnectFailed, HostLost, Limits, ResponseTooLarge,
 from manager.upstream import Response as UpstreamResponse
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
-from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, NodeResponseTooLarge,
-                           UpstreamLost
+from shared.errors import (HostUnreachable, NodeNotResponding, NodeReadTimeout, NodeResponseTooLarge,
+                           UpstreamLost)
 from shared.models import NODE_SECRET_HEADER, NodeStatus
 
 HOP_BY_HOP = frozenset({
