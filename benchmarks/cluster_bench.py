@@ -187,18 +187,18 @@ def main(argv: list[str] | None = None) -> int:
             host, port, secret = node_direct(client, sa)  # at its network address, with its secret
             scripts = {"A": wrk_script(tmp / "a.lua", sa), "B": wrk_script(tmp / "b.lua", sb),
                        "direct": wrk_script(tmp / "direct.lua", sa, secret=secret)}
-            cases = [("node direct", "direct", f"http://{host}:{port}"),
-                     ("a1 → own node", "A", a1.url), ("b1 → own node", "B", b1.url),
-                     ("a1 → b1 → node (through owner)", "B", a1.url),
-                     ("LB → A node", "A", lb.url), ("LB → B node (2/3 through owner)", "B", lb.url)]
-            for name, owner, base in cases:
+            cases = [("node direct", "A", f"http://{host}:{port}", "direct"),
+                     ("a1 → own node", "A", a1.url, "A"), ("b1 → own node", "B", b1.url, "B"),
+                     ("a1 → b1 → node (through owner)", "B", a1.url, "B"),
+                     ("LB → A node", "A", lb.url, "A"), ("LB → B node (2/3 through owner)", "B", lb.url, "B")]
+            for name, owner, base, script in cases:
                 url = base + args.wrk_path
-                check = httpx.post(url, headers={"Cookie": f"node_id={sa if owner != 'B' else sb}",
-                                                 **({"X-Node-Secret": secret} if owner == "direct" else {})}, timeout=10)
+                check = httpx.post(url, headers={"Cookie": f"node_id={sa if owner == 'A' else sb}",
+                                                 **({"X-Node-Secret": secret} if script == "direct" else {})}, timeout=10)
                 if check.status_code != 200:
                     raise RuntimeError(f"{name}: {url} answered {check.status_code}: {check.text[:200]}")
-                run_wrk(url, scripts[owner], 1, args.connections, args.threads)
-                res = run_wrk(url, scripts[owner], args.duration, args.connections, args.threads)
+                run_wrk(url, scripts[script], 1, args.connections, args.threads)
+                res = run_wrk(url, scripts[script], args.duration, args.connections, args.threads)
                 wrk_rows.append({"case": name, "owner": owner, **res})
                 print(f"  {name:<34} {res['rps']:8.0f} req/s  p50 {res['p50_us'] / 1000:6.2f} ms  "
                       f"p99 {res['p99_us'] / 1000:6.2f} ms  errors {res['errors'] + res['non_2xx']}",

@@ -7,7 +7,7 @@ session cookie: ``POST /download_file`` with the JSON body ``{"file_path": "f100
 100 B or 64 KiB. ``--bodies hello`` adds ``GET /`` (25 B), the node's cheapest route: there the
 proxy, not the node, sets the pace. Targets, side by side:
 
-    direct       the node's published port
+    direct       the node at its network address, with its secret
     nginx        our own nginx (1 worker, keepalive upstream) in a temp dir
     chp          configurable-http-proxy 5.3.0 (npm, cached under ~/.cache), --default-target the node
     manager-w1   a manager replica with ``workers: 1``
