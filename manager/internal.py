@@ -12,7 +12,7 @@ from starlette.responses import Response, StreamingResponse
 from manager.responses import json_response
 from manager.routes import rt_of
 from manager.runtime import Runtime
-from nodeops import lifecycle, pool, sessions
+from nodeops import addresses, lifecycle, pool, sessions
 from nodeops.forward import TOKEN_HEADER
 from shared.errors import BadRequest, Forbidden, NodeNotFound
 
@@ -62,6 +62,17 @@ async def internal_node_op(request: Request) -> Response:
     node_id = await _own_node(rt, request.path_params["node_id"])
     result = await fn(rt, node_id)
     return json_response(result if result is not None else {"ok": True})
+
+
+async def internal_node_address(request: Request) -> Response:
+    """Where a node of ours is, as our engine confirms it (nodeops/addresses.py): another replica
+    asks before sending the node its secret."""
+    rt = _internal(request)
+    rec = await rt.store.get_node(await _own_node(rt, request.path_params["node_id"]))
+    if rec is None:
+        raise NodeNotFound(request.path_params["node_id"])
+    host, port = await addresses.confirmed(rt, rec)
+    return json_response({"host": host, "port": port, "container_id": rec.cid})
 
 
 async def internal_node_detail(request: Request) -> Response:

@@ -171,6 +171,11 @@ def build_spec(cfg: Config) -> dict[str, Any]:
         "Inspect a node of this replica's engine", {"200": _json({"type": "object"}, "detail"), **_err(403, 404)},
         parameters=[INTERNAL, {"name": "node_id", "in": "path", "required": True, "schema": _STR}],
         tags=["internal"])}
+    paths["/internal/nodes/{node_id}/address"] = {"get": _op(
+        "Where a node of this replica's engine is, as the engine confirms it (before another replica sends it its secret)",
+        {"200": _json({"type": "object"}, "address"), **_err(400, 403, 404, 503)},
+        parameters=[INTERNAL, {"name": "node_id", "in": "path", "required": True, "schema": _STR}],
+        tags=["internal"])}
     paths["/internal/engine"] = {"get": _op("This replica's engine facts", {"200": _json({"type": "object"}, "info"),
                                                                             **_err(403, 503)}, **internal)}
     return {

@@ -24,6 +24,7 @@ def build_routes(cfg: Config) -> list[BaseRoute]:
         Route("/internal/nodes/{node_id}/{op}", internal.internal_node_op, methods=["POST"]),
         Route("/internal/nodes/{node_id}", internal.internal_node_detail, methods=["GET"]),
         Route("/internal/nodes/{node_id}/logs", internal.internal_node_logs, methods=["GET"]),
+        Route("/internal/nodes/{node_id}/address", internal.internal_node_address, methods=["GET"]),
         Route("/internal/engine", internal.internal_engine, methods=["GET"]),
         WebSocketRoute("/ws/events", events_ws.events_socket),
         *([Route("/mcp", mcp_route.endpoint, methods=["GET", "POST", "DELETE"])] if cfg.mcp.enabled else []),

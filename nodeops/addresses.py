@@ -12,21 +12,27 @@ Chosen over a per-request signature the node would verify: a signature keeps the
 listener but not the request itself (cookie, body) nor the client's trust in the answer, and it
 would need every node image to change. The cost is one engine call per container per replica.
 
-Nodes of another manager_id are on another engine this replica cannot ask; their address is the
-record's (Redis requires a password, so only the replicas write it) or, with
-cluster.proxy_through_owner, reached through their owner, which confirms it with its engine.
+Nodes of another manager_id are on another engine this replica cannot ask: a live replica of
+their owner confirms the address with its engine (an internal call, cached the same way). When
+the owner has no live replica (or forwarding is off: no cluster.internal_token) the record's
+address is used, as a node must stay reachable while its owner restarts; writing that record
+takes Redis's password, which only the replicas have.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import logging
+
 from shared.backend import Address
-from shared.errors import AddressUnconfirmed, ContainerGone
+from shared.errors import AddressUnconfirmed, ContainerGone, NoLiveManager
 from shared.models import NodeRecord
 
 if TYPE_CHECKING:
     from nodeops.context import NodeOps
+
+log = logging.getLogger(__name__)
 
 LIMIT = 20000  # containers remembered per replica; beyond, the oldest are checked again
 
@@ -56,13 +62,13 @@ class ConfirmedAddresses:
 async def confirmed(ops: NodeOps, rec: NodeRecord) -> Address:
     """The address to send rec's node its secret at: the engine's for a local node."""
     recorded = Address(rec.host, rec.port)
-    if rec.manager_id != ops.manager_id:
-        return recorded
     cid = rec.cid
     if not cid:
         raise AddressUnconfirmed(rec.id, "the record names no container")
     if ops.addresses.get(cid) == (rec.id, recorded):
         return recorded
+    if rec.manager_id != ops.manager_id:
+        return await _confirmed_by_owner(ops, rec, cid, recorded)
     try:
         info = await ops.backend.inspect(cid)
     except ContainerGone:
@@ -78,3 +84,20 @@ async def confirmed(ops: NodeOps, rec: NodeRecord) -> Address:
     ops.addresses.put(cid, rec.id, info.address)
     return info.address
 
+
+
+async def _confirmed_by_owner(ops: NodeOps, rec: NodeRecord, cid: str, recorded: Address) -> Address:
+    from nodeops.forward import forward  # forward -> context -> this module: imported on use
+
+    if not ops.cfg.internal_token:
+        return recorded
+    try:
+        got = await forward(ops, rec.manager_id, "GET", f"/internal/nodes/{rec.id}/address")
+    except NoLiveManager:
+        log.info("address_unconfirmed node_id=%s manager_id=%s why=no live owner", rec.id[:12], rec.manager_id)
+        return recorded
+    if not isinstance(got, dict) or got.get("container_id") != cid:
+        raise AddressUnconfirmed(rec.id, f"its owner {rec.manager_id} runs it in another container")
+    addr = Address(str(got.get("host", "")), int(got.get("port", 0)))
+    ops.addresses.put(cid, rec.id, addr)
+    return addr

@@ -188,3 +188,27 @@ def test_sessions_made_before_the_key_keep_working_then_lose_their_clear_secret(
     new_cid = redis_client.hget(key, "container_id").decode()
     assert new_cid != cid and redis_client.hget(key, "secret") == b""
     assert node_secret(docker_client, new_cid) != clear.decode()
+
+
+def test_a_node_of_another_manager_id_gets_its_secret_only_where_its_owner_confirms(
+        start_manager, manager_id: str, manager_id_b: str, prefix: str, redis_client: redis.Redis) -> None:
+    """Replica a proxies straight to a node that manager_id_b owns (another engine, as far as a
+    knows): b's engine, asked through b, says where it is; a rewritten record does not."""
+    local = {"cluster": {"placement": "local"}, **FAST}
+    a = start_manager("a", **local)
+    b = start_manager("b", mid=manager_id_b, **local)
+    c, node_id = new_session(b.url)
+    c.base_url = httpx.URL(a.url)
+    assert c.post("/").status_code == 200  # a reaches b's node (and asked b where it is)
+    listener = subprocess.Popen([*AS_NOBODY, "/usr/bin/python3", "-c", LISTENER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None
+        port = int(listener.stdout.readline())
+        redis_client.hset(f"{prefix}:node:{node_id}", mapping={"host": "127.0.0.1", "port": str(port)})
+        for _ in range(3):
+            r = c.post("/")
+            assert r.status_code == 200 and "hijacked" not in r.text, r.text
+    finally:
+        listener.kill()
+        seen, _ = listener.communicate(timeout=10)
+    assert seen.strip() == "", f"the listener of nobody received: {seen[:2000]}"
