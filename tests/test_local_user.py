@@ -17,7 +17,7 @@ import httpx
 import redis
 
 from testing import redis_env
-from tests.conftest import REDIS_URL, wait_for
+from tests.conftest import ADMIN_TOKEN, REDIS_URL, wait_for
 from tests.test_isolation import node_secret
 
 AS_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--"]
@@ -64,6 +64,11 @@ def test_local_user_cannot_read_or_write_the_store(start_manager, prefix: str, r
         assert got.returncode != 0 and "Permission denied" in got.stderr, (path, got)
     cmdlines = as_nobody("sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '").stdout
     assert redis_env.password() not in cmdlines
+    # nor in what the manager shows or logs (its redis.url carries it here)
+    assert redis_env.password() in m.cfg["redis"]["url"]
+    shown = httpx.get(m.url + "/admin/config", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert shown.status_code == 200 and ":***@" in shown.json()["redis"]["url"]
+    assert redis_env.password() not in shown.text and redis_env.password() not in m.logs()
 
 
 # what nobody runs to find a secret: every /proc environ and command line it can open, every file
