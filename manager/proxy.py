@@ -97,10 +97,9 @@ class Proxy:
         if rec.status != NodeStatus.RUNNING:
             rec = await self.resolver.revive(rec)
         headers = _request_headers(scope)
-        if self.client_keys:
-            headers = self.client_keys.strip(headers)
-        headers = self.rules.to_node(headers)
         to = await self.resolver.target(rec, any(k == _VIA for k, _ in scope["headers"]))
+        if not to.via_owner:  # the owner's replica checks the client's key itself, then drops it
+            headers = self.for_node(headers)
         headers += [(k.encode(), v.encode()) for k, v in to.headers]
         host, port, via_owner = to.host, to.port, to.via_owner
         circuits = rt.circuits
@@ -175,6 +174,12 @@ class Proxy:
         metrics.PROXY_BYTES_IN.inc(counter[0])
         self._count(path, upstream.status_code)
         return _Upstream(upstream, rt, rec.id, self.rules)
+
+    def for_node(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """A request's headers as a node may see them: no key, cookie or token of the manager's."""
+        if self.client_keys:
+            headers = self.client_keys.strip(headers)
+        return self.rules.to_node(headers)
 
     async def call(self, node_id: str, path: str, body: bytes, content_type: str = "application/json",
                    extra: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:

@@ -53,12 +53,9 @@ async def proxy_socket(ws: WebSocket) -> None:
     except ManagerError as exc:
         await ws.close(code=1008, reason=exc.detail[:120])
         return
-    headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS]
-    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    if proxy.client_keys:  # the client's API key stays here
-        raw = proxy.client_keys.strip(raw)
-    # nor any other credential of the manager's (console cookie, admin or internal token)
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in proxy.rules.to_node(raw)]
+    # the client's key and any other credential of the manager's are dropped in proxy_to_node
+    key_header = proxy.client_keys.header.decode("latin-1")  # for an owner's replica to check
+    headers = [(k, v) for k, v in ws.headers.items() if k in PASS_HEADERS or k == key_header]
     subprotocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     path = ws.url.path + (f"?{ws.url.query}" if ws.url.query else "")
     await proxy_to_node(ws, rec, path, headers, subprotocols)
@@ -93,6 +90,9 @@ async def proxy_to_node(ws: WebSocket, rec: NodeRecord, path: str, headers: list
 
 async def _open_and_pump(ws: WebSocket, rt: Any, rec: NodeRecord, to: Any, path: str,
                          headers: list[tuple[str, str]], subprotocols: list[str]) -> None:
+    if not to.via_owner:  # to the node: no key, cookie or token of the manager's (the owner drops them itself)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ws.app.state.proxy.for_node(raw)]
     headers = [*headers, *to.headers]
     scheme = "wss" if to.scheme == "https" else "ws"
     url = f"{scheme}://{to.host}:{to.port}{path}"

@@ -109,3 +109,23 @@ def test_the_warm_pool_keeps_the_client_quota(start_manager: Any, redis_client: 
     r = create(m.url)
     assert r.status_code == 429 and "already has 1" in r.text, r.text
     assert redis_client.llen(pool_key) >= 1  # still there for another client
+
+
+def test_a_keyed_session_is_reached_through_its_owners_replica(manager_id_b: str, start_manager: Any,
+                                                                manager_id: str) -> None:
+    """Through the owner (proxy_through_owner) the key goes to the owner's replica, which checks it and
+    the session's binding, and drops it before the node (it dropped it too early: 401 there)."""
+    keys = {"client_auth": {"api_keys": [KEY_A, KEY_B]}}
+    a = start_manager(name="a", cluster={"placement": "local"}, **hostile_config(**keys))
+    b = start_manager(name="b", mid=manager_id_b, cluster={"proxy_through_owner": {manager_id: True}},
+                      **hostile_config(**keys))
+    r = create(a.url, headers={"X-API-Key": KEY_A})
+    assert r.status_code == 200, r.text
+    node_id = r.cookies["node_id"]
+    via_b = httpx.Client(base_url=b.url, cookies={"node_id": node_id}, timeout=60)
+    r = via_b.get("/", headers={"X-API-Key": KEY_A, "x-hostile-echo": "1"})
+    assert r.status_code == 200, r.text
+    seen = r.json()["headers"]
+    assert "x-api-key" not in seen and KEY_A not in r.text, seen
+    r = via_b.get("/", headers={"X-API-Key": KEY_B})
+    assert r.status_code == 403 and "invalid node_id" in r.json()["detail"], r.text
