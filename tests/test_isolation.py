@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from shared.config import deep_merge
+from testing import redis_env
 from testing.harness import bridge_gateway
 from testing.hosts import PrivateEngine
 from tests.conftest import ADMIN_TOKEN, ROOT, wait_for
@@ -221,7 +222,8 @@ def test_a_node_reaches_no_other_node_nor_the_host(start_manager, docker_client:
     on_gateway = Listener(gateway)
     try:
         targets = [(net["IPAddress"], port) for net in b_nets.values() for port in (31942, 22, 80, 8080)]
-        targets += [(gateway, any_host.port), (gateway, on_gateway.port), (gateway, 6379), (gateway, 31942),
+        targets += [(gateway, any_host.port), (gateway, on_gateway.port), (gateway, 6379), (gateway, redis_env.PORT),
+                    (gateway, 31942),
                     (gateway, 22)]
         targets += [(ip, any_host.port) for ip in host_ipv4_addresses()]
         targets += [("169.254.169.254", 80)]
