@@ -19,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 
 from shared.config import Config
@@ -205,6 +206,10 @@ def _d(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The master's pool through Sentinel, waiting for a free connection like the direct one."""
+
+
 def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = (),
             sentinel_master: str = "mymaster", password: str | None = None, max_connections: int = 100,
             pool_timeout: float = 5.0) -> aioredis.Redis:
@@ -220,16 +225,15 @@ def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = ()
                             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
                             "retry_on_error": [redis.exceptions.ConnectionError]}
     if sentinels:
-        from redis.asyncio.sentinel import Sentinel
-
         from redis.asyncio.connection import parse_url
+        from redis.asyncio.sentinel import Sentinel
 
         hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in sentinels]
         # the URL's host is the sentinels' business; its database, user and password are the master's
         # (a password_file still wins); the sentinels themselves get only the socket options
         creds = {k: v for k, v in parse_url(url).items() if k in ("db", "username", "password")} if url else {}
-        master = {**creds, **opts}
-        return Sentinel(hosts, **opts).master_for(sentinel_master, **master)
+        master = {**creds, **opts, "max_connections": max_connections, "timeout": pool_timeout}
+        return Sentinel(hosts, **opts).master_for(sentinel_master, connection_pool_class=BlockingSentinelPool, **master)
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout,
                                                     **opts)
     return aioredis.Redis.from_pool(pool)
