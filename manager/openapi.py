@@ -147,14 +147,15 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             op["security"] = ADMIN_SECURITY
     paths.update(admin)
     console = {"tags": ["console"]}
-    paths["/ui/"] = {"get": _op("The operator console (a page; 404 when no admin token is configured)",
+    paths["/ui/"] = {"get": _op("The operator console, on admin.console_port only (a page; off without an admin token)",
                                 {"200": {"description": "text/html"}, **_err(404)}, **console)}
     paths["/ui/login"] = {"post": _op(
-        "Log in to the console: sets an HttpOnly SameSite=Strict cookie; the Origin must be this host",
-        {"200": _json({"type": "object"}, "logged in"), **_err(400, 403, 404)},
+        "Log in to the console (admin.console_port): sets an HttpOnly SameSite=Strict cookie; the Origin "
+        "must be this host; wrong tokens from one address are limited (429 with Retry-After)",
+        {"200": _json({"type": "object"}, "logged in"), **_err(400, 403, 404, 429)},
         requestBody={"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["token"], "properties": {"token": _STR}}}}}, **console)}
-    paths["/ui/logout"] = {"post": _op("Log out of the console", {"200": _json({"type": "object"}, "ok"),
+    paths["/ui/logout"] = {"post": _op("Log out of the console: this login ends on every replica", {"200": _json({"type": "object"}, "ok"),
                                                                    **_err(403, 404)}, **console)}
     paths["/ui/whoami"] = {"get": _op("The console login and the replica serving it",
                                       {"200": _json({"type": "object"}, "login"), **_err(401, 403, 404)}, **console)}
