@@ -106,7 +106,8 @@ class ManagerApp:
         if not qs:
             return False
         for k, v in parse_qsl(qs.decode("latin-1"), keep_blank_values=True):
-            if k.lower() in self.url_secrets or (len(v) >= 8 and self.rules.is_own_token(v.encode("latin-1"))):
+            # values are decoded as UTF-8 (percent-escapes included): compared as such
+            if k.lower() in self.url_secrets or (len(v) >= 8 and self.rules.is_own_token(v.encode("utf-8", "replace"))):
                 return True
         return False
 

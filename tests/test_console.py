@@ -469,6 +469,7 @@ def test_proxied_answers_are_sandboxed_and_credentials_stay_with_the_manager(sta
         r = httpx.get(f"{m.url}/?{qs}", headers={"Cookie": f"node_id={node_id}", "x-hostile-echo": "1"})
         assert r.status_code == 400 and "not accepted in the URL" in r.json()["detail"], (qs, r.text)
     assert seen(params={"page": "2"}, headers={"Cookie": f"node_id={node_id}"})["target"] == "/?page=2"
+    assert seen(params={"q": "\U000ff5ad" * 9}, headers={"Cookie": f"node_id={node_id}"})["target"].startswith("/?q=%F3")
 
 
 def test_the_console_has_an_origin_of_its_own(manager: ManagerProc) -> None:
