@@ -43,9 +43,13 @@ def private_server_args(port: int, bind: str = "127.0.0.1") -> list[str]:
     requires the project's password, so that it is no way in either. The password is in a
     root-only config file, never on the command line, which every local user can read."""
     conf = STATE / "redis-auth.conf"
+    # written whole under another name, then renamed: a server starting meanwhile in another test
+    # process never reads it half-written (an empty file would start it without a password)
+    tmp = conf.with_name(f".{conf.name}.{os.getpid()}")
     old = os.umask(0o077)
     try:
-        conf.write_text(f"requirepass {password()}\n")
+        tmp.write_text(f"requirepass {password()}\n")
     finally:
         os.umask(old)
+    os.replace(tmp, conf)
     return [str(conf), "--bind", bind, "--port", str(port)]
