@@ -4,8 +4,8 @@
 # for workspace files tools made before tools had a uid of their own. A tool (uid 1000, no
 # capabilities) can then neither ptrace, signal nor read the environment of the server, which
 # holds the node secret. umask 002 and the shared group keep the workspace writable by both.
-# Started as another user than root (or without those capabilities): the server runs as it is,
-# and tools share its uid, as before.
+# Started as another user than root (creation_kwargs.user, e.g. "1000:1000"): the server runs as
+# it is and tools share its uid. As root without those capabilities: refused, never root.
 set -eu
 umask 002
 CAPS=+setuid,+setgid,+kill,+dac_override,+fowner
@@ -21,7 +21,9 @@ if [ "$(id -u)" = 0 ] && run_as_server true 2>/dev/null; then
   exec setpriv --reuid=1001 --regid=1000 --clear-groups --inh-caps="$CAPS" --ambient-caps="$CAPS" -- "$@"
 fi
 if [ "$(id -u)" = 0 ]; then
-  echo "node: cannot switch uids (no setuid/setgid capability): the server and its tools share uid 1000" >&2
-  exec setpriv --reuid=1000 --regid=1000 --clear-groups -- "$@"
+  # never the server as root: say what is missing and stop (the manager reports the exit)
+  echo "node: started as root without the capabilities to split uids (setuid, setgid, kill," \
+       "dac_override, fowner): add them (creation_kwargs.cap_add) or start the node as user 1000:1000" >&2
+  exit 1
 fi
 exec "$@"

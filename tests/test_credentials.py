@@ -4,6 +4,7 @@ it, and no API key is kept or shown in clear. Nodes are the light hostile node (
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -129,3 +130,29 @@ def test_a_keyed_session_is_reached_through_its_owners_replica(manager_id_b: str
     assert "x-api-key" not in seen and KEY_A not in r.text, seen
     r = via_b.get("/", headers={"X-API-Key": KEY_B})
     assert r.status_code == 403 and "invalid node_id" in r.json()["detail"], r.text
+
+
+HARDENED = {"cap_drop": ["ALL"], "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID", "KILL"],
+            "security_opt": ["no-new-privileges"]}  # the project's default creation_kwargs
+
+
+def test_a_tool_cannot_reach_its_nodes_server(start_manager: Any, docker_client: Any) -> None:
+    """With the default creation_kwargs a session's tools run as another uid than its node's server:
+    the server's environment (the node secret) and the server itself are out of a tool's reach."""
+    m = start_manager(node={"creation_kwargs": HARDENED})
+    c = httpx.Client(base_url=m.url, timeout=60)
+    assert c.post("/get_cookie").status_code == 200
+    container = docker_client.containers.get(c.cookies["node_id"])
+    top = container.top(ps_args="-o pid,uid,args")["Processes"]
+    server = [p for p in top if p[2] == "python3 -m app"]
+    assert server and server[0][1] == "1001", top
+    script = ("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline | grep -qx 'python3 -m app ' && s=${p#/proc/}; done; "
+              "echo server=$s; cat /proc/$s/environ /proc/1/environ; kill -0 $s && echo signalled; echo; id -u")
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor",
+                                      "arguments": {"command": script, "kill": True}})
+    assert r.status_code == 200, r.text
+    out = r.json()["data"]["display"]
+    assert "server=" in out and "server=\n" not in out, out  # the tool found the server's pid
+    assert "NODE_SECRET" not in out and "signalled" not in out and out.count("Permission denied") == 2, out
+    assert "Operation not permitted" in out and "\n1000\n" in out, out
+    c.post("/release_session")

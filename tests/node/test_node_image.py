@@ -634,3 +634,16 @@ def test_tools_run_as_another_uid_than_the_server(start_node, init):
     r = node.tool("shell_command_executor", command="cat from-tool.txt; echo more >> d/from-server.txt; "
                   "touch d/t && echo wrote")
     assert r.status_code == 200 and "server was here" in r.text and "wrote" in r.text, r.text
+
+
+def test_root_without_the_capabilities_to_split_uids_is_refused(docker_client):
+    """Never the server as root: started as root with no capability, the node says why and stops."""
+    image = os.environ.get("TSM_NODE_IMAGE", "toolserver-node:latest")
+    labels = {"toolserver-manager.manager_id": "test-node-image", "toolserver-manager.role": "test"}
+    c = docker_client.containers.run(image, detach=True, labels=labels, user="0:0", cap_drop=["ALL"],
+                                     environment={"NODE_SECRET": "x"}, security_opt=["no-new-privileges"])
+    try:
+        assert c.wait(timeout=30)["StatusCode"] == 1
+        assert b"without the capabilities to split uids" in c.logs()
+    finally:
+        c.remove(force=True)
