@@ -91,7 +91,7 @@ def test_reconcile_gone_adopted_idle_and_gc(start_manager, docker_client: docker
     # removed behind the manager's back: the session is archived within a cycle or two (its
     # workspace is kept for its next call)
     docker_client.containers.get(b_id).remove(force=True)
-    wait_for(lambda: redis_client.hget(f"{prefix}:node:{b_id}", "status") == b"archived", timeout=5,
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{b_id}", "status") == b"archived",
              what="the session of a gone container archived")
 
     # started by hand with the project's labels: adopted
@@ -140,12 +140,12 @@ def test_half_made_node_of_a_killed_replica_is_removed(start_manager, docker_cli
             c.post(doomed.url + "/get_cookie", timeout=1.0)
         except httpx.ReadTimeout:
             pass
-    wait_for(lambda: project_containers(docker_client, manager_id), timeout=5, what="the half-made container")
+    wait_for(lambda: project_containers(docker_client, manager_id), what="the half-made container")
     doomed.kill()
     # deadline: creation_wait + 5 s; the survivor's checker removes container and record
     wait_for(lambda: not project_containers(docker_client, manager_id), timeout=20,
              what="removal of the half-made container")
-    wait_for(lambda: redis_client.scard(f"{prefix}:mgr:{manager_id}:nodes") == 0, timeout=5,
+    wait_for(lambda: redis_client.scard(f"{prefix}:mgr:{manager_id}:nodes") == 0,
              what="its record and reservation gone")
     assert survivor.proc is not None and survivor.proc.poll() is None
 
@@ -177,7 +177,7 @@ def test_redis_flush_is_rebuilt_from_the_engine(private_redis: PrivateRedis, sta
     for c in clients:
         assert c.post("/get_available_tools").status_code == 200
     # the replica re-registered itself and the lease was taken again
-    wait_for(lambda: r.exists(f"{prefix}:replica:{m.replica_id}"), timeout=5, what="re-registration")
+    wait_for(lambda: r.exists(f"{prefix}:replica:{m.replica_id}"), what="re-registration")
     wait_for(lambda: r.get(f"{prefix}:mgr:{manager_id}:lease"), timeout=10, what="lease re-acquired")
     for c in clients:
         c.post("/release_session")

@@ -245,7 +245,7 @@ def test_creation_of_a_killed_replica_leaves_nothing(start_manager, docker_clien
         httpx.post(doomed.url + "/get_cookie", timeout=1.0)
     except httpx.ReadTimeout:
         pass
-    wait_for(lambda: project_containers(docker_client, manager_id), timeout=5, what="the container in creation")
+    wait_for(lambda: project_containers(docker_client, manager_id), what="the container in creation")
     doomed.kill()
     # its heartbeat expires after cluster.replica_ttl_seconds (2 s); the stuck-creation deadline
     # (35 s) is far off: the dead replica's creation is removed, never adopted, and for that reason
