@@ -17,28 +17,44 @@ from testing.harness import HAProxy, ManagerProc
 from tests.conftest import wait_for
 
 STREAMS = 8  # concurrent clients: some request is always in flight on each replica
-BEFORE, AFTER = 0.8, 1.7  # seconds of traffic before and after the stop
+EACH = 5  # requests each client completes before the stop, and again once it is all over
 
 
-async def _stream(url: str, cookie: str, stop_at: float, out: Counter[str]) -> None:
+async def _stream(url: str, cookie: str, stop: asyncio.Event, done: list[int], out: Counter[str]) -> None:
     async with httpx.AsyncClient(base_url=url, cookies={"node_id": cookie}, timeout=10) as c:
-        while time.monotonic() < stop_at:
+        while not stop.is_set():
             try:
                 r = await c.get("/")
                 out[str(r.status_code) if r.status_code != 200 or r.json() == {"message": "Hello World"}
                     else "200 but wrong body"] += 1
             except httpx.HTTPError as exc:
                 out[type(exc).__name__] += 1
+            done[0] += 1
 
 
-async def _traffic_while(url: str, cookie: str, act) -> Counter[str]:  # type: ignore[no-untyped-def]
-    """STREAMS clients sending GETs for BEFORE + AFTER seconds; act() runs after BEFORE."""
+async def _until(pred, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _traffic_while(url: str, cookie: str, act, over) -> Counter[str]:  # type: ignore[no-untyped-def]
+    """STREAMS clients sending GETs: act() once each has done EACH, then on until over() says the
+    fault is behind us (the replica gone and out of the balancer) and each has done EACH more."""
     out: Counter[str] = Counter()
-    t0 = time.monotonic()
-    tasks = [asyncio.create_task(_stream(url, cookie, t0 + BEFORE + AFTER, out)) for _ in range(STREAMS)]
-    await asyncio.sleep(BEFORE)
-    act()
-    await asyncio.gather(*tasks)
+    stop = asyncio.Event()
+    done = [[0] for _ in range(STREAMS)]
+    tasks = [asyncio.create_task(_stream(url, cookie, stop, d, out)) for d in done]
+    try:
+        await _until(lambda: all(d[0] >= EACH for d in done), "traffic on every client")
+        act()
+        await _until(over, "the stopped replica gone and out of the balancer")
+        after = [d[0] for d in done]
+        await _until(lambda: all(d[0] >= a + EACH for d, a in zip(done, after)), "traffic after the fault")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
     return out
 
 
@@ -61,11 +77,15 @@ def test_a_replica_stopping_loses_no_idempotent_request(sig: signal.Signals, sta
         cookie = r.cookies["node_id"]
         wait_for(lambda: _live_in_balancer(lb, cookie, a) and _live_in_balancer(lb, cookie, b),
                  what="both replicas serving through the balancer")
-        out = asyncio.run(_traffic_while(lb.url, cookie, lambda: a.signal(sig)))
+        log = tmp_path / "haproxy.log"
+
+        def over() -> bool:  # the process has exited and the balancer's health check marked it down
+            return a.proc is not None and a.proc.poll() is not None and \
+                f"Server managers/{a.replica_id} is DOWN" in log.read_text(errors="replace")
+
+        out = asyncio.run(_traffic_while(lb.url, cookie, lambda: a.signal(sig), over))
         total = sum(out.values())
-        assert total > 200, f"too few requests to tell: {dict(out)}"
         assert out == Counter({"200": total}), f"requests lost when a replica got {sig.name}: {dict(out)}"
-        assert a.proc is not None and a.proc.wait(20) is not None
         # the survivor serves on, through the balancer, alone
         assert httpx.get(lb.url + "/", cookies={"node_id": cookie}, timeout=10).headers["x-tsm-replica"] == \
             b.replica_id
