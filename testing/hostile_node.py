@@ -54,6 +54,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import struct
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -97,6 +98,53 @@ def stats(client: Any, path: str = "/") -> dict[str, int]:
     r = client.get(path, headers={"x-hostile-stats": "1"})
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
+
+
+def raw_websocket(port: int, path: str, node_id: str, rcvbuf: int = 65536) -> socket.socket:
+    """A WebSocket handshake on a plain socket that then reads nothing: the client that does not read."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+              f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\ncookie: node_id={node_id}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:  # a byte at a time: nothing of the frames after it is read
+        b = s.recv(1)
+        assert b, head
+        head += b
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def close_code(s: socket.socket, timeout: float = 60) -> int | None:
+    """Reads frames until the server's close frame: its code (None if the connection ended first)."""
+    s.settimeout(timeout)
+    buf = bytearray()  # linear: a test's thread shares the GIL with its other threads
+    i = 0
+    while True:
+        while True:  # parse what is whole
+            if i + 2 > len(buf):
+                break
+            op, n, j = buf[i] & 0x0F, buf[i + 1] & 0x7F, i + 2
+            if n == 126:
+                n, j = (struct.unpack("!H", buf[j:j + 2])[0], j + 2) if j + 2 <= len(buf) else (-1, j)
+            elif n == 127:
+                n, j = (struct.unpack("!Q", buf[j:j + 8])[0], j + 8) if j + 8 <= len(buf) else (-1, j)
+            if n < 0 or j + n > len(buf):
+                break
+            if op == 8:
+                return int(struct.unpack("!H", buf[j:j + 2])[0]) if n >= 2 else 1005
+            i = j + n
+        del buf[:i]
+        i = 0
+        try:
+            chunk = s.recv(1 << 20)
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        buf += chunk
 
 
 # --- the node side -----------------------------------------------------------------------

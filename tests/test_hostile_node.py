@@ -4,14 +4,11 @@ on the same replica keeps answering within a bound and the replica's memory stay
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import os
 import selectors
 import socket
 import statistics
-import struct
 import threading
 import time
 import urllib.parse
@@ -22,7 +19,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from testing.hostile_node import hostile_config, set_rules, spec_header, stats
+from testing.hostile_node import close_code, hostile_config, raw_websocket, set_rules, spec_header, stats
 from tests.conftest import wait_for
 from tests.edge_tools import rss_bytes
 
@@ -147,53 +144,6 @@ def test_too_many_response_headers_are_a_502_naming_the_limit(start_manager) -> 
         r = attack(h, header_count=4000)  # 47 KB: under the head limit, over the count
     other.check(RSS_BOUND)
     assert isinstance(r, httpx.Response) and r.status_code == 502 and "proxy.max_response_headers" in r.json()["detail"], getattr(r, "text", r)
-
-
-def raw_websocket(port: int, path: str, node_id: str, rcvbuf: int = 65536) -> socket.socket:
-    """A WebSocket handshake on a plain socket that then reads nothing: the client that does not read."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
-              f"sec-websocket-key: {key}\r\nsec-websocket-version: 13\r\ncookie: node_id={node_id}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:  # a byte at a time: nothing of the frames after it is read
-        b = s.recv(1)
-        assert b, head
-        head += b
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return s
-
-
-def close_code(s: socket.socket, timeout: float = 60) -> int | None:
-    """Reads frames until the server's close frame: its code (None if the connection ended first)."""
-    s.settimeout(timeout)
-    buf = bytearray()  # linear: this thread shares the GIL with the bystander's
-    i = 0
-    while True:
-        while True:  # parse what is whole
-            if i + 2 > len(buf):
-                break
-            op, n, j = buf[i] & 0x0F, buf[i + 1] & 0x7F, i + 2
-            if n == 126:
-                n, j = (struct.unpack("!H", buf[j:j + 2])[0], j + 2) if j + 2 <= len(buf) else (-1, j)
-            elif n == 127:
-                n, j = (struct.unpack("!Q", buf[j:j + 8])[0], j + 8) if j + 8 <= len(buf) else (-1, j)
-            if n < 0 or j + n > len(buf):
-                break
-            if op == 8:
-                return int(struct.unpack("!H", buf[j:j + 2])[0]) if n >= 2 else 1005
-            i = j + n
-        del buf[:i]
-        i = 0
-        try:
-            chunk = s.recv(1 << 20)
-        except OSError:
-            return None
-        if not chunk:
-            return None
-        buf += chunk
 
 
 def ws_gauge(m: Any) -> float:
