@@ -82,6 +82,19 @@ def _keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int((max(1, int(idle)) + 3) * 1000))
 
 
+def _head_end(tail: bytes, data: bytes) -> int:
+    """Bytes of data up to and including the blank line ending a head (tail: the 3 bytes before
+    data), or -1; without copying data, since a first read often carries a whole body too."""
+    if tail:
+        joint = tail + data[:3]
+        for sep in (b"\r\n\r\n", b"\n\n"):
+            i = joint.find(sep)
+            if i >= 0:
+                return max(0, i + len(sep) - len(tail))
+    ends = [i + n for i, n in ((data.find(b"\r\n\r\n"), 4), (data.find(b"\n\n"), 2)) if i >= 0]
+    return min(ends) if ends else -1
+
+
 class _Stray(Exception):
     """Bytes after the framed end of a response: parsing stops there."""
 
@@ -135,16 +148,15 @@ class _Conn(asyncio.Protocol):
             return
         self.got_bytes = True
         if self.in_head and self.limits.head_bytes:
-            seen = self.tail + data
-            ends = [i + n for i, n in ((seen.find(b"\r\n\r\n"), 4), (seen.find(b"\n\n"), 2)) if i >= 0]
+            end = _head_end(self.tail, data)
             # only head bytes count: what follows the blank line is body (or the final response
             # after an interim one, counted once the parser starts its head)
-            self.head_bytes += len(data) if not ends else max(0, min(ends) - len(self.tail))
+            self.head_bytes += len(data) if end < 0 else end
             if self.head_bytes > self.limits.head_bytes:
                 self._fail(ResponseTooLarge(f"node response head over {self.limits.head_bytes} bytes "
                                             "(proxy.max_response_head_bytes)"), drop=True)
                 return
-            self.tail = seen[-3:]
+            self.tail = data[-3:] if len(data) >= 3 else (self.tail + data)[-3:]
         try:
             self.parser.feed_data(data)
         except _Stray:
