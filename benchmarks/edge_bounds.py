@@ -32,9 +32,21 @@ from pathlib import Path
 import httpx
 
 from benchmarks._support import one_manager
-from benchmarks.common import command_line, load_line, markdown_table, write_json
+from benchmarks.common import command_line, load_line, markdown_table, process_tree, write_json
 from testing.hostile_node import hostile_config, raw_websocket, stats
-from tests.edge_tools import rss_bytes
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its children."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
 
 
 def connections(n_open: int, addresses: int) -> dict[str, object]:
