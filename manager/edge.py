@@ -11,7 +11,8 @@ in time or a body stops arriving; either way the connection is closed at once. A
 past ``proxy.max_client_connections`` (or ``max_connections_per_address`` from one address) is
 answered 503 and closed as it opens, so held connections can never use up the file descriptors
 that /alive and every other client need. An upgrade other than WebSocket (``h2c``) is never
-taken: the request is answered over HTTP/1.1 and the connection closed after it.
+taken: a request without a body is answered over HTTP/1.1 and the connection closed after it,
+one with a body refused with 400 (the parser stops at the upgrade: its body would never come).
 """
 
 from __future__ import annotations
