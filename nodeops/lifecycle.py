@@ -45,15 +45,18 @@ async def probe(ops: NodeOps, rec: NodeRecord, timeout: float = 1.0) -> bool:
     except (AddressUnconfirmed, ContainerGone):
         return False
     try:
-        resp = await ops.http.get(f"http://{host}:{port}{ops.cfg.node.health_path}", timeout=timeout,
-                                  headers={NODE_SECRET_HEADER: ops.store.secrets.of(rec)})
+        # the status is all a probe needs: the body is never read (a node's server is the session's
+        # own code, and an endless body read whole would grow the replica without bound)
+        async with ops.http.stream("GET", f"http://{host}:{port}{ops.cfg.node.health_path}", timeout=timeout,
+                                   headers={NODE_SECRET_HEADER: ops.store.secrets.of(rec)}) as resp:
+            status = resp.status_code
     except httpx.HTTPError:
         return False
-    if resp.status_code in (401, 403):
+    if status in (401, 403):
         # waiting longer cannot help: every proxied request would be refused the same way
-        raise NodeTimeout(f"the node refused its probe with {resp.status_code}: the image "
+        raise NodeTimeout(f"the node refused its probe with {status}: the image "
                           f"{rec.image or '?'} does not accept the manager's {NODE_SECRET_HEADER} header")
-    return resp.status_code < 500
+    return status < 500
 
 
 async def wait_ready(ops: NodeOps, rec: NodeRecord, deadline: float) -> bool:

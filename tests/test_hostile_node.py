@@ -349,3 +349,15 @@ def test_unsupported_upgrades_on_proxied_routes_are_answered(start_manager, upgr
             while chunk := s.recv(65536):  # read to the end: the connection must be closed after it
                 data += chunk
         assert data.startswith(b"HTTP/1.1 " + status), data[:300]
+
+
+def test_an_endless_body_on_the_health_path_is_never_read(start_manager) -> None:
+    # the readiness probe needs a status, not a body: a node whose health route streams forever
+    # (its session replaced the server) is ready at once and costs the replica nothing
+    cfg = hostile_config(rules={"/health": {"endless": True}})
+    cfg["node"]["health_path"] = "/health"
+    m = start_manager(**cfg)
+    with Bystander(m) as other:
+        h = session(m.url)
+        assert h.get("/").status_code == 200
+    other.check(RSS_BOUND)
