@@ -38,6 +38,9 @@ which is also what the manager's readiness probe gets). Keys, all optional:
 * ``endless``: a chunked body that never ends (until the peer goes away)
 * ``split`` / ``delay``: write the whole answer in pieces of ``split`` bytes, ``delay`` s apart
 * ``hang``: read the request and never answer; ``raw``: write these bytes (latin-1) and close
+* ``read_delay``: wait this many seconds before reading the request's body; ``read_rate``: read
+  it at this many bytes a second; ``echo_length``: answer
+  ``{"length": <body bytes read>}``
 * WebSocket upgrades (any path): ``ws_frames`` frames of ``ws_frame_bytes`` bytes (binary, text when
   ``ws_text``) sent at once after the handshake, then every message received is echoed
 
@@ -177,18 +180,29 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, 
     return method, target, headers
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], rate: float = 0) -> int:
+    """Reads the request's body (at most rate bytes a second when rate is set); its length."""
+    async def take(n: int) -> None:
+        while n > 0:
+            k = min(n, CHUNK) if rate else n
+            await reader.readexactly(k)
+            n -= k
+            if rate:
+                await asyncio.sleep(k / rate)
+
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        out = b""
+        total = 0
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
             if size == 0:
                 await reader.readuntil(b"\r\n")
-                return out
-            out += await reader.readexactly(size)
+                return total
+            await take(size)
+            total += size
             await reader.readexactly(2)
     n = int(headers.get("content-length") or 0)
-    return await reader.readexactly(n) if n else b""
+    await take(n)
+    return n
 
 
 def _spec(target: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -325,8 +339,10 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             if got is None:
                 return
             method, target, headers = got
-            body = await _read_body(reader, headers)
-            del body
+            asked = _spec(target, headers) if "x-hostile-set" not in headers else {}
+            if asked.get("read_delay"):
+                await asyncio.sleep(float(asked["read_delay"]))
+            length = await _read_body(reader, headers, float(asked.get("read_rate") or 0))
             STATS["requests"] += 1
             if not secret or headers.get("x-node-secret", "").encode() != secret:
                 msg = b'{"detail": "missing or wrong node secret"}'
@@ -345,8 +361,10 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 spec = {"body": json.dumps(STATS)}
             elif "x-hostile-echo" in headers:  # what reached the node: the target and headers
                 spec = {"body": json.dumps({"target": target, "headers": headers})}
+            elif asked.get("echo_length"):
+                spec = {**asked, "body": json.dumps({"length": length})}
             else:
-                spec = _spec(target, headers)
+                spec = asked
             if headers.get("upgrade", "").lower() == "websocket":
                 await _websocket(reader, writer, headers, spec)
                 return

@@ -361,3 +361,14 @@ def test_an_endless_body_on_the_health_path_is_never_read(start_manager) -> None
         h = session(m.url)
         assert h.get("/").status_code == 200
     other.check(RSS_BOUND)
+
+
+def test_a_node_reading_slowly_does_not_time_out_a_client_sending_fast(start_manager) -> None:
+    # the body timeout is for a client that stops sending, not for a node that does not read yet:
+    # while the proxy's flow control holds the client back, the clock does not run. 32 MiB is more
+    # than every buffer on the way holds, so the client is held back for the node's 3 s
+    m = start_manager(**hostile_config(proxy={"body_timeout_seconds": 1}))
+    h = session(m.url)
+    body = b"x" * (32 << 20)
+    r = h.post("/execute_tool", content=body, headers=spec_header(read_delay=3, echo_length=True))
+    assert r.status_code == 200 and r.json() == {"length": len(body)}, r.text[:300]
