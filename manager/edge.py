@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -44,12 +46,33 @@ class Limits:
     """The connection bounds of one server process (0: unbounded)."""
 
     def __init__(self, header_timeout: float = 15.0, body_timeout: float = 60.0, max_connections: int = 0,
-                 max_per_address: int = 0) -> None:
+                 max_per_address: int = 0, exempt: Iterable[str] = ()) -> None:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.max_connections = max_connections
         self.max_per_address = max_per_address
+        # balancers (quota.trusted_proxies): one address carrying many clients, under the replica's cap only
+        self.exempt = [ipaddress.ip_network(c, strict=False) for c in exempt]
+        self._exempt_seen: dict[str, bool] = {}
         self.by_address: collections.Counter[str] = collections.Counter()
+
+    def capped(self, address: str) -> bool:
+        """Whether connections from this address count against max_per_address."""
+        if not self.max_per_address:
+            return False
+        if not self.exempt:
+            return True
+        known = self._exempt_seen.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+                known = any(ip in net for net in self.exempt)
+            except ValueError:
+                known = False
+            if len(self._exempt_seen) > 4096:
+                self._exempt_seen.clear()
+            self._exempt_seen[address] = known
+        return not known
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
@@ -79,12 +102,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._refuse(503, f"this replica holds its maximum of {lim.max_connections} connections "
                               "(proxy.max_client_connections); retry shortly")
             return
-        if lim.max_per_address and lim.by_address[address] >= lim.max_per_address:
+        capped = lim.capped(address)
+        if capped and lim.by_address[address] >= lim.max_per_address:
             self._refuse(503, f"{lim.max_per_address} connections from your address are open "
                               "(proxy.max_connections_per_address); reuse them or retry shortly")
             return
-        self._address = address
-        lim.by_address[address] += 1
+        if capped:
+            self._address = address
+            lim.by_address[address] += 1
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                                   header_timeout=cfg.proxy.header_timeout_seconds,
                                   body_timeout=cfg.proxy.body_timeout_seconds,
                                   max_connections=_connection_cap(cfg.proxy.max_client_connections),
-                                  max_per_address=cfg.proxy.max_connections_per_address))}
+                                  max_per_address=cfg.proxy.max_connections_per_address,
+                                  exempt=cfg.quota.trusted_proxies))}
     console = _console_url(cfg)
     if cfg.workers <= 1:
         from manager.app import create_app

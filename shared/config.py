@@ -192,7 +192,8 @@ class ProxyConfig(Base):
     body_timeout_seconds: float = 60.0
     # client connections one replica process holds; past it (or past the per-address cap from one
     # address) a new connection is answered 503 and closed. Lowered at start to what the descriptor
-    # limit allows (two per connection); 0 for the per-address cap: none (say, behind a balancer)
+    # limit allows (two per connection); 0 for the per-address cap: none. quota.trusted_proxies
+    # (balancers) are under the replica's cap only
     max_client_connections: int = 8192
     max_connections_per_address: int = 1024
     websocket_max_per_session: int = 8  # open proxied sockets of one session on one replica; 0: no cap

@@ -319,17 +319,21 @@ def test_held_connections_are_capped_per_address_and_per_replica(start_manager) 
 
 
 def test_one_address_cannot_lock_out_another(start_manager) -> None:
-    m = start_manager(**hostile_config(proxy={"max_connections_per_address": 100}))
+    m = start_manager(**hostile_config(proxy={"max_connections_per_address": 100},
+                                       quota={"trusted_proxies": ["127.0.0.3/32"]}))
     h = session(m.url)
     socks = [held_post(m.port, h.cookies["node_id"], "127.0.0.2") for _ in range(1000)]
+    # a balancer (quota.trusted_proxies) carries many clients: only the replica's cap applies to it
+    balancer = [held_post(m.port, h.cookies["node_id"], "127.0.0.3") for _ in range(300)]
     try:
         got = answered(socks, 10)
         assert len(got) >= 900 and all(a.startswith(b"HTTP/1.1 503") for a in got.values())
+        assert answered(balancer, 1) == {}  # all 300 held, none refused
         # a fresh connection from another address is served at once
         assert httpx.get(m.url + "/alive", timeout=10).status_code == 200
         assert h.get("/").status_code == 200
     finally:
-        for s in socks:
+        for s in socks + balancer:
             s.close()
 
 
