@@ -15,7 +15,8 @@ die() { printf '\033[31m[kubernetes] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 
 SUITE=bookworm
 WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kube-proxy"
-PKGS=(golang-go rsync jq etcd-server gcc libc6-dev patch dpkg-dev)
+# the build; etcd; dnsmasq answers the test cluster's Service names (tests/test_kubernetes.py: no CoreDNS here)
+PKGS=(golang-go rsync jq etcd-server gcc libc6-dev patch dpkg-dev dnsmasq-base iptables)
 BASE="$STATE/kubernetes"
 mkdir -p "$BASE"
 
@@ -76,6 +77,21 @@ EOF
   touch "$OUT/.done"
   say "built into $OUT"
 fi
+# Redis for the chart's bundled mode: no registry here, so Debian's redis-server in a local image on
+# the node's debootstrap base (apt inside the build reaches the mirror), tagged by its recipe
+BASE_TAG="$(cat "$STATE/node-base-tag" 2>/dev/null)" || die "no node base image yet (run node/build.sh first)"
+REDIS_RECIPE="$BASE_TAG redis-server v1"
+REDIS_TAG="toolserver-redis:$(echo "$REDIS_RECIPE" | sha256sum | cut -c1-12)"
+if ! "$DOCKER" image inspect "$REDIS_TAG" >/dev/null 2>&1; then
+  say "building $REDIS_TAG from Debian's redis-server"
+  printf '%s\n' "FROM $BASE_TAG" \
+    "RUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*" \
+    'ENTRYPOINT ["redis-server"]' \
+    | "$DOCKER" build -q --label toolserver-manager.role=build -t "$REDIS_TAG" - >"$BASE/redis-image.log" 2>&1 \
+    || die "docker build of $REDIS_TAG failed (see $BASE/redis-image.log)"
+fi
+echo "$REDIS_TAG" >"$STATE/kubernetes-redis-image"
+
 # earlier recipes' builds
 find "$BASE" -maxdepth 1 -name 'build-*' ! -path "$OUT" -exec rm -rf {} + 2>/dev/null || true
 echo "$OUT" >"$STATE/kubernetes-build"

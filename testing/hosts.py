@@ -112,6 +112,8 @@ class Host:
     dockerd: subprocess.Popen[bytes] | None = None
     manager: HostManager | None = None
     dockerd_args: list[str] = field(default_factory=list)  # beyond socket, roots and pidfile
+    # a command dockerd runs under (testing/kube.py: a mount namespace of the host's own)
+    dockerd_wrap: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -130,7 +132,7 @@ class Host:
         self.exec_root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.dockerd = subprocess.Popen(
-                [*in_netns(self.name), "dockerd", "--host", self.docker_host,
+                [*in_netns(self.name), *self.dockerd_wrap, "dockerd", "--host", self.docker_host,
                  "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
                  "--pidfile", f"{self.exec_root}.pid", *self.dockerd_args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
