@@ -77,6 +77,12 @@ bash "$ROOT/node/build.sh"
 # --- the operator console's libraries (xterm.js, uPlot), served by the manager under /ui/ ---
 bash "$ROOT/scripts/console-assets.sh" >/dev/null || die "the console's assets could not be installed (see above)"
 
+# --- a real Kubernetes (v1.20.2 from Debian's source package) for the chart's live tests --------
+# built once (about 6 min on 2 cores), then cached by recipe under $STATE/kubernetes
+if [ "$WITH_TEST" = 1 ]; then
+  bash "$ROOT/scripts/kubernetes.sh" >/dev/null || die "the Kubernetes servers could not be built (see above)"
+fi
+
 # --- helm, for the chart tests -------------------------------------------------
 if [ "$WITH_TEST" = 1 ]; then
   bash "$ROOT/scripts/install-helm.sh" >/dev/null || die "helm could not be installed (see above)"

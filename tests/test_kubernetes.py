@@ -11,7 +11,6 @@ machine (its containers lack CAP_SYS_RESOURCE), so hostIsolation and Docker-in-D
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import sys
@@ -33,6 +32,8 @@ CHART = ROOT / "helm" / "toolserver-manager"
 LABEL = "toolserver-manager.manager_id"
 MANAGER_IMAGE = "toolserver-manager:k8s-test"
 DS, DEP = "tsm-ds", "tsm-dep"  # releases (and their namespaces)
+# the module's first test also pays for the cluster's start and the images (about 2 min)
+pytestmark = pytest.mark.timeout(600)
 
 
 class Live:
@@ -60,7 +61,9 @@ class Live:
                "HELM_CONFIG_HOME": str(self.tmp / "helm"), "HELM_DATA_HOME": str(self.tmp / "helm")}
         proc = subprocess.run([self.helm_bin, *args], capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}\n{self.kube.logs(tail=1500)}")
+            ns = args[args.index("-n") + 1] if "-n" in args else "default"
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}\n{self.diagnose(ns)}\n"
+                                 f"{self.kube.logs(tail=1500)}")
         return proc
 
     def values(self, name: str, extra: dict[str, Any]) -> Path:
@@ -88,10 +91,36 @@ class Live:
 
     def node_port(self, ns: str, release: str) -> int:
         svc = self.kube.api("GET", f"/api/v1/namespaces/{ns}/services/{release}-toolserver-manager").json()
-        return int(svc["spec"]["ports"][0]["nodePort"])
+        return int(next(p["nodePort"] for p in svc["spec"]["ports"] if p["name"] == "http"))
 
     def manager_pods(self, ns: str) -> list[dict[str, Any]]:
         return self.kube.pods(ns, "app.kubernetes.io/name=toolserver-manager")
+
+    def wait_pods_ready(self, ns: str, n: int, timeout: float = 120, exclude: set[str] = frozenset()) -> None:
+        """Until n manager pods (none of the uids excluded) are Ready; on timeout, what they say."""
+        def done() -> bool:
+            ps = [p for p in self.manager_pods(ns) if not p["metadata"].get("deletionTimestamp")]
+            return len(ps) == n and all(ready(p) for p in ps) and not exclude & {p["metadata"]["uid"] for p in ps}
+        try:
+            wait_for(done, timeout=timeout, interval=0.5, what=f"{n} manager pods Ready in {ns}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnose(ns)}") from None
+
+    def diagnose(self, ns: str) -> str:
+        """Pods' phases and conditions, and the last lines of each host's pod containers."""
+        out = []
+        for p in self.kube.pods(ns):
+            st = p["status"]
+            out.append(f"pod {p['metadata']['name']} on {p['spec'].get('nodeName')}: {st.get('phase')} "
+                       f"{[(c['type'], c['status'], c.get('message', '')) for c in st.get('conditions', [])]} "
+                       f"{[c.get('state') for c in st.get('containerStatuses', [])]}")
+        for h in self.hosts.hosts:
+            names = h.docker("ps", "-a", "--filter", "name=k8s_", "--format", "{{.Names}}", check=False).stdout.split()
+            for name in names:
+                if "POD" not in name:
+                    logs = h.docker("logs", "--tail", "30", name, check=False)
+                    out.append(f"----- {h.name} {name}\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+        return "\n".join(out)
 
 
 def deep(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +164,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             kube.load_image(h, MANAGER_IMAGE)
             h.docker("tag", MANAGER_IMAGE, f"{MANAGER_IMAGE.split(':')[0]}:{lv.image_tag}")
             kube.load_image(h, redis_image())
-        probe = lv.h1.docker("run", "--rm", "--privileged", "--label", f"{LABEL}=k8s-probe", NODE_IMAGE, "true",
-                             check=False)
+        # as the chart runs the manager with hostIsolation: privileged, as root
+        probe = lv.h1.docker("run", "--rm", "--privileged", "--user", "0", "--label", f"{LABEL}=k8s-probe",
+                             NODE_IMAGE, "true", check=False)
         if probe.returncode != 0:
             lv.privileged = probe.stderr.strip().splitlines()[0] if probe.stderr.strip() else "refused"
         sys.stderr.write(f"\ncluster set-up: manager image {t_image:.1f} s, then "
@@ -159,7 +189,9 @@ def daemonset(live: Live) -> Iterator[dict[str, Any]]:
                               "config": {"redis": {"url": live.hosts.redis_url, "key_prefix": f"k8s{live.tag}"}}})
     t0 = time.monotonic()
     out = live.helm("install", DS, str(CHART), "-n", DS, "--create-namespace", "-f", str(values),
-                    "--wait", "--timeout", "5m").stdout
+                    "--wait", "--timeout", "3m").stdout
+    # helm's --wait counts a DaemonSet done with maxUnavailable pods not Ready yet: wait for all
+    live.wait_pods_ready(DS, 2)
     state: dict[str, Any] = {"notes": out, "values": values, "install_seconds": time.monotonic() - t0,
                              "admin": live.secret(DS, DS, "admin-token"),
                              "internal": live.secret(DS, DS, "internal-token"),
@@ -250,11 +282,13 @@ def test_sessions_spread_over_both_hosts_through_the_service(live: Live, daemons
             assert r.status_code == 200, r.text
             assert r.headers["x-tsm-replica"].startswith(pod["metadata"]["name"]), r.headers
     answered: dict[str, set[str]] = {}
+    pod_names = [p["metadata"]["name"] for p in pods.values()]
     for node_id in ids:
         for k in range(8):
             r = call(service_url(live, st, live.hosts.hosts[k % 2]), node_id)
             assert r.status_code == 200, r.text
-            answered.setdefault(node_id, set()).add(r.headers["x-tsm-replica"].split("-")[-3])
+            answered.setdefault(node_id, set()).add(
+                next(n for n in pod_names if r.headers["x-tsm-replica"].startswith(n)))
     sys.stderr.write(f"\nsessions per host: {per_host}; pods answering each session through the Service "
                      f"(8 calls): {sorted(len(v) for v in answered.values())}\n")
     assert any(len(v) == 2 for v in answered.values()), answered
@@ -291,11 +325,11 @@ def test_upgrade_rolls_every_pod_with_no_failed_call(live: Live, daemonset: dict
     try:
         # a changed config: the ConfigMap's checksum changes the pod template, so every pod is replaced
         live.helm("upgrade", DS, str(CHART), "-n", DS, "-f", str(st["values"]),
-                  "--set", "config.logger_level=DEBUG", "--wait", "--timeout", "5m")
-        wait_for(lambda: (lambda ps: len(ps) == 2 and all(ready(p) for p in ps)
-                          and not before & {p["metadata"]["uid"] for p in ps})(live.manager_pods(DS)),
-                 timeout=120, what="every manager pod replaced and Ready")
-        time.sleep(2)  # calls keep going a moment on the new pods: the last replaced one serves too
+                  "--set", "config.logger_level=DEBUG", "--wait", "--timeout", "3m")
+        live.wait_pods_ready(DS, 2, exclude=before)
+        # calls go on a while on the new pods only: the last one replaced serves too
+        seen = counts["ok"] + counts["failed"]
+        wait_for(lambda: counts["ok"] + counts["failed"] >= seen + 40, timeout=60, what="40 more calls")
     finally:
         stop.set()
         for t in threads:
@@ -323,7 +357,10 @@ def test_a_kubelet_host_that_crashes(live: Live, daemonset: dict[str, Any]) -> N
     def timed(what: str, fn: Any) -> httpx.Response:
         t = time.monotonic()
         r = fn()
-        rows.append((what, f"{r.status_code} {str(r.json().get('detail', r.json()) if r.headers.get('content-type', '').startswith('application/json') else r.text)[:60]}", "", time.monotonic() - t))
+        took = time.monotonic() - t
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+        saw = body.get("detail", body) if isinstance(body, dict) else body
+        rows.append((what, f"{r.status_code} {str(saw)[:60]}", "", took))
         return r
 
     live.kube.crash(h2)
@@ -358,8 +395,7 @@ def test_a_kubelet_host_that_crashes(live: Live, daemonset: dict[str, Any]) -> N
     # the host comes back: its kubelet starts the DaemonSet's pod again on its restarted engine
     t_back = time.monotonic()
     live.kube.recover(h2)
-    wait_for(lambda: (lambda ps: len(ps) == 2 and all(ready(p) for p in ps))(live.manager_pods(DS)), timeout=180,
-             what="host2's pod Ready again")
+    live.wait_pods_ready(DS, 2, timeout=180)
     t_ready = time.monotonic() - t_back
     # the release sent meanwhile is carried out; the killed session comes back with its file
     wait_for(lambda: rel_cid not in containers(h2), timeout=30, what="the release carried out on host2")
@@ -418,7 +454,7 @@ def test_deployment_two_replicas_one_engine_and_the_bundled_redis(live: Live) ->
     })
     t0 = time.monotonic()
     out = live.helm("install", DEP, str(CHART), "-n", DEP, "--create-namespace", "-f", str(values),
-                    "--wait", "--timeout", "5m").stdout
+                    "--wait", "--timeout", "3m").stdout
     took = time.monotonic() - t0
     try:
         pods = live.manager_pods(DEP)
@@ -464,4 +500,3 @@ def test_chart_values_used_here_are_in_the_schema(live: Live) -> None:
         path = live.tmp / f"{name}-values.yaml"
         if path.exists():
             live.helm("lint", str(CHART), "-f", str(path))
-    json.loads((CHART / "values.schema.json").read_text())
