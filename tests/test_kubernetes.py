@@ -425,20 +425,35 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
     left_behind = {nid for ids in st["sessions"].values() for nid in ids}
     live.helm("uninstall", DS, "-n", DS, "--wait", "--timeout", "2m")
     wait_for(lambda: live.kube.pods(DS) == [], timeout=120, what="no pod left in the release's namespace")
-    # the nodes of the uninstalled managers stay on their engines (NOTES say so): reported here
-    sys.stderr.write("\n| host | nodes left after helm uninstall (session ids) |\n| --- | --- |\n")
+    # the nodes of the uninstalled managers stay on their engines, as NOTES say: reported here
+    sys.stderr.write("\n| host | nodes left after helm uninstall (session: state) | workspace volumes |\n"
+                     "| --- | --- | --- |\n")
     found: set[str] = set()
     for h in live.hosts.hosts:
         out = h.docker("ps", "-a", "--filter", f"label={LABEL}", "--format",
-                       '{{.Label "toolserver-manager.node_id"}} {{.State}}').stdout.split("\n")
-        ids = {line.split()[0] for line in out if line.strip()}
-        found |= ids
-        sys.stderr.write(f"| {h.name} | {len(ids)}: {', '.join(sorted(i[:12] for i in ids))} |\n")
+                       '{{.Label "toolserver-manager.session_id"}} {{.State}}').stdout.splitlines()
+        nodes = dict(line.split() for line in out if line.strip())
+        volumes = h.docker("volume", "ls", "-q", "--filter", f"label={LABEL}").stdout.split()
+        found |= set(nodes)
+        sys.stderr.write(f"| {h.name} | {', '.join(f'{k[:12]}: {v}' for k, v in sorted(nodes.items()))} "
+                         f"| {len(volumes)} |\n")
     assert found == left_behind, (found, left_behind)
+    # as NOTES say, a reinstall with the same Redis serves them again
+    live.helm("install", DS, str(CHART), "-n", DS, "-f", str(st["values"]), "--wait", "--timeout", "3m")
+    live.wait_pods_ready(DS, 2)
+    port = live.node_port(DS, DS)
+    for nid in left_behind:
+        r = call(f"http://{live.h1.addr}:{port}", nid)
+        assert r.status_code == 200, r.text
+    live.helm("uninstall", DS, "-n", DS, "--wait", "--timeout", "2m")
+    wait_for(lambda: live.kube.pods(DS) == [], timeout=120, what="no pod left after the second uninstall")
     for h in live.hosts.hosts:  # what NOTES tell the operator to run
         ids = h.docker("ps", "-aq", "--filter", f"label={LABEL}").stdout.split()
         if ids:
             h.docker("rm", "-f", *ids)
+        vols = h.docker("volume", "ls", "-q", "--filter", f"label={LABEL}").stdout.split()
+        if vols:
+            h.docker("volume", "rm", *vols)
         assert containers(h) == {}
 
 
