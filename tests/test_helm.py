@@ -36,7 +36,8 @@ RELEASE = "tsm"
 NAMESPACE = "sandbox"
 FULLNAME = "tsm-toolserver-manager"
 CRD_GROUPS = ("monitoring.coreos.com/",)
-# the oldest and newest Kubernetes schemas kubernetes-validate ships (Chart.yaml: kubeVersion >= 1.25)
+# the oldest and newest Kubernetes schemas kubernetes-validate ships (the chart installs from 1.19:
+# tests/test_kubernetes.py runs it on a live 1.20.2)
 K8S_VERSIONS = ("1.25.0", None)
 
 # case name -> values files (None: the chart's defaults)
@@ -222,6 +223,30 @@ def test_default_is_a_deployment_with_probes_resources_and_pdb(rendered) -> None
     service = one(docs, "Service", FULLNAME)
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert service["spec"]["ports"][1] == {"name": "console", "port": 8081, "targetPort": "console", "protocol": "TCP"}
+
+
+def test_a_stopping_pod_keeps_serving_until_the_service_dropped_it(helm: str, rendered) -> None:
+    # a pod's deletion and its removal from every kube-proxy's endpoints race: without the sleep a
+    # rolling upgrade reset 1 call in 1081 (tests/test_kubernetes.py counts them)
+    c = manager_container(rendered("default"))
+    assert c["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "5"]}}}
+    assert workload(rendered("default"))["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 5
+    assert "lifecycle" not in manager_container(template(helm, sets=["preStopSleepSeconds=0"]))
+
+
+@pytest.mark.parametrize(("version", "pdb_api"), [("1.20.2", "policy/v1beta1"), ("1.21.0", "policy/v1"),
+                                                   ("1.33.0", "policy/v1")])
+def test_the_chart_renders_from_kubernetes_1_19_with_the_apis_each_serves(helm: str, version: str,
+                                                                          pdb_api: str) -> None:
+    out = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", version).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert one(docs, "PodDisruptionBudget")["apiVersion"] == pdb_api
+
+
+def test_the_chart_refuses_kubernetes_older_than_1_19(helm: str) -> None:
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.18.20")
+    assert proc.returncode != 0 and "kubeVersion: >=1.19.0-0" in proc.stderr, proc.stderr
+    assert run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.19.0").returncode == 0
 
 
 def test_daemonset_drives_the_hosts_engine(rendered) -> None:
