@@ -30,7 +30,8 @@ fi
 # proxy.max_client_connections fits (the manager lowers its cap to what the limit allows, and
 # raises its own soft limit to the hard one, as it does in the chart's container)
 if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt 65536 ]; then
-  ulimit -Hn 65536 2>/dev/null || echo "[run] warning: descriptor limit $(ulimit -Hn); connections capped to fit" >&2
+  ulimit -Hn 65536 2>/dev/null ||
+    echo "[run] the descriptor limit stays $(ulimit -Hn) (no CAP_SYS_RESOURCE): proxy.max_client_connections is lowered to fit it if need be" >&2
 fi
 ulimit -Sn "$(ulimit -Hn)"
 echo "[run] manager on http://127.0.0.1:${TSM_PORT:-8080} (config: $TSM_CONFIG); Ctrl-C to stop"
