@@ -254,8 +254,17 @@ def test_daemonset_pods_ready_on_both_hosts_driving_their_engines(live: Live, da
     assert [p["metadata"]["name"] for p in pdbs] == [f"{DS}-toolserver-manager"]
     assert live.kube.api("GET", "/apis/policy/v1").status_code == 404
     for h in live.hosts.hosts:
-        body = httpx.get(pod_url(pod_on(live, DS, h)) + "/ready", timeout=10).json()
+        pod = pod_on(live, DS, h)
+        body = httpx.get(pod_url(pod) + "/ready", timeout=10).json()
         assert body["status"] == "ready" and body["engine"] == "ok", body
+        # without host privileges the manager takes the socket's group, whatever its GID on the host
+        # (docker.hostSocket.group: auto), and runs as uid 10001 with no capability, not as root
+        (name,) = h.docker("ps", "-q", "--filter", f"name=k8s_manager_{pod['metadata']['name']}_").stdout.split()
+        proc = h.docker("exec", name, "cat", "/proc/1/status").stdout
+        fields = dict(line.split(":", 1) for line in proc.splitlines() if ":" in line)
+        assert fields["Uid"].split()[:2] == ["10001", "10001"] and fields["Gid"].split()[:2] == ["10001", "10001"]
+        assert fields["Groups"].split() == [str(os.stat(h.sock).st_gid)], proc
+        assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0, proc
     sys.stderr.write(f"\nhelm install (daemonset) --wait: {daemonset['install_seconds']:.1f} s\n")
 
 
