@@ -9,9 +9,9 @@ import httpx
 
 from nodeops.addresses import ConfirmedAddresses
 from nodeops.circuit import Circuits
-from shared.config import Config
 from shared.backend import NodeBackend
-from shared.models import NodeRecord, ReplicaInfo
+from shared.config import Config
+from shared.models import Event, EventKind, NodeRecord, ReplicaInfo
 from shared.store import Store
 
 
@@ -46,3 +46,8 @@ class NodeOps:
 
     def forget_address(self, node_id: str) -> None:
         """A node's address changed or it is gone; a manager drops its cached copy at once."""
+
+    async def publish(self, kind: EventKind, rec: NodeRecord, detail: str = "") -> None:
+        """Tell every replica and watcher what just happened to a session (by this replica)."""
+        await self.store.publish(Event(type=kind, node_id=rec.id, manager_id=rec.manager_id,
+                                       replica_id=self.replica.replica_id, detail=detail))

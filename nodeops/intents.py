@@ -12,7 +12,7 @@ import time
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import NodeNotFound
-from shared.models import Event, Intent, IntentOp, NodeRecord
+from shared.models import EventKind, Intent, IntentOp, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,8 @@ async def record(ops: NodeOps, rec: NodeRecord, op: IntentOp) -> None:
         raise NodeNotFound(rec.id)  # released (or removed) meanwhile: as for an unknown id
     ops.forget_address(rec.id)
     # every replica drops its cached address: the session is gone (or stopped) for the client now
-    await ops.store.publish(Event(type="released" if op == IntentOp.RELEASE else "stopped", node_id=rec.id,
-                                 manager_id=rec.manager_id, replica_id=ops.replica.replica_id,
-                                 detail=f"recorded: {rec.manager_id} carries it out when it is back"))
+    await ops.publish(EventKind.RELEASED if op == IntentOp.RELEASE else EventKind.STOPPED, rec,
+                      f"recorded: {rec.manager_id} carries it out when it is back")
     metrics.INTENTS.labels(op, "recorded").inc()
     log.info("intent_recorded node_id=%s manager_id=%s op=%s", rec.id[:12], rec.manager_id, op)
 

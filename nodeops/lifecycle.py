@@ -1,4 +1,5 @@
-"""Node lifecycle on this replica's own engine: create, restart, stop, release.
+"""Node lifecycle on this replica's own engine: create, stop, pause, release (bringing a
+session back, restart included, is nodeops/resume.py; both build on nodeops/primitives.py).
 
 Plain async functions of a NodeOps; the HTTP layer, the internal forwarding endpoints
 and the checker's pool refill all call them. Every failure path of a creation removes
@@ -13,74 +14,32 @@ import secrets
 import time
 from typing import Any
 
-import httpx
-
-from nodeops import addresses, resume
+from nodeops import resume
 from nodeops.context import NodeOps
+from nodeops.primitives import discard, gone, owned, wait_ready
 from shared import metrics
 from shared.backend import Address, NewNode
 from shared.errors import (
-    AddressUnconfirmed,
     BadRequest,
     ContainerGone,
     EngineError,
-    EngineUnavailable,
     ManagerError,
     NodeNotFound,
-    NodeNotResponding,
-    NodeNotRunning,
     NodeTimeout,
     Unavailable,
 )
-from shared.models import NODE_SECRET_HEADER, Event, NodeRecord, NodeStatus, Role, Tier
+from shared.models import (
+    EventKind,
+    NodeRecord,
+    NodeStatus,
+    Role,
+    paused_fields,
+    stopped_fields,
+)
 
 log = logging.getLogger(__name__)
 
 
-async def probe(ops: NodeOps, rec: NodeRecord, timeout: float = 1.0) -> bool:
-    """One HTTP probe of the node's health route, with the node's secret (sent only to the
-    address the engine confirms: nodeops/addresses.py)."""
-    try:
-        host, port = await addresses.confirmed(ops, rec)
-    except (AddressUnconfirmed, ContainerGone):
-        return False
-    try:
-        # the status is all a probe needs: the body is never read (a node's server is the session's
-        # own code, and an endless body read whole would grow the replica without bound)
-        async with ops.http.stream("GET", f"http://{host}:{port}{ops.cfg.node.health_path}", timeout=timeout,
-                                   headers={NODE_SECRET_HEADER: ops.store.secrets.of(rec)}) as resp:
-            status = resp.status_code
-    except httpx.HTTPError:
-        return False
-    if status in (401, 403):
-        # waiting longer cannot help: every proxied request would be refused the same way
-        raise NodeTimeout(f"the node refused its probe with {status}: the image "
-                          f"{rec.image or '?'} does not accept the manager's {NODE_SECRET_HEADER} header")
-    return status < 500
-
-
-async def wait_ready(ops: NodeOps, rec: NodeRecord, deadline: float) -> bool:
-    """Probe the node every few tens of milliseconds until it answers or the deadline passes.
-
-    Also watches the container now and then, so a node that dies at start fails fast.
-    """
-    interval = ops.cfg.node.probe_interval_seconds
-    next_inspect = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
-        if await probe(ops, rec, timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
-            return True
-        if time.monotonic() >= next_inspect:
-            next_inspect = time.monotonic() + 0.5
-            try:
-                info = await ops.backend.inspect(rec.cid)
-            except ContainerGone:
-                raise NodeTimeout("Node start failed: its container was removed") from None
-            if info.status in (NodeStatus.EXITED, NodeStatus.DEAD):
-                raise NodeTimeout(f"Node creation failed: the container {info.status}")
-            if info.port and info.address != (rec.host, rec.port):
-                rec.host, rec.port = info.address
-        await asyncio.sleep(interval)
-    return False
 
 
 async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
@@ -109,8 +68,7 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
                          image=str(cfg.node.creation_kwargs.get("image", "")), secret=new.secret)
         await ops.store.put_node(rec, replace_member=reservation)
         reservation = None
-        await ops.store.publish(Event(type="created", node_id=session_id, manager_id=ops.manager_id,
-                                     replica_id=ops.replica.replica_id))
+        await ops.publish(EventKind.CREATED, rec)
         await ops.backend.create_workspace(new)
         rec.container_id = await ops.backend.create(new)
         rec.host, rec.port = await ops.backend.start(rec.container_id)
@@ -125,8 +83,7 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
         rec.status = NodeStatus.RUNNING
         await ops.store.update_node(session_id, ready_at=rec.ready_at, host=rec.host, port=rec.port,
                                     status=rec.status)
-        await ops.store.publish(Event(type="ready", node_id=session_id, manager_id=ops.manager_id,
-                                     replica_id=ops.replica.replica_id))
+        await ops.publish(EventKind.READY, rec)
         # its idle time starts when it is handed out, not when its creation began
         await ops.store.touch({session_id: (ops.manager_id, rec.ready_at)})
         outcome = "ready"
@@ -144,88 +101,19 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
         metrics.NODE_CREATE_SECONDS.labels(outcome).observe(time.monotonic() - t0)
 
 
-async def discard(ops: NodeOps, rec: NodeRecord) -> None:
-    """Remove a session entirely: its container, its workspace, then its record (in that order, so
-    that a failure half-way leaves a record saying what is left)."""
-    if rec.cid:
-        await ops.backend.remove(rec.cid)
-    if rec.workspace:
-        await ops.backend.remove_workspace(rec.workspace)
-    await ops.store.delete_node(rec)
-    ops.forget_address(rec.id)
-
 
 async def _discard(ops: NodeOps, rec: NodeRecord | None, reservation: str | None, client: str) -> None:
     try:
         if rec is not None:
             await discard(ops, rec)
-            await ops.store.publish(Event(type="released", node_id=rec.id, manager_id=ops.manager_id,
-                                         replica_id=ops.replica.replica_id, detail="creation failed"))
+            await ops.publish(EventKind.RELEASED, rec, "creation failed")
         if reservation:
             await ops.store.unreserve(ops.manager_id, reservation, client)
     except ManagerError as exc:  # the checker removes what is left (stuck creation)
         log.error("node_cleanup_failed node_id=%s error=%s", (rec.id if rec else "-")[:12], exc.detail)
 
 
-async def owned(ops: NodeOps, node_id: str) -> NodeRecord:
-    """A session's record; NodeNotFound when there is none or it is being released."""
-    rec = await ops.store.get_node(node_id)
-    if rec is None or rec.status == NodeStatus.RELEASED:
-        raise NodeNotFound(node_id)
-    return rec
 
-
-async def gone(ops: NodeOps, rec: NodeRecord) -> NodeNotFound:
-    """The engine says the session's container (and workspace, if it had one) is gone: drop the
-    record, answer as for an unknown id."""
-    await ops.store.delete_node(rec)
-    ops.forget_address(rec.id)
-    await ops.store.publish(Event(type="removed", node_id=rec.id, manager_id=rec.manager_id,
-                                 replica_id=ops.replica.replica_id, detail="container gone"))
-    return NodeNotFound(rec.id)
-
-
-async def restart_node(ops: NodeOps, node_id: str, *, reason: str = "reconnect") -> NodeRecord:
-    """Restart (or start) a session's node and wait until it answers; one whose container is gone
-    (archived) gets a new one on its workspace."""
-    rec = await owned(ops, node_id)
-    t0 = time.monotonic()
-    from_tier = rec.tier
-    gone_container = False
-    async with resume.session_lock(ops, rec):  # the checker does not archive it meanwhile
-        rec = await owned(ops, node_id)
-        if rec.status == NodeStatus.ARCHIVED or not rec.cid:
-            gone_container = True
-        else:
-            await ops.store.update_node(node_id, status=NodeStatus.RESTARTING, ready_at=0)
-            ops.forget_address(node_id)
-            try:
-                rec.host, rec.port = await ops.backend.restart(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
-                ops.addresses.put(rec.cid, rec.id, Address(rec.host, rec.port))
-            except ContainerGone:
-                gone_container = True
-    if gone_container:
-        if rec.workspace:
-            return await resume.bring_back(ops, rec, auto=False, reason=reason)
-        raise await gone(ops, rec)
-    rec.status = NodeStatus.RUNNING
-    await ops.store.update_node(node_id, status=NodeStatus.RUNNING, host=rec.host, port=rec.port, paused_at=0)
-    # other replicas drop their cached (old) port at once
-    await ops.store.publish(Event(type="restarted", node_id=node_id, manager_id=rec.manager_id,
-                                 replica_id=ops.replica.replica_id, detail=reason))
-    if not await wait_ready(ops, rec, t0 + ops.cfg.node.creation_wait_seconds):
-        raise NodeTimeout("Node restart timeout!")
-    rec.ready_at = time.time()
-    await ops.store.update_node(node_id, ready_at=rec.ready_at)
-    await ops.store.publish(Event(type="ready", node_id=node_id, manager_id=rec.manager_id,
-                                 replica_id=ops.replica.replica_id))
-    if from_tier in (Tier.PAUSED, Tier.STOPPED):
-        await ops.store.publish(Event(type="resumed", node_id=node_id, manager_id=rec.manager_id,
-                                      replica_id=ops.replica.replica_id, detail=from_tier))
-    resume.observe(from_tier, t0)
-    # a restarted node counts as active now, or the idle scan would stop it at once
-    await ops.store.touch({node_id: (rec.manager_id, time.time())})
-    return rec
 
 
 async def stop_node(ops: NodeOps, node_id: str, *, reason: str = "close") -> None:
@@ -239,10 +127,9 @@ async def stop_node(ops: NodeOps, node_id: str, *, reason: str = "close") -> Non
         if rec.workspace:
             return  # the checker records it archived
         raise await gone(ops, rec) from None
-    await ops.store.update_node(node_id, status=NodeStatus.EXITED, ready_at=0, stopped_at=time.time(), paused_at=0)
+    await ops.store.update_node(node_id, **stopped_fields(time.time()))
     ops.forget_address(node_id)
-    await ops.store.publish(Event(type="stopped", node_id=node_id, manager_id=rec.manager_id,
-                                 replica_id=ops.replica.replica_id, detail=reason))
+    await ops.publish(EventKind.STOPPED, rec, reason)
 
 
 async def release_node(ops: NodeOps, node_id: str) -> None:
@@ -264,8 +151,7 @@ async def release_node(ops: NodeOps, node_id: str) -> None:
         log.warning("node_remove_failed node_id=%s error=%s", node_id[:12], exc.detail)
         raise
     await ops.store.delete_node(rec)
-    await ops.store.publish(Event(type="released", node_id=node_id, manager_id=rec.manager_id,
-                                 replica_id=ops.replica.replica_id))
+    await ops.publish(EventKind.RELEASED, rec)
     if not existed:
         raise NodeNotFound(node_id)
 
@@ -298,10 +184,9 @@ async def pause_node(ops: NodeOps, node_id: str) -> None:
     if rec.status != NodeStatus.RUNNING or not rec.cid:
         raise BadRequest(f"session {node_id} is {rec.status}: only a running one can be paused")
     await ops.backend.pause(rec.cid)
-    await ops.store.update_node(node_id, status=NodeStatus.PAUSED, paused_at=time.time())
+    await ops.store.update_node(node_id, **paused_fields(time.time()))
     ops.forget_address(node_id)
-    await ops.store.publish(Event(type="paused", node_id=node_id, manager_id=rec.manager_id,
-                                 replica_id=ops.replica.replica_id, detail="operator"))
+    await ops.publish(EventKind.PAUSED, rec, "operator")
 
 
 async def resume_node(ops: NodeOps, node_id: str) -> NodeRecord:

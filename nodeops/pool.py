@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from nodeops import capacity, lifecycle
+from nodeops import capacity, lifecycle, primitives
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.models import Event, NodeRecord, Role
+from shared.models import EventKind, NodeRecord, Role
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ async def claim(ops: NodeOps, client: str = "") -> NodeRecord | None:
     await store.touch({node_id: (rec.manager_id, time.time())})
     metrics.POOL_CLAIMS.labels("hit").inc()
     metrics.NODE_CREATE_SECONDS.labels("pool").observe(time.monotonic() - t0)
-    await store.publish(Event(type="ready", node_id=node_id, manager_id=rec.manager_id,
-                              replica_id=ops.replica.replica_id, detail="claimed from pool"))
+    await ops.publish(EventKind.READY, rec, "claimed from pool")
     return rec
 
 
@@ -68,7 +67,7 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
                 return
             rec = await lifecycle.create_node(ops, role=Role.POOLED)
             if not await offer(rec):
-                await lifecycle.discard(ops, rec)
+                await primitives.discard(ops, rec)
 
     results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
     for r in results:

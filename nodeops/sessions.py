@@ -14,8 +14,16 @@ from nodeops import capacity, intents, lifecycle, lost, pool
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.placement import choose_managers
+from nodeops.resume import restart_node
 from shared import metrics
-from shared.errors import ContainerGone, HostUnreachable, ImageMissing, NodeNotFound, NoLiveManager, NotFound
+from shared.errors import (
+    ContainerGone,
+    HostUnreachable,
+    ImageMissing,
+    NodeNotFound,
+    NoLiveManager,
+    NotFound,
+)
 from shared.models import IntentOp, NodeRecord, NodeStatus
 
 log = logging.getLogger(__name__)
@@ -102,7 +110,7 @@ async def release(ops: NodeOps, node_id: str | None) -> None:
 
 async def _restart(ops: NodeOps, node_id: str) -> Any:
     await intents.supersede_stop(ops, ops.manager_id, node_id)
-    return await lifecycle.restart_node(ops, node_id)
+    return await restart_node(ops, node_id)
 
 
 async def _ensure(ops: NodeOps, node_id: str) -> Any:

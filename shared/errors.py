@@ -17,6 +17,7 @@
         ├── RedisUnavailable
         ├── EngineUnavailable
         ├── NodeTimeout         a node did not become ready in time
+        │   └── SessionBusy     another caller held the session's lock longer than one may wait
         ├── NodeNotRunning
         ├── NodeNotResponding
         ├── WorkspaceUnavailable a session's workspace cannot be mounted (the session is kept)
@@ -117,6 +118,12 @@ class EngineError(ManagerError):
 
 class NodeTimeout(Unavailable):
     pass
+
+
+class SessionBusy(NodeTimeout):
+    def __init__(self) -> None:
+        # what a client waiting on a restart has always been told
+        super().__init__("Node restart timeout!")
 
 
 class NodeNotRunning(Unavailable):

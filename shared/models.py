@@ -139,6 +139,43 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         return msgspec.convert(clean, cls, strict=False)
 
 
+# --- record transitions: the fields each tier change writes, for every writer (nodeops and the
+# checker). Times are the caller's (the checker's fenced writes stamp them as text itself). A
+# session that is gone has no fields: its record is deleted (Store.delete_node / delete_ops).
+
+
+def running_fields(host: str | None = None, port: int | None = None) -> dict[str, Any]:
+    """A record whose node runs again (thawed, restarted or given a new container)."""
+    fields: dict[str, Any] = {"status": NodeStatus.RUNNING, "paused_at": 0}
+    if host is not None:
+        fields.update(host=host, port=port)
+    return fields
+
+
+def restarting_fields() -> dict[str, Any]:
+    """A record whose node is being (re)started: not ready until it answers again."""
+    return {"status": NodeStatus.RESTARTING, "ready_at": 0}
+
+
+def paused_fields(now: float) -> dict[str, Any]:
+    """A record whose node is frozen (memory kept, no CPU)."""
+    return {"status": NodeStatus.PAUSED, "paused_at": now}
+
+
+def stopped_fields(now: float, *, unhealthy: bool = False) -> dict[str, Any]:
+    """A record whose node is stopped (memory freed, container kept); unhealthy: stopped as idle."""
+    fields: dict[str, Any] = {"status": NodeStatus.EXITED, "ready_at": 0, "paused_at": 0, "stopped_at": now}
+    if unhealthy:
+        fields["health"] = "unhealthy"
+    return fields
+
+
+def archived_fields(now: float) -> dict[str, Any]:
+    """A record whose container is gone and whose workspace is kept."""
+    return {"status": NodeStatus.ARCHIVED, "container_id": "", "host": "", "port": 0, "ready_at": 0,
+            "paused_at": 0, "archived_at": now}
+
+
 class IntentOp(enum.StrEnum):
     STOP = "stop"  # close_session
     RELEASE = "release"  # release_session
@@ -178,13 +215,29 @@ class LeaseInfo(msgspec.Struct, kw_only=True):
     expires_in_ms: int | None
 
 
+class EventKind(enum.StrEnum):
+    """What happened to a node, as an Event's type (watchers and the client's models read these)."""
+
+    CREATED = "created"
+    READY = "ready"
+    STOPPED = "stopped"
+    RESTARTED = "restarted"
+    RELEASED = "released"
+    IDLE_STOPPED = "idle_stopped"
+    HEALTH = "health"  # detail: the engine's health state
+    ADOPTED = "adopted"
+    REMOVED = "removed"
+    PAUSED = "paused"
+    ARCHIVED = "archived"
+    EXPIRED = "expired"  # retention
+    RESUMED = "resumed"  # detail: the tier it left
+
+
 class Event(msgspec.Struct, kw_only=True):
     """A node lifecycle event, as pushed to watchers."""
 
     id: str = ""  # the stream entry id, for resuming
-    # created, ready, stopped, restarted, released, idle_stopped, health, adopted, removed,
-    # paused, archived, expired (retention), resumed (detail: the tier it left), orphan_removed
-    type: str
+    type: str  # an EventKind (kept a str: events of newer replicas still decode)
     node_id: str
     manager_id: str
     at: float = msgspec.field(default_factory=time.time)
