@@ -7,63 +7,59 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
-from checker.tiers import archived_fields
+from checker.fence import Fence
+from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import ContainerGone
-from shared.models import Event, IntentOp, NodeStatus
-
-if TYPE_CHECKING:
-    from checker.service import Checker
+from shared.models import EventKind, IntentOp, archived_fields, stopped_fields
+from shared.store import Op
 
 log = logging.getLogger(__name__)
 
 
-async def carry_out(ck: "Checker") -> int:
+async def carry_out(ops: NodeOps, fence: Fence) -> int:
     """Carry out every intent waiting for this manager_id; how many were done."""
-    pending = await ck.store.intents(ck.mid)
+    store, backend, mid = ops.store, ops.backend, ops.manager_id
+    pending = await store.intents(mid)
     if not pending:
         return 0
-    recs = {r.id: r for r in await ck.store.get_nodes(list(pending))}
+    recs = {r.id: r for r in await store.get_nodes(list(pending))}
     done = 0
     for node_id, intent in pending.items():
-        ck._check_held()
+        fence.check_held()
         rec = recs.get(node_id)
-        store = ck.store
-        holder = ck.lease.holder
         now = time.time()
+        detail = f"intent of {intent.at:.3f} carried out"
         if rec is None:  # released or removed since: nothing left to do
-            await ck._fenced([store.intent_done_op(ck.mid, node_id)])
+            await fence.write([store.intent_done_op(mid, node_id)])
             continue
         if intent.op == IntentOp.RELEASE:
             if rec.cid:
-                await ck.backend.remove(rec.cid)
+                await backend.remove(rec.cid)
             if rec.workspace:
-                await ck.backend.remove_workspace(rec.workspace)
-            await ck._fenced(store.delete_ops(rec) + [store.intent_done_op(ck.mid, node_id), store.event_op(
-                Event(type="released", node_id=node_id, manager_id=ck.mid, replica_id=holder,
-                      detail=f"intent of {intent.at:.3f} carried out"))])
+                await backend.remove_workspace(rec.workspace)
+            await fence.write(store.delete_ops(rec) + [store.intent_done_op(mid, node_id),
+                                                       fence.event(EventKind.RELEASED, node_id, detail)])
         else:
             gone = not rec.cid
             try:
                 if rec.cid:
-                    await ck.backend.stop(rec.cid, timeout=ck.cfg.node.stop_timeout_seconds)
+                    await backend.stop(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
             except ContainerGone:
                 gone = True
+            writes: list[Op]
             if gone and rec.workspace:  # nothing left to stop: the session stays, archived
-                ops = [store.update_op(node_id, archived_fields(now), now), store.archived_op(ck.mid, node_id)]
+                writes = [fence.update(node_id, archived_fields(now), now), store.archived_op(mid, node_id)]
                 gone = False
             elif gone:  # only the engine's word ends a session: the container is no more
-                ops = store.delete_ops(rec)
+                writes = store.delete_ops(rec)
             else:
-                ops = [store.update_op(node_id, {"status": NodeStatus.EXITED, "ready_at": 0,
-                                                 "stopped_at": f"{now:.3f}"}, now)]
-            await ck._fenced(ops + [store.intent_done_op(ck.mid, node_id), store.event_op(
-                Event(type="removed" if gone else "stopped", node_id=node_id, manager_id=ck.mid, replica_id=holder,
-                      detail=f"intent of {intent.at:.3f} carried out"))])
+                writes = [fence.update(node_id, stopped_fields(now), now)]
+            await fence.write(writes + [store.intent_done_op(mid, node_id), fence.event(
+                EventKind.REMOVED if gone else EventKind.STOPPED, node_id, detail)])
         done += 1
         metrics.INTENTS.labels(intent.op, "done").inc()
-        log.info("intent_carried_out node_id=%s manager_id=%s op=%s waited_s=%.1f", node_id[:12], ck.mid,
+        log.info("intent_carried_out node_id=%s manager_id=%s op=%s waited_s=%.1f", node_id[:12], mid,
                  intent.op, now - intent.at)
     return done

@@ -15,27 +15,27 @@ import random
 import time
 
 from checker import intents, reconcile
+from checker.fence import Fence, LeaseLost
 from checker.lease import Lease
-from checker.tiers import TierActions
+from checker.tiers import Tiers
 from nodeops import lost, pool
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
-from shared.models import Event, NodeRecord, NodeStatus, Role
 from shared.keys import is_reservation
+from shared.models import EventKind, NodeRecord, NodeStatus, Role, stopped_fields
 from shared.store import Op
 
 log = logging.getLogger(__name__)
 
 
-class LeaseLost(Exception):
-    """A fenced write was rejected: a newer holder exists."""
-
-
 STORAGE_GC_CYCLES = 30  # one volume listing every 30 passes is enough for leftovers
 
 
-class Checker(TierActions):
+class Checker:
+    """One manager_id's checker: the lease loop and the reconcile pass; its actions go through
+    its fence (checker/fence.py) and its tier actions (checker/tiers.py)."""
+
     def __init__(self, ops: NodeOps) -> None:
         self.ops = ops
         self.cfg = cfg = ops.cfg
@@ -43,6 +43,8 @@ class Checker(TierActions):
         self.backend = ops.backend
         self.mid = cfg.manager_id
         self.lease = Lease(ops.store, cfg.manager_id, ops.replica.replica_id, cfg.checker.lease_ttl_seconds)
+        self.fence = Fence(ops.store, self.lease, cfg.manager_id, cfg.node.creation_wait_seconds + 10)
+        self.tiers = Tiers(ops, self.fence)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._was_leader = False
@@ -127,7 +129,7 @@ class Checker(TierActions):
                     log.warning("checker_redis_unavailable manager_id=%s error=%s", self.mid, exc.detail)
                 except ManagerError as exc:
                     log.warning("checker_cycle_failed manager_id=%s error=%s", self.mid, exc.detail)
-                except Exception:  # noqa: BLE001 - the loop must survive any single bad pass
+                except Exception:
                     log.exception("checker_cycle_crashed manager_id=%s", self.mid)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -177,15 +179,10 @@ class Checker(TierActions):
             if c.status == NodeStatus.RUNNING:
                 with contextlib.suppress(ManagerError):
                     await self.backend.stop(c.id, timeout=self.cfg.node.stop_timeout_seconds)
-                    await self.store.update_node(c.session, status=NodeStatus.EXITED, health="unhealthy",
-                                                 stopped_at=time.time(), ready_at=0)
+                    await self.store.update_node(c.session, **stopped_fields(time.time(), unhealthy=True))
         log.info("stop_after_exit manager_id=%s", self.mid)
 
     # --- acting (lease holder only) -------------------------------------------
-    async def _fenced(self, ops: list[Op]) -> None:
-        if ops and not await self.store.fenced(self.mid, self.lease.holder, self.lease.token or 0, ops):
-            raise LeaseLost()
-
     async def on_leader_start(self) -> None:
         """Remove test nodes of this manager_id (XAgent's later manager did this at election)."""
         # Redis may have lost records (a flush ends every lease): the first pass rebuilds
@@ -214,7 +211,7 @@ class Checker(TierActions):
     async def cycle(self) -> reconcile.Plan:
         """One reconcile pass: records first, then one label-filtered list of the engine."""
         t0 = time.perf_counter()
-        await intents.carry_out(self)  # first: the pass below must see what clients asked meanwhile
+        await intents.carry_out(self.ops, self.fence)  # first: the pass below must see what clients asked meanwhile
         members = await self.store.manager_node_ids(self.mid)
         records = await self._records([m for m in members if not is_reservation(m)])
         limits = self.limits()
@@ -232,27 +229,21 @@ class Checker(TierActions):
         now = time.time()
         p = reconcile.plan(self.mid, members, records, containers, idle, now, limits, watchers, live_replicas=live,
                            workspaces=workspaces, rebuild=rebuild, orphans_seen=self._orphans)
-        store = self.store
+        store, ev = self.store, self.fence.event
         ops: list[Op] = []
-        ev = store.event_op
-        holder = self.lease.holder
         for node_id, fields in p.updates.items():
             ops.append(store.update_op(node_id, fields, now))
             if "container_id" in fields:  # an archived session found with a container again
                 ops.append(store.archived_op(self.mid, node_id, False))
             if fields.get("status") == NodeStatus.EXITED:
-                ops.append(ev(Event(type="stopped", node_id=node_id, manager_id=self.mid, replica_id=holder,
-                                    detail="seen exited")))
+                ops.append(ev(EventKind.STOPPED, node_id, "seen exited"))
             elif fields.get("status") == NodeStatus.PAUSED:  # paused behind our back: proxies must thaw it
-                ops.append(ev(Event(type="paused", node_id=node_id, manager_id=self.mid, replica_id=holder,
-                                    detail="seen paused")))
+                ops.append(ev(EventKind.PAUSED, node_id, "seen paused"))
         for node_id, health in p.health_events:
-            ops.append(ev(Event(type="health", node_id=node_id, manager_id=self.mid, replica_id=holder,
-                                detail=health)))
+            ops.append(ev(EventKind.HEALTH, node_id, health))
         for rec in p.forget:
             ops += store.delete_ops(rec)
-            ops.append(ev(Event(type="removed", node_id=rec.id, manager_id=self.mid, replica_id=holder,
-                                detail="container gone")))
+            ops.append(ev(EventKind.REMOVED, rec.id, "container gone"))
         for rec in p.adopt:
             # the secret lives in the container's own config: a record rebuilt after Redis lost it
             # must carry it, or the proxy could no longer reach the node
@@ -260,44 +251,44 @@ class Checker(TierActions):
                 rec.secret = await self.backend.node_secret(rec.cid)
         for rec in p.adopt:
             ops += store.adopt_ops(rec, now)
-            ops.append(ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder)))
+            ops.append(ev(EventKind.ADOPTED, rec.id))
             if rec.role == Role.POOLED and rec.status == NodeStatus.RUNNING:
                 ops.append(store.pool_push_op(self.mid, rec.id))
         for rec in p.restore:
             ops += [*store.adopt_ops(rec, now), store.archived_op(self.mid, rec.id)]
-            ops.append(ev(Event(type="adopted", node_id=rec.id, manager_id=self.mid, replica_id=holder,
-                                detail="archived, from its workspace")))
-        ops += await self._act_lost(p.lost)
+            ops.append(ev(EventKind.ADOPTED, rec.id, "archived, from its workspace"))
+        ops += self.tiers.lost(p.lost)
         for m in p.stale_reservations:
             ops.append(store.unreserve_op(self.mid, m))
         ops.append(store.cycle_count_op(self.mid, self.lease.token or 0))
-        await self._fenced(ops)
+        await self.fence.write(ops)
         self._rebuild = self._rebuild and (not rebuild or p.young_workspaces > 0)
         self._orphans = p.orphans_seen
 
         # engine actions, each confirmed by a fenced write; still the holder before each
+        tiers = self.tiers
         for rec in p.expire:
-            await self._act_expire(rec)
+            await tiers.expire(rec)
         for rec in p.archive:
-            await self._act_archive(rec)
+            await tiers.archive(rec)
         for rec in p.idle_stop:
-            await self._act_idle_stop(rec)
+            await tiers.idle_stop(rec)
         for rec in p.pause:
-            await self._act_pause(rec)
+            await tiers.pause(rec)
         for cid in p.duplicates:
-            await self._remove_duplicate(cid)
+            await tiers.remove_duplicate(cid)
         for name in p.orphan_workspaces:
-            await self._remove_orphan_workspace(name)
+            await tiers.remove_orphan_workspace(name)
         for rec, why in p.remove:
-            await self._act_remove(rec, why)
+            await tiers.remove(rec, why)
         for cid in p.remove_orphans:
-            self._check_held()
+            self.fence.check_held()
             await self.backend.remove(cid)
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_orphan").inc()
             log.info("orphan_removed node_id=%s manager_id=%s", cid[:12], self.mid)
         if self.cycles % STORAGE_GC_CYCLES == 0:
             # workspaces whose node was removed behind our back, or whose creation died half-way
-            self._check_held()
+            self.fence.check_held()
             gone = await self.backend.collect_storage(self.mid, time.time() - self.limits().stuck_creation_seconds)
             if gone:
                 metrics.CHECKER_ACTIONS.labels(self.mid, "remove_storage").inc(gone)
@@ -334,41 +325,6 @@ class Checker(TierActions):
             del self._cache[gone]
         return [self._cache[i][0] for i in ids if i in self._cache]
 
-    def _check_held(self) -> None:
-        if not self.lease.held:
-            raise LeaseLost()
-
-    async def _act_idle_stop(self, rec: NodeRecord) -> None:
-        self._check_held()
-        n = self.cfg.node
-        threshold = n.idling_close_minutes * 60 if n.idling_close_minutes is not None else None
-        if threshold is not None and not await self._still_idle(rec, threshold) and \
-                self.cfg.events.stop_after_unwatched_seconds is None:
-            return  # work arrived since the plan was made
-        with contextlib.suppress(ManagerError):
-            await self.backend.stop(rec.cid, timeout=self.cfg.node.stop_timeout_seconds)
-        now = time.time()
-        await self._fenced([
-            self.store.update_op(rec.id, {"status": NodeStatus.EXITED, "health": "unhealthy", "ready_at": 0,
-                                          "paused_at": 0, "stopped_at": f"{now:.3f}"}, now),
-            self.store.event_op(Event(type="idle_stopped", node_id=rec.id, manager_id=self.mid,
-                                      replica_id=self.lease.holder))])
-        metrics.CHECKER_ACTIONS.labels(self.mid, "idle_stop").inc()
-        metrics.TIER_TRANSITIONS.labels(self.mid, "stopped").inc()
-        log.info("node_idle_stopped node_id=%s manager_id=%s", rec.id[:12], self.mid)
-
-    async def _act_remove(self, rec: NodeRecord, why: str) -> None:
-        self._check_held()
-        if rec.cid:
-            await self.backend.remove(rec.cid)
-        if rec.workspace:
-            await self.backend.remove_workspace(rec.workspace)
-        await self._fenced(self.store.delete_ops(rec) + [self.store.event_op(
-            Event(type="released", node_id=rec.id, manager_id=self.mid, replica_id=self.lease.holder,
-                  detail=why))])
-        metrics.CHECKER_ACTIONS.labels(self.mid, "remove").inc()
-        log.info("node_removed node_id=%s manager_id=%s reason=%s", rec.id[:12], self.mid, why.replace(" ", "_"))
-
     async def _export_gauges(self, counts: dict[str, int]) -> None:
         for status in (*NodeStatus, Role.POOLED):
             metrics.NODES.labels(self.mid, status).set(counts.get(status, 0))
@@ -393,7 +349,7 @@ class Checker(TierActions):
 
     async def _offer_pooled(self, rec: NodeRecord) -> bool:
         try:
-            await self._fenced([self.store.pool_push_op(self.mid, rec.id)])
+            await self.fence.write([self.store.pool_push_op(self.mid, rec.id)])
         except LeaseLost:
             return False
         return True

@@ -107,7 +107,7 @@ class Circuits:
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, state.port), self.probe_seconds)
                 writer.close()
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 if host_unreachable_error(exc):
                     # one attempt per probe_seconds: a timed-out one has already waited that long
                     await asyncio.sleep(max(0.0, self.probe_seconds - (loop.time() - t0)))

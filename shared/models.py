@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 
-
 # how a session's client is kept (manager/client_auth.py): hashes and addresses, never a key
 CLIENT_KINDS = ("key:", "hdr:", "addr:")
 NODE_SECRET_HEADER = "x-node-secret"  # carries NodeRecord.secret from the manager to the node
@@ -133,7 +132,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         return {k: str(v) for k, v in msgspec.structs.asdict(self).items()}
 
     @classmethod
-    def from_hash(cls, data: dict[Any, Any]) -> "NodeRecord":
+    def from_hash(cls, data: dict[Any, Any]) -> NodeRecord:
         clean = {_s(k): _s(v) for k, v in data.items()}
         clean = {k: v for k, v in clean.items() if k in cls.__struct_fields__}
         return msgspec.convert(clean, cls, strict=False)
@@ -200,7 +199,7 @@ class ReplicaInfo(msgspec.Struct, kw_only=True):
     node_cap: int = -1  # its manager_id's cap on live nodes (0: none; -1: not known yet), for placement
 
     @classmethod
-    def from_hash(cls, data: dict[Any, Any]) -> "ReplicaInfo":
+    def from_hash(cls, data: dict[Any, Any]) -> ReplicaInfo:
         clean = {_s(k): _s(v) for k, v in data.items()}
         clean = {k: v for k, v in clean.items() if k in cls.__struct_fields__}
         clean["draining"] = clean.get("draining") in ("1", "True", "true")
