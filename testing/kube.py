@@ -101,6 +101,7 @@ class KubeCluster:
         """Engines first (hosts.start), then the control plane, then a kubelet and kube-proxy per host."""
         t0 = time.monotonic()
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "owner").write_text(str(os.getpid()))  # a run whose owner is gone is swept
         for d in (SOCKET_DIR, *LOG_DIRS):
             Path(d).mkdir(parents=True, exist_ok=True)  # mount points of the hosts' own directories
         for h in self.hosts.hosts:
@@ -344,21 +345,31 @@ class KubeCluster:
 
 
 def sweep_stale() -> list[str]:
-    """Remove what a killed run left: the hosts fixture's sweep (namespaces, engines; a dead kubelet's
-    mount namespace dies with its processes) plus this run's processes and directories."""
+    """Remove what a killed run left: its kubelets, kube-proxies, control plane, DNS and engines
+    (they run in sessions of their own and outlive a killed test process), then what the hosts
+    fixture's sweep removes (namespaces, bridge, engines' data). A run whose test process lives is
+    kept. Returns the tags removed."""
     from testing.hosts import sweep_stale as sweep_hosts  # noqa: PLC0415
 
-    removed = sweep_hosts()
-    live = {p.name[len("tsmh-"):-len(".started")] for p in Path("/run").glob("tsmh-*.started")}
-    for root in [*STATE.glob("tsmk-*"), *Path("/dev/shm").glob("tsmk-*-etcd")]:
+    removed = []
+    for root in STATE.glob("tsmk-*"):
         tag = root.name.split("-")[1]
-        if tag in live or any(Path(f"/run/netns/host{i}-{tag}").exists() for i in (1, 2, 3)):
-            continue
-        for pid in _pids_naming(str(root)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        try:
+            owner = int((root / "owner").read_text())
+            os.kill(owner, 0)
+            continue  # its test process is alive: a run going on
+        except (OSError, ValueError):
+            pass
+        for path in (str(root), f"/dev/shm/tsmk-{tag}-etcd", *(f"/run/tsmh-{tag}-{i}" for i in range(1, 10))):
+            for pid in _pids_naming(path):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for pidfile in Path("/run").glob(f"tsmh-{tag}-*.pid"):
+            pidfile.unlink(missing_ok=True)  # its engine was killed above (a zombie would still look alive)
         remove_tree(root)
+        remove_tree(Path(f"/dev/shm/tsmk-{tag}-etcd"))
         removed.append(tag)
+    sweep_hosts()  # the engines named above are dead now: their namespaces and data go
     return removed
 
 

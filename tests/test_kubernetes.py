@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from testing.hosts import Host, Hosts
+from testing.hosts import STATE, Host, Hosts
 from testing.kube import SOCKET, KubeCluster, redis_image, sweep_stale
 from tests.conftest import NODE_IMAGE, ROOT, wait_for
 
@@ -530,6 +531,33 @@ def test_privileged_modes(live: Live) -> None:
                     f"({live.privileged}), so hostIsolation.enabled and docker.dind.enabled were not installed; "
                     "the other tests ran with hostIsolation.enabled=false and config.node.disk.workspace_bytes=0")
     pytest.fail("privileged containers run on this machine: install the chart with hostIsolation.enabled here")
+
+
+def test_leftovers_of_a_killed_run_are_swept_and_a_live_run_is_not(live: Live) -> None:
+    """A killed run's processes outlive it (sessions of their own), its engines too: the next run's
+    sweep ends them and removes their directories and namespaces, and leaves a live run alone."""
+    stale = STATE / "tsmk-fffe"
+    stale.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (stale / "owner").write_text(str(dead.pid))  # the killed test process
+    # one process standing for its kubelet and its host's dockerd (it names both, and the pidfile)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(stale / "kubelet.yaml"),
+                               "/run/tsmh-fffe-1.sock"], start_new_session=True)
+    pidfile = Path("/run/tsmh-fffe-1.pid")
+    pidfile.write_text(str(orphan.pid))
+    subprocess.run(["ip", "netns", "add", "host1-fffe"], check=True)
+    try:
+        assert "fffe" in sweep_stale()
+        assert orphan.wait(10) == -9 and not stale.exists()
+        assert "host1-fffe" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert live.kube.dir.exists() and live.kube.api_ok("/readyz") and live.tag not in sweep_stale()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        shutil.rmtree(stale, ignore_errors=True)
+        subprocess.run(["ip", "netns", "del", "host1-fffe"], capture_output=True)
+        pidfile.unlink(missing_ok=True)
 
 
 def test_chart_values_used_here_are_in_the_schema(live: Live) -> None:
