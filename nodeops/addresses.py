@@ -16,47 +16,20 @@ Nodes of another manager_id are on another engine this replica cannot ask: a liv
 their owner confirms the address with its engine (an internal call, cached the same way). When
 the owner has no live replica (or forwarding is off: no cluster.internal_token) the record's
 address is used, as a node must stay reachable while its owner restarts; writing that record
-takes Redis's password, which only the replicas have.
+takes Redis's password, which only the replicas have. The cache itself is nodeops/address_cache.py.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
 
+from nodeops.context import NodeOps
+from nodeops.forward import forward
 from shared.backend import Address
 from shared.errors import AddressUnconfirmed, ContainerGone, NoLiveManager
 from shared.models import NodeRecord
 
-if TYPE_CHECKING:
-    from nodeops.context import NodeOps
-
 log = logging.getLogger(__name__)
-
-LIMIT = 20000  # containers remembered per replica; beyond, the oldest are checked again
-
-
-class ConfirmedAddresses:
-    """container id -> the session it serves and the address the engine gave for it (bounded,
-    oldest dropped first). Keyed by container and checked against the session too: a record may
-    name another session's container at that container's true address."""
-
-    def __init__(self) -> None:
-        self._by_cid: dict[str, tuple[str, Address]] = {}
-
-    def get(self, cid: str) -> tuple[str, Address] | None:
-        return self._by_cid.get(cid)
-
-    def put(self, cid: str, session_id: str, addr: Address) -> None:
-        """Remember what the engine just said (inspect, start, restart) for a session's container."""
-        self._by_cid.pop(cid, None)
-        self._by_cid[cid] = (session_id, addr)
-        if len(self._by_cid) > LIMIT:
-            del self._by_cid[next(iter(self._by_cid))]
-
-    def drop(self, cid: str) -> None:
-        self._by_cid.pop(cid, None)
 
 
 async def confirmed(ops: NodeOps, rec: NodeRecord) -> Address:
@@ -85,10 +58,7 @@ async def confirmed(ops: NodeOps, rec: NodeRecord) -> Address:
     return info.address
 
 
-
 async def _confirmed_by_owner(ops: NodeOps, rec: NodeRecord, cid: str, recorded: Address) -> Address:
-    from nodeops.forward import forward  # forward -> context -> this module: imported on use
-
     if not ops.cfg.internal_token:
         return recorded
     try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from nodeops.addresses import ConfirmedAddresses
+from nodeops.address_cache import ConfirmedAddresses
 from nodeops.circuit import Circuits
 from shared.backend import NodeBackend
 from shared.config import Config
