@@ -25,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from testing.harness import report
 from testing.hosts import STATE, Host, Hosts
 from testing.kube import SOCKET, KubeCluster, redis_image, sweep_stale
 from tests.conftest import NODE_IMAGE, ROOT, wait_for
@@ -124,6 +125,12 @@ class Live:
         return "\n".join(out)
 
 
+def out(text: str) -> None:
+    """Figures and tables for the run's summary (pytest captures a test's own output)."""
+    for line in text.strip("\n").splitlines():
+        report(line)
+
+
 def deep(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
@@ -170,12 +177,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                              NODE_IMAGE, "true", check=False)
         if probe.returncode != 0:
             lv.privileged = probe.stderr.strip().splitlines()[0] if probe.stderr.strip() else "refused"
-        sys.stderr.write(f"\ncluster set-up: manager image {t_image:.1f} s, then "
+        out(f"\ncluster set-up: manager image {t_image:.1f} s, then "
                          f"{ {k: round(v, 1) for k, v in kube.timings.items()} } s; "
                          f"images loaded at {time.monotonic() - t0:.1f} s\n")
         yield lv
     except BaseException:
-        sys.stderr.write(kube.logs())
+        sys.stderr.write(kube.logs())  # a failed set-up: what the servers said
         raise
     finally:
         kube.close()
@@ -266,7 +273,7 @@ def test_daemonset_pods_ready_on_both_hosts_driving_their_engines(live: Live, da
         assert fields["Uid"].split()[:2] == ["10001", "10001"] and fields["Gid"].split()[:2] == ["10001", "10001"]
         assert fields["Groups"].split() == [str(os.stat(h.sock).st_gid)], proc
         assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0, proc
-    sys.stderr.write(f"\nhelm install (daemonset) --wait: {daemonset['install_seconds']:.1f} s\n")
+    out(f"\nhelm install (daemonset) --wait: {daemonset['install_seconds']:.1f} s\n")
 
 
 def test_sessions_spread_over_both_hosts_through_the_service(live: Live, daemonset: dict[str, Any]) -> None:
@@ -299,7 +306,7 @@ def test_sessions_spread_over_both_hosts_through_the_service(live: Live, daemons
             assert r.status_code == 200, r.text
             answered.setdefault(node_id, set()).add(
                 next(n for n in pod_names if r.headers["x-tsm-replica"].startswith(n)))
-    sys.stderr.write(f"\nsessions per host: {per_host}; pods answering each session through the Service "
+    out(f"\nsessions per host: {per_host}; pods answering each session through the Service "
                      f"(8 calls): {sorted(len(v) for v in answered.values())}\n")
     assert any(len(v) == 2 for v in answered.values()), answered
 
@@ -346,7 +353,7 @@ def test_upgrade_rolls_every_pod_with_no_failed_call(live: Live, daemonset: dict
             t.join(60)
     took = time.monotonic() - t0
     kept = [nid for nid in ids if call(service_url(live, st, live.h1), nid).status_code == 200]
-    sys.stderr.write(f"\nhelm upgrade (daemonset, 2 pods rolled in {took:.1f} s): {counts['ok'] + counts['failed']} "
+    out(f"\nhelm upgrade (daemonset, 2 pods rolled in {took:.1f} s): {counts['ok'] + counts['failed']} "
                      f"calls, {counts['failed']} failed; sessions kept {len(kept)}/{len(ids)}\n")
     assert counts["failed"] == 0, failures[:10]
     assert counts["ok"] > 50
@@ -420,11 +427,11 @@ def test_a_kubelet_host_that_crashes(live: Live, daemonset: dict[str, Any]) -> N
         recs = admin(p1, st, f"/admin/nodes?manager_id={h.name}&limit=1000")["nodes"]
         assert rel_id not in {x["id"] for x in recs}
         assert {x["container_id"]: x["status"] for x in recs if x["container_id"]} == containers(h), h.name
-    sys.stderr.write("\n| host crash (host2: link cut, kubelet, kube-proxy and dockerd killed) | client saw | s |\n"
+    out("\n| host crash (host2: link cut, kubelet, kube-proxy and dockerd killed) | client saw | s |\n"
                      "| --- | --- | --- |\n")
     for what, saw, _, secs in rows:
-        sys.stderr.write(f"| {what} | {saw} | {secs:.3f} |\n")
-    sys.stderr.write(f"| node NotReady in the API | - | {t_notready:.1f} |\n"
+        out(f"| {what} | {saw} | {secs:.3f} |\n")
+    out(f"| node NotReady in the API | - | {t_notready:.1f} |\n"
                      f"| host2's pod out of the Service's endpoints | - | {t_endpoints:.1f} |\n"
                      f"| 10 calls via the Service afterwards, session on host1 | 200 x10 | - |\n"
                      f"| host2 back: its pod Ready again | - | {t_ready:.1f} |\n")
@@ -441,7 +448,7 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
     live.helm("uninstall", DS, "-n", DS, "--wait", "--timeout", "2m")
     wait_for(lambda: live.kube.pods(DS) == [], timeout=120, what="no pod left in the release's namespace")
     # the nodes of the uninstalled managers stay on their engines, as NOTES say: reported here
-    sys.stderr.write("\n| host | nodes left after helm uninstall (session: state) | workspace volumes |\n"
+    out("\n| host | nodes left after helm uninstall (session: state) | workspace volumes |\n"
                      "| --- | --- | --- |\n")
     found: set[str] = set()
     for h in live.hosts.hosts:
@@ -450,7 +457,7 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
         nodes = dict(line.split() for line in out if line.strip())
         volumes = h.docker("volume", "ls", "-q", "--filter", f"label={LABEL}").stdout.split()
         found |= set(nodes)
-        sys.stderr.write(f"| {h.name} | {', '.join(f'{k[:12]}: {v}' for k, v in sorted(nodes.items()))} "
+        out(f"| {h.name} | {', '.join(f'{k[:12]}: {v}' for k, v in sorted(nodes.items()))} "
                          f"| {len(volumes)} |\n")
     assert found == left_behind, (found, left_behind)
     try:
@@ -462,7 +469,7 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
         firsts = [call(f"http://{live.h1.addr}:{port}", nid, timeout=60) for nid in sorted(left_behind)]
         assert [r.status_code for r in firsts] == [200] * len(firsts), [r.text[:100] for r in firsts]
         firsts = [f"{len(firsts)} x 200"]
-        sys.stderr.write(f"\nfirst call of each left session after the reinstall: {firsts}\n")
+        out(f"\nfirst call of each left session after the reinstall: {firsts}\n")
     finally:
         live.helm("uninstall", DS, "-n", DS, "--wait", "--timeout", "2m")
         wait_for(lambda: live.kube.pods(DS) == [], timeout=120, what="no pod left after the second uninstall")
@@ -517,7 +524,7 @@ def test_deployment_two_replicas_one_engine_and_the_bundled_redis(live: Live) ->
         for node_id in ids:
             assert call(f"http://{live.h2.addr}:{port}", node_id, "/release_session").status_code == 200
         wait_for(lambda: containers(live.h1) == {}, timeout=30, what="the released nodes removed")
-        sys.stderr.write(f"\nhelm install (deployment, 2 replicas + bundled Redis) --wait: {took:.1f} s; "
+        out(f"\nhelm install (deployment, 2 replicas + bundled Redis) --wait: {took:.1f} s; "
                          f"4 sessions served by both replicas\n")
     finally:
         live.helm("uninstall", DEP, "-n", DEP, "--wait", "--timeout", "2m")
