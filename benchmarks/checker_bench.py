@@ -48,8 +48,19 @@ import httpx
 
 from benchmarks._support import RoundTrips, lease_holder, remove_containers_retry
 from benchmarks.common import (
-    base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
-    percentile, redis_client, summarize, verdict, write_json,
+    base_config,
+    bench_id,
+    command_line,
+    delete_keys,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    percentile,
+    redis_client,
+    summarize,
+    verdict,
+    write_json,
 )
 from testing.harness import ManagerProc
 
@@ -135,8 +146,8 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
     from checker import reconcile
     from checker.service import Checker
     from nodeops.context import NodeOps
-    from shared.config import config_from_dict
     from shared.backend import NodeInfo
+    from shared.config import config_from_dict
     from shared.engines import open_backend
     from shared.keys import Keys
     from shared.models import NodeRecord, NodeStatus, ReplicaInfo
@@ -173,7 +184,7 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
     fake_containers = [NodeInfo(id=nid, owner=mid, role="node", status=NodeStatus.RUNNING, health="none",
                                 created=time.time(), host="127.0.0.1", port=synth_port[nid])
                        for nid in synthetic_ids]
-    real_list = backend.list
+    real_list = backend.nodes
     phases: dict[str, float] = {}
     engine_real: list[int] = []
 
@@ -223,7 +234,7 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
         cases: dict[str, dict[str, Any]] = {}
 
         async def run_case(name: str, iterations: int, listing: Any, before: Any = None) -> None:
-            backend.list = timed("engine list (1 Docker call)", listing)  # type: ignore[method-assign]
+            backend.nodes = timed("engine list (1 Docker call)", listing)  # type: ignore[method-assign]
             samples, trips, cmds, per_phase, plans = [], [], [], [], []
             for i in range(iterations + 1):  # the first one is an untimed warm-up (script load, caches)
                 if before is not None:

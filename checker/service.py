@@ -175,7 +175,7 @@ class Checker:
         if others:
             log.info("stop_after_exit_skipped manager_id=%s live_replicas=%d", self.mid, len(others))
             return
-        for c in await self.backend.list(self.mid):
+        for c in await self.backend.nodes(self.mid):
             if c.status == NodeStatus.RUNNING:
                 with contextlib.suppress(ManagerError):
                     await self.backend.stop(c.id, timeout=self.cfg.node.stop_timeout_seconds)
@@ -189,7 +189,7 @@ class Checker:
         # archived sessions from their workspaces before any workspace is judged an orphan
         self._rebuild = True
         self._orphans = {}
-        for c in await self.backend.list(self.mid, Role.TEST):
+        for c in await self.backend.nodes(self.mid, Role.TEST):
             await self.backend.remove(c.id)
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_test").inc()
             log.info("test_node_removed node_id=%s manager_id=%s", c.id[:12], self.mid)
@@ -221,7 +221,7 @@ class Checker:
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
         # a creating or claiming replica not in here is dead: what it had not handed out goes
         live = {r.replica_id for r in await self.store.live_replicas()} | {self.lease.holder}
-        containers = await self.backend.list(self.mid)
+        containers = await self.backend.nodes(self.mid)
         rebuild = self._rebuild
         # listed now and then, and every pass while some workspace is on its way to being collected
         workspaces = (await self.backend.workspaces(self.mid)

@@ -105,4 +105,7 @@ async def internal_engine(request: Request) -> Response:
 async def engine_summary(rt: Runtime) -> dict[str, Any]:
     """This replica's engine, as one row of a cluster-wide read."""
     info = await rt.backend.info()
-    return {"manager_id": rt.manager_id, "replica_id": rt.replica.replica_id, "engine": info}
+    # the engine's own words first (what this answer always carried), then ours, which the CLI reads
+    engine = {**info.meta, **msgspec.structs.asdict(info)}
+    del engine["meta"]
+    return {"manager_id": rt.manager_id, "replica_id": rt.replica.replica_id, "engine": engine}

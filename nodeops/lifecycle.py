@@ -65,7 +65,7 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
         rec = NodeRecord(id=session_id, short_id=session_id[:12], manager_id=ops.manager_id,
                          status=NodeStatus.CREATING, created_at=now, updated_at=now, last_request_at=now,
                          replica_id=ops.replica.replica_id, role=role, client=client, workspace=new.workspace,
-                         image=str(cfg.node.creation_kwargs.get("image", "")), secret=new.secret)
+                         image=ops.backend.image, secret=new.secret)
         await ops.store.put_node(rec, replace_member=reservation)
         reservation = None
         await ops.publish(EventKind.CREATED, rec)

@@ -91,7 +91,7 @@ async def resume(ops: NodeOps, rec: NodeRecord, *, auto: bool = True) -> NodeRec
     if info.status == NodeStatus.RUNNING and info.port:
         if info.address != (rec.host, rec.port) or rec.status != NodeStatus.RUNNING:
             (rec.host, rec.port), rec.status = info.address, NodeStatus.RUNNING
-            await ops.store.update_node(rec.id, host=rec.host, port=rec.port, status=NodeStatus.RUNNING)
+            await ops.store.update_node(rec.id, **running_fields(rec.host, rec.port))
         if await wait_ready(ops, rec, time.monotonic() + ops.cfg.node.creation_wait_seconds):
             return rec
         raise NodeNotResponding()

@@ -17,7 +17,7 @@ import msgspec
 
 from shared.models import NodeStatus, Role
 
-__all__ = ["Address", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role", "WorkspaceInfo"]
+__all__ = ["Address", "EngineInfo", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role", "WorkspaceInfo"]
 
 
 class Address(NamedTuple):
@@ -38,6 +38,19 @@ class NewNode(msgspec.Struct, kw_only=True):
     secret: str = ""  # the node requires it on every request; kept by the engine, never in a label
     session_id: str = ""  # the session it serves; the container is named after it
     workspace: str = ""  # the session's workspace (from create_workspace) to mount; "": none of its own
+
+
+class EngineInfo(msgspec.Struct, kw_only=True):
+    """Facts about an engine for cluster-wide reads (0 or "" where the engine does not say)."""
+
+    name: str = ""  # the engine's host name
+    version: str = ""
+    nodes: int = 0  # containers on the engine, of any owner
+    running: int = 0
+    stopped: int = 0
+    cpus: int = 0
+    memory_bytes: int = 0
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)  # in the engine's own words, shown to admins as is
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
@@ -116,7 +129,7 @@ class NodeBackend(abc.ABC):
         """The secret a node was created with ("" when none), to rebuild a lost record."""
 
     @abc.abstractmethod
-    async def list(self, owner: str, role: str | None = None) -> list[NodeInfo]:
+    async def nodes(self, owner: str, role: str | None = None) -> list[NodeInfo]:
         """Every node of owner (any status), optionally of one role: one engine call."""
 
     @abc.abstractmethod
@@ -130,7 +143,7 @@ class NodeBackend(abc.ABC):
         ContainerGone when the engine has no such node."""
 
     @abc.abstractmethod
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> EngineInfo:
         """Facts about the engine for cluster-wide reads."""
 
     @abc.abstractmethod
@@ -145,6 +158,11 @@ class NodeBackend(abc.ABC):
     def image(self) -> str:
         """The image nodes are created from ("" when the engine has no such notion)."""
         return ""
+
+    @property
+    def node_memory_bytes(self) -> int:
+        """The memory one node may use at most (0: no limit, or the engine cannot say)."""
+        return 0
 
     async def image_present(self) -> bool:
         """Whether the engine has the node image."""

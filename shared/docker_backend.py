@@ -15,7 +15,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -28,10 +27,23 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from shared import firewall, loopdisk
-from shared.backend import Address, NewNode, NodeBackend, NodeInfo, WorkspaceInfo
+from shared.backend import (
+    Address,
+    EngineInfo,
+    NewNode,
+    NodeBackend,
+    NodeInfo,
+    WorkspaceInfo,
+)
 from shared.config import Config
-from shared.errors import (ConfigError, ContainerGone, EngineError, EngineUnavailable, ImageMissing,
-                           WorkspaceUnavailable)
+from shared.errors import (
+    ConfigError,
+    ContainerGone,
+    EngineError,
+    EngineUnavailable,
+    ImageMissing,
+    WorkspaceUnavailable,
+)
 from shared.models import NodeStatus, Role
 
 log = logging.getLogger(__name__)
@@ -109,6 +121,17 @@ def _node_ip(settings: dict[str, Any]) -> str:
     return ""
 
 
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """Docker's memory sizes ("512m", "1g", 1073741824) in bytes; 0 when absent or unparsable."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([bkmgt]?)b?\s*", str(value or "").lower())
+    return int(m.group(1)) * _UNITS[m.group(2)] if m else 0
+
+
 class DockerBackend(NodeBackend):
     """One Docker engine, configured by the node section of the config."""
 
@@ -176,6 +199,11 @@ class DockerBackend(NodeBackend):
     @property
     def image(self) -> str:
         return str(self._creation_kwargs["image"])
+
+    @property
+    def node_memory_bytes(self) -> int:
+        """creation_kwargs.mem_limit in bytes (0 when absent or unparsable)."""
+        return parse_size(self._creation_kwargs.get("mem_limit"))
 
     async def image_present(self) -> bool:
         """Whether the engine has the node image (by name and tag, or digest)."""
@@ -555,7 +583,7 @@ class DockerBackend(NodeBackend):
                 return str(item[len(SECRET_ENV) + 1:])
         return ""
 
-    async def list(self, owner: str, role: str | None = None) -> list[NodeInfo]:
+    async def nodes(self, owner: str, role: str | None = None) -> list[NodeInfo]:
         """One engine call: every container (any state) of owner, optionally of one role."""
         raw = await self._call(self.client.api.containers, all=True, filters={"label": _owner_filter(owner, role)})
         out = []
@@ -631,11 +659,15 @@ class DockerBackend(NodeBackend):
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, stream.close)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> EngineInfo:
         """Engine facts for cluster-wide reads."""
         raw = await self._call(self.client.api.info)
-        return {k: raw.get(k) for k in ("Name", "ServerVersion", "Containers", "ContainersRunning",
-                                         "ContainersStopped", "NCPU", "MemTotal")}
+        meta = {k: raw.get(k) for k in ("Name", "ServerVersion", "Containers", "ContainersRunning",
+                                        "ContainersStopped", "NCPU", "MemTotal")}
+        return EngineInfo(name=str(raw.get("Name") or ""), version=str(raw.get("ServerVersion") or ""),
+                          nodes=int(raw.get("Containers") or 0), running=int(raw.get("ContainersRunning") or 0),
+                          stopped=int(raw.get("ContainersStopped") or 0), cpus=int(raw.get("NCPU") or 0),
+                          memory_bytes=int(raw.get("MemTotal") or 0), meta=meta)
 
     def changes(self, owner: str, stop: Callable[[], bool]) -> Iterator[None]:
         """Blocking generator, one item per container event of owner (run it in a thread)."""

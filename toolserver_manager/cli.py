@@ -16,7 +16,12 @@ from typing import Any
 
 import msgspec
 
-from toolserver_manager.client import AsyncAdmin, ConnectionFailed, RequestTimeout, ToolServerError
+from toolserver_manager.client import (
+    AsyncAdmin,
+    ConnectionFailed,
+    RequestTimeout,
+    ToolServerError,
+)
 from toolserver_manager.models import Event, NodeDetail, NodeList
 
 PROG = "toolserver-admin"
@@ -176,9 +181,8 @@ async def cmd_engines(a: AsyncAdmin, ns: argparse.Namespace) -> int:
         rows = []
         for mid, row in sorted(res.results.items()):
             e = (row or {}).get("engine") or {}
-            rows.append((mid, (row or {}).get("replica_id", "-"), e.get("Name", "-"), e.get("ServerVersion", "-"),
-                         e.get("Containers", "-"), e.get("ContainersRunning", "-"), e.get("NCPU", "-"),
-                         size(e.get("MemTotal"))))
+            rows.append((mid, (row or {}).get("replica_id", "-"), e.get("name", "-"), e.get("version", "-"),
+                         e.get("nodes", "-"), e.get("running", "-"), e.get("cpus", "-"), size(e.get("memory_bytes"))))
         print(table(("MANAGER", "REPLICA", "ENGINE", "VERSION", "CONTAINERS", "RUNNING", "CPUS", "MEMORY"), rows))
     for mid, why in sorted(res.failures.items()):
         print(f"{PROG}: warning: {mid}: {why}", file=sys.stderr)

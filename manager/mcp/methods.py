@@ -16,12 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcp_types import methods as spec
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION, MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import (
+    HANDSHAKE_PROTOCOL_VERSIONS,
+    LATEST_HANDSHAKE_VERSION,
+    MODERN_PROTOCOL_VERSIONS,
+)
 from pydantic import ValidationError
 
 from manager.mcp import tools
 from manager.mcp.sessions import McpSession, McpSessions
-from manager.mcp.wire import INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, SERVER_ERROR, RpcError
+from manager.mcp.wire import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    SERVER_ERROR,
+    RpcError,
+)
 from manager.proxy import Proxy
 from manager.runtime import Runtime
 from shared import __version__
@@ -62,7 +73,7 @@ class Methods:
         self.rt = rt
         self.proxy = proxy
         self.sessions = sessions
-        self.image = str(rt.cfg.node.creation_kwargs.get("image", ""))
+        self.image = rt.backend.image
 
     # --- 2025-11-25 handshake -----------------------------------------------------------
     def negotiate(self, params: Mapping[str, Any]) -> str:
