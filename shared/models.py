@@ -35,7 +35,7 @@ class NodeStatus(enum.StrEnum):
 
 
 class Tier(enum.StrEnum):
-    """Where an idle session sits, cheapest to resume first (see nodeops/tiers.py)."""
+    """Where an idle session sits, cheapest to resume first (see nodeops/resume.py)."""
 
     RUNNING = "running"
     PAUSED = "paused"  # frozen: memory kept, no CPU

@@ -67,3 +67,57 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
         "nodeops/y.py:1 imports redis: only ['shared/store.py'] may",
         "checker/x.py:2 imports manager: checker may import only ['nodeops', 'shared']",
     ]
+
+
+def module_imports(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """module -> the modules of packages it imports (TYPE_CHECKING and lazy imports included)."""
+    mods = {p.relative_to(root).with_suffix("").as_posix().replace("/", "."): p
+            for package in packages for p in sorted((root / package).rglob("*.py"))}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[mod] |= {n for n in names if n in mods and n != mod}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or round a circle."""
+    out: list[list[str]] = []
+    seen: set[str] = set()
+    for start in sorted(graph):
+        if start in seen:
+            continue
+        reach = _reach(graph, start)
+        if start in reach:  # every module that reaches start and that start reaches is in its circle
+            group = sorted(m for m in reach if start in _reach(graph, m))
+            seen |= set(group)
+            out.append(group)
+    return out
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    reach: set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in graph[todo.pop()] - reach:
+            reach.add(nxt)
+            todo.append(nxt)
+    return reach
+
+
+def test_no_module_circles_in_nodeops_and_checker() -> None:
+    assert circles(module_imports(ROOT, ("nodeops", "checker"))) == []
+
+
+def test_the_check_sees_a_circle(tmp_path: Path) -> None:
+    (tmp_path / "nodeops").mkdir()
+    (tmp_path / "nodeops" / "a.py").write_text("from nodeops import b\n")
+    (tmp_path / "nodeops" / "b.py").write_text("def f():\n    from nodeops.a import g\n")
+    (tmp_path / "nodeops" / "c.py").write_text("from nodeops import a\n")
+    assert circles(module_imports(tmp_path, ("nodeops",))) == [["nodeops.a", "nodeops.b"]]
