@@ -78,8 +78,8 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
     p = Plan()
     by_cid = {c.id: c for c in containers}
     by_session: dict[str, list[NodeInfo]] = {}
-    for c in containers:
-        by_session.setdefault(c.session, []).append(c)
+    for info in containers:
+        by_session.setdefault(info.session, []).append(info)
     recorded = {r.id for r in records}
     used: set[str] = set()
 
@@ -91,7 +91,7 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
                                   or dead(reservation_replica(m))):
             p.stale_reservations.append(m)
     for rec in records:
-        c = by_cid.get(rec.container_id) if rec.container_id else None
+        c: NodeInfo | None = by_cid.get(rec.container_id) if rec.container_id else None
         mine = by_session.get(rec.id, [])
         if c is None and mine:
             c = next((x for x in mine if x.status == NodeStatus.RUNNING), mine[0])

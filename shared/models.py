@@ -200,8 +200,7 @@ class ReplicaInfo(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_hash(cls, data: dict[Any, Any]) -> ReplicaInfo:
-        clean = {_s(k): _s(v) for k, v in data.items()}
-        clean = {k: v for k, v in clean.items() if k in cls.__struct_fields__}
+        clean: dict[str, Any] = {_s(k): _s(v) for k, v in data.items() if _s(k) in cls.__struct_fields__}
         clean["draining"] = clean.get("draining") in ("1", "True", "true")
         return msgspec.convert(clean, cls, strict=False)
 
