@@ -28,6 +28,12 @@ class AddressCache:
     def __init__(self, ttl: float, unknown_ttl: float = 2.0) -> None:
         self.ttl = ttl
         self._entries: dict[str, tuple[float, NodeRecord]] = {}
+        # the last record Redis gave for each node, kept past expiry and invalidation: what a call
+        # goes on with while Redis does not answer (an event as harmless as a health change drops
+        # the entry above, and the next call would need Redis). Safe to use stale: the address is
+        # still confirmed with the engine and the key binding never changes; a session that was
+        # stopped or removed meanwhile needs Redis to come back, so it fails as it would have
+        self._last: dict[str, NodeRecord] = {}
         # ids Redis just said it does not know: a client retrying a stale or made-up cookie is
         # answered without a round trip. Small and short-lived; the id's "created" (or "adopted")
         # event drops it, like every other entry, and nobody can guess a new session's id before
@@ -46,6 +52,7 @@ class AddressCache:
         return True
 
     def put_unknown(self, node_id: str) -> None:
+        self._last.pop(node_id, None)
         if self.unknown_ttl <= 0:
             return
         self._unknown.pop(node_id, None)
@@ -65,7 +72,14 @@ class AddressCache:
     def put(self, rec: NodeRecord) -> None:
         if len(self._entries) > 100_000:  # bound memory against a scan of bogus cookies
             self._entries.clear()
+        if len(self._last) > 100_000:
+            self._last.clear()
         self._entries[rec.id] = (time.monotonic() + self.ttl, rec)
+        self._last[rec.id] = rec
+
+    def last_known(self, node_id: str) -> NodeRecord | None:
+        """The last record Redis gave for node_id, however old: only for while Redis does not answer."""
+        return self._last.get(node_id)
 
     def invalidate(self, node_id: str) -> None:
         self._entries.pop(node_id, None)

@@ -12,7 +12,7 @@ from manager.runtime import Runtime
 from nodeops import addresses, sessions
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
 from shared import metrics
-from shared.errors import ContainerGone, InvalidNode, NodeNotFound, NoLiveManager
+from shared.errors import ContainerGone, InvalidNode, NodeNotFound, NoLiveManager, RedisUnavailable
 from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
 
 NODE_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -53,7 +53,15 @@ class Resolver:
             raise InvalidNode(node_id)
         rec = cache.get(node_id)
         if rec is None:
-            rec = await self.rt.store.get_node(node_id)
+            try:
+                rec = await self.rt.store.get_node(node_id)
+            except RedisUnavailable:
+                # a session this replica served goes on through a Redis outage (a failover) on
+                # its last record, as it would on a cached one (AddressCache._last says why)
+                rec = cache.last_known(node_id)
+                if rec is None:
+                    raise
+                return rec
             if rec is None or rec.status == NodeStatus.RELEASED:
                 cache.put_unknown(node_id)
                 raise InvalidNode(node_id)

@@ -57,3 +57,22 @@ def test_events_socket_during_outage_closes_cleanly(start_manager, private_redis
              interval=0.05, what="the events handler finished")
     assert m.proc is not None and m.proc.poll() is None
     assert "Traceback" not in m.logs() and "Exception in ASGI application" not in m.logs()
+
+
+def test_a_session_goes_on_through_an_outage_once_its_cached_record_is_dropped(  # type: ignore[no-untyped-def]
+        start_manager, private_redis: PrivateRedis) -> None:
+    # entries gone at once, as an event (a health change, a checker update) drops them just before
+    # a failover: the call after must not need Redis, as one on a cached entry does not
+    m = start_manager(redis={"url": private_redis.url, "socket_timeout_seconds": 0.5}, builtin_monitor=False,
+                      proxy={"address_cache_seconds": 0.01})
+    c = httpx.Client(base_url=m.url, timeout=30)
+    r = c.post("/get_cookie")
+    assert r.status_code == 200, r.text
+    assert c.post("/get_available_tools").status_code == 200
+    _down(m, private_redis)
+    for _ in range(3):
+        r = c.post("/get_available_tools")
+        assert r.status_code == 200, r.text
+    # a session this replica never served has no record to go on: Redis is named, nothing is guessed
+    r = httpx.post(m.url + "/get_available_tools", cookies={"node_id": "ab" * 32}, timeout=10)
+    assert r.status_code == 503 and r.json()["detail"].startswith("redis is unavailable"), r.text

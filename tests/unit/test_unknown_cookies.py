@@ -1,5 +1,6 @@
 from manager import activity
 from manager.activity import UNKNOWN_LIMIT, AddressCache
+from shared.models import NodeRecord
 
 
 def test_an_unknown_id_is_remembered_briefly_and_forgotten_when_created() -> None:
@@ -30,3 +31,15 @@ def test_unknown_ids_expire_and_are_bounded(monkeypatch) -> None:  # type: ignor
     off = AddressCache(30.0, unknown_ttl=0)
     off.put_unknown("e" * 64)
     assert not off.is_unknown("e" * 64)
+
+
+def test_the_last_record_outlives_expiry_and_events_but_not_redis_saying_unknown() -> None:
+    cache = AddressCache(0.0)  # every entry expired at once
+    rec = NodeRecord(id="e" * 64, short_id="e", manager_id="m")
+    cache.put(rec)
+    assert cache.get(rec.id) is None and cache.last_known(rec.id) is rec
+    cache.invalidate(rec.id)  # an event
+    cache.clear()  # events missed while Redis was away
+    assert cache.last_known(rec.id) is rec  # what a call goes on with while Redis is still away
+    cache.put_unknown(rec.id)  # Redis said it has no such session: nothing is kept to go on with
+    assert cache.last_known(rec.id) is None
