@@ -34,7 +34,10 @@ async def _run(cfg: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(checker.stop()))
-        await checker.run()
+        try:
+            await checker.run()
+        finally:
+            await ops.close_http()
     await backend.close()
     await store.close()
 

@@ -92,6 +92,7 @@ def create_app(cfg: Config) -> ManagerApp:
             app.state.proxy.close()
             rt.circuits.close()
             await http.aclose()
+            await rt.close_http()
             await backend.close()
             await store.close()
             log.info("replica_stopped replica_id=%s", cfg.replica_id)

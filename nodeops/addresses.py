@@ -13,10 +13,13 @@ listener but not the request itself (cookie, body) nor the client's trust in the
 would need every node image to change. The cost is one engine call per container per replica.
 
 Nodes of another manager_id are on another engine this replica cannot ask: a live replica of
-their owner confirms the address with its engine (an internal call, cached the same way). When
-the owner has no live replica (or forwarding is off: no cluster.internal_token) the record's
-address is used, as a node must stay reachable while its owner restarts; writing that record
-takes Redis's password, which only the replicas have. The cache itself is nodeops/address_cache.py.
+their owner confirms the address with its engine (an internal call, cached the same way, on a
+new connection so a host cut off fails its connect timeout and opens its circuit like any other
+call to it, instead of a kept-alive connection waiting out cluster.forward_timeout_seconds).
+When the owner has no live replica it can reach (or forwarding is off: no cluster.internal_token)
+the record's address is used, as a node must stay reachable while its owner restarts (a lost
+host's node then fails fast on its own open circuit); writing that record takes Redis's
+password, which only the replicas have. The cache itself is nodeops/address_cache.py.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ async def _confirmed_by_owner(ops: NodeOps, rec: NodeRecord, cid: str, recorded:
     if not ops.cfg.internal_token:
         return recorded
     try:
-        got = await forward(ops, rec.manager_id, "GET", f"/internal/nodes/{rec.id}/address")
+        got = await forward(ops, rec.manager_id, "GET", f"/internal/nodes/{rec.id}/address", fresh=True)
     except NoLiveManager:
         log.info("address_unconfirmed node_id=%s manager_id=%s why=no live owner", rec.id[:12], rec.manager_id)
         return recorded

@@ -31,6 +31,8 @@ class NodeOps:
     store: Store
     backend: NodeBackend
     http: httpx.AsyncClient  # probes nodes and forwards to other replicas
+    # for calls that must open a new connection (nodeops/forward.py): made on first use, closed by close_http
+    fresh_http: httpx.AsyncClient | None = None
     replica: ReplicaInfo
     # node id -> the restart in progress, so concurrent callers share one restart
     restarting: dict[str, asyncio.Future[NodeRecord]] = field(default_factory=dict)
@@ -43,6 +45,19 @@ class NodeOps:
     @property
     def manager_id(self) -> str:
         return self.cfg.manager_id
+
+    def one_connection_http(self) -> httpx.AsyncClient:
+        """A client that keeps no connection alive: each call connects anew."""
+        if self.fresh_http is None:
+            self.fresh_http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), trust_env=False,
+                                                follow_redirects=False)
+        return self.fresh_http
+
+    async def close_http(self) -> None:
+        """Close the clients made here (the one passed in as http is its maker's to close)."""
+        if self.fresh_http is not None:
+            await self.fresh_http.aclose()
+            self.fresh_http = None
 
     def forget_address(self, node_id: str) -> None:
         """A node's address changed or it is gone; a manager drops its cached copy at once."""

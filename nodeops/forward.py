@@ -42,8 +42,13 @@ async def owner_replicas(ops: NodeOps, manager_id: str) -> list[ReplicaInfo]:
     return replicas
 
 
-async def forward(ops: NodeOps, manager_id: str, method: str, path: str, body: Any = None) -> Any:
-    """Call an internal route on a live replica of manager_id; its errors are re-raised here."""
+async def forward(ops: NodeOps, manager_id: str, method: str, path: str, body: Any = None,
+                  fresh: bool = False) -> Any:
+    """Call an internal route on a live replica of manager_id; its errors are re-raised here.
+
+    fresh: on a new connection, for a call on the way of a client's request (the owner's address
+    confirmation): a host cut off fails its connect timeout (2 s) and opens its circuit, where a
+    connection kept alive from before would wait out the read timeout (forward_timeout_seconds)."""
     if not ops.cfg.internal_token:
         raise NoLiveManager(manager_id)
     replicas = await owner_replicas(ops, manager_id)
@@ -59,7 +64,7 @@ async def forward(ops: NodeOps, manager_id: str, method: str, path: str, body: A
             unreachable = exc
             continue
         try:
-            resp = await ops.http.request(
+            resp = await (ops.one_connection_http() if fresh else ops.http).request(
                 method, rep.url + path, json=body,
                 headers={TOKEN_HEADER: ops.cfg.internal_token, VIA_HEADER: ops.replica.replica_id},
                 timeout=httpx.Timeout(ops.cfg.cluster.forward_timeout_seconds,
