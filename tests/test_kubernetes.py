@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -193,14 +194,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 @pytest.fixture(scope="module")
 def daemonset(live: Live) -> Iterator[dict[str, Any]]:
     """The chart installed in daemonset mode against the hosts' Redis: one manager per kubelet host."""
+    # the Redis URL without its password, which goes into the chart's Secret (never the ConfigMap)
+    url = urlsplit(live.hosts.redis_url)
     values = live.values(DS, {"mode": "daemonset", "redis": {"mode": "external"},
-                              "config": {"redis": {"url": live.hosts.redis_url, "key_prefix": f"k8s{live.tag}"}}})
+                              "secrets": {"redisPassword": url.password},
+                              "config": {"redis": {"url": f"redis://{url.hostname}:{url.port}{url.path}",
+                                                   "key_prefix": f"k8s{live.tag}"}}})
     t0 = time.monotonic()
-    out = live.helm("install", DS, str(CHART), "-n", DS, "--create-namespace", "-f", str(values),
+    notes = live.helm("install", DS, str(CHART), "-n", DS, "--create-namespace", "-f", str(values),
                     "--wait", "--timeout", "3m").stdout
     # helm's --wait counts a DaemonSet done with maxUnavailable pods not Ready yet: wait for all
     live.wait_pods_ready(DS, 2)
-    state: dict[str, Any] = {"notes": out, "values": values, "install_seconds": time.monotonic() - t0,
+    state: dict[str, Any] = {"notes": notes, "values": values, "install_seconds": time.monotonic() - t0,
                              "admin": live.secret(DS, DS, "admin-token"),
                              "internal": live.secret(DS, DS, "internal-token"),
                              "port": live.node_port(DS, DS), "sessions": {}}
@@ -391,7 +396,8 @@ def test_a_kubelet_host_that_crashes(live: Live, daemonset: dict[str, Any]) -> N
     later = [timed("call, session on host2 (later)", lambda: call(p1, keep_id)) for _ in range(5)]
     assert all(x.status_code == 503 and x.json()["detail"].startswith(f"host {h2.addr} is unreachable")
                for x in later), [x.text for x in later]
-    assert max(row[3] for row in rows[-5:]) < 1.0, rows  # fail fast: no connect timeout once the host is known lost
+    # fail fast: no connect timeout (5 s) paid once the host is known lost; 0.02-0.7 s seen here
+    assert max(row[3] for row in rows[-5:]) < 4.0, rows
     r = timed("release_session, session on host2", lambda: call(p1, rel_id, "/release_session"))
     assert r.status_code == 200 and r.json() == f"Release session: {rel_id}", r.text
     # Kubernetes notices the host (node grace 10 s), and the Service stops sending anything to its pod
@@ -452,9 +458,9 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
                      "| --- | --- | --- |\n")
     found: set[str] = set()
     for h in live.hosts.hosts:
-        out = h.docker("ps", "-a", "--filter", f"label={LABEL}", "--format",
-                       '{{.Label "toolserver-manager.session_id"}} {{.State}}').stdout.splitlines()
-        nodes = dict(line.split() for line in out if line.strip())
+        ps = h.docker("ps", "-a", "--filter", f"label={LABEL}", "--format",
+                      '{{.Label "toolserver-manager.session_id"}} {{.State}}').stdout.splitlines()
+        nodes = dict(line.split() for line in ps if line.strip())
         volumes = h.docker("volume", "ls", "-q", "--filter", f"label={LABEL}").stdout.split()
         found |= set(nodes)
         out(f"| {h.name} | {', '.join(f'{k[:12]}: {v}' for k, v in sorted(nodes.items()))} "
@@ -502,7 +508,7 @@ def test_deployment_two_replicas_one_engine_and_the_bundled_redis(live: Live) ->
         "redis": {"mode": "bundled", "bundled": {"image": {"repository": repo, "tag": tag}}},
     })
     t0 = time.monotonic()
-    out = live.helm("install", DEP, str(CHART), "-n", DEP, "--create-namespace", "-f", str(values),
+    notes = live.helm("install", DEP, str(CHART), "-n", DEP, "--create-namespace", "-f", str(values),
                     "--wait", "--timeout", "3m").stdout
     took = time.monotonic() - t0
     try:
@@ -512,7 +518,7 @@ def test_deployment_two_replicas_one_engine_and_the_bundled_redis(live: Live) ->
         assert ready(redis_pod), redis_pod["status"]
         sts = live.kube.api("GET", f"/apis/apps/v1/namespaces/{DEP}/statefulsets/{DEP}-toolserver-manager-redis")
         assert sts.json()["status"].get("readyReplicas") == 1
-        assert "Redis is the bundled single instance" in out
+        assert "Redis is the bundled single instance" in notes
         port = live.node_port(DEP, DEP)
         ids = [new_session(f"http://{live.hosts.hosts[i % 2].addr}:{port}")[0] for i in range(4)]
         assert owners(live.h1) == {live.h1.name} and len(containers(live.h1)) == 4
