@@ -36,11 +36,11 @@ class NodeOps:
     replica: ReplicaInfo
     # node id -> the restart in progress, so concurrent callers share one restart
     restarting: dict[str, asyncio.Future[NodeRecord]] = field(default_factory=dict)
-    isolation: dict[str, str] = field(default_factory=dict)
+    isolation: dict[str, str] = field(default_factory=dict)  # what backend.prepare set up, for /ready
     image: ImageState = field(default_factory=ImageState)
     circuits: Circuits = field(default_factory=Circuits)  # by host address: fail fast while one is down
     addresses: ConfirmedAddresses = field(default_factory=ConfirmedAddresses)  # what the engine confirmed
-    derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known  # what backend.prepare set up, for /ready
+    derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known
 
     @property
     def manager_id(self) -> str:
@@ -60,7 +60,8 @@ class NodeOps:
             self.fresh_http = None
 
     def forget_address(self, node_id: str) -> None:
-        """A node's address changed or it is gone; a manager drops its cached copy at once."""
+        """A node's address changed or it is gone: nothing is cached here; a manager's Runtime
+        overrides this to drop its cached copy at once."""
 
     async def publish(self, kind: EventKind, rec: NodeRecord, detail: str = "") -> None:
         """Tell every replica and watcher what just happened to a session (by this replica)."""

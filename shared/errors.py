@@ -1,4 +1,4 @@
-"""The error hierarchy; manager/app.py maps it to HTTP responses in one handler.
+"""The error hierarchy; manager/errors_http.py maps it to HTTP responses in one place.
 
     ManagerError (500)
     ├── ConfigError             invalid configuration, raised at start
@@ -8,9 +8,11 @@
     │   └── InvalidNode         no or unknown node_id cookie on a proxied path
     ├── NotFound (404)
     │   └── NodeNotFound        unknown node on a session or admin route
+    ├── ContainerGone (404)     the engine has no such container: callers treat it as an unknown node
     ├── QuotaExceeded (429)
     ├── TooManyFailures (429)   too many wrong admin tokens from one address (Retry-After)
     ├── NodeReadTimeout (504)   a proxied request got no answer in time: a tool error, not an outage
+    ├── EngineError (502)       the engine refused an operation (other than 404)
     ├── UpstreamLost (502)      the connection to a node's host was lost mid-request
     ├── NodeResponseTooLarge (502) a node's answer went past a bound (head, headers, a body read whole)
     └── Unavailable (503)
@@ -20,9 +22,11 @@
         │   └── SessionBusy     another caller held the session's lock longer than one may wait
         ├── NodeNotRunning
         ├── NodeNotResponding
+        ├── AddressUnconfirmed  the engine does not confirm a node's recorded address (no secret sent)
         ├── WorkspaceUnavailable a session's workspace cannot be mounted (the session is kept)
         ├── NoLiveManager       no live replica of the owning manager_id
         │   └── HostUnreachable the host of a node (or of the owner's replicas) does not answer
+        ├── CapacityExhausted   no host has room for another node
         └── ImageMissing        the engine has no node image (not pulled or loaded yet)
 """
 

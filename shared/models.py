@@ -15,11 +15,11 @@ import msgspec
 
 # how a session's client is kept (manager/client_auth.py): hashes and addresses, never a key
 CLIENT_KINDS = ("key:", "hdr:", "addr:")
-NODE_SECRET_HEADER = "x-node-secret"  # carries NodeRecord.secret from the manager to the node
+NODE_SECRET_HEADER = "x-node-secret"  # carries a node's secret (shared/nodesecret.py) from the manager to it
 
 
 class NodeStatus(enum.StrEnum):
-    """A node's state: the engine's view (created ... dead) plus the record's own two."""
+    """A node's state: the engine's view (created ... dead), the record's own three and one of views only."""
 
     CREATING = "creating"  # record only: created by a replica, not yet answering
     RUNNING = "running"
@@ -88,8 +88,10 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     role: str = Role.NODE
     client: str = ""  # client identity for per-client quotas
     image: str = ""
-    # what the node requires in NODE_SECRET_HEADER; also in the container's own config, so the
-    # checker rebuilds it from the engine when Redis lost the record. Never shown: see public()
+    # the node's secret in clear: only in records made without cluster.node_secret_key or before
+    # it was set; with the key it is "" and derived from the id (shared/nodesecret.py). The
+    # container's own config has it too, so the checker rebuilds it when Redis lost the record.
+    # Never shown: see public()
     secret: str = ""
     container_id: str = ""  # "" in records older than session ids: the container's id is ``id``
     workspace: str = ""  # the session's own volume; "" when the workspace dies with the container

@@ -1,4 +1,6 @@
-"""Node records, indexes, replica registry and events in Redis.
+"""Everything the project keeps in Redis: node records and their indexes, quotas and the warm
+pool, session locks, checker leases, events and watchers, MCP sessions and streams, the replica
+registry, intents, draining and console login revocations (key names in shared/keys.py).
 
 Records are hashes written field by field, never overwritten whole, so concurrent
 updates of different fields cannot lose each other. Checker writes go through
@@ -218,7 +220,7 @@ def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = ()
     Its pool waits up to pool_timeout for a free connection rather than failing at once: with a
     fail-fast pool, 1,000 concurrent requests with random cookies made 578 of them (legitimate
     calls too) fail with MaxConnectionsError; waiting, a burst is queued and served."""
-    # a pooled connection may be dead after a Redis restart: retry once on a fresh one
+    # a pooled connection may be dead after a Redis restart: retry (twice, backing off) on a fresh one
     opts: dict[str, Any] = {**({"password": password} if password else {}),
                             "socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
                             "health_check_interval": 10, "retry_on_timeout": False,
@@ -881,6 +883,7 @@ class Store:
         with redis_errors():
             return bool(await self.redis.exists(self.keys.console_revoked(login_id)))
 
+    # --- every record ---------------------------------------------------------------
     async def scan_all_nodes(self) -> AsyncIterator[NodeRecord]:
         """Every record of every manager_id, in batches."""
         for mid in await self.manager_ids():
