@@ -194,7 +194,7 @@ def remove_containers_retry(manager_id: str, base_url: str = "unix:///var/run/do
                     return removed
             finally:
                 client.close()
-        except Exception as exc:  # noqa: BLE001 - engine down or restarting: try again
+        except Exception as exc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"could not clean containers of {manager_id}: {exc!r}") from exc
         if time.monotonic() > deadline:

@@ -46,12 +46,28 @@ import docker
 import httpx
 
 from benchmarks._support import (
-    count_containers, engine2_start, engine2_stop, manager_members, node_direct, node_records,
-    remove_containers_retry, run_wrk, wrk_script,
+    count_containers,
+    engine2_start,
+    engine2_stop,
+    manager_members,
+    node_direct,
+    node_records,
+    remove_containers_retry,
+    run_wrk,
+    wrk_script,
 )
 from benchmarks.common import (
-    base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
-    redis_client, summarize, write_json,
+    base_config,
+    bench_id,
+    command_line,
+    delete_keys,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    redis_client,
+    summarize,
+    write_json,
 )
 from testing.harness import HAProxy, ManagerProc
 

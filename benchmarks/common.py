@@ -211,7 +211,10 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     """A GitHub markdown table, columns padded so it also reads well in a terminal."""
     text = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in text) for i in range(len(headers))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
     out = [line(text[0]), "| " + " | ".join("-" * w for w in widths) + " |"]
     out += [line(r) for r in text[1:]]
     return "\n".join(out)

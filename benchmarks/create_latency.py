@@ -29,8 +29,24 @@ import docker
 import httpx
 
 from benchmarks.common import (
-    BENCH_NODE_HEADERS, BENCH_NODE_SECRET, LABEL, NODE_IMAGE, NODE_PORT, ROLE_LABEL, base_config, bench_id, command_line, delete_keys,
-    docker_client, fmt, load_line, markdown_table, redis_client, remove_containers, summarize, verdict,
+    BENCH_NODE_HEADERS,
+    BENCH_NODE_SECRET,
+    LABEL,
+    NODE_IMAGE,
+    NODE_PORT,
+    ROLE_LABEL,
+    base_config,
+    bench_id,
+    command_line,
+    delete_keys,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    redis_client,
+    remove_containers,
+    summarize,
+    verdict,
     write_json,
 )
 from testing.harness import ManagerProc

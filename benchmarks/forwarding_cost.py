@@ -11,6 +11,7 @@ import msgspec
 
 from manager.forwarding import HeaderRules
 from shared.config import Config
+
 cfg = msgspec.convert({"node": {"creation_kwargs": {"image": "x"}}, "admin": {"token": "a" * 32},
                        "cluster": {"internal_token": "i" * 32}}, Config)
 r = HeaderRules(cfg)

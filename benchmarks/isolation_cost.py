@@ -29,8 +29,19 @@ from typing import Any
 import httpx
 
 from benchmarks.common import (
-    LABEL, NODE_IMAGE, base_config, bench_id, command_line, docker_client, fmt, load_line, markdown_table,
-    remove_containers, start_private_redis, summarize, write_json,
+    LABEL,
+    NODE_IMAGE,
+    base_config,
+    bench_id,
+    command_line,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    remove_containers,
+    start_private_redis,
+    summarize,
+    write_json,
 )
 from shared import loopdisk
 from testing.harness import ManagerProc, stop_process
@@ -99,7 +110,7 @@ def main() -> None:
             managers[case] = ManagerProc(base_config(mid, mid, redis={"url": redis_url, "key_prefix": mid}, **over),
                                          tmp, case).start()
         times: dict[str, list[float]] = {case: [] for case in CASES}
-        for case, m in managers.items():
+        for m in managers.values():
             create_trial(m.url)  # warm-up, untimed
         for _ in range(args.n):
             for case, m in managers.items():

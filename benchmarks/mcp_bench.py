@@ -36,8 +36,16 @@ import httpx
 
 from benchmarks._support import one_manager
 from benchmarks.common import (
-    calls_between, command_line, cpu_seconds, docker_client, fmt, load_line,
-    markdown_table, redis_calls, summarize, write_json,
+    calls_between,
+    command_line,
+    cpu_seconds,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    redis_calls,
+    summarize,
+    write_json,
 )
 
 BLOCK = 20

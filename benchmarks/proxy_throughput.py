@@ -46,9 +46,27 @@ import httpx
 
 from benchmarks._support import node_direct, run_wrk
 from benchmarks.common import (
-    REDIS_URL, base_config, bench_id, calls_between, command_line, cpu_seconds, delete_keys,
-    docker_client, fmt, load_line, markdown_table, process_tree, redis_calls, redis_client,
-    remove_containers, start_private_redis, verdict, wait_port, write_json, WRK_MARK, WRK_REPORT_LUA,
+    REDIS_URL,
+    WRK_MARK,
+    WRK_REPORT_LUA,
+    base_config,
+    bench_id,
+    calls_between,
+    command_line,
+    cpu_seconds,
+    delete_keys,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    process_tree,
+    redis_calls,
+    redis_client,
+    remove_containers,
+    start_private_redis,
+    verdict,
+    wait_port,
+    write_json,
 )
 from testing.harness import ManagerProc, free_port, stop_process
 

@@ -38,8 +38,18 @@ import httpx
 
 from benchmarks._support import pool_len, remove_containers_retry
 from benchmarks.common import (
-    base_config, bench_id, command_line, delete_keys, docker_client, fmt, load_line, markdown_table,
-    redis_client, start_private_redis, summarize, write_json,
+    base_config,
+    bench_id,
+    command_line,
+    delete_keys,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    redis_client,
+    start_private_redis,
+    summarize,
+    write_json,
 )
 from testing.harness import ManagerProc
 

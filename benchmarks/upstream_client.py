@@ -96,7 +96,7 @@ async def bench(port: int, secret: str, n: int, conc: int) -> list[dict[str, Any
                     if r.status != 200 or len(data) != want:
                         raise RuntimeError(f"aiohttp: {r.status}, {len(data)} bytes")
 
-            for label, fn in (("manager/upstream.py", ours), ("aiohttp", theirs)):
+            for _label, fn in (("manager/upstream.py", ours), ("aiohttp", theirs)):
                 await timed(min(1000, n), conc, fn)  # warm-up
             results = {}
             for _ in range(2):  # alternate, twice: drift hits both alike

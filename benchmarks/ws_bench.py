@@ -28,8 +28,14 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks._support import node_direct, one_manager
 from benchmarks.common import (
-    command_line, docker_client, fmt, load_line, markdown_table,
-    percentile, summarize, write_json,
+    command_line,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    percentile,
+    summarize,
+    write_json,
 )
 
 BLOCK = 100

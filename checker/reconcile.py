@@ -151,13 +151,12 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
         if changed:
             p.updates[rec.id] = changed
         effective = changed.get("status", rec.status)
-        if rec.role != Role.NODE or not rec.workspace:
-            # pooled nodes, and sessions whose workspace dies with their container, are not archived
-            if effective == NodeStatus.EXITED:
-                stopped = rec.stopped_at or now
-                if now - stopped > limits.exited_gc_seconds:
-                    p.remove.append((rec, "exited too long"))
-                continue
+        # pooled nodes, and sessions whose workspace dies with their container, are not archived
+        if (rec.role != Role.NODE or not rec.workspace) and effective == NodeStatus.EXITED:
+            stopped = rec.stopped_at or now
+            if now - stopped > limits.exited_gc_seconds:
+                p.remove.append((rec, "exited too long"))
+            continue
         if rec.role != Role.NODE:
             continue
         if limits.delete_seconds is not None and idle_for >= limits.delete_seconds:

@@ -50,6 +50,7 @@ class Checker:
         self._was_leader = False
         self._alive_at = time.monotonic()  # the lease loop's last turn: the keeper renews while it is recent
         self._filling = False
+        self._fill_task: asyncio.Task[None] | None = None  # held so the loop does not collect it mid-run
         self.cycles = 0
         self._cache: dict[str, tuple[NodeRecord, str]] = {}  # node id -> (record, its updated_at)
         self._rebuild = True  # the first pass of a lease holder takes ownerless workspaces for sessions
@@ -339,7 +340,7 @@ class Checker:
         missing = self.cfg.pool.size - pooled
         if missing > 0:
             self._filling = True
-            asyncio.create_task(self._fill(missing))
+            self._fill_task = asyncio.create_task(self._fill(missing))
 
     async def _fill(self, n: int) -> None:
         try:

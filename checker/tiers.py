@@ -115,8 +115,7 @@ class Tiers:
                     await self.backend.remove(fresh.cid)
                 if fresh.workspace:
                     await self.backend.remove_workspace(fresh.workspace)
-                await self.fence.write(self.store.delete_ops(fresh)
-                                       + [self.fence.event(EventKind.EXPIRED, rec.id, "retention")])
+                await self.fence.write([*self.store.delete_ops(fresh), self.fence.event(EventKind.EXPIRED, rec.id, "retention")])
                 self.ops.forget_address(rec.id)
                 self._transition("deleted", rec)
         except SessionBusy:
@@ -140,7 +139,7 @@ class Tiers:
             await self.backend.remove(rec.cid)
         if rec.workspace:
             await self.backend.remove_workspace(rec.workspace)
-        await self.fence.write(self.store.delete_ops(rec) + [self.fence.event(EventKind.RELEASED, rec.id, why)])
+        await self.fence.write([*self.store.delete_ops(rec), self.fence.event(EventKind.RELEASED, rec.id, why)])
         metrics.CHECKER_ACTIONS.labels(self.mid, "remove").inc()
         log.info("node_removed node_id=%s manager_id=%s reason=%s", rec.id[:12], self.mid, why.replace(" ", "_"))
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SCHEMA = ROOT / "helm" / "toolserver-manager" / "values.schema.json"
 
-from shared.config import IMAGE_PULL_POLICIES, PLACEMENTS, Config  # noqa: E402
+from shared.config import IMAGE_PULL_POLICIES, PLACEMENTS, Config  # noqa: E402  (needs ROOT on sys.path first)
 
 # constraints msgspec cannot know: (path, extra schema)
 CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [

@@ -14,14 +14,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from manager import internal, ratelimit
-from manager.responses import json_response
-from manager.routes import rt_of
 from manager.fanout import fan_out, replica_view
+from manager.responses import json_response
 from manager.runtime import Runtime
 from nodeops import lifecycle, lost, sessions
 from nodeops.forward import owner_replicas, remote_get
-from shared.errors import (BadRequest, EngineError, Forbidden, ManagerError, NodeNotRunning, NotFound,
-                           Unauthorized)
+from shared.errors import BadRequest, EngineError, Forbidden, ManagerError, NodeNotRunning, NotFound, Unauthorized
 from shared.models import NodeStatus
 
 

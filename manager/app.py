@@ -21,10 +21,10 @@ from manager.events_hub import EventHub
 from manager.mcp import route as mcp_route
 from manager.proxy import Proxy
 from manager.registry import heartbeat_loop
-from manager.thaw import Thawer
 from manager.resolve import Resolver
 from manager.routing import build_routes
 from manager.runtime import Runtime
+from manager.thaw import Thawer
 from nodeops import images
 from nodeops.circuit import Circuits
 from shared import __version__

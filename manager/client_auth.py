@@ -50,7 +50,7 @@ class ClientKeys:
                 jar: SimpleCookie = SimpleCookie()
                 try:
                     jar.load(v.decode("latin-1"))
-                except Exception:  # noqa: BLE001 - a malformed cookie header carries no key
+                except Exception:
                     continue
                 if self.cookie in jar:
                     return jar[self.cookie].value.encode("latin-1")

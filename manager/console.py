@@ -32,7 +32,6 @@ from starlette.websockets import WebSocket
 from manager import admin, events_ws, ws_proxy
 from manager.forwarding import CONSOLE_COOKIE
 from manager.responses import json_response
-from manager.routes import rt_of
 from manager.runtime import Runtime
 from shared.errors import BadRequest, Forbidden, ManagerError, NotFound, Unauthorized
 

@@ -21,8 +21,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from manager.client_auth import ClientKeys, deny
 from manager import edge, errors_http
+from manager.client_auth import ClientKeys, deny
 from manager.forwarding import CONSOLE_COOKIE, HeaderRules
 from manager.responses import REPLICA_HEADER, json_response
 from shared.config import Config
@@ -114,7 +114,7 @@ class ManagerApp:
     async def _on_its_port(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """False (and answered) when the request came to the wrong port for its path."""
         server = scope.get("server")
-        on_console = bool(server) and server[1] == self.console_port
+        on_console = bool(server and server[1] == self.console_port)
         path = scope["path"]
         console_path = path == "/ui" or path.startswith("/ui/")
         if on_console == console_path or (on_console and path in CONSOLE_PORT_EXTRAS):
@@ -140,7 +140,7 @@ class ManagerApp:
             response = await self.state.proxy.handle(request)
         except ClientDisconnect:
             return  # gone mid-body: the node's connection is already dropped, nobody to answer
-        except Exception as exc:  # noqa: BLE001 - mapped exactly as the Starlette app maps it
+        except Exception as exc:
             response = await errors_http.handle(request, exc)
         await response(scope, receive, send)
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Subscription:
-    def __init__(self, hub: "EventHub", node_id: str | None, manager_id: str | None, maxsize: int = 1000) -> None:
+    def __init__(self, hub: EventHub, node_id: str | None, manager_id: str | None, maxsize: int = 1000) -> None:
         self.hub = hub
         self.node_id = node_id
         self.manager_id = manager_id
@@ -79,7 +79,7 @@ class EventHub:
                 await asyncio.sleep(1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a bad entry must not stop the reader
+            except Exception:
                 log.exception("event_reader_error")
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.sleep(1.0)

@@ -117,7 +117,7 @@ async def stream_events(ws: WebSocket, node_id: str | None, mid: str | None, dat
     finally:
         sub.close()
         gauge.dec()
-        if watched:
+        if watched and node_id:  # watched is only set with a node_id
             rt.activity.end(node_id)
             with contextlib.suppress(ManagerError):
                 await rt.store.watch_ended(node_id)
@@ -180,7 +180,7 @@ async def _serve(rt: Runtime, ws: WebSocket, sub: Any) -> None:
             timeout = max(0.0, min(next_keepalive, last_seen + cfg.client_timeout_seconds) - time.monotonic())
             try:
                 ev = await asyncio.wait_for(sub.queue.get(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 now = time.monotonic()
                 if now >= last_seen + cfg.client_timeout_seconds:
                     await ws.close(code=CLOSE_SILENT, reason=f"no message for {cfg.client_timeout_seconds:g}s")

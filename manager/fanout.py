@@ -28,7 +28,7 @@ async def fan_out(rt: Runtime, call: Callable[[ReplicaInfo | None], Awaitable[An
         async with sem:
             try:
                 results[mid] = await asyncio.wait_for(call(rep), rt.cfg.cluster.fanout_timeout_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 failures[mid] = f"timed out after {rt.cfg.cluster.fanout_timeout_seconds}s"
             except (ManagerError, httpx.HTTPError) as exc:
                 failures[mid] = getattr(exc, "detail", None) or repr(exc)

@@ -14,7 +14,7 @@ _DETAIL = {"type": "object", "properties": {"detail": {"type": "string"}}, "requ
 _STR = {"type": "string"}
 COOKIE = {"name": "node_id", "in": "cookie", "required": False, "schema": {"type": "string"},
           "description": "The session's node id, set by /get_cookie."}
-ADMIN_SECURITY = [{"adminToken": []}]
+ADMIN_SECURITY: list[dict[str, list[str]]] = [{"adminToken": []}]
 INTERNAL = {"name": "x-tsm-internal-token", "in": "header", "required": True, "schema": {"type": "string"}}
 
 

@@ -20,13 +20,19 @@ from manager.client_auth import ClientIds, ClientKeys
 from manager.forwarding import HeaderRules
 from manager.resolve import Resolver, node_cookie
 from manager.runtime import Runtime
-from manager.upstream import (ConnectFailed, HostLost, Limits, ResponseTooLarge, UpstreamError, UpstreamPool,
-                              UpstreamTimeout)
+from manager.upstream import (
+    ConnectFailed,
+    HostLost,
+    Limits,
+    ResponseTooLarge,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+)
 from manager.upstream import Response as UpstreamResponse
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
-from shared.errors import (HostUnreachable, NodeNotResponding, NodeReadTimeout, NodeResponseTooLarge,
-                           UpstreamLost)
+from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, NodeResponseTooLarge, UpstreamLost
 from shared.models import NODE_SECRET_HEADER, NodeStatus
 
 HOP_BY_HOP = frozenset({
@@ -79,7 +85,10 @@ class Proxy:
                                  limits=Limits(p.max_response_head_bytes, p.max_response_headers,
                                                p.max_read_body_bytes))
         # a host's circuit opening ends the requests in flight to it at once
-        rt.circuits.on_open.append(lambda host, why: self.pool.abort_host(host, why) and None)
+        def abort_host(host: str, why: str) -> None:
+            self.pool.abort_host(host, why)
+
+        rt.circuits.on_open.append(abort_host)
         self._connect_timeout = p.connect_timeout_seconds
         self._timeouts = dict(p.path_timeouts)
         self._default_timeout = p.timeout_seconds

@@ -100,7 +100,7 @@ class _Stray(Exception):
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, pool: "UpstreamPool", key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
         self.pool = pool
         self.key = key
         self.limits = pool.limits
@@ -288,7 +288,7 @@ class _Conn(asyncio.Protocol):
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await asyncio.wait_for(self.waiter, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._fail(UpstreamTimeout("node response timed out"))
                 raise self.error from None  # type: ignore[misc]
             finally:
@@ -422,7 +422,7 @@ class UpstreamPool:
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), key[0], key[1]),
                                              connect_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             why = "connect timed out" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
             raise ConnectFailed(f"cannot connect to {key[0]}:{key[1]}: {why}",
                                 isinstance(exc, (asyncio.TimeoutError, TimeoutError))) from exc
@@ -451,7 +451,7 @@ class UpstreamPool:
                 else:
                     await self._send_body(conn, body, chunked, read_timeout)
                 await asyncio.wait_for(asyncio.shield(conn.head_done), read_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 conn.abort()
                 raise UpstreamTimeout("node response timed out") from None
             except UpstreamError as exc:

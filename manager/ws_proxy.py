@@ -21,6 +21,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
 
 from manager.edge import ABORT_EXTENSION
 from manager.resolve import Resolver, node_cookie
@@ -98,14 +99,14 @@ async def _open_and_pump(ws: WebSocket, rt: Any, rec: NodeRecord, to: Any, path:
     url = f"{scheme}://{to.host}:{to.port}{path}"
     limit = rt.cfg.proxy.websocket_max_message_bytes
     try:
-        upstream = await connect(url, additional_headers=headers, subprotocols=subprotocols or None,
+        upstream = await connect(url, additional_headers=headers, subprotocols=[Subprotocol(s) for s in subprotocols] or None,
                                  # one frame waits at most: flow control holds the rest in the node
                                  max_size=limit, max_queue=1, open_timeout=rt.cfg.proxy.connect_timeout_seconds,
                                  compression=None, ping_interval=None)
     except InvalidStatus as exc:
         await ws.close(code=1011, reason=f"node refused the upgrade: {exc.response.status_code}")
         return
-    except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, InvalidHandshake) as exc:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and rec.manager_id != rt.manager_id:
             rt.circuits.failure(to.host, to.port, rec.manager_id, "websocket connect timed out")
             await ws.close(code=1013, reason=f"host {to.host} is unreachable"[:120])
@@ -150,7 +151,7 @@ async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int, send_time
                     # the send waits while the client's socket buffer is full: a client that does
                     # not read is closed, never left to pile the node's messages up here
                     await asyncio.wait_for(send, send_timeout or None)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise _ClientTooSlow from None
         except _ClientTooSlow:
             code, reason = 1011, f"client did not read for {send_timeout:g} s (proxy.websocket_send_timeout_seconds)"
@@ -175,7 +176,7 @@ async def _pump(ws: WebSocket, upstream: ClientConnection, limit: int, send_time
 
     tasks = [asyncio.create_task(client_to_node()), asyncio.create_task(node_to_client())]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # let the other side finish its close handshake briefly, then stop it
         if pending:
             await asyncio.wait(pending, timeout=2.0)

@@ -168,7 +168,7 @@ class NodeBackend(abc.ABC):
         """Whether the engine has the node image."""
         return True
 
-    async def pull_image(self) -> None:
+    async def pull_image(self) -> None:  # noqa: B027  (a no-op default: engines without a registry keep it)
         """Fetch the node image from its registry; EngineError when it cannot."""
 
     async def prepare(self, owner: str) -> dict[str, str]:

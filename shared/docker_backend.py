@@ -507,8 +507,8 @@ class DockerBackend(NodeBackend):
             except EngineError as exc:
                 # the engine picked a random host port that something else took meanwhile (another
                 # engine on the same host, say): starting again picks another one
-                if attempt == 2 or "port is already allocated" not in exc.detail and \
-                        "external connectivity" not in exc.detail:
+                if attempt == 2 or ("port is already allocated" not in exc.detail and \
+                        "external connectivity" not in exc.detail):
                     raise
                 log.warning("node_start_retry node_id=%s error=%s", node_id[:12], exc.detail[:120])
         return (await self.inspect(node_id)).address
@@ -643,7 +643,7 @@ class DockerBackend(NodeBackend):
                     if closed.is_set():
                         break
                     put(chunk)
-            except Exception as exc:  # noqa: BLE001 - closed under us, or the engine went away
+            except Exception as exc:
                 if not closed.is_set():
                     log.info("log_stream_ended node_id=%s error=%r", node_id[:12], exc)
             finally:

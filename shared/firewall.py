@@ -82,7 +82,7 @@ class Iptables:
         self.pid = pid
 
     @classmethod
-    def of_engine(cls, bridge: str) -> "Iptables":
+    def of_engine(cls, bridge: str) -> Iptables:
         """The namespaces of the dockerd process that has ``bridge`` (else PID 1's)."""
         for entry in sorted(os.listdir("/proc"), key=lambda e: (len(e), e)):
             if not entry.isdigit():

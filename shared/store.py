@@ -14,7 +14,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -208,6 +208,17 @@ def _d(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+# The shapes of replies as this client reads them (bytes, no decode_responses): redis-py types a reply
+# as the union over every option (withscores, decoding, RESP3), which the options given here narrow.
+_Scored = list[tuple[bytes, float]]
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
+    """fields as hset's mapping, whose declared key type (a union) a dict[str, str] does not match."""
+    return fields
+
+
 class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """The master's pool through Sentinel, waiting for a free connection like the direct one."""
 
@@ -313,7 +324,7 @@ class Store:
         self._drop_intent = redis.register_script(DROP_INTENT)
 
     @classmethod
-    def open(cls, cfg: Config) -> "Store":
+    def open(cls, cfg: Config) -> Store:
         """The store of a configuration, on its own client (closed by close())."""
         r = cfg.redis
         password = cfg.redis_password
@@ -340,7 +351,7 @@ class Store:
         k = self.keys
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                p.hset(k.node(rec.id), mapping=self._hash(rec))
+                p.hset(k.node(rec.id), mapping=_mapping(self._hash(rec)))
                 if replace_member:
                     p.srem(k.manager_nodes(rec.manager_id), replace_member)
                 _queue(p, self._index_ops(rec, rec.last_request_at or time.time()))
@@ -438,8 +449,8 @@ class Store:
     async def idle_since(self, manager_id: str, older_than: float) -> dict[str, float]:
         """node id -> last activity, for nodes idle since before the timestamp: one range query."""
         with redis_errors():
-            rows = await self.redis.zrangebyscore(self.keys.last_request(manager_id), "-inf", older_than,
-                                                  withscores=True)
+            rows = cast(_Scored, await self.redis.zrangebyscore(self.keys.last_request(manager_id), "-inf",
+                                                                older_than, withscores=True))
         return {_d(m): float(s) for m, s in rows}
 
     async def last_activity(self, manager_id: str, node_id: str) -> float | None:
@@ -459,7 +470,7 @@ class Store:
 
     async def last_requests(self, manager_id: str) -> dict[str, float]:
         with redis_errors():
-            rows = await self.redis.zrange(self.keys.last_request(manager_id), 0, -1, withscores=True)
+            rows = cast(_Scored, await self.redis.zrange(self.keys.last_request(manager_id), 0, -1, withscores=True))
         return {_d(m): float(s) for m, s in rows}
 
     async def watchers_left(self, node_ids: Sequence[str]) -> dict[str, float]:
@@ -676,7 +687,8 @@ class Store:
     async def read_events(self, last_id: str, block_ms: int | None = 1000, count: int = 500) -> list[Event]:
         """Events after last_id, waiting up to block_ms for the first (None: do not wait)."""
         with redis_errors():
-            rows = await self.redis.xread({self.keys.events(): last_id}, block=block_ms, count=count)
+            rows = cast(list[tuple[bytes, _Entries]],
+                        await self.redis.xread({self.keys.events(): last_id}, block=block_ms, count=count))
         out: list[Event] = []
         for _stream, entries in rows or []:
             for eid, fields in entries:
@@ -706,7 +718,7 @@ class Store:
         key = self.keys.mcp_session(token_hash)
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                p.hset(key, mapping=fields)
+                p.hset(key, mapping=_mapping(fields))
                 p.pexpire(key, int(ttl * 1000))
                 await p.execute()
 
@@ -741,9 +753,9 @@ class Store:
         key = self.keys.mcp_stream(token_hash, stream_id)
         with redis_errors():
             if block_ms is None:
-                rows = await self.redis.xrange(key, min=f"({after}", max="+")
+                rows = cast(_Entries, await self.redis.xrange(key, min=f"({after}", max="+"))
             else:
-                got = await self.redis.xread({key: after}, block=block_ms, count=100)
+                got = cast(list[tuple[bytes, _Entries]], await self.redis.xread({key: after}, block=block_ms, count=100))
                 rows = got[0][1] if got else []
         return [(_d(eid), _d(f.get(b"d", b"")), _d(f.get(b"k", b""))) for eid, f in rows]
 
@@ -801,7 +813,7 @@ class Store:
     async def managers_seen(self) -> dict[str, float]:
         """manager_id -> when a replica of it last sent a heartbeat."""
         with redis_errors():
-            rows = await self.redis.zrange(self.keys.manager_seen(), 0, -1, withscores=True)
+            rows = cast(_Scored, await self.redis.zrange(self.keys.manager_seen(), 0, -1, withscores=True))
         return {_d(m): float(s) for m, s in rows}
 
     async def deregister(self, replica_id: str) -> None:

@@ -73,8 +73,8 @@ class PrivateRedis:
         self.url = redis_env.private_url("127.0.0.1", self.port)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> "PrivateRedis":
-        import redis  # noqa: PLC0415
+    def start(self, timeout: float = 10.0) -> PrivateRedis:
+        import redis
 
         self.proc = subprocess.Popen(["redis-server", *redis_env.private_server_args(self.port),
                                       "--save", "", "--appendonly", "no", "--dir", str(self.tmp), *self.args],
@@ -130,9 +130,9 @@ class ManagerProc:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, wait: bool = True, timeout: float = 30.0) -> "ManagerProc":
+    def start(self, wait: bool = True, timeout: float = 30.0) -> ManagerProc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  (the child writes to it until stop() closes it)
         self.proc = subprocess.Popen([sys.executable, "-m", "manager.main", "--config", str(self.path)],
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         if wait:
@@ -217,7 +217,7 @@ backend managers
 {HAPROXY_RETRY}{servers}
 """)
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                                     stderr=open(tmp / "haproxy.log", "ab"))
+                                     stderr=open(tmp / "haproxy.log", "ab"))  # noqa: SIM115  (haproxy owns it)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if _answers(self.url + "/alive"):

@@ -171,7 +171,7 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, 
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
         return None
     lines = head.decode("latin-1").split("\r\n")
-    method, target, _ = (lines[0].split(" ") + ["", ""])[:3]
+    method, target, _ = ([*lines[0].split(" "), "", ""])[:3]
     headers: dict[str, str] = {}
     for line in lines[1:]:
         if ":" in line:
@@ -338,7 +338,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             got = await _read_head(reader)
             if got is None:
                 return
-            method, target, headers = got
+            _method, target, headers = got
             asked = _spec(target, headers) if "x-hostile-set" not in headers else {}
             if asked.get("read_delay"):
                 await asyncio.sleep(float(asked["read_delay"]))

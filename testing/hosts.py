@@ -25,10 +25,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -86,10 +86,10 @@ class HostManager(ManagerProc):
         self.url = f"http://{addr}:{MANAGER_PORT}"
         self.path.write_text(yaml.safe_dump(self.cfg))
 
-    def start(self, wait: bool = True, timeout: float = 30.0) -> "HostManager":
+    def start(self, wait: bool = True, timeout: float = 30.0) -> HostManager:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
         if self._log is None:
-            self._log = open(self.log_path, "ab")
+            self._log = open(self.log_path, "ab")  # noqa: SIM115  (the child writes to it until stop() closes it)
         self.proc = subprocess.Popen([*in_netns(self.ns), sys.executable, "-m", "manager.main",
                                       "--config", str(self.path)],
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -227,7 +227,7 @@ class Hosts:
         raise RuntimeError("no free 10.231.x.0/24 subnet for the test hosts")
 
     # --- set-up -------------------------------------------------------------------
-    def start(self, managers: bool = True) -> "Hosts":
+    def start(self, managers: bool = True) -> Hosts:
         t0 = time.monotonic()
         sweep_stale()
         self.marker.touch()  # until its engines run, this marks the tag as a run setting up
@@ -354,7 +354,7 @@ class Hosts:
             if h.manager is not None:
                 with contextlib.suppress(Exception):
                     h.manager.stop(5)
-        import docker  # noqa: PLC0415 - only for the clean-up by label
+        import docker
 
         for h in self.hosts:
             with contextlib.suppress(Exception):
@@ -404,7 +404,7 @@ class PrivateEngine(Hosts):
     def addr(self) -> str:
         return self.host.addr
 
-    def start(self, managers: bool = False) -> "PrivateEngine":
+    def start(self, managers: bool = False) -> PrivateEngine:
         super().start(managers=False)
         # its data root is new: this is a dockerd's first start, as on a new user's machine (the
         # default bridge's IPAM has no Gateway key until a restart; kept for the test that says so)
@@ -419,7 +419,7 @@ class PrivateEngine(Hosts):
                          "network": {"publish": True, "firewall_host_namespace": True}}}
 
     def client(self) -> Any:
-        import docker  # noqa: PLC0415
+        import docker
 
         return docker.DockerClient(base_url=self.docker_host, version="1.41", timeout=60)
 

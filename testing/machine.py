@@ -77,7 +77,7 @@ def _dockerd_pid() -> str:
 
 
 def _run_id(url: str) -> str:
-    import redis  # noqa: PLC0415
+    import redis
 
     try:
         with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as r:
@@ -172,13 +172,13 @@ def _redact(url: str) -> str:
 def _ours(rule: str) -> bool:
     """A firewall line this run answers for: the project's chains and jumps, the exceptions of its
     manager_ids' bridges, its test hosts' rules (not the engine's rules for bridges that are live)."""
-    from shared.docker_backend import BRIDGE_PREFIXES  # noqa: PLC0415
+    from shared.docker_backend import BRIDGE_PREFIXES
 
-    if rule.startswith("-N TSM-") or re.search(r"-j TSM-(INPUT|FORWARD|ALLOW)\b", rule) and "-A TSM-" not in rule:
+    if rule.startswith("-N TSM-") or (re.search(r"-j TSM-(INPUT|FORWARD|ALLOW)\b", rule) and "-A TSM-" not in rule):
         return True
     bridges = {p + hashlib.sha256(mid.encode()).hexdigest()[:10] for mid in RUN.manager_ids
                for p in BRIDGE_PREFIXES.values()}
-    return any(b in rule for b in bridges) and rule.startswith("-A TSM-") \
+    return (any(b in rule for b in bridges) and rule.startswith("-A TSM-")) \
         or any(f"tsmhbr{t}" in rule for t in RUN.host_tags)
 
 

@@ -72,7 +72,7 @@ def machine_untouched(request: pytest.FixtureRequest, tmp_path_factory: pytest.T
     before = machine.snapshot(client, urls)
     yield
     if not any(line.startswith("-N TSM-") for line in before.firewall):
-        from shared import firewall  # noqa: PLC0415 - the run's managers installed the chains: it takes them away
+        from shared import firewall
 
         with contextlib.suppress(firewall.NoPrivilege, firewall.FirewallError):
             firewall.remove()
@@ -201,7 +201,7 @@ def managers(tmp_path: Path, request: pytest.FixtureRequest, prefix: str,
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The figures tests measured (testing.harness.report), e.g. the Sentinel failover's recovery."""
-    from testing.harness import FIGURES  # noqa: PLC0415
+    from testing.harness import FIGURES
 
     if FIGURES:
         terminalreporter.section("figures measured by the tests")

@@ -14,8 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -202,7 +201,7 @@ class _Attacker(BaseHTTPRequestHandler):
 
     page = b""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/html")
         self.end_headers()
@@ -320,10 +319,10 @@ def test_logs_of_a_node_on_another_manager_id_stream_through_any_replica(
 class _Collector(BaseHTTPRequestHandler):
     """Where a hostile page reports what its script could do (any origin may POST here, no-cors)."""
 
-    reports: list[dict[str, Any]] = []
+    reports: ClassVar[list[dict[str, Any]]] = []
     got = threading.Event()
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         type(self).reports.append(json.loads(body or b"{}"))
         type(self).got.set()

@@ -4,7 +4,6 @@ it, and no API key is kept or shown in clear. Nodes are the light hostile node (
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx

@@ -81,7 +81,7 @@ def test_dashboard_is_well_formed(dashboard: dict[str, Any]) -> None:
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for p in panels(dashboard):
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
         for t in p.get("targets", []):
             assert t["refId"] and t["datasource"]["uid"] == "${datasource}", p["title"]
     names = {v["name"] for v in dashboard["templating"]["list"]}

@@ -197,11 +197,10 @@ class Client:
         want_status = int(spec["q"].get("status", "200"))
         if status != want_status:
             raise Mismatch(f"#{spec['i']}: status {status}, wanted {want_status}")
-        if spec["q"].get("read") != "0":
-            if headers.get("x-diag-body-len") != str(len(body_sent)) or \
-                    headers.get("x-diag-body-crc") != str(zlib.crc32(body_sent)):
-                raise Mismatch(f"#{spec['i']}: the node received another body ({headers.get('x-diag-body-len')} "
-                               f"bytes) than was sent ({len(body_sent)})")
+        if spec["q"].get("read") != "0" and (headers.get("x-diag-body-len") != str(len(body_sent))
+                                             or headers.get("x-diag-body-crc") != str(zlib.crc32(body_sent))):
+            raise Mismatch(f"#{spec['i']}: the node received another body ({headers.get('x-diag-body-len')} "
+                           f"bytes) than was sent ({len(body_sent)})")
         no_body = spec["method"] == "HEAD" or status in (204, 304)
         want = b"" if no_body else body_bytes(ident.encode(), spec["size"])
         if spec["q"].get("reset") == "1":
@@ -331,7 +330,7 @@ async def _drive(specs: list[dict[str, Any]], ports: dict[str, int], cookies: li
             spec = q.popleft()
             try:  # a bound, not a measurement: an answer that went elsewhere never comes
                 await asyncio.wait_for(client.run(spec), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 errors.append(f"#{spec['i']} {spec['kind']} {spec['path']}: no answer within 30 s")
                 client.drop()
         client.drop()
@@ -358,7 +357,7 @@ def test_every_response_reaches_its_own_request(manager_id_b: str, start_manager
     node_ports = [int((docker_client.containers.get(c).ports.get("31942/tcp") or [{"HostPort": 31942}])[0]["HostPort"])
                   for c in cookies]
     for m, upstream_ports in ((a, node_ports), (b, [a.port])):
-        wait_for(lambda: _gauge(m.url, "toolserver_proxy_upstream_connections_busy") == 0,
+        wait_for(lambda: _gauge(m.url, "toolserver_proxy_upstream_connections_busy") == 0,  # noqa: B023  (called here)
                  what=f"no busy upstream connection on {m.replica_id}")
         open_conns = _gauge(m.url, "toolserver_proxy_upstream_connections")
         assert m.proc is not None

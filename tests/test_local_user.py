@@ -4,12 +4,9 @@ traffic. Each attack runs as that user with ``setpriv``, against the real manage
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import docker

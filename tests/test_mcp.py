@@ -132,7 +132,7 @@ async def _exercise(c: Client, lb: HAProxy, args: dict[str, Any]) -> None:
 
 def test_both_revisions_on_any_replica(cluster) -> None:  # type: ignore[no-untyped-def]
     # a call's SSE answer is closed after 1 s: the client resumes it with Last-Event-ID, wherever
-    lb, ms = cluster(mcp={"stream_close_seconds": 1.0})
+    lb, _ms = cluster(mcp={"stream_close_seconds": 1.0})
 
     # 2025-11-25: Mcp-Session-Id minted by the manager, kept in Redis
     wire = Wire()

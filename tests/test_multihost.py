@@ -152,7 +152,7 @@ def test_calls_while_a_manager_is_down_are_carried_out_when_it_returns(cluster: 
     assert h2.manager is not None
     released, rid = _on(cluster, 1)
     closed, cid = _on(cluster, 1)
-    kept, kid = _on(cluster, 1)
+    kept, _kid = _on(cluster, 1)
     rcid, ccid = _cid(cluster, rid), _cid(cluster, cid)
     h2.manager.signal(sig)
     h2.manager.proc.wait(20)

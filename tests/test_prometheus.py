@@ -111,7 +111,7 @@ def test_multiprocess_workers_aggregate(start_manager) -> None:  # type: ignore[
         assert float(line.split()[-1]) == n, (r.headers["x-tsm-replica"], line, served)
         answered.add(r.headers["x-tsm-replica"])
     assert answered == set(served), f"/metrics answered only by {answered}"
-    wait_for(lambda: any(x == "toolserver_checker_leader{manager_id=\"%s\"} 1.0" % m.cfg["manager_id"]
+    wait_for(lambda: any(x == "toolserver_checker_leader{{manager_id=\"{}\"}} 1.0".format(m.cfg["manager_id"])
                          for x in httpx.get(m.url + "/metrics").text.splitlines()), timeout=15,
              what="one leader over two workers")
     c.post("/release_session")

@@ -44,7 +44,7 @@ class SentinelSet:
              "--dir", str(self.tmp), "--logfile", str(self.tmp / f"{name}.log"), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def start(self) -> "SentinelSet":
+    def start(self) -> SentinelSet:
         self._server("primary")
         # the replica authenticates to the primary with the same password (a root-only file, not argv)
         auth = self.tmp / "masterauth.conf"
@@ -138,7 +138,7 @@ def test_managers_follow_a_sentinel_promotion_and_lose_no_session(sentinels: Sen
     def loop() -> None:
         clients = [httpx.Client(base_url=m.url, timeout=10) for m in reps]
         while not stop.is_set():
-            for c, node_id, _ in sessions:
+            for _c, node_id, _ in sessions:
                 for m, mc in zip(reps, clients):
                     mc.cookies.set("node_id", node_id)
                     try:

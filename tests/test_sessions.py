@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-
 from pathlib import Path
 
 import docker
@@ -57,7 +56,7 @@ def test_full_lifecycle(start_manager, docker_client: docker.DockerClient, redis
                                       "arguments": {"command": "echo $((6*7))"}})
     assert r.status_code == 200 and "42" in r.text, r.text
     tools = c.post("/get_available_tools").json()
-    assert "available_tools" in tools and tools["available_tools"]
+    assert tools.get("available_tools")
 
     # upload and byte-identical download of a large file, streamed
     blob = os.urandom(20 * 1024 * 1024)
@@ -120,7 +119,7 @@ def test_not_running_without_autorestart(start_manager, docker_client: docker.Do
 
 def test_node_not_responding(start_manager, docker_client: docker.DockerClient) -> None:
     m = start_manager(proxy={"path_timeouts": {"/execute_tool": 1.0}})
-    c, node_id = new_session(m.url)
+    c, _node_id = new_session(m.url)
     # the node takes longer than the path's timeout to answer: a gateway timeout (XAgent's client
     # takes 504 for a tool error and goes on; a 503 would end its whole run)
     r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": "sleep 3"}})
@@ -185,7 +184,7 @@ def test_bad_input_gets_clear_4xx(start_manager) -> None:
 
 def test_large_bodies_are_streamed_not_buffered(start_manager) -> None:
     m = start_manager()
-    c, node_id = new_session(m.url)
+    c, _node_id = new_session(m.url)
     assert m.proc is not None
     size = 100 * 1024 * 1024
     chunk = os.urandom(1024 * 1024)
@@ -237,7 +236,7 @@ def test_ready_names_failed_dependency_and_recovers(private_redis: PrivateRedis,
     finally:
         private_redis.start()
     wait_for(lambda: httpx.get(m.url + "/ready").status_code == 200, what="ready after Redis returns")
-    c, node_id = new_session(m.url)
+    c, _node_id = new_session(m.url)
     assert c.post("/").status_code == 200
     c.post("/release_session")
 
@@ -249,7 +248,7 @@ def test_an_engine_started_for_the_first_time_serves_sessions(private_engine: Pr
     assert all("Gateway" not in c for c in bridge["IPAM"]["Config"]), bridge["IPAM"]  # the case, as on a fresh box
     assert private_engine.bridge_address("bridge").count(".") == 3  # what tests read instead
     m = start_manager(**private_engine.manager_overrides())
-    c, node_id = new_session(m.url)
+    c, _node_id = new_session(m.url)
     r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": "echo ok"}})
     assert r.status_code == 200 and "ok" in r.text, r.text
     assert c.post("/release_session").status_code == 200
@@ -258,7 +257,7 @@ def test_an_engine_started_for_the_first_time_serves_sessions(private_engine: Pr
 def test_engine_restart_recovers(private_engine: PrivateEngine, start_manager) -> None:  # type: ignore[no-untyped-def]
     # the run's private engine is stopped and started, never the machine's
     m = start_manager(**private_engine.manager_overrides())
-    c, node_id = new_session(m.url)
+    c, _node_id = new_session(m.url)
     private_engine.stop_engine()
     try:
         r = httpx.get(m.url + "/ready", timeout=10)

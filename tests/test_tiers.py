@@ -88,7 +88,8 @@ def test_each_tier_is_entered_when_idle_and_left_by_the_next_call(start_manager,
     write(c, "notes.txt", b"written before")
     first_container = docker_client.containers.get(node_id).id
     for tier, state in (("paused", "paused"), ("exited", "exited"), ("archived", None)):
-        wait_for(lambda: status(redis_client, prefix, node_id) == tier, timeout=20, interval=0.05, what=tier)
+        wait_for(lambda: status(redis_client, prefix, node_id) == tier,  # noqa: B023  (called here)
+                 timeout=20, interval=0.05, what=tier)
         if state is None:
             assert not containers_of(docker_client, node_id)  # the container is gone, its workspace is not
             assert docker_client.volumes.get(f"tsm-session-{node_id}")
@@ -273,11 +274,12 @@ def test_redis_flush_brings_back_sessions_of_every_tier(private_redis: PrivateRe
     sessions["exited"][0].post("/close_session")
     docker_client.containers.get(sessions["archived"][1]).remove(force=True)
     for tier, (_, node_id) in sessions.items():
-        wait_for(lambda: status(r, prefix, node_id) == tier, timeout=10, what=f"{tier} before the flush")
+        wait_for(lambda: status(r, prefix, node_id) == tier,  # noqa: B023  (called here)
+                 timeout=10, what=f"{tier} before the flush")
     try:
         r.flushdb()
         for tier, (_, node_id) in sessions.items():
-            wait_for(lambda: status(r, prefix, node_id) == tier, timeout=20,
+            wait_for(lambda: status(r, prefix, node_id) == tier, timeout=20,  # noqa: B023  (called here)
                      what=f"the {tier} session rebuilt from the engine")
         for tier, (c, node_id) in sessions.items():
             assert read(c, "tier.txt") == tier.encode(), tier

@@ -1,7 +1,7 @@
 """Python client of toolserver-manager: one node (sandbox container) per session, tools, files, events, admin."""
 
 from toolserver_manager import client
-from toolserver_manager.client import *  # noqa: F403 - the client's public names, listed there
+from toolserver_manager.client import *  # noqa: F403  (the client is the package's public face)
 from toolserver_manager.models import (
     AvailableTools,
     CookieInfo,

@@ -10,7 +10,7 @@ import msgspec
 from toolserver_manager.errors import Unauthorized
 from toolserver_manager.events import EventStream
 from toolserver_manager.models import DrainState, Engines, Lease, NodeDetail, NodeList, Replica
-from toolserver_manager.transport import AsyncBase, DEFAULT_URL
+from toolserver_manager.transport import DEFAULT_URL, AsyncBase
 
 
 class AsyncAdmin(AsyncBase):
@@ -24,7 +24,7 @@ class AsyncAdmin(AsyncBase):
         super().__init__(url, timeout=timeout, headers=headers, **kwargs)
         self._token = token
 
-    async def __aenter__(self) -> "AsyncAdmin":
+    async def __aenter__(self) -> AsyncAdmin:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -89,7 +89,7 @@ def error_for(status: int, detail: Any, op: str = "") -> ToolServerError:
     return ToolServerError(detail, status)
 
 
-def detail_of(content: bytes) -> Any:
+def detail_of(content: bytes | bytearray) -> Any:
     try:
         data = json.loads(content)
     except ValueError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -14,12 +14,12 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from toolserver_manager.errors import (
     ConnectionFailed,
-    detail_of,
-    error_for,
     EventStreamError,
     InvalidSession,
     ToolServerError,
     Unauthorized,
+    detail_of,
+    error_for,
 )
 from toolserver_manager.models import Event
 
@@ -60,7 +60,7 @@ class Watch:
         except InvalidStatus as exc:
             resp = exc.response
             raise error_for(resp.status_code, detail_of(resp.body or b""), "admin") from exc
-        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, InvalidHandshake) as exc:
             raise ConnectionFailed(f"cannot connect to {self.base.url}/ws/events: "
                                    f"{exc or type(exc).__name__}") from exc
 
@@ -69,7 +69,7 @@ class Watch:
         try:
             raw = await asyncio.wait_for(ws.recv(), self.open_timeout)
             msg = json.loads(raw)
-        except (ConnectionClosed, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, ConnectionClosed, ValueError) as exc:
             raise EventStreamError(f"no handshake from /ws/events: {exc!r}") from exc
         if not isinstance(msg, dict) or msg.get("status") != "connect":
             raise EventStreamError(f"unexpected first message: {str(raw)[:200]}")
@@ -205,7 +205,7 @@ class EventStream:
         """How many times the socket was opened (1 + resumes)."""
         return self._watch.connections if self._watch else 0
 
-    async def start(self) -> "EventStream":
+    async def start(self) -> EventStream:
         """Open the socket and wait for the handshake (iteration does this by itself)."""
         if self._watch is None:
             self._watch = Watch(*self._args)
@@ -219,7 +219,7 @@ class EventStream:
     async def __anext__(self) -> Event:
         return await self._gen.__anext__()
 
-    async def _consume(self) -> AsyncIterator[Event]:
+    async def _consume(self) -> AsyncGenerator[Event, None]:
         try:
             await self.start()
             assert self._watch is not None
@@ -247,7 +247,7 @@ class EventStream:
         await self._gen.aclose()
         await self._stop()
 
-    async def __aenter__(self) -> "EventStream":
+    async def __aenter__(self) -> EventStream:
         try:
             return await self.start()
         except BaseException:

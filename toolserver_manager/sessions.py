@@ -16,7 +16,7 @@ import msgspec
 from toolserver_manager.errors import ConnectionFailed, InvalidSession, ToolServerError
 from toolserver_manager.events import EventStream
 from toolserver_manager.models import AvailableTools, CookieInfo, Download, ToolResult
-from toolserver_manager.transport import AsyncBase, CHUNK, DEFAULT_URL, Dest, OnExit, Source
+from toolserver_manager.transport import CHUNK, DEFAULT_URL, AsyncBase, Dest, OnExit, Source
 
 
 class AsyncSession(AsyncBase):
@@ -37,7 +37,7 @@ class AsyncSession(AsyncBase):
             self._set_node(node_id)
 
     @classmethod
-    async def create(cls, url: str = DEFAULT_URL, **kwargs: Any) -> "AsyncSession":
+    async def create(cls, url: str = DEFAULT_URL, **kwargs: Any) -> AsyncSession:
         """A started session (its node is ready)."""
         s = cls(url, **kwargs)
         try:
@@ -61,7 +61,7 @@ class AsyncSession(AsyncBase):
             raise InvalidSession("invalid node_id: None (the session was not started)")
         return self._node_id
 
-    async def __aenter__(self) -> "AsyncSession":
+    async def __aenter__(self) -> AsyncSession:
         if not self._node_id:
             try:
                 await self.start()
@@ -144,7 +144,7 @@ class AsyncSession(AsyncBase):
             name = remote_name or path.name
 
             def build(stack: contextlib.ExitStack) -> dict[str, Any]:
-                fh = stack.enter_context(open(path, "rb"))
+                fh = stack.enter_context(open(path, "rb"))  # noqa: SIM115  (the stack closes it)
                 return {"files": {"file": (name, fh, "application/octet-stream")}}
 
             return _message(await self._json("POST", "/upload_file", op="file", build=build))

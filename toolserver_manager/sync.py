@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-
 from toolserver_manager.admin import AsyncAdmin
 from toolserver_manager.errors import InvalidSession
 from toolserver_manager.events import EventStream
@@ -81,12 +80,12 @@ class SyncEventStream:
     def close(self) -> None:
         self._portal.call(self.stream.aclose())
 
-    def start(self) -> "SyncEventStream":
+    def start(self) -> SyncEventStream:
         """Open the socket and wait for the handshake."""
         self._portal.call(self.stream.start())
         return self
 
-    def __enter__(self) -> "SyncEventStream":
+    def __enter__(self) -> SyncEventStream:
         try:
             return self.start()
         except BaseException:
@@ -132,7 +131,7 @@ class Session(SyncBase):
         super().__init__(lambda: AsyncSession(url, **kwargs))
 
     @classmethod
-    def create(cls, url: str = DEFAULT_URL, **kwargs: Any) -> "Session":
+    def create(cls, url: str = DEFAULT_URL, **kwargs: Any) -> Session:
         """A started session (its node is ready)."""
         s = cls(url, **kwargs)
         try:
@@ -150,7 +149,7 @@ class Session(SyncBase):
     def info(self) -> CookieInfo | None:
         return self._a.info  # type: ignore[no-any-return]
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         if not self.node_id:
             try:
                 self.start()
@@ -222,7 +221,7 @@ class Admin(SyncBase):
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, **kwargs: Any) -> None:
         super().__init__(lambda: AsyncAdmin(url, token, **kwargs))
 
-    def __enter__(self) -> "Admin":
+    def __enter__(self) -> Admin:
         return self
 
     def __exit__(self, *exc: object) -> None:

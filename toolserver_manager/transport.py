@@ -15,11 +15,11 @@ import httpx
 
 from toolserver_manager.errors import (
     ConnectionFailed,
+    RequestTimeout,
+    ToolServerError,
     detail_of,
     error_for,
-    RequestTimeout,
     retryable,
-    ToolServerError,
 )
 
 T = TypeVar("T")

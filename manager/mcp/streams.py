@@ -89,7 +89,7 @@ class Streams:
                 return
             try:
                 frame = await asyncio.wait_for(frames.get(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if frame is None:
                 return

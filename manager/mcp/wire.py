@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
 from mcp_types import (
     CONNECTION_CLOSED,
     HEADER_MISMATCH,
@@ -14,7 +15,6 @@ from mcp_types import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
 )
-from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS
 from starlette.responses import Response
 
 __all__ = ["CONNECTION_CLOSED", "HEADER_MISMATCH", "INTERNAL_ERROR", "INVALID_PARAMS", "INVALID_REQUEST",

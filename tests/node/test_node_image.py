@@ -128,7 +128,7 @@ def test_filesystem_tools(node):
     assert "    - fs/\n        - notes.txt\n" in tree
     r = node.tool("FileSystemEnv_read_from_file", filepath="fs/missing.txt")
     assert r.status_code == 500 and "not found" in r.json()["detail"]
-    code, out = node.sh("cat /app/workspace/fs/notes.txt")
+    _code, out = node.sh("cat /app/workspace/fs/notes.txt")
     assert out == "zero\nfresh\n"
 
 
@@ -188,7 +188,7 @@ def test_shell_timeout_kills_command(node):
     assert "Timeout" in r.json()["detail"] and "started" in r.json()["detail"]
     # killed, not left to run its 30 s: gone within a few seconds of the answer (kill is asynchronous)
     for _ in range(100):
-        code, out = node.sh("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null"
+        _code, out = node.sh("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done 2>/dev/null"
                             " | grep -c '^sleep 30' || true")
         if out.strip() == "0":
             break
@@ -242,7 +242,7 @@ def test_notebook_keeps_state(node):
     r = node.tool("PythonNotebook_print_notebook")
     assert r.status_code == 200
     assert f"= Cell {index} =\nx = 5\n" in r.json() and "ZeroDivisionError" in r.json()
-    code, out = node.sh("python3 -c \"import json;print(len(json.load(open('/app/workspace/python_notebook.ipynb'))['cells']))\"")
+    _code, out = node.sh("python3 -c \"import json;print(len(json.load(open('/app/workspace/python_notebook.ipynb'))['cells']))\"")
     assert int(out) == index + 4
     r = node.tool("PythonNotebook_execute_cell", code="x", reset=True)
     assert r.status_code == 500 and "NameError" in r.json()["detail"]
@@ -342,7 +342,7 @@ def test_upload_download_10mb_identical(node):
     assert hashlib.sha256(r.content).hexdigest() == hashlib.sha256(data).hexdigest()
     assert "attachment" in r.headers["content-disposition"]
     assert 'filename="big.bin"' in r.headers["content-disposition"]
-    code, out = node.sh("ls -a /app/workspace | grep -c '^.upload-' || true")
+    _code, out = node.sh("ls -a /app/workspace | grep -c '^.upload-' || true")
     assert out.strip() == "0"
     # XAgent's client also sends a second file part named 'filename': only 'file' is stored
     r = node.post("/upload_file", files={"file": ("xagent.txt", b"from xagent"), "filename": "xagent.txt"})
@@ -375,9 +375,9 @@ def test_upload_is_streamed_to_disk(node):
     r = httpx.post(node.base + "/upload_file", content=gen(), timeout=60,
                    headers={"content-type": f"multipart/form-data; boundary={boundary}", **node.auth})
     assert r.status_code == 200, r.text
-    code, out = node.sh("stat -c %s /app/workspace/stream.bin")
+    _code, out = node.sh("stat -c %s /app/workspace/stream.bin")
     assert int(out) == size
-    code, out = node.sh("grep VmHWM /proc/1/status")
+    _code, out = node.sh("grep VmHWM /proc/1/status")
     peak_kb = int(out.split()[1])
     print(f"node peak RSS after a 64 MB upload: {peak_kb / 1024:.1f} MB")
     assert peak_kb < 60 * 1024
@@ -393,7 +393,7 @@ def test_download_workspace_zip(node):
     assert zf.testzip() is None
     assert zf.read("zipdir/inner/z.txt") == b"zipped\n"
     for _ in range(50):  # the temporary zip is removed once sent (in a background task)
-        code, out = node.sh("ls /tmp | grep -c '^workspace-.*zip$' || true")
+        _code, out = node.sh("ls /tmp | grep -c '^workspace-.*zip$' || true")
         if out.strip() == "0":
             break
         time.sleep(0.05)
@@ -425,7 +425,6 @@ def _recv_all(ws, timeout=10):
 
 
 def test_ws_shell_streams_lines(node):
-    from websockets.sync.client import connect
 
     with node.ws("/ws/shell") as ws:
         # the command blocks after its first lines until the test lets it go on: lines that arrive
@@ -441,7 +440,6 @@ def test_ws_shell_streams_lines(node):
 
 
 def test_ws_shell_timeout_and_bad_requests(node):
-    from websockets.sync.client import connect
 
     with node.ws("/ws/shell") as ws:
         ws.send(json.dumps({"command": "echo x; sleep 20", "timeout": 1}))
@@ -458,7 +456,6 @@ def test_ws_shell_timeout_and_bad_requests(node):
 
 
 def test_ws_echo_and_close_code(node):
-    from websockets.sync.client import connect
 
     with node.ws("/ws/echo") as ws:
         ws.send("hello")
@@ -484,7 +481,6 @@ def test_sigterm_stops_promptly(start_node, init):
     inflight = threading.Thread(target=lambda: _swallow(node.tool, "PythonNotebook_execute_cell",
                                                         code="import time; time.sleep(300)"))
     inflight.start()
-    from websockets.sync.client import connect
 
     with node.ws("/ws/shell") as ws:
         ws.send(json.dumps({"command": "sleep 300", "timeout": 600}))
@@ -552,9 +548,9 @@ def test_websocket_handshake_without_the_secret_gets_401(node):
 
     for path in ("/ws/shell", "/ws/echo"):
         for headers in ({}, {"X-Node-Secret": "wrong"}):
-            with pytest.raises(InvalidStatus) as err:
-                with connect(node.ws_base + path, additional_headers=headers, open_timeout=10):
-                    pass
+            with pytest.raises(InvalidStatus) as err, \
+                    connect(node.ws_base + path, additional_headers=headers, open_timeout=10):
+                pass
             assert err.value.response.status_code == 401
     with node.ws("/ws/echo") as ws:
         ws.send("hi")

@@ -13,7 +13,7 @@ from shared.errors import HostUnreachable
 
 
 def test_refused_is_a_live_host_timeouts_and_no_route_are_not() -> None:
-    assert host_unreachable_error(asyncio.TimeoutError())
+    assert host_unreachable_error(TimeoutError())
     assert host_unreachable_error(OSError(errno.EHOSTUNREACH, "no route"))
     assert not host_unreachable_error(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
     assert not host_unreachable_error(None)

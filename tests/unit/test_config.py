@@ -103,5 +103,5 @@ def test_tiers_can_be_turned_off_but_not_set_to_nonsense() -> None:
                                "TSM_NODE__TIERS__DELETE_AFTER_SECONDS": "604800"})
     assert cfg.node.tiers.pause_after_seconds is None and cfg.node.idling_close_minutes is None
     assert cfg.node.tiers.archive_after_seconds == 86400 and cfg.node.tiers.delete_after_seconds == 604800
-    with pytest.raises(ConfigError, match="node.tiers.archive_after_seconds must be positive"):
+    with pytest.raises(ConfigError, match=r"node\.tiers\.archive_after_seconds must be positive"):
         load_config(environ={"TSM_NODE__TIERS__ARCHIVE_AFTER_SECONDS": "0"})
