@@ -82,7 +82,7 @@ class KubeCluster:
         self._dns_stop = threading.Event()
         self._dns_thread: threading.Thread | None = None
         self._dns_hosts = self.dir / "dns-hosts"
-        for i, h in enumerate(hosts.hosts, 1):
+        for _i, h in enumerate(hosts.hosts, 1):
             hd = self.host_dir(h)
             mounts = [str(hd / "run"), *(str(hd / Path(d).name) for d in LOG_DIRS)]
             # dockerd in a mount namespace of its own where the host's directories cover the shared paths
@@ -97,7 +97,7 @@ class KubeCluster:
         return self.dir / h.name
 
     # --- set-up -----------------------------------------------------------------------------
-    def start(self) -> "KubeCluster":
+    def start(self) -> KubeCluster:
         """Engines first (hosts.start), then the control plane, then a kubelet and kube-proxy per host."""
         t0 = time.monotonic()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,7 @@ def sweep_stale() -> list[str]:
     (they run in sessions of their own and outlive a killed test process), then what the hosts
     fixture's sweep removes (namespaces, bridge, engines' data). A run whose test process lives is
     kept. Returns the tags removed."""
-    from testing.hosts import sweep_stale as sweep_hosts  # noqa: PLC0415
+    from testing.hosts import sweep_stale as sweep_hosts
 
     removed = []
     for root in STATE.glob("tsmk-*"):

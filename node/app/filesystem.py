@@ -64,7 +64,7 @@ def print_filesys_struture(return_root: bool = False) -> str:
 
 
 def _read_lines(real: str) -> list:
-    with open(real, "r", encoding="utf-8", errors="replace", newline=None) as f:
+    with open(real, encoding="utf-8", errors="replace", newline=None) as f:
         return f.readlines(100_000)
 
 
@@ -119,7 +119,7 @@ def write_to_file(filepath: str, content: str, truncating: bool = False, line_nu
     elif truncating:
         lines = []
     else:
-        with open(real, "r", encoding="utf-8", errors="replace") as f:
+        with open(real, encoding="utf-8", errors="replace") as f:
             lines = f.readlines()
     new_lines = content.splitlines(keepends=True)
     if line_number is None:
@@ -143,7 +143,7 @@ def modify_file(filepath: str, new_content: str, start_index: int = None, end_in
         os.makedirs(os.path.dirname(real), exist_ok=True)
         lines = []
     else:
-        with open(real, "r", encoding="utf-8", errors="replace") as f:
+        with open(real, encoding="utf-8", errors="replace") as f:
             lines = f.readlines()
     new_lines = new_content.splitlines(keepends=True)
     if start_index is None:

@@ -53,12 +53,12 @@ async def _run(code: str, cell: int) -> list:
         return [_err("The Python kernel died; it will be restarted on the next call.")]
     try:
         line = await asyncio.wait_for(kernel.stdout.readline(), config.NOTEBOOK_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         note = f"Timeout: the cell ran longer than {config.NOTEBOOK_TIMEOUT:g} s"
         try:
             os.kill(kernel.pid, signal.SIGINT)  # like Jupyter's interrupt: the variables survive
             line = await asyncio.wait_for(kernel.stdout.readline(), 2)
-        except (asyncio.TimeoutError, ProcessLookupError):
+        except (TimeoutError, ProcessLookupError):
             line = b""
         if not line:
             _stop()
@@ -102,7 +102,7 @@ def _format_outputs(outputs: list, cell_index=None, reraise=False):
     formatted = [_format_output(o, False) for o in outputs]
     if cell_index is None:
         return formatted[0] if len(formatted) == 1 else {"type": "composite", "data": formatted}
-    return {"type": "composite", "data": [f"cell_index: {cell_index}"] + formatted}
+    return {"type": "composite", "data": [f"cell_index: {cell_index}", *formatted]}
 
 
 def _save() -> None:

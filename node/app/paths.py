@@ -25,10 +25,7 @@ def resolve(path, *, what: str = "Path") -> str:
     if "\x00" in path:
         raise NodeError(422, f"{what} contains a NUL byte")
     root = config.WORKSPACE
-    if os.path.isabs(path):
-        lexical = os.path.normpath(path)
-    else:
-        lexical = os.path.normpath(os.path.join(root, path))
+    lexical = os.path.normpath(path) if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
     if not within(lexical, root):
         raise NodeError(403, f"{what} {path!r} is outside the workspace")
     real = os.path.realpath(lexical)

@@ -12,8 +12,19 @@ from .errors import NodeError
 
 
 class Tool:
-    __slots__ = ("name", "short", "env", "description", "properties", "required", "visible",
-                 "target", "hidden", "accepts_extra", "_func")
+    __slots__ = (
+        "_func",
+        "accepts_extra",
+        "description",
+        "env",
+        "hidden",
+        "name",
+        "properties",
+        "required",
+        "short",
+        "target",
+        "visible",
+    )
 
     def __init__(self, name, description, properties=(), required=(), *, env=None, short=None,
                  visible=True, target=None, hidden=None, accepts_extra=False, func=None):
@@ -47,7 +58,7 @@ class Tool:
 
 
 class Env:
-    __slots__ = ("name", "description", "tools")
+    __slots__ = ("description", "name", "tools")
 
     def __init__(self, name, description):
         self.name = name
@@ -57,7 +68,7 @@ class Env:
     def dict(self, include_invisible=False, max_show_tools=10) -> dict:
         names = [t.short for t in self.tools.values() if include_invisible or t.visible]
         if max_show_tools != -1 and len(names) > max_show_tools:
-            names = names[:max_show_tools] + ["..."]
+            names = [*names[:max_show_tools], "..."]
         return {"name": self.name, "description": self.description,
                 "total_tools": len(self.tools), "tools": names}
 
@@ -348,7 +359,7 @@ async def execute(tool: Tool, arguments: dict):
 
 
 # --- retrieval: token overlap, weighted by rarity (no model, no network) ---------------------------
-_STOP = set("a an and are as at be by can do for from get how i in into is it its me my of on or "
+_STOP = set("a an and are as at be by can do for from get how i in into is it its me my of on or "  # noqa: SIM905
             "please some that the this to use using want what when which with you your".split())
 
 

@@ -365,7 +365,7 @@ async def ws_echo(websocket):
                     code = int(text[6:])
                 except ValueError:
                     code = 0
-                valid = code == 1000 or 1001 <= code <= 1014 and code not in (1004, 1005, 1006) \
+                valid = code == 1000 or (1001 <= code <= 1014 and code not in (1004, 1005, 1006)) \
                     or 3000 <= code <= 4999
                 await websocket.close(code if valid else 1008)
                 return

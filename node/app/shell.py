@@ -38,7 +38,7 @@ SHELLS: dict = {}
 
 
 async def _new_shell() -> _Shell:
-    for sid, sh in list(SHELLS.items()):  # drop shells whose bash has exited and been read
+    for _sid, sh in list(SHELLS.items()):  # drop shells whose bash has exited and been read
         if sh.proc.returncode is not None and sh.out.task.done() and sh.err.task.done():
             sh.close()
     if len(SHELLS) >= config.MAX_SHELLS:
@@ -93,7 +93,7 @@ async def _run_to_end(sh: _Shell, command: str, kill: bool):
         pass
     try:
         await asyncio.wait_for(sh.proc.wait(), config.SHELL_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         procs.kill(sh.proc)
         await sh.finish(0.2)
         sh.close()
@@ -156,7 +156,6 @@ async def run_interpreter(code: str = None, command: str = None, filename: str =
         await run_in_threadpool(write_to_file, filename, code, True)
     if command is None:
         import shlex
-
         import shutil
 
         python = "python" if shutil.which("python") else "python3"
@@ -166,7 +165,7 @@ async def run_interpreter(code: str = None, command: str = None, filename: str =
     try:
         sh.proc.stdin.close()
         await asyncio.wait_for(sh.proc.wait(), config.SHELL_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         procs.kill(sh.proc)
         sh.close()
         raise NodeError(500, f"Timeout while executing command (limit {config.SHELL_TIMEOUT:g} s).") from None
@@ -264,7 +263,7 @@ async def stream_command(websocket) -> None:
         # the rest of the output; a background child still holding the pipes is not waited for
         try:
             await asyncio.wait_for(asyncio.shield(pumps), 1 if timed_out else 0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pumps.cancel()
         code = await proc.wait()
         procs.forget(proc)
