@@ -429,10 +429,19 @@ def test_nodes_run_under_gvisor_when_asked(private_engine: PrivateEngine, start_
         assert engine.api.inspect_container(node_id)["HostConfig"]["Runtime"] == "runsc"
         (net_name,) = networks_of(engine, node_id)
         gateway = private_engine.bridge_address(net_name)
+        secret = node_secret(engine, node_id)
     finally:
         engine.close()
     # gVisor's own kernel answers (it says 4.4.0), not the host's
     assert "4.4.0" in shell(c, "uname -r") and os.uname().release != "4.4.0"
+    # uids split as under runc, though gVisor has no ambient capabilities (entrypoint.sh): a tool runs
+    # as 1000 and neither signals the server (uid 1001) nor finds the node secret in its environment
+    # (gVisor shows any process's /proc/<pid>/environ: the server blanks its NODE_* values there)
+    out = shell(c, "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline | grep -qx 'python3 -m app ' && "
+                   "s=${p#/proc/}; done; echo server=$s uid=$(awk '/^Uid:/ {print $2}' /proc/$s/status); "
+                   "cat /proc/$s/environ; kill -0 $s && echo signalled; echo; id -u")
+    assert "server=" in out and "server= " not in out and "uid=1001" in out, out
+    assert len(secret) >= 32 and secret not in out and "signalled" not in out and "\n1000\n" in out, out
     # a listener of the engine's host (its namespace), which the host itself reaches
     with private_engine.listener(reach=gateway) as port:
         seen = probe_from(c, [(gateway, port), ("169.254.169.254", 80)])

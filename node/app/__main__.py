@@ -67,6 +67,10 @@ _WS_CLASS = None
 def main() -> int:
     import logging
 
+    from . import privileges
+
+    privileges.drop_to_server()  # before anything else runs (gVisor: see entrypoint.sh)
+
     from . import config
 
     handler = logging.StreamHandler(sys.stderr)

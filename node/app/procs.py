@@ -22,20 +22,36 @@ def child_env() -> dict:
 # can then neither ptrace, signal nor read the environment of the server
 TOOL_UID = os.environ.get("NODE_TOOL_UID", "")
 TOOL_GID = os.environ.get("NODE_TOOL_GID", TOOL_UID)
+# "setpriv" (the server's capabilities are ambient: setpriv clears them) or "fork" (gVisor, no ambient
+# capabilities: the server dropped itself, privileges.py, so the forked child switches uid before exec
+# and exec leaves it no capability)
+TOOL_SWITCH = os.environ.get("NODE_TOOL_SWITCH", "setpriv")
+
+
+def _switches() -> bool:
+    return bool(TOOL_UID) and str(os.getuid()) != TOOL_UID
 
 
 def as_tool(argv: tuple) -> tuple:
     """argv run as the tools' uid, with no capability, when the server's uid is another."""
-    if not TOOL_UID or str(os.getuid()) == TOOL_UID:
+    if not _switches() or TOOL_SWITCH == "fork":
         return argv
     return ("setpriv", f"--reuid={TOOL_UID}", f"--regid={TOOL_GID}", "--clear-groups", "--inh-caps=-all",
             "--ambient-caps=-all", "--", *argv)
 
 
+def _become_tool() -> None:
+    # in the child between fork and exec (uvloop has no user=/group=): exec then leaves no capability
+    os.setgroups([])
+    os.setresgid(int(TOOL_GID), int(TOOL_GID), int(TOOL_GID))
+    os.setresuid(int(TOOL_UID), int(TOOL_UID), int(TOOL_UID))
+
+
 async def spawn(*argv, stdin=None, stdout=None, stderr=None, limit=1 << 16) -> asyncio.subprocess.Process:
+    ids = {"preexec_fn": _become_tool} if _switches() and TOOL_SWITCH == "fork" else {}
     proc = await asyncio.create_subprocess_exec(
         *as_tool(argv), stdin=stdin, stdout=stdout, stderr=stderr, cwd=config.WORKSPACE, env=child_env(),
-        start_new_session=True, limit=limit,
+        start_new_session=True, limit=limit, **ids,
     )
     _LIVE.add(proc)
     return proc
