@@ -528,9 +528,22 @@ def test_client_api_keys_when_set(start_manager, tmp_path) -> None:  # type: ign
     assert c.post("/get_cookie").status_code == 200
     assert c.post("/get_available_tools").status_code == 200
     # a client that cannot set headers: the key as a cookie, next to node_id
-    by_cookie = httpx.Client(base_url=m.url, timeout=60, cookies={"tsm_api_key": "from-file",
+    by_cookie = httpx.Client(base_url=m.url, timeout=60, cookies={"tsm_api_key": "k-one",
                                                                   "node_id": c.cookies["node_id"]})
     assert by_cookie.post("/get_available_tools").status_code == 200
+    # the key from the file is a key too, but a session answers only to the key that made it: to
+    # another, k-one's session is as unknown as a node_id nobody made
+    other = httpx.Client(base_url=m.url, timeout=60, cookies={"tsm_api_key": "from-file",
+                                                              "node_id": c.cookies["node_id"]})
+    unknown = httpx.Client(base_url=m.url, timeout=60, cookies={"tsm_api_key": "from-file", "node_id": "0" * 64})
+    theirs, nobodys = other.post("/get_available_tools"), unknown.post("/get_available_tools")
+    assert theirs.status_code == nobodys.status_code == 403, theirs.text
+    assert theirs.json() == {"detail": f"invalid node_id: {c.cookies['node_id']}"}, theirs.text
+    assert nobodys.json() == {"detail": f"invalid node_id: {'0' * 64}"}, nobodys.text
+    own = httpx.Client(base_url=m.url, timeout=60, cookies={"tsm_api_key": "from-file"})
+    assert own.post("/get_cookie").status_code == 200
+    assert own.post("/get_available_tools").status_code == 200
+    own.post("/release_session")
     bare = httpx.Client(base_url=m.url, timeout=60, cookies={"node_id": c.cookies["node_id"]})
     assert bare.post("/get_available_tools").status_code == 401
     from websockets.exceptions import InvalidStatus
