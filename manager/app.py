@@ -20,7 +20,7 @@ from manager.entry import HeaderLimit, ManagerApp
 from manager.events_hub import EventHub
 from manager.mcp import route as mcp_route
 from manager.proxy import Proxy
-from manager.registry import heartbeat_loop
+from manager.registry import heartbeat_loop, register
 from manager.resolve import Resolver
 from manager.routing import build_routes
 from manager.runtime import Runtime
@@ -67,6 +67,7 @@ def create_app(cfg: Config) -> ManagerApp:
         app.state.resolver = resolver = Resolver(rt)
         app.state.proxy = Proxy(rt, resolver)
         hub = app.state.hub = EventHub(store, rt.cache, Thawer(rt))
+        await register(rt)
         checker = Checker(rt) if cfg.builtin_monitor else None
         app.state.checker = checker
         tasks = [asyncio.create_task(coro, name=name) for name, coro in (

@@ -12,21 +12,35 @@ from shared.errors import EngineUnavailable, RedisUnavailable
 log = logging.getLogger(__name__)
 
 
+async def _beat(rt: Runtime, ttl: float, ask_engine: bool) -> None:
+    async with rt.registry_lock:
+        if rt.stopping:
+            return
+        rt.replica.draining = rt.manager_id in await rt.store.draining()
+        if ask_engine and rt.replica.node_cap < 0:
+            try:
+                rt.replica.node_cap = await capacity.node_cap(rt)
+            except EngineUnavailable:  # said at a later beat
+                pass
+        await rt.store.heartbeat(rt.replica, ttl)
+
+
+async def register(rt: Runtime) -> None:
+    """The first entry, before the replica serves: without it, a call right after start (a drain of
+    this manager_id, say) finds no replica of it. The node cap asks the engine, which a loaded
+    machine answers in seconds: it follows at the first beat."""
+    try:
+        await _beat(rt, rt.cfg.cluster.replica_ttl_seconds, ask_engine=False)
+    except RedisUnavailable as exc:  # the heartbeat keeps trying
+        log.warning("heartbeat_failed replica_id=%s error=%s", rt.replica.replica_id, exc.detail)
+
+
 async def heartbeat_loop(rt: Runtime) -> None:
     """Keep this replica registered; re-registers by itself after a Redis flush."""
     ttl = rt.cfg.cluster.replica_ttl_seconds
     while not rt.stopping:
         try:
-            async with rt.registry_lock:
-                if rt.stopping:
-                    return
-                rt.replica.draining = rt.manager_id in await rt.store.draining()
-                if rt.replica.node_cap < 0:
-                    try:
-                        rt.replica.node_cap = await capacity.node_cap(rt)
-                    except EngineUnavailable:  # said at a later beat
-                        pass
-                await rt.store.heartbeat(rt.replica, ttl)
+            await _beat(rt, ttl, ask_engine=True)
         except RedisUnavailable as exc:
             log.warning("heartbeat_failed replica_id=%s error=%s", rt.replica.replica_id, exc.detail)
         await asyncio.sleep(rt.cfg.cluster.heartbeat_seconds)
