@@ -9,6 +9,7 @@ NAME="${TSM_ENGINE2_NAME:-tsm-engine2}"
 SOCK="/run/$NAME.sock"
 EXEC="/run/$NAME"
 DATA="$STATE/$NAME-data"
+LOG="$STATE/tsm-engine2.log"  # one for every name (test runs name theirs): the last start's
 BR="${TSM_ENGINE2_BRIDGE:-tsm-br2}"
 BR_ADDR="${TSM_ENGINE2_BRIDGE_ADDR:-172.30.99.1/24}"
 IMAGE="${TSM_NODE_IMAGE:-toolserver-node:latest}"
@@ -26,9 +27,9 @@ start() {
     # no iptables of its own: the first engine owns the NAT chains; docker-proxy still
     # publishes ports on 127.0.0.1, which is all the nodes need here
     nohup dockerd --host "unix://$SOCK" --data-root "$DATA" --exec-root "$EXEC" --pidfile "$EXEC.pid" \
-      --bridge "$BR" --iptables=false --ip-masq=false --live-restore >"$STATE/$NAME.log" 2>&1 &
+      --bridge "$BR" --iptables=false --ip-masq=false --live-restore >"$LOG" 2>&1 &
     for _ in $(seq 150); do "${D2[@]}" info >/dev/null 2>&1 && break; sleep 0.2; done
-    "${D2[@]}" info >/dev/null 2>&1 || die "second dockerd did not start (see $STATE/$NAME.log)"
+    "${D2[@]}" info >/dev/null 2>&1 || die "second dockerd did not start (see $LOG)"
   fi
   want=$(/usr/bin/docker image inspect -f '{{.Id}}' "$IMAGE")
   have=$("${D2[@]}" image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)

@@ -114,10 +114,9 @@ def _loops() -> dict[str, str]:
 
 def _paths() -> set[str]:
     found = {str(p) for p in STATE.glob("tsmh-*")} | {str(p) for p in Path("/run").glob("tsmh-*")}
-    for p in (STATE / f"{ENGINE2_NAME}-data", Path(f"/run/{ENGINE2_NAME}"), Path(f"/run/{ENGINE2_NAME}.sock"),
-              Path(f"/tmp/{ENGINE2_NAME}.lock"), Path(f"/run/{ENGINE2_NAME}.lock")):
-        if p.exists():
-            found.add(str(p))
+    # second engines (scripts/second-engine.sh): test_cluster names each after its run
+    found |= {str(p) for p in STATE.glob(f"{ENGINE2_NAME}*-data")} | {str(p) for p in Path("/run").glob(f"{ENGINE2_NAME}*")}
+    found |= {str(p) for p in Path("/tmp").glob(f"{ENGINE2_NAME}*.lock")}
     return found
 
 

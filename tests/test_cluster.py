@@ -30,19 +30,22 @@ ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 def engine2() -> Iterator[str]:
     """A second dockerd with its own socket, data root, exec root and bridge; held under a lock on
     the state directory (no file of its own to leave behind), since another run on this machine
-    would stop it under our feet."""
+    would stop it under our feet. Named for this run: with the name every run used, another run's
+    engine, started the moment ours stopped, was reported as ours left behind."""
     state = os.environ.get("TSM_STATE_DIR", "/var/lib/toolserver-manager")
     os.makedirs(state, exist_ok=True)
+    tag = uuid.uuid4().hex[:6]
+    env = {**os.environ, "TSM_ENGINE2_NAME": f"tsm-engine2-{tag}", "TSM_ENGINE2_BRIDGE": f"tsmb2-{tag}"}
     lock = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        machine.RUN.host_tags.add("tsm-engine2")  # its data, socket and bridge are this run's to remove
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the bridge's subnet is one for all runs
+        machine.RUN.host_tags.add(env["TSM_ENGINE2_NAME"])  # its data, socket and bridge are this run's to remove
         out = subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "start"], check=True,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
         try:
             yield out.stdout.strip().splitlines()[-1]
         finally:
-            subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "stop"], check=False)
+            subprocess.run(["bash", str(ROOT / "scripts/second-engine.sh"), "stop"], check=False, env=env)
     finally:
         os.close(lock)
 
