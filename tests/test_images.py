@@ -5,6 +5,7 @@ at start."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -41,6 +42,8 @@ def registry(tmp_path: Path) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         stop_process(proc, 5)
+        # its storage holds a node image's layers (~200 MB): pytest keeps temp dirs of past runs
+        shutil.rmtree(tmp_path / "registry", ignore_errors=True)
 
 
 def test_missing_image_is_a_503_naming_it_until_it_is_tagged(start_manager, docker_client: docker.DockerClient,
