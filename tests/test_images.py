@@ -28,7 +28,7 @@ def registry(tmp_path: Path) -> Iterator[str]:
     cfg.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n"
                    f"http:\n  addr: 127.0.0.1:{port}\n")
     proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "registry.log", "ab"))
+                            stderr=open(tmp_path / "registry.log", "ab"))  # noqa: SIM115  (the registry owns it)
     def up() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"docker-registry exited: {(tmp_path / 'registry.log').read_text()[-2000:]}")

@@ -25,7 +25,7 @@ from shared.config import deep_merge
 from testing import redis_env
 from testing.harness import bridge_gateway
 from testing.hosts import PrivateEngine
-from tests.conftest import ADMIN_TOKEN, ROOT, wait_for
+from tests.conftest import ADMIN_TOKEN, wait_for
 
 SECRET_HEADER = "X-Node-Secret"
 
@@ -95,7 +95,7 @@ def test_secret_is_never_shown(start_manager, docker_client: docker.DockerClient
     assert c.post("/reconnect_session").status_code == 200
     assert c.post("/get_available_tools").status_code == 200  # same secret after a restart
     c.post("/release_session")
-    for text in seen + [m.logs()]:
+    for text in [*seen, m.logs()]:
         assert secret not in text
     assert json.loads(seen[1])["record"].get("secret") is None
 
@@ -274,7 +274,7 @@ def test_published_ports_are_refused_from_nodes_and_want_the_secret(start_manage
                                                                    docker_client: docker.DockerClient) -> None:
     """DaemonSet mode: node ports published on the host; nodes still cannot reach them."""
     m = start_manager(node={"network": {"publish": True}})
-    a, a_id = new_session(m.url)
+    a, _a_id = new_session(m.url)
     b, b_id = new_session(m.url)
     ports = docker_client.api.inspect_container(b_id)["NetworkSettings"]["Ports"]["31942/tcp"]
     published = int(ports[0]["HostPort"])
@@ -371,8 +371,8 @@ def test_a_node_cannot_write_more_than_its_bound(start_manager, docker_client: d
     assert answers and set(answers) == {200}, answers
     assert "kept" in shell(a, "cat /app/workspace/keep.txt")
     # released: the volume, its loop device and its image are gone
-    vol = [mt["Name"] for mt in docker_client.api.inspect_container(a_id)["Mounts"]
-           if mt["Destination"] == "/app/workspace"][0]
+    vol = next(mt["Name"] for mt in docker_client.api.inspect_container(a_id)["Mounts"]
+               if mt["Destination"] == "/app/workspace")
     assert a.post("/release_session").status_code == 200
     assert not os.path.exists(image) and not loop_devices_of(image)
     assert not docker_client.volumes.list(filters={"name": vol})
@@ -405,7 +405,7 @@ def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.Do
                                          redis_client: redis.Redis, prefix: str) -> None:
     m = start_manager(node={"disk": DISK, "creation_wait_seconds": 5,
                             "tiers": {"orphan_workspace_grace_seconds": 1}}, checker={"stuck_creation_seconds": 1})
-    c, node_id = new_session(m.url)
+    _c, node_id = new_session(m.url)
     image = workspace_image(docker_client, node_id)
     docker_client.api.remove_container(node_id, force=True)  # behind the manager's back: archived, kept
     wait_for(lambda: redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"archived", timeout=10,
@@ -549,10 +549,10 @@ def test_client_api_keys_when_set(start_manager, tmp_path) -> None:  # type: ign
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    with pytest.raises(InvalidStatus) as err:
-        with connect(m.url.replace("http", "ws") + "/ws/echo",
-                     additional_headers={"Cookie": f"node_id={c.cookies['node_id']}"}):
-            pass
+    with pytest.raises(InvalidStatus) as err, \
+            connect(m.url.replace("http", "ws") + "/ws/echo",
+                    additional_headers={"Cookie": f"node_id={c.cookies['node_id']}"}):
+        pass
     assert err.value.response.status_code == 401
     with connect(m.url.replace("http", "ws") + "/ws/echo",
                  additional_headers={"Cookie": f"node_id={c.cookies['node_id']}; tsm_api_key=k-one"}) as ws:
@@ -583,7 +583,7 @@ def test_allowed_private_ranges(start_manager, docker_client: docker.DockerClien
         assert probe_from(c, [private])[private] != "connected"  # private: refused by default
         c.post("/release_session")
         allowed = start_manager(name="allowed", node={"network": {"allow_cidrs": ["10.213.0.0/16"]}})
-        c, node_id = new_session(allowed.url)
+        c, _node_id = new_session(allowed.url)
         try:
             assert probe_from(c, [private])[private] == "connected"
         finally:

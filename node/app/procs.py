@@ -116,5 +116,5 @@ class Capture:
         """Wait briefly for EOF (a background grandchild may hold the pipe open), then stop."""
         try:
             await asyncio.wait_for(asyncio.shield(self.task), grace)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             self.task.cancel()
