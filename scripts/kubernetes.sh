@@ -12,6 +12,7 @@ STATE="${TSM_STATE_DIR:-/var/lib/toolserver-manager}"
 DOCKER="${DOCKER:-/usr/bin/docker}"
 say() { printf '\033[1m[kubernetes]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[31m[kubernetes] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
 
 SUITE=bookworm
 WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler cmd/kubelet cmd/kube-proxy"
@@ -20,16 +21,7 @@ PKGS=(golang-go rsync jq etcd-server gcc libc6-dev patch dpkg-dev dnsmasq-base i
 BASE="$STATE/kubernetes"
 mkdir -p "$BASE"
 
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  say "installing ${missing[*]} (apt)"
-  apt-get update -qq >"$BASE/apt.log" 2>&1 || die "apt-get update failed (see $BASE/apt.log)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$BASE/apt.log" 2>&1 \
-    || die "apt-get install ${missing[*]} failed (see $BASE/apt.log)"
-fi
+apt_ensure "$BASE/apt.log" "${PKGS[@]}"
 
 # the recipe: what is built, from which source, with which patches and which Go
 RECIPE="$SUITE kubernetes source | $WHAT | CGO_ENABLED=0 | $(go version) | $(cat "$HERE"/kubernetes/*.patch | sha256sum) | v1"

@@ -13,6 +13,7 @@ mkdir -p "$STATE"
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (apt-get and dockerd need it)"
 
@@ -35,22 +36,13 @@ command -v npm >/dev/null || APT_PKGS+=(npm)
 # Debian's python3 has no venv module until python3-venv is installed
 python3 -c 'import ensurepip, venv' 2>/dev/null || APT_PKGS+=(python3-venv)
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11 or newer is needed (found $(python3 --version 2>&1))"
-missing=()
-for p in "${APT_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  say "installing ${missing[*]} (apt, about 30 s)"
-  apt-get update -qq >"$STATE/apt.log" 2>&1 || die "apt-get update failed (see $STATE/apt.log): check the package mirror"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$STATE/apt.log" 2>&1 \
-    || die "apt-get install ${missing[*]} failed (see $STATE/apt.log)"
-fi
+apt_ensure "$STATE/apt.log" "${APT_PKGS[@]}"
 # the tests run their own registry on 127.0.0.1; Debian's package would serve one on every address
 # (and its own sentinels: the packaged one would watch the machine's Redis on every boot). Only
 # the services this run just installed: one the machine had before is its owner's to run
 if [ "$WITH_TEST" = 1 ] && command -v systemctl >/dev/null; then
   for svc in docker-registry redis-sentinel; do
-    case " ${missing[*]} " in *" $svc "*) systemctl disable --now "$svc" >/dev/null 2>&1 || true ;; esac
+    case " ${APT_INSTALLED[*]} " in *" $svc "*) systemctl disable --now "$svc" >/dev/null 2>&1 || true ;; esac
   done
 fi
 
