@@ -1,0 +1,357 @@
+"""Time to interactive: from asking for a session to its first tool call answered, as a user
+(XAgent's ToolServer client) feels it, through one manager replica on loopback.
+
+One iteration is what XAgent's client does first: ``POST /get_cookie``, then ``POST /execute_tool``
+with the session's cookie (``{"tool_name": ..., "arguments": {}}``). The clock runs from sending
+the first to receiving the second's answer (HTTP 200); the session is released afterwards, in the
+background and untimed, so a release never delays the next iteration.
+
+Arrival patterns (the ComputeSDK method), N iterations each:
+
+sequential  one after another: the next starts when the previous answered.
+staggered   one started every ``--stagger-ms``, whether or not the earlier ones answered.
+burst       all N at once.
+
+each with the pool off (every session a cold creation) and on (``pool.size: --pool-size``, the
+pool full before each pattern starts). Then the first tool call on a session in each tier:
+
+paused      the checker paused it (``tiers.pause_after_seconds: 1``)
+stopped     ``POST /close_session``
+archived    the checker removed its container, the workspace kept (``tiers.archive_after_seconds: 1``)
+
+The managers use the project's default node settings (limits, node network, 1 GiB loop-mounted
+workspaces) with the benchmark's image, a Redis of their own (other work restarting the shared
+one would end a run half-way), no per-client quota (one client makes everything here) and a node
+cap above what the run holds at once (the default, from the engine's memory at the 1 GiB node
+limit, is about 24 on this machine).
+
+    .venv/bin/python -m benchmarks.time_to_interactive [--n 100] [--pool-size 10] [--stagger-ms 200]
+        [--resume-n N] [--patterns sequential,staggered,burst] [--cases off,pool,tiers] [--pool JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.cookiejar
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks._support import remove_containers_retry
+from benchmarks.common import (
+    NODE_IMAGE,
+    base_config,
+    bench_id,
+    command_line,
+    delete_keys,
+    docker_client,
+    fmt,
+    load_line,
+    markdown_table,
+    redis_client,
+    start_private_redis,
+    summarize,
+    write_json,
+)
+from shared.config import NodeConfig
+from shared.keys import Keys
+from testing.harness import ManagerProc
+
+TOOL = "FileSystemEnv_print_filesys_struture"  # spawns nothing: the path, not the tool, sets the pace
+TOOL_BODY = json.dumps({"tool_name": TOOL, "arguments": {}}).encode()
+OFF = {"pause_after_seconds": None, "archive_after_seconds": None}
+FAST_CHECKER = {"interval_seconds": 0.25, "lease_ttl_seconds": 3}
+PATTERNS = ("sequential", "staggered", "burst")
+TIERS = ("paused", "stopped", "archived")
+TIMEOUT_S = 180.0
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Every session's cookie is sent explicitly: a shared jar would hand one iteration's cookie to
+    the next's ``/get_cookie``."""
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+
+@dataclass
+class Samples:
+    """One case's iterations: total, and its two parts, in seconds; failed ones by status."""
+
+    total: list[float] = field(default_factory=list)
+    create: list[float] = field(default_factory=list)
+    tool: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=TIMEOUT_S, cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=200))
+
+
+async def tool_call(http: httpx.AsyncClient, url: str, node_id: str) -> httpx.Response:
+    return await http.post(url + "/execute_tool", content=TOOL_BODY,
+                           headers={"content-type": "application/json", "cookie": f"node_id={node_id}"})
+
+
+async def iteration(http: httpx.AsyncClient, url: str, out: Samples, release: Callable[[str], None]) -> None:
+    """get_cookie, then the first tool call; timed from the first byte sent to the second answer."""
+    t0 = time.perf_counter()
+    try:
+        r = await http.post(url + "/get_cookie")
+    except httpx.HTTPError as exc:
+        out.error(f"get_cookie {type(exc).__name__}")
+        return
+    t1 = time.perf_counter()
+    node_id = r.cookies.get("node_id") if r.status_code == 200 else None
+    if not node_id:
+        out.error(f"get_cookie {r.status_code}")
+        return
+    try:
+        t = await tool_call(http, url, node_id)
+    except httpx.HTTPError as exc:
+        out.error(f"execute_tool {type(exc).__name__}")
+        release(node_id)
+        return
+    t2 = time.perf_counter()
+    release(node_id)
+    if t.status_code != 200:
+        out.error(f"execute_tool {t.status_code}")
+        return
+    out.total.append(t2 - t0)
+    out.create.append(t1 - t0)
+    out.tool.append(t2 - t1)
+
+
+async def run_pattern(pattern: str, url: str, n: int, stagger_s: float, release: Callable[[str], None]) -> Samples:
+    out = Samples()
+    async with client() as http:
+        if pattern == "sequential":
+            for _ in range(n):
+                await iteration(http, url, out, release)
+        elif pattern == "staggered":
+            tasks = []
+            for _ in range(n):
+                tasks.append(asyncio.create_task(iteration(http, url, out, release)))
+                await asyncio.sleep(stagger_s)
+            await asyncio.gather(*tasks)
+        else:
+            await asyncio.gather(*(iteration(http, url, out, release) for _ in range(n)))
+    return out
+
+
+class Releaser:
+    """Releases sessions in the background (untimed), a few at a time; waits for all at the end."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(4)
+        self.failed = 0
+
+    def __call__(self, url: str) -> Callable[[str], None]:
+        def release(node_id: str) -> None:
+            self.pool.submit(self._release, url, node_id)
+        return release
+
+    def _release(self, url: str, node_id: str) -> None:
+        try:
+            r = httpx.post(url + "/release_session", headers={"cookie": f"node_id={node_id}"}, timeout=TIMEOUT_S)
+            if r.status_code != 200:
+                self.failed += 1
+        except httpx.HTTPError:
+            self.failed += 1
+
+    def drain(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.pool = ThreadPoolExecutor(4)
+
+
+def wait_for(what: str, ok: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+async def sessions(url: str, n: int) -> list[str]:
+    """n sessions made a few at a time (untimed preparation), each answering a tool call."""
+    sem = asyncio.Semaphore(4)
+    async with client() as http:
+        async def one() -> str:
+            async with sem:
+                r = await http.post(url + "/get_cookie")
+                if r.status_code != 200:
+                    raise RuntimeError(f"/get_cookie answered {r.status_code}: {r.text[:300]}")
+                node_id = r.cookies["node_id"]
+                t = await tool_call(http, url, node_id)
+                if t.status_code != 200:
+                    raise RuntimeError(f"/execute_tool answered {t.status_code}: {t.text[:300]}")
+                return node_id
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def first_calls(url: str, ids: list[str]) -> Samples:
+    """The first tool call on each session, one at a time."""
+    out = Samples()
+    async with client() as http:
+        for node_id in ids:
+            t0 = time.perf_counter()
+            r = await tool_call(http, url, node_id)
+            if r.status_code != 200:
+                out.error(f"execute_tool {r.status_code}")
+                continue
+            out.total.append(time.perf_counter() - t0)
+            out.tool.append(out.total[-1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_interactive", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100, help="iterations per pattern and case (default 100)")
+    p.add_argument("--pool-size", type=int, default=10, help="pool.size of the pool-on case (default 10)")
+    p.add_argument("--pool", default="{}", help="more pool settings for the pool-on case, JSON (default {})")
+    p.add_argument("--stagger-ms", type=float, default=200.0, help="interval of the staggered pattern (default 200)")
+    p.add_argument("--resume-n", type=int, default=0, help="sessions per tier (default: --n)")
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="which arrival patterns (default all)")
+    p.add_argument("--cases", default="off,pool,tiers", help="pool off, pool on, tier resumes (default all)")
+    args = p.parse_args(argv)
+    patterns = [x for x in args.patterns.split(",") if x]
+    cases = set(args.cases.split(","))
+    resume_n = args.resume_n or args.n
+    print(f"$ {command_line()}", flush=True)
+    load0 = os.getloadavg()
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-tti-"))
+    redis_proc, url = start_private_redis(tmp)
+    docker_client().close()  # fails early when the engine is down or the image missing
+    r = redis_client(url)
+    cap = args.n + args.pool_size + resume_n + 20
+    node = {"creation_kwargs": {**NodeConfig().creation_kwargs, "image": NODE_IMAGE}, "creation_wait_seconds": 120,
+            "idle_grace_seconds": 0, "idling_close_minutes": None}
+    common = {"redis": {"url": url}, "checker": FAST_CHECKER, "quota": {"per_client": 0},
+              "cluster": {"max_nodes_per_manager": cap}}
+    made: list[tuple[str, str]] = []
+    results: dict[str, Samples] = {}
+    releaser = Releaser()
+    procs: list[ManagerProc] = []
+
+    def manager(kind: str, tiers: dict[str, Any], **over: Any) -> tuple[ManagerProc, str, str]:
+        prefix, mid = bench_id(f"tti-{kind}"), bench_id(f"tti-{kind}")
+        made.append((prefix, mid))
+        m = ManagerProc(base_config(prefix, mid, node={**node, "tiers": tiers}, **common, **over), tmp, kind)
+        procs.append(m)
+        m.start(timeout=60)
+        return m, prefix, mid
+
+    def patterns_on(label: str, m: ManagerProc, before: Callable[[], None]) -> None:
+        for pattern in patterns:
+            before()
+            s = asyncio.run(run_pattern(pattern, m.url, args.n, args.stagger_ms / 1000, releaser(m.url)))
+            releaser.drain()
+            results[f"{label}, {pattern}"] = s
+            print(f"  {label}, {pattern}: {len(s.total)} answered, errors {s.errors or 0}", file=sys.stderr,
+                  flush=True)
+
+    failed = True
+    try:
+        if "off" in cases or "tiers" in cases:
+            off, _, _ = manager("off", OFF)
+            asyncio.run(run_pattern("sequential", off.url, 1, 0, releaser(off.url)))  # warm-up: network, image
+            releaser.drain()
+            if "off" in cases:
+                patterns_on("pool off", off, lambda: None)
+            if "tiers" in cases:
+                ids = asyncio.run(sessions(off.url, resume_n))
+                for node_id in ids:
+                    rr = httpx.post(off.url + "/close_session", headers={"cookie": f"node_id={node_id}"},
+                                    timeout=TIMEOUT_S)
+                    if rr.status_code != 200:
+                        raise RuntimeError(f"/close_session answered {rr.status_code}: {rr.text[:300]}")
+                results["resume from stopped"] = asyncio.run(first_calls(off.url, ids))
+            off.stop()
+        if "pool" in cases:
+            pool_cfg = {"size": args.pool_size, **json.loads(args.pool)}
+            pm, prefix, mid = manager("pool", OFF, pool=pool_cfg)
+            key = Keys(prefix).pool(mid)
+
+            def full() -> None:
+                wait_for("the pool filling", lambda: int(r.llen(key)) >= args.pool_size)
+            patterns_on("pool on", pm, full)
+            pm.stop()
+        if "tiers" in cases:
+            for tier, tiers in (("paused", {**OFF, "pause_after_seconds": 1}),
+                                ("archived", {**OFF, "archive_after_seconds": 1})):
+                tm, prefix, _ = manager(tier, tiers)
+                ids = asyncio.run(sessions(tm.url, resume_n))
+                k = Keys(prefix)
+                wait_for(f"sessions {tier}", lambda k=k, tier=tier, ids=ids: all(
+                    (r.hget(k.node(i), "status") or b"").decode() == tier for i in ids))
+                results[f"resume from {tier}"] = asyncio.run(first_calls(tm.url, ids))
+                tm.stop()
+        failed = False
+    finally:
+        releaser.drain()
+        for m in procs:
+            m.stop()
+        if failed:
+            for m in procs:
+                sys.stderr.write(f"\n----- log of {m.log_path.name} -----\n{m.logs()[-4000:]}\n")
+        for prefix, mid in made:
+            remove_containers_retry(mid)
+            delete_keys(r, prefix)
+        r.close()
+        redis_proc.terminate()
+        redis_proc.wait()
+        if not failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = []
+    for case, s in results.items():
+        t, c, u = summarize(s.total), summarize(s.create), summarize(s.tool)
+        errors = sum(s.errors.values())
+        rows.append([case, t["n"], fmt(t["p50_ms"]), fmt(t["p90_ms"]), fmt(t["p99_ms"]), fmt(t["max_ms"]),
+                     fmt(c["p50_ms"]) if s.create else "-", fmt(u["p50_ms"]),
+                     f"{errors} {json.dumps(s.errors)}" if errors else "0"])
+    print()
+    print(f"create → first tool call answered ({TOOL}); n per case: {args.n} (tiers: {resume_n}); "
+          f"pool.size {args.pool_size}; staggered every {args.stagger_ms:g} ms")
+    print(markdown_table(["case", "answered", "p50 ms", "p90 ms", "p99 ms", "max ms", "get_cookie p50 ms",
+                          "tool call p50 ms", "errors"], rows))
+    goals = []
+    for pattern, p99_goal in (("sequential", 150.0), ("burst", 500.0)):
+        s = results.get(f"pool on, {pattern}")
+        if s and s.total:
+            t = summarize(s.total)
+            p50_ok = pattern != "sequential" or t["p50_ms"] <= 60.0
+            goals.append(f"pool on, {pattern}: p99 {t['p99_ms']:.1f} ms ≤ {p99_goal:g}"
+                         + (f", p50 {t['p50_ms']:.1f} ms ≤ 60" if pattern == "sequential" else "")
+                         + (" PASS" if p50_ok and t["p99_ms"] <= p99_goal and not s.errors else " FAIL"))
+    for g in goals:
+        print(f"goal: {g}")
+    print(load_line(load0))
+    path = write_json("time_to_interactive", {
+        "params": vars(args), "loadavg_at_start": load0, "seconds": time.monotonic() - started,
+        "cases": {k: {"total": summarize(v.total), "get_cookie": summarize(v.create), "tool": summarize(v.tool),
+                      "errors": v.errors, "samples_ms": [x * 1000 for x in v.total]} for k, v in results.items()},
+        "release_failures": releaser.failed})
+    print(f"raw numbers: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
