@@ -56,6 +56,11 @@ def build_spec(cfg: Config) -> dict[str, Any]:
         "/release_session": {"post": _op("Remove the session's node and its record",
                                          {"200": _json(_STR, "'Release session: <id>' or 'invalid node_id: <id>'"),
                                           **_err(400, 503)}, **session)},
+        "/egress_policy": {
+            "get": _op("The session's egress policy (egress.default until one is set)",
+                       {"200": _json({"type": "object"}, "policy"), **_err(403, 404, 503)}, **session),
+            "put": _op("Replace the session's egress policy (egress.client_may_set); 400 changes nothing",
+                       {"200": _json({"type": "object"}, "policy"), **_err(400, 403, 404, 503)}, **session)},
         "/ws/events": {"get": _op("WebSocket (upgrade): the session's node lifecycle events; admin token for all",
                                   {"101": {"description": "switching protocols"}}, parameters=[
                                       COOKIE, {"name": "last_event_id", "in": "query", "schema": _STR},
@@ -123,6 +128,13 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             "The workspace tree of a running node, as its file-system tool prints it",
             {"200": _json({"type": "object"}, "tree"), **_err(401, 403, 404, 502, 503)},
             parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/nodes/{node_id}/egress": {
+            "get": _op("A session's egress policy", {"200": _json({"type": "object"}, "policy"),
+                                                       **_err(401, 403, 404, 503)},
+                       parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}]),
+            "put": _op("Replace a session's egress policy (applied on its host within 1 s); 400 changes nothing",
+                       {"200": _json({"type": "object"}, "policy"), **_err(400, 401, 403, 404, 503)},
+                       parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
         "/admin/nodes/{node_id}/{action}": {"post": _op(
             "Act on one session: stop, restart, release, pause (freeze a running node) or resume (from any tier)",
             {"200": _json({"type": "object"}, "done"), **_err(401, 403, 404, 503)},

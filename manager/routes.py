@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from manager import egress_routes
 from manager.resolve import node_cookie
 from manager.responses import json_response
 from manager.runtime import Runtime
-from nodeops import images, pool, sessions
+from nodeops import egress, images, pool, sessions
 from shared import metrics
+from shared.egress import policy as egress_policy
+from shared.egress.policy import EgressPolicy
 from shared.errors import BadRequest, EngineUnavailable, ManagerError, NodeNotFound, RedisUnavailable
 
 MAX_IGNORED_BODY = 1 << 20  # routes that take no body ignore small ones (XAgent did), refuse big ones
@@ -69,9 +73,31 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=ctype)
 
 
+async def _creation_egress(request: Request) -> EgressPolicy | None:
+    """The policy a JSON body's "egress" asks for (checked before anything is made); other bodies
+    are ignored as before."""
+    if "json" not in request.headers.get("content-type", ""):
+        await _no_body(request)
+        return None
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_IGNORED_BODY:
+        raise BadRequest(f"{request.url.path} body over {MAX_IGNORED_BODY} bytes")
+    body = await request.body()
+    if len(body) > MAX_IGNORED_BODY:
+        raise BadRequest(f"{request.url.path} body over {MAX_IGNORED_BODY} bytes")
+    try:
+        data = msgspec.json.decode(body) if body.strip() else None
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("egress") is None:
+        return None
+    egress_routes.may_set(request)
+    return egress_policy.validate(data["egress"])
+
+
 async def get_cookie(request: Request) -> Response:
     rt = rt_of(request)
-    await _no_body(request)
+    pol = await _creation_egress(request)
     # who the client is, for its quota and its session's binding: never its key in clear
     client = request.app.state.proxy.client_ids.of(request.scope)
     try:
@@ -79,6 +105,8 @@ async def get_cookie(request: Request) -> Response:
     except ManagerError:
         metrics.SESSION_OPS.labels("create", "error").inc()
         raise
+    if pol is not None:
+        await egress.put(rt, rec.id, msgspec.to_builtins(pol), by="client")
     metrics.SESSION_OPS.labels("create", "ok").inc()
     resp = json_response({"message": "add cookie", "version": rt.cfg.version},
                          headers={"Server": f"ToolServerManager/{rt.cfg.version}"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from manager import admin, console, events_ws, internal, routes, ws_proxy
+from manager import admin, console, egress_routes, events_ws, internal, routes, ws_proxy
 from manager.mcp import route as mcp_route
 from manager.openapi import openapi_endpoint
 from shared.config import Config
@@ -28,6 +28,7 @@ def build_routes(cfg: Config) -> list[BaseRoute]:
         Route("/internal/engine", internal.internal_engine, methods=["GET"]),
         WebSocketRoute("/ws/events", events_ws.events_socket),
         *([Route("/mcp", mcp_route.endpoint, methods=["GET", "POST", "DELETE"])] if cfg.mcp.enabled else []),
+        *egress_routes.egress_routes(),
         *admin.admin_routes(),
         *console.console_routes(),
         *[WebSocketRoute(path, ws_proxy.proxy_socket) for path in cfg.proxy.websocket_paths],

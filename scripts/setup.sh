@@ -18,7 +18,7 @@ die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt-get and dockerd need it)"
 
 # --- Debian packages -------------------------------------------------------
-APT_PKGS=(docker.io redis-server debootstrap iptables)
+APT_PKGS=(docker.io redis-server debootstrap iptables nftables)
 # what the test suite starts for real: a load balancer, Prometheus, a proxy to compare with
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus)
 # the multi-host test: hosts as network namespaces (ip netns, veth, bridge; nsenter)

@@ -19,7 +19,9 @@ import msgspec
 import yaml
 
 from shared import __version__
-from shared.errors import ConfigError
+from shared.egress import policy as egress_policy
+from shared.egress.policy import EgressPolicy
+from shared.errors import ConfigError, ManagerError
 
 XAGENT_POST_PATHS = [
     "/",
@@ -313,6 +315,28 @@ class McpConfig(Base):
     tools_ttl_seconds: float = 60.0  # how long clients may cache tools/list (2026-07-28)
 
 
+class EgressConfig(Base):
+    """Per-session egress by name (see the README's "Egress" section and shared/egress/)."""
+
+    # run this host's egress resolver and per-session firewall sets for node.network's bridge:
+    # nodes resolve through the manager, only what resolved for an allowed name is reachable.
+    # Needs root and nft; off: a policy is kept and shown, and only the bridge's egress mode holds
+    enforce: bool = False
+    # the policy of a session given none: the public internet (what egress "open" always meant)
+    default: EgressPolicy = msgspec.field(default_factory=EgressPolicy)
+    # clients may give a policy at /get_cookie and change their session's at /egress_policy;
+    # with policy_api_keys set, only clients with one of those API keys (admins always may)
+    client_may_set: bool = False
+    policy_api_keys: list[str] = msgspec.field(default_factory=list)
+    # where the resolver asks for allowed names ("ip" or "ip:port"); empty: /etc/resolv.conf's
+    upstream_dns: list[str] = msgspec.field(default_factory=list)
+    dns_port: int = 53  # on the node bridge's own address (the engine's --dns takes no port)
+    # an answer opens its addresses for its TTL, held within these bounds (a 0-second TTL would
+    # close the address before the node connects)
+    min_ttl_seconds: int = 5
+    max_ttl_seconds: int = 3600
+
+
 class Config(Base):
     """Everything a manager replica or a standalone checker reads at start."""
 
@@ -341,6 +365,7 @@ class Config(Base):
     client_auth: ClientAuthConfig = msgspec.field(default_factory=ClientAuthConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     mcp: McpConfig = msgspec.field(default_factory=McpConfig)
+    egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
 
     def __post_init__(self) -> None:
         if not self.replica_id:
@@ -374,6 +399,12 @@ class Config(Base):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ValueError(f"node.network.allow_cidrs: {cidr!r} is not an address range") from None
+        try:
+            self.egress.default = egress_policy.validate(msgspec.to_builtins(self.egress.default))
+        except ManagerError as exc:
+            raise ValueError(f"egress.default: {exc.detail}") from None
+        if not 0 < self.egress.min_ttl_seconds <= self.egress.max_ttl_seconds:
+            raise ValueError("egress.min_ttl_seconds must be positive and at most egress.max_ttl_seconds")
         t = self.node.tiers
         for key, value in (("node.idling_close_minutes", self.node.idling_close_minutes),
                            ("node.tiers.pause_after_seconds", t.pause_after_seconds),
@@ -420,6 +451,7 @@ class Config(Base):
         data = msgspec.to_builtins(self)
         data["redis"]["url"] = redact_url(data["redis"]["url"])
         data["client_auth"]["api_keys"] = ["***" for _ in data["client_auth"]["api_keys"]]
+        data["egress"]["policy_api_keys"] = ["***" for _ in data["egress"]["policy_api_keys"]]
         for section, key in (("cluster", "internal_token"), ("cluster", "node_secret_key"), ("admin", "token")):
             if data[section][key]:
                 data[section][key] = "***"

@@ -98,6 +98,8 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     paused_at: float = 0.0
     archived_at: float = 0.0
     claimed_by: str = ""  # the replica that claimed it from the pool
+    # the session's egress policy as JSON (shared/egress/policy.py); "": egress.default
+    egress: str = ""
 
     @property
     def address(self) -> str:
@@ -126,6 +128,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
         # records older than session ids have the container's id as their own
         out["container_id"] = self.container_id or ("" if self.workspace else self.cid)
         out["tier"] = self.tier
+        out["egress"] = msgspec.json.decode(self.egress) if self.egress else None
         if self.client and not self.client.startswith(CLIENT_KINDS):  # a raw value of older replicas: a key
             out["client"] = "hash:" + hashlib.sha256(self.client.encode()).hexdigest()[:16]
         return out
@@ -231,6 +234,7 @@ class EventKind(enum.StrEnum):
     ARCHIVED = "archived"
     EXPIRED = "expired"  # retention
     RESUMED = "resumed"  # detail: the tier it left
+    EGRESS_POLICY = "egress_policy"  # detail: who changed it (client or admin) and the new policy
 
 
 class Event(msgspec.Struct, kw_only=True):

@@ -1,0 +1,149 @@
+"""The host firewall side of egress policies: one nftables table per node bridge.
+
+Why nftables and not iptables + ipset: a set element carries its own timeout (an answer's TTL)
+and the kernel drops it when it expires, so no sweeper of ours runs; concatenated keys
+(``node address . destination``) hold every session of a bridge in one set, matched in one
+lookup; and ``nft -f`` applies a whole change in one transaction, so a policy change is never
+seen half done. The table is ours alone (``inet tsm_egress_<hash>``): installing or removing it
+touches no other table, and Docker's and the project's iptables chains (shared/firewall.py) still
+run as before: a packet must pass both, so this can only take egress away, never add to it.
+
+  forward, from the bridge:  replies pass; the platform set is refused; a session's denied
+                             ranges are refused; its learned (resolved) addresses, its allowed
+                             ranges and "default: allow" sessions pass; the rest is refused
+                             with a TCP reset or ICMP admin-prohibited: a refusal seen at once
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import shutil
+import subprocess
+from collections.abc import Iterable
+
+from shared.egress.policy import EgressPolicy, Network, networks
+from shared.firewall import NoPrivilege
+
+TABLE_PREFIX = "tsm_egress_"
+
+
+class NftError(Exception):
+    """nft refused a change (its message is the text)."""
+
+
+def table_name(bridge: str) -> str:
+    """The table of one node bridge (names of bridges may hold characters nft does not take)."""
+    return TABLE_PREFIX + hashlib.sha256(bridge.encode()).hexdigest()[:10]
+
+
+def run(script: str, pid: int | None = None) -> str:
+    """Apply an nft script in one transaction (in another process's network namespace with pid)."""
+    exe = shutil.which("nft")
+    if exe is None:
+        raise NoPrivilege("nft is not installed (apt-get install nftables)")
+    argv = [exe, "-f", "-"]
+    if pid is not None:
+        ns = shutil.which("nsenter")
+        if ns is None:
+            raise NoPrivilege("nsenter is not installed")
+        argv = [ns, "--target", str(pid), "--net", "--", *argv]
+    try:
+        res = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30)
+    except PermissionError as exc:
+        raise NoPrivilege(f"cannot run nft: {exc}") from exc
+    if res.returncode != 0:
+        err = (res.stderr or "").strip()
+        if "Operation not permitted" in err:
+            raise NoPrivilege(f"nft: {err.splitlines()[0]}")
+        raise NftError(err[:2000])
+    return res.stdout
+
+
+def _elems(items: Iterable[str]) -> str:
+    return ", ".join(items)
+
+
+def table_script(bridge: str, platform: Iterable[Network]) -> str:
+    """The table with its sets and chains (learned addresses kept when it already exists)."""
+    t = table_name(bridge)
+    plat = [str(n) for n in platform if n.version == 4]
+    lines = [
+        f"add table inet {t}",
+        f"add set inet {t} platform {{ type ipv4_addr; flags interval; auto-merge; }}",
+        # learned from the resolver: node . destination, each for its answer's TTL
+        f"add set inet {t} learned {{ type ipv4_addr . ipv4_addr; flags timeout; }}",
+        f"add set inet {t} allow_net {{ type ipv4_addr . ipv4_addr; flags interval; }}",
+        f"add set inet {t} deny_net {{ type ipv4_addr . ipv4_addr; flags interval; }}",
+        f"add set inet {t} open_nodes {{ type ipv4_addr; }}",
+        f"add chain inet {t} forward {{ type filter hook forward priority -5; policy accept; }}",
+        f"flush chain inet {t} forward",
+        f"flush set inet {t} platform",
+    ]
+    if plat:
+        lines.append(f"add element inet {t} platform {{ {_elems(plat)} }}")
+    br = f'iifname "{bridge}"'
+    refuse = [f"{br} meta l4proto tcp reject with tcp reset", f"{br} reject with icmpx type admin-prohibited"]
+    for rule in (f"{br} ct state established,related accept",
+                 *[f"{br} ip daddr @platform {r.split(' ', 2)[2]}" for r in refuse],
+                 *[f"{br} ip saddr . ip daddr @deny_net {r.split(' ', 2)[2]}" for r in refuse],
+                 f"{br} ip saddr . ip daddr @learned accept",
+                 f"{br} ip saddr . ip daddr @allow_net accept",
+                 f"{br} ip saddr @open_nodes accept",
+                 *refuse):
+        lines.append(f"add rule inet {t} forward {rule}")
+    return "\n".join(lines) + "\n"
+
+
+def nodes_script(bridge: str, policies: dict[str, EgressPolicy]) -> str:
+    """Make the per-node sets exactly ``policies`` (node address -> its policy), in one transaction."""
+    t = table_name(bridge)
+    lines = [f"flush set inet {t} allow_net", f"flush set inet {t} deny_net", f"flush set inet {t} open_nodes"]
+    allow, deny, open_ = [], [], []
+    for ip, pol in sorted(policies.items()):
+        if ipaddress.ip_address(ip).version != 4:
+            continue
+        allow += [f"{ip} . {n}" for n in networks(pol, "allow") if n.version == 4]
+        deny += [f"{ip} . {n}" for n in networks(pol, "deny") if n.version == 4]
+        if pol.default == "allow":
+            open_.append(ip)
+    for name, items in (("allow_net", allow), ("deny_net", deny), ("open_nodes", open_)):
+        if items:
+            lines.append(f"add element inet {t} {name} {{ {_elems(items)} }}")
+    return "\n".join(lines) + "\n"
+
+
+def learn_script(bridge: str, node_ip: str, addrs: Iterable[tuple[str, int]]) -> str:
+    """Open resolved addresses to one node, each for its TTL (seconds); re-adding refreshes it."""
+    t = table_name(bridge)
+    items = [f"{node_ip} . {a} timeout {max(1, int(ttl))}s" for a, ttl in addrs]
+    if not items:
+        return ""
+    # delete-then-add would race a connection; "add" keeps an existing element's timeout, so
+    # the element is deleted and added in the one transaction to refresh it
+    return (f"add element inet {t} learned {{ {_elems(items)} }}\n"
+            f"delete element inet {t} learned {{ {_elems(i.split(' timeout')[0] for i in items)} }}\n"
+            f"add element inet {t} learned {{ {_elems(items)} }}\n")
+
+
+def forget_script(bridge: str, pairs: Iterable[tuple[str, str]]) -> str:
+    """Close learned (node, destination) pairs at once (a policy change took their name away)."""
+    items = [f"{n} . {a}" for n, a in pairs]
+    if not items:
+        return ""
+    t = table_name(bridge)
+    # added first so the delete never fails on a pair that expired meanwhile
+    return (f"add element inet {t} learned {{ {_elems(i + ' timeout 1s' for i in items)} }}\n"
+            f"delete element inet {t} learned {{ {_elems(items)} }}\n")
+
+
+def remove_script(bridge: str) -> str:
+    """Take the bridge's table away (and nothing else)."""
+    t = table_name(bridge)
+    return f"add table inet {t}\ndelete table inet {t}\n"
+
+
+def tables(pid: int | None = None) -> list[str]:
+    """The egress tables present (for clean-up checks)."""
+    out = run("list tables\n", pid)
+    return [w for line in out.splitlines() for w in line.split() if w.startswith(TABLE_PREFIX)]
