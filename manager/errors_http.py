@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 def error_response(exc: ManagerError) -> Response:
     retry = getattr(exc, "retry_after", None)
     headers = {"Retry-After": str(retry)} if retry is not None else None
-    return json_response({"detail": exc.detail}, status=exc.status_code, headers=headers)
+    # an error may carry more than its message (ForkIncomplete: the copies that exist)
+    return json_response({"detail": exc.detail, **getattr(exc, "extra", {})}, status=exc.status_code,
+                         headers=headers)
 
 
 async def on_manager_error(request: Request, exc: Exception) -> Response:

@@ -14,6 +14,10 @@ _DETAIL = {"type": "object", "properties": {"detail": {"type": "string"}}, "requ
 _STR = {"type": "string"}
 COOKIE = {"name": "node_id", "in": "cookie", "required": False, "schema": {"type": "string"},
           "description": "The session's node id, set by /get_cookie."}
+FORK_BODY = {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"count": {"type": "integer", "minimum": 1}}}}}}
+FORK_RESULT = {"type": "object", "properties": {"source": _STR, "sessions": {"type": "array", "items": _STR},
+                                                "stall_seconds": {"type": "number"}, "seconds": {"type": "number"}}}
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"adminToken": []}]
 INTERNAL = {"name": "x-tsm-internal-token", "in": "header", "required": True, "schema": {"type": "string"}}
 
@@ -61,6 +65,10 @@ def build_spec(cfg: Config) -> dict[str, Any]:
                        {"200": _json({"type": "object"}, "policy"), **_err(403, 404, 503)}, **session),
             "put": _op("Replace the session's egress policy (egress.client_may_set); 400 changes nothing",
                        {"200": _json({"type": "object"}, "policy"), **_err(400, 403, 404, 503)}, **session)},
+        "/fork_session": {"post": _op(
+            "Copy the session into count new sessions of the same client (its workspace at one instant)",
+            {"200": _json(FORK_RESULT, "the new sessions' ids"), **_err(400, 404, 429, 502, 503)},
+            requestBody=FORK_BODY, **session)},
         "/ws/events": {"get": _op("WebSocket (upgrade): the session's node lifecycle events; admin token for all",
                                   {"101": {"description": "switching protocols"}}, parameters=[
                                       COOKIE, {"name": "last_event_id", "in": "query", "schema": _STR},
@@ -135,6 +143,10 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             "put": _op("Replace a session's egress policy (applied on its host within 1 s); 400 changes nothing",
                        {"200": _json({"type": "object"}, "policy"), **_err(400, 401, 403, 404, 503)},
                        parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/nodes/{node_id}/fork": {"post": _op(
+            "Copy a session into count new sessions of its client", {"200": _json(FORK_RESULT, "the new sessions"),
+                                                                     **_err(400, 401, 403, 404, 429, 502, 503)},
+            requestBody=FORK_BODY, parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
         "/admin/nodes/{node_id}/{action}": {"post": _op(
             "Act on one session: stop, restart, release, pause (freeze a running node) or resume (from any tier)",
             {"200": _json({"type": "object"}, "done"), **_err(401, 403, 404, 503)},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from manager import admin, console, egress_routes, events_ws, internal, routes, ws_proxy
+from manager import admin, console, egress_routes, events_ws, forks_api, internal, routes, ws_proxy
 from manager.mcp import route as mcp_route
 from manager.openapi import openapi_endpoint
 from shared.config import Config
@@ -20,6 +20,7 @@ def build_routes(cfg: Config) -> list[BaseRoute]:
         Route("/reconnect_session", routes.reconnect_session, methods=["POST"]),
         Route("/close_session", routes.close_session, methods=["POST"]),
         Route("/release_session", routes.release_session, methods=["POST"]),
+        *forks_api.fork_routes(),  # before the generic node routes their paths would match
         Route("/internal/nodes", internal.internal_create, methods=["POST"]),
         Route("/internal/nodes/{node_id}/{op}", internal.internal_node_op, methods=["POST"]),
         Route("/internal/nodes/{node_id}", internal.internal_node_detail, methods=["GET"]),

@@ -33,6 +33,7 @@ class RemoteError(ManagerError):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status_code = status
+        self.extra: dict[str, Any] = {}
 
 
 async def owner_replicas(ops: NodeOps, manager_id: str) -> list[ReplicaInfo]:
@@ -82,7 +83,10 @@ async def forward(ops: NodeOps, manager_id: str, method: str, path: str, body: A
             data = {"detail": resp.text}
         if resp.status_code >= 400:
             detail = data.get("detail") if isinstance(data, dict) else str(data)
-            raise RemoteError(resp.status_code, str(detail))
+            err = RemoteError(resp.status_code, str(detail))
+            if isinstance(data, dict):  # what the error carried besides its message (a fork's copies made)
+                err.extra = {k: v for k, v in data.items() if k != "detail"}
+            raise err
         return data
     raise unreachable or NoLiveManager(manager_id)
 

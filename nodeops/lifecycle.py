@@ -16,6 +16,7 @@ from typing import Any
 
 from nodeops import resume
 from nodeops.context import NodeOps
+from nodeops.locks import wait_capture
 from nodeops.primitives import discard, gone, owned, wait_ready
 from shared import metrics
 from shared.backend import Address, NewNode
@@ -43,13 +44,14 @@ log = logging.getLogger(__name__)
 
 
 async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
-                      reservation: str | None = None) -> NodeRecord:
+                      reservation: str | None = None, seed: str = "") -> NodeRecord:
     """Create a session (its workspace and a node on this engine), record it, return once it answers.
 
     The record is written first, naming the workspace and (by the session id) the container
     before either exists: a replica that dies at any step leaves a record in "creating" that
     says what to remove, and the checker removes all of it once that replica's heartbeat has
-    expired. Nothing of a session that was never handed out is ever adopted.
+    expired. Nothing of a session that was never handed out is ever adopted. With a seed (a fork's
+    or a snapshot's saved workspace) the workspace starts as a copy of it.
     """
     cfg = ops.cfg
     t0 = time.monotonic()
@@ -60,7 +62,7 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
     now = time.time()
     new = NewNode(owner=ops.manager_id, role=role, client=client, secret=ops.store.secrets.new(session_id),
                   replica_id=ops.replica.replica_id, created_at=now, session_id=session_id,
-                  workspace=ops.backend.workspace_name(session_id))
+                  workspace=ops.backend.workspace_name(session_id), seed=seed)
     try:
         rec = NodeRecord(id=session_id, short_id=session_id[:12], manager_id=ops.manager_id,
                          status=NodeStatus.CREATING, created_at=now, updated_at=now, last_request_at=now,
@@ -121,6 +123,7 @@ async def stop_node(ops: NodeOps, node_id: str, *, reason: str = "close") -> Non
     rec = await owned(ops, node_id)
     if rec.status == NodeStatus.ARCHIVED or not rec.cid:
         return
+    await wait_capture(ops.store, node_id, ops.replica.replica_id)
     try:
         await ops.backend.stop(rec.cid, timeout=ops.cfg.node.stop_timeout_seconds)
     except ContainerGone:
@@ -140,6 +143,7 @@ async def release_node(ops: NodeOps, node_id: str) -> None:
     # mark first: if removal fails (engine down) the checker finishes it, and proxies refuse it now
     await ops.store.update_node(node_id, status=NodeStatus.RELEASED)
     ops.forget_address(node_id)
+    await wait_capture(ops.store, node_id, ops.replica.replica_id)  # a fork's copy finishes first
     existed = False
     try:
         if rec.cid:

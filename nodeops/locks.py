@@ -52,3 +52,19 @@ class SessionLock:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.release()
+
+
+CAPTURE_SECONDS = 120.0  # a workspace copy's lock expires after this even if its holder died
+
+
+def capture_lock(store: Store, session_id: str, holder: str, wait_seconds: float = 0.0) -> SessionLock:
+    """Held while a session's workspace is copied (fork, snapshot). Stop and release wait for it:
+    a file system unmounted while frozen stays frozen, and the next mount of it would hang."""
+    # its own key (the session lock's, suffixed): the session lock is held for whole resumes
+    return SessionLock(store, f"{session_id}:capture", holder, CAPTURE_SECONDS, wait_seconds=wait_seconds)
+
+
+async def wait_capture(store: Store, session_id: str, holder: str) -> None:
+    """Return once no copy of the session's workspace is being taken (SessionBusy past the lock's life)."""
+    async with capture_lock(store, session_id, holder, wait_seconds=CAPTURE_SECONDS):
+        pass

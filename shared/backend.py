@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from shared.errors import BadRequest
 from shared.models import NodeStatus, Role
 
 __all__ = ["Address", "EngineInfo", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role", "WorkspaceInfo"]
@@ -38,6 +39,7 @@ class NewNode(msgspec.Struct, kw_only=True):
     secret: str = ""  # the node requires it on every request; kept by the engine, never in a label
     session_id: str = ""  # the session it serves; the container is named after it
     workspace: str = ""  # the session's workspace (from create_workspace) to mount; "": none of its own
+    seed: str = ""  # a saved workspace (capture_workspace) the new workspace starts as a copy of; "": empty
 
 
 class EngineInfo(msgspec.Struct, kw_only=True):
@@ -209,3 +211,17 @@ class NodeBackend(abc.ABC):
     @abc.abstractmethod
     async def workspaces(self, owner: str) -> list[WorkspaceInfo]:
         """Every session workspace of owner: one engine call."""
+
+    # --- forks and snapshots: saved copies of a workspace ("seeds") -----------------
+    async def capture_workspace(self, name: str, seed: str) -> float:
+        """Save workspace name, as it is at one instant, as the seed named seed (held still only
+        for the copy; its node keeps answering reads); the seconds its writes were held.
+        BadRequest when this engine's workspaces cannot be copied."""
+        raise BadRequest("this engine cannot copy workspaces")
+
+    async def drop_seed(self, seed: str) -> None:  # noqa: B027  (nothing saved: nothing to drop)
+        """Delete a seed; nothing left is fine."""
+
+    async def seed_bytes(self, seed: str) -> int:
+        """Bytes a seed takes on this host's disk (0 when there is no such seed)."""
+        return 0

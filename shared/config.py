@@ -284,6 +284,16 @@ class QuotaConfig(Base):
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
+class ForkConfig(Base):
+    """Forks (a session copied into new ones) and snapshots (a session's workspace saved by name);
+    both need bounded workspaces (node.disk.workspace_bytes)."""
+
+    max_count: int = 16  # copies one fork request may ask for
+    # disk all snapshots of this manager_id may take on its host (sparse: what was written); 0: no bound
+    snapshot_bytes: int = 20 << 30
+    snapshots_per_client: int = 20  # snapshots one client may keep; 0: no bound
+
+
 class PoolConfig(Base):
     size: int = 0  # ready nodes kept per manager_id; 0: no pool
     max_age_seconds: float = 3600.0  # pooled nodes older than this are recycled
@@ -361,6 +371,7 @@ class Config(Base):
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    fork: ForkConfig = msgspec.field(default_factory=ForkConfig)
     quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
     client_auth: ClientAuthConfig = msgspec.field(default_factory=ClientAuthConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)

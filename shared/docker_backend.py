@@ -37,6 +37,7 @@ from shared.backend import (
 )
 from shared.config import Config
 from shared.errors import (
+    BadRequest,
     ConfigError,
     ContainerGone,
     EngineError,
@@ -66,6 +67,8 @@ BRIDGE_PREFIXES = {"open": "tsmo", "none": "tsmn"}
 NETWORK_PREFIX = "tsm-"  # node networks: tsm-<manager_id>-<egress>
 WORKSPACE_PREFIX = "tsm-ws-"  # bounded workspaces of containers made before sessions had their own
 SESSION_WORKSPACE_PREFIX = "tsm-session-"  # a session's workspace: tsm-session-<session id>
+SEED_DIR = "seeds"  # saved workspace images (forks in flight, snapshots): <image_dir>/seeds/<seed>.img
+SEED_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
 SECRET_ENV = "NODE_SECRET"  # how the reference node (node/app/auth.py) receives its secret
 # Docker's container states are ours by the same names; one the engine adds later passes as is
 _STATES = {s.value: s for s in (NodeStatus.CREATED, NodeStatus.RUNNING, NodeStatus.PAUSED, NodeStatus.RESTARTING,
@@ -353,7 +356,10 @@ class DockerBackend(NodeBackend):
         if not await self.image_present():  # a file system made for nothing costs a mkfs
             raise ImageMissing(self.image)
         path = os.path.join(self.disk.image_dir, name + ".img")
-        dev = await self._call(loopdisk.create, path, self.disk.workspace_bytes)
+        if node.seed:
+            dev = await self._call(loopdisk.create_from, path, self._seed_path(node.seed))
+        else:
+            dev = await self._call(loopdisk.create, path, self.disk.workspace_bytes)
         try:
             await self._call(self.client.api.create_volume, name, driver="local",
                              driver_opts={"type": "ext4", "device": dev}, labels={**labels, LABEL_IMAGE_FILE: path})
@@ -406,12 +412,43 @@ class DockerBackend(NodeBackend):
         try:
             vol = await self._call(self.client.api.inspect_volume, name)
         except ContainerGone:
+            # a creation that died between its image and its volume (a fork's copy, say) left the
+            # image alone: it is found by the name it was given
+            if name.startswith(SESSION_WORKSPACE_PREFIX) and self.disk.workspace_bytes:
+                await self._call(loopdisk.destroy, os.path.join(self.disk.image_dir, name + ".img"))
             return
         path = (vol.get("Labels") or {}).get(LABEL_IMAGE_FILE, "")
         with contextlib.suppress(ContainerGone):
             await self._call(self.client.api.remove_volume, name, force=True)
         if path:
             await self._call(loopdisk.destroy, path)
+
+    # --- seeds: saved workspace images, beside the workspaces' --------------------------------
+    def _seed_path(self, seed: str) -> str:
+        if not SEED_NAME.fullmatch(seed):
+            raise ValueError(f"invalid seed name {seed!r}")
+        return os.path.join(self.disk.image_dir, SEED_DIR, seed + ".img")
+
+    async def capture_workspace(self, name: str, seed: str) -> float:
+        """Copy the workspace's image file sparse, its file system frozen (when a node mounts it)
+        only for the copy: fsfreeze holds writes and serves reads, so the node answers throughout."""
+        vol = await self._call(self.client.api.inspect_volume, name)
+        path = (vol.get("Labels") or {}).get(LABEL_IMAGE_FILE, "")
+        if not path:
+            raise BadRequest("copying a workspace needs bounded workspaces (node.disk.workspace_bytes > 0): "
+                             "this session's is a plain volume")
+
+        def capture() -> float:
+            mount = loopdisk.mount_point(loopdisk.device_of(path))
+            return loopdisk.capture(path, self._seed_path(seed), mount)
+
+        return await self._call(capture)
+
+    async def drop_seed(self, seed: str) -> None:
+        await self._call(loopdisk.with_unlink, self._seed_path(seed))
+
+    async def seed_bytes(self, seed: str) -> int:
+        return await self._call(loopdisk.disk_bytes, self._seed_path(seed))
 
     async def collect_storage(self, owner: str, older_than: float) -> int:
         """Remove owner's workspaces of removed containers (not sessions'), made before older_than."""

@@ -13,6 +13,7 @@
     ├── TooManyFailures (429)   too many wrong admin tokens from one address (Retry-After)
     ├── NodeReadTimeout (504)   a proxied request got no answer in time: a tool error, not an outage
     ├── EngineError (502)       the engine refused an operation (other than 404)
+    ├── ForkIncomplete (502)    some copies of a fork could not be made (the answer names those that exist)
     ├── UpstreamLost (502)      the connection to a node's host was lost mid-request
     ├── NodeResponseTooLarge (502) a node's answer went past a bound (head, headers, a body read whole)
     └── Unavailable (503)
@@ -166,6 +167,16 @@ class HostUnreachable(NoLiveManager):
         self.detail = f"host {host} is unreachable (nodes of {manager_id}){': ' + why if why else ''}"
         self.args = (self.detail,)
         self.host = host
+
+
+class ForkIncomplete(ManagerError):
+    """A fork made fewer copies than asked: the answer carries the ids of those that exist."""
+
+    status_code = 502
+
+    def __init__(self, detail: str, sessions: list[str]) -> None:
+        super().__init__(detail)
+        self.extra = {"sessions": sessions}
 
 
 class UpstreamLost(ManagerError):

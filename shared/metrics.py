@@ -31,6 +31,18 @@ NODE_CREATE_SECONDS = Histogram(
 for _o in ("ready", "timeout", "error", "pool"):
     NODE_CREATE_SECONDS.labels(_o)
 
+FORK_SECONDS = Histogram(P + "fork_duration_seconds", "Time from a fork request until every copy answers, by "
+                         "outcome.", ["outcome"], buckets=CREATE_BUCKETS)
+SNAPSHOT_SECONDS = Histogram(P + "snapshot_duration_seconds", "Time to save a session's workspace as a snapshot.",
+                             buckets=CREATE_BUCKETS)
+# the part of a fork or snapshot during which the source's writes wait (its reads are served)
+SOURCE_STALL_SECONDS = Histogram(P + "fork_source_stall_seconds", "Time a fork's or snapshot's source held its "
+                                 "writes, by operation.", ["op"], buckets=PROXY_BUCKETS)
+for _o in ("ok", "partial", "error", "quota"):
+    FORK_SECONDS.labels(_o)
+for _o in ("fork", "snapshot"):
+    SOURCE_STALL_SECONDS.labels(_o)
+
 PROXY_REQUESTS = Counter(P + "proxy_requests_total", "Requests proxied to nodes, by route and status class.",
                          ["route", "code"])
 PROXY_SECONDS = Histogram(P + "proxy_request_duration_seconds",

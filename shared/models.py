@@ -235,6 +235,8 @@ class EventKind(enum.StrEnum):
     EXPIRED = "expired"  # retention
     RESUMED = "resumed"  # detail: the tier it left
     EGRESS_POLICY = "egress_policy"  # detail: who changed it (client or admin) and the new policy
+    FORKED = "forked"  # a new session copied from another; detail: the source's id
+    SNAPSHOTTED = "snapshotted"  # the session's workspace saved; detail: the snapshot's name
 
 
 class Event(msgspec.Struct, kw_only=True):

@@ -1,0 +1,129 @@
+"""Forks: a session's workspace copied at one instant into new sessions of the same client.
+
+The source is held still only while its workspace image is copied once (the backend freezes its
+file system: writes wait, reads are served); the copies are then made from that saved image and
+booted in parallel, each a whole new session (id, secret, container, address) made by
+lifecycle.create_node, so a replica that dies meanwhile leaves records in "creating" that the
+checker removes with whatever they name. Quota slots for all copies are taken before anything is
+copied: a fork past a quota makes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from nodeops import capacity, lifecycle
+from nodeops.context import NodeOps
+from nodeops.forward import RemoteError, forward
+from nodeops.locks import capture_lock
+from nodeops.primitives import in_use, owned, session_lock
+from shared import metrics
+from shared.errors import BadRequest, ForkIncomplete, ManagerError, NodeNotFound, QuotaExceeded
+from shared.models import EventKind, NodeRecord
+
+log = logging.getLogger(__name__)
+
+
+async def fork(ops: NodeOps, node_id: str | None, count: int) -> dict[str, Any]:
+    """Fork a session into count new ones, on the engine that holds it; what was made."""
+    if not node_id:
+        raise NodeNotFound(node_id)
+    limit = ops.cfg.fork.max_count
+    if not 1 <= count <= limit:
+        raise BadRequest(f"count must be between 1 and {limit} (fork.max_count), got {count}")
+    rec = await owned(ops, node_id)
+    if rec.manager_id == ops.manager_id:
+        return await fork_local(ops, node_id, count)
+    try:
+        data: dict[str, Any] = await forward(ops, rec.manager_id, "POST", f"/internal/nodes/{node_id}/fork",
+                                             {"count": count})
+    except RemoteError as exc:
+        if exc.status_code == 404:
+            raise NodeNotFound(node_id) from None
+        raise
+    return data
+
+
+async def reserve(ops: NodeOps, client: str, count: int) -> list[str]:
+    """count creation slots under every quota, or none at all (QuotaExceeded)."""
+    cap = await capacity.node_cap(ops)
+    per_client = capacity.client_cap(ops.cfg.quota.per_client, cap)
+    taken: list[str] = []
+    try:
+        for _ in range(count):
+            taken.append(await ops.store.reserve(ops.manager_id, cap, ops.cfg.cluster.max_nodes_total, client,
+                                                 per_client, ops.replica.replica_id))
+    except BaseException:
+        await asyncio.shield(release_slots(ops, taken, client))
+        raise
+    return taken
+
+
+async def release_slots(ops: NodeOps, slots: list[str], client: str) -> None:
+    for member in slots:
+        try:
+            await ops.store.unreserve(ops.manager_id, member, client)
+        except ManagerError as exc:  # reservations of a dead replica are dropped by the checker
+            log.warning("unreserve_failed member=%s error=%s", member, exc.detail)
+
+
+async def capture(ops: NodeOps, rec: NodeRecord, seed: str) -> float:
+    """Save the session's workspace as seed; the seconds its writes were held.
+
+    Under the session lock (no resume mounts it, the checker archives nothing meanwhile) and the
+    capture lock (stop and release wait: an unmount while frozen would leave it frozen)."""
+    holder = f"{ops.replica.replica_id}:{uuid.uuid4().hex[:8]}"
+    async with session_lock(ops, rec), capture_lock(ops.store, rec.id, holder, wait_seconds=30.0):
+        fresh = await owned(ops, rec.id)  # released while we waited: nothing to copy
+        if not fresh.workspace:
+            raise BadRequest(f"session {rec.id} has no workspace of its own to copy")
+        return await ops.backend.capture_workspace(fresh.workspace, seed)
+
+
+async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
+    """Fork a session of this engine: quota for all copies, one copy of its workspace, then the
+    copies made in parallel; ForkIncomplete (naming the copies made) when some failed."""
+    t0 = time.monotonic()
+    outcome = "error"
+    try:
+        rec = await owned(ops, node_id)
+        await in_use(ops, rec)  # not idle: no tier action on it while it is copied
+        try:
+            slots = await reserve(ops, rec.client, count)
+        except QuotaExceeded:
+            outcome = "quota"
+            raise
+        seed = f"fork-{uuid.uuid4().hex}"
+        try:
+            try:
+                stall = await capture(ops, rec, seed)
+            except BaseException:
+                await asyncio.shield(release_slots(ops, slots, rec.client))
+                raise
+            metrics.SOURCE_STALL_SECONDS.labels("fork").observe(stall)
+            results = await asyncio.gather(*(lifecycle.create_node(ops, client=rec.client, reservation=slot, seed=seed)
+                                             for slot in slots), return_exceptions=True)
+        finally:
+            await asyncio.shield(ops.backend.drop_seed(seed))
+        made = [r for r in results if isinstance(r, NodeRecord)]
+        for r in made:
+            await ops.publish(EventKind.FORKED, r, node_id)
+        failed = [r for r in results if not isinstance(r, NodeRecord)]
+        elapsed = time.monotonic() - t0
+        log.info("session_forked node_id=%s copies=%d failed=%d stall_s=%.3f elapsed_s=%.3f", node_id[:12],
+                 len(made), len(failed), stall, elapsed)
+        if failed:
+            outcome = "partial"
+            first = failed[0]
+            why = first.detail if isinstance(first, ManagerError) else repr(first)
+            raise ForkIncomplete(f"{len(made)} of {count} copies made; the first failure: {why}",
+                                 [r.id for r in made])
+        outcome = "ok"
+        return {"source": node_id, "sessions": [r.id for r in made], "stall_seconds": round(stall, 4),
+                "seconds": round(elapsed, 3)}
+    finally:
+        metrics.FORK_SECONDS.labels(outcome).observe(time.monotonic() - t0)
