@@ -113,7 +113,7 @@ class Methods:
 
     async def list_tools(self, call: Call) -> dict[str, Any]:
         if call.modern:
-            cached = await self.rt.store.mcp_tools_get(self.image)
+            cached = await self.rt.store.mcp.tools_get(self.image)
             node_tools = json.loads(cached) if cached else []
             listed = [tools.CREATE_TOOL, tools.RELEASE_TOOL,
                       *(tools.with_handle(t) for t in [tools.UPLOAD_TOOL, *node_tools])]
@@ -132,7 +132,7 @@ class Methods:
             listed = None
         if listed is None:
             raise RpcError(SERVER_ERROR, f"the session's node could not list its tools ({status})", status=502)
-        await self.rt.store.mcp_tools_put(self.image, json.dumps(listed), max(self.rt.cfg.mcp.tools_ttl_seconds * 10,
+        await self.rt.store.mcp.tools_put(self.image, json.dumps(listed), max(self.rt.cfg.mcp.tools_ttl_seconds * 10,
                                                                               60.0))
         return listed
 

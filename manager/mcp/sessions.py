@@ -52,7 +52,7 @@ class McpSessions:
         token = secrets.token_urlsafe(32)
         sess = McpSession(hash_token(token), rec.id, owner, version, kind)
         try:
-            await rt.store.mcp_session_put(sess.token_hash, {
+            await rt.store.mcp.session_put(sess.token_hash, {
                 "node_id": rec.id, "owner": owner, "version": version, "kind": kind,
                 "created_at": f"{time.time():.3f}"}, rt.cfg.mcp.session_ttl_seconds)
         except ManagerError:
@@ -71,7 +71,7 @@ class McpSessions:
         if hit is not None and hit[0] > now:
             data: dict[str, str] | None = hit[1]
         else:
-            data = await self.rt.store.mcp_session_get(h)
+            data = await self.rt.store.mcp.session_get(h)
             if data:
                 if len(self._cache) >= CACHE_MAX:
                     self._cache.clear()
@@ -82,19 +82,19 @@ class McpSessions:
             self._touched[h] = now
             if len(self._touched) > 100_000:
                 self._touched.clear()
-            await self.rt.store.mcp_session_touch(h, self.rt.cfg.mcp.session_ttl_seconds)
+            await self.rt.store.mcp.session_touch(h, self.rt.cfg.mcp.session_ttl_seconds)
         return McpSession(h, data.get("node_id", ""), owner, data.get("version", ""), kind)
 
     async def end(self, sess: McpSession) -> None:
         """Release the session's node and forget the token (either may be gone already)."""
         with contextlib.suppress(NodeNotFound):
             await sessions.release(self.rt, sess.node_id)
-        await self.rt.store.mcp_session_delete(sess.token_hash)
+        await self.rt.store.mcp.session_delete(sess.token_hash)
         self._touched.pop(sess.token_hash, None)
         self._cache.pop(sess.token_hash, None)
 
     async def forget(self, sess: McpSession) -> None:
         """The node is gone (released elsewhere): the token names nothing any more."""
-        await self.rt.store.mcp_session_delete(sess.token_hash)
+        await self.rt.store.mcp.session_delete(sess.token_hash)
         self._touched.pop(sess.token_hash, None)
         self._cache.pop(sess.token_hash, None)

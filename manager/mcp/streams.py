@@ -51,11 +51,11 @@ class Streams:
         ttl = self.cfg.stream_ttl_seconds
 
         async def emit(payload: str, kind: str) -> None:
-            eid = await store.mcp_stream_add(h, sid, payload, kind, ttl)
+            eid = await store.mcp.stream_add(h, sid, payload, kind, ttl)
             frames.put_nowait(wire.sse("" if kind == PRIMING else payload, f"{sid}_{eid}",
                                        self.cfg.retry_ms if kind == PRIMING else None))
 
-        await store.mcp_stream_hold(h, sid, self.rt.replica.replica_id, HOLD_SECONDS)
+        await store.mcp.stream_hold(h, sid, self.rt.replica.replica_id, HOLD_SECONDS)
         await emit(wire.dumps({"id": request_id}), PRIMING)  # sent with empty data; kept for resumers
 
         async def run() -> None:
@@ -70,7 +70,7 @@ class Streams:
             finally:
                 holder.cancel()
                 with contextlib.suppress(ManagerError):
-                    await store.mcp_stream_let_go(h, sid)
+                    await store.mcp.stream_let_go(h, sid)
                 frames.put_nowait(None)
 
         task = asyncio.create_task(run())
@@ -99,7 +99,7 @@ class Streams:
         while True:
             await asyncio.sleep(HOLD_SECONDS / 3)
             with contextlib.suppress(ManagerError):
-                await self.rt.store.mcp_stream_hold(h, sid, self.rt.replica.replica_id, HOLD_SECONDS)
+                await self.rt.store.mcp.stream_hold(h, sid, self.rt.replica.replica_id, HOLD_SECONDS)
 
     async def resume(self, sess: McpSession, last_event_id: str) -> AsyncIterator[bytes] | None:
         """The events after last_event_id and the rest as they come, or None for an id this session never had."""
@@ -109,13 +109,13 @@ class Streams:
         sid, after = m.groups()
         if sid.startswith(GET_PREFIX):
             return self.listen(sess, sid)
-        if not await self.rt.store.mcp_stream_exists(sess.token_hash, sid):
+        if not await self.rt.store.mcp.stream_exists(sess.token_hash, sid):
             return None
         return self._tail(sess.token_hash, sid, after)
 
     async def _tail(self, h: str, sid: str, after: str) -> AsyncIterator[bytes]:
         store = self.rt.store
-        rows = await store.mcp_stream_read(h, sid, "0-0", None)
+        rows = await store.mcp.stream_read(h, sid, "0-0", None)
         request_id = next((_request_id(d) for _, d, k in rows if k == PRIMING), None)
         pending = [r for r in rows if _after(r[0], after)]
         last, quiet = after, time.monotonic()
@@ -129,8 +129,8 @@ class Streams:
                     return
             if pending:
                 quiet = time.monotonic()
-            elif not await store.mcp_stream_held(h, sid):
-                pending = await store.mcp_stream_read(h, sid, last, None)  # it may have ended just now
+            elif not await store.mcp.stream_held(h, sid):
+                pending = await store.mcp.stream_read(h, sid, last, None)  # it may have ended just now
                 if pending:
                     continue
                 metrics.MCP_RESUMES.labels("lost").inc()
@@ -141,7 +141,7 @@ class Streams:
             elif time.monotonic() - quiet > KEEPALIVE_SECONDS:
                 quiet = time.monotonic()
                 yield b": keep-alive\n\n"
-            pending = await store.mcp_stream_read(h, sid, last, 1000)
+            pending = await store.mcp.stream_read(h, sid, last, 1000)
 
     def new_listen_id(self) -> str:
         return GET_PREFIX + secrets.token_hex(8)[:15]
@@ -154,7 +154,7 @@ class Streams:
         while not self.rt.stopping:
             await asyncio.sleep(1.0)
             waited += 1.0
-            if waited % 5 == 0 and await self.rt.store.mcp_session_get(sess.token_hash) is None:
+            if waited % 5 == 0 and await self.rt.store.mcp.session_get(sess.token_hash) is None:
                 return
             if waited % KEEPALIVE_SECONDS == 0:
                 yield b": keep-alive\n\n"

@@ -149,11 +149,11 @@ class Gateway:
             if method == "notifications/cancelled":  # the call may run on any replica: say it in Redis
                 rid = params.get("requestId")
                 if isinstance(rid, (str, int)) and not isinstance(rid, bool) and len(str(rid)) <= 200:
-                    await self.rt.store.mcp_cancel(sess.token_hash, json.dumps(rid), CANCEL_TTL)
+                    await self.rt.store.mcp.cancel(sess.token_hash, json.dumps(rid), CANCEL_TTL)
             return Response(status_code=202)  # other notifications need nothing
         if method == "tools/call":
             h, rid = sess.token_hash, json.dumps(req_id)
-            call.cancelled = lambda: self.rt.store.mcp_cancelled(h, rid)
+            call.cancelled = lambda: self.rt.store.mcp.cancelled(h, rid)
         try:
             if method == "tools/call" and _progress_token(params) is not None:
                 return await self._streamed(call, req_id, method, params)

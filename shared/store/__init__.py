@@ -1,0 +1,71 @@
+"""Everything the project keeps in Redis, behind one facade (key names in shared/keys.py).
+
+``Store`` is the sum of the domain parts, one module each: node records and their index
+(nodes), activity, quotas, the warm pool, fenced checker writes (fenced), checker leases,
+session locks, events and watchers, the replica registry and draining (replicas), intents and
+console logins; MCP's state is its own namespace, ``store.mcp``. No part calls another's
+methods: each reads on its own, over the client and key names of ``base.Part``. Clients are
+made in connection.py. Nothing outside this package imports redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from shared.config import Config
+from shared.keys import Keys
+from shared.nodesecret import NodeSecrets
+from shared.store.activity import Activity
+from shared.store.base import Op, redis_errors
+from shared.store.connection import connect, sync_client
+from shared.store.console import ConsoleLogins
+from shared.store.events import Events, compare_ids
+from shared.store.fenced import Fenced
+from shared.store.intents import Intents
+from shared.store.leases import LeaseRenewer, Leases
+from shared.store.locks import Locks
+from shared.store.mcp import McpStore
+from shared.store.nodes import NodeRecords
+from shared.store.pool import Pool
+from shared.store.quotas import Quotas
+from shared.store.replicas import Replicas
+
+__all__ = ["LeaseRenewer", "Op", "Store", "compare_ids", "connect", "redis_errors"]
+
+
+class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Leases, Locks, Events, Replicas, Intents, ConsoleLogins):
+    """Typed access to everything the project keeps in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000,
+                 secrets: NodeSecrets | None = None, lease_redis: aioredis.Redis | None = None) -> None:
+        super().__init__(redis, keys)
+        self.lease_redis = lease_redis or redis
+        self.lease_renewer: Callable[[], LeaseRenewer] | None = None  # set by open(): a renewer thread's client
+        self.secrets = secrets or NodeSecrets()
+        self.stream_maxlen = stream_maxlen
+        self.mcp = McpStore(redis, keys)
+
+    @classmethod
+    def open(cls, cfg: Config) -> Store:
+        """The store of a configuration, on its own client (closed by close())."""
+        r = cfg.redis
+        password = cfg.redis_password
+        main = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password,
+                       r.max_connections, r.pool_timeout_seconds)
+        lease = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password, 2,
+                        r.socket_timeout_seconds)
+        store = cls(main, Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
+        store.lease_renewer = lambda: LeaseRenewer(sync_client(cfg), store.keys)
+        return store
+
+    async def close(self) -> None:
+        for client in {id(self.redis): self.redis, id(self.lease_redis): self.lease_redis}.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def ping(self) -> None:
+        with redis_errors():
+            await self.redis.ping()

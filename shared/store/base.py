@@ -1,0 +1,80 @@
+"""What every part of the store shares: the client, the key names, the one mapping of Redis's
+transport errors to ours, reply decoding, and the (command, key, args) writes of a fenced batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.commands.core import AsyncScript
+
+from shared.errors import RedisUnavailable
+from shared.keys import Keys
+
+Op = tuple[str, str, list[Any]]  # (command, key, args): one write of a fenced batch
+
+# The shapes of replies as this client reads them (bytes, no decode_responses): redis-py types a reply
+# as the union over every option (withscores, decoding, RESP3), which the options given here narrow.
+_Scored = list[tuple[bytes, float]]
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _d(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
+    """fields as hset's mapping, whose declared key type (a union) a dict[str, str] does not match."""
+    return fields
+
+
+def _queue(p: Any, ops: Sequence[Op]) -> None:
+    """Queue ops on a pipeline as plain commands (outside a fenced script)."""
+    for name, key, args in ops:
+        p.execute_command(name.upper(), key, *args)
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Map transport failures of Redis to RedisUnavailable (503)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(type(exc).__name__) from exc
+    except redis.exceptions.BusyLoadingError as exc:  # pragma: no cover - subclass of ConnectionError
+        raise RedisUnavailable("loading") from exc
+
+
+class Script:
+    """A Lua script as a class constant, registered once per store on the client named by `on`
+    (redis-py's Lock keeps its scripts the same way)."""
+
+    def __init__(self, source: str, on: str = "redis") -> None:
+        self.source = source
+        self.on = on
+        self.attr = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_registered{name}"
+
+    def __get__(self, part: Any, owner: type | None = None) -> AsyncScript:
+        registered = part.__dict__.get(self.attr)
+        if registered is None:
+            registered = part.__dict__[self.attr] = getattr(part, self.on).register_script(self.source)
+        return registered  # type: ignore[no-any-return]
+
+
+class Part:
+    """One domain of the store: its methods use only the client, the key names and the set of
+    manager ids, never another part's, so each module reads on its own."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def manager_ids(self) -> list[str]:
+        with redis_errors():
+            return sorted(_d(m) for m in await self.redis.smembers(self.keys.managers()))
