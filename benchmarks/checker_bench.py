@@ -146,9 +146,9 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
     from checker import reconcile
     from checker.service import Checker
     from nodeops.context import NodeOps
-    from shared.backend import NodeInfo
     from shared.config import config_from_dict
     from shared.engines import open_backend
+    from shared.engines.base import NodeInfo
     from shared.keys import Keys
     from shared.models import NodeRecord, NodeStatus, ReplicaInfo
     from shared.store import Store, connect

@@ -61,8 +61,8 @@ from benchmarks.common import (
     verdict,
     write_json,
 )
-from shared import loopdisk
 from shared.config import NodeConfig
+from shared.engines.docker import loopdisk
 from testing.harness import ManagerProc
 
 GOAL_RATIO = 1.15

@@ -43,7 +43,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from shared import loopdisk
+from shared.engines.docker import loopdisk
 from testing.harness import ManagerProc, stop_process
 
 CASES: dict[str, dict[str, Any]] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.backend import NodeInfo, WorkspaceInfo
+from shared.engines.base import NodeInfo, WorkspaceInfo
 from shared.keys import is_reservation, reservation_replica, reservation_time
 from shared.models import NodeRecord, NodeStatus, Role
 

@@ -3,7 +3,7 @@ its own module so the context that holds it imports nothing that imports the con
 
 from __future__ import annotations
 
-from shared.backend import Address
+from shared.engines.base import Address
 
 LIMIT = 20000  # containers remembered per replica; beyond, the oldest are checked again
 

@@ -28,7 +28,7 @@ import logging
 
 from nodeops.context import NodeOps
 from nodeops.forward import forward
-from shared.backend import Address
+from shared.engines.base import Address
 from shared.errors import AddressUnconfirmed, ContainerGone, NoLiveManager
 from shared.models import NodeRecord
 

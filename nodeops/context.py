@@ -9,8 +9,8 @@ import httpx
 
 from nodeops.address_cache import ConfirmedAddresses
 from nodeops.circuit import Circuits
-from shared.backend import NodeBackend
 from shared.config import Config
+from shared.engines.base import NodeBackend
 from shared.models import Event, EventKind, NodeRecord, ReplicaInfo
 from shared.store import Store
 

@@ -19,7 +19,7 @@ from nodeops.context import NodeOps
 from nodeops.locks import wait_capture
 from nodeops.primitives import discard, gone, owned, wait_ready
 from shared import metrics
-from shared.backend import Address, NewNode
+from shared.engines.base import Address, NewNode
 from shared.errors import (
     BadRequest,
     ContainerGone,

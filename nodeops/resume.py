@@ -16,7 +16,7 @@ import time
 from nodeops.context import NodeOps
 from nodeops.primitives import gone, in_use, owned, session_lock, wait_ready
 from shared import metrics
-from shared.backend import Address, NewNode
+from shared.engines.base import Address, NewNode
 from shared.errors import (
     ContainerGone,
     EngineError,

@@ -29,6 +29,9 @@ import sys
 
 from shared.errors import ConfigError
 
+# the host interfaces of node networks are named <prefix><hash>, by egress mode: the engine names
+# its bridges with these, the rules below match them; kept here so neither side imports the other
+BRIDGE_PREFIXES = {"open": "tsmo", "none": "tsmn"}
 INPUT_CHAIN = "TSM-INPUT"
 FORWARD_CHAIN = "TSM-FORWARD"
 ALLOW_CHAIN = "TSM-ALLOW"
@@ -218,8 +221,6 @@ def _render(chain: str, rule: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from shared.docker_backend import BRIDGE_PREFIXES
-
     cmd = argv[1] if len(argv) > 1 else "show"
     try:
         if cmd == "install":

@@ -236,7 +236,8 @@ def remove_project_objects(client: Any, manager_id: str) -> int:
     images, the node network and its firewall exceptions); returns how many containers there were. ``client``: a DockerClient."""
     import docker
 
-    from shared import firewall, loopdisk
+    from shared import firewall
+    from shared.engines.docker import loopdisk
 
     label = f"toolserver-manager.manager_id={manager_id}"
     n = 0

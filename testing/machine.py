@@ -171,7 +171,7 @@ def _redact(url: str) -> str:
 def _ours(rule: str) -> bool:
     """A firewall line this run answers for: the project's chains and jumps, the exceptions of its
     manager_ids' bridges, its test hosts' rules (not the engine's rules for bridges that are live)."""
-    from shared.docker_backend import BRIDGE_PREFIXES
+    from shared.firewall import BRIDGE_PREFIXES
 
     if rule.startswith("-N TSM-") or (re.search(r"-j TSM-(INPUT|FORWARD|ALLOW)\b", rule) and "-A TSM-" not in rule):
         return True

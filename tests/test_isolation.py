@@ -606,7 +606,7 @@ def allow_rules(bridge: str) -> list[str]:
 
 def test_exceptions_of_a_network_that_is_gone_are_dropped() -> None:
     from shared import firewall
-    from shared.docker_backend import BRIDGE_PREFIXES
+    from shared.firewall import BRIDGE_PREFIXES
 
     def install() -> None:  # idempotent: the chains exactly as any manager's start leaves them
         firewall.install(BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"])
@@ -635,7 +635,7 @@ async def test_replicas_racing_to_make_the_node_network_agree_on_one(manager_id:
                                                                      docker_client: docker.DockerClient) -> None:
     # the workers of one manager start together; each must end up with the same, single network
     from shared.config import load_config
-    from shared.docker_backend import DockerBackend
+    from shared.engines.docker import DockerBackend
 
     cfg = load_config(None, environ={}, overrides={"manager_id": manager_id, "redis": {"key_prefix": prefix}})
     backends = [DockerBackend(cfg) for _ in range(4)]

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from shared import loopdisk
+from shared.engines.docker import loopdisk
 
 
 def test_workspace_images_are_root_only(tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ def test_vanished_container_comes_back_on_its_workspace(start_manager, docker_cl
     image = vol.attrs["Labels"].get("toolserver-manager.image_file", "")
     vol.remove(force=True)
     if image:
-        from shared import loopdisk
+        from shared.engines.docker import loopdisk
 
         loopdisk.destroy(image)
     r = c.post("/get_available_tools")

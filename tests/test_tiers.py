@@ -15,7 +15,7 @@ import docker
 import httpx
 import redis
 
-from shared import loopdisk
+from shared.engines.docker import loopdisk
 from testing.harness import PrivateRedis
 from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, project_containers, wait_for
 from tests.test_websocket import open_ws, recv_json, ws_url

@@ -6,7 +6,7 @@ import docker.errors
 import pytest
 
 from nodeops.images import missing_note, should_pull
-from shared.docker_backend import docker_errors
+from shared.engines.docker.client import docker_errors
 from shared.errors import ContainerGone, ImageMissing
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from checker.reconcile import Limits, plan
-from shared.backend import NodeInfo, WorkspaceInfo
+from shared.engines.base import NodeInfo, WorkspaceInfo
 from shared.models import NodeRecord
 
 NOW = 1_000_000.0

@@ -2,8 +2,8 @@
 
 Owner (manager_id), role, a status from NodeStatus, an address to reach the node at:
 nothing here names a label, a filter or an engine's state word. The Docker engine is
-the one implementation (shared/docker_backend.py); a second engine is a module that
-implements this class, added to shared/engines.py. The shape follows JupyterHub's
+the one implementation (shared/engines/docker/); a second engine is a package beside it that
+implements this class (see shared/engines/__init__.py). The shape follows JupyterHub's
 Proxy (a few abstract coroutines) and dockerspawner's create_object/remove_object.
 """
 

@@ -1,7 +1,8 @@
-"""The Docker engine as a NodeBackend: the only module that knows Docker's words.
+"""The Docker engine as a NodeBackend: containers, node networks and session workspaces.
 
-Labels, label filters, state names and port bindings stay in here. The SDK is blocking, so every call runs in this backend's own bounded thread pool:
-a slow engine cannot starve the event loop or Starlette's threads. SDK errors are
+Docker's words (labels, names, states) are in labels.py, the SDK client and its error mapping
+in client.py. The SDK is blocking, so every call runs in this backend's own bounded thread
+pool: a slow engine cannot starve the event loop or Starlette's threads. SDK errors are
 mapped to ours at one boundary (``_call``).
 """
 
@@ -12,22 +13,20 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
-import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Mount
 
-from shared import firewall, loopdisk
-from shared.backend import (
+from shared import firewall
+from shared.config import Config
+from shared.engines.base import (
     Address,
     EngineInfo,
     NewNode,
@@ -35,7 +34,34 @@ from shared.backend import (
     NodeInfo,
     WorkspaceInfo,
 )
-from shared.config import Config
+from shared.engines.docker import loopdisk
+from shared.engines.docker.client import docker_errors, make_client
+from shared.engines.docker.labels import (
+    DROP_KWARGS,
+    LABEL_CLIENT,
+    LABEL_CREATED,
+    LABEL_EGRESS,
+    LABEL_IMAGE_FILE,
+    LABEL_MANAGER,
+    LABEL_PORT,
+    LABEL_PROJECT,
+    LABEL_REPLICA,
+    LABEL_ROLE,
+    LABEL_SESSION,
+    LABEL_WORKSPACE,
+    NETWORK_KWARGS,
+    NETWORK_PREFIX,
+    SECRET_ENV,
+    SEED_DIR,
+    SEED_NAME,
+    SESSION_WORKSPACE_PREFIX,
+    WORKSPACE_PREFIX,
+    node_ip,
+    owner_filter,
+    parse_size,
+    parse_time,
+    state,
+)
 from shared.errors import (
     BadRequest,
     ConfigError,
@@ -45,94 +71,10 @@ from shared.errors import (
     ImageMissing,
     WorkspaceUnavailable,
 )
-from shared.models import NodeStatus, Role
+from shared.models import Role
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-LABEL_PREFIX = "toolserver-manager."
-LABEL_MANAGER = LABEL_PREFIX + "manager_id"
-LABEL_ROLE = LABEL_PREFIX + "role"
-LABEL_CREATED = LABEL_PREFIX + "created_at"
-LABEL_REPLICA = LABEL_PREFIX + "replica_id"
-LABEL_CLIENT = LABEL_PREFIX + "client"
-LABEL_PORT = LABEL_PREFIX + "node_port"
-LABEL_PROJECT = LABEL_PREFIX + "project"
-LABEL_EGRESS = LABEL_PREFIX + "egress"
-LABEL_IMAGE_FILE = LABEL_PREFIX + "image_file"
-LABEL_SESSION = LABEL_PREFIX + "session_id"
-LABEL_WORKSPACE = LABEL_PREFIX + "workspace"
-# node bridges are named <prefix><hash>: the host firewall (shared/firewall.py) matches the prefixes
-BRIDGE_PREFIXES = {"open": "tsmo", "none": "tsmn"}
-NETWORK_PREFIX = "tsm-"  # node networks: tsm-<manager_id>-<egress>
-WORKSPACE_PREFIX = "tsm-ws-"  # bounded workspaces of containers made before sessions had their own
-SESSION_WORKSPACE_PREFIX = "tsm-session-"  # a session's workspace: tsm-session-<session id>
-SEED_DIR = "seeds"  # saved workspace images (forks in flight, snapshots): <image_dir>/seeds/<seed>.img
-SEED_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
-SECRET_ENV = "NODE_SECRET"  # how the reference node (node/app/auth.py) receives its secret
-# Docker's container states are ours by the same names; one the engine adds later passes as is
-_STATES = {s.value: s for s in (NodeStatus.CREATED, NodeStatus.RUNNING, NodeStatus.PAUSED, NodeStatus.RESTARTING,
-                                NodeStatus.REMOVING, NodeStatus.EXITED, NodeStatus.DEAD)}
-API_VERSION = "1.41"  # Debian bookworm's dockerd; newer engines still serve it
-
-# run()-only or handled-by-us keys of XAgent's creation_kwargs
-_DROP_KWARGS = {"detach", "remove", "stream", "ports", "labels", "name", "auto_remove"}
-# replaced by the node network when nodes are isolated
-_NETWORK_KWARGS = {"network", "network_mode", "networking_config", "links", "dns"}
-
-
-@contextlib.contextmanager
-def docker_errors() -> Iterator[None]:
-    """Translate SDK and transport errors into the project's hierarchy."""
-    try:
-        yield
-    except docker.errors.ImageNotFound as exc:  # a NotFound too: caught first, it is no session's end
-        found = re.search(r"No such image: (\S+)", str(exc.explanation or ""))
-        raise ImageMissing(found.group(1) if found else str(exc.explanation or exc)) from exc
-    except docker.errors.NotFound as exc:
-        raise ContainerGone(str(exc.explanation or exc)) from exc
-    except docker.errors.APIError as exc:  # the engine answered: an error of the operation, not an outage
-        raise EngineError(f"docker: {exc.explanation or exc}") from exc
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise EngineUnavailable(type(exc).__name__) from exc
-    except docker.errors.DockerException as exc:
-        raise EngineUnavailable(str(exc)) from exc
-
-
-def _parse_time(value: str) -> float:
-    """Docker's RFC 3339 time with nanoseconds, as a Unix timestamp (0 when absent)."""
-    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?", value or "")
-    if not m or value.startswith("0001-"):
-        return 0.0
-    base = datetime.fromisoformat(m.group(1) + "+00:00").timestamp()
-    return base + float("0." + (m.group(2) or "0"))
-
-
-def _state(value: str) -> str:
-    return _STATES.get(value, value)
-
-
-def _owner_filter(owner: str, role: str | None = None) -> list[str]:
-    return [f"{LABEL_MANAGER}={owner}"] + ([f"{LABEL_ROLE}={role}"] if role else [])
-
-
-def _node_ip(settings: dict[str, Any]) -> str:
-    """The container's address on its node network ("" when it has none: not running)."""
-    for name, net in (settings.get("Networks") or {}).items():
-        if name.startswith(NETWORK_PREFIX) and net.get("IPAddress"):
-            return str(net["IPAddress"])
-    return ""
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: object) -> int:
-    """Docker's memory sizes ("512m", "1g", 1073741824) in bytes; 0 when absent or unparsable."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+)\s*([bkmgt]?)b?\s*", str(value or "").lower())
-    return int(m.group(1)) * _UNITS[m.group(2)] if m else 0
 
 
 class DockerBackend(NodeBackend):
@@ -166,20 +108,14 @@ class DockerBackend(NodeBackend):
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            kw: dict[str, Any] = {"version": API_VERSION, "timeout": self._timeout}
-            if self.docker_host:
-                self._client = docker.DockerClient(base_url=self.docker_host, **kw)
-            else:
-                self._client = docker.from_env(**kw)
+            self._client = make_client(self.docker_host, self._timeout)
         return self._client
 
     @property
     def stream_client(self) -> docker.DockerClient:
         """A client without read timeout, for log streams that may stay silent for minutes."""
         if self._stream_client is None:
-            kw: dict[str, Any] = {"version": API_VERSION, "timeout": None}
-            self._stream_client = (docker.DockerClient(base_url=self.docker_host, **kw) if self.docker_host
-                                   else docker.from_env(**kw))
+            self._stream_client = make_client(self.docker_host, None)
         return self._stream_client
 
     async def close(self) -> None:
@@ -276,7 +212,8 @@ class DockerBackend(NodeBackend):
         try:
             ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge_name(owner))
                    if net.firewall_host_namespace else firewall.HERE)
-            await asyncio.to_thread(firewall.install, BRIDGE_PREFIXES["open"], BRIDGE_PREFIXES["none"], allow, ipt)
+            prefixes = firewall.BRIDGE_PREFIXES
+            await asyncio.to_thread(firewall.install, prefixes["open"], prefixes["none"], allow, ipt)
             status["firewall"] = "installed"
         except firewall.NoPrivilege as exc:
             status["firewall"] = f"not installed: {exc}"
@@ -300,7 +237,7 @@ class DockerBackend(NodeBackend):
     def bridge_name(self, owner: str) -> str:
         """The host interface of a node network: a firewall prefix, then a hash (15 chars at most)."""
         assert self.network is not None
-        return BRIDGE_PREFIXES[self.network.egress] + hashlib.sha256(owner.encode()).hexdigest()[:10]
+        return firewall.BRIDGE_PREFIXES[self.network.egress] + hashlib.sha256(owner.encode()).hexdigest()[:10]
 
     async def ensure_network(self, owner: str) -> str:
         """The node network of owner, created if missing (idempotent, race-safe); its name."""
@@ -482,7 +419,7 @@ class DockerBackend(NodeBackend):
             labels[LABEL_SESSION] = node.session_id
         if node.workspace:
             labels[LABEL_WORKSPACE] = node.workspace
-        kwargs = {k: v for k, v in creation_kwargs.items() if k not in _DROP_KWARGS}
+        kwargs = {k: v for k, v in creation_kwargs.items() if k not in DROP_KWARGS}
         disk = self.disk
         if self._read_only_root:
             kwargs["read_only"] = True
@@ -504,7 +441,7 @@ class DockerBackend(NodeBackend):
         if node.session_id:
             kwargs["name"] = node.session_id
         if self.network is not None:
-            for k in _NETWORK_KWARGS:
+            for k in NETWORK_KWARGS:
                 kwargs.pop(k, None)
             kwargs["network"] = await self.ensure_network(node.owner)
             # the node network has no IPv6: no link-local path to the host either
@@ -596,7 +533,7 @@ class DockerBackend(NodeBackend):
         if not port and ip:
             host, port = ip, int(labels.get(LABEL_PORT, self.node_port))
         return NodeInfo(id=cid, owner=labels.get(LABEL_MANAGER, ""), role=labels.get(LABEL_ROLE, Role.NODE),
-                        status=_state(status), health=health, created=created, host=host,
+                        status=state(status), health=health, created=created, host=host,
                         port=port, replica_id=labels.get(LABEL_REPLICA, ""), client=labels.get(LABEL_CLIENT, ""),
                         image=image, meta=labels, session_id=labels.get(LABEL_SESSION, ""),
                         workspace=labels.get(LABEL_WORKSPACE, ""))
@@ -608,9 +545,9 @@ class DockerBackend(NodeBackend):
         labels = (data.get("Config") or {}).get("Labels") or {}
         return self._info(data["Id"], state.get("Status", "unknown"),
                           ((state.get("Health") or {}).get("Status")) or "none", labels,
-                          float(labels.get(LABEL_CREATED) or _parse_time(data.get("Created", ""))),
+                          float(labels.get(LABEL_CREATED) or parse_time(data.get("Created", ""))),
                           int(ports[0]["HostPort"]) if ports else 0, (data.get("Config") or {}).get("Image", ""),
-                          _node_ip(data.get("NetworkSettings") or {}) if state.get("Running") else "")
+                          node_ip(data.get("NetworkSettings") or {}) if state.get("Running") else "")
 
     async def node_secret(self, node_id: str) -> str:
         """The secret a node was created with, from the container's own config ("" if none)."""
@@ -622,7 +559,7 @@ class DockerBackend(NodeBackend):
 
     async def nodes(self, owner: str, role: str | None = None) -> list[NodeInfo]:
         """One engine call: every container (any state) of owner, optionally of one role."""
-        raw = await self._call(self.client.api.containers, all=True, filters={"label": _owner_filter(owner, role)})
+        raw = await self._call(self.client.api.containers, all=True, filters={"label": owner_filter(owner, role)})
         out = []
         for c in raw:
             labels = c.get("Labels") or {}
@@ -637,7 +574,7 @@ class DockerBackend(NodeBackend):
                 if f"({h})" in status_text:
                     health = h.replace("health: ", "")
                     break
-            ip = _node_ip(c.get("NetworkSettings") or {}) if c.get("State") == "running" else ""
+            ip = node_ip(c.get("NetworkSettings") or {}) if c.get("State") == "running" else ""
             out.append(self._info(c["Id"], c.get("State", "unknown"), health, labels,
                                   float(labels.get(LABEL_CREATED) or c.get("Created") or 0), port, c.get("Image", ""),
                                   ip))
@@ -712,7 +649,7 @@ class DockerBackend(NodeBackend):
         while not stop():
             with docker_errors():
                 stream = self.client.api.events(since=since, decode=True,
-                                                filters={"type": "container", "label": _owner_filter(owner)},
+                                                filters={"type": "container", "label": owner_filter(owner)},
                                                 until=time.time() + 1.0)
                 for ev in stream:
                     since = max(since, float(ev.get("time", since)))
