@@ -27,11 +27,12 @@ from manager.runtime import Runtime
 from manager.thaw import Thawer
 from nodeops import images
 from nodeops.circuit import Circuits
+from nodeops.egress_agent import EgressAgent
 from shared import __version__
 from shared.config import Config
 from shared.engines import open_backend
 from shared.errors import ManagerError
-from shared.models import ReplicaInfo
+from shared.models import Event, ReplicaInfo
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,15 @@ def create_app(cfg: Config) -> ManagerApp:
         app.state.rt = rt
         app.state.resolver = resolver = Resolver(rt)
         app.state.proxy = Proxy(rt, resolver)
-        hub = app.state.hub = EventHub(store, rt.cache, Thawer(rt))
+        thawer = Thawer(rt)
+        agent = app.state.egress_agent = EgressAgent(rt) if cfg.egress.enforce else None
+
+        def on_event(ev: Event) -> None:
+            thawer(ev)
+            if agent is not None:
+                agent.on_event(ev)
+
+        hub = app.state.hub = EventHub(store, rt.cache, on_event)
         await register(rt)
         checker = Checker(rt) if cfg.builtin_monitor else None
         app.state.checker = checker
@@ -78,6 +87,8 @@ def create_app(cfg: Config) -> ManagerApp:
         )]
         if checker is not None:
             tasks.append(asyncio.create_task(checker.run(), name="checker"))
+        if agent is not None:
+            tasks.append(asyncio.create_task(agent.run(), name="egress"))
         log.info("replica_started replica_id=%s manager_id=%s url=%s", cfg.replica_id, cfg.manager_id,
                  cfg.advertise_url)
         try:

@@ -6,6 +6,7 @@ gateway address, or any other address of the host: that is INPUT, not FORWARD), 
 private ranges and 169.254.0.0/16 beyond the host. These rules do, for every bridge whose
 name starts with one of the node bridge prefixes (the backend names its bridges so):
 
+  INPUT   -> TSM-DNS:      the egress resolver's port on an enforcing bridge's address accepted
   INPUT   -> TSM-INPUT:    replies pass; anything a node opens to the host is refused
   FORWARD -> DOCKER-USER -> TSM-FORWARD:
                            replies pass; TSM-ALLOW (per-bridge exceptions) accepts;
@@ -35,6 +36,10 @@ BRIDGE_PREFIXES = {"open": "tsmo", "none": "tsmn"}
 INPUT_CHAIN = "TSM-INPUT"
 FORWARD_CHAIN = "TSM-FORWARD"
 ALLOW_CHAIN = "TSM-ALLOW"
+# per-bridge openings of the egress resolver (shared/egress/): its port on the bridge's own
+# address, for bridges whose manager enforces egress policies; empty otherwise. Jumped to from
+# INPUT ahead of TSM-INPUT (a chain of its own, so TSM-INPUT's content is the same for every manager)
+DNS_CHAIN = "TSM-DNS"
 # where nodes must never connect to (RFC 1918, link-local incl. cloud metadata, loopback,
 # carrier-grade NAT, "this network", benchmarking, multicast)
 BLOCKED = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
@@ -153,7 +158,7 @@ def install(open_prefix: str, none_prefix: str, allow: dict[str, list[str]] | No
             ipt: Iptables = HERE) -> None:
     """Install (idempotently) the chains and jumps; ``allow`` maps a bridge to ranges it may reach."""
     want = rules(open_prefix, none_prefix)
-    for chain in (ALLOW_CHAIN, INPUT_CHAIN, FORWARD_CHAIN):
+    for chain in (ALLOW_CHAIN, DNS_CHAIN, INPUT_CHAIN, FORWARD_CHAIN):
         _ensure_chain(ipt, chain)
     for chain, body in want.items():
         have = [line for line in ipt("-S", chain).stdout.splitlines() if line.startswith("-A ")]
@@ -165,6 +170,9 @@ def install(open_prefix: str, none_prefix: str, allow: dict[str, list[str]] | No
         sync_allow(bridge, cidrs, ipt)
     prune_allow(ipt)
     _ensure_jump(ipt, "INPUT", INPUT_CHAIN)
+    # before TSM-INPUT, which refuses everything a node opens to the host: TSM-DNS accepts only
+    # the resolver's port on the bridge address of a manager that enforces egress policies
+    _ensure_jump(ipt, "INPUT", DNS_CHAIN)
     # Docker puts DOCKER-USER before its own accepts; an engine without iptables has none
     parent = "DOCKER-USER" if ipt("-n", "-L", "DOCKER-USER", check=False).returncode == 0 else "FORWARD"
     _ensure_jump(ipt, parent, FORWARD_CHAIN)
@@ -196,20 +204,48 @@ def sync_allow(bridge: str, cidrs: list[str], ipt: Iptables = HERE) -> None:
 
 
 def prune_allow(ipt: Iptables = HERE) -> int:
-    """Drop the exceptions of bridges this host no longer has; how many went."""
+    """Drop the exceptions (and resolver openings) of bridges this host no longer has; how many went."""
     gone = 0
     for bridge, cidr in _allow_rules(ipt):
         if not ipt.has_interface(bridge):
             gone += ipt("-D", ALLOW_CHAIN, *_allow_rule(bridge, cidr), check=False).returncode == 0
+    for bridge, rule in _dns_rules(ipt):
+        if not ipt.has_interface(bridge):
+            gone += ipt("-D", DNS_CHAIN, *rule, check=False).returncode == 0
     return gone
+
+
+def _dns_rules(ipt: Iptables) -> list[tuple[str, list[str]]]:
+    """(bridge, rule spec) of each TSM-DNS rule."""
+    found = []
+    for line in ipt("-S", DNS_CHAIN, check=False).stdout.splitlines():
+        words = line.split()
+        if words[:2] == ["-A", DNS_CHAIN] and "-i" in words:
+            found.append((words[words.index("-i") + 1], words[2:]))
+    return found
+
+
+def sync_dns(bridge: str, address: str | None, port: int = 53, ipt: Iptables = HERE) -> None:
+    """Open (address given) or close (None) the egress resolver's port on ``bridge``'s address."""
+    want = [] if address is None else [
+        ["-d", f"{address}/32", "-i", bridge, "-p", proto, "-m", proto, "--dport", str(port), "-j", "ACCEPT"]
+        for proto in ("udp", "tcp")]
+    have = [rule for b, rule in _dns_rules(ipt) if b == bridge]
+    for rule in have:
+        if rule not in want:
+            ipt("-D", DNS_CHAIN, *rule, check=False)
+    for rule in want:
+        if rule not in have:
+            ipt("-A", DNS_CHAIN, *rule)
 
 
 def remove(ipt: Iptables = HERE) -> None:
     """Take away our jumps and chains, and nothing else."""
-    for parent, chain in (("INPUT", INPUT_CHAIN), ("DOCKER-USER", FORWARD_CHAIN), ("FORWARD", FORWARD_CHAIN)):
+    for parent, chain in (("INPUT", INPUT_CHAIN), ("INPUT", DNS_CHAIN), ("DOCKER-USER", FORWARD_CHAIN),
+                          ("FORWARD", FORWARD_CHAIN)):
         while ipt("-D", parent, "-j", chain, check=False).returncode == 0:
             pass
-    for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN):
+    for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN, DNS_CHAIN):
         if ipt("-n", "-L", chain, check=False).returncode == 0:
             ipt("-F", chain)
             ipt("-X", chain)
@@ -228,7 +264,7 @@ def main(argv: list[str]) -> int:
         elif cmd == "remove":
             remove()
         elif cmd == "show":
-            for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN):
+            for chain in (INPUT_CHAIN, FORWARD_CHAIN, ALLOW_CHAIN, DNS_CHAIN):
                 print(HERE("-S", chain, check=False).stdout, end="")
         else:
             print("usage: python -m shared.firewall install|remove|show", file=sys.stderr)

@@ -237,6 +237,7 @@ def remove_project_objects(client: Any, manager_id: str) -> int:
     import docker
 
     from shared import firewall
+    from shared.egress import nft as egress_nft
     from shared.engines.docker import loopdisk
 
     label = f"toolserver-manager.manager_id={manager_id}"
@@ -254,6 +255,8 @@ def remove_project_objects(client: Any, manager_id: str) -> int:
         _remove_in_time(net.remove)
     with contextlib.suppress(firewall.NoPrivilege, firewall.FirewallError):
         firewall.prune_allow()  # a network's firewall exceptions go with it
+    with contextlib.suppress(firewall.NoPrivilege, egress_nft.NftError):
+        egress_nft.prune()  # and its egress table (egress.enforce)
     return n
 
 

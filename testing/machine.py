@@ -102,7 +102,9 @@ def _lines(*argv: str) -> list[str]:
 
 
 def _firewall() -> set[str]:
-    return {line for line in _lines("iptables", "-w", "5", "-S") if re.search(r"TSM-|tsm", line)}
+    lines = {line for line in _lines("iptables", "-w", "5", "-S") if re.search(r"TSM-|tsm", line)}
+    # the egress tables (shared/egress/nft.py), one per enforcing bridge
+    return lines | {f"nft {line}" for line in _lines("nft", "list", "tables") if "tsm_egress_" in line}
 
 
 def _loops() -> dict[str, str]:
@@ -173,6 +175,8 @@ def _ours(rule: str) -> bool:
     manager_ids' bridges, its test hosts' rules (not the engine's rules for bridges that are live)."""
     from shared.firewall import BRIDGE_PREFIXES
 
+    if rule.startswith("nft table inet tsm_egress_"):
+        return True
     if rule.startswith("-N TSM-") or (re.search(r"-j TSM-(INPUT|FORWARD|ALLOW)\b", rule) and "-A TSM-" not in rule):
         return True
     bridges = {p + hashlib.sha256(mid.encode()).hexdigest()[:10] for mid in RUN.manager_ids

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-CHAINS = ("TSM-INPUT", "TSM-FORWARD", "TSM-ALLOW")
+CHAINS = ("TSM-INPUT", "TSM-FORWARD", "TSM-ALLOW", "TSM-DNS")
 PROBE = r"""
 import errno, socket, sys
 s = socket.socket()
@@ -119,6 +119,8 @@ def test_firewall_script_installs_shows_and_removes_exactly_its_rules(net: Net) 
         assert f"-N {chain}\n" in installed
     # no DOCKER-USER here (an engine without iptables): the forward chain hangs off FORWARD
     assert "-A INPUT -j TSM-INPUT" in installed and "-A FORWARD -j TSM-FORWARD" in installed
+    # the egress resolver's openings are looked at before TSM-INPUT refuses what nodes open to the host
+    assert installed.index("-A INPUT -j TSM-DNS") < installed.index("-A INPUT -j TSM-INPUT")
     assert set(before.splitlines()) <= set(installed.splitlines())
     # refused at once: a reset, not a timeout
     assert net.probe("10.201.0.1") == "ECONNREFUSED"

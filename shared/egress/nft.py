@@ -8,6 +8,7 @@ seen half done. The table is ours alone (``inet tsm_egress_<hash>``): installing
 touches no other table, and Docker's and the project's iptables chains (shared/firewall.py) still
 run as before: a packet must pass both, so this can only take egress away, never add to it.
 
+  input, from the bridge:    replies pass; the resolver's port on the bridge address; the rest refused
   forward, from the bridge:  replies pass; the platform set is refused; a session's denied
                              ranges are refused; its learned (resolved) addresses, its allowed
                              ranges and "default: allow" sessions pass; the rest is refused
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -64,7 +67,7 @@ def _elems(items: Iterable[str]) -> str:
     return ", ".join(items)
 
 
-def table_script(bridge: str, platform: Iterable[Network]) -> str:
+def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_port: int) -> str:
     """The table with its sets and chains (learned addresses kept when it already exists)."""
     t = table_name(bridge)
     plat = [str(n) for n in platform if n.version == 4]
@@ -78,6 +81,10 @@ def table_script(bridge: str, platform: Iterable[Network]) -> str:
         f"add set inet {t} open_nodes {{ type ipv4_addr; }}",
         f"add chain inet {t} forward {{ type filter hook forward priority -5; policy accept; }}",
         f"flush chain inet {t} forward",
+        # the host itself: only the resolver's port on the bridge address (the project's iptables
+        # chains say the same; this table holds on its own where those are not installed)
+        f"add chain inet {t} input {{ type filter hook input priority -5; policy accept; }}",
+        f"flush chain inet {t} input",
         f"flush set inet {t} platform",
     ]
     if plat:
@@ -92,6 +99,11 @@ def table_script(bridge: str, platform: Iterable[Network]) -> str:
                  f"{br} ip saddr @open_nodes accept",
                  *refuse):
         lines.append(f"add rule inet {t} forward {rule}")
+    for rule in (f"{br} ct state established,related accept",
+                 f"{br} ip daddr {gateway} udp dport {dns_port} accept",
+                 f"{br} ip daddr {gateway} tcp dport {dns_port} accept",
+                 *refuse):
+        lines.append(f"add rule inet {t} input {rule}")
     return "\n".join(lines) + "\n"
 
 
@@ -143,7 +155,55 @@ def remove_script(bridge: str) -> str:
     return f"add table inet {t}\ndelete table inet {t}\n"
 
 
+def prune(pid: int | None = None) -> int:
+    """Remove the egress tables of bridges this host no longer has (their network was removed);
+    how many went. A table names its bridge in its rules (iifname)."""
+    gone = 0
+    have = {dev for dev in _interfaces()}
+    for t in tables(pid):
+        found = re.search(r'iifname "([^"]+)"', run(f"list table inet {t}\n", pid))
+        if found and found.group(1) not in have:
+            run(f"delete table inet {t}\n", pid)
+            gone += 1
+    return gone
+
+
+def _interfaces() -> list[str]:
+    try:
+        with open("/proc/self/net/dev") as f:
+            return [line.split(":", 1)[0].strip() for line in f.readlines()[2:]]
+    except OSError:
+        return []
+
+
 def tables(pid: int | None = None) -> list[str]:
     """The egress tables present (for clean-up checks)."""
     out = run("list tables\n", pid)
     return [w for line in out.splitlines() for w in line.split() if w.startswith(TABLE_PREFIX)]
+
+
+def _addresses(dev: str | None = None) -> list[tuple[str, int]]:
+    argv = ["ip", "-j", "-4", "addr", "show", *(["dev", dev] if dev else [])]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if res.returncode != 0:
+        return []
+    out = []
+    for link in json.loads(res.stdout or "[]"):
+        for a in link.get("addr_info") or []:
+            if a.get("family") == "inet":
+                out.append((str(a["local"]), int(a["prefixlen"])))
+    return out
+
+
+def interface_ipv4(dev: str) -> tuple[str, int] | None:
+    """(address, prefix length) of an interface of this host (None: no such interface or no address)."""
+    found = _addresses(dev)
+    return found[0] if found else None
+
+
+def host_ipv4s() -> list[str]:
+    """Every IPv4 address of this host's interfaces: the platform set holds each."""
+    return [a for a, _ in _addresses()]

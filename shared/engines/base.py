@@ -72,6 +72,7 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     meta: dict[str, str] = msgspec.field(default_factory=dict)  # engine metadata, shown to admins as is
     session_id: str = ""  # the session it serves ("" for containers made before sessions had ids)
     workspace: str = ""  # the session workspace it mounts
+    ip: str = ""  # its address on the node network while it runs (what egress rules match)
 
     @property
     def address(self) -> Address:
@@ -177,6 +178,11 @@ class NodeBackend(abc.ABC):
         """Check the settings and make what owner's nodes need before the first one (their
         network, host rules); what protects them, by name. Bad settings raise ConfigError."""
         return {}
+
+    async def egress_bridge(self, owner: str) -> tuple[str, str, int] | None:
+        """(host interface, its IPv4 address, prefix length) of owner's node network, where the
+        egress resolver listens and the egress rules match; None: this engine has none."""
+        return None
 
     async def collect_storage(self, owner: str, older_than: float) -> int:
         """Remove storage of owner's nodes that no longer exist, made before older_than; how many."""

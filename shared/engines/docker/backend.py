@@ -26,6 +26,7 @@ from docker.types import DeviceRequest, LogConfig, Mount
 
 from shared import firewall
 from shared.config import Config
+from shared.egress import nft as egress_nft
 from shared.engines.base import (
     Address,
     EngineInfo,
@@ -99,6 +100,8 @@ class DockerBackend(NodeBackend):
         self._client: docker.DockerClient | None = None
         self._stream_client: docker.DockerClient | None = None
         self._networks: dict[str, str] = {}  # owner -> node network name, once ensured
+        # nodes resolve through this host's egress resolver on their bridge (shared/egress/)
+        self.egress_dns = cfg.egress.enforce and self.network is not None
 
     @property
     def publish(self) -> bool:
@@ -276,6 +279,16 @@ class DockerBackend(NodeBackend):
         self._networks[owner] = name
         return name
 
+    async def egress_bridge(self, owner: str) -> tuple[str, str, int] | None:
+        """The node bridge's name and address, read from the host's interface (never the engine's
+        IPAM Gateway, absent on an engine's first start)."""
+        if self.network is None:
+            return None
+        await self.ensure_network(owner)
+        name = self.bridge_name(owner)
+        found = await asyncio.to_thread(egress_nft.interface_ipv4, name)
+        return (name, *found) if found else None
+
     def workspace_name(self, session_id: str) -> str:
         return SESSION_WORKSPACE_PREFIX + session_id
 
@@ -444,6 +457,13 @@ class DockerBackend(NodeBackend):
             for k in NETWORK_KWARGS:
                 kwargs.pop(k, None)
             kwargs["network"] = await self.ensure_network(node.owner)
+            if self.egress_dns:
+                # the engine's embedded DNS forwards to it from inside the node's namespace, so the
+                # resolver sees the node's own address; the engine takes no port here (53)
+                bridge = await self.egress_bridge(node.owner)
+                if bridge is None:
+                    raise EngineError(f"the node network of {node.owner} has no IPv4 address for the egress resolver")
+                kwargs["dns"] = [bridge[1]]
             # the node network has no IPv6: no link-local path to the host either
             kwargs["sysctls"] = {**dict(kwargs.get("sysctls") or {}), "net.ipv6.conf.all.disable_ipv6": "1"}
         if self.publish:
@@ -536,7 +556,7 @@ class DockerBackend(NodeBackend):
                         status=state(status), health=health, created=created, host=host,
                         port=port, replica_id=labels.get(LABEL_REPLICA, ""), client=labels.get(LABEL_CLIENT, ""),
                         image=image, meta=labels, session_id=labels.get(LABEL_SESSION, ""),
-                        workspace=labels.get(LABEL_WORKSPACE, ""))
+                        workspace=labels.get(LABEL_WORKSPACE, ""), ip=ip)
 
     async def inspect(self, node_id: str) -> NodeInfo:
         data = await self._call(self.client.api.inspect_container, node_id)

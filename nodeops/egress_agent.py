@@ -1,0 +1,179 @@
+"""The host agent of egress policies (egress.enforce): on each host, for its manager_id's bridge.
+
+It installs the bridge's nftables table (shared/egress/nft.py), serves the egress resolver on the
+bridge's address (shared/egress/dns.py), and keeps the per-node sets equal to the policies of the
+sessions running there. It follows the event stream: a policy change (or a node started, resumed,
+restarted) makes it sync at once, so a change made on any replica of any host is in force on the
+node's host within the time of one stream read and one nft transaction; a sync also runs every
+``SYNC_SECONDS`` to catch anything missed while Redis was away.
+
+Several replicas of one manager_id on one host share the bridge: the one whose resolver holds
+the address acts, the others retry the bind and stand by (they take over when it goes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+
+from nodeops import egress
+from nodeops.context import NodeOps
+from shared import firewall
+from shared.egress import nft
+from shared.egress.dns import EgressResolver, upstreams_from
+from shared.egress.policy import PLATFORM_DENY, EgressPolicy, name_allowed
+from shared.errors import ManagerError
+from shared.models import Event, EventKind
+
+log = logging.getLogger(__name__)
+
+SYNC_SECONDS = 2.0
+# events after which a node may have a new address or policy
+_SYNC_ON = {EventKind.EGRESS_POLICY, EventKind.READY, EventKind.CREATED, EventKind.RESTARTED,
+            EventKind.RESUMED, EventKind.ADOPTED, EventKind.RELEASED, EventKind.REMOVED}
+
+
+class EgressAgent:
+    def __init__(self, ops: NodeOps) -> None:
+        self.ops = ops
+        self.cfg = ops.cfg.egress
+        self.bridge = ""
+        self.by_ip: dict[str, EgressPolicy] = {}
+        self.session_of: dict[str, str] = {}  # node address -> session id
+        self.learned: dict[str, dict[str, str]] = {}  # node address -> {destination: the name it resolved for}
+        self.applied: dict[str, EgressPolicy] | None = None
+        self.resolver: EgressResolver | None = None
+        self.poke = asyncio.Event()
+        self.changed: set[str] = set()  # sessions whose policy changed: one record read, no engine call
+        self.full = True  # a node may have come or gone: the engine is asked
+        self.last_sync = 0.0  # monotonic time of the last sync that changed the sets
+
+    def on_event(self, ev: Event) -> None:
+        """From the event reader: sync now when it concerns this manager_id's nodes."""
+        if ev.manager_id == self.ops.manager_id and ev.type in _SYNC_ON:
+            if ev.type == EventKind.EGRESS_POLICY:
+                self.changed.add(ev.node_id)
+            else:
+                self.full = True
+            self.poke.set()
+
+    # --- resolver callbacks ---------------------------------------------------------------
+    def policy_of(self, ip: str) -> EgressPolicy | None:
+        return self.by_ip.get(ip)
+
+    async def learn(self, ip: str, name: str, addrs: list[tuple[str, int]]) -> None:
+        await asyncio.to_thread(nft.run, nft.learn_script(self.bridge, ip, addrs))
+        seen = self.learned.setdefault(ip, {})
+        for a, _ttl in addrs:
+            seen[a] = name
+
+    def refused(self, ip: str, name: str, rule: str) -> None:
+        log.info("egress_dns_refused node=%s session=%s name=%s rule=%r", ip, self.session_of.get(ip, "")[:12],
+                 name, rule)
+
+    # --- the loop -------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._setup()
+                break
+            except asyncio.CancelledError:
+                raise
+            except (ManagerError, nft.NftError, firewall.NoPrivilege, firewall.FirewallError, OSError) as exc:
+                log.warning("egress_agent_setup_failed error=%r", getattr(exc, "detail", str(exc)))
+                await asyncio.sleep(SYNC_SECONDS)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.poke.wait(), SYNC_SECONDS)
+                self.poke.clear()
+                if self.resolver is None:
+                    await self._bind()
+                if self.resolver is None:
+                    continue
+                try:
+                    changed, self.changed = self.changed, set()
+                    if self.full or not changed or not await self.apply_changed(changed):
+                        self.full = False
+                        await self.sync()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("egress_sync_failed error=%r", getattr(exc, "detail", str(exc)))
+        finally:
+            if self.resolver is not None:
+                self.resolver.close()
+
+    async def _setup(self) -> None:
+        found = await self.ops.backend.egress_bridge(self.ops.manager_id)
+        if found is None:
+            raise ManagerError("egress.enforce needs node.network.isolated (a node bridge)")
+        self.bridge, self.gateway, prefix = found
+        net = ipaddress.ip_network(f"{self.gateway}/{prefix}", strict=False)
+        platform = [ipaddress.ip_network(p) for p in PLATFORM_DENY]
+        platform += [net] + [ipaddress.ip_network(f"{a}/32") for a in await asyncio.to_thread(nft.host_ipv4s)]
+        await asyncio.to_thread(nft.run, nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port))
+        if self.ops.cfg.node.network.firewall:  # the project's chains refuse the host to nodes: open the resolver
+            ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge)
+                   if self.ops.cfg.node.network.firewall_host_namespace else firewall.HERE)
+            await asyncio.to_thread(firewall.sync_dns, self.bridge, self.gateway, self.cfg.dns_port, ipt)
+        await self._bind()
+
+    async def _bind(self) -> None:
+        res = EgressResolver(policy_of=self.policy_of, learn=self.learn, refused=self.refused,
+                             upstream=upstreams_from(self.cfg.upstream_dns), min_ttl=self.cfg.min_ttl_seconds,
+                             max_ttl=self.cfg.max_ttl_seconds)
+        try:
+            await res.start(self.gateway, self.cfg.dns_port)
+        except OSError as exc:
+            log.info("egress_resolver_standby address=%s:%d reason=%r", self.gateway, self.cfg.dns_port, str(exc))
+            return
+        self.resolver = res
+        self.applied = None
+        log.info("egress_resolver_serving address=%s:%d bridge=%s", self.gateway, self.cfg.dns_port, self.bridge)
+        await self.sync()
+
+    async def apply_changed(self, sessions: set[str]) -> bool:
+        """Apply new policies of running sessions this host knows; False: one is not known here
+        (a full sync is needed)."""
+        ip_of = {sid: ip for ip, sid in self.session_of.items()}
+        if not all(sid in ip_of for sid in sessions):
+            return False
+        recs = await self.ops.store.get_nodes(sorted(sessions))
+        by_ip = dict(self.by_ip)
+        for rec in recs:
+            by_ip[ip_of[rec.id]] = egress.of_record(self.ops, rec)
+        await self._apply(by_ip)
+        return True
+
+    async def _apply(self, by_ip: dict[str, EgressPolicy]) -> None:
+        if by_ip == self.applied:
+            self.by_ip = by_ip
+            return
+        # learned addresses whose name the new policy no longer allows close now, not at their TTL
+        stale = [(ip, a) for ip, seen in self.learned.items() for a, name in seen.items()
+                 if ip not in by_ip or not name_allowed(by_ip[ip], name)[0]]
+        script = nft.nodes_script(self.bridge, by_ip) + nft.forget_script(self.bridge, stale)
+        await asyncio.to_thread(nft.run, script)
+        for ip, a in stale:
+            self.learned.get(ip, {}).pop(a, None)
+        # the resolver answers by the new policy only once the firewall has it too
+        self.by_ip, self.applied = by_ip, by_ip
+        self.last_sync = time.monotonic()
+        log.info("egress_synced nodes=%d closed=%d", len(by_ip), len(stale))
+
+    async def sync(self) -> None:
+        """Make the host's sets equal to the running nodes' policies (one engine call, one Redis read)."""
+        infos = [i for i in await self.ops.backend.nodes(self.ops.manager_id) if i.ip]
+        recs = {r.id: r for r in await self.ops.store.get_nodes([i.session for i in infos])}
+        by_ip: dict[str, EgressPolicy] = {}
+        session_of: dict[str, str] = {}
+        for info in infos:
+            rec = recs.get(info.session)
+            by_ip[info.ip] = egress.of_record(self.ops, rec) if rec is not None else self.cfg.default
+            session_of[info.ip] = info.session
+        self.session_of = session_of
+        await self._apply(by_ip)

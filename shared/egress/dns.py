@@ -1,0 +1,166 @@
+"""The resolver nodes ask: it answers only names their session's policy allows.
+
+Nodes reach it through the engine's embedded DNS, which forwards from inside the node's network
+namespace, so a query comes from the node's own address and names its session. A name the policy
+does not allow gets NXDOMAIN without leaving the host; an allowed one is asked upstream, and its
+A records are opened to that node in the firewall (``learn``) *before* the answer goes back, so
+the node never connects before the address is open. Why dnslib: it only reads and writes DNS
+messages (no resolver, cache or server of its own that would decide for us), is pure Python,
+and is maintained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from shared.egress.policy import EgressPolicy, name_allowed
+
+log = logging.getLogger(__name__)
+
+PolicyOf = Callable[[str], EgressPolicy | None]
+Learn = Callable[[str, str, list[tuple[str, int]]], Awaitable[None]]
+Refused = Callable[[str, str, str], None]
+UPSTREAM_TIMEOUT = 2.0
+
+
+def upstreams_from(configured: list[str], resolv_conf: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """(address, port) of each configured upstream, else the host's resolvers (not loopback ones
+    of a local stub only when nothing else is listed)."""
+    out: list[tuple[str, int]] = []
+    for item in configured:
+        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "53")
+        out.append((host or item, int(port or 53)))
+    if out:
+        return out
+    with contextlib.suppress(OSError), open(resolv_conf) as f:
+        for line in f:
+            words = line.split()
+            if len(words) >= 2 and words[0] == "nameserver":
+                out.append((words[1], 53))
+    return out
+
+
+class EgressResolver:
+    """A UDP and TCP DNS server on one address (the node bridge's), deciding per source address."""
+
+    def __init__(self, *, policy_of: PolicyOf, learn: Learn, refused: Refused,
+                 upstream: list[tuple[str, int]], min_ttl: int, max_ttl: int) -> None:
+        self.policy_of = policy_of
+        self.learn = learn
+        self.refused = refused
+        self.upstream = upstream
+        self.min_ttl, self.max_ttl = min_ttl, max_ttl
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind both sockets (OSError when the address is taken: another replica serves it)."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
+        self._udp = transport  # type: ignore[assignment]
+        try:
+            self._tcp = await asyncio.start_server(self._tcp_client, host, port)
+        except OSError:
+            transport.close()
+            self._udp = None
+            raise
+
+    def close(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for t in self._tasks:
+            t.cancel()
+
+    def _spawn(self, data: bytes, addr: tuple[str, int]) -> None:
+        task = asyncio.create_task(self._answer_udp(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer_udp(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = await self.answer(data, addr[0])
+        if reply is not None and self._udp is not None:
+            self._udp.sendto(reply, addr)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")[0]
+        try:
+            while True:
+                size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 10))[0]
+                reply = await self.answer(await asyncio.wait_for(reader.readexactly(size), 10), peer)
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def answer(self, data: bytes, source: str) -> bytes | None:
+        """The reply to one query from ``source`` (None: not a DNS query, dropped)."""
+        try:
+            req = DNSRecord.parse(data)
+        except Exception:
+            return None
+        reply = req.reply()
+        name = str(req.q.qname).rstrip(".").lower()
+        pol = self.policy_of(source)
+        if pol is None:  # not a node this host knows (yet): refuse, never guess
+            reply.header.rcode = RCODE.REFUSED
+            return bytes(reply.pack())
+        allowed, rule = name_allowed(pol, name)
+        if not allowed:
+            self.refused(source, name, rule or f"default {pol.default}")
+            reply.header.rcode = RCODE.NXDOMAIN
+            return bytes(reply.pack())
+        raw = await self._ask_upstream(data)
+        if raw is None:
+            reply.header.rcode = RCODE.SERVFAIL
+            return bytes(reply.pack())
+        try:
+            up = DNSRecord.parse(raw)
+        except Exception:
+            reply.header.rcode = RCODE.SERVFAIL
+            return bytes(reply.pack())
+        addrs: list[tuple[str, int]] = []
+        for rr in up.rr:
+            # the node's cache must not outlive the firewall's element: TTLs are held to the bounds
+            rr.ttl = max(self.min_ttl, min(self.max_ttl, rr.ttl))
+            if rr.rtype == QTYPE.A:
+                addrs.append((str(rr.rdata), rr.ttl))
+        if addrs:
+            await self.learn(source, name, addrs)
+        return bytes(up.pack())
+
+    async def _ask_upstream(self, data: bytes) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        for host, port in self.upstream:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, (host, port))
+                await loop.sock_sendall(sock, data)
+                return await asyncio.wait_for(loop.sock_recv(sock, 65535), UPSTREAM_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                log.warning("egress_dns_upstream_failed upstream=%s:%d error=%r", host, port, exc)
+            finally:
+                sock.close()
+        return None
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, server: EgressResolver) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        self.server._spawn(data, addr)

@@ -1,0 +1,154 @@
+"""A small "internet" for egress tests, in a network namespace of its own.
+
+One namespace behind a veth pair, routed from the host like the outside world (198.51.x.0/28,
+documentation addresses, routed nowhere else), holding several addresses: a DNS server that
+answers for a few names (two of them on one address), and on each address an HTTP server on 80
+that answers with the Host it was asked for and the address it was reached at, plus a bare
+listener on 443 (a resolver reached directly, as DNS over HTTPS would be). Run as
+``python -m testing.internet SPEC_JSON`` inside the namespace; ``Internet`` makes and removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Internet:
+    """Addresses and names of one small internet (see the module's docstring)."""
+
+    ns: str
+    host_ip: str  # the host's end of the link
+    dns: str  # the DNS server's address (port 53)
+    names: dict[str, str]  # name -> address
+    spare: str  # an address with servers but no name: reached only directly
+    proc: subprocess.Popen[bytes] | None = None
+    veth: str = ""
+    addrs: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def internet(names: list[str], shared: tuple[str, str] | None = None) -> Iterator[Internet]:
+    """Make the namespace, its addresses and servers: each name its own address, ``shared``'s two
+    names one address; yield it; remove everything."""
+    tag = uuid.uuid4().hex[:6]
+    ns, veth_h, veth_n = f"tsmt-{tag}", f"tsmv{tag}h", f"tsmv{tag}n"
+    third = int(tag[:2], 16) % 200 + 1
+    base = f"198.51.{third}"
+    host_ip = f"{base}.1"
+    addrs = [f"{base}.{i}" for i in range(2, 2 + len(names) + 3)]
+    dns, spare, *rest = addrs
+    table = {n: rest[i] for i, n in enumerate(names)}
+    if shared:
+        table[shared[0]] = table[shared[1]] = rest[len(names)]
+    net = Internet(ns=ns, host_ip=host_ip, dns=dns, names=table, spare=spare, veth=veth_h, addrs=addrs)
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", veth_h, "type", "veth", "peer", "name", veth_n)
+        sh("ip", "link", "set", veth_n, "netns", ns)
+        sh("ip", "addr", "add", f"{host_ip}/28", "dev", veth_h)
+        sh("ip", "link", "set", veth_h, "up")
+        for a in addrs:
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{a}/28", "dev", veth_n)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", veth_n, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", host_ip)
+        spec = json.dumps({"dns": dns, "names": table, "http": addrs})
+        net.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "testing.internet", spec],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not _up(dns):
+            if time.monotonic() > deadline or net.proc.poll() is not None:
+                raise RuntimeError("the test internet's servers did not come up")
+            time.sleep(0.05)
+        yield net
+    finally:
+        if net.proc is not None:
+            net.proc.kill()
+            net.proc.wait()
+        subprocess.run(["ip", "link", "del", veth_h], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _up(addr: str) -> bool:
+    try:
+        socket.create_connection((addr, 80), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _serve(spec: dict[str, object]) -> None:
+    from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+    names: dict[str, str] = spec["names"]  # type: ignore[assignment]
+
+    def dns_loop() -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((str(spec["dns"]), 53))
+        while True:
+            data, peer = s.recvfrom(4096)
+            try:
+                req = DNSRecord.parse(data)
+            except Exception:
+                continue
+            reply = req.reply()
+            name = str(req.q.qname).rstrip(".").lower()
+            if name in names:
+                if req.q.qtype == QTYPE.A:
+                    reply.add_answer(RR(name, QTYPE.A, rdata=A(names[name]), ttl=60))
+            else:
+                reply.header.rcode = RCODE.NXDOMAIN
+            s.sendto(reply.pack(), peer)
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"host": self.headers.get("host", ""), "addr": self.server.server_address[0],
+                               "path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        def server_bind(self) -> None:
+            # HTTPServer's own looks its name up first, and there is no DNS in here
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def listen_443(addr: str) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, 443))
+        s.listen(16)
+        while True:
+            s.accept()[0].close()
+
+    threading.Thread(target=dns_loop, daemon=True).start()
+    for addr in spec["http"]:  # type: ignore[attr-defined]
+        srv = Server((addr, 80), Echo)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        threading.Thread(target=listen_443, args=(addr,), daemon=True).start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _serve(json.loads(sys.argv[1]))

@@ -1,0 +1,182 @@
+"""Egress enforced by what resolved (egress.enforce), on the real engine against a small internet
+in a network namespace (testing/internet.py), driven from inside a node through its shell tool."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from shared.egress import nft
+from shared.firewall import BRIDGE_PREFIXES
+from testing.harness import bridge_gateway
+from testing.internet import Internet, internet
+from tests.conftest import ADMIN_TOKEN
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+# run inside the node: each step's outcome, as JSON after "PROBE"
+NODE_PROBE = r"""
+import errno, json, socket, struct, sys, time, urllib.request
+
+def dns(name):
+    q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+    s.sendto(q, ("127.0.0.11", 53))
+    data = s.recv(4096)
+    return {"rcode": data[3] & 0xF}
+
+def connect(host, port):
+    s = socket.socket(); s.settimeout(5)
+    t0 = time.monotonic()
+    try:
+        s.connect((host, port)); what = "connected"
+    except OSError as exc:
+        what = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    finally:
+        s.close()
+    return {"what": what, "ms": (time.monotonic() - t0) * 1000}
+
+def http(url, host=None):
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return {"status": r.status, "body": json.loads(r.read())}
+    except Exception as exc:
+        return {"error": repr(exc)}
+
+def wait_http(url, limit):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        out = http(url)
+        if "status" in out:
+            return {"at": time.time(), **out}
+        time.sleep(0.01)
+    return {"error": "never reached"}
+
+steps = json.loads(sys.argv[1])
+out = [globals()[s[0]](*s[1:]) for s in steps]
+print("PROBE" + json.dumps(out))
+"""
+
+
+def probe(c: httpx.Client, *steps: list[Any]) -> list[dict[str, Any]]:
+    """Run steps inside the cookie's node; their outcomes."""
+    cmd = f"python3 -c {shlex.quote(NODE_PROBE)} {shlex.quote(json.dumps(steps))}"
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
+               timeout=120)
+    assert r.status_code == 200, r.text
+    display = r.json()["data"]["display"]
+    assert "PROBE" in display, display
+    return json.loads(display.split("PROBE", 1)[1].strip().splitlines()[0])  # type: ignore[no-any-return]
+
+
+def session(url: str, policy: dict[str, Any]) -> httpx.Client:
+    c = httpx.Client(base_url=url, timeout=60)
+    r = c.post("/get_cookie", json={"egress": policy})
+    assert r.status_code == 200, r.text
+    return c
+
+
+@pytest.fixture
+def net() -> Any:
+    with internet(["allowed.test", "other.test"], shared=("a.shared.test", "b.shared.test")) as n:
+        yield n
+
+
+def enforcing(start_manager: Any, net: Internet, **over: Any) -> Any:
+    return start_manager(egress={"enforce": True, "upstream_dns": [net.dns], "client_may_set": True}, **over)
+
+
+def test_only_what_an_allowed_name_resolved_to_is_reachable(start_manager, net: Internet, manager_id: str) -> None:
+    m = enforcing(start_manager, net)
+    c = session(m.url, {"default": "deny", "allow": ["allowed.test"]})
+    allowed, other = net.names["allowed.test"], net.names["other.test"]
+    out = probe(c, ["dns", "allowed.test"], ["dns", "other.test"],
+                ["http", "http://allowed.test/"],
+                ["connect", other, 80], ["connect", net.spare, 443], ["http", f"http://{other}/", "allowed.test"])
+    assert out[0]["rcode"] == 0
+    assert out[1]["rcode"] == 3  # NXDOMAIN: the name never left the host
+    assert out[2]["status"] == 200 and out[2]["body"]["addr"] == allowed, out[2]
+    # an address no allowed name resolved to: refused at once, a reset, never a hang
+    assert out[3]["what"] == "ECONNREFUSED" and out[3]["ms"] < 100, out[3]
+    # a resolver of its own reached directly (DNS over HTTPS): refused the same way
+    assert out[4]["what"] == "ECONNREFUSED" and out[4]["ms"] < 100, out[4]
+    # claiming an allowed name in Host does not open another address
+    assert "error" in out[5], out[5]
+    table = nft.run(f"list table inet {nft.table_name(bridge_of(m))}\n")
+    assert allowed in table and other not in table
+    c.post("/release_session")
+
+
+def bridge_of(m: Any) -> str:
+    mid = m.cfg["manager_id"]
+    return BRIDGE_PREFIXES["open"] + hashlib.sha256(mid.encode()).hexdigest()[:10]
+
+
+@contextlib.contextmanager
+def listening(addr: str) -> Iterator[int]:
+    """A host service on one of the host's addresses (what the platform set must keep nodes off)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, 0))
+    s.listen(16)
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def test_a_policy_change_is_in_force_within_a_second(start_manager, net: Internet) -> None:
+    m = enforcing(start_manager, net)
+    c = session(m.url, {"default": "deny", "allow": ["allowed.test"]})
+    node_id = c.cookies["node_id"]
+    assert "error" in probe(c, ["http", "http://other.test/"])[0]
+    result: list[Any] = []
+    # the node tries other.test every 10 ms while the admin opens it; the first success is timed
+    t = threading.Thread(target=lambda: result.append(probe(c, ["wait_http", "http://other.test/", 20])[0]))
+    t.start()
+    time.sleep(1.0)  # lets the node's loop start; the figure below is measured from the change
+    t0 = time.time()
+    r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=ADMIN,
+                  json={"default": "deny", "allow": ["allowed.test", "other.test"]})
+    assert r.status_code == 200, r.text
+    t.join()
+    assert "at" in result[0], result
+    took = result[0]["at"] - t0
+    print(f"FIGURE egress policy change in force after {took * 1000:.0f} ms")
+    assert took < 1.0
+    # and taken away again: the learned address closes at once, not at its TTL
+    r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=ADMIN,
+                  json={"default": "deny", "allow": ["allowed.test"]})
+    assert r.status_code == 200
+    out = probe(c, ["connect", net.names["other.test"], 80], ["dns", "other.test"])
+    assert out[0]["what"] == "ECONNREFUSED" and out[1]["rcode"] == 3, out
+    c.post("/release_session")
+
+
+def test_the_platform_deny_set_holds_against_a_rule_that_opens_everything(
+        start_manager, net: Internet, manager_id: str, docker_client: docker.DockerClient) -> None:
+    m = enforcing(start_manager, net)
+    c = session(m.url, {"default": "deny", "allow": ["0.0.0.0/0"]})
+    gw = bridge_gateway(docker_client, f"tsm-{manager_id}-open")
+    with listening(gw) as on_gw, listening(net.host_ip) as on_host:
+        out = probe(c, ["connect", net.names["other.test"], 80],  # the rule does open the outside
+                    ["connect", gw, on_gw], ["connect", net.host_ip, on_host], ["connect", gw, 6380],
+                    ["connect", "169.254.169.254", 80], ["dns", "allowed.test"])
+    assert out[0]["what"] == "connected", out
+    for o in out[1:5]:
+        assert o["what"] in ("ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH") and o["ms"] < 100, out
+    assert out[5]["rcode"] == 3  # a range rule opens addresses, not names: still only what a name rule allows
+    c.post("/release_session")
