@@ -143,11 +143,18 @@ class RedirectPaths(Base):
     get: list[str] = msgspec.field(default_factory=lambda: ["/"])
 
 
+# The project's own Redis (scripts/services.sh start-redis) and the root-only file setup.sh keeps
+# its password in: what a configuration that names no Redis gets, as config/manager.yml says.
+PROJECT_REDIS_URL = "redis://127.0.0.1:6380/0"
+PROJECT_REDIS_PASSWORD_FILE = "/var/lib/toolserver-manager/redis-password"
+
+
 class RedisConfig(Base):
     # may carry a user and password (redis://user:password@host:port/db); views redact it
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = PROJECT_REDIS_URL
     # a root-only file holding the password (it wins over one in the url): Redis must require
-    # one, or any local user reads and rewrites every node record
+    # one, or any local user reads and rewrites every node record. Empty with the default url:
+    # PROJECT_REDIS_PASSWORD_FILE when it exists
     password_file: str = ""
     key_prefix: str = "tsm"
     socket_timeout_seconds: float = 2.0
@@ -459,7 +466,10 @@ class Config(Base):
     @property
     def redis_password(self) -> str | None:
         """The password from redis.password_file (None: the url's own, if any)."""
-        return _secret("", self.redis.password_file) or None
+        path = self.redis.password_file
+        if not path and self.redis.url == PROJECT_REDIS_URL and Path(PROJECT_REDIS_PASSWORD_FILE).is_file():
+            path = PROJECT_REDIS_PASSWORD_FILE  # no Redis named: the project's own, with its password
+        return _secret("", path) or None
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as plain data with every secret replaced."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import config
 from shared.config import XAGENT_POST_PATHS, load_config
 from shared.errors import ConfigError
 
@@ -89,6 +90,22 @@ def test_redis_password_is_redacted_and_read_from_its_file(tmp_path: Path) -> No
     assert "pw-in-url" not in repr(cfg.redacted()) and "pw-from-file" not in repr(cfg.redacted())
     bare = load_config(None, environ={}, overrides={"redis": {"url": "redis://:only-pw@r/0"}})
     assert bare.redis_password is None and bare.redacted()["redis"]["url"] == "redis://:***@r/0"
+
+
+def test_default_redis_is_the_projects_own_with_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "redis-password"
+    f.write_text("project-pw\n")
+    monkeypatch.setattr(config, "PROJECT_REDIS_PASSWORD_FILE", str(f))
+    cfg = load_config(None, environ={})
+    assert cfg.redis.url == "redis://127.0.0.1:6380/0" and cfg.redis_password == "project-pw"
+    # a Redis the user names keeps its own password (or none): the project's file is not sent there
+    own = load_config(None, environ={}, overrides={"redis": {"url": "redis://:url-pw@other:6379/0"}})
+    assert own.redis_password is None
+    given = tmp_path / "given"
+    given.write_text("given-pw")
+    assert load_config(None, environ={"TSM_REDIS__PASSWORD_FILE": str(given)}).redis_password == "given-pw"
+    f.unlink()  # no project Redis set up here: no password, as before
+    assert load_config(None, environ={}).redis_password is None
 
 
 def test_secret_from_file(tmp_path: Path) -> None:
