@@ -40,6 +40,12 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("checker.lease_ttl_seconds", {"exclusiveMinimum": 0}),
     ("checker.interval_seconds", {"exclusiveMinimum": 0}),
     ("redis.sentinels.items", {"pattern": "^.+:[0-9]+$"}),
+    # XAgent's keys, accepted so its manager.yml loads: nothing reads them
+    ("logger", {"description": "XAgent's logger name: accepted, never read (log records are named by module)"}),
+    ("node.health_check", {"description": "XAgent's: accepted, never read (readiness is always the manager's own "
+                                          "probe of node.health_path)"}),
+    ("node.health_check_interval", {"description": "XAgent's: accepted, never read (the checker's pass interval "
+                                                   "is checker.interval_seconds)"}),
     # secrets stay out of the ConfigMap: the chart mounts the Secret and sets the *_file keys
     ("admin.token", {"maxLength": 0, "description": "set by the chart from secrets.*: leave empty"}),
     ("admin.token_file", {"maxLength": 0, "description": "set by the chart: leave empty"}),
