@@ -69,6 +69,8 @@ def config_schema() -> dict[str, Any]:
         if "$ref" in node:
             return inline(defs[node["$ref"].split("/")[-1]])
         out = {k: inline(v) for k, v in node.items() if k not in ("default", "title", "description", "required")}
+        if "properties" in node:  # a config key may be named like a dropped keyword (egress.default)
+            out["properties"] = {k: inline(v) for k, v in node["properties"].items()}
         # anyOf of bare types -> a type list: shorter error messages from helm
         if "anyOf" in out and all(set(x) == {"type"} for x in out["anyOf"]):
             out["type"] = [x["type"] for x in out.pop("anyOf")]
