@@ -1,6 +1,9 @@
-"""Fork routes: a session's own (cookie), the admin API's (by id) and the owner's internal one."""
+"""Fork and snapshot routes: a session's own (cookie), the admin API's (by id) and the owner's
+internal ones."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -11,9 +14,10 @@ from manager import admin, internal
 from manager.resolve import node_cookie
 from manager.responses import json_response
 from manager.routes import _bound, rt_of
-from nodeops import forks
+from nodeops import forks, snapshots
 from shared import metrics
 from shared.errors import BadRequest, ManagerError
+from shared.models import Snapshot
 
 MAX_BODY = 4096
 
@@ -22,14 +26,37 @@ class ForkBody(msgspec.Struct, forbid_unknown_fields=True):
     count: int = 1
 
 
-async def _count(request: Request) -> int:
+class SnapshotBody(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+async def _decode(request: Request, kind: type[msgspec.Struct], shape: str) -> Any:
     raw = await request.body()
     if len(raw) > MAX_BODY:
-        raise BadRequest(f"a fork's body is a small JSON object, got {len(raw)} bytes")
+        raise BadRequest(f"the body is a small JSON object, got {len(raw)} bytes")
     try:
-        return msgspec.json.decode(raw or b"{}", type=ForkBody).count
+        return msgspec.json.decode(raw or b"{}", type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadRequest(f"invalid body: {exc} (expected {{\"count\": n}})") from exc
+        raise BadRequest(f"invalid body: {exc} (expected {shape})") from exc
+
+
+async def _count(request: Request) -> int:
+    return int((await _decode(request, ForkBody, '{"count": n}')).count)
+
+
+async def _name(request: Request) -> str:
+    return snapshots.check_name((await _decode(request, SnapshotBody, '{"name": "..."}')).name)
+
+
+def _client(request: Request) -> str:
+    return str(request.app.state.proxy.client_ids.of(request.scope))
+
+
+def _view(snap: Snapshot) -> dict[str, Any]:
+    """A snapshot as its users see it (the backend's name for its bytes is not theirs)."""
+    out = msgspec.structs.asdict(snap)
+    del out["seed"]
+    return out
 
 
 async def fork_session(request: Request) -> Response:
@@ -58,10 +85,75 @@ async def internal_fork(request: Request) -> Response:
     return json_response(await forks.fork(rt, node_id, await _count(request)))
 
 
+async def snapshot_session(request: Request) -> Response:
+    """POST /snapshot_session: the cookie's session's workspace saved as the snapshot name."""
+    rt = rt_of(request)
+    name = await _name(request)
+    node_id = node_cookie(request.cookies)
+    try:
+        await _bound(request, rt, node_id)
+        snap = await snapshots.snapshot(rt, node_id, name)
+    except ManagerError:
+        metrics.SESSION_OPS.labels("snapshot", "error").inc()
+        raise
+    metrics.SESSION_OPS.labels("snapshot", "ok").inc()
+    return json_response(_view(snap))
+
+
+async def list_snapshots(request: Request) -> Response:
+    """GET /snapshots: the calling client's snapshots."""
+    rt = rt_of(request)
+    return json_response({"snapshots": [_view(s) for s in await snapshots.listing(rt, _client(request))]})
+
+
+async def delete_snapshot(request: Request) -> Response:
+    rt = rt_of(request)
+    name = request.path_params["name"]
+    await snapshots.delete(rt, name, _client(request))
+    return json_response({"deleted": name})
+
+
+async def admin_snapshot(request: Request) -> Response:
+    rt = admin._admin(request)
+    return json_response(_view(await snapshots.snapshot(rt, request.path_params["node_id"], await _name(request))))
+
+
+async def admin_list_snapshots(request: Request) -> Response:
+    rt = admin._admin(request)
+    return json_response({"snapshots": [_view(s) for s in await snapshots.listing(rt, None)]})
+
+
+async def admin_delete_snapshot(request: Request) -> Response:
+    rt = admin._admin(request)
+    name = request.path_params["name"]
+    await snapshots.delete(rt, name, None)
+    return json_response({"deleted": name})
+
+
+async def internal_snapshot(request: Request) -> Response:
+    rt = internal._internal(request)
+    node_id = await internal._own_node(rt, request.path_params["node_id"])
+    return json_response(await snapshots.snapshot_local(rt, node_id, await _name(request)))
+
+
+async def internal_delete_snapshot(request: Request) -> Response:
+    rt = internal._internal(request)
+    await snapshots.delete_local(rt, request.path_params["name"])
+    return json_response({"deleted": request.path_params["name"]})
+
+
 def fork_routes() -> list[BaseRoute]:
     """Before the generic /admin/nodes/{id}/{action} and /internal/nodes/{id}/{op} routes."""
     return [
         Route("/fork_session", fork_session, methods=["POST"]),
+        Route("/snapshot_session", snapshot_session, methods=["POST"]),
+        Route("/snapshots", list_snapshots, methods=["GET"]),
+        Route("/snapshots/{name}", delete_snapshot, methods=["DELETE"]),
         Route("/admin/nodes/{node_id}/fork", admin_fork, methods=["POST"]),
+        Route("/admin/nodes/{node_id}/snapshot", admin_snapshot, methods=["POST"]),
+        Route("/admin/snapshots", admin_list_snapshots, methods=["GET"]),
+        Route("/admin/snapshots/{name}", admin_delete_snapshot, methods=["DELETE"]),
         Route("/internal/nodes/{node_id}/fork", internal_fork, methods=["POST"]),
+        Route("/internal/nodes/{node_id}/snapshot", internal_snapshot, methods=["POST"]),
+        Route("/internal/snapshots/{name}", internal_delete_snapshot, methods=["DELETE"]),
     ]

@@ -38,7 +38,7 @@ async def internal_create(request: Request) -> Response:
         body = msgspec.json.decode(await request.body() or b"{}", type=dict[str, str])
     except msgspec.DecodeError as exc:
         raise BadRequest(f"invalid body: {exc}") from exc
-    rec = await sessions.create_local(rt, client=body.get("client", ""))
+    rec = await sessions.create_local(rt, client=body.get("client", ""), snapshot=body.get("snapshot", ""))
     await pool.delivered(rt, rec)
     return json_response(rec)
 

@@ -18,6 +18,11 @@ FORK_BODY = {"required": False, "content": {"application/json": {"schema": {
     "type": "object", "properties": {"count": {"type": "integer", "minimum": 1}}}}}}
 FORK_RESULT = {"type": "object", "properties": {"source": _STR, "sessions": {"type": "array", "items": _STR},
                                                 "stall_seconds": {"type": "number"}, "seconds": {"type": "number"}}}
+SNAPSHOT_BODY = {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["name"], "properties": {"name": {"type": "string",
+                                                                    "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}}}}}
+SNAPSHOT = {"type": "object", "properties": {"name": _STR, "manager_id": _STR, "source": _STR, "client": _STR,
+                                             "bytes": {"type": "integer"}, "created_at": {"type": "number"}}}
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"adminToken": []}]
 INTERNAL = {"name": "x-tsm-internal-token", "in": "header", "required": True, "schema": {"type": "string"}}
 
@@ -69,6 +74,15 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             "Copy the session into count new sessions of the same client (its workspace at one instant)",
             {"200": _json(FORK_RESULT, "the new sessions' ids"), **_err(400, 404, 429, 502, 503)},
             requestBody=FORK_BODY, **session)},
+        "/snapshot_session": {"post": _op(
+            "Save the session's workspace as a named, immutable snapshot (POST /get_cookie with "
+            "{\"snapshot\": name} starts a session from it)", {"200": _json(SNAPSHOT, "the snapshot"),
+                                                                **_err(400, 404, 429, 503)},
+            requestBody=SNAPSHOT_BODY, **session)},
+        "/snapshots": {"get": _op("The calling client's snapshots", {"200": _json({"type": "object"}, "snapshots")})},
+        "/snapshots/{name}": {"delete": _op("Delete one of the client's snapshots", {
+            "200": _json({"type": "object"}, "deleted"), **_err(400, 404, 503)},
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": _STR}])},
         "/ws/events": {"get": _op("WebSocket (upgrade): the session's node lifecycle events; admin token for all",
                                   {"101": {"description": "switching protocols"}}, parameters=[
                                       COOKIE, {"name": "last_event_id", "in": "query", "schema": _STR},
@@ -147,6 +161,16 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             "Copy a session into count new sessions of its client", {"200": _json(FORK_RESULT, "the new sessions"),
                                                                      **_err(400, 401, 403, 404, 429, 502, 503)},
             requestBody=FORK_BODY, parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/nodes/{node_id}/snapshot": {"post": _op(
+            "Save a session's workspace as a named snapshot of its client", {"200": _json(SNAPSHOT, "the snapshot"),
+                                                                             **_err(400, 401, 403, 404, 429, 503)},
+            requestBody=SNAPSHOT_BODY, parameters=[{"name": "node_id", "in": "path", "required": True,
+                                                    "schema": _STR}])},
+        "/admin/snapshots": {"get": _op("Every snapshot", {"200": _json({"type": "object"}, "snapshots"),
+                                                           **_err(401, 403, 404)})},
+        "/admin/snapshots/{name}": {"delete": _op("Delete a snapshot", {
+            "200": _json({"type": "object"}, "deleted"), **_err(400, 401, 403, 404, 503)},
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": _STR}])},
         "/admin/nodes/{node_id}/{action}": {"post": _op(
             "Act on one session: stop, restart, release, pause (freeze a running node) or resume (from any tier)",
             {"200": _json({"type": "object"}, "done"), **_err(401, 403, 404, 503)},

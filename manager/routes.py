@@ -12,7 +12,7 @@ from manager import egress_routes
 from manager.resolve import node_cookie
 from manager.responses import json_response
 from manager.runtime import Runtime
-from nodeops import egress, images, pool, sessions
+from nodeops import egress, images, pool, sessions, snapshots
 from shared import metrics
 from shared.egress import policy as egress_policy
 from shared.egress.policy import EgressPolicy
@@ -73,9 +73,24 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(body, media_type=ctype)
 
 
-async def _creation_egress(request: Request) -> EgressPolicy | None:
+def _creation_egress(request: Request, data: object) -> EgressPolicy | None:
     """The policy a JSON body's "egress" asks for (checked before anything is made); other bodies
     are ignored as before."""
+    if not isinstance(data, dict) or data.get("egress") is None:
+        return None
+    egress_routes.may_set(request)
+    return egress_policy.validate(data["egress"])
+
+
+def _creation_snapshot(data: object) -> str:
+    """The snapshot a JSON body's "snapshot" names ("": none; XAgent's empty body names none)."""
+    if not isinstance(data, dict) or data.get("snapshot") is None:
+        return ""
+    return snapshots.check_name(data["snapshot"])
+
+
+async def _creation_body(request: Request) -> object:
+    """get_cookie's JSON body (None for none, or one that is not JSON: ignored, as XAgent did)."""
     if "json" not in request.headers.get("content-type", ""):
         await _no_body(request)
         return None
@@ -89,19 +104,18 @@ async def _creation_egress(request: Request) -> EgressPolicy | None:
         data = msgspec.json.decode(body) if body.strip() else None
     except msgspec.DecodeError:
         return None
-    if not isinstance(data, dict) or data.get("egress") is None:
-        return None
-    egress_routes.may_set(request)
-    return egress_policy.validate(data["egress"])
+    return data
 
 
 async def get_cookie(request: Request) -> Response:
     rt = rt_of(request)
-    pol = await _creation_egress(request)
+    body = await _creation_body(request)
+    pol = _creation_egress(request, body)
+    snapshot = _creation_snapshot(body)
     # who the client is, for its quota and its session's binding: never its key in clear
     client = request.app.state.proxy.client_ids.of(request.scope)
     try:
-        rec = await sessions.create(rt, client=client)
+        rec = await sessions.create(rt, client=client, snapshot=snapshot)
     except ManagerError:
         metrics.SESSION_OPS.labels("create", "error").inc()
         raise

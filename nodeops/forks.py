@@ -16,7 +16,9 @@ import time
 import uuid
 from typing import Any
 
-from nodeops import capacity, lifecycle
+import msgspec
+
+from nodeops import capacity, egress, lifecycle
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward
 from nodeops.locks import capture_lock
@@ -111,6 +113,8 @@ async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
             await asyncio.shield(ops.backend.drop_seed(seed))
         made = [r for r in results if isinstance(r, NodeRecord)]
         for r in made:
+            if rec.egress:  # a copy goes where its source may go, no further
+                await egress.put(ops, r.id, msgspec.json.decode(rec.egress), by="fork")
             await ops.publish(EventKind.FORKED, r, node_id)
         failed = [r for r in results if not isinstance(r, NodeRecord)]
         elapsed = time.monotonic() - t0

@@ -10,13 +10,14 @@ from typing import Any
 
 import msgspec
 
-from nodeops import capacity, intents, lifecycle, lost, pool
+from nodeops import capacity, intents, lifecycle, lost, pool, snapshots
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.placement import choose_managers
 from nodeops.resume import restart_node
 from shared import metrics
 from shared.errors import (
+    BadRequest,
     ContainerGone,
     HostUnreachable,
     ImageMissing,
@@ -29,10 +30,14 @@ from shared.models import IntentOp, NodeRecord, NodeStatus
 log = logging.getLogger(__name__)
 
 
-async def create(ops: NodeOps, client: str = "", manager_id: str | None = None) -> NodeRecord:
+async def create(ops: NodeOps, client: str = "", manager_id: str | None = None, snapshot: str = "") -> NodeRecord:
     """A new ready node for a client, on manager_id or where placement puts it. An engine that
     cannot take it now (no replica of it answers, or it lacks the node image) passes it to the
-    next one placement names; the last one's error is the answer."""
+    next one placement names; the last one's error is the answer. From a snapshot (one of the
+    client's), on the host that keeps it."""
+    if snapshot:
+        snap = await snapshots.find(ops, snapshot, client)
+        return await _create_on(ops, snap.manager_id, client, snapshot)
     if manager_id:
         return await _create_on(ops, manager_id, client)
     *first, last = await choose_managers(ops)
@@ -44,23 +49,31 @@ async def create(ops: NodeOps, client: str = "", manager_id: str | None = None) 
     return await _create_on(ops, last, client)
 
 
-async def _create_on(ops: NodeOps, mid: str, client: str) -> NodeRecord:
+async def _create_on(ops: NodeOps, mid: str, client: str, snapshot: str = "") -> NodeRecord:
     if mid != ops.manager_id:
-        data = await forward(ops, mid, "POST", "/internal/nodes", {"client": client})
+        body = {"client": client, **({"snapshot": snapshot} if snapshot else {})}
+        data = await forward(ops, mid, "POST", "/internal/nodes", body)
         return msgspec.convert(data, NodeRecord)
-    return await create_local(ops, client)
+    return await create_local(ops, client, snapshot)
 
 
-async def create_local(ops: NodeOps, client: str = "") -> NodeRecord:
-    """A node on this engine: from the warm pool when it has one, else a new one within quota."""
-    claimed = await pool.claim(ops, client)
+async def create_local(ops: NodeOps, client: str = "", snapshot: str = "") -> NodeRecord:
+    """A node on this engine: from the warm pool when it has one, else a new one within quota;
+    from a snapshot kept here, always a new one (pooled nodes have empty workspaces)."""
+    seed = ""
+    if snapshot:
+        snap = await snapshots.find(ops, snapshot, client)
+        if snap.manager_id != ops.manager_id:
+            raise BadRequest(f"snapshot {snapshot} is kept by {snap.manager_id}, not {ops.manager_id}")
+        seed = snap.seed
+    claimed = None if seed else await pool.claim(ops, client)
     if claimed is not None:
         return claimed
     c = ops.cfg.cluster
     cap = await capacity.node_cap(ops)
     reservation = await ops.store.reserve(ops.manager_id, cap, c.max_nodes_total, client,
                                           capacity.client_cap(ops.cfg.quota.per_client, cap), ops.replica.replica_id)
-    return await lifecycle.create_node(ops, client=client, reservation=reservation)
+    return await lifecycle.create_node(ops, client=client, reservation=reservation, seed=seed)
 
 
 async def _dispatch(ops: NodeOps, node_id: str | None, local: Callable[[NodeOps, str], Awaitable[Any]],

@@ -108,6 +108,22 @@ class Keys:
         """String: the MCP tool list last read from a node of this image (JSON)."""
         return f"{self.prefix}:mcp:tools:{image}"
 
+    def snapshot(self, name: str) -> str:
+        """Hash: one snapshot's metadata (its bytes are on its manager_id's host)."""
+        return f"{self.prefix}:snap:{name}"
+
+    def snapshots(self) -> str:
+        """Set: every snapshot's name."""
+        return f"{self.prefix}:snaps"
+
+    def snapshot_bytes(self) -> str:
+        """Hash: manager_id -> bytes its snapshots take on its host (bounded by fork.snapshot_bytes)."""
+        return f"{self.prefix}:snaps:bytes"
+
+    def snapshot_count(self) -> str:
+        """Hash: client identity -> snapshots it keeps (bounded by fork.snapshots_per_client)."""
+        return f"{self.prefix}:snaps:per_client"
+
 
 # A creation slot held in a manager's node set until the node's own id replaces it.
 RESERVATION_PREFIX = "pending:"

@@ -239,6 +239,19 @@ class EventKind(enum.StrEnum):
     SNAPSHOTTED = "snapshotted"  # the session's workspace saved; detail: the snapshot's name
 
 
+class Snapshot(msgspec.Struct, kw_only=True):
+    """A session's workspace saved by name: new sessions start from it (its bytes stay on the host
+    of manager_id, as the backend's seed)."""
+
+    name: str
+    manager_id: str  # whose host keeps the bytes
+    seed: str  # the backend's name for the bytes
+    source: str  # the session it was taken of
+    client: str = ""  # who made it: the only client that may use, list or delete it (admins aside)
+    bytes: int = 0  # what it takes on the host's disk (sparse)
+    created_at: float = 0.0
+
+
 class Event(msgspec.Struct, kw_only=True):
     """A node lifecycle event, as pushed to watchers."""
 

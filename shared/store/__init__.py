@@ -3,7 +3,7 @@
 ``Store`` is the sum of the domain parts, one module each: node records and their index
 (nodes), activity, quotas, the warm pool, fenced checker writes (fenced), checker leases,
 session locks, events and watchers, the replica registry and draining (replicas), intents and
-console logins; MCP's state is its own namespace, ``store.mcp``. No part calls another's
+console logins; MCP's state is its own namespace, ``store.mcp``, and snapshots' ``store.snapshots``. No part calls another's
 methods: each reads on its own, over the client and key names of ``base.Part``. Clients are
 made in connection.py. Nothing outside this package imports redis.
 """
@@ -32,6 +32,7 @@ from shared.store.nodes import NodeRecords
 from shared.store.pool import Pool
 from shared.store.quotas import Quotas
 from shared.store.replicas import Replicas
+from shared.store.snapshots import SnapshotStore
 
 __all__ = ["LeaseRenewer", "Op", "Store", "compare_ids", "connect", "redis_errors"]
 
@@ -47,6 +48,7 @@ class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Leases, Locks, Events, 
         self.secrets = secrets or NodeSecrets()
         self.stream_maxlen = stream_maxlen
         self.mcp = McpStore(redis, keys)
+        self.snapshots = SnapshotStore(redis, keys)
 
     @classmethod
     def open(cls, cfg: Config) -> Store:

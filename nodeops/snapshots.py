@@ -1,0 +1,133 @@
+"""Snapshots: a session's workspace saved by name, immutable, that new sessions start from.
+
+The bytes are a seed on the host of the session's manager_id (copied as a fork copies, the source
+held still only for the copy); the metadata is in Redis, within fork.snapshot_bytes per host and
+fork.snapshots_per_client. A session from a snapshot is made on the snapshot's host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+import msgspec
+
+from nodeops import forks
+from nodeops.context import NodeOps
+from nodeops.forward import RemoteError, forward
+from nodeops.primitives import in_use, owned
+from shared import metrics
+from shared.errors import BadRequest, ManagerError, NodeNotFound, NotFound, QuotaExceeded
+from shared.models import EventKind, Snapshot
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class SnapshotExists(BadRequest):
+    status_code = 409
+
+
+def check_name(name: object) -> str:
+    """A snapshot name as given, once it is one (BadRequest naming the rule otherwise)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise BadRequest(f"invalid snapshot name {str(name)[:80]!r}: 1 to 64 letters, digits, '_', '.', '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+async def snapshot(ops: NodeOps, node_id: str | None, name: str) -> Snapshot:
+    """Save a session's workspace as the snapshot name, on the engine that holds it."""
+    check_name(name)
+    if not node_id:
+        raise NodeNotFound(node_id)
+    rec = await owned(ops, node_id)
+    if rec.manager_id == ops.manager_id:
+        return await snapshot_local(ops, node_id, name)
+    try:
+        data = await forward(ops, rec.manager_id, "POST", f"/internal/nodes/{node_id}/snapshot", {"name": name})
+    except RemoteError as exc:
+        if exc.status_code == 404:
+            raise NodeNotFound(node_id) from None
+        raise
+    return msgspec.convert(data, Snapshot)
+
+
+def _refused(why: str, ops: NodeOps, name: str, client: str) -> ManagerError:
+    f = ops.cfg.fork
+    if why == "exists":
+        return SnapshotExists(f"a snapshot named {name} exists (snapshots are immutable: delete it first)")
+    if why == "client":
+        return QuotaExceeded(f"quota exceeded: client {client} already keeps {f.snapshots_per_client} snapshots")
+    return QuotaExceeded(f"quota exceeded: snapshots on {ops.manager_id} would take over {f.snapshot_bytes} bytes "
+                         "(fork.snapshot_bytes)")
+
+
+async def snapshot_local(ops: NodeOps, node_id: str, name: str) -> Snapshot:
+    """Save a session of this engine: checked against the limits before the copy (nothing is copied
+    for a refusal) and again, atomically, when its size is known."""
+    t0 = time.monotonic()
+    f = ops.cfg.fork
+    rec = await owned(ops, node_id)
+    await in_use(ops, rec)
+    if await ops.store.snapshots.get(name) is not None:
+        raise _refused("exists", ops, name, rec.client)
+    used, kept = await ops.store.snapshots.usage(ops.manager_id, rec.client)
+    if f.snapshots_per_client and kept >= f.snapshots_per_client:
+        raise _refused("client", ops, name, rec.client)
+    if f.snapshot_bytes and used >= f.snapshot_bytes:
+        raise _refused("bytes", ops, name, rec.client)
+    seed = f"snap-{uuid.uuid4().hex}"
+    kept_seed = False
+    try:
+        stall = await forks.capture(ops, rec, seed)
+        metrics.SOURCE_STALL_SECONDS.labels("snapshot").observe(stall)
+        snap = Snapshot(name=name, manager_id=ops.manager_id, seed=seed, source=node_id, client=rec.client,
+                        bytes=await ops.backend.seed_bytes(seed), created_at=time.time())
+        why = await ops.store.snapshots.put(snap, f.snapshots_per_client, f.snapshot_bytes)
+        if why != "ok":
+            raise _refused(why, ops, name, rec.client)
+        kept_seed = True
+    finally:
+        if not kept_seed:
+            await asyncio.shield(ops.backend.drop_seed(seed))
+    await ops.publish(EventKind.SNAPSHOTTED, rec, name)
+    elapsed = time.monotonic() - t0
+    metrics.SNAPSHOT_SECONDS.observe(elapsed)
+    log.info("session_snapshotted node_id=%s name=%s bytes=%d stall_s=%.3f elapsed_s=%.3f", node_id[:12], name,
+             snap.bytes, stall, elapsed)
+    return snap
+
+
+async def find(ops: NodeOps, name: str, client: str | None) -> Snapshot:
+    """The snapshot name, as client sees it (None: an admin, who sees all); NotFound otherwise."""
+    snap = await ops.store.snapshots.get(check_name(name))
+    if snap is None or (client is not None and snap.client != client):
+        raise NotFound(f"no snapshot named {name}")
+    return snap
+
+
+async def listing(ops: NodeOps, client: str | None) -> list[Snapshot]:
+    """The snapshots client keeps (None: every one)."""
+    return [s for s in await ops.store.snapshots.all() if client is None or s.client == client]
+
+
+async def delete(ops: NodeOps, name: str, client: str | None) -> None:
+    """Delete a snapshot: its bytes on its host, then its record (sessions made from it keep theirs)."""
+    snap = await find(ops, name, client)
+    if snap.manager_id != ops.manager_id:
+        await forward(ops, snap.manager_id, "DELETE", f"/internal/snapshots/{name}")
+        return
+    await delete_local(ops, name)
+
+
+async def delete_local(ops: NodeOps, name: str) -> None:
+    snap = await ops.store.snapshots.get(name)
+    if snap is None:
+        raise NotFound(f"no snapshot named {name}")
+    await ops.backend.drop_seed(snap.seed)
+    await ops.store.snapshots.delete(name)

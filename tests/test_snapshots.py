@@ -1,0 +1,101 @@
+"""Snapshots on the real engine and Redis: saved at one instant, immutable, started from, bounded."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import docker
+import httpx
+import pytest
+import redis
+
+from tests.conftest import ADMIN_TOKEN, project_containers
+from tests.test_fork import WS, shell
+
+SEEDS = "/var/lib/toolserver-manager/workspaces/seeds"
+
+
+def seeds() -> set[str]:
+    return set(os.listdir(SEEDS)) if os.path.isdir(SEEDS) else set()
+
+
+@pytest.fixture(autouse=True)
+def no_seed_left() -> Iterator[None]:
+    """A failed test's snapshots are removed with it (their records go with the test's key prefix)."""
+    before = seeds()
+    yield
+    for name in seeds() - before:
+        os.unlink(os.path.join(SEEDS, name))
+
+
+def test_snapshot_saved_started_from_listed_and_deleted(start_manager, docker_client: docker.DockerClient,
+                                                        redis_client: redis.Redis, manager_id: str) -> None:
+    m = start_manager(fork={"snapshots_per_client": 2})
+    src = httpx.Client(base_url=m.url, timeout=120)
+    assert src.post("/get_cookie").status_code == 200
+    shell(src, f"cd {WS} && echo v1 > state.txt && head -c 5M /dev/urandom > data.bin && ln -s state.txt s")
+    sums = shell(src, f"cd {WS} && sha256sum state.txt data.bin && readlink s")
+    before = seeds()
+    r = src.post("/snapshot_session", json={"name": "base-1"})
+    assert r.status_code == 200, r.text
+    snap = r.json()
+    assert snap["name"] == "base-1" and snap["bytes"] >= 5 << 20 and "seed" not in snap
+    assert snap["source"] == src.cookies["node_id"] and snap["manager_id"] == manager_id
+    assert len(seeds() - before) == 1
+    shell(src, f"echo v2 > {WS}/state.txt")  # after the snapshot: not in it
+
+    # immutable: the name is taken; bad names and bodies change nothing
+    assert src.post("/snapshot_session", json={"name": "base-1"}).status_code == 409
+    assert src.post("/snapshot_session", json={"name": "../x"}).status_code == 400
+    assert src.post("/snapshot_session", json={}).status_code == 400
+    assert len(seeds() - before) == 1
+
+    # a new session from it has its files as they were; XAgent's empty body still makes an empty one
+    new = httpx.Client(base_url=m.url, timeout=120)
+    r = new.post("/get_cookie", json={"snapshot": "base-1"})
+    assert r.status_code == 200 and r.json()["message"] == "add cookie", r.text
+    assert shell(new, f"cd {WS} && sha256sum state.txt data.bin && readlink s") == sums
+    assert shell(new, f"cat {WS}/state.txt") == "v1"
+    plain = httpx.Client(base_url=m.url, timeout=120)
+    assert plain.post("/get_cookie").status_code == 200
+    assert "state.txt" not in shell(plain, f"ls -a {WS}")
+    n = len(project_containers(docker_client, manager_id))
+    assert httpx.post(m.url + "/get_cookie", json={"snapshot": "nope"}).status_code == 404
+    assert len(project_containers(docker_client, manager_id)) == n
+
+    listed = src.get("/snapshots").json()["snapshots"]
+    assert [s["name"] for s in listed] == ["base-1"]
+    admin = httpx.get(m.url + "/admin/snapshots", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert [s["name"] for s in admin["snapshots"]] == ["base-1"]
+
+    # a client keeps at most fork.snapshots_per_client: past it, nothing is copied
+    assert src.post("/snapshot_session", json={"name": "base-2"}).status_code == 200
+    r = src.post("/snapshot_session", json={"name": "base-3"})
+    assert r.status_code == 429 and "snapshots" in r.json()["detail"], r.text
+    assert len(seeds() - before) == 2
+
+    # deleted: its bytes go, the session made from it keeps its own
+    assert src.request("DELETE", "/snapshots/base-1").status_code == 200
+    assert src.request("DELETE", "/snapshots/base-1").status_code == 404
+    assert [s["name"] for s in src.get("/snapshots").json()["snapshots"]] == ["base-2"]
+    assert len(seeds() - before) == 1
+    assert shell(new, f"cat {WS}/state.txt") == "v1"
+    assert src.request("DELETE", "/snapshots/base-2").status_code == 200
+    assert seeds() == before
+
+
+def test_snapshot_bytes_bounded_per_host(start_manager) -> None:
+    m = start_manager(fork={"snapshot_bytes": 8 << 20})
+    src = httpx.Client(base_url=m.url, timeout=120)
+    assert src.post("/get_cookie").status_code == 200
+    shell(src, f"head -c 6M /dev/urandom > {WS}/a.bin")
+    before = seeds()
+    assert src.post("/snapshot_session", json={"name": "one"}).status_code == 200
+    r = src.post("/snapshot_session", json={"name": "two"})  # 2 x 6 MB > 8 MB
+    assert r.status_code == 429 and "fork.snapshot_bytes" in r.json()["detail"], r.text
+    assert len(seeds() - before) == 1
+    assert src.request("DELETE", "/snapshots/one").status_code == 200
+    assert src.post("/snapshot_session", json={"name": "two"}).status_code == 200
+    assert src.request("DELETE", "/snapshots/two").status_code == 200
+    assert seeds() == before
