@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from shared.store.base import Part, _d, _Scored, redis_errors
+from shared.store.base import Part, Scored, redis_errors, text
 
 
 class Activity(Part):
@@ -26,9 +26,9 @@ class Activity(Part):
     async def idle_since(self, manager_id: str, older_than: float) -> dict[str, float]:
         """node id -> last activity, for nodes idle since before the timestamp: one range query."""
         with redis_errors():
-            rows = cast(_Scored, await self.redis.zrangebyscore(self.keys.last_request(manager_id), "-inf",
+            rows = cast(Scored, await self.redis.zrangebyscore(self.keys.last_request(manager_id), "-inf",
                                                                 older_than, withscores=True))
-        return {_d(m): float(s) for m, s in rows}
+        return {text(m): float(s) for m, s in rows}
 
     async def last_activity(self, manager_id: str, node_id: str) -> float | None:
         with redis_errors():
@@ -37,5 +37,5 @@ class Activity(Part):
 
     async def last_requests(self, manager_id: str) -> dict[str, float]:
         with redis_errors():
-            rows = cast(_Scored, await self.redis.zrange(self.keys.last_request(manager_id), 0, -1, withscores=True))
-        return {_d(m): float(s) for m, s in rows}
+            rows = cast(Scored, await self.redis.zrange(self.keys.last_request(manager_id), 0, -1, withscores=True))
+        return {text(m): float(s) for m, s in rows}

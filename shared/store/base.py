@@ -18,20 +18,21 @@ Op = tuple[str, str, list[Any]]  # (command, key, args): one write of a fenced b
 
 # The shapes of replies as this client reads them (bytes, no decode_responses): redis-py types a reply
 # as the union over every option (withscores, decoding, RESP3), which the options given here narrow.
-_Scored = list[tuple[bytes, float]]
-_Entries = list[tuple[bytes, dict[bytes, bytes]]]
+Scored = list[tuple[bytes, float]]  # a sorted set's members with their scores
+Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream's entries: (id, fields)
 
 
-def _d(v: Any) -> str:
+def text(v: Any) -> str:
+    """A reply (bytes: this client does not decode) as a str."""
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _mapping(fields: dict[str, str]) -> dict[Any, Any]:
+def as_mapping(fields: dict[str, str]) -> dict[Any, Any]:
     """fields as hset's mapping, whose declared key type (a union) a dict[str, str] does not match."""
     return fields
 
 
-def _queue(p: Any, ops: Sequence[Op]) -> None:
+def queue_ops(p: Any, ops: Sequence[Op]) -> None:
     """Queue ops on a pipeline as plain commands (outside a fenced script)."""
     for name, key, args in ops:
         p.execute_command(name.upper(), key, *args)
@@ -77,4 +78,4 @@ class Part:
 
     async def manager_ids(self) -> list[str]:
         with redis_errors():
-            return sorted(_d(m) for m in await self.redis.smembers(self.keys.managers()))
+            return sorted(text(m) for m in await self.redis.smembers(self.keys.managers()))

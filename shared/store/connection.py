@@ -12,6 +12,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.connection import parse_url
 
 from shared.config import Config
 
@@ -35,15 +36,11 @@ def connect(url: str, socket_timeout: float = 2.0, sentinels: Sequence[str] = ()
                             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
                             "retry_on_error": [redis.exceptions.ConnectionError]}
     if sentinels:
-        from redis.asyncio.connection import parse_url
         from redis.asyncio.sentinel import Sentinel
 
-        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in sentinels]
-        # the URL's host is the sentinels' business; its database, user and password are the master's
-        # (a password_file still wins); the sentinels themselves get only the socket options
-        creds = {k: v for k, v in parse_url(url).items() if k in ("db", "username", "password")} if url else {}
-        master = {**creds, **opts, "max_connections": max_connections, "timeout": pool_timeout}
-        return Sentinel(hosts, **opts).master_for(sentinel_master, connection_pool_class=BlockingSentinelPool, **master)
+        master = {**master_creds(url), **opts, "max_connections": max_connections, "timeout": pool_timeout}
+        return Sentinel(sentinel_hosts(sentinels), **opts).master_for(
+            sentinel_master, connection_pool_class=BlockingSentinelPool, **master)
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout,
                                                     **opts)
     return aioredis.Redis.from_pool(pool)
@@ -55,10 +52,20 @@ def sync_client(cfg: Config) -> redis.Redis:
     opts: dict[str, Any] = {"socket_timeout": r.socket_timeout_seconds, "socket_connect_timeout": r.socket_timeout_seconds,
                             **({"password": cfg.redis_password} if cfg.redis_password else {})}
     if r.sentinels:
-        from redis.connection import parse_url
         from redis.sentinel import Sentinel
 
-        hosts = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in r.sentinels]
-        creds = {k: v for k, v in parse_url(r.url).items() if k in ("db", "username", "password")} if r.url else {}
-        return Sentinel(hosts, **opts).master_for(r.sentinel_master, **{**creds, **opts})
+        return Sentinel(sentinel_hosts(r.sentinels), **opts).master_for(r.sentinel_master,
+                                                                        **{**master_creds(r.url), **opts})
     return redis.Redis.from_url(r.url, max_connections=1, **opts)
+
+
+def sentinel_hosts(sentinels: Sequence[str]) -> list[tuple[str, int]]:
+    """("host", port) of each "host:port" (Sentinel's own form)."""
+    return [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in sentinels]
+
+
+def master_creds(url: str) -> dict[str, Any]:
+    """Through Sentinel, the URL's host is the sentinels' business; its database, user and password
+    are the master's (a password_file, given after these, still wins). The sentinels themselves get
+    only the socket options (redis-py's default sentinel_kwargs)."""
+    return {k: v for k, v in parse_url(url).items() if k in ("db", "username", "password")} if url else {}

@@ -12,7 +12,7 @@ import msgspec
 import redis.exceptions
 
 from shared.models import Event
-from shared.store.base import Op, Part, _d, _Entries, redis_errors
+from shared.store.base import Entries, Op, Part, redis_errors, text
 
 
 class Events(Part):
@@ -28,26 +28,26 @@ class Events(Part):
         with redis_errors():
             eid = await self.redis.xadd(self.keys.events(), {"e": msgspec.json.encode(ev)},
                                         maxlen=self.stream_maxlen, approximate=True)
-        return _d(eid)
+        return text(eid)
 
     async def read_events(self, last_id: str, block_ms: int | None = 1000, count: int = 500) -> list[Event]:
         """Events after last_id, waiting up to block_ms for the first (None: do not wait)."""
         with redis_errors():
-            rows = cast(list[tuple[bytes, _Entries]],
+            rows = cast(list[tuple[bytes, Entries]],
                         await self.redis.xread({self.keys.events(): last_id}, block=block_ms, count=count))
         out: list[Event] = []
         for _stream, entries in rows or []:
             for eid, fields in entries:
                 with contextlib.suppress(msgspec.ValidationError, KeyError):
                     ev = msgspec.json.decode(fields[b"e"], type=Event)
-                    ev.id = _d(eid)
+                    ev.id = text(eid)
                     out.append(ev)
         return out
 
     async def last_event_id(self) -> str:
         with redis_errors():
             rows = await self.redis.xrevrange(self.keys.events(), count=1)
-        return _d(rows[0][0]) if rows else "0-0"
+        return text(rows[0][0]) if rows else "0-0"
 
     async def events_trimmed_after(self, last_id: str) -> bool:
         """Whether entries newer than last_id were trimmed away (a resume from it is incomplete)."""
@@ -56,7 +56,7 @@ class Events(Part):
                 info = await self.redis.xinfo_stream(self.keys.events())
             except redis.exceptions.ResponseError:  # no stream yet: nothing was trimmed
                 return False
-        deleted = _d(info.get("max-deleted-entry-id", "0-0"))
+        deleted = text(info.get("max-deleted-entry-id", "0-0"))
         return compare_ids(deleted, last_id) > 0
 
     async def watch_started(self, node_id: str) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from shared.store.base import Op, Part, Script, _d, redis_errors
+from shared.store.base import Op, Part, Script, redis_errors, text
 
 # KEYS[1] lease, KEYS[2] fence counter, KEYS[3..] keys the ops name by index
 # ARGV[1] holder, ARGV[2] token, ARGV[3] ops as JSON: [[op, key_index, args...], ...]
@@ -72,4 +72,4 @@ class Fenced(Part):
         """Reconcile cycles run per lease token (admin view)."""
         with redis_errors():
             stats = await self.redis.hgetall(self.keys.checker_stats(manager_id))
-        return {_d(k).split(":", 1)[1]: int(v) for k, v in stats.items() if _d(k).startswith("cycles:")}
+        return {text(k).split(":", 1)[1]: int(v) for k, v in stats.items() if text(k).startswith("cycles:")}

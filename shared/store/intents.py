@@ -8,7 +8,7 @@ import contextlib
 import msgspec
 
 from shared.models import Intent, NodeRecord
-from shared.store.base import Op, Part, Script, _d, redis_errors
+from shared.store.base import Op, Part, Script, redis_errors, text
 
 # KEYS[1] node hash, KEYS[2] the owner's intents hash; ARGV[1] node id, ARGV[2] op, ARGV[3] intent JSON,
 # ARGV[4] now. Records a stop or release the owner will carry out, and makes the record say so at
@@ -55,7 +55,7 @@ class Intents(Part):
         out: dict[str, Intent] = {}
         for node_id, blob in raw.items():
             with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                out[_d(node_id)] = msgspec.json.decode(blob, type=Intent)
+                out[text(node_id)] = msgspec.json.decode(blob, type=Intent)
         return out
 
     async def drop_intent(self, manager_id: str, node_id: str, op: str) -> bool:

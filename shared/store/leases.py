@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Keys
 from shared.models import LeaseInfo
-from shared.store.base import Part, Script, _d, redis_errors
+from shared.store.base import Part, Script, redis_errors, text
 
 # KEYS[1] lease, KEYS[2] fence counter, KEYS[3] lease info hash
 # ARGV[1] holder, ARGV[2] ttl ms, ARGV[3] now (unix seconds)
@@ -98,7 +98,7 @@ class Leases(Part):
                 value, pttl, info = await p.execute()
         if not value:
             return LeaseInfo(manager_id=manager_id, holder=None, token=None, since=None, expires_in_ms=None)
-        holder, _, token = _d(value).rpartition(":")
-        since = info.get(b"since") if info and _d(info.get(b"holder", b"")) == holder else None
+        holder, _, token = text(value).rpartition(":")
+        since = info.get(b"since") if info and text(info.get(b"holder", b"")) == holder else None
         return LeaseInfo(manager_id=manager_id, holder=holder, token=int(token),
                          since=float(since) if since else None, expires_in_ms=int(pttl))

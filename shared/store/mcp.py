@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from shared.store.base import Part, _d, _Entries, _mapping, redis_errors
+from shared.store.base import Entries, Part, as_mapping, redis_errors, text
 
 
 class McpStore(Part):
@@ -15,14 +15,14 @@ class McpStore(Part):
         key = self.keys.mcp_session(token_hash)
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                p.hset(key, mapping=_mapping(fields))
+                p.hset(key, mapping=as_mapping(fields))
                 p.pexpire(key, int(ttl * 1000))
                 await p.execute()
 
     async def session_get(self, token_hash: str) -> dict[str, str] | None:
         with redis_errors():
             data = await self.redis.hgetall(self.keys.mcp_session(token_hash))
-        return {_d(k): _d(v) for k, v in data.items()} if data else None
+        return {text(k): text(v) for k, v in data.items()} if data else None
 
     async def session_touch(self, token_hash: str, ttl: float) -> None:
         with redis_errors():
@@ -42,7 +42,7 @@ class McpStore(Part):
                 p.xadd(key, {"d": data, "k": kind}, maxlen=10000, approximate=True)
                 p.pexpire(key, int(ttl * 1000))
                 eid, _ = await p.execute()
-        return _d(eid)
+        return text(eid)
 
     async def stream_read(self, token_hash: str, stream_id: str, after: str,
                               block_ms: int | None) -> list[tuple[str, str, str]]:
@@ -50,11 +50,11 @@ class McpStore(Part):
         key = self.keys.mcp_stream(token_hash, stream_id)
         with redis_errors():
             if block_ms is None:
-                rows = cast(_Entries, await self.redis.xrange(key, min=f"({after}", max="+"))
+                rows = cast(Entries, await self.redis.xrange(key, min=f"({after}", max="+"))
             else:
-                got = cast(list[tuple[bytes, _Entries]], await self.redis.xread({key: after}, block=block_ms, count=100))
+                got = cast(list[tuple[bytes, Entries]], await self.redis.xread({key: after}, block=block_ms, count=100))
                 rows = got[0][1] if got else []
-        return [(_d(eid), _d(f.get(b"d", b"")), _d(f.get(b"k", b""))) for eid, f in rows]
+        return [(text(eid), text(f.get(b"d", b"")), text(f.get(b"k", b""))) for eid, f in rows]
 
     async def stream_exists(self, token_hash: str, stream_id: str) -> bool:
         with redis_errors():
@@ -89,4 +89,4 @@ class McpStore(Part):
     async def tools_get(self, image: str) -> str | None:
         with redis_errors():
             v = await self.redis.get(self.keys.mcp_tools(image))
-        return _d(v) if v is not None else None
+        return text(v) if v is not None else None

@@ -13,7 +13,7 @@ import msgspec
 from shared.keys import is_reservation
 from shared.models import NodeRecord
 from shared.nodesecret import NodeSecrets
-from shared.store.base import Op, Part, Script, _d, _mapping, _queue, redis_errors
+from shared.store.base import Op, Part, Script, as_mapping, queue_ops, redis_errors, text
 
 # KEYS[1] node hash; ARGV: field, value, field, value...
 # Only update a record that still exists: a late write must not resurrect a released node.
@@ -63,10 +63,10 @@ class NodeRecords(Part):
         k = self.keys
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                p.hset(k.node(rec.id), mapping=_mapping(self._hash(rec)))
+                p.hset(k.node(rec.id), mapping=as_mapping(self._hash(rec)))
                 if replace_member:
                     p.srem(k.manager_nodes(rec.manager_id), replace_member)
-                _queue(p, self._index_ops(rec, rec.last_request_at or time.time()))
+                queue_ops(p, self._index_ops(rec, rec.last_request_at or time.time()))
                 p.sadd(k.managers(), rec.manager_id)
                 await p.execute()
 
@@ -105,7 +105,7 @@ class NodeRecords(Part):
             chunk = node_ids[i:i + 5000]
             with redis_errors():
                 blob = await self._read_stamps(keys=[self.keys.node(n) for n in chunk])
-            for node_id, stamp in zip(chunk, _d(blob).split("\n")):
+            for node_id, stamp in zip(chunk, text(blob).split("\n")):
                 if stamp:
                     out[node_id] = stamp
         return out
@@ -135,12 +135,12 @@ class NodeRecords(Part):
         """Remove a record and every index entry of it."""
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as p:
-                _queue(p, self.delete_ops(rec))
+                queue_ops(p, self.delete_ops(rec))
                 await p.execute()
 
     async def manager_node_ids(self, manager_id: str) -> list[str]:
         with redis_errors():
-            return [_d(m) for m in await self.redis.smembers(self.keys.manager_nodes(manager_id))]
+            return [text(m) for m in await self.redis.smembers(self.keys.manager_nodes(manager_id))]
 
     async def scan_all_nodes(self) -> AsyncIterator[NodeRecord]:
         """Every record of every manager_id, in batches."""

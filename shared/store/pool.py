@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from shared.store.base import Op, Part, Script, _d, redis_errors
+from shared.store.base import Op, Part, Script, redis_errors, text
 
 # KEYS[1] pool list, KEYS[2] client count hash, KEYS[3..] the records of the ids at the pool's head
 # ARGV[1] now, ARGV[2] client, ARGV[3] claiming replica, ARGV[4..] those ids in pool order
@@ -48,15 +48,15 @@ class Pool(Part):
         k = self.keys
         with redis_errors():
             while True:
-                ids = [_d(i) for i in await self.redis.lrange(k.pool(manager_id), 0, CLAIM_BATCH - 1)]
+                ids = [text(i) for i in await self.redis.lrange(k.pool(manager_id), 0, CLAIM_BATCH - 1)]
                 if not ids:
                     return None
                 got = await self._claim(keys=[k.pool(manager_id), k.client_count(), *[k.node(i) for i in ids]],
                                         args=[time.time(), client, claimer, *ids, per_client])
-                if not got or _d(got) == "client":
+                if not got or text(got) == "client":
                     return None
-                if _d(got) != "again":
-                    return _d(got)
+                if text(got) != "again":
+                    return text(got)
 
     def pool_push_op(self, manager_id: str, node_id: str) -> Op:
         return ("rpush", self.keys.pool(manager_id), [node_id])

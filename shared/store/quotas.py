@@ -8,7 +8,7 @@ import uuid
 
 from shared.errors import QuotaExceeded
 from shared.keys import reservation_member
-from shared.store.base import Op, Part, Script, _d, redis_errors
+from shared.store.base import Op, Part, Script, redis_errors, text
 
 # KEYS[1] manager's node set, KEYS[2] set of manager ids, KEYS[3] client count hash,
 # KEYS[4] the manager's archived sessions (members of KEYS[1] that hold no container),
@@ -53,7 +53,7 @@ class Quotas(Part):
             res = "stale"
             while res == "stale":
                 others = [k.manager_nodes(m) for m in await self.manager_ids()] if total > 0 else []
-                res = _d(await self._reserve(keys=[k.manager_nodes(manager_id), k.managers(), k.client_count(),
+                res = text(await self._reserve(keys=[k.manager_nodes(manager_id), k.managers(), k.client_count(),
                                                    k.archived(manager_id), *others],
                                              args=[member, per_manager, total, client, per_client]))
         if res == "manager":

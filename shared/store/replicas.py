@@ -10,7 +10,7 @@ from typing import cast
 import msgspec
 
 from shared.models import ReplicaInfo
-from shared.store.base import Part, _d, _Scored, redis_errors
+from shared.store.base import Part, Scored, redis_errors, text
 
 
 class Replicas(Part):
@@ -34,8 +34,8 @@ class Replicas(Part):
     async def managers_seen(self) -> dict[str, float]:
         """manager_id -> when a replica of it last sent a heartbeat."""
         with redis_errors():
-            rows = cast(_Scored, await self.redis.zrange(self.keys.manager_seen(), 0, -1, withscores=True))
-        return {_d(m): float(s) for m, s in rows}
+            rows = cast(Scored, await self.redis.zrange(self.keys.manager_seen(), 0, -1, withscores=True))
+        return {text(m): float(s) for m, s in rows}
 
     async def deregister(self, replica_id: str) -> None:
         with redis_errors():
@@ -48,7 +48,7 @@ class Replicas(Part):
         """Replicas whose heartbeat key has not expired; prunes the index of the dead (as rq does)."""
         k = self.keys
         with redis_errors():
-            ids = [_d(m) for m in await self.redis.zrange(k.replicas(), 0, -1)]
+            ids = [text(m) for m in await self.redis.zrange(k.replicas(), 0, -1)]
             if not ids:
                 return []
             async with self.redis.pipeline(transaction=False) as p:
@@ -76,4 +76,4 @@ class Replicas(Part):
 
     async def draining(self) -> set[str]:
         with redis_errors():
-            return {_d(m) for m in await self.redis.smembers(self.keys.draining())}
+            return {text(m) for m in await self.redis.smembers(self.keys.draining())}
