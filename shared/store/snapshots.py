@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from shared.models import Snapshot
-from shared.store.base import Part, Script, _d, redis_errors
+from shared.store.base import Part, Script, redis_errors, text
 
 # KEYS[1] snapshot hash, KEYS[2] names set, KEYS[3] bytes per manager hash, KEYS[4] count per client hash
 # ARGV[1] name, ARGV[2] manager_id, ARGV[3] client, ARGV[4] bytes, ARGV[5] per-client limit (0 none),
@@ -55,7 +55,7 @@ class SnapshotStore(Part):
         """Record a snapshot within the limits: 'ok', or what refused it ('exists', 'client', 'bytes')."""
         fields = [x for k, v in msgspec.structs.asdict(snap).items() for x in (k, str(v))]
         with redis_errors():
-            return _d(await self._put(keys=self._keys(snap.name),
+            return text(await self._put(keys=self._keys(snap.name),
                                       args=[snap.name, snap.manager_id, snap.client, snap.bytes, per_client,
                                             host_bytes, *fields]))
 
@@ -71,12 +71,12 @@ class SnapshotStore(Part):
             data = await self.redis.hgetall(self.keys.snapshot(name))
         if not data:
             return None
-        return msgspec.convert({_d(k): _d(v) for k, v in data.items()}, Snapshot, strict=False)
+        return msgspec.convert({text(k): text(v) for k, v in data.items()}, Snapshot, strict=False)
 
     async def all(self) -> list[Snapshot]:
         """Every snapshot, oldest first."""
         with redis_errors():
-            names = sorted(_d(n) for n in await self.redis.smembers(self.keys.snapshots()))
+            names = sorted(text(n) for n in await self.redis.smembers(self.keys.snapshots()))
         out = [s for s in [await self.get(n) for n in names] if s is not None]
         return sorted(out, key=lambda s: s.created_at)
 
