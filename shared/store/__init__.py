@@ -3,9 +3,10 @@
 ``Store`` is the sum of the domain parts, one module each: node records and their index
 (nodes), activity, quotas, the warm pool, fenced checker writes (fenced), checker leases,
 session locks, events and watchers, the replica registry and draining (replicas), intents and
-console logins; MCP's state is its own namespace, ``store.mcp``, and so is snapshots',
-``store.snapshots``. No part calls another's methods: each reads on its own, over the client and key names of ``base.Part``. Clients are
-made in connection.py. Nothing outside this package imports redis.
+console logins. MCP's state is a namespace of its own, ``store.mcp``, and so are snapshots,
+``store.snapshots``. No part calls another's methods: each reads on its own, over the client
+and key names of ``base.Part``. Clients are made in connection.py. Nothing outside this
+package imports redis.
 """
 
 from __future__ import annotations
