@@ -3,6 +3,10 @@
 # the base is the local debootstrap image node/build.sh made, and every wheel (the project's
 # own, its dependencies' and pip's) is fetched or built on the host into build/manager-wheels/,
 # then `docker build --network none`. Where a registry exists, `docker build .` alone works too.
+# Cached like the node image: the image is also tagged `ctx-<hash of what goes into it>` (sources,
+# Dockerfile, base image, this script), and a build whose hash has an image only adds the tags.
+# A build leaves no untagged image behind (the build stage is tagged while it is needed, then
+# removed), and only the newest KEEP ctx images stay.
 #   TSM_MANAGER_IMAGE=name:tag   image name (default toolserver-manager:latest)
 #   BASE_IMAGE=...               base image (default: the tag in $TSM_STATE_DIR/node-base-tag)
 set -euo pipefail
@@ -25,6 +29,53 @@ for cand in "${TSM_VENV:-}" "$ROOT/.venv"; do
   [ -n "$cand" ] && [ -x "$cand/bin/python" ] && { PY="$cand/bin/python"; break; }
 done
 VERSION="$("$PY" -c 'import tomllib,sys; print(tomllib.load(open(sys.argv[1],"rb"))["project"]["version"])' "$ROOT/pyproject.toml")"
+REPO="${IMAGE%:*}"
+KEEP=3  # ctx images kept: work trees (or runs) on different sources do not rebuild each other's away
+
+# the packages that go into the wheel: every top-level package but the tests' and the node's
+PKG_DIRS=()
+for d in "$ROOT"/*/; do
+  d="${d%/}"
+  [ -f "$d/__init__.py" ] || continue
+  case "$(basename "$d")" in tests|benchmarks|node|build) continue ;; esac
+  PKG_DIRS+=("$d")
+done
+
+# --- the cache: what goes into the image, hashed (file names and contents, not mtimes) -----------
+ctx_hash="$(cd "$ROOT" && {
+  find "${PKG_DIRS[@]##*/}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
+  sha256sum pyproject.toml README.md Dockerfile .dockerignore scripts/build-manager-image.sh scripts/console-assets.sh
+  "$DOCKER" image inspect --format '{{.Id}}' "$BASE_IMAGE"
+} | sha256sum | cut -c1-12)"
+HASH_TAG="$REPO:ctx-$ctx_hash"
+
+tag_and_trim() {
+  "$DOCKER" tag "$HASH_TAG" "$IMAGE"
+  "$DOCKER" tag "$HASH_TAG" "$REPO:$VERSION"
+  # older ctx images beyond the newest KEEP: untagged, so removed unless a run still tags them
+  # otherwise (then they go with that tag, never left untagged)
+  "$DOCKER" images --format '{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}' "$REPO" | grep -P '\t[^:]+:ctx-' | sort -r \
+    | cut -f2 | grep -vx "$HASH_TAG" | tail -n +"$KEEP" | xargs -r "$DOCKER" rmi >/dev/null 2>&1 || true
+  "$DOCKER" image inspect "$IMAGE" --format '{{.Size}}' | awk -v i="$IMAGE" '{ printf "%s %.0f MB\n", i, $1/1e6 }' >&2
+  echo "$IMAGE"
+}
+
+if "$DOCKER" image inspect "$HASH_TAG" >/dev/null 2>&1; then
+  say "$IMAGE is $HASH_TAG (cached: nothing that goes into it changed)"
+  tag_and_trim
+  exit 0
+fi
+
+# one build at a time on this machine: build/ is per tree but the engine and the tags are shared,
+# and two builds of one hash would leave one of the two images untagged
+mkdir -p "$STATE"
+exec 8>"$STATE/manager-image.lock"
+flock 8
+if "$DOCKER" image inspect "$HASH_TAG" >/dev/null 2>&1; then
+  say "$IMAGE is $HASH_TAG (built meanwhile by another run)"
+  tag_and_trim
+  exit 0
+fi
 
 # --- the project's wheel, built from a clean copy of the sources -----------------------------
 # (building in the tree would reuse a stale build/lib, and other work may be in progress there)
@@ -32,12 +83,7 @@ mkdir -p "$WHEELS"
 SRC="$(mktemp -d)"
 trap 'rm -rf "$SRC"' EXIT
 cp "$ROOT/pyproject.toml" "$ROOT/README.md" "$SRC/"
-for d in "$ROOT"/*/; do
-  d="${d%/}"
-  [ -f "$d/__init__.py" ] || continue
-  case "$(basename "$d")" in tests|benchmarks|node|build) continue ;; esac
-  cp -r "$d" "$SRC/"
-done
+cp -r "${PKG_DIRS[@]}" "$SRC/"
 find "$SRC" -name '__pycache__' -prune -exec rm -rf {} +
 rm -f "$WHEELS"/toolserver_manager-*.whl
 say "building the toolserver-manager $VERSION wheel"
@@ -74,9 +120,19 @@ mkdir -p "$ROOT/build/console-assets"
    node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css "$ROOT/build/console-assets/")
 
 # --- the image ---------------------------------------------------------------------------------
+# The build stage is built and tagged first, so that it can be removed by name afterwards: the
+# legacy builder leaves a multi-stage build's earlier stages as untagged images (~265 MB each).
 say "building $IMAGE (base $BASE_IMAGE)"
-"$DOCKER" build --network none --build-arg BASE_IMAGE="$BASE_IMAGE" \
-    -t "$IMAGE" -t "${IMAGE%:*}:$VERSION" "$ROOT" >"$STATE/manager-image.log" 2>&1 \
-  || { tail -n 30 "$STATE/manager-image.log" >&2; die "docker build failed (see $STATE/manager-image.log)"; }
-"$DOCKER" image inspect "$IMAGE" --format '{{.Size}}' | awk -v i="$IMAGE" '{ printf "%s %.0f MB\n", i, $1/1e6 }' >&2
-echo "$IMAGE"
+BUILD_TAG="$REPO:build-$ctx_hash"
+build() {
+  "$DOCKER" build --network none --build-arg BASE_IMAGE="$BASE_IMAGE" \
+      --label "toolserver-manager.image=manager" --label "toolserver-manager.ctx=$ctx_hash" "$@" "$ROOT" \
+      >>"$STATE/manager-image.log" 2>&1 \
+    || { "$DOCKER" rmi "$BUILD_TAG" >/dev/null 2>&1 || true
+         tail -n 30 "$STATE/manager-image.log" >&2; die "docker build failed (see $STATE/manager-image.log)"; }
+}
+: >"$STATE/manager-image.log"
+build --target build -t "$BUILD_TAG"
+build -t "$HASH_TAG"
+"$DOCKER" rmi "$BUILD_TAG" >/dev/null
+tag_and_trim

@@ -12,10 +12,7 @@ run on a live cluster by tests/test_kubernetes.py, the unprivileged pod included
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
 import subprocess
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +22,9 @@ import httpx
 import pytest
 import yaml
 
-from testing import machine, podrun, redis_env
+from testing import podrun, redis_env
 from testing.harness import bridge_gateway, free_port
+from testing.manager_image import manager_image as built_manager_image
 from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, ROOT, wait_for
 from tests.test_isolation import Listener, allow_rules, new_session, probe_from, shell
 
@@ -52,26 +50,9 @@ class Pod:
 
 @pytest.fixture(scope="module")
 def manager_image(docker_client: docker.DockerClient) -> Iterator[str]:
-    """The manager image built for this module, and gone after it (with the version tag the build
-    script adds, unless that was there before: then it is given back to the image it named)."""
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    version_tag = f"{IMAGE.split(':')[0]}:{version}"
-    try:
-        had = docker_client.images.get(version_tag).id
-    except docker.errors.ImageNotFound:
-        had = None
-    machine.RUN.images.update({IMAGE, version_tag})
-    try:
-        subprocess.run(["bash", str(ROOT / "scripts/build-manager-image.sh")], check=True, capture_output=True,
-                       env={**os.environ, "TSM_MANAGER_IMAGE": IMAGE})
-        yield IMAGE
-    finally:
-        for tag in (IMAGE, version_tag):
-            with contextlib.suppress(docker.errors.ImageNotFound, docker.errors.APIError):
-                docker_client.images.remove(tag)
-        if had is not None:
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                docker_client.images.get(had).tag(version_tag)
+    """The manager image (built only if its sources changed), under this module's tag while it runs."""
+    with built_manager_image(docker_client, IMAGE) as image:
+        yield image
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import docker
 import httpx
 import pytest
 import yaml
@@ -29,6 +30,7 @@ import yaml
 from testing.harness import report
 from testing.hosts import STATE, Host, Hosts
 from testing.kube import SOCKET, KubeCluster, redis_image, sweep_stale
+from testing.manager_image import manager_image
 from tests.conftest import NODE_IMAGE, ROOT, wait_for
 
 CHART = ROOT / "helm" / "toolserver-manager"
@@ -155,38 +157,37 @@ def owners(h: Host) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def live(tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerClient) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("kube")
     t0 = time.monotonic()
     sweep_stale()
     helm = subprocess.run(["bash", str(ROOT / "scripts/install-helm.sh")], capture_output=True, text=True,
                           check=True).stdout.strip().splitlines()[-1]
-    subprocess.run(["bash", str(ROOT / "scripts/build-manager-image.sh")], check=True, capture_output=True,
-                   env={**os.environ, "TSM_MANAGER_IMAGE": MANAGER_IMAGE})
-    t_image = time.monotonic() - t0
-    kube = KubeCluster(Hosts(tmp, NODE_IMAGE), tmp)
-    try:
-        kube.start()
-        kube.start_dns()
-        lv = Live(kube, helm, tmp)
-        for h in kube.hosts.hosts:  # what no registry can give the pods, under this run's tags
-            kube.load_image(h, MANAGER_IMAGE)
-            h.docker("tag", MANAGER_IMAGE, f"{MANAGER_IMAGE.split(':')[0]}:{lv.image_tag}")
-            kube.load_image(h, redis_image())
-        # as the chart runs the manager with hostIsolation: privileged, as root
-        probe = lv.h1.docker("run", "--rm", "--privileged", "--user", "0", "--label", f"{LABEL}=k8s-probe",
-                             NODE_IMAGE, "true", check=False)
-        if probe.returncode != 0:
-            lv.privileged = probe.stderr.strip().splitlines()[0] if probe.stderr.strip() else "refused"
-        out(f"\ncluster set-up: manager image {t_image:.1f} s, then "
-                         f"{ {k: round(v, 1) for k, v in kube.timings.items()} } s; "
-                         f"images loaded at {time.monotonic() - t0:.1f} s\n")
-        yield lv
-    except BaseException:
-        sys.stderr.write(kube.logs())  # a failed set-up: what the servers said
-        raise
-    finally:
-        kube.close()
+    with manager_image(docker_client, MANAGER_IMAGE):  # built only if its sources changed
+        t_image = time.monotonic() - t0
+        kube = KubeCluster(Hosts(tmp, NODE_IMAGE), tmp)
+        try:
+            kube.start()
+            kube.start_dns()
+            lv = Live(kube, helm, tmp)
+            for h in kube.hosts.hosts:  # what no registry can give the pods, under this run's tags
+                kube.load_image(h, MANAGER_IMAGE)
+                h.docker("tag", MANAGER_IMAGE, f"{MANAGER_IMAGE.split(':')[0]}:{lv.image_tag}")
+                kube.load_image(h, redis_image())
+            # as the chart runs the manager with hostIsolation: privileged, as root
+            probe = lv.h1.docker("run", "--rm", "--privileged", "--user", "0", "--label", f"{LABEL}=k8s-probe",
+                                 NODE_IMAGE, "true", check=False)
+            if probe.returncode != 0:
+                lv.privileged = probe.stderr.strip().splitlines()[0] if probe.stderr.strip() else "refused"
+            out(f"\ncluster set-up: manager image {t_image:.1f} s, then "
+                             f"{ {k: round(v, 1) for k, v in kube.timings.items()} } s; "
+                             f"images loaded at {time.monotonic() - t0:.1f} s\n")
+            yield lv
+        except BaseException:
+            sys.stderr.write(kube.logs())  # a failed set-up: what the servers said
+            raise
+        finally:
+            kube.close()
 
 
 # --- DaemonSet mode --------------------------------------------------------------------------------
