@@ -42,8 +42,10 @@ for d in "$ROOT"/*/; do
 done
 
 # --- the cache: what goes into the image, hashed (file names and contents, not mtimes) -----------
+# the packages are those .dockerignore lets into the context (the wheel takes no other)
+mapfile -t CTX_DIRS < <(sed -n 's|^!\([A-Za-z0-9_]*\)/$|\1|p' "$ROOT/.dockerignore")
 ctx_hash="$(cd "$ROOT" && {
-  find "${PKG_DIRS[@]##*/}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
+  find "${CTX_DIRS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
   sha256sum pyproject.toml README.md Dockerfile .dockerignore scripts/build-manager-image.sh scripts/console-assets.sh
   "$DOCKER" image inspect --format '{{.Id}}' "$BASE_IMAGE"
 } | sha256sum | cut -c1-12)"
