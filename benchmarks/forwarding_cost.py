@@ -1,4 +1,4 @@
-"""What the proxy's header rules (manager/forwarding.py) cost per request: a table of microseconds.
+"""What the proxy's header rules (manager/proxy/forwarding.py) cost per request: a table of microseconds.
 
     .venv/bin/python benchmarks/forwarding_cost.py
 """
@@ -9,7 +9,7 @@ import timeit
 
 import msgspec
 
-from manager.forwarding import HeaderRules
+from manager.proxy.forwarding import HeaderRules
 from shared.config import Config
 
 cfg = msgspec.convert({"node": {"creation_kwargs": {"image": "x"}}, "admin": {"token": "a" * 32},

@@ -1,4 +1,4 @@
-"""The proxy's upstream HTTP client against a maintained one: manager/upstream.py (httptools)
+"""The proxy's upstream HTTP client against a maintained one: manager/proxy/upstream.py (httptools)
 and aiohttp's client (llhttp), same requests to the same node, CPU µs per request.
 
     .venv/bin/python -m benchmarks.upstream_client [--n 20000] [--concurrency 32]
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from manager.upstream import UpstreamPool
+from manager.proxy.upstream import UpstreamPool
 from testing.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +96,11 @@ async def bench(port: int, secret: str, n: int, conc: int) -> list[dict[str, Any
                     if r.status != 200 or len(data) != want:
                         raise RuntimeError(f"aiohttp: {r.status}, {len(data)} bytes")
 
-            for _label, fn in (("manager/upstream.py", ours), ("aiohttp", theirs)):
+            for _label, fn in (("manager/proxy/upstream.py", ours), ("aiohttp", theirs)):
                 await timed(min(1000, n), conc, fn)  # warm-up
             results = {}
             for _ in range(2):  # alternate, twice: drift hits both alike
-                for label, fn in (("manager/upstream.py", ours), ("aiohttp", theirs)):
+                for label, fn in (("manager/proxy/upstream.py", ours), ("aiohttp", theirs)):
                     rps, cpu = await timed(n, conc, fn)
                     prev = results.get(label)
                     results[label] = (rps, cpu) if prev is None else ((prev[0] + rps) / 2, (prev[1] + cpu) / 2)

@@ -14,17 +14,17 @@ import httpx
 from starlette.applications import Starlette
 
 from checker.service import Checker
-from manager import errors_http
-from manager.activity import ActivityRecorder, AddressCache
+from manager.edge import errors_http
 from manager.entry import HeaderLimit, ManagerApp
-from manager.events_hub import EventHub
+from manager.events.hub import EventHub
+from manager.events.thaw import Thawer
 from manager.mcp import route as mcp_route
-from manager.proxy import Proxy
-from manager.registry import heartbeat_loop, register
-from manager.resolve import Resolver
+from manager.proxy.http_proxy import Proxy
+from manager.replica.activity import ActivityRecorder, AddressCache
+from manager.replica.registry import heartbeat_loop, register
+from manager.replica.runtime import Runtime
 from manager.routing import build_routes
-from manager.runtime import Runtime
-from manager.thaw import Thawer
+from manager.session.resolve import Resolver
 from nodeops import images
 from nodeops.circuit import Circuits
 from nodeops.egress_agent import EgressAgent

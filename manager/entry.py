@@ -21,10 +21,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from manager import edge, errors_http
-from manager.client_auth import ClientKeys, deny
-from manager.forwarding import CONSOLE_COOKIE, HeaderRules
-from manager.responses import REPLICA_HEADER, json_response
+from manager.edge import errors_http, protocol
+from manager.edge.client_auth import ClientKeys, deny
+from manager.edge.responses import REPLICA_HEADER, json_response
+from manager.proxy.forwarding import CONSOLE_COOKIE, HeaderRules
 from shared.config import Config
 
 SECRET_PARAMS = frozenset({"token", "access_token", "api_key"})
@@ -68,7 +68,7 @@ class ManagerApp:
         self.limit = cfg.proxy.max_header_bytes
         self.proxied = _proxied_methods(cfg)
         self._replica = (REPLICA_HEADER.encode(), cfg.replica_id.encode())
-        edge.set_replica(cfg.replica_id)  # the edge's own answers (408, 431, 503) name it too
+        protocol.set_replica(cfg.replica_id)  # the edge's own answers (408, 431, 503) name it too
         self.client_keys = ClientKeys(cfg.api_keys, cfg.client_auth.header, cfg.client_auth.cookie)
         self.console_port = cfg.admin.console_port
         self.rules = HeaderRules(cfg)

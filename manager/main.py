@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from manager.edge import EdgeHttpProtocol, Limits
+from manager.edge.protocol import EdgeHttpProtocol, Limits
 from shared.config import Config, load_config
 from shared.errors import ConfigError
 from shared.logs import setup_logging

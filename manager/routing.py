@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from manager import admin, console, egress_routes, events_ws, forks_api, internal, routes, ws_proxy
+from manager.admin import api as admin
+from manager.admin import egress as admin_egress
+from manager.console import routes as console
+from manager.events import ws as events_ws
+from manager.forks import routes as forks_api
 from manager.mcp import route as mcp_route
 from manager.openapi import openapi_endpoint
+from manager.proxy import ws_proxy
+from manager.session import egress as session_egress
+from manager.session import internal, routes
 from shared.config import Config
 
 
@@ -29,7 +36,8 @@ def build_routes(cfg: Config) -> list[BaseRoute]:
         Route("/internal/engine", internal.internal_engine, methods=["GET"]),
         WebSocketRoute("/ws/events", events_ws.events_socket),
         *([Route("/mcp", mcp_route.endpoint, methods=["GET", "POST", "DELETE"])] if cfg.mcp.enabled else []),
-        *egress_routes.egress_routes(),
+        *session_egress.egress_routes(),
+        *admin_egress.egress_routes(),
         *admin.admin_routes(),
         *console.console_routes(),
         *[WebSocketRoute(path, ws_proxy.proxy_socket) for path in cfg.proxy.websocket_paths],

@@ -1,4 +1,4 @@
-"""The error hierarchy; manager/errors_http.py maps it to HTTP responses in one place.
+"""The error hierarchy; manager/edge/errors_http.py maps it to HTTP responses in one place.
 
     ManagerError (500)
     ├── ConfigError             invalid configuration, raised at start

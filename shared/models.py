@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-# how a session's client is kept (manager/client_auth.py): hashes and addresses, never a key
+# how a session's client is kept (manager/edge/client_auth.py): hashes and addresses, never a key
 CLIENT_KINDS = ("key:", "hdr:", "addr:")
 NODE_SECRET_HEADER = "x-node-secret"  # carries a node's secret (shared/nodesecret.py) from the manager to it
 

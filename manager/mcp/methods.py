@@ -33,8 +33,8 @@ from manager.mcp.wire import (
     SERVER_ERROR,
     RpcError,
 )
-from manager.proxy import Proxy
-from manager.runtime import Runtime
+from manager.proxy.http_proxy import Proxy
+from manager.replica.runtime import Runtime
 from shared import __version__
 from shared.errors import InvalidNode, ManagerError
 

@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from manager.runtime import Runtime
+from manager.replica.runtime import Runtime
 from nodeops import sessions
 from shared.errors import ManagerError, NodeNotFound
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from manager.mcp import wire
 from manager.mcp.sessions import McpSession
-from manager.runtime import Runtime
+from manager.replica.runtime import Runtime
 from shared import metrics
 from shared.errors import ManagerError
 

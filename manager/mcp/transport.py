@@ -26,7 +26,7 @@ from mcp.shared.inbound import (
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from manager.client_auth import ClientKeys
+from manager.edge.client_auth import ClientKeys
 from manager.mcp import tools
 from manager.mcp.methods import LEGACY_VERSIONS, MODERN_VERSIONS, Call, Methods, SessionGone, as_rpc
 from manager.mcp.sessions import McpSession, McpSessions
@@ -41,8 +41,8 @@ from manager.mcp.wire import (
     result,
     sse,
 )
-from manager.proxy import Proxy
-from manager.runtime import Runtime
+from manager.proxy.http_proxy import Proxy
+from manager.replica.runtime import Runtime
 from shared import metrics
 from shared.errors import ManagerError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from manager.activity import ActivityRecorder
+from manager.replica.activity import ActivityRecorder
 
 
 class Flushed:

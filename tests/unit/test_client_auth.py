@@ -2,8 +2,8 @@
 
 import pytest
 
-from manager.client_auth import ClientIds, ClientKeys
-from manager.ratelimit import FailureLimiter
+from manager.admin.ratelimit import FailureLimiter
+from manager.edge.client_auth import ClientIds, ClientKeys
 from shared.config import QuotaConfig
 from shared.errors import InvalidNode, TooManyFailures
 

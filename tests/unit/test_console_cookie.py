@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from manager.console import cookie_valid, issue_cookie, origin_allowed, parse_cookie
+from manager.console.routes import cookie_valid, issue_cookie, origin_allowed, parse_cookie
 
 
 def test_cookie_holds_no_token_and_expires() -> None:

@@ -1,11 +1,11 @@
-"""What crosses the proxy besides the body (manager/forwarding.py): pure header logic; the real
+"""What crosses the proxy besides the body (manager/proxy/forwarding.py): pure header logic; the real
 proxy is driven by tests/test_console.py with a hostile node."""
 
 from __future__ import annotations
 
 import msgspec
 
-from manager.forwarding import HeaderRules
+from manager.proxy.forwarding import HeaderRules
 from shared.config import Config, deep_merge
 
 

@@ -2,7 +2,8 @@
 
 Imports go downward only (a package may import itself and what is below it); lazy imports
 inside functions count as well. Only the store (a package) touches Redis and only the Docker backend
-knows Docker.
+knows Docker. Inside manager/ the same holds between its rooms (sub-packages), and no module
+imports another round a circle.
 """
 
 from __future__ import annotations
@@ -58,6 +59,68 @@ def test_imports_go_downward_only() -> None:
     assert violations(ROOT) == []
 
 
+# manager/'s rooms -> the rooms each may import besides itself and the two every room stands on
+# (edge, replica); the modules at manager/'s top (app, main, entry, routing, openapi) assemble the
+# rooms and may import any, but no room imports them
+BASE_ROOMS = {"edge", "replica"}
+ROOMS: dict[str, set[str]] = {
+    "edge": set(),  # connection bounds, client keys, errors -> HTTP, JSON answers
+    "replica": set(),  # Runtime, address cache and activity, registry heartbeat
+    "session": set(),  # the XAgent routes, internal forwards, cookie -> node
+    "proxy": {"session"},  # HTTP and WebSocket to the node
+    "admin": {"session"},  # /admin: token, limiter, fan-out (reads the internal routes' helpers)
+    "mcp": {"proxy"},  # /mcp: tool calls go through the proxy
+    "events": {"session", "admin"},  # /ws/events: a session's events, or every one with the admin token
+    "console": {"admin", "events", "proxy"},  # /ui/: the admin API, events and a node's shell
+    "forks": {"session", "admin"},  # /fork_session, /snapshot_session, their admin and internal routes
+}
+
+
+def room_violations(root: Path) -> list[str]:
+    """Imports between manager/'s rooms that ROOMS does not allow, or from a room up to the top."""
+    bad = []
+    for path in sorted((root / "manager").rglob("*.py")):
+        rel = path.relative_to(root)
+        room = rel.parts[1] if len(rel.parts) > 2 else None  # None: a module at manager/'s top
+        if room is None:
+            continue
+        allowed = ROOMS.get(room, set()) | BASE_ROOMS | {room}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "manager" else [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] != "manager":
+                    continue
+                target = parts[1] if len(parts) > 1 else "manager"
+                if target not in ROOMS:
+                    bad.append(f"{rel.as_posix()}:{node.lineno} imports {name}: a room never imports manager/'s top")
+                elif target not in allowed:
+                    bad.append(f"{rel.as_posix()}:{node.lineno} imports {name}: manager/{room}/ may import only "
+                               f"{sorted(allowed - {room})}")
+    return bad
+
+
+def test_manager_rooms_import_downward_only() -> None:
+    assert sorted(p.name for p in (ROOT / "manager").iterdir() if (p / "__init__.py").exists()) == sorted(ROOMS)
+    assert room_violations(ROOT) == []
+
+
+def test_the_check_sees_a_room_importing_up(tmp_path: Path) -> None:
+    (tmp_path / "manager" / "edge").mkdir(parents=True)
+    (tmp_path / "manager" / "edge" / "x.py").write_text("def f():\n    from manager.admin import api\n")
+    (tmp_path / "manager" / "proxy").mkdir()
+    (tmp_path / "manager" / "proxy" / "y.py").write_text("from manager import app\nfrom manager.session import resolve\n")
+    assert room_violations(tmp_path) == [
+        "manager/edge/x.py:2 imports manager.admin: manager/edge/ may import only ['replica']",
+        "manager/proxy/y.py:1 imports manager.app: a room never imports manager/'s top",
+    ]
+
+
 def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     (tmp_path / "checker").mkdir()
     (tmp_path / "checker" / "x.py").write_text("def f():\n    from manager import runtime\n")
@@ -111,8 +174,8 @@ def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
     return reach
 
 
-def test_no_module_circles_in_nodeops_and_checker() -> None:
-    assert circles(module_imports(ROOT, ("nodeops", "checker"))) == []
+def test_no_module_circles_in_manager_nodeops_and_checker() -> None:
+    assert circles(module_imports(ROOT, ("manager", "nodeops", "checker"))) == []
 
 
 def test_the_check_sees_a_circle(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from manager.proxy import _request_headers
+from manager.proxy.http_proxy import _request_headers
 
 
 def test_framing_and_hop_by_hop_headers_stay_behind() -> None:

@@ -1,5 +1,5 @@
-from manager import activity
-from manager.activity import UNKNOWN_LIMIT, AddressCache
+from manager.replica import activity
+from manager.replica.activity import UNKNOWN_LIMIT, AddressCache
 from shared.models import NodeRecord
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from manager.upstream import ConnectFailed, UpstreamError, UpstreamPool
+from manager.proxy.upstream import ConnectFailed, UpstreamError, UpstreamPool
 
 RESPONSES = {
     b"/len": b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from manager.runtime import Runtime
+from manager.replica.runtime import Runtime
 from nodeops import addresses, sessions
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
 from shared import metrics

@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from manager.responses import json_response
+from manager.edge.responses import json_response
 from shared.errors import ManagerError
 
 log = logging.getLogger(__name__)

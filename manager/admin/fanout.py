@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from manager.runtime import Runtime
+from manager.replica.runtime import Runtime
 from shared.errors import ManagerError
 from shared.models import ReplicaInfo
 

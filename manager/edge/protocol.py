@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from manager.responses import REPLICA_HEADER
+from manager.edge.responses import REPLICA_HEADER
 
 ABORT_EXTENSION = "tsm.abort"  # in a WebSocket's scope: {"abort": drop the client's connection now}
 _replica = b""  # "x-tsm-replica: <id>\r\n" once the app knows its replica id (each worker its own)

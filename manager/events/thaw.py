@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from manager.runtime import Runtime
+from manager.replica.runtime import Runtime
 from nodeops import sessions
 from shared.errors import ManagerError
 from shared.models import Event

@@ -9,9 +9,9 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from manager.responses import json_response
-from manager.routes import rt_of
-from manager.runtime import Runtime
+from manager.edge.responses import json_response
+from manager.replica.runtime import Runtime
+from manager.session.routes import rt_of
 from nodeops import addresses, lifecycle, pool, sessions
 from nodeops.forward import TOKEN_HEADER
 from shared.errors import BadRequest, Forbidden, NodeNotFound

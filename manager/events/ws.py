@@ -16,9 +16,9 @@ from typing import Any
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from manager import admin
-from manager.resolve import Resolver, node_cookie
-from manager.runtime import Runtime
+from manager.admin import api as admin
+from manager.replica.runtime import Runtime
+from manager.session.resolve import Resolver, node_cookie
 from shared import metrics
 from shared.errors import ManagerError
 from shared.models import Event

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from manager.runtime import Runtime
+from manager.replica.runtime import Runtime
 from nodeops import capacity
 from shared.errors import EngineUnavailable, RedisUnavailable
 

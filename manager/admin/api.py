@@ -13,10 +13,11 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from manager import internal, ratelimit
-from manager.fanout import fan_out, replica_view
-from manager.responses import json_response
-from manager.runtime import Runtime
+from manager.admin import ratelimit
+from manager.admin.fanout import fan_out, replica_view
+from manager.edge.responses import json_response
+from manager.replica.runtime import Runtime
+from manager.session import internal
 from nodeops import lifecycle, lost, sessions
 from nodeops.forward import owner_replicas, remote_get
 from shared.errors import BadRequest, EngineError, Forbidden, ManagerError, NodeNotRunning, NotFound, Unauthorized

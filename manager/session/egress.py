@@ -1,4 +1,4 @@
-"""Egress policy routes: a client's own session (cookie) and any session for an admin.
+"""Egress policy routes: a client's own session (cookie); an admin's are manager/admin/egress.py.
 
 A client may give or change a policy only when egress.client_may_set allows it, and, with
 egress.policy_api_keys set, only with one of those API keys; an admin always may.
@@ -13,10 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from manager import admin
-from manager.resolve import node_cookie
-from manager.responses import json_response
-from manager.runtime import Runtime
+from manager.edge.responses import json_response
+from manager.replica.runtime import Runtime
+from manager.session.resolve import node_cookie
 from nodeops import egress
 from shared.egress.policy import EgressPolicy, public
 from shared.errors import BadRequest, Forbidden, ManagerError, NodeNotFound
@@ -49,7 +48,7 @@ async def json_body(request: Request) -> object:
         raise BadRequest(f"egress policy: invalid JSON: {exc}") from None
 
 
-def _answer(node_id: str, pol: EgressPolicy) -> Response:
+def answer(node_id: str, pol: EgressPolicy) -> Response:
     return json_response({"node_id": node_id, "egress": public(pol)})
 
 
@@ -71,23 +70,11 @@ async def client_policy(request: Request) -> Response:
     node_id = node_cookie(request.cookies)
     await _bound(request, rt, node_id)
     if request.method == "GET":
-        return _answer(str(node_id), await egress.get(rt, node_id))
+        return answer(str(node_id), await egress.get(rt, node_id))
     may_set(request)
     pol = await egress.put(rt, node_id, await json_body(request), by="client")
-    return _answer(str(node_id), pol)
-
-
-async def admin_policy(request: Request) -> Response:
-    """GET or PUT any session's policy (admin token)."""
-    rt = admin._admin(request)
-    node_id = request.path_params["node_id"]
-    if request.method == "GET":
-        return _answer(node_id, await egress.get(rt, node_id))
-    return _answer(node_id, await egress.put(rt, node_id, await json_body(request), by="admin"))
+    return answer(str(node_id), pol)
 
 
 def egress_routes() -> list[BaseRoute]:
-    return [
-        Route("/egress_policy", client_policy, methods=["GET", "PUT"]),
-        Route("/admin/nodes/{node_id}/egress", admin_policy, methods=["GET", "PUT"]),
-    ]
+    return [Route("/egress_policy", client_policy, methods=["GET", "PUT"])]

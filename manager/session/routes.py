@@ -8,10 +8,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from manager import egress_routes
-from manager.resolve import node_cookie
-from manager.responses import json_response
-from manager.runtime import Runtime
+from manager.edge.responses import json_response
+from manager.replica.runtime import Runtime
+from manager.session import egress as egress_routes
+from manager.session.resolve import node_cookie
 from nodeops import egress, images, pool, sessions, snapshots
 from shared import metrics
 from shared.egress import policy as egress_policy

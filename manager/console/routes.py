@@ -29,16 +29,18 @@ from starlette.routing import BaseRoute, Route, Router, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from manager import admin, events_ws, ws_proxy
-from manager.forwarding import CONSOLE_COOKIE
-from manager.responses import json_response
-from manager.runtime import Runtime
+from manager.admin import api as admin
+from manager.edge.responses import json_response
+from manager.events import ws as events_ws
+from manager.proxy import ws_proxy
+from manager.proxy.forwarding import CONSOLE_COOKIE
+from manager.replica.runtime import Runtime
 from shared.errors import BadRequest, Forbidden, ManagerError, NotFound, Unauthorized
 
 log = logging.getLogger(__name__)
 
 COOKIE = CONSOLE_COOKIE
-STATIC_DIR = Path(__file__).parent / "console_static"
+STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                 ".html": "text/html; charset=utf-8"}
 # what the page loads from admin.console_assets_dir (scripts/console-assets.sh installs it)

@@ -23,9 +23,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from manager.edge import ABORT_EXTENSION
-from manager.resolve import Resolver, node_cookie
-from manager.responses import json_response
+from manager.edge.protocol import ABORT_EXTENSION
+from manager.edge.responses import json_response
+from manager.session.resolve import Resolver, node_cookie
 from nodeops.forward import VIA_HEADER
 from shared import metrics
 from shared.errors import ManagerError, NoLiveManager

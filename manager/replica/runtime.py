@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from manager.activity import ActivityRecorder, AddressCache
+from manager.replica.activity import ActivityRecorder, AddressCache
 from nodeops.context import NodeOps
 
 

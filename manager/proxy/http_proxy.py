@@ -2,7 +2,7 @@
 
 Hot path: the node's record comes from the in-memory address cache, activity is
 recorded in memory; a proxied request normally costs no Redis command at all, and
-goes over a pooled keep-alive connection of manager/upstream.py.
+goes over a pooled keep-alive connection of manager/proxy/upstream.py.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from manager.client_auth import ClientIds, ClientKeys
-from manager.forwarding import HeaderRules
-from manager.resolve import Resolver, node_cookie
-from manager.runtime import Runtime
-from manager.upstream import (
+from manager.edge.client_auth import ClientIds, ClientKeys
+from manager.proxy.forwarding import HeaderRules
+from manager.proxy.upstream import (
     ConnectFailed,
     HostLost,
     Limits,
@@ -29,7 +27,9 @@ from manager.upstream import (
     UpstreamPool,
     UpstreamTimeout,
 )
-from manager.upstream import Response as UpstreamResponse
+from manager.proxy.upstream import Response as UpstreamResponse
+from manager.replica.runtime import Runtime
+from manager.session.resolve import Resolver, node_cookie
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
 from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, NodeResponseTooLarge, UpstreamLost

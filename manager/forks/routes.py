@@ -10,10 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from manager import admin, internal
-from manager.resolve import node_cookie
-from manager.responses import json_response
-from manager.routes import _bound, rt_of
+from manager.admin import api as admin
+from manager.edge.responses import json_response
+from manager.session import internal
+from manager.session.resolve import node_cookie
+from manager.session.routes import _bound, rt_of
 from nodeops import forks, snapshots
 from shared import metrics
 from shared.errors import BadRequest, ManagerError

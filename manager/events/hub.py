@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from manager.activity import AddressCache
+from manager.replica.activity import AddressCache
 from shared.errors import RedisUnavailable
 from shared.models import Event
 from shared.store import Store, compare_ids
