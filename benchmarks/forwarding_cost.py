@@ -12,7 +12,7 @@ import msgspec
 from manager.proxy.forwarding import HeaderRules
 from shared.config import Config
 
-cfg = msgspec.convert({"node": {"creation_kwargs": {"image": "x"}}, "admin": {"token": "a" * 32},
+cfg = msgspec.convert({"engine": {"docker": {"creation_kwargs": {"image": "x"}}}, "admin": {"token": "a" * 32},
                        "cluster": {"internal_token": "i" * 32}}, Config)
 r = HeaderRules(cfg)
 req = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"python-httpx/0.28"), (b"accept", b"*/*"),

@@ -23,13 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SCHEMA = ROOT / "helm" / "toolserver-manager" / "values.schema.json"
 
-from shared.config import IMAGE_PULL_POLICIES, PLACEMENTS, Config  # noqa: E402  (needs ROOT on sys.path first)
+from shared.config import IMAGE_PULL_POLICIES, PLACEMENTS, RENAMED, Config  # noqa: E402  (needs ROOT on sys.path first)
 
 # constraints msgspec cannot know: (path, extra schema)
 CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("port", {"minimum": 1, "maximum": 65535}),
     ("workers", {"minimum": 1}),
-    ("docker_threads", {"minimum": 1}),
+    ("engine.docker.threads", {"minimum": 1}),
+    # the chart runs product engines only: the unit tests' fake engine is left out below
+    ("engine.kind", {"enum": ["docker"]}),
     ("log_format", {"enum": ["logfmt", "json"]}),
     ("manager_id", {"pattern": "^[^:]*$", "description": "empty: the chart's full name; no ':'"}),
     ("node.port", {"minimum": 1, "maximum": 65535}),
@@ -55,6 +57,10 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("cluster.node_secret_key_file", {"maxLength": 0, "description": "set by the chart: leave empty"}),
     ("redis.password_file", {"maxLength": 0, "description": "set by the chart from secrets.*: leave empty"}),
 ]
+
+
+# config sections the chart leaves out: not product settings
+OMITTED = [("engine", "fake")]
 
 
 def config_schema() -> dict[str, Any]:
@@ -84,6 +90,21 @@ def config_schema() -> dict[str, Any]:
         for part in path.split("."):
             node = node["items"] if part == "items" else node["properties"][part]
         node.update(extra)
+    for *parents, key in OMITTED:
+        node = schema
+        for part in parents:
+            node = node["properties"][part]
+        del node["properties"][key]
+    # a key that moved is still read (shared/config.py RENAMED): an older values file keeps working
+    for old, new in RENAMED.items():
+        node = schema
+        for part in new:
+            node = node["properties"][part]
+        moved = {**node, "deprecated": True, "description": f"read as {'.'.join(new)}"}
+        parent = schema
+        for part in old[:-1]:
+            parent = parent["properties"][part]
+        parent["properties"][old[-1]] = moved
     schema["description"] = "The manager's configuration (shared/config.py), key for key; rendered as manager.yml."
     return schema
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Register gVisor's runsc with the local dockerd as the runtime "runsc" (node.runtime: runsc).
+# Register gVisor's runsc with the local dockerd as the runtime "runsc" (engine.docker.runtime: runsc).
 # Debian bookworm's runsc (2022) cannot build its own network stack inside Docker's network
 # namespace ("cannot run with network enabled in root network namespace"), so it runs with
 # --network=host: gVisor then uses the container's own namespace (the node network, the

@@ -7,7 +7,9 @@ Environment overrides: ``TSM_<KEY>`` with ``__`` between nested keys
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+import logging
 import os
 import socket
 import uuid
@@ -22,6 +24,8 @@ from shared import __version__
 from shared.egress import policy as egress_policy
 from shared.egress.policy import EgressPolicy
 from shared.errors import ConfigError, ManagerError
+
+log = logging.getLogger(__name__)
 
 XAGENT_POST_PATHS = [
     "/",
@@ -113,9 +117,6 @@ class NodeConfig(Base):
     health_check: bool = True
     health_check_interval: float = 1.0
     port: int = 31942
-    # passed to the Docker SDK's containers.create; labels and ports are merged in
-    creation_kwargs: dict[str, Any] = msgspec.field(default_factory=_default_creation_kwargs)
-    device_requests: list[dict[str, Any]] | None = None
     health_path: str = "/"
     probe_interval_seconds: float = 0.02
     publish_host: str = "127.0.0.1"  # host address node ports are published on
@@ -128,14 +129,44 @@ class NodeConfig(Base):
     stop_timeout_seconds: int = 5
     read_only_root: bool = False  # superseded by disk.read_only_root; kept for old config files
     workspace_path: str = "/app/workspace"
-    runtime: str = ""  # an OCI runtime the engine knows (runsc, say); "": the engine's default
-    # creation_kwargs.image absent from the engine: "missing" pulls it from its registry (at start,
+    # the node image absent from the engine: "missing" pulls it from its registry (at start,
     # then every image_check_seconds while it is missing); "never" waits for it to be loaded
     image_pull: str = "missing"
     image_check_seconds: float = 30.0
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     disk: DiskConfig = msgspec.field(default_factory=DiskConfig)
     tiers: TiersConfig = msgspec.field(default_factory=TiersConfig)
+
+
+class DockerConfig(Base):
+    """The Docker engine's own settings (engine.kind: docker)."""
+
+    host: str = ""  # empty: DOCKER_HOST or the local socket
+    threads: int = 8  # engine calls in flight per replica process (the SDK blocks: each holds a thread)
+    # passed to the Docker SDK's containers.create; labels and ports are merged in
+    creation_kwargs: dict[str, Any] = msgspec.field(default_factory=_default_creation_kwargs)
+    device_requests: list[dict[str, Any]] | None = None
+    runtime: str = ""  # an OCI runtime the engine knows (runsc, say); "": the engine's default
+
+
+class FakeConfig(Base):
+    """The in-memory engine of the unit tests (engine.kind: fake): not a product engine."""
+
+    memory_bytes: int = 8 << 30  # the memory it reports (the node cap is this over node_memory_bytes)
+    node_memory_bytes: int = 1 << 30  # the memory limit of one node
+
+
+class EngineConfig(Base):
+    """The container engine nodes run on: its kind, and one section of settings per kind."""
+
+    kind: str = "docker"  # the section below whose engine runs the nodes (shared/engines/<kind>/)
+    docker: DockerConfig = msgspec.field(default_factory=DockerConfig)
+    fake: FakeConfig = msgspec.field(default_factory=FakeConfig)
+
+
+def engine_kinds() -> tuple[str, ...]:
+    """The engines a configuration may name: one per section of EngineConfig."""
+    return tuple(f for f in EngineConfig.__struct_fields__ if f != "kind")
 
 
 class RedirectPaths(Base):
@@ -232,7 +263,7 @@ class ClusterConfig(Base):
     node_secret_key: str = ""
     node_secret_key_file: str = ""
     # live nodes per manager_id. 0: as many as the engine's memory holds at the node memory limit
-    # (creation_kwargs.mem_limit; unlimited when nodes have none); -1: unlimited
+    # (the engine's, e.g. engine.docker.creation_kwargs.mem_limit; unlimited when nodes have none); -1: unlimited
     max_nodes_per_manager: int = 0
     max_nodes_total: int = 0
     # where a new session goes: "spread": the live manager_id with the fewest nodes (this
@@ -368,8 +399,7 @@ class Config(Base):
     manager_id: str = msgspec.field(default_factory=socket.gethostname)
     replica_id: str = ""
     advertise_url: str = ""
-    docker_host: str = ""  # empty: DOCKER_HOST or the local socket
-    docker_threads: int = 8
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     redirect_to_node_path: RedirectPaths = msgspec.field(default_factory=RedirectPaths)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
@@ -405,8 +435,11 @@ class Config(Base):
         if self.node.image_pull not in IMAGE_PULL_POLICIES:
             raise ValueError(f"node.image_pull must be one of {', '.join(IMAGE_PULL_POLICIES)}, "
                              f"not {self.node.image_pull!r}")
-        if not str(self.node.creation_kwargs.get("image") or ""):
-            raise ValueError("node.creation_kwargs.image must name the node image")
+        if not str(self.engine.docker.creation_kwargs.get("image") or ""):
+            raise ValueError("engine.docker.creation_kwargs.image must name the node image")
+        kinds = engine_kinds()
+        if self.engine.kind not in kinds:
+            raise ValueError(f"engine.kind must be one of {', '.join(kinds)}, not {self.engine.kind!r}")
         for cidr in self.quota.trusted_proxies:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -505,7 +538,7 @@ ENV_PREFIX = "TSM_"
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    top = set(Config.__struct_fields__)
+    top = set(Config.__struct_fields__) | {old[0] for old in RENAMED if len(old) == 1}
     out: dict[str, Any] = {}
     for name, raw in environ.items():
         if name.startswith(ENV_PREFIX) and name not in ("TSM_CONFIG",):
@@ -558,9 +591,44 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
     return config_from_dict(data)
 
 
+# keys that moved: old path -> new path. An old key is still read (XAgent's manager.yml has
+# node.creation_kwargs) and said once in the log; merged over the new key when both are given, as
+# the chart's values.yaml gives the new one and a user's older values file the old one
+RENAMED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("docker_host",): ("engine", "docker", "host"),
+    ("docker_threads",): ("engine", "docker", "threads"),
+    ("node", "creation_kwargs"): ("engine", "docker", "creation_kwargs"),
+    ("node", "device_requests"): ("engine", "docker", "device_requests"),
+    ("node", "runtime"): ("engine", "docker", "runtime"),
+}
+
+
+def _move_renamed(data: dict[str, Any]) -> None:
+    """Move every old key of data to its new place, logging one line for each."""
+    for old, new in RENAMED.items():
+        parent = data
+        for part in old[:-1]:
+            parent = parent.get(part) if isinstance(parent.get(part), dict) else None  # type: ignore[assignment]
+            if parent is None:
+                break
+        if parent is None or old[-1] not in parent:
+            continue
+        value = parent.pop(old[-1])
+        target = data
+        for part in new[:-1]:
+            target = target.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(target.get(new[-1]), dict):
+            deep_merge(target[new[-1]], value)
+        else:
+            target[new[-1]] = value
+        log.warning("config_key_deprecated old=%s new=%s", ".".join(old), ".".join(new))
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Validate plain data into a Config; the error names the offending key."""
     # XAgent's manager.yml carries node.creation_kwargs with an image and a network we do not need
+    data = copy.deepcopy(data)
+    _move_renamed(data)
     try:
         return msgspec.convert(data, Config, str_keys=True)
     except msgspec.ValidationError as exc:

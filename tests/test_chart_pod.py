@@ -72,7 +72,7 @@ def run_pod(docker_client: docker.DockerClient, manager_image: str, manager_id: 
         repo, tag = manager_image.split(":")
         sets = ["mode=daemonset", "redis.mode=external", f"config.redis.url={redis_env.private_url(gateway, redis_port)}",
                 f"config.redis.key_prefix={prefix}", f"image.repository={repo}", f"image.tag={tag}",
-                f"config.node.creation_kwargs.image={NODE_IMAGE}", f"secrets.adminToken={ADMIN_TOKEN}",
+                f"config.engine.docker.creation_kwargs.image={NODE_IMAGE}", f"secrets.adminToken={ADMIN_TOKEN}",
                 "secrets.internalToken=pod-test-internal", *sets]
         out = subprocess.run([helm, "template", "tsm", str(ROOT / "helm/toolserver-manager"),
                               *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True,

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from shared import __version__
-from shared.config import Config, load_config
+from shared.config import RENAMED, Config, load_config
 from testing import podrun
 from testing.harness import free_port
 from testing.metrics import family_of
@@ -369,7 +369,7 @@ def test_dind_gives_each_pod_an_engine_of_its_own(rendered, tmp_path: Path) -> N
     path = tmp_path / "manager.yml"
     path.write_text(manager_yml(docs))
     cfg = load_config(path, environ={k: v for k, v in env.items() if k.startswith("TSM_")})
-    assert cfg.manager_id == "tsm-abcde" and cfg.docker_host == "unix:///run/tsm-docker/docker.sock"
+    assert cfg.manager_id == "tsm-abcde" and cfg.engine.docker.host == "unix:///run/tsm-docker/docker.sock"
     assert (cfg.node.publish_host, cfg.node.advertise_host) == ("10.244.3.9", "10.244.3.9")
     assert cfg.node.network.publish and cfg.node.image_pull == "missing" and cfg.node.disk.workspace_bytes == 0
     assert cfg.advertise_url == "http://10.244.3.9:8080"
@@ -418,20 +418,43 @@ def test_default_config_loads(rendered, tmp_path: Path) -> None:
     assert cfg.cluster.internal_token_file == "/etc/toolserver-manager/secrets/internal-token"
     assert cfg.version == __version__  # config.version "" is left out: the package's version
     assert cfg.proxy.timeout_seconds == 600.0 and cfg.events.stop_after_unwatched_seconds is None
-    assert cfg.node.creation_kwargs["cap_drop"] == ["ALL"]
+    assert cfg.engine.docker.creation_kwargs["cap_drop"] == ["ALL"]
     # the files the config names are where the workload mounts the Secret
     mounts = {m["name"]: m["mountPath"] for m in manager_container(docs)["volumeMounts"]}
     assert Path(cfg.admin.token_file).parent == Path(mounts["secrets"])
 
 
+def test_a_values_file_with_the_former_docker_keys_still_works(helm: str, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # values written before the keys moved under config.engine.docker: the schema takes them and
+    # the manager reads them as the new keys (merged over the chart's defaults), naming each once
+    old = tmp_path / "old-values.yaml"
+    old.write_text(yaml.safe_dump({"docker": {"hostSocket": {"enabled": False}}, "config": {
+        "docker_host": "tcp://old-engine:2375", "docker_threads": 3,
+        "node": {"creation_kwargs": {"image": "registry.example.com/old:1"}, "runtime": "runsc",
+                 "disk": {"workspace_bytes": 0}},
+        "engine": {"docker": {"host": "tcp://placeholder:1"}}}}))
+    with caplog.at_level("WARNING", logger="shared.config"):
+        cfg = load_rendered_config(template(helm, [old]), tmp_path)
+    d = cfg.engine.docker
+    assert (d.host, d.threads, d.runtime) == ("tcp://old-engine:2375", 3, "runsc")
+    assert d.creation_kwargs["image"] == "registry.example.com/old:1" and d.creation_kwargs["cap_drop"] == ["ALL"]
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "shared.config") == [
+        "config_key_deprecated old=docker_host new=engine.docker.host",
+        "config_key_deprecated old=docker_threads new=engine.docker.threads",
+        "config_key_deprecated old=node.creation_kwargs new=engine.docker.creation_kwargs",
+        "config_key_deprecated old=node.runtime new=engine.docker.runtime",
+    ]
+
+
 def test_config_values_come_through(rendered, tmp_path: Path) -> None:
     cfg = load_rendered_config(rendered("deployment"), tmp_path)
     assert cfg.manager_id == "shared-engine"
-    assert cfg.docker_host == "tcp://docker-engine.sandbox.svc:2375"
+    assert cfg.engine.docker.host == "tcp://docker-engine.sandbox.svc:2375"
     assert cfg.workers == 2 and cfg.log_format == "json"
     assert cfg.node.publish_host == "0.0.0.0" and cfg.node.advertise_host == "docker-engine.sandbox.svc"
     assert cfg.node.idling_close_minutes == 10
-    assert cfg.node.creation_kwargs["image"] == "toolserver-node:latest"  # the rest of the map is kept
+    assert cfg.engine.docker.creation_kwargs["image"] == "toolserver-node:latest"  # the rest of the map is kept
     assert cfg.redis.url == "redis://redis.data.svc:6379/2" and cfg.redis.key_prefix == "tsm-prod"
     assert cfg.pool.size == 2
 
@@ -513,7 +536,7 @@ def test_daemonset_config_and_env_load_per_pod(rendered, tmp_path: Path) -> None
     assert (cfg.node.advertise_host, cfg.node.publish_host) == ("10.0.0.7", "10.0.0.7")
     assert cfg.node.network.publish  # replicas on other hosts reach the node at the host's address
     assert cfg.advertise_url == "http://10.244.3.9:8080"
-    assert cfg.node.creation_kwargs["image"] == "registry.example.com/toolserver-node:0.3.0"
+    assert cfg.engine.docker.creation_kwargs["image"] == "registry.example.com/toolserver-node:0.3.0"
     assert cfg.node.idling_close_minutes == 15
 
 
@@ -565,13 +588,14 @@ def _config_struct_keys(struct: type = Config, prefix: str = "") -> set[str]:
     return out
 
 
-FREE_FORM = ("node.creation_kwargs.",)  # plain dicts passed through to the Docker SDK
+FREE_FORM = ("engine.docker.creation_kwargs.",)  # plain dicts passed through to the Docker SDK
+NOT_IN_CHART = ("engine.fake",)  # the unit tests' in-memory engine: no product setting
 
 
 def test_config_block_maps_one_to_one_onto_the_config_keys() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     in_values = {k for k in _walk_keys(values["config"]) if not k.startswith(FREE_FORM)}
-    in_struct = _config_struct_keys()
+    in_struct = {k for k in _config_struct_keys() if not k.startswith(NOT_IN_CHART)}
     assert in_values - in_struct == set(), "keys in values.yaml config that shared/config.py does not know"
     assert in_struct - in_values == set(), "config keys missing from values.yaml config (add them, with a # -- comment)"
     schema = json.loads((CHART / "values.schema.json").read_text())
@@ -583,7 +607,9 @@ def test_config_block_maps_one_to_one_onto_the_config_keys() -> None:
             out |= schema_keys(v, prefix + k + ".")
         return out
 
-    assert schema_keys(schema["properties"]["config"]) == in_struct, "values.schema.json config drifted"
+    # keys that moved are still accepted (and read as their new keys), so an older values file works
+    renamed = {".".join(old) for old in RENAMED}
+    assert schema_keys(schema["properties"]["config"]) == in_struct | renamed, "values.schema.json config drifted"
     proc = subprocess.run([sys.executable, str(ROOT / "helm" / "update-config-schema.py"), "--check"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -674,7 +700,7 @@ def test_every_value_has_a_doc_comment_and_chart_keys_are_camel_case() -> None:
     (["config.nodee.port=1"], "config: Additional property nodee is not allowed"),
     (["config.node.port=0"], "config.node.port: Must be greater than or equal to 1"),
     (["config.admin.token=plain"], "config.admin.token: String length must be less than or equal to 0"),
-    (["docker.hostSocket.enabled=false"], "config.docker_host: String length must be greater than or equal to 1"),
+    (["docker.hostSocket.enabled=false"], "config.engine.docker.host: String length must be greater than or equal to 1"),
     (["config.redis.sentinels={nohostport}"], "config.redis.sentinels.0: Does not match pattern"),
 ])
 def test_invalid_values_fail_with_the_schema_message(helm: str, sets: list[str], message: str) -> None:

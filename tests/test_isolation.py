@@ -422,7 +422,7 @@ def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.Do
 # --- runtime ---------------------------------------------------------------------------------------
 def test_nodes_run_under_gvisor_when_asked(private_engine: PrivateEngine, start_manager) -> None:  # type: ignore[no-untyped-def]
     # runsc is registered with the run's private engine (its own config file), never the machine's
-    m = start_manager(**deep_merge(private_engine.manager_overrides(), {"node": {"runtime": "runsc"}}))
+    m = start_manager(**deep_merge(private_engine.manager_overrides(), {"engine": {"docker": {"runtime": "runsc"}}}))
     c, node_id = new_session(m.url)
     engine = private_engine.client()
     try:
@@ -451,9 +451,9 @@ def test_nodes_run_under_gvisor_when_asked(private_engine: PrivateEngine, start_
 
 def test_an_unknown_runtime_fails_the_start_naming_it(start_manager, docker_client: docker.DockerClient,
                                                       manager_id: str) -> None:
-    m = start_manager(wait=False, node={"runtime": "no-such-runtime"})
+    m = start_manager(wait=False, engine={"docker": {"runtime": "no-such-runtime"}})
     assert m.proc is not None and m.proc.wait(30) != 0
-    assert "node.runtime 'no-such-runtime' is not registered with the engine" in m.logs()
+    assert "engine.docker.runtime 'no-such-runtime' is not registered with the engine" in m.logs()
     assert not docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"})
 
 
@@ -477,7 +477,7 @@ def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(private_engine:
     engine = private_engine.client()
     private_engine.set_runtime("tsm-vanishing", {"path": shutil.which("runc") or "runc"})
     try:
-        m = start_manager(**deep_merge(private_engine.manager_overrides(), {"node": {"runtime": "tsm-vanishing"}}))
+        m = start_manager(**deep_merge(private_engine.manager_overrides(), {"engine": {"docker": {"runtime": "tsm-vanishing"}}}))
         c, _ = new_session(m.url)  # known at start: nodes run
         c.post("/release_session")
         wait_for(lambda: not engine.containers.list(all=True, filters=owned), timeout=30)
@@ -487,7 +487,7 @@ def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(private_engine:
     # the engine forgot it since: creation names the cause and leaves nothing half-made
     r = httpx.post(m.url + "/get_cookie", timeout=60)
     assert r.status_code == 502, r.text
-    assert "node.runtime 'tsm-vanishing' is not registered with the engine" in r.json()["detail"]
+    assert "engine.docker.runtime 'tsm-vanishing' is not registered with the engine" in r.json()["detail"]
     assert "node_id" not in r.cookies
     assert not engine.containers.list(all=True, filters=owned)
     assert {v.name for v in engine.volumes.list(filters=owned)} <= volumes_before

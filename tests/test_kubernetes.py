@@ -79,7 +79,7 @@ class Live:
             # the hosts' engines listen there (each in its own mount namespace); not /var/run/docker.sock,
             # which on this machine is the one engine every test shares
             "docker": {"hostSocket": {"path": SOCKET}},
-            "config": {"node": {"creation_kwargs": {"image": NODE_IMAGE}, "image_pull": "never"},
+            "config": {"engine": {"docker": {"creation_kwargs": {"image": NODE_IMAGE}}}, "node": {"image_pull": "never"},
                        "cluster": {"lost_after_seconds": 10}},
         }
         if self.privileged:

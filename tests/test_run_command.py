@@ -33,7 +33,7 @@ def test_the_readmes_run_command_serves_a_session_and_stops_clean(docker_client:
            "TSM_REDIS__KEY_PREFIX": prefix, "TSM_ADMIN__TOKEN": uuid.uuid4().hex,
            "TSM_CLUSTER__NODE_SECRET_KEY": uuid.uuid4().hex}
     if "TSM_NODE_IMAGE" in os.environ:  # a work tree testing its own node image
-        env["TSM_NODE__CREATION_KWARGS__IMAGE"] = os.environ["TSM_NODE_IMAGE"]
+        env["TSM_ENGINE__DOCKER__CREATION_KWARGS__IMAGE"] = os.environ["TSM_NODE_IMAGE"]
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(["bash", str(ROOT / "scripts/run.sh")], cwd=ROOT, env=env, stdout=out,

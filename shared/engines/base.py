@@ -1,9 +1,8 @@
 """The NodeBackend interface: what node operations ask of a container engine, in our terms.
 
 Owner (manager_id), role, a status from NodeStatus, an address to reach the node at:
-nothing here names a label, a filter or an engine's state word. The Docker engine is
-the one implementation (shared/engines/docker/); a second engine is a package beside it that
-implements this class (see shared/engines/__init__.py). The shape follows JupyterHub's
+nothing here names a label, a filter or an engine's state word. Each engine implements
+this class in a module of its own beside this one, found by its kind (shared/engines/__init__.py). The shape follows JupyterHub's
 Proxy (a few abstract coroutines) and dockerspawner's create_object/remove_object.
 """
 

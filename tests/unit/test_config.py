@@ -41,9 +41,71 @@ def test_xagent_manager_yml_is_accepted(tmp_path: Path) -> None:
     p.write_text(XAGENT_MANAGER_YML)
     cfg = load_config(p, environ={})
     assert cfg.version == "0.2"
-    assert cfg.node.creation_kwargs["privileged"] is True
+    assert cfg.engine.docker.creation_kwargs["privileged"] is True  # XAgent's node.creation_kwargs, moved
     assert cfg.redirect_to_node_path.post == XAGENT_POST_PATHS
-    assert cfg.node.device_requests is None
+    assert cfg.engine.docker.device_requests is None
+
+
+NEW_SPELLING = """
+engine:
+  docker:
+    host: unix:///run/other.sock
+    threads: 3
+    creation_kwargs: {image: "img:new", mem_limit: 2g}
+    device_requests: [{count: 1}]
+    runtime: runsc
+"""
+OLD_SPELLING = """
+docker_host: unix:///run/other.sock
+docker_threads: 3
+node:
+  creation_kwargs: {image: "img:new", mem_limit: 2g}
+  device_requests: [{count: 1}]
+  runtime: runsc
+"""
+
+
+@pytest.mark.parametrize("text", [NEW_SPELLING, OLD_SPELLING], ids=["new", "old"])
+def test_docker_keys_are_read_in_either_spelling(tmp_path: Path, text: str) -> None:
+    p = tmp_path / "manager.yml"
+    p.write_text(text)
+    d = load_config(p, environ={}).engine.docker
+    assert (d.host, d.threads, d.creation_kwargs, d.device_requests, d.runtime) == (
+        "unix:///run/other.sock", 3, {"image": "img:new", "mem_limit": "2g"}, [{"count": 1}], "runsc")
+
+
+def test_an_old_key_is_named_once_in_the_log_with_its_new_one(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    p = tmp_path / "manager.yml"
+    p.write_text(OLD_SPELLING)
+    with caplog.at_level("WARNING", logger="shared.config"):
+        load_config(p, environ={"TSM_DOCKER_HOST": "tcp://env:2375"})
+    lines = sorted(r.getMessage() for r in caplog.records if r.name == "shared.config")
+    assert lines == [
+        "config_key_deprecated old=docker_host new=engine.docker.host",
+        "config_key_deprecated old=docker_threads new=engine.docker.threads",
+        "config_key_deprecated old=node.creation_kwargs new=engine.docker.creation_kwargs",
+        "config_key_deprecated old=node.device_requests new=engine.docker.device_requests",
+        "config_key_deprecated old=node.runtime new=engine.docker.runtime",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shared.config"):
+        load_config(None, environ={}, overrides={"engine": {"docker": {"host": "tcp://x:1"}}})
+    assert [r for r in caplog.records if r.name == "shared.config"] == []
+
+
+def test_an_old_key_beside_its_new_one_is_merged_over_it() -> None:
+    # the chart's values.yaml gives the new key in full; an older values file adds the old one
+    cfg = load_config(None, environ={"TSM_DOCKER_HOST": "tcp://old:1"}, overrides={
+        "engine": {"docker": {"host": "tcp://new:1", "creation_kwargs": {"image": "a", "init": True}}},
+        "node": {"creation_kwargs": {"image": "b"}}})
+    assert cfg.engine.docker.host == "tcp://old:1"
+    assert cfg.engine.docker.creation_kwargs == {"image": "b", "init": True}
+
+
+def test_an_unknown_engine_kind_fails_naming_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"engine.kind must be one of docker, fake, not 'podman'"):
+        load_config(None, environ={}, overrides={"engine": {"kind": "podman"}})
 
 
 def test_env_overrides_are_typed_and_nested() -> None:

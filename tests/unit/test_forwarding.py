@@ -10,7 +10,7 @@ from shared.config import Config, deep_merge
 
 
 def config(**over: object) -> Config:
-    base = {"node": {"creation_kwargs": {"image": "x"}}, "admin": {"token": "admin-tok"},
+    base = {"engine": {"docker": {"creation_kwargs": {"image": "x"}}}, "admin": {"token": "admin-tok"},
             "cluster": {"internal_token": "internal-tok"}, "client_auth": {"api_keys": ["client-key"]}}
     return msgspec.convert(deep_merge(base, over), Config)
 

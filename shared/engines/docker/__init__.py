@@ -1,5 +1,7 @@
-"""The Docker engine: the only package that imports the docker SDK."""
+"""The Docker engine (engine.kind: docker): the only package that imports the docker SDK."""
 
 from shared.engines.docker.backend import DockerBackend
 
-__all__ = ["DockerBackend"]
+BACKEND = DockerBackend
+
+__all__ = ["BACKEND", "DockerBackend"]

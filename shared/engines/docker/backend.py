@@ -79,24 +79,24 @@ T = TypeVar("T")
 
 
 class DockerBackend(NodeBackend):
-    """One Docker engine, configured by the node section of the config."""
+    """One Docker engine, configured by engine.docker and the node section of the config."""
 
     def __init__(self, cfg: Config, timeout: int = 60) -> None:
-        n = cfg.node
-        self.docker_host = cfg.docker_host
+        n, d = cfg.node, cfg.engine.docker
+        self.docker_host = d.host
         self.node_port = n.port
         self.publish_host = n.publish_host
         self.advertise_host = n.advertise_host
-        self._creation_kwargs = n.creation_kwargs
-        self._device_requests = n.device_requests
+        self._creation_kwargs = d.creation_kwargs
+        self._device_requests = d.device_requests
         self._read_only_root = n.read_only_root or n.disk.read_only_root
         self.workspace_path = n.workspace_path
         # None: nodes on the engine's default bridge with a published port, as before isolation
         self.network = n.network if n.network.isolated else None
         self.disk = n.disk
-        self.runtime = n.runtime
+        self.runtime = d.runtime
         self._timeout = timeout
-        self._pool = ThreadPoolExecutor(max_workers=cfg.docker_threads, thread_name_prefix="docker")
+        self._pool = ThreadPoolExecutor(max_workers=d.threads, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
         self._stream_client: docker.DockerClient | None = None
         self._networks: dict[str, str] = {}  # owner -> node network name, once ensured
@@ -183,7 +183,7 @@ class DockerBackend(NodeBackend):
 
     # --- isolation --------------------------------------------------------------
     async def prepare(self, owner: str) -> dict[str, str]:
-        """Check node.runtime, make the node network, install the host firewall; what is in place."""
+        """Check engine.docker.runtime, make the node network, install the host firewall; what is in place."""
         status: dict[str, str] = {}
         disk = self.disk
         if disk.workspace_bytes:
@@ -225,12 +225,12 @@ class DockerBackend(NodeBackend):
         return status
 
     async def check_runtime(self) -> None:
-        """Raise ConfigError unless the engine knows node.runtime."""
+        """Raise ConfigError unless the engine knows engine.docker.runtime."""
         if not self.runtime:
             return
         known = (await self._call(self.client.api.info)).get("Runtimes") or {}
         if self.runtime not in known:
-            raise ConfigError(f"node.runtime {self.runtime!r} is not registered with the engine "
+            raise ConfigError(f"engine.docker.runtime {self.runtime!r} is not registered with the engine "
                               f"(it knows {', '.join(sorted(known)) or 'none'}); see the README")
 
     def network_name(self, owner: str) -> str:
@@ -488,7 +488,7 @@ class DockerBackend(NodeBackend):
             if "network" in exc.detail and "not found" in exc.detail:
                 self._networks.pop(node.owner, None)  # removed behind our back: made again next time
             if "runtime" in exc.detail and self.runtime:
-                raise EngineError(f"node.runtime {self.runtime!r} is not registered with the engine "
+                raise EngineError(f"engine.docker.runtime {self.runtime!r} is not registered with the engine "
                                   f"({exc.detail}); see the README") from exc
             raise
 
