@@ -24,7 +24,8 @@ from nodeops.context import NodeOps
 from shared import firewall
 from shared.egress import nft
 from shared.egress.dns import EgressResolver, upstreams_from
-from shared.egress.policy import PLATFORM_DENY, EgressPolicy, name_allowed
+from shared.egress.policy import PLATFORM_DENY, EgressPolicy, Network, name_allowed, networks
+from shared.egress.proxy import EgressProxy
 from shared.errors import ManagerError
 from shared.models import Event, EventKind
 
@@ -43,7 +44,10 @@ class EgressAgent:
         self.bridge = ""
         self.by_ip: dict[str, EgressPolicy] = {}
         self.session_of: dict[str, str] = {}  # node address -> session id
-        self.learned: dict[str, dict[str, str]] = {}  # node address -> {destination: the name it resolved for}
+        # node address -> destination -> {name it resolved for: until (monotonic)}
+        self.learned: dict[str, dict[str, dict[str, float]]] = {}
+        self.proxy: EgressProxy | None = None
+        self.blocked: list[Network] = []  # never opened, whatever resolves to them
         self.applied: dict[str, EgressPolicy] | None = None
         self.resolver: EgressResolver | None = None
         self.poke = asyncio.Event()
@@ -65,10 +69,44 @@ class EgressAgent:
         return self.by_ip.get(ip)
 
     async def learn(self, ip: str, name: str, addrs: list[tuple[str, int]]) -> None:
+        # a name may resolve to the host, metadata or a private address (DNS rebinding): never opened
+        addrs = [(a, ttl) for a, ttl in addrs if not self._blocked(a)]
+        if not addrs:
+            return
         await asyncio.to_thread(nft.run, nft.learn_script(self.bridge, ip, addrs))
         seen = self.learned.setdefault(ip, {})
-        for a, _ttl in addrs:
-            seen[a] = name
+        now = time.monotonic()
+        for a, ttl in addrs:
+            seen.setdefault(a, {})[name] = now + ttl
+
+    def _blocked(self, addr: str) -> bool:
+        ip = ipaddress.ip_address(addr)
+        return any(ip in n for n in self.blocked)
+
+    def check(self, node: str, dst: str, name: str) -> tuple[bool, str]:
+        """For the proxy: may this node open this address asking for this name?"""
+        pol = self.by_ip.get(node)
+        if pol is None:
+            return False, "unknown node"
+        if self._blocked(dst):
+            return False, "platform deny set"
+        ip = ipaddress.ip_address(dst)
+        for field, verdict in (("deny", False), ("allow", True)):
+            for net in networks(pol, field):
+                if ip in net:
+                    return verdict, str(net)
+        if not name:
+            return False, "no SNI or Host"
+        allowed, rule = name_allowed(pol, name)
+        if not allowed:
+            return False, rule or f"default {pol.default}"
+        if self.learned.get(node, {}).get(dst, {}).get(name, 0.0) > time.monotonic():
+            return True, rule
+        return False, f"{name} did not resolve to {dst} for this node"
+
+    def proxy_refused(self, node: str, dst: str, port: int, name: str, why: str) -> None:
+        log.info("egress_proxy_refused node=%s session=%s dst=%s:%d name=%s reason=%r", node,
+                 self.session_of.get(node, "")[:12], dst, port, name, why)
 
     def refused(self, ip: str, name: str, rule: str) -> None:
         log.info("egress_dns_refused node=%s session=%s name=%s rule=%r", ip, self.session_of.get(ip, "")[:12],
@@ -106,6 +144,8 @@ class EgressAgent:
         finally:
             if self.resolver is not None:
                 self.resolver.close()
+            if self.proxy is not None:
+                self.proxy.close()
 
     async def _setup(self) -> None:
         found = await self.ops.backend.egress_bridge(self.ops.manager_id)
@@ -113,13 +153,19 @@ class EgressAgent:
             raise ManagerError("egress.enforce needs node.network.isolated (a node bridge)")
         self.bridge, self.gateway, prefix = found
         net = ipaddress.ip_network(f"{self.gateway}/{prefix}", strict=False)
-        platform = [ipaddress.ip_network(p) for p in PLATFORM_DENY]
+        platform: list[Network] = [ipaddress.ip_network(p) for p in PLATFORM_DENY]
         platform += [net] + [ipaddress.ip_network(f"{a}/32") for a in await asyncio.to_thread(nft.host_ipv4s)]
-        await asyncio.to_thread(nft.run, nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port))
+        opened = [ipaddress.ip_network(c, strict=False) for c in self.ops.cfg.node.network.allow_cidrs]
+        private = [ipaddress.ip_network(c) for c in firewall.BLOCKED]
+        self.blocked = platform + [p for p in private if not any(p.subnet_of(o) for o in opened  # type: ignore[arg-type]
+                                                                 if o.version == p.version)]
+        await asyncio.to_thread(nft.run, nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port,
+                                                          self.cfg.proxy_port))
         if self.ops.cfg.node.network.firewall:  # the project's chains refuse the host to nodes: open the resolver
             ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge)
                    if self.ops.cfg.node.network.firewall_host_namespace else firewall.HERE)
-            await asyncio.to_thread(firewall.sync_dns, self.bridge, self.gateway, self.cfg.dns_port, ipt)
+            await asyncio.to_thread(firewall.sync_dns, self.bridge, self.gateway, self.cfg.dns_port, ipt,
+                                    self.cfg.proxy_port)
         await self._bind()
 
     async def _bind(self) -> None:
@@ -132,6 +178,14 @@ class EgressAgent:
             log.info("egress_resolver_standby address=%s:%d reason=%r", self.gateway, self.cfg.dns_port, str(exc))
             return
         self.resolver = res
+        if self.cfg.proxy_port:
+            proxy = EgressProxy(self.check, self.proxy_refused)
+            try:
+                await proxy.start(self.gateway, self.cfg.proxy_port)
+                self.proxy = proxy
+            except OSError as exc:  # the redirected connections are then refused (nothing listens)
+                log.warning("egress_proxy_not_serving address=%s:%d reason=%r", self.gateway, self.cfg.proxy_port,
+                            str(exc))
         self.applied = None
         log.info("egress_resolver_serving address=%s:%d bridge=%s", self.gateway, self.cfg.dns_port, self.bridge)
         await self.sync()
@@ -154,8 +208,8 @@ class EgressAgent:
             self.by_ip = by_ip
             return
         # learned addresses whose name the new policy no longer allows close now, not at their TTL
-        stale = [(ip, a) for ip, seen in self.learned.items() for a, name in seen.items()
-                 if ip not in by_ip or not name_allowed(by_ip[ip], name)[0]]
+        stale = [(ip, a) for ip, seen in self.learned.items() for a, names in seen.items()
+                 if ip not in by_ip or not any(name_allowed(by_ip[ip], n)[0] for n in names)]
         script = nft.nodes_script(self.bridge, by_ip) + nft.forget_script(self.bridge, stale)
         await asyncio.to_thread(nft.run, script)
         for ip, a in stale:

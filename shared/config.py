@@ -379,6 +379,9 @@ class EgressConfig(Base):
     # where the resolver asks for allowed names ("ip" or "ip:port"); empty: /etc/resolv.conf's
     upstream_dns: list[str] = msgspec.field(default_factory=list)
     dns_port: int = 53  # on the node bridge's own address (the engine's --dns takes no port)
+    # the transparent proxy that checks SNI/Host on 80 and 443 of deny-by-default sessions, on the
+    # node bridge's address; 0: off (an address opened for one name is then open for any name)
+    proxy_port: int = 15001
     # an answer opens its addresses for its TTL, held within these bounds (a 0-second TTL would
     # close the address before the node connects)
     min_ttl_seconds: int = 5

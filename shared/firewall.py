@@ -225,11 +225,13 @@ def _dns_rules(ipt: Iptables) -> list[tuple[str, list[str]]]:
     return found
 
 
-def sync_dns(bridge: str, address: str | None, port: int = 53, ipt: Iptables = HERE) -> None:
-    """Open (address given) or close (None) the egress resolver's port on ``bridge``'s address."""
+def sync_dns(bridge: str, address: str | None, port: int = 53, ipt: Iptables = HERE, proxy_port: int = 0) -> None:
+    """Open (address given) or close (None) the egress resolver's port (and the egress proxy's)
+    on ``bridge``'s address."""
+    opened = [("udp", port), ("tcp", port)] + ([("tcp", proxy_port)] if proxy_port else [])
     want = [] if address is None else [
-        ["-d", f"{address}/32", "-i", bridge, "-p", proto, "-m", proto, "--dport", str(port), "-j", "ACCEPT"]
-        for proto in ("udp", "tcp")]
+        ["-d", f"{address}/32", "-i", bridge, "-p", proto, "-m", proto, "--dport", str(p), "-j", "ACCEPT"]
+        for proto, p in opened]
     have = [rule for b, rule in _dns_rules(ipt) if b == bridge]
     for rule in have:
         if rule not in want:

@@ -3,8 +3,9 @@
 One namespace behind a veth pair, routed from the host like the outside world (198.51.x.0/28,
 documentation addresses, routed nowhere else), holding several addresses: a DNS server that
 answers for a few names (two of them on one address), and on each address an HTTP server on 80
-that answers with the Host it was asked for and the address it was reached at, plus a bare
-listener on 443 (a resolver reached directly, as DNS over HTTPS would be). Run as
+that answers with the Host it was asked for and the address it was reached at, and the same over
+HTTPS on 443 with a certificate for every name from a test CA (``Internet.ca_pem``); the one
+address without a name stands for a resolver reached directly, as DNS over HTTPS would be. Run as
 ``python -m testing.internet SPEC_JSON`` inside the namespace; ``Internet`` makes and removes it.
 """
 
@@ -14,14 +15,17 @@ import contextlib
 import json
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 @dataclass
@@ -36,6 +40,20 @@ class Internet:
     proc: subprocess.Popen[bytes] | None = None
     veth: str = ""
     addrs: list[str] = field(default_factory=list)
+    ca_pem: str = ""  # the test CA that signed every HTTPS server's certificate
+
+
+def _certificates(folder: Path, names: list[str]) -> None:
+    """A test CA, and a certificate it signed for every name (one for all servers)."""
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=toolserver-manager test CA")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=test")
+    (folder / "san.ext").write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
 
 
 @contextlib.contextmanager
@@ -57,6 +75,9 @@ def internet(names: list[str], shared: tuple[str, str] | None = None) -> Iterato
     def sh(*cmd: str) -> None:
         subprocess.run(cmd, check=True, capture_output=True)
 
+    tmp = tempfile.TemporaryDirectory(prefix="tsm-internet-")
+    _certificates(Path(tmp.name), list(table))
+    net.ca_pem = (Path(tmp.name) / "ca.pem").read_text()
     sh("ip", "netns", "add", ns)
     try:
         sh("ip", "link", "add", veth_h, "type", "veth", "peer", "name", veth_n)
@@ -68,7 +89,7 @@ def internet(names: list[str], shared: tuple[str, str] | None = None) -> Iterato
         sh("ip", "netns", "exec", ns, "ip", "link", "set", veth_n, "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         sh("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", host_ip)
-        spec = json.dumps({"dns": dns, "names": table, "http": addrs})
+        spec = json.dumps({"dns": dns, "names": table, "http": addrs, "certs": tmp.name})
         net.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "testing.internet", spec],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
@@ -83,6 +104,7 @@ def internet(names: list[str], shared: tuple[str, str] | None = None) -> Iterato
             net.proc.wait()
         subprocess.run(["ip", "link", "del", veth_h], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        tmp.cleanup()
 
 
 def _up(addr: str) -> bool:
@@ -134,19 +156,16 @@ def _serve(spec: dict[str, object]) -> None:
             socketserver.TCPServer.server_bind(self)
             self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
-    def listen_443(addr: str) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((addr, 443))
-        s.listen(16)
-        while True:
-            s.accept()[0].close()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(f"{spec['certs']}/server.pem", f"{spec['certs']}/server.key")
 
     threading.Thread(target=dns_loop, daemon=True).start()
     for addr in spec["http"]:  # type: ignore[attr-defined]
         srv = Server((addr, 80), Echo)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
-        threading.Thread(target=listen_443, args=(addr,), daemon=True).start()
+        secure = Server((addr, 443), Echo)
+        secure.socket = tls.wrap_socket(secure.socket, server_side=True, do_handshake_on_connect=False)
+        threading.Thread(target=secure.serve_forever, daemon=True).start()
     threading.Event().wait()
 
 

@@ -65,6 +65,40 @@ def wait_http(url, limit):
         time.sleep(0.01)
     return {"error": "never reached"}
 
+def tls(addr, port, sni, host):
+    import ssl
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    s = socket.create_connection((addr, port), 5)
+    try:
+        t = ctx.wrap_socket(s, server_hostname=sni)
+        t.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while b"}" not in data:
+            chunk = t.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return {"body": data.decode(errors="replace")}
+    except OSError as exc:
+        return {"error": repr(exc)}
+    finally:
+        s.close()
+
+def two_requests(addr, first, second):
+    s = socket.create_connection((addr, 80), 5)
+    s.sendall(f"GET / HTTP/1.1\r\nHost: {first}\r\n\r\nGET / HTTP/1.1\r\nHost: {second}\r\n\r\n".encode())
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        data += repr(exc).encode()
+    s.close()
+    return {"data": data.decode(errors="replace")}
+
 steps = json.loads(sys.argv[1])
 out = [globals()[s[0]](*s[1:]) for s in steps]
 print("PROBE" + json.dumps(out))
@@ -179,4 +213,26 @@ def test_the_platform_deny_set_holds_against_a_rule_that_opens_everything(
     for o in out[1:5]:
         assert o["what"] in ("ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH") and o["ms"] < 100, out
     assert out[5]["rcode"] == 3  # a range rule opens addresses, not names: still only what a name rule allows
+    c.post("/release_session")
+
+
+def test_a_shared_address_opens_only_the_name_that_resolved(start_manager, net: Internet) -> None:
+    m = enforcing(start_manager, net)
+    c = session(m.url, {"default": "deny", "allow": ["a.shared.test"]})
+    shared = net.names["a.shared.test"]
+    assert shared == net.names["b.shared.test"]
+    out = probe(c, ["http", "http://a.shared.test/"],
+                ["http", f"http://{shared}/", "b.shared.test"],
+                ["tls", shared, 443, "a.shared.test", "a.shared.test"],
+                ["tls", shared, 443, "b.shared.test", "b.shared.test"],
+                ["two_requests", shared, "a.shared.test", "b.shared.test"],
+                ["dns", "b.shared.test"])
+    assert out[0]["status"] == 200 and out[0]["body"]["host"] == "a.shared.test", out[0]
+    # the other name on the same, now open, address: refused by the proxy (Host, then SNI)
+    assert "error" in out[1] and "Connection reset" in out[1]["error"], out[1]
+    assert '"host": "a.shared.test"' in out[2].get("body", ""), out[2]
+    assert "error" in out[3], out[3]
+    # a second request on a checked connection never reaches the server under another name
+    assert '"host": "a.shared.test"' in out[4]["data"] and "b.shared.test" not in out[4]["data"], out[4]
+    assert out[5]["rcode"] == 3
     c.post("/release_session")

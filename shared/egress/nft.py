@@ -8,7 +8,10 @@ seen half done. The table is ours alone (``inet tsm_egress_<hash>``): installing
 touches no other table, and Docker's and the project's iptables chains (shared/firewall.py) still
 run as before: a packet must pass both, so this can only take egress away, never add to it.
 
-  input, from the bridge:    replies pass; the resolver's port on the bridge address; the rest refused
+  prerouting, from the bridge: a deny-by-default session's 80/443 to a learned address -> the
+                             proxy (shared/egress/proxy.py), which checks SNI/Host against it
+  input, from the bridge:    replies pass; the resolver's and the proxy's ports on the bridge
+                             address; the rest refused
   forward, from the bridge:  replies pass; the platform set is refused; a session's denied
                              ranges are refused; its learned (resolved) addresses, its allowed
                              ranges and "default: allow" sessions pass; the rest is refused
@@ -67,7 +70,7 @@ def _elems(items: Iterable[str]) -> str:
     return ", ".join(items)
 
 
-def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_port: int) -> str:
+def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_port: int, proxy_port: int = 0) -> str:
     """The table with its sets and chains (learned addresses kept when it already exists)."""
     t = table_name(bridge)
     plat = [str(n) for n in platform if n.version == 4]
@@ -85,6 +88,9 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
         # chains say the same; this table holds on its own where those are not installed)
         f"add chain inet {t} input {{ type filter hook input priority -5; policy accept; }}",
         f"flush chain inet {t} input",
+        # ahead of the engine's own (dstnat): 80 and 443 to a learned address go through the proxy
+        f"add chain inet {t} prerouting {{ type nat hook prerouting priority dstnat - 1; policy accept; }}",
+        f"flush chain inet {t} prerouting",
         f"flush set inet {t} platform",
     ]
     if plat:
@@ -99,11 +105,18 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
                  f"{br} ip saddr @open_nodes accept",
                  *refuse):
         lines.append(f"add rule inet {t} forward {rule}")
+    proxy_in = [f"{br} ip daddr {gateway} tcp dport {proxy_port} accept"] if proxy_port else []
     for rule in (f"{br} ct state established,related accept",
                  f"{br} ip daddr {gateway} udp dport {dns_port} accept",
                  f"{br} ip daddr {gateway} tcp dport {dns_port} accept",
+                 *proxy_in,
                  *refuse):
         lines.append(f"add rule inet {t} input {rule}")
+    if proxy_port:
+        # sessions whose default is allow reach any public address by any name: not redirected
+        lines += [f"add rule inet {t} prerouting {br} ip saddr @open_nodes return",
+                  f"add rule inet {t} prerouting {br} ip saddr . ip daddr @learned tcp dport {{ 80, 443 }} "
+                  f"redirect to :{proxy_port}"]
     return "\n".join(lines) + "\n"
 
 
