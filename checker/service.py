@@ -18,7 +18,7 @@ from checker import intents, reconcile
 from checker.fence import Fence, LeaseLost
 from checker.lease import Lease
 from checker.tiers import Tiers
-from nodeops import lost, pool
+from nodeops import capacity, demand, lost, pool
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
@@ -50,6 +50,7 @@ class Checker:
         self._was_leader = False
         self._alive_at = time.monotonic()  # the lease loop's last turn: the keeper renews while it is recent
         self._filling = False
+        self.demand = demand.ArrivalRate(cfg.pool.demand_half_life_seconds)  # creations/s of this manager_id
         self._fill_task: asyncio.Task[None] | None = None  # held so the loop does not collect it mid-run
         self.cycles = 0
         self._cache: dict[str, tuple[NodeRecord, str]] = {}  # node id -> (record, its updated_at)
@@ -302,8 +303,8 @@ class Checker:
                 log.info("checker_%s manager_id=%s count=%d node_ids=%s", action, self.mid, len(ids),
                          ",".join(i[:12] for i in ids[:10]))
         await self._export_gauges(counts)
-        if self.cfg.pool.size > 0 and not self._filling:
-            await self._refill_pool(records, p)
+        if self.cfg.pool.enabled:
+            await self._keep_pool(records, p)
         elapsed = time.perf_counter() - t0
         metrics.CHECKER_CYCLE_SECONDS.labels(self.mid).observe(elapsed)
         self.cycles += 1
@@ -333,18 +334,34 @@ class Checker:
         metrics.REPLICAS.labels(self.mid).set(len(replicas))
         await _export_lost(self.ops)
 
-    async def _refill_pool(self, records: list[NodeRecord], p: reconcile.Plan) -> None:
+    async def _keep_pool(self, records: list[NodeRecord], p: reconcile.Plan) -> None:
+        """Size the pool by demand: fill it up to its target, or take the surplus out."""
         removed = {r.id for r, _ in p.remove}
-        pooled = sum(1 for r in records if r.role == Role.POOLED and r.id not in removed)
-        metrics.POOL_SIZE.labels(self.mid).set(pooled)
-        missing = self.cfg.pool.size - pooled
+        pooled = [r for r in records if r.role == Role.POOLED and r.id not in removed]
+        metrics.POOL_SIZE.labels(self.mid).set(len(pooled))
+        rate = self.demand.update(await self.store.arrivals(self.mid))
+        cap = await capacity.node_cap(self.ops)
+        sessions = sum(1 for r in records if r.role != Role.POOLED and r.id not in removed
+                       and r.status != NodeStatus.ARCHIVED)  # an archived session holds no container
+        want = demand.plan(self.cfg.pool, rate, self.ops.queue.expected_seconds, cap - sessions if cap else None)
+        metrics.POOL_TARGET.labels(self.mid).set(want.target)
+        metrics.POOL_ARRIVAL_RATE.labels(self.mid).set(rate)
+        if self._filling:
+            return
+        missing = want.target - len(pooled)
         if missing > 0:
             self._filling = True
-            self._fill_task = asyncio.create_task(self._fill(missing))
+            self._fill_task = asyncio.create_task(self._fill(missing, want.refill_concurrency))
+        elif missing < 0:
+            # the newest first: the oldest are claimed first, and recycled by age anyway
+            ready = [r for r in pooled if r.status == NodeStatus.RUNNING]
+            for rec in sorted(ready, key=lambda r: r.created_at, reverse=True)[:-missing]:
+                if await self.store.unpool(self.mid, rec.id):  # not if a client claimed it meanwhile
+                    await self.tiers.remove(rec, "pool above its target")
 
-    async def _fill(self, n: int) -> None:
+    async def _fill(self, n: int, concurrency: int) -> None:
         try:
-            await pool.refill(self.ops, n, lambda: self.lease.held, self._offer_pooled)
+            await pool.refill(self.ops, n, lambda: self.lease.held, self._offer_pooled, concurrency)
         finally:
             self._filling = False
 

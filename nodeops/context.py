@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from nodeops.address_cache import ConfirmedAddresses
+from nodeops.admission import CreationQueue
 from nodeops.circuit import Circuits
 from shared.config import Config
 from shared.engines.base import NodeBackend
@@ -41,10 +42,19 @@ class NodeOps:
     circuits: Circuits = field(default_factory=Circuits)  # by host address: fail fast while one is down
     addresses: ConfirmedAddresses = field(default_factory=ConfirmedAddresses)  # what the engine confirmed
     derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known
+    creations: CreationQueue | None = None  # made from cfg.creation on first use (nodeops/admission.py)
 
     @property
     def manager_id(self) -> str:
         return self.cfg.manager_id
+
+    @property
+    def queue(self) -> CreationQueue:
+        """This process's creation queue: clients' creations and the pool's refills take turns in it."""
+        if self.creations is None:
+            c = self.cfg.creation
+            self.creations = CreationQueue(c.concurrency, c.queue_size)
+        return self.creations
 
     def one_connection_http(self) -> httpx.AsyncClient:
         """A client that keeps no connection alive: each call connects anew."""

@@ -18,7 +18,7 @@ from nodeops import resume
 from nodeops.context import NodeOps
 from nodeops.locks import wait_capture
 from nodeops.primitives import discard, gone, owned, wait_ready
-from shared import metrics
+from shared import metrics, phases
 from shared.engines.base import Address, NewNode
 from shared.errors import (
     BadRequest,
@@ -47,50 +47,91 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
                       reservation: str | None = None, seed: str = "") -> NodeRecord:
     """Create a session (its workspace and a node on this engine), record it, return once it answers.
 
-    The record is written first, naming the workspace and (by the session id) the container
-    before either exists: a replica that dies at any step leaves a record in "creating" that
-    says what to remove, and the checker removes all of it once that replica's heartbeat has
-    expired. Nothing of a session that was never handed out is ever adopted. With a seed (a fork's
-    or a snapshot's saved workspace) the workspace starts as a copy of it.
+    It first waits for a creation slot (nodeops/admission.py: a full queue raises
+    CreationQueueFull); nothing exists of it meanwhile, so a client that leaves while it waits
+    leaves nothing behind (its reservation is returned). Then the record is written first,
+    naming the workspace and (by the session id) the container before either exists: a replica
+    that dies at any step leaves a record in "creating" that says what to remove, and the
+    checker removes all of it once that replica's heartbeat has expired. Nothing of a session
+    that was never handed out is ever adopted. With a seed (a fork's or a snapshot's saved
+    workspace) the workspace starts as a copy of it.
     """
+    t0 = time.monotonic()
+    with phases.timing() as took:
+        outcome = "error"
+        started = False
+        try:
+            async with ops.queue.slot(client, refill=role == Role.POOLED):
+                took["queue"] = time.monotonic() - t0
+                started = True
+                rec = await _create(ops, role, client, reservation, seed, took)
+                outcome = "ready"
+                return rec
+        except NodeTimeout as exc:
+            outcome = "timeout" if started and exc.detail == TIMEOUT else outcome
+            raise
+        except BaseException:
+            if not started and reservation:  # refused or left while queued: the slot it held in the quota goes
+                await asyncio.shield(_unreserve(ops, reservation, client))
+            raise
+        finally:
+            metrics.NODE_CREATE_SECONDS.labels(outcome).observe(time.monotonic() - t0)
+            for name, seconds in took.items():
+                metrics.NODE_CREATE_PHASE_SECONDS.labels(name).observe(seconds)
+
+
+TIMEOUT = "Node creation timeout!"
+
+
+async def _create(ops: NodeOps, role: str, client: str, reservation: str | None, seed: str,
+                  took: dict[str, float]) -> NodeRecord:
     cfg = ops.cfg
     t0 = time.monotonic()
-    deadline = t0 + cfg.node.creation_wait_seconds
+    deadline = t0 + cfg.node.creation_wait_seconds  # from its turn on: the wait for a slot is not the node's
     rec: NodeRecord | None = None
-    outcome = "error"
     session_id = secrets.token_hex(32)  # the shape of a container id: cookies look as they always did
     now = time.time()
     new = NewNode(owner=ops.manager_id, role=role, client=client, secret=ops.store.secrets.new(session_id),
                   replica_id=ops.replica.replica_id, created_at=now, session_id=session_id,
                   workspace=ops.backend.workspace_name(session_id), seed=seed)
     try:
-        rec = NodeRecord(id=session_id, short_id=session_id[:12], manager_id=ops.manager_id,
-                         status=NodeStatus.CREATING, created_at=now, updated_at=now, last_request_at=now,
-                         replica_id=ops.replica.replica_id, role=role, client=client, workspace=new.workspace,
-                         image=ops.backend.image, secret=new.secret)
-        await ops.store.put_node(rec, replace_member=reservation)
-        reservation = None
-        await ops.publish(EventKind.CREATED, rec)
-        await ops.backend.create_workspace(new)
-        rec.container_id = await ops.backend.create(new)
-        rec.host, rec.port = await ops.backend.start(rec.container_id)
+        with phases.phase("record"):
+            rec = NodeRecord(id=session_id, short_id=session_id[:12], manager_id=ops.manager_id,
+                             status=NodeStatus.CREATING, created_at=now, updated_at=now, last_request_at=now,
+                             replica_id=ops.replica.replica_id, role=role, client=client, workspace=new.workspace,
+                             image=ops.backend.image, secret=new.secret)
+            await ops.store.put_node(rec, replace_member=reservation)
+            reservation = None
+            await ops.publish(EventKind.CREATED, rec)
+        with phases.phase("workspace"):
+            await ops.backend.create_workspace(new)
+        with phases.phase("create"):
+            rec.container_id = await ops.backend.create(new)
+        with phases.phase("start"):
+            rec.host, rec.port = await ops.backend.start(rec.container_id)
         ops.addresses.put(rec.container_id, rec.id, Address(rec.host, rec.port))  # the engine's own word
-        # status stays "creating" until the node answers: the checker removes records stuck in it
-        await ops.store.update_node(session_id, host=rec.host, port=rec.port, container_id=rec.container_id)
-        if not await wait_ready(ops, rec, deadline):
-            outcome = "timeout"
-            raise NodeTimeout("Node creation timeout!")
-        # readiness is ours (ready_at); `health` stays Docker's HEALTHCHECK state, synced by the checker
-        rec.ready_at = time.time()
-        rec.status = NodeStatus.RUNNING
-        await ops.store.update_node(session_id, ready_at=rec.ready_at, host=rec.host, port=rec.port,
-                                    status=rec.status)
-        await ops.publish(EventKind.READY, rec)
-        # its idle time starts when it is handed out, not when its creation began
-        await ops.store.touch({session_id: (ops.manager_id, rec.ready_at)})
-        outcome = "ready"
-        log.info("node_ready node_id=%s container=%s manager_id=%s elapsed_s=%.3f", session_id[:12],
-                 rec.container_id[:12], ops.manager_id, time.monotonic() - t0)
+        with phases.phase("probe"):
+            # status stays "creating" until the node answers: the checker removes records stuck in it;
+            # the address is written while the node boots, not before the first probe
+            recorded = asyncio.ensure_future(ops.store.update_node(session_id, host=rec.host, port=rec.port,
+                                                                   container_id=rec.container_id))
+            try:
+                ready = await wait_ready(ops, rec, deadline)
+            finally:
+                await recorded
+            if not ready:
+                raise NodeTimeout(TIMEOUT)
+        with phases.phase("ready_write"):
+            # readiness is ours (ready_at); `health` stays Docker's HEALTHCHECK state, synced by the checker
+            rec.ready_at = time.time()
+            rec.status = NodeStatus.RUNNING
+            await ops.store.update_node(session_id, ready_at=rec.ready_at, host=rec.host, port=rec.port,
+                                        status=rec.status)
+            await ops.publish(EventKind.READY, rec)
+            # its idle time starts when it is handed out, not when its creation began
+            await ops.store.touch({session_id: (ops.manager_id, rec.ready_at)})
+        log.info("node_ready node_id=%s container=%s manager_id=%s elapsed_s=%.3f phases_ms=%s", session_id[:12],
+                 rec.container_id[:12], ops.manager_id, time.monotonic() - t0, phases.describe(took))
         return rec
     except BaseException as exc:
         # includes cancellation (the client went away): never leave a container or record behind
@@ -99,9 +140,13 @@ async def create_node(ops: NodeOps, *, role: str = Role.NODE, client: str = "",
         if isinstance(exc, ManagerError) or not isinstance(exc, Exception):
             raise
         raise Unavailable(f"Node creation failed: {exc}") from exc
-    finally:
-        metrics.NODE_CREATE_SECONDS.labels(outcome).observe(time.monotonic() - t0)
 
+
+async def _unreserve(ops: NodeOps, reservation: str, client: str) -> None:
+    try:
+        await ops.store.unreserve(ops.manager_id, reservation, client)
+    except ManagerError as exc:  # the checker drops stale reservations
+        log.warning("unreserve_failed manager_id=%s error=%s", ops.manager_id, exc.detail)
 
 
 async def _discard(ops: NodeOps, rec: NodeRecord | None, reservation: str | None, client: str) -> None:

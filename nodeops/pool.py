@@ -1,6 +1,9 @@
 """The warm pool: ready nodes waiting for a client, claimed atomically by any replica.
 
-The checker (lease holder) keeps ``pool.size`` pooled nodes per manager_id; a claim
+The checker (lease holder) keeps a target of pooled nodes per manager_id that follows the
+recent arrival rate (nodeops/demand.py) between ``pool.size`` and ``pool.max_size``; every
+claim counts one arrival. Refills wait behind client creations in the creation queue
+(nodeops/admission.py), so filling the pool never delays a client's own creation. A claim
 pops one in a Lua script so two replicas can never hand out the same node. A claimed
 node stays marked ``claiming`` until the answer is on its way; the checker releases
 nodes left in that state by a replica that died in between.
@@ -20,14 +23,13 @@ from shared.models import EventKind, NodeRecord, Role
 
 log = logging.getLogger(__name__)
 
-FILL_CONCURRENCY = 4
-
 
 async def claim(ops: NodeOps, client: str = "") -> NodeRecord | None:
     """A ready pooled node for this client, or None when the pool is off or empty."""
-    if ops.cfg.pool.size <= 0:
+    if not ops.cfg.pool.enabled:
         return None
     store = ops.store
+    await store.count_arrival(ops.manager_id)  # a hit or a miss, it is demand
     t0 = time.monotonic()
     # the client's quota holds for pooled nodes too (over it: None, and the reservation says why)
     limit = capacity.client_cap(ops.cfg.quota.per_client, await capacity.node_cap(ops)) if client else 0
@@ -54,18 +56,24 @@ async def delivered(ops: NodeOps, rec: NodeRecord) -> None:
 
 
 async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
-                 offer: Callable[[NodeRecord], Awaitable[bool]]) -> None:
-    """Create n pooled nodes while allowed(); offer(rec) puts each in the pool (False: refused).
+                 offer: Callable[[NodeRecord], Awaitable[bool]], concurrency: int = 1) -> None:
+    """Create n pooled nodes, concurrency at a time, while allowed(); offer(rec) puts each in the
+    pool (False: refused).
 
     A refused node (the lease moved on meanwhile) is removed: nobody would ever hand it out.
     """
-    sem = asyncio.Semaphore(FILL_CONCURRENCY)
+    sem = asyncio.Semaphore(max(1, concurrency))
+    gauge = metrics.POOL_REFILL_IN_FLIGHT.labels(ops.manager_id)
 
     async def one() -> None:
         async with sem:
             if not allowed():
                 return
-            rec = await lifecycle.create_node(ops, role=Role.POOLED)
+            gauge.inc()
+            try:
+                rec = await lifecycle.create_node(ops, role=Role.POOLED)
+            finally:
+                gauge.dec()
             if not await offer(rec):
                 await primitives.discard(ops, rec)
 

@@ -58,8 +58,9 @@ async def _create_on(ops: NodeOps, mid: str, client: str, snapshot: str = "") ->
 
 
 async def create_local(ops: NodeOps, client: str = "", snapshot: str = "") -> NodeRecord:
-    """A node on this engine: from the warm pool when it has one, else a new one within quota;
-    from a snapshot kept here, always a new one (pooled nodes have empty workspaces)."""
+    """A node on this engine: from the warm pool when it has one, else a new one within quota
+    (waiting its turn in the creation queue); from a snapshot kept here, always a new one
+    (pooled nodes have empty workspaces)."""
     seed = ""
     if snapshot:
         snap = await snapshots.find(ops, snapshot, client)

@@ -333,9 +333,29 @@ class ForkConfig(Base):
 
 
 class PoolConfig(Base):
-    size: int = 0  # ready nodes kept per manager_id; 0: no pool
+    """Ready nodes waiting for clients (nodeops/pool.py), sized by recent demand (nodeops/demand.py)."""
+
+    size: int = 0  # ready nodes kept per manager_id at least; 0 (and max_size 0): no pool
+    # the most the pool grows to when the recent arrival rate asks for more; 0: stays at size
+    max_size: int = 0
+    # the pool holds what the recent arrival rate asks for over this long (at least one creation's time)
+    demand_seconds: float = 10.0
+    demand_half_life_seconds: float = 10.0  # how fast the arrival rate forgets (an EWMA's half-life)
+    refill_concurrency: int = 4  # pooled nodes created at once at most (fewer while demand is low)
     max_age_seconds: float = 3600.0  # pooled nodes older than this are recycled
     claim_timeout_seconds: float = 30.0  # a claimed node not delivered by then is released
+
+    @property
+    def enabled(self) -> bool:
+        return max(self.size, self.max_size) > 0
+
+
+class CreationConfig(Base):
+    """How many new nodes one replica process starts at once, and how many wait (nodeops/admission.py)."""
+
+    concurrency: int = 4  # creations running at once per process; more wait their turn, round-robin by client
+    # client creations waiting per process; one more gets 503 with Retry-After
+    queue_size: int = 64
 
 
 class EventsConfig(Base):
@@ -412,6 +432,7 @@ class Config(Base):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     pool: PoolConfig = msgspec.field(default_factory=PoolConfig)
     fork: ForkConfig = msgspec.field(default_factory=ForkConfig)
+    creation: CreationConfig = msgspec.field(default_factory=CreationConfig)
     quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
     client_auth: ClientAuthConfig = msgspec.field(default_factory=ClientAuthConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
@@ -472,6 +493,13 @@ class Config(Base):
                 raise ValueError(f"{key} must be positive, or null to turn that tier off")
         if self.node.disk.workspace_bytes and self.node.disk.workspace_bytes < 16 << 20:
             raise ValueError("node.disk.workspace_bytes must be 0 (unbounded) or at least 16 MiB")
+        if self.creation.concurrency < 1 or self.creation.queue_size < 0:
+            raise ValueError("creation.concurrency must be at least 1 and creation.queue_size at least 0")
+        p = self.pool
+        if min(p.size, p.max_size, p.refill_concurrency - 1) < 0 or p.demand_seconds < 0 \
+                or p.demand_half_life_seconds <= 0:
+            raise ValueError("pool.size and pool.max_size must be 0 or more, pool.refill_concurrency at least 1, "
+                             "pool.demand_seconds 0 or more and pool.demand_half_life_seconds positive")
         if not 0 < self.admin.console_port < 65536 or self.admin.console_port == self.port:
             raise ValueError("admin.console_port must be a port other than port: the console needs an "
                              "origin of its own, apart from the pages nodes serve")

@@ -28,6 +28,7 @@
         ├── NoLiveManager       no live replica of the owning manager_id
         │   └── HostUnreachable the host of a node (or of the owner's replicas) does not answer
         ├── CapacityExhausted   no host has room for another node
+        ├── CreationQueueFull   too many creations waiting on this replica (Retry-After)
         └── ImageMissing        the engine has no node image (not pulled or loaded yet)
 """
 
@@ -193,6 +194,14 @@ class NodeResponseTooLarge(ManagerError):
 
 class CapacityExhausted(Unavailable):
     pass
+
+
+class CreationQueueFull(Unavailable):
+    """The replica's creation queue is full (nodeops/admission.py): the client retries later."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
 
 
 class ImageMissing(Unavailable):

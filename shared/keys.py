@@ -43,6 +43,10 @@ class Keys:
         """List: ready pooled node ids waiting to be claimed."""
         return f"{self.prefix}:mgr:{manager_id}:pool"
 
+    def arrivals(self, manager_id: str) -> str:
+        """Counter: creation requests of a manager_id so far (the pool's demand: nodeops/demand.py)."""
+        return f"{self.prefix}:mgr:{manager_id}:arrivals"
+
     def intents(self, manager_id: str) -> str:
         """Hash: node id -> a lifecycle call (stop, release) accepted while no replica of the owner
         was reachable, for the owner's checker to carry out."""

@@ -42,6 +42,24 @@ for _o in ("ok", "partial", "error", "quota"):
     FORK_SECONDS.labels(_o)
 for _o in ("fork", "snapshot"):
     SOURCE_STALL_SECONDS.labels(_o)
+# the phases of a creation (nodeops/lifecycle.py; shared/phases.py), to find where a slow one spent it
+CREATE_PHASES = ("queue", "record", "workspace", "network", "create", "start", "probe", "ready_write")
+NODE_CREATE_PHASE_SECONDS = Histogram(
+    P + "node_create_phase_duration_seconds", "Time a node creation spent in each phase (queue: waiting for "
+    "a creation slot).", ["phase"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5,
+                                             2.0, 3.0, 5.0, 10.0, 30.0))
+for _ph in CREATE_PHASES:
+    NODE_CREATE_PHASE_SECONDS.labels(_ph)
+CREATE_QUEUE_DEPTH = Gauge(P + "create_queue_depth", "Client creations waiting for a creation slot (per "
+                           "process: nodeops/admission.py).", multiprocess_mode="livesum")
+CREATES_RUNNING = Gauge(P + "creates_in_progress", "Creations holding a slot (clients' and pool refills').",
+                        multiprocess_mode="livesum")
+CREATE_QUEUE_WAIT_SECONDS = Histogram(P + "create_queue_wait_seconds", "Time a creation waited for its slot, "
+                                      "by kind (client, refill).", ["kind"], buckets=CREATE_BUCKETS)
+for _k in ("client", "refill"):
+    CREATE_QUEUE_WAIT_SECONDS.labels(_k)
+CREATE_QUEUE_REJECTED = Counter(P + "create_queue_rejected_total",
+                                "Creations refused with 503 because the creation queue was full.")
 
 PROXY_REQUESTS = Counter(P + "proxy_requests_total", "Requests proxied to nodes, by route and status class.",
                          ["route", "code"])
@@ -103,6 +121,12 @@ RESUME_SECONDS = Histogram(P + "session_resume_duration_seconds",
                            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
 for _t in ("paused", "stopped", "archived"):
     RESUME_SECONDS.labels(_t)
+POOL_TARGET = Gauge(P + "pool_target_nodes", "Pooled nodes the checker aims for, from the recent arrival "
+                    "rate (lease holder only).", ["manager_id"], multiprocess_mode="livemax")
+POOL_ARRIVAL_RATE = Gauge(P + "pool_arrival_rate", "Recent creation requests per second of the manager_id "
+                          "(EWMA; lease holder only).", ["manager_id"], multiprocess_mode="livemax")
+POOL_REFILL_IN_FLIGHT = Gauge(P + "pool_refill_in_flight", "Pooled nodes being created now (lease holder only).",
+                              ["manager_id"], multiprocess_mode="livemax")
 POOL_CLAIMS = Counter(P + "pool_claims_total", "get_cookie served from the warm pool (hit) or not (miss).",
                       ["result"])
 for _r in ("hit", "miss"):

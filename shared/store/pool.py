@@ -1,5 +1,5 @@
 """The warm pool: ready nodes of a manager_id in a list, claimed atomically so that two replicas
-never hand out the same node."""
+never hand out the same node; and the count of creation requests that sizes it."""
 
 from __future__ import annotations
 
@@ -60,3 +60,18 @@ class Pool(Part):
 
     def pool_push_op(self, manager_id: str, node_id: str) -> Op:
         return ("rpush", self.keys.pool(manager_id), [node_id])
+
+    async def unpool(self, manager_id: str, node_id: str) -> bool:
+        """Take a pooled node out of the pool unless a claim took it first; True when this call did."""
+        with redis_errors():
+            return bool(await self.redis.lrem(self.keys.pool(manager_id), 1, node_id))
+
+    async def count_arrival(self, manager_id: str) -> None:
+        """One more creation request for manager_id (what sizes its pool: nodeops/demand.py)."""
+        with redis_errors():
+            await self.redis.incr(self.keys.arrivals(manager_id))
+
+    async def arrivals(self, manager_id: str) -> int:
+        """Creation requests for manager_id so far."""
+        with redis_errors():
+            return int(await self.redis.get(self.keys.arrivals(manager_id)) or 0)
