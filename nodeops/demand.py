@@ -55,7 +55,8 @@ def plan(cfg: PoolConfig, rate: float, start_seconds: float, room: int | None) -
     """The pool's target and refill concurrency for an arrival rate (per second), the time one
     creation takes, and the nodes the engine's cap still has room for (None: no cap)."""
     lo, hi = max(cfg.size, 0), max(cfg.size, cfg.max_size, 0)
-    want = math.ceil(rate * max(cfg.demand_seconds, start_seconds) - 1e-9)
+    # rounded, not ceiled: a rate decaying towards 0 must reach a target of 0 in finite time
+    want = math.floor(rate * max(cfg.demand_seconds, start_seconds) + 0.5)
     target = min(max(lo, want), hi)
     if room is not None:
         target = min(target, max(room, 0))

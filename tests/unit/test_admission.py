@@ -124,6 +124,7 @@ def test_pool_plan_follows_the_rate_within_its_bounds_and_the_engines_room() -> 
     cfg = PoolConfig(size=2, max_size=20, demand_seconds=10, refill_concurrency=4)
     assert plan(cfg, 0.0, 0.5, None).target == 2  # idle: the floor
     assert plan(cfg, 0.0, 0.5, None).refill_concurrency == 1
+    assert plan(PoolConfig(max_size=5), 0.04, 0.5, None).target == 0  # a rate decayed to almost nothing
     busy = plan(cfg, 1.5, 0.5, None)
     assert busy.target == 15 and busy.refill_concurrency == 1
     assert plan(cfg, 100.0, 0.5, None).target == 20  # the ceiling

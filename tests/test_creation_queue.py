@@ -1,0 +1,144 @@
+"""Creations that queue and a pool that follows demand, on the real engine and Redis (issue 26):
+a burst past the queue gets 503 + Retry-After for the excess with nothing half-made, a client
+that leaves while queued (or while its node starts) leaves nothing, clients take turns, and the
+pool's target grows under a burst and shrinks back when idle. Pure logic: tests/unit/test_admission.py."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import docker
+import httpx
+import redis
+
+from tests.conftest import project_containers, wait_for
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples whose name and labels start with name (0 when absent)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def names(client: docker.DockerClient, mid: str) -> set[str]:
+    """The names (session ids) of the manager_id's containers."""
+    return {c.attrs["Names"][0].lstrip("/") for c in project_containers(client, mid)}
+
+
+def records(r: redis.Redis, prefix: str) -> list[bytes]:
+    return [k for k in r.scan_iter(f"{prefix}:node:*") if k.count(b":") == 2]
+
+
+def members(r: redis.Redis, prefix: str, mid: str) -> set[bytes]:
+    """The manager_id's node set: its sessions and pending quota reservations."""
+    return r.smembers(f"{prefix}:mgr:{mid}:nodes")  # type: ignore[return-value]
+
+
+def release_all(url: str, cookies: list[str]) -> None:
+    for node_id in cookies:
+        httpx.post(url + "/release_session", cookies={"node_id": node_id}, timeout=60)
+
+
+def test_a_burst_past_the_queue_gets_503_with_retry_after_for_the_excess_and_nothing_half_made(
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
+        docker_client: docker.DockerClient) -> None:
+    m = start_manager(creation={"concurrency": 1, "queue_size": 2})
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        rs = list(ex.map(lambda _: httpx.post(m.url + "/get_cookie", timeout=60), range(8)))
+    ok = [r for r in rs if r.status_code == 200]
+    refused = [r for r in rs if r.status_code != 200]
+    # one creating and two queued at most while the burst arrived: the rest are refused at once
+    assert len(ok) >= 3 and refused, [(r.status_code, r.text) for r in rs]
+    for r in refused:
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert "creation queue" in r.json()["detail"] and "full" in r.json()["detail"], r.text
+    assert metric(m.url, "toolserver_create_queue_rejected_total") == len(refused)
+    # nothing of a refused creation exists: containers, records and quota entries are the successes'
+    cookies = [r.cookies["node_id"] for r in ok]
+    assert names(docker_client, manager_id) == set(cookies)
+    assert {k.decode().rsplit(":", 1)[1] for k in records(redis_client, prefix)} == set(cookies)
+    assert {x.decode() for x in members(redis_client, prefix, manager_id)} == set(cookies)
+    assert metric(m.url, "toolserver_create_queue_depth") == 0
+    # each creation's phases are in the creation metric
+    for ph in ("queue", "record", "workspace", "create", "start", "probe", "ready_write"):
+        assert metric(m.url, f'toolserver_node_create_phase_duration_seconds_count{{phase="{ph}"}}') == len(ok), ph
+    release_all(m.url, cookies)
+    assert not project_containers(docker_client, manager_id)
+
+
+def test_clients_take_turns_one_burst_does_not_delay_another_clients_creation_beyond_its_turn(
+        start_manager: Any, manager_id: str) -> None:
+    m = start_manager(creation={"concurrency": 1, "queue_size": 16}, quota={"client_header": "X-Client",
+                                                                           "per_client": 0})
+    done: list[str] = []
+
+    def create(who: str) -> httpx.Response:
+        r = httpx.post(m.url + "/get_cookie", headers={"X-Client": who}, timeout=120)
+        done.append(who)
+        return r
+
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        burst = [ex.submit(create, "a") for _ in range(5)]
+        # a's burst is in: one creating, four waiting
+        wait_for(lambda: metric(m.url, "toolserver_create_queue_depth") == 4, timeout=30, what="a's burst queued")
+        b = ex.submit(create, "b")
+        rs = [f.result() for f in [*burst, b]]
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    # b waited for a's running creation and a's next one at most, not for all five (first come, first served)
+    assert done.index("b") <= 2, done
+    release_all(m.url, [r.cookies["node_id"] for r in rs])
+
+
+def test_the_pool_target_grows_under_a_burst_and_shrinks_back_when_idle(
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
+        docker_client: docker.DockerClient) -> None:
+    # a short half-life is the test's clock: the arrival rate forgets the burst in seconds
+    m = start_manager(pool={"size": 0, "max_size": 2, "demand_seconds": 10, "demand_half_life_seconds": 1},
+                      creation={"concurrency": 3}, checker={"interval_seconds": 0.3})
+    pool_key = f"{prefix}:mgr:{manager_id}:pool"
+    time.sleep(1)  # a few checker passes with no demand: the pool stays empty
+    assert metric(m.url, "toolserver_pool_target_nodes") == 0 and redis_client.llen(pool_key) == 0
+    arrivals = f"{prefix}:mgr:{manager_id}:arrivals"
+    with concurrent.futures.ThreadPoolExecutor(5) as ex:
+        burst = [ex.submit(httpx.post, m.url + "/get_cookie", timeout=120) for _ in range(4)]
+        wait_for(lambda: metric(m.url, "toolserver_pool_target_nodes") == 2, timeout=10, what="target up")
+        assert metric(m.url, "toolserver_pool_arrival_rate") > 0
+        # demand goes on (the rate input, driven: the counter every creation request adds to) until the
+        # pool has filled on this slow shared machine
+        filled = False
+
+        def demand() -> None:
+            while not filled:
+                redis_client.incrby(arrivals, 2)
+                time.sleep(0.3)
+
+        keep = ex.submit(demand)
+        try:
+            wait_for(lambda: redis_client.llen(pool_key) == 2, timeout=90, what="pool filled to its target")
+        finally:
+            filled = True
+        keep.result()
+        rs = [f.result() for f in burst]
+    assert all(r.status_code == 200 for r in rs)
+    pooled = {x.decode() for x in redis_client.lrange(pool_key, 0, -1)}
+    # nobody asks for more: the rate decays, the target falls to size (0) and the pooled nodes go
+    wait_for(lambda: metric(m.url, "toolserver_pool_target_nodes") == 0, timeout=30, what="target down")
+    wait_for(lambda: redis_client.llen(pool_key) == 0, timeout=30, what="pool emptied")
+    wait_for(lambda: not pooled & names(docker_client, manager_id)
+             and not any(redis_client.exists(f"{prefix}:node:{i}") for i in pooled), timeout=30,
+             what="pooled containers and their records removed")
+    removed = f'toolserver_checker_actions_total{{action="remove",manager_id="{manager_id}"}}'
+    wait_for(lambda: metric(m.url, removed) >= 2, timeout=10, what="removals counted")
+    release_all(m.url, [r.cookies["node_id"] for r in rs])
+
+
+def _raw_get_cookie(url: str) -> socket.socket:
+    """A get_cookie sent on a socket the test closes itself (a client that goes away)."""
+    u = urlsplit(url)
+    s = socket.create_connection((u.hostname, u.port))
+    s.sendall(b"POST /get_cookie HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    return s
