@@ -307,9 +307,16 @@ class DockerBackend(NodeBackend):
             raise ImageMissing(self.image)
         path = os.path.join(self.disk.image_dir, name + ".img")
         if node.seed:
-            dev = await self._call(loopdisk.create_from, path, self._seed_path(node.seed))
+            making = asyncio.ensure_future(self._call(loopdisk.create_from, path, self._seed_path(node.seed)))
         else:
-            dev = await self._call(loopdisk.create, path, self.disk.workspace_bytes)
+            making = asyncio.ensure_future(self._call(loopdisk.create, path, self.disk.workspace_bytes))
+        try:
+            dev = await asyncio.shield(making)
+        except asyncio.CancelledError:
+            # the caller left (a client gone mid-creation), but the thread makes the image and attaches
+            # its loop device all the same: wait for it, then take back what it made
+            await asyncio.shield(self._unmake(making, path))
+            raise
         try:
             await self._call(self.client.api.create_volume, name, driver="local",
                              driver_opts={"type": "ext4", "device": dev}, labels={**labels, LABEL_IMAGE_FILE: path})
@@ -317,6 +324,11 @@ class DockerBackend(NodeBackend):
             await asyncio.shield(self._call(loopdisk.destroy, path))
             raise
         return name
+
+    async def _unmake(self, making: asyncio.Future[str], path: str) -> None:
+        with contextlib.suppress(Exception):
+            await making
+        await self._call(loopdisk.destroy, path)
 
     async def ready_workspace(self, name: str) -> None:
         """Attach the workspace's image again if it lost its loop device, and point the volume at it."""
