@@ -20,6 +20,7 @@ import secrets
 
 from shared.models import NodeRecord
 
+_MEMO = 16384  # derived secrets kept in memory (a few MB at most)
 _LABEL = b"toolserver-manager node secret\x00"  # domain separation: the key may serve nothing else
 
 
@@ -28,6 +29,9 @@ class NodeSecrets:
 
     def __init__(self, key: str = "") -> None:
         self._key = key.encode() if key else b""
+        # the proxy adds a session's secret to every request it forwards: an HMAC each time was a
+        # few µs of a request's CPU (benchmarks/proxy_profile.py); bounded, then started afresh
+        self._derived: dict[str, str] = {}
 
     @property
     def derived(self) -> bool:
@@ -35,8 +39,15 @@ class NodeSecrets:
 
     def derive(self, session_id: str) -> str:
         """The session's secret under the key (43 URL-safe characters, as token_urlsafe(32))."""
+        known = self._derived.get(session_id)
+        if known is not None:
+            return known
         mac = hmac.new(self._key, _LABEL + session_id.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        secret = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        if len(self._derived) >= _MEMO:
+            self._derived.clear()
+        self._derived[session_id] = secret
+        return secret
 
     def new(self, session_id: str, current: str = "") -> str:
         """The secret for a new container of a session: derived with a key (a record's clear one is

@@ -29,6 +29,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from manager.edge.responses import REPLICA_HEADER
 
 ABORT_EXTENSION = "tsm.abort"  # in a WebSocket's scope: {"abort": drop the client's connection now}
+# in an HTTP request's scope: {"cork": hold the response head back until the body's first write}
+CORK_EXTENSION = "tsm.cork"
 _replica = b""  # "x-tsm-replica: <id>\r\n" once the app knows its replica id (each worker its own)
 
 
@@ -75,6 +77,45 @@ class Limits:
         return not known
 
 
+class _Cork:
+    """The connection's transport as a response sees it. After cork(), the next write (the head) is
+    held and goes out with the write after it (the body) as one: one system call and one segment
+    instead of two, as nginx's writev. Only for a body that follows at once (the proxy's small
+    answers); a held head also goes out at close, and when the response completes without a body."""
+
+    __slots__ = ("_armed", "_held", "_t")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._t = transport
+        self._armed = False
+        self._held: bytes | None = None
+
+    def cork(self) -> None:
+        self._armed = True
+
+    def write(self, data: bytes) -> None:
+        if self._armed:
+            self._armed = False
+            self._held = data
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._t.write(data)
+
+    def flush(self) -> None:
+        self._armed = False
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._t.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._t.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
 class EdgeHttpProtocol(HttpToolsProtocol):
     """One client connection; the head limit is uvicorn's h11_max_incomplete_event_size."""
 
@@ -93,9 +134,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._bad_upgrade = False
         self._address: str | None = None
+        self._cork: _Cork | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._cork = _Cork(transport)
         lim = self._limits
         address = self.client[0] if self.client else ""
         if lim.max_connections and len(self.connections) > lim.max_connections:
@@ -184,7 +227,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and not self._should_upgrade() and _has_body(self.headers):
             self._bad_upgrade = True  # refused once the parser stops at the upgrade (above)
             return
+        cork = self._cork
+        if cork is not None:
+            cork.flush()  # nothing held may wait for another request's answer
+            self.scope.setdefault("extensions", {})[CORK_EXTENSION] = {"cork": cork.cork}  # type: ignore[typeddict-item]
         super().on_headers_complete()
+        if cork is not None and self.cycle is not None:
+            self.cycle.transport = cork  # type: ignore[assignment]
         if self._limits.body_timeout and self.cycle is not None and self.cycle.more_body and _has_body(self.headers):
             self._body_seen = self.loop.time()
             self._body_timer = self.loop.call_later(self._limits.body_timeout, self._body_check)
@@ -195,6 +244,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._disarm_body()
         super().on_message_complete()
         self._in_head = True
+
+    def on_response_complete(self) -> None:
+        if self._cork is not None:
+            self._cork.flush()  # a response without a body write (HEAD) sends its head now
+        super().on_response_complete()
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)

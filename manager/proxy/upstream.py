@@ -287,7 +287,7 @@ class _Conn(asyncio.Protocol):
                 raise self.error
             self.waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self.waiter, timeout)
+                await _wait(self.waiter, timeout)  # woken by the next chunk, the end or a failure
             except TimeoutError:
                 self._fail(UpstreamTimeout("node response timed out"))
                 raise self.error from None  # type: ignore[misc]
@@ -375,6 +375,31 @@ class Response:
             self._conn.abort()
 
 
+async def _wait(head: asyncio.Future[None], timeout: float | None) -> None:
+    """Until the future is done (the node's final response head arrived, or the next body chunk);
+    TimeoutError after timeout seconds.
+
+    A timer on the future itself, not wait_for(shield(...)): those cost two more futures and their
+    callbacks on every request. Cancelling the caller cancels the future too; every path out of
+    request() aborts the connection then, and the connection's callbacks check done() first."""
+    if head.done():
+        head.result()
+        return
+    if timeout is None:
+        await head
+        return
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, head)
+    try:
+        await head
+    finally:
+        timer.cancel()
+
+
+def _expire(head: asyncio.Future[None]) -> None:
+    if not head.done():
+        head.set_exception(TimeoutError())
+
+
 class UpstreamPool:
     """Idle keep-alive connections per (host, port)."""
 
@@ -445,12 +470,12 @@ class UpstreamPool:
         for attempt in (0, 1):
             conn, reused = await self._get(key, connect_timeout)
             try:
-                conn.write(head_bytes)
                 if body is None:
+                    conn.write(head_bytes)
                     conn.request_sent = True
                 else:
-                    await self._send_body(conn, body, chunked, read_timeout)
-                await asyncio.wait_for(asyncio.shield(conn.head_done), read_timeout)
+                    await self._send_body(conn, body, chunked, read_timeout, head_bytes)
+                await _wait(conn.head_done, read_timeout)
             except TimeoutError:
                 conn.abort()
                 raise UpstreamTimeout("node response timed out") from None
@@ -468,20 +493,28 @@ class UpstreamPool:
         raise UpstreamError("unreachable")  # pragma: no cover
 
     async def _send_body(self, conn: _Conn, body: AsyncIterator[bytes], chunked: bool,
-                         timeout: float | None) -> None:
+                         timeout: float | None, head: bytes) -> None:
+        """The request's head goes out with the body's first bytes, in one write (one system call and
+        one segment, as nginx's writev): a small body cost the proxy a second write before. A body
+        whose first bytes are not there yet holds the head back only until they arrive."""
+        pending: bytes | None = head
         async for chunk in body:
             if conn.head_done.done():
                 return  # answered before the body was sent: stop; the connection is not reused
             if not chunk:
                 continue
-            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            data = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk
+            if pending is not None:
+                data, pending = pending + data, None
+            conn.write(data)
             if not conn.can_write.is_set():
                 # a node that neither reads nor answers times out like one that does not answer
                 await asyncio.wait_for(conn.can_write.wait(), timeout)
         if conn.head_done.done():
             return
-        if chunked:
-            conn.write(b"0\r\n\r\n")
+        end = b"0\r\n\r\n" if chunked else b""
+        if pending is not None or end:
+            conn.write((pending or b"") + end)
         conn.request_sent = True
 
     def close(self) -> None:
