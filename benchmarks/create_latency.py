@@ -111,7 +111,7 @@ def floor_trial(client: docker.DockerClient, floor_mid: str) -> float:
 class SameWork:
     """The same-work floor, modelled on a node the manager made: its HostConfig (limits, network,
     read-only root, tmpfs, log bounds) as the engine reports it, with the workspace mount pointed
-    at a fresh loop-mounted volume of the same size, made by the same code (shared/loopdisk.py)."""
+    at a fresh loop-mounted volume of the same size, made by the same code (shared/engines/docker/loopdisk.py)."""
 
     def __init__(self, client: docker.DockerClient, floor_mid: str, node_id: str) -> None:
         disk = NodeConfig().disk
