@@ -60,6 +60,10 @@ def _default_creation_kwargs() -> dict[str, Any]:
     }
 
 
+# an isolated node network is one Linux bridge per manager_id, and a bridge has 1024 ports numbered
+# from 1 (BR_MAX_PORTS): a node that runs or is paused holds one, so the 1024th fails to start with
+# the kernel's "exchange full". The node cap never goes past it (the Docker engine's max_nodes)
+BRIDGE_MAX_NODES = 1023
 EGRESS_MODES = ("open", "none")
 IMAGE_PULL_POLICIES = ("missing", "never")
 PLACEMENTS = ("spread", "local")
@@ -263,7 +267,8 @@ class ClusterConfig(Base):
     node_secret_key: str = ""
     node_secret_key_file: str = ""
     # live nodes per manager_id. 0: as many as the engine's memory holds at the node memory limit
-    # (the engine's, e.g. engine.docker.creation_kwargs.mem_limit; unlimited when nodes have none); -1: unlimited
+    # (the engine's, e.g. engine.docker.creation_kwargs.mem_limit; unlimited when nodes have none); -1: unlimited.
+    # With isolated node networks never more than 1023, what one bridge holds (a larger value is refused at start)
     max_nodes_per_manager: int = 0
     max_nodes_total: int = 0
     # where a new session goes: "spread": the live manager_id with the fewest nodes (this
@@ -491,6 +496,12 @@ class Config(Base):
                            ("node.tiers.delete_after_seconds", t.delete_after_seconds)):
             if value is not None and value <= 0:
                 raise ValueError(f"{key} must be positive, or null to turn that tier off")
+        if self.engine.kind == "docker" and self.node.network.isolated \
+                and self.cluster.max_nodes_per_manager > BRIDGE_MAX_NODES:
+            raise ValueError(f"cluster.max_nodes_per_manager: {self.cluster.max_nodes_per_manager} is over the "
+                             f"{BRIDGE_MAX_NODES} nodes one node network holds (a Linux bridge has 1024 ports, "
+                             "and node.network.isolated gives each manager_id one bridge): set it to "
+                             f"{BRIDGE_MAX_NODES} or less and run more manager_ids for more")
         if self.node.disk.workspace_bytes and self.node.disk.workspace_bytes < 16 << 20:
             raise ValueError("node.disk.workspace_bytes must be 0 (unbounded) or at least 16 MiB")
         if self.creation.concurrency < 1 or self.creation.queue_size < 0:

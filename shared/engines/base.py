@@ -166,6 +166,11 @@ class NodeBackend(abc.ABC):
         """The memory one node may use at most (0: no limit, or the engine cannot say)."""
         return 0
 
+    @property
+    def max_nodes(self) -> int:
+        """The live nodes of one owner the engine can hold at once, whatever memory says (0: no bound)."""
+        return 0
+
     async def image_present(self) -> bool:
         """Whether the engine has the node image."""
         return True

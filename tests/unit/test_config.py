@@ -184,3 +184,30 @@ def test_tiers_can_be_turned_off_but_not_set_to_nonsense() -> None:
     assert cfg.node.tiers.archive_after_seconds == 86400 and cfg.node.tiers.delete_after_seconds == 604800
     with pytest.raises(ConfigError, match=r"node\.tiers\.archive_after_seconds must be positive"):
         load_config(environ={"TSM_NODE__TIERS__ARCHIVE_AFTER_SECONDS": "0"})
+
+
+def test_node_cap_past_one_bridge_is_refused_with_isolated_nodes() -> None:
+    # a node network is one Linux bridge (1024 ports from 1): the 1024th node would fail to start
+    with pytest.raises(ConfigError, match=r"cluster\.max_nodes_per_manager: 1024 is over the 1023 nodes"):
+        load_config(None, environ={}, overrides={"cluster": {"max_nodes_per_manager": 1024}})
+    load_config(None, environ={}, overrides={"cluster": {"max_nodes_per_manager": 1023}})
+    load_config(None, environ={}, overrides={"cluster": {"max_nodes_per_manager": 5000},
+                                             "node": {"network": {"isolated": False}}})
+
+
+def test_node_cap_stays_within_what_the_engine_holds() -> None:
+    from nodeops.capacity import within
+
+    assert within(0, 1023) == 1023  # "unlimited" (-1, or a cap nothing derives: 0) is one bridge
+    assert within(24, 1023) == 24
+    assert within(5000, 1023) == 1023
+    assert within(0, 0) == 0
+    assert within(5000, 0) == 5000
+
+
+def test_the_docker_engine_bounds_isolated_nodes_by_their_bridge() -> None:
+    from shared.engines.docker.backend import DockerBackend
+
+    assert DockerBackend(load_config(None, environ={})).max_nodes == 1023
+    assert DockerBackend(load_config(None, environ={}, overrides={
+        "node": {"network": {"isolated": False}}})).max_nodes == 0

@@ -25,7 +25,7 @@ import docker.errors
 from docker.types import DeviceRequest, LogConfig, Mount
 
 from shared import firewall
-from shared.config import Config
+from shared.config import BRIDGE_MAX_NODES, Config
 from shared.egress import nft as egress_nft
 from shared.engines.base import (
     Address,
@@ -146,6 +146,11 @@ class DockerBackend(NodeBackend):
     def node_memory_bytes(self) -> int:
         """creation_kwargs.mem_limit in bytes (0 when absent or unparsable)."""
         return parse_size(self._creation_kwargs.get("mem_limit"))
+
+    @property
+    def max_nodes(self) -> int:
+        """An owner's isolated nodes share one bridge, whose ports (BRIDGE_MAX_NODES) bound them."""
+        return BRIDGE_MAX_NODES if self.network is not None else 0
 
     async def image_present(self) -> bool:
         """Whether the engine has the node image (by name and tag, or digest)."""
