@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
                               "access_log": False, "ws_max_size": cfg.proxy.websocket_max_message_bytes,
                               # messages a client sent that wait for the node: 2, not uvicorn's 32
                               "ws_max_queue": 2,
+                              # the client's address is the peer's, or what a balancer in quota.trusted_proxies
+                              # says (manager/client_auth.py): uvicorn's own middleware would believe any
+                              # X-Forwarded-For from 127.0.0.1, and cost every request a pass over its headers
+                              "proxy_headers": False,
                               "timeout_graceful_shutdown": 30, "h11_max_incomplete_event_size": cfg.proxy.max_header_bytes,
                               # one server protocol in every mode: heads bounded in size and time
                               "http": functools.partial(EdgeHttpProtocol, limits=Limits(

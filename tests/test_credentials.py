@@ -86,6 +86,17 @@ def test_one_anonymous_client_cannot_take_the_host(start_manager: Any) -> None:
     assert r.status_code == 429 and "addr:10.1.1.1" in r.text, r.text
 
 
+def test_an_untrusted_client_cannot_name_another_address(start_manager: Any) -> None:
+    """Without trusted_proxies, X-Forwarded-For is the client's word: a client that sends one is
+    still its own address. uvicorn's proxy-headers middleware believed it from 127.0.0.1 (its
+    default), so any local client could take a fresh quota with each header it made up."""
+    m = start_manager(**hostile_config(quota={"per_client": 1}))
+    assert create(m.url).status_code == 200
+    for forwarded in ("10.1.1.1", "10.2.2.2, 10.3.3.3"):
+        r = create(m.url, headers={"X-Forwarded-For": forwarded})
+        assert r.status_code == 429 and "addr:127.0.0.1 already has 1" in r.text, r.text
+
+
 def test_drain_refuses_what_is_not_a_manager_id(start_manager: Any, redis_client: redis.Redis, prefix: str,
                                                 manager_id: str) -> None:
     m = start_manager()
