@@ -150,7 +150,7 @@ def base_config(prefix: str, manager_id: str, **over: Any) -> dict[str, Any]:
         "log_format": "logfmt",
         "logger_level": "INFO",
         "redis": {"url": REDIS_URL, "key_prefix": prefix},
-        "node": {"creation_kwargs": {"image": NODE_IMAGE, "init": True}},
+        "engine": {"docker": {"creation_kwargs": {"image": NODE_IMAGE, "init": True}}},
         "cluster": {"internal_token": uuid.uuid4().hex, "node_secret_key": NODE_SECRET_KEY},
         "admin": {"token": uuid.uuid4().hex},
     }

@@ -61,7 +61,7 @@ from benchmarks.common import (
     verdict,
     write_json,
 )
-from shared.config import NodeConfig
+from shared.config import DockerConfig, NodeConfig
 from shared.engines.docker import loopdisk
 from testing.harness import ManagerProc
 
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-lat-"))
     client, r = docker_client(), redis_client()
     # the project's default node settings (limits, node network, bounded workspace), this image
-    node = {"creation_kwargs": {**NodeConfig().creation_kwargs, "image": NODE_IMAGE}}
-    manager = ManagerProc(base_config(prefix, mid, node=node), tmp, "latency")
+    engine = {"docker": {"creation_kwargs": {**DockerConfig().creation_kwargs, "image": NODE_IMAGE}}}
+    manager = ManagerProc(base_config(prefix, mid, engine=engine), tmp, "latency")
     same: list[float] = []
     bare: list[float] = []
     mgr: list[float] = []

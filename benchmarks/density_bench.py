@@ -65,7 +65,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from shared.config import NodeConfig
+from shared.config import DockerConfig
 from shared.keys import Keys
 from testing.harness import ManagerProc
 
@@ -328,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     prefix, mid = bench_id("density"), bench_id("density")
     keys = Keys(prefix)
     host = Host(docker, mid)
-    node = {"creation_kwargs": {**NodeConfig().creation_kwargs, "image": NODE_IMAGE}, "creation_wait_seconds": 120,
+    engine = {"docker": {"creation_kwargs": {**DockerConfig().creation_kwargs, "image": NODE_IMAGE}}}
+    node = {"creation_wait_seconds": 120,
             "idle_grace_seconds": 0, "idling_close_minutes": None}
     tiers = {"pause_after_seconds": args.pause_after, "archive_after_seconds": None}
 
     def config(**tier_over: Any) -> dict[str, Any]:
-        return base_config(prefix, mid, node={**node, "tiers": {**tiers, **tier_over}}, redis={"url": url},
+        return base_config(prefix, mid, node={**node, "tiers": {**tiers, **tier_over}}, engine=engine, redis={"url": url},
                            quota={"per_client": 0}, cluster={"max_nodes_per_manager": args.n + 10},
                            checker={"stuck_creation_seconds": 600})
 

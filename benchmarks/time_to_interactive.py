@@ -64,7 +64,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
-from shared.config import NodeConfig
+from shared.config import DockerConfig
 from shared.keys import Keys
 from testing.harness import ManagerProc
 
@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     docker_client().close()  # fails early when the engine is down or the image missing
     r = redis_client(url)
     cap = args.n + args.pool_size + resume_n + 20
-    node = {"creation_kwargs": {**NodeConfig().creation_kwargs, "image": NODE_IMAGE}, "creation_wait_seconds": 120,
+    engine = {"docker": {"creation_kwargs": {**DockerConfig().creation_kwargs, "image": NODE_IMAGE}}}
+    node = {"creation_wait_seconds": 120,
             "idle_grace_seconds": 0, "idling_close_minutes": None}
     common = {"redis": {"url": url}, "checker": FAST_CHECKER, "quota": {"per_client": 0},
               "cluster": {"max_nodes_per_manager": cap}}
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     def manager(kind: str, tiers: dict[str, Any], **over: Any) -> tuple[ManagerProc, str, str]:
         prefix, mid = bench_id(f"tti-{kind}"), bench_id(f"tti-{kind}")
         made.append((prefix, mid))
-        m = ManagerProc(base_config(prefix, mid, node={**node, "tiers": tiers}, **common, **over), tmp, kind)
+        m = ManagerProc(base_config(prefix, mid, node={**node, "tiers": tiers}, engine=engine, **common, **over),
+                        tmp, kind)
         procs.append(m)
         m.start(timeout=60)
         return m, prefix, mid
