@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from nodeops.context import NodeOps
+from shared import metrics
 from shared.egress import policy as egress_policy
 from shared.egress.policy import EgressPolicy
 from shared.errors import NodeNotFound
@@ -41,6 +42,7 @@ async def put(ops: NodeOps, node_id: str | None, raw: object, by: str) -> Egress
     encoded = msgspec.json.encode(pol).decode()
     if not await ops.store.update_node(rec.id, egress=encoded):
         raise NodeNotFound(node_id)
+    metrics.EGRESS_POLICY_CHANGES.labels(by).inc()
     await ops.store.publish(Event(type=EventKind.EGRESS_POLICY, node_id=rec.id, manager_id=rec.manager_id,
                                   replica_id=ops.replica.replica_id, detail=f"by={by} policy={encoded}"))
     return pol

@@ -21,7 +21,7 @@ import time
 
 from nodeops import egress
 from nodeops.context import NodeOps
-from shared import firewall
+from shared import firewall, metrics
 from shared.egress import nft
 from shared.egress.dns import EgressResolver, upstreams_from
 from shared.egress.policy import PLATFORM_DENY, EgressPolicy, Network, name_allowed, networks
@@ -53,6 +53,9 @@ class EgressAgent:
         self.poke = asyncio.Event()
         self.changed: set[str] = set()  # sessions whose policy changed: one record read, no engine call
         self.full = True  # a node may have come or gone: the engine is asked
+        self.changed_at: list[float] = []  # when the changes waiting to be applied were made (wall clock)
+        self.audit_window: dict[str, tuple[float, int]] = {}  # session -> (window start, refusals in it)
+        self.pending: set[asyncio.Task[None]] = set()
         self.last_sync = 0.0  # monotonic time of the last sync that changed the sets
 
     def on_event(self, ev: Event) -> None:
@@ -60,6 +63,7 @@ class EgressAgent:
         if ev.manager_id == self.ops.manager_id and ev.type in _SYNC_ON:
             if ev.type == EventKind.EGRESS_POLICY:
                 self.changed.add(ev.node_id)
+                self.changed_at.append(ev.at)
             else:
                 self.full = True
             self.poke.set()
@@ -105,12 +109,41 @@ class EgressAgent:
         return False, f"{name} did not resolve to {dst} for this node"
 
     def proxy_refused(self, node: str, dst: str, port: int, name: str, why: str) -> None:
-        log.info("egress_proxy_refused node=%s session=%s dst=%s:%d name=%s reason=%r", node,
-                 self.session_of.get(node, "")[:12], dst, port, name, why)
+        metrics.EGRESS_REFUSED.labels("proxy").inc()
+        self.audit(node, f"where=proxy dst={dst}:{port} name={name or '-'} rule={why!r}")
 
     def refused(self, ip: str, name: str, rule: str) -> None:
-        log.info("egress_dns_refused node=%s session=%s name=%s rule=%r", ip, self.session_of.get(ip, "")[:12],
-                 name, rule)
+        metrics.EGRESS_REFUSED.labels("dns").inc()
+        self.audit(ip, f"where=dns name={name} rule={rule!r}")
+
+    def resolved(self) -> None:
+        metrics.EGRESS_RESOLVED.inc()
+
+    def audit(self, ip: str, detail: str) -> None:
+        """A refusal as a log line and, within the session's allowance a minute, an event."""
+        session = self.session_of.get(ip, "")
+        log.info("egress_refused node=%s session=%s %s", ip, session[:12], detail)
+        if not session:
+            return
+        now = time.monotonic()
+        start, count = self.audit_window.get(session, (now, 0))
+        if now - start >= 60.0:
+            start, count = now, 0
+        self.audit_window[session] = (start, count + 1)
+        if count >= self.cfg.audit_events_per_minute:
+            metrics.EGRESS_EVENTS_DROPPED.inc()
+            return
+        ev = Event(type=EventKind.EGRESS_REFUSED, node_id=session, manager_id=self.ops.manager_id,
+                   replica_id=self.ops.replica.replica_id, detail=detail)
+        task = asyncio.create_task(self._publish(ev))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _publish(self, ev: Event) -> None:
+        try:
+            await self.ops.store.publish(ev)
+        except ManagerError as exc:  # Redis away: the log line and the metric still have it
+            log.warning("egress_audit_event_lost error=%r", exc.detail)
 
     # --- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -134,9 +167,12 @@ class EgressAgent:
                     continue
                 try:
                     changed, self.changed = self.changed, set()
+                    made, self.changed_at = self.changed_at, []
                     if self.full or not changed or not await self.apply_changed(changed):
                         self.full = False
                         await self.sync()
+                    for at in made:
+                        metrics.EGRESS_APPLY_SECONDS.observe(max(0.0, time.time() - at))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -169,7 +205,7 @@ class EgressAgent:
         await self._bind()
 
     async def _bind(self) -> None:
-        res = EgressResolver(policy_of=self.policy_of, learn=self.learn, refused=self.refused,
+        res = EgressResolver(policy_of=self.policy_of, learn=self.learn, refused=self.refused, resolved=self.resolved,
                              upstream=upstreams_from(self.cfg.upstream_dns), min_ttl=self.cfg.min_ttl_seconds,
                              max_ttl=self.cfg.max_ttl_seconds)
         try:

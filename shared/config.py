@@ -411,6 +411,9 @@ class EgressConfig(Base):
     # close the address before the node connects)
     min_ttl_seconds: int = 5
     max_ttl_seconds: int = 3600
+    # refusals of one session written as egress_refused events, at most this many a minute (a loop
+    # cannot flood the stream); the rest are counted in metrics only
+    audit_events_per_minute: int = 30
 
 
 class Config(Base):

@@ -61,6 +61,20 @@ for _k in ("client", "refill"):
 CREATE_QUEUE_REJECTED = Counter(P + "create_queue_rejected_total",
                                 "Creations refused with 503 because the creation queue was full.")
 
+EGRESS_REFUSED = Counter(P + "egress_refused_total", "Egress refused by the host agent, by where: dns (NXDOMAIN "
+                         "for a name outside the policy) or proxy (SNI/Host not allowed for the address).", ["where"])
+EGRESS_RESOLVED = Counter(P + "egress_resolved_total", "Allowed names the egress resolver answered.")
+EGRESS_POLICY_CHANGES = Counter(P + "egress_policy_changes_total", "Session egress policies changed, by who.",
+                                ["by"])
+EGRESS_APPLY_SECONDS = Histogram(P + "egress_policy_apply_seconds", "Time from a policy change's event to its "
+                                 "rules in force on the node's host.", buckets=PROXY_BUCKETS)
+EGRESS_EVENTS_DROPPED = Counter(P + "egress_audit_events_dropped_total", "Egress refusals not written as events "
+                                "(over egress.audit_events_per_minute for their session); still counted above.")
+for _w in ("dns", "proxy"):
+    EGRESS_REFUSED.labels(_w)
+for _b in ("client", "admin"):
+    EGRESS_POLICY_CHANGES.labels(_b)
+
 PROXY_REQUESTS = Counter(P + "proxy_requests_total", "Requests proxied to nodes, by route and status class.",
                          ["route", "code"])
 PROXY_SECONDS = Histogram(P + "proxy_request_duration_seconds",

@@ -236,3 +236,49 @@ def test_a_shared_address_opens_only_the_name_that_resolved(start_manager, net: 
     assert '"host": "a.shared.test"' in out[4]["data"] and "b.shared.test" not in out[4]["data"], out[4]
     assert out[5]["rcode"] == 3
     c.post("/release_session")
+
+
+def test_refusals_are_audited_as_events_rate_limited_and_counted(start_manager, net: Internet) -> None:
+    from websockets.sync.client import connect
+
+    m = start_manager(egress={"enforce": True, "upstream_dns": [net.dns], "audit_events_per_minute": 5})
+    c = httpx.Client(base_url=m.url, timeout=60)
+    assert c.post("/get_cookie").status_code == 200
+    node_id = c.cookies["node_id"]
+    r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=ADMIN,
+                  json={"default": "deny", "allow": ["a.shared.test"]})
+    assert r.status_code == 200
+    # a loop of refusals: 20 names outside the policy, and one other name on the shared address
+    out = probe(c, *[["dns", "other.test"] for _ in range(20)], ["http", "http://a.shared.test/"],
+                ["http", f"http://{net.names['b.shared.test']}/", "b.shared.test"])
+    assert all(o["rcode"] == 3 for o in out[:20]) and out[20]["status"] == 200 and "error" in out[21], out[20:]
+
+    def refused_events() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        with connect(m.url.replace("http", "ws") + "/ws/events?last_event_id=0", additional_headers=ADMIN) as ws:
+            while True:
+                try:
+                    ev = json.loads(ws.recv(timeout=1))
+                except TimeoutError:
+                    return got
+                if ev.get("event") == "egress_refused" and ev.get("node_id") == node_id:
+                    got.append(ev)
+
+    # the admin API's event stream has them, at most the allowance of the minute
+    evs = refused_events()
+    assert len(evs) == 5, evs
+    assert evs[0]["detail"] == "where=dns name=other.test rule='default deny'", evs[0]
+    metrics = httpx.get(f"{m.url}/metrics").text
+    assert _metric(metrics, 'toolserver_egress_refused_total{where="dns"}') == 20
+    assert _metric(metrics, 'toolserver_egress_refused_total{where="proxy"}') == 1
+    assert _metric(metrics, "toolserver_egress_audit_events_dropped_total") == 16
+    assert _metric(metrics, 'toolserver_egress_policy_changes_total{by="admin"}') == 1
+    assert _metric(metrics, "toolserver_egress_policy_apply_seconds_count") == 1
+    c.post("/release_session")
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")

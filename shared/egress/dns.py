@@ -51,8 +51,10 @@ class EgressResolver:
     """A UDP and TCP DNS server on one address (the node bridge's), deciding per source address."""
 
     def __init__(self, *, policy_of: PolicyOf, learn: Learn, refused: Refused,
-                 upstream: list[tuple[str, int]], min_ttl: int, max_ttl: int) -> None:
+                 upstream: list[tuple[str, int]], min_ttl: int, max_ttl: int,
+                 resolved: Callable[[], None] = lambda: None) -> None:
         self.policy_of = policy_of
+        self.resolved = resolved
         self.learn = learn
         self.refused = refused
         self.upstream = upstream
@@ -140,6 +142,7 @@ class EgressResolver:
                 addrs.append((str(rr.rdata), rr.ttl))
         if addrs:
             await self.learn(source, name, addrs)
+        self.resolved()
         return bytes(up.pack())
 
     async def _ask_upstream(self, data: bytes) -> bytes | None:
