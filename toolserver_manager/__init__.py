@@ -15,9 +15,11 @@ from toolserver_manager.models import (
     NodeInfo,
     NodeList,
     Replica,
+    SnapshotInfo,
     ToolResult,
     ToolSpec,
 )
 
 __all__ = [*client.__all__, "AvailableTools", "CookieInfo", "Download", "DrainState", "Engines", "EnvSpec",
-           "Event", "Lease", "NodeDetail", "NodeInfo", "NodeList", "Replica", "ToolResult", "ToolSpec"]
+           "Event", "Lease", "NodeDetail", "NodeInfo", "NodeList", "Replica", "SnapshotInfo", "ToolResult",
+           "ToolSpec"]

@@ -9,7 +9,7 @@ import msgspec
 
 from toolserver_manager.errors import Unauthorized
 from toolserver_manager.events import EventStream
-from toolserver_manager.models import DrainState, Engines, Lease, NodeDetail, NodeList, Replica
+from toolserver_manager.models import DrainState, Engines, Lease, NodeDetail, NodeList, Replica, SnapshotInfo
 from toolserver_manager.transport import DEFAULT_URL, AsyncBase
 
 
@@ -53,6 +53,27 @@ class AsyncAdmin(AsyncBase):
         resp = await self._send("POST", "/admin/nodes/release", op="admin", retry=False,
                                 json={"node_ids": list(node_ids)})
         return dict(resp.json()["results"])
+
+    async def fork_node(self, node_id: str, count: int = 1) -> list[str]:
+        """Copy a session into count new sessions of its client; their ids."""
+        resp = await self._send("POST", f"/admin/nodes/{node_id}/fork", op="admin", retry=False,
+                                json={"count": count})
+        return [str(i) for i in resp.json()["sessions"]]
+
+    async def snapshot_node(self, node_id: str, name: str) -> SnapshotInfo:
+        """Save a session's workspace as the snapshot name (of the session's client)."""
+        resp = await self._send("POST", f"/admin/nodes/{node_id}/snapshot", op="admin", retry=False,
+                                json={"name": name})
+        return msgspec.json.decode(resp.content, type=SnapshotInfo, strict=False)
+
+    async def snapshots(self) -> list[SnapshotInfo]:
+        """Every snapshot, oldest first."""
+        resp = await self._get("/admin/snapshots")
+        return msgspec.convert(resp.json()["snapshots"], list[SnapshotInfo], strict=False)
+
+    async def delete_snapshot(self, name: str) -> None:
+        """Delete a snapshot (sessions made from it keep their files)."""
+        await self._send("DELETE", f"/admin/snapshots/{name}", op="admin", retry=False)
 
     async def replicas(self) -> list[Replica]:
         """The live manager replicas."""

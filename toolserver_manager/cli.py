@@ -226,9 +226,49 @@ async def cmd_events(a: AsyncAdmin, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_fork(a: AsyncAdmin, ns: argparse.Namespace) -> int:
+    ids = await a.fork_node(ns.node_id, ns.count)
+    if ns.json:
+        emit_json({"source": ns.node_id, "sessions": ids})
+    else:
+        print("\n".join(ids))
+    return EXIT_OK
+
+
+async def cmd_snapshot(a: AsyncAdmin, ns: argparse.Namespace) -> int:
+    snap = await a.snapshot_node(ns.node_id, ns.name)
+    if ns.json:
+        emit_json(snap)
+    else:
+        print(f"{snap.name}  {snap.bytes} bytes on {snap.manager_id}")
+    return EXIT_OK
+
+
+async def cmd_snapshots(a: AsyncAdmin, ns: argparse.Namespace) -> int:
+    snaps = await a.snapshots()
+    if ns.json:
+        emit_json({"snapshots": snaps})
+        return EXIT_OK
+    now = time.time()
+    rows = [(s.name, s.manager_id, str(s.bytes), s.source[:12], s.client, f"{ago(s.created_at, now)} ago")
+            for s in snaps]
+    print(table(("NAME", "MANAGER", "BYTES", "SOURCE", "CLIENT", "CREATED"), rows))
+    return EXIT_OK
+
+
+async def cmd_delete_snapshot(a: AsyncAdmin, ns: argparse.Namespace) -> int:
+    await a.delete_snapshot(ns.name)
+    if ns.json:
+        emit_json({"deleted": ns.name})
+    else:
+        print(f"{ns.name}  deleted")
+    return EXIT_OK
+
+
 COMMANDS = {
     "nodes": cmd_nodes, "inspect": cmd_inspect, "release": cmd_release, "replicas": cmd_replicas,
     "leases": cmd_leases, "drain": cmd_drain, "engines": cmd_engines, "config": cmd_config, "events": cmd_events,
+    "fork": cmd_fork, "snapshot": cmd_snapshot, "snapshots": cmd_snapshots, "delete-snapshot": cmd_delete_snapshot,
 }
 
 
@@ -285,6 +325,15 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--off", action="store_true", help="stop draining")
     add("engines", "show each manager_id's Docker engine")
     add("config", "show the answering replica's configuration (secrets redacted)")
+    f = add("fork", "copy a session into new sessions of its client (its workspace at one instant)")
+    f.add_argument("node_id")
+    f.add_argument("--count", type=positive, default=1, help="how many copies (default 1)")
+    s = add("snapshot", "save a session's workspace as a named, immutable snapshot")
+    s.add_argument("node_id")
+    s.add_argument("name")
+    add("snapshots", "list every snapshot")
+    ds = add("delete-snapshot", "delete a snapshot (sessions made from it keep their files)")
+    ds.add_argument("name")
     e = add("events", "stream node lifecycle events until Ctrl-C")
     e.add_argument("--manager-id", help="only this manager_id's events")
     e.add_argument("--last-event-id", help="first replay the events after this id ('0' for all stored)")

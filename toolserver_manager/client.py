@@ -16,6 +16,7 @@ from toolserver_manager.errors import (
     ConnectionFailed,
     EventStreamError,
     FileNotFound,
+    ForkIncomplete,
     InvalidSession,
     NodeNotFound,
     NotReady,
@@ -34,7 +35,7 @@ from toolserver_manager.transport import DEFAULT_URL  # noqa: F401 - a public na
 
 __all__ = [
     "Admin", "AsyncAdmin", "AsyncSession", "AsyncToolServer", "BadArguments", "ConnectionFailed",
-    "EventStream", "EventStreamError", "FileNotFound", "InvalidSession", "NodeNotFound", "NotReady",
+    "EventStream", "EventStreamError", "FileNotFound", "ForkIncomplete", "InvalidSession", "NodeNotFound", "NotReady",
     "RequestTimeout", "Session", "SyncEventStream", "ToolFailed", "ToolNotFound", "ToolServer", "ToolServerError",
     "Unauthorized", "Unavailable", "error_for",
 ]

@@ -12,6 +12,7 @@ class ToolServerError(Exception):
     def __init__(self, detail: Any, status_code: int | None = None) -> None:
         self.detail = detail
         self.status_code = status_code
+        self.extra: dict[str, Any] = {}  # what the answer carried besides its detail (a fork's copies made)
         text = detail if isinstance(detail, str) else json.dumps(detail, default=str)
         super().__init__(f"{status_code} {text}" if status_code is not None else text)
 
@@ -60,6 +61,14 @@ class NotReady(Unavailable):
     """450: the node asks to retry later."""
 
 
+class ForkIncomplete(ToolServerError):
+    """A fork made fewer copies than asked; ``sessions`` are those that exist (yours to use or release)."""
+
+    def __init__(self, detail: Any, status_code: int | None, sessions: list[Any]) -> None:
+        super().__init__(detail, status_code)
+        self.sessions = sessions
+
+
 class EventStreamError(ToolServerError):
     """The ``/ws/events`` server refused the watch or sent an error message."""
 
@@ -87,6 +96,15 @@ def error_for(status: int, detail: Any, op: str = "") -> ToolServerError:
     if status == 503:
         return Unavailable(detail, status)
     return ToolServerError(detail, status)
+
+
+def extra_of(content: bytes | bytearray) -> dict[str, Any]:
+    """An error answer's fields besides its detail."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return {}
+    return {k: v for k, v in data.items() if k != "detail"} if isinstance(data, dict) else {}
 
 
 def detail_of(content: bytes | bytearray) -> Any:

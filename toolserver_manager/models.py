@@ -25,6 +25,18 @@ class CookieInfo(Struct):
     server: str = ""
 
 
+class SnapshotInfo(Struct):
+    """A named, immutable copy of a session's workspace (``AsyncSession.snapshot``); new sessions
+    start from it with ``AsyncSession(snapshot=name)``."""
+
+    name: str
+    manager_id: str = ""  # the host that keeps it
+    source: str = ""  # the session it was taken of
+    client: str = ""
+    bytes: int = 0  # what it takes on its host's disk
+    created_at: float = 0.0
+
+
 class ToolResult(Struct):
     """A successful tool call: ``output`` is the node's JSON body exactly as sent."""
 

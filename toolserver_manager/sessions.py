@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import msgspec
 
-from toolserver_manager.errors import ConnectionFailed, InvalidSession, ToolServerError
+from toolserver_manager.errors import ConnectionFailed, ForkIncomplete, InvalidSession, ToolServerError
 from toolserver_manager.events import EventStream
-from toolserver_manager.models import AvailableTools, CookieInfo, Download, ToolResult
+from toolserver_manager.models import AvailableTools, CookieInfo, Download, SnapshotInfo, ToolResult
 from toolserver_manager.transport import CHUNK, DEFAULT_URL, AsyncBase, Dest, OnExit, Source
 
 
@@ -25,12 +25,14 @@ class AsyncSession(AsyncBase):
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, node_id: str | None = None, on_exit: OnExit = "release",
-                 creation_timeout: float = 300.0, **kwargs: Any) -> None:
+                 creation_timeout: float = 300.0, snapshot: str | None = None, **kwargs: Any) -> None:
         if on_exit not in ("release", "close", "keep"):
             raise ValueError(f"on_exit must be release, close or keep, not {on_exit!r}")
         super().__init__(url, **kwargs)
         self.on_exit: OnExit = on_exit
         self.creation_timeout = creation_timeout
+        self.snapshot_name = snapshot  # start() makes the node from this snapshot
+        self._kwargs = {"on_exit": on_exit, "creation_timeout": creation_timeout, **kwargs}  # for forks
         self.info: CookieInfo | None = None
         self._node_id: str | None = None
         if node_id:
@@ -82,7 +84,9 @@ class AsyncSession(AsyncBase):
         """Create the node (``POST /get_cookie``) and keep its ``node_id`` for the session's life."""
         if self._node_id:
             raise ToolServerError(f"the session already has node {self._node_id}")
-        resp = await self._send("POST", "/get_cookie", op="session", retry=False, timeout=self.creation_timeout)
+        extra: dict[str, Any] = {"json": {"snapshot": self.snapshot_name}} if self.snapshot_name else {}
+        resp = await self._send("POST", "/get_cookie", op="session", retry=False, timeout=self.creation_timeout,
+                                **extra)
         node_id = resp.cookies.get("node_id")
         if not node_id:
             raise ToolServerError("/get_cookie answered without a node_id cookie", resp.status_code)
@@ -111,6 +115,40 @@ class AsyncSession(AsyncBase):
     async def release(self) -> str:
         """Kill and remove the node; the session is invalid afterwards."""
         return await self._session_op("/release_session")
+
+    async def fork(self, count: int = 1) -> list[AsyncSession]:
+        """Copy this session into ``count`` new ones (its workspace at one instant; not its processes
+        or ``/tmp``), started and ready; each is a session of its own (``on_exit`` as this one's).
+        ForkIncomplete, with the copies that exist, when some could not be made."""
+        self._need_node()
+        try:
+            body = await self._json("POST", "/fork_session", op="session", retry=False, json={"count": count},
+                                    timeout=self.creation_timeout)
+        except ToolServerError as exc:
+            made = exc.extra.get("sessions")
+            if isinstance(made, list):
+                raise ForkIncomplete(exc.detail, exc.status_code, [self._copy(i) for i in made]) from exc
+            raise
+        return [self._copy(i) for i in body["sessions"]]
+
+    def _copy(self, node_id: str) -> AsyncSession:
+        return AsyncSession(self.url, node_id=node_id, **self._kwargs)
+
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        """Save this session's workspace as the snapshot ``name`` (immutable; 409 if the name is taken)."""
+        self._need_node()
+        resp = await self._send("POST", "/snapshot_session", op="session", retry=False, json={"name": name},
+                                timeout=self.creation_timeout)
+        return msgspec.json.decode(resp.content, type=SnapshotInfo, strict=False)
+
+    async def snapshots(self) -> list[SnapshotInfo]:
+        """The snapshots this client keeps."""
+        resp = await self._send("GET", "/snapshots", op="session", retry=False)
+        return msgspec.convert(resp.json()["snapshots"], list[SnapshotInfo], strict=False)
+
+    async def delete_snapshot(self, name: str) -> None:
+        """Delete one of this client's snapshots (sessions made from it keep their files)."""
+        await self._send("DELETE", f"/snapshots/{name}", op="session", retry=False)
 
     async def execute_tool(self, tool_name: str, arguments: dict[str, Any] | str | None = None,
                            env_name: str | None = None, *, timeout: float | None = None) -> ToolResult:

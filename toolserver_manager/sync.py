@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from toolserver_manager.admin import AsyncAdmin
-from toolserver_manager.errors import InvalidSession
+from toolserver_manager.errors import ForkIncomplete, InvalidSession
 from toolserver_manager.events import EventStream
 from toolserver_manager.models import (
     AvailableTools,
@@ -23,6 +23,7 @@ from toolserver_manager.models import (
     NodeDetail,
     NodeList,
     Replica,
+    SnapshotInfo,
     ToolResult,
 )
 from toolserver_manager.sessions import AsyncSession
@@ -182,6 +183,32 @@ class Session(SyncBase):
         """Kill and remove the node; the session is invalid afterwards."""
         return self._run(self._a.release())
 
+    def fork(self, count: int = 1) -> list[Session]:
+        """Copy this session into ``count`` new ones, ready (see ``AsyncSession.fork``)."""
+        try:
+            made = self._run(self._a.fork(count))
+        except ForkIncomplete as exc:
+            exc.sessions = [Session._wrap(a) for a in exc.sessions]
+            raise
+        return [Session._wrap(a) for a in made]
+
+    @classmethod
+    def _wrap(cls, a: AsyncSession) -> Session:
+        """A blocking Session on a new loop, for the same node and settings as ``a``."""
+        return cls(a.url, node_id=a.node_id, **a._kwargs)
+
+    def snapshot(self, name: str) -> SnapshotInfo:
+        """Save this session's workspace as the snapshot ``name``."""
+        return self._run(self._a.snapshot(name))
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The snapshots this client keeps."""
+        return self._run(self._a.snapshots())
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete one of this client's snapshots."""
+        self._run(self._a.delete_snapshot(name))
+
     def execute_tool(self, tool_name: str, arguments: dict[str, Any] | str | None = None,
                      env_name: str | None = None, *, timeout: float | None = None) -> ToolResult:
         """Run a tool on the node."""
@@ -236,6 +263,18 @@ class Admin(SyncBase):
 
     def release_nodes(self, *node_ids: str) -> dict[str, str]:
         return self._run(self._a.release_nodes(*node_ids))
+
+    def fork_node(self, node_id: str, count: int = 1) -> list[str]:
+        return self._run(self._a.fork_node(node_id, count))
+
+    def snapshot_node(self, node_id: str, name: str) -> SnapshotInfo:
+        return self._run(self._a.snapshot_node(node_id, name))
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return self._run(self._a.snapshots())
+
+    def delete_snapshot(self, name: str) -> None:
+        self._run(self._a.delete_snapshot(name))
 
     def replicas(self) -> list[Replica]:
         return self._run(self._a.replicas())

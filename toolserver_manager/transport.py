@@ -19,6 +19,7 @@ from toolserver_manager.errors import (
     ToolServerError,
     detail_of,
     error_for,
+    extra_of,
     retryable,
 )
 
@@ -89,6 +90,7 @@ class AsyncBase:
                     finally:
                         await resp.aclose()
                     err = error_for(resp.status_code, detail_of(body), op)
+                    err.extra = extra_of(body)
                     if retry and attempt < self.retries and retryable(err):
                         await asyncio.sleep(self._delay(attempt))
                         attempt += 1
