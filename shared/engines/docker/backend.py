@@ -427,6 +427,20 @@ class DockerBackend(NodeBackend):
             if vol["Name"].startswith(WORKSPACE_PREFIX) and float(labels.get(LABEL_CREATED) or 0) < older_than:
                 await self._remove_workspace(vol["Name"])
                 gone += 1
+        return gone + await self._call(self._collect_fork_seeds, older_than)
+
+    def _collect_fork_seeds(self, older_than: float) -> int:
+        """Remove the saved images of forks whose replica died before it dropped them (a fork's lives
+        for the seconds its copies take; a snapshot's is kept until it is deleted)."""
+        folder = os.path.join(self.disk.image_dir, SEED_DIR)
+        gone = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(folder):
+                # a copy's unfinished file (.part) too: its replica died before it was renamed
+                if (entry.name.startswith("fork-") or entry.name.endswith(".part")) \
+                        and entry.stat().st_mtime < older_than:
+                    loopdisk.with_unlink(entry.path)
+                    gone += 1
         return gone
 
     # --- containers -----------------------------------------------------------

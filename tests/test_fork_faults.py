@@ -1,0 +1,137 @@
+"""Forks under faults, on the real engine and Redis: a replica killed mid-fork, a source released
+during one, a full workspace."""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import redis
+
+from tests.conftest import wait_for
+from tests.test_fork import WS, session, shell
+from tests.test_snapshots import SEEDS, seeds
+
+IMAGES = "/var/lib/toolserver-manager/workspaces"
+BIG = f"head -c 200M /dev/urandom > {WS}/big.bin && sha256sum {WS}/big.bin | cut -c1-64"
+
+
+@pytest.fixture(autouse=True)
+def no_seed_left() -> Iterator[None]:
+    before = seeds()
+    yield
+    for name in seeds() - before:
+        os.unlink(os.path.join(SEEDS, name))
+
+
+def fork_in_thread(url: str, node_id: str, count: int) -> tuple[threading.Thread, dict[str, Any]]:
+    """POST /fork_session in a thread; its answer (or the error) lands in the dict."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["resp"] = session(url, node_id).post("/fork_session", json={"count": count})
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def names(docker_client: docker.DockerClient, manager_id: str) -> set[str]:
+    return {n.lstrip("/") for c in docker_client.api.containers(
+        all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"}) for n in c["Names"]}
+
+
+def volumes(docker_client: docker.DockerClient, manager_id: str) -> set[str]:
+    raw = docker_client.api.volumes(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
+    return {v["Name"] for v in (raw or {}).get("Volumes") or []}
+
+
+@pytest.mark.parametrize("when", ["copying", "creating"])
+def test_replica_killed_mid_fork_leaves_nothing(start_manager, docker_client: docker.DockerClient,
+                                                 redis_client: redis.Redis, prefix: str, manager_id: str,
+                                                 when: str) -> None:
+    over = {"checker": {"stuck_creation_seconds": 5}}
+    m1 = start_manager("m1", **over)
+    src = httpx.Client(base_url=m1.url, timeout=120)
+    assert src.post("/get_cookie").status_code == 200
+    src_id = src.cookies["node_id"]
+    digest = shell(src, BIG)
+    before = seeds()
+    t, _ = fork_in_thread(m1.url, src_id, 3)
+    if when == "copying":  # the source's workspace is frozen right now, its copy half made
+        wait_for(lambda: {s for s in seeds() - before if s.endswith(".part")}, timeout=60, interval=0.005,
+                 what="the fork's copy to begin")
+    else:  # the copies' records, containers and workspaces are being made
+        wait_for(lambda: [m for m in redis_client.smembers(f"{prefix}:mgr:{manager_id}:nodes")
+                          if not m.startswith(b"pending:") and m.decode() != src_id], timeout=60,
+                 interval=0.005, what="the copies' records")
+    m1.kill()
+    t.join()
+    # the copies the dead replica had begun (none when it died copying: only quota slots)
+    copies = {x.decode() for x in redis_client.smembers(f"{prefix}:mgr:{manager_id}:nodes")} - {src_id}
+    copies = {c for c in copies if not c.startswith("pending:")}
+    assert when == "copying" or copies
+
+    m2 = start_manager("m2", **over)
+
+    def settled() -> bool:
+        members = {x.decode() for x in redis_client.smembers(f"{prefix}:mgr:{manager_id}:nodes")}
+        return (members == {src_id} and names(docker_client, manager_id) == {src_id}
+                and volumes(docker_client, manager_id) == {f"tsm-session-{src_id}"}
+                and not (seeds() - before)
+                and not any(os.path.exists(f"{IMAGES}/tsm-session-{c}.img") for c in copies)
+                and not any(redis_client.exists(f"{prefix}:node:{c}") for c in copies))
+
+    wait_for(settled, timeout=90, interval=0.5, what="the half-made fork to be removed")
+    # the source was thawed (its writes go on) and its files are whole
+    c = session(m2.url, src_id)
+    assert shell(c, f"echo after > {WS}/after.txt && cat {WS}/after.txt", timeout=30) == "after"
+    assert shell(c, f"sha256sum {WS}/big.bin | cut -c1-64") == digest
+
+
+def test_source_released_during_a_fork(start_manager, docker_client: docker.DockerClient, manager_id: str) -> None:
+    m = start_manager()
+    src = httpx.Client(base_url=m.url, timeout=120)
+    assert src.post("/get_cookie").status_code == 200
+    src_id = src.cookies["node_id"]
+    digest = shell(src, BIG)
+    t0 = time.time()
+    t, out = fork_in_thread(m.url, src_id, 2)
+
+    def copying() -> bool:  # this fork's copy of the workspace is being written
+        return any(n.endswith(".part") and os.stat(os.path.join(SEEDS, n)).st_mtime >= t0 for n in seeds())
+
+    wait_for(copying, timeout=60, interval=0.005, what="the fork's copy to begin")
+    assert src.post("/release_session").json() == f"Release session: {src_id}"
+    t.join()
+    resp = out["resp"]
+    assert resp.status_code == 200, resp.text  # the copy was whole before the release went on
+    copies = resp.json()["sessions"]
+    for cid in copies:
+        assert shell(session(m.url, cid), f"sha256sum {WS}/big.bin | cut -c1-64") == digest
+    assert names(docker_client, manager_id) == set(copies)
+    assert not glob.glob(f"{IMAGES}/tsm-session-{src_id}.img")
+
+
+def test_a_full_workspace_still_forks(start_manager) -> None:
+    m = start_manager(node={"disk": {"workspace_bytes": 64 << 20}})
+    src = httpx.Client(base_url=m.url, timeout=120)
+    assert src.post("/get_cookie").status_code == 200
+    full = shell(src, f"head -c 100M /dev/urandom > {WS}/fill 2>&1; df --output=avail {WS} | tail -1; "
+                      f"sha256sum {WS}/fill | cut -c1-64")
+    avail, digest = full.split()[-2:]
+    assert int(avail) < 1024, full  # no room left
+    r = src.post("/fork_session", json={"count": 1})
+    assert r.status_code == 200, r.text
+    (cid,) = r.json()["sessions"]
+    assert shell(session(m.url, cid), f"sha256sum {WS}/fill | cut -c1-64") == digest
