@@ -49,7 +49,7 @@ class Lease:
         """Renew from a thread of our own from now on, while alive() (the monotonic time the
         event loop last showed life) is at most stall seconds old; False when the store has
         no renewer (a store built without a config: the caller renews)."""
-        factory = self.store.lease_renewer
+        factory = self.store.leases.renewer
         if factory is None or self.kept:
             return self.kept
         self._stop.clear()
@@ -99,7 +99,7 @@ class Lease:
 
     async def acquire(self) -> bool:
         sent = time.monotonic()
-        token = await self.store.lease_acquire(self.manager_id, self.holder, int(self.ttl * 1000))
+        token = await self.store.leases.acquire(self.manager_id, self.holder, int(self.ttl * 1000))
         if token:
             self.valid_until = sent + self.ttl - self.margin
             self.refused = False
@@ -112,7 +112,7 @@ class Lease:
         if self.token is None:
             return False
         sent = time.monotonic()
-        if await self.store.lease_renew(self.manager_id, self.value, int(self.ttl * 1000)):
+        if await self.store.leases.renew(self.manager_id, self.value, int(self.ttl * 1000)):
             self.valid_until = sent + self.ttl - self.margin
             return True
         self.token = None
@@ -123,7 +123,7 @@ class Lease:
         if self.token is None:
             return
         try:
-            await self.store.lease_release(self.manager_id, self.value)
+            await self.store.leases.release(self.manager_id, self.value)
         finally:
             self.token = None
 

@@ -14,13 +14,13 @@ async def test_one_holder_and_fencing(store: Store) -> None:
     assert await a.acquire() and a.token == 1
     assert not await b.acquire()
     assert await a.renew()
-    view = await store.lease_view("m1")
+    view = await store.leases.view("m1")
     assert view.holder == "A" and view.token == 1 and view.expires_in_ms and view.expires_in_ms > 0
     node_key = store.keys.node("n1")
     assert await store.fenced("m1", "A", 1, [("hset", node_key, ["status", "running"])])
     # A stalls past its TTL (it renews no more): its lease lapses in Redis; B takes over with a higher token
     async def lapsed() -> None:
-        while (await store.lease_view("m1")).holder is not None:
+        while (await store.leases.view("m1")).holder is not None:
             await asyncio.sleep(0.02)
 
     await asyncio.wait_for(lapsed(), 5)
@@ -42,7 +42,7 @@ async def test_release_hands_over_at_once(store: Store) -> None:
     # a released holder cannot free its successor's lease
     a.token = 1
     await a.release()
-    assert (await store.lease_view("m2")).holder == "B"
+    assert (await store.leases.view("m2")).holder == "B"
 
 
 async def test_hset_xx_never_resurrects(store: Store) -> None:

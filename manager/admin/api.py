@@ -211,7 +211,7 @@ async def list_leases(request: Request) -> Response:
     mids = set(await rt.store.manager_ids()) | {r.manager_id for r in await rt.store.live_replicas()}
     out = []
     for mid in sorted(mids):
-        view = msgspec.structs.asdict(await rt.store.lease_view(mid))
+        view = msgspec.structs.asdict(await rt.store.leases.view(mid))
         view["cycles_by_token"] = await rt.store.checker_cycles(mid)
         out.append(view)
     return json_response({"leases": out})

@@ -1,10 +1,10 @@
 """Everything the project keeps in Redis, behind one facade (key names in shared/keys.py).
 
 ``Store`` is the sum of the domain parts, one module each: node records and their index
-(nodes), activity, quotas, the warm pool, fenced checker writes (fenced), checker leases,
-session locks, events and watchers, the replica registry and draining (replicas), intents and
-console logins. MCP's state is a namespace of its own, ``store.mcp``, and so are snapshots,
-``store.snapshots``. No part calls another's methods: each reads on its own, over the client
+(nodes), activity, quotas, the warm pool, fenced checker writes (fenced), session locks,
+events and watchers, the replica registry and draining (replicas), intents and console logins.
+Checker leases (on a client of their own), MCP's state and snapshots are namespaces of their
+own: ``store.leases``, ``store.mcp``, ``store.snapshots``. No part calls another's methods: each reads on its own, over the client
 and key names of ``base.Part``. Clients are made in connection.py. Nothing outside this
 package imports redis.
 """
@@ -12,7 +12,6 @@ package imports redis.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -38,14 +37,13 @@ from shared.store.snapshots import SnapshotStore
 __all__ = ["LeaseRenewer", "Op", "Store", "compare_ids", "connect", "redis_errors"]
 
 
-class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Leases, Locks, Events, Replicas, Intents, ConsoleLogins):
+class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Locks, Events, Replicas, Intents, ConsoleLogins):
     """Typed access to everything the project keeps in Redis."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000,
                  secrets: NodeSecrets | None = None, lease_redis: aioredis.Redis | None = None) -> None:
         super().__init__(redis, keys)
-        self.lease_redis = lease_redis or redis
-        self.lease_renewer: Callable[[], LeaseRenewer] | None = None  # set by open(): a renewer thread's client
+        self.leases = Leases(redis, keys, lease_redis)
         self.secrets = secrets or NodeSecrets()
         self.stream_maxlen = stream_maxlen
         self.mcp = McpStore(redis, keys)
@@ -61,11 +59,11 @@ class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Leases, Locks, Events, 
         lease = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password, 2,
                         r.socket_timeout_seconds)
         store = cls(main, Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
-        store.lease_renewer = lambda: LeaseRenewer(sync_client(cfg), store.keys)
+        store.leases.renewer = lambda: LeaseRenewer(sync_client(cfg), store.keys)
         return store
 
     async def close(self) -> None:
-        for client in {id(self.redis): self.redis, id(self.lease_redis): self.lease_redis}.values():
+        for client in {id(self.redis): self.redis, id(self.leases.lease_redis): self.leases.lease_redis}.values():
             with contextlib.suppress(Exception):
                 await client.aclose()
 

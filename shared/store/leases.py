@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -60,34 +61,39 @@ class LeaseRenewer:
 
 
 class Leases(Part):
-    """Acquire, renew, release and show checker leases."""
+    """Acquire, renew, release and show checker leases (``store.leases``)."""
 
-    # the checker's lease on a client of its own: client load filling the main pool must never
-    # delay a renewal (3,000 /ws/events sockets once cost the checker its lease 3 times in 2 min)
-    lease_redis: aioredis.Redis
-    _lease_acquire = Script(LEASE_ACQUIRE, on="lease_redis")
-    _lease_renew = Script(LEASE_RENEW, on="lease_redis")
-    _lease_release = Script(LEASE_RELEASE, on="lease_redis")
+    _acquire = Script(LEASE_ACQUIRE, on="lease_redis")
+    _renew = Script(LEASE_RENEW, on="lease_redis")
+    _release = Script(LEASE_RELEASE, on="lease_redis")
 
-    async def lease_acquire(self, manager_id: str, holder: str, ttl_ms: int) -> int:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, lease_redis: aioredis.Redis | None = None) -> None:
+        super().__init__(redis, keys)
+        # the lease's writes on a client of their own: client load filling the main pool must never
+        # delay a renewal (3,000 /ws/events sockets once cost the checker its lease 3 times in 2 min)
+        self.lease_redis = lease_redis or redis
+        # a blocking renewer for a thread of the checker's own (Store.open sets it; None: the caller renews)
+        self.renewer: Callable[[], LeaseRenewer] | None = None
+
+    async def acquire(self, manager_id: str, holder: str, ttl_ms: int) -> int:
         """A new fencing token when the lease was free, else 0."""
         k = self.keys
         with redis_errors():
-            return int(await self._lease_acquire(keys=[k.lease(manager_id), k.fence(manager_id),
+            return int(await self._acquire(keys=[k.lease(manager_id), k.fence(manager_id),
                                                        k.lease_info(manager_id)],
                                                  args=[holder, ttl_ms, f"{time.time():.3f}"]))
 
-    async def lease_renew(self, manager_id: str, value: str, ttl_ms: int) -> bool:
+    async def renew(self, manager_id: str, value: str, ttl_ms: int) -> bool:
         with redis_errors():
-            return bool(await self._lease_renew(keys=[self.keys.lease(manager_id)], args=[value, ttl_ms]))
+            return bool(await self._renew(keys=[self.keys.lease(manager_id)], args=[value, ttl_ms]))
 
-    async def lease_release(self, manager_id: str, value: str) -> None:
+    async def release(self, manager_id: str, value: str) -> None:
         k = self.keys
         with redis_errors():
-            await self._lease_release(keys=[k.lease(manager_id), k.lease_info(manager_id)],
+            await self._release(keys=[k.lease(manager_id), k.lease_info(manager_id)],
                                       args=[value, f"{time.time():.3f}"])
 
-    async def lease_view(self, manager_id: str) -> LeaseInfo:
+    async def view(self, manager_id: str) -> LeaseInfo:
         """Who holds a manager_id's lease, its token and since when (admin view)."""
         k = self.keys
         with redis_errors():
