@@ -120,8 +120,11 @@ def test_stopped_sessions_are_archived_and_come_back(start_manager, docker_clien
     c.post("/get_cookie")
     node_id = c.cookies["node_id"]
     c.post("/close_session")
-    wait_for(lambda: not project_containers(docker_client, manager_id), timeout=15, what="archival of a stopped node")
-    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"archived"
+    # the record says archived only once the engine has removed the container (tiers.archive), so the
+    # status is the condition to wait on; the container being gone is then a fact, not a race
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"archived", timeout=15,
+             what="archival of a stopped node")
+    assert not project_containers(docker_client, manager_id)
     assert docker_client.volumes.get(f"tsm-session-{node_id}")  # the workspace stays
     assert c.post("/reconnect_session").json() == f"Reconnect session: {node_id}"
     assert docker_client.containers.get(node_id).status == "running"
