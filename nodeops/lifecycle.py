@@ -9,10 +9,12 @@ what it made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from nodeops import resume
 from nodeops.context import NodeOps
@@ -39,6 +41,7 @@ from shared.models import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 
@@ -104,9 +107,9 @@ async def _create(ops: NodeOps, role: str, client: str, reservation: str | None,
             reservation = None
             await ops.publish(EventKind.CREATED, rec)
         with phases.phase("workspace"):
-            await ops.backend.create_workspace(new)
+            await _whole(ops.backend.create_workspace(new))
         with phases.phase("create"):
-            rec.container_id = await ops.backend.create(new)
+            rec.container_id = await _whole(ops.backend.create(new), lambda cid: setattr(rec, "container_id", cid))
         with phases.phase("start"):
             rec.host, rec.port = await ops.backend.start(rec.container_id)
         ops.addresses.put(rec.container_id, rec.id, Address(rec.host, rec.port))  # the engine's own word
@@ -140,6 +143,21 @@ async def _create(ops: NodeOps, role: str, client: str, reservation: str | None,
         if isinstance(exc, ManagerError) or not isinstance(exc, Exception):
             raise
         raise Unavailable(f"Node creation failed: {exc}") from exc
+
+
+async def _whole(step: Awaitable[T], made: Callable[[T], None] | None = None) -> T:
+    """An engine step that makes something, run to its end even when the creation is cancelled
+    meanwhile (its client left): the engine's thread would make it anyway, after the clean-up had
+    looked for it. made(result) then tells the clean-up what there is to remove."""
+    fut = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            result = await asyncio.shield(fut)
+            if made is not None:
+                made(result)
+        raise
 
 
 async def _unreserve(ops: NodeOps, reservation: str, client: str) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import docker
 import httpx
+import pytest
 import redis
 
 from tests.conftest import project_containers, wait_for
@@ -139,6 +140,51 @@ def test_the_pool_target_grows_under_a_burst_and_shrinks_back_when_idle(
 def _raw_get_cookie(url: str) -> socket.socket:
     """A get_cookie sent on a socket the test closes itself (a client that goes away)."""
     u = urlsplit(url)
-    s = socket.create_connection((u.hostname, u.port))
+    s = socket.create_connection((u.hostname or "127.0.0.1", u.port or 80))
     s.sendall(b"POST /get_cookie HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     return s
+
+
+def volumes(client: docker.DockerClient, mid: str) -> list[Any]:
+    return client.volumes.list(filters={"label": f"toolserver-manager.manager_id={mid}"})
+
+
+def test_a_queued_creation_whose_client_leaves_is_never_made(
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
+        docker_client: docker.DockerClient) -> None:
+    m = start_manager(creation={"concurrency": 1, "queue_size": 8})
+    with concurrent.futures.ThreadPoolExecutor(3) as ex:
+        burst = [ex.submit(httpx.post, m.url + "/get_cookie", timeout=120) for _ in range(3)]
+        wait_for(lambda: metric(m.url, "toolserver_create_queue_depth") == 2, timeout=30, what="burst queued")
+        leaver = _raw_get_cookie(m.url)  # the same (anonymous) client: its turn is after the burst's
+        wait_for(lambda: metric(m.url, "toolserver_create_queue_depth") == 3, timeout=10, what="leaver queued")
+        leaver.close()
+        wait_for(lambda: metric(m.url, 'toolserver_session_operations_total{op="create",result="client_left"}') == 1,
+                 timeout=30, what="the leaver's creation given up")
+        rs = [f.result() for f in burst]
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    cookies = {r.cookies["node_id"] for r in rs}
+    # the leaver never had a slot: three waits ended in a creation, its own in nothing
+    assert metric(m.url, 'toolserver_create_queue_wait_seconds_count{kind="client"}') == 3
+    assert names(docker_client, manager_id) == cookies
+    assert {k.decode().rsplit(":", 1)[1] for k in records(redis_client, prefix)} == cookies
+    assert {x.decode() for x in members(redis_client, prefix, manager_id)} == cookies  # its reservation returned
+    assert len(volumes(docker_client, manager_id)) == 3
+    release_all(m.url, list(cookies))
+
+
+@pytest.mark.parametrize("stage", ["record", "container"])
+def test_a_creation_whose_client_leaves_while_its_node_starts_leaves_nothing(
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
+        docker_client: docker.DockerClient, stage: str) -> None:
+    m = start_manager()
+    leaver = _raw_get_cookie(m.url)
+    # it has started: its record is written (the first step), or its container made, its node on its way
+    wait_for(lambda: records(redis_client, prefix) if stage == "record" else project_containers(
+        docker_client, manager_id), timeout=30, interval=0.02, what=f"the creation under way ({stage})")
+    leaver.close()
+    wait_for(lambda: not records(redis_client, prefix) and not project_containers(docker_client, manager_id)
+             and not volumes(docker_client, manager_id) and not members(redis_client, prefix, manager_id),
+             timeout=30, what="nothing of it left: record, container, workspace, quota entry")
+    assert metric(m.url, 'toolserver_session_operations_total{op="create",result="client_left"}') == 1
+    assert metric(m.url, "toolserver_create_queue_depth") == 0 and metric(m.url, "toolserver_creates_in_progress") == 0

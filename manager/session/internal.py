@@ -9,9 +9,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from manager.edge.disconnect import unless_client_leaves
 from manager.edge.responses import json_response
 from manager.replica.runtime import Runtime
-from manager.session.routes import rt_of
+from manager.session.routes import client_left, rt_of
 from nodeops import addresses, lifecycle, pool, sessions
 from nodeops.forward import TOKEN_HEADER
 from shared.errors import BadRequest, Forbidden, NodeNotFound
@@ -38,7 +39,13 @@ async def internal_create(request: Request) -> Response:
         body = msgspec.json.decode(await request.body() or b"{}", type=dict[str, str])
     except msgspec.DecodeError as exc:
         raise BadRequest(f"invalid body: {exc}") from exc
-    rec = await sessions.create_local(rt, client=body.get("client", ""), snapshot=body.get("snapshot", ""))
+    # the forwarding replica closes the request when its own client left: the same undoing applies
+    made, here = await unless_client_leaves(request, sessions.create_local(
+        rt, client=body.get("client", ""), snapshot=body.get("snapshot", "")))
+    if not here:
+        return await client_left(rt, made)
+    rec = made
+    assert rec is not None
     await pool.delivered(rt, rec)
     return json_response(rec)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from manager.edge.disconnect import unless_client_leaves
 from manager.edge.responses import json_response
 from manager.replica.runtime import Runtime
 from manager.session import egress as egress_routes
@@ -17,6 +19,9 @@ from shared import metrics
 from shared.egress import policy as egress_policy
 from shared.egress.policy import EgressPolicy
 from shared.errors import BadRequest, EngineUnavailable, ManagerError, NodeNotFound, RedisUnavailable
+from shared.models import NodeRecord
+
+log = logging.getLogger(__name__)
 
 MAX_IGNORED_BODY = 1 << 20  # routes that take no body ignore small ones (XAgent did), refuse big ones
 
@@ -115,10 +120,14 @@ async def get_cookie(request: Request) -> Response:
     # who the client is, for its quota and its session's binding: never its key in clear
     client = request.app.state.proxy.client_ids.of(request.scope)
     try:
-        rec = await sessions.create(rt, client=client, snapshot=snapshot)
+        made, here = await unless_client_leaves(request, sessions.create(rt, client=client, snapshot=snapshot))
     except ManagerError:
         metrics.SESSION_OPS.labels("create", "error").inc()
         raise
+    if not here:
+        return await client_left(rt, made)
+    rec = made
+    assert rec is not None
     if pol is not None:
         await egress.put(rt, rec.id, msgspec.to_builtins(pol), by="client")
     metrics.SESSION_OPS.labels("create", "ok").inc()
@@ -127,6 +136,21 @@ async def get_cookie(request: Request) -> Response:
     resp.set_cookie("node_id", rec.id, path="/")
     await pool.delivered(rt, rec)
     return resp
+
+
+async def client_left(rt: Runtime, made: NodeRecord | None) -> Response:
+    """The client of a creation went away: what it left undone is not made, what was made is
+    released (nobody holds its cookie); the answer reaches no one."""
+    metrics.SESSION_OPS.labels("create", "client_left").inc()
+    if made is not None:
+        try:
+            await sessions.release(rt, made.id)
+        except NodeNotFound:
+            pass
+        except ManagerError as exc:  # the checker removes it (an undelivered claim, or by its idle time)
+            log.warning("abandoned_release_failed node_id=%s error=%s", made.id[:12], exc.detail)
+    log.info("create_abandoned reason=client_left made=%s", made.id[:12] if made else "-")
+    return json_response({"detail": "the client closed the request: no session was kept"}, status=499)
 
 
 async def _bound(request: Request, rt: Runtime, node_id: str | None) -> None:
