@@ -24,7 +24,7 @@ Usage in a test (the reference node image is kept; only its command is replaced)
     # does not write itself (the reference client); by path, "*" for every path
     start_manager(**hostile_config(rules={"/execute_tool": {"endless": True}}))  # from the start
     # (sessions the test cannot name a cookie for: MCP tool calls)
-    stats(c)  # {"requests", "aborted", "written", "ws_sent", "ws_close_codes"} as the node saw them
+    stats(c)  # {"requests", "aborted", "written", "tagged", "ws_sent", "ws_close_codes"} as the node saw them
 
 A spec is a JSON object; it comes from the request's ``x-hostile`` header, else its ``hostile`` query
 parameter, else the sticky rule for its path (then "*"), else the default (200 ``{"ok": true}``,
@@ -37,6 +37,7 @@ which is also what the manager's readiness probe gets). Keys, all optional:
 * ``body_bytes``: a body of this length (content-length), written as it goes
 * ``endless``: a chunked body that never ends (until the peer goes away)
 * ``split`` / ``delay``: write the whole answer in pieces of ``split`` bytes, ``delay`` s apart
+* ``tag``: count the bytes written of this answer in the stats' ``tagged`` under this name
 * ``hang``: read the request and never answer; ``raw``: write these bytes (latin-1) and close
 * ``read_delay``: wait this many seconds before reading the request's body; ``read_rate``: read
   it at this many bytes a second; ``echo_length``: answer
@@ -153,7 +154,7 @@ def close_code(s: socket.socket, timeout: float = 60) -> int | None:
 # --- the node side -----------------------------------------------------------------------
 
 STATS: dict[str, Any] = {"requests": 0, "aborted": 0, "written": 0, "ws_sent": 0, "connections": 0,
-                         "ws_close_codes": []}
+                         "ws_close_codes": [], "tagged": {}}
 RULES: dict[str, dict[str, Any]] = json.loads(os.environ.get("HOSTILE_RULES") or "{}")
 
 
@@ -222,6 +223,7 @@ class _Out:
         self.w = writer
         self.split = int(spec.get("split") or 0)
         self.delay = float(spec.get("delay") or 0)
+        self.tag = str(spec.get("tag") or "")
 
     async def send(self, data: bytes) -> None:
         pieces = [data[i:i + self.split] for i in range(0, len(data), self.split)] if self.split else [data]
@@ -229,6 +231,8 @@ class _Out:
             self.w.write(p)
             await self.w.drain()
             STATS["written"] += len(p)
+            if self.tag:
+                STATS["tagged"][self.tag] = STATS["tagged"].get(self.tag, 0) + len(p)
             if self.delay:
                 await asyncio.sleep(self.delay)
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from testing.harness import HAProxy, ManagerProc
+from testing.hostile_node import hostile_config, spec_header, stats
 from tests.conftest import wait_for
 
 STREAMS = 8  # concurrent clients: some request is always in flight on each replica
 EACH = 5  # requests each client completes before the stop, and again once it is all over
+DELAY = 2.0  # s between the pieces of a slow answer
 
 
 async def _stream(url: str, cookie: str, stop: asyncio.Event, done: list[int], out: Counter[str]) -> None:
@@ -89,6 +93,48 @@ def test_a_replica_stopping_loses_no_idempotent_request(sig: signal.Signals, sta
         # the survivor serves on, through the balancer, alone
         assert httpx.get(lb.url + "/", cookies={"node_id": cookie}, timeout=10).headers["x-tsm-replica"] == \
             b.replica_id
+        httpx.post(lb.url + "/release_session", cookies={"node_id": cookie}, timeout=30)
+    finally:
+        lb.stop()
+
+
+def test_a_replica_killed_while_an_answer_comes_in_sends_none_of_it(start_manager, tmp_path: Path) -> None:
+    """A GET's small answer is on its way from the node (its head and part of its body in, the rest
+    DELAY s later) when the replica is killed: the replica had sent none of it, so the balancer saw
+    no answer and retried the GET on the other replica. (A replica that passed the head on at once
+    left the balancer a begun answer, which it cannot retry: the client got a broken response.)"""
+    a = start_manager(name="a", **hostile_config())
+    b = start_manager(name="b", **hostile_config())
+    lb = HAProxy([(m.replica_id, m.port) for m in (a, b)], tmp_path, balance="first")  # every request to a
+    try:
+        r = httpx.post(lb.url + "/get_cookie", timeout=60)
+        assert r.status_code == 200, r.text
+        cookie = r.cookies["node_id"]
+        direct_b = httpx.Client(base_url=b.url, cookies={"node_id": cookie}, timeout=30)
+        body = "x" * 2000
+        # the node writes "HTTP/1.1 200 OK" and content-type, then the end of the head with the
+        # first 976 body bytes, then the rest, SPLIT bytes at a time, DELAY s apart
+        spec = spec_header(body=body, split=1000, delay=DELAY, tag="slow")
+        got: dict[str, Any] = {}
+
+        def get() -> None:
+            try:
+                got["r"] = httpx.get(lb.url + "/", cookies={"node_id": cookie}, headers=spec, timeout=60)
+            except httpx.HTTPError as exc:
+                got["error"] = exc
+
+        t = threading.Thread(target=get)
+        t.start()
+        # the head is in and the body is not (a has what it needs to begin the answer)
+        wait_for(lambda: stats(direct_b)["tagged"].get("slow", 0) >= 1049, timeout=30, interval=0.05,
+                 what="the node's head and first body bytes written")
+        assert stats(direct_b)["tagged"]["slow"] < 1049 + 1024, "the answer ended before the kill: no test"
+        a.signal(signal.SIGKILL)
+        t.join(60)
+        assert "error" not in got, f"the client got a broken answer: {got['error']!r}"
+        r = got["r"]
+        assert r.status_code == 200 and r.text == body, (r.status_code, r.text[:200])
+        assert r.headers["x-tsm-replica"] == b.replica_id  # retried on b
         httpx.post(lb.url + "/release_session", cookies={"node_id": cookie}, timeout=30)
     finally:
         lb.stop()

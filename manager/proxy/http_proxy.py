@@ -307,7 +307,10 @@ class _Upstream(Response):
             small = length is not None and length <= SMALL_BODY
             if small and scope["method"] != "HEAD":
                 cork = scope.get("extensions", {}).get(CORK_EXTENSION)
-                if cork is not None:  # the head goes out with the body: one write, not two
+                # the head goes out with the body, one write, not two; and not before the whole body
+                # has come from the node: a replica killed meanwhile has sent nothing of the answer,
+                # so a balancer retries the request elsewhere (tests/test_balancer.py)
+                if cork is not None:
                     cork["cork"]()
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             if small:
