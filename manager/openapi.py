@@ -34,7 +34,7 @@ def _json(schema: dict[str, Any], desc: str) -> dict[str, Any]:
 def _err(*codes: int) -> dict[str, Any]:
     text = {400: "bad request", 401: "missing token", 403: "invalid token or node_id", 404: "not found",
             413: "body too large", 429: "quota exceeded", 431: "headers too large", 502: "the node answered badly",
-            503: "unavailable"}
+            503: "unavailable", 504: "the node did not answer in time"}
     return {str(c): _json(_DETAIL, text[c]) for c in codes}
 
 
@@ -148,7 +148,7 @@ def build_spec(cfg: Config) -> dict[str, Any]:
                         {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}])},
         "/admin/nodes/{node_id}/files": {"get": _op(
             "The workspace tree of a running node, as its file-system tool prints it",
-            {"200": _json({"type": "object"}, "tree"), **_err(401, 403, 404, 502, 503)},
+            {"200": _json({"type": "object"}, "tree"), **_err(401, 403, 404, 502, 503, 504)},
             parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
         "/admin/nodes/{node_id}/egress": {
             "get": _op("A session's egress policy", {"200": _json({"type": "object"}, "policy"),

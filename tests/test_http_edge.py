@@ -254,6 +254,12 @@ def test_a_running_node_whose_server_is_gone_is_a_503_not_responding(start_manag
     c = session(m.url)
     node_id = c.cookies["node_id"]
     assert c.post("/get_available_tools").status_code == 200
+    files = f"{m.url}/admin/nodes/{node_id}/files"
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    write = {"tool_name": "FileSystemEnv_write_to_file", "arguments": {"filepath": "seen.txt", "content": "x"}}
+    assert c.post("/execute_tool", json=write).status_code == 200
+    r = httpx.get(files, headers=admin, timeout=30)
+    assert r.status_code == 200 and "seen.txt" in r.json()["tree"], r.text
     node = docker_client.containers.get(node_id)
     kill = ("for p in /proc/[0-9]*; do [ \"$(tr '\\0' ' ' < $p/cmdline)\" = 'python3 -m app ' ] && "
             "kill -9 ${p#/proc/} && echo killed; done; true")
@@ -264,6 +270,9 @@ def test_a_running_node_whose_server_is_gone_is_a_503_not_responding(start_manag
     for _ in range(2):  # a new connection, then a pooled one or a new one: either way the node does not answer
         r = qc.post("/get_available_tools")
         assert r.status_code == 503 and r.json() == {"detail": "node is not responding"}, r.text
+    # the admin's workspace listing goes the proxy's way to the node and is answered alike
+    r = httpx.get(files, headers=admin, timeout=30)
+    assert r.status_code == 503 and r.json() == {"detail": "node is not responding"}, r.text
     # a passing fault: the session is kept (running, same container) and a restart brings it back
     node.reload()
     assert node.status == "running"

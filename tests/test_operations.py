@@ -69,6 +69,10 @@ def test_admin_restart_and_delete_one_node(start_manager, manager_id: str, docke
     with httpx.Client(base_url=m.url, headers=ADMIN, timeout=60) as adm:
         assert c.post("/close_session").status_code == 200
         stopped_at = docker_client.containers.get(node_id).attrs["State"]["FinishedAt"]
+        # a look at a stopped node's files is refused and never starts it
+        r = adm.get(f"/admin/nodes/{node_id}/files")
+        assert r.status_code == 503 and r.json() == {"detail": f"node is not running: {node_id}"}, r.text
+        assert docker_client.containers.get(node_id).status == "exited"
         # restart: the stopped node runs again and answers once the call returns
         r = adm.post(f"/admin/nodes/{node_id}/restart")
         assert r.status_code == 200 and r.json() == {"results": {node_id: "restart"}}, r.text

@@ -7,7 +7,6 @@ import re
 import time
 from typing import Any
 
-import httpx
 import msgspec
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
@@ -177,26 +176,25 @@ async def node_logs(request: Request) -> Response:
 
 
 WORKSPACE_TOOL = "FileSystemEnv_print_filesys_struture"  # XAgent's name, typo included
+FILES_TIMEOUT = 10.0  # a listing, not a tool run: the path's own timeout may be minutes
 
 
 async def node_files(request: Request) -> Response:
     """The workspace tree of a running node, as its file-system tool prints it."""
-    rt = _admin(request)
+    _admin(request)
     node_id = request.path_params["node_id"]
-    resolver = request.app.state.resolver
-    rec = await resolver.record(node_id)
-    if rec.status != NodeStatus.RUNNING:
+    rec = await request.app.state.resolver.record(node_id)
+    if rec.status != NodeStatus.RUNNING:  # a look at the files never starts a node
         raise NodeNotRunning(node_id)
-    to = await resolver.target(rec, False)
+    body = msgspec.json.encode({"tool_name": WORKSPACE_TOOL, "arguments": {"return_root": False}})
+    # the proxy's own path: its address, secret, pool, activity and upstream error mapping
+    status, data = await request.app.state.proxy.call(node_id, "/execute_tool", body, timeout=FILES_TIMEOUT)
+    if status != 200:
+        raise EngineError(f"node {node_id[:12]} answered {status} to its workspace listing")
     try:
-        resp = await rt.http.post(f"{to.scheme}://{to.host}:{to.port}/execute_tool", headers=dict(to.headers),
-                                  json={"tool_name": WORKSPACE_TOOL, "arguments": {"return_root": False}},
-                                  timeout=10.0)
-    except httpx.HTTPError as exc:
-        raise EngineError(f"node {node_id[:12]} did not answer its workspace listing: {type(exc).__name__}") from exc
-    if resp.status_code != 200:
-        raise EngineError(f"node {node_id[:12]} answered {resp.status_code} to its workspace listing")
-    tree = resp.json()
+        tree = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        raise EngineError(f"node {node_id[:12]} answered its workspace listing with no JSON") from None
     return json_response({"node_id": node_id, "tree": tree if isinstance(tree, str) else str(tree)})
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -30,11 +30,18 @@ from manager.proxy.upstream import (
 )
 from manager.proxy.upstream import Response as UpstreamResponse
 from manager.replica.runtime import Runtime
-from manager.session.resolve import Resolver, node_cookie
+from manager.session.resolve import Resolver, Target, node_cookie
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER
 from shared import metrics
-from shared.errors import HostUnreachable, NodeNotResponding, NodeReadTimeout, NodeResponseTooLarge, UpstreamLost
-from shared.models import NODE_SECRET_HEADER, NodeStatus
+from shared.errors import (
+    HostUnreachable,
+    ManagerError,
+    NodeNotResponding,
+    NodeReadTimeout,
+    NodeResponseTooLarge,
+    UpstreamLost,
+)
+from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -47,6 +54,7 @@ HOP_BY_HOP = frozenset({
 _VIA = VIA_HEADER.encode()
 _SECRET = NODE_SECRET_HEADER.encode()
 SMALL_BODY = 65536  # responses up to this size with a known length are sent in one piece
+T = TypeVar("T")
 
 
 def _request_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -111,72 +119,22 @@ class Proxy:
         if not to.via_owner:  # the owner's replica checks the client's key itself, then drops it
             headers = self.for_node(headers)
         headers += [(k.encode(), v.encode()) for k, v in to.headers]
-        host, port, via_owner = to.host, to.port, to.via_owner
-        circuits = rt.circuits
-        circuits.check(host)  # a host known to be down: fail now, not after a connect timeout
+        rt.circuits.check(to.host)  # a host known to be down: fail now, not after a connect timeout
         qs = scope.get("query_string") or b""
         target = scope.get("raw_path") or path.encode()
         if qs:
             target += b"?" + qs
-        timeout = self._timeouts.get(path, self._default_timeout)
         counter = [0]
         body = _counting(request, counter) if _has_body(scope) else None
-        rt.inflight += 1
         activity = rt.activity
         activity.begin(rec.id, rec.manager_id)  # ended with the response (or the error) below
         try:
-            try:
-                upstream = await self.pool.request(scope["method"], host, port, target, headers, body,
-                                                   self._connect_timeout, timeout)
-            except ConnectFailed as exc:
-                if exc.timed_out and rec.manager_id != rt.manager_id:
-                    # another host's node did not answer at all: its host is down or cut off (any
-                    # other failure asks the owner below, whose replicas' failures open the circuit)
-                    circuits.failure(host, port, rec.manager_id, str(exc))
-                    raise HostUnreachable(host, rec.manager_id, str(exc)) from None
-                if via_owner:
-                    raise
-                # the node moved or stopped since we cached it: refresh, revive, retry once
-                # (nothing was sent: a failed connect consumed none of the client's body)
-                rec = await self.resolver.revive(rec)
-                again = await self.resolver.target(rec, True)  # the engine-confirmed address again
-                # a session brought back from its workspace alone may have a new secret
-                headers = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rt.store.secrets.of(rec).encode())]
-                upstream = await self.pool.request(scope["method"], again.host, again.port, target, headers, body,
-                                                   self._connect_timeout, timeout)
-        except UpstreamTimeout:
-            rt.inflight -= 1
-            activity.end(rec.id)
-            self._count(path, 504)
-            raise NodeReadTimeout(timeout) from None
-        except HostLost as exc:
-            rt.inflight -= 1
-            activity.end(rec.id)
-            self._count(path, 502)
-            if rec.manager_id != rt.manager_id:  # a local node's address is a container's, not a host's
-                circuits.failure(host, port, rec.manager_id, str(exc))
-            raise UpstreamLost(f"{exc}; the request may or may not have been carried out") from None
-        except HostUnreachable:
-            rt.inflight -= 1
-            activity.end(rec.id)
-            self._count(path, 503)
-            raise
-        except ResponseTooLarge as exc:
-            rt.inflight -= 1
-            activity.end(rec.id)
-            self._count(path, 502)
-            raise NodeResponseTooLarge(str(exc)) from None
-        except UpstreamError:
-            rt.inflight -= 1
-            activity.end(rec.id)
-            self._count(path, 503)
-            raise NodeNotResponding() from None
+            # a retry after a failed connect sends the same body: that connect consumed none of it
+            upstream = await self._exchange(rec, to, scope["method"], target, headers, lambda: body, path, _as_is,
+                                            self._timeouts.get(path, self._default_timeout))
         except BaseException:
-            rt.inflight -= 1
             activity.end(rec.id)
             raise
-        if circuits.is_open(host):
-            circuits.success(host)  # the half-open probe went through
         hist = self._histograms.get(path)
         if hist is None:
             hist = self._histograms[path] = metrics.PROXY_SECONDS.labels(path)
@@ -192,9 +150,10 @@ class Proxy:
         return self.rules.to_node(headers)
 
     async def call(self, node_id: str, path: str, body: bytes, content_type: str = "application/json",
-                   extra: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:
-        """One buffered POST to a session's node (the MCP gateway's tool calls): same resolver,
-        secret, timeouts, pool and activity as a proxied request; returns status and body."""
+                   extra: list[tuple[bytes, bytes]] | None = None, timeout: float | None = None) -> tuple[int, bytes]:
+        """One buffered POST to a session's node (the MCP gateway's tool calls, the admin's workspace
+        listing): same resolver, secret, timeouts, pool, activity and error mapping as a proxied
+        request; returns status and body."""
         rt = self.rt
         t0 = time.perf_counter()
         rec = await self.resolver.live(node_id)
@@ -203,58 +162,58 @@ class Proxy:
                    *(extra or ()), *((k.encode(), v.encode()) for k, v in to.headers)]
         if to.via_owner:  # the owner's proxy finds the node by the session's cookie
             headers.append((b"cookie", b"node_id=" + node_id.encode()))
-        timeout = self._timeouts.get(path, self._default_timeout)
-        circuits = rt.circuits
-        circuits.check(to.host)
-
-        async def once(host: str, port: int) -> tuple[int, bytes]:
-            up = await self.pool.request("POST", host, port, path.encode(), headers, _one(body),
-                                         self._connect_timeout, timeout)
-            try:
-                return up.status_code, await up.read()
-            finally:
-                up.close()
-
-        rt.inflight += 1
+        if timeout is None:
+            timeout = self._timeouts.get(path, self._default_timeout)
+        rt.circuits.check(to.host)
         rt.activity.begin(rec.id, rec.manager_id)
         try:
-            try:
-                status, data = await once(to.host, to.port)
-            except ConnectFailed as exc:
-                if exc.timed_out and rec.manager_id != rt.manager_id:  # as in handle()
-                    circuits.failure(to.host, to.port, rec.manager_id, str(exc))
-                    raise HostUnreachable(to.host, rec.manager_id, str(exc)) from None
-                if to.via_owner:
-                    raise
-                rec = await self.resolver.revive(rec)  # moved or stopped since cached: once more
-                again = await self.resolver.target(rec, True)  # the engine-confirmed address again
-                headers[:] = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rt.store.secrets.of(rec).encode())]
-                status, data = await once(again.host, again.port)
-        except UpstreamTimeout:
-            self._count(path, 504)
-            raise NodeReadTimeout(timeout) from None
-        except HostLost as exc:
-            self._count(path, 502)
-            if rec.manager_id != rt.manager_id:
-                circuits.failure(to.host, to.port, rec.manager_id, str(exc))
-            raise UpstreamLost(f"{exc}; the request may or may not have been carried out") from None
-        except HostUnreachable:
-            self._count(path, 503)
-            raise
-        except ResponseTooLarge as exc:
-            self._count(path, 502)
-            raise NodeResponseTooLarge(str(exc)) from None
-        except UpstreamError:
-            self._count(path, 503)
-            raise NodeNotResponding() from None
+            status, data = await self._exchange(rec, to, "POST", path.encode(), headers, lambda: _one(body), path,
+                                                _read_all, timeout)
         finally:
-            rt.inflight -= 1
             rt.activity.end(rec.id)
-        if circuits.is_open(to.host):
-            circuits.success(to.host)
         metrics.PROXY_SECONDS.labels(path).observe(time.perf_counter() - t0)
         self._count(path, status)
         return status, data
+
+    async def _exchange(self, rec: NodeRecord, to: Target, method: str, target: bytes,
+                        headers: list[tuple[bytes, bytes]], body: Callable[[], AsyncIterator[bytes] | None],
+                        path: str, finish: Callable[[UpstreamResponse], Awaitable[T]], timeout: float | None) -> T:
+        """One request to the node over the pool, finished by finish (handle: the response as it
+        comes; call: read whole); sent once more to the engine-confirmed address when the connect
+        failed, and every upstream failure answered by upstream_error, the one mapping."""
+        rt = self.rt
+        host, port = to.host, to.port
+        try:
+            try:
+                result = await finish(await self.pool.request(method, host, port, target, headers, body(),
+                                                              self._connect_timeout, timeout))
+            except ConnectFailed as exc:
+                if exc.timed_out and rec.manager_id != rt.manager_id:
+                    # another host's node did not answer at all: its host is down or cut off (any
+                    # other failure asks the owner below, whose replicas' failures open the circuit)
+                    rt.circuits.failure(host, port, rec.manager_id, str(exc))
+                    raise HostUnreachable(host, rec.manager_id, str(exc)) from None
+                if to.via_owner:
+                    raise
+                # the node moved or stopped since we cached it: refresh, revive, retry once
+                # (nothing was sent: a failed connect consumed none of the request)
+                rec = await self.resolver.revive(rec)
+                again = await self.resolver.target(rec, True)  # the engine-confirmed address again
+                host, port = again.host, again.port
+                # a session brought back from its workspace alone may have a new secret
+                headers = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rt.store.secrets.of(rec).encode())]
+                result = await finish(await self.pool.request(method, host, port, target, headers, body(),
+                                                              self._connect_timeout, timeout))
+        except (UpstreamError, HostUnreachable) as exc:
+            # a local node's address is a container's, not a host's: only another host's loss counts
+            if isinstance(exc, HostLost) and rec.manager_id != rt.manager_id:
+                rt.circuits.failure(host, port, rec.manager_id, str(exc))
+            err = upstream_error(exc, timeout)
+            self._count(path, err.status_code)
+            raise err from None
+        if rt.circuits.is_open(host):
+            rt.circuits.success(host)  # the half-open probe went through
+        return result
 
     def _count(self, path: str, code: int) -> None:
         key = (path, code // 100)
@@ -265,6 +224,30 @@ class Proxy:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def upstream_error(exc: UpstreamError | HostUnreachable, timeout: float | None) -> ManagerError:
+    """What the client is answered when its node's connection fails: the proxy path's one mapping."""
+    if isinstance(exc, HostUnreachable):
+        return exc
+    if isinstance(exc, UpstreamTimeout):
+        return NodeReadTimeout(timeout)
+    if isinstance(exc, HostLost):
+        return UpstreamLost(f"{exc}; the request may or may not have been carried out")
+    if isinstance(exc, ResponseTooLarge):
+        return NodeResponseTooLarge(str(exc))
+    return NodeNotResponding()  # refused, reset, or a connect through the owner that failed
+
+
+async def _as_is(up: UpstreamResponse) -> UpstreamResponse:
+    return up  # streamed back by _Upstream, which closes it
+
+
+async def _read_all(up: UpstreamResponse) -> tuple[int, bytes]:
+    try:
+        return up.status_code, await up.read()
+    finally:
+        up.close()
 
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:
@@ -339,6 +322,5 @@ class _Upstream(Response):
             return
         finally:
             up.close()
-            self.rt.inflight -= 1
             self.rt.activity.end(self.node_id)
             metrics.PROXY_BYTES_OUT.inc(sent)

@@ -15,7 +15,6 @@ class Runtime(NodeOps):
 
     cache: AddressCache
     activity: ActivityRecorder
-    inflight: int = 0  # proxied requests in progress
     stopping: bool = False  # set at the stop signal: the heartbeat must not re-register
     registry_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # heartbeat vs deregistration
 
