@@ -271,7 +271,7 @@ def test_a_running_node_whose_server_is_gone_is_a_503_not_responding(start_manag
         r = qc.post("/get_available_tools")
         assert r.status_code == 503 and r.json() == {"detail": "node is not responding"}, r.text
     # the admin's workspace listing goes the proxy's way to the node and is answered alike
-    r = httpx.get(files, headers=admin, timeout=30)
+    r = httpx.get(f"{quick.url}/admin/nodes/{node_id}/files", headers=admin, timeout=30)
     assert r.status_code == 503 and r.json() == {"detail": "node is not responding"}, r.text
     # a passing fault: the session is kept (running, same container) and a restart brings it back
     node.reload()
