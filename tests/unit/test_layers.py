@@ -105,8 +105,13 @@ def room_violations(root: Path) -> list[str]:
     return bad
 
 
+TOP = {"__init__", "app", "main", "entry", "routing", "openapi"}  # manager/'s top: the assembly alone
+
+
 def test_manager_rooms_import_downward_only() -> None:
     assert sorted(p.name for p in (ROOT / "manager").iterdir() if (p / "__init__.py").exists()) == sorted(ROOMS)
+    # new code goes in the room of its job (README, Layout), or in a new room listed in ROOMS
+    assert {p.stem for p in (ROOT / "manager").glob("*.py")} - TOP == set()
     assert room_violations(ROOT) == []
 
 
