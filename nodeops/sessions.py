@@ -17,7 +17,6 @@ from nodeops.placement import choose_managers
 from nodeops.resume import restart_node
 from shared import metrics
 from shared.errors import (
-    BadRequest,
     ContainerGone,
     HostUnreachable,
     ImageMissing,
@@ -37,7 +36,11 @@ async def create(ops: NodeOps, client: str = "", manager_id: str | None = None, 
     client's), on the host that keeps it."""
     if snapshot:
         snap = await snapshots.find(ops, snapshot, client)
-        return await _create_on(ops, snap.manager_id, client, snapshot)
+        if manager_id:
+            return await _create_on(ops, manager_id, client, snapshot)
+        mids = await choose_managers(ops)
+        # on the snapshot's own host when placement has it (no copy between hosts), else the best
+        return await _create_on(ops, snap.manager_id if snap.manager_id in mids else mids[0], client, snapshot)
     if manager_id:
         return await _create_on(ops, manager_id, client)
     *first, last = await choose_managers(ops)
@@ -61,15 +64,23 @@ async def create_local(ops: NodeOps, client: str = "", snapshot: str = "") -> No
     """A node on this engine: from the warm pool when it has one, else a new one within quota
     (waiting its turn in the creation queue); from a snapshot kept here, always a new one
     (pooled nodes have empty workspaces)."""
-    seed = ""
+    seed, fetched = "", ""
     if snapshot:
         snap = await snapshots.find(ops, snapshot, client)
-        if snap.manager_id != ops.manager_id:
-            raise BadRequest(f"snapshot {snapshot} is kept by {snap.manager_id}, not {ops.manager_id}")
         seed = snap.seed
+        if snap.manager_id != ops.manager_id:  # kept on another host: its bytes are copied here first
+            seed = fetched = await snapshots.fetch(ops, snap)
     claimed = None if seed else await pool.claim(ops, client)
     if claimed is not None:
         return claimed
+    try:
+        return await _create_local(ops, client, seed)
+    finally:
+        if fetched:
+            await asyncio.shield(ops.backend.drop_seed(fetched))
+
+
+async def _create_local(ops: NodeOps, client: str, seed: str) -> NodeRecord:
     c = ops.cfg.cluster
     cap = await capacity.node_cap(ops)
     reservation = await ops.store.reserve(ops.manager_id, cap, c.max_nodes_total, client,

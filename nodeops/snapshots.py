@@ -2,7 +2,8 @@
 
 The bytes are a seed on the host of the session's manager_id (copied as a fork copies, the source
 held still only for the copy); the metadata is in Redis, within fork.snapshot_bytes per host and
-fork.snapshots_per_client. A session from a snapshot is made on the snapshot's host.
+fork.snapshots_per_client. A session from a snapshot is made on the snapshot's host when placement
+allows, else on another, its bytes streamed there through a replica of the snapshot's host.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import msgspec
 
 from nodeops import forks
 from nodeops.context import NodeOps
-from nodeops.forward import RemoteError, forward
+from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.primitives import in_use, owned
 from shared import metrics
-from shared.errors import BadRequest, ManagerError, NodeNotFound, NotFound, QuotaExceeded
+from shared.errors import BadRequest, ManagerError, NodeNotFound, NoLiveManager, NotFound, QuotaExceeded
 from shared.models import EventKind, Snapshot
 
 log = logging.getLogger(__name__)
@@ -131,3 +132,22 @@ async def delete_local(ops: NodeOps, name: str) -> None:
         raise NotFound(f"no snapshot named {name}")
     await ops.backend.drop_seed(snap.seed)
     await ops.store.snapshots.delete(name)
+
+
+async def fetch(ops: NodeOps, snap: Snapshot) -> str:
+    """The snapshot's bytes copied from its host through a replica of it into a seed of this host
+    (a fork-named one: the checker collects it if this replica dies before dropping it); its name."""
+    replicas = await owner_replicas(ops, snap.manager_id)
+    if not replicas or not ops.cfg.internal_token:
+        raise NoLiveManager(snap.manager_id)
+    seed = f"fork-{uuid.uuid4().hex}"
+    t0 = time.monotonic()
+    try:
+        chunks = await remote_stream(ops, replicas[0], f"/internal/snapshots/{snap.name}/bytes")
+        await ops.backend.import_seed(seed, chunks)
+    except BaseException:
+        await asyncio.shield(ops.backend.drop_seed(seed))
+        raise
+    log.info("snapshot_fetched name=%s from=%s bytes=%d elapsed_s=%.3f", snap.name, snap.manager_id, snap.bytes,
+             time.monotonic() - t0)
+    return seed

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from manager.admin import api as admin
@@ -143,6 +143,15 @@ async def internal_delete_snapshot(request: Request) -> Response:
     return json_response({"deleted": request.path_params["name"]})
 
 
+async def internal_snapshot_bytes(request: Request) -> Response:
+    """A snapshot kept here, streamed to a replica of another host that starts a session from it."""
+    rt = internal._internal(request)
+    snap = await snapshots.find(rt, request.path_params["name"], None)
+    if snap.manager_id != rt.manager_id:
+        raise BadRequest(f"snapshot {snap.name} is kept by {snap.manager_id}, not {rt.manager_id}")
+    return StreamingResponse(await rt.backend.export_seed(snap.seed), media_type="application/x-tar")
+
+
 def fork_routes() -> list[BaseRoute]:
     """Before the generic /admin/nodes/{id}/{action} and /internal/nodes/{id}/{op} routes."""
     return [
@@ -157,4 +166,5 @@ def fork_routes() -> list[BaseRoute]:
         Route("/internal/nodes/{node_id}/fork", internal_fork, methods=["POST"]),
         Route("/internal/nodes/{node_id}/snapshot", internal_snapshot, methods=["POST"]),
         Route("/internal/snapshots/{name}", internal_delete_snapshot, methods=["DELETE"]),
+        Route("/internal/snapshots/{name}/bytes", internal_snapshot_bytes, methods=["GET"]),
     ]

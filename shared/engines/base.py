@@ -232,6 +232,14 @@ class NodeBackend(abc.ABC):
     async def drop_seed(self, seed: str) -> None:  # noqa: B027  (nothing saved: nothing to drop)
         """Delete a seed; nothing left is fine."""
 
+    async def export_seed(self, seed: str) -> AsyncIterator[bytes]:
+        """A seed's bytes as a stream import_seed reads (ContainerGone when there is no such seed)."""
+        raise BadRequest("this engine cannot copy workspaces")
+
+    async def import_seed(self, seed: str, chunks: AsyncIterator[bytes]) -> None:
+        """Make the seed seed from what export_seed streamed (on another host)."""
+        raise BadRequest("this engine cannot copy workspaces")
+
     async def seed_bytes(self, seed: str) -> int:
         """Bytes a seed takes on this host's disk (0 when there is no such seed)."""
         return 0

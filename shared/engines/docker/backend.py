@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -407,12 +408,69 @@ class DockerBackend(NodeBackend):
 
         def capture() -> float:
             mount = loopdisk.mount_point(loopdisk.device_of(path))
-            return loopdisk.capture(path, self._seed_path(seed), mount)
+            if mount:
+                return loopdisk.capture(path, self._seed_path(seed), mount)
+            # not mounted where this process sees (the engine in a mount namespace of its own, a
+            # manager in a container): a node that runs on it sees it at the workspace path
+            for c in self.client.api.containers(filters={"volume": name, "status": ["running", "paused"]}):
+                pid = int((self.client.api.inspect_container(c["Id"]).get("State") or {}).get("Pid") or 0)
+                if pid:
+                    return loopdisk.capture(path, self._seed_path(seed), self.workspace_path, pid=pid)
+            return loopdisk.capture(path, self._seed_path(seed))  # no node mounts it: it is still
 
         return await self._call(capture)
 
     async def drop_seed(self, seed: str) -> None:
         await self._call(loopdisk.with_unlink, self._seed_path(seed))
+
+    async def export_seed(self, seed: str) -> AsyncIterator[bytes]:
+        """A seed's bytes as a sparse tar stream (holes are not sent), opened."""
+        path = self._seed_path(seed)
+        if not os.path.exists(path):
+            raise ContainerGone(f"no saved workspace {seed}")
+        proc = await asyncio.create_subprocess_exec(
+            "tar", "--sparse", "--hole-detection=seek", "-C", os.path.dirname(path), "-cf", "-",
+            os.path.basename(path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        return self._tar_chunks(proc)
+
+    @staticmethod
+    async def _tar_chunks(proc: asyncio.subprocess.Process) -> AsyncIterator[bytes]:
+        assert proc.stdout is not None
+        try:
+            while chunk := await proc.stdout.read(1 << 20):
+                yield chunk
+            if await proc.wait() != 0:
+                raise EngineError(f"tar of a saved workspace exited with {proc.returncode}")
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    async def import_seed(self, seed: str, chunks: AsyncIterator[bytes]) -> None:
+        """Make the seed seed from a stream export_seed wrote (on another host, say)."""
+        dest = self._seed_path(seed)
+        tmp = dest + ".part.d"
+        os.makedirs(tmp, mode=0o700)
+        try:
+            proc = await asyncio.create_subprocess_exec("tar", "-xf", "-", "-C", tmp, stdin=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+            assert proc.stdin is not None
+            try:
+                async for chunk in chunks:
+                    proc.stdin.write(chunk)
+                    await proc.stdin.drain()
+                proc.stdin.close()
+                _, err = await proc.communicate()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            names = os.listdir(tmp)
+            if proc.returncode != 0 or len(names) != 1:
+                raise EngineError(f"receiving a saved workspace failed: {err.decode(errors='replace')[:200]}")
+            os.rename(os.path.join(tmp, names[0]), dest)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
 
     async def seed_bytes(self, seed: str) -> int:
         return await self._call(loopdisk.disk_bytes, self._seed_path(seed))
@@ -437,9 +495,12 @@ class DockerBackend(NodeBackend):
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(folder):
                 # a copy's unfinished file (.part) too: its replica died before it was renamed
-                if (entry.name.startswith("fork-") or entry.name.endswith(".part")) \
+                if (entry.name.startswith("fork-") or ".part" in entry.name) \
                         and entry.stat().st_mtime < older_than:
-                    loopdisk.with_unlink(entry.path)
+                    if entry.is_dir():  # a transfer from another host that died half-way
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        loopdisk.with_unlink(entry.path)
                     gone += 1
         return gone
 

@@ -111,30 +111,33 @@ def mount_point(device: str) -> str:
 # Prints the nanoseconds the file system was held.
 _CAPTURE = r"""
 set -eu
-mnt="$1" src="$2" dst="$3"
+mnt="$1" src="$2" dst="$3" pid="$4"
+# the mount is seen in the mount namespace of pid when given (a node's: where the engine mounted it)
+in_ns() { if [ -n "$pid" ]; then nsenter -t "$pid" -m -- "$@"; else "$@"; fi; }
 # written back before the freeze, so the freeze itself flushes only what came since
-if [ -n "$mnt" ]; then sync -f "$mnt"; fi
+if [ -n "$mnt" ]; then in_ns sync -f "$mnt"; fi
 t0=$(date +%s%N)
 if [ -n "$mnt" ]; then
-  fsfreeze -f "$mnt"
-  trap 'fsfreeze -u "$mnt"' EXIT
+  in_ns fsfreeze -f "$mnt"
+  trap 'in_ns fsfreeze -u "$mnt"' EXIT
 fi
-cp --sparse=always "$src" "$dst"
-if [ -n "$mnt" ]; then fsfreeze -u "$mnt"; trap - EXIT; fi
+cp --reflink=auto --sparse=always "$src" "$dst"
+if [ -n "$mnt" ]; then in_ns fsfreeze -u "$mnt"; trap - EXIT; fi
 t1=$(date +%s%N)
 echo $((t1 - t0))
 """
 
 
-def capture(path: str, dest: str, mount: str = "", timeout: float = 600.0) -> float:
+def capture(path: str, dest: str, mount: str = "", timeout: float = 600.0, pid: int = 0) -> float:
     """Copy the image ``path`` to ``dest`` as it is at one instant, sparse as it is: its file
-    system (mounted at ``mount``, "" when not mounted) frozen only while the bytes are copied;
-    the seconds writes were held. ``dest`` appears whole or not at all."""
+    system (mounted at ``mount``, "" when not mounted; in the mount namespace of ``pid`` when
+    given) frozen only while the bytes are copied; the seconds writes were held. ``dest``
+    appears whole or not at all."""
     os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
     part = dest + ".part"
     try:
-        res = subprocess.run(["sh", "-c", _CAPTURE, "capture", mount, path, part], capture_output=True,
-                             text=True, timeout=timeout, start_new_session=True)
+        res = subprocess.run(["sh", "-c", _CAPTURE, "capture", mount, path, part, str(pid or "")],
+                             capture_output=True, text=True, timeout=timeout, start_new_session=True)
         if res.returncode != 0:
             raise DiskError(f"copying {os.path.basename(path)} failed: {(res.stderr or res.stdout).strip()[:300]}")
         os.chmod(part, 0o600)
@@ -153,7 +156,8 @@ def create_from(path: str, seed: str) -> str:
     try:
         # O_EXCL first: never write over another session's image
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        _run("cp", "--sparse=always", seed, path)
+        # a reflink where the file system has them (XFS, btrfs): no bytes copied at all
+        _run("cp", "--reflink=auto", "--sparse=always", seed, path)
         return _run("losetup", "--find", "--show", path)
     except BaseException:
         with_unlink(path)
