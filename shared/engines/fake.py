@@ -44,6 +44,7 @@ class FakeBackend(NodeBackend):
         self._changed = threading.Condition()
         self._version = 0
         self.calls: list[str] = []  # the interface methods called, in order, for tests to read
+        self.seeds: dict[str, str] = {}  # saved workspaces (forks, snapshots) -> the workspace saved
 
     # --- test hooks: what an engine does behind the manager's back ----------------------
     def vanish(self, node_id: str) -> None:
@@ -185,11 +186,24 @@ class FakeBackend(NodeBackend):
 
     async def create_workspace(self, node: NewNode) -> str:
         self.calls.append("create_workspace")
+        if node.seed and node.seed not in self.seeds:
+            raise EngineError(f"fake: no saved workspace {node.seed}")
         name = self.workspace_name(node.session_id)
         self._workspaces[name] = WorkspaceInfo(name=name, session_id=node.session_id, owner=node.owner,
                                                role=node.role, replica_id=node.replica_id,
                                                created=node.created_at or time.time(), client=node.client)
         return name
+
+    async def capture_workspace(self, name: str, seed: str) -> float:
+        """A seed names the workspace it was saved from (the fake keeps no files)."""
+        self.calls.append("capture_workspace")
+        if name not in self._workspaces:
+            raise ContainerGone(f"No such volume: {name}")
+        self.seeds[seed] = name
+        return 0.0
+
+    async def drop_seed(self, seed: str) -> None:
+        self.seeds.pop(seed, None)
 
     async def ready_workspace(self, name: str) -> None:
         if name not in self._workspaces:
