@@ -140,6 +140,16 @@ def _serve(spec: dict[str, object]) -> None:
 
     class Echo(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if self.path.startswith("/bytes/"):  # a download of that many bytes, for benchmarks
+                left = int(self.path.split("/")[2])
+                self.send_response(200)
+                self.send_header("content-length", str(left))
+                self.end_headers()
+                block = b"\0" * (1 << 16)
+                while left > 0:
+                    self.wfile.write(block[:left])
+                    left -= len(block)
+                return
             body = json.dumps({"host": self.headers.get("host", ""), "addr": self.server.server_address[0],
                                "path": self.path}).encode()
             self.send_response(200)

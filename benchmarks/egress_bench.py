@@ -1,0 +1,162 @@
+"""Egress by name: what the enforced path costs a node next to open egress, in the same run.
+
+Against a small internet in a network namespace (testing/internet.py), one manager with
+egress.enforce and two sessions: "open" (default allow: the kernel forwards, nothing on the
+host touches the bytes) and "by name" (default deny, the one name allowed: every connection to
+80/443 goes through the host's SNI/Host-checking proxy in the manager). Inside each node: a
+100 MB download over HTTP, and 1,000 small HTTPS requests, each on a connection of its own.
+The manager's memory (its process's RSS) is sampled through the "by name" run. Then the
+time from a policy change (admin PUT) to its rules in force, from the manager's own histogram.
+Goal (issue 28): by-name throughput >= 0.7x open; manager memory flat within 50 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import (
+    base_config,
+    bench_id,
+    command_line,
+    fmt,
+    load_line,
+    markdown_table,
+    write_json,
+)
+from testing.harness import ManagerProc, remove_project_objects
+from testing.internet import internet
+
+NODE_SCRIPT = r"""
+import json, socket, ssl, sys, time, urllib.request
+size, n = int(sys.argv[1]), int(sys.argv[2])
+t0 = time.perf_counter()
+got = 0
+with urllib.request.urlopen(f"http://allowed.test/bytes/{size}", timeout=120) as r:
+    while True:
+        b = r.read(1 << 20)
+        if not b:
+            break
+        got += len(b)
+dl = time.perf_counter() - t0
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+t0 = time.perf_counter()
+for _ in range(n):
+    s = ctx.wrap_socket(socket.create_connection(("allowed.test", 443), 10), server_hostname="allowed.test")
+    s.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+small = time.perf_counter() - t0
+print("BENCH" + json.dumps({"bytes": got, "download_s": dl, "requests": n, "requests_s": small}))
+"""
+
+
+def rss_mb(pid: int) -> float:
+    """The manager process's own resident memory (not its children: an nft it forks would count
+    its parent's pages again)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def in_node(c: httpx.Client, size: int, n: int) -> dict[str, Any]:
+    cmd = f"python3 -c {shlex.quote(NODE_SCRIPT)} {size} {n}"
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
+               timeout=900)
+    assert r.status_code == 200, r.text
+    display = r.json()["data"]["display"]
+    assert "BENCH" in display, display
+    return json.loads(display.split("BENCH", 1)[1].strip().splitlines()[0])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=int, default=100)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--changes", type=int, default=20)
+    args = ap.parse_args()
+    at_start = os.getloadavg()
+    mid = bench_id("egress")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-egress-"))
+    results: dict[str, Any] = {}
+    with internet(["allowed.test", "other.test"]) as net:
+        m = ManagerProc(base_config(mid, mid, egress={"enforce": True, "upstream_dns": [net.dns],
+                                                      "client_may_set": True}), tmp, "egress")
+        try:
+            m.start()
+            admin = {"Authorization": f"Bearer {m.cfg['admin']['token']}"}
+            for case, policy in (("open", {"default": "allow"}),
+                                 ("by name", {"default": "deny", "allow": ["allowed.test"]})):
+                with httpx.Client(base_url=m.url, timeout=60) as c:
+                    assert c.post("/get_cookie", json={"egress": policy}).status_code == 200
+                    in_node(c, 1 << 20, 10)  # warm-up: the node's interpreter, the first answers
+                    peak = [rss_mb(m.pid)]
+                    before = peak[0]
+                    done = threading.Event()
+
+                    def sample(peak: list[float] = peak, done: threading.Event = done) -> None:
+                        while not done.wait(0.2):
+                            peak.append(rss_mb(m.pid))
+
+                    t = threading.Thread(target=sample)
+                    t.start()
+                    try:
+                        res = in_node(c, args.mb << 20, args.requests)
+                    finally:
+                        done.set()
+                        t.join()
+                    res["rss_before_mb"], res["rss_peak_mb"] = before, max(peak)
+                    results[case] = res
+                    if case == "by name":
+                        node_id = c.cookies["node_id"]
+                        for i in range(args.changes):
+                            allow = ["allowed.test"] + (["other.test"] if i % 2 == 0 else [])
+                            r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=admin,
+                                          json={"default": "deny", "allow": allow})
+                            assert r.status_code == 200, r.text
+                            time.sleep(0.2)  # one change at a time: each is timed alone
+                        text = httpx.get(f"{m.url}/metrics").text
+                        total = float(re.search(r"^toolserver_egress_policy_apply_seconds_sum (\S+)", text,
+                                                re.M).group(1))  # type: ignore[union-attr]
+                        count = float(re.search(r"^toolserver_egress_policy_apply_seconds_count (\S+)", text,
+                                                re.M).group(1))  # type: ignore[union-attr]
+                        results["policy_apply_mean_s"] = total / count if count else None
+                        results["policy_changes"] = count
+                    c.post("/release_session")
+        finally:
+            m.stop()
+            import docker
+
+            remove_project_objects(docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41"), mid)
+    rows = []
+    for case in ("open", "by name"):
+        r = results[case]
+        mbps = r["bytes"] / r["download_s"] / 1e6
+        rps = r["requests"] / r["requests_s"]
+        rows.append([case, fmt(mbps), fmt(rps), fmt(r["rss_before_mb"]), fmt(r["rss_peak_mb"])])
+    ratio_dl = (results["by name"]["bytes"] / results["by name"]["download_s"]) / (
+        results["open"]["bytes"] / results["open"]["download_s"])
+    ratio_rq = results["open"]["requests_s"] / results["by name"]["requests_s"]
+    print(command_line())
+    print(f"{args.mb} MB over HTTP and {args.requests} HTTPS requests (a connection each) from inside a node; "
+          f"{load_line(at_start)}")
+    print(markdown_table(["egress", "download MB/s", "HTTPS req/s", "manager RSS before MB", "peak MB"], rows))
+    print(f"by name / open: download {ratio_dl:.2f}x, requests {ratio_rq:.2f}x; policy change to rules in force: "
+          f"mean {results['policy_apply_mean_s'] * 1000:.0f} ms over {results['policy_changes']:.0f} changes")
+    write_json("egress_bench", {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()
