@@ -282,3 +282,30 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"no {name} in /metrics")
+
+
+def test_a_change_made_on_one_host_is_in_force_on_the_sessions_host(start_manager, net: Internet,
+                                                                     manager_id_b: str) -> None:
+    # two manager_ids (two engines' scopes, as two hosts are) on this machine: the change goes to a
+    # replica of A, the session is B's; B's agent follows the stream and applies it on its bridge
+    egress = {"enforce": True, "upstream_dns": [net.dns], "client_may_set": True}
+    a = start_manager(egress=egress)
+    b = start_manager(name="b", mid=manager_id_b, egress=egress, cluster={"placement": "local"})
+    c = session(b.url, {"default": "deny", "allow": ["allowed.test"]})
+    node_id = c.cookies["node_id"]
+    assert httpx.get(f"{a.url}/admin/nodes/{node_id}", headers=ADMIN).json()["record"]["manager_id"] == manager_id_b
+    assert probe(c, ["dns", "other.test"])[0]["rcode"] == 3
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(probe(c, ["wait_http", "http://other.test/", 20])[0]))
+    t.start()
+    time.sleep(1.0)  # lets the node's loop start; the figure below is measured from the change
+    t0 = time.time()
+    r = httpx.put(f"{a.url}/admin/nodes/{node_id}/egress", headers=ADMIN,
+                  json={"default": "deny", "allow": ["allowed.test", "other.test"]})
+    assert r.status_code == 200, r.text
+    t.join()
+    assert "at" in result[0], result
+    took = result[0]["at"] - t0
+    print(f"FIGURE egress policy change made on another manager_id in force after {took * 1000:.0f} ms")
+    assert took < 1.0
+    c.post("/release_session")
