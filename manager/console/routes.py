@@ -32,6 +32,7 @@ from starlette.websockets import WebSocket
 from manager.admin import api as admin
 from manager.edge.responses import json_response
 from manager.events import ws as events_ws
+from manager.forks import routes as fork_routes
 from manager.proxy import ws_proxy
 from manager.proxy.forwarding import CONSOLE_COOKIE
 from manager.replica.runtime import Runtime
@@ -218,7 +219,7 @@ class AdminBridge:
     in-process (it never travels back to the browser), every admin route reused as it is."""
 
     def __init__(self) -> None:
-        self.router = Router(routes=admin.admin_routes())
+        self.router = Router(routes=[*fork_routes.admin_fork_routes(), *admin.admin_routes()])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)

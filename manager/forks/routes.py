@@ -152,6 +152,16 @@ async def internal_snapshot_bytes(request: Request) -> Response:
     return StreamingResponse(await rt.backend.export_seed(snap.seed), media_type="application/x-tar")
 
 
+def admin_fork_routes() -> list[BaseRoute]:
+    """The admin API's (the console's bridge serves them too); before /admin/nodes/{id}/{action}."""
+    return [
+        Route("/admin/nodes/{node_id}/fork", admin_fork, methods=["POST"]),
+        Route("/admin/nodes/{node_id}/snapshot", admin_snapshot, methods=["POST"]),
+        Route("/admin/snapshots", admin_list_snapshots, methods=["GET"]),
+        Route("/admin/snapshots/{name}", admin_delete_snapshot, methods=["DELETE"]),
+    ]
+
+
 def fork_routes() -> list[BaseRoute]:
     """Before the generic /admin/nodes/{id}/{action} and /internal/nodes/{id}/{op} routes."""
     return [
@@ -159,10 +169,7 @@ def fork_routes() -> list[BaseRoute]:
         Route("/snapshot_session", snapshot_session, methods=["POST"]),
         Route("/snapshots", list_snapshots, methods=["GET"]),
         Route("/snapshots/{name}", delete_snapshot, methods=["DELETE"]),
-        Route("/admin/nodes/{node_id}/fork", admin_fork, methods=["POST"]),
-        Route("/admin/nodes/{node_id}/snapshot", admin_snapshot, methods=["POST"]),
-        Route("/admin/snapshots", admin_list_snapshots, methods=["GET"]),
-        Route("/admin/snapshots/{name}", admin_delete_snapshot, methods=["DELETE"]),
+        *admin_fork_routes(),
         Route("/internal/nodes/{node_id}/fork", internal_fork, methods=["POST"]),
         Route("/internal/nodes/{node_id}/snapshot", internal_snapshot, methods=["POST"]),
         Route("/internal/snapshots/{name}", internal_delete_snapshot, methods=["DELETE"]),

@@ -71,7 +71,7 @@ ROOMS: dict[str, set[str]] = {
     "admin": {"session"},  # /admin: token, limiter, fan-out (reads the internal routes' helpers)
     "mcp": {"proxy"},  # /mcp: tool calls go through the proxy
     "events": {"session", "admin"},  # /ws/events: a session's events, or every one with the admin token
-    "console": {"admin", "events", "proxy"},  # /ui/: the admin API, events and a node's shell
+    "console": {"admin", "events", "proxy", "forks"},  # /ui/: the admin API (forks and snapshots too), events, a shell
     "forks": {"session", "admin"},  # /fork_session, /snapshot_session, their admin and internal routes
 }
 

@@ -1,6 +1,6 @@
 // One session: its record, events, live log, workspace tree and a terminal to its /ws/shell.
 import { Terminal } from '/ui/vendor/xterm.mjs';
-import { h, fill, since } from './dom.js';
+import { h, fill, since, bytes } from './dom.js';
 import { api, events, streamLogs, wsUrl } from './api.js';
 import { actionButtons } from './sessions.js';
 
@@ -38,6 +38,22 @@ export function openSession(el, id, ctx) {
   const tail = h('input', { type: 'number', id: 'log-tail', min: 0, max: 10000, value: 200, style: 'width:6em' });
   const follow = h('input', { type: 'checkbox', id: 'log-follow', checked: true });
   const logState = h('span', { class: 'muted', id: 'log-state' });
+  const forkCount = h('input', { type: 'number', id: 'fork-count', min: 1, max: 100, value: 1, style: 'width:4em' });
+  const snapName = h('input', { type: 'text', id: 'snapshot-name', placeholder: 'snapshot name', style: 'width:12em' });
+  const copyResult = h('span', { class: 'muted', id: 'copy-result' });
+
+  // a fork's copies, linked; a snapshot's name and size (GET /admin/snapshots lists them all)
+  const copyOf = async (what, body, show) => {
+    copyResult.textContent = `${what}\u2026`;
+    try {
+      show(await api(`nodes/${encodeURIComponent(id)}/${what}`, { method: 'POST', body }));
+      ctx.refresh();
+    } catch (e) { copyResult.textContent = `${what}: ${e.detail ?? e.message}`; }
+  };
+  const doFork = () => copyOf('fork', { count: parseInt(forkCount.value, 10) || 1 }, r => fill(copyResult, 'copies: ',
+    r.sessions.map(s => [h('a', { class: 'node', href: `#/session/${encodeURIComponent(s)}`, 'data-node': s }, s.slice(0, 12)), ' '])));
+  const doSnapshot = () => copyOf('snapshot', { name: snapName.value.trim() },
+    r => { copyResult.textContent = `snapshot ${r.name} saved (${bytes(r.bytes)})`; });
 
   // one read at a time (an inspect samples the engine's stats: about a second), one more if asked meanwhile
   const loadRecord = async () => {
@@ -87,6 +103,9 @@ export function openSession(el, id, ctx) {
 
   fill(el,
     h('h1', {}, 'Session ', h('code', { id: 'session-id' }, id), ' ', actionsBox),
+    h('div', { class: 'toolbar', id: 'copies' }, forkCount,
+      h('button', { type: 'button', id: 'fork', onclick: doFork }, 'fork'), snapName,
+      h('button', { type: 'button', id: 'snapshot', onclick: doSnapshot }, 'snapshot'), copyResult),
     recordBox,
     h('div', { class: 'cols' },
       h('div', {}, h('h2', {}, 'Log'),

@@ -41,6 +41,28 @@ async function loadStats(n, rerender) {
   rerender();
 }
 
+// the snapshots (every client's), read on demand: one Redis read each, not one per refresh; the box
+// outlives the view's re-renders so what was read stays shown
+const snapBox = h('div', { id: 'snapshots' });
+
+async function loadSnapshots(box, flash) {
+  try {
+    const snaps = (await api('snapshots')).snapshots;
+    const now = Date.now() / 1000;
+    const reload = () => loadSnapshots(box, flash);
+    fill(box, snaps.length ? table([['name', 'name'], ['manager_id', 'host'], ['bytes', 'size'], ['source', 'source'],
+      ['client', 'client'], ['created_at', 'age'], ['actions', '']], snaps.map(s => [
+      s.name, s.manager_id, bytes(s.bytes), h('td', {}, h('a', { class: 'node', href: `#/session/${encodeURIComponent(s.source)}` },
+        s.source.slice(0, 12))), s.client || '', age(now - s.created_at),
+      h('td', {}, confirmButton('delete', `delete-snapshot:${s.name}`, async () => {
+        try { await api(`snapshots/${encodeURIComponent(s.name)}`, { method: 'DELETE' }); }
+        catch (e) { flash(`delete ${s.name}: ${e.detail ?? e.message}`); }
+        reload();
+      })),
+    ]), {}) : h('p', { class: 'muted' }, 'no snapshots'));
+  } catch (e) { fill(box, h('p', { class: 'error' }, e.detail ?? e.message)); }
+}
+
 export function renderSessions(el, state, ctx) {
   const rerender = () => renderSessions(el, state, ctx);
   const now = Date.now() / 1000;
@@ -77,7 +99,9 @@ export function renderSessions(el, state, ctx) {
     h('p', { class: 'muted' }, `${shown.length} of ${state.nodes.length} sessions`));
   };
   const focused = document.activeElement?.id === 'filter';
-  fill(el, h('h1', {}, 'Sessions'), h('div', { class: 'toolbar' }, filterBox, statusSel), tableBox);
+  fill(el, h('h1', {}, 'Sessions'), h('div', { class: 'toolbar' }, filterBox, statusSel), tableBox,
+    h('h2', {}, 'Snapshots ', h('button', { type: 'button', id: 'list-snapshots', onclick: () => loadSnapshots(snapBox, ctx.flash) }, 'list')),
+    snapBox);
   renderTable();
   if (focused) { filterBox.focus(); filterBox.setSelectionRange(filterBox.value.length, filterBox.value.length); }
 }

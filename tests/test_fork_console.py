@@ -1,0 +1,44 @@
+"""The console's fork and snapshot buttons and its snapshot list, in headless Chromium against a
+real manager (the fixtures of test_console.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from testing.harness import ManagerProc
+from tests.test_console import browser, context, logged_in, manager, new_session  # noqa: F401  (fixtures)
+from tests.test_snapshots import SEEDS, seeds
+
+
+@pytest.fixture(autouse=True)
+def no_seed_left() -> Iterator[None]:
+    before = seeds()
+    yield
+    for name in seeds() - before:
+        os.unlink(os.path.join(SEEDS, name))
+
+
+def test_fork_and_snapshot_buttons(manager: ManagerProc, context) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    _, node_id = new_session(manager.url)
+    page = logged_in(context, manager.console_url)
+    page.goto(manager.console_url + f"/ui/#/session/{node_id}")
+    page.wait_for_selector(f"#session-id:has-text('{node_id}')")
+    page.fill("#fork-count", "2")
+    page.click("#fork")
+    page.wait_for_selector("#copy-result a.node >> nth=1", timeout=120_000)
+    copies = page.eval_on_selector_all("#copy-result a.node", "els => els.map(e => e.dataset.node)")
+    assert len(copies) == 2 and node_id not in copies
+
+    page.fill("#snapshot-name", "from-console")
+    page.click("#snapshot")
+    page.wait_for_selector("#copy-result:has-text('snapshot from-console saved')", timeout=60_000)
+
+    page.goto(manager.console_url + "/ui/#/sessions")
+    page.click("#list-snapshots")
+    page.wait_for_selector("#snapshots td:has-text('from-console')")
+    page.click("#snapshots button[data-action='delete-snapshot:from-console']")
+    page.click("#snapshots button[data-action='delete-snapshot:from-console']")  # confirm
+    page.wait_for_selector("#snapshots:has-text('no snapshots')")
