@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -116,6 +117,9 @@ def test_fork_copies_exactly_and_isolated_while_the_source_answers(
     names = {n.lstrip("/") for c in docker_client.api.containers(
         all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"}) for n in c["Names"]}
     assert names == {src_id, *copies}  # each session's container is named after it
+    # a "forked" event on each copy, naming its source
+    events = [json.loads(fields[b"e"]) for _, fields in redis_client.xrange(f"{prefix}:events")]
+    assert {e["node_id"]: e["detail"] for e in events if e["type"] == "forked"} == {c: src_id for c in copies}
     metrics = httpx.get(m.url + "/metrics").text
     assert 'toolserver_fork_duration_seconds_count{outcome="ok"} 1.0' in metrics
     assert 'toolserver_fork_source_stall_seconds_count{op="fork"} 1.0' in metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -30,7 +31,8 @@ def no_seed_left() -> Iterator[None]:
 
 
 def test_snapshot_saved_started_from_listed_and_deleted(start_manager, docker_client: docker.DockerClient,
-                                                        redis_client: redis.Redis, manager_id: str) -> None:
+                                                        redis_client: redis.Redis, prefix: str,
+                                                        manager_id: str) -> None:
     m = start_manager(fork={"snapshots_per_client": 2})
     src = httpx.Client(base_url=m.url, timeout=120)
     assert src.post("/get_cookie").status_code == 200
@@ -44,6 +46,8 @@ def test_snapshot_saved_started_from_listed_and_deleted(start_manager, docker_cl
     assert snap["source"] == src.cookies["node_id"] and snap["manager_id"] == manager_id
     assert len(seeds() - before) == 1
     shell(src, f"echo v2 > {WS}/state.txt")  # after the snapshot: not in it
+    events = [json.loads(f[b"e"]) for _, f in redis_client.xrange(f"{prefix}:events")]
+    assert [(e["node_id"], e["detail"]) for e in events if e["type"] == "snapshotted"] == [(snap["source"], "base-1")]
 
     # immutable: the name is taken; bad names and bodies change nothing
     assert src.post("/snapshot_session", json={"name": "base-1"}).status_code == 409
