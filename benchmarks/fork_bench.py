@@ -49,7 +49,7 @@ from benchmarks.common import (
 from testing.harness import ManagerProc
 
 WS = "/app/workspace"
-SEEDS = "/var/lib/toolserver-manager/workspaces/seeds"
+IMAGE_DIR = "/var/lib/toolserver-manager/workspaces"
 
 
 def tool(http: httpx.Client, command: str) -> str:
@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--forks", type=int, default=10, help="forks timed for the stall (default 10)")
     p.add_argument("--copies", type=int, default=10, help="copies of the one big fork (default 10)")
     p.add_argument("--n", type=int, default=5, help="snapshots, and starts of each kind (default 5)")
+    p.add_argument("--image-dir", default=IMAGE_DIR,
+                   help=f"node.disk.image_dir: where workspace images go (default {IMAGE_DIR}); one on a file "
+                        "system with reflinks (XFS, btrfs) makes copies metadata operations")
     args = p.parse_args(argv)
+    seeds_dir = os.path.join(args.image_dir, "seeds")
     print(f"$ {command_line()}", flush=True)
     load0 = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-fork-"))
@@ -96,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix, mid = bench_id("fork"), bench_id("fork")
     m = ManagerProc(base_config(prefix, mid, redis={"url": redis_url}, quota={"per_client": 0},
                                 node={"creation_wait_seconds": 120, "idling_close_minutes": None,
+                                      "disk": {"image_dir": args.image_dir},
                                       "tiers": {"pause_after_seconds": None, "archive_after_seconds": None}},
                                 fork={"max_count": max(16, args.copies)}), tmp, "fork")
-    seeds_before = set(os.listdir(SEEDS)) if os.path.isdir(SEEDS) else set()
+    seeds_before = set(os.listdir(seeds_dir)) if os.path.isdir(seeds_dir) else set()
     out: dict[str, Any] = {}
     failed = True
     try:
@@ -194,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         delete_keys(r, prefix)
         redis_proc.terminate()
         redis_proc.wait()
-        for name in (set(os.listdir(SEEDS)) if os.path.isdir(SEEDS) else set()) - seeds_before:
-            os.unlink(os.path.join(SEEDS, name))
+        for name in (set(os.listdir(seeds_dir)) if os.path.isdir(seeds_dir) else set()) - seeds_before:
+            os.unlink(os.path.join(seeds_dir, name))
         shutil.rmtree(tmp, ignore_errors=True)
 
     st, cp, sn, sa = out["stall"], out["copies"], out["snapshot"], out["start"]
@@ -214,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
          fmt(sa["snapshot"]["max_ms"]), f"{ratio:.2f}x cold (goal <= 1.2x)"),
     ]
     print(markdown_table(("case", "n", "p50 ms", "max ms", "note"), rows))
-    print(load_line(load0))
-    path = write_json("fork_bench", {"results": out, "snapshot_over_cold_p50": ratio})
+    print(f"image_dir {args.image_dir}; {load_line(load0)}")
+    path = write_json("fork_bench", {"results": out, "snapshot_over_cold_p50": ratio, "image_dir": args.image_dir})
     print(f"json: {path}")
     return 0
 
