@@ -127,6 +127,7 @@ class SameWork:
             raise RuntimeError(f"the manager's node has no workspace mount at {self.workspace_path}: {mounts}")
         if not self.size:
             raise RuntimeError("node.disk.workspace_bytes is 0 by default: nothing to loop-mount")
+        self.phases: list[dict[str, float]] = []  # per trial: phase -> seconds
 
     def describe(self) -> str:
         hc = self.host_config
@@ -141,18 +142,32 @@ class SameWork:
         api = self.client.api
         cid = ""
         t0 = time.perf_counter()
+        took: dict[str, float] = {}
+        mark = t0
+
+        def lap(phase: str) -> None:  # the same phases as the manager's creation metric
+            nonlocal mark
+            now = time.perf_counter()
+            took[phase] = now - mark
+            mark = now
+
         dev = loopdisk.create(path, self.size)
         try:
             api.create_volume(name, driver="local", driver_opts={"type": "ext4", "device": dev},
                               labels={LABEL: self.floor_mid, IMAGE_FILE_LABEL: path})
+            lap("workspace")
             hc = copy.deepcopy(self.host_config)
             hc["Mounts"] = [{**m, "Source": name} if m.get("Target") == self.workspace_path else m
                             for m in hc.get("Mounts") or []]
             cid = api.create_container(self.image, host_config=hc, environment={"NODE_SECRET": BENCH_NODE_SECRET},
                                        labels={LABEL: self.floor_mid, ROLE_LABEL: "bench"})["Id"]
+            lap("create")
             api.start(cid)
             ip = api.inspect_container(cid)["NetworkSettings"]["Networks"][self.network]["IPAddress"]
+            lap("start")
             wait_http(ip, NODE_PORT, t0, f"same-work floor container {cid[:12]}")
+            lap("probe")
+            self.phases.append(took)
             return time.perf_counter() - t0
         finally:
             if cid:
@@ -167,6 +182,33 @@ class SameWork:
                             raise
                         time.sleep(0.1)
             loopdisk.destroy(path)
+
+
+PHASES = ("queue", "record", "workspace", "create", "start", "probe", "ready_write")
+
+
+def manager_phases(log: str, n: int) -> list[dict[str, float]]:
+    """The phases of the manager's last n creations, from its node_ready log lines (phases_ms=k:v,...)."""
+    out: list[dict[str, float]] = []
+    for line in log.splitlines():
+        if " node_ready " in line and "phases_ms=" in line:
+            field = line.split("phases_ms=", 1)[1].split()[0]
+            out.append({k: float(v) / 1000 for k, v in (kv.split(":") for kv in field.split(",") if ":" in kv)})
+    return out[-n:] if n else []
+
+
+def phase_rows(floor: list[dict[str, float]], mgr: list[dict[str, float]]) -> list[list[Any]]:
+    """Per phase: the floor's and the manager's p50, p90, p99 and max (ms); a trial's slowest phases
+    say where a spike came from."""
+    rows: list[list[Any]] = []
+    for ph in PHASES:
+        f = summarize([t[ph] for t in floor if ph in t])
+        m = summarize([t[ph] for t in mgr if ph in t])
+        if not m["n"] and not f["n"]:
+            continue
+        rows.append([ph, fmt(f["p50_ms"]), fmt(m["p50_ms"]), fmt(f["p90_ms"]), fmt(m["p90_ms"]),
+                     fmt(f["p99_ms"]), fmt(m["p99_ms"]), fmt(m["max_ms"])])
+    return rows
 
 
 def cold_session(http: httpx.Client) -> tuple[float, str]:
@@ -217,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     started = time.monotonic()
     described = ""
+    floor_phases: list[dict[str, float]] = []
+    log_text = ""
     try:
         manager.start()
         with httpx.Client(base_url=manager.url, timeout=READY_TIMEOUT_S + 10) as http:
@@ -224,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             _, warm = cold_session(http)
             floor = SameWork(client, floor_mid, warm)
             described = floor.describe()
+            floor_phases = floor.phases
             release(http, warm)
             floor.trial()
             floor_trial(client, floor_mid)
@@ -237,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = False
     finally:
         manager.stop()
+        log_text = manager.logs()
         # the floor's containers first: they sit on the manager's node network
         leftovers = remove_containers(client, floor_mid) + remove_containers(client, mid)
         deleted = delete_keys(r, prefix)
@@ -262,6 +308,17 @@ def main(argv: list[str] | None = None) -> int:
         row("manager: POST /get_cookie (cold)", ms),
         row("floor, bare: SDK create + start → first 200", bs),
     ]))
+    mgr_phases = manager_phases(log_text, len(mgr))
+    floor_phases = floor_phases[-len(same):] if same else []
+    print("\nwhere the time goes, by phase (ms; the manager's from toolserver_node_create_phase_duration_seconds' "
+          "per-creation log, the floor's timed alike):")
+    print(markdown_table(["phase", "floor p50", "manager p50", "floor p90", "manager p90", "floor p99",
+                          "manager p99", "manager max"], phase_rows(floor_phases, mgr_phases)))
+    slow = sorted(range(len(mgr)), key=lambda i: mgr[i])[-max(1, len(mgr) // 10):]
+    if len(mgr_phases) == len(mgr):
+        print("slowest manager trials: " + "; ".join(
+            f"{mgr[i] * 1000:.0f} ms = " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in sorted(
+                mgr_phases[i].items(), key=lambda kv: -kv[1])[:3]) for i in reversed(slow)))
     ok = ratio <= GOAL_RATIO
     ok_tail = tail <= GOAL_TAIL
     print(f"\ngoal: manager p50 ≤ {GOAL_RATIO:.2f}× same-work floor p50: {verdict(ok)} "
@@ -276,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor_same_work": {**ss, "samples_ms": [v * 1000 for v in same]},
         "floor_bare": {**bs, "samples_ms": [v * 1000 for v in bare]},
         "manager": {**ms, "samples_ms": [v * 1000 for v in mgr]},
+        "phases_s": {"floor_same_work": floor_phases, "manager": mgr_phases},
         "ratio_p50": ratio, "goal_ratio": GOAL_RATIO, "goal_met": ok, "tail_ratio": tail, "goal_tail_met": ok_tail,
         "cleanup": {"containers_removed": leftovers, "keys_deleted": deleted}, "loadavg_at_start": load0,
     })

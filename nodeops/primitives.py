@@ -15,6 +15,7 @@ import httpx
 from nodeops import addresses
 from nodeops.context import NodeOps
 from nodeops.locks import SessionLock
+from shared.engines.base import NodeInfo
 from shared.errors import AddressUnconfirmed, ContainerGone, NodeNotFound, NodeTimeout
 from shared.models import NODE_SECRET_HEADER, EventKind, NodeRecord, NodeStatus
 
@@ -44,25 +45,40 @@ async def probe(ops: NodeOps, rec: NodeRecord, timeout: float = 1.0) -> bool:
 async def wait_ready(ops: NodeOps, rec: NodeRecord, deadline: float) -> bool:
     """Probe the node every few tens of milliseconds until it answers or the deadline passes.
 
-    Also watches the container now and then, so a node that dies at start fails fast.
+    Also watches the container now and then, so a node that dies at start fails fast. That look
+    runs beside the probes, never between two: on a loaded engine one inspect took longer than
+    the node needed to answer, and every probe waited for it.
     """
     interval = ops.cfg.node.probe_interval_seconds
     next_inspect = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
-        if await probe(ops, rec, timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
-            return True
-        if time.monotonic() >= next_inspect:
-            next_inspect = time.monotonic() + 0.5
-            try:
-                info = await ops.backend.inspect(rec.cid)
-            except ContainerGone:
-                raise NodeTimeout("Node start failed: its container was removed") from None
-            if info.status in (NodeStatus.EXITED, NodeStatus.DEAD):
-                raise NodeTimeout(f"Node creation failed: the container {info.status}")
-            if info.port and info.address != (rec.host, rec.port):
-                rec.host, rec.port = info.address
-        await asyncio.sleep(interval)
-    return False
+    looking: asyncio.Task[NodeInfo] | None = None
+    try:
+        while time.monotonic() < deadline:
+            if await probe(ops, rec, timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
+                return True
+            if looking is not None and looking.done():
+                _seen(rec, looking)
+                looking = None
+                next_inspect = time.monotonic() + 0.5
+            if looking is None and time.monotonic() >= next_inspect:
+                looking = asyncio.ensure_future(ops.backend.inspect(rec.cid))
+            await asyncio.sleep(interval)
+        return False
+    finally:
+        if looking is not None and not looking.done():
+            looking.cancel()
+
+
+def _seen(rec: NodeRecord, looking: asyncio.Task[NodeInfo]) -> None:
+    """What an inspect of a starting node says: gone or dead ends the wait, a new address is taken."""
+    try:
+        info = looking.result()
+    except ContainerGone:
+        raise NodeTimeout("Node start failed: its container was removed") from None
+    if info.status in (NodeStatus.EXITED, NodeStatus.DEAD):
+        raise NodeTimeout(f"Node creation failed: the container {info.status}")
+    if info.port and info.address != (rec.host, rec.port):
+        rec.host, rec.port = info.address
 
 
 async def owned(ops: NodeOps, node_id: str) -> NodeRecord:
