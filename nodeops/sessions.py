@@ -64,28 +64,28 @@ async def create_local(ops: NodeOps, client: str = "", snapshot: str = "") -> No
     """A node on this engine: from the warm pool when it has one, else a new one within quota
     (waiting its turn in the creation queue); from a snapshot kept here, always a new one
     (pooled nodes have empty workspaces)."""
-    seed, fetched = "", ""
-    if snapshot:
-        snap = await snapshots.find(ops, snapshot, client)
-        seed = snap.seed
-        if snap.manager_id != ops.manager_id:  # kept on another host: its bytes are copied here first
-            seed = fetched = await snapshots.fetch(ops, snap)
-    claimed = None if seed else await pool.claim(ops, client)
+    snap = await snapshots.find(ops, snapshot, client) if snapshot else None
+    claimed = None if snap else await pool.claim(ops, client)
     if claimed is not None:
         return claimed
-    try:
-        return await _create_local(ops, client, seed)
-    finally:
-        if fetched:
-            await asyncio.shield(ops.backend.drop_seed(fetched))
-
-
-async def _create_local(ops: NodeOps, client: str, seed: str) -> NodeRecord:
     c = ops.cfg.cluster
     cap = await capacity.node_cap(ops)
     reservation = await ops.store.reserve(ops.manager_id, cap, c.max_nodes_total, client,
                                           capacity.client_cap(ops.cfg.quota.per_client, cap), ops.replica.replica_id)
-    return await lifecycle.create_node(ops, client=client, reservation=reservation, seed=seed)
+    if snap is None:
+        return await lifecycle.create_node(ops, client=client, reservation=reservation)
+    seed, fetched = snap.seed, ""
+    try:
+        if snap.manager_id != ops.manager_id:  # kept on another host: its bytes are copied here, within quota
+            seed = fetched = await snapshots.fetch(ops, snap)
+    except BaseException:
+        await asyncio.shield(ops.store.unreserve(ops.manager_id, reservation, client))
+        raise
+    try:
+        return await lifecycle.create_node(ops, client=client, reservation=reservation, seed=seed)
+    finally:
+        if fetched:
+            await asyncio.shield(ops.backend.drop_seed(fetched))
 
 
 async def _dispatch(ops: NodeOps, node_id: str | None, local: Callable[[NodeOps, str], Awaitable[Any]],
