@@ -42,6 +42,7 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("checker.lease_ttl_seconds", {"exclusiveMinimum": 0}),
     ("checker.interval_seconds", {"exclusiveMinimum": 0}),
     ("redis.sentinels.items", {"pattern": "^.+:[0-9]+$"}),
+    ("redis.cluster_nodes.items", {"pattern": "^.+:[0-9]+$"}),
     # XAgent's keys, accepted so its manager.yml loads: nothing reads them
     ("logger", {"description": "XAgent's logger name: accepted, never read (log records are named by module)"}),
     ("node.health_check", {"description": "XAgent's: accepted, never read (readiness is always the manager's own "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -92,7 +91,9 @@ async def _create(ops: NodeOps, role: str, client: str, reservation: str | None,
     t0 = time.monotonic()
     deadline = t0 + cfg.node.creation_wait_seconds  # from its turn on: the wait for a slot is not the node's
     rec: NodeRecord | None = None
-    session_id = secrets.token_hex(32)  # the shape of a container id: cookies look as they always did
+    # the shape of a container id (cookies look as they always did); on a Redis Cluster it starts
+    # with the manager's home, so the record shares the slot of the manager's indexes
+    session_id = ops.store.keys.new_session_id(ops.manager_id)
     now = time.time()
     new = NewNode(owner=ops.manager_id, role=role, client=client, secret=ops.store.secrets.new(session_id),
                   replica_id=ops.replica.replica_id, created_at=now, session_id=session_id,

@@ -199,6 +199,10 @@ class RedisConfig(Base):
     pool_timeout_seconds: float = 5.0
     sentinels: list[str] = msgspec.field(default_factory=list)  # "host:port"; url names the master
     sentinel_master: str = "mymaster"
+    # "host:port" seeds of a Redis Cluster (any few of its nodes; the rest are discovered): keys get
+    # hash tags (README, "Keys on a Redis Cluster"); the url's password and user are the cluster's
+    # and its host is not used. Empty: one Redis (or Sentinel), names as they always were
+    cluster_nodes: list[str] = msgspec.field(default_factory=list)
 
 
 class ProxyConfig(Base):

@@ -1,108 +1,149 @@
-"""Every Redis key name, built in one place under a configurable prefix."""
+"""Every Redis key name, built in one place under a configurable prefix.
+
+On one Redis (the default) the names are as they always were. On a Redis Cluster
+(``cluster=True``) each name carries a hash tag choosing its slot, so that every script and
+every MULTI touches one slot (README, "Keys on a Redis Cluster"):
+- a manager_id's keys (indexes, lease, fence, pool, intents) are tagged with its *home*, four hex
+  digits of a hash of the manager_id; the ids of the sessions it creates start with those four
+  digits and a session's keys (record, watchers, lock) are tagged with its id's first four, so a
+  manager's records share the slot of its indexes and its checker's fenced writes;
+- the replica registry (replicas, manager ids seen, draining) is one tag, snapshot metadata
+  another, the events stream a third; a client's live-session count is a key of its own per client
+  (a client's quota spans manager_ids: the store takes it in two steps, see quotas.py);
+- an MCP session's keys are tagged with its token hash.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+
+HOME_DIGITS = 4  # hex digits of a session id that name its manager's slot on a cluster
+
+
+def home(manager_id: str) -> str:
+    """The four hex digits that place a manager_id's keys (and its sessions') on a cluster."""
+    return hashlib.sha1(manager_id.encode()).hexdigest()[:HOME_DIGITS]
+
 
 class Keys:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, cluster: bool = False) -> None:
         self.prefix = prefix
+        self.cluster = cluster
+
+    def _t(self, tag: str) -> str:
+        """The prefix with a hash tag on a cluster; the bare prefix on one Redis."""
+        return f"{self.prefix}:{{{tag}}}" if self.cluster else self.prefix
+
+    def _m(self, manager_id: str) -> str:
+        return self._t(home(manager_id))
+
+    def _n(self, node_id: str) -> str:
+        return self._t(node_id[:HOME_DIGITS])
+
+    def new_session_id(self, manager_id: str) -> str:
+        """A new session id (64 hex digits, as a container id): on a cluster it starts with its
+        manager's home, so its record lands in the slot of the manager's indexes."""
+        if not self.cluster:
+            return secrets.token_hex(32)
+        return home(manager_id) + secrets.token_hex(32)[HOME_DIGITS:]
 
     def node(self, node_id: str) -> str:
         """Hash: one node record, written field by field."""
-        return f"{self.prefix}:node:{node_id}"
+        return f"{self._n(node_id)}:node:{node_id}"
 
     def manager_nodes(self, manager_id: str) -> str:
         """Set: ids of the nodes a manager_id owns."""
-        return f"{self.prefix}:mgr:{manager_id}:nodes"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:nodes"
 
     def archived(self, manager_id: str) -> str:
         """Set: ids of a manager's archived sessions (they hold no container: not counted by quotas)."""
-        return f"{self.prefix}:mgr:{manager_id}:archived"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:archived"
 
     def last_request(self, manager_id: str) -> str:
         """Sorted set: node id scored by last request time (idle scan is one range query)."""
-        return f"{self.prefix}:mgr:{manager_id}:last_request"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:last_request"
 
     def lease(self, manager_id: str) -> str:
         """String 'replica_id:token' with a TTL: the checker lease."""
-        return f"{self.prefix}:mgr:{manager_id}:lease"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:lease"
 
     def fence(self, manager_id: str) -> str:
         """Counter bumped at each lease acquisition: the fencing token."""
-        return f"{self.prefix}:mgr:{manager_id}:fence"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:fence"
 
     def lease_info(self, manager_id: str) -> str:
         """Hash: holder, token, since, for admins (the lease key itself expires)."""
-        return f"{self.prefix}:mgr:{manager_id}:lease_info"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:lease_info"
 
     def checker_stats(self, manager_id: str) -> str:
         """Hash: cycles run per token, last cycle duration (written under the fence)."""
-        return f"{self.prefix}:mgr:{manager_id}:checker_stats"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:checker_stats"
 
     def pool(self, manager_id: str) -> str:
         """List: ready pooled node ids waiting to be claimed."""
-        return f"{self.prefix}:mgr:{manager_id}:pool"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:pool"
 
     def arrivals(self, manager_id: str) -> str:
         """Counter: creation requests of a manager_id so far (the pool's demand: nodeops/demand.py)."""
-        return f"{self.prefix}:mgr:{manager_id}:arrivals"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:arrivals"
 
     def intents(self, manager_id: str) -> str:
         """Hash: node id -> a lifecycle call (stop, release) accepted while no replica of the owner
         was reachable, for the owner's checker to carry out."""
-        return f"{self.prefix}:mgr:{manager_id}:intents"
+        return f"{self._m(manager_id)}:mgr:{manager_id}:intents"
 
     def manager_seen(self) -> str:
         """Sorted set: manager_id scored by the last heartbeat of any of its replicas."""
-        return f"{self.prefix}:manager_seen"
+        return f"{self._t('reg')}:manager_seen"
 
     def draining(self) -> str:
         """Set: manager_ids that take no new sessions."""
-        return f"{self.prefix}:draining"
+        return f"{self._t('reg')}:draining"
 
     def managers(self) -> str:
         """Set: every manager_id ever seen (to enumerate indexes)."""
-        return f"{self.prefix}:managers"
+        return f"{self._t('reg')}:managers"
 
     def replica(self, replica_id: str) -> str:
         """Hash with a TTL renewed by the replica's heartbeat."""
-        return f"{self.prefix}:replica:{replica_id}"
+        return f"{self._t('reg')}:replica:{replica_id}"
 
     def replicas(self) -> str:
         """Sorted set: replica ids scored by last heartbeat (pruned of expired members)."""
-        return f"{self.prefix}:replicas"
+        return f"{self._t('reg')}:replicas"
 
-    def client_count(self) -> str:
-        """Hash: client identity -> live node count."""
-        return f"{self.prefix}:client_count"
+    def client_count(self, client: str = "") -> str:
+        """Hash: client identity -> live node count (on a cluster, one hash per client, in its own slot)."""
+        return f"{self._t('cl:' + client)}:client_count" if self.cluster else f"{self.prefix}:client_count"
 
     def events(self) -> str:
         """Stream of node lifecycle events (replayable by id)."""
-        return f"{self.prefix}:events"
+        return f"{self._t('ev')}:events"
 
     def session_lock(self, session_id: str) -> str:
         """String 'holder' with a TTL: who is bringing a session's container back."""
-        return f"{self.prefix}:lock:{session_id}"
+        return f"{self._n(session_id)}:lock:{session_id}"
 
     def watchers(self, node_id: str) -> str:
         """String 'alive'/'close': liveness of a session's event watchers, as XAgent's MainServer."""
-        return f"{self.prefix}:watch:{node_id}"
+        return f"{self._n(node_id)}:watch:{node_id}"
 
     def mcp_session(self, token_hash: str) -> str:
         """Hash: one MCP session (Mcp-Session-Id or 2026 handle, by its hash): node, owner, version."""
-        return f"{self.prefix}:mcp:session:{token_hash}"
+        return f"{self._t(token_hash)}:mcp:session:{token_hash}"
 
     def mcp_stream(self, token_hash: str, stream_id: str) -> str:
         """Stream: the SSE events of one MCP response stream, replayable by Last-Event-ID."""
-        return f"{self.prefix}:mcp:stream:{token_hash}:{stream_id}"
+        return f"{self._t(token_hash)}:mcp:stream:{token_hash}:{stream_id}"
 
     def mcp_stream_owner(self, token_hash: str, stream_id: str) -> str:
         """String replica_id with a short TTL, renewed while the stream's call runs."""
-        return f"{self.prefix}:mcp:stream_owner:{token_hash}:{stream_id}"
+        return f"{self._t(token_hash)}:mcp:stream_owner:{token_hash}:{stream_id}"
 
     def mcp_cancel(self, token_hash: str, request_id: str) -> str:
         """String with a TTL: the client cancelled this request of this session (2025-11-25)."""
-        return f"{self.prefix}:mcp:cancel:{token_hash}:{request_id}"
+        return f"{self._t(token_hash)}:mcp:cancel:{token_hash}:{request_id}"
 
     def console_revoked(self, login_id: str) -> str:
         """String with a TTL: a console login ended by logout (until the cookie would expire)."""
@@ -114,19 +155,19 @@ class Keys:
 
     def snapshot(self, name: str) -> str:
         """Hash: one snapshot's metadata (its bytes are on its manager_id's host)."""
-        return f"{self.prefix}:snap:{name}"
+        return f"{self._t('snaps')}:snap:{name}"
 
     def snapshots(self) -> str:
         """Set: every snapshot's name."""
-        return f"{self.prefix}:snaps"
+        return f"{self._t('snaps')}:snaps"
 
     def snapshot_bytes(self) -> str:
         """Hash: manager_id -> bytes its snapshots take on its host (bounded by fork.snapshot_bytes)."""
-        return f"{self.prefix}:snaps:bytes"
+        return f"{self._t('snaps')}:snaps:bytes"
 
     def snapshot_count(self) -> str:
         """Hash: client identity -> snapshots it keeps (bounded by fork.snapshots_per_client)."""
-        return f"{self.prefix}:snaps:per_client"
+        return f"{self._t('snaps')}:snaps:per_client"
 
 
 # A creation slot held in a manager's node set until the node's own id replaces it.

@@ -55,10 +55,11 @@ class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Locks, Events, Replicas
         r = cfg.redis
         password = cfg.redis_password
         main = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password,
-                       r.max_connections, r.pool_timeout_seconds)
+                       r.max_connections, r.pool_timeout_seconds, r.cluster_nodes)
+        # on a cluster a pool is per node: the lease's few connections on each
         lease = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password, 2,
-                        r.socket_timeout_seconds)
-        store = cls(main, Keys(r.key_prefix), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
+                        r.socket_timeout_seconds, r.cluster_nodes)
+        store = cls(main, Keys(r.key_prefix, cluster=bool(r.cluster_nodes)), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
         store.leases.renewer = lambda: LeaseRenewer(sync_client(cfg), store.keys)
         return store
 

@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 
 from shared.errors import RedisUnavailable
 from shared.keys import Keys
@@ -45,8 +46,17 @@ def redis_errors() -> Iterator[None]:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise RedisUnavailable(type(exc).__name__) from exc
+    except (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+            redis.exceptions.SlotNotCoveredError, redis.exceptions.RedisClusterUnreachableError) as exc:
+        # a cluster mid-failover (a slot without a primary yet) is a passing fault like a restart
+        raise RedisUnavailable(type(exc).__name__) from exc
     except redis.exceptions.BusyLoadingError as exc:  # pragma: no cover - subclass of ConnectionError
         raise RedisUnavailable("loading") from exc
+
+
+def slot(key: str) -> int:
+    """The Redis Cluster slot of a key (its hash tag's when it has one)."""
+    return int(key_slot(key.encode()))
 
 
 class Script:
@@ -75,6 +85,29 @@ class Part:
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
+
+    @property
+    def clustered(self) -> bool:
+        """On a Redis Cluster: a script or MULTI may name keys of one slot only."""
+        return self.keys.cluster
+
+    def by_slot(self, keys: Sequence[str]) -> list[list[int]]:
+        """Indexes of keys grouped by their cluster slot, in order of first appearance (one group
+        on one Redis)."""
+        if not self.clustered:
+            return [list(range(len(keys)))]
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(slot(key), []).append(i)
+        return list(groups.values())
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        """Apply writes atomically: in one MULTI on one Redis; on a cluster, one MULTI per slot, in
+        the order their slots first appear (callers list the writes that matter most first)."""
+        for group in self.by_slot([key for _, key, _ in ops]):
+            async with self.redis.pipeline(transaction=True) as p:
+                queue_ops(p, [ops[i] for i in group])
+                await p.execute()
 
     async def manager_ids(self) -> list[str]:
         with redis_errors():

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from shared.store.base import Op, Part, Script, redis_errors, text
+from shared.store.base import Op, Part, Script, redis_errors, slot, text
 
 # KEYS[1] lease, KEYS[2] fence counter, KEYS[3..] keys the ops name by index
 # ARGV[1] holder, ARGV[2] token, ARGV[3] ops as JSON: [[op, key_index, args...], ...]
@@ -46,10 +46,23 @@ class Fenced(Part):
 
     async def fenced(self, manager_id: str, holder: str, token: int, ops: Sequence[Op]) -> bool:
         """Apply ops [(redis_op, key, args)] atomically iff holder still has the lease with token."""
+        tail: list[Op] = []
+        if self.clustered:
+            # the script runs in the lease's slot; a write of another slot (a client's count, the
+            # events stream, a session not of this manager's home) follows once the fenced part
+            # was accepted, so a deposed checker still writes nothing at all
+            here = slot(self.keys.lease(manager_id))
+            tail = [op for op in ops if slot(op[1]) != here]
+            ops = [op for op in ops if slot(op[1]) == here]
         # in chunks, each fenced on its own, so a mass change never blocks Redis for long
         for i in range(0, len(ops), 2000):
             if not await self._fenced_chunk(manager_id, holder, token, ops[i:i + 2000]):
                 return False
+        if tail:
+            with redis_errors():
+                async with self.redis.pipeline(transaction=False) as p:
+                    queue_fenced_tail(p, tail)
+                    await p.execute()
         return True
 
     async def _fenced_chunk(self, manager_id: str, holder: str, token: int, ops: Sequence[Op]) -> bool:
@@ -73,3 +86,14 @@ class Fenced(Part):
         with redis_errors():
             stats = await self.redis.hgetall(self.keys.checker_stats(manager_id))
         return {text(k).split(":", 1)[1]: int(v) for k, v in stats.items() if text(k).startswith("cycles:")}
+
+
+def queue_fenced_tail(p: object, ops: Sequence[Op]) -> None:
+    """The FENCED script's ops as plain commands (hset_xx/hset_nx as HSET, xadd capped)."""
+    for name, key, args in ops:
+        if name in ("hset_xx", "hset_nx"):
+            p.execute_command("HSET", key, *args)  # type: ignore[attr-defined]
+        elif name == "xadd":
+            p.execute_command("XADD", key, "MAXLEN", "~", args[0], "*", *args[1:])  # type: ignore[attr-defined]
+        else:
+            p.execute_command(name.upper(), key, *args)  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ import msgspec
 from shared.keys import is_reservation
 from shared.models import NodeRecord
 from shared.nodesecret import NodeSecrets
-from shared.store.base import Op, Part, Script, as_mapping, queue_ops, redis_errors, text
+from shared.store.base import Op, Part, Script, redis_errors, text
 
 # KEYS[1] node hash; ARGV: field, value, field, value...
 # Only update a record that still exists: a late write must not resurrect a released node.
@@ -61,14 +61,15 @@ class NodeRecords(Part):
     async def put_node(self, rec: NodeRecord, replace_member: str | None = None) -> None:
         """Write a whole new record and index it (creation; not for updates)."""
         k = self.keys
+        ops: list[Op] = [("hset", k.node(rec.id), [x for kv in self._hash(rec).items() for x in kv])]
+        if replace_member:
+            ops.append(("srem", k.manager_nodes(rec.manager_id), [replace_member]))
+        ops += self._index_ops(rec, rec.last_request_at or time.time())
+        # the registry's set of manager ids (its own slot on a cluster; it only grows, so its own MULTI
+        # after the record's is enough: reserve() added the manager_id before any creation)
+        ops.append(("sadd", k.managers(), [rec.manager_id]))
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as p:
-                p.hset(k.node(rec.id), mapping=as_mapping(self._hash(rec)))
-                if replace_member:
-                    p.srem(k.manager_nodes(rec.manager_id), replace_member)
-                queue_ops(p, self._index_ops(rec, rec.last_request_at or time.time()))
-                p.sadd(k.managers(), rec.manager_id)
-                await p.execute()
+            await self.apply(ops)
 
     async def get_node(self, node_id: str) -> NodeRecord | None:
         with redis_errors():
@@ -88,26 +89,30 @@ class NodeRecords(Part):
         not Redis, dominated reading 10,000 records one HGETALL at a time.
         """
         out: list[NodeRecord] = []
-        for i in range(0, len(node_ids), 1000):
-            keys = [self.keys.node(nid) for nid in node_ids[i:i + 1000]]
-            with redis_errors():
-                blob = await self._read_nodes(keys=keys, args=NodeRecord.numeric_fields())
-            try:
-                out += msgspec.json.decode(blob, type=list[NodeRecord])
-            except msgspec.ValidationError:  # a malformed record: fall back to one by one
-                out += [r for r in [await self.get_node(nid) for nid in node_ids[i:i + 1000]] if r]
+        for group in self.by_slot([self.keys.node(nid) for nid in node_ids]):  # one script per slot
+            ids = [node_ids[j] for j in group]
+            for i in range(0, len(ids), 1000):
+                keys = [self.keys.node(nid) for nid in ids[i:i + 1000]]
+                with redis_errors():
+                    blob = await self._read_nodes(keys=keys, args=NodeRecord.numeric_fields())
+                try:
+                    out += msgspec.json.decode(blob, type=list[NodeRecord])
+                except msgspec.ValidationError:  # a malformed record: fall back to one by one
+                    out += [r for r in [await self.get_node(nid) for nid in ids[i:i + 1000]] if r]
         return out
 
     async def node_stamps(self, node_ids: Sequence[str]) -> dict[str, str]:
         """node id -> its updated_at as stored (a version stamp), for the records that exist."""
         out: dict[str, str] = {}
-        for i in range(0, len(node_ids), 5000):
-            chunk = node_ids[i:i + 5000]
-            with redis_errors():
-                blob = await self._read_stamps(keys=[self.keys.node(n) for n in chunk])
-            for node_id, stamp in zip(chunk, text(blob).split("\n")):
-                if stamp:
-                    out[node_id] = stamp
+        for group in self.by_slot([self.keys.node(nid) for nid in node_ids]):  # one script per slot
+            ids = [node_ids[j] for j in group]
+            for i in range(0, len(ids), 5000):
+                chunk = ids[i:i + 5000]
+                with redis_errors():
+                    blob = await self._read_stamps(keys=[self.keys.node(n) for n in chunk])
+                for node_id, stamp in zip(chunk, text(blob).split("\n")):
+                    if stamp:
+                        out[node_id] = stamp
         return out
 
     def _hash(self, rec: NodeRecord) -> dict[str, str]:
@@ -134,9 +139,7 @@ class NodeRecords(Part):
     async def delete_node(self, rec: NodeRecord) -> None:
         """Remove a record and every index entry of it."""
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as p:
-                queue_ops(p, self.delete_ops(rec))
-                await p.execute()
+            await self.apply(self.delete_ops(rec))
 
     async def manager_node_ids(self, manager_id: str) -> list[str]:
         with redis_errors():
@@ -174,5 +177,5 @@ class NodeRecords(Part):
                          ("zrem", k.last_request(rec.manager_id), [rec.id]),
                          ("lrem", k.pool(rec.manager_id), [0, rec.id])]
         if rec.client:
-            ops.append(("hincrby", k.client_count(), [rec.client, -1]))
+            ops.append(("hincrby", k.client_count(rec.client), [rec.client, -1]))
         return ops

@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 
 from shared.store.base import Op, Part, Script, redis_errors, text
+from shared.store.quotas import TAKE_CLIENT
 
 # KEYS[1] pool list, KEYS[2] client count hash, KEYS[3..] the records of the ids at the pool's head
 # ARGV[1] now, ARGV[2] client, ARGV[3] claiming replica, ARGV[4..] those ids in pool order
-# (ARGV[i + 1] is the id of KEYS[i]), last ARGV the client's limit (0 none)
+# (ARGV[i + 1] is the id of KEYS[i]), then the client's limit (0 none), then '0' when the client's count
+# is not to be touched here (on a cluster it is in another slot: taken before the claim)
 # Pops the head while it is the id expected, until one whose record is still pooled, and marks
 # it claimed: two replicas can never hand out the same node. 'again' when the head moved since
 # it was read or more ids wait than were given.
@@ -25,7 +27,7 @@ for i = 3, #KEYS do
   if redis.call('hget', KEYS[i], 'role') == 'pooled' then
     redis.call('hset', KEYS[i], 'role', 'claiming', 'claimed_at', ARGV[1], 'client', ARGV[2], 'updated_at', ARGV[1],
                'claimed_by', ARGV[3])
-    if ARGV[2] ~= '' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
+    if ARGV[2] ~= '' and ARGV[#KEYS + 3] ~= '0' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
     return id
   end
 end
@@ -40,19 +42,42 @@ class Pool(Part):
     """Claim pooled nodes and put new ones in the pool."""
 
     _claim = Script(CLAIM_POOLED)
+    _claim_take = Script(TAKE_CLIENT)
 
     async def claim_pooled(self, manager_id: str, client: str = "", claimer: str = "",
                            per_client: int = 0) -> str | None:
         """Atomically take a ready pooled node of manager_id, or None when the pool is empty or
         the client already holds per_client sessions."""
         k = self.keys
+        if not self.clustered:
+            return await self._claim_in(manager_id, k.client_count(), client, claimer, per_client, True)
+        # on a cluster the client's count is in its own slot: taken first, given back if nothing was claimed
+        if client and not await self._claim_client(client, per_client):
+            return None
+        got: str | None = None
+        try:
+            got = await self._claim_in(manager_id, k.arrivals(manager_id), client, claimer, 0, False)
+        finally:
+            if client and got is None:
+                with redis_errors():
+                    await self.redis.hincrby(k.client_count(client), client, -1)
+        return got
+
+    async def _claim_client(self, client: str, per_client: int) -> bool:
+        with redis_errors():
+            return bool(await self._claim_take(keys=[self.keys.client_count(client)], args=[client, per_client]))
+
+    async def _claim_in(self, manager_id: str, count_key: str, client: str, claimer: str, per_client: int,
+                        count: bool) -> str | None:
+        k = self.keys
         with redis_errors():
             while True:
                 ids = [text(i) for i in await self.redis.lrange(k.pool(manager_id), 0, CLAIM_BATCH - 1)]
                 if not ids:
                     return None
-                got = await self._claim(keys=[k.pool(manager_id), k.client_count(), *[k.node(i) for i in ids]],
-                                        args=[time.time(), client, claimer, *ids, per_client])
+                # count_key is never read when count is False and per_client 0 (a key of the pool's slot)
+                got = await self._claim(keys=[k.pool(manager_id), count_key, *[k.node(i) for i in ids]],
+                                        args=[time.time(), client, claimer, *ids, per_client, "1" if count else "0"])
                 if not got or text(got) == "client":
                     return None
                 if text(got) != "again":

@@ -38,15 +38,51 @@ return 'ok'
 """
 
 
+# On a Redis Cluster, the manager's half: KEYS[1] manager's node set, KEYS[2] its archived set;
+# ARGV[1] member, ARGV[2] per-manager limit, ARGV[3] total limit, ARGV[4] the other managers' nodes
+# (counted just before, outside: the total spans slots and is a soft bound there, see the README)
+RESERVE_SLOT = """
+local per = tonumber(ARGV[2])
+if per > 0 and redis.call('scard', KEYS[1]) - redis.call('scard', KEYS[2]) >= per then return 'manager' end
+local total = tonumber(ARGV[3])
+if total > 0 and redis.call('scard', KEYS[1]) + tonumber(ARGV[4]) >= total then return 'total' end
+redis.call('sadd', KEYS[1], ARGV[1])
+return 'ok'
+"""
+
+# On a Redis Cluster, the client's half: KEYS[1] the client's count hash; ARGV[1] client, ARGV[2] limit
+# (0 none). Counts one more session unless the client already holds the limit.
+TAKE_CLIENT = """
+local climit = tonumber(ARGV[2])
+if climit > 0 and tonumber(redis.call('hget', KEYS[1], ARGV[1]) or '0') >= climit then return 0 end
+redis.call('hincrby', KEYS[1], ARGV[1], 1)
+return 1
+"""
+
+
 class Quotas(Part):
     """Reserve and give back creation slots; count archived sessions out."""
 
     _reserve = Script(RESERVE)
+    _reserve_slot = Script(RESERVE_SLOT)
+    _take_client = Script(TAKE_CLIENT)
+
+    async def take_client(self, client: str, per_client: int) -> bool:
+        """On a cluster: count one more session of client within its limit (its own slot)."""
+        with redis_errors():
+            return bool(await self._take_client(keys=[self.keys.client_count(client)], args=[client, per_client]))
+
+    async def give_client(self, client: str) -> None:
+        """On a cluster: give back a client's count taken for a creation that did not happen."""
+        with redis_errors():
+            await self.redis.hincrby(self.keys.client_count(client), client, -1)
 
     async def reserve(self, manager_id: str, per_manager: int, total: int, client: str = "",
                       per_client: int = 0, replica_id: str = "") -> str:
         """Reserve a creation slot atomically; returns the reservation member or raises QuotaExceeded."""
         member = reservation_member(time.time(), uuid.uuid4().hex[:8], replica_id)
+        if self.clustered:
+            return await self._reserve_clustered(manager_id, member, per_manager, total, client, per_client)
         k = self.keys
         with redis_errors():
             await self.redis.sadd(k.managers(), manager_id)
@@ -64,13 +100,41 @@ class Quotas(Part):
             raise QuotaExceeded(f"quota exceeded: client {client} already has {per_client} nodes")
         return member
 
+    async def _reserve_clustered(self, manager_id: str, member: str, per_manager: int, total: int, client: str,
+                                 per_client: int) -> str:
+        """The client's count first (its own slot), then the manager's slot; the client's count is
+        given back when the manager refuses. A replica dying between the two leaves the client one
+        count too high (the client may see a 429 one session early, never more sessions than its limit)."""
+        k = self.keys
+        if client and not await self.take_client(client, per_client):
+            raise QuotaExceeded(f"quota exceeded: client {client} already has {per_client} nodes")
+        try:
+            with redis_errors():
+                await self.redis.sadd(k.managers(), manager_id)
+                others = 0
+                if total > 0:
+                    counts = await self.node_counts()
+                    others = sum(n for m, n in counts.items() if m != manager_id)
+                res = text(await self._reserve_slot(keys=[k.manager_nodes(manager_id), k.archived(manager_id)],
+                                                    args=[member, per_manager, total, others]))
+        except BaseException:
+            if client:
+                await self.give_client(client)
+            raise
+        if res != "ok" and client:
+            await self.give_client(client)
+        if res == "manager":
+            raise QuotaExceeded(f"quota exceeded: manager {manager_id} already has {per_manager} nodes")
+        if res == "total":
+            raise QuotaExceeded(f"quota exceeded: the cluster already has {total} nodes")
+        return member
+
     async def unreserve(self, manager_id: str, member: str, client: str = "") -> None:
+        ops: list[Op] = [("srem", self.keys.manager_nodes(manager_id), [member])]
+        if client:
+            ops.append(("hincrby", self.keys.client_count(client), [client, -1]))
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as p:
-                p.srem(self.keys.manager_nodes(manager_id), member)
-                if client:
-                    p.hincrby(self.keys.client_count(), client, -1)
-                await p.execute()
+            await self.apply(ops)
 
     def unreserve_op(self, manager_id: str, member: str) -> Op:
         return ("srem", self.keys.manager_nodes(manager_id), [member])

@@ -1,0 +1,232 @@
+"""The store on a real six-node Redis Cluster (testing.redis_cluster): leases and fencing, intents,
+quotas across manager_ids, the pool, tiers, MCP sessions and the events stream, each call's keys on
+one slot (a CROSSSLOT call fails here); and managers on the cluster through a session's life and
+a primary killed with -9 under a client loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from checker.lease import Lease
+from shared.config import Config
+from shared.errors import QuotaExceeded
+from shared.keys import home
+from shared.models import Event, Intent, NodeRecord, NodeStatus
+from shared.store import Store
+from testing import redis_env
+from testing.harness import report
+from testing.redis_cluster import RedisCluster
+from tests.conftest import wait_for
+from tests.test_tiers import read, write
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    c = RedisCluster().start()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def cluster_redis_cfg(c: RedisCluster, prefix: str) -> dict[str, object]:
+    # the url's password is the cluster's; its host is not used (README)
+    return {"url": redis_env.private_url("127.0.0.1", c.ports[0]), "cluster_nodes": c.seeds[:3], "key_prefix": prefix,
+            "socket_timeout_seconds": 0.5}
+
+
+@pytest.fixture
+async def cstore(cluster: RedisCluster) -> AsyncIterator[Store]:
+    import msgspec
+
+    cfg = msgspec.convert({"redis": cluster_redis_cfg(cluster, f"tc-{uuid.uuid4().hex[:6]}")}, Config)
+    store = Store.open(cfg)
+    yield store
+    await store.close()
+
+
+def _rec(store: Store, mgr: str, client: str = "") -> NodeRecord:
+    nid = store.keys.new_session_id(mgr)
+    return NodeRecord(id=nid, short_id=nid[:12], manager_id=mgr, status=NodeStatus.RUNNING, created_at=1.0,
+                      updated_at=1.0, last_request_at=1.0, client=client)
+
+
+async def test_records_lease_fencing_and_intents_on_the_cluster(cstore: Store, cluster: RedisCluster) -> None:
+    store = cstore
+    mgrs = [f"m{i}" for i in range(8)]
+    # the managers' homes land on more than one primary: the store really is spread
+    assert len({cluster.primary_of(store.keys.lease(m)) for m in mgrs}) > 1
+    recs = [_rec(store, m) for m in mgrs]
+    for r in recs:
+        await store.put_node(r)
+    got = await store.get_nodes([r.id for r in recs])  # ids of 8 slots in one call
+    assert sorted(r.id for r in got) == sorted(r.id for r in recs)
+    assert set((await store.node_stamps([r.id for r in recs])).keys()) == {r.id for r in recs}
+    assert await store.manager_ids() == sorted(mgrs)
+
+    a, b = Lease(store, "m0", "A", ttl=0.6), Lease(store, "m0", "B", ttl=0.6)
+    assert await a.acquire() and a.token == 1
+    assert not await b.acquire()
+    ev = Event(type="node_stopped", node_id=recs[0].id, manager_id="m0")
+    assert await store.fenced("m0", "A", 1, [store.update_op(recs[0].id, {"status": "exited"}, 2.0),
+                                            store.event_op(ev), store.archived_op("m0", recs[0].id)])
+    assert (await store.get_node(recs[0].id)).status == "exited"  # type: ignore[union-attr]
+    assert [e.node_id for e in await store.read_events("0-0", block_ms=None)] == [recs[0].id]
+
+    async def lapsed() -> None:
+        while (await store.leases.view("m0")).holder is not None:
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(lapsed(), 5)
+    assert await b.acquire() and b.token == 2
+    # the deposed holder writes nothing at all: neither the record nor the events stream of another slot
+    assert not await store.fenced("m0", "A", 1, [store.update_op(recs[0].id, {"status": "stale"}, 3.0),
+                                                store.event_op(ev)])
+    assert (await store.get_node(recs[0].id)).status == "exited"  # type: ignore[union-attr]
+    assert len(await store.read_events("0-0", block_ms=None)) == 1
+
+    # intents: a release recorded for the owner marks the record at once, in the owner's slot
+    assert await store.record_intent(recs[1], Intent(op="release", at=5.0, by="r9"))
+    assert (await store.get_node(recs[1].id)).status == "released"  # type: ignore[union-attr]
+    assert list((await store.intents("m1")).keys()) == [recs[1].id]
+    assert await store.fenced("m1", "B", 0, []) is True  # nothing to write: nothing refused
+    lease1 = Lease(store, "m1", "C", ttl=5)
+    assert await lease1.acquire()
+    assert await store.fenced("m1", "C", lease1.token or 0, [*store.delete_ops(recs[1]),
+                                                             store.intent_done_op("m1", recs[1].id)])
+    assert await store.get_node(recs[1].id) is None and await store.intents("m1") == {}
+    await store.delete_node(recs[2])
+    assert await store.get_node(recs[2].id) is None
+
+
+async def test_client_quota_across_manager_ids_and_the_pool(cstore: Store) -> None:
+    store = cstore
+    # a client's limit holds across manager_ids of different slots, under parallel creations
+    async def one(mgr: str) -> str:
+        try:
+            return await store.reserve(mgr, per_manager=0, total=0, client="cq", per_client=3)
+        except QuotaExceeded as exc:
+            return exc.detail
+
+    results = await asyncio.gather(*(one(f"q{i % 4}") for i in range(12)))
+    assert sum(not r.startswith("quota") for r in results) == 3
+    # a manager's refusal gives the client's count back
+    await store.reserve("qa", per_manager=1, total=0)
+    with pytest.raises(QuotaExceeded):
+        await store.reserve("qa", per_manager=1, total=0, client="cz", per_client=5)
+    assert int(await store.redis.hget(store.keys.client_count("cz"), "cz") or 0) == 0
+    # total across manager_ids
+    for i in range(2):
+        await store.reserve(f"t{i}", per_manager=0, total=17)
+    # the pool: a claim takes the client's count in its slot and the node in the manager's
+    pooled = _rec(store, "qp")
+    pooled.role = "pooled"
+    await store.put_node(pooled)
+    await store.redis.rpush(store.keys.pool("qp"), pooled.id)
+    assert await store.claim_pooled("qp", client="cp", claimer="r1", per_client=1) == pooled.id
+    assert await store.claim_pooled("qp", client="cp", claimer="r1", per_client=1) is None
+    assert int(await store.redis.hget(store.keys.client_count("cp"), "cp") or 0) == 1
+
+
+async def test_mcp_sessions_and_streams_on_the_cluster(cstore: Store) -> None:
+    mcp = cstore.mcp
+    await mcp.session_put("h1", {"node": "n1", "owner": "c"}, 30)
+    assert (await mcp.session_get("h1")) == {"node": "n1", "owner": "c"}
+    first = await mcp.stream_add("h1", "s1", "one", "m", 30)
+    await mcp.stream_add("h1", "s1", "two", "m", 30)
+    assert [d for _, d, _ in await mcp.stream_read("h1", "s1", first, None)] == ["two"]
+    await mcp.stream_hold("h1", "s1", "r1", 5)
+    assert await mcp.stream_held("h1", "s1")
+    assert await mcp.session_delete("h1")
+
+
+def test_managers_on_the_cluster_survive_a_primary_killed(start_manager, prefix: str,  # type: ignore[no-untyped-def]
+                                                         manager_id: str) -> None:
+    """Sessions made, used, stopped, brought back and released through two replicas on the cluster;
+    then the primary of the manager's slot is killed with -9 under a client loop."""
+    c = RedisCluster().start()
+    try:
+        redis_cfg = cluster_redis_cfg(c, prefix)
+        reps = [start_manager(name=f"c{i}", redis=redis_cfg) for i in range(2)]
+        sessions: list[tuple[httpx.Client, str, bytes]] = []
+        for i in range(4):
+            cl = httpx.Client(base_url=reps[i % 2].url, timeout=30)
+            r = cl.post("/get_cookie")
+            assert r.status_code == 200, (r.text, reps[i % 2].logs()[-3000:])
+            assert r.cookies["node_id"].startswith(home(manager_id))
+            mark = uuid.uuid4().hex.encode()
+            write(cl, "mark.txt", mark)
+            sessions.append((cl, r.cookies["node_id"], mark))
+        # a session's life through the other replica: stopped, brought back with its file, released
+        cl, _nid, mark = sessions[3]
+        cl.base_url = httpx.URL(reps[0].url)
+        assert cl.post("/close_session").status_code == 200
+        assert cl.post("/reconnect_session").status_code == 200
+        assert read(cl, "mark.txt") == mark
+        assert cl.post("/release_session").status_code == 200
+        sessions.pop()
+
+        victim = c.primary_of(f"{prefix}:{{{home(manager_id)}}}:x")
+        results: list[tuple[float, str, int]] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            clients = [httpx.Client(base_url=m.url, timeout=10) for m in reps]
+            while not stop.is_set():
+                for _c, node_id, _ in sessions:
+                    for m, mc in zip(reps, clients):
+                        mc.cookies.set("node_id", node_id)
+                        for what, method, path in (("tools", "POST", "/get_available_tools"), ("ready", "GET", "/ready")):
+                            try:
+                                code = mc.request(method, path).status_code
+                            except httpx.HTTPError:
+                                code = 0
+                            results.append((time.monotonic(), f"{what} {node_id[:8]} via {m.replica_id}", code))
+            for mc in clients:
+                mc.close()
+
+        worker = threading.Thread(target=loop, daemon=True)
+        worker.start()
+        wait_for(lambda: len(results) > 16, what="the client loop running")
+        killed = time.monotonic()
+        c.kill(victim)
+        wait_for(lambda: c.primary_of(f"{prefix}:{{{home(manager_id)}}}:x") != victim, timeout=30, interval=0.1,
+                 what="the cluster promoting the replica")
+        promoted = time.monotonic()
+
+        def recovered() -> bool:
+            later = [code for t, _, code in results if t > promoted + 0.5]
+            return len(later) >= 4 * len(sessions) * len(reps) and all(code == 200 for code in later[-16:])
+
+        wait_for(recovered, timeout=60, interval=0.1, what="every call answered again")
+        stop.set()
+        worker.join(30)
+        failed = [(round(t - killed, 2), what, code) for t, what, code in results if t > killed and code != 200]
+        window = (max(t for t, _, _ in failed) - killed) if failed else 0.0
+        report(f"redis cluster failover: replica promoted {promoted - killed:.2f} s after its primary was killed "
+               f"(cluster-node-timeout {c.node_timeout_ms} ms); {len(failed)} of "
+               f"{len([r for r in results if r[0] > killed])} calls failed, the last {window:.2f} s after the kill")
+        print(f"error window {window:.2f} s; failed calls: {failed[:10]}")
+        # tool calls do not need Redis (addresses cached): none failed
+        assert not [f for f in failed if f[1].startswith("tools")], failed
+        # 0 sessions lost: each still answers with its file through either replica
+        for cl, _node_id, mark in sessions:
+            for m in reps:
+                cl.base_url = httpx.URL(m.url)
+                assert read(cl, "mark.txt") == mark
+        for m in reps:  # the managers write to the promoted primary: a new session through each
+            cl = httpx.Client(base_url=m.url, timeout=30)
+            r = cl.post("/get_cookie")
+            assert r.status_code == 200, (r.text, m.logs()[-3000:])
+            assert cl.post("/release_session").status_code == 200
+        for cl, _, _ in sessions:
+            assert cl.post("/release_session").status_code == 200
+    finally:
+        c.close()
