@@ -150,6 +150,12 @@ def build_spec(cfg: Config) -> dict[str, Any]:
             "The workspace tree of a running node, as its file-system tool prints it",
             {"200": _json({"type": "object"}, "tree"), **_err(401, 403, 404, 502, 503, 504)},
             parameters=[{"name": "node_id", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/secrets": {"get": _op("Names and hosts of the egress secrets (never their values)",
+                                      {"200": _json({"type": "object"}, "secrets"), **_err(401, 403, 404, 503)})},
+        "/admin/secrets/{name}": {"put": _op(
+            "Store an egress secret bound to hosts: sealed at once, never shown again; 400 stores nothing",
+            {"200": _json({"type": "object"}, "name and hosts"), **_err(400, 401, 403, 404, 503)},
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": _STR}])},
         "/admin/nodes/{node_id}/egress": {
             "get": _op("A session's egress policy", {"200": _json({"type": "object"}, "policy"),
                                                        **_err(401, 403, 404, 503)},

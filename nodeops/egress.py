@@ -3,14 +3,19 @@ which every replica's host agent follows: nodeops/egress_agent.py applies it on 
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.egress import policy as egress_policy
 from shared.egress.policy import EgressPolicy
-from shared.errors import NodeNotFound
+from shared.egress.secrets import NAME as SECRET_NAME
+from shared.egress.secrets import SecretBox
+from shared.errors import BadRequest, NodeNotFound
 from shared.models import Event, EventKind, NodeRecord, NodeStatus
+from shared.store.egress_secrets import StoredSecret
 
 
 def of_record(ops: NodeOps, rec: NodeRecord) -> EgressPolicy:
@@ -46,3 +51,41 @@ async def put(ops: NodeOps, node_id: str | None, raw: object, by: str) -> Egress
     await ops.store.publish(Event(type=EventKind.EGRESS_POLICY, node_id=rec.id, manager_id=rec.manager_id,
                                   replica_id=ops.replica.replica_id, detail=f"by={by} policy={encoded}"))
     return pol
+
+
+# --- secrets (shared/egress/secrets.py): set and listed by admins, never shown ---------------------
+MAX_SECRET_BYTES = 8192
+
+
+def _box(ops: NodeOps) -> SecretBox:
+    key = ops.cfg.egress_secrets_key
+    if not key:
+        raise BadRequest("secrets cannot be stored: egress.secrets_key (or secrets_key_file) is not set")
+    return SecretBox(key)
+
+
+async def put_secret(ops: NodeOps, name: str, raw: object) -> dict[str, object]:
+    """Seal and store a secret bound to hosts; BadRequest (nothing stored) for bad input."""
+    if not SECRET_NAME.match(name):
+        raise BadRequest(f"secret name {name[:80]!r}: lower-case letters, digits, '.', '_', '-' (at most 63)")
+    if not isinstance(raw, dict) or set(raw) - {"value", "hosts"}:
+        raise BadRequest('a secret is {"value": "...", "hosts": ["api.example.com", "*.example.com"]}')
+    value, hosts = raw.get("value"), raw.get("hosts")
+    if not isinstance(value, str) or not value or len(value.encode()) > MAX_SECRET_BYTES:
+        raise BadRequest(f"secret value must be a non-empty string of at most {MAX_SECRET_BYTES} bytes")
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
+        raise BadRequest("secret hosts must be a non-empty list of names")
+    clean = egress_policy.validate({"allow": hosts}).allow
+    if any(not egress_policy.is_name(h) for h in clean):
+        raise BadRequest("secret hosts must be names (the proxy matches them to the TLS server name), not ranges")
+    stored = StoredSecret(hosts=clean, sealed=_box(ops).seal(name, value), updated_at=time.time())
+    await ops.store.egress_secrets.put(name, stored)
+    await ops.store.publish(Event(type=EventKind.EGRESS_SECRET, node_id="", manager_id="",
+                                  replica_id=ops.replica.replica_id, detail=f"set name={name} hosts={','.join(clean)}"))
+    return {"name": name, "hosts": clean, "updated_at": stored.updated_at}
+
+
+async def list_secrets(ops: NodeOps) -> list[dict[str, object]]:
+    """Names and hosts of the stored secrets (never a value, sealed or not)."""
+    return [{"name": n, "hosts": s.hosts, "updated_at": s.updated_at}
+            for n, s in sorted((await ops.store.egress_secrets.all()).items())]

@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import ssl
 import time
+from pathlib import Path
 
 from nodeops import egress
 from nodeops.context import NodeOps
@@ -26,6 +28,7 @@ from shared.egress import nft
 from shared.egress.dns import EgressResolver, upstreams_from
 from shared.egress.policy import PLATFORM_DENY, EgressPolicy, Network, name_allowed, networks
 from shared.egress.proxy import EgressProxy
+from shared.egress.secrets import CertMint, Secret, SecretBox
 from shared.errors import ManagerError
 from shared.models import Event, EventKind
 
@@ -56,10 +59,16 @@ class EgressAgent:
         self.changed_at: list[float] = []  # when the changes waiting to be applied were made (wall clock)
         self.audit_window: dict[str, tuple[float, int]] = {}  # session -> (window start, refusals in it)
         self.pending: set[asyncio.Task[None]] = set()
+        self.secrets: dict[str, Secret] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.last_sync = 0.0  # monotonic time of the last sync that changed the sets
 
     def on_event(self, ev: Event) -> None:
         """From the event reader: sync now when it concerns this manager_id's nodes."""
+        if ev.type == EventKind.EGRESS_SECRET and ev.detail.startswith("set "):
+            self.full = True  # a full sync reads the secrets again
+            self.poke.set()
+            return
         if ev.manager_id == self.ops.manager_id and ev.type in _SYNC_ON:
             if ev.type == EventKind.EGRESS_POLICY:
                 self.changed.add(ev.node_id)
@@ -108,6 +117,37 @@ class EgressAgent:
             return True, rule
         return False, f"{name} did not resolve to {dst} for this node"
 
+    def secrets_for(self, host: str) -> dict[str, Secret] | None:
+        """Every secret, while there is one (None: none, TLS is spliced untouched). TLS to any host
+        is then terminated: a placeholder sent to a host it is not bound to must be seen to be
+        recorded; it goes on unreplaced."""
+        return self.secrets or None
+
+    def secret_use_from_thread(self, node: str, host: str, used: list[str], unbound: list[str]) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.secret_use, node, host, used, unbound)
+
+    def secret_use(self, node: str, host: str, used: list[str], unbound: list[str]) -> None:
+        for name in used:
+            metrics.EGRESS_SECRETS.labels("used").inc()
+            self.audit(node, f"secret=used name={name} host={host}", EventKind.EGRESS_SECRET)
+        for name in unbound:
+            metrics.EGRESS_SECRETS.labels("unbound").inc()
+            self.audit(node, f"secret=unbound name={name} host={host}", EventKind.EGRESS_SECRET)
+
+    async def load_secrets(self) -> None:
+        key = self.ops.cfg.egress_secrets_key
+        if not key:
+            return
+        box = SecretBox(key)
+        out: dict[str, Secret] = {}
+        for name, stored in (await self.ops.store.egress_secrets.all()).items():
+            try:
+                out[name] = Secret(name=name, value=box.open(name, stored.sealed), hosts=tuple(stored.hosts))
+            except Exception:  # sealed under another key: never used, and never shown
+                log.warning("egress_secret_unreadable name=%s", name)
+        self.secrets = out
+
     def proxy_refused(self, node: str, dst: str, port: int, name: str, why: str) -> None:
         metrics.EGRESS_REFUSED.labels("proxy").inc()
         self.audit(node, f"where=proxy dst={dst}:{port} name={name or '-'} rule={why!r}")
@@ -119,10 +159,10 @@ class EgressAgent:
     def resolved(self) -> None:
         metrics.EGRESS_RESOLVED.inc()
 
-    def audit(self, ip: str, detail: str) -> None:
+    def audit(self, ip: str, detail: str, kind: str = EventKind.EGRESS_REFUSED) -> None:
         """A refusal as a log line and, within the session's allowance a minute, an event."""
         session = self.session_of.get(ip, "")
-        log.info("egress_refused node=%s session=%s %s", ip, session[:12], detail)
+        log.info("egress_audit kind=%s node=%s session=%s %s", kind, ip, session[:12], detail)
         if not session:
             return
         now = time.monotonic()
@@ -133,7 +173,7 @@ class EgressAgent:
         if count >= self.cfg.audit_events_per_minute:
             metrics.EGRESS_EVENTS_DROPPED.inc()
             return
-        ev = Event(type=EventKind.EGRESS_REFUSED, node_id=session, manager_id=self.ops.manager_id,
+        ev = Event(type=kind, node_id=session, manager_id=self.ops.manager_id,
                    replica_id=self.ops.replica.replica_id, detail=detail)
         task = asyncio.create_task(self._publish(ev))
         self.pending.add(task)
@@ -147,6 +187,7 @@ class EgressAgent:
 
     # --- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
         while True:
             try:
                 await self._setup()
@@ -215,7 +256,12 @@ class EgressAgent:
             return
         self.resolver = res
         if self.cfg.proxy_port:
-            proxy = EgressProxy(self.check, self.proxy_refused)
+            mint = None
+            if self.cfg.ca_cert_file and self.cfg.ca_key_file:
+                mint = CertMint(Path(self.cfg.ca_cert_file).read_bytes(), Path(self.cfg.ca_key_file).read_bytes())
+            upstream = ssl.create_default_context(cafile=self.cfg.upstream_ca_file or None)
+            proxy = EgressProxy(self.check, self.proxy_refused, self.secrets_for, mint, upstream,
+                                self.secret_use_from_thread)
             try:
                 await proxy.start(self.gateway, self.cfg.proxy_port)
                 self.proxy = proxy
@@ -257,6 +303,7 @@ class EgressAgent:
 
     async def sync(self) -> None:
         """Make the host's sets equal to the running nodes' policies (one engine call, one Redis read)."""
+        await self.load_secrets()
         infos = [i for i in await self.ops.backend.nodes(self.ops.manager_id) if i.ip]
         recs = {r.id: r for r in await self.ops.store.get_nodes([i.session for i in infos])}
         by_ip: dict[str, EgressPolicy] = {}

@@ -418,6 +418,19 @@ class EgressConfig(Base):
     # refusals of one session written as egress_refused events, at most this many a minute (a loop
     # cannot flood the stream); the rest are counted in metrics only
     audit_events_per_minute: int = 30
+    # secrets outside nodes (shared/egress/secrets.py): the key that seals them in Redis (any string,
+    # or a file holding it); without one, secrets cannot be stored
+    secrets_key: str = ""
+    secrets_key_file: str = ""
+    # node environment variable -> secret name: the node sees "tsm-secret:<name>" there
+    secret_env: dict[str, str] = msgspec.field(default_factory=dict)
+    # the per-cluster CA the proxy signs its certificates for bound hosts with; nodes get a CA
+    # bundle (the host's CAs plus this one) mounted and named in SSL_CERT_FILE
+    ca_cert_file: str = ""
+    ca_key_file: str = ""
+    # CAs the proxy trusts for the real hosts ("": the host's own)
+    upstream_ca_file: str = ""
+    ca_bundle_dir: str = "/var/lib/toolserver-manager/egress"
 
 
 class Config(Base):
@@ -531,6 +544,10 @@ class Config(Base):
         return _secret(self.cluster.node_secret_key, self.cluster.node_secret_key_file)
 
     @property
+    def egress_secrets_key(self) -> str:
+        return _secret(self.egress.secrets_key, self.egress.secrets_key_file)
+
+    @property
     def admin_token(self) -> str:
         return _secret(self.admin.token, self.admin.token_file)
 
@@ -559,6 +576,8 @@ class Config(Base):
         data["redis"]["url"] = redact_url(data["redis"]["url"])
         data["client_auth"]["api_keys"] = ["***" for _ in data["client_auth"]["api_keys"]]
         data["egress"]["policy_api_keys"] = ["***" for _ in data["egress"]["policy_api_keys"]]
+        if data["egress"]["secrets_key"]:
+            data["egress"]["secrets_key"] = "***"
         for section, key in (("cluster", "internal_token"), ("cluster", "node_secret_key"), ("admin", "token")):
             if data[section][key]:
                 data[section][key] = "***"

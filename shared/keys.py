@@ -169,6 +169,10 @@ class Keys:
         """Hash: client identity -> snapshots it keeps (bounded by fork.snapshots_per_client)."""
         return f"{self._t('snaps')}:snaps:per_client"
 
+    def egress_secrets(self) -> str:
+        """Hash: secret name -> its hosts and its value encrypted (shared/egress/secrets.py), JSON."""
+        return f"{self.prefix}:egress:secrets"
+
 
 # A creation slot held in a manager's node set until the node's own id replaces it.
 RESERVATION_PREFIX = "pending:"

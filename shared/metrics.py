@@ -70,8 +70,12 @@ EGRESS_APPLY_SECONDS = Histogram(P + "egress_policy_apply_seconds", "Time from a
                                  "rules in force on the node's host.", buckets=PROXY_BUCKETS)
 EGRESS_EVENTS_DROPPED = Counter(P + "egress_audit_events_dropped_total", "Egress refusals not written as events "
                                 "(over egress.audit_events_per_minute for their session); still counted above.")
+EGRESS_SECRETS = Counter(P + "egress_secret_uses_total", "Secret placeholders the egress proxy saw, by what it did: "
+                         "used (replaced for a bound host) or unbound (sent on unreplaced).", ["what"])
 for _w in ("dns", "proxy"):
     EGRESS_REFUSED.labels(_w)
+for _w in ("used", "unbound"):
+    EGRESS_SECRETS.labels(_w)
 for _b in ("client", "admin"):
     EGRESS_POLICY_CHANGES.labels(_b)
 

@@ -236,6 +236,7 @@ class EventKind(enum.StrEnum):
     RESUMED = "resumed"  # detail: the tier it left
     EGRESS_POLICY = "egress_policy"  # detail: who changed it (client or admin) and the new policy
     EGRESS_REFUSED = "egress_refused"  # detail: where (dns, proxy), destination, rule; rate-limited per session
+    EGRESS_SECRET = "egress_secret"  # detail: set (by an admin), used or unbound (name, host); never a value
     FORKED = "forked"  # a new session copied from another; detail: the source's id
     SNAPSHOTTED = "snapshotted"  # the session's workspace saved; detail: the snapshot's name
 

@@ -151,7 +151,7 @@ def _serve(spec: dict[str, object]) -> None:
                     left -= len(block)
                 return
             body = json.dumps({"host": self.headers.get("host", ""), "addr": self.server.server_address[0],
-                               "path": self.path}).encode()
+                               "path": self.path, "authorization": self.headers.get("authorization", "")}).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
             self.end_headers()

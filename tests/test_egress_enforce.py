@@ -84,6 +84,15 @@ def tls(addr, port, sni, host):
     finally:
         s.close()
 
+def https_env(url):
+    import os
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer " + os.environ.get("API_TOKEN", "")})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return {"status": r.status, "body": json.loads(r.read())}
+    except Exception as exc:
+        return {"error": repr(exc)}
+
 def two_requests(addr, first, second):
     s = socket.create_connection((addr, 80), 5)
     s.sendall(f"GET / HTTP/1.1\r\nHost: {first}\r\n\r\nGET / HTTP/1.1\r\nHost: {second}\r\n\r\n".encode())
@@ -308,4 +317,89 @@ def test_a_change_made_on_one_host_is_in_force_on_the_sessions_host(start_manage
     took = result[0]["at"] - t0
     print(f"FIGURE egress policy change made on another manager_id in force after {took * 1000:.0f} ms")
     assert took < 1.0
+    c.post("/release_session")
+
+
+SECRET_VALUE = "sk-test-" + "7f3a9c21d4e8b6a5"  # what must never be seen inside the node or in any view
+SEARCH = r"""
+import base64, json, os, sys
+needle = base64.b64decode(sys.argv[1])
+hits = []
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            if needle in open(f"/proc/{pid}/environ", "rb").read():
+                hits.append(f"/proc/{pid}/environ")
+        except OSError:
+            pass
+for root in ("/tmp", "/app", "/etc", "/home", "/root", "/run"):
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            try:
+                if os.path.getsize(p) < 50_000_000 and needle in open(p, "rb").read():
+                    hits.append(p)
+            except OSError:
+                pass
+print("PROBE" + json.dumps([{"hits": hits, "env": os.environ.get("API_TOKEN", "")}]))
+"""
+
+
+def test_a_secret_reaches_only_its_bound_host_and_never_the_node(start_manager, net: Internet, tmp_path: Any,
+                                                                 redis_client: Any, prefix: str) -> None:
+    import base64
+    import subprocess
+
+    from websockets.sync.client import connect
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+                    "-days", "2", "-subj", "/CN=cluster egress CA"], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "upstream-ca.pem").write_text(net.ca_pem)
+    # the nodes' bundle is the host's CAs plus ca_cert_file: the test internet's CA stands in, there,
+    # for the public CAs a real host's certificate chains to (other.test is reached untouched)
+    (tmp_path / "node-cas.pem").write_text((tmp_path / "ca.pem").read_text() + net.ca_pem)
+    m = start_manager(egress={
+        "enforce": True, "upstream_dns": [net.dns], "secrets_key": "test-secrets-key",
+        "secret_env": {"API_TOKEN": "apitoken"}, "ca_cert_file": str(tmp_path / "node-cas.pem"),
+        "ca_key_file": str(tmp_path / "ca.key"), "upstream_ca_file": str(tmp_path / "upstream-ca.pem"),
+        "ca_bundle_dir": str(tmp_path / "bundle")})
+    r = httpx.put(f"{m.url}/admin/secrets/apitoken", headers=ADMIN,
+                  json={"value": SECRET_VALUE, "hosts": ["allowed.test"]})
+    assert r.status_code == 200 and SECRET_VALUE not in r.text, r.text
+    bad = httpx.put(f"{m.url}/admin/secrets/apitoken", headers=ADMIN, json={"value": "x", "hosts": ["10.0.0.0/8"]})
+    assert bad.status_code == 400
+    c = httpx.Client(base_url=m.url, timeout=60)
+    assert c.post("/get_cookie").status_code == 200
+    node_id = c.cookies["node_id"]
+    r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=ADMIN,
+                  json={"default": "deny", "allow": ["allowed.test", "other.test"]})
+    assert r.status_code == 200
+    out = probe(c, ["https_env", "https://allowed.test/"], ["https_env", "https://other.test/"])
+    # the bound host got the value, over TLS the node verified against the cluster CA it trusts
+    assert out[0].get("body", {}).get("authorization") == f"Bearer {SECRET_VALUE}", out[0]
+    # another host gets the placeholder as the node sent it
+    assert out[1].get("body", {}).get("authorization") == "Bearer tsm-secret:apitoken", out[1]
+    # inside the node: no environment, no file holds the value
+    cmd = f"python3 -c {shlex.quote(SEARCH)} {base64.b64encode(SECRET_VALUE.encode()).decode()}"
+    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
+               timeout=120)
+    found = json.loads(r.json()["data"]["display"].split("PROBE", 1)[1].strip().splitlines()[0])[0]
+    assert found == {"hits": [], "env": "tsm-secret:apitoken"}, found
+    # the use and the unbound attempt are events; no view, event, log or metric holds the value
+    seen = []
+    with connect(m.url.replace("http", "ws") + "/ws/events?last_event_id=0", additional_headers=ADMIN) as ws:
+        while True:
+            try:
+                seen.append(ws.recv(timeout=1))
+            except TimeoutError:
+                break
+    details = [json.loads(e).get("detail", "") for e in seen]
+    assert "secret=used name=apitoken host=allowed.test" in details, details
+    assert "secret=unbound name=apitoken host=other.test" in details, details
+    for path in ("/admin/secrets", f"/admin/nodes/{node_id}", "/admin/config", "/admin/nodes"):
+        seen.append(httpx.get(m.url + path, headers=ADMIN).text)
+    seen += [httpx.get(m.url + "/metrics").text, m.logs()]
+    seen += [str(v) for v in redis_client.hgetall(f"{prefix}:egress:secrets").values()]
+    assert any("apitoken" in s for s in seen)
+    assert not [s[:200] for s in seen if SECRET_VALUE in s]
     c.post("/release_session")

@@ -16,11 +16,14 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable
 
 from shared.egress import sniff
+from shared.egress.secrets import CertMint, Secret
+from shared.egress.secrets import substitute as secrets_substitute
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,22 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
+# host -> the secrets bound to it (None: none, the connection is spliced untouched)
+SecretsFor = Callable[[str], dict[str, Secret] | None]
+# (node address, host, names used, names sent to a host they are not bound to)
+SecretUse = Callable[[str, str, list[str], list[str]], None]
+
+
 class EgressProxy:
-    def __init__(self, check: Check, refused: Refused) -> None:
+    def __init__(self, check: Check, refused: Refused, secrets_for: SecretsFor | None = None,
+                 mint: CertMint | None = None, upstream_tls: ssl.SSLContext | None = None,
+                 secret_use: SecretUse | None = None) -> None:
         self.check = check
         self.refused = refused
+        self.secrets_for = secrets_for
+        self.mint = mint
+        self.upstream_tls = upstream_tls
+        self.secret_use = secret_use
         self.sock: socket.socket | None = None
         self.accepting: asyncio.Task[None] | None = None
         self.conns: set[asyncio.Task[None]] = set()
@@ -84,14 +99,15 @@ class EgressProxy:
         except OSError:
             conn.close()
             return
+        # the first bytes are peeked, not taken: a TLS connection is then spliced (or terminated,
+        # for a host with secrets) from its very first byte
         head = b""
         name: str | None = sniff.MORE
         try:
             while name == sniff.MORE and len(head) < sniff.MAX_HEAD:
-                chunk = await asyncio.wait_for(loop.sock_recv(conn, CHUNK), READ_TIMEOUT)
-                if not chunk:
+                head = await _peek(conn, len(head))
+                if not head:
                     break
-                head += chunk
                 name = sniff.tls_sni(head) if head[:1] == b"\x16" else sniff.http_host(head)
         except (TimeoutError, OSError):
             name = None
@@ -102,21 +118,104 @@ class EgressProxy:
             self.refused(node, dst, port, name or "", why)
             _reset(conn)
             return
+        tls = head[:1] == b"\x16"
+        secrets = self.secrets_for(name) if (tls and name and self.secrets_for and self.mint) else None
+        if secrets:
+            conn.setblocking(True)
+            threading.Thread(target=self._terminate, args=(conn, node, dst, port, str(name), secrets),
+                             daemon=True).start()
+            return
         up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         up.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(up, (dst, port)), READ_TIMEOUT)
-            if head[:1] != b"\x16" and b"\r\n\r\n" in head:
-                head = sniff.close_after(head)
-            await loop.sock_sendall(up, head)
+            if not tls:  # the head is taken now, and goes on with Connection: close
+                conn.recv(len(head))
+                await loop.sock_sendall(up, sniff.close_after(head) if b"\r\n\r\n" in head else head)
         except (OSError, TimeoutError):
             up.close()
             _reset(conn)
             return
-        # the bytes from here on are the kernel's to move: splice(2) between the two sockets
-        # through a pipe, in a thread a direction (copying through Python ran at a tenth of the
-        # kernel's forwarding on this path)
         _Spliced(conn, up).start()
+
+
+    def _terminate(self, conn: socket.socket, node: str, dst: str, port: int, host: str,
+                   secrets: dict[str, Secret]) -> None:
+        """TLS from the node ended here (a certificate of the cluster CA), the request head's
+        placeholders replaced, and on to the real host over TLS verified for ``host``."""
+        assert self.mint is not None
+        up: socket.socket | None = None
+        try:
+            conn.settimeout(READ_TIMEOUT)
+            inner = self.mint.context(host).wrap_socket(conn, server_side=True)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < sniff.MAX_HEAD:
+                chunk = inner.recv(CHUNK)
+                if not chunk:
+                    break
+                head += chunk
+            if b"\r\n\r\n" not in head:
+                inner.close()
+                return
+            head, used, unbound = secrets_substitute(sniff.close_after(head), secrets, host)
+            if self.secret_use is not None and (used or unbound):
+                self.secret_use(node, host, used, unbound)
+            ctx = self.upstream_tls or ssl.create_default_context()
+            up = ctx.wrap_socket(socket.create_connection((dst, port), READ_TIMEOUT), server_hostname=host)
+            up.sendall(head)
+            inner.settimeout(None)
+            up.settimeout(None)
+            done = threading.Thread(target=_copy, args=(inner, up), daemon=True)
+            done.start()
+            _copy(up, inner)
+            done.join()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.info("egress_proxy_tls_failed node=%s host=%s error=%r", node, host, exc)
+        finally:
+            conn.close()
+            if up is not None:
+                up.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    """Bytes from src to dst until src ends (TLS on either side: no splice there)."""
+    try:
+        while True:
+            data = src.recv(CHUNK)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        if isinstance(dst, ssl.SSLSocket):
+            dst.unwrap()
+        else:
+            dst.shutdown(socket.SHUT_WR)
+
+
+async def _peek(conn: socket.socket, seen: int) -> bytes:
+    """The bytes waiting on conn without taking them, once more than ``seen`` are there."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READ_TIMEOUT
+    while True:
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(conn.fileno(), _settle, ready)
+        try:
+            await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+        finally:
+            loop.remove_reader(conn.fileno())
+        data = conn.recv(sniff.MAX_HEAD, socket.MSG_PEEK)
+        if len(data) > seen or not data:
+            return data
+        await asyncio.sleep(0.005)  # nothing new yet (readable stays true while bytes wait)
+        if loop.time() > deadline:
+            raise TimeoutError
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _reset(sock: socket.socket) -> None:

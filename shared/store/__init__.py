@@ -3,8 +3,8 @@
 ``Store`` is the sum of the domain parts, one module each: node records and their index
 (nodes), activity, quotas, the warm pool, fenced checker writes (fenced), session locks,
 events and watchers, the replica registry and draining (replicas), intents and console logins.
-Checker leases (on a client of their own), MCP's state and snapshots are namespaces of their
-own: ``store.leases``, ``store.mcp``, ``store.snapshots``. No part calls another's methods: each reads on its own, over the client
+Checker leases (on a client of their own), MCP's state, snapshots and egress secrets are namespaces of their
+own: ``store.leases``, ``store.mcp``, ``store.snapshots``, ``store.egress_secrets``. No part calls another's methods: each reads on its own, over the client
 and key names of ``base.Part``. Clients are made in connection.py. Nothing outside this
 package imports redis.
 """
@@ -22,6 +22,7 @@ from shared.store.activity import Activity
 from shared.store.base import Op, redis_errors
 from shared.store.connection import connect, sync_client
 from shared.store.console import ConsoleLogins
+from shared.store.egress_secrets import EgressSecretStore
 from shared.store.events import Events, compare_ids
 from shared.store.fenced import Fenced
 from shared.store.intents import Intents
@@ -48,6 +49,7 @@ class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Locks, Events, Replicas
         self.stream_maxlen = stream_maxlen
         self.mcp = McpStore(redis, keys)
         self.snapshots = SnapshotStore(redis, keys)
+        self.egress_secrets = EgressSecretStore(redis, keys)
 
     @classmethod
     def open(cls, cfg: Config) -> Store:

@@ -28,6 +28,7 @@ from docker.types import DeviceRequest, LogConfig, Mount
 from shared import firewall
 from shared.config import BRIDGE_MAX_NODES, Config
 from shared.egress import nft as egress_nft
+from shared.egress.secrets import placeholder
 from shared.engines.base import (
     Address,
     EngineInfo,
@@ -103,6 +104,10 @@ class DockerBackend(NodeBackend):
         self._networks: dict[str, str] = {}  # owner -> node network name, once ensured
         # nodes resolve through this host's egress resolver on their bridge (shared/egress/)
         self.egress_dns = cfg.egress.enforce and self.network is not None
+        # secrets outside nodes: placeholders in the node's environment, and the CA bundle it trusts
+        self.egress_env = {k: placeholder(v) for k, v in cfg.egress.secret_env.items()} if self.egress_dns else {}
+        self.egress_ca = cfg.egress.ca_cert_file if self.egress_dns else ""
+        self.egress_ca_dir = cfg.egress.ca_bundle_dir
 
     @property
     def publish(self) -> bool:
@@ -562,11 +567,17 @@ class DockerBackend(NodeBackend):
             kwargs["ports"] = {f"{self.node_port}/tcp": (self.publish_host, None)}
         if device_requests:
             kwargs["device_requests"] = [DeviceRequest(**r) for r in device_requests]
-        if node.secret:
+        if node.secret or self.egress_env or self.egress_ca:
             env = kwargs.get("environment") or {}
             if isinstance(env, list):
                 env = dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
-            kwargs["environment"] = {**env, SECRET_ENV: node.secret}
+            env = {**env, **self.egress_env}
+            if self.egress_ca:
+                bundle = await asyncio.to_thread(egress_ca_bundle, self.egress_ca, self.egress_ca_dir)
+                kwargs["mounts"] = [*kwargs.get("mounts", []),
+                                    Mount(target=NODE_CA_BUNDLE, source=bundle, type="bind", read_only=True)]
+                env.update({v: NODE_CA_BUNDLE for v in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")})
+            kwargs["environment"] = {**env, SECRET_ENV: node.secret} if node.secret else env
 
         def create() -> str:
             # the high-level call translates docker-py's run() kwargs (mem_limit, cap_drop, ...)
@@ -766,3 +777,28 @@ class DockerBackend(NodeBackend):
                 for ev in stream:
                     since = max(since, float(ev.get("time", since)))
                     yield None
+
+
+NODE_CA_BUNDLE = "/etc/toolserver-manager/ca-bundle.pem"  # in the node: the host's CAs and the cluster's
+SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def egress_ca_bundle(ca_file: str, folder: str) -> str:
+    """The host's CA bundle plus the cluster's egress CA, as one file nodes mount (written when it changed)."""
+    with open(ca_file, "rb") as f:
+        ours = f.read()
+    try:
+        with open(SYSTEM_CAS, "rb") as f:
+            system = f.read()
+    except OSError:
+        system = b""
+    data = system + b"\n" + ours
+    path = os.path.join(folder, "ca-bundle-" + hashlib.sha256(data).hexdigest()[:16] + ".pem")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return path
