@@ -18,7 +18,7 @@ from checker import intents, reconcile
 from checker.fence import Fence, LeaseLost
 from checker.lease import Lease
 from checker.tiers import Tiers
-from nodeops import capacity, demand, lost, pool
+from nodeops import capacity, demand, lost, pool, snapshots
 from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
@@ -291,7 +291,9 @@ class Checker:
         if self.cycles % STORAGE_GC_CYCLES == 0:
             # workspaces whose node was removed behind our back, or whose creation died half-way
             self.fence.check_held()
-            gone = await self.backend.collect_storage(self.mid, time.time() - self.limits().stuck_creation_seconds)
+            older_than = time.time() - self.limits().stuck_creation_seconds
+            gone = await self.backend.collect_storage(self.mid, older_than)
+            gone += await snapshots.collect(self.ops, older_than)
             if gone:
                 metrics.CHECKER_ACTIONS.labels(self.mid, "remove_storage").inc(gone)
                 log.info("orphan_storage_removed manager_id=%s count=%d", self.mid, gone)

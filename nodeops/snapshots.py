@@ -9,6 +9,7 @@ allows, else on another, its bytes streamed there through a replica of the snaps
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -82,7 +83,7 @@ async def snapshot_local(ops: NodeOps, node_id: str, name: str) -> Snapshot:
         raise _refused("client", ops, name, rec.client)
     if f.snapshot_bytes and used >= f.snapshot_bytes:
         raise _refused("bytes", ops, name, rec.client)
-    seed = f"snap-{uuid.uuid4().hex}"
+    seed = f"{seed_prefix(ops)}{uuid.uuid4().hex}"
     kept_seed = False
     try:
         stall = await forks.capture(ops, rec, seed)
@@ -151,3 +152,24 @@ async def fetch(ops: NodeOps, snap: Snapshot) -> str:
     log.info("snapshot_fetched name=%s from=%s bytes=%d elapsed_s=%.3f", snap.name, snap.manager_id, snap.bytes,
              time.monotonic() - t0)
     return seed
+
+
+def seed_prefix(ops: NodeOps) -> str:
+    """How this cluster's snapshot seeds begin: clusters (key prefixes) sharing a host never collect
+    each other's."""
+    return f"snap-{hashlib.sha256(ops.store.keys.prefix.encode()).hexdigest()[:8]}-"
+
+
+async def collect(ops: NodeOps, older_than: float) -> int:
+    """Drop this cluster's snapshot seeds on this host that no snapshot names, made before
+    older_than (a replica died between a snapshot's copy and its record); how many."""
+    mine = seed_prefix(ops)
+    candidates = {name for name, mtime in (await ops.backend.seeds()).items()
+                  if name.startswith(mine) and mtime < older_than}
+    if not candidates:
+        return 0
+    stray = candidates - {s.seed for s in await ops.store.snapshots.all()}
+    for name in stray:
+        await ops.backend.drop_seed(name)
+        log.info("snapshot_bytes_collected seed=%s", name)
+    return len(stray)

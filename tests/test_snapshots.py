@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
+import uuid
 from collections.abc import Iterator
 
 import docker
@@ -11,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ADMIN_TOKEN, project_containers
+from tests.conftest import ADMIN_TOKEN, project_containers, wait_for
 from tests.test_fork import WS, shell
 
 SEEDS = "/var/lib/toolserver-manager/workspaces/seeds"
@@ -103,3 +106,26 @@ def test_snapshot_bytes_bounded_per_host(start_manager) -> None:
     assert src.post("/snapshot_session", json={"name": "two"}).status_code == 200
     assert src.request("DELETE", "/snapshots/two").status_code == 200
     assert seeds() == before
+
+
+def test_bytes_no_snapshot_names_are_collected(start_manager, prefix: str) -> None:
+    """What a replica that died between a snapshot's copy and its record left: collected by the
+    checker; a snapshot's own bytes, and another cluster's (key prefix), are kept."""
+    m = start_manager(checker={"stuck_creation_seconds": 1})
+    src = httpx.Client(base_url=m.url, timeout=120)
+    assert src.post("/get_cookie").status_code == 200
+    shell(src, f"echo kept > {WS}/k.txt")
+    assert src.post("/snapshot_session", json={"name": "kept"}).status_code == 200
+    tag = hashlib.sha256(prefix.encode()).hexdigest()[:8]
+    stray = os.path.join(SEEDS, f"snap-{tag}-{uuid.uuid4().hex}.img")
+    other = os.path.join(SEEDS, f"snap-{hashlib.sha256(b'another').hexdigest()[:8]}-{uuid.uuid4().hex}.img")
+    for path in (stray, other):
+        with open(path, "wb") as f:
+            f.truncate(1 << 20)
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    before = seeds()
+    wait_for(lambda: not os.path.exists(stray), timeout=60, what="the stray snapshot bytes collected")
+    assert seeds() == before - {os.path.basename(stray)}  # the snapshot's and the other cluster's stay
+    new = httpx.Client(base_url=m.url, timeout=120)
+    assert new.post("/get_cookie", json={"snapshot": "kept"}).status_code == 200
+    assert shell(new, f"cat {WS}/k.txt") == "kept"

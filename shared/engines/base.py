@@ -240,6 +240,10 @@ class NodeBackend(abc.ABC):
         """Make the seed seed from what export_seed streamed (on another host)."""
         raise BadRequest("this engine cannot copy workspaces")
 
+    async def seeds(self) -> dict[str, float]:
+        """Every whole seed on this host (not one being written), with when it was made."""
+        return {}
+
     async def seed_bytes(self, seed: str) -> int:
         """Bytes a seed takes on this host's disk (0 when there is no such seed)."""
         return 0

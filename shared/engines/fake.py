@@ -44,7 +44,7 @@ class FakeBackend(NodeBackend):
         self._changed = threading.Condition()
         self._version = 0
         self.calls: list[str] = []  # the interface methods called, in order, for tests to read
-        self.seeds: dict[str, str] = {}  # saved workspaces (forks, snapshots) -> the workspace saved
+        self.saved: dict[str, str] = {}  # seeds (forks, snapshots) -> the workspace saved
 
     # --- test hooks: what an engine does behind the manager's back ----------------------
     def vanish(self, node_id: str) -> None:
@@ -186,7 +186,7 @@ class FakeBackend(NodeBackend):
 
     async def create_workspace(self, node: NewNode) -> str:
         self.calls.append("create_workspace")
-        if node.seed and node.seed not in self.seeds:
+        if node.seed and node.seed not in self.saved:
             raise EngineError(f"fake: no saved workspace {node.seed}")
         name = self.workspace_name(node.session_id)
         self._workspaces[name] = WorkspaceInfo(name=name, session_id=node.session_id, owner=node.owner,
@@ -199,11 +199,11 @@ class FakeBackend(NodeBackend):
         self.calls.append("capture_workspace")
         if name not in self._workspaces:
             raise ContainerGone(f"No such volume: {name}")
-        self.seeds[seed] = name
+        self.saved[seed] = name
         return 0.0
 
     async def drop_seed(self, seed: str) -> None:
-        self.seeds.pop(seed, None)
+        self.saved.pop(seed, None)
 
     async def ready_workspace(self, name: str) -> None:
         if name not in self._workspaces:

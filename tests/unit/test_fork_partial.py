@@ -41,4 +41,4 @@ async def test_a_fork_failing_for_one_copy_names_those_made(make_ops: MakeOps) -
     assert sorted(await ops.store.manager_node_ids(ops.manager_id)) == sorted([src.id, *made])
     assert {n.session for n in await ops.backend.nodes(ops.manager_id)} == {src.id, *made}
     assert {w.session_id for w in await ops.backend.workspaces(ops.manager_id)} == {src.id, *made}
-    assert fake.seeds == {}
+    assert fake.saved == {}

@@ -477,6 +477,18 @@ class DockerBackend(NodeBackend):
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
+    async def seeds(self) -> dict[str, float]:
+        def scan() -> dict[str, float]:
+            folder = os.path.join(self.disk.image_dir, SEED_DIR)
+            out: dict[str, float] = {}
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(folder):
+                    if entry.is_file() and entry.name.endswith(".img"):
+                        out[entry.name[:-4]] = entry.stat().st_mtime
+            return out
+
+        return await self._call(scan)
+
     async def seed_bytes(self, seed: str) -> int:
         return await self._call(loopdisk.disk_bytes, self._seed_path(seed))
 
