@@ -42,8 +42,9 @@ for _o in ("ok", "partial", "error", "quota"):
     FORK_SECONDS.labels(_o)
 for _o in ("fork", "snapshot"):
     SOURCE_STALL_SECONDS.labels(_o)
-# the phases of a creation (nodeops/lifecycle.py; shared/phases.py), to find where a slow one spent it
-CREATE_PHASES = ("queue", "record", "workspace", "network", "create", "start", "probe", "ready_write")
+# the phases of a creation (nodeops/lifecycle.py; shared/phases.py), to find where a slow one spent it.
+# The node network is attached by the engine's start (Docker connects a container's endpoints then)
+CREATE_PHASES = ("queue", "record", "workspace", "create", "start", "probe", "ready_write")
 NODE_CREATE_PHASE_SECONDS = Histogram(
     P + "node_create_phase_duration_seconds", "Time a node creation spent in each phase (queue: waiting for "
     "a creation slot).", ["phase"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5,
