@@ -86,6 +86,13 @@ async def test_records_lease_fencing_and_intents_on_the_cluster(cstore: Store, c
 
     await asyncio.wait_for(lapsed(), 5)
     assert await b.acquire() and b.token == 2
+    # the checker's renewer thread has a blocking cluster client of its own: it renews B, never A
+    assert store.leases.renewer is not None
+    renewer = store.leases.renewer()
+    try:
+        assert renewer.renew("m0", "B:2", 600) and not renewer.renew("m0", "A:1", 600)
+    finally:
+        renewer.close()
     # the deposed holder writes nothing at all: neither the record nor the events stream of another slot
     assert not await store.fenced("m0", "A", 1, [store.update_op(recs[0].id, {"status": "stale"}, 3.0),
                                                 store.event_op(ev)])
