@@ -17,14 +17,14 @@ import pytest
 from checker.lease import Lease
 from shared.config import Config
 from shared.errors import QuotaExceeded
-from shared.keys import home
+from shared.keys import Keys, home
 from shared.models import Event, Intent, NodeRecord, NodeStatus
 from shared.store import Store
 from testing import redis_env
 from testing.harness import report
 from testing.redis_cluster import RedisCluster
 from tests.conftest import wait_for
-from tests.test_tiers import read, write
+from tests.test_tiers import ADMIN, read, tiers, write
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,38 @@ async def test_mcp_sessions_and_streams_on_the_cluster(cstore: Store) -> None:
     await mcp.stream_hold("h1", "s1", "r1", 5)
     assert await mcp.stream_held("h1", "s1")
     assert await mcp.session_delete("h1")
+
+
+def test_the_checker_moves_a_session_down_the_tiers_on_the_cluster(cluster: RedisCluster, start_manager,  # type: ignore[no-untyped-def]
+                                                                  prefix: str) -> None:
+    """The checker's fenced writes (tier moves and their events) and the resume, on the cluster."""
+    import json
+
+    import redis
+
+    m = start_manager(redis=cluster_redis_cfg(cluster, prefix), **tiers(pause=1.0, stop=2.0, archive=3.0))
+    cl = httpx.Client(base_url=m.url, timeout=60)
+    r = cl.post("/get_cookie")
+    assert r.status_code == 200, (r.text, m.logs()[-3000:])
+    node_id = r.cookies["node_id"]
+    write(cl, "notes.txt", b"before")
+
+    def tier() -> str:
+        rows = httpx.get(m.url + "/admin/nodes", headers=ADMIN).json()["nodes"]
+        return str(next(n for n in rows if n["id"] == node_id)["tier"])
+
+    wait_for(lambda: tier() == "archived", timeout=30, interval=0.1, what="the session archived")
+    assert read(cl, "notes.txt") == b"before"  # brought back from the archive, its file kept
+    assert tier() == "running"
+    rc = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
+    try:
+        kinds = [json.loads(f[b"e"])["type"] for _, f in rc.xrange(Keys(prefix, cluster=True).events())
+                 if json.loads(f[b"e"])["node_id"] == node_id]
+    finally:
+        rc.close()
+    for kind in ("paused", "idle_stopped", "archived", "resumed"):
+        assert kind in kinds, kinds
+    assert cl.post("/release_session").status_code == 200
 
 
 def test_managers_on_the_cluster_survive_a_primary_killed(start_manager, prefix: str,  # type: ignore[no-untyped-def]
