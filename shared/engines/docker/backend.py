@@ -1,9 +1,8 @@
-"""The Docker engine as a NodeBackend: containers, node networks and session workspaces.
+"""The Docker engine as a NodeBackend: containers and workspaces, composed with the other pieces.
 
-Docker's words (labels, names, states) are in labels.py, the SDK client and its error mapping
-in client.py. The SDK is blocking, so every call runs in this backend's own bounded thread
-pool: a slow engine cannot starve the event loop or Starlette's threads. SDK errors are
-mapped to ours at one boundary (``_call``).
+Docker's words (labels, names, states) are in labels.py; the SDK client, the bounded pool every
+blocking call runs in and the error mapping in client.py; node networks and their firewall in
+networks.py; session workspaces and seeds here, on loop devices (loopdisk.py).
 """
 
 from __future__ import annotations
@@ -17,15 +16,12 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
 from docker.types import DeviceRequest, LogConfig, Mount
 
-from shared import firewall
 from shared.config import BRIDGE_MAX_NODES, Config
 from shared.egress import nft as egress_nft
 from shared.egress.secrets import placeholder
@@ -38,12 +34,11 @@ from shared.engines.base import (
     WorkspaceInfo,
 )
 from shared.engines.docker import loopdisk
-from shared.engines.docker.client import docker_errors, make_client
+from shared.engines.docker.client import Engine, docker_errors
 from shared.engines.docker.labels import (
     DROP_KWARGS,
     LABEL_CLIENT,
     LABEL_CREATED,
-    LABEL_EGRESS,
     LABEL_IMAGE_FILE,
     LABEL_MANAGER,
     LABEL_PORT,
@@ -53,7 +48,6 @@ from shared.engines.docker.labels import (
     LABEL_SESSION,
     LABEL_WORKSPACE,
     NETWORK_KWARGS,
-    NETWORK_PREFIX,
     SECRET_ENV,
     SEED_DIR,
     SEED_NAME,
@@ -65,6 +59,7 @@ from shared.engines.docker.labels import (
     parse_time,
     state,
 )
+from shared.engines.docker.networks import NodeNetworks
 from shared.errors import (
     BadRequest,
     ConfigError,
@@ -97,11 +92,8 @@ class DockerBackend(NodeBackend):
         self.network = n.network if n.network.isolated else None
         self.disk = n.disk
         self.runtime = d.runtime
-        self._timeout = timeout
-        self._pool = ThreadPoolExecutor(max_workers=d.threads, thread_name_prefix="docker")
-        self._client: docker.DockerClient | None = None
-        self._stream_client: docker.DockerClient | None = None
-        self._networks: dict[str, str] = {}  # owner -> node network name, once ensured
+        self.engine = Engine(d.host, d.threads, timeout)
+        self.networks = NodeNetworks(self.engine, self.network) if self.network is not None else None
         # nodes resolve through this host's egress resolver on their bridge (shared/egress/)
         self.egress_dns = cfg.egress.enforce and self.network is not None
         # secrets outside nodes: placeholders in the node's environment, and the CA bundle it trusts
@@ -116,27 +108,17 @@ class DockerBackend(NodeBackend):
 
     @property
     def client(self) -> docker.DockerClient:
-        if self._client is None:
-            self._client = make_client(self.docker_host, self._timeout)
-        return self._client
+        return self.engine.client
 
     @property
     def stream_client(self) -> docker.DockerClient:
-        """A client without read timeout, for log streams that may stay silent for minutes."""
-        if self._stream_client is None:
-            self._stream_client = make_client(self.docker_host, None)
-        return self._stream_client
+        return self.engine.stream_client
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for c in (self._client, self._stream_client):
-            if c is not None:
-                c.close()
+        self.engine.close()
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        loop = asyncio.get_running_loop()
-        with docker_errors():
-            return await loop.run_in_executor(self._pool, partial(fn, *args, **kw))
+        return await self.engine.call(fn, *args, **kw)
 
     # --- engine ---------------------------------------------------------------
     async def ping(self) -> None:
@@ -213,26 +195,12 @@ class DockerBackend(NodeBackend):
                 await self.ensure_network(owner)
         except EngineUnavailable as exc:  # both are checked again at each creation
             log.warning("isolation_check_deferred reason=%s", exc.detail)
-        net = self.network
-        if net is None:
+        if self.networks is None:
             status["network"] = "not isolated (node.network.isolated is false)"
             return status
-        status["network"] = f"{self.network_name(owner)} egress={net.egress}" + (" published" if net.publish else "")
-        if not net.firewall:
-            status["firewall"] = "off (node.network.firewall is false)"
-            return status
-        # always given, so a restart without allow_cidrs takes a former exception away
-        allow = {self.bridge_name(owner): list(net.allow_cidrs)}
-        try:
-            ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge_name(owner))
-                   if net.firewall_host_namespace else firewall.HERE)
-            prefixes = firewall.BRIDGE_PREFIXES
-            await asyncio.to_thread(firewall.install, prefixes["open"], prefixes["none"], allow, ipt)
-            status["firewall"] = "installed"
-        except firewall.NoPrivilege as exc:
-            status["firewall"] = f"not installed: {exc}"
-            log.warning("firewall_not_installed reason=%r: nodes can reach the host's own services and "
-                        "private ranges; run `bash scripts/firewall.sh install` as root", str(exc))
+        net = self.networks.network
+        status["network"] = f"{self.networks.name(owner)} egress={net.egress}" + (" published" if net.publish else "")
+        status["firewall"] = await self.networks.install_firewall(owner)
         return status
 
     async def check_runtime(self) -> None:
@@ -244,58 +212,25 @@ class DockerBackend(NodeBackend):
             raise ConfigError(f"engine.docker.runtime {self.runtime!r} is not registered with the engine "
                               f"(it knows {', '.join(sorted(known)) or 'none'}); see the README")
 
+    # --- the pieces' work, under the interface's names ----------------------------------
     def network_name(self, owner: str) -> str:
-        assert self.network is not None
-        return f"{NETWORK_PREFIX}{owner}-{self.network.egress}"
+        assert self.networks is not None
+        return self.networks.name(owner)
 
     def bridge_name(self, owner: str) -> str:
-        """The host interface of a node network: a firewall prefix, then a hash (15 chars at most)."""
-        assert self.network is not None
-        return firewall.BRIDGE_PREFIXES[self.network.egress] + hashlib.sha256(owner.encode()).hexdigest()[:10]
+        assert self.networks is not None
+        return self.networks.bridge(owner)
 
     async def ensure_network(self, owner: str) -> str:
-        """The node network of owner, created if missing (idempotent, race-safe); its name."""
-        assert self.network is not None
-        name = self._networks.get(owner)
-        if name:
-            return name
-        name = self.network_name(owner)
-        egress = self.network.egress
-
-        def exists() -> bool:
-            found = [n for n in self.client.api.networks(names=[name]) if n.get("Name") == name]
-            if found:
-                labels = found[0].get("Labels") or {}
-                if labels.get(LABEL_MANAGER) != owner:
-                    raise ConfigError(f"a network named {name} exists that is not this manager's "
-                                      f"(label {LABEL_MANAGER}={labels.get(LABEL_MANAGER)!r})")
-            return bool(found)
-
-        def ensure() -> None:
-            if exists():
-                return
-            try:
-                self.client.api.create_network(
-                    name, driver="bridge", check_duplicate=True, internal=egress == "none",
-                    labels={LABEL_MANAGER: owner, LABEL_PROJECT: "toolserver-manager", LABEL_EGRESS: egress},
-                    options={"com.docker.network.bridge.enable_icc": "false",
-                             "com.docker.network.bridge.name": self.bridge_name(owner)})
-            except docker.errors.APIError:
-                # another replica or worker made it meanwhile: the engine answers 409 for the name,
-                # or 403 "networks have same bridge name" when both passed the duplicate check
-                if not exists():
-                    raise
-
-        await self._call(ensure)
-        self._networks[owner] = name
-        return name
+        assert self.networks is not None
+        return await self.networks.ensure(owner)
 
     async def egress_bridge(self, owner: str) -> tuple[str, str, int] | None:
         """The node bridge's name and address, read from the host's interface (never the engine's
         IPAM Gateway, absent on an engine's first start)."""
-        if self.network is None:
+        if self.networks is None:
             return None
-        await self.ensure_network(owner)
+        await self.networks.ensure(owner)
         name = self.bridge_name(owner)
         found = await asyncio.to_thread(egress_nft.interface_ipv4, name)
         return (name, *found) if found else None
@@ -600,8 +535,8 @@ class DockerBackend(NodeBackend):
         except ImageMissing as exc:
             raise ImageMissing(image) from exc
         except EngineError as exc:
-            if "network" in exc.detail and "not found" in exc.detail:
-                self._networks.pop(node.owner, None)  # removed behind our back: made again next time
+            if "network" in exc.detail and "not found" in exc.detail and self.networks is not None:
+                self.networks.forget(node.owner)  # removed behind our back: made again next time
             if "runtime" in exc.detail and self.runtime:
                 raise EngineError(f"engine.docker.runtime {self.runtime!r} is not registered with the engine "
                                   f"({exc.detail}); see the README") from exc
