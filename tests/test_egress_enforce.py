@@ -21,7 +21,7 @@ from shared.egress import nft
 from shared.firewall import BRIDGE_PREFIXES
 from testing.harness import bridge_gateway
 from testing.internet import Internet, internet
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -402,4 +402,22 @@ def test_a_secret_reaches_only_its_bound_host_and_never_the_node(start_manager, 
     seen += [str(v) for v in redis_client.hgetall(f"{prefix}:egress:secrets").values()]
     assert any("apitoken" in s for s in seen)
     assert not [s[:200] for s in seen if SECRET_VALUE in s]
+    c.post("/release_session")
+
+
+def test_a_standby_replica_takes_the_resolver_over_when_its_holder_stops(start_manager, net: Internet) -> None:
+    # two replicas of one manager_id (workers, or pods on one engine) share the bridge: one serves
+    # the resolver and the proxy, the other stands by and binds them once they are free
+    egress = {"enforce": True, "upstream_dns": [net.dns], "client_may_set": True}
+    first = start_manager(egress=egress)
+    wait_for(lambda: "egress_resolver_serving" in first.logs(), what="the first replica serving")
+    second = start_manager(name="second", egress=egress)
+    wait_for(lambda: "egress_resolver_standby" in second.logs(), what="the second replica standing by")
+    c = session(second.url, {"default": "deny", "allow": ["allowed.test"]})
+    assert probe(c, ["http", "http://allowed.test/"])[0].get("status") == 200
+    first.stop()
+    wait_for(lambda: "egress_resolver_serving" in second.logs(), what="the standby taking over")
+    out = probe(c, ["dns", "other.test"], ["http", "http://allowed.test/"],
+                ["connect", net.names["other.test"], 80])
+    assert out[0]["rcode"] == 3 and out[1].get("status") == 200 and out[2]["what"] == "ECONNREFUSED", out
     c.post("/release_session")
