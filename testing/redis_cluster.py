@@ -121,6 +121,23 @@ class RedisCluster:
             time.sleep(0.05)
         raise RuntimeError("the cluster did not reach cluster_state:ok")
 
+    def wait_synced(self, timeout: float = 30.0) -> None:
+        """Until each live replica's link to its primary is up (a replica that never synced
+        cannot be promoted: a failover test waits for this before it kills a primary)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                links = []
+                for p in self.live_ports():
+                    with self.client(p) as c:
+                        rep = c.info("replication")
+                    if rep["role"] == "slave":
+                        links.append(rep.get("master_link_status") == "up")
+                if len(links) >= len(self.live_ports()) // 2 and all(links):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("the cluster's replicas did not sync")
+
     def live_ports(self) -> list[int]:
         return [p for p, proc in self.procs.items() if proc.poll() is None]
 
