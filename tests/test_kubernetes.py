@@ -81,6 +81,9 @@ class Live:
             "docker": {"hostSocket": {"path": SOCKET}},
             "config": {"engine": {"docker": {"creation_kwargs": {"image": NODE_IMAGE}}}, "node": {"image_pull": "never"},
                        "cluster": {"lost_after_seconds": 10}},
+            # a new pod is Ready within a second of answering /ready, not up to the default 5 s
+            # later (each install and rolled pod waits on it); a NotReady verdict takes 10 s as by default
+            "readinessProbe": {"initialDelaySeconds": 1, "periodSeconds": 1, "failureThreshold": 10},
         }
         if self.privileged:
             # no privileged pod runs here: no loop-device workspaces, no host firewall (see test_privileged_modes)
