@@ -8,4 +8,11 @@ bash "$ROOT/scripts/setup.sh" --test
 cd "$ROOT"
 "$ROOT/.venv/bin/ruff" check .
 "$ROOT/.venv/bin/mypy"
-exec "$ROOT/.venv/bin/python" -m pytest "$@"
+# Test files run side by side, whole files per worker, the longest first (tests/conftest.py): a
+# test spends most of its time waiting on dockerd, Redis or a node, not on a core. Each file's
+# module fixtures stay in one process; the end-of-run machine check runs once all are done.
+# TSM_TEST_WORKERS=0 runs them one after the other (as does `-n 0`).
+WORKERS="${TSM_TEST_WORKERS:-3}"
+PARALLEL=()
+[ "$WORKERS" != 0 ] && PARALLEL=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
+exec "$ROOT/.venv/bin/python" -m pytest "${PARALLEL[@]}" "$@"

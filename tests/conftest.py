@@ -58,30 +58,192 @@ def docker_client() -> Iterator[docker.DockerClient]:
 MACHINE_REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's own Redis, if it has one: never used, only watched
 
 
+def _uses_services(items: list[pytest.Item]) -> bool:
+    """A run of unit tests alone touches no service and needs none."""
+    return not all(Path(item.path).parent.name == "unit" for item in items)
+
+
+class MachineCheck:
+    """The end-of-run check (testing/machine.py) over the whole run: the machine's dockerd (pid),
+    its Redis and the project's (run_id) and /etc/docker/daemon.json (sha256) are as they were,
+    and nothing the run made is left. Run by the process that runs the session: pytest itself, or
+    with test files side by side (pytest-xdist) the controller, once every worker is done (a
+    worker's end is not the run's: the firewall chains it would take away are in use by others)."""
+
+    def __init__(self) -> None:
+        self.urls = [MACHINE_REDIS_URL, REDIS_URL]
+        self.before: machine.Snapshot | None = None
+        self.error = ""
+        self.used = False  # whether any test that uses the services ran
+        self.basetemps: list[Path] = []
+
+    def start(self) -> None:
+        try:
+            client = docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41")
+            try:
+                self.before = machine.snapshot(client, self.urls)
+            finally:
+                client.close()
+        except Exception as exc:  # unit tests alone need no engine: said only if others ran
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def finish(self) -> list[str]:
+        """What the run changed or left behind (empty: nothing)."""
+        if self.before is None:
+            return [f"the machine could not be read at the start of the run ({self.error})"]
+        if not any(line.startswith("-N TSM-") for line in self.before.firewall):
+            from shared import firewall
+
+            with contextlib.suppress(firewall.NoPrivilege, firewall.FirewallError):
+                firewall.remove()
+        client = docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41")
+        try:
+            after = machine.snapshot(client, self.urls, settle=True)
+        finally:
+            client.close()
+        found: list[str] = []
+        for tmp in self.basetemps or [None]:
+            found += [f for f in machine.problems(self.before, after, tmp) if f not in found]
+        if not found:
+            report(f"end-of-run check passed: the machine's dockerd still pid {after.dockerd_pid}, "
+                   f"{len(self.urls)} Redis run_ids and {machine.DAEMON_JSON} ({after.daemon_json[:12]}) unchanged, "
+                   "nothing left behind")
+        return found
+
+
+CHECK = MachineCheck()
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in pytest-xdist's workers only
+
+
 @pytest.fixture(scope="session", autouse=True)
 def machine_untouched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """After the whole run: the machine's dockerd (pid), its Redis and the project's (run_id) and
-    /etc/docker/daemon.json (sha256) are as they were, and nothing the run made is left
-    (testing/machine.py). Autouse and first, so it is torn down after every other fixture.
-    A run of unit tests alone touches no service and needs none."""
-    if all(Path(item.path).parent.name == "unit" for item in request.session.items):
+    """The end-of-run check (MachineCheck), in a run without workers. Autouse and first, so it is
+    torn down after every other fixture."""
+    if not _uses_services(request.session.items):
         yield
         return
-    client = docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41")
-    urls = [MACHINE_REDIS_URL, REDIS_URL]
-    before = machine.snapshot(client, urls)
+    if WORKER:  # the controller checks, once all workers are done (pytest_testnodedown below)
+        request.config.workeroutput["uses_services"] = True  # type: ignore[attr-defined]
+        yield
+        return
+    CHECK.used = True
+    CHECK.basetemps = [tmp_path_factory.getbasetemp()]
+    CHECK.start()
     yield
-    if not any(line.startswith("-N TSM-") for line in before.firewall):
-        from shared import firewall
-
-        with contextlib.suppress(firewall.NoPrivilege, firewall.FirewallError):
-            firewall.remove()
-    after = machine.snapshot(client, urls, settle=True)
-    client.close()
-    found = machine.problems(before, after, tmp_path_factory.getbasetemp())
+    found = CHECK.finish()
     assert not found, "the run changed the machine or left things behind:\n- " + "\n- ".join(found)
-    report(f"end-of-run check passed: the machine's dockerd still pid {after.dockerd_pid}, "
-           f"{len(urls)} Redis run_ids and {machine.DAEMON_JSON} ({after.daemon_json[:12]}) unchanged, nothing left behind")
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    return getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _is_controller(session.config):
+        CHECK.start()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """A worker is done (xdist's controller): what it made and measured joins the run's."""
+    from testing.harness import FIGURES
+
+    out = getattr(node, "workeroutput", {})
+    CHECK.used |= bool(out.get("uses_services"))
+    for kind in ("manager_ids", "images", "host_tags"):
+        getattr(machine.RUN, kind).update(out.get(kind, ()))
+    if out.get("basetemp"):
+        CHECK.basetemps.append(Path(out["basetemp"]))
+    FIGURES.extend(out.get("figures", ()))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if not WORKER and config.cache is not None and _file_seconds:
+        config.cache.set(FILE_SECONDS, {**config.cache.get(FILE_SECONDS, {}),
+                                        **{k: round(v, 1) for k, v in _file_seconds.items()}})
+    if WORKER and hasattr(config, "workeroutput"):  # to the controller (pytest_testnodedown)
+        from testing.harness import FIGURES
+
+        config.workeroutput.update({kind: sorted(getattr(machine.RUN, kind))
+                                    for kind in ("manager_ids", "images", "host_tags")})
+        config.workeroutput["figures"] = list(FIGURES)
+        with contextlib.suppress(Exception):
+            config.workeroutput["basetemp"] = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    elif _is_controller(config) and CHECK.used:
+        found = CHECK.finish()
+        if found:
+            tr = config.pluginmanager.get_plugin("terminalreporter")
+            text = "the run changed the machine or left things behind:\n- " + "\n- ".join(found)
+            if tr is not None:
+                tr.ensure_newline()
+                tr.section("END-OF-RUN CHECK FAILED", sep="!", red=True, bold=True)
+                tr.write_line(text)
+            else:
+                sys.stderr.write(text + "\n")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Seconds each test file takes, for the order of a run with workers: the longest files start
+# first, so that no long file starts last while the other workers idle. Measured by each run into
+# pytest's cache (FILE_SECONDS); these are for a tree the cache has not seen (a fresh clone), from
+# a run on a loaded machine (only their order matters); a file in neither counts as short.
+FILE_SECONDS = "toolserver-manager/file-seconds"
+KNOWN_SECONDS: dict[str, float] = {
+    "tests/test_kubernetes.py": 439,
+    "tests/test_differential.py": 201,
+    "tests/test_cluster.py": 166,
+    "tests/test_hostile_node.py": 141,
+    "tests/test_isolation.py": 120,
+    "tests/test_http_edge.py": 117,
+    "tests/test_console.py": 89,
+    "tests/test_sessions.py": 86,
+    "tests/test_tiers.py": 75,
+    "tests/test_operations.py": 75,
+    "tests/test_checker.py": 73,
+    "tests/test_multihost.py": 65,
+    "tests/test_store_load.py": 61,
+    "tests/test_local_user.py": 55,
+    "tests/test_mcp.py": 53,
+    "tests/test_credentials.py": 34,
+    "tests/node/test_node_image.py": 31,
+    "tests/test_client.py": 30,
+    "tests/test_images.py": 29,
+    "tests/test_websocket.py": 28,
+    "tests/test_cli.py": 27,
+    "tests/test_sentinel.py": 24,
+    "tests/test_redis_outage.py": 22,
+    "tests/test_fuzz.py": 21,
+    "tests/test_helm.py": 18,
+    "tests/test_run_command.py": 17,
+    "tests/test_chart_pod.py": 17,
+    "tests/test_prometheus.py": 16,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not WORKER:
+        return
+    past = {**KNOWN_SECONDS, **(config.cache.get(FILE_SECONDS, {}) if config.cache else {})}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], i)
+    index = {id(item): i for i, item in enumerate(items)}
+
+    def key(item: pytest.Item) -> tuple[float, int, int]:
+        path = item.nodeid.split("::")[0]
+        return -float(past.get(path, 0)), first[path], index[id(item)]
+
+    items.sort(key=key)
+
+
+_file_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not WORKER:  # the controller sees every worker's reports too
+        path = report.nodeid.split("::")[0]
+        _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration
 
 
 @pytest.fixture
