@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -173,10 +174,14 @@ def live(tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerC
             kube.start()
             kube.start_dns()
             lv = Live(kube, helm, tmp)
-            for h in kube.hosts.hosts:  # what no registry can give the pods, under this run's tags
+
+            def load(h: Host) -> None:  # what no registry can give the pods, under this run's tags
                 kube.load_image(h, MANAGER_IMAGE)
                 h.docker("tag", MANAGER_IMAGE, f"{MANAGER_IMAGE.split(':')[0]}:{lv.image_tag}")
                 kube.load_image(h, redis_image())
+
+            with ThreadPoolExecutor(len(kube.hosts.hosts)) as pool:  # each host's engine loads its own
+                list(pool.map(load, kube.hosts.hosts))
             # as the chart runs the manager with hostIsolation: privileged, as root
             probe = lv.h1.docker("run", "--rm", "--privileged", "--user", "0", "--label", f"{LABEL}=k8s-probe",
                                  NODE_IMAGE, "true", check=False)
