@@ -4,6 +4,7 @@ replicas as real processes, and cleanup of every container by the project's labe
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sys
 import time
@@ -244,6 +245,23 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if not WORKER:  # the controller sees every worker's reports too
         path = report.nodeid.split("::")[0]
         _file_seconds[path] = _file_seconds.get(path, 0.0) + report.duration
+
+
+LOCK_DIR = Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def machine_state_lock(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A file whose tests assert on machine-wide state that other files' tests change names it in a
+    module-level ``LOCKS = {"name": "exclusive"}`` (the files that change it: ``"shared"``): its
+    tests then run while no other file holding that name runs, in this run's workers or in another
+    run on the machine (an flock for the module's whole time)."""
+    locks = getattr(request.module, "LOCKS", {})
+    with contextlib.ExitStack() as held:
+        for name, mode in sorted(locks.items()):
+            f = held.enter_context(open(LOCK_DIR / f"toolserver-manager-test-{name}.lock", "a"))
+            fcntl.flock(f, fcntl.LOCK_EX if mode == "exclusive" else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture

@@ -15,6 +15,10 @@ from tests.test_fork import WS
 from tests.test_snapshots import SEEDS, seeds
 from toolserver_manager import Admin, Session, SnapshotInfo
 
+# these tests add to the machine's seeds directory, which test_snapshots asserts on whole
+# (tests/conftest.py, machine_state_lock)
+LOCKS = {"seeds": "shared"}
+
 
 @pytest.fixture(autouse=True)
 def no_seed_left() -> Iterator[None]:
