@@ -11,6 +11,7 @@ copied: a fork past a quota makes nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -48,6 +49,12 @@ async def fork(ops: NodeOps, node_id: str | None, count: int) -> dict[str, Any]:
             raise NodeNotFound(node_id) from None
         raise
     return data
+
+
+def seed_prefix(ops: NodeOps, kind: str = "snap") -> str:
+    """How this cluster's seeds of a kind (snap, fork) begin: clusters (key prefixes) sharing a host
+    never collect each other's."""
+    return f"{kind}-{hashlib.sha256(ops.store.keys.prefix.encode()).hexdigest()[:8]}-"
 
 
 async def reserve(ops: NodeOps, client: str, count: int) -> list[str]:
@@ -99,7 +106,7 @@ async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
         except QuotaExceeded:
             outcome = "quota"
             raise
-        seed = f"fork-{uuid.uuid4().hex}"
+        seed = f"{seed_prefix(ops, 'fork')}{uuid.uuid4().hex}"
         try:
             try:
                 stall = await capture(ops, rec, seed)

@@ -9,7 +9,6 @@ allows, else on another, its bytes streamed there through a replica of the snaps
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
@@ -83,7 +82,7 @@ async def snapshot_local(ops: NodeOps, node_id: str, name: str) -> Snapshot:
         raise _refused("client", ops, name, rec.client)
     if f.snapshot_bytes and used >= f.snapshot_bytes:
         raise _refused("bytes", ops, name, rec.client)
-    seed = f"{seed_prefix(ops)}{uuid.uuid4().hex}"
+    seed = f"{forks.seed_prefix(ops)}{uuid.uuid4().hex}"
     kept_seed = False
     try:
         stall = await forks.capture(ops, rec, seed)
@@ -137,11 +136,11 @@ async def delete_local(ops: NodeOps, name: str) -> None:
 
 async def fetch(ops: NodeOps, snap: Snapshot) -> str:
     """The snapshot's bytes copied from its host through a replica of it into a seed of this host
-    (a fork-named one: the checker collects it if this replica dies before dropping it); its name."""
+    (a fork's: the checker collects it if this replica dies before dropping it); its name."""
     replicas = await owner_replicas(ops, snap.manager_id)
     if not replicas or not ops.cfg.internal_token:
         raise NoLiveManager(snap.manager_id)
-    seed = f"fork-{uuid.uuid4().hex}"
+    seed = f"{forks.seed_prefix(ops, 'fork')}{uuid.uuid4().hex}"
     t0 = time.monotonic()
     try:
         chunks = await remote_stream(ops, replicas[0], f"/internal/snapshots/{snap.name}/bytes")
@@ -154,22 +153,10 @@ async def fetch(ops: NodeOps, snap: Snapshot) -> str:
     return seed
 
 
-def seed_prefix(ops: NodeOps) -> str:
-    """How this cluster's snapshot seeds begin: clusters (key prefixes) sharing a host never collect
-    each other's."""
-    return f"snap-{hashlib.sha256(ops.store.keys.prefix.encode()).hexdigest()[:8]}-"
-
-
 async def collect(ops: NodeOps, older_than: float) -> int:
-    """Drop this cluster's snapshot seeds on this host that no snapshot names, made before
-    older_than (a replica died between a snapshot's copy and its record); how many."""
-    mine = seed_prefix(ops)
-    candidates = {name for name, mtime in (await ops.backend.seeds()).items()
-                  if name.startswith(mine) and mtime < older_than}
-    if not candidates:
-        return 0
-    stray = candidates - {s.seed for s in await ops.store.snapshots.all()}
-    for name in stray:
-        await ops.backend.drop_seed(name)
-        log.info("snapshot_bytes_collected seed=%s", name)
-    return len(stray)
+    """Drop this cluster's seeds on this host made before older_than that nothing needs: a fork's
+    (its replica died before dropping it) and a snapshot's no snapshot names (its replica died
+    between the copy and the record); how many."""
+    gone = await ops.backend.drop_stale_seeds(forks.seed_prefix(ops, "fork"), older_than, set())
+    keep = {s.seed for s in await ops.store.snapshots.all()}
+    return gone + await ops.backend.drop_stale_seeds(forks.seed_prefix(ops), older_than, keep)

@@ -4,28 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-
-import pytest
 
 from tests.conftest import ADMIN_TOKEN
 from tests.test_cli import admin, ok
 from tests.test_fork import WS
-from tests.test_snapshots import SEEDS, seeds
+from tests.test_snapshots import no_seed_left  # noqa: F401  (an autouse fixture)
 from toolserver_manager import Admin, Session, SnapshotInfo
 
 # these tests add to the machine's seeds directory, which test_snapshots asserts on whole
 # (tests/conftest.py, machine_state_lock)
 LOCKS = {"seeds": "shared"}
-
-
-@pytest.fixture(autouse=True)
-def no_seed_left() -> Iterator[None]:
-    before = seeds()
-    yield
-    for name in seeds() - before:
-        os.unlink(os.path.join(SEEDS, name))
 
 
 def out(s: Session, command: str) -> str:

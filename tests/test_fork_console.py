@@ -3,22 +3,19 @@ real manager (the fixtures of test_console.py)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from testing.harness import ManagerProc
 from tests.test_console import browser, context, logged_in, manager, new_session  # noqa: F401  (fixtures)
-from tests.test_snapshots import SEEDS, seeds
+from tests.test_snapshots import remove_seeds
 
 
 @pytest.fixture(autouse=True)
-def no_seed_left() -> Iterator[None]:
-    before = seeds()
+def no_seed_left(manager: ManagerProc) -> Iterator[None]:  # noqa: F811
     yield
-    for name in seeds() - before:
-        os.unlink(os.path.join(SEEDS, name))
+    remove_seeds(manager.cfg["redis"]["key_prefix"])
 
 
 def test_fork_and_snapshot_buttons(manager: ManagerProc, context) -> None:  # type: ignore[no-untyped-def]  # noqa: F811

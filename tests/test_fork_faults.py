@@ -7,7 +7,6 @@ import glob
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -17,7 +16,7 @@ import redis
 
 from tests.conftest import wait_for
 from tests.test_fork import WS, session, shell
-from tests.test_snapshots import SEEDS, seeds
+from tests.test_snapshots import SEEDS, no_seed_left, seeds  # noqa: F401  (an autouse fixture)
 
 # these tests add to the machine's seeds directory, which test_snapshots asserts on whole
 # (tests/conftest.py, machine_state_lock)
@@ -27,12 +26,6 @@ IMAGES = "/var/lib/toolserver-manager/workspaces"
 BIG = f"head -c 200M /dev/urandom > {WS}/big.bin && sha256sum {WS}/big.bin | cut -c1-64"
 
 
-@pytest.fixture(autouse=True)
-def no_seed_left() -> Iterator[None]:
-    before = seeds()
-    yield
-    for name in seeds() - before:
-        os.unlink(os.path.join(SEEDS, name))
 
 
 def fork_in_thread(url: str, node_id: str, count: int) -> tuple[threading.Thread, dict[str, Any]]:
@@ -70,10 +63,10 @@ def test_replica_killed_mid_fork_leaves_nothing(start_manager, docker_client: do
     assert src.post("/get_cookie").status_code == 200
     src_id = src.cookies["node_id"]
     digest = shell(src, BIG)
-    before = seeds()
+    before = seeds(prefix)
     t, _ = fork_in_thread(m1.url, src_id, 3)
     if when == "copying":  # the source's workspace is frozen right now, its copy half made
-        wait_for(lambda: {s for s in seeds() - before if s.endswith(".part")}, timeout=60, interval=0.005,
+        wait_for(lambda: {s for s in seeds(prefix) - before if s.endswith(".part")}, timeout=60, interval=0.005,
                  what="the fork's copy to begin")
     else:  # the copies' records, containers and workspaces are being made
         wait_for(lambda: [m for m in redis_client.smembers(f"{prefix}:mgr:{manager_id}:nodes")
@@ -92,7 +85,7 @@ def test_replica_killed_mid_fork_leaves_nothing(start_manager, docker_client: do
         members = {x.decode() for x in redis_client.smembers(f"{prefix}:mgr:{manager_id}:nodes")}
         return (members == {src_id} and names(docker_client, manager_id) == {src_id}
                 and volumes(docker_client, manager_id) == {f"tsm-session-{src_id}"}
-                and not (seeds() - before)
+                and not (seeds(prefix) - before)
                 and not any(os.path.exists(f"{IMAGES}/tsm-session-{c}.img") for c in copies)
                 and not any(redis_client.exists(f"{prefix}:node:{c}") for c in copies))
 
@@ -103,7 +96,8 @@ def test_replica_killed_mid_fork_leaves_nothing(start_manager, docker_client: do
     assert shell(c, f"sha256sum {WS}/big.bin | cut -c1-64") == digest
 
 
-def test_source_released_during_a_fork(start_manager, docker_client: docker.DockerClient, manager_id: str) -> None:
+def test_source_released_during_a_fork(start_manager, docker_client: docker.DockerClient, prefix: str,
+                                      manager_id: str) -> None:
     m = start_manager()
     src = httpx.Client(base_url=m.url, timeout=120)
     assert src.post("/get_cookie").status_code == 200
@@ -113,7 +107,7 @@ def test_source_released_during_a_fork(start_manager, docker_client: docker.Dock
     t, out = fork_in_thread(m.url, src_id, 2)
 
     def copying() -> bool:  # this fork's copy of the workspace is being written
-        return any(n.endswith(".part") and os.stat(os.path.join(SEEDS, n)).st_mtime >= t0 for n in seeds())
+        return any(n.endswith(".part") and os.stat(os.path.join(SEEDS, n)).st_mtime >= t0 for n in seeds(prefix))
 
     wait_for(copying, timeout=60, interval=0.005, what="the fork's copy to begin")
     assert src.post("/release_session").json() == f"Release session: {src_id}"

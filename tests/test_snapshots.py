@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,17 +26,32 @@ LOCKS = {"seeds": "exclusive"}
 SEEDS = "/var/lib/toolserver-manager/workspaces/seeds"
 
 
-def seeds() -> set[str]:
-    return set(os.listdir(SEEDS)) if os.path.isdir(SEEDS) else set()
+def tag(prefix: str) -> str:
+    """The hash of a key prefix that the manager puts in its saved copies' names."""
+    return hashlib.sha256(prefix.encode()).hexdigest()[:8]
+
+
+def seeds(prefix: str) -> set[str]:
+    """The saved copies (forks' and snapshots', whole or half made) of the cluster of this key
+    prefix: other runs on this machine have their own, never touched here."""
+    mine = (f"snap-{tag(prefix)}-", f"fork-{tag(prefix)}-")
+    return {n for n in os.listdir(SEEDS) if n.startswith(mine)} if os.path.isdir(SEEDS) else set()
+
+
+def remove_seeds(prefix: str) -> None:
+    for name in seeds(prefix):
+        path = os.path.join(SEEDS, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
 
 
 @pytest.fixture(autouse=True)
-def no_seed_left() -> Iterator[None]:
-    """A failed test's snapshots are removed with it (their records go with the test's key prefix)."""
-    before = seeds()
+def no_seed_left(prefix: str) -> Iterator[None]:
+    """A failed test's saved copies are removed with it (their records go with its key prefix)."""
     yield
-    for name in seeds() - before:
-        os.unlink(os.path.join(SEEDS, name))
+    remove_seeds(prefix)
 
 
 def test_snapshot_saved_started_from_listed_and_deleted(start_manager, docker_client: docker.DockerClient,
@@ -45,13 +62,13 @@ def test_snapshot_saved_started_from_listed_and_deleted(start_manager, docker_cl
     assert src.post("/get_cookie").status_code == 200
     shell(src, f"cd {WS} && echo v1 > state.txt && head -c 5M /dev/urandom > data.bin && ln -s state.txt s")
     sums = shell(src, f"cd {WS} && sha256sum state.txt data.bin && readlink s")
-    before = seeds()
+    before = seeds(prefix)
     r = src.post("/snapshot_session", json={"name": "base-1"})
     assert r.status_code == 200, r.text
     snap = r.json()
     assert snap["name"] == "base-1" and snap["bytes"] >= 5 << 20 and "seed" not in snap
     assert snap["source"] == src.cookies["node_id"] and snap["manager_id"] == manager_id
-    assert len(seeds() - before) == 1
+    assert len(seeds(prefix) - before) == 1
     shell(src, f"echo v2 > {WS}/state.txt")  # after the snapshot: not in it
     events = [json.loads(f[b"e"]) for _, f in redis_client.xrange(f"{prefix}:events")]
     assert [(e["node_id"], e["detail"]) for e in events if e["type"] == "snapshotted"] == [(snap["source"], "base-1")]
@@ -60,7 +77,7 @@ def test_snapshot_saved_started_from_listed_and_deleted(start_manager, docker_cl
     assert src.post("/snapshot_session", json={"name": "base-1"}).status_code == 409
     assert src.post("/snapshot_session", json={"name": "../x"}).status_code == 400
     assert src.post("/snapshot_session", json={}).status_code == 400
-    assert len(seeds() - before) == 1
+    assert len(seeds(prefix) - before) == 1
 
     # a new session from it has its files as they were; XAgent's empty body still makes an empty one
     new = httpx.Client(base_url=m.url, timeout=120)
@@ -84,32 +101,32 @@ def test_snapshot_saved_started_from_listed_and_deleted(start_manager, docker_cl
     assert src.post("/snapshot_session", json={"name": "base-2"}).status_code == 200
     r = src.post("/snapshot_session", json={"name": "base-3"})
     assert r.status_code == 429 and "snapshots" in r.json()["detail"], r.text
-    assert len(seeds() - before) == 2
+    assert len(seeds(prefix) - before) == 2
 
     # deleted: its bytes go, the session made from it keeps its own
     assert src.request("DELETE", "/snapshots/base-1").status_code == 200
     assert src.request("DELETE", "/snapshots/base-1").status_code == 404
     assert [s["name"] for s in src.get("/snapshots").json()["snapshots"]] == ["base-2"]
-    assert len(seeds() - before) == 1
+    assert len(seeds(prefix) - before) == 1
     assert shell(new, f"cat {WS}/state.txt") == "v1"
     assert src.request("DELETE", "/snapshots/base-2").status_code == 200
-    assert seeds() == before
+    assert seeds(prefix) == before
 
 
-def test_snapshot_bytes_bounded_per_host(start_manager) -> None:
+def test_snapshot_bytes_bounded_per_host(start_manager, prefix: str) -> None:
     m = start_manager(fork={"snapshot_bytes": 8 << 20})
     src = httpx.Client(base_url=m.url, timeout=120)
     assert src.post("/get_cookie").status_code == 200
     shell(src, f"head -c 6M /dev/urandom > {WS}/a.bin")
-    before = seeds()
+    before = seeds(prefix)
     assert src.post("/snapshot_session", json={"name": "one"}).status_code == 200
     r = src.post("/snapshot_session", json={"name": "two"})  # 2 x 6 MB > 8 MB
     assert r.status_code == 429 and "fork.snapshot_bytes" in r.json()["detail"], r.text
-    assert len(seeds() - before) == 1
+    assert len(seeds(prefix) - before) == 1
     assert src.request("DELETE", "/snapshots/one").status_code == 200
     assert src.post("/snapshot_session", json={"name": "two"}).status_code == 200
     assert src.request("DELETE", "/snapshots/two").status_code == 200
-    assert seeds() == before
+    assert seeds(prefix) == before
 
 
 def test_bytes_no_snapshot_names_are_collected(start_manager, prefix: str) -> None:
@@ -120,16 +137,20 @@ def test_bytes_no_snapshot_names_are_collected(start_manager, prefix: str) -> No
     assert src.post("/get_cookie").status_code == 200
     shell(src, f"echo kept > {WS}/k.txt")
     assert src.post("/snapshot_session", json={"name": "kept"}).status_code == 200
-    tag = hashlib.sha256(prefix.encode()).hexdigest()[:8]
-    stray = os.path.join(SEEDS, f"snap-{tag}-{uuid.uuid4().hex}.img")
-    other = os.path.join(SEEDS, f"snap-{hashlib.sha256(b'another').hexdigest()[:8]}-{uuid.uuid4().hex}.img")
-    for path in (stray, other):
-        with open(path, "wb") as f:
-            f.truncate(1 << 20)
-        os.utime(path, (time.time() - 3600, time.time() - 3600))
-    before = seeds()
-    wait_for(lambda: not os.path.exists(stray), timeout=60, what="the stray snapshot bytes collected")
-    assert seeds() == before - {os.path.basename(stray)}  # the snapshot's and the other cluster's stay
+    stray = os.path.join(SEEDS, f"snap-{tag(prefix)}-{uuid.uuid4().hex}.img")
+    other = os.path.join(SEEDS, f"snap-{tag(prefix + '-another')}-{uuid.uuid4().hex}.img")
+    try:
+        for path in (stray, other):
+            with open(path, "wb") as f:
+                f.truncate(1 << 20)
+            os.utime(path, (time.time() - 3600, time.time() - 3600))
+        kept = seeds(prefix) - {os.path.basename(stray)}
+        assert len(kept) == 1  # the snapshot's own bytes
+        wait_for(lambda: not os.path.exists(stray), timeout=60, what="the stray snapshot bytes collected")
+        assert kept <= seeds(prefix) and os.path.exists(other)  # the snapshot's and the other cluster's stay
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(other)
     new = httpx.Client(base_url=m.url, timeout=120)
     assert new.post("/get_cookie", json={"snapshot": "kept"}).status_code == 200
     assert shell(new, f"cat {WS}/k.txt") == "kept"

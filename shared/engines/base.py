@@ -240,9 +240,10 @@ class NodeBackend(abc.ABC):
         """Make the seed seed from what export_seed streamed (on another host)."""
         raise BadRequest("this engine cannot copy workspaces")
 
-    async def seeds(self) -> dict[str, float]:
-        """Every whole seed on this host (not one being written), with when it was made."""
-        return {}
+    async def drop_stale_seeds(self, prefix: str, older_than: float, keep: set[str]) -> int:
+        """Drop this host's seeds named prefix..., made before older_than, but those in keep
+        (what half-made copies left too); how many."""
+        return 0
 
     async def seed_bytes(self, seed: str) -> int:
         """Bytes a seed takes on this host's disk (0 when there is no such seed)."""

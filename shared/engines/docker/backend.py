@@ -412,17 +412,24 @@ class DockerBackend(NodeBackend):
         finally:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
-    async def seeds(self) -> dict[str, float]:
-        def scan() -> dict[str, float]:
+    async def drop_stale_seeds(self, prefix: str, older_than: float, keep: set[str]) -> int:
+        def drop() -> int:
             folder = os.path.join(self.disk.image_dir, SEED_DIR)
-            out: dict[str, float] = {}
+            gone = 0
             with contextlib.suppress(FileNotFoundError):
                 for entry in os.scandir(folder):
-                    if entry.is_file() and entry.name.endswith(".img"):
-                        out[entry.name[:-4]] = entry.stat().st_mtime
-            return out
+                    # <seed>.img, and what a copy left half made: <seed>.img.part, <seed>.img.part.d
+                    if not entry.name.startswith(prefix) or entry.name.split(".", 1)[0] in keep \
+                            or entry.stat().st_mtime >= older_than:
+                        continue
+                    if entry.is_dir():
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        loopdisk.with_unlink(entry.path)
+                    gone += 1
+            return gone
 
-        return await self._call(scan)
+        return await self._call(drop)
 
     async def seed_bytes(self, seed: str) -> int:
         return await self._call(loopdisk.disk_bytes, self._seed_path(seed))
@@ -437,23 +444,6 @@ class DockerBackend(NodeBackend):
             if vol["Name"].startswith(WORKSPACE_PREFIX) and float(labels.get(LABEL_CREATED) or 0) < older_than:
                 await self._remove_workspace(vol["Name"])
                 gone += 1
-        return gone + await self._call(self._collect_fork_seeds, older_than)
-
-    def _collect_fork_seeds(self, older_than: float) -> int:
-        """Remove the saved images of forks whose replica died before it dropped them (a fork's lives
-        for the seconds its copies take; a snapshot's is kept until it is deleted)."""
-        folder = os.path.join(self.disk.image_dir, SEED_DIR)
-        gone = 0
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(folder):
-                # a copy's unfinished file (.part) too: its replica died before it was renamed
-                if (entry.name.startswith("fork-") or ".part" in entry.name) \
-                        and entry.stat().st_mtime < older_than:
-                    if entry.is_dir():  # a transfer from another host that died half-way
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        loopdisk.with_unlink(entry.path)
-                    gone += 1
         return gone
 
     # --- containers -----------------------------------------------------------
