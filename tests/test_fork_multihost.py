@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +14,7 @@ from testing.harness import report
 from testing.hosts import Hosts
 from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, NODE_IMAGE, wait_for
 from tests.test_fork import WS, shell
+from tests.test_snapshots import remove_seeds
 
 # these tests add to the machine's seeds directory, which test_snapshots asserts on whole
 # (tests/conftest.py, machine_state_lock)
@@ -25,12 +27,16 @@ FILES = (f"cd {WS} && head -c 100M /dev/urandom > data.bin && echo text > t.txt 
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    # a key prefix of its own: its saved copies' names say so, and only they are removed after
+    prefix = f"tsmtest-{uuid.uuid4().hex[:8]}"
     h = Hosts(tmp_path_factory.mktemp("fork-hosts"), NODE_IMAGE, internal_token=INTERNAL_TOKEN, admin_token=ADMIN_TOKEN,
-              manager_overrides={"node": {"disk": {"workspace_bytes": 1 << 30}}}).start()
+              manager_overrides={"node": {"disk": {"workspace_bytes": 1 << 30}},
+                                 "redis": {"key_prefix": prefix}}).start()
     try:
         yield h
     finally:
         h.close()
+        remove_seeds(prefix)
 
 
 def drain(h: Hosts, name: str, on: bool) -> None:
