@@ -19,6 +19,7 @@ start       --n sessions from a snapshot against --n cold ones, alternated, each
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "disk": {"image_dir": args.image_dir},
                                       "tiers": {"pause_after_seconds": None, "archive_after_seconds": None}},
                                 fork={"max_count": max(16, args.copies)}), tmp, "fork")
-    seeds_before = set(os.listdir(seeds_dir)) if os.path.isdir(seeds_dir) else set()
+    # the manager names its saved copies with its key prefix's hash: only those are the run's to remove
+    tag = hashlib.sha256(prefix.encode()).hexdigest()[:8]
     out: dict[str, Any] = {}
     failed = True
     try:
@@ -199,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         delete_keys(r, prefix)
         redis_proc.terminate()
         redis_proc.wait()
-        for name in (set(os.listdir(seeds_dir)) if os.path.isdir(seeds_dir) else set()) - seeds_before:
-            os.unlink(os.path.join(seeds_dir, name))
+        for name in os.listdir(seeds_dir) if os.path.isdir(seeds_dir) else []:
+            if name.startswith((f"snap-{tag}-", f"fork-{tag}-")):
+                path = os.path.join(seeds_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         shutil.rmtree(tmp, ignore_errors=True)
 
     st, cp, sn, sa = out["stall"], out["copies"], out["snapshot"], out["start"]
