@@ -25,7 +25,7 @@ from shared.config import deep_merge
 from testing import redis_env
 from testing.harness import bridge_gateway
 from testing.hosts import PrivateEngine
-from tests.conftest import ADMIN_TOKEN, wait_for
+from tests.conftest import ADMIN_TOKEN, NODE_IMAGE, wait_for
 
 SECRET_HEADER = "X-Node-Secret"
 
@@ -647,3 +647,30 @@ async def test_replicas_racing_to_make_the_node_network_agree_on_one(manager_id:
     assert len(set(names)) == 1
     nets = docker_client.networks.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
     assert [n.name for n in nets] == names[:1]
+
+
+async def test_a_volume_the_engine_makes_for_a_node_carries_its_manager_id(manager_id: str, prefix: str,
+                                                                         docker_client: docker.DockerClient) -> None:
+    # a workspace removed between its creation and the container's: the engine makes the named
+    # volume anew, silently; it must carry the manager_id so clean-up by label finds it
+    from shared.config import load_config
+    from shared.engines.base import NewNode
+    from shared.engines.docker import DockerBackend
+
+    cfg = load_config(None, environ={}, overrides={
+        "manager_id": manager_id, "redis": {"key_prefix": prefix},
+        "engine": {"docker": {"creation_kwargs": {"image": NODE_IMAGE}}}})
+    backend = DockerBackend(cfg)
+    missing = f"tsm-session-{manager_id}-gone"
+    try:
+        cid = await backend.create(NewNode(owner=manager_id, role="node", replica_id="r", created_at=0.0,
+                                           workspace=missing))
+        assert cid
+        made = docker_client.volumes.get(missing)
+        assert (made.attrs["Labels"] or {}).get("toolserver-manager.manager_id") == manager_id, made.attrs
+    finally:
+        for c in docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"}):
+            c.remove(force=True, v=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.volumes.get(missing).remove(force=True)
+        await backend.close()

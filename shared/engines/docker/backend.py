@@ -471,12 +471,20 @@ class DockerBackend(NodeBackend):
         if self._read_only_root:
             kwargs["read_only"] = True
             kwargs.setdefault("tmpfs", {"/tmp": f"rw,exec,nosuid,nodev,size={disk.tmp_bytes}"})
+        # the engine makes a named volume that is missing when the container is created (a workspace
+        # removed in between) and an anonymous one always: with these labels either is still ours to
+        # find and remove by manager_id, not an unlabelled leftover (a volume with existing labels
+        # keeps them: the engine reads these only when it makes the volume)
+        volume_labels = {LABEL_MANAGER: node.owner, LABEL_PROJECT: "toolserver-manager"}
+        if node.session_id:
+            volume_labels[LABEL_SESSION] = node.session_id
         if node.workspace:
             kwargs["mounts"] = [*kwargs.get("mounts", []),
-                                Mount(target=self.workspace_path, source=node.workspace, type="volume")]
+                                Mount(target=self.workspace_path, source=node.workspace, type="volume",
+                                      labels=volume_labels)]
         elif self._read_only_root:  # anonymous: kept across restarts, removed with the node
             kwargs["mounts"] = [*kwargs.get("mounts", []),
-                                Mount(target=self.workspace_path, source=None, type="volume")]
+                                Mount(target=self.workspace_path, source=None, type="volume", labels=volume_labels)]
         if disk.log_bytes:
             kwargs["log_config"] = LogConfig(type="json-file", config={
                 "max-size": str(max(disk.log_bytes // 2, 1 << 16)), "max-file": "2"})
