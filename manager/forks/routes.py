@@ -13,8 +13,8 @@ from starlette.routing import BaseRoute, Route
 from manager.admin import api as admin
 from manager.edge.responses import json_response
 from manager.session import internal
-from manager.session.resolve import node_cookie
-from manager.session.routes import _bound, rt_of
+from manager.session.resolve import bound_to_key, node_cookie
+from manager.session.routes import rt_of
 from nodeops import forks, snapshots
 from shared import metrics
 from shared.errors import BadRequest, ManagerError
@@ -66,7 +66,7 @@ async def fork_session(request: Request) -> Response:
     count = await _count(request)
     node_id = node_cookie(request.cookies)
     try:
-        await _bound(request, rt, node_id)
+        await bound_to_key(request, rt, node_id)
         result = await forks.fork(rt, node_id, count)
     except ManagerError:
         metrics.SESSION_OPS.labels("fork", "error").inc()
@@ -92,7 +92,7 @@ async def snapshot_session(request: Request) -> Response:
     name = await _name(request)
     node_id = node_cookie(request.cookies)
     try:
-        await _bound(request, rt, node_id)
+        await bound_to_key(request, rt, node_id)
         snap = await snapshots.snapshot(rt, node_id, name)
     except ManagerError:
         metrics.SESSION_OPS.labels("snapshot", "error").inc()

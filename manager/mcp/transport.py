@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from manager.edge.client_auth import ClientKeys
+from manager.edge.disconnect import unless_client_leaves
 from manager.mcp import tools
 from manager.mcp.methods import LEGACY_VERSIONS, MODERN_VERSIONS, Call, Methods, SessionGone, as_rpc
 from manager.mcp.sessions import McpSession, McpSessions
@@ -313,20 +314,9 @@ def _progress_token(params: Any) -> Any:
 
 async def _until_disconnect(request: Request, work: Any) -> Any:
     """Await work unless the client goes first (2026-07-28: closing the request cancels it)."""
-    task = asyncio.ensure_future(work)
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
+    result, here = await unless_client_leaves(request, work)
+    if not here:
         log.info("mcp_call_cancelled reason=client_closed")
         raise RpcError(INVALID_REQUEST, "the client closed the request: cancelled", status=499)
-    return task.result()
+    return result
 

@@ -15,10 +15,10 @@ from starlette.routing import BaseRoute, Route
 
 from manager.edge.responses import json_response
 from manager.replica.runtime import Runtime
-from manager.session.resolve import node_cookie
+from manager.session.resolve import bound_to_key, node_cookie
 from nodeops import egress
 from shared.egress.policy import EgressPolicy, public
-from shared.errors import BadRequest, Forbidden, ManagerError, NodeNotFound
+from shared.errors import BadRequest, Forbidden
 
 MAX_BODY = 64 << 10
 
@@ -52,23 +52,11 @@ def answer(node_id: str, pol: EgressPolicy) -> Response:
     return json_response({"node_id": node_id, "egress": public(pol)})
 
 
-async def _bound(request: Request, rt: Runtime, node_id: str | None) -> None:
-    """A session made with another API key is an unknown one (as for the session routes)."""
-    keys = request.app.state.proxy.client_keys
-    if keys and node_id:
-        rec = await rt.store.get_node(node_id)
-        if rec is not None:
-            try:
-                keys.check_bound(rec.client, request.scope, node_id)
-            except ManagerError:
-                raise NodeNotFound(node_id) from None
-
-
 async def client_policy(request: Request) -> Response:
     """GET: the cookie's session's policy; PUT: replace it (validated first; 400 changes nothing)."""
     rt: Runtime = request.app.state.rt
     node_id = node_cookie(request.cookies)
-    await _bound(request, rt, node_id)
+    await bound_to_key(request, rt, node_id)
     if request.method == "GET":
         return answer(str(node_id), await egress.get(rt, node_id))
     may_set(request)

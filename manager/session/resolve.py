@@ -8,11 +8,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from starlette.requests import Request
+
 from manager.replica.runtime import Runtime
 from nodeops import addresses, sessions
 from nodeops.forward import TOKEN_HEADER, VIA_HEADER, owner_replicas
 from shared import metrics
-from shared.errors import ContainerGone, InvalidNode, NodeNotFound, NoLiveManager, RedisUnavailable
+from shared.errors import (
+    ContainerGone,
+    InvalidNode,
+    ManagerError,
+    NodeNotFound,
+    NoLiveManager,
+    RedisUnavailable,
+)
 from shared.models import NODE_SECRET_HEADER, NodeRecord, NodeStatus
 
 NODE_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -106,3 +115,15 @@ class Resolver:
         url = urlsplit(replicas[0].url)
         return Target(url.scheme or "http", url.hostname or "127.0.0.1", url.port or 80, True,
                       [(TOKEN_HEADER, rt.cfg.internal_token), (VIA_HEADER, rt.replica.replica_id)])
+
+
+async def bound_to_key(request: Request, rt: Runtime, node_id: str | None) -> None:
+    """With API keys, a session made with another key is answered as an unknown one (NodeNotFound)."""
+    keys = request.app.state.proxy.client_keys
+    if keys and node_id:
+        rec = await rt.store.get_node(node_id)
+        if rec is not None:
+            try:
+                keys.check_bound(rec.client, request.scope, node_id)
+            except ManagerError:
+                raise NodeNotFound(node_id) from None

@@ -13,7 +13,7 @@ from manager.edge.disconnect import unless_client_leaves
 from manager.edge.responses import json_response
 from manager.replica.runtime import Runtime
 from manager.session import egress as egress_routes
-from manager.session.resolve import node_cookie
+from manager.session.resolve import bound_to_key, node_cookie
 from nodeops import egress, images, pool, sessions, snapshots
 from shared import metrics
 from shared.egress import policy as egress_policy
@@ -153,25 +153,13 @@ async def client_left(rt: Runtime, made: NodeRecord | None) -> Response:
     return json_response({"detail": "the client closed the request: no session was kept"}, status=499)
 
 
-async def _bound(request: Request, rt: Runtime, node_id: str | None) -> None:
-    """With API keys, a session made with another key is answered as an unknown one."""
-    keys = request.app.state.proxy.client_keys
-    if keys and node_id:
-        rec = await rt.store.get_node(node_id)
-        if rec is not None:
-            try:
-                keys.check_bound(rec.client, request.scope, node_id)
-            except ManagerError:
-                raise NodeNotFound(node_id) from None
-
-
 def _session_route(op: str, verb: str, fn: Any) -> Any:
     async def handler(request: Request) -> Response:
         rt = rt_of(request)
         await _no_body(request)
         node_id = node_cookie(request.cookies)
         try:
-            await _bound(request, rt, node_id)
+            await bound_to_key(request, rt, node_id)
             await fn(rt, node_id)
         except NodeNotFound:
             # XAgent answers 200 with this string and its clients depend on it
