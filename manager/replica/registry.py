@@ -17,12 +17,15 @@ async def _beat(rt: Runtime, ttl: float, ask_engine: bool) -> None:
         if rt.stopping:
             return
         rt.replica.draining = rt.manager_id in await rt.store.draining()
-        if ask_engine and rt.replica.node_cap < 0:
-            try:
-                rt.replica.node_cap = await capacity.node_cap(rt)
-            except EngineUnavailable:  # said at a later beat
-                pass
         await rt.store.heartbeat(rt.replica, ttl)
+    # the engine is asked after the entry is written, its answer going out at the next beat: a
+    # loaded engine took longer than the entry's TTL to answer, the entry lapsed, and the checker
+    # took this live replica for dead and removed the node it was creating
+    if ask_engine and rt.replica.node_cap < 0:
+        try:
+            rt.replica.node_cap = await capacity.node_cap(rt)
+        except EngineUnavailable:  # said at a later beat
+            pass
 
 
 async def register(rt: Runtime) -> None:
