@@ -3,6 +3,7 @@ replicas as real processes, and cleanup of every container by the project's labe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -416,4 +417,19 @@ def wait_for(pred: Any, timeout: float = 20, interval: float = 0.1, what: str = 
         if last:
             return last
         time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def until(pred: Any, timeout: float = 20, interval: float = 0.1, what: str = "condition") -> Any:
+    """wait_for for a test on the event loop: pred is polled without blocking the loop; it may be
+    sync or return an awaitable."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

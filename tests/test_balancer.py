@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from testing.harness import HAProxy, ManagerProc
 from testing.hostile_node import hostile_config, spec_header, stats
-from tests.conftest import wait_for
+from tests.conftest import until, wait_for
 
 STREAMS = 8  # concurrent clients: some request is always in flight on each replica
 EACH = 5  # requests each client completes before the stop, and again once it is all over
@@ -36,13 +35,6 @@ async def _stream(url: str, cookie: str, stop: asyncio.Event, done: list[int], o
             done[0] += 1
 
 
-async def _until(pred, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def _traffic_while(url: str, cookie: str, act, over) -> Counter[str]:  # type: ignore[no-untyped-def]
     """STREAMS clients sending GETs: act() once each has done EACH, then on until over() says the
     fault is behind us (the replica gone and out of the balancer) and each has done EACH more."""
@@ -51,11 +43,12 @@ async def _traffic_while(url: str, cookie: str, act, over) -> Counter[str]:  # t
     done = [[0] for _ in range(STREAMS)]
     tasks = [asyncio.create_task(_stream(url, cookie, stop, d, out)) for d in done]
     try:
-        await _until(lambda: all(d[0] >= EACH for d in done), "traffic on every client")
+        await until(lambda: all(d[0] >= EACH for d in done), timeout=30, interval=0.02, what="traffic on every client")
         act()
-        await _until(over, "the stopped replica gone and out of the balancer")
+        await until(over, timeout=30, interval=0.02, what="the stopped replica gone and out of the balancer")
         after = [d[0] for d in done]
-        await _until(lambda: all(d[0] >= a + EACH for d, a in zip(done, after)), "traffic after the fault")
+        await until(lambda: all(d[0] >= a + EACH for d, a in zip(done, after)), timeout=30, interval=0.02,
+                    what="traffic after the fault")
     finally:
         stop.set()
         await asyncio.gather(*tasks)

@@ -23,7 +23,7 @@ from shared.store import Store
 from testing import redis_env
 from testing.harness import report
 from testing.redis_cluster import RedisCluster
-from tests.conftest import wait_for
+from tests.conftest import until, wait_for
 from tests.test_tiers import ADMIN, read, tiers, write
 
 
@@ -80,11 +80,10 @@ async def test_records_lease_fencing_and_intents_on_the_cluster(cstore: Store, c
     assert (await store.get_node(recs[0].id)).status == "exited"  # type: ignore[union-attr]
     assert [e.node_id for e in await store.read_events("0-0", block_ms=None)] == [recs[0].id]
 
-    async def lapsed() -> None:
-        while (await store.leases.view("m0")).holder is not None:
-            await asyncio.sleep(0.02)
+    async def lapsed() -> bool:
+        return (await store.leases.view("m0")).holder is None
 
-    await asyncio.wait_for(lapsed(), 5)
+    await until(lapsed, timeout=5, interval=0.02, what="lease A lapsed")
     assert await b.acquire() and b.token == 2
     # the checker's renewer thread has a blocking cluster client of its own: it renews B, never A
     assert store.leases.renewer is not None
@@ -310,13 +309,10 @@ async def test_store_calls_in_a_killed_primarys_slot_wait_out_the_failover() -> 
         await asyncio.sleep(0.3)
         killed = time.monotonic()
         c.kill(victim)
-        deadline = time.monotonic() + 30
-        while c.primary_of(store.keys.lease("mf")) == victim:
-            assert time.monotonic() < deadline, "no replica promoted"
-            await asyncio.sleep(0.1)
+        await until(lambda: c.primary_of(store.keys.lease("mf")) != victim, timeout=30, what="a replica promoted")
         promoted = time.monotonic()
-        while not [ok for t, ok in results if t > promoted + 1.0]:
-            await asyncio.sleep(0.1)
+        await until(lambda: [ok for t, ok in results if t > promoted + 1.0], timeout=30,
+                    what="calls a second after the promotion")
         await asyncio.sleep(1.0)
         stop.set()
         await task

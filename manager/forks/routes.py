@@ -3,7 +3,8 @@ internal ones."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -12,6 +13,7 @@ from starlette.routing import BaseRoute, Route
 
 from manager.admin import api as admin
 from manager.edge.responses import json_response
+from manager.replica.runtime import Runtime
 from manager.session import internal
 from manager.session.resolve import bound_to_key, node_cookie
 from manager.session.routes import rt_of
@@ -19,6 +21,8 @@ from nodeops import forks, snapshots
 from shared import metrics
 from shared.errors import BadRequest, ManagerError
 from shared.models import Snapshot
+
+T = TypeVar("T")
 
 MAX_BODY = 4096
 
@@ -60,19 +64,24 @@ def _view(snap: Snapshot) -> dict[str, Any]:
     return out
 
 
-async def fork_session(request: Request) -> Response:
-    """POST /fork_session: the cookie's session copied into count new ones of the same client."""
+async def _on_cookie_session(request: Request, op: str, act: Callable[[Runtime, str | None], Awaitable[T]]) -> T:
+    """act on the cookie's session (one of the caller's API key), counted in SESSION_OPS as op."""
     rt = rt_of(request)
-    count = await _count(request)
     node_id = node_cookie(request.cookies)
     try:
         await bound_to_key(request, rt, node_id)
-        result = await forks.fork(rt, node_id, count)
+        result = await act(rt, node_id)
     except ManagerError:
-        metrics.SESSION_OPS.labels("fork", "error").inc()
+        metrics.SESSION_OPS.labels(op, "error").inc()
         raise
-    metrics.SESSION_OPS.labels("fork", "ok").inc()
-    return json_response(result)
+    metrics.SESSION_OPS.labels(op, "ok").inc()
+    return result
+
+
+async def fork_session(request: Request) -> Response:
+    """POST /fork_session: the cookie's session copied into count new ones of the same client."""
+    count = await _count(request)
+    return json_response(await _on_cookie_session(request, "fork", lambda rt, nid: forks.fork(rt, nid, count)))
 
 
 async def admin_fork(request: Request) -> Response:
@@ -88,16 +97,8 @@ async def internal_fork(request: Request) -> Response:
 
 async def snapshot_session(request: Request) -> Response:
     """POST /snapshot_session: the cookie's session's workspace saved as the snapshot name."""
-    rt = rt_of(request)
     name = await _name(request)
-    node_id = node_cookie(request.cookies)
-    try:
-        await bound_to_key(request, rt, node_id)
-        snap = await snapshots.snapshot(rt, node_id, name)
-    except ManagerError:
-        metrics.SESSION_OPS.labels("snapshot", "error").inc()
-        raise
-    metrics.SESSION_OPS.labels("snapshot", "ok").inc()
+    snap = await _on_cookie_session(request, "snapshot", lambda rt, nid: snapshots.snapshot(rt, nid, name))
     return json_response(_view(snap))
 
 
