@@ -30,10 +30,20 @@ def report(line: str) -> None:
     FIGURES.append(line)
 
 
+_GIVEN: set[int] = set()  # ports free_port has handed out in this process
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port on 127.0.0.1 not handed out before in this process: once the probing socket is
+    closed the kernel may give the same port to the next probe, and a manager got its console_port
+    equal to its port (refused at start, seen once)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def bridge_gateway(client: Any, network: str) -> str:

@@ -20,14 +20,13 @@ import redis
 from redis.crc import key_slot
 
 from testing import redis_env
+from testing.harness import free_port
 
 
 def _free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+        port = free_port()  # never one already given to another node of the cluster
         if port + 10000 > 65535:
             continue
         with socket.socket() as s:
