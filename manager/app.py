@@ -97,7 +97,13 @@ def create_app(cfg: Config) -> ManagerApp:
             await begin_shutdown(app)
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # a task that does not end on its cancel would hold the stop forever: name it and go on
+            done, pending = await asyncio.wait(tasks, timeout=10)
+            for t in done:  # retrieved, as gather did: an error of theirs was logged where it happened
+                if not t.cancelled():
+                    t.exception()
+            if pending:
+                log.warning("shutdown_tasks_pending tasks=%s", ",".join(sorted(t.get_name() for t in pending)))
             with contextlib.suppress(Exception):
                 await rt.activity.flush()
             await mcp_route.close(app)

@@ -9,7 +9,6 @@ node addresses, so a restarted node's new port is used at once on every replica.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -81,6 +80,7 @@ class EventHub:
                 raise
             except Exception:
                 log.exception("event_reader_error")
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.sleep(1.0)
+                # a cancel here is the replica stopping: swallowed, the loop ran on and the
+                # shutdown's wait for its tasks never ended
+                await asyncio.sleep(1.0)
 
