@@ -252,17 +252,22 @@ def call(url: str, node_id: str, path: str = "/get_available_tools", timeout: fl
     return httpx.post(url + path, cookies={"node_id": node_id}, timeout=timeout, **kw)
 
 
-def answered(url: str, node_id: str) -> bool:
-    """Whether the session answers through the Service: a refused connect is retried for a while, since
-    kube-proxy may still be syncing the last pod's endpoint (seen once under load); the loop of calls
-    during the change is what counts failures, this asks only whether the session is still there."""
+def served(url: str, node_id: str, timeout: float = 30) -> httpx.Response:
+    """A call through the Service once it accepts a connection: a refused connect is retried for a
+    while, since kube-proxy may still be syncing a replaced pod's endpoint (seen under load after an
+    upgrade and a reinstall); what the call answers is the caller's to judge."""
     def attempt() -> httpx.Response | None:
         try:
-            return call(url, node_id)
+            return call(url, node_id, timeout=timeout)
         except httpx.ConnectError:
             return None
-    r = wait_for(attempt, timeout=30, interval=0.5, what=f"the Service at {url} accepting a connection")
-    return bool(r.status_code == 200)
+    return wait_for(attempt, timeout=30, interval=0.5, what=f"the Service at {url} accepting a connection")
+
+
+def answered(url: str, node_id: str) -> bool:
+    """Whether the session answers through the Service (the loop of calls during a change is what
+    counts failures; this asks only whether the session is still there)."""
+    return bool(served(url, node_id).status_code == 200)
 
 
 def session_on(live: Live, st: dict[str, Any], host: Host) -> str:
@@ -494,7 +499,7 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
                   "--wait", "--timeout", "3m")
         live.wait_pods_ready(DS, 2)
         port = live.node_port(DS, DS)
-        firsts = [call(f"http://{live.h1.addr}:{port}", nid, timeout=60) for nid in sorted(left_behind)]
+        firsts = [served(f"http://{live.h1.addr}:{port}", nid, timeout=60) for nid in sorted(left_behind)]
         assert [r.status_code for r in firsts] == [200] * len(firsts), [r.text[:100] for r in firsts]
         firsts = [f"{len(firsts)} x 200"]
         out(f"\nfirst call of each left session after the reinstall: {firsts}\n")
