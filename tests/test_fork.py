@@ -65,7 +65,11 @@ def test_fork_copies_exactly_and_isolated_while_the_source_answers(
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                out = shell(c, f"echo {n} > {WS}/during/{n} && echo written", timeout=60)
+                # written aside then renamed, as careful code does: a fork's instant may fall between
+                # a file's creation and its write (an empty file in the copy, which is no fault of
+                # the fork), never inside a rename
+                out = shell(c, f"echo {n} > {WS}/during/.{n} && mv {WS}/during/.{n} {WS}/during/{n} && echo written",
+                            timeout=60)
                 if "written" not in out:
                     errors.append(out)
             except AssertionError as exc:
