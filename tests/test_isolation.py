@@ -633,20 +633,26 @@ def test_a_node_refusing_its_probe_fails_creation_naming_why(start_manager, dock
 
 async def test_replicas_racing_to_make_the_node_network_agree_on_one(manager_id: str, prefix: str,
                                                                      docker_client: docker.DockerClient) -> None:
-    # the workers of one manager start together; each must end up with the same, single network
+    # the workers of one manager start together; each must end up with the same, single network. A
+    # loser of the race may be refused before the winner's network is listed (1 round in 20 failed
+    # so, and stopped a two-worker manager in CI): rounds of fresh owners give that window its chances
     from shared.config import load_config
     from shared.engines.docker import DockerBackend
 
-    cfg = load_config(None, environ={}, overrides={"manager_id": manager_id, "redis": {"key_prefix": prefix}})
-    backends = [DockerBackend(cfg) for _ in range(4)]
-    try:
-        names = await asyncio.gather(*(b.ensure_network(manager_id) for b in backends))
-    finally:
-        for b in backends:
-            await b.close()
-    assert len(set(names)) == 1
-    nets = docker_client.networks.list(filters={"label": f"toolserver-manager.manager_id={manager_id}"})
-    assert [n.name for n in nets] == names[:1]
+    for round_ in range(12):
+        owner = f"{manager_id}-r{round_}"
+        cfg = load_config(None, environ={}, overrides={"manager_id": owner, "redis": {"key_prefix": prefix}})
+        backends = [DockerBackend(cfg) for _ in range(4)]
+        try:
+            names = await asyncio.gather(*(b.ensure_network(owner) for b in backends))
+            nets = docker_client.networks.list(filters={"label": f"toolserver-manager.manager_id={owner}"})
+            assert len(set(names)) == 1
+            assert [n.name for n in nets] == names[:1], round_
+        finally:
+            for b in backends:
+                await b.close()
+            for n in docker_client.networks.list(filters={"label": f"toolserver-manager.manager_id={owner}"}):
+                n.remove()
 
 
 async def test_a_volume_the_engine_makes_for_a_node_carries_its_manager_id(manager_id: str, prefix: str,

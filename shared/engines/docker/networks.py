@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 
 import docker.errors
 
@@ -16,6 +17,9 @@ from shared.engines.docker.labels import LABEL_EGRESS, LABEL_MANAGER, LABEL_PROJ
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# how long a creator that lost the race waits for the winner's network to be listed
+RACE_WAIT_SECONDS = 10.0
 
 
 class NodeNetworks:
@@ -64,10 +68,14 @@ class NodeNetworks:
                     options={"com.docker.network.bridge.enable_icc": "false",
                              "com.docker.network.bridge.name": self.bridge(owner)})
             except docker.errors.APIError:
-                # another replica or worker made it meanwhile: the engine answers 409 for the name,
-                # or 403 "networks have same bridge name" when both passed the duplicate check
-                if not exists():
-                    raise
+                # another replica or worker is making it: the engine answers 409 for the name, or 403
+                # "networks have same bridge name" when both passed the duplicate check, and then the
+                # other's network may not be listed yet (1 round in 20 of 4 racing creators): wait for it
+                deadline = time.monotonic() + RACE_WAIT_SECONDS
+                while not exists():
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
         await self.engine.call(ensure)
         self._made[owner] = name
