@@ -181,3 +181,21 @@ def _serve(spec: dict[str, object]) -> None:
 
 if __name__ == "__main__":
     _serve(json.loads(sys.argv[1]))
+
+
+@contextlib.contextmanager
+def routed_to(net: Internet, bridge: str) -> Iterator[None]:
+    """Let hosts behind a bridge of this machine (testing/hosts.py) reach the internet through the
+    root namespace, both ways (dockerd's FORWARD policy drops what no rule accepts); the two rules
+    go when the block ends."""
+    rules = [["FORWARD", "-i", bridge, "-o", net.veth, "-j", "ACCEPT"],
+             ["FORWARD", "-i", net.veth, "-o", bridge, "-j", "ACCEPT"]]
+    added = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-w", "5", "-I", *rule], check=True, capture_output=True)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-w", "5", "-D", *rule], capture_output=True)

@@ -65,6 +65,15 @@ def wait_http(url, limit):
         time.sleep(0.01)
     return {"error": "never reached"}
 
+def wait_refused(host, port, limit):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        out = connect(host, port)
+        if out["what"] == "ECONNREFUSED":
+            return {"at": time.time(), **out}
+        time.sleep(0.01)
+    return {"error": "still not refused"}
+
 def tls(addr, port, sni, host):
     import ssl
     ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
