@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -65,10 +66,19 @@ def log_in(page: Page, base: str, token: str = ADMIN_TOKEN) -> None:
     page.click("#login-form button[type=submit]")
 
 
+def console_ready(page: Page) -> None:
+    """Wait for the console's logged-in view; on a timeout, say what the page showed instead."""
+    try:
+        page.wait_for_selector("#nav:not([hidden])", timeout=60_000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"the console is not logged in: flash={page.text_content('#flash')!r} "
+                             f"login-error={page.text_content('#login-error')!r}") from None
+
+
 def logged_in(context: BrowserContext, base: str) -> Page:
     page = context.new_page()
     log_in(page, base)
-    page.wait_for_selector("#nav:not([hidden])")
+    console_ready(page)
     return page
 
 
@@ -93,6 +103,26 @@ def node_prints(c: httpx.Client, text: str) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_a_replica_that_does_not_answer_is_retried_not_taken_for_a_logout(manager: ManagerProc,
+                                                                            context: BrowserContext) -> None:
+    # a busy or restarting replica (or a balancer between two) fails a page load's whoami: only the
+    # manager's 401 may ask for the token again
+    page = logged_in(context, manager.console_url)
+    failed: list[str] = []
+
+    def busy(route: Route) -> None:
+        if len(failed) < 2:
+            failed.append(route.request.url)
+            route.fulfill(status=503, content_type="application/json", body='{"detail": "busy"}')
+        else:
+            route.continue_()
+
+    page.route("**/ui/whoami", busy)
+    page.reload()
+    console_ready(page)
+    assert len(failed) == 2 and page.is_hidden("#login")
+
+
 def test_wrong_token_refused_right_one_logs_in_without_leaking_it(manager: ManagerProc, context: BrowserContext) -> None:
     urls: list[str] = []
     page = context.new_page()
@@ -106,7 +136,7 @@ def test_wrong_token_refused_right_one_logs_in_without_leaking_it(manager: Manag
     assert httpx.get(manager.console_url + "/ui/api/nodes").status_code == 401
 
     log_in(page, manager.console_url)
-    page.wait_for_selector("#nav:not([hidden])")
+    console_ready(page)
     page.wait_for_selector("#live:has-text('live')")
     cookie, = [c for c in context.cookies() if c["name"] == "tsm_console"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
@@ -433,7 +463,7 @@ def test_a_nodes_page_runs_no_script_and_sets_no_cookie_of_the_managers(start_ma
         assert jar["tsm_console"] == login and jar["node_id"] == attacker.cookies["node_id"], jar
         assert "tsm_api_key" not in jar
         page.goto(m.console_url + "/ui/")
-        page.wait_for_selector("#nav:not([hidden])")  # still logged in
+        console_ready(page)  # still logged in
     finally:
         ctx.close()
     assert not _Collector.got.is_set()

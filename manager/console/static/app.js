@@ -106,4 +106,19 @@ $('login-form').addEventListener('submit', async e => {
 });
 $('logout').addEventListener('click', async () => { await logout().catch(() => {}); showLogin(); });
 
-whoami().then(start, () => showLogin());
+/** Who is logged in, asked until the replica answers: only its word (401) asks for the token again. */
+async function boot(delay = 250) {
+  let me;
+  try {
+    me = await whoami();
+  } catch (err) {
+    if (err.status === 401 || err.status === 403) { showLogin(); return; }
+    // busy, restarting or behind a balancer between replicas: a login form would not help
+    flash(`The manager did not answer (${err.detail ?? err.message}): retrying.`);
+    setTimeout(() => boot(Math.min(delay * 2, 5000)), delay);
+    return;
+  }
+  await start(me);
+}
+
+boot();
