@@ -33,7 +33,7 @@ def _json(schema: dict[str, Any], desc: str) -> dict[str, Any]:
 
 def _err(*codes: int) -> dict[str, Any]:
     text = {400: "bad request", 401: "missing token", 403: "invalid token or node_id", 404: "not found",
-            413: "body too large", 429: "quota exceeded", 431: "headers too large", 502: "the node answered badly",
+            409: "conflict", 413: "body too large", 429: "quota exceeded", 431: "headers too large", 502: "the node answered badly",
             503: "unavailable", 504: "the node did not answer in time"}
     return {str(c): _json(_DETAIL, text[c]) for c in codes}
 
@@ -174,9 +174,11 @@ def build_spec(cfg: Config) -> dict[str, Any]:
                                                     "schema": _STR}])},
         "/admin/snapshots": {"get": _op("Every snapshot", {"200": _json({"type": "object"}, "snapshots"),
                                                            **_err(401, 403, 404)})},
-        "/admin/snapshots/{name}": {"delete": _op("Delete a snapshot", {
-            "200": _json({"type": "object"}, "deleted"), **_err(400, 401, 403, 404, 503)},
-            parameters=[{"name": "name", "in": "path", "required": True, "schema": _STR}])},
+        "/admin/snapshots/{name}": {"delete": _op(
+            "Delete a snapshot (names are per client: ?client= says whose; 409 when several keep the name)", {
+                "200": _json({"type": "object"}, "deleted"), **_err(400, 401, 403, 404, 409, 503)},
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": _STR},
+                        {"name": "client", "in": "query", "required": False, "schema": _STR}])},
         "/admin/nodes/{node_id}/{action}": {"post": _op(
             "Act on one session: stop, restart, release, pause (freeze a running node) or resume (from any tier)",
             {"200": _json({"type": "object"}, "done"), **_err(401, 403, 404, 503)},

@@ -2,7 +2,8 @@
 
 The bytes are a seed on the host of the session's manager_id (copied as a fork copies, the source
 held still only for the copy); the metadata is in Redis, within fork.snapshot_bytes per host and
-fork.snapshots_per_client. A session from a snapshot is made on the snapshot's host when placement
+fork.snapshots_per_client. Names are per client: two clients may each keep "base", and one never
+sees, starts from or deletes the other's (an admin sees every client's). A session from a snapshot is made on the snapshot's host when placement
 allows, else on another, its bytes streamed there through a replica of the snapshot's host.
 """
 
@@ -13,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from urllib.parse import quote
 
 import msgspec
 
@@ -30,6 +32,12 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class SnapshotExists(BadRequest):
+    status_code = 409
+
+
+class SnapshotAmbiguous(BadRequest):
+    """An admin named a snapshot that several clients keep, without saying whose."""
+
     status_code = 409
 
 
@@ -61,7 +69,7 @@ async def snapshot(ops: NodeOps, node_id: str | None, name: str) -> Snapshot:
 def _refused(why: str, ops: NodeOps, name: str, client: str) -> ManagerError:
     f = ops.cfg.fork
     if why == "exists":
-        return SnapshotExists(f"a snapshot named {name} exists (snapshots are immutable: delete it first)")
+        return SnapshotExists(f"a snapshot named {name} exists for this client (snapshots are immutable: delete it first)")
     if why == "client":
         return QuotaExceeded(f"quota exceeded: client {client} already keeps {f.snapshots_per_client} snapshots")
     return QuotaExceeded(f"quota exceeded: snapshots on {ops.manager_id} would take over {f.snapshot_bytes} bytes "
@@ -75,7 +83,7 @@ async def snapshot_local(ops: NodeOps, node_id: str, name: str) -> Snapshot:
     f = ops.cfg.fork
     rec = await owned(ops, node_id)
     await in_use(ops, rec)
-    if await ops.store.snapshots.get(name) is not None:
+    if await ops.store.snapshots.get(rec.client, name) is not None:
         raise _refused("exists", ops, name, rec.client)
     used, kept = await ops.store.snapshots.usage(ops.manager_id, rec.client)
     if f.snapshots_per_client and kept >= f.snapshots_per_client:
@@ -105,11 +113,21 @@ async def snapshot_local(ops: NodeOps, node_id: str, name: str) -> Snapshot:
 
 
 async def find(ops: NodeOps, name: str, client: str | None) -> Snapshot:
-    """The snapshot name, as client sees it (None: an admin, who sees all); NotFound otherwise."""
-    snap = await ops.store.snapshots.get(check_name(name))
-    if snap is None or (client is not None and snap.client != client):
+    """client's snapshot name (None: an admin, who sees every client's: the one of that name, or
+    SnapshotAmbiguous when several clients keep one); NotFound otherwise."""
+    check_name(name)
+    if client is not None:
+        snap = await ops.store.snapshots.get(client, name)
+        if snap is None:
+            raise NotFound(f"no snapshot named {name}")
+        return snap
+    named = [s for s in await ops.store.snapshots.all() if s.name == name]
+    if not named:
         raise NotFound(f"no snapshot named {name}")
-    return snap
+    if len(named) > 1:
+        raise SnapshotAmbiguous(f"{len(named)} clients keep a snapshot named {name}: name one with ?client=<client> "
+                                f"(its client field in GET /admin/snapshots)")
+    return named[0]
 
 
 async def listing(ops: NodeOps, client: str | None) -> list[Snapshot]:
@@ -117,21 +135,27 @@ async def listing(ops: NodeOps, client: str | None) -> list[Snapshot]:
     return [s for s in await ops.store.snapshots.all() if client is None or s.client == client]
 
 
-async def delete(ops: NodeOps, name: str, client: str | None) -> None:
-    """Delete a snapshot: its bytes on its host, then its record (sessions made from it keep theirs)."""
+def owner_query(snap: Snapshot) -> str:
+    """The query naming a snapshot's client on the owner's internal routes."""
+    return f"?client={quote(snap.client, safe='')}"
+
+
+async def delete(ops: NodeOps, name: str, client: str | None) -> Snapshot:
+    """Delete a snapshot: its bytes on its host, then its record (sessions made from it keep theirs); which."""
     snap = await find(ops, name, client)
     if snap.manager_id != ops.manager_id:
-        await forward(ops, snap.manager_id, "DELETE", f"/internal/snapshots/{name}")
-        return
-    await delete_local(ops, name)
+        await forward(ops, snap.manager_id, "DELETE", f"/internal/snapshots/{name}{owner_query(snap)}")
+        return snap
+    await delete_local(ops, name, snap.client)
+    return snap
 
 
-async def delete_local(ops: NodeOps, name: str) -> None:
-    snap = await ops.store.snapshots.get(name)
+async def delete_local(ops: NodeOps, name: str, client: str) -> None:
+    snap = await ops.store.snapshots.get(client, check_name(name))
     if snap is None:
         raise NotFound(f"no snapshot named {name}")
     await ops.backend.drop_seed(snap.seed)
-    await ops.store.snapshots.delete(name)
+    await ops.store.snapshots.delete(client, name)
 
 
 async def fetch(ops: NodeOps, snap: Snapshot) -> str:
@@ -143,7 +167,7 @@ async def fetch(ops: NodeOps, snap: Snapshot) -> str:
     seed = f"{forks.seed_prefix(ops, 'fork')}{uuid.uuid4().hex}"
     t0 = time.monotonic()
     try:
-        chunks = await remote_stream(ops, replicas[0], f"/internal/snapshots/{snap.name}/bytes")
+        chunks = await remote_stream(ops, replicas[0], f"/internal/snapshots/{snap.name}/bytes{owner_query(snap)}")
         await ops.backend.import_seed(seed, chunks)
     except BaseException:
         await asyncio.shield(ops.backend.drop_seed(seed))

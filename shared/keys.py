@@ -153,12 +153,18 @@ class Keys:
         """String: the MCP tool list last read from a node of this image (JSON)."""
         return f"{self.prefix}:mcp:tools:{image}"
 
-    def snapshot(self, name: str) -> str:
-        """Hash: one snapshot's metadata (its bytes are on its manager_id's host)."""
-        return f"{self._t('snaps')}:snap:{name}"
+    @staticmethod
+    def snapshot_member(client: str, name: str) -> str:
+        """A snapshot's name in its client's scope: names are per client (two clients may each
+        keep "base"); the client identity is hashed, as it may hold any character."""
+        return f"{hashlib.sha256(client.encode()).hexdigest()[:24]}:{name}"
+
+    def snapshot(self, member: str) -> str:
+        """Hash: one snapshot's metadata, by its snapshot_member (its bytes are on its manager_id's host)."""
+        return f"{self._t('snaps')}:snap:{member}"
 
     def snapshots(self) -> str:
-        """Set: every snapshot's name."""
+        """Set: every snapshot's snapshot_member."""
         return f"{self._t('snaps')}:snaps"
 
     def snapshot_bytes(self) -> str:

@@ -154,3 +154,54 @@ def test_bytes_no_snapshot_names_are_collected(start_manager, prefix: str) -> No
     new = httpx.Client(base_url=m.url, timeout=120)
     assert new.post("/get_cookie", json={"snapshot": "kept"}).status_code == 200
     assert shell(new, f"cat {WS}/k.txt") == "kept"
+
+
+def test_snapshot_names_are_each_clients_own(start_manager, docker_client: docker.DockerClient,
+                                             prefix: str, manager_id: str) -> None:
+    """Two clients may each keep "base"; one never sees, starts from or deletes the other's; an
+    admin sees both and names whose to delete."""
+    m = start_manager(quota={"client_header": "X-Client"})
+
+    def session(who: str) -> httpx.Client:
+        return httpx.Client(base_url=m.url, timeout=120, headers={"X-Client": who})
+
+    a, b, c = session("alice"), session("bob"), session("carol")
+    for who, s in (("alice", a), ("bob", b)):
+        assert s.post("/get_cookie").status_code == 200
+        shell(s, f"echo {who} > {WS}/owner.txt")
+        r = s.post("/snapshot_session", json={"name": "base"})
+        assert r.status_code == 200, r.text  # the same name, another client: not taken
+    assert a.post("/snapshot_session", json={"name": "base"}).status_code == 409  # one's own is
+    assert [s["name"] for s in a.get("/snapshots").json()["snapshots"]] == ["base"]
+    assert [s["name"] for s in b.get("/snapshots").json()["snapshots"]] == ["base"]
+    assert c.get("/snapshots").json()["snapshots"] == []
+
+    # each starts from its own "base"; a client with none reaches neither, and nothing is made
+    for who in ("alice", "bob"):
+        new = session(who)
+        assert new.post("/get_cookie", json={"snapshot": "base"}).status_code == 200
+        assert shell(new, f"cat {WS}/owner.txt") == who
+    n = len(project_containers(docker_client, manager_id))
+    assert c.post("/get_cookie", json={"snapshot": "base"}).status_code == 404
+    assert c.request("DELETE", "/snapshots/base").status_code == 404
+    assert len(project_containers(docker_client, manager_id)) == n
+
+    # an admin sees both, and says whose when deleting a name two clients keep
+    admin = httpx.Client(base_url=m.url, timeout=120, headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    listed = admin.get("/admin/snapshots").json()["snapshots"]
+    assert sorted(s["name"] for s in listed) == ["base", "base"] and len({s["client"] for s in listed}) == 2
+    r = admin.request("DELETE", "/admin/snapshots/base")
+    assert r.status_code == 409 and "?client=" in r.json()["detail"], r.text
+    assert len(admin.get("/admin/snapshots").json()["snapshots"]) == 2
+    alices = next(s["client"] for s in listed if s["source"] == a.cookies["node_id"])
+    r = admin.request("DELETE", "/admin/snapshots/base", params={"client": alices})
+    assert r.status_code == 200 and r.json()["client"] == alices, r.text
+    assert a.get("/snapshots").json()["snapshots"] == []
+
+    # alice's deleted, bob's is whole; alice's "base" is free again, bob deletes only his own
+    new = session("bob")
+    assert new.post("/get_cookie", json={"snapshot": "base"}).status_code == 200
+    assert shell(new, f"cat {WS}/owner.txt") == "bob"
+    assert session("alice").post("/get_cookie", json={"snapshot": "base"}).status_code == 404
+    assert b.request("DELETE", "/snapshots/base").status_code == 200
+    assert admin.get("/admin/snapshots").json()["snapshots"] == []

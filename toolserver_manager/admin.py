@@ -71,9 +71,11 @@ class AsyncAdmin(AsyncBase):
         resp = await self._get("/admin/snapshots")
         return msgspec.convert(resp.json()["snapshots"], list[SnapshotInfo], strict=False)
 
-    async def delete_snapshot(self, name: str) -> None:
-        """Delete a snapshot (sessions made from it keep their files)."""
-        await self._send("DELETE", f"/admin/snapshots/{name}", op="admin", retry=False)
+    async def delete_snapshot(self, name: str, client: str | None = None) -> None:
+        """Delete a snapshot (sessions made from it keep their files); names are per client, so
+        client (a SnapshotInfo's) says whose when several clients keep one of that name."""
+        await self._send("DELETE", f"/admin/snapshots/{name}", op="admin", retry=False,
+                         params={"client": client} if client else None)
 
     async def replicas(self) -> list[Replica]:
         """The live manager replicas."""

@@ -257,7 +257,7 @@ async def cmd_snapshots(a: AsyncAdmin, ns: argparse.Namespace) -> int:
 
 
 async def cmd_delete_snapshot(a: AsyncAdmin, ns: argparse.Namespace) -> int:
-    await a.delete_snapshot(ns.name)
+    await a.delete_snapshot(ns.name, ns.client)
     if ns.json:
         emit_json({"deleted": ns.name})
     else:
@@ -334,6 +334,7 @@ def parser() -> argparse.ArgumentParser:
     add("snapshots", "list every snapshot")
     ds = add("delete-snapshot", "delete a snapshot (sessions made from it keep their files)")
     ds.add_argument("name")
+    ds.add_argument("--client", help="whose (names are per client; needed when several keep this name)")
     e = add("events", "stream node lifecycle events until Ctrl-C")
     e.add_argument("--manager-id", help="only this manager_id's events")
     e.add_argument("--last-event-id", help="first replay the events after this id ('0' for all stored)")

@@ -273,8 +273,8 @@ class Admin(SyncBase):
     def snapshots(self) -> list[SnapshotInfo]:
         return self._run(self._a.snapshots())
 
-    def delete_snapshot(self, name: str) -> None:
-        self._run(self._a.delete_snapshot(name))
+    def delete_snapshot(self, name: str, client: str | None = None) -> None:
+        self._run(self._a.delete_snapshot(name, client))
 
     def replicas(self) -> list[Replica]:
         return self._run(self._a.replicas())

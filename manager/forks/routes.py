@@ -109,10 +109,16 @@ async def list_snapshots(request: Request) -> Response:
 
 
 async def delete_snapshot(request: Request) -> Response:
+    """DELETE /snapshots/<name>: the calling client's snapshot of that name (never another's)."""
     rt = rt_of(request)
     name = request.path_params["name"]
     await snapshots.delete(rt, name, _client(request))
     return json_response({"deleted": name})
+
+
+def _whose(request: Request) -> str | None:
+    """The client an admin named with ?client= (None: any, when one client keeps the name)."""
+    return request.query_params.get("client") or None
 
 
 async def admin_snapshot(request: Request) -> Response:
@@ -128,8 +134,8 @@ async def admin_list_snapshots(request: Request) -> Response:
 async def admin_delete_snapshot(request: Request) -> Response:
     rt = admin._admin(request)
     name = request.path_params["name"]
-    await snapshots.delete(rt, name, None)
-    return json_response({"deleted": name})
+    snap = await snapshots.delete(rt, name, _whose(request))
+    return json_response({"deleted": name, "client": snap.client})
 
 
 async def internal_snapshot(request: Request) -> Response:
@@ -140,14 +146,14 @@ async def internal_snapshot(request: Request) -> Response:
 
 async def internal_delete_snapshot(request: Request) -> Response:
     rt = internal._internal(request)
-    await snapshots.delete_local(rt, request.path_params["name"])
+    await snapshots.delete_local(rt, request.path_params["name"], request.query_params.get("client", ""))
     return json_response({"deleted": request.path_params["name"]})
 
 
 async def internal_snapshot_bytes(request: Request) -> Response:
     """A snapshot kept here, streamed to a replica of another host that starts a session from it."""
     rt = internal._internal(request)
-    snap = await snapshots.find(rt, request.path_params["name"], None)
+    snap = await snapshots.find(rt, request.path_params["name"], request.query_params.get("client", ""))
     if snap.manager_id != rt.manager_id:
         raise BadRequest(f"snapshot {snap.name} is kept by {snap.manager_id}, not {rt.manager_id}")
     return StreamingResponse(await rt.backend.export_seed(snap.seed), media_type="application/x-tar")

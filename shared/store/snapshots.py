@@ -1,5 +1,8 @@
 """Snapshot metadata in Redis: one hash each, the set of names, bytes per host and count per client.
 
+A snapshot's name is its client's: the records are keyed by (client, name) (Keys.snapshot_member),
+so two clients may each keep "base" and one never reaches the other's by name.
+
 A part of the store (``store.snapshots``); kept atomic by scripts, so parallel snapshots never
 overshoot fork.snapshot_bytes or fork.snapshots_per_client.
 """
@@ -12,7 +15,7 @@ from shared.models import Snapshot
 from shared.store.base import Part, Script, redis_errors, text
 
 # KEYS[1] snapshot hash, KEYS[2] names set, KEYS[3] bytes per manager hash, KEYS[4] count per client hash
-# ARGV[1] name, ARGV[2] manager_id, ARGV[3] client, ARGV[4] bytes, ARGV[5] per-client limit (0 none),
+# ARGV[1] member (the name in its client's scope), ARGV[2] manager_id, ARGV[3] client, ARGV[4] bytes, ARGV[5] per-client limit (0 none),
 # ARGV[6] bytes limit (0 none), ARGV[7..] the hash's field/value pairs
 PUT = """
 if redis.call('exists', KEYS[1]) == 1 then return 'exists' end
@@ -29,7 +32,7 @@ redis.call('hincrby', KEYS[4], ARGV[3], 1)
 return 'ok'
 """
 
-# KEYS as PUT's; ARGV[1] name. Removes the hash and gives back what it counted.
+# KEYS as PUT's; ARGV[1] member. Removes the hash and gives back what it counted.
 DELETE = """
 local h = redis.call('hmget', KEYS[1], 'manager_id', 'client', 'bytes')
 if not h[1] then return 0 end
@@ -47,16 +50,18 @@ class SnapshotStore(Part):
     _put = Script(PUT)
     _delete = Script(DELETE)
 
-    def _keys(self, name: str) -> list[str]:
+    def _keys(self, member: str) -> list[str]:
         k = self.keys
-        return [k.snapshot(name), k.snapshots(), k.snapshot_bytes(), k.snapshot_count()]
+        return [k.snapshot(member), k.snapshots(), k.snapshot_bytes(), k.snapshot_count()]
 
     async def put(self, snap: Snapshot, per_client: int, host_bytes: int) -> str:
-        """Record a snapshot within the limits: 'ok', or what refused it ('exists', 'client', 'bytes')."""
+        """Record a snapshot within the limits: 'ok', or what refused it ('exists': its client keeps
+        one of that name, 'client', 'bytes')."""
+        member = self.keys.snapshot_member(snap.client, snap.name)
         fields = [x for k, v in msgspec.structs.asdict(snap).items() for x in (k, str(v))]
         with redis_errors():
-            return text(await self._put(keys=self._keys(snap.name),
-                                      args=[snap.name, snap.manager_id, snap.client, snap.bytes, per_client,
+            return text(await self._put(keys=self._keys(member),
+                                      args=[member, snap.manager_id, snap.client, snap.bytes, per_client,
                                             host_bytes, *fields]))
 
     async def usage(self, manager_id: str, client: str) -> tuple[int, int]:
@@ -66,21 +71,26 @@ class SnapshotStore(Part):
             n = await self.redis.hget(self.keys.snapshot_count(), client)
         return int(b or 0), int(n or 0)
 
-    async def get(self, name: str) -> Snapshot | None:
+    async def get(self, client: str, name: str) -> Snapshot | None:
+        """client's snapshot name (another client's of the same name is not it)."""
+        return await self._get(self.keys.snapshot_member(client, name))
+
+    async def _get(self, member: str) -> Snapshot | None:
         with redis_errors():
-            data = await self.redis.hgetall(self.keys.snapshot(name))
+            data = await self.redis.hgetall(self.keys.snapshot(member))
         if not data:
             return None
         return msgspec.convert({text(k): text(v) for k, v in data.items()}, Snapshot, strict=False)
 
     async def all(self) -> list[Snapshot]:
-        """Every snapshot, oldest first."""
+        """Every client's snapshots, oldest first."""
         with redis_errors():
-            names = sorted(text(n) for n in await self.redis.smembers(self.keys.snapshots()))
-        out = [s for s in [await self.get(n) for n in names] if s is not None]
+            members = sorted(text(n) for n in await self.redis.smembers(self.keys.snapshots()))
+        out = [s for s in [await self._get(m) for m in members] if s is not None]
         return sorted(out, key=lambda s: s.created_at)
 
-    async def delete(self, name: str) -> bool:
-        """Forget a snapshot (its bytes are the backend's to drop); False when there was none."""
+    async def delete(self, client: str, name: str) -> bool:
+        """Forget client's snapshot name (its bytes are the backend's to drop); False when there was none."""
+        member = self.keys.snapshot_member(client, name)
         with redis_errors():
-            return bool(await self._delete(keys=self._keys(name), args=[name]))
+            return bool(await self._delete(keys=self._keys(member), args=[member]))

@@ -114,7 +114,7 @@ async def _every_call(store: Store, rec: Recorder) -> None:
     await store.mcp.stream_add("h1", "s1", "data", "m", 10)
     snap = Snapshot(name="s", manager_id="mgr-a", seed="x", source=b, client="c1", bytes=10, created_at=1.0)
     await store.snapshots.put(snap, 3, 1000)
-    await store.snapshots.delete("s")
+    await store.snapshots.delete("c1", "s")
 
 
 def test_every_script_and_multi_names_one_slot_on_a_cluster() -> None:

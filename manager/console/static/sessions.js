@@ -55,7 +55,8 @@ async function loadSnapshots(box, flash) {
       s.name, s.manager_id, bytes(s.bytes), h('td', {}, h('a', { class: 'node', href: `#/session/${encodeURIComponent(s.source)}` },
         s.source.slice(0, 12))), s.client || '', age(now - s.created_at),
       h('td', {}, confirmButton('delete', `delete-snapshot:${s.name}`, async () => {
-        try { await api(`snapshots/${encodeURIComponent(s.name)}`, { method: 'DELETE' }); }
+        // names are per client: the client says whose (two clients may each keep one of this name)
+        try { await api(`snapshots/${encodeURIComponent(s.name)}?client=${encodeURIComponent(s.client)}`, { method: 'DELETE' }); }
         catch (e) { flash(`delete ${s.name}: ${e.detail ?? e.message}`); }
         reload();
       })),
