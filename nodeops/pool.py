@@ -6,7 +6,9 @@ claim counts one arrival. Refills wait behind client creations in the creation q
 (nodeops/admission.py), so filling the pool never delays a client's own creation. A claim
 pops one in a Lua script so two replicas can never hand out the same node. A claimed
 node stays marked ``claiming`` until the answer is on its way; the checker releases
-nodes left in that state by a replica that died in between.
+nodes left in that state by a replica that died in between. A new pooled node is sent
+``pool.warm_up_path`` once before it is offered: a client's first call then finds a node that
+has already done its own first-call work.
 """
 
 from __future__ import annotations
@@ -16,43 +18,48 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from nodeops import capacity, lifecycle, primitives
+import httpx
+
+from nodeops import addresses, capacity, lifecycle, primitives
 from nodeops.context import NodeOps
 from shared import metrics
-from shared.models import EventKind, NodeRecord, Role
+from shared.errors import ManagerError
+from shared.models import NODE_SECRET_HEADER, EventKind, NodeRecord, Role
 
 log = logging.getLogger(__name__)
+WARM_UP_TIMEOUT = 10.0  # seconds; a node slower than this to answer is pooled anyway
 
 
 async def claim(ops: NodeOps, client: str = "") -> NodeRecord | None:
-    """A ready pooled node for this client, or None when the pool is off or empty."""
+    """A ready pooled node for this client, or None when the pool is off or empty.
+
+    One Redis call past the pool's head (shared/store/pool.py): the arrival (a hit or a miss, it
+    is demand), the claim, the session's idle time and its record; delivered() finishes it."""
     if not ops.cfg.pool.enabled:
         return None
-    store = ops.store
-    await store.count_arrival(ops.manager_id)  # a hit or a miss, it is demand
     t0 = time.monotonic()
     # the client's quota holds for pooled nodes too (over it: None, and the reservation says why)
     limit = capacity.client_cap(ops.cfg.quota.per_client, await capacity.node_cap(ops)) if client else 0
-    node_id = await store.claim_pooled(ops.manager_id, client, ops.replica.replica_id, limit)
-    if not node_id:
+    rec = await ops.store.claim_pooled_record(ops.manager_id, client, ops.replica.replica_id, limit)
+    if rec is None:
         metrics.POOL_CLAIMS.labels("miss").inc()
         return None
-    rec = await store.get_node(node_id)
-    if rec is None:  # released between pop and read
-        metrics.POOL_CLAIMS.labels("miss").inc()
-        return None
-    await store.touch({node_id: (rec.manager_id, time.time())})
+    took = time.monotonic() - t0
     metrics.POOL_CLAIMS.labels("hit").inc()
-    metrics.NODE_CREATE_SECONDS.labels("pool").observe(time.monotonic() - t0)
-    await ops.publish(EventKind.READY, rec, "claimed from pool")
+    metrics.NODE_CREATE_SECONDS.labels("pool").observe(took)
+    log.info("pool_claimed node_id=%s manager_id=%s claim_ms=%.1f", rec.id[:12], ops.manager_id, took * 1000)
     return rec
 
 
 async def delivered(ops: NodeOps, rec: NodeRecord) -> None:
-    """The client has its cookie: the node is an ordinary session from now on."""
+    """The client has its cookie: the node is an ordinary session from now on (and announced as
+    ready, both in one round trip's time)."""
     if rec.role == Role.CLAIMING:
-        await ops.store.update_node(rec.id, role=Role.NODE)
+        t0 = time.monotonic()
+        await asyncio.gather(ops.store.update_node(rec.id, role=Role.NODE),
+                             ops.publish(EventKind.READY, rec, "claimed from pool"))
         rec.role = Role.NODE
+        log.info("pool_delivered node_id=%s deliver_ms=%.1f", rec.id[:12], (time.monotonic() - t0) * 1000)
 
 
 async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
@@ -74,6 +81,7 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
                 rec = await lifecycle.create_node(ops, role=Role.POOLED)
             finally:
                 gauge.dec()
+            await warm_up(ops, rec)
             if not await offer(rec):
                 await primitives.discard(ops, rec)
 
@@ -81,3 +89,25 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
     for r in results:
         if isinstance(r, BaseException):
             log.warning("pool_fill_failed manager_id=%s error=%r", ops.manager_id, r)
+
+
+async def warm_up(ops: NodeOps, rec: NodeRecord) -> bool:
+    """Send a new pooled node pool.warm_up_path once, so its first-call work is done before a
+    client claims it; True when it answered below 500. A failure only costs the client that work."""
+    p = ops.cfg.pool
+    if not p.warm_up_path:
+        return False
+    t0 = time.monotonic()
+    try:
+        host, port = await addresses.confirmed(ops, rec)
+        # the status is all it needs: the body is never read (as a probe's)
+        async with ops.http.stream("POST", f"http://{host}:{port}{p.warm_up_path}", content=p.warm_up_body.encode(),
+                                   headers={"content-type": "application/json",
+                                            NODE_SECRET_HEADER: ops.store.secrets.of(rec)},
+                                   timeout=WARM_UP_TIMEOUT) as r:
+            status = r.status_code
+    except (httpx.HTTPError, ManagerError) as exc:
+        log.info("pool_warm_up_failed node_id=%s error=%r", rec.id[:12], exc)
+        return False
+    log.info("pool_warmed node_id=%s status=%d elapsed_ms=%.0f", rec.id[:12], status, (time.monotonic() - t0) * 1000)
+    return status < 500

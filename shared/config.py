@@ -353,6 +353,11 @@ class PoolConfig(Base):
     refill_concurrency: int = 4  # pooled nodes created at once at most (fewer while demand is low)
     max_age_seconds: float = 3600.0  # pooled nodes older than this are recycled
     claim_timeout_seconds: float = 30.0  # a claimed node not delivered by then is released
+    # a request sent to each pooled node once it answers, before a client can claim it, so the
+    # client's first call does not pay the node's own first-call work (the reference node imports
+    # a tool's module on its first use: ~30 ms). Its answer is not read; "" as path: none
+    warm_up_path: str = "/execute_tool"
+    warm_up_body: str = '{"tool_name": "FileSystemEnv_print_filesys_struture", "arguments": {}}'
 
     @property
     def enabled(self) -> bool:

@@ -4,6 +4,7 @@ node defaults, and the warm pool (atomic claims, refill, recycling, undelivered 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import time
 
@@ -236,6 +237,28 @@ def test_warm_pool(start_manager, manager_id: str, redis_client: redis.Redis, pr
         assert c.post("/get_available_tools").status_code == 200
     for r in rs:
         httpx.post(a.url + "/release_session", cookies=r.cookies)
+
+
+def test_pooled_nodes_get_the_warm_up_request_before_a_client_can_claim_them(
+        start_manager, manager_id: str, redis_client: redis.Redis, prefix: str) -> None:
+    # a warm-up with a visible effect (a file in the workspace) stands for the default's first-call
+    # work: a claimed node must already have it, and the warm-up leaves no trace in the session's record
+    body = json.dumps({"tool_name": "FileSystemEnv_write_to_file",
+                       "arguments": {"filepath": "warmed.txt", "content": "yes"}})
+    m = start_manager(pool={"size": 2, "warm_up_path": "/execute_tool", "warm_up_body": body},
+                      checker={"interval_seconds": 0.3})
+    pool_key = f"{prefix}:mgr:{manager_id}:pool"
+    wait_for(lambda: redis_client.llen(pool_key) == 2, timeout=60, what="pool filled")
+    with httpx.Client(base_url=m.url, timeout=60) as c:
+        r = c.post("/get_cookie")
+        assert r.status_code == 200, r.text
+        node_id = r.cookies["node_id"]
+        assert redis_client.hget(f"{prefix}:node:{node_id}", "role") == b"node"
+        t = c.post("/execute_tool", json={"tool_name": "FileSystemEnv_read_from_file",
+                                          "arguments": {"filepath": "warmed.txt"}})
+        assert t.status_code == 200 and "yes" in t.text, t.text
+        c.post("/release_session")
+    assert m.logs().count("pool_warmed node_id=") >= 2
 
 
 def test_pool_recycles_old_and_undelivered(start_manager, manager_id: str, redis_client: redis.Redis,

@@ -44,6 +44,28 @@ async def test_claim_skips_stale_ids_and_never_hands_a_node_out_twice(store: Sto
     assert int(await store.redis.hget(k.client_count(), "c1")) == 25
 
 
+async def test_a_claim_is_one_call_counting_the_arrival_starting_idle_time_and_returning_the_record(
+        store: Store) -> None:
+    k = store.keys
+    await store.put_node(NodeRecord(id="w1", manager_id="mw", role="pooled", host="10.0.0.9", port=8080,
+                                    container_id="c" * 64, last_request_at=1.0))
+    await store.redis.zadd(k.last_request("mw"), {"w1": 1.0})
+    await store.redis.rpush(k.pool("mw"), "w1")
+    rec = await store.claim_pooled_record("mw", client="c1", claimer="r9", now=500.0)
+    assert rec is not None and rec.id == "w1" and rec.role == "claiming" and rec.client == "c1"
+    assert (rec.host, rec.port, rec.container_id) == ("10.0.0.9", 8080, "c" * 64)
+    assert rec.claimed_by == "r9" and rec.claimed_at == 500.0
+    assert await store.redis.zscore(k.last_request("mw"), "w1") == 500.0  # idle from the claim on
+    assert await store.arrivals("mw") == 1
+    # a miss (empty pool) and a refusal by the client's limit are demand too, one each
+    assert await store.claim_pooled_record("mw", client="c1") is None
+    await store.put_node(NodeRecord(id="w2", manager_id="mw", role="pooled"))
+    await store.redis.rpush(k.pool("mw"), "w2")
+    assert await store.claim_pooled_record("mw", client="c1", per_client=1) is None
+    assert await store.arrivals("mw") == 3
+    assert await store.redis.lrange(k.pool("mw"), 0, -1) == [b"w2"]
+
+
 async def test_intents_mark_the_record_at_once_and_a_release_is_never_undone(store: Store) -> None:
     from shared.models import Intent
 

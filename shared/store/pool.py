@@ -5,33 +5,45 @@ from __future__ import annotations
 
 import time
 
+from shared.models import NodeRecord
 from shared.store.base import Op, Part, Script, redis_errors, text
 from shared.store.quotas import TAKE_CLIENT
 
-# KEYS[1] pool list, KEYS[2] client count hash, KEYS[3..] the records of the ids at the pool's head
+# KEYS[1] pool list, KEYS[2] client count hash, KEYS[3] arrivals counter, KEYS[4] last-request set,
+# KEYS[5..] the records of the ids at the pool's head
 # ARGV[1] now, ARGV[2] client, ARGV[3] claiming replica, ARGV[4..] those ids in pool order
-# (ARGV[i + 1] is the id of KEYS[i]), then the client's limit (0 none), then '0' when the client's count
+# (ARGV[i] is the id of KEYS[i + 1]), then the client's limit (0 none), then '0' when the client's count
 # is not to be touched here (on a cluster it is in another slot: taken before the claim)
 # Pops the head while it is the id expected, until one whose record is still pooled, and marks
 # it claimed: two replicas can never hand out the same node. 'again' when the head moved since
-# it was read or more ids wait than were given.
+# it was read or more ids wait than were given. A claim is the whole of the pool's work on a
+# client's path, in this one call: the arrival counted (once, on any answer but 'again'), the
+# session's idle time started, and its record returned ({id, field, value, ...}).
 CLAIM_POOLED = """
-local climit = tonumber(ARGV[#KEYS + 2] or '0')
+local n = #KEYS - 4
+local climit = tonumber(ARGV[n + 4] or '0')
 if ARGV[2] ~= '' and climit > 0 and tonumber(redis.call('hget', KEYS[2], ARGV[2]) or '0') >= climit then
+  redis.call('incr', KEYS[3])
   return 'client'
 end
-for i = 3, #KEYS do
-  local id = ARGV[i + 1]
+for i = 5, #KEYS do
+  local id = ARGV[i - 1]
   if redis.call('lindex', KEYS[1], 0) ~= id then return 'again' end
   redis.call('lpop', KEYS[1])
   if redis.call('hget', KEYS[i], 'role') == 'pooled' then
     redis.call('hset', KEYS[i], 'role', 'claiming', 'claimed_at', ARGV[1], 'client', ARGV[2], 'updated_at', ARGV[1],
                'claimed_by', ARGV[3])
-    if ARGV[2] ~= '' and ARGV[#KEYS + 3] ~= '0' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
-    return id
+    if ARGV[2] ~= '' and ARGV[n + 5] ~= '0' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
+    redis.call('incr', KEYS[3])
+    -- XX: a node released meanwhile is not re-added; GT: never back in time
+    redis.call('zadd', KEYS[4], 'XX', 'GT', ARGV[1], id)
+    local rec = redis.call('hgetall', KEYS[i])
+    table.insert(rec, 1, id)
+    return rec
   end
 end
 if redis.call('llen', KEYS[1]) > 0 then return 'again' end
+redis.call('incr', KEYS[3])
 return false
 """
 
@@ -47,16 +59,25 @@ class Pool(Part):
     async def claim_pooled(self, manager_id: str, client: str = "", claimer: str = "",
                            per_client: int = 0) -> str | None:
         """Atomically take a ready pooled node of manager_id, or None when the pool is empty or
-        the client already holds per_client sessions."""
+        the client already holds per_client sessions; its id."""
+        rec = await self.claim_pooled_record(manager_id, client, claimer, per_client)
+        return rec.id if rec is not None else None
+
+    async def claim_pooled_record(self, manager_id: str, client: str = "", claimer: str = "",
+                                  per_client: int = 0, now: float | None = None) -> NodeRecord | None:
+        """claim_pooled in one round trip past the pool's head: the arrival counted, the claimed
+        session's idle time started at now, and its record as the claim left it."""
         k = self.keys
+        now = time.time() if now is None else now
         if not self.clustered:
-            return await self._claim_in(manager_id, k.client_count(), client, claimer, per_client, True)
+            return await self._claim_in(manager_id, k.client_count(), client, claimer, per_client, True, now)
         # on a cluster the client's count is in its own slot: taken first, given back if nothing was claimed
         if client and not await self._claim_client(client, per_client):
+            await self.count_arrival(manager_id)  # refused by its quota: still demand
             return None
-        got: str | None = None
+        got: NodeRecord | None = None
         try:
-            got = await self._claim_in(manager_id, k.arrivals(manager_id), client, claimer, 0, False)
+            got = await self._claim_in(manager_id, k.arrivals(manager_id), client, claimer, 0, False, now)
         finally:
             if client and got is None:
                 with redis_errors():
@@ -68,20 +89,27 @@ class Pool(Part):
             return bool(await self._claim_take(keys=[self.keys.client_count(client)], args=[client, per_client]))
 
     async def _claim_in(self, manager_id: str, count_key: str, client: str, claimer: str, per_client: int,
-                        count: bool) -> str | None:
+                        count: bool, now: float) -> NodeRecord | None:
         k = self.keys
         with redis_errors():
             while True:
                 ids = [text(i) for i in await self.redis.lrange(k.pool(manager_id), 0, CLAIM_BATCH - 1)]
                 if not ids:
+                    await self.redis.incr(k.arrivals(manager_id))  # a miss is demand too
                     return None
                 # count_key is never read when count is False and per_client 0 (a key of the pool's slot)
-                got = await self._claim(keys=[k.pool(manager_id), count_key, *[k.node(i) for i in ids]],
-                                        args=[time.time(), client, claimer, *ids, per_client, "1" if count else "0"])
+                got = await self._claim(keys=[k.pool(manager_id), count_key, k.arrivals(manager_id),
+                                              k.last_request(manager_id), *[k.node(i) for i in ids]],
+                                        args=[now, client, claimer, *ids, per_client, "1" if count else "0"])
+                if isinstance(got, list):
+                    node_id, fields = text(got[0]), got[1:]
+                    rec = NodeRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True)))
+                    if not rec.id:
+                        rec.id = node_id
+                    return rec
                 if not got or text(got) == "client":
                     return None
-                if text(got) != "again":
-                    return text(got)
+                # 'again': the head moved since it was read
 
     def pool_push_op(self, manager_id: str, node_id: str) -> Op:
         return ("rpush", self.keys.pool(manager_id), [node_id])
