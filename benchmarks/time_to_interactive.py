@@ -36,6 +36,7 @@ import asyncio
 import http.cookiejar
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -219,6 +220,65 @@ async def first_calls(url: str, ids: list[str]) -> Samples:
     return out
 
 
+def _log_ms(logs: str, event: str, field: str) -> dict[str, float]:
+    """node id (12) -> a milliseconds field of the manager's log lines of one event."""
+    rx = re.compile(rf"{event} node_id=(\w+).*?{field}=([\d.]+)")
+    return {m.group(1): float(m.group(2)) for m in rx.finditer(logs)}
+
+
+def node_secret(container_id: str) -> str:
+    env = docker_client().api.inspect_container(container_id)["Config"]["Env"]
+    return next(e.split("=", 1)[1] for e in env if e.startswith("NODE_SECRET="))
+
+
+async def trace_pool(m: ManagerProc, n: int, pooled: Callable[[], list[dict[str, str]]],
+                     release: Callable[[str], None]) -> dict[str, list[float]]:
+    """Where a claimed pool node's time to interactive goes, n sessions one after the other (the
+    pool full before each): get_cookie (its claim and delivery from the manager's log lines), the
+    first and a second tool call through the manager, and a first tool call straight to a pooled
+    node (warmed, on a new connection: the node's own first answer, no manager)."""
+    out: dict[str, list[float]] = {k: [] for k in (
+        "total", "get_cookie", "claim", "deliver", "rest", "first", "second", "node alone")}
+    ids: list[str] = []
+    async with client() as http:
+        for _ in range(n):
+            for rec in pooled()[:1]:  # the node alone: the next pooled node's first answer, no manager
+                async with httpx.AsyncClient(timeout=TIMEOUT_S) as direct:
+                    t0 = time.perf_counter()
+                    d = await direct.post(f"http://{rec['host']}:{rec['port']}/execute_tool", content=TOOL_BODY,
+                                          headers={"content-type": "application/json",
+                                                   "x-node-secret": node_secret(rec["container_id"])})
+                    if d.status_code == 200:
+                        out["node alone"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            r = await http.post(m.url + "/get_cookie")
+            t1 = time.perf_counter()
+            node_id = r.cookies.get("node_id") if r.status_code == 200 else None
+            if not node_id:
+                continue
+            a = await tool_call(http, m.url, node_id)
+            t2 = time.perf_counter()
+            b = await tool_call(http, m.url, node_id)
+            t3 = time.perf_counter()
+            release(node_id)
+            if a.status_code == b.status_code == 200:
+                ids.append(node_id[:12])
+                out["total"].append(t2 - t0)
+                out["get_cookie"].append(t1 - t0)
+                out["first"].append(t2 - t1)
+                out["second"].append(t3 - t2)
+    logs = m.logs()
+    claimed, delivered = _log_ms(logs, "pool_claimed", "claim_ms"), _log_ms(logs, "pool_delivered", "deliver_ms")
+    for i, short in enumerate(ids):
+        claim_ms, deliver_ms = claimed.get(short), delivered.get(short)
+        if claim_ms is None or deliver_ms is None:  # not from the pool (a cold creation): no claim to split
+            continue
+        out["claim"].append(claim_ms / 1000)
+        out["deliver"].append(deliver_ms / 1000)
+        out["rest"].append(out["get_cookie"][i] - (claim_ms + deliver_ms) / 1000)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_interactive", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagger-ms", type=float, default=200.0, help="interval of the staggered pattern (default 200)")
     p.add_argument("--resume-n", type=int, default=0, help="sessions per tier (default: --n)")
     p.add_argument("--patterns", default=",".join(PATTERNS), help="which arrival patterns (default all)")
-    p.add_argument("--cases", default="off,pool,tiers", help="pool off, pool on, tier resumes (default all)")
+    p.add_argument("--cases", default="off,pool,tiers",
+                   help="pool off, pool on, tier resumes, trace (a claimed node phase by phase; with pool) "
+                        "(default off,pool,tiers)")
     args = p.parse_args(argv)
     patterns = [x for x in args.patterns.split(",") if x]
     cases = set(args.cases.split(","))
@@ -248,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               "cluster": {"max_nodes_per_manager": cap}}
     made: list[tuple[str, str]] = []
     results: dict[str, Samples] = {}
+    traced: dict[str, list[float]] = {}
     releaser = Releaser()
     procs: list[ManagerProc] = []
 
@@ -294,6 +357,15 @@ def main(argv: list[str] | None = None) -> int:
             def full() -> None:
                 wait_for("the pool filling", lambda: int(r.llen(key)) >= args.pool_size)
             patterns_on("pool on", pm, full)
+            if "trace" in cases:
+                def pooled() -> list[dict[str, str]]:
+                    full()
+                    def s(v: bytes | str) -> str:
+                        return v.decode() if isinstance(v, bytes) else v
+                    return [{s(k): s(v) for k, v in r.hgetall(Keys(prefix).node(s(i))).items()}
+                            for i in r.lrange(key, 0, 0)]
+                traced = asyncio.run(trace_pool(pm, args.n, pooled, releaser(pm.url)))
+                releaser.drain()
             pm.stop()
         if "tiers" in cases:
             for tier, tiers in (("paused", {**OFF, "pause_after_seconds": 1}),
@@ -334,6 +406,19 @@ def main(argv: list[str] | None = None) -> int:
           f"pool.size {args.pool_size}; staggered every {args.stagger_ms:g} ms")
     print(markdown_table(["case", "answered", "p50 ms", "p90 ms", "p99 ms", "max ms", "get_cookie p50 ms",
                           "tool call p50 ms", "errors"], rows))
+    if traced:
+        names = {"total": "time to interactive (get_cookie + first tool call)",
+                 "get_cookie": "get_cookie, from the client", "claim": "  claim in Redis (one script)",
+                 "deliver": "  role and ready event (one round trip)",
+                 "rest": "  the rest: HTTP, cookie, handler", "first": "first tool call through the manager",
+                 "second": "second tool call through the manager",
+                 "node alone": "node alone: first tool call on a warmed pooled node, new connection"}
+        print()
+        print("a claimed pool node, phase by phase (sequential, the pool full before each)")
+        print(markdown_table(["phase", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"],
+                             [[names[k], summarize(v)["n"], *(fmt(summarize(v)[q]) for q in
+                                                             ("p50_ms", "p90_ms", "p99_ms", "max_ms"))]
+                              for k, v in traced.items() if v]))
     goals = []
     for pattern, p99_goal in (("sequential", 150.0), ("burst", 500.0)):
         s = results.get(f"pool on, {pattern}")
@@ -350,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": vars(args), "loadavg_at_start": load0, "seconds": time.monotonic() - started,
         "cases": {k: {"total": summarize(v.total), "get_cookie": summarize(v.create), "tool": summarize(v.tool),
                       "errors": v.errors, "samples_ms": [x * 1000 for x in v.total]} for k, v in results.items()},
+        "trace": {k: summarize(v) for k, v in traced.items() if v},
         "release_failures": releaser.failed})
     print(f"raw numbers: {path}")
     return 0
