@@ -240,16 +240,16 @@ async def trace_pool(m: ManagerProc, n: int, pooled: Callable[[], list[dict[str,
     out: dict[str, list[float]] = {k: [] for k in (
         "total", "get_cookie", "claim", "deliver", "rest", "first", "second", "node alone")}
     ids: list[str] = []
-    async with client() as http:
+    # one client made beforehand: each node is a new host, so each call is on a new connection
+    async with client() as http, httpx.AsyncClient(timeout=TIMEOUT_S) as direct:
         for _ in range(n):
             for rec in pooled()[:1]:  # the node alone: the next pooled node's first answer, no manager
-                async with httpx.AsyncClient(timeout=TIMEOUT_S) as direct:
-                    t0 = time.perf_counter()
-                    d = await direct.post(f"http://{rec['host']}:{rec['port']}/execute_tool", content=TOOL_BODY,
-                                          headers={"content-type": "application/json",
-                                                   "x-node-secret": node_secret(rec["container_id"])})
-                    if d.status_code == 200:
-                        out["node alone"].append(time.perf_counter() - t0)
+                headers = {"content-type": "application/json", "x-node-secret": node_secret(rec["container_id"])}
+                t0 = time.perf_counter()
+                d = await direct.post(f"http://{rec['host']}:{rec['port']}/execute_tool", content=TOOL_BODY,
+                                      headers=headers)
+                if d.status_code == 200:
+                    out["node alone"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             r = await http.post(m.url + "/get_cookie")
             t1 = time.perf_counter()
