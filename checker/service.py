@@ -51,6 +51,7 @@ class Checker:
         self._alive_at = time.monotonic()  # the lease loop's last turn: the keeper renews while it is recent
         self._filling = False
         self.demand = demand.ArrivalRate(cfg.pool.demand_half_life_seconds)  # creations/s of this manager_id
+        self.burst = demand.BurstPeak(cfg.pool.burst_memory_seconds)  # its largest recent burst
         self._fill_task: asyncio.Task[None] | None = None  # held so the loop does not collect it mid-run
         self.cycles = 0
         self._cache: dict[str, tuple[NodeRecord, str]] = {}  # node id -> (record, its updated_at)
@@ -341,13 +342,17 @@ class Checker:
         removed = {r.id for r, _ in p.remove}
         pooled = [r for r in records if r.role == Role.POOLED and r.id not in removed]
         metrics.POOL_SIZE.labels(self.mid).set(len(pooled))
-        rate = self.demand.update(await self.store.arrivals(self.mid))
+        arrivals = await self.store.arrivals(self.mid)
+        rate = self.demand.update(arrivals)
+        start_seconds = self.ops.queue.expected_seconds
+        peak = self.burst.update(arrivals, start_seconds)
         cap = await capacity.node_cap(self.ops)
         sessions = sum(1 for r in records if r.role != Role.POOLED and r.id not in removed
                        and r.status != NodeStatus.ARCHIVED)  # an archived session holds no container
-        want = demand.plan(self.cfg.pool, rate, self.ops.queue.expected_seconds, cap - sessions if cap else None)
+        want = demand.plan(self.cfg.pool, rate, start_seconds, cap - sessions if cap else None, peak)
         metrics.POOL_TARGET.labels(self.mid).set(want.target)
         metrics.POOL_ARRIVAL_RATE.labels(self.mid).set(rate)
+        metrics.POOL_BURST_PEAK.labels(self.mid).set(peak)
         if self._filling:
             return
         missing = want.target - len(pooled)

@@ -350,6 +350,8 @@ class PoolConfig(Base):
     # the pool holds what the recent arrival rate asks for over this long (at least one creation's time)
     demand_seconds: float = 10.0
     demand_half_life_seconds: float = 10.0  # how fast the arrival rate forgets (an EWMA's half-life)
+    # the pool also holds the largest burst (arrivals within one creation's time) seen this long; 0: off
+    burst_memory_seconds: float = 600.0
     refill_concurrency: int = 4  # pooled nodes created at once at most (fewer while demand is low)
     max_age_seconds: float = 3600.0  # pooled nodes older than this are recycled
     claim_timeout_seconds: float = 30.0  # a claimed node not delivered by then is released

@@ -144,6 +144,9 @@ POOL_TARGET = Gauge(P + "pool_target_nodes", "Pooled nodes the checker aims for,
                     "rate (lease holder only).", ["manager_id"], multiprocess_mode="livemax")
 POOL_ARRIVAL_RATE = Gauge(P + "pool_arrival_rate", "Recent creation requests per second of the manager_id "
                           "(EWMA; lease holder only).", ["manager_id"], multiprocess_mode="livemax")
+POOL_BURST_PEAK = Gauge(P + "pool_burst_peak", "The most creation requests within one creation's time seen "
+                       "over pool.burst_memory_seconds (lease holder only).", ["manager_id"],
+                       multiprocess_mode="livemax")
 POOL_REFILL_IN_FLIGHT = Gauge(P + "pool_refill_in_flight", "Pooled nodes being created now (lease holder only).",
                               ["manager_id"], multiprocess_mode="livemax")
 POOL_CLAIMS = Counter(P + "pool_claims_total", "get_cookie served from the warm pool (hit) or not (miss).",

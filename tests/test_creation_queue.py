@@ -98,7 +98,9 @@ def test_the_pool_target_grows_under_a_burst_and_shrinks_back_when_idle(
         start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
         docker_client: docker.DockerClient) -> None:
     # a short half-life is the test's clock: the arrival rate forgets the burst in seconds
-    m = start_manager(pool={"size": 0, "max_size": 2, "demand_seconds": 10, "demand_half_life_seconds": 1},
+    # (the largest burst's memory is off: here the rate alone sizes the pool)
+    m = start_manager(pool={"size": 0, "max_size": 2, "demand_seconds": 10, "demand_half_life_seconds": 1,
+                            "burst_memory_seconds": 0},
                       creation={"concurrency": 3}, checker={"interval_seconds": 0.3})
     pool_key = f"{prefix}:mgr:{manager_id}:pool"
     time.sleep(1)  # a few checker passes with no demand: the pool stays empty
@@ -135,6 +137,38 @@ def test_the_pool_target_grows_under_a_burst_and_shrinks_back_when_idle(
     removed = f'toolserver_checker_actions_total{{action="remove",manager_id="{manager_id}"}}'
     wait_for(lambda: metric(m.url, removed) >= 2, timeout=10, what="removals counted")
     release_all(m.url, [r.cookies["node_id"] for r in rs])
+
+
+def test_the_pool_holds_the_largest_recent_burst_and_meets_the_next_one_from_it(
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis) -> None:
+    # slow (~1-2 min on a loaded machine): six nodes are made, three cold and three pooled
+    # the rate forgets the burst within seconds (half-life 1 s): only the burst's memory keeps the pool
+    m = start_manager(pool={"size": 0, "max_size": 3, "demand_half_life_seconds": 1, "burst_memory_seconds": 600},
+                      creation={"concurrency": 3}, checker={"interval_seconds": 0.3})
+    pool_key = f"{prefix}:mgr:{manager_id}:pool"
+
+    def burst() -> list[httpx.Response]:
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            rs = list(ex.map(lambda _: httpx.post(m.url + "/get_cookie", timeout=120), range(3)))
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        return rs
+
+    # the checker's first reading of the arrivals is only its origin: the burst comes after it
+    wait_for(lambda: "toolserver_pool_burst_peak{" in httpx.get(m.url + "/metrics", timeout=10).text, timeout=30,
+             what="the checker's first pass of the pool")
+    first = burst()  # the pool is empty: three cold creations
+    release_all(m.url, [r.cookies["node_id"] for r in first])
+    wait_for(lambda: metric(m.url, "toolserver_pool_burst_peak") == 3, timeout=30, what="the burst's peak")
+    wait_for(lambda: redis_client.llen(pool_key) == 3, timeout=150, what="pool filled to the burst's size")
+    # long after the rate has forgotten the burst, the target still holds it
+    wait_for(lambda: metric(m.url, "toolserver_pool_arrival_rate") < 0.04, timeout=60, what="rate decayed")
+    assert metric(m.url, "toolserver_pool_target_nodes") == 3
+    assert redis_client.llen(pool_key) == 3
+    hits = 'toolserver_pool_claims_total{result="hit"}'
+    before = metric(m.url, hits)
+    second = burst()  # met from the pool
+    assert metric(m.url, hits) == before + 3
+    release_all(m.url, [r.cookies["node_id"] for r in second])
 
 
 def _raw_get_cookie(url: str) -> socket.socket:

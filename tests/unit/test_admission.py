@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from nodeops.admission import CreationQueue
-from nodeops.demand import ArrivalRate, plan
+from nodeops.demand import ArrivalRate, BurstPeak, plan
 from shared.config import PoolConfig
 from shared.errors import CreationQueueFull
 
@@ -134,3 +134,29 @@ def test_pool_plan_follows_the_rate_within_its_bounds_and_the_engines_room() -> 
     fixed = PoolConfig(size=3)  # no max_size: the fixed pool of before
     assert plan(fixed, 100.0, 0.5, None).target == 3
     assert plan(PoolConfig(size=0, max_size=5, demand_seconds=1), 0.2, 30.0, None).target == 5  # 0.2/s * 30 s = 6, past max_size
+
+
+def test_burst_peak_remembers_the_most_arrivals_within_a_creations_time_for_its_memory() -> None:
+    now = [0.0]
+    b = BurstPeak(memory_seconds=60, clock=lambda: now[0])
+    assert b.update(1000, window_seconds=2) == 0  # the first reading is the origin
+    for t, total in ((1, 1001), (2, 1060), (3, 1100), (4, 1101)):  # 59 then 40 within 2 s: 99
+        now[0] = t
+        b.update(total, window_seconds=2)
+    assert b.peak == 99
+    now[0] = 30
+    assert b.update(1105, window_seconds=2) == 99  # a quiet while: still remembered
+    now[0] = 65
+    assert b.update(1106, window_seconds=2) == 4  # past its memory: the burst is forgotten
+    now[0] = 66
+    assert b.update(5, window_seconds=2) == 4  # a counter that went back counts no arrivals
+    assert BurstPeak(memory_seconds=0, clock=lambda: now[0]).update(10, 2) == 0  # off
+
+
+def test_pool_plan_holds_the_largest_recent_burst_and_makes_it_at_full_refill_concurrency() -> None:
+    cfg = PoolConfig(size=0, max_size=150, demand_seconds=10, refill_concurrency=4)
+    after = plan(cfg, 0.1, 1.0, None, peak=100)  # the rate has all but forgotten a burst of 100
+    assert after.target == 100 and after.refill_concurrency == 4
+    assert plan(cfg, 0.1, 1.0, 60, peak=100).target == 60  # where the host can hold it
+    assert plan(PoolConfig(size=0, max_size=50), 0.0, 1.0, None, peak=100).target == 50  # max_size bounds it
+    assert plan(cfg, 0.1, 1.0, None).refill_concurrency == 1  # no burst: as before
