@@ -15,6 +15,9 @@ from testing.harness import HAProxy
 from tests.conftest import ADMIN_TOKEN, wait_for
 
 FAST_EVENTS = {"events": {"keepalive_seconds": 0.5, "client_timeout_seconds": 3}}
+# the same keepalive, for tests whose clients listen without sending: a silent client is closed after
+# client_timeout_seconds, which a busy machine's slow get_cookie between two events once reached
+QUIET_CLIENTS = {"events": {"keepalive_seconds": 0.5, "client_timeout_seconds": 120}}
 
 
 def ws_url(http_url: str, path: str) -> str:
@@ -98,8 +101,8 @@ def test_echo_frames_close_codes_and_limits(start_manager) -> None:
 
 def test_events_across_replicas_with_resume(start_manager, redis_client: redis.Redis, prefix: str,
                                             manager_id: str) -> None:
-    a1 = start_manager(name="a1", **FAST_EVENTS)
-    a2 = start_manager(name="a2", **FAST_EVENTS)
+    a1 = start_manager(name="a1", **QUIET_CLIENTS)
+    a2 = start_manager(name="a2", **QUIET_CLIENTS)
     admin_url = ws_url(a2.url, f"/ws/events?manager_id={manager_id}")
     bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with open_ws(admin_url, additional_headers=bearer) as ws:
