@@ -13,11 +13,12 @@ the console, so the browser keeps it from the console's cookie-bearing API.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect, Request, cookie_parser
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,8 +26,11 @@ from manager.edge import errors_http, protocol
 from manager.edge.client_auth import ClientKeys, deny
 from manager.edge.responses import REPLICA_HEADER, json_response
 from manager.proxy.forwarding import CONSOLE_COOKIE, HeaderRules
+from manager.proxy.http_proxy import Reply
+from manager.session.resolve import node_cookie
 from shared.config import Config
 
+DirectHandler = Callable[[Scope, Receive, Send, Reply], Awaitable[None]]
 SECRET_PARAMS = frozenset({"token", "access_token", "api_key"})
 CONSOLE_PORT_EXTRAS = frozenset({"/metrics", "/alive"})  # the console's charts read /metrics
 
@@ -86,13 +90,7 @@ class ManagerApp:
                 return
             await self.app(scope, receive, send)
             return
-        replica = self._replica
-
-        async def stamped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), replica]
-            await send(message)
-
+        stamped = self._stamped(send)
         methods = self.proxied.get(scope["path"])
         if self._secret_in_query(scope.get("query_string", b"")):  # proxied routes too: never to a node
             await _refuse_secret_in_url(scope, receive, stamped)
@@ -100,6 +98,43 @@ class ManagerApp:
             await self._proxy(scope, receive, stamped, methods)
         else:
             await self.app(scope, receive, stamped)
+
+    def direct(self, scope: Scope) -> DirectHandler | None:
+        """The edge's handler for a request that passes every check of __call__ as it stands (a
+        proxied route and method on the proxy port, no query string, an allowed client key), run
+        without the ASGI stack above (manager/edge/protocol.py); None: __call__ decides. The head's
+        size needs no check here: the edge refuses a head over the same limit before it parses it."""
+        methods = self.proxied.get(scope["path"])
+        if methods is None or scope["method"] not in methods or scope.get("query_string"):
+            return None
+        server = scope.get("server")
+        if server and server[1] == self.console_port:
+            return None
+        if self.client_keys and not self.client_keys.allowed(scope):
+            return None
+        return self._direct
+
+    async def _direct(self, scope: Scope, receive: Receive, send: Send, reply: Reply) -> None:
+        try:
+            answer = await self.state.proxy.forward(scope, _node_cookie(scope["headers"]), receive, reply.whole_body())
+        except ClientDisconnect:
+            return  # gone mid-body: the node's connection is already dropped, nobody to answer
+        except Exception as exc:
+            response = await errors_http.handle(Request(scope, receive), exc)
+            await response(scope, receive, self._stamped(send))
+            return
+        if not await answer.reply_small(scope, reply):
+            await answer(scope, receive, self._stamped(send))
+
+    def _stamped(self, send: Send) -> Send:
+        replica = self._replica
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), replica]
+            await send(message)
+
+        return stamped
 
     def _secret_in_query(self, qs: bytes) -> bool:
         """A credential's name, or one of the manager's own tokens as any value, in the query."""
@@ -137,7 +172,7 @@ class ManagerApp:
         try:
             if scope["method"] not in methods:
                 raise HTTPException(405, headers={"Allow": ", ".join(sorted(methods))})
-            response = await self.state.proxy.handle(request)
+            response: Response = await self.state.proxy.handle(request)
         except ClientDisconnect:
             return  # gone mid-body: the node's connection is already dropped, nobody to answer
         except Exception as exc:
@@ -145,6 +180,18 @@ class ManagerApp:
         await response(scope, receive, send)
 
 
+
+
+def _node_cookie(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The node_id cookie as Starlette's request.cookies finds it (the first Cookie header only)."""
+    for k, v in headers:
+        if k == b"cookie":
+            if v.startswith(b"node_id=") and b";" not in v and b'"' not in v and b"\\" not in v:
+                # XAgent's whole Cookie header, nothing cookie_parser would split or unquote: what it
+                # would make of it, without it
+                return node_cookie({"node_id": v[8:].decode("latin-1").strip()})
+            return node_cookie(cookie_parser(v.decode("latin-1")))
+    return None
 
 
 async def _refuse_secret_in_url(scope: Scope, receive: Receive, send: Send) -> None:

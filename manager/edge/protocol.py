@@ -24,7 +24,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgspec
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from manager.edge.responses import REPLICA_HEADER
 
@@ -116,6 +122,67 @@ class _Cork:
         return getattr(self._t, name)
 
 
+class _Direct:
+    """A whole response written by the edge itself, head and body in one write: what the ASGI
+    messages of RequestResponseCycle.send do for such an answer (default headers, the replica's,
+    connection: close when the connection ends, header checks, completion), without the messages,
+    their per-header pass and the app's wrappers. The proxy's small answers use it
+    (manager/entry.py: ManagerApp.direct)."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+
+    async def __call__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        cycle = self._cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()  # a client that does not read gets no more than uvicorn would
+        if cycle.disconnected:
+            return
+        if cycle.response_started:
+            raise RuntimeError("a direct reply after the response started")
+        # one search over all names and one over all values, the checks uvicorn makes header by header
+        # (its own default headers need none)
+        if HEADER_RE.search(b"".join([k for k, _ in headers])) or \
+                HEADER_VALUE_RE.search(b"".join([v for _, v in headers])):
+            raise RuntimeError("Invalid HTTP header name or value.")
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        out = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status]
+        for k, v in cycle.default_headers:
+            out += (k, b": ", v, b"\r\n")
+        for k, v in headers:
+            out += (k, b": ", v, b"\r\n")
+        out.append(_replica)
+        if not cycle.keep_alive:
+            out.append(b"connection: close\r\n")
+        out += (b"\r\n", body)
+        cycle.transport.write(b"".join(out))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+
+    def whole_body(self) -> bytes | None:
+        """The request's body when all of it is here (then taken: receive() gives it no more, as
+        after reading it), else None: it is read from receive() as it arrives."""
+        cycle = self._cycle
+        if cycle.more_body or cycle.disconnected or cycle.waiting_for_100_continue:
+            return None  # (receive() answers 100 Continue first: the client may wait for it)
+        body = bytes(cycle.body)
+        cycle.body = bytearray()
+        return body
+
+    def abort(self) -> None:
+        """Nothing will be answered: the connection is closed, and the cycle sends no 500 after."""
+        cycle = self._cycle
+        cycle.disconnected = True
+        cycle.message_event.set()
+        cycle.transport.close()
+
+
 class EdgeHttpProtocol(HttpToolsProtocol):
     """One client connection; the head limit is uvicorn's h11_max_incomplete_event_size."""
 
@@ -194,6 +261,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._in_head:
             if self._head_timer is None:
                 self._arm()  # the first byte of a kept-alive connection's next request
+            if self._head_bytes + len(data) <= self._head_limit:
+                # within the bound even if every byte were head: counted whole, no search for the
+                # head's end (the count is reset once the head is parsed, whatever followed it)
+                self._head_bytes += len(data)
+                self._tail = data[-3:] if len(data) >= 3 else (self._tail + data)[-3:]
+                super().data_received(data)
+                return
             seen = self._tail + data
             crlf, lf = seen.find(b"\r\n\r\n"), seen.find(b"\n\n")
             ends = [i + n for i, n in ((crlf, 4), (lf, 2)) if i >= 0]
@@ -237,6 +311,19 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._limits.body_timeout and self.cycle is not None and self.cycle.more_body and _has_body(self.headers):
             self._body_seen = self.loop.time()
             self._body_timer = self.loop.call_later(self._limits.body_timeout, self._body_check)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # a request the app can answer without its ASGI stack (a proxied route) runs its direct
+        # handler in the same cycle: uvicorn's reading, body, keep-alive and 500 on a crash alike
+        direct = getattr(app, "direct", None)
+        handler = direct(cycle.scope) if direct is not None else None
+        if handler is not None:
+            reply = _Direct(cycle)
+
+            def app(scope: Any, receive: Any, send: Any) -> Any:
+                return handler(scope, receive, send, reply)
+
+        super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
         if self._bad_upgrade:

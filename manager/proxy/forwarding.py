@@ -63,10 +63,13 @@ class HeaderRules:
             out.append((k, v))
         return out
 
-    def from_node(self, headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """A node's response headers as a client may see them (hop-by-hop already removed)."""
+    def from_node(self, headers: Iterable[tuple[bytes, bytes]],
+                  drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+        """A node's response headers as a client may see them, without those named in drop (the
+        proxy's hop-by-hop ones: one pass over them)."""
+        nosniff = _NOSNIFF[0]
         out = [(k, v) for k, v in headers
-               if not (k == _SET_COOKIE and _cookie_name(v) in self.own_cookies) and k != _NOSNIFF[0]]
+               if k not in drop and k != nosniff and not (k == _SET_COOKIE and _cookie_name(v) in self.own_cookies)]
         out.extend(self.added)
         return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -57,17 +57,33 @@ SMALL_BODY = 65536  # responses up to this size with a known length are sent in 
 T = TypeVar("T")
 
 
-def _request_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+class Reply(Protocol):
+    """The edge's direct answer (manager/edge/protocol.py): a whole response in one write."""
+
+    async def __call__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def whole_body(self) -> bytes | None: ...
+
+
+def _request_headers(scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The headers that go on to the node, and whether the request came through another replica."""
     raw = scope["headers"]
     extra: set[bytes] = set()
+    via = False
     for k, v in raw:
-        if k == b"connection":
+        if k == _VIA:
+            via = True
+        elif k == b"connection":
             extra.update(t.strip().lower() for t in v.split(b","))
         elif k == b"transfer-encoding":
             # the body is re-framed (chunked) on the way out: a length beside it would be a second,
             # different framing of the same bytes (our server refuses both together; never rely on it)
             extra.add(b"content-length")
-    return [(k, v) for k, v in raw if k not in HOP_BY_HOP and k not in extra]
+    if extra:
+        return [(k, v) for k, v in raw if k not in HOP_BY_HOP and k not in extra], via
+    return [(k, v) for k, v in raw if k not in HOP_BY_HOP], via
 
 
 def _has_body(scope: Scope) -> bool:
@@ -105,17 +121,25 @@ class Proxy:
         self._histograms: dict[str, Any] = {}
 
     async def handle(self, request: Request) -> Response:
-        scope = request.scope
+        """The node's answer to a request of the ASGI app, streamed back as it comes."""
+        return await self.forward(request.scope, node_cookie(request.cookies), request.receive)
+
+    async def forward(self, scope: Scope, node_id: str | None, receive: Receive,
+                      whole_body: bytes | None = None) -> NodeAnswer:
+        """Sends the request (its body read from receive as it arrives, or whole_body when the edge
+        has all of it already) to the cookie's node; the node's answer once its head is in, to be
+        sent as an ASGI response or by reply_small (the edge's direct path), either of which ends the
+        session's activity."""
         rt = self.rt
         path = scope["path"]
         t0 = time.perf_counter()
-        rec = await self.resolver.record(node_cookie(request.cookies))
+        rec = await self.resolver.record(node_id)
         if self.client_keys:  # before anything is done for it: another key's session is unknown here
             self.client_keys.check_bound(rec.client, scope, rec.id)
         if rec.status != NodeStatus.RUNNING:
             rec = await self.resolver.revive(rec)
-        headers = _request_headers(scope)
-        to = await self.resolver.target(rec, any(k == _VIA for k, _ in scope["headers"]))
+        headers, via = _request_headers(scope)
+        to = await self.resolver.target(rec, via)
         if not to.via_owner:  # the owner's replica checks the client's key itself, then drops it
             headers = self.for_node(headers)
         headers += [(k.encode(), v.encode()) for k, v in to.headers]
@@ -125,7 +149,12 @@ class Proxy:
         if qs:
             target += b"?" + qs
         counter = [0]
-        body = _counting(request, counter) if _has_body(scope) else None
+        body: AsyncIterator[bytes] | bytes | None = None
+        if _has_body(scope):
+            if whole_body is None:
+                body = _counting(receive, counter)
+            else:
+                body, counter[0] = whole_body, len(whole_body)
         activity = rt.activity
         activity.begin(rec.id, rec.manager_id)  # ended with the response (or the error) below
         try:
@@ -139,9 +168,10 @@ class Proxy:
         if hist is None:
             hist = self._histograms[path] = metrics.PROXY_SECONDS.labels(path)
         hist.observe(time.perf_counter() - t0)
-        metrics.PROXY_BYTES_IN.inc(counter[0])
+        if counter[0]:
+            metrics.DEFERRED.inc(metrics.PROXY_BYTES_IN, counter[0])
         self._count(path, upstream.status_code)
-        return _Upstream(upstream, rt, rec.id, self.rules)
+        return NodeAnswer(upstream, rt, rec.id, self.rules)
 
     def for_node(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """A request's headers as a node may see them: no key, cookie or token of the manager's."""
@@ -176,7 +206,7 @@ class Proxy:
         return status, data
 
     async def _exchange(self, rec: NodeRecord, to: Target, method: str, target: bytes,
-                        headers: list[tuple[bytes, bytes]], body: Callable[[], AsyncIterator[bytes] | None],
+                        headers: list[tuple[bytes, bytes]], body: Callable[[], AsyncIterator[bytes] | bytes | None],
                         path: str, finish: Callable[[UpstreamResponse], Awaitable[T]], timeout: float | None) -> T:
         """One request to the node over the pool, finished by finish (handle: the response as it
         comes; call: read whole); sent once more to the engine-confirmed address when the connect
@@ -240,7 +270,7 @@ def upstream_error(exc: UpstreamError | HostUnreachable, timeout: float | None) 
 
 
 async def _as_is(up: UpstreamResponse) -> UpstreamResponse:
-    return up  # streamed back by _Upstream, which closes it
+    return up  # streamed back by NodeAnswer, which closes it
 
 
 async def _read_all(up: UpstreamResponse) -> tuple[int, bytes]:
@@ -254,10 +284,9 @@ async def _one(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _counting(request: Request, counter: list[int]) -> AsyncIterator[bytes]:
+async def _counting(receive: Receive, counter: list[int]) -> AsyncIterator[bytes]:
     """The request's body as it arrives, counted: Request.stream() without its layer of generator
     (one more step per chunk on every proxied body)."""
-    receive = request.receive
     while True:
         message = await receive()
         if message["type"] == "http.request":
@@ -271,7 +300,7 @@ async def _counting(request: Request, counter: list[int]) -> AsyncIterator[bytes
             raise ClientDisconnect()
 
 
-class _Upstream(Response):
+class NodeAnswer(Response):
     """Sends a node's response back as it arrives; small known-length bodies in one piece."""
 
     def __init__(self, upstream: UpstreamResponse, rt: Runtime, node_id: str, rules: HeaderRules) -> None:
@@ -279,8 +308,33 @@ class _Upstream(Response):
         self.node_id = node_id
         self.status_code = upstream.status_code
         self.rt = rt
-        self.raw_headers = rules.from_node((k, v) for k, v in upstream.headers if k not in HOP_BY_HOP)
+        self.raw_headers = rules.from_node(upstream.headers, HOP_BY_HOP)
         self.background = None
+
+    async def reply_small(self, scope: Scope, reply: Reply) -> bool:
+        """The answer through the edge's reply (head and whole body in one write, no ASGI messages)
+        when it is small, of known length and not to a HEAD; False, with nothing done, otherwise."""
+        up = self.upstream
+        length = up.content_length()
+        if length is None or length > SMALL_BODY or scope["method"] == "HEAD":
+            return False
+        sent = 0
+        try:
+            # not before the whole body has come from the node: a replica killed meanwhile has sent
+            # nothing of the answer, so a balancer retries the request elsewhere (tests/test_balancer.py)
+            body = await up.read()
+            sent = len(body)
+            await reply(self.status_code, self.raw_headers, body)
+        except UpstreamError:
+            # the node dropped the connection mid-body: nothing sane to send, end the connection as
+            # the ASGI path does (a response begun and not completed)
+            reply.abort()
+        finally:
+            up.close()
+            self.rt.activity.end(self.node_id)
+            if sent:
+                metrics.DEFERRED.inc(metrics.PROXY_BYTES_OUT, sent)
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         up = self.upstream
@@ -323,4 +377,4 @@ class _Upstream(Response):
         finally:
             up.close()
             self.rt.activity.end(self.node_id)
-            metrics.PROXY_BYTES_OUT.inc(sent)
+            metrics.DEFERRED.inc(metrics.PROXY_BYTES_OUT, sent)

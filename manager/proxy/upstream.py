@@ -110,10 +110,13 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.can_write = asyncio.Event()
         self.can_write.set()
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        """Ready for the next request. The parser goes on from where it stood: a connection is only
+        reused after a response read to its framed end with nothing after it (reusable())."""
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         # head bytes counted as they arrive, before the parser sees them: httptools joins a header's
@@ -121,7 +124,7 @@ class _Conn(asyncio.Protocol):
         self.in_head = True
         self.head_bytes = 0
         self.tail = b""
-        self.head_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.head_done: asyncio.Future[None] = self.loop.create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.interim = False
@@ -147,7 +150,13 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
-        if self.in_head and self.limits.head_bytes:
+        limit = self.limits.head_bytes
+        if self.in_head and limit and self.head_bytes + len(data) <= limit:
+            # within the bound even if every byte were head: counted whole, no search for the
+            # head's end (whatever follows it is reset with the count once the head is parsed)
+            self.head_bytes += len(data)
+            self.tail = data[-3:] if len(data) >= 3 else (self.tail + data)[-3:]
+        elif self.in_head and limit:
             end = _head_end(self.tail, data)
             # only head bytes count: what follows the blank line is body (or the final response
             # after an interim one, counted once the parser starts its head)
@@ -257,7 +266,7 @@ class _Conn(asyncio.Protocol):
     def set_in_use(self, flag: bool) -> None:
         if flag != self.in_use:
             self.in_use = flag
-            metrics.UPSTREAM_BUSY.inc() if flag else metrics.UPSTREAM_BUSY.dec()
+            metrics.DEFERRED.inc(metrics.UPSTREAM_BUSY, 1 if flag else -1)
 
     def abort(self) -> None:
         """Drop the connection now, discarding anything unsent; a reader waiting on it is woken."""
@@ -285,7 +294,7 @@ class _Conn(asyncio.Protocol):
                 return None
             if self.error is not None:
                 raise self.error
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.loop.create_future()
             try:
                 await _wait(self.waiter, timeout)  # woken by the next chunk, the end or a failure
             except TimeoutError:
@@ -318,8 +327,15 @@ class Response:
         self._no_body = head_only or conn.status in (204, 304)
         self._head_only = head_only
         self._released = False
+        self._length: int | None = None
+        self._length_known = False
 
     def content_length(self) -> int | None:
+        if not self._length_known:
+            self._length, self._length_known = self._content_length(), True
+        return self._length
+
+    def _content_length(self) -> int | None:
         if self._no_body:
             return 0
         for k, v in self.headers:
@@ -347,6 +363,21 @@ class Response:
             self.abort()
             raise ResponseTooLarge(f"node response body of {declared} bytes is over {limit} bytes "
                                    "(proxy.max_read_body_bytes)")
+        conn = self._conn
+        if conn.complete and not self._no_body:
+            # the whole body is in already (a small answer usually comes with its head): no
+            # generator, no wait
+            size = conn.buffered
+            if limit and size > limit:
+                self.abort()
+                raise ResponseTooLarge(f"node response body over {limit} bytes (proxy.max_read_body_bytes)")
+            data = b"".join(conn.chunks)
+            conn.chunks.clear()
+            conn.buffered = 0
+            if conn.paused_reading and conn.transport is not None:
+                conn.transport.resume_reading()  # as next_chunk would once the buffer drained
+                conn.paused_reading = False
+            return data
         chunks, size = [], 0
         async for c in self.iter_raw():
             size += len(c)
@@ -455,9 +486,10 @@ class UpstreamPool:
         return conn, False
 
     async def request(self, method: str, host: str, port: int, target: bytes,
-                      headers: list[tuple[bytes, bytes]], body: AsyncIterator[bytes] | None,
+                      headers: list[tuple[bytes, bytes]], body: AsyncIterator[bytes] | bytes | None,
                       connect_timeout: float, read_timeout: float | None) -> Response:
-        """Send a request and return once the node's final response headers arrived."""
+        """Send a request and return once the node's final response headers arrived. body: streamed as
+        it comes, or bytes when it is all here (then sent with the head in one write)."""
         key = (host, port)
         head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", f"{host}:{port}".encode(), b"\r\n"]
         chunked = body is not None and not any(k == b"content-length" for k, _ in headers)
@@ -472,6 +504,12 @@ class UpstreamPool:
             try:
                 if body is None:
                     conn.write(head_bytes)
+                    conn.request_sent = True
+                elif isinstance(body, bytes):
+                    if chunked:
+                        conn.write(head_bytes + (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"))
+                    else:
+                        conn.write(head_bytes + body)
                     conn.request_sent = True
                 else:
                     await self._send_body(conn, body, chunked, read_timeout, head_bytes)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from manager.proxy.upstream import ConnectFailed, UpstreamError, UpstreamPool
+from manager.proxy.upstream import HIGH_WATER, ConnectFailed, UpstreamError, UpstreamPool
 
 RESPONSES = {
     b"/len": b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
@@ -75,6 +75,32 @@ async def test_framing_and_keep_alive() -> None:
     assert len(conns) == 2
     pool.close()
     server.close()
+
+
+async def test_a_body_in_whole_past_the_high_water_mark_leaves_the_connection_reading() -> None:
+    # its last byte takes the buffer past HIGH_WATER: reading pauses as the response completes, and
+    # read() takes it whole at once; the pooled connection must read again for the next request
+    conns: list[int] = []
+    server, port = await serve(conns)
+    pool = UpstreamPool()
+    body = b"x" * (HIGH_WATER + 1)
+    r = await pool.request("POST", "127.0.0.1", port, b"/echo", [(b"content-length", str(len(body)).encode())],
+                           _one(body), 2.0, 5.0)
+    for _ in range(500):
+        if r._conn.complete:
+            break
+        await asyncio.sleep(0.01)
+    assert r._conn.complete and r._conn.paused_reading
+    assert await r.read() == body
+    r.close()
+    assert await get(pool, port, b"/len") == (200, b"hello")
+    assert len(conns) == 1  # the same connection, reading again
+    pool.close()
+    server.close()
+
+
+async def _one(body: bytes):  # type: ignore[no-untyped-def]
+    yield body
 
 
 async def test_stale_connection_is_retried_and_timeouts_raise() -> None:
