@@ -117,6 +117,19 @@ class EgressAgent:
             return True, rule
         return False, f"{name} did not resolve to {dst} for this node"
 
+    def still_allowed(self, node: str, dst: str, name: str) -> bool:
+        """For connections the proxy let on: does the policy in force still allow them? (The
+        answer that opened one may have expired since: an open connection outlives its TTL.)"""
+        pol = self.by_ip.get(node)
+        if pol is None or self._blocked(dst):
+            return False
+        ip = ipaddress.ip_address(dst)
+        if any(ip in net for net in networks(pol, "deny")):
+            return False
+        if any(ip in net for net in networks(pol, "allow")):
+            return True
+        return bool(name) and name_allowed(pol, name)[0]
+
     def secrets_for(self, host: str) -> dict[str, Secret] | None:
         """Every secret, while there is one (None: none, TLS is spliced untouched). TLS to any host
         is then terminated: a placeholder sent to a host it is not bound to must be seen to be
@@ -139,11 +152,12 @@ class EgressAgent:
         key = self.ops.cfg.egress_secrets_key
         if not key:
             return
-        box = SecretBox(key)
+        box = SecretBox(key, self.ops.cfg.egress_secrets_old_keys)
         out: dict[str, Secret] = {}
         for name, stored in (await self.ops.store.egress_secrets.all()).items():
             try:
-                out[name] = Secret(name=name, value=box.open(name, stored.sealed), hosts=tuple(stored.hosts))
+                out[name] = Secret(name=name, value=box.open(name, stored.sealed), hosts=tuple(stored.hosts),
+                                   body=stored.body)
             except Exception:  # sealed under another key: never used, and never shown
                 log.warning("egress_secret_unreadable name=%s", name)
         self.secrets = out
@@ -298,8 +312,10 @@ class EgressAgent:
             self.learned.get(ip, {}).pop(a, None)
         # the resolver answers by the new policy only once the firewall has it too
         self.by_ip, self.applied = by_ip, by_ip
+        # connections through the proxy are the host's own: the firewall does not see them again
+        cut = self.proxy.cut(self.still_allowed) if self.proxy is not None else 0
         self.last_sync = time.monotonic()
-        log.info("egress_synced nodes=%d closed=%d", len(by_ip), len(stale))
+        log.info("egress_synced nodes=%d closed=%d cut=%d", len(by_ip), len(stale), cut)
 
     async def sync(self) -> None:
         """Make the host's sets equal to the running nodes' policies (one engine call, one Redis read)."""

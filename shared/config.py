@@ -429,6 +429,10 @@ class EgressConfig(Base):
     # or a file holding it); without one, secrets cannot be stored
     secrets_key: str = ""
     secrets_key_file: str = ""
+    # earlier keys, still read while secrets are rotated to the current one (new writes and
+    # POST /admin/secrets/rotate seal with secrets_key); a file holds one key a line
+    secrets_old_keys: list[str] = msgspec.field(default_factory=list)
+    secrets_old_keys_file: str = ""
     # node environment variable -> secret name: the node sees "tsm-secret:<name>" there
     secret_env: dict[str, str] = msgspec.field(default_factory=dict)
     # the per-cluster CA the proxy signs its certificates for bound hosts with; nodes get a CA
@@ -555,6 +559,17 @@ class Config(Base):
         return _secret(self.egress.secrets_key, self.egress.secrets_key_file)
 
     @property
+    def egress_secrets_old_keys(self) -> list[str]:
+        keys = list(self.egress.secrets_old_keys)
+        path = self.egress.secrets_old_keys_file
+        if path:
+            try:
+                keys += [k.strip() for k in Path(path).read_text().splitlines() if k.strip()]
+            except OSError as exc:
+                raise ConfigError(f"cannot read egress.secrets_old_keys_file {path}: {exc.strerror}") from exc
+        return keys
+
+    @property
     def admin_token(self) -> str:
         return _secret(self.admin.token, self.admin.token_file)
 
@@ -585,6 +600,7 @@ class Config(Base):
         data["egress"]["policy_api_keys"] = ["***" for _ in data["egress"]["policy_api_keys"]]
         if data["egress"]["secrets_key"]:
             data["egress"]["secrets_key"] = "***"
+        data["egress"]["secrets_old_keys"] = ["***" for _ in data["egress"]["secrets_old_keys"]]
         for section, key in (("cluster", "internal_token"), ("cluster", "node_secret_key"), ("admin", "token")):
             if data[section][key]:
                 data[section][key] = "***"

@@ -1,9 +1,11 @@
 """A small "internet" for egress tests, in a network namespace of its own.
 
 One namespace behind a veth pair, routed from the host like the outside world (198.51.x.0/28,
-documentation addresses, routed nowhere else), holding several addresses: a DNS server that
-answers for a few names (two of them on one address), and on each address an HTTP server on 80
-that answers with the Host it was asked for and the address it was reached at, and the same over
+documentation addresses, routed nowhere else), holding several addresses: a DNS server (UDP and
+TCP) that answers for a few names (two of them on one address; an AAAA record for each, as the
+world has IPv6; ``MANY`` with more A records than a UDP answer holds), and on each address an
+HTTP server on 80 that answers with the Host it was asked for and the address it was reached at
+(``/drip/N``: a stream for N seconds; POST: the body as it arrived), and the same over
 HTTPS on 443 with a certificate for every name from a test CA (``Internet.ca_pem``); the one
 address without a name stands for a resolver reached directly, as DNS over HTTPS would be. Run as
 ``python -m testing.internet SPEC_JSON`` inside the namespace; ``Internet`` makes and removes it.
@@ -16,6 +18,7 @@ import json
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+MANY = "many.test"  # a name with more A records than a UDP answer holds (TCP needed)
+MANY_RECORDS = 40
 
 
 @dataclass
@@ -116,27 +122,58 @@ def _up(addr: str) -> bool:
 
 
 def _serve(spec: dict[str, object]) -> None:
-    from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+    from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
 
     names: dict[str, str] = spec["names"]  # type: ignore[assignment]
+
+    def answer(data: bytes, udp: bool) -> bytes | None:
+        try:
+            req = DNSRecord.parse(data)
+        except Exception:
+            return None
+        reply = req.reply()
+        name = str(req.q.qname).rstrip(".").lower()
+        if name == MANY:  # more A records than a 512-byte UDP answer holds
+            if req.q.qtype == QTYPE.A:
+                for i in range(1, MANY_RECORDS + 1):
+                    reply.add_answer(RR(name, QTYPE.A, rdata=A(f"203.0.113.{i}"), ttl=60))
+        elif name in names:
+            if req.q.qtype == QTYPE.A:
+                reply.add_answer(RR(name, QTYPE.A, rdata=A(names[name]), ttl=60))
+            elif req.q.qtype == QTYPE.AAAA:  # the world has IPv6; nodes do not
+                reply.add_answer(RR(name, QTYPE.AAAA, rdata=AAAA("2001:db8::" + names[name].split(".")[-1]), ttl=60))
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+        packed = bytes(reply.pack())
+        if udp and len(packed) > 512:
+            reply.rr = []
+            reply.header.tc = 1
+            packed = bytes(reply.pack())
+        return packed
 
     def dns_loop() -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((str(spec["dns"]), 53))
         while True:
             data, peer = s.recvfrom(4096)
-            try:
-                req = DNSRecord.parse(data)
-            except Exception:
-                continue
-            reply = req.reply()
-            name = str(req.q.qname).rstrip(".").lower()
-            if name in names:
-                if req.q.qtype == QTYPE.A:
-                    reply.add_answer(RR(name, QTYPE.A, rdata=A(names[name]), ttl=60))
-            else:
-                reply.header.rcode = RCODE.NXDOMAIN
-            s.sendto(reply.pack(), peer)
+            out = answer(data, udp=True)
+            if out is not None:
+                s.sendto(out, peer)
+
+    class DnsTcp(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            size = self.rfile.read(2)
+            if len(size) == 2:
+                out = answer(self.rfile.read(struct.unpack("!H", size)[0]), udp=False)
+                if out is not None:
+                    self.wfile.write(struct.pack("!H", len(out)) + out)
+
+    class DnsTcpServer(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    dns_tcp = DnsTcpServer((str(spec["dns"]), 53), DnsTcp)
+    threading.Thread(target=dns_tcp.serve_forever, daemon=True).start()
 
     class Echo(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -150,8 +187,27 @@ def _serve(spec: dict[str, object]) -> None:
                     self.wfile.write(block[:left])
                     left -= len(block)
                 return
+            if self.path.startswith("/drip/"):  # a long-lived stream: 100 bytes every 50 ms for N s
+                self.send_response(200)
+                self.end_headers()
+                until = time.monotonic() + float(self.path.split("/")[2])
+                with contextlib.suppress(OSError):
+                    while time.monotonic() < until:
+                        self.wfile.write(b"x" * 100)
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                return
             body = json.dumps({"host": self.headers.get("host", ""), "addr": self.server.server_address[0],
                                "path": self.path, "authorization": self.headers.get("authorization", "")}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # the body as it arrived, for the secrets-in-bodies test
+            got = self.rfile.read(int(self.headers.get("content-length", "0")))
+            body = json.dumps({"host": self.headers.get("host", ""), "body": got.decode(errors="replace"),
+                               "length": len(got)}).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
             self.end_headers()

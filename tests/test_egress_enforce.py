@@ -8,6 +8,7 @@ import hashlib
 import json
 import shlex
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +20,8 @@ import pytest
 
 from shared.egress import nft
 from shared.firewall import BRIDGE_PREFIXES
-from testing.harness import bridge_gateway
-from testing.internet import Internet, internet
+from testing.harness import bridge_gateway, report
+from testing.internet import MANY, MANY_RECORDS, Internet, internet
 from tests.conftest import ADMIN_TOKEN, wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -29,13 +30,42 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 NODE_PROBE = r"""
 import errno, json, socket, struct, sys, time, urllib.request
 
-def dns(name):
+def query(name, qtype):
     q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
-    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+    return q + b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", qtype, 1)
+
+def dns(name, qtype=1):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
-    s.sendto(q, ("127.0.0.11", 53))
+    s.sendto(query(name, qtype), ("127.0.0.11", 53))
     data = s.recv(4096)
-    return {"rcode": data[3] & 0xF}
+    return {"rcode": data[3] & 0xF, "answers": struct.unpack("!H", data[6:8])[0], "tc": bool(data[2] & 2)}
+
+def dns_tcp(name, qtype=1):
+    q = query(name, qtype)
+    s = socket.create_connection(("127.0.0.11", 53), 5)
+    s.sendall(struct.pack("!H", len(q)) + q)
+    data = b""
+    while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    data = data[2:]
+    return {"rcode": data[3] & 0xF, "answers": struct.unpack("!H", data[6:8])[0], "tc": bool(data[2] & 2)}
+
+def ipv6():
+    try:
+        addrs = open("/proc/net/if_inet6").read().split()
+    except OSError:
+        addrs = []
+    out = {"addresses": addrs}
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.settimeout(5)
+        s.connect(("2001:db8::5", 80)); out["connect"] = "connected"
+    except OSError as exc:
+        out["connect"] = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    return out
 
 def connect(host, port):
     s = socket.socket(); s.settimeout(5)
@@ -74,6 +104,23 @@ def wait_refused(host, port, limit):
         time.sleep(0.01)
     return {"error": "still not refused"}
 
+def drip(addr, port, host, limit):
+    s = socket.create_connection((addr, port), 5)
+    s.settimeout(limit)
+    s.sendall(f"GET /drip/{limit} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+    got, how = 0, ""
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                how = "eof"
+                break
+            got += len(data)
+    except OSError as exc:
+        how = type(exc).__name__
+    s.close()
+    return {"died": time.time(), "how": how, "bytes": got}
+
 def tls(addr, port, sni, host):
     import ssl
     ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
@@ -96,6 +143,16 @@ def tls(addr, port, sni, host):
 def https_env(url):
     import os
     req = urllib.request.Request(url, headers={"Authorization": "Bearer " + os.environ.get("API_TOKEN", "")})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return {"status": r.status, "body": json.loads(r.read())}
+    except Exception as exc:
+        return {"error": repr(exc)}
+
+def post_env(url, *names):
+    import os
+    body = json.dumps({n: os.environ.get(n, "") for n in names}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return {"status": r.status, "body": json.loads(r.read())}
@@ -330,6 +387,7 @@ def test_a_change_made_on_one_host_is_in_force_on_the_sessions_host(start_manage
 
 
 SECRET_VALUE = "sk-test-" + "7f3a9c21d4e8b6a5"  # what must never be seen inside the node or in any view
+BODY_VALUE = "body-secret-" + "c0ffee42d00d"  # a secret bound to bodies as well
 SEARCH = r"""
 import base64, json, os, sys
 needle = base64.b64decode(sys.argv[1])
@@ -354,28 +412,39 @@ print("PROBE" + json.dumps([{"hits": hits, "env": os.environ.get("API_TOKEN", ""
 """
 
 
+def secrets_egress(net: Internet, tmp_path: Any, **over: Any) -> dict[str, Any]:
+    """egress config for secrets: a cluster CA made here, the test internet's CA upstream."""
+    if not (tmp_path / "ca.key").exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+                        "ca.pem", "-days", "2", "-subj", "/CN=cluster egress CA"], cwd=tmp_path, check=True,
+                       capture_output=True)
+        (tmp_path / "upstream-ca.pem").write_text(net.ca_pem)
+        # the nodes' bundle is the host's CAs plus ca_cert_file: the test internet's CA stands in,
+        # there, for the public CAs a real host's certificate chains to (other.test is reached untouched)
+        (tmp_path / "node-cas.pem").write_text((tmp_path / "ca.pem").read_text() + net.ca_pem)
+    return {"enforce": True, "upstream_dns": [net.dns], "secrets_key": "test-secrets-key",
+            "secret_env": {"API_TOKEN": "apitoken", "BODY_TOKEN": "bodytoken"},
+            "ca_cert_file": str(tmp_path / "node-cas.pem"), "ca_key_file": str(tmp_path / "ca.key"),
+            "upstream_ca_file": str(tmp_path / "upstream-ca.pem"), "ca_bundle_dir": str(tmp_path / "bundle"), **over}
+
+
 def test_a_secret_reaches_only_its_bound_host_and_never_the_node(start_manager, net: Internet, tmp_path: Any,
                                                                  redis_client: Any, prefix: str) -> None:
     import base64
-    import subprocess
 
     from websockets.sync.client import connect
 
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-                    "-days", "2", "-subj", "/CN=cluster egress CA"], cwd=tmp_path, check=True, capture_output=True)
-    (tmp_path / "upstream-ca.pem").write_text(net.ca_pem)
-    # the nodes' bundle is the host's CAs plus ca_cert_file: the test internet's CA stands in, there,
-    # for the public CAs a real host's certificate chains to (other.test is reached untouched)
-    (tmp_path / "node-cas.pem").write_text((tmp_path / "ca.pem").read_text() + net.ca_pem)
-    m = start_manager(egress={
-        "enforce": True, "upstream_dns": [net.dns], "secrets_key": "test-secrets-key",
-        "secret_env": {"API_TOKEN": "apitoken"}, "ca_cert_file": str(tmp_path / "node-cas.pem"),
-        "ca_key_file": str(tmp_path / "ca.key"), "upstream_ca_file": str(tmp_path / "upstream-ca.pem"),
-        "ca_bundle_dir": str(tmp_path / "bundle")})
+    m = start_manager(egress=secrets_egress(net, tmp_path))
     r = httpx.put(f"{m.url}/admin/secrets/apitoken", headers=ADMIN,
                   json={"value": SECRET_VALUE, "hosts": ["allowed.test"]})
     assert r.status_code == 200 and SECRET_VALUE not in r.text, r.text
+    r = httpx.put(f"{m.url}/admin/secrets/bodytoken", headers=ADMIN,
+                  json={"value": BODY_VALUE, "hosts": ["allowed.test"], "body": True})
+    assert r.status_code == 200 and r.json()["body"] is True and BODY_VALUE not in r.text, r.text
     bad = httpx.put(f"{m.url}/admin/secrets/apitoken", headers=ADMIN, json={"value": "x", "hosts": ["10.0.0.0/8"]})
+    assert bad.status_code == 400
+    bad = httpx.put(f"{m.url}/admin/secrets/apitoken", headers=ADMIN,
+                    json={"value": "x", "hosts": ["allowed.test"], "body": "yes"})
     assert bad.status_code == 400
     c = httpx.Client(base_url=m.url, timeout=60)
     assert c.post("/get_cookie").status_code == 200
@@ -383,17 +452,27 @@ def test_a_secret_reaches_only_its_bound_host_and_never_the_node(start_manager, 
     r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=ADMIN,
                   json={"default": "deny", "allow": ["allowed.test", "other.test"]})
     assert r.status_code == 200
-    out = probe(c, ["https_env", "https://allowed.test/"], ["https_env", "https://other.test/"])
+    out = probe(c, ["https_env", "https://allowed.test/"], ["https_env", "https://other.test/"],
+                ["post_env", "https://allowed.test/", "BODY_TOKEN", "API_TOKEN"],
+                ["post_env", "https://other.test/", "BODY_TOKEN", "API_TOKEN"], ["dns", "unlisted.test"])
+    # in a body: replaced for the secret bound to bodies (its Content-Length rewritten: the server
+    # read exactly the new body), not for the one bound to headers only, nor at another host
+    sent = out[2].get("body", {})
+    assert json.loads(sent.get("body", "{}")) == {"BODY_TOKEN": BODY_VALUE, "API_TOKEN": "tsm-secret:apitoken"}, out[2]
+    assert sent["length"] == len(sent["body"].encode()), sent
+    assert json.loads(out[3].get("body", {}).get("body", "{}")) == {
+        "BODY_TOKEN": "tsm-secret:bodytoken", "API_TOKEN": "tsm-secret:apitoken"}, out[3]
     # the bound host got the value, over TLS the node verified against the cluster CA it trusts
     assert out[0].get("body", {}).get("authorization") == f"Bearer {SECRET_VALUE}", out[0]
     # another host gets the placeholder as the node sent it
     assert out[1].get("body", {}).get("authorization") == "Bearer tsm-secret:apitoken", out[1]
     # inside the node: no environment, no file holds the value
-    cmd = f"python3 -c {shlex.quote(SEARCH)} {base64.b64encode(SECRET_VALUE.encode()).decode()}"
-    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
-               timeout=120)
-    found = json.loads(r.json()["data"]["display"].split("PROBE", 1)[1].strip().splitlines()[0])[0]
-    assert found == {"hits": [], "env": "tsm-secret:apitoken"}, found
+    for value in (SECRET_VALUE, BODY_VALUE):
+        cmd = f"python3 -c {shlex.quote(SEARCH)} {base64.b64encode(value.encode()).decode()}"
+        r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
+                   timeout=120)
+        found = json.loads(r.json()["data"]["display"].split("PROBE", 1)[1].strip().splitlines()[0])[0]
+        assert found == {"hits": [], "env": "tsm-secret:apitoken"}, found
     # the use and the unbound attempt are events; no view, event, log or metric holds the value
     seen = []
     with connect(m.url.replace("http", "ws") + "/ws/events?last_event_id=0", additional_headers=ADMIN) as ws:
@@ -405,13 +484,40 @@ def test_a_secret_reaches_only_its_bound_host_and_never_the_node(start_manager, 
     details = [json.loads(e).get("detail", "") for e in seen]
     assert "secret=used name=apitoken host=allowed.test" in details, details
     assert "secret=unbound name=apitoken host=other.test" in details, details
+    assert "secret=used name=bodytoken host=allowed.test" in details, details
+    assert "secret=unbound name=bodytoken host=other.test" in details, details
     for path in ("/admin/secrets", f"/admin/nodes/{node_id}", "/admin/config", "/admin/nodes"):
         seen.append(httpx.get(m.url + path, headers=ADMIN).text)
     seen += [httpx.get(m.url + "/metrics").text, m.logs()]
     seen += [str(v) for v in redis_client.hgetall(f"{prefix}:egress:secrets").values()]
+    seen.append(console_egress_panel(m, node_id))
     assert any("apitoken" in s for s in seen)
-    assert not [s[:200] for s in seen if SECRET_VALUE in s]
+    assert not [s[:200] for s in seen if SECRET_VALUE in s or BODY_VALUE in s]
     c.post("/release_session")
+
+
+def console_egress_panel(m: Any, node_id: str) -> str:
+    """The console's session page as an admin sees it: its egress panel shows the policy, the
+    refusal and the secret uses (names and hosts); the page's whole text is returned to search."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_console import CHROMIUM, logged_in
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = logged_in(browser.new_context(), m.console_url)
+            page.goto(m.console_url + f"/ui/#/session/{node_id}")
+            page.wait_for_selector("#egress-policy:has-text('\"default\": \"deny\"')", timeout=15000)
+            page.wait_for_selector("#egress-policy:has-text('other.test')", timeout=15000)
+            page.wait_for_selector("#egress-denials:has-text('where=dns name=unlisted.test')", timeout=15000)
+            page.wait_for_selector("#egress-secrets:has-text('secret=used name=apitoken host=allowed.test')",
+                                   timeout=15000)
+            page.wait_for_selector("#egress-secrets:has-text('secret=unbound name=bodytoken host=other.test')",
+                                   timeout=15000)
+            return str(page.content()) + page.inner_text("body")
+        finally:
+            browser.close()
 
 
 def test_a_standby_replica_takes_the_resolver_over_when_its_holder_stops(start_manager, net: Internet) -> None:
@@ -429,4 +535,102 @@ def test_a_standby_replica_takes_the_resolver_over_when_its_holder_stops(start_m
     out = probe(c, ["dns", "other.test"], ["http", "http://allowed.test/"],
                 ["connect", net.names["other.test"], 80])
     assert out[0]["rcode"] == 3 and out[1].get("status") == 200 and out[2]["what"] == "ECONNREFUSED", out
+    c.post("/release_session")
+
+
+def _streams(net: Internet) -> int:
+    """Connections the test internet's servers hold open on port 80."""
+    out = subprocess.run(["ip", "netns", "exec", net.ns, "ss", "-Htn", "state", "established", "( sport = :80 )"],
+                         capture_output=True, text=True, check=True).stdout
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+@pytest.mark.parametrize("path", ["proxy", "forward"])
+def test_narrowing_a_policy_cuts_connections_already_open(start_manager, net: Internet, path: str) -> None:
+    # a download open while the policy is narrowed must not run on: through the host proxy (a
+    # name's learned address on 80) and straight through the firewall (an allowed range)
+    m = enforcing(start_manager, net)
+    other = net.names["other.test"]
+    if path == "proxy":
+        c = session(m.url, {"default": "deny", "allow": ["other.test"]})
+        assert probe(c, ["dns", "other.test"])[0]["rcode"] == 0
+    else:
+        c = session(m.url, {"default": "deny", "allow": [f"{other}/32"]})
+    node_id = c.cookies["node_id"]
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(probe(c, ["drip", other, 80, "other.test", 60])[0]))
+    t.start()
+    wait_for(lambda: _streams(net) >= 1, timeout=60, what="the node's stream open")
+    t0 = time.time()
+    r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=ADMIN, json={"default": "deny"})
+    assert r.status_code == 200, r.text
+    t.join()
+    out = result[0]
+    took = out["died"] - t0
+    report(f"egress: an open connection ({path}) cut {took * 1000:.0f} ms after the policy narrowed")
+    # reset, not a clean end (which a client would take for a whole download), long before the
+    # stream's own 60 s; the 1 s bound is the feature
+    assert out["how"] == "ConnectionResetError" and out["bytes"] > 0, out
+    assert 0 < took < 1.0, out
+    c.post("/release_session")
+
+
+def test_dns_over_tcp_and_no_ipv6(start_manager, net: Internet) -> None:
+    # a query over TCP is decided as one over UDP; an answer too big for UDP is fetched whole over
+    # TCP upstream and every address in it opened; nodes have no IPv6, and AAAA answers carry none
+    m = enforcing(start_manager, net)
+    c = session(m.url, {"default": "deny", "allow": ["allowed.test", MANY]})
+    out = probe(c, ["dns_tcp", "allowed.test"], ["dns_tcp", "other.test"], ["dns_tcp", MANY],
+                ["dns", MANY], ["http", "http://allowed.test/"],
+                ["dns", "allowed.test", 28], ["dns_tcp", "allowed.test", 28], ["dns", "other.test", 28], ["ipv6"])
+    assert out[0]["rcode"] == 0 and out[0]["answers"] == 1, out[0]
+    assert out[1]["rcode"] == 3, out[1]  # NXDOMAIN over TCP too
+    assert out[2]["rcode"] == 0 and out[2]["answers"] == MANY_RECORDS and not out[2]["tc"], out[2]
+    assert out[3]["rcode"] == 0 and out[3]["tc"], out[3]  # over UDP: truncated, the client retries on TCP
+    assert out[4].get("status") == 200, out[4]
+    table = nft.run(f"list set inet {nft.table_name(bridge_of(m))} learned\n")
+    assert all(f"203.0.113.{i} " in table for i in range(1, MANY_RECORDS + 1)), table
+    # the name is allowed and has AAAA records upstream: the node gets an empty answer, not a
+    # dead IPv6 address to try first; an unlisted name is NXDOMAIN whatever its type
+    assert out[5] == {"rcode": 0, "answers": 0, "tc": False}, out[5]
+    assert out[6] == {"rcode": 0, "answers": 0, "tc": False}, out[6]
+    assert out[7]["rcode"] == 3, out[7]
+    assert out[8]["addresses"] == [] and out[8]["connect"] in ("ENETUNREACH", "EADDRNOTAVAIL", "EAFNOSUPPORT"), out[8]
+    c.post("/release_session")
+
+
+def test_the_secrets_key_rotates_old_sealed_secrets_stay_usable(start_manager, net: Internet, tmp_path: Any,
+                                                                 redis_client: Any, prefix: str) -> None:
+    old_key, new_key = "old-key-" + "5e1f", "new-key-" + "9a7b"
+    a = start_manager(name="a", egress=secrets_egress(net, tmp_path, secrets_key=old_key))
+    r = httpx.put(f"{a.url}/admin/secrets/apitoken", headers=ADMIN, json={"value": SECRET_VALUE, "hosts": ["allowed.test"]})
+    assert r.status_code == 200, r.text
+    sealed_old = redis_client.hget(f"{prefix}:egress:secrets", "apitoken")
+    a.stop()
+    # the new key in place, the old one still read: the secret sealed under it is used as before
+    b = start_manager(name="b", egress=secrets_egress(net, tmp_path, secrets_key=new_key, secrets_old_keys=[old_key]))
+    listed = httpx.get(f"{b.url}/admin/secrets", headers=ADMIN).json()["secrets"]
+    assert [(s["name"], s["sealed_with"]) for s in listed] == [("apitoken", "old")], listed
+    c = httpx.Client(base_url=b.url, timeout=60)
+    assert c.post("/get_cookie").status_code == 200
+    node_id = c.cookies["node_id"]
+    r = httpx.put(f"{b.url}/admin/nodes/{node_id}/egress", headers=ADMIN, json={"default": "deny", "allow": ["allowed.test"]})
+    assert r.status_code == 200
+    out = probe(c, ["https_env", "https://allowed.test/"])
+    assert out[0].get("body", {}).get("authorization") == f"Bearer {SECRET_VALUE}", out[0]
+    # rotated: sealed again under the new key (a new sealed form), which alone opens it from now on
+    r = httpx.post(f"{b.url}/admin/secrets/rotate", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["resealed"] == ["apitoken"], r.text
+    assert httpx.post(f"{b.url}/admin/secrets/rotate", headers=ADMIN).json()["current"] == ["apitoken"]
+    assert redis_client.hget(f"{prefix}:egress:secrets", "apitoken") != sealed_old
+    config = httpx.get(f"{b.url}/admin/config", headers=ADMIN).text
+    assert old_key not in config and new_key not in config, config
+    b.stop()
+    n = start_manager(name="n", egress=secrets_egress(net, tmp_path, secrets_key=new_key))
+    listed = httpx.get(f"{n.url}/admin/secrets", headers=ADMIN).json()["secrets"]
+    assert [(s["name"], s["sealed_with"]) for s in listed] == [("apitoken", "current")], listed
+    c = httpx.Client(base_url=n.url, timeout=60, cookies={"node_id": node_id})
+    wait_for(lambda: "egress_resolver_serving" in n.logs(), timeout=30, what="the new replica's resolver")
+    out = probe(c, ["https_env", "https://allowed.test/"])
+    assert out[0].get("body", {}).get("authorization") == f"Bearer {SECRET_VALUE}", out[0]
     c.post("/release_session")

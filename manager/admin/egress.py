@@ -33,7 +33,14 @@ async def admin_secrets(request: Request) -> Response:
     return json_response({"secrets": await egress.list_secrets(rt)})
 
 
+async def admin_rotate_secrets(request: Request) -> Response:
+    """Seal again under egress.secrets_key every secret sealed under an old key (names only)."""
+    rt = admin._admin(request)
+    return json_response(await egress.rotate_secrets(rt))
+
+
 def egress_routes() -> list[BaseRoute]:
     return [Route("/admin/nodes/{node_id}/egress", admin_policy, methods=["GET", "PUT"]),
             Route("/admin/secrets", admin_secrets, methods=["GET"]),
+            Route("/admin/secrets/rotate", admin_rotate_secrets, methods=["POST"]),
             Route("/admin/secrets/{name}", admin_secret, methods=["PUT"])]

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from manager.admin import api as admin
+from manager.admin import egress as admin_egress
 from manager.edge.responses import json_response
 from manager.events import ws as events_ws
 from manager.forks import routes as fork_routes
@@ -219,7 +220,10 @@ class AdminBridge:
     in-process (it never travels back to the browser), every admin route reused as it is."""
 
     def __init__(self) -> None:
-        self.router = Router(routes=[*fork_routes.admin_fork_routes(), *admin.admin_routes()])
+        # egress: the page reads a session's policy (GET only: /ui/api takes no PUT, so neither a
+        # policy nor a secret is set from the page)
+        self.router = Router(routes=[*fork_routes.admin_fork_routes(), *admin.admin_routes(),
+                                     *admin_egress.egress_routes()])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)

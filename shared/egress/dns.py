@@ -89,7 +89,7 @@ class EgressResolver:
         task.add_done_callback(self._tasks.discard)
 
     async def _answer_udp(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = await self.answer(data, addr[0])
+        reply = await self.answer(data, addr[0], udp=True)
         if reply is not None and self._udp is not None:
             self._udp.sendto(reply, addr)
 
@@ -108,7 +108,7 @@ class EgressResolver:
         finally:
             writer.close()
 
-    async def answer(self, data: bytes, source: str) -> bytes | None:
+    async def answer(self, data: bytes, source: str, udp: bool = False) -> bytes | None:
         """The reply to one query from ``source`` (None: not a DNS query, dropped)."""
         try:
             req = DNSRecord.parse(data)
@@ -134,6 +134,17 @@ class EgressResolver:
         except Exception:
             reply.header.rcode = RCODE.SERVFAIL
             return bytes(reply.pack())
+        # nodes have no IPv6 (their network has none, and IPv6 is off in their kernel; the table
+        # refuses any from the bridge): an AAAA record would only send clients to a dead address
+        # first, so answers carry none (an AAAA query of an allowed name gets NOERROR, empty)
+        up.rr = [rr for rr in up.rr if rr.rtype != QTYPE.AAAA]
+        up.ar = [rr for rr in up.ar if rr.rtype != QTYPE.AAAA]
+        if udp and len(up.pack()) > _udp_limit(req):
+            # too big for the client's UDP: truncated, it asks again over TCP and learns it all
+            # then (opening addresses it was not told about would open more than it sees)
+            up.rr, up.auth, up.ar = [], [], []
+            up.header.tc = 1
+            return bytes(up.pack())
         addrs: list[tuple[str, int]] = []
         for rr in up.rr:
             # the node's cache must not outlive the firewall's element: TTLs are held to the bounds
@@ -153,12 +164,37 @@ class EgressResolver:
             try:
                 await loop.sock_connect(sock, (host, port))
                 await loop.sock_sendall(sock, data)
-                return await asyncio.wait_for(loop.sock_recv(sock, 65535), UPSTREAM_TIMEOUT)
-            except (OSError, TimeoutError) as exc:
+                raw = await asyncio.wait_for(loop.sock_recv(sock, 65535), UPSTREAM_TIMEOUT)
+                # truncated (TC): the whole answer over TCP, else the node would learn (and be
+                # opened) only part of it, and a client asking over TCP would get the stub
+                if len(raw) > 2 and raw[2] & 0x02:
+                    return await asyncio.wait_for(_ask_tcp(host, port, data), UPSTREAM_TIMEOUT)
+                return raw
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.warning("egress_dns_upstream_failed upstream=%s:%d error=%r", host, port, exc)
             finally:
                 sock.close()
         return None
+
+
+def _udp_limit(req: DNSRecord) -> int:
+    """The UDP answer size a query allows: 512 bytes, or what its EDNS record says (RFC 6891)."""
+    for rr in req.ar:
+        if rr.rtype == QTYPE.OPT:
+            return max(512, int(rr.rclass))
+    return 512
+
+
+async def _ask_tcp(host: str, port: int, data: bytes) -> bytes:
+    """One query over TCP (RFC 7766: a two-byte length before each message)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(struct.pack("!H", len(data)) + data)
+        await writer.drain()
+        size = struct.unpack("!H", await reader.readexactly(2))[0]
+        return await reader.readexactly(size)
+    finally:
+        writer.close()
 
 
 class _Udp(asyncio.DatagramProtocol):

@@ -12,10 +12,15 @@ run as before: a packet must pass both, so this can only take egress away, never
                              proxy (shared/egress/proxy.py), which checks SNI/Host against it
   input, from the bridge:    replies pass; the resolver's and the proxy's ports on the bridge
                              address; the rest refused
-  forward, from the bridge:  replies pass; the platform set is refused; a session's denied
-                             ranges are refused; its learned (resolved) addresses, its allowed
-                             ranges and "default: allow" sessions pass; the rest is refused
-                             with a TCP reset or ICMP admin-prohibited: a refusal seen at once
+  forward, from the bridge:  the node's answers to connections made to it pass; the platform
+                             set is refused; a session's denied ranges are refused; its learned
+                             (resolved) addresses, its allowed ranges and "default: allow"
+                             sessions pass; the rest is refused with a TCP reset or ICMP
+                             admin-prohibited: a refusal seen at once. Connections the node
+                             opened are checked at every packet, not only the first: a policy
+                             narrowed while one is open resets it at the node's next packet
+                             (``live`` keeps a learned pair past its TTL for the connections
+                             already open to it, until a policy takes the name away)
 """
 
 from __future__ import annotations
@@ -79,6 +84,9 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
         f"add set inet {t} platform {{ type ipv4_addr; flags interval; auto-merge; }}",
         # learned from the resolver: node . destination, each for its answer's TTL
         f"add set inet {t} learned {{ type ipv4_addr . ipv4_addr; flags timeout; }}",
+        # every learned pair not since taken away: connections opened while it was learned go on
+        # past its TTL (a download outlives a 60 s record), new ones need a fresh answer
+        f"add set inet {t} live {{ type ipv4_addr . ipv4_addr; }}",
         f"add set inet {t} allow_net {{ type ipv4_addr . ipv4_addr; flags interval; }}",
         f"add set inet {t} deny_net {{ type ipv4_addr . ipv4_addr; flags interval; }}",
         f"add set inet {t} open_nodes {{ type ipv4_addr; }}",
@@ -97,10 +105,14 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
         lines.append(f"add element inet {t} platform {{ {_elems(plat)} }}")
     br = f'iifname "{bridge}"'
     refuse = [f"{br} meta l4proto tcp reject with tcp reset", f"{br} reject with icmpx type admin-prohibited"]
-    for rule in (f"{br} ct state established,related accept",
+    # no blanket "established: accept" for what the node sends: a connection it opened is held
+    # to the policy in force at each packet, so narrowing a policy cuts what is already open
+    for rule in (f"{br} ct direction reply accept",  # the node answering a connection made to it
+                 f"{br} ct state related accept",
                  *[f"{br} ip daddr @platform {r.split(' ', 2)[2]}" for r in refuse],
                  *[f"{br} ip saddr . ip daddr @deny_net {r.split(' ', 2)[2]}" for r in refuse],
                  f"{br} ip saddr . ip daddr @learned accept",
+                 f"{br} ct state established ip saddr . ip daddr @live accept",
                  f"{br} ip saddr . ip daddr @allow_net accept",
                  f"{br} ip saddr @open_nodes accept",
                  *refuse):
@@ -148,18 +160,22 @@ def learn_script(bridge: str, node_ip: str, addrs: Iterable[tuple[str, int]]) ->
     # the element is deleted and added in the one transaction to refresh it
     return (f"add element inet {t} learned {{ {_elems(items)} }}\n"
             f"delete element inet {t} learned {{ {_elems(i.split(' timeout')[0] for i in items)} }}\n"
-            f"add element inet {t} learned {{ {_elems(items)} }}\n")
+            f"add element inet {t} learned {{ {_elems(items)} }}\n"
+            f"add element inet {t} live {{ {_elems(i.split(' timeout')[0] for i in items)} }}\n")
 
 
 def forget_script(bridge: str, pairs: Iterable[tuple[str, str]]) -> str:
-    """Close learned (node, destination) pairs at once (a policy change took their name away)."""
+    """Close learned (node, destination) pairs at once, and the connections open to them (a policy
+    change took their name away)."""
     items = [f"{n} . {a}" for n, a in pairs]
     if not items:
         return ""
     t = table_name(bridge)
     # added first so the delete never fails on a pair that expired meanwhile
     return (f"add element inet {t} learned {{ {_elems(i + ' timeout 1s' for i in items)} }}\n"
-            f"delete element inet {t} learned {{ {_elems(items)} }}\n")
+            f"delete element inet {t} learned {{ {_elems(items)} }}\n"
+            f"add element inet {t} live {{ {_elems(items)} }}\n"
+            f"delete element inet {t} live {{ {_elems(items)} }}\n")
 
 
 def remove_script(bridge: str) -> str:

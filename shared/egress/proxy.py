@@ -6,7 +6,10 @@ only when that name is allowed and resolved, for this node, to this very address
 is in one of the policy's allowed ranges). So an address shared by many names (a CDN) opened for
 one allowed name does not open the others, and a made-up SNI or Host does not help. Allowed
 connections go to the original destination, bytes moved by the kernel (splice); HTTP requests get
-``Connection: close`` so every request on them is one whose Host was read.
+``Connection: close`` so every request on them is one whose Host was read. Each open connection
+is kept with the name it was let on for, so a narrowed policy cuts those it no longer allows
+(``cut``): the node's end is reset, not closed cleanly, so a cut download is never taken for a
+whole one.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import threading
 from collections.abc import Callable
 
 from shared.egress import sniff
-from shared.egress.secrets import CertMint, Secret
+from shared.egress.secrets import MAX_BODY, CertMint, Secret, body_length, substitute_body, with_length, without_expect
 from shared.egress.secrets import substitute as secrets_substitute
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(raw[4:8]), port
 
 
+# (node address, destination address, name) -> whether a connection let on before may go on
+StillAllowed = Callable[[str, str, str], bool]
 # host -> the secrets bound to it (None: none, the connection is spliced untouched)
 SecretsFor = Callable[[str], dict[str, Secret] | None]
 # (node address, host, names used, names sent to a host they are not bound to)
@@ -62,6 +67,29 @@ class EgressProxy:
         self.sock: socket.socket | None = None
         self.accepting: asyncio.Task[None] | None = None
         self.conns: set[asyncio.Task[None]] = set()
+        # connections let on: (node, destination, name) -> what cuts each
+        self.open: dict[int, tuple[tuple[str, str, str], Callable[[], None]]] = {}
+        self.open_lock = threading.Lock()
+
+    def _track(self, key: tuple[str, str, str], cut: Callable[[], None]) -> int:
+        with self.open_lock:
+            handle = id(cut)
+            self.open[handle] = (key, cut)
+        return handle
+
+    def _untrack(self, handle: int) -> None:
+        with self.open_lock:
+            self.open.pop(handle, None)
+
+    def cut(self, still: StillAllowed) -> int:
+        """Reset the open connections a policy no longer allows; how many were cut."""
+        with self.open_lock:
+            gone = [(h, c) for h, (key, c) in self.open.items() if not still(*key)]
+            for h, _ in gone:
+                del self.open[h]
+        for _, c in gone:
+            c()
+        return len(gone)
 
     async def start(self, host: str, port: int) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -136,7 +164,10 @@ class EgressProxy:
             up.close()
             _reset(conn)
             return
-        _Spliced(conn, up).start()
+        spliced = _Spliced(conn, up)
+        spliced.done = self._untrack
+        spliced.handle = self._track((node, dst, name or ""), spliced.cut)
+        spliced.start()
 
 
     def _terminate(self, conn: socket.socket, node: str, dst: str, port: int, host: str,
@@ -145,6 +176,13 @@ class EgressProxy:
         placeholders replaced, and on to the real host over TLS verified for ``host``."""
         assert self.mint is not None
         up: socket.socket | None = None
+        cut = threading.Event()
+
+        def stop() -> None:  # from the agent's thread: wakes the two copies below
+            cut.set()
+            _abort(conn)
+
+        handle = self._track((node, dst, host), stop)
         try:
             conn.settimeout(READ_TIMEOUT)
             inner = self.mint.context(host).wrap_socket(conn, server_side=True)
@@ -157,7 +195,24 @@ class EgressProxy:
             if b"\r\n\r\n" not in head:
                 inner.close()
                 return
+            end = head.index(b"\r\n\r\n") + 4
+            head, rest = head[:end], head[end:]
             head, used, unbound = secrets_substitute(sniff.close_after(head), secrets, host)
+            size = body_length(head)
+            if any(s.body for s in secrets.values()) and size is not None and size <= MAX_BODY:
+                # the whole body, to replace placeholders in it (one request: Connection: close)
+                head, expects = without_expect(head)
+                if expects and len(rest) < size:
+                    inner.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                while len(rest) < size:
+                    chunk = inner.recv(min(CHUNK, size - len(rest)))
+                    if not chunk:
+                        break
+                    rest += chunk
+                body, more_used, more_unbound = substitute_body(rest[:size], secrets, host)
+                head, rest = with_length(head, len(body)), body + rest[size:]
+                used, unbound = used + more_used, unbound + more_unbound
+            head += rest
             if self.secret_use is not None and (used or unbound):
                 self.secret_use(node, host, used, unbound)
             ctx = self.upstream_tls or ssl.create_default_context()
@@ -170,8 +225,13 @@ class EgressProxy:
             _copy(up, inner)
             done.join()
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.info("egress_proxy_tls_failed node=%s host=%s error=%r", node, host, exc)
+            if not cut.is_set():
+                log.info("egress_proxy_tls_failed node=%s host=%s error=%r", node, host, exc)
         finally:
+            self._untrack(handle)
+            if up is not None and cut.is_set():
+                with contextlib.suppress(OSError):
+                    up.shutdown(socket.SHUT_RDWR)
             conn.close()
             if up is not None:
                 up.close()
@@ -218,6 +278,14 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _abort(sock: socket.socket) -> None:
+    """From another thread: the socket's close will be a reset, and a thread blocked reading it
+    wakes now (shutdown of the read side sends nothing; the reset goes at close)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with a TCP reset: the node sees a refusal at once, not a hang nor a clean end."""
     with contextlib.suppress(OSError):
@@ -229,9 +297,19 @@ class _Spliced:
     """Two sockets joined both ways; both closed once both directions ended."""
 
     def __init__(self, a: socket.socket, b: socket.socket) -> None:
-        self.a, self.b = a, b
+        self.a, self.b = a, b  # a: the node's end
         self.left = 2
         self.lock = threading.Lock()
+        self.was_cut = False
+        self.handle = 0
+        self.done: Callable[[int], None] = lambda handle: None
+
+    def cut(self) -> None:
+        """Both directions end now; the node's end is reset (not a clean end of its stream)."""
+        self.was_cut = True
+        _abort(self.a)
+        with contextlib.suppress(OSError):
+            self.b.shutdown(socket.SHUT_RDWR)
 
     def start(self) -> None:
         for s in (self.a, self.b):
@@ -254,11 +332,13 @@ class _Spliced:
         finally:
             os.close(r)
             os.close(w)
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+            if not self.was_cut:  # a FIN to the node would end a cut stream as if whole
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
             with self.lock:
                 self.left -= 1
                 last = self.left == 0
             if last:
+                self.done(self.handle)
                 self.a.close()
                 self.b.close()

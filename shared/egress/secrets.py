@@ -10,7 +10,9 @@ to the hosts a secret is bound to.
   the per-cluster CA (``egress.ca_cert_file``/``ca_key_file``, which nodes trust), replaces the
   placeholders of the secrets bound to that host in the request head, and talks to the real host
   over TLS it verifies. A placeholder of a secret not bound to that host goes out as it is, and
-  the attempt is recorded.
+  the attempt is recorded. A secret stored with ``body: true`` is replaced in request bodies too
+  (``substitute_body``: a body of known length up to ``MAX_BODY``, its Content-Length rewritten);
+  in a body, the placeholder of a secret not bound to bodies for that host goes out as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import threading
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,6 +38,7 @@ from shared.egress.policy import name_matches
 
 PLACEHOLDER = re.compile(rb"tsm-secret:([a-z0-9][a-z0-9_.-]{0,62})")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+MAX_BODY = 1 << 20  # bodies read whole to replace placeholders in: larger ones go on untouched
 
 
 def placeholder(name: str) -> str:
@@ -43,18 +47,32 @@ def placeholder(name: str) -> str:
 
 
 class SecretBox:
-    """Seals and opens values under one key (any string: hashed to 256 bits)."""
+    """Seals under one key (any string: hashed to 256 bits) and opens under it or, while a key is
+    being rotated, under the old ones (``egress.secrets_old_keys``)."""
 
-    def __init__(self, key_material: str) -> None:
+    def __init__(self, key_material: str, old: list[str] | tuple[str, ...] = ()) -> None:
         self.aead = AESGCM(hashlib.sha256(key_material.encode()).digest())
+        self.old = [AESGCM(hashlib.sha256(k.encode()).digest()) for k in old if k and k != key_material]
 
     def seal(self, name: str, value: str) -> str:
         nonce = os.urandom(12)
         return base64.b64encode(nonce + self.aead.encrypt(nonce, value.encode(), name.encode())).decode()
 
     def open(self, name: str, sealed: str) -> str:
+        return self.open_which(name, sealed)[0]
+
+    def open_which(self, name: str, sealed: str) -> tuple[str, bool]:
+        """The value, and whether the current key sealed it (InvalidTag: no key known opens it)."""
         raw = base64.b64decode(sealed)
-        return self.aead.decrypt(raw[:12], raw[12:], name.encode()).decode()
+        try:
+            return self.aead.decrypt(raw[:12], raw[12:], name.encode()).decode(), True
+        except InvalidTag:
+            for aead in self.old:
+                try:
+                    return aead.decrypt(raw[:12], raw[12:], name.encode()).decode(), False
+                except InvalidTag:
+                    continue
+            raise
 
 
 @dataclass(frozen=True)
@@ -62,9 +80,60 @@ class Secret:
     name: str
     value: str
     hosts: tuple[str, ...]
+    body: bool = False  # replaced in request bodies too, not only headers
 
     def bound_to(self, host: str) -> bool:
         return any(name_matches(host, h) for h in self.hosts)
+
+
+def substitute_body(body: bytes, secrets: dict[str, Secret], host: str) -> tuple[bytes, list[str], list[str]]:
+    """A request body with the placeholders of secrets bound to ``host`` *for bodies* replaced; the
+    names used, and those left as they are (not bound to this host, or to headers only)."""
+    used: list[str] = []
+    unbound: list[str] = []
+
+    def swap(m: re.Match[bytes]) -> bytes:
+        name = m.group(1).decode()
+        s = secrets.get(name)
+        if s is not None and s.body and s.bound_to(host):
+            used.append(name)
+            return s.value.encode()
+        unbound.append(name)
+        return m.group(0)
+
+    return PLACEHOLDER.sub(swap, body), used, unbound
+
+
+def body_length(head: bytes) -> int | None:
+    """The Content-Length of a request head (None: none, or a chunked or unreadable one)."""
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        key = key.strip().lower()
+        if key == b"transfer-encoding":
+            return None
+        if key == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return None
+    return length
+
+
+def without_expect(head: bytes) -> tuple[bytes, bool]:
+    """The head without ``Expect: 100-continue`` and whether it had it: a client waiting for the
+    100 before it sends its body gets it from the proxy, which must read the body first."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [line for line in lines if line.partition(b":")[0].strip().lower() != b"expect"]
+    return b"\r\n".join(kept) + b"\r\n\r\n", len(kept) != len(lines)
+
+
+def with_length(head: bytes, length: int) -> bytes:
+    """The head (ending in a blank line) with its Content-Length set to ``length``."""
+    lines = head[:-4].split(b"\r\n")
+    out = [line if line.partition(b":")[0].strip().lower() != b"content-length" else b"Content-Length: %d" % length
+           for line in lines]
+    return b"\r\n".join(out) + b"\r\n\r\n"
 
 
 def substitute(head: bytes, secrets: dict[str, Secret], host: str) -> tuple[bytes, list[str], list[str]]:

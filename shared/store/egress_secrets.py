@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.store.base import Part, redis_errors, text
+from shared.store.base import Part, Script, redis_errors, text
+
+# one field replaced only while it still holds what was read: a rotation never undoes a put made
+# while it ran
+REPLACE = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('hset', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
 
 
 class StoredSecret(msgspec.Struct, kw_only=True):
@@ -15,9 +25,18 @@ class StoredSecret(msgspec.Struct, kw_only=True):
     hosts: list[str]
     sealed: str  # base64 nonce + AES-GCM ciphertext
     updated_at: float = 0.0
+    body: bool = False  # replaced in request bodies as well as headers
 
 
 class EgressSecretStore(Part):
+    _replace = Script(REPLACE)
+
+    async def replace(self, name: str, was: StoredSecret, now: StoredSecret) -> bool:
+        """Store ``now`` in place of ``was`` (False: the secret changed or went meanwhile)."""
+        with redis_errors():
+            return bool(await self._replace(keys=[self.keys.egress_secrets()],
+                                            args=[name, msgspec.json.encode(was), msgspec.json.encode(now)]))
+
     async def put(self, name: str, secret: StoredSecret) -> None:
         with redis_errors():
             await self.redis.hset(self.keys.egress_secrets(), name, msgspec.json.encode(secret))

@@ -9,7 +9,15 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from shared.egress import sniff
-from shared.egress.secrets import Secret, SecretBox, substitute
+from shared.egress.secrets import (
+    Secret,
+    SecretBox,
+    body_length,
+    substitute,
+    substitute_body,
+    with_length,
+    without_expect,
+)
 
 
 def client_hello(sni: str) -> bytes:
@@ -59,3 +67,32 @@ def test_placeholders_are_replaced_only_for_bound_hosts_and_only_in_headers() ->
     out, used, unbound = substitute(head, secrets, "elsewhere.example.net")
     assert b"V1" not in out and used == [] and "api" in unbound
     assert substitute(head, secrets, "a.svc.example.com")[1] == ["api"]
+
+
+def test_bodies_are_replaced_only_for_secrets_bound_to_bodies_and_their_length_follows() -> None:
+    secrets = {"b": Secret(name="b", value="LONGER-VALUE", hosts=("api.example.com",), body=True),
+               "h": Secret(name="h", value="HEADERS-ONLY", hosts=("api.example.com",))}
+    body = b'{"a": "tsm-secret:b", "c": "tsm-secret:h"}'
+    out, used, unbound = substitute_body(body, secrets, "api.example.com")
+    assert out == b'{"a": "LONGER-VALUE", "c": "tsm-secret:h"}' and used == ["b"] and unbound == ["h"]
+    out, used, unbound = substitute_body(body, secrets, "other.example.net")
+    assert out == body and used == [] and sorted(unbound) == ["b", "h"]
+    head = b"POST / HTTP/1.1\r\nHost: api.example.com\r\ncontent-length: 41\r\n\r\n"
+    assert body_length(head) == 41
+    assert body_length(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n") is None
+    assert body_length(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") is None
+    assert with_length(head, 50) == b"POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 50\r\n\r\n"
+    assert without_expect(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nHost: x\r\n\r\n") == (
+        b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", True)
+    assert without_expect(head) == (head, False)
+
+
+def test_a_box_opens_under_old_keys_and_seals_under_the_current_one() -> None:
+    old = SecretBox("key-1").seal("api", "V")
+    box = SecretBox("key-2", ["key-1"])
+    assert box.open_which("api", old) == ("V", False)
+    assert box.open_which("api", box.seal("api", "V")) == ("V", True)
+    with pytest.raises(InvalidTag):
+        SecretBox("key-2").open("api", old)
+    with pytest.raises(InvalidTag):
+        SecretBox("key-3", ["key-1"]).open("other", old)  # the name is bound in, under any key

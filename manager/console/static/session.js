@@ -1,10 +1,12 @@
-// One session: its record, events, live log, workspace tree and a terminal to its /ws/shell.
+// One session: its record, egress (policy, recent refusals and secret uses), events, live log,
+// workspace tree and a terminal to its /ws/shell.
 import { Terminal } from '/ui/vendor/xterm.mjs';
 import { h, fill, since, bytes } from './dom.js';
 import { api, events, streamLogs, wsUrl } from './api.js';
 import { actionButtons } from './sessions.js';
 
 const MAX_LOG_LINES = 5000;
+const MAX_EGRESS_ROWS = 50;  // recent refusals and secret uses kept on the page, newest first
 let current = null;  // what the open session view holds: sockets, fetches, the terminal
 
 export function closeSession() {
@@ -41,6 +43,23 @@ export function openSession(el, id, ctx) {
   const forkCount = h('input', { type: 'number', id: 'fork-count', min: 1, max: 100, value: 1, style: 'width:4em' });
   const snapName = h('input', { type: 'text', id: 'snapshot-name', placeholder: 'snapshot name', style: 'width:12em' });
   const copyResult = h('span', { class: 'muted', id: 'copy-result' });
+  // egress: the policy in force, and from this session's events its refusals and secret uses
+  // (an event names a secret and a host, never a value: the page cannot show what it never gets)
+  const policyBox = h('pre', { id: 'egress-policy' }, 'reading\u2026');
+  const deniedBox = h('div', { class: 'events card', id: 'egress-denials' }, h('p', { class: 'muted' }, 'none'));
+  const secretsBox = h('div', { class: 'events card', id: 'egress-secrets' }, h('p', { class: 'muted' }, 'none'));
+  const loadPolicy = async () => {
+    try {
+      const d = await api(`nodes/${encodeURIComponent(id)}/egress`);
+      if (current === cur) policyBox.textContent = JSON.stringify(d.egress, null, 2);
+    } catch (e) { if (current === cur) policyBox.textContent = e.detail ?? e.message; }
+  };
+  const egressRow = (box, ev) => {
+    if (!box.dataset.rows) box.replaceChildren();
+    box.dataset.rows = '1';
+    box.prepend(h('div', {}, `${new Date(ev.at * 1000).toLocaleTimeString()}  ${ev.detail ?? ''}`));
+    while (box.childElementCount > MAX_EGRESS_ROWS) box.lastElementChild.remove();
+  };
 
   // a fork's copies, linked; a snapshot's name and size (GET /admin/snapshots lists them all)
   const copyOf = async (what, body, show) => {
@@ -107,6 +126,9 @@ export function openSession(el, id, ctx) {
       h('button', { type: 'button', id: 'fork', onclick: doFork }, 'fork'), snapName,
       h('button', { type: 'button', id: 'snapshot', onclick: doSnapshot }, 'snapshot'), copyResult),
     recordBox,
+    h('div', { class: 'cols', id: 'egress' },
+      h('div', {}, h('h2', {}, 'Egress policy'), policyBox),
+      h('div', {}, h('h2', {}, 'Egress refused'), deniedBox, h('h2', {}, 'Secrets used'), secretsBox)),
     h('div', { class: 'cols' },
       h('div', {}, h('h2', {}, 'Log'),
         h('div', { class: 'toolbar' }, h('label', {}, 'tail ', tail), h('label', {}, follow, ' follow'),
@@ -124,9 +146,14 @@ export function openSession(el, id, ctx) {
     onEvent: ev => {
       eventsBox.prepend(h('div', {}, `${new Date(ev.at * 1000).toLocaleTimeString()}  ${ev.event}`,
         ev.detail ? `  ${ev.detail}` : '', h('span', { class: 'muted' }, `  by ${ev.replica_id}`)));
-      if (current === cur) loadRecord();
+      if (current !== cur) return;
+      if (ev.event === 'egress_refused') egressRow(deniedBox, ev);
+      else if (ev.event === 'egress_secret') egressRow(secretsBox, ev);
+      else if (ev.event === 'egress_policy') loadPolicy();
+      loadRecord();
     },
   });
+  loadPolicy();
   loadRecord();
   startLogs();
   loadFiles();
