@@ -64,6 +64,19 @@ def client(url: str, node_id: str | None = None) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=300, cookies={"node_id": node_id} if node_id else None)
 
 
+PHASE = "toolserver_node_create_phase_duration_seconds_sum"
+
+
+def phase_sums(url: str) -> dict[str, float]:
+    """Seconds every creation so far spent in each phase (queue, workspace, create, start, probe ...)."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=60).text.splitlines():
+        if line.startswith(PHASE + "{"):
+            name = line.split('phase="', 1)[1].split('"', 1)[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def release(url: str, ids: list[str]) -> None:
     for i in ids:
         with client(url, i) as c:
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             out["stall"] = {"held": summarize(stalls), "slowest_call": summarize(worst), "fork_1": summarize(fork_s)}
             print("  stall measured", file=sys.stderr, flush=True)
 
+            before = phase_sums(url)
             t0 = time.perf_counter()
             resp = src.post("/fork_session", json={"count": args.copies})
             if resp.status_code != 200:
@@ -164,9 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
             with ThreadPoolExecutor(len(copies)) as pool:
                 list(pool.map(call, copies))
+            after = phase_sums(url)
             out["copies"] = {"n": len(copies), "fork_answered_s": answered,
                              "all_answered_s": time.perf_counter() - t0,
-                             "stall_s": resp.json()["stall_seconds"]}
+                             "stall_s": resp.json()["stall_seconds"],
+                             # where a copy's creation spent its time, on average over the copies
+                             "phases_mean_s": {k: (after.get(k, 0.0) - before.get(k, 0.0)) / len(copies)
+                                               for k in after}}
             release(url, copies)
             print("  copies measured", file=sys.stderr, flush=True)
 
@@ -223,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
          fmt(sa["snapshot"]["max_ms"]), f"{ratio:.2f}x cold (goal <= 1.2x)"),
     ]
     print(markdown_table(("case", "n", "p50 ms", "max ms", "note"), rows))
+    ph = cp["phases_mean_s"]
+    print(f"\nfork into {cp['n']}: where each copy's creation went (mean ms per copy; the source's copy "
+          f"held writes {cp['stall_s'] * 1000:.0f} ms, the fork answered at {cp['fork_answered_s'] * 1000:.0f} ms)")
+    print(markdown_table(("phase", "mean ms"), [(k, fmt(v * 1000)) for k, v in ph.items() if v > 0.0005]))
     print(f"image_dir {args.image_dir}; {load_line(load0)}")
     path = write_json("fork_bench", {"results": out, "snapshot_over_cold_p50": ratio, "image_dir": args.image_dir})
     print(f"json: {path}")
