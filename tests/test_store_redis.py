@@ -44,6 +44,28 @@ async def test_claim_skips_stale_ids_and_never_hands_a_node_out_twice(store: Sto
     assert int(await store.redis.hget(k.client_count(), "c1")) == 25
 
 
+async def test_concurrent_claims_take_different_ids_of_the_head_instead_of_retrying_one_by_one(
+        store: Store) -> None:
+    k = store.keys
+    pooled = [f"b{i}" for i in range(40)]
+    for nid in pooled:
+        await store.put_node(NodeRecord(id=nid, manager_id="mb", role="pooled"))
+    await store.redis.rpush(k.pool("mb"), *pooled)
+    calls = [0]
+    script = store._claim
+
+    async def counted(*a: object, **kw: object) -> object:
+        calls[0] += 1
+        return await script(*a, **kw)
+
+    store._claim = counted  # type: ignore[method-assign]
+    got = await asyncio.gather(*(store.claim_pooled("mb", client="c2") for _ in range(40)))
+    assert sorted(g for g in got if g) == sorted(pooled)
+    # a burst reads the same head: each claimer takes another of its ids, a few rounds in all (one
+    # claim a round, as when only the head itself could be taken, is 40 + 39 + ... = 820 calls)
+    assert calls[0] <= 40 + 24 + 8 + 8, calls[0]
+
+
 async def test_a_claim_is_one_call_counting_the_arrival_starting_idle_time_and_returning_the_record(
         store: Store) -> None:
     k = store.keys

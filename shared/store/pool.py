@@ -14,11 +14,13 @@ from shared.store.quotas import TAKE_CLIENT
 # ARGV[1] now, ARGV[2] client, ARGV[3] claiming replica, ARGV[4..] those ids in pool order
 # (ARGV[i] is the id of KEYS[i + 1]), then the client's limit (0 none), then '0' when the client's count
 # is not to be touched here (on a cluster it is in another slot: taken before the claim)
-# Pops the head while it is the id expected, until one whose record is still pooled, and marks
-# it claimed: two replicas can never hand out the same node. 'again' when the head moved since
-# it was read or more ids wait than were given. A claim is the whole of the pool's work on a
-# client's path, in this one call: the arrival counted (once, on any answer but 'again'), the
-# session's idle time started, and its record returned ({id, field, value, ...}).
+# Takes the first of those ids still in the pool whose record is still pooled (stale ids met on
+# the way are dropped) and marks it claimed: two replicas can never hand out the same node, and
+# claimers that read the same head each take another of its ids instead of all but one retrying
+# (a 100-way burst made that a hundred rounds). 'again' when none of them was left and more wait.
+# A claim is the whole of the pool's work on a client's path, in this one call: the arrival
+# counted (once, on any answer but 'again'), the session's idle time started, and its record
+# returned ({id, field, value, ...}).
 CLAIM_POOLED = """
 local n = #KEYS - 4
 local climit = tonumber(ARGV[n + 4] or '0')
@@ -28,9 +30,7 @@ if ARGV[2] ~= '' and climit > 0 and tonumber(redis.call('hget', KEYS[2], ARGV[2]
 end
 for i = 5, #KEYS do
   local id = ARGV[i - 1]
-  if redis.call('lindex', KEYS[1], 0) ~= id then return 'again' end
-  redis.call('lpop', KEYS[1])
-  if redis.call('hget', KEYS[i], 'role') == 'pooled' then
+  if redis.call('lrem', KEYS[1], 1, id) == 1 and redis.call('hget', KEYS[i], 'role') == 'pooled' then
     redis.call('hset', KEYS[i], 'role', 'claiming', 'claimed_at', ARGV[1], 'client', ARGV[2], 'updated_at', ARGV[1],
                'claimed_by', ARGV[3])
     if ARGV[2] ~= '' and ARGV[n + 5] ~= '0' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
@@ -47,7 +47,7 @@ redis.call('incr', KEYS[3])
 return false
 """
 
-CLAIM_BATCH = 10  # pool ids read ahead per claim attempt
+CLAIM_BATCH = 16  # pool ids read ahead per claim attempt
 
 
 class Pool(Part):
@@ -109,7 +109,7 @@ class Pool(Part):
                     return rec
                 if not got or text(got) == "client":
                     return None
-                # 'again': the head moved since it was read
+                # 'again': other claims took every id read; the pool's head is read anew
 
     def pool_push_op(self, manager_id: str, node_id: str) -> Op:
         return ("rpush", self.keys.pool(manager_id), [node_id])
