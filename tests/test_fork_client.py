@@ -56,3 +56,24 @@ def test_fork_and_snapshot_from_the_client_and_the_cli(start_manager) -> None:
         with Admin(m.url, ADMIN_TOKEN) as a:
             assert a.snapshots() == []
             assert a.release_nodes(*forked["sessions"]) == {forked["sessions"][0]: "released"}
+
+
+def test_the_admin_says_whose_snapshot_from_the_cli_and_the_client(start_manager) -> None:
+    """Two clients each keep "base": the CLI and Admin delete one only once told whose."""
+    import httpx
+
+    m = start_manager(quota={"client_header": "X-Client"})
+    for who in ("alice", "bob"):
+        s = httpx.Client(base_url=m.url, timeout=120, headers={"X-Client": who})
+        assert s.post("/get_cookie").status_code == 200
+        assert s.post("/snapshot_session", json={"name": "base"}).status_code == 200, who
+    listed = json.loads(ok(admin("snapshots", "--json", url=m.url)))["snapshots"]
+    assert [s["name"] for s in listed] == ["base", "base"]
+    first, second = (s["client"] for s in listed)
+    which = admin("delete-snapshot", "base", url=m.url)
+    assert which.returncode == 1 and "?client=" in which.stderr  # 409: several keep it
+    assert "deleted" in ok(admin("delete-snapshot", "base", "--client", first, url=m.url))
+    with Admin(m.url, ADMIN_TOKEN) as a:
+        assert [s.client for s in a.snapshots()] == [second]
+        a.delete_snapshot("base", client=second)
+        assert a.snapshots() == []
