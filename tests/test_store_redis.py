@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 from shared.errors import QuotaExceeded
-from shared.models import NodeRecord
+from shared.models import NodeRecord, Snapshot
 from shared.store import Store
 
 
@@ -108,3 +110,21 @@ async def test_intents_mark_the_record_at_once_and_a_release_is_never_undone(sto
     # no record, no intent
     assert not await store.record_intent(NodeRecord(id="zz", manager_id="mi"), Intent(op="release", at=1.0))
     assert set(await store.intents("mi")) == {"a"}
+
+
+async def test_a_snapshot_recorded_before_names_were_per_client_is_still_its_clients(store: Store) -> None:
+    """Recorded under its bare name (as before names were per client): found and deleted by its
+    client, never by another."""
+    old = Snapshot(name="legacy", manager_id="m1", seed="s1", source="n1", client="alice", bytes=5, created_at=1.0)
+    k = store.keys
+    await store.redis.hset(k.snapshot("legacy"), mapping={f: str(v) for f, v in msgspec.structs.asdict(old).items()})
+    await store.redis.sadd(k.snapshots(), "legacy")
+    await store.redis.hincrby(k.snapshot_count(), "alice", 1)
+    await store.redis.hincrby(k.snapshot_bytes(), "m1", 5)
+    assert await store.snapshots.get("bob", "legacy") is None
+    assert not await store.snapshots.delete("bob", "legacy")
+    assert await store.snapshots.get("alice", "legacy") == old
+    assert [s.name for s in await store.snapshots.all()] == ["legacy"]
+    assert await store.snapshots.delete("alice", "legacy")
+    assert await store.snapshots.all() == [] and await store.snapshots.usage("m1", "alice") == (0, 0)
+

@@ -73,7 +73,18 @@ class SnapshotStore(Part):
 
     async def get(self, client: str, name: str) -> Snapshot | None:
         """client's snapshot name (another client's of the same name is not it)."""
-        return await self._get(self.keys.snapshot_member(client, name))
+        return (await self._find(client, name))[1]
+
+    async def _find(self, client: str, name: str) -> tuple[str, Snapshot | None]:
+        """(the member it is recorded under, the snapshot). One recorded before names were per
+        client is under its bare name (a name has no ':'): still client's, never another's."""
+        member = self.keys.snapshot_member(client, name)
+        snap = await self._get(member)
+        if snap is None:
+            legacy = await self._get(name)
+            if legacy is not None and legacy.client == client:
+                return name, legacy
+        return member, snap
 
     async def _get(self, member: str) -> Snapshot | None:
         with redis_errors():
@@ -91,6 +102,6 @@ class SnapshotStore(Part):
 
     async def delete(self, client: str, name: str) -> bool:
         """Forget client's snapshot name (its bytes are the backend's to drop); False when there was none."""
-        member = self.keys.snapshot_member(client, name)
+        member, _ = await self._find(client, name)
         with redis_errors():
             return bool(await self._delete(keys=self._keys(member), args=[member]))
