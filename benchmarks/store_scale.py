@@ -9,9 +9,9 @@ lifecycles a second (reserve, record, created, ready, activity, a fenced stop, a
 the store calls a replica and its checker make, 4 events each; commands counted include those a
 script runs). Replicas are light tasks: one per
 manager_id would be 1,000 readers decoding every event in this one process, so ``--readers``
-replicas (of the first manager_ids) follow the event stream as the replica's event hub does, and
-what one of them receives a second is the per-replica figure (every replica reads the same
-stream today, so the figure holds for each of them). Reported per run: per-replica event
+replicas (of the first manager_ids) run the replica's own event hub (manager/events/hub.py), and
+what one of them is handed a second is the per-replica figure (every replica of a manager_id reads
+its manager_id's stream and the broadcast one, so the figure holds for each of them). Reported per run: per-replica event
 deliveries/s (and that times the replicas: one per manager_id), Redis CPU (INFO cpu, all nodes of
 a cluster) and memory per live session, commands per session lifecycle (INFO commandstats, less the
 readers' XREADs and this script's INFO), the checker's store pass (its reads of one manager_id and a
@@ -33,13 +33,15 @@ import msgspec
 import redis
 
 from benchmarks.common import command_line, markdown_table, start_private_redis, write_json
+from manager.events.hub import EventHub
+from manager.replica.activity import AddressCache
 from shared.config import Config
 from shared.models import Event, NodeRecord, NodeStatus
 from shared.store import Store
 from testing import redis_env
 from testing.redis_cluster import RedisCluster
 
-NOT_LIFECYCLE = {"xread", "xrevrange", "info", "ping", "hello", "client", "cluster", "command", "script", "evalsha_ro"}
+NOT_LIFECYCLE = {"xread", "xrevrange", "zcount", "info", "ping", "hello", "client", "cluster", "command", "script", "evalsha_ro"}
 
 
 class Target:
@@ -100,9 +102,9 @@ async def lifecycle(store: Store, mgr: str, token: int, n: int) -> None:
     await store.touch({rec.id: (mgr, time.time())})
     now = time.time()
     await store.fenced(mgr, "chk", token, [store.update_op(rec.id, {"status": "exited"}, now),
-                                          store.event_op(Event(type="stopped", node_id=rec.id, manager_id=mgr))])
+                                          *store.event_op(Event(type="stopped", node_id=rec.id, manager_id=mgr))])
     await store.fenced(mgr, "chk", token, [*store.delete_ops(rec),
-                                          store.event_op(Event(type="released", node_id=rec.id, manager_id=mgr))])
+                                          *store.event_op(Event(type="released", node_id=rec.id, manager_id=mgr))])
 
 
 async def checker_pass(store: Store, mgr: str, token: int) -> float:
@@ -118,13 +120,18 @@ async def checker_pass(store: Store, mgr: str, token: int) -> float:
     return time.perf_counter() - t0
 
 
-async def reader(store: Store, stop: asyncio.Event, got: list[int], i: int) -> None:
-    last = await store.last_event_id()
-    while not stop.is_set():
-        events = await store.read_events(last, block_ms=200, count=1000)
-        if events:
-            last = events[-1].id
-            got[i] += len(events)
+async def reader(store: Store, mgr: str, stop: asyncio.Event, got: list[int], i: int) -> None:
+    """A replica of mgr: its own event hub (manager/events/hub.py), counting what it is handed."""
+
+    def count(_ev: Event) -> None:
+        got[i] += 1
+
+    hub = EventHub(store, AddressCache(30.0), count, manager_id=mgr)
+    task = asyncio.create_task(hub.run())
+    await stop.wait()
+    hub.stop()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def one_run(target: Target, primaries: set[int], n_mgr: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -151,8 +158,8 @@ async def one_run(target: Target, primaries: set[int], n_mgr: int, args: argpars
 
         stop = asyncio.Event()
         got = [0] * min(args.readers, n_mgr)
-        readers = [asyncio.create_task(reader(store, stop, got, i)) for i in range(len(got))]
-        await asyncio.sleep(0.5)
+        readers = [asyncio.create_task(reader(store, mgrs[i], stop, got, i)) for i in range(len(got))]
+        await asyncio.sleep(1.5)  # each hub follows its streams
         start_info = target.info()
         rate = n_mgr * args.churn
         done = 0

@@ -42,8 +42,9 @@ class Fence:
         stamped = {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in fields.items()}
         return self.store.update_op(node_id, stamped, now)
 
-    def event(self, kind: EventKind, node_id: str, detail: str = "") -> Op:
-        """A node event, published by the same write as the change it tells of."""
+    def event(self, kind: EventKind, node_id: str, detail: str = "") -> list[Op]:
+        """A node event's writes (its manager's stream and the cluster-wide one), published by the
+        same write as the change it tells of."""
         return self.store.event_op(Event(type=kind, node_id=node_id, manager_id=self.manager_id,
                                          replica_id=self.lease.holder, detail=detail))
 

@@ -39,7 +39,7 @@ async def carry_out(ops: NodeOps, fence: Fence) -> int:
                 await backend.remove(rec.cid)
             if rec.workspace:
                 await backend.remove_workspace(rec.workspace)
-            await fence.write([*store.delete_ops(rec), store.intent_done_op(mid, node_id), fence.event(EventKind.RELEASED, node_id, detail)])
+            await fence.write([*store.delete_ops(rec), store.intent_done_op(mid, node_id), *fence.event(EventKind.RELEASED, node_id, detail)])
         else:
             gone = not rec.cid
             try:
@@ -55,7 +55,7 @@ async def carry_out(ops: NodeOps, fence: Fence) -> int:
                 writes = store.delete_ops(rec)
             else:
                 writes = [fence.update(node_id, stopped_fields(now), now)]
-            await fence.write([*writes, store.intent_done_op(mid, node_id), fence.event(EventKind.REMOVED if gone else EventKind.STOPPED, node_id, detail)])
+            await fence.write([*writes, store.intent_done_op(mid, node_id), *fence.event(EventKind.REMOVED if gone else EventKind.STOPPED, node_id, detail)])
         done += 1
         metrics.INTENTS.labels(intent.op, "done").inc()
         log.info("intent_carried_out node_id=%s manager_id=%s op=%s waited_s=%.1f", node_id[:12], mid,

@@ -239,14 +239,14 @@ class Checker:
             if "container_id" in fields:  # an archived session found with a container again
                 ops.append(store.archived_op(self.mid, node_id, False))
             if fields.get("status") == NodeStatus.EXITED:
-                ops.append(ev(EventKind.STOPPED, node_id, "seen exited"))
+                ops.extend(ev(EventKind.STOPPED, node_id, "seen exited"))
             elif fields.get("status") == NodeStatus.PAUSED:  # paused behind our back: proxies must thaw it
-                ops.append(ev(EventKind.PAUSED, node_id, "seen paused"))
+                ops.extend(ev(EventKind.PAUSED, node_id, "seen paused"))
         for node_id, health in p.health_events:
-            ops.append(ev(EventKind.HEALTH, node_id, health))
+            ops.extend(ev(EventKind.HEALTH, node_id, health))
         for rec in p.forget:
             ops += store.delete_ops(rec)
-            ops.append(ev(EventKind.REMOVED, rec.id, "container gone"))
+            ops.extend(ev(EventKind.REMOVED, rec.id, "container gone"))
         for rec in p.adopt:
             # the secret lives in the container's own config: a record rebuilt after Redis lost it
             # must carry it, or the proxy could no longer reach the node
@@ -254,12 +254,12 @@ class Checker:
                 rec.secret = await self.backend.node_secret(rec.cid)
         for rec in p.adopt:
             ops += store.adopt_ops(rec, now)
-            ops.append(ev(EventKind.ADOPTED, rec.id))
+            ops.extend(ev(EventKind.ADOPTED, rec.id))
             if rec.role == Role.POOLED and rec.status == NodeStatus.RUNNING:
                 ops.append(store.pool_push_op(self.mid, rec.id))
         for rec in p.restore:
             ops += [*store.adopt_ops(rec, now), store.archived_op(self.mid, rec.id)]
-            ops.append(ev(EventKind.ADOPTED, rec.id, "archived, from its workspace"))
+            ops.extend(ev(EventKind.ADOPTED, rec.id, "archived, from its workspace"))
         ops += self.tiers.lost(p.lost)
         for m in p.stale_reservations:
             ops.append(store.unreserve_op(self.mid, m))

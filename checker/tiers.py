@@ -62,7 +62,7 @@ class Tiers:
             return
         now = time.time()
         await self.fence.write([self.fence.update(rec.id, paused_fields(now), now),
-                                self.fence.event(EventKind.PAUSED, rec.id, "idle")])
+                                *self.fence.event(EventKind.PAUSED, rec.id, "idle")])
         self._transition(Tier.PAUSED, rec)
 
     async def idle_stop(self, rec: NodeRecord) -> None:
@@ -77,7 +77,7 @@ class Tiers:
             await self.backend.stop(rec.cid, timeout=self.cfg.node.stop_timeout_seconds)
         now = time.time()
         await self.fence.write([self.fence.update(rec.id, stopped_fields(now, unhealthy=True), now),
-                                self.fence.event(EventKind.IDLE_STOPPED, rec.id)])
+                                *self.fence.event(EventKind.IDLE_STOPPED, rec.id)])
         metrics.CHECKER_ACTIONS.labels(self.mid, "idle_stop").inc()
         metrics.TIER_TRANSITIONS.labels(self.mid, "stopped").inc()
         log.info("node_idle_stopped node_id=%s manager_id=%s", rec.id[:12], self.mid)
@@ -97,7 +97,7 @@ class Tiers:
                 now = time.time()
                 await self.fence.write([self.fence.update(rec.id, archived_fields(now), now),
                                         self.store.archived_op(self.mid, rec.id),
-                                        self.fence.event(EventKind.ARCHIVED, rec.id, "idle")])
+                                        *self.fence.event(EventKind.ARCHIVED, rec.id, "idle")])
                 self.ops.forget_address(rec.id)  # under the lock: a bring-back's new address stays
                 self._transition(Tier.ARCHIVED, rec)
         except SessionBusy:
@@ -115,7 +115,7 @@ class Tiers:
                     await self.backend.remove(fresh.cid)
                 if fresh.workspace:
                     await self.backend.remove_workspace(fresh.workspace)
-                await self.fence.write([*self.store.delete_ops(fresh), self.fence.event(EventKind.EXPIRED, rec.id, "retention")])
+                await self.fence.write([*self.store.delete_ops(fresh), *self.fence.event(EventKind.EXPIRED, rec.id, "retention")])
                 self.ops.forget_address(rec.id)
                 self._transition("deleted", rec)
         except SessionBusy:
@@ -127,7 +127,7 @@ class Tiers:
         ops: list[Op] = []
         for rec in recs:
             ops += [self.fence.update(rec.id, archived_fields(now), now), self.store.archived_op(self.mid, rec.id),
-                    self.fence.event(EventKind.ARCHIVED, rec.id, "container gone")]
+                    *self.fence.event(EventKind.ARCHIVED, rec.id, "container gone")]
             self.ops.forget_address(rec.id)
             self._transition(Tier.ARCHIVED, rec)
         return ops
@@ -139,7 +139,7 @@ class Tiers:
             await self.backend.remove(rec.cid)
         if rec.workspace:
             await self.backend.remove_workspace(rec.workspace)
-        await self.fence.write([*self.store.delete_ops(rec), self.fence.event(EventKind.RELEASED, rec.id, why)])
+        await self.fence.write([*self.store.delete_ops(rec), *self.fence.event(EventKind.RELEASED, rec.id, why)])
         metrics.CHECKER_ACTIONS.labels(self.mid, "remove").inc()
         log.info("node_removed node_id=%s manager_id=%s reason=%s", rec.id[:12], self.mid, why.replace(" ", "_"))
 

@@ -75,7 +75,8 @@ def create_app(cfg: Config) -> ManagerApp:
             if agent is not None:
                 agent.on_event(ev)
 
-        hub = app.state.hub = EventHub(store, rt.cache, on_event)
+        hub = app.state.hub = EventHub(store, rt.cache, on_event, manager_id=cfg.manager_id,
+                                       busy=rt.activity.busy_managers, replica_ttl=cfg.cluster.replica_ttl_seconds)
         await register(rt)
         checker = Checker(rt) if cfg.builtin_monitor else None
         app.state.checker = checker
@@ -95,6 +96,7 @@ def create_app(cfg: Config) -> ManagerApp:
             yield
         finally:
             await begin_shutdown(app)
+            hub.stop()
             for t in tasks:
                 t.cancel()
             # a task that does not end on its cancel would hold the stop forever: name it and go on

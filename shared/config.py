@@ -375,7 +375,8 @@ class CreationConfig(Base):
 
 
 class EventsConfig(Base):
-    stream_maxlen: int = 10000
+    stream_maxlen: int = 10000  # the cluster-wide stream (views of the whole cluster), entries kept
+    manager_stream_maxlen: int = 1000  # each manager_id's own stream (what its replicas read), entries kept
     keepalive_seconds: float = 20.0
     client_timeout_seconds: float = 60.0
     stop_after_unwatched_seconds: float | None = None

@@ -8,7 +8,8 @@ every MULTI touches one slot (README, "Keys on a Redis Cluster"):
   digits and a session's keys (record, watchers, lock) are tagged with its id's first four, so a
   manager's records share the slot of its indexes and its checker's fenced writes;
 - the replica registry (replicas, manager ids seen, draining) is one tag, snapshot metadata
-  another, the events stream a third; a client's live-session count is a key of its own per client
+  another, the cluster-wide events stream and the broadcast stream a third; a manager_id's own
+  events stream is in its home; a client's live-session count is a key of its own per client
   (a client's quota spans manager_ids: the store takes it in two steps, see quotas.py);
 - an MCP session's keys are tagged with its token hash.
 """
@@ -118,8 +119,23 @@ class Keys:
         return f"{self._t('cl:' + client)}:client_count" if self.cluster else f"{self.prefix}:client_count"
 
     def events(self) -> str:
-        """Stream of node lifecycle events (replayable by id)."""
+        """Stream of every node lifecycle event, cluster-wide (replayable by id): what admin and
+        console views of the whole cluster read, and the one stream replicas before the split read."""
         return f"{self._t('ev')}:events"
+
+    def manager_events(self, manager_id: str) -> str:
+        """Stream of the events of one manager_id's sessions: what its replicas (and any replica
+        caching one of its sessions, or watching one) read."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:events"
+
+    def broadcast_events(self) -> str:
+        """Stream of the rare events of no manager_id (an egress secret set), which every replica reads."""
+        return f"{self._t('ev')}:events:broadcast"
+
+    def event_readers(self) -> str:
+        """Sorted set: replica ids that read the split streams, scored by their last heartbeat (a
+        replica in replicas() but not here reads only events(): new replicas then read it too)."""
+        return f"{self._t('reg')}:event_readers"
 
     def session_lock(self, session_id: str) -> str:
         """String 'holder' with a TTL: who is bringing a session's container back."""

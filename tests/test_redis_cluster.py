@@ -76,7 +76,7 @@ async def test_records_lease_fencing_and_intents_on_the_cluster(cstore: Store, c
     assert not await b.acquire()
     ev = Event(type="node_stopped", node_id=recs[0].id, manager_id="m0")
     assert await store.fenced("m0", "A", 1, [store.update_op(recs[0].id, {"status": "exited"}, 2.0),
-                                            store.event_op(ev), store.archived_op("m0", recs[0].id)])
+                                            *store.event_op(ev), store.archived_op("m0", recs[0].id)])
     assert (await store.get_node(recs[0].id)).status == "exited"  # type: ignore[union-attr]
     assert [e.node_id for e in await store.read_events("0-0", block_ms=None)] == [recs[0].id]
 
@@ -94,7 +94,7 @@ async def test_records_lease_fencing_and_intents_on_the_cluster(cstore: Store, c
         renewer.close()
     # the deposed holder writes nothing at all: neither the record nor the events stream of another slot
     assert not await store.fenced("m0", "A", 1, [store.update_op(recs[0].id, {"status": "stale"}, 3.0),
-                                                store.event_op(ev)])
+                                                *store.event_op(ev)])
     assert (await store.get_node(recs[0].id)).status == "exited"  # type: ignore[union-attr]
     assert len(await store.read_events("0-0", block_ms=None)) == 1
 

@@ -22,7 +22,7 @@ from manager.session.resolve import Resolver, node_cookie
 from shared import metrics
 from shared.errors import ManagerError
 from shared.models import Event
-from shared.store import compare_ids
+from shared.store import ALL, Scope, compare_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +92,30 @@ async def stream_events(ws: WebSocket, node_id: str | None, mid: str | None, dat
     rt: Runtime = ws.app.state.rt
     hub = ws.app.state.hub
     enc = msgspec.json.encode
-    sub = hub.subscribe(node_id, mid)
     gauge = metrics.WEBSOCKETS.labels("events")
     gauge.inc()
     watched = False
+    sub = None
     try:
+        scope = await _scope(ws, node_id, mid, data)
+        last = ws.query_params.get("last_event_id")
+        try:
+            if last:
+                compare_ids(last, last)
+        except ValueError:
+            await ws.send_text(enc({"type": "error", "message": f"bad last_event_id: {last}"}).decode())
+            last = None
+        # from the stream's end when the client names no id: subscribed before the replay below,
+        # which reads from there again, so an event the hub read meanwhile is not lost
+        start = last or await rt.store.last_event_id(scope)
+        sub = hub.subscribe(node_id, mid, scope, after=start)
         if watch and node_id:
             await rt.store.watch_started(node_id)
             watched = True
             rt.activity.begin(node_id, data["manager_id"])  # a watched session is not idle
         await ws.send_text(enc({"status": "connect", "success": True, "message": "connect success",
                                 "data": data}).decode())
-        last = ws.query_params.get("last_event_id")
-        if last:
-            await _replay(rt, ws, sub, last)
+        await _replay(rt, ws, sub, start, gap_check=bool(last))
         await _serve(rt, ws, sub)
     except (WebSocketDisconnect, RuntimeError):
         pass
@@ -115,7 +125,8 @@ async def stream_events(ws: WebSocket, node_id: str | None, mid: str | None, dat
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.close(code=CLOSE_UNAVAILABLE, reason=exc.detail[:120])
     finally:
-        sub.close()
+        if sub is not None:
+            sub.close()
         gauge.dec()
         if watched and node_id:  # watched is only set with a node_id
             rt.activity.end(node_id)
@@ -123,24 +134,35 @@ async def stream_events(ws: WebSocket, node_id: str | None, mid: str | None, dat
                 await rt.store.watch_ended(node_id)
 
 
-async def _replay(rt: Runtime, ws: WebSocket, sub: Any, last: str) -> None:
+async def _scope(ws: WebSocket, node_id: str | None, mid: str | None, data: Any) -> Scope:
+    """The stream a socket is served from, whose ids its events carry and ?last_event_id= names:
+    a manager_id's (an admin's ?manager_id=, a session's owner), else the cluster-wide one."""
+    if mid:
+        return mid
+    if node_id:
+        if isinstance(data, dict) and data.get("manager_id"):
+            return str(data["manager_id"])
+        resolver: Resolver = ws.app.state.resolver
+        try:  # a console view of one node: its owner's stream while it has a record
+            return (await resolver.record(node_id)).manager_id
+        except ManagerError:
+            return ALL
+    return ALL
+
+
+async def _replay(rt: Runtime, ws: WebSocket, sub: Any, last: str, *, gap_check: bool) -> None:
     """Send what the client missed after `last`, then mark the live queue to skip duplicates."""
-    try:
-        compare_ids(last, last)
-    except ValueError:
-        await ws.send_text(msgspec.json.encode({"type": "error", "message": f"bad last_event_id: {last}"}).decode())
-        return
-    if await rt.store.events_trimmed_after(last):
+    if gap_check and await rt.store.events_trimmed_after(last, sub.scope):
         await ws.send_text(msgspec.json.encode({"type": "gap", "message": "some events are no longer stored"}).decode())
     cursor = last
     while True:
-        batch = await rt.store.read_events(cursor, block_ms=None, count=500)
-        batch = [e for e in batch if sub.wants(e)] if batch else []
+        batch = await rt.store.read_events(cursor, block_ms=None, count=500, scope=sub.scope)
         if not batch:
             break
         for ev in batch:
-            await ws.send_text(msgspec.json.encode(_event_msg(ev)).decode())
             cursor = ev.id
+            if sub.wants(ev):
+                await ws.send_text(msgspec.json.encode(_event_msg(ev)).decode())
     sub.replayed_to = cursor
 
 

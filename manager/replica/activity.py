@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shared.errors import RedisUnavailable
@@ -40,6 +41,7 @@ class AddressCache:
         # it exists
         self.unknown_ttl = unknown_ttl
         self._unknown: dict[str, float] = {}
+        self.on_put: Callable[[str], None] | None = None
 
     def is_unknown(self, node_id: str) -> bool:
         """Redis said recently that it has no record of node_id."""
@@ -76,6 +78,8 @@ class AddressCache:
             self._last.clear()
         self._entries[rec.id] = (time.monotonic() + self.ttl, rec)
         self._last[rec.id] = rec
+        if self.on_put is not None:
+            self.on_put(rec.manager_id)  # the event hub follows that manager_id's events meanwhile
 
     def last_known(self, node_id: str) -> NodeRecord | None:
         """The last record Redis gave for node_id, however old: only for while Redis does not answer."""
@@ -84,6 +88,11 @@ class AddressCache:
     def invalidate(self, node_id: str) -> None:
         self._entries.pop(node_id, None)
         self._unknown.pop(node_id, None)
+
+    def invalidate_manager(self, manager_id: str) -> None:
+        """Drop the entries of one manager_id's sessions (its events were not read meanwhile)."""
+        for nid in [n for n, (_, rec) in self._entries.items() if rec.manager_id == manager_id]:
+            del self._entries[nid]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -135,6 +144,10 @@ class ActivityRecorder:
 
     def busy(self, node_id: str) -> bool:
         return node_id in self._busy
+
+    def busy_managers(self) -> set[str]:
+        """manager_ids of the nodes with work in progress here (their events must reach the thaw)."""
+        return {mid for mid, _ in self._busy.values()}
 
     async def flush(self) -> None:
         now = time.time()

@@ -23,7 +23,7 @@ from shared.store.base import Op, redis_errors
 from shared.store.connection import connect, sync_client
 from shared.store.console import ConsoleLogins
 from shared.store.egress_secrets import EgressSecretStore
-from shared.store.events import Events, compare_ids
+from shared.store.events import ALL, BROADCAST, Events, Scope, compare_ids
 from shared.store.fenced import Fenced
 from shared.store.intents import Intents
 from shared.store.leases import LeaseRenewer, Leases
@@ -35,18 +35,20 @@ from shared.store.quotas import Quotas
 from shared.store.replicas import Replicas
 from shared.store.snapshots import SnapshotStore
 
-__all__ = ["LeaseRenewer", "Op", "Store", "compare_ids", "connect", "redis_errors"]
+__all__ = ["ALL", "BROADCAST", "LeaseRenewer", "Op", "Scope", "Store", "compare_ids", "connect", "redis_errors"]
 
 
 class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Locks, Events, Replicas, Intents, ConsoleLogins):
     """Typed access to everything the project keeps in Redis."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000,
-                 secrets: NodeSecrets | None = None, lease_redis: aioredis.Redis | None = None) -> None:
+                 secrets: NodeSecrets | None = None, lease_redis: aioredis.Redis | None = None,
+                 manager_stream_maxlen: int = 1000) -> None:
         super().__init__(redis, keys)
         self.leases = Leases(redis, keys, lease_redis)
         self.secrets = secrets or NodeSecrets()
         self.stream_maxlen = stream_maxlen
+        self.manager_stream_maxlen = manager_stream_maxlen
         self.mcp = McpStore(redis, keys)
         self.snapshots = SnapshotStore(redis, keys)
         self.egress_secrets = EgressSecretStore(redis, keys)
@@ -61,7 +63,8 @@ class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Locks, Events, Replicas
         # on a cluster a pool is per node: the lease's few connections on each
         lease = connect(r.url, r.socket_timeout_seconds, r.sentinels, r.sentinel_master, password, 2,
                         r.socket_timeout_seconds, r.cluster_nodes)
-        store = cls(main, Keys(r.key_prefix, cluster=bool(r.cluster_nodes)), cfg.events.stream_maxlen, NodeSecrets(cfg.node_secret_key), lease)
+        store = cls(main, Keys(r.key_prefix, cluster=bool(r.cluster_nodes)), cfg.events.stream_maxlen,
+                    NodeSecrets(cfg.node_secret_key), lease, cfg.events.manager_stream_maxlen)
         store.leases.renewer = lambda: LeaseRenewer(sync_client(cfg), store.keys)
         return store
 

@@ -1,5 +1,6 @@
-"""Events: one capped stream of node events that every replica reads, and the /ws/events watchers
-of each session (XAgent's MainServer marks a watched session alive)."""
+"""Events: capped streams of node events, one per manager_id (read by the replicas they concern)
+plus one cluster-wide (read by views of the whole cluster), and the /ws/events watchers of each
+session (XAgent's MainServer marks a watched session alive)."""
 
 from __future__ import annotations
 
@@ -12,52 +13,108 @@ import msgspec
 import redis.exceptions
 
 from shared.models import Event
-from shared.store.base import Entries, Op, Part, redis_errors, text
+from shared.store.base import Entries, Op, Part, redis_errors, slot, text
+
+# Where an event goes and is read from (a scope): a manager_id's own stream, BROADCAST for events of
+# no manager_id, ALL for the cluster-wide stream every event is also written to.
+BROADCAST = ""
+ALL = None
+Scope = str | None
+SPLIT_MARK = b"s"  # a field on the cluster-wide copy of an event written by a replica that splits
 
 
 class Events(Part):
-    """Publish and read node events; track who watches a session."""
+    """Publish and read node events; track who watches a session.
+
+    Each event is written twice: to its manager_id's stream (BROADCAST's when it has none), which
+    replicas read for their own sessions and those they cache or watch, and to the cluster-wide
+    stream (events()), which only views of the whole cluster read, and replicas before the split."""
 
     stream_maxlen: int
+    manager_stream_maxlen: int
 
-    def event_op(self, ev: Event) -> Op:
-        """An XADD for fenced(): the event travels in the same atomic write as the change."""
-        return ("xadd", self.keys.events(), [self.stream_maxlen, "e", msgspec.json.encode(ev).decode()])
+    def stream_key(self, scope: Scope) -> str:
+        """The stream of a scope: ALL, BROADCAST or a manager_id."""
+        if scope is ALL:
+            return self.keys.events()
+        return self.keys.manager_events(scope) if scope else self.keys.broadcast_events()
+
+    def event_op(self, ev: Event) -> list[Op]:
+        """The XADDs for fenced(): the event travels in the same atomic write as the change (on a
+        cluster the manager's stream does; the cluster-wide copy follows, as writes of other slots do)."""
+        body = msgspec.json.encode(ev).decode()
+        return [("xadd", self.stream_key(ev.manager_id), [self.manager_stream_maxlen, "e", body]),
+                ("xadd", self.keys.events(), [self.stream_maxlen, "e", body, SPLIT_MARK.decode(), "1"])]
 
     async def publish(self, ev: Event) -> str:
+        """Write an event to its streams; its id in its manager_id's stream."""
+        body = msgspec.json.encode(ev)
         with redis_errors():
-            eid = await self.redis.xadd(self.keys.events(), {"e": msgspec.json.encode(ev)},
-                                        maxlen=self.stream_maxlen, approximate=True)
+            # one MULTI on one Redis; on a cluster the two slots are written one after the other
+            async with self.redis.pipeline(transaction=not self.clustered) as p:
+                p.xadd(self.stream_key(ev.manager_id), {"e": body}, maxlen=self.manager_stream_maxlen,
+                       approximate=True)
+                p.xadd(self.keys.events(), {"e": body, SPLIT_MARK: b"1"}, maxlen=self.stream_maxlen,
+                       approximate=True)
+                eid, _ = await p.execute()
         return text(eid)
 
-    async def read_events(self, last_id: str, block_ms: int | None = 1000, count: int = 500) -> list[Event]:
-        """Events after last_id, waiting up to block_ms for the first (None: do not wait)."""
+    async def read_events(self, last_id: str, block_ms: int | None = 1000, count: int = 500,
+                          scope: Scope = ALL) -> list[Event]:
+        """Events of one stream after last_id, waiting up to block_ms for the first (None: do not wait)."""
+        return [ev for _scope, ev, _split in await self.read_streams({scope: last_id}, block_ms, count)]
+
+    async def read_streams(self, cursors: dict[Scope, str], block_ms: int | None = 1000,
+                           count: int = 500) -> list[tuple[Scope, Event, bool]]:
+        """(scope, event, split) after each scope's cursor, in one XREAD (on a cluster the scopes must
+        share a slot: stream_groups). split: a cluster-wide copy written by a replica that splits
+        (its manager_id's stream has it too); False for what replicas before the split wrote."""
+        by_key = {self.stream_key(s): s for s in cursors}
         with redis_errors():
             rows = cast(list[tuple[bytes, Entries]],
-                        await self.redis.xread({self.keys.events(): last_id}, block=block_ms, count=count))
-        out: list[Event] = []
-        for _stream, entries in rows or []:
+                        await self.redis.xread({self.stream_key(s): c for s, c in cursors.items()},
+                                               block=block_ms, count=count))
+        out: list[tuple[Scope, Event, bool]] = []
+        for stream, entries in rows or []:
+            scope = by_key[text(stream)]
             for eid, fields in entries:
                 with contextlib.suppress(msgspec.ValidationError, KeyError):
                     ev = msgspec.json.decode(fields[b"e"], type=Event)
                     ev.id = text(eid)
-                    out.append(ev)
+                    out.append((scope, ev, scope is not ALL or SPLIT_MARK in fields))
         return out
 
-    async def last_event_id(self) -> str:
+    def stream_slot(self, scope: Scope) -> int:
+        """The cluster slot of a scope's stream: streams of one slot are read by one XREAD (0 for
+        every stream on one Redis, where one XREAD reads them all)."""
+        return slot(self.stream_key(scope)) if self.clustered else 0
+
+    async def last_event_id(self, scope: Scope = ALL) -> str:
+        """The id of a stream's newest event ("0-0" when it has none)."""
         with redis_errors():
-            rows = await self.redis.xrevrange(self.keys.events(), count=1)
+            rows = await self.redis.xrevrange(self.stream_key(scope), count=1)
         return text(rows[0][0]) if rows else "0-0"
 
-    async def events_trimmed_after(self, last_id: str) -> bool:
+    async def events_trimmed_after(self, last_id: str, scope: Scope = ALL) -> bool:
         """Whether entries newer than last_id were trimmed away (a resume from it is incomplete)."""
         with redis_errors():
             try:
-                info = await self.redis.xinfo_stream(self.keys.events())
+                info = await self.redis.xinfo_stream(self.stream_key(scope))
             except redis.exceptions.ResponseError:  # no stream yet: nothing was trimmed
                 return False
         deleted = text(info.get("max-deleted-entry-id", "0-0"))
         return compare_ids(deleted, last_id) > 0
+
+    async def unsplit_readers(self, ttl: float) -> bool:
+        """Whether a live replica reads only the cluster-wide stream (a version before the split, in
+        a rolling upgrade): it also writes only there, so split readers must follow that stream too."""
+        now = time.time()
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as p:
+                p.zcount(self.keys.replicas(), now - ttl, "+inf")
+                p.zcount(self.keys.event_readers(), now - ttl, "+inf")
+                live, split = await p.execute()
+        return int(live) > int(split)
 
     async def watch_started(self, node_id: str) -> None:
         """A /ws/events watcher of a session connected (XAgent's MainServer marks it alive)."""

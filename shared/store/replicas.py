@@ -27,6 +27,7 @@ class Replicas(Part):
                 p.hset(k.replica(info.replica_id), mapping={kk: str(v) for kk, v in data.items()})
                 p.pexpire(k.replica(info.replica_id), int(ttl * 1000))
                 p.zadd(k.replicas(), {info.replica_id: info.heartbeat_at})
+                p.zadd(k.event_readers(), {info.replica_id: info.heartbeat_at})  # it reads the split streams
                 p.sadd(k.managers(), info.manager_id)
                 p.zadd(k.manager_seen(), {info.manager_id: info.heartbeat_at}, gt=True)
                 await p.execute()
@@ -42,6 +43,7 @@ class Replicas(Part):
             async with self.redis.pipeline(transaction=True) as p:
                 p.delete(self.keys.replica(replica_id))
                 p.zrem(self.keys.replicas(), replica_id)
+                p.zrem(self.keys.event_readers(), replica_id)
                 await p.execute()
 
     async def live_replicas(self, manager_id: str | None = None) -> list[ReplicaInfo]:
@@ -58,6 +60,7 @@ class Replicas(Part):
             dead = [rid for rid, row in zip(ids, rows) if not row]
             if dead:
                 await self.redis.zrem(k.replicas(), *dead)
+                await self.redis.zrem(k.event_readers(), *dead)
         out = []
         for row in rows:
             if row:

@@ -96,7 +96,7 @@ async def _every_call(store: Store, rec: Recorder) -> None:
     rec.pool_head = [b.encode()]
     await store.claim_pooled("mgr-a", "c1", "r1", 3)
     ops = [*store.delete_ops(_node(a, "mgr-a")), store.update_op(b, {"status": "exited"}, 2.0),
-           *store.adopt_ops(_node(b, "mgr-a"), 2.0), store.event_op(Event(type="node_stopped", node_id=b, manager_id="mgr-a")),
+           *store.adopt_ops(_node(b, "mgr-a"), 2.0), *store.event_op(Event(type="node_stopped", node_id=b, manager_id="mgr-a")),
            store.intent_done_op("mgr-a", b), store.cycle_count_op("mgr-a", 3), store.archived_op("mgr-a", b),
            store.pool_push_op("mgr-a", b), store.unreserve_op("mgr-a", "pending:1")]
     await store.fenced("mgr-a", "r1", 3, ops)
