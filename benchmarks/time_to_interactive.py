@@ -55,6 +55,7 @@ from benchmarks.common import (
     base_config,
     bench_id,
     command_line,
+    cpu_seconds,
     delete_keys,
     docker_client,
     fmt,
@@ -226,10 +227,10 @@ def _log_ms(logs: str, event: str, field: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in rx.finditer(logs)}
 
 
-def _metric(url: str, name: str) -> float:
-    """The sum of a metric's samples on a replica's /metrics (0 when absent)."""
+def _metric(url: str, sample: str) -> float:
+    """The sum of a replica's /metrics samples whose line starts with sample (0 when absent)."""
     text = httpx.get(url + "/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
 
 
 def node_secret(container_id: str) -> str:
@@ -387,13 +388,23 @@ def main(argv: list[str] | None = None) -> int:
             t_fill = time.monotonic()
             wait_for("the pool sized by the burst", lambda: int(r.llen(key)) >= args.n, timeout=1800)
             fill_seconds = time.monotonic() - t_fill
-            gauges = {g: _metric(dm.url, f"toolserver_pool_{g}") for g in ("target_nodes", "burst_peak", "arrival_rate")}
+            gauges = {g: _metric(dm.url, f"toolserver_pool_{g}{{") for g in ("target_nodes", "burst_peak", "arrival_rate")}
+            hits0, claims0 = (_metric(dm.url, 'toolserver_pool_claims_total{result="hit"'),
+                              _metric(dm.url, "toolserver_pool_claims_total{"))
+            assert dm.proc is not None
+            cpu0, wall0, load_before = cpu_seconds([dm.proc.pid]), time.monotonic(), os.getloadavg()[0]
             results["pool by demand, next burst"] = asyncio.run(
                 run_pattern("burst", dm.url, args.n, 0, releaser(dm.url)))
+            cpu, wall = cpu_seconds([dm.proc.pid]) - cpu0, time.monotonic() - wall0
+            hits = _metric(dm.url, 'toolserver_pool_claims_total{result="hit"') - hits0
+            claims = _metric(dm.url, "toolserver_pool_claims_total{") - claims0
             releaser.drain()
             demand_note = (f"pool by demand: filled to {args.n} in {fill_seconds:.0f} s after the first burst; "
                            f"before the next: target {gauges['target_nodes']:g}, burst peak {gauges['burst_peak']:g}, "
-                           f"arrival rate {gauges['arrival_rate']:.2f}/s")
+                           f"arrival rate {gauges['arrival_rate']:.2f}/s; the next burst: {hits:g} pool hits of "
+                           f"{claims:g} claims, the replica used "
+                           f"{cpu:.2f} CPU s in {wall:.1f} s ({cpu / max(wall, 1e-9):.0%} of a core; load "
+                           f"{load_before:.1f} → {os.getloadavg()[0]:.1f})")
             print(f"  {demand_note}", file=sys.stderr, flush=True)
             dm.stop()
         if "tiers" in cases:
