@@ -8,8 +8,9 @@ in each tier; and the checker's pass with N real sessions plus 1,000 more record
 3. paused    the checker pauses them (``tiers.pause_after_seconds``); the wait is timed.
 4. checker   1,000 archived session records (no container: a host's history) are written with the
              store, then for ``--checker-seconds`` the checker's own pass histogram
-             (``toolserver_checker_cycle_duration_seconds`` from ``/metrics``) is read before and
-             after: passes, mean, and p99 as the histogram's bucket bound.
+             (``toolserver_checker_cycle_duration_seconds`` from ``/metrics``) is read every 50 ms:
+             each pass that ended alone between two readings took what the sum rose by, so
+             p50/p99/max are of the passes themselves (the bucket bounds are printed too).
 5. resumed   one tool call on each paused session, one at a time.
 6. stopped   ``POST /close_session`` on each.
 7. archived  the replica restarts with ``tiers.archive_after_seconds: 1`` (a config change is a
