@@ -173,14 +173,16 @@ def _redact(url: str) -> str:
 def _ours(rule: str) -> bool:
     """A firewall line this run answers for: the project's chains and jumps, the exceptions of its
     manager_ids' bridges, its test hosts' rules (not the engine's rules for bridges that are live)."""
+    from shared.egress.nft import table_name
     from shared.firewall import BRIDGE_PREFIXES
 
-    if rule.startswith("nft table inet tsm_egress_"):
-        return True
     if rule.startswith("-N TSM-") or (re.search(r"-j TSM-(INPUT|FORWARD|ALLOW)\b", rule) and "-A TSM-" not in rule):
         return True
     bridges = {p + hashlib.sha256(mid.encode()).hexdigest()[:10] for mid in RUN.manager_ids
                for p in BRIDGE_PREFIXES.values()}
+    if rule.startswith("nft table inet "):
+        # a table per bridge: another run's (or the user's own manager's) tables are not this run's
+        return rule.split()[-1] in {table_name(b) for b in bridges}
     return (any(b in rule for b in bridges) and rule.startswith("-A TSM-")) \
         or any(f"tsmhbr{t}" in rule for t in RUN.host_tags)
 

@@ -12,6 +12,17 @@ import pytest
 from testing import machine
 
 
+def _egress_table(manager_id: str) -> str:
+    from shared.egress.nft import table_name
+    from shared.firewall import BRIDGE_PREFIXES
+
+    return table_name(BRIDGE_PREFIXES["open"] + hashlib.sha256(manager_id.encode()).hexdigest()[:10])
+
+
+# the egress table of this run's manager_id's bridge, and of a manager running beside the suite
+MY_TABLE, THEIR_TABLE = _egress_table("test-mine"), _egress_table("test-theirs")
+
+
 def snap(**over: object) -> machine.Snapshot:
     base = machine.Snapshot(dockerd_pid="100", redis_run_ids={"redis://:pw@127.0.0.1:6380/0": "a", "redis://127.0.0.1:6379/0": "b"},
                             daemon_json="absent", containers={}, volumes={}, networks={}, images=set(),
@@ -43,6 +54,7 @@ def test_nothing_changed_is_no_problem(tmp_path: Path) -> None:
      "loop devices backed by the project's images"),
     ({"firewall": {"-N TSM-INPUT", "-N TSM-ALLOW"}}, "firewall chains or rules added"),
     ({"firewall": {"-N TSM-INPUT", "-A FORWARD -i tsmhbrab12 -o tsmhbrab12 -j ACCEPT"}}, "firewall chains or rules"),
+    ({"firewall": {"-N TSM-INPUT", f"nft table inet {MY_TABLE}"}}, "firewall chains or rules added"),
     ({"netns": {"host1-ab12"}}, "network namespaces of this run's test hosts left"),
     ({"paths": {"/var/lib/toolserver-manager/tsmh-ab12-1"}}, "engine data, sockets or locks left"),
 ])
@@ -56,7 +68,8 @@ def test_another_runs_objects_are_not_blamed_on_this_one(tmp_path: Path) -> None
     other = snap(containers={"d" * 64: "test-theirs"}, volumes={"tsm-session-y": "test-theirs"},
                  networks={"tsm-test-theirs-open": "test-theirs"}, images={"toolserver-node:theirs"},
                  loops={"/dev/loop3": "/var/lib/toolserver-manager/workspaces/y.img"},  # theirs: it has a volume
-                 firewall={"-N TSM-INPUT", "-A FORWARD -o tsmo0123456789 -j DOCKER"}, netns={"host1-cd34"},
+                 firewall={"-N TSM-INPUT", "-A FORWARD -o tsmo0123456789 -j DOCKER", f"nft table inet {THEIR_TABLE}"},
+                 netns={"host1-cd34"},
                  paths={"/run/tsmh-cd34-1.sock"})
     assert machine.problems(snap(), other, tmp_path) == []
 
