@@ -326,3 +326,47 @@ async def test_store_calls_in_a_killed_primarys_slot_wait_out_the_failover() -> 
     finally:
         await store.close()
         c.close()
+
+
+def test_events_split_by_manager_id_through_replicas_on_the_cluster(  # type: ignore[no-untyped-def]
+        cluster: RedisCluster, manager_id_b: str, start_manager, prefix: str, manager_id: str) -> None:
+    """The consumers of events on the cluster, across two manager_ids: a session's socket and an
+    admin's view of every session on a replica of the other manager_id, a resume of that view on
+    the session's own replica, and the other replica's cached address of a restarted session."""
+    from tests.test_websocket import ADMIN_TOKEN, FAST_EVENTS, open_ws, recv_event, recv_json, ws_url
+
+    redis_cfg = cluster_redis_cfg(cluster, prefix)
+    a = start_manager(name="ea", redis=redis_cfg, **FAST_EVENTS)
+    b = start_manager(name="eb", mid=manager_id_b, redis=redis_cfg, **FAST_EVENTS)
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with open_ws(ws_url(b.url, "/ws/events"), additional_headers=bearer) as every:
+        assert recv_json(every)["success"] is True
+        cl = httpx.Client(base_url=a.url, timeout=60)
+        r = cl.post("/get_cookie")
+        assert r.status_code == 200, (r.text, a.logs()[-3000:])
+        node_id = r.cookies["node_id"]
+        seen = [recv_event(every)]
+        while seen[-1]["event"] != "ready":
+            seen.append(recv_event(every))
+        assert {e["node_id"] for e in seen} == {node_id} and seen[0]["event"] == "created"
+        resume_from = seen[-1]["id"]
+        via_b = httpx.Client(base_url=b.url, timeout=60, cookies={"node_id": node_id})
+        write(via_b, "mark.txt", b"kept")  # b caches the session of a's manager_id
+        with open_ws(ws_url(b.url, "/ws/events"), node_id) as mine:
+            assert recv_json(mine)["data"]["id"] == node_id
+            assert cl.post("/close_session").status_code == 200  # a's own replica
+            ev = recv_event(mine)
+            assert ev["event"] == "stopped" and ev["node_id"] == node_id, ev
+        assert cl.post("/reconnect_session").status_code == 200
+        # b dropped its cached address on a's events: the restarted container answers through b
+        assert read(via_b, "mark.txt") == b"kept"
+        assert cl.post("/release_session").status_code == 200
+        while recv_event(every)["event"] != "released":
+            pass
+    # the view of every session resumed on the session's own replica by the id b gave
+    with open_ws(ws_url(a.url, f"/ws/events?last_event_id={resume_from}"), additional_headers=bearer) as again:
+        assert recv_json(again)["success"] is True
+        kinds = [recv_event(again)["event"]]
+        while kinds[-1] != "released":
+            kinds.append(recv_event(again)["event"])
+        assert "ready" not in kinds and kinds[0] == "stopped" and "restarted" in kinds, kinds
