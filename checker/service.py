@@ -262,7 +262,7 @@ class Checker:
             ops.extend(ev(EventKind.ADOPTED, rec.id, "archived, from its workspace"))
         ops += self.tiers.lost(p.lost)
         for m in p.stale_reservations:
-            ops.append(store.unreserve_op(self.mid, m))
+            ops += store.stale_reservation_ops(self.mid, m)
         ops.append(store.cycle_count_op(self.mid, self.lease.token or 0))
         await self.fence.write(ops)
         self._rebuild = self._rebuild and (not rebuild or p.young_workspaces > 0)

@@ -200,14 +200,26 @@ class Keys:
 RESERVATION_PREFIX = "pending:"
 
 
-def reservation_member(at: float, nonce: str, replica_id: str = "") -> str:
-    return f"{RESERVATION_PREFIX}{at:.3f}:{nonce}" + (f":{replica_id}" if replica_id else "")
+def reservation_member(at: float, nonce: str, replica_id: str = "", client: str = "") -> str:
+    """A reservation naming who took it and for which client (hex: a client id may hold ':'), so
+    the checker that drops it when its replica died gives the client's count back."""
+    tail = f":{replica_id}" if replica_id or client else ""
+    return f"{RESERVATION_PREFIX}{at:.3f}:{nonce}" + tail + (f":{client.encode().hex()}" if client else "")
 
 
 def reservation_replica(member: str) -> str:
     """The replica that took a reservation ("" when it does not say)."""
-    parts = member[len(RESERVATION_PREFIX):].split(":", 2) if is_reservation(member) else []
-    return parts[2] if len(parts) == 3 else ""
+    parts = member[len(RESERVATION_PREFIX):].split(":", 3) if is_reservation(member) else []
+    return parts[2] if len(parts) >= 3 else ""
+
+
+def reservation_client(member: str) -> str:
+    """The client a reservation was counted for ("" when none, or a reservation made before it said)."""
+    parts = member[len(RESERVATION_PREFIX):].split(":", 3) if is_reservation(member) else []
+    try:
+        return bytes.fromhex(parts[3]).decode() if len(parts) == 4 else ""
+    except ValueError:
+        return ""
 
 
 def is_reservation(member: str) -> bool:

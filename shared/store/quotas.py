@@ -7,7 +7,7 @@ import time
 import uuid
 
 from shared.errors import QuotaExceeded
-from shared.keys import reservation_member
+from shared.keys import reservation_client, reservation_member
 from shared.store.base import Op, Part, Script, redis_errors, text
 
 # KEYS[1] manager's node set, KEYS[2] set of manager ids, KEYS[3] client count hash,
@@ -80,7 +80,7 @@ class Quotas(Part):
     async def reserve(self, manager_id: str, per_manager: int, total: int, client: str = "",
                       per_client: int = 0, replica_id: str = "") -> str:
         """Reserve a creation slot atomically; returns the reservation member or raises QuotaExceeded."""
-        member = reservation_member(time.time(), uuid.uuid4().hex[:8], replica_id)
+        member = reservation_member(time.time(), uuid.uuid4().hex[:8], replica_id, client)
         if self.clustered:
             return await self._reserve_clustered(manager_id, member, per_manager, total, client, per_client)
         k = self.keys
@@ -130,14 +130,24 @@ class Quotas(Part):
         return member
 
     async def unreserve(self, manager_id: str, member: str, client: str = "") -> None:
-        ops: list[Op] = [("srem", self.keys.manager_nodes(manager_id), [member])]
-        if client:
-            ops.append(("hincrby", self.keys.client_count(client), [client, -1]))
+        """Give a reservation back, and its client's count only if the reservation was still there
+        (the checker may have dropped it, giving the count back itself)."""
         with redis_errors():
-            await self.apply(ops)
+            gone = await self.redis.srem(self.keys.manager_nodes(manager_id), member)
+            if client and gone:
+                await self.redis.hincrby(self.keys.client_count(client), client, -1)
 
     def unreserve_op(self, manager_id: str, member: str) -> Op:
         return ("srem", self.keys.manager_nodes(manager_id), [member])
+
+    def stale_reservation_ops(self, manager_id: str, member: str) -> list[Op]:
+        """The checker's drop of a reservation whose replica died (or that is stuck): the slot, and
+        the count of the client it names, which no one else would give back."""
+        ops: list[Op] = [self.unreserve_op(manager_id, member)]
+        client = reservation_client(member)
+        if client:
+            ops.append(("hincrby", self.keys.client_count(client), [client, -1]))
+        return ops
 
     async def node_counts(self) -> dict[str, int]:
         """Live nodes (and pending reservations) per manager_id."""

@@ -190,3 +190,31 @@ async def test_a_manager_without_heartbeats_is_lost(make_ops: MakeOps) -> None:
     while other not in (found := await lost.lost_managers(ops)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert found[other] > 0.5
+
+
+async def test_a_client_count_taken_by_a_replica_that_died_mid_creation_is_given_back(make_ops: MakeOps) -> None:
+    """A replica killed between its quota reservation and its record leaves the reservation, which
+    the checker drops once the replica is not live; the client's count goes with it, or the client
+    would be refused one session early for ever (issue 29)."""
+    ops = await make_ops(node=NO_TIERS)
+    store, mid = ops.store, ops.manager_id
+
+    async def count(client: str) -> int:
+        return int(await store.redis.hget(store.keys.client_count(client), client) or 0)
+
+    # a session of the same client that stays, made as get_cookie makes it
+    kept = await lifecycle.create_node(ops, client="c1", reservation=await store.reserve(mid, 0, 0, "c1", 5))
+    await store.reserve(mid, 0, 0, "c1:with:colons", 5, replica_id="dead-replica")  # its replica then died
+    await store.reserve(mid, 0, 0, "c1", 5, replica_id="dead-replica")
+    assert await count("c1") == 2 and await count("c1:with:colons") == 1
+    checker = await leader(ops)
+    p = await checker.cycle()
+    assert len(p.stale_reservations) == 2
+    assert await count("c1") == 1 and await count("c1:with:colons") == 0
+    # a replica that gives its reservation back after the checker dropped it does not count it twice
+    member = await store.reserve(mid, 0, 0, "c2", 5, replica_id="dead-replica")
+    await checker.cycle()
+    await store.unreserve(mid, member, "c2")
+    assert await count("c2") == 0
+    await lifecycle.release_node(ops, kept.id)
+    assert await count("c1") == 0
