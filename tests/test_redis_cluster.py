@@ -371,3 +371,44 @@ def test_events_split_by_manager_id_through_replicas_on_the_cluster(  # type: ig
         while kinds[-1] != "released":
             kinds.append(recv_event(again)["event"])
         assert "created" not in kinds and kinds[0] == "stopped" and "restarted" in kinds, kinds
+
+
+async def test_a_client_count_taken_by_a_replica_that_died_is_given_back_on_the_cluster(
+        cluster: RedisCluster) -> None:
+    """The checker (on the fake engine) drops the reservation of a replica that died mid-creation
+    and gives its client's count back: on the cluster that count is another slot's, written after
+    the fenced part."""
+    from checker.service import Checker
+    from nodeops.context import NodeOps
+    from shared import __version__
+    from shared.config import load_config
+    from shared.engines import open_backend
+    from shared.models import ReplicaInfo
+
+    mid = f"fake-{uuid.uuid4().hex[:8]}"
+    cfg = load_config(None, environ={}, overrides={
+        "manager_id": mid, "engine": {"kind": "fake"}, "cluster": {"node_secret_key": "fake-engine-test-key"},
+        "redis": cluster_redis_cfg(cluster, f"tq-{uuid.uuid4().hex[:6]}")})
+    store = Store.open(cfg)
+    backend = open_backend(cfg)
+    http = httpx.AsyncClient(transport=backend.http_transport())  # type: ignore[attr-defined]
+    try:
+        ops = NodeOps(cfg=cfg, store=store, backend=backend, http=http,
+                      replica=ReplicaInfo(replica_id=cfg.replica_id, manager_id=mid, url="", version=__version__,
+                                          started_at=time.time()))
+
+        async def count(client: str) -> int:
+            return int(await store.redis.hget(store.keys.client_count(client), client) or 0)
+
+        await store.reserve(mid, 0, 0, "c1", 5, replica_id="dead-replica")
+        await store.reserve(mid, 0, 0, "c2", 5, replica_id="dead-replica")
+        assert await count("c1") == 1 and await count("c2") == 1
+        checker = Checker(ops)
+        assert await checker.lease.acquire()
+        p = await checker.cycle()
+        assert len(p.stale_reservations) == 2
+        assert await count("c1") == 0 and await count("c2") == 0
+        assert [m for m in await store.manager_node_ids(mid)] == []
+    finally:
+        await http.aclose()
+        await store.close()
