@@ -156,15 +156,17 @@ class RoundTrips:
         counter = self
         orig_execute = aio.Pipeline.execute
         if not getattr(orig_execute, "_bench_wrapped", False):
-            async def execute(pipe: Any, raise_on_error: bool = True) -> Any:
-                c = getattr(pipe, "_bench_counter", None) or _ACTIVE.get("counter")
-                if c is not None and pipe.command_stack:
+            # a method of Pipeline (its first parameter named as the one it replaces: mypy matches it)
+            async def execute(self: aio.Pipeline, raise_on_error: bool = True) -> list[Any]:
+                c = getattr(self, "_bench_counter", None) or _ACTIVE.get("counter")
+                if c is not None and self.command_stack:
                     c.calls += 1
-                    c.commands += len(pipe.command_stack)
+                    c.commands += len(self.command_stack)
                     c.by_command["PIPELINE"] = c.by_command.get("PIPELINE", 0) + 1
-                return await orig_execute(pipe, raise_on_error)
+                return await orig_execute(self, raise_on_error)
 
-            execute._bench_wrapped = True  # type: ignore[attr-defined]
+            execute._bench_wrapped = True  # type: ignore[attr-defined]  # a mark on the function, read above
+            # deliberately patched on the class (pipelines are made per call, not per client)
             aio.Pipeline.execute = execute  # type: ignore[method-assign]
         _ACTIVE["counter"] = counter
 

@@ -280,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{final.get('index_a')} + {final.get('index_b')}: {'all 0 — PASS' if zero else 'NOT all 0 — FAIL'}")
 
     if wrk_rows:
-        base = next((w for w in wrk_rows if w["case"] == "node direct"), None)
+        direct = next((row for row in wrk_rows if row["case"] == "node direct"), None)
         trows = []
-        for w in wrk_rows:
-            added = "-" if base is None or w is base else f"{(w['p50_us'] - base['p50_us']) / 1000:+.2f}"
-            trows.append([w["case"], w["owner"], fmt(w["rps"], 0), f"{w['p50_us'] / 1000:.2f}",
-                          f"{w['p99_us'] / 1000:.2f}", added, w["errors"] + w["non_2xx"]])
+        for row in wrk_rows:
+            added = "-" if direct is None or row is direct else f"{(row['p50_us'] - direct['p50_us']) / 1000:+.2f}"
+            trows.append([row["case"], row["owner"], fmt(row["rps"], 0), f"{row['p50_us'] / 1000:.2f}",
+                          f"{row['p99_us'] / 1000:.2f}", added, row["errors"] + row["non_2xx"]])
         print(f"\n(b) proxy throughput: wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency, "
               f"POST {args.wrk_path} with the session cookie\n")
         print(markdown_table(["path", "node owner", "req/s", "p50 ms", "p99 ms", "added p50 ms vs direct",

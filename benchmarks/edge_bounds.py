@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
+from typing import TypedDict
 
 import httpx
 
@@ -49,7 +50,18 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def connections(n_open: int, addresses: int) -> dict[str, object]:
+class Held(TypedDict):
+    """What a replica held before refusing (connections())."""
+
+    opened: int
+    held: int
+    refused_503: int
+    alive_during: int
+    nofile_soft_hard: list[int]
+    rss_mib_at_cap: float
+
+
+def connections(n_open: int, addresses: int) -> Held:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with one_manager("edge") as run:
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nconnections a replica holds before refusing (default caps)\n")
     print(markdown_table(["opened", "held", "answered 503", "/alive meanwhile", "nofile soft/hard", "RSS MiB"],
                          [[conn["opened"], conn["held"], conn["refused_503"], conn["alive_during"],
-                           "/".join(map(str, conn["nofile_soft_hard"])), conn["rss_mib_at_cap"]]]))  # type: ignore[arg-type]
+                           "/".join(map(str, conn["nofile_soft_hard"])), conn["rss_mib_at_cap"]]]))
     print("\nmemory of open proxied WebSockets whose client reads nothing (default bounds)\n")
     print(markdown_table(["sockets", "message limit MiB", "node sent MiB", "RSS before", "RSS peak", "RSS steady",
                           "MiB/socket steady", "MiB/socket peak"],

@@ -201,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
 
             cold, warm, made = [], [], []
             for _ in range(args.n):
-                s, i = interactive(url, None)
+                s, node = interactive(url, None)
                 cold.append(s)
-                made.append(i)
-                s, i = interactive(url, {"snapshot": "bench-0"})
+                made.append(node)
+                s, node = interactive(url, {"snapshot": "bench-0"})
                 warm.append(s)
-                made.append(i)
+                made.append(node)
             release(url, made)
             src.delete("/snapshots/bench-0")
             out["start"] = {"cold": summarize(cold), "snapshot": summarize(warm)}
@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
           f"held writes {cp['stall_s'] * 1000:.0f} ms, the fork answered at {cp['fork_answered_s'] * 1000:.0f} ms)")
     print(markdown_table(("phase", "mean ms"), [(k, fmt(v * 1000)) for k, v in ph.items() if v > 0.0005]))
     print(f"image_dir {args.image_dir}; {load_line(load0)}")
-    path = write_json("fork_bench", {"results": out, "snapshot_over_cold_p50": ratio, "image_dir": args.image_dir})
-    print(f"json: {path}")
+    written = write_json("fork_bench", {"results": out, "snapshot_over_cold_p50": ratio, "image_dir": args.image_dir})
+    print(f"json: {written}")
     return 0
 
 

@@ -47,6 +47,7 @@ from benchmarks.common import (
     verdict,
     write_json,
 )
+from shared.store.base import text
 from testing.harness import ManagerProc
 
 GOAL_POOL_P50_MS = 25.0
@@ -87,7 +88,7 @@ async def burst(url: str, n: int) -> list[tuple[float, float, int, str]]:
         async def one() -> tuple[float, float, int, str]:
             s = time.perf_counter()
             resp = await http.post("/get_cookie")
-            return s - t0, time.perf_counter() - s, resp.status_code, resp.cookies.get("node_id", "")
+            return s - t0, time.perf_counter() - s, resp.status_code, resp.cookies.get("node_id") or ""
 
         return await asyncio.gather(*(one() for _ in range(n)))
 
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             while len(pool_s) < args.n:
                 if pool_len(r, p_pool, m_pool) == 0:
                     refill_waits.append(wait_full(r, p_pool, m_pool, args.size, 120))
-                before = {x.decode() for x in r.lrange(f"{p_pool}:mgr:{m_pool}:pool", 0, -1)}
+                before = {text(x) for x in r.lrange(f"{p_pool}:mgr:{m_pool}:pool", 0, -1)}
                 el, nid = get_cookie(http)
                 if nid in before:
                     hits += 1
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     timeline.append((time.perf_counter() - t0, pool_len(r, p_pool, m_pool)))
                     time.sleep(0.01)
 
-            pooled_before = {x.decode() for x in r.lrange(f"{p_pool}:mgr:{m_pool}:pool", 0, -1)}
+            pooled_before = {text(x) for x in r.lrange(f"{p_pool}:mgr:{m_pool}:pool", 0, -1)}
             th = threading.Thread(target=sample, daemon=True)
             th.start()
             res = asyncio.run(burst(pool.url, args.burst))

@@ -62,7 +62,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tsm-bench-store-"))
     redis_proc, url = start_private_redis(tmp)
     r = redis_client(url)
-    rows, pool_rows, data = [], [], {"per_request": {}, "bursts": []}
+    rows: list[list[object]] = []
+    pool_rows: list[list[object]] = []
+    costs: dict[str, float] = {}
+    bursts: list[dict[str, object]] = []
     try:
         with one_manager("store", redis={"url": url}) as run:
             fixed = secrets.token_hex(32)
@@ -72,7 +75,7 @@ def main() -> None:
             for name, cookie in kinds.items():
                 cost = per_request(run.m.url, r, args.n, cookie)
                 rows.append([name, args.n, f"{cost:.3f}"])
-                data["per_request"][name] = cost
+                costs[name] = cost
         for pool in (100, 10):
             with one_manager("store", redis={"url": url, "max_connections": pool}) as run:
                 for _ in range(2):
@@ -80,7 +83,7 @@ def main() -> None:
                     s = summarize(times)
                     pool_rows.append([pool, args.burst, dict(sorted(codes.items())), f"{s['p50_ms']:.0f}",
                                       f"{s['p99_ms']:.0f}", f"{s['max_ms']:.0f}"])
-                    data["bursts"].append({"pool": pool, "n": args.burst, "codes": dict(codes), **s})
+                    bursts.append({"pool": pool, "n": args.burst, "codes": dict(codes), **s})
     finally:
         r.close()
         redis_proc.kill()
@@ -91,7 +94,7 @@ def main() -> None:
     print()
     print(markdown_table(["redis.max_connections", "concurrent", "answers", "p50 ms", "p99 ms", "max ms"],
                          pool_rows))
-    write_json("store_bench", data)
+    write_json("store_bench", {"per_request": costs, "bursts": bursts})
 
 
 if __name__ == "__main__":

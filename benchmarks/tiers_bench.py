@@ -75,6 +75,11 @@ def timed_call(url: str, node_id: str, path: str = "/") -> float:
     return elapsed
 
 
+def close_all(url: str, ids: list[str]) -> None:
+    for i in ids:
+        post(url, i, "/close_session")
+
+
 def post(url: str, node_id: str, path: str) -> None:
     with httpx.Client(base_url=url, timeout=120, cookies={"node_id": node_id}) as http:
         r = http.post(path)
@@ -122,19 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     # a Redis of its own: other work restarting the shared one would end the run half-way
     redis_proc, redis_url = start_private_redis(tmp)
     client, r = docker_client(), redis_client(redis_url)
-    private = {"redis": {"url": redis_url}}
+    private = {"url": redis_url}
     node = {"creation_wait_seconds": 90, "idle_grace_seconds": 0, "idling_close_minutes": None}
     ids = {k: (bench_id(k), bench_id(k)) for k in ("plain", "paused", "archived", "pool")}
     procs = {
         "plain": ManagerProc(base_config(*ids["plain"], node={**node, "tiers": OFF}, checker=FAST_CHECKER,
-                                         **private), tmp, "plain"),
+                                         redis=private), tmp, "plain"),
         "paused": ManagerProc(base_config(*ids["paused"], node={**node, "tiers": {**OFF, "pause_after_seconds": 1}},
-                                          checker=FAST_CHECKER, **private), tmp, "paused"),
+                                          checker=FAST_CHECKER, redis=private), tmp, "paused"),
         "archived": ManagerProc(base_config(*ids["archived"], node={
-            **node, "tiers": {**OFF, "archive_after_seconds": 1}}, checker=FAST_CHECKER, **private), tmp,
+            **node, "tiers": {**OFF, "archive_after_seconds": 1}}, checker=FAST_CHECKER, redis=private), tmp,
                                 "archived"),
         "pool": ManagerProc(base_config(*ids["pool"], node={**node, "tiers": OFF}, pool={"size": 5},
-                                        checker=FAST_CHECKER, **private), tmp, "pool"),
+                                        checker=FAST_CHECKER, redis=private), tmp, "pool"),
     }
     results: dict[str, list[float]] = {}
     memory: dict[str, int] = {}
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             results["cold create"].append(time.perf_counter() - t0)
 
         results["resume from stopped"] = measure_resume(
-            "stopped", plain, cold_ids, lambda: [post(plain, i, "/close_session") for i in cold_ids])
+            "stopped", plain, cold_ids, lambda: close_all(plain, cold_ids))
 
         p_ids = [session(paused) for _ in range(args.n)]
         results["resume from paused"] = measure_resume(

@@ -68,6 +68,7 @@ from benchmarks.common import (
 )
 from shared.config import DockerConfig
 from shared.keys import Keys
+from shared.store.base import text
 from testing.harness import ManagerProc
 
 TOOL = "FileSystemEnv_print_filesys_struture"  # spawns nothing: the path, not the tool, sets the pace
@@ -413,8 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                 tm, prefix, _ = manager(tier, tiers)
                 ids = asyncio.run(sessions(tm.url, resume_n))
                 k = Keys(prefix)
-                wait_for(f"sessions {tier}", lambda k=k, tier=tier, ids=ids: all(
-                    (r.hget(k.node(i), "status") or b"").decode() == tier for i in ids))
+
+                def all_in(k: Keys = k, tier: str = tier, ids: list[str] = ids) -> bool:
+                    return all(text(r.hget(k.node(i), "status") or b"") == tier for i in ids)
+
+                wait_for(f"sessions {tier}", all_in)
                 results[f"resume from {tier}"] = asyncio.run(first_calls(tm.url, ids))
                 tm.stop()
         failed = False
@@ -463,13 +467,13 @@ def main(argv: list[str] | None = None) -> int:
                               for k, v in traced.items() if v]))
     goals = []
     for pattern, p99_goal in (("sequential", 150.0), ("burst", 500.0), ("by demand, next burst", 500.0)):
-        s = results.get(f"pool on, {pattern}") or results.get(f"pool {pattern}")
-        if s and s.total:
-            t = summarize(s.total)
+        got = results.get(f"pool on, {pattern}") or results.get(f"pool {pattern}")
+        if got and got.total:
+            t = summarize(got.total)
             p50_ok = pattern != "sequential" or t["p50_ms"] <= 60.0
             goals.append(f"pool {'' if pattern.startswith('by') else 'on, '}{pattern}: p99 {t['p99_ms']:.1f} ms ≤ {p99_goal:g}"
                          + (f", p50 {t['p50_ms']:.1f} ms ≤ 60" if pattern == "sequential" else "")
-                         + (" PASS" if p50_ok and t["p99_ms"] <= p99_goal and not s.errors else " FAIL"))
+                         + (" PASS" if p50_ok and t["p99_ms"] <= p99_goal and not got.errors else " FAIL"))
     for g in goals:
         print(f"goal: {g}")
     print(load_line(load0))

@@ -98,7 +98,7 @@ async def bench(port: int, secret: str, n: int, conc: int) -> list[dict[str, Any
 
             for _label, fn in (("manager/proxy/upstream.py", ours), ("aiohttp", theirs)):
                 await timed(min(1000, n), conc, fn)  # warm-up
-            results = {}
+            results: dict[str, tuple[float, float]] = {}
             for _ in range(2):  # alternate, twice: drift hits both alike
                 for label, fn in (("manager/proxy/upstream.py", ours), ("aiohttp", theirs)):
                     rps, cpu = await timed(n, conc, fn)

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     removed, deleted = run.removed, run.deleted
 
     d, v = summarize(samples["direct"]), summarize(samples["manager"])
-    rows = [["direct to the node", d["n"], fmt(d["p50_ms"], 3), fmt(d["p90_ms"], 3), fmt(d["p99_ms"], 3), "-"],
+    rows: list[list[object]] = [["direct to the node", d["n"], fmt(d["p50_ms"], 3), fmt(d["p90_ms"], 3), fmt(d["p99_ms"], 3), "-"],
             ["through the manager", v["n"], fmt(v["p50_ms"], 3), fmt(v["p90_ms"], 3), fmt(v["p99_ms"], 3),
              f"{v['p50_ms'] / d['p50_ms']:.2f}×"],
             ["added by the manager", "", f"{v['p50_ms'] - d['p50_ms']:+.3f}", f"{v['p90_ms'] - d['p90_ms']:+.3f}",

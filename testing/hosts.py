@@ -393,22 +393,22 @@ class PrivateEngine(Hosts):
         if runsc:  # Debian's runsc cannot build its own network stack here: --network=host (register-runsc.sh)
             self.runtimes["runsc"] = {"path": runsc, "runtimeArgs": ["--network=host"]}
         self._write_config()
-        self.host = self.hosts[0]
-        self.host.dockerd_args = ["--live-restore", "--config-file", str(self.config_path)]
+        self.engine_host = self.hosts[0]  # its one host (Hosts.host(name) still finds it by name)
+        self.engine_host.dockerd_args = ["--live-restore", "--config-file", str(self.config_path)]
 
     @property
     def docker_host(self) -> str:
-        return self.host.docker_host
+        return self.engine_host.docker_host
 
     @property
     def addr(self) -> str:
-        return self.host.addr
+        return self.engine_host.addr
 
     def start(self, managers: bool = False) -> PrivateEngine:
         super().start(managers=False)
         # its data root is new: this is a dockerd's first start, as on a new user's machine (the
         # default bridge's IPAM has no Gateway key until a restart; kept for the test that says so)
-        self.first_bridge = json.loads(self.host.docker("network", "inspect", "bridge").stdout)[0]
+        self.first_bridge = json.loads(self.engine_host.docker("network", "inspect", "bridge").stdout)[0]
         return self
 
     def manager_overrides(self) -> dict[str, Any]:
@@ -433,11 +433,11 @@ class PrivateEngine(Hosts):
         else:
             self.runtimes[name] = spec
         self._write_config()
-        assert self.host.dockerd is not None
-        self.host.dockerd.send_signal(signal.SIGHUP)
+        assert self.engine_host.dockerd is not None
+        self.engine_host.dockerd.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            known = json.loads(self.host.docker("info", "--format", "{{json .Runtimes}}").stdout)
+            known = json.loads(self.engine_host.docker("info", "--format", "{{json .Runtimes}}").stdout)
             if (name in known) == (spec is not None):
                 return
             time.sleep(0.1)
@@ -445,13 +445,13 @@ class PrivateEngine(Hosts):
 
     def stop_engine(self) -> None:
         """dockerd stopped gracefully; with live-restore its containers keep running."""
-        self.host.stop_dockerd(keep_containers=True)
+        self.engine_host.stop_dockerd(keep_containers=True)
 
     def start_engine(self) -> None:
-        self.host.start_dockerd()
+        self.engine_host.start_dockerd()
 
     def ensure_running(self) -> None:
-        if not self.host.engine_answers():
+        if not self.engine_host.engine_answers():
             self.start_engine()
 
     @contextlib.contextmanager
@@ -461,14 +461,14 @@ class PrivateEngine(Hosts):
         port = random.randint(20000, 30000)
         accept = (f"import socket\ns = socket.socket(); s.bind(('0.0.0.0', {port})); s.listen(16)\n"
                   "while True:\n    s.accept()[0].close()\n")
-        proc = subprocess.Popen([*in_netns(self.host.name), sys.executable, "-c", accept],
+        proc = subprocess.Popen([*in_netns(self.engine_host.name), sys.executable, "-c", accept],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             check = f"import socket; socket.create_connection(('{reach or self.addr}', {port}), 1)"
             deadline = time.monotonic() + 10
-            while sh(sys.executable, "-c", check, ns=self.host.name, check=False).returncode != 0:
+            while sh(sys.executable, "-c", check, ns=self.engine_host.name, check=False).returncode != 0:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"the listener on {self.host.name}:{port} did not answer")
+                    raise RuntimeError(f"the listener on {self.engine_host.name}:{port} did not answer")
                 time.sleep(0.05)
             yield port
         finally:
@@ -476,9 +476,9 @@ class PrivateEngine(Hosts):
 
     def bridge_address(self, network: str) -> str:
         """The host's address on one of this engine's bridge networks, from the interface itself."""
-        net = json.loads(self.host.docker("network", "inspect", network).stdout)[0]
+        net = json.loads(self.engine_host.docker("network", "inspect", network).stdout)[0]
         dev = (net.get("Options") or {}).get("com.docker.network.bridge.name") or f"br-{net['Id'][:12]}"
-        (link,) = json.loads(sh("ip", "-j", "-4", "addr", "show", "dev", dev, ns=self.host.name).stdout)
+        (link,) = json.loads(sh("ip", "-j", "-4", "addr", "show", "dev", dev, ns=self.engine_host.name).stdout)
         return str(link["addr_info"][0]["local"])
 
 

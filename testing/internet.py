@@ -197,7 +197,9 @@ def _serve(spec: dict[str, object]) -> None:
                         self.wfile.flush()
                         time.sleep(0.05)
                 return
-            body = json.dumps({"host": self.headers.get("host", ""), "addr": self.server.server_address[0],
+            # every server here is a Server (below), whose name is the address it is bound to
+            assert isinstance(self.server, ThreadingHTTPServer)
+            body = json.dumps({"host": self.headers.get("host", ""), "addr": self.server.server_name,
                                "path": self.path, "authorization": self.headers.get("authorization", "")}).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
