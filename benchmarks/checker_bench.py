@@ -119,7 +119,8 @@ def takeover(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     break
                 time.sleep(0.005)
             elapsed = time.monotonic() - t0
-            victim.proc.wait()  # type: ignore[union-attr]
+            assert victim.proc is not None  # it was started: it held the lease
+            victim.proc.wait()
             victim.stop()
             starter.join(30)
             if new is None:

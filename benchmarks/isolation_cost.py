@@ -71,7 +71,10 @@ def wrk(url: str, cookie: str, seconds: int, connections: int) -> float:
                           url + "/"], capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw errors:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rate is None:  # a wrk whose output changed: say so rather than fail on None
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{out}")
+    return float(rate.group(1))
 
 
 def cleanup(mid: str) -> None:
