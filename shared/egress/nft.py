@@ -111,10 +111,12 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
                  f"{br} ct state related accept",
                  *[f"{br} ip daddr @platform {r.split(' ', 2)[2]}" for r in refuse],
                  *[f"{br} ip saddr . ip daddr @deny_net {r.split(' ', 2)[2]}" for r in refuse],
+                 # the accepts in any order (every refusal is above): open sessions, the default
+                 # and the bulk of traffic, are matched first
+                 f"{br} ip saddr @open_nodes accept",
                  f"{br} ip saddr . ip daddr @learned accept",
                  f"{br} ct state established ip saddr . ip daddr @live accept",
                  f"{br} ip saddr . ip daddr @allow_net accept",
-                 f"{br} ip saddr @open_nodes accept",
                  *refuse):
         lines.append(f"add rule inet {t} forward {rule}")
     proxy_in = [f"{br} ip daddr {gateway} tcp dport {proxy_port} accept"] if proxy_port else []
