@@ -180,6 +180,9 @@ class EventHub:
         changed before are dropped, since their events were never read here."""
         start = self.starts.pop(scope, None)
         self.cursors[scope] = start if start is not None else await self.store.last_event_id(scope)
+        # a socket that asked meanwhile replays from its own start; a start left here would be
+        # taken by the next time this stream is followed
+        self.starts.pop(scope, None)
         if scope == self.manager_id:
             self.cache.clear()  # the replica's start, or Redis was away: anything may have changed
         elif scope is not ALL and scope != BROADCAST:
