@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypedDict
 
 MANY = "many.test"  # a name with more A records than a UDP answer holds (TCP needed)
 MANY_RECORDS = 40
@@ -95,7 +96,7 @@ def internet(names: list[str], shared: tuple[str, str] | None = None) -> Iterato
         sh("ip", "netns", "exec", ns, "ip", "link", "set", veth_n, "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         sh("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", host_ip)
-        spec = json.dumps({"dns": dns, "names": table, "http": addrs, "certs": tmp.name})
+        spec = json.dumps(Spec(dns=dns, names=table, http=addrs, certs=tmp.name))
         net.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "testing.internet", spec],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
@@ -121,10 +122,19 @@ def _up(addr: str) -> bool:
         return False
 
 
-def _serve(spec: dict[str, object]) -> None:
+class Spec(TypedDict):
+    """What the namespace's server process is told (as JSON on its command line)."""
+
+    dns: str  # the resolver's address
+    names: dict[str, str]  # name -> address
+    http: list[str]  # addresses the echo servers listen on (80 and 443)
+    certs: str  # the directory of server.pem and server.key
+
+
+def _serve(spec: Spec) -> None:
     from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
 
-    names: dict[str, str] = spec["names"]  # type: ignore[assignment]
+    names = spec["names"]
 
     def answer(data: bytes, udp: bool) -> bytes | None:
         try:
@@ -153,7 +163,7 @@ def _serve(spec: dict[str, object]) -> None:
 
     def dns_loop() -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((str(spec["dns"]), 53))
+        s.bind((spec["dns"], 53))
         while True:
             data, peer = s.recvfrom(4096)
             out = answer(data, udp=True)
@@ -172,7 +182,7 @@ def _serve(spec: dict[str, object]) -> None:
         daemon_threads = True
         allow_reuse_address = True
 
-    dns_tcp = DnsTcpServer((str(spec["dns"]), 53), DnsTcp)
+    dns_tcp = DnsTcpServer((spec["dns"], 53), DnsTcp)
     threading.Thread(target=dns_tcp.serve_forever, daemon=True).start()
 
     class Echo(BaseHTTPRequestHandler):
@@ -228,7 +238,7 @@ def _serve(spec: dict[str, object]) -> None:
     tls.load_cert_chain(f"{spec['certs']}/server.pem", f"{spec['certs']}/server.key")
 
     threading.Thread(target=dns_loop, daemon=True).start()
-    for addr in spec["http"]:  # type: ignore[attr-defined]
+    for addr in spec["http"]:
         srv = Server((addr, 80), Echo)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         secure = Server((addr, 443), Echo)
