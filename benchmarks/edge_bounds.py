@@ -79,9 +79,10 @@ def connections(n_open: int, addresses: int) -> Held:
             time.sleep(1.0)  # refusals are written as each connection opens: give the last ones a moment
             with selectors.DefaultSelector() as sel:
                 for s in socks:
-                    sel.register(s, selectors.EVENT_READ)
+                    sel.register(s, selectors.EVENT_READ, s)  # the socket as its key's data, to read from
                 for key, _ in sel.select(2.0):
-                    data = key.fileobj.recv(4096)  # type: ignore[union-attr]
+                    sock: socket.socket = key.data
+                    data = sock.recv(4096)
                     refused += data.startswith(b"HTTP/1.1 503")
             alive = keep.get("/alive").status_code
         finally:
