@@ -41,8 +41,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
@@ -63,6 +64,9 @@ from benchmarks.common import (
     write_json,
 )
 from testing.harness import ManagerProc
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 GOAL_CYCLE_MS = 100.0
 
@@ -192,11 +196,20 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
     phases: dict[str, float] = {}
     engine_real: list[int] = []
 
-    def timed(name: str, fn: Any) -> Any:
-        async def wrapper(*a: Any, **kw: Any) -> Any:
+    def timed(name: str, fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        async def wrapper(*a: P.args, **kw: P.kwargs) -> R:
             t0 = time.perf_counter()
             try:
                 return await fn(*a, **kw)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    def timed_sync(name: str, fn: Callable[P, R]) -> Callable[P, R]:
+        def wrapper(*a: P.args, **kw: P.kwargs) -> R:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
             finally:
                 phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
         return wrapper
@@ -212,15 +225,7 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
         return got
 
     orig_plan = reconcile.plan
-
-    def plan_timed(*a: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return orig_plan(*a, **kw)
-        finally:
-            phases["plan (pure)"] = phases.get("plan (pure)", 0.0) + time.perf_counter() - t0
-
-    reconcile.plan = plan_timed  # type: ignore[assignment]
+    reconcile.plan = timed_sync("plan (pure)", orig_plan)
     store.manager_node_ids = timed("SMEMBERS node index", store.manager_node_ids)  # type: ignore[method-assign]
     store.get_nodes = timed("HGETALL records (pipeline)", store.get_nodes)  # type: ignore[method-assign]
     store.idle_since = timed("ZRANGEBYSCORE idle", store.idle_since)  # type: ignore[method-assign]
@@ -273,7 +278,7 @@ async def cycle_bench(args: argparse.Namespace, prefix: str, mid: str, node_ids:
         out["cases"] = cases
         out["engine_listing_real_containers"] = engine_real[-1] if engine_real else 0
     finally:
-        reconcile.plan = orig_plan  # type: ignore[assignment]
+        reconcile.plan = orig_plan
         await checker.lease.release()
         await backend.close()
         await redis.aclose()
