@@ -159,6 +159,27 @@ def post_env(url, *names):
     except Exception as exc:
         return {"error": repr(exc)}
 
+def post_expect(host, name):
+    # as curl sends a large body: the head with Expect: 100-continue, the body only after a 100
+    import os, ssl
+    body = json.dumps({name: os.environ.get(name, "")}).encode()
+    s = ssl.create_default_context().wrap_socket(socket.create_connection((host, 443), 30), server_hostname=host)
+    s.settimeout(30)
+    s.sendall(f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+    first = s.recv(4096)
+    if not first.startswith(b"HTTP/1.1 100"):
+        return {"error": first.decode(errors="replace")}
+    s.sendall(body)
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return {"body": json.loads(data.split(b"\r\n\r\n", 1)[1])}
+
 def two_requests(addr, first, second):
     s = socket.create_connection((addr, 80), 5)
     s.sendall(f"GET / HTTP/1.1\r\nHost: {first}\r\n\r\nGET / HTTP/1.1\r\nHost: {second}\r\n\r\n".encode())
@@ -474,12 +495,16 @@ def test_a_secret_reaches_only_its_bound_host_and_never_the_node(start_manager, 
     assert r.status_code == 200
     out = probe(c, ["https_env", "https://allowed.test/"], ["https_env", "https://other.test/"],
                 ["post_env", "https://allowed.test/", "BODY_TOKEN", "API_TOKEN"],
-                ["post_env", "https://other.test/", "BODY_TOKEN", "API_TOKEN"], ["dns", "unlisted.test"])
+                ["post_env", "https://other.test/", "BODY_TOKEN", "API_TOKEN"], ["dns", "unlisted.test"],
+                ["post_expect", "allowed.test", "BODY_TOKEN"])
     # in a body: replaced for the secret bound to bodies (its Content-Length rewritten: the server
     # read exactly the new body), not for the one bound to headers only, nor at another host
     sent = out[2].get("body", {})
     assert json.loads(sent.get("body", "{}")) == {"BODY_TOKEN": BODY_VALUE, "API_TOKEN": "tsm-secret:apitoken"}, out[2]
     assert sent["length"] == len(sent["body"].encode()), sent
+    # a client that waits for 100 Continue before its body gets it from the proxy, which then
+    # reads the body to replace in it
+    assert json.loads(out[5].get("body", {}).get("body", "{}")) == {"BODY_TOKEN": BODY_VALUE}, out[5]
     assert json.loads(out[3].get("body", {}).get("body", "{}")) == {
         "BODY_TOKEN": "tsm-secret:bodytoken", "API_TOKEN": "tsm-secret:apitoken"}, out[3]
     # the bound host got the value, over TLS the node verified against the cluster CA it trusts
