@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,18 +33,43 @@ def report(line: str) -> None:
 
 _GIVEN: set[int] = set()  # ports free_port has handed out in this process
 
+# The ports the suite hands out: below the kernel's ephemeral range (32768-60999 by default, where
+# every outgoing connection and every bind to port 0 takes one) and below Kubernetes' NodePort range
+# (30000-32767, which kube-proxy catches on the host's addresses). Each xdist worker probes its own
+# slice: two workers probing one kernel could both find a port free and both use it, and a manager
+# whose port was taken looked started because the other one answered its /alive (CI: a 404 for
+# /admin/nodes from a manager without admin routes).
+SUITE_PORTS = range(20000, 30000)
+
+
+def _worker_ports() -> range:
+    """This pytest-xdist worker's slice of SUITE_PORTS (all of it outside xdist)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    index = int(worker[2:]) if worker[:2] == "gw" and worker[2:].isdigit() else 0
+    size = len(SUITE_PORTS) // max(count, 1)
+    start = SUITE_PORTS.start + (index % max(count, 1)) * size
+    return range(start, start + size)
+
 
 def free_port() -> int:
-    """A free port on 127.0.0.1 not handed out before in this process: once the probing socket is
-    closed the kernel may give the same port to the next probe, and a manager got its console_port
-    equal to its port (refused at start, seen once)."""
-    while True:
+    """A port of this worker's slice that is free on 127.0.0.1 and was not handed out before in this
+    process (a closed probe's port is free again for the next probe). From a random point of the
+    slice, so separate runs side by side seldom meet; ManagerProc checks who answers anyway."""
+    ports = _worker_ports()
+    first = random.randrange(len(ports))
+    for i in range(len(ports)):
+        port = ports[(first + i) % len(ports)]
+        if port in _GIVEN:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {ports.start}-{ports.stop - 1}")
 
 
 def bridge_gateway(client: Any, network: str) -> str:
@@ -106,6 +132,15 @@ class PrivateRedis:
             self.proc.wait()
 
 
+def _replica_at(url: str) -> str | None:
+    """The replica id a manager at url says it is (x-tsm-replica) when its /alive answers 200."""
+    with contextlib.suppress(httpx.HTTPError):
+        r = httpx.get(url + "/alive", timeout=1)
+        if r.status_code == 200:
+            return r.headers.get("x-tsm-replica", "")
+    return None
+
+
 def _answers(url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(url, timeout=1).status_code == 200
@@ -155,7 +190,12 @@ class ManagerProc:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"manager exited with {self.proc.returncode}:\n{self.logs()[-6000:]}")
-            if _answers(self.url + "/alive"):
+            answering = _replica_at(self.url)
+            if answering is not None:
+                if self.replica_id and answering != self.replica_id:
+                    # another process holds the port: this one will exit for it; never test that one
+                    raise RuntimeError(f"port {self.port} is answered by replica {answering!r}, not by "
+                                       f"{self.replica_id!r}:\n{self.logs()[-6000:]}")
                 return
             time.sleep(0.05)
         raise RuntimeError(f"manager did not answer /alive:\n{self.logs()[-6000:]}")
