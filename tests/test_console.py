@@ -62,6 +62,10 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 
 def log_in(page: Page, base: str, token: str = ADMIN_TOKEN) -> None:
     page.goto(base + "/ui/")
+    try:
+        page.wait_for_selector("#token", state="visible", timeout=60_000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"no login form: flash={page.text_content('#flash')!r}") from None
     page.fill("#token", token)
     page.click("#login-form button[type=submit]")
 

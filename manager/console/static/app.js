@@ -106,16 +106,19 @@ $('login-form').addEventListener('submit', async e => {
 });
 $('logout').addEventListener('click', async () => { await logout().catch(() => {}); showLogin(); });
 
-/** Who is logged in, asked until the replica answers: only its word (401) asks for the token again. */
+/** Who is logged in, asked again while the replica does not answer: only its word (401) asks for
+ * the token at once; after about 8 s of no answer the form comes with the reason. */
 async function boot(delay = 250) {
   let me;
   try {
     me = await whoami();
   } catch (err) {
+    const why = `The manager did not answer (${err.detail ?? err.message})`;
     if (err.status === 401 || err.status === 403) { showLogin(); return; }
-    // busy, restarting or behind a balancer between replicas: a login form would not help
-    flash(`The manager did not answer (${err.detail ?? err.message}): retrying.`);
-    setTimeout(() => boot(Math.min(delay * 2, 5000)), delay);
+    if (delay > 4000) { showLogin(`${why}.`); return; }
+    // busy, restarting or behind a balancer between replicas: a login form would not help yet
+    flash(`${why}: retrying.`);
+    setTimeout(() => boot(delay * 2), delay);
     return;
   }
   await start(me);
