@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from testing.harness import ManagerProc
 from tests.test_console import browser, context, logged_in, manager, new_session  # noqa: F401  (fixtures)
@@ -25,7 +26,11 @@ def test_fork_and_snapshot_buttons(manager: ManagerProc, context) -> None:  # ty
     page.wait_for_selector(f"#session-id:has-text('{node_id}')")
     page.fill("#fork-count", "2")
     page.click("#fork")
-    page.wait_for_selector("#copy-result a.node >> nth=1", timeout=120_000)
+    try:
+        page.wait_for_selector("#copy-result a.node >> nth=1", timeout=120_000)
+    except PlaywrightTimeout:
+        raise AssertionError(f"no copies: the page says {page.text_content('#copy-result')!r}; the manager's "
+                             f"log ends:\n{manager.logs()[-4000:]}") from None
     copies = page.eval_on_selector_all("#copy-result a.node", "els => els.map(e => e.dataset.node)")
     assert len(copies) == 2 and node_id not in copies
 

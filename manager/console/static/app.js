@@ -5,7 +5,7 @@ import { api, events, login, logout, whenLoggedOut, whoami } from './api.js';
 import { renderCluster } from './cluster.js';
 import { chartsPanel } from './charts.js';
 import { renderSessions } from './sessions.js';
-import { closeSession, openSession } from './session.js';
+import { closeSession, openSession, openSessionId } from './session.js';
 
 const $ = id => document.getElementById(id);
 const state = { nodes: [], replicas: [], leases: [], config: null };
@@ -48,7 +48,9 @@ function draw(routeChanged) {
   const [, view, id] = location.hash.split('/');
   if (view === 'session' && id) {
     show('session');
-    if (routeChanged) openSession($('session'), decodeURIComponent(id), ctx);
+    // the first draw after log-in may come after the route's own: a view already open stays as it
+    // is (a second one would drop what was typed into the first, as a fork count once was)
+    if (routeChanged && openSessionId() !== decodeURIComponent(id)) openSession($('session'), decodeURIComponent(id), ctx);
     return;
   }
   closeSession();

@@ -9,6 +9,9 @@ const MAX_LOG_LINES = 5000;
 const MAX_EGRESS_ROWS = 50;  // recent refusals and secret uses kept on the page, newest first
 let current = null;  // what the open session view holds: sockets, fetches, the terminal
 
+/** The id of the session whose view is open, or null. */
+export const openSessionId = () => current?.id ?? null;
+
 export function closeSession() {
   if (!current) return;
   current.events?.close();
