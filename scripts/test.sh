@@ -9,10 +9,12 @@ cd "$ROOT"
 "$ROOT/.venv/bin/ruff" check .
 "$ROOT/.venv/bin/mypy"
 # Test files run side by side, whole files per worker, the longest first (tests/conftest.py): a
-# test spends most of its time waiting on dockerd, Redis or a node, not on a core. Each file's
-# module fixtures stay in one process; the end-of-run machine check runs once all are done.
+# test spends most of its time waiting on dockerd, Redis or a node, not on a core (three workers
+# used 47 % of the 2 cores: 13.5 CPU-minutes in 14.3; four took 9 m 45 s where three took 13 m 23 s,
+# with the file order since corrected). Each file's module fixtures stay in one process; the
+# end-of-run machine check runs once all are done.
 # TSM_TEST_WORKERS=0 runs them one after the other (as does `-n 0`).
-WORKERS="${TSM_TEST_WORKERS:-3}"
+WORKERS="${TSM_TEST_WORKERS:-4}"
 PARALLEL=()
 [ "$WORKERS" != 0 ] && PARALLEL=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
 exec "$ROOT/.venv/bin/python" -m pytest "${PARALLEL[@]}" "$@"

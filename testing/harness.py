@@ -292,7 +292,8 @@ def remove_project_objects(client: Any, manager_id: str) -> int:
 
     label = f"toolserver-manager.manager_id={manager_id}"
     n = 0
-    for c in client.containers.list(all=True, filters={"label": label}):
+    # sparse: no inspect per container listed, which fails for one the checker removes meanwhile
+    for c in client.containers.list(all=True, sparse=True, filters={"label": label}):
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             c.remove(force=True, v=True)
             n += 1

@@ -61,11 +61,17 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 
 
 def log_in(page: Page, base: str, token: str = ADMIN_TOKEN) -> None:
+    # what the page met on its way, said if no form comes (seen twice in full runs, never alone)
+    met: list[str] = []
+    page.on("pageerror", lambda e: met.append(f"error {e}"))
+    page.on("requestfailed", lambda r: met.append(f"failed {r.url} {r.failure}"))
+    page.on("response", lambda r: r.status >= 400 and met.append(f"{r.status} {r.url}"))
+    page.on("requestfinished", lambda r: met.append(f"done {r.url}"))
     page.goto(base + "/ui/")
     try:
         page.wait_for_selector("#token", state="visible", timeout=60_000)
     except PlaywrightTimeout:
-        raise AssertionError(f"no login form: flash={page.text_content('#flash')!r}") from None
+        raise AssertionError(f"no login form: flash={page.text_content('#flash')!r}; the page met: {met}") from None
     page.fill("#token", token)
     page.click("#login-form button[type=submit]")
 

@@ -66,7 +66,7 @@ def test_missing_image_is_a_503_naming_it_until_it_is_tagged(start_manager, dock
         assert "node_id" not in r.cookies
         # nothing left behind: no container, volume or record, no creation slot held
         label = f"{LABEL}={manager_id}"
-        assert not docker_client.containers.list(all=True, filters={"label": label})
+        assert not docker_client.containers.list(all=True, sparse=True, filters={"label": label})
         assert not docker_client.volumes.list(filters={"label": label})
         assert not redis_client.keys(f"{prefix}:node:*")
         assert not redis_client.smembers(f"{prefix}:mgr:{manager_id}:nodes")

@@ -454,7 +454,7 @@ def test_an_unknown_runtime_fails_the_start_naming_it(start_manager, docker_clie
     m = start_manager(wait=False, engine={"docker": {"runtime": "no-such-runtime"}})
     assert m.proc is not None and m.proc.wait(30) != 0
     assert "engine.docker.runtime 'no-such-runtime' is not registered with the engine" in m.logs()
-    assert not docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"})
+    assert not docker_client.containers.list(all=True, sparse=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"})
 
 
 @pytest.mark.parametrize("how", ["config", "environment"])
@@ -480,7 +480,7 @@ def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(private_engine:
         m = start_manager(**deep_merge(private_engine.manager_overrides(), {"engine": {"docker": {"runtime": "tsm-vanishing"}}}))
         c, _ = new_session(m.url)  # known at start: nodes run
         c.post("/release_session")
-        wait_for(lambda: not engine.containers.list(all=True, filters=owned), timeout=30)
+        wait_for(lambda: not engine.containers.list(all=True, sparse=True, filters=owned), timeout=30)
     finally:
         private_engine.set_runtime("tsm-vanishing", None)
     volumes_before = {v.name for v in engine.volumes.list(filters=owned)}
@@ -489,7 +489,7 @@ def test_a_runtime_gone_from_the_engine_fails_creation_naming_it(private_engine:
     assert r.status_code == 502, r.text
     assert "engine.docker.runtime 'tsm-vanishing' is not registered with the engine" in r.json()["detail"]
     assert "node_id" not in r.cookies
-    assert not engine.containers.list(all=True, filters=owned)
+    assert not engine.containers.list(all=True, sparse=True, filters=owned)
     assert {v.name for v in engine.volumes.list(filters=owned)} <= volumes_before
     admin = httpx.get(m.url + "/admin/nodes", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
     assert admin.status_code == 200 and admin.json()["nodes"] == [], admin.text
@@ -504,7 +504,7 @@ def test_a_default_cap_from_the_engines_memory(start_manager, docker_client: doc
     a, _ = new_session(m.url)
     r = httpx.post(m.url + "/get_cookie", timeout=60)
     assert r.status_code == 503 and "at capacity (1 nodes)" in r.json()["detail"], r.text
-    assert len(docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={m.cfg['manager_id']}"})) == 1
+    assert len(docker_client.containers.list(all=True, sparse=True, filters={"label": f"toolserver-manager.manager_id={m.cfg['manager_id']}"})) == 1
     a.post("/release_session")
     # overridable: -1 lifts it
     lifted = start_manager(name="lifted", node={"creation_kwargs": {"mem_limit": str(total // 2 + 1)}},
@@ -675,7 +675,7 @@ async def test_a_volume_the_engine_makes_for_a_node_carries_its_manager_id(manag
         made = docker_client.volumes.get(missing)
         assert (made.attrs["Labels"] or {}).get("toolserver-manager.manager_id") == manager_id, made.attrs
     finally:
-        for c in docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"}):
+        for c in docker_client.containers.list(all=True, sparse=True, filters={"label": f"toolserver-manager.manager_id={manager_id}"}):
             c.remove(force=True, v=True)
         with contextlib.suppress(docker.errors.NotFound):
             docker_client.volumes.get(missing).remove(force=True)

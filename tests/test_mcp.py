@@ -290,7 +290,7 @@ def test_bad_input_gets_the_spec_errors_and_changes_nothing(start_manager, docke
     def state() -> tuple[int, int]:
         from shared.keys import Keys
 
-        return (len(docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.manager_id="
+        return (len(docker_client.containers.list(all=True, sparse=True, filters={"label": f"toolserver-manager.manager_id="
                                                                               f"{manager_id}"})),
                 len(list(redis_client.scan_iter(match=Keys(prefix).mcp_session("*")))))
 

@@ -57,7 +57,7 @@ class Node:
 
 
 def _remove_leftovers(client):
-    for c in client.containers.list(all=True, filters=LABEL_FILTER):
+    for c in client.containers.list(all=True, sparse=True, filters=LABEL_FILTER):
         try:
             c.remove(force=True)
         except Exception:
