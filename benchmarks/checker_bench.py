@@ -140,6 +140,7 @@ def takeover(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if failed and m.proc is not None:
                 sys.stderr.write(f"----- log of {m.cfg['replica_id']} -----\n{m.logs()[-3000:]}\n")
             m.stop()
+        remove_containers_retry(mid)  # the replicas made the manager_id's node network at start
         deleted = delete_keys(r, prefix)
         r.close()
     return {"prefix": prefix, "manager_id": mid, "ttl_s": args.ttl, "trials": trials, "keys_deleted": deleted}
