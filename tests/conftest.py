@@ -25,6 +25,7 @@ from shared.store import Store
 from testing import machine
 from testing.harness import ManagerProc, PrivateRedis, remove_project_objects, report
 from testing.hosts import PrivateEngine
+from testing.redis_cluster import RedisCluster
 from testing.redis_env import redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,6 +420,16 @@ def start_manager(managers: list[ManagerProc], tmp_path: Path, prefix: str, mana
         return m.start(wait=wait)
 
     return start
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    """Six redis-server processes in cluster mode (three primaries), one set per test file."""
+    c = RedisCluster().start()
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 def wait_for(pred: Any, timeout: float = 20, interval: float = 0.1, what: str = "condition") -> Any:

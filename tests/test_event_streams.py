@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -29,15 +29,6 @@ from shared.store import ALL, BROADCAST, Store
 from testing import redis_env
 from testing.redis_cluster import RedisCluster
 from tests.conftest import until
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster().start()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture(params=["redis", "cluster"])

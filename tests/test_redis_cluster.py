@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -25,15 +25,6 @@ from testing.harness import report
 from testing.redis_cluster import RedisCluster
 from tests.conftest import until, wait_for
 from tests.test_tiers import ADMIN, read, tiers, write
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster().start()
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def cluster_redis_cfg(c: RedisCluster, prefix: str) -> dict[str, object]:

@@ -14,18 +14,7 @@ from manager.edge import protocol
 from manager.edge.protocol import _Direct
 from manager.entry import _node_cookie
 from manager.session.resolve import node_cookie
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def close(self) -> None:
-        self.closed = True
+from tests.unit.test_cork import Transport  # the same recording transport
 
 
 class Flow:
