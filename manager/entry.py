@@ -101,18 +101,26 @@ class ManagerApp:
 
     def direct(self, scope: Scope) -> DirectHandler | None:
         """The edge's handler for a request that passes every check of __call__ as it stands (a
-        proxied route and method on the proxy port, no query string, an allowed client key), run
+        proxied route and method on the proxy port, no credential in its query, an allowed client key), run
         without the ASGI stack above (manager/edge/protocol.py); None: __call__ decides. The head's
         size needs no check here: the edge refuses a head over the same limit before it parses it."""
         methods = self.proxied.get(scope["path"])
-        if methods is None or scope["method"] not in methods or scope.get("query_string"):
+        if methods is None or scope["method"] not in methods:
             return None
+        qs = scope.get("query_string")
+        if qs and self._secret_in_query(qs):
+            return None  # refused by __call__
         server = scope.get("server")
         if server and server[1] == self.console_port:
             return None
         if self.client_keys and not self.client_keys.allowed(scope):
             return None
         return self._direct
+
+    def fast(self, scope: Scope, reply: Reply) -> bool:
+        """A request direct() took, its body all here, sent to its node with no task (the proxy's
+        start: everything it needs cached); False: the edge runs the direct handler instead."""
+        return self.state.proxy.start(scope, _node_cookie(scope["headers"]), reply)  # type: ignore[no-any-return]
 
     async def _direct(self, scope: Scope, receive: Receive, send: Send, reply: Reply) -> None:
         try:

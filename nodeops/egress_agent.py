@@ -20,7 +20,6 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import Any
 
 from nodeops import egress
 from nodeops.context import NodeOps
@@ -87,40 +86,11 @@ class EgressAgent:
         addrs = [(a, ttl) for a, ttl in addrs if not self._blocked(a)]
         if not addrs:
             return
-        await self._nft(nft.learn_script(self.bridge, ip, addrs))
+        await asyncio.to_thread(nft.run, nft.learn_script(self.bridge, ip, addrs))
         seen = self.learned.setdefault(ip, {})
         now = time.monotonic()
         for a, ttl in addrs:
             seen.setdefault(a, {})[name] = now + ttl
-        # kept for a standby that takes over (not awaited: the answer does not wait on Redis)
-        wall = time.time()
-        self._spawn(self.ops.store.egress_learned.add(self.ops.manager_id, ip,
-                                                      [(a, name, wall + ttl) for a, ttl in addrs]))
-
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.create_task(self._quietly(work))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-
-    @staticmethod
-    async def _quietly(work: Any) -> None:
-        try:
-            await work
-        except ManagerError as exc:  # Redis away: a takeover then knows less, enforcement goes on
-            log.warning("egress_learned_not_kept error=%r", exc.detail)
-
-    async def _recall(self) -> None:
-        """What the replica that held the resolver before learned: names behind open connections
-        and addresses still open by an answer's TTL (in the kernel's sets already)."""
-        try:
-            kept = await self.ops.store.egress_learned.all(self.ops.manager_id)
-        except ManagerError as exc:
-            log.warning("egress_learned_not_read error=%r", exc.detail)
-            return
-        mono, wall = time.monotonic(), time.time()
-        for node, dst, name, until in kept:
-            self.learned.setdefault(node, {}).setdefault(dst, {})[name] = mono + (until - wall)
-        log.info("egress_learned_recalled entries=%d", len(kept))
 
     def _blocked(self, addr: str) -> bool:
         ip = ipaddress.ip_address(addr)
@@ -275,16 +245,13 @@ class EgressAgent:
         self.bridge, self.gateway, prefix = found
         net = ipaddress.ip_network(f"{self.gateway}/{prefix}", strict=False)
         platform: list[Network] = [ipaddress.ip_network(p) for p in PLATFORM_DENY]
-        # the host's addresses, and the manager's own where it has a namespace of its own (a pod)
-        pid = await self.ops.backend.engine_netns(self.ops.manager_id)
-        mine = await asyncio.to_thread(nft.host_ipv4s)
-        theirs = await asyncio.to_thread(nft.host_ipv4s, pid) if pid is not None else []
-        platform += [net] + [ipaddress.ip_network(f"{a}/32") for a in sorted(set(mine + theirs))]
+        platform += [net] + [ipaddress.ip_network(f"{a}/32") for a in await asyncio.to_thread(nft.host_ipv4s)]
         opened = [ipaddress.ip_network(c, strict=False) for c in self.ops.cfg.node.network.allow_cidrs]
         private = [ipaddress.ip_network(c) for c in firewall.BLOCKED]
         self.blocked = platform + [p for p in private if not any(p.subnet_of(o) for o in opened  # type: ignore[arg-type]
                                                                  if o.version == p.version)]
-        await self._nft(nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port, self.cfg.proxy_port))
+        await asyncio.to_thread(nft.run, nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port,
+                                                          self.cfg.proxy_port))
         if self.ops.cfg.node.network.firewall:  # the project's chains refuse the host to nodes: open the resolver
             ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge)
                    if self.ops.cfg.node.network.firewall_host_namespace else firewall.HERE)
@@ -292,21 +259,16 @@ class EgressAgent:
                                     self.cfg.proxy_port)
         await self._bind()
 
-    async def _nft(self, script: str) -> None:
-        """One nft transaction, in the namespace of the node bridge (the engine's, from a pod)."""
-        await asyncio.to_thread(nft.run, script, await self.ops.backend.engine_netns(self.ops.manager_id))
-
     async def _bind(self) -> None:
         res = EgressResolver(policy_of=self.policy_of, learn=self.learn, refused=self.refused, resolved=self.resolved,
                              upstream=upstreams_from(self.cfg.upstream_dns), min_ttl=self.cfg.min_ttl_seconds,
                              max_ttl=self.cfg.max_ttl_seconds)
         try:
-            await res.start(self.gateway, self.cfg.dns_port, await self.ops.backend.engine_netns(self.ops.manager_id))
+            await res.start(self.gateway, self.cfg.dns_port)
         except OSError as exc:
             log.info("egress_resolver_standby address=%s:%d reason=%r", self.gateway, self.cfg.dns_port, str(exc))
             return
         self.resolver = res
-        await self._recall()
         if self.cfg.proxy_port:
             mint = None
             if self.cfg.ca_cert_file and self.cfg.ca_key_file:
@@ -315,8 +277,7 @@ class EgressAgent:
             proxy = EgressProxy(self.check, self.proxy_refused, self.secrets_for, mint, upstream,
                                 self.secret_use_from_thread)
             try:
-                await proxy.start(self.gateway, self.cfg.proxy_port,
-                                  await self.ops.backend.engine_netns(self.ops.manager_id))
+                await proxy.start(self.gateway, self.cfg.proxy_port)
                 self.proxy = proxy
             except OSError as exc:  # the redirected connections are then refused (nothing listens)
                 log.warning("egress_proxy_not_serving address=%s:%d reason=%r", self.gateway, self.cfg.proxy_port,
@@ -346,10 +307,9 @@ class EgressAgent:
         stale = [(ip, a) for ip, seen in self.learned.items() for a, names in seen.items()
                  if ip not in by_ip or not any(name_allowed(by_ip[ip], n)[0] for n in names)]
         script = nft.nodes_script(self.bridge, by_ip) + nft.forget_script(self.bridge, stale)
-        await self._nft(script)
-        gone = [(ip, a, n) for ip, a in stale for n in self.learned.get(ip, {}).pop(a, {})]
-        if gone:
-            self._spawn(self.ops.store.egress_learned.forget(self.ops.manager_id, gone))
+        await asyncio.to_thread(nft.run, script)
+        for ip, a in stale:
+            self.learned.get(ip, {}).pop(a, None)
         # the resolver answers by the new policy only once the firewall has it too
         self.by_ip, self.applied = by_ip, by_ip
         # connections through the proxy are the host's own: the firewall does not see them again

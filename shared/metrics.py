@@ -9,6 +9,7 @@ mode is used (PROMETHEUS_MULTIPROC_DIR, set by the run command).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 from typing import Any
 
@@ -53,7 +54,7 @@ NODE_CREATE_PHASE_SECONDS = Histogram(
                                              2.0, 3.0, 5.0, 10.0, 30.0))
 for _ph in CREATE_PHASES:
     NODE_CREATE_PHASE_SECONDS.labels(_ph)
-CREATE_QUEUE_DEPTH = Gauge(P + "create_queue_depth", "Client creations waiting for the engine's creation slots (this "
+CREATE_QUEUE_DEPTH = Gauge(P + "create_queue_depth", "Client creations waiting for a creation slot (per "
                            "process: nodeops/admission.py).", multiprocess_mode="livesum")
 CREATES_RUNNING = Gauge(P + "creates_in_progress", "Creations holding a slot (clients' and pool refills').",
                         multiprocess_mode="livesum")
@@ -189,6 +190,7 @@ class Deferred:
     def __init__(self, delay: float = 0.25) -> None:
         self.delay = delay
         self._pending: dict[Any, float] = {}
+        self._observed: dict[Any, list[Any]] = {}  # histogram -> [sum, its bounds, count per bucket]
         self._armed = False
         _DEFERRED.append(self)
 
@@ -204,12 +206,39 @@ class Deferred:
                 return
             self._armed = True
 
+    def observe(self, histogram: Histogram, amount: float) -> None:
+        """histogram.observe(amount) (a labelled child), soon: its bucket found by bisection and
+        counted in a list, applied with the increments."""
+        pending = self._observed.get(histogram)
+        if pending is None:
+            bounds = histogram._upper_bounds  # what observe() compares against, in order
+            pending = self._observed[histogram] = [0.0, bounds, [0] * len(bounds)]
+        pending[0] += amount
+        pending[2][bisect.bisect_left(pending[1], amount)] += 1  # the first bound >= amount
+        if not self._armed:
+            self._arm()
+
+    def _arm(self) -> None:
+        try:
+            asyncio.get_running_loop().call_later(self.delay, self.flush)
+        except RuntimeError:  # no event loop (a unit test): applied at once
+            self.flush()
+            return
+        self._armed = True
+
     def flush(self) -> None:
         self._armed = False
         pending, self._pending = self._pending, {}
         for metric, amount in pending.items():
             if amount:
                 metric.inc(amount)
+        observed, self._observed = self._observed, {}
+        for hist, (total, _, counts) in observed.items():
+            # what observe() does once per amount, once per bucket (the same values the exposition reads)
+            hist._sum.inc(total)
+            for i, n in enumerate(counts):
+                if n:
+                    hist._buckets[i].inc(n)
 
 
 _DEFERRED: list[Deferred] = []

@@ -4,7 +4,7 @@ One namespace behind a veth pair, routed from the host like the outside world (1
 documentation addresses, routed nowhere else), holding several addresses: a DNS server (UDP and
 TCP) that answers for a few names (two of them on one address; an AAAA record for each, as the
 world has IPv6; ``MANY`` with more A records than a UDP answer holds), and on each address an
-HTTP server on 80 (and ``ALT_PORT``) that answers with the Host it was asked for and the address it was reached at
+HTTP server on 80 that answers with the Host it was asked for and the address it was reached at
 (``/drip/N``: a stream for N seconds; POST: the body as it arrived), and the same over
 HTTPS on 443 with a certificate for every name from a test CA (``Internet.ca_pem``); the one
 address without a name stands for a resolver reached directly, as DNS over HTTPS would be. Run as
@@ -14,7 +14,6 @@ address without a name stands for a resolver reached directly, as DNS over HTTPS
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import socket
 import socketserver
@@ -34,7 +33,6 @@ from typing import TypedDict
 
 MANY = "many.test"  # a name with more A records than a UDP answer holds (TCP needed)
 MANY_RECORDS = 40
-ALT_PORT = 8080  # HTTP as on 80, on a port that is not redirected to the egress proxy
 
 
 @dataclass
@@ -218,25 +216,10 @@ def _serve(spec: Spec) -> None:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_POST(self) -> None:  # the body as it arrived, for the secrets-in-bodies tests
-            chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
-            if chunked:
-                parts = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0], 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass  # trailers
-                        break
-                    parts.append(self.rfile.read(size))
-                    self.rfile.readline()
-                got = b"".join(parts)
-            else:
-                got = self.rfile.read(int(self.headers.get("content-length", "0")))
-            # a large body is told by its digest, not sent back
-            body = json.dumps({"host": self.headers.get("host", ""), "length": len(got), "chunked": chunked,
-                               "body": got.decode(errors="replace") if len(got) <= 65536 else "",
-                               "sha256": hashlib.sha256(got).hexdigest()}).encode()
+        def do_POST(self) -> None:  # the body as it arrived, for the secrets-in-bodies test
+            got = self.rfile.read(int(self.headers.get("content-length", "0")))
+            body = json.dumps({"host": self.headers.get("host", ""), "body": got.decode(errors="replace"),
+                               "length": len(got)}).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -256,10 +239,8 @@ def _serve(spec: Spec) -> None:
 
     threading.Thread(target=dns_loop, daemon=True).start()
     for addr in spec["http"]:
-        # 8080: plain HTTP on a port the egress proxy does not take (the firewall alone decides)
-        for port in (80, ALT_PORT):
-            srv = Server((addr, port), Echo)
-            threading.Thread(target=srv.serve_forever, daemon=True).start()
+        srv = Server((addr, 80), Echo)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
         secure = Server((addr, 443), Echo)
         secure.socket = tls.wrap_socket(secure.socket, server_side=True, do_handshake_on_connect=False)
         threading.Thread(target=secure.serve_forever, daemon=True).start()

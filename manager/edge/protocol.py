@@ -38,12 +38,15 @@ ABORT_EXTENSION = "tsm.abort"  # in a WebSocket's scope: {"abort": drop the clie
 # in an HTTP request's scope: {"cork": hold the response head back until the body's first write}
 CORK_EXTENSION = "tsm.cork"
 _replica = b""  # "x-tsm-replica: <id>\r\n" once the app knows its replica id (each worker its own)
+_replica_pair = (REPLICA_HEADER.encode(), b"")
+BODY_IN_WHOLE = 65536  # a proxied request's body up to this (uvicorn's read buffer) is waited for whole
 
 
 def set_replica(replica_id: str) -> None:
     """The replica named on answers given here, before or without the app (as on every other)."""
-    global _replica
+    global _replica, _replica_pair
     _replica = REPLICA_HEADER.encode() + b": " + replica_id.encode() + b"\r\n"
+    _replica_pair = (REPLICA_HEADER.encode(), replica_id.encode())
 
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
@@ -127,17 +130,33 @@ class _Direct:
     messages of RequestResponseCycle.send do for such an answer (default headers, the replica's,
     connection: close when the connection ends, header checks, completion), without the messages,
     their per-header pass and the app's wrappers. The proxy's small answers use it
-    (manager/entry.py: ManagerApp.direct)."""
+    (manager/entry.py: ManagerApp.direct).
 
-    __slots__ = ("_cycle",)
+    A request the app takes by callbacks (ManagerApp.fast) has no task until it needs one:
+    hand_off(app) runs an ASGI app in the cycle then (a streamed answer, an error's), retry() the
+    direct handler from the start."""
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
+    __slots__ = ("_cycle", "_handler", "_start")
+
+    def __init__(self, cycle: RequestResponseCycle, start: Any = None, handler: Any = None) -> None:
         self._cycle = cycle
+        self._start = start  # the protocol's task start (uvicorn's _start_asgi_task)
+        self._handler = handler  # the app's direct handler, for retry()
+
+    @property
+    def write_paused(self) -> bool:
+        """The client is not reading: an answer must wait for its drain (__call__ does)."""
+        return self._cycle.flow.write_paused and not self._cycle.disconnected
 
     async def __call__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         cycle = self._cycle
         if cycle.flow.write_paused and not cycle.disconnected:
             await cycle.flow.drain()  # a client that does not read gets no more than uvicorn would
+        self.send_now(status, headers, body)
+
+    def send_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """__call__ without the wait for a client that does not read (see write_paused)."""
+        cycle = self._cycle
         if cycle.disconnected:
             return
         if cycle.response_started:
@@ -182,6 +201,40 @@ class _Direct:
         cycle.message_event.set()
         cycle.transport.close()
 
+    def cut(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """An answer the node dropped half-way: its head alone, then the connection closed, so the
+        client sees it cut short (as a streamed answer is, and nginx's); a head uvicorn would refuse
+        is not sent at all."""
+        self._cycle.keep_alive = False
+        try:
+            self.send_now(status, headers, b"")
+        except RuntimeError:
+            self.abort()
+
+    def hand_off(self, app: Any) -> None:
+        """The rest of a request taken by callbacks goes to an ASGI app, run in the cycle's task as
+        any other (its answer stamped with the replica, a crash answered 500)."""
+        replica = _replica_pair
+
+        async def run(scope: Any, receive: Any, send: Any) -> None:
+            async def stamped(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), replica]
+                await send(message)
+
+            await app(scope, receive, stamped)
+
+        self._start(self._cycle, run)
+
+    def retry(self) -> None:
+        """A request taken by callbacks that can go again from the start goes by the direct handler."""
+        handler, reply = self._handler, self
+
+        def app(scope: Any, receive: Any, send: Any) -> Any:
+            return handler(scope, receive, send, reply)
+
+        self._start(self._cycle, app)
+
 
 class EdgeHttpProtocol(HttpToolsProtocol):
     """One client connection; the head limit is uvicorn's h11_max_incomplete_event_size."""
@@ -202,6 +255,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._bad_upgrade = False
         self._address: str | None = None
         self._cork: _Cork | None = None
+        self._waiting: tuple[RequestResponseCycle, Any, _Direct] | None = None  # for its whole body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -256,6 +310,16 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             ws.connection_lost = connection_lost  # type: ignore[method-assign]
 
     def data_received(self, data: bytes) -> None:
+        self._read(data)
+        waiting = self._waiting
+        if waiting is not None and waiting[0].more_body:
+            # a body not all here with its head (or a read before) is streamed to the node as it
+            # comes, by the task's path: never held back from it
+            self._waiting = None
+            if not waiting[0].disconnected:
+                waiting[2].retry()
+
+    def _read(self, data: bytes) -> None:
         if self._refused:
             return
         if self._in_head:
@@ -318,12 +382,39 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         direct = getattr(app, "direct", None)
         handler = direct(cycle.scope) if direct is not None else None
         if handler is not None:
-            reply = _Direct(cycle)
+            start = super()._start_asgi_task
+            reply = _Direct(cycle, start, handler)
+            fast = getattr(app, "fast", None)
+            # one the app may take by callbacks, with no task at all (ManagerApp.fast), when its body
+            # is all here by the end of the read that brought its head: a small one of known length,
+            # no 100-continue to answer first
+            if fast is not None and not cycle.waiting_for_100_continue and cycle.scope["method"] != "HEAD" \
+                    and 0 <= _body_length(cycle.scope["headers"]) <= BODY_IN_WHOLE:
+                self._waiting = (cycle, fast, reply)
+                if not cycle.more_body:
+                    self._take_off()
+                return
 
             def app(scope: Any, receive: Any, send: Any) -> Any:
                 return handler(scope, receive, send, reply)
 
         super()._start_asgi_task(cycle, app)
+
+    def _take_off(self) -> None:
+        """The waiting request's body is whole: the app takes it by callbacks, or a task does."""
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            return
+        cycle, fast, reply = waiting
+        if cycle.disconnected or cycle.response_complete:
+            return  # the client left (or the edge answered) while its body came: nobody to proxy for
+        try:
+            taken = fast(cycle.scope, reply)
+        except Exception:  # never a crash here: the task's path answers whatever it is
+            self.logger.exception("fast path failed before sending; the request goes the task's way")
+            taken = False
+        if not taken:
+            reply.retry()
 
     def on_message_complete(self) -> None:
         if self._bad_upgrade:
@@ -331,6 +422,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._disarm_body()
         super().on_message_complete()
         self._in_head = True
+        waiting = self._waiting
+        if waiting is not None and waiting[0] is self.cycle and not self.cycle.more_body:
+            self._take_off()
 
     def on_response_complete(self) -> None:
         if self._cork is not None:
@@ -397,6 +491,19 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                              b"%sconnection: close\r\n\r\n%s" % (status, _REASONS[status], len(body),
                                                                   _replica, body))
         self.transport.close()
+
+
+def _body_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """A request body's declared length (0 without one); -1 when chunked or unreadable."""
+    for k, v in headers:
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return -1
+        if k == b"transfer-encoding":
+            return -1
+    return 0
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from manager.edge import errors_http
 from manager.edge.client_auth import ClientIds, ClientKeys
 from manager.edge.protocol import CORK_EXTENSION
 from manager.proxy.forwarding import HeaderRules
@@ -62,9 +63,20 @@ class Reply(Protocol):
 
     async def __call__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
 
+    def send_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
+
+    @property
+    def write_paused(self) -> bool: ...
+
     def abort(self) -> None: ...
 
+    def cut(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
     def whole_body(self) -> bytes | None: ...
+
+    def hand_off(self, app: Any) -> None: ...
+
+    def retry(self) -> None: ...
 
 
 def _request_headers(scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -119,6 +131,9 @@ class Proxy:
         self._default_timeout = p.timeout_seconds
         self._counters: dict[tuple[str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
+        # node id -> (its cached record, the confirmed address entry, (host, port), the head's host and
+        # secret lines): what start() sends a session's requests by while both entries are the ones cached
+        self._routes: dict[str, tuple[NodeRecord, Any, tuple[str, int], bytes]] = {}
 
     async def handle(self, request: Request) -> Response:
         """The node's answer to a request of the ASGI app, streamed back as it comes."""
@@ -164,14 +179,87 @@ class Proxy:
         except BaseException:
             activity.end(rec.id)
             raise
-        hist = self._histograms.get(path)
-        if hist is None:
-            hist = self._histograms[path] = metrics.PROXY_SECONDS.labels(path)
-        hist.observe(time.perf_counter() - t0)
         if counter[0]:
             metrics.DEFERRED.inc(metrics.PROXY_BYTES_IN, counter[0])
-        self._count(path, upstream.status_code)
+        self._observe(path, t0, upstream.status_code)
         return NodeAnswer(upstream, rt, rec.id, self.rules)
+
+    def start(self, scope: Scope, node_id: str | None, reply: Reply) -> bool:
+        """Sends a request whose body is all here to its node with no task and no await: what
+        forward() does when everything it needs is cached (the session's record, running, its
+        confirmed address, an idle connection to it), then answered by callbacks (_Flight). False,
+        with nothing done, when anything is not: forward() takes it then."""
+        rt = self.rt
+        if node_id is None:
+            return False
+        rec = rt.cache.get(node_id)
+        if rec is None or rec.status != NodeStatus.RUNNING:
+            return False
+        if self.client_keys:
+            try:
+                self.client_keys.check_bound(rec.client, scope, rec.id)
+            except ManagerError:
+                return False
+        route = self._routes.get(rec.id)
+        if route is None or route[0] is not rec or rt.addresses.get(rec.cid) is not route[1]:
+            route = self._route(rec)
+            if route is None:
+                return False
+        key = route[2]
+        if rt.circuits.is_open(key[0]):
+            return False
+        target = scope.get("raw_path") or scope["path"].encode()
+        qs = scope.get("query_string")
+        lines = [scope["method"].encode(), b" ", target, b"?" if qs else b"", qs or b"", route[3]]
+        kept = []
+        for k, v in scope["headers"]:
+            if k in HOP_BY_HOP:
+                if k == b"transfer-encoding" or (k == b"connection" and v.strip().lower() not in _PLAIN):
+                    return False  # re-framed, or naming headers to drop: forward()'s way
+                continue
+            if k == _VIA:
+                return False  # through another replica: forward()'s checks
+            kept.append((k, v))
+        for k, v in self.for_node(kept):
+            lines += (k, b": ", v, b"\r\n")
+        conn = self.pool.idle(key)
+        if conn is None:
+            return False
+        body = reply.whole_body() or b""
+        lines += (b"\r\n", body)
+        path = scope["path"]
+        flight = _Flight(self, reply, scope, rec, key, path, bool(body))
+        rt.activity.begin(rec.id, rec.manager_id)  # ended when the flight lands or hands off
+        if body:
+            metrics.DEFERRED.inc(metrics.PROXY_BYTES_IN, len(body))
+        self.pool.send(conn, b"".join(lines), flight, self._timeouts.get(path, self._default_timeout))
+        return True
+
+    def _route(self, rec: NodeRecord) -> tuple[NodeRecord, Any, tuple[str, int], bytes] | None:
+        """What start() needs of a node it may reach straight (target() without an await): its
+        address as the engine (or its owner) confirmed it, and its secret; None otherwise."""
+        rt = self.rt
+        if rec.manager_id != rt.manager_id and rt.cfg.cluster.proxy_through_owner.get(rec.manager_id):
+            return None
+        confirmed = rt.addresses.get(rec.cid) if rec.cid else None
+        if confirmed is None or confirmed != (rec.id, (rec.host, rec.port)):
+            return None
+        host_line = b" HTTP/1.1\r\nhost: %s:%d\r\n%s: %s\r\n" % (
+            rec.host.encode(), rec.port, _SECRET, rt.store.secrets.of(rec).encode())
+        if len(self._routes) > 100_000:
+            self._routes.clear()
+        route = self._routes[rec.id] = (rec, confirmed, (rec.host, rec.port), host_line)
+        return route
+
+    def failed(self, rec: NodeRecord, host: str, port: int, exc: UpstreamError, path: str,
+               timeout: float | None) -> ManagerError:
+        """What a failed exchange with the node is answered (its circuit told when its host is lost)."""
+        # a local node's address is a container's, not a host's: only another host's loss counts
+        if isinstance(exc, HostLost) and rec.manager_id != self.rt.manager_id:
+            self.rt.circuits.failure(host, port, rec.manager_id, str(exc))
+        err = upstream_error(exc, timeout)
+        self._count(path, err.status_code)
+        return err
 
     def for_node(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """A request's headers as a node may see them: no key, cookie or token of the manager's."""
@@ -234,26 +322,132 @@ class Proxy:
                 headers = [h for h in headers if h[0] != _SECRET] + [(_SECRET, rt.store.secrets.of(rec).encode())]
                 result = await finish(await self.pool.request(method, host, port, target, headers, body(),
                                                               self._connect_timeout, timeout))
-        except (UpstreamError, HostUnreachable) as exc:
-            # a local node's address is a container's, not a host's: only another host's loss counts
-            if isinstance(exc, HostLost) and rec.manager_id != rt.manager_id:
-                rt.circuits.failure(host, port, rec.manager_id, str(exc))
-            err = upstream_error(exc, timeout)
-            self._count(path, err.status_code)
-            raise err from None
+        except HostUnreachable as exc:
+            self._count(path, exc.status_code)
+            raise exc from None
+        except UpstreamError as exc:
+            raise self.failed(rec, host, port, exc, path, timeout) from None
         if rt.circuits.is_open(host):
             rt.circuits.success(host)  # the half-open probe went through
         return result
+
+    def _observe(self, path: str, t0: float, status: int) -> None:
+        hist = self._histograms.get(path)
+        if hist is None:
+            hist = self._histograms[path] = metrics.PROXY_SECONDS.labels(path)
+        metrics.DEFERRED.observe(hist, time.perf_counter() - t0)
+        self._count(path, status)
 
     def _count(self, path: str, code: int) -> None:
         key = (path, code // 100)
         child = self._counters.get(key)
         if child is None:
             child = self._counters[key] = metrics.PROXY_REQUESTS.labels(path, metrics.status_class(code))
-        child.inc()
+        metrics.DEFERRED.inc(child)  # in plain ints, into the counter before /metrics renders
 
     def close(self) -> None:
         self.pool.close()
+
+
+_PLAIN = (b"keep-alive", b"close")
+
+
+class _Flight:
+    """A request start() sent: its node's answer by callbacks (manager/proxy/upstream.py Flight).
+    A small answer of known length goes out by the edge's reply once whole, as reply_small sends
+    it; any other is handed to a task as forward()'s NodeAnswer; a failure answered as forward()'s."""
+
+    __slots__ = ("has_body", "key", "path", "proxy", "rec", "reply", "scope", "t0")
+
+    def __init__(self, proxy: Proxy, reply: Reply, scope: Scope, rec: NodeRecord, key: tuple[str, int],
+                 path: str, has_body: bool) -> None:
+        self.proxy = proxy
+        self.reply = reply
+        self.scope = scope
+        self.rec = rec
+        self.key = key
+        self.path = path
+        self.has_body = has_body
+        self.t0 = time.perf_counter()
+
+    def head(self, conn: Any) -> None:
+        up = UpstreamResponse(conn, conn.timeout, False)
+        length = up.content_length()
+        limit = conn.limits.read_bytes
+        if length is not None and length <= SMALL_BODY and not (limit and length > limit):
+            return  # taken whole when it has all come (landed)
+        conn.hand_off()
+        proxy = self.proxy
+        proxy._observe(self.path, self.t0, up.status_code)
+        answer = NodeAnswer(up, proxy.rt, self.rec.id, proxy.rules)
+        reply = self.reply
+
+        async def stream(scope: Scope, receive: Receive, send: Send) -> None:
+            if not await answer.reply_small(scope, reply):
+                await answer(scope, receive, send)
+
+        reply.hand_off(stream)
+
+    def landed(self, conn: Any) -> None:
+        proxy, rec, reply = self.proxy, self.rec, self.reply
+        error = conn.error
+        if error is not None:
+            conn.abort()
+            proxy.rt.activity.end(rec.id)
+            if conn.status:
+                # the node dropped the connection mid-body: cut short, as reply_small's
+                proxy._observe(self.path, self.t0, conn.status)
+                reply.cut(conn.status, proxy.rules.from_node(conn.headers, HOP_BY_HOP))
+                return
+            if not conn.got_bytes and not self.has_body and not isinstance(error, (HostLost, UpstreamTimeout)):
+                # a kept-alive connection the node had just closed: forward() goes again, as the
+                # pool's request() retries one (nothing of the request was consumed)
+                reply.retry()
+                return
+            err = proxy.failed(rec, self.key[0], self.key[1], error, self.path,
+                               proxy._timeouts.get(self.path, proxy._default_timeout))
+            reply.hand_off(_error_app(err))
+            return
+        status, headers = conn.status, conn.headers
+        body = b"".join(conn.chunks) if len(conn.chunks) != 1 else conn.chunks[0]
+        conn.chunks.clear()
+        conn.buffered = 0
+        if conn.reusable():
+            proxy.pool._put(conn)
+        else:
+            conn.abort()
+        proxy.rt.activity.end(rec.id)
+        proxy._observe(self.path, self.t0, status)
+        if body:
+            metrics.DEFERRED.inc(metrics.PROXY_BYTES_OUT, len(body))
+        raw = proxy.rules.from_node(headers, HOP_BY_HOP)
+        if not reply.write_paused:
+            try:
+                reply.send_now(status, raw, body)
+                return
+            except RuntimeError as exc:  # a header uvicorn would refuse: its task answers 500
+                reply.hand_off(_raising(exc))
+                return
+
+        async def later(scope: Scope, receive: Receive, send: Send) -> None:
+            await reply(status, raw, body)  # after the client has read what it was sent before
+
+        reply.hand_off(later)
+
+
+def _error_app(err: ManagerError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await errors_http.handle(Request(scope, receive), err)
+        await response(scope, receive, send)
+
+    return app
+
+
+def _raising(exc: Exception) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise exc
+
+    return app
 
 
 def upstream_error(exc: UpstreamError | HostUnreachable, timeout: float | None) -> ManagerError:
@@ -326,9 +520,11 @@ class NodeAnswer(Response):
             sent = len(body)
             await reply(self.status_code, self.raw_headers, body)
         except UpstreamError:
-            # the node dropped the connection mid-body: nothing sane to send, end the connection as
-            # the ASGI path does (a response begun and not completed)
-            reply.abort()
+            # the node dropped the connection mid-body: the client sees the answer cut short (its
+            # head, then the close), as the ASGI path leaves a response begun and not completed. A
+            # proxy in front (another replica, cluster.proxy_through_owner) passes that on; with
+            # nothing sent it would take the answer for never given, retry and answer 503
+            reply.cut(self.status_code, self.raw_headers)
         finally:
             up.close()
             self.rt.activity.end(self.node_id)

@@ -20,6 +20,7 @@ import socket
 import time
 import weakref
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import httptools
 
@@ -95,6 +96,17 @@ def _head_end(tail: bytes, data: bytes) -> int:
     return min(ends) if ends else -1
 
 
+class Flight(Protocol):
+    """A request sent by UpstreamPool.send: told of its response by callbacks, not futures."""
+
+    def head(self, conn: _Conn) -> None:
+        """The final response's head is in (conn.status, conn.headers); conn.hand_off() and a
+        Response(conn, ...) to take the rest as a stream."""
+
+    def landed(self, conn: _Conn) -> None:
+        """The whole response is in (conn.complete), or the exchange failed (conn.error)."""
+
+
 class _Stray(Exception):
     """Bytes after the framed end of a response: parsing stops there."""
 
@@ -112,6 +124,12 @@ class _Conn(asyncio.Protocol):
         self.can_write.set()
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
+        # the callback path's request in flight (UpstreamPool.send): told when the response is
+        # whole or failed, instead of a task waiting on futures
+        self.flight: Flight | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timeout: float | None = None
+        self.body_seen = False
         self._reset()
 
     def _reset(self) -> None:
@@ -174,6 +192,16 @@ class _Conn(asyncio.Protocol):
             self._fail(UpstreamError("node switched protocols on a plain request"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"bad response from node: {exc}"))
+        if self.flight is not None:
+            if self.complete:
+                # told after the parser is done with this read: bytes after the response's end
+                # (above) have dropped the connection before it could go back to the pool
+                self._land()
+            elif self.body_seen and self.timer is not None:
+                # the read timeout runs between reads of the body, as next_chunk's does
+                self.body_seen = False
+                self.timer.cancel()
+                self.timer = self.loop.call_later(self.timeout, self._timed_out)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -230,8 +258,11 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful before the body
         self.head_done.set_result(None)
         self.can_write.set()  # a writer blocked on flow control must notice the early answer
+        if self.flight is not None:
+            self.flight.head(self)  # an answer to stream is handed to a task here
 
     def on_body(self, body: bytes) -> None:
+        self.body_seen = True
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused_reading and self.transport is not None:
@@ -254,6 +285,8 @@ class _Conn(asyncio.Protocol):
     def _fail(self, exc: BaseException, drop: bool = False) -> None:
         if self.error is None:
             self.error = exc
+        if self.flight is not None:
+            self.loop.call_soon(self._land)  # not from inside the parser's or the transport's callback
         if not self.head_done.done():
             self.head_done.set_exception(exc)
             self.head_done.exception()  # retrieved here; the caller re-raises it
@@ -262,6 +295,26 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             # drop: nothing more is read from this node (close() would keep reading until it flushed)
             self.transport.abort() if drop else self.transport.close()
+
+    def _land(self) -> None:
+        """The callback path's request is over (a whole response, or a failure): tell its flight."""
+        flight, self.flight = self.flight, None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if flight is not None:
+            flight.landed(self)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._fail(UpstreamTimeout("node response timed out"))
+
+    def hand_off(self) -> None:
+        """The flight's answer goes on through a Response (streamed by a task): no more callbacks."""
+        self.flight = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def set_in_use(self, flag: bool) -> None:
         if flag != self.in_use:
@@ -462,6 +515,37 @@ class UpstreamPool:
         conn.set_in_use(False)
         conn.idle_since = time.monotonic()
         idle.append(conn)
+
+    def idle(self, key: tuple[str, int]) -> _Conn | None:
+        """An idle connection to key, taken for a request; None when there is none."""
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_SECONDS and conn.transport is not None \
+                    and not conn.transport.is_closing():
+                conn.set_in_use(True)
+                conn._reset()
+                return conn
+            conn.abort()
+        return None
+
+    def send(self, conn: _Conn, request: bytes, flight: Flight, read_timeout: float | None) -> None:
+        """Write a whole request (head and body) on conn, taken by idle(); its flight is told of the
+        answer by callbacks (Flight), or of a failure, never before this returns."""
+        conn.flight = flight
+        conn.timeout = read_timeout
+        conn.body_seen = False
+        try:
+            conn.write(request)
+        except UpstreamError as exc:
+            conn._fail(exc)
+            return
+        conn.request_sent = True
+        if read_timeout is not None:
+            conn.timer = conn.loop.call_later(read_timeout, conn._timed_out)
 
     async def _get(self, key: tuple[str, int], connect_timeout: float) -> tuple[_Conn, bool]:
         idle = self._idle.get(key)

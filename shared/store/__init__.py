@@ -1,10 +1,10 @@
 """Everything the project keeps in Redis, behind one facade (key names in shared/keys.py).
 
 ``Store`` is the sum of the domain parts, one module each: node records and their index
-(nodes), activity, quotas, the warm pool, the engine-wide creation slots (creations), fenced checker writes (fenced), session locks,
+(nodes), activity, quotas, the warm pool, fenced checker writes (fenced), session locks,
 events and watchers, the replica registry and draining (replicas), intents and console logins.
-Checker leases (on a client of their own), MCP's state, snapshots, egress secrets and what the egress agent learned are namespaces of their
-own: ``store.leases``, ``store.mcp``, ``store.snapshots``, ``store.egress_secrets``, ``store.egress_learned``. No part calls another's methods: each reads on its own, over the client
+Checker leases (on a client of their own), MCP's state, snapshots and egress secrets are namespaces of their
+own: ``store.leases``, ``store.mcp``, ``store.snapshots``, ``store.egress_secrets``. No part calls another's methods: each reads on its own, over the client
 and key names of ``base.Part``. Clients are made in connection.py. Nothing outside this
 package imports redis.
 """
@@ -22,8 +22,6 @@ from shared.store.activity import Activity
 from shared.store.base import Op, redis_errors
 from shared.store.connection import connect, sync_client
 from shared.store.console import ConsoleLogins
-from shared.store.creations import CreationSlots
-from shared.store.egress_learned import EgressLearnedStore
 from shared.store.egress_secrets import EgressSecretStore
 from shared.store.events import ALL, BROADCAST, Events, Scope, compare_ids
 from shared.store.fenced import Fenced
@@ -40,8 +38,7 @@ from shared.store.snapshots import SnapshotStore
 __all__ = ["ALL", "BROADCAST", "LeaseRenewer", "Op", "Scope", "Store", "compare_ids", "connect", "redis_errors"]
 
 
-class Store(NodeRecords, Activity, Quotas, Pool, CreationSlots, Fenced, Locks, Events, Replicas, Intents,
-            ConsoleLogins):
+class Store(NodeRecords, Activity, Quotas, Pool, Fenced, Locks, Events, Replicas, Intents, ConsoleLogins):
     """Typed access to everything the project keeps in Redis."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, stream_maxlen: int = 10000,
@@ -55,7 +52,6 @@ class Store(NodeRecords, Activity, Quotas, Pool, CreationSlots, Fenced, Locks, E
         self.mcp = McpStore(redis, keys)
         self.snapshots = SnapshotStore(redis, keys)
         self.egress_secrets = EgressSecretStore(redis, keys)
-        self.egress_learned = EgressLearnedStore(redis, keys)
 
     @classmethod
     def open(cls, cfg: Config) -> Store:

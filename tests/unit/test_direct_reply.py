@@ -111,3 +111,17 @@ def test_a_body_all_here_is_taken_whole_and_only_then() -> None:
     cycle.waiting_for_100_continue = False
     assert reply(cycle).whole_body() == b"{}"
     assert cycle.body == bytearray()  # taken: receive() gives it no more
+
+
+async def test_an_answer_the_node_dropped_half_way_is_cut_short_after_its_head() -> None:
+    # a proxy in front (another replica) must see it began: with nothing sent it retried and answered
+    # 503 (tests/test_differential.py, reset on the owner path)
+    protocol.set_replica("r-1")
+    cycle = Cycle()
+    reply(cycle).cut(200, [(b"content-length", b"5")])
+    (written,) = cycle.transport.writes
+    assert written.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 5\r\n" in written
+    assert written.endswith(b"connection: close\r\n\r\n") and cycle.transport.closed
+    cycle = Cycle()
+    reply(cycle).cut(200, [(b"content-length", b"5"), (b"x-bad", b"a\nb")])  # refused: nothing at all
+    assert cycle.transport.writes == [] and cycle.transport.closed
