@@ -18,6 +18,7 @@ from checker import intents, reconcile
 from checker.fence import Fence, LeaseLost
 from checker.lease import Lease
 from checker.tiers import Tiers
+from checker.upkeep import Upkeep
 from nodeops import capacity, demand, lost, pool, snapshots
 from nodeops.context import NodeOps
 from shared import metrics
@@ -45,6 +46,7 @@ class Checker:
         self.lease = Lease(ops.store, cfg.manager_id, ops.replica.replica_id, cfg.checker.lease_ttl_seconds)
         self.fence = Fence(ops.store, self.lease, cfg.manager_id, cfg.node.creation_wait_seconds + 10)
         self.tiers = Tiers(ops, self.fence)
+        self.upkeep = Upkeep(ops.store, cfg)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._was_leader = False
@@ -67,6 +69,8 @@ class Checker:
                  asyncio.create_task(self._cycle_loop(), name="checker-cycle")]
         if self.cfg.checker.use_events:
             tasks.append(asyncio.create_task(self._engine_events(), name="checker-events"))
+        if self.cfg.checker.upkeep_seconds > 0:
+            tasks.append(asyncio.create_task(self._upkeep_loop(), name="checker-upkeep"))
         try:
             await self._stopping.wait()
         finally:
@@ -94,6 +98,22 @@ class Checker:
                 if self.lease.token is not None and not self.lease.held:
                     self._step_down(f"cannot renew: {exc.detail}")
             await self._sleep(ttl / 3 if self.lease.token is not None else min(1.0, ttl / 3))
+
+    async def _upkeep_loop(self) -> None:
+        """The cluster-wide upkeep (checker/upkeep.py): a lease holder takes its turn once a period,
+        so one replica of the whole cluster does it, whichever manager_id's checker it is."""
+        every = self.cfg.checker.upkeep_seconds
+        while not self._stopping.is_set():
+            await self._sleep(every * (0.5 + random.random() / 2))
+            if not self.lease.held:
+                continue
+            try:
+                if await self.store.take_upkeep_turn(self.ops.replica.replica_id, every * 0.9):
+                    await self.upkeep.run()
+            except ManagerError as exc:
+                log.warning("upkeep_failed manager_id=%s error=%s", self.mid, exc.detail)
+            except Exception:
+                log.exception("upkeep_crashed manager_id=%s", self.mid)
 
     def _became_leader(self) -> None:
         log.info("lease_acquired manager_id=%s replica_id=%s token=%s", self.mid, self.lease.holder,

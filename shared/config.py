@@ -259,6 +259,12 @@ class CheckerConfig(Base):
     # it), but not once the event loop has shown no life for this long (a wedged process)
     loop_stall_seconds: float = 30.0
     use_events: bool = True
+    # the cluster-wide upkeep, done by one lease holder a period (checker/upkeep.py): client counts
+    # recounted from the records, event streams of manager_ids gone removed; 0: never
+    upkeep_seconds: float = 60.0
+    # a client's count is corrected only if nothing wrote it, and its records and reservations did not
+    # change, for this long (two readings this far apart): longer than a creation's two steps on a cluster
+    recount_settle_seconds: float = 5.0
 
 
 class ClusterConfig(Base):
@@ -377,6 +383,9 @@ class CreationConfig(Base):
 class EventsConfig(Base):
     stream_maxlen: int = 10000  # the cluster-wide stream (views of the whole cluster), entries kept
     manager_stream_maxlen: int = 1000  # each manager_id's own stream (what its replicas read), entries kept
+    # a manager_id's stream is removed once no replica of it sent a heartbeat, it wrote no event and
+    # it holds no session for this long (checker.upkeep_seconds does it)
+    gone_stream_grace_seconds: float = 3600.0
     keepalive_seconds: float = 20.0
     client_timeout_seconds: float = 60.0
     stop_after_unwatched_seconds: float | None = None

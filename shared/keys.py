@@ -17,6 +17,7 @@ every MULTI touches one slot (README, "Keys on a Redis Cluster"):
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 HOME_DIGITS = 4  # hex digits of a session id that name its manager's slot on a cluster
@@ -118,6 +119,19 @@ class Keys:
         """Hash: client identity -> live node count (on a cluster, one hash per client, in its own slot)."""
         return f"{self._t('cl:' + client)}:client_count" if self.cluster else f"{self.prefix}:client_count"
 
+    def client_version(self, client: str = "") -> str:
+        """Hash: client identity -> writes of its count so far (beside it: the recount corrects a count
+        only when nothing wrote it between its readings, checker/upkeep.py)."""
+        return f"{self._t('cl:' + client)}:client_count_v" if self.cluster else f"{self.prefix}:client_count_v"
+
+    def client_count_pattern(self) -> str:
+        """A SCAN pattern of every client's count key on a cluster (the prefix's glob characters escaped)."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":{cl:*}:client_count"
+
+    def upkeep_turn(self) -> str:
+        """String 'replica_id' with a TTL: the replica doing the cluster-wide upkeep this period."""
+        return f"{self._t('reg')}:upkeep_turn"
+
     def events(self) -> str:
         """Stream of every node lifecycle event, cluster-wide (replayable by id): what admin and
         console views of the whole cluster read, and the one stream replicas before the split read."""
@@ -127,6 +141,11 @@ class Keys:
         """Stream of the events of one manager_id's sessions: what its replicas (and any replica
         caching one of its sessions, or watching one) read."""
         return f"{self._m(manager_id)}:mgr:{manager_id}:events"
+
+    def manager_events_removed(self, manager_id: str) -> str:
+        """String: the last id of a manager_id's events stream the upkeep removed (it was gone), so a
+        resume from before it is told its events are gone."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:events_removed"
 
     def broadcast_events(self) -> str:
         """Stream of the rare events of no manager_id (an egress secret set), which every replica reads."""

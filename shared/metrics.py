@@ -127,6 +127,11 @@ LEADER = Gauge(P + "checker_leader", "1 while this process holds the checker lea
                ["manager_id"], multiprocess_mode="livesum")
 LEASE_TRANSITIONS = Counter(P + "checker_lease_transitions_total",
                             "Lease acquisitions and losses by this process.", ["manager_id", "event"])
+CLIENT_COUNTS_CORRECTED = Counter(P + "client_counts_corrected_total", "Client quota counts the upkeep set back to "
+                                  "what the client's records and reservations hold (a write lost to a failover, or a "
+                                  "replica that died between a cluster's two steps).")
+EVENT_STREAMS_REMOVED = Counter(P + "event_streams_removed_total", "Event streams of manager_ids gone (no replica, "
+                                "session or event for events.gone_stream_grace_seconds) the upkeep removed.")
 CHECKER_CYCLE_SECONDS = Histogram(P + "checker_cycle_duration_seconds", "Duration of one reconcile cycle.",
                                   ["manager_id"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 CHECKER_ACTIONS = Counter(P + "checker_actions_total", "What the checker did, by action.",

@@ -215,6 +215,46 @@ async def test_a_rolling_upgrade_from_the_single_stream(open_store: Callable[...
         await until(lambda: not a.hub.unsplit and ALL not in a.hub.cursors, what="the old stream left")
 
 
+async def test_the_stream_of_a_manager_id_gone_is_removed_and_a_resume_told(open_store: Callable[..., Store]) -> None:
+    """The upkeep removes a manager_id's stream once no replica of it is live, it holds no session and
+    it wrote no event for the grace; a resume from before the removal is told (a socket's gap
+    message, test_websocket.py), one from after it is not; a replica that followed the stream reads
+    it again when its manager_id comes back."""
+    from checker.upkeep import Upkeep
+    from shared.models import ReplicaInfo
+
+    store = open_store()
+    cfg = msgspec.convert({"events": {"gone_stream_grace_seconds": 2.0}}, Config)
+    upkeep = Upkeep(store, cfg)
+    first = [await store.publish(Event(type="ready", node_id=f"g{i}", manager_id=m)) for i in range(3)
+             for m in ("m-gone", "m-live", "m-held", "m-recent")]
+    rec = _rec(store, "m-held")
+    await store.put_node(rec)  # a session left: its stream stays
+    live = ReplicaInfo(replica_id="r-live", manager_id="m-live", url="http://x", version="1", started_at=1.0)
+    gone = ReplicaInfo(replica_id="r-gone", manager_id="m-gone", url="http://x", version="1", started_at=1.0)
+    await store.heartbeat(gone, 0.3)  # its replica went away: its heartbeat key expires
+    async with Replica(store, "m-other", busy=lambda: {"m-gone"}) as follower:  # works on a session of m-gone
+        await until(lambda: "m-gone" in follower.hub.cursors, what="the gone manager_id's stream followed")
+        await asyncio.sleep(2.2)  # past the grace (no condition to wait on: the grace is the feature)
+        await store.heartbeat(live, 60)
+        await store.publish(Event(type="ready", node_id="late", manager_id="m-recent"))  # an event within the grace
+        removed = await upkeep.remove_gone_streams()
+        assert list(removed) == ["m-gone"], removed
+        assert not await store.redis.exists(store.stream_key("m-gone"))
+        for m in ("m-live", "m-held", "m-recent"):
+            assert await store.redis.exists(store.stream_key(m)), m
+        last = removed["m-gone"]
+        # a resume from before the removal is told up to where; one from the last id removed is not
+        assert await store.stream_removed_after(first[0], "m-gone") == last
+        assert await store.stream_removed_after(last, "m-gone") is None
+        assert await store.stream_removed_after(first[1], "m-live") is None
+        assert await upkeep.remove_gone_streams() == {}
+        # m-gone comes back: its new events reach the replica that still follows it
+        await store.publish(Event(type="created", node_id="back", manager_id="m-gone"))
+        await until(lambda: "back" in follower.nodes_seen(), what="the new stream's first event")
+        assert await store.stream_removed_after(first[0], "m-gone") == last  # still told: those are gone
+
+
 def test_keys_of_the_split_streams() -> None:
     """A manager's stream shares its home slot (the checker's fenced write carries it); the
     cluster-wide stream keeps the name replicas before the split read."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import httpx
@@ -136,6 +137,32 @@ def test_events_across_replicas_with_resume(start_manager, redis_client: redis.R
         while not seen or seen[-1] != "released":
             seen.append(recv_event(ws)["event"])
         assert seen[0] == "stopped" and "restarted" in seen and seen[-1] == "released"
+
+
+def test_a_resume_into_the_removed_stream_of_a_manager_id_gone_is_told(start_manager, redis_client: redis.Redis,
+                                                                     prefix: str) -> None:
+    """A manager_id with no replica, session or event for events.gone_stream_grace_seconds has its
+    stream removed by a live replica's upkeep; a socket resuming into it by an id from before is
+    told its events are gone (a gap naming the removal), not left waiting for them."""
+    gone = f"gone-{uuid.uuid4().hex[:8]}"
+    stream = f"{prefix}:mgr:{gone}:events"
+    ids = [redis_client.xadd(stream, {"e": json.dumps({"type": "ready", "node_id": f"n{i}", "manager_id": gone,
+                                                        "at": 1.0})}).decode() for i in range(3)]
+    redis_client.sadd(f"{prefix}:managers", gone)  # seen once, never heartbeating since
+    m = start_manager(name="up", checker={"upkeep_seconds": 0.5}, events={"gone_stream_grace_seconds": 1.0,
+                                                                         **QUIET_CLIENTS["events"]})
+    wait_for(lambda: not redis_client.exists(stream), timeout=60, what="the gone manager_id's stream removed")
+    assert redis_client.get(f"{prefix}:mgr:{gone}:events_removed") == ids[-1].encode()
+    bearer = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with open_ws(ws_url(m.url, f"/ws/events?manager_id={gone}&last_event_id={ids[0]}"), additional_headers=bearer) as ws:
+        assert recv_json(ws)["success"] is True
+        gap = recv_json(ws)
+        assert gap["type"] == "gap" and gap["reason"] == "stream_removed" and gap["removed_to"] == ids[-1], gap
+        assert gone in gap["message"]
+    with open_ws(ws_url(m.url, f"/ws/events?manager_id={gone}&last_event_id={ids[-1]}"), additional_headers=bearer) as ws:
+        assert recv_json(ws)["success"] is True  # nothing missed since: no gap
+        ws.send(json.dumps({"type": "ping"}))
+        assert recv_json(ws) == {"type": "pong"}
 
 
 def test_events_keepalive_silence_and_bad_input(start_manager) -> None:

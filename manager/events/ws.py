@@ -152,8 +152,17 @@ async def _scope(ws: WebSocket, node_id: str | None, mid: str | None, data: Any)
 
 async def _replay(rt: Runtime, ws: WebSocket, sub: Any, last: str, *, gap_check: bool) -> None:
     """Send what the client missed after `last`, then mark the live queue to skip duplicates."""
-    if gap_check and await rt.store.events_trimmed_after(last, sub.scope):
-        await ws.send_text(msgspec.json.encode({"type": "gap", "message": "some events are no longer stored"}).decode())
+    removed = await rt.store.stream_removed_after(last, sub.scope) if gap_check else None
+    if removed is not None:
+        # the upkeep removed this manager_id's stream (it was gone: checker/upkeep.py); what it
+        # holds now, if anything, came after
+        await ws.send_text(msgspec.json.encode({
+            "type": "gap", "reason": "stream_removed", "removed_to": removed,
+            "message": f"the events of manager_id {sub.scope} up to {removed} are no longer stored: its stream was "
+                       "removed when no replica or session of it was left"}).decode())
+    elif gap_check and await rt.store.events_trimmed_after(last, sub.scope):
+        await ws.send_text(msgspec.json.encode({"type": "gap", "reason": "trimmed",
+                                                "message": "some events are no longer stored"}).decode())
     cursor = last
     while True:
         batch = await rt.store.read_events(cursor, block_ms=None, count=500, scope=sub.scope)

@@ -39,6 +39,13 @@ def queue_ops(p: Any, ops: Sequence[Op]) -> None:
         p.execute_command(name.upper(), key, *args)
 
 
+def client_count_ops(keys: Keys, client: str, delta: int) -> list[Op]:
+    """A client's count changed by delta, with its version (the recount's sign that something wrote it):
+    two writes of the client's slot, applied together."""
+    return [("hincrby", keys.client_count(client), [client, delta]),
+            ("hincrby", keys.client_version(client), [client, 1])]
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     """Map transport failures of Redis to RedisUnavailable (503)."""

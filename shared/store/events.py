@@ -13,7 +13,7 @@ import msgspec
 import redis.exceptions
 
 from shared.models import Event
-from shared.store.base import Entries, Op, Part, redis_errors, slot, text
+from shared.store.base import Entries, Op, Part, Script, redis_errors, slot, text
 
 # Where an event goes and is read from (a scope): a manager_id's own stream, BROADCAST for events of
 # no manager_id, ALL for the cluster-wide stream every event is also written to.
@@ -21,6 +21,21 @@ BROADCAST = ""
 ALL = None
 Scope = str | None
 SPLIT_MARK = b"s"  # a field on the cluster-wide copy of an event written by a replica that splits
+
+
+# KEYS[1] a manager_id's events stream, KEYS[2] its node set, KEYS[3] its removal mark; ARGV[1] a time (ms)
+# Removes the stream of a manager_id that holds no session or reservation and wrote no event since
+# ARGV[1]; the mark keeps the last id removed. Its last id, or false when it stays.
+REMOVE_STREAM = """
+if redis.call('scard', KEYS[2]) > 0 then return false end
+local last = redis.call('xrevrange', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return false end
+local id = last[1][1]
+if tonumber(string.match(id, '^(%d+)')) > tonumber(ARGV[1]) then return false end
+redis.call('del', KEYS[1])
+redis.call('set', KEYS[3], id)
+return id
+"""
 
 
 class Events(Part):
@@ -32,6 +47,7 @@ class Events(Part):
 
     stream_maxlen: int
     manager_stream_maxlen: int
+    _remove_stream = Script(REMOVE_STREAM)
 
     def stream_key(self, scope: Scope) -> str:
         """The stream of a scope: ALL, BROADCAST or a manager_id."""
@@ -105,6 +121,24 @@ class Events(Part):
                 return False
         deleted = text(info.get("max-deleted-entry-id", "0-0"))
         return compare_ids(deleted, last_id) > 0
+
+    async def remove_gone_stream(self, manager_id: str, quiet_since: float) -> str | None:
+        """Remove the events stream of a manager_id with no session or reservation left and no event
+        since quiet_since (epoch seconds); the last id it held, or None when it stays."""
+        k = self.keys
+        with redis_errors():
+            got = await self._remove_stream(keys=[k.manager_events(manager_id), k.manager_nodes(manager_id),
+                                                  k.manager_events_removed(manager_id)],
+                                            args=[int(quiet_since * 1000)])
+        return text(got) if got else None
+
+    async def stream_removed_after(self, last_id: str, scope: Scope) -> str | None:
+        """The last id of a removed stream of scope when events after last_id went with it (else None)."""
+        if not scope:  # the cluster-wide and broadcast streams are never removed
+            return None
+        with redis_errors():
+            removed = await self.redis.get(self.keys.manager_events_removed(scope))
+        return text(removed) if removed and compare_ids(text(removed), last_id) > 0 else None
 
     async def unsplit_readers(self, ttl: float) -> bool:
         """Whether a live replica reads only the cluster-wide stream (a version before the split, in

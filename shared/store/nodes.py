@@ -13,7 +13,7 @@ import msgspec
 from shared.keys import is_reservation
 from shared.models import NodeRecord
 from shared.nodesecret import NodeSecrets
-from shared.store.base import Op, Part, Script, redis_errors, text
+from shared.store.base import Op, Part, Script, client_count_ops, redis_errors, text
 
 # KEYS[1] node hash; ARGV: field, value, field, value...
 # Only update a record that still exists: a late write must not resurrect a released node.
@@ -177,5 +177,5 @@ class NodeRecords(Part):
                          ("zrem", k.last_request(rec.manager_id), [rec.id]),
                          ("lrem", k.pool(rec.manager_id), [0, rec.id])]
         if rec.client:
-            ops.append(("hincrby", k.client_count(rec.client), [rec.client, -1]))
+            ops += client_count_ops(k, rec.client, -1)
         return ops

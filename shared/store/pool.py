@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 
 from shared.models import NodeRecord
-from shared.store.base import Op, Part, Script, redis_errors, text
+from shared.store.base import Op, Part, Script, client_count_ops, redis_errors, text
 from shared.store.quotas import TAKE_CLIENT
 
 # KEYS[1] pool list, KEYS[2] client count hash, KEYS[3] arrivals counter, KEYS[4] last-request set,
-# KEYS[5..] the records of the ids at the pool's head
+# KEYS[5] the client count's version hash, KEYS[6..] the records of the ids at the pool's head
 # ARGV[1] now, ARGV[2] client, ARGV[3] claiming replica, ARGV[4..] those ids in pool order
-# (ARGV[i] is the id of KEYS[i + 1]), then the client's limit (0 none), then '0' when the client's count
+# (ARGV[i] is the id of KEYS[i + 2]), then the client's limit (0 none), then '0' when the client's count
 # is not to be touched here (on a cluster it is in another slot: taken before the claim)
 # Takes the first of those ids still in the pool whose record is still pooled (stale ids met on
 # the way are dropped) and marks it claimed: two replicas can never hand out the same node, and
@@ -22,18 +22,21 @@ from shared.store.quotas import TAKE_CLIENT
 # counted (once, on any answer but 'again'), the session's idle time started, and its record
 # returned ({id, field, value, ...}).
 CLAIM_POOLED = """
-local n = #KEYS - 4
+local n = #KEYS - 5
 local climit = tonumber(ARGV[n + 4] or '0')
 if ARGV[2] ~= '' and climit > 0 and tonumber(redis.call('hget', KEYS[2], ARGV[2]) or '0') >= climit then
   redis.call('incr', KEYS[3])
   return 'client'
 end
-for i = 5, #KEYS do
-  local id = ARGV[i - 1]
+for i = 6, #KEYS do
+  local id = ARGV[i - 2]
   if redis.call('lrem', KEYS[1], 1, id) == 1 and redis.call('hget', KEYS[i], 'role') == 'pooled' then
     redis.call('hset', KEYS[i], 'role', 'claiming', 'claimed_at', ARGV[1], 'client', ARGV[2], 'updated_at', ARGV[1],
                'claimed_by', ARGV[3])
-    if ARGV[2] ~= '' and ARGV[n + 5] ~= '0' then redis.call('hincrby', KEYS[2], ARGV[2], 1) end
+    if ARGV[2] ~= '' and ARGV[n + 5] ~= '0' then
+      redis.call('hincrby', KEYS[2], ARGV[2], 1)
+      redis.call('hincrby', KEYS[5], ARGV[2], 1)
+    end
     redis.call('incr', KEYS[3])
     -- XX: a node released meanwhile is not re-added; GT: never back in time
     redis.call('zadd', KEYS[4], 'XX', 'GT', ARGV[1], id)
@@ -70,25 +73,27 @@ class Pool(Part):
         k = self.keys
         now = time.time() if now is None else now
         if not self.clustered:
-            return await self._claim_in(manager_id, k.client_count(), client, claimer, per_client, True, now)
+            return await self._claim_in(manager_id, (k.client_count(), k.client_version()), client, claimer,
+                                        per_client, True, now)
         # on a cluster the client's count is in its own slot: taken first, given back if nothing was claimed
         if client and not await self._claim_client(client, per_client):
             await self.count_arrival(manager_id)  # refused by its quota: still demand
             return None
         got: NodeRecord | None = None
         try:
-            got = await self._claim_in(manager_id, k.arrivals(manager_id), client, claimer, 0, False, now)
+            got = await self._claim_in(manager_id, (k.arrivals(manager_id),) * 2, client, claimer, 0, False, now)
         finally:
             if client and got is None:
                 with redis_errors():
-                    await self.redis.hincrby(k.client_count(client), client, -1)
+                    await self.apply(client_count_ops(k, client, -1))
         return got
 
     async def _claim_client(self, client: str, per_client: int) -> bool:
         with redis_errors():
-            return bool(await self._claim_take(keys=[self.keys.client_count(client)], args=[client, per_client]))
+            return bool(await self._claim_take(keys=[self.keys.client_count(client), self.keys.client_version(client)],
+                                               args=[client, per_client]))
 
-    async def _claim_in(self, manager_id: str, count_key: str, client: str, claimer: str, per_client: int,
+    async def _claim_in(self, manager_id: str, count_keys: tuple[str, str], client: str, claimer: str, per_client: int,
                         count: bool, now: float) -> NodeRecord | None:
         k = self.keys
         with redis_errors():
@@ -97,9 +102,10 @@ class Pool(Part):
                 if not ids:
                     await self.redis.incr(k.arrivals(manager_id))  # a miss is demand too
                     return None
-                # count_key is never read when count is False and per_client 0 (a key of the pool's slot)
-                got = await self._claim(keys=[k.pool(manager_id), count_key, k.arrivals(manager_id),
-                                              k.last_request(manager_id), *[k.node(i) for i in ids]],
+                # count_keys (the count and its version) are never read when count is False and
+                # per_client 0 (then keys of the pool's slot)
+                got = await self._claim(keys=[k.pool(manager_id), count_keys[0], k.arrivals(manager_id),
+                                              k.last_request(manager_id), count_keys[1], *[k.node(i) for i in ids]],
                                         args=[now, client, claimer, *ids, per_client, "1" if count else "0"])
                 if isinstance(got, list):
                     node_id, fields = text(got[0]), got[1:]

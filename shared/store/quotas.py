@@ -8,11 +8,12 @@ import uuid
 
 from shared.errors import QuotaExceeded
 from shared.keys import reservation_client, reservation_member
-from shared.store.base import Op, Part, Script, redis_errors, text
+from shared.store.base import Op, Part, Script, client_count_ops, redis_errors, text
 
 # KEYS[1] manager's node set, KEYS[2] set of manager ids, KEYS[3] client count hash,
 # KEYS[4] the manager's archived sessions (members of KEYS[1] that hold no container),
-# KEYS[5..] the node set of every manager id in KEYS[2] (read just before; only for a total limit)
+# KEYS[5] the client count's version hash (bumped with the count: checker/upkeep.py),
+# KEYS[6..] the node set of every manager id in KEYS[2] (read just before; only for a total limit)
 # ARGV[1] reservation member, ARGV[2] per-manager limit (0 none), ARGV[3] total limit (0 none),
 # ARGV[4] client id ('' none), ARGV[5] per-client limit (0 none)
 # Check quotas and reserve a slot atomically, so parallel creations never overshoot. The set
@@ -23,9 +24,9 @@ local per = tonumber(ARGV[2])
 if per > 0 and redis.call('scard', KEYS[1]) - redis.call('scard', KEYS[4]) >= per then return 'manager' end
 local total = tonumber(ARGV[3])
 if total > 0 then
-  if redis.call('scard', KEYS[2]) ~= #KEYS - 4 then return 'stale' end
+  if redis.call('scard', KEYS[2]) ~= #KEYS - 5 then return 'stale' end
   local sum = 0
-  for i = 5, #KEYS do sum = sum + redis.call('scard', KEYS[i]) end
+  for i = 6, #KEYS do sum = sum + redis.call('scard', KEYS[i]) end
   if sum >= total then return 'total' end
 end
 local climit = tonumber(ARGV[5])
@@ -33,7 +34,10 @@ if ARGV[4] ~= '' and climit > 0 then
   if tonumber(redis.call('hget', KEYS[3], ARGV[4]) or '0') >= climit then return 'client' end
 end
 redis.call('sadd', KEYS[1], ARGV[1])
-if ARGV[4] ~= '' then redis.call('hincrby', KEYS[3], ARGV[4], 1) end
+if ARGV[4] ~= '' then
+  redis.call('hincrby', KEYS[3], ARGV[4], 1)
+  redis.call('hincrby', KEYS[5], ARGV[4], 1)
+end
 return 'ok'
 """
 
@@ -50,12 +54,13 @@ redis.call('sadd', KEYS[1], ARGV[1])
 return 'ok'
 """
 
-# On a Redis Cluster, the client's half: KEYS[1] the client's count hash; ARGV[1] client, ARGV[2] limit
-# (0 none). Counts one more session unless the client already holds the limit.
+# On a Redis Cluster, the client's half: KEYS[1] the client's count hash, KEYS[2] its version hash;
+# ARGV[1] client, ARGV[2] limit (0 none). Counts one more session unless the client already holds the limit.
 TAKE_CLIENT = """
 local climit = tonumber(ARGV[2])
 if climit > 0 and tonumber(redis.call('hget', KEYS[1], ARGV[1]) or '0') >= climit then return 0 end
 redis.call('hincrby', KEYS[1], ARGV[1], 1)
+redis.call('hincrby', KEYS[2], ARGV[1], 1)
 return 1
 """
 
@@ -70,12 +75,13 @@ class Quotas(Part):
     async def take_client(self, client: str, per_client: int) -> bool:
         """On a cluster: count one more session of client within its limit (its own slot)."""
         with redis_errors():
-            return bool(await self._take_client(keys=[self.keys.client_count(client)], args=[client, per_client]))
+            return bool(await self._take_client(keys=[self.keys.client_count(client), self.keys.client_version(client)],
+                                                args=[client, per_client]))
 
     async def give_client(self, client: str) -> None:
         """On a cluster: give back a client's count taken for a creation that did not happen."""
         with redis_errors():
-            await self.redis.hincrby(self.keys.client_count(client), client, -1)
+            await self.apply(client_count_ops(self.keys, client, -1))
 
     async def reserve(self, manager_id: str, per_manager: int, total: int, client: str = "",
                       per_client: int = 0, replica_id: str = "") -> str:
@@ -90,7 +96,7 @@ class Quotas(Part):
             while res == "stale":
                 others = [k.manager_nodes(m) for m in await self.manager_ids()] if total > 0 else []
                 res = text(await self._reserve(keys=[k.manager_nodes(manager_id), k.managers(), k.client_count(),
-                                                   k.archived(manager_id), *others],
+                                                   k.archived(manager_id), k.client_version(), *others],
                                              args=[member, per_manager, total, client, per_client]))
         if res == "manager":
             raise QuotaExceeded(f"quota exceeded: manager {manager_id} already has {per_manager} nodes")
@@ -135,7 +141,7 @@ class Quotas(Part):
         with redis_errors():
             gone = await self.redis.srem(self.keys.manager_nodes(manager_id), member)
             if client and gone:
-                await self.redis.hincrby(self.keys.client_count(client), client, -1)
+                await self.apply(client_count_ops(self.keys, client, -1))
 
     def unreserve_op(self, manager_id: str, member: str) -> Op:
         return ("srem", self.keys.manager_nodes(manager_id), [member])
@@ -146,7 +152,7 @@ class Quotas(Part):
         ops: list[Op] = [self.unreserve_op(manager_id, member)]
         client = reservation_client(member)
         if client:
-            ops.append(("hincrby", self.keys.client_count(client), [client, -1]))
+            ops += client_count_ops(self.keys, client, -1)
         return ops
 
     async def node_counts(self) -> dict[str, int]:

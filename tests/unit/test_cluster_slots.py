@@ -115,6 +115,10 @@ async def _every_call(store: Store, rec: Recorder) -> None:
     snap = Snapshot(name="s", manager_id="mgr-a", seed="x", source=b, client="c1", bytes=10, created_at=1.0)
     await store.snapshots.put(snap, 3, 1000)
     await store.snapshots.delete("c1", "s")
+    await store.set_client_count("c1", 4, 2, 1)  # the upkeep's recount and its removal of a gone stream
+    await store.remove_gone_stream("mgr-a", 1.0)
+    await store.take_client("c1", 3)
+    await store.give_client("c1")
 
 
 def test_every_script_and_multi_names_one_slot_on_a_cluster() -> None:
