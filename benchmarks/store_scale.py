@@ -15,7 +15,8 @@ its manager_id's stream and the broadcast one, so the figure holds for each of t
 deliveries/s (and that times the replicas: one per manager_id), Redis CPU (INFO cpu, all nodes of
 a cluster) and memory per live session, commands per session lifecycle (INFO commandstats, less the
 readers' XREADs and this script's INFO), the checker's store pass (its reads of one manager_id and a
-fenced write) per manager_id. JSON to benchmarks/results/store_scale.json.
+fenced write) per manager_id, and one pass of the cluster-wide upkeep over them all (checker/upkeep.py:
+the client counts' recount and the scan for streams of manager_ids gone; nothing is off or gone). JSON to benchmarks/results/store_scale.json.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import msgspec
 import redis
 
 from benchmarks.common import command_line, markdown_table, start_private_redis, write_json
+from checker.upkeep import Upkeep
 from manager.events.hub import EventHub
 from manager.replica.activity import AddressCache
 from shared.config import Config
-from shared.models import Event, NodeRecord, NodeStatus
+from shared.models import Event, NodeRecord, NodeStatus, ReplicaInfo
 from shared.store import Store
 from testing import redis_env
 from testing.redis_cluster import RedisCluster
@@ -147,9 +149,11 @@ async def one_run(target: Target, primaries: set[int], n_mgr: int, args: argpars
 
         async def put(m: str, j: int) -> None:
             async with sem:
-                rec = _rec(store, m, f"client-{j % 50}")
+                client = f"client-{j % 50}"
+                member = await store.reserve(m, per_manager=0, total=0, client=client, per_client=100000)
+                rec = _rec(store, m, client)
                 rec.status = NodeStatus.RUNNING
-                await store.put_node(rec)
+                await store.put_node(rec, replace_member=member)
 
         await asyncio.gather(*(put(m, j) for m in mgrs for j in range(args.sessions)))
         populated = target.info()
@@ -185,6 +189,15 @@ async def one_run(target: Target, primaries: set[int], n_mgr: int, args: argpars
         await asyncio.gather(*readers)
         end_info = target.info()
         passes = [await checker_pass(store, m, tokens[m]) for m in mgrs[:: max(1, n_mgr // 20)]]
+        # the cluster-wide upkeep (checker/upkeep.py), one pass over every manager_id: the counts'
+        # recount (its readings; nothing is off, so no settle) and the scan for streams of manager_ids gone
+        for m in mgrs:
+            await store.heartbeat(ReplicaInfo(replica_id=f"r-{m}", manager_id=m, url="", version="1",
+                                              started_at=time.time()), 60)
+        upkeep = Upkeep(store, msgspec.convert({"checker": {"recount_settle_seconds": 0}}, Config))
+        t_up = time.perf_counter()
+        done_upkeep = await upkeep.run()
+        upkeep_ms = 1000 * (time.perf_counter() - t_up)
         per_replica = statistics.mean(got) / elapsed
         return {
             "target": target.name, "manager_ids": n_mgr, "lifecycles": done, "seconds": round(elapsed, 1),
@@ -196,6 +209,8 @@ async def one_run(target: Target, primaries: set[int], n_mgr: int, args: argpars
             "commands_per_lifecycle": round((_calls(end_info, target.ports, primaries)
                                              - _calls(start_info, target.ports, primaries)) / max(1, done), 1),
             "checker_pass_ms": round(1000 * statistics.median(passes), 2),
+            "upkeep_pass_ms": round(upkeep_ms, 1),
+            "upkeep_corrected": len(done_upkeep.recounted) + len(done_upkeep.streams_removed),
         }
     finally:
         await store.close()
@@ -242,7 +257,7 @@ def main() -> None:
     rows = asyncio.run(run(args))
     cols = ["target", "manager_ids", "lifecycles", "events_per_s", "per_replica_deliveries_per_s",
             "all_replicas_deliveries_per_s", "redis_cpu_pct", "memory_per_session_bytes", "commands_per_lifecycle",
-            "checker_pass_ms"]
+            "checker_pass_ms", "upkeep_pass_ms"]
     print(markdown_table(cols, [[r[c] for c in cols] for r in rows]))
     write_json("store_scale", {"command": command_line(), "args": vars(args), "rows": rows})
 
