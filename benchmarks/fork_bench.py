@@ -12,8 +12,11 @@ stall       --forks forks of one copy each while a writer calls the source witho
 snapshot    --n snapshots of the source, each timed (request to answer), then deleted.
 start       --n sessions from a snapshot against --n cold ones, alternated, each timed from
             POST /get_cookie until its first tool call answered (time to interactive).
+floor       --copies bare containers of the node image (no workspace, no limits, no manager)
+            created and started at once, until each answers GET /: what that many container
+            boots cost on this machine at least, whatever a fork copies (--no-floor skips it).
 
-    .venv/bin/python -m benchmarks.fork_bench [--forks 10] [--copies 10] [--n 5]
+    .venv/bin/python -m benchmarks.fork_bench [--forks 10] [--copies 10] [--n 5] [--image-dir DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ from typing import Any
 import httpx
 
 from benchmarks.common import (
+    BENCH_NODE_SECRET,
+    LABEL,
+    NODE_IMAGE,
+    NODE_PORT,
+    ROLE_LABEL,
     base_config,
     bench_id,
     command_line,
@@ -47,6 +55,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
+from benchmarks.create_latency import wait_http
 from testing.harness import ManagerProc
 
 WS = "/app/workspace"
@@ -95,6 +104,24 @@ def interactive(url: str, body: dict[str, Any] | None) -> tuple[float, str]:
         return time.perf_counter() - t0, r.cookies["node_id"]
 
 
+def bare_floor(docker: Any, n: int, mid: str) -> float:
+    """Seconds from creating n bare node containers at once until every one answered GET /."""
+    t0 = time.perf_counter()
+
+    def one(_: int) -> None:
+        c = docker.containers.create(NODE_IMAGE, init=True, ports={f"{NODE_PORT}/tcp": ("127.0.0.1", None)},
+                                     labels={LABEL: mid, ROLE_LABEL: "bench"},
+                                     environment={"NODE_SECRET": BENCH_NODE_SECRET})
+        c.start()
+        c.reload()
+        port = int(c.attrs["NetworkSettings"]["Ports"][f"{NODE_PORT}/tcp"][0]["HostPort"])
+        wait_http("127.0.0.1", port, t0, f"floor container {c.short_id}")
+
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(n)))
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fork_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-dir", default=IMAGE_DIR,
                    help=f"node.disk.image_dir: where workspace images go (default {IMAGE_DIR}); one on a file "
                         "system with reflinks (XFS, btrfs) makes copies metadata operations")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="creation.concurrency: creations at once (default: the project's, 4)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="a warm pool of this many nodes (pool.size), full before the big fork: its copies are "
+                        "handed to pooled nodes; the start from a snapshot against a cold create is then skipped")
+    p.add_argument("--no-floor", action="store_true", help="skip the bare containers' floor")
     args = p.parse_args(argv)
     seeds_dir = os.path.join(args.image_dir, "seeds")
     print(f"$ {command_line()}", flush=True)
@@ -116,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                                 node={"creation_wait_seconds": 120, "idling_close_minutes": None,
                                       "disk": {"image_dir": args.image_dir},
                                       "tiers": {"pause_after_seconds": None, "archive_after_seconds": None}},
-                                fork={"max_count": max(16, args.copies)}), tmp, "fork")
+                                fork={"max_count": max(16, args.copies)},
+                                pool={"size": args.pool, "max_size": args.pool, "max_age_seconds": 3600},
+                                checker={"interval_seconds": 0.3},
+                                **({"creation": {"concurrency": args.concurrency}} if args.concurrency else {})),
+                    tmp, "fork")
     # the manager names its saved copies with its key prefix's hash: only those are the run's to remove
     tag = hashlib.sha256(prefix.encode()).hexdigest()[:8]
     out: dict[str, Any] = {}
@@ -164,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             out["stall"] = {"held": summarize(stalls), "slowest_call": summarize(worst), "fork_1": summarize(fork_s)}
             print("  stall measured", file=sys.stderr, flush=True)
 
+            if args.pool:  # the copies go to pooled nodes: a full pool first
+                pool_key = f"{prefix}:mgr:{mid}:pool"
+                deadline = time.monotonic() + 600
+                while r.llen(pool_key) < args.pool:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the pool did not fill ({r.llen(pool_key)} of {args.pool})")
+                    time.sleep(0.2)
+                time.sleep(5)  # the refills' boots are over: the fork does not share the CPUs with them
             before = phase_sums(url)
             t0 = time.perf_counter()
             resp = src.post("/fork_session", json={"count": args.copies})
@@ -181,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             after = phase_sums(url)
             out["copies"] = {"n": len(copies), "fork_answered_s": answered,
                              "all_answered_s": time.perf_counter() - t0,
-                             "stall_s": resp.json()["stall_seconds"],
+                             "stall_s": resp.json()["stall_seconds"], "from_pool": resp.json().get("from_pool", 0),
                              # where a copy's creation spent its time, on average over the copies
                              "phases_mean_s": {k: (after.get(k, 0.0) - before.get(k, 0.0)) / len(copies)
                                                for k in after}}
@@ -200,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 src.delete(f"/snapshots/bench-{i}")
 
             cold, warm, made = [], [], []
-            for _ in range(args.n):
+            for _ in range(args.n if not args.pool else 0):  # with a pool a "cold" create is a claim
                 s, node = interactive(url, None)
                 cold.append(s)
                 made.append(node)
@@ -209,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                 made.append(node)
             release(url, made)
             src.delete("/snapshots/bench-0")
-            out["start"] = {"cold": summarize(cold), "snapshot": summarize(warm)}
+            if cold:
+                out["start"] = {"cold": summarize(cold), "snapshot": summarize(warm)}
+        if not args.no_floor:
+            out["floor_s"] = bare_floor(docker, args.copies, mid)
+            remove_containers(docker, mid)
+            print("  floor measured", file=sys.stderr, flush=True)
         failed = False
     finally:
         m.stop()
@@ -225,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    st, cp, sn, sa = out["stall"], out["copies"], out["snapshot"], out["start"]
-    ratio = sa["snapshot"]["p50_ms"] / sa["cold"]["p50_ms"]
+    st, cp, sn = out["stall"], out["copies"], out["snapshot"]
+    sa = out.get("start")
+    ratio = sa["snapshot"]["p50_ms"] / sa["cold"]["p50_ms"] if sa else 0.0
     rows = [
         ("source writes held (fsfreeze), 200 MB in 1 GiB", args.forks, fmt(st["held"]["p50_ms"]),
          fmt(st["held"]["max_ms"]), "goal <= 1000 ms"),
@@ -234,18 +285,25 @@ def main(argv: list[str] | None = None) -> int:
          fmt(st["slowest_call"]["max_ms"]), ""),
         ("fork into 1 (request to answer)", args.forks, fmt(st["fork_1"]["p50_ms"]), fmt(st["fork_1"]["max_ms"]), ""),
         (f"fork into {cp['n']}: until all answered a tool call", 1, fmt(cp["all_answered_s"] * 1000),
-         fmt(cp["all_answered_s"] * 1000), "goal <= 2000 ms"),
+         fmt(cp["all_answered_s"] * 1000), f"goal <= 2000 ms; {cp['from_pool']} from the pool"),
         ("snapshot (request to answer)", args.n, fmt(sn["p50_ms"]), fmt(sn["max_ms"]), ""),
-        ("cold create to first tool answer", args.n, fmt(sa["cold"]["p50_ms"]), fmt(sa["cold"]["max_ms"]), ""),
-        ("start from snapshot to first tool answer", args.n, fmt(sa["snapshot"]["p50_ms"]),
-         fmt(sa["snapshot"]["max_ms"]), f"{ratio:.2f}x cold (goal <= 1.2x)"),
     ]
+    if sa:
+        rows += [("cold create to first tool answer", args.n, fmt(sa["cold"]["p50_ms"]), fmt(sa["cold"]["max_ms"]), ""),
+                 ("start from snapshot to first tool answer", args.n, fmt(sa["snapshot"]["p50_ms"]),
+                  fmt(sa["snapshot"]["max_ms"]), f"{ratio:.2f}x cold (goal <= 1.2x)")]
+    if "floor_s" in out:
+        rows.insert(4, (f"floor: {cp['n']} bare containers created at once, until all answered", 1,
+                        fmt(out["floor_s"] * 1000), fmt(out["floor_s"] * 1000), "no workspace, no manager"))
     print(markdown_table(("case", "n", "p50 ms", "max ms", "note"), rows))
     ph = cp["phases_mean_s"]
-    print(f"\nfork into {cp['n']}: where each copy's creation went (mean ms per copy; the source's copy "
+    whose = ("the pool's refills meanwhile (the copies were handed to pooled nodes: no creation of their own), "
+             "per copy" if cp["from_pool"] else "each copy's creation")
+    print(f"\nfork into {cp['n']}: where {whose} went (mean ms per copy; the source's copy "
           f"held writes {cp['stall_s'] * 1000:.0f} ms, the fork answered at {cp['fork_answered_s'] * 1000:.0f} ms)")
     print(markdown_table(("phase", "mean ms"), [(k, fmt(v * 1000)) for k, v in ph.items() if v > 0.0005]))
-    print(f"image_dir {args.image_dir}; {load_line(load0)}")
+    print(f"image_dir {args.image_dir}, creation.concurrency {args.concurrency or 'default'}, pool {args.pool}; "
+          f"{load_line(load0)}")
     written = write_json("fork_bench", {"results": out, "snapshot_over_cold_p50": ratio, "image_dir": args.image_dir})
     print(f"json: {written}")
     return 0

@@ -19,11 +19,11 @@ from typing import Any
 
 import msgspec
 
-from nodeops import capacity, egress, lifecycle
+from nodeops import capacity, egress, lifecycle, pool
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward
 from nodeops.locks import capture_lock
-from nodeops.primitives import in_use, owned, session_lock
+from nodeops.primitives import discard, in_use, owned, session_lock
 from shared import metrics
 from shared.errors import BadRequest, ForkIncomplete, ManagerError, NodeNotFound, QuotaExceeded
 from shared.models import EventKind, NodeRecord
@@ -93,6 +93,41 @@ async def capture(ops: NodeOps, rec: NodeRecord, seed: str) -> float:
         return await ops.backend.capture_workspace(fresh.workspace, seed)
 
 
+async def hand_off(ops: NodeOps, client: str, seed: str, slots: list[str]) -> list[NodeRecord]:
+    """Pooled nodes of this engine (up to one per slot) given a copy of seed in place of their
+    empty workspace: running already, so a copy costs a clone and a mount, not a container's
+    start and boot. The slot of each one handed is given back (the claim counts the client);
+    one that fails is removed, and its slot left for a creation. The copies handed, in order."""
+    if not ops.cfg.pool.enabled:
+        return []
+    claimed: list[NodeRecord] = []
+    for _ in slots:
+        # no per-client limit here: the slots reserved for the fork already count against it
+        try:
+            got = await ops.store.claim_pooled_record(ops.manager_id, client, ops.replica.replica_id, 0)
+        except ManagerError as exc:  # the creations make the rest
+            log.warning("fork_pool_claim_failed error=%s", exc.detail)
+            break
+        if got is None:
+            break
+        claimed.append(got)
+
+    async def one(node: NodeRecord) -> NodeRecord:
+        try:
+            await ops.backend.adopt_workspace(node.workspace, seed)
+        except BaseException as exc:
+            log.warning("fork_hand_off_failed node_id=%s error=%r", node.id[:12], exc)
+            await asyncio.shield(discard(ops, node))
+            raise
+        await pool.delivered(ops, node)
+        return node
+
+    results = await asyncio.gather(*(one(n) for n in claimed), return_exceptions=True)
+    handed = [r for r in results if isinstance(r, NodeRecord)]
+    await release_slots(ops, slots[:len(handed)], client)
+    return handed
+
+
 async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
     """Fork a session of this engine: quota for all copies, one copy of its workspace, then the
     copies made in parallel; ForkIncomplete (naming the copies made) when some failed."""
@@ -114,8 +149,11 @@ async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
                 await asyncio.shield(release_slots(ops, slots, rec.client))
                 raise
             metrics.SOURCE_STALL_SECONDS.labels("fork").observe(stall)
-            results = await asyncio.gather(*(lifecycle.create_node(ops, client=rec.client, reservation=slot, seed=seed)
-                                             for slot in slots), return_exceptions=True)
+            handed = await hand_off(ops, rec.client, seed, slots)
+            left = slots[len(handed):]
+            results: list[NodeRecord | BaseException] = [*handed, *await asyncio.gather(
+                *(lifecycle.create_node(ops, client=rec.client, reservation=slot, seed=seed) for slot in left),
+                return_exceptions=True)]
         finally:
             await asyncio.shield(ops.backend.drop_seed(seed))
         made = [r for r in results if isinstance(r, NodeRecord)]
@@ -125,8 +163,8 @@ async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
             await ops.publish(EventKind.FORKED, r, node_id)
         failed = [r for r in results if not isinstance(r, NodeRecord)]
         elapsed = time.monotonic() - t0
-        log.info("session_forked node_id=%s copies=%d failed=%d stall_s=%.3f elapsed_s=%.3f", node_id[:12],
-                 len(made), len(failed), stall, elapsed)
+        log.info("session_forked node_id=%s copies=%d from_pool=%d failed=%d stall_s=%.3f elapsed_s=%.3f",
+                 node_id[:12], len(made), len(handed), len(failed), stall, elapsed)
         if failed:
             outcome = "partial"
             first = failed[0]
@@ -135,6 +173,6 @@ async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
                                  [r.id for r in made])
         outcome = "ok"
         return {"source": node_id, "sessions": [r.id for r in made], "stall_seconds": round(stall, 4),
-                "seconds": round(elapsed, 3)}
+                "seconds": round(elapsed, 3), "from_pool": len(handed)}
     finally:
         metrics.FORK_SECONDS.labels(outcome).observe(time.monotonic() - t0)

@@ -232,6 +232,11 @@ class NodeBackend(abc.ABC):
     async def drop_seed(self, seed: str) -> None:  # noqa: B027  (nothing saved: nothing to drop)
         """Delete a seed; nothing left is fine."""
 
+    async def adopt_workspace(self, name: str, seed: str) -> None:
+        """Make the running node of workspace name (a pooled node's) hold a copy of seed in place of
+        its files; BadRequest when this engine or workspace cannot, ContainerGone when no node runs."""
+        raise BadRequest("this engine cannot hand a copy to a running node")
+
     async def export_seed(self, seed: str) -> AsyncIterator[bytes]:
         """A seed's bytes as a stream import_seed reads (ContainerGone when there is no such seed)."""
         raise BadRequest("this engine cannot copy workspaces")

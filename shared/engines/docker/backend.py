@@ -265,6 +265,8 @@ class DockerBackend(NodeBackend):
             await asyncio.shield(self._unmake(making, path))
             raise
         try:
+            if node.role == Role.POOLED:  # a fork may hand it another image (adopt_workspace)
+                dev = await self._call(loopdisk.point_link, path, dev)
             await self._call(self.client.api.create_volume, name, driver="local",
                              driver_opts={"type": "ext4", "device": dev}, labels={**labels, LABEL_IMAGE_FILE: path})
         except BaseException:
@@ -289,7 +291,11 @@ class DockerBackend(NodeBackend):
             dev = await self._call(loopdisk.attach, path)
         except loopdisk.DiskError as exc:
             raise WorkspaceUnavailable(session, exc.detail) from exc
-        if (vol.get("Options") or {}).get("device") == dev:
+        named = (vol.get("Options") or {}).get("device")
+        if named == loopdisk.link_path(path):  # the volume names the image's link: lead it to the device
+            await self._call(loopdisk.point_link, path, dev)
+            return
+        if named == dev:
             return
         # a volume's options are fixed at creation: made again (same name and labels) on the new
         # device; its files live in the image, not in the volume
@@ -363,6 +369,23 @@ class DockerBackend(NodeBackend):
 
     async def drop_seed(self, seed: str) -> None:
         await self._call(loopdisk.with_unlink, self._seed_path(seed))
+
+    async def adopt_workspace(self, name: str, seed: str) -> None:
+        """Make the running node of workspace name (a pooled node's) hold a copy of seed instead of
+        its own files, in place: no new container, its next calls see the copy."""
+        vol = await self._call(self.client.api.inspect_volume, name)
+        path = (vol.get("Labels") or {}).get(LABEL_IMAGE_FILE, "")
+        if not path or (vol.get("Options") or {}).get("device") != loopdisk.link_path(path):
+            raise BadRequest(f"workspace {name} cannot take another image (its volume names a device)")
+
+        def adopt() -> None:
+            for c in self.client.api.containers(filters={"volume": name, "status": ["running"]}):
+                pid = int((self.client.api.inspect_container(c["Id"]).get("State") or {}).get("Pid") or 0)
+                if pid:
+                    return loopdisk.adopt(path, self._seed_path(seed), pid, self.workspace_path)
+            raise ContainerGone(f"no running node mounts {name}")
+
+        await self._call(adopt)
 
     async def export_seed(self, seed: str) -> AsyncIterator[bytes]:
         """A seed's bytes as a sparse tar stream (holes are not sent), opened."""

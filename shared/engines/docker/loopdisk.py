@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 from shared.errors import ConfigError, EngineError
 
@@ -81,7 +82,96 @@ def destroy(path: str) -> None:
         except DiskError:
             if device_of(path) == dev:  # not detached by someone else meanwhile: a real failure
                 raise
+    # an image a fork's copy replaced (adopt) may still back a device until its node's mount goes
+    for dev in devices_of_deleted(path):
+        subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=60)
     with_unlink(path)
+    with_unlink(link_path(path))
+
+
+def devices_of_deleted(path: str) -> list[str]:
+    """Loop devices still backed by a deleted file that was named ``path``."""
+    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True, timeout=60).stdout
+    gone = f"{path} (deleted)"
+    return [line.split(None, 1)[0] for line in out.splitlines()
+            if len(line.split(None, 1)) == 2 and line.split(None, 1)[1].strip() == gone]
+
+
+# --- a workspace's device by a name of its own -------------------------------------------
+# A volume's options (its device) are fixed when it is made, and the engine mounts that device
+# again at each start of its container. A pooled node's volume names a symlink beside its image
+# instead of the loop device itself, so that a fork can hand the node another image (adopt): the
+# link then leads to the new image's device, and a later start mounts that one, never a device
+# number that was given up (and may back another session's image by then).
+
+def link_path(path: str) -> str:
+    """Where the device link of the image ``path`` is."""
+    return path + ".dev"
+
+
+def point_link(path: str, device: str) -> str:
+    """Point the device link of ``path`` at ``device`` (atomically); the link's path."""
+    link = link_path(path)
+    tmp = f"{link}.{os.getpid()}.tmp"
+    with_unlink(tmp)
+    os.symlink(device, tmp)
+    os.rename(tmp, link)
+    return link
+
+
+# Mounts a file system in another process's mount namespace (a running node's): made with the new
+# mount API in this namespace, where the device is (a container has no loop devices in its /dev),
+# then moved into the node's. A process of its own: setns needs a single thread.
+_INJECT = r"""
+import ctypes, os, sys
+pid, dev, target = sys.argv[1], sys.argv[2], sys.argv[3]
+libc = ctypes.CDLL(None, use_errno=True)
+def ok(r, what):
+    if r < 0:
+        raise SystemExit(f"{what}: {os.strerror(ctypes.get_errno())}")
+    return r
+fs = ok(libc.syscall(430, b"ext4", 0), "fsopen")
+ok(libc.syscall(431, fs, 1, b"source", dev.encode(), 0), "fsconfig source")
+ok(libc.syscall(431, fs, 6, None, None, 0), "fsconfig create")
+mnt = ok(libc.syscall(432, fs, 0, 0), "fsmount")
+ok(libc.setns(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY), 0x00020000), "setns")
+ok(libc.syscall(429, mnt, b"", -100, target.encode(), 4), "move_mount")
+"""
+
+
+def adopt(path: str, seed: str, pid: int, target: str) -> None:
+    """Make the running node ``pid``, whose workspace (at ``target`` in its mount namespace) is the
+    image ``path`` reached through its device link, hold a copy of ``seed`` instead: the copy takes
+    the image's name, is attached and mounted over ``target`` in the node's namespace (its next
+    calls see it), the link is pointed at it (its container's next start mounts it), and the old
+    image's device is detached (freed once the node's mount of it goes). DiskError, with the node
+    left on its old image when the mount failed."""
+    if not os.path.islink(link_path(path)):
+        raise DiskError(f"{os.path.basename(path)} has no device link: its volume names a device")
+    old = device_of(path)
+    part = path + ".part"
+    try:
+        os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        _run("cp", "--reflink=auto", "--sparse=always", seed, part)
+        dev = _run("losetup", "--find", "--show", part)
+    except BaseException:
+        with_unlink(part)
+        raise
+    try:
+        res = subprocess.run([sys.executable, "-c", _INJECT, str(pid), dev, target], capture_output=True,
+                             text=True, timeout=60)
+        if res.returncode != 0:
+            raise DiskError(f"mounting the copy in the node failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    except BaseException:
+        subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=60)
+        with_unlink(part)
+        raise
+    # the copy is the node's workspace from here on: its image takes the name, its device the link
+    os.rename(part, path)
+    point_link(path, dev)
+    if old:
+        subprocess.run(["losetup", "--detach", old], capture_output=True, timeout=60)
 
 
 def with_unlink(path: str) -> None:
