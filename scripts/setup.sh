@@ -18,7 +18,8 @@ die() { printf '\033[31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (apt-get and dockerd need it)"
 
 # --- Debian packages -------------------------------------------------------
-APT_PKGS=(docker.io redis-server debootstrap iptables nftables)
+# xfsprogs: the workspace images' directory on XFS with reflinks (scripts/images-fs.sh)
+APT_PKGS=(docker.io redis-server debootstrap iptables nftables xfsprogs)
 # what the test suite starts for real: a load balancer, Prometheus, a proxy to compare with
 [ "$WITH_TEST" = 1 ] && APT_PKGS+=(haproxy prometheus)
 # the multi-host test: hosts as network namespaces (ip netns, veth, bridge; nsenter)
@@ -56,6 +57,15 @@ esac
 bash "$ROOT/scripts/services.sh" start-redis
 bash "$ROOT/scripts/services.sh" start-dockerd
 DOCKER=/usr/bin/docker
+
+# --- workspace images on a file system with reflinks ---------------------------
+# forks and snapshots clone a workspace image there (no bytes copied) where ext4 copies it; the
+# directory is node.disk.image_dir (TSM_NODE__DISK__IMAGE_DIR when the config says another).
+# TSM_IMAGES_FS=0 leaves it as it is. Sessions' images already in it keep it as it is (said so)
+if [ "${TSM_IMAGES_FS:-1}" != 0 ]; then
+  rc=0; bash "$ROOT/scripts/images-fs.sh" "${TSM_NODE__DISK__IMAGE_DIR:-/var/lib/toolserver-manager/workspaces}" || rc=$?
+  [ "$rc" = 0 ] || [ "$rc" = 2 ] || die "the workspace images' file system could not be set up (see above)"
+fi
 
 # --- Python virtualenv -------------------------------------------------------
 stamp="$VENV/.tsm-installed"
