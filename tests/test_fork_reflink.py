@@ -94,10 +94,11 @@ def fork_and_check(m_url: str, images: Path, count: int) -> tuple[str, list[str]
     r = src.post("/fork_session", json={"count": count})
     assert r.status_code == 200, r.text
     copies = r.json()["sessions"]
-    assert len(set(copies)) == count
+    assert len(set(copies)) == count, r.text
     for cid in copies:
         assert (images / f"tsm-session-{cid}.img").exists()  # the copies' images are in this directory
-        assert shell(httpx.Client(base_url=m_url, cookies={"node_id": cid}, timeout=120), SUMS) == sums
+        got = shell(httpx.Client(base_url=m_url, cookies={"node_id": cid}, timeout=120), SUMS)
+        assert got == sums, (cid, got, sums)
     return src_id, copies, sums
 
 
@@ -153,10 +154,12 @@ def test_fork_on_ext4_copies_the_bytes(ext4_dir: Path, start_manager) -> None:
     src_id, copies, sums = fork_and_check(m.url, ext4_dir, 2)
     for i in [src_id, *copies]:
         path = str(ext4_dir / f"tsm-session-{i}.img")
-        assert shared_extents(path) == 0
-        assert os.stat(path).st_blocks * 512 < 512 << 20  # still sparse: 1 GiB images holding 32 MiB
+        assert shared_extents(path) == 0, run("filefrag", "-v", path)
+        # still sparse: 1 GiB images holding 32 MiB
+        assert os.stat(path).st_blocks * 512 < 512 << 20, (path, os.stat(path).st_blocks)
     # each of the three images holds its own 32 MiB
-    assert used_bytes(str(ext4_dir)) - before >= 3 * (32 << 20)
+    assert used_bytes(str(ext4_dir)) - before >= 3 * (32 << 20), (before, used_bytes(str(ext4_dir)),
+                                                                  run("du", "-a", str(ext4_dir)))
     write_in_first(m.url, [copies[0], src_id, *copies[1:]], sums)
     for i in [src_id, *copies]:
         httpx.post(m.url + "/release_session", cookies={"node_id": i}, timeout=120)
