@@ -1,18 +1,21 @@
 """Egress by name: what the enforced path costs a node next to open egress, in the same run.
 
 Against a small internet in a network namespace (testing/internet.py), one manager with
-egress.enforce and two sessions: "open" (default allow: the kernel forwards, nothing on the
-host touches the bytes) and "by name" (default deny, the one name allowed: every connection to
-80/443 goes through the host's SNI/Host-checking proxy in the manager). Inside each node: a
-100 MB download over HTTP, and 1,000 small HTTPS requests, each on a connection of its own.
-The manager's memory (its process's RSS) is sampled through the "by name" run. Then the
-time from a policy change (admin PUT) to its rules in force, from the manager's own histogram.
-Goal (issue 28): by-name throughput >= 0.7x open; manager memory flat within 50 MB.
+egress.enforce and two sessions: "direct" (open egress, default allow: the kernel forwards,
+nothing on the host touches the bytes) and "by name" (default deny, the one name allowed: every
+connection to 80/443 goes through the host's SNI/Host-checking proxy in the manager). Inside
+each node: a 100 MB download over HTTP, and 1,000 small HTTPS requests, each on a connection of
+its own; ``--rounds`` of both, in alternating order, so that a shared machine's drift in load
+falls on both paths (medians compared). The manager's memory (its process's RSS: the proxy runs
+in it) is sampled through every run. Then the time from a policy change (admin PUT) to its
+rules in force, from the manager's own histogram.
+Goal (issue 28): by-name throughput >= 0.7x direct; manager memory flat within 50 MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -81,80 +84,102 @@ def in_node(c: httpx.Client, size: int, n: int) -> dict[str, Any]:
     return json.loads(display.split("BENCH", 1)[1].strip().splitlines()[0])  # type: ignore[no-any-return]
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+CASES = (("direct", {"default": "allow"}), ("by name", {"default": "deny", "allow": ["allowed.test"]}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=int, default=100)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds of both paths, their order alternating (a loaded machine's drift falls on both)")
     ap.add_argument("--changes", type=int, default=20)
     args = ap.parse_args()
     at_start = os.getloadavg()
     mid = bench_id("egress")
     tmp = Path(tempfile.mkdtemp(prefix="bench-egress-"))
-    results: dict[str, Any] = {}
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case, _ in CASES}
+    results: dict[str, Any] = {"runs": runs}
     with internet(["allowed.test", "other.test"]) as net:
         m = ManagerProc(base_config(mid, mid, egress={"enforce": True, "upstream_dns": [net.dns],
                                                       "client_may_set": True}), tmp, "egress")
+        clients: dict[str, httpx.Client] = {}
         try:
             m.start()
             admin = {"Authorization": f"Bearer {m.cfg['admin']['token']}"}
-            for case, policy in (("open", {"default": "allow"}),
-                                 ("by name", {"default": "deny", "allow": ["allowed.test"]})):
-                with httpx.Client(base_url=m.url, timeout=60) as c:
-                    assert c.post("/get_cookie", json={"egress": policy}).status_code == 200
-                    in_node(c, 1 << 20, 10)  # warm-up: the node's interpreter, the first answers
-                    peak = [rss_mb(m.pid)]
-                    before = peak[0]
+            # "direct": default allow, the kernel forwards and nothing on the host touches the bytes;
+            # "by name": every connection to 80/443 goes through the manager's SNI/Host proxy
+            for case, policy in CASES:
+                c = clients[case] = httpx.Client(base_url=m.url, timeout=60)
+                assert c.post("/get_cookie", json={"egress": policy}).status_code == 200
+                in_node(c, 1 << 20, 10)  # warm-up: the node's interpreter, the first answers
+            before = rss_mb(m.pid)
+            peak = [before]
+            for i in range(args.rounds):
+                for case, _ in (CASES if i % 2 == 0 else CASES[::-1]):
                     done = threading.Event()
 
-                    def sample(peak: list[float] = peak, done: threading.Event = done) -> None:
+                    def sample(done: threading.Event = done) -> None:
                         while not done.wait(0.2):
                             peak.append(rss_mb(m.pid))
 
                     t = threading.Thread(target=sample)
                     t.start()
                     try:
-                        res = in_node(c, args.mb << 20, args.requests)
+                        res = in_node(clients[case], args.mb << 20, args.requests)
                     finally:
                         done.set()
                         t.join()
-                    res["rss_before_mb"], res["rss_peak_mb"] = before, max(peak)
-                    results[case] = res
-                    if case == "by name":
-                        node_id = c.cookies["node_id"]
-                        for i in range(args.changes):
-                            allow = ["allowed.test"] + (["other.test"] if i % 2 == 0 else [])
-                            r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=admin,
-                                          json={"default": "deny", "allow": allow})
-                            assert r.status_code == 200, r.text
-                            time.sleep(0.2)  # one change at a time: each is timed alone
-                        text = httpx.get(f"{m.url}/metrics").text
-                        total = float(re.search(r"^toolserver_egress_policy_apply_seconds_sum (\S+)", text,
-                                                re.M).group(1))  # type: ignore[union-attr]
-                        count = float(re.search(r"^toolserver_egress_policy_apply_seconds_count (\S+)", text,
-                                                re.M).group(1))  # type: ignore[union-attr]
-                        results["policy_apply_mean_s"] = total / count if count else None
-                        results["policy_changes"] = count
-                    c.post("/release_session")
+                    res["load_1m"] = os.getloadavg()[0]
+                    runs[case].append(res)
+            results["rss_before_mb"], results["rss_peak_mb"] = before, max(peak)
+            node_id = clients["by name"].cookies["node_id"]
+            for i in range(args.changes):
+                allow = ["allowed.test"] + (["other.test"] if i % 2 == 0 else [])
+                r = httpx.put(f"{m.url}/admin/nodes/{node_id}/egress", headers=admin,
+                              json={"default": "deny", "allow": allow})
+                assert r.status_code == 200, r.text
+                time.sleep(0.2)  # one change at a time: each is timed alone
+            text = httpx.get(f"{m.url}/metrics").text
+            total = float(re.search(r"^toolserver_egress_policy_apply_seconds_sum (\S+)", text,
+                                    re.M).group(1))  # type: ignore[union-attr]
+            count = float(re.search(r"^toolserver_egress_policy_apply_seconds_count (\S+)", text,
+                                    re.M).group(1))  # type: ignore[union-attr]
+            results["policy_apply_mean_s"] = total / count if count else None
+            results["policy_changes"] = count
         finally:
+            for c in clients.values():
+                with contextlib.suppress(httpx.HTTPError):
+                    c.post("/release_session")
+                c.close()
             m.stop()
             import docker
 
             remove_project_objects(docker.DockerClient(base_url="unix:///var/run/docker.sock", version="1.41"), mid)
     rows = []
-    for case in ("open", "by name"):
-        r = results[case]
-        mbps = r["bytes"] / r["download_s"] / 1e6
-        rps = r["requests"] / r["requests_s"]
-        rows.append([case, fmt(mbps), fmt(rps), fmt(r["rss_before_mb"]), fmt(r["rss_peak_mb"])])
-    ratio_dl = (results["by name"]["bytes"] / results["by name"]["download_s"]) / (
-        results["open"]["bytes"] / results["open"]["download_s"])
-    ratio_rq = results["open"]["requests_s"] / results["by name"]["requests_s"]
+    mbps = {case: [r["bytes"] / r["download_s"] / 1e6 for r in runs[case]] for case, _ in CASES}
+    rps = {case: [r["requests"] / r["requests_s"] for r in runs[case]] for case, _ in CASES}
+    for case, _ in CASES:
+        rows.append([case, fmt(median(mbps[case])), " / ".join(fmt(x) for x in mbps[case]),
+                     fmt(median(rps[case])), " / ".join(fmt(x) for x in rps[case])])
+    ratio_dl = median(mbps["by name"]) / median(mbps["direct"])
+    ratio_rq = median(rps["by name"]) / median(rps["direct"])
     print(command_line())
-    print(f"{args.mb} MB over HTTP and {args.requests} HTTPS requests (a connection each) from inside a node; "
-          f"{load_line(at_start)}")
-    print(markdown_table(["egress", "download MB/s", "HTTPS req/s", "manager RSS before MB", "peak MB"], rows))
-    print(f"by name / open: download {ratio_dl:.2f}x, requests {ratio_rq:.2f}x; policy change to rules in force: "
-          f"mean {results['policy_apply_mean_s'] * 1000:.0f} ms over {results['policy_changes']:.0f} changes")
+    print(f"{args.mb} MB over HTTP and {args.requests} HTTPS requests (a connection each) from inside a node, "
+          f"{args.rounds} rounds of each path in alternating order; {load_line(at_start)}")
+    print(markdown_table(["egress", "download MB/s (median)", "each round", "HTTPS req/s (median)", "each round"],
+                         rows))
+    print(f"by name / direct: download {ratio_dl:.2f}x, requests {ratio_rq:.2f}x (goal >= 0.7x); manager RSS "
+          f"(the proxy's process) {results['rss_before_mb']:.1f} MB before, {results['rss_peak_mb']:.1f} MB peak; "
+          f"policy change to rules in force: mean {results['policy_apply_mean_s'] * 1000:.0f} ms over "
+          f"{results['policy_changes']:.0f} changes")
+    results.update(ratio_download=ratio_dl, ratio_requests=ratio_rq)
     write_json("egress_bench", {"args": vars(args), "results": results})
 
 

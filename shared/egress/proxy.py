@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -31,6 +32,8 @@ from shared.egress.secrets import substitute as secrets_substitute
 log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+F_SETPIPE_SZ = 1031  # linux/fcntl.h (fcntl.F_SETPIPE_SZ is Python 3.10+ on Linux, not in every build)
+PIPE_BYTES = 1 << 20
 READ_TIMEOUT = 10.0
 CHUNK = 1 << 16
 
@@ -320,9 +323,13 @@ class _Spliced:
 
     def _run(self, src: socket.socket, dst: socket.socket) -> None:
         r, w = os.pipe()
+        # a pipe holds 64 KiB by default: one splice each way per 64 KiB; at 1 MiB (the default
+        # pipe-max-size) a download moves in 16x fewer system calls and wake-ups
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_BYTES)
         try:
             while True:
-                n = os.splice(src.fileno(), w, CHUNK * 16)
+                n = os.splice(src.fileno(), w, PIPE_BYTES)
                 if n == 0:
                     break
                 while n:
