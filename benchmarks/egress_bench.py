@@ -74,6 +74,13 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> tuple[float, float]:
+    """The manager process's user and system CPU seconds so far (all its threads: the proxy's too)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def in_node(c: httpx.Client, size: int, n: int) -> dict[str, Any]:
     cmd = f"python3 -c {shlex.quote(NODE_SCRIPT)} {size} {n}"
     r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
@@ -131,11 +138,14 @@ def main() -> None:
 
                     t = threading.Thread(target=sample)
                     t.start()
+                    cpu0 = cpu_s(m.pid)
                     try:
                         res = in_node(clients[case], args.mb << 20, args.requests)
                     finally:
                         done.set()
                         t.join()
+                    # where the manager's (the proxy's) time went: Python (user) or the kernel (system)
+                    res["manager_user_s"], res["manager_sys_s"] = (b - a for a, b in zip(cpu0, cpu_s(m.pid), strict=True))
                     res["load_1m"] = os.getloadavg()[0]
                     runs[case].append(res)
             results["rss_before_mb"], results["rss_peak_mb"] = before, max(peak)
@@ -175,6 +185,9 @@ def main() -> None:
           f"{args.rounds} rounds of each path in alternating order; {load_line(at_start)}")
     print(markdown_table(["egress", "download MB/s (median)", "each round", "HTTPS req/s (median)", "each round"],
                          rows))
+    for case, _ in CASES:
+        print(f"manager CPU through {case}: user " + " / ".join(fmt(r["manager_user_s"]) for r in runs[case])
+              + " s, system " + " / ".join(fmt(r["manager_sys_s"]) for r in runs[case]) + " s (each round)")
     print(f"by name / direct: download {ratio_dl:.2f}x, requests {ratio_rq:.2f}x (goal >= 0.7x); manager RSS "
           f"(the proxy's process) {results['rss_before_mb']:.1f} MB before, {results['rss_peak_mb']:.1f} MB peak; "
           f"policy change to rules in force: mean {results['policy_apply_mean_s'] * 1000:.0f} ms over "
