@@ -219,8 +219,8 @@ async def test_counts_are_right_after_a_primary_killed_under_a_client_loop() -> 
                 t.result()  # a loop that died: its error
         stop.set()
         await asyncio.gather(*tasks)
-        # a creation cut mid-way by the failover may leave a reservation: the checker's to drop (it
-        # names its client and gives the count back), as test_client_counts' first test shows
+        # a creation cut mid-way by the failover may leave a reservation: it counts as held (the
+        # checker drops it later with its count, as the first test here shows)
         held_now = await store.client_holdings()
         tallies = await store.client_tallies()
         off = {cl: (tallies.get(cl, (0, 0))[0], held_now.get(cl, 0)) for cl in clients
