@@ -25,7 +25,7 @@ from nodeops.forward import RemoteError, forward
 from nodeops.locks import capture_lock
 from nodeops.primitives import discard, in_use, owned, session_lock
 from shared import metrics
-from shared.errors import BadRequest, ForkIncomplete, ManagerError, NodeNotFound, QuotaExceeded
+from shared.errors import BadRequest, ForkIncomplete, ManagerError, NodeNotFound, QuotaExceeded, Unavailable
 from shared.models import EventKind, NodeRecord
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,21 @@ async def capture(ops: NodeOps, rec: NodeRecord, seed: str) -> float:
         return await ops.backend.capture_workspace(fresh.workspace, seed)
 
 
+async def give(ops: NodeOps, node: NodeRecord, seed: str) -> bool:
+    """Give a claimed pooled node a copy of seed as its workspace, in place; False (the node
+    removed: half given, it is nobody's) when that failed."""
+    try:
+        await ops.backend.adopt_workspace(node.workspace, seed)
+        return True
+    except Exception as exc:
+        log.warning("hand_off_failed node_id=%s error=%r", node.id[:12], exc)
+    except BaseException:
+        await asyncio.shield(discard(ops, node))
+        raise
+    await asyncio.shield(discard(ops, node))
+    return False
+
+
 async def hand_off(ops: NodeOps, client: str, seed: str, slots: list[str]) -> list[NodeRecord]:
     """Pooled nodes of this engine (up to one per slot) given a copy of seed in place of their
     empty workspace: running already, so a copy costs a clone and a mount, not a container's
@@ -113,12 +128,8 @@ async def hand_off(ops: NodeOps, client: str, seed: str, slots: list[str]) -> li
         claimed.append(got)
 
     async def one(node: NodeRecord) -> NodeRecord:
-        try:
-            await ops.backend.adopt_workspace(node.workspace, seed)
-        except BaseException as exc:
-            log.warning("fork_hand_off_failed node_id=%s error=%r", node.id[:12], exc)
-            await asyncio.shield(discard(ops, node))
-            raise
+        if not await give(ops, node, seed):
+            raise Unavailable(f"handing a copy to pooled node {node.id[:12]} failed")
         await pool.delivered(ops, node)
         return node
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from nodeops import capacity, intents, lifecycle, lost, pool, snapshots
+from nodeops import capacity, forks, intents, lifecycle, lost, pool, snapshots
 from nodeops.context import NodeOps
 from nodeops.forward import RemoteError, forward, owner_replicas, remote_stream
 from nodeops.placement import choose_managers
@@ -62,11 +62,11 @@ async def _create_on(ops: NodeOps, mid: str, client: str, snapshot: str = "") ->
 
 async def create_local(ops: NodeOps, client: str = "", snapshot: str = "") -> NodeRecord:
     """A node on this engine: from the warm pool when it has one, else a new one within quota
-    (waiting its turn in the creation queue); from a snapshot kept here, always a new one
-    (pooled nodes have empty workspaces)."""
+    (waiting its turn in the creation queue). From a snapshot kept here, a pooled node is given a
+    copy of it in place of its empty workspace (forks.give), else a new one starts as a copy."""
     snap = await snapshots.find(ops, snapshot, client) if snapshot else None
-    claimed = None if snap else await pool.claim(ops, client)
-    if claimed is not None:
+    claimed = await pool.claim(ops, client) if snap is None or snap.manager_id == ops.manager_id else None
+    if claimed is not None and (snap is None or await forks.give(ops, claimed, snap.seed)):
         return claimed
     c = ops.cfg.cluster
     cap = await capacity.node_cap(ops)

@@ -170,7 +170,8 @@ def test_fork_hands_copies_to_running_pool_nodes(xfs_dir: Path, start_manager, m
                                                   docker_client: docker.DockerClient) -> None:
     """With a warm pool, a fork's copies are pooled nodes already running, given a clone of the
     source's image in place (no container started for them); each is still a session of its own,
-    keeps the copy across a stop and start of its container, and forks in turn."""
+    keeps the copy across a stop and start of its container, and forks in turn. A session from a
+    snapshot is a pooled node given the snapshot's copy too."""
     m = start_manager(node={"disk": {"image_dir": str(xfs_dir)}},
                       pool={"size": 3, "max_size": 3, "max_age_seconds": 3600}, checker={"interval_seconds": 0.3})
     pool_key = f"{prefix}:mgr:{manager_id}:pool"
@@ -203,6 +204,16 @@ def test_fork_hands_copies_to_running_pool_nodes(xfs_dir: Path, start_manager, m
     write_in_first(m.url, [copies[0], src_id, copies[1]], sums)
     changed = shell(httpx.Client(base_url=m.url, cookies={"node_id": copies[0]}, timeout=120), SUMS)
 
+    # a session from a snapshot is a pooled node given the snapshot's copy the same way
+    assert src.post("/snapshot_session", json={"name": "pooled"}).status_code == 200
+    wait_for(lambda: redis_client.llen(pool_key) == 3, timeout=120, what="pool refilled")
+    pooled = {x.decode() for x in redis_client.lrange(pool_key, 0, -1)}
+    from_snap = httpx.Client(base_url=m.url, timeout=120)
+    assert from_snap.post("/get_cookie", json={"snapshot": "pooled"}).status_code == 200
+    assert from_snap.cookies["node_id"] in pooled
+    assert shell(from_snap, SUMS) == sums
+    assert src.delete("/snapshots/pooled").status_code == 200
+
     # a stop and a start of the copy's container (XAgent's close, then a call) mount its volume
     # again: it must be the copy's image, not the empty one the pooled node was made with
     first = httpx.Client(base_url=m.url, cookies={"node_id": copies[0]}, timeout=120)
@@ -216,7 +227,7 @@ def test_fork_hands_copies_to_running_pool_nodes(xfs_dir: Path, start_manager, m
     grand = r.json()["sessions"][0]
     assert shell(httpx.Client(base_url=m.url, cookies={"node_id": grand}, timeout=120), SUMS) == changed
 
-    for i in [src_id, *copies, grand]:
+    for i in [src_id, *copies, grand, from_snap.cookies["node_id"]]:
         httpx.post(m.url + "/release_session", cookies={"node_id": i}, timeout=120)
     # nothing of the pooled nodes' first images is left attached once their sessions are gone
     wait_for(lambda: not [line for line in run("losetup", "-l").splitlines()
