@@ -86,7 +86,7 @@ class EgressAgent:
         addrs = [(a, ttl) for a, ttl in addrs if not self._blocked(a)]
         if not addrs:
             return
-        await asyncio.to_thread(nft.run, nft.learn_script(self.bridge, ip, addrs))
+        await self._nft(nft.learn_script(self.bridge, ip, addrs))
         seen = self.learned.setdefault(ip, {})
         now = time.monotonic()
         for a, ttl in addrs:
@@ -245,13 +245,16 @@ class EgressAgent:
         self.bridge, self.gateway, prefix = found
         net = ipaddress.ip_network(f"{self.gateway}/{prefix}", strict=False)
         platform: list[Network] = [ipaddress.ip_network(p) for p in PLATFORM_DENY]
-        platform += [net] + [ipaddress.ip_network(f"{a}/32") for a in await asyncio.to_thread(nft.host_ipv4s)]
+        # the host's addresses, and the manager's own where it has a namespace of its own (a pod)
+        pid = await self.ops.backend.engine_netns(self.ops.manager_id)
+        mine = await asyncio.to_thread(nft.host_ipv4s)
+        theirs = await asyncio.to_thread(nft.host_ipv4s, pid) if pid is not None else []
+        platform += [net] + [ipaddress.ip_network(f"{a}/32") for a in sorted(set(mine + theirs))]
         opened = [ipaddress.ip_network(c, strict=False) for c in self.ops.cfg.node.network.allow_cidrs]
         private = [ipaddress.ip_network(c) for c in firewall.BLOCKED]
         self.blocked = platform + [p for p in private if not any(p.subnet_of(o) for o in opened  # type: ignore[arg-type]
                                                                  if o.version == p.version)]
-        await asyncio.to_thread(nft.run, nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port,
-                                                          self.cfg.proxy_port))
+        await self._nft(nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port, self.cfg.proxy_port))
         if self.ops.cfg.node.network.firewall:  # the project's chains refuse the host to nodes: open the resolver
             ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge)
                    if self.ops.cfg.node.network.firewall_host_namespace else firewall.HERE)
@@ -259,12 +262,16 @@ class EgressAgent:
                                     self.cfg.proxy_port)
         await self._bind()
 
+    async def _nft(self, script: str) -> None:
+        """One nft transaction, in the namespace of the node bridge (the engine's, from a pod)."""
+        await asyncio.to_thread(nft.run, script, await self.ops.backend.engine_netns(self.ops.manager_id))
+
     async def _bind(self) -> None:
         res = EgressResolver(policy_of=self.policy_of, learn=self.learn, refused=self.refused, resolved=self.resolved,
                              upstream=upstreams_from(self.cfg.upstream_dns), min_ttl=self.cfg.min_ttl_seconds,
                              max_ttl=self.cfg.max_ttl_seconds)
         try:
-            await res.start(self.gateway, self.cfg.dns_port)
+            await res.start(self.gateway, self.cfg.dns_port, await self.ops.backend.engine_netns(self.ops.manager_id))
         except OSError as exc:
             log.info("egress_resolver_standby address=%s:%d reason=%r", self.gateway, self.cfg.dns_port, str(exc))
             return
@@ -277,7 +284,8 @@ class EgressAgent:
             proxy = EgressProxy(self.check, self.proxy_refused, self.secrets_for, mint, upstream,
                                 self.secret_use_from_thread)
             try:
-                await proxy.start(self.gateway, self.cfg.proxy_port)
+                await proxy.start(self.gateway, self.cfg.proxy_port,
+                                  await self.ops.backend.engine_netns(self.ops.manager_id))
                 self.proxy = proxy
             except OSError as exc:  # the redirected connections are then refused (nothing listens)
                 log.warning("egress_proxy_not_serving address=%s:%d reason=%r", self.gateway, self.cfg.proxy_port,
@@ -307,7 +315,7 @@ class EgressAgent:
         stale = [(ip, a) for ip, seen in self.learned.items() for a, names in seen.items()
                  if ip not in by_ip or not any(name_allowed(by_ip[ip], n)[0] for n in names)]
         script = nft.nodes_script(self.bridge, by_ip) + nft.forget_script(self.bridge, stale)
-        await asyncio.to_thread(nft.run, script)
+        await self._nft(script)
         for ip, a in stale:
             self.learned.get(ip, {}).pop(a, None)
         # the resolver answers by the new policy only once the firewall has it too

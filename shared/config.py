@@ -524,10 +524,8 @@ class Config(Base):
             self.egress.default = egress_policy.validate(msgspec.to_builtins(self.egress.default))
         except ManagerError as exc:
             raise ValueError(f"egress.default: {exc.detail}") from None
-        if self.egress.enforce and (not self.node.network.isolated or self.node.network.firewall_host_namespace):
-            raise ValueError("egress.enforce needs node.network.isolated and the manager in the engine's network "
-                             "namespace (not node.network.firewall_host_namespace): its resolver listens on the "
-                             "node bridge")
+        if self.egress.enforce and not self.node.network.isolated:
+            raise ValueError("egress.enforce needs node.network.isolated: its resolver listens on the node bridge")
         if not 0 < self.egress.min_ttl_seconds <= self.egress.max_ttl_seconds:
             raise ValueError("egress.min_ttl_seconds must be positive and at most egress.max_ttl_seconds")
         t = self.node.tiers

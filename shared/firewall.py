@@ -142,6 +142,23 @@ class Iptables:
 
 
 HERE = Iptables()
+_engine_pids: dict[str, int] = {}
+
+
+def engine_pid(bridge: str) -> int:
+    """The pid of the dockerd whose network namespace has ``bridge`` (node.network.firewall_host_namespace:
+    the egress agent's sockets and nft tables go there), remembered while that process lives."""
+    pid = _engine_pids.get(bridge)
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            alive = f.read().strip() == "dockerd"
+    except (OSError, TypeError):
+        alive = False
+    if pid is not None and alive and Iptables(pid).has_interface(bridge):
+        return pid
+    pid = Iptables.of_engine(bridge).pid or 1
+    _engine_pids[bridge] = pid
+    return pid
 
 
 def _ensure_chain(ipt: Iptables, name: str) -> None:

@@ -540,6 +540,25 @@ def test_daemonset_config_and_env_load_per_pod(rendered, tmp_path: Path) -> None
     assert cfg.node.idling_close_minutes == 15
 
 
+def test_daemonset_pods_enforce_egress_in_the_engines_namespace(helm: str, tmp_path: Path) -> None:
+    # the pod is not in the host's network namespace: its agent enters the engine's (hostPID,
+    # privileged), and the config a pod loads accepts enforce with firewall_host_namespace
+    docs = template(helm, sets=["mode=daemonset", "config.egress.enforce=true"])
+    pod = workload(docs)["spec"]["template"]["spec"]
+    c = manager_container(docs)
+    assert pod["hostPID"] is True and c["securityContext"]["privileged"] is True
+    assert not pod.get("hostNetwork")
+    path = tmp_path / "manager.yml"
+    path.write_text(manager_yml(docs))
+    env = podrun.environ(c, {"spec.nodeName": "worker-7", "status.hostIP": "10.0.0.7", "status.podIP": "10.244.3.9"})
+    cfg = load_config(path, environ=env)
+    assert cfg.egress.enforce and cfg.node.network.firewall_host_namespace and cfg.node.network.isolated
+    proc = run_helm(helm, "template", RELEASE, str(CHART), "--set", "mode=daemonset", "--set", "config.egress.enforce=true",
+                    "--set", "hostIsolation.enabled=false", "--set", "config.node.disk.workspace_bytes=0")
+    assert proc.returncode != 0 and "config.egress.enforce needs docker.hostSocket.enabled and hostIsolation" in (
+        proc.stderr), proc.stderr
+
+
 def test_bundled_redis_statefulset(rendered, tmp_path: Path) -> None:
     docs = rendered("bundled-redis")
     sts = one(docs, "StatefulSet", f"{FULLNAME}-redis")

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from shared import netns
 from shared.egress.policy import EgressPolicy, name_allowed
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,14 @@ class EgressResolver:
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind both sockets (OSError when the address is taken: another replica serves it)."""
+    async def start(self, host: str, port: int, netns_pid: int | None = None) -> None:
+        """Bind both sockets, in ``netns_pid``'s network namespace when given (OSError when the
+        address is taken: another replica serves it)."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
+        udp, tcp = await asyncio.to_thread(netns.made_in, netns_pid, lambda: _bound(host, port))
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
         self._udp = transport  # type: ignore[assignment]
-        try:
-            self._tcp = await asyncio.start_server(self._tcp_client, host, port)
-        except OSError:
-            transport.close()
-            self._udp = None
-            raise
+        self._tcp = await asyncio.start_server(self._tcp_client, sock=tcp)
 
     def close(self) -> None:
         if self._udp is not None:
@@ -175,6 +173,24 @@ class EgressResolver:
             finally:
                 sock.close()
         return None
+
+
+def _bound(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """The UDP and TCP sockets of the resolver, bound (both or neither)."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        udp.bind((host, port))
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host, port))
+        tcp.listen(128)
+    except OSError:
+        udp.close()
+        tcp.close()
+        raise
+    udp.setblocking(False)
+    tcp.setblocking(False)
+    return udp, tcp
 
 
 def _udp_limit(req: DNSRecord) -> int:

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 
+from shared import netns
 from shared.egress.policy import EgressPolicy, Network, networks
 from shared.firewall import NoPrivilege
 
@@ -55,10 +56,9 @@ def run(script: str, pid: int | None = None) -> str:
         raise NoPrivilege("nft is not installed (apt-get install nftables)")
     argv = [exe, "-f", "-"]
     if pid is not None:
-        ns = shutil.which("nsenter")
-        if ns is None:
+        if shutil.which("nsenter") is None:
             raise NoPrivilege("nsenter is not installed")
-        argv = [ns, "--target", str(pid), "--net", "--", *argv]
+        argv = [*netns.nsenter(pid), *argv]
     try:
         res = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30)
     except PermissionError as exc:
@@ -190,7 +190,7 @@ def prune(pid: int | None = None) -> int:
     """Remove the egress tables of bridges this host no longer has (their network was removed);
     how many went. A table names its bridge in its rules (iifname)."""
     gone = 0
-    have = {dev for dev in _interfaces()}
+    have = set(_interfaces(pid))
     for t in tables(pid):
         found = re.search(r'iifname "([^"]+)"', run(f"list table inet {t}\n", pid))
         if found and found.group(1) not in have:
@@ -199,9 +199,9 @@ def prune(pid: int | None = None) -> int:
     return gone
 
 
-def _interfaces() -> list[str]:
+def _interfaces(pid: int | None = None) -> list[str]:
     try:
-        with open("/proc/self/net/dev") as f:
+        with open(f"/proc/{pid or 'self'}/net/dev") as f:
             return [line.split(":", 1)[0].strip() for line in f.readlines()[2:]]
     except OSError:
         return []
@@ -213,8 +213,8 @@ def tables(pid: int | None = None) -> list[str]:
     return [w for line in out.splitlines() for w in line.split() if w.startswith(TABLE_PREFIX)]
 
 
-def _addresses(dev: str | None = None) -> list[tuple[str, int]]:
-    argv = ["ip", "-j", "-4", "addr", "show", *(["dev", dev] if dev else [])]
+def _addresses(dev: str | None = None, pid: int | None = None) -> list[tuple[str, int]]:
+    argv = [*netns.nsenter(pid), "ip", "-j", "-4", "addr", "show", *(["dev", dev] if dev else [])]
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -229,12 +229,13 @@ def _addresses(dev: str | None = None) -> list[tuple[str, int]]:
     return out
 
 
-def interface_ipv4(dev: str) -> tuple[str, int] | None:
-    """(address, prefix length) of an interface of this host (None: no such interface or no address)."""
-    found = _addresses(dev)
+def interface_ipv4(dev: str, pid: int | None = None) -> tuple[str, int] | None:
+    """(address, prefix length) of an interface of this host, or of ``pid``'s network namespace
+    (None: no such interface or no address)."""
+    found = _addresses(dev, pid)
     return found[0] if found else None
 
 
-def host_ipv4s() -> list[str]:
-    """Every IPv4 address of this host's interfaces: the platform set holds each."""
-    return [a for a, _ in _addresses()]
+def host_ipv4s(pid: int | None = None) -> list[str]:
+    """Every IPv4 address of this host's interfaces (or ``pid``'s namespace's): the platform set holds each."""
+    return [a for a, _ in _addresses(pid=pid)]

@@ -25,6 +25,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from shared import netns
 from shared.egress import sniff
 from shared.egress.secrets import MAX_BODY, CertMint, Secret, body_length, substitute_body, with_length, without_expect
 from shared.egress.secrets import substitute as secrets_substitute
@@ -94,17 +95,10 @@ class EgressProxy:
             c()
         return len(gone)
 
-    async def start(self, host: str, port: int) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen(1024)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        self.sock = sock
+    async def start(self, host: str, port: int, netns_pid: int | None = None) -> None:
+        """Listen on host:port, in ``netns_pid``'s network namespace when given (the node bridge's;
+        the connections to the real hosts leave from the manager's own)."""
+        self.sock = await asyncio.to_thread(netns.made_in, netns_pid, lambda: _listening(host, port))
         self.accepting = asyncio.create_task(self._accept())
 
     def close(self) -> None:
@@ -238,6 +232,19 @@ class EgressProxy:
             conn.close()
             if up is not None:
                 up.close()
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _copy(src: socket.socket, dst: socket.socket) -> None:

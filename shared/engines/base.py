@@ -188,6 +188,11 @@ class NodeBackend(abc.ABC):
         egress resolver listens and the egress rules match; None: this engine has none."""
         return None
 
+    async def engine_netns(self, owner: str) -> int | None:
+        """A pid in the network namespace of owner's node network when it is not the manager's own
+        (the egress agent makes its sockets and runs nft there); None: the manager's."""
+        return None
+
     async def collect_storage(self, owner: str, older_than: float) -> int:
         """Remove storage of owner's nodes that no longer exist, made before older_than; how many."""
         return 0

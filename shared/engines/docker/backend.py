@@ -23,6 +23,7 @@ import docker.errors
 from docker.models.containers import _create_container_args  # the SDK's run() kwargs -> the API's
 from docker.types import DeviceRequest, LogConfig, Mount
 
+from shared import firewall
 from shared.config import BRIDGE_MAX_NODES, Config
 from shared.egress import nft as egress_nft
 from shared.egress.secrets import placeholder
@@ -233,8 +234,15 @@ class DockerBackend(NodeBackend):
             return None
         await self.networks.ensure(owner)
         name = self.bridge_name(owner)
-        found = await asyncio.to_thread(egress_nft.interface_ipv4, name)
+        found = await asyncio.to_thread(egress_nft.interface_ipv4, name, await self.engine_netns(owner))
         return (name, *found) if found else None
+
+    async def engine_netns(self, owner: str) -> int | None:
+        """The pid whose network namespace holds owner's node bridge when that is not the manager's
+        own (node.network.firewall_host_namespace: the chart's pods); None: here."""
+        if self.networks is None or not self.networks.network.firewall_host_namespace:
+            return None
+        return await asyncio.to_thread(firewall.engine_pid, self.bridge_name(owner))
 
     def workspace_name(self, session_id: str) -> str:
         return SESSION_WORKSPACE_PREFIX + session_id
