@@ -14,6 +14,7 @@ address without a name stands for a resolver reached directly, as DNS over HTTPS
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import socketserver
@@ -216,10 +217,25 @@ def _serve(spec: Spec) -> None:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_POST(self) -> None:  # the body as it arrived, for the secrets-in-bodies test
-            got = self.rfile.read(int(self.headers.get("content-length", "0")))
-            body = json.dumps({"host": self.headers.get("host", ""), "body": got.decode(errors="replace"),
-                               "length": len(got)}).encode()
+        def do_POST(self) -> None:  # the body as it arrived, for the secrets-in-bodies tests
+            chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+            if chunked:
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass  # trailers
+                        break
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+                got = b"".join(parts)
+            else:
+                got = self.rfile.read(int(self.headers.get("content-length", "0")))
+            # a large body is told by its digest, not sent back
+            body = json.dumps({"host": self.headers.get("host", ""), "length": len(got), "chunked": chunked,
+                               "body": got.decode(errors="replace") if len(got) <= 65536 else "",
+                               "sha256": hashlib.sha256(got).hexdigest()}).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
             self.end_headers()

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from shared import netns
 from shared.egress import sniff
+from shared.egress.bodies import BodyStream, Replacer, as_chunked, is_chunked
 from shared.egress.secrets import MAX_BODY, CertMint, Secret, body_length, substitute_body, with_length, without_expect
 from shared.egress.secrets import substitute as secrets_substitute
 
@@ -196,8 +197,11 @@ class EgressProxy:
             head, rest = head[:end], head[end:]
             head, used, unbound = secrets_substitute(sniff.close_after(head), secrets, host)
             size = body_length(head)
-            if any(s.body for s in secrets.values()) and size is not None and size <= MAX_BODY:
-                # the whole body, to replace placeholders in it (one request: Connection: close)
+            in_bodies = any(s.body for s in secrets.values())
+            stream: BodyStream | None = None
+            if in_bodies and size is not None and size <= MAX_BODY:
+                # the whole body, to replace placeholders in it (one request: Connection: close),
+                # so that its Content-Length stays exact
                 head, expects = without_expect(head)
                 if expects and len(rest) < size:
                     inner.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -209,18 +213,41 @@ class EgressProxy:
                 body, more_used, more_unbound = substitute_body(rest[:size], secrets, host)
                 head, rest = with_length(head, len(body)), body + rest[size:]
                 used, unbound = used + more_used, unbound + more_unbound
+            elif in_bodies and (size or is_chunked(head)):
+                # chunked, or over MAX_BODY: streamed in bounded memory; chunked on when a secret
+                # may be replaced in it (its length is then known only at its end)
+                rechunk = any(s.body and s.bound_to(host) for s in secrets.values())
+                head, expects = without_expect(head)
+                if expects and not rest:
+                    inner.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                stream = BodyStream(Replacer(secrets, host), size, rechunk)
+                head = (as_chunked(head) if rechunk else head) + stream.feed(rest)
+                rest = b""
             head += rest
-            if self.secret_use is not None and (used or unbound):
+            if self.secret_use is not None and (used or unbound) and stream is None:
                 self.secret_use(node, host, used, unbound)
             ctx = self.upstream_tls or ssl.create_default_context()
             up = ctx.wrap_socket(socket.create_connection((dst, port), READ_TIMEOUT), server_hostname=host)
             up.sendall(head)
             inner.settimeout(None)
             up.settimeout(None)
-            done = threading.Thread(target=_copy, args=(inner, up), daemon=True)
-            done.start()
-            _copy(up, inner)
-            done.join()
+            answer = threading.Thread(target=_copy, args=(up, inner), daemon=True)
+            answer.start()  # a server may answer before the body's end
+            if stream is not None:
+                while not stream.done:
+                    chunk = inner.recv(CHUNK)
+                    if not chunk:
+                        break
+                    out = stream.feed(chunk)
+                    if out:
+                        up.sendall(out)
+                if stream.rest:
+                    up.sendall(stream.rest)
+                used, unbound = used + stream.r.used, unbound + stream.r.unbound
+                if self.secret_use is not None and (used or unbound):
+                    self.secret_use(node, host, used, unbound)
+            _copy(inner, up)
+            answer.join()
         except (OSError, ssl.SSLError, ValueError) as exc:
             if not cut.is_set():
                 log.info("egress_proxy_tls_failed node=%s host=%s error=%r", node, host, exc)

@@ -11,8 +11,9 @@ to the hosts a secret is bound to.
   placeholders of the secrets bound to that host in the request head, and talks to the real host
   over TLS it verifies. A placeholder of a secret not bound to that host goes out as it is, and
   the attempt is recorded. A secret stored with ``body: true`` is replaced in request bodies too
-  (``substitute_body``: a body of known length up to ``MAX_BODY``, its Content-Length rewritten);
-  in a body, the placeholder of a secret not bound to bodies for that host goes out as it is.
+  (``substitute_body``: a body of known length up to ``MAX_BODY``, its Content-Length rewritten;
+  chunked and larger bodies are streamed, shared/egress/bodies.py); in a body, the placeholder of a
+  secret not bound to bodies for that host goes out as it is.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from shared.egress.policy import name_matches
 
 PLACEHOLDER = re.compile(rb"tsm-secret:([a-z0-9][a-z0-9_.-]{0,62})")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-MAX_BODY = 1 << 20  # bodies read whole to replace placeholders in: larger ones go on untouched
+MAX_BODY = 1 << 20  # bodies read whole to replace placeholders in (their length kept exact): larger ones are streamed
 
 
 def placeholder(name: str) -> str:

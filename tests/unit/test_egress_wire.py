@@ -3,12 +3,14 @@ and substitution (the proxy's and resolver's sockets are tested in tests/test_eg
 
 from __future__ import annotations
 
+import random
 import ssl
 
 import pytest
 from cryptography.exceptions import InvalidTag
 
 from shared.egress import sniff
+from shared.egress.bodies import LONGEST, BodyError, BodyStream, Replacer, as_chunked, is_chunked
 from shared.egress.secrets import (
     Secret,
     SecretBox,
@@ -96,3 +98,66 @@ def test_a_box_opens_under_old_keys_and_seals_under_the_current_one() -> None:
         SecretBox("key-2").open("api", old)
     with pytest.raises(InvalidTag):
         SecretBox("key-3", ["key-1"]).open("other", old)  # the name is bound in, under any key
+
+
+STREAM_SECRETS = {"tok": Secret("tok", "VALUE-123", ("api.example.com",), body=True),
+                  "hdr": Secret("hdr", "H", ("api.example.com",))}
+# placeholders whole, back to back, of a header-only secret, a bare prefix and a cut-off one
+STREAM_BODY = (b"x" * 100 + b"tsm-secret:tok" + b" " + b"y" * 50 + b"tsm-secret:hdr " + b"tsm-secret:tok\n"
+               + b"tsm-secret:" + b" tsm-sec" + b" tsm-secret:tok")
+
+
+def _pieces(data: bytes, rng: random.Random, most: int) -> list[bytes]:
+    cuts = sorted(rng.sample(range(1, len(data)), rng.randint(0, min(most, len(data) - 1))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def _dechunk(framed: bytes) -> tuple[bytes, bytes]:
+    out, i = b"", 0
+    while True:
+        j = framed.index(b"\r\n", i)
+        n, i = int(framed[i:j], 16), j + 2
+        if n == 0:
+            return out, framed[i:]
+        out += framed[i:i + n]
+        i += n + 2
+
+
+def test_a_streamed_body_is_replaced_as_if_read_whole_however_it_is_cut() -> None:
+    # a placeholder split across reads or chunks is still replaced; the buffer holds at most one
+    rng = random.Random(28)
+    want, used, unbound = substitute_body(STREAM_BODY, STREAM_SECRETS, "api.example.com")
+    assert used == ["tok", "tok", "tok"] and unbound == ["hdr"]
+    for _ in range(500):
+        parts = _pieces(STREAM_BODY, rng, 20)
+        r = Replacer(STREAM_SECRETS, "api.example.com")
+        got = b""
+        for p in parts:
+            got += r.feed(p)
+            assert len(r.held) <= LONGEST
+        assert got + r.end() == want and (r.used, r.unbound) == (used, unbound)
+        # chunked from the node (extensions, trailers), read in other pieces: chunked on, replaced
+        wire = b"".join(b"%x;x=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nX-T: 1\r\n\r\nNEXT"
+        stream = BodyStream(Replacer(STREAM_SECRETS, "api.example.com"), None, rechunk=False)
+        out = b"".join(stream.feed(p) for p in _pieces(wire, rng, 30))
+        assert stream.done and stream.rest == b"NEXT"
+        assert _dechunk(out) == (want, b"X-T: 1\r\n\r\n")
+        # a known length with a secret bound: chunked on (its length changes)
+        stream = BodyStream(Replacer(STREAM_SECRETS, "api.example.com"), len(STREAM_BODY), rechunk=True)
+        out = b"".join(stream.feed(p) for p in [*parts, b"NEXT"])
+        assert stream.done and stream.rest == b"NEXT" and _dechunk(out) == (want, b"\r\n")
+        # another host: every byte as it came, framing kept, the placeholders recorded
+        r = Replacer(STREAM_SECRETS, "other.example.net")
+        stream = BodyStream(r, len(STREAM_BODY), rechunk=False)
+        assert b"".join(stream.feed(p) for p in parts) == STREAM_BODY and stream.done
+        assert r.used == [] and r.unbound == ["tok", "hdr", "tok", "tok"]
+
+
+def test_bad_chunked_framing_is_refused_and_heads_are_reframed() -> None:
+    for bad in (b"zz\r\nabc\r\n", b"3\r\nabcX\r\n", b"1" * 5000):
+        with pytest.raises(BodyError):
+            BodyStream(Replacer({}, "h"), None, rechunk=False).feed(bad)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+    assert not is_chunked(head)
+    assert as_chunked(head) == b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert is_chunked(as_chunked(head)) and is_chunked(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
