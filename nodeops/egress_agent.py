@@ -20,6 +20,7 @@ import logging
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 from nodeops import egress
 from nodeops.context import NodeOps
@@ -91,6 +92,35 @@ class EgressAgent:
         now = time.monotonic()
         for a, ttl in addrs:
             seen.setdefault(a, {})[name] = now + ttl
+        # kept for a standby that takes over (not awaited: the answer does not wait on Redis)
+        wall = time.time()
+        self._spawn(self.ops.store.egress_learned.add(self.ops.manager_id, ip,
+                                                      [(a, name, wall + ttl) for a, ttl in addrs]))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(self._quietly(work))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    @staticmethod
+    async def _quietly(work: Any) -> None:
+        try:
+            await work
+        except ManagerError as exc:  # Redis away: a takeover then knows less, enforcement goes on
+            log.warning("egress_learned_not_kept error=%r", exc.detail)
+
+    async def _recall(self) -> None:
+        """What the replica that held the resolver before learned: names behind open connections
+        and addresses still open by an answer's TTL (in the kernel's sets already)."""
+        try:
+            kept = await self.ops.store.egress_learned.all(self.ops.manager_id)
+        except ManagerError as exc:
+            log.warning("egress_learned_not_read error=%r", exc.detail)
+            return
+        mono, wall = time.monotonic(), time.time()
+        for node, dst, name, until in kept:
+            self.learned.setdefault(node, {}).setdefault(dst, {})[name] = mono + (until - wall)
+        log.info("egress_learned_recalled entries=%d", len(kept))
 
     def _blocked(self, addr: str) -> bool:
         ip = ipaddress.ip_address(addr)
@@ -276,6 +306,7 @@ class EgressAgent:
             log.info("egress_resolver_standby address=%s:%d reason=%r", self.gateway, self.cfg.dns_port, str(exc))
             return
         self.resolver = res
+        await self._recall()
         if self.cfg.proxy_port:
             mint = None
             if self.cfg.ca_cert_file and self.cfg.ca_key_file:
@@ -316,8 +347,9 @@ class EgressAgent:
                  if ip not in by_ip or not any(name_allowed(by_ip[ip], n)[0] for n in names)]
         script = nft.nodes_script(self.bridge, by_ip) + nft.forget_script(self.bridge, stale)
         await self._nft(script)
-        for ip, a in stale:
-            self.learned.get(ip, {}).pop(a, None)
+        gone = [(ip, a, n) for ip, a in stale for n in self.learned.get(ip, {}).pop(a, {})]
+        if gone:
+            self._spawn(self.ops.store.egress_learned.forget(self.ops.manager_id, gone))
         # the resolver answers by the new policy only once the firewall has it too
         self.by_ip, self.applied = by_ip, by_ip
         # connections through the proxy are the host's own: the firewall does not see them again

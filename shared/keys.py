@@ -210,6 +210,11 @@ class Keys:
         """Hash: client identity -> snapshots it keeps (bounded by fork.snapshots_per_client)."""
         return f"{self._t('snaps')}:snaps:per_client"
 
+    def egress_learned(self, manager_id: str) -> str:
+        """Hash: "<node address> <destination> <name>" -> until when (epoch seconds) that answer
+        opened it: what the egress agent learned, so a standby that takes it over knows it."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:egress_learned"
+
     def egress_secrets(self) -> str:
         """Hash: secret name -> its hosts and its value encrypted (shared/egress/secrets.py), JSON."""
         return f"{self.prefix}:egress:secrets"

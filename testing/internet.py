@@ -4,7 +4,7 @@ One namespace behind a veth pair, routed from the host like the outside world (1
 documentation addresses, routed nowhere else), holding several addresses: a DNS server (UDP and
 TCP) that answers for a few names (two of them on one address; an AAAA record for each, as the
 world has IPv6; ``MANY`` with more A records than a UDP answer holds), and on each address an
-HTTP server on 80 that answers with the Host it was asked for and the address it was reached at
+HTTP server on 80 (and ``ALT_PORT``) that answers with the Host it was asked for and the address it was reached at
 (``/drip/N``: a stream for N seconds; POST: the body as it arrived), and the same over
 HTTPS on 443 with a certificate for every name from a test CA (``Internet.ca_pem``); the one
 address without a name stands for a resolver reached directly, as DNS over HTTPS would be. Run as
@@ -34,6 +34,7 @@ from typing import TypedDict
 
 MANY = "many.test"  # a name with more A records than a UDP answer holds (TCP needed)
 MANY_RECORDS = 40
+ALT_PORT = 8080  # HTTP as on 80, on a port that is not redirected to the egress proxy
 
 
 @dataclass
@@ -255,8 +256,10 @@ def _serve(spec: Spec) -> None:
 
     threading.Thread(target=dns_loop, daemon=True).start()
     for addr in spec["http"]:
-        srv = Server((addr, 80), Echo)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        # 8080: plain HTTP on a port the egress proxy does not take (the firewall alone decides)
+        for port in (80, ALT_PORT):
+            srv = Server((addr, port), Echo)
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
         secure = Server((addr, 443), Echo)
         secure.socket = tls.wrap_socket(secure.socket, server_side=True, do_handshake_on_connect=False)
         threading.Thread(target=secure.serve_forever, daemon=True).start()

@@ -21,7 +21,7 @@ import pytest
 from shared.egress import nft
 from shared.firewall import BRIDGE_PREFIXES
 from testing.harness import bridge_gateway, report
-from testing.internet import MANY, MANY_RECORDS, Internet, internet
+from testing.internet import ALT_PORT, MANY, MANY_RECORDS, Internet, internet
 from tests.conftest import ADMIN_TOKEN, wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -641,9 +641,48 @@ def test_a_standby_replica_takes_the_resolver_over_when_its_holder_stops(start_m
     c.post("/release_session")
 
 
-def _streams(net: Internet) -> int:
-    """Connections the test internet's servers hold open on port 80."""
-    out = subprocess.run(["ip", "netns", "exec", net.ns, "ss", "-Htn", "state", "established", "( sport = :80 )"],
+def test_a_standby_that_takes_over_from_a_killed_holder_knows_what_it_learned(start_manager, net: Internet) -> None:
+    # the holder is killed (-9: nothing said, nothing cleaned): the standby reads from Redis what
+    # it had learned, so a stream opened before the takeover is cut when its name is taken away,
+    # and an address resolved before it is let on at the proxy for that name (not another one)
+    egress = {"enforce": True, "upstream_dns": [net.dns], "client_may_set": True}
+    first = start_manager(egress=egress)
+    wait_for(lambda: "egress_resolver_serving" in first.logs(), what="the first replica serving")
+    second = start_manager(name="second", egress=egress)
+    wait_for(lambda: "egress_resolver_standby" in second.logs(), what="the second replica standing by")
+    c = session(second.url, {"default": "deny", "allow": ["other.test", "a.shared.test"]})
+    node_id = c.cookies["node_id"]
+    other, shared = net.names["other.test"], net.names["a.shared.test"]
+    out = probe(c, ["dns", "other.test"], ["dns", "a.shared.test"])
+    assert out[0]["rcode"] == 0 and out[1]["rcode"] == 0, out
+    result: list[Any] = []
+    # on a port the proxy does not take: the firewall alone holds this stream, past the kill
+    t = threading.Thread(target=lambda: result.append(probe(c, ["drip", other, ALT_PORT, "other.test", 60])[0]))
+    t.start()
+    wait_for(lambda: _streams(net, ALT_PORT) >= 1, timeout=60, what="the node's stream open")
+    first.kill()
+    wait_for(lambda: "egress_resolver_serving" in second.logs(), timeout=30, what="the standby taking over")
+    t0 = time.time()
+    r = httpx.put(f"{second.url}/admin/nodes/{node_id}/egress", headers=ADMIN,
+                  json={"default": "deny", "allow": ["a.shared.test"]})
+    assert r.status_code == 200, r.text
+    t.join()
+    out = result[0]
+    report(f"egress: a stream opened before a takeover cut {(out['died'] - t0) * 1000:.0f} ms after the narrowing")
+    # reset long before its own 60 s (5 s: 10x the 0.05-0.4 s measured for a cut)
+    assert out["how"] == "ConnectionResetError" and out["bytes"] > 0 and 0 < out["died"] - t0 < 5.0, out
+    # no new DNS query: the name asked for resolved to this address before the takeover
+    out = probe(c, ["http", f"http://{shared}/", "a.shared.test"], ["http", f"http://{shared}/", "b.shared.test"],
+                ["connect", other, ALT_PORT])
+    assert out[0].get("status") == 200 and out[0]["body"]["host"] == "a.shared.test", out[0]
+    assert "error" in out[1] and "Connection reset" in out[1]["error"], out[1]
+    assert out[2]["what"] == "ECONNREFUSED", out[2]
+    c.post("/release_session")
+
+
+def _streams(net: Internet, port: int = 80) -> int:
+    """Connections the test internet's servers hold open on a port."""
+    out = subprocess.run(["ip", "netns", "exec", net.ns, "ss", "-Htn", "state", "established", f"( sport = :{port} )"],
                          capture_output=True, text=True, check=True).stdout
     return len([line for line in out.splitlines() if line.strip()])
 

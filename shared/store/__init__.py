@@ -3,8 +3,8 @@
 ``Store`` is the sum of the domain parts, one module each: node records and their index
 (nodes), activity, quotas and the client counts' recount (counts), the warm pool, fenced checker writes (fenced), session locks,
 events and watchers, the replica registry and draining (replicas), intents and console logins.
-Checker leases (on a client of their own), MCP's state, snapshots and egress secrets are namespaces of their
-own: ``store.leases``, ``store.mcp``, ``store.snapshots``, ``store.egress_secrets``. No part calls another's methods: each reads on its own, over the client
+Checker leases (on a client of their own), MCP's state, snapshots, egress secrets and what the egress agent learned are namespaces of their
+own: ``store.leases``, ``store.mcp``, ``store.snapshots``, ``store.egress_secrets``, ``store.egress_learned``. No part calls another's methods: each reads on its own, over the client
 and key names of ``base.Part``. Clients are made in connection.py. Nothing outside this
 package imports redis.
 """
@@ -23,6 +23,7 @@ from shared.store.base import Op, redis_errors
 from shared.store.connection import connect, sync_client
 from shared.store.console import ConsoleLogins
 from shared.store.counts import ClientCounts
+from shared.store.egress_learned import EgressLearnedStore
 from shared.store.egress_secrets import EgressSecretStore
 from shared.store.events import ALL, BROADCAST, Events, Scope, compare_ids
 from shared.store.fenced import Fenced
@@ -54,6 +55,7 @@ class Store(NodeRecords, Activity, Quotas, ClientCounts, Pool, Fenced, Locks, Ev
         self.mcp = McpStore(redis, keys)
         self.snapshots = SnapshotStore(redis, keys)
         self.egress_secrets = EgressSecretStore(redis, keys)
+        self.egress_learned = EgressLearnedStore(redis, keys)
 
     @classmethod
     def open(cls, cfg: Config) -> Store:
