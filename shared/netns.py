@@ -61,5 +61,7 @@ def made_in(pid: int | None, make: Callable[[], T]) -> T:
 
 
 def nsenter(pid: int | None) -> list[str]:
-    """The argv prefix that runs a command in ``pid``'s network namespace (empty: here)."""
-    return [] if pid is None else ["nsenter", "--target", str(pid), "--net", "--"]
+    """The argv prefix that runs a command in ``pid``'s network namespace (empty: here), and in its
+    mount namespace: the command is then the engine host's own (nft, ip), which the manager's image
+    need not carry, as shared/firewall.py runs the host's iptables."""
+    return [] if pid is None else ["nsenter", "--target", str(pid), "--mount", "--net", "--"]

@@ -51,21 +51,22 @@ def table_name(bridge: str) -> str:
 
 def run(script: str, pid: int | None = None) -> str:
     """Apply an nft script in one transaction (in another process's network namespace with pid)."""
-    exe = shutil.which("nft")
-    if exe is None:
-        raise NoPrivilege("nft is not installed (apt-get install nftables)")
-    argv = [exe, "-f", "-"]
-    if pid is not None:
+    if pid is None:
+        exe = shutil.which("nft")
+        if exe is None:
+            raise NoPrivilege("nft is not installed (apt-get install nftables)")
+        argv = [exe, "-f", "-"]
+    else:  # the engine host's own nft, in its namespaces
         if shutil.which("nsenter") is None:
             raise NoPrivilege("nsenter is not installed")
-        argv = [*netns.nsenter(pid), *argv]
+        argv = [*netns.nsenter(pid), "nft", "-f", "-"]
     try:
         res = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=30)
     except PermissionError as exc:
         raise NoPrivilege(f"cannot run nft: {exc}") from exc
     if res.returncode != 0:
         err = (res.stderr or "").strip()
-        if "Operation not permitted" in err:
+        if "Operation not permitted" in err or "failed to execute nft" in err:
             raise NoPrivilege(f"nft: {err.splitlines()[0]}")
         raise NftError(err[:2000])
     return res.stdout
