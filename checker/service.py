@@ -59,6 +59,7 @@ class Checker:
         self._cache: dict[str, tuple[NodeRecord, str]] = {}  # node id -> (record, its updated_at)
         self._rebuild = True  # the first pass of a lease holder takes ownerless workspaces for sessions
         self._orphans: dict[str, float] = {}  # workspace -> when first seen without a session
+        self._seen_live: dict[str, float] = {}  # replica id -> when this lease holder last saw it registered
 
     # --- leadership -------------------------------------------------------------
     async def run(self) -> None:
@@ -212,6 +213,7 @@ class Checker:
         # archived sessions from their workspaces before any workspace is judged an orphan
         self._rebuild = True
         self._orphans = {}
+        self._seen_live = {}
         for c in await self.backend.nodes(self.mid, Role.TEST):
             await self.backend.remove(c.id)
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_test").inc()
@@ -231,6 +233,21 @@ class Checker:
             claim_timeout_seconds=self.cfg.pool.claim_timeout_seconds,
             unwatched_seconds=self.cfg.events.stop_after_unwatched_seconds)
 
+    def _live(self, registered: set[str]) -> set[str]:
+        """The registered replicas, and those registered a moment ago: one lapsed entry is not a death.
+
+        A live replica whose beat was late (its event loop or Redis slow for a few seconds) lost its
+        entry, and the checker removed the node it was creating under its client (a 503 "its
+        container was removed" right after a two-pod install). Dead is now absent for one more TTL
+        after the entry expired; a new lease holder has seen nobody yet and judges at once, as before.
+        """
+        now = time.monotonic()
+        for rid in registered:
+            self._seen_live[rid] = now
+        grace = self.cfg.cluster.replica_ttl_seconds
+        self._seen_live = {rid: t for rid, t in self._seen_live.items() if now - t <= grace}
+        return set(self._seen_live)
+
     async def cycle(self) -> reconcile.Plan:
         """One reconcile pass: records first, then one label-filtered list of the engine."""
         t0 = time.perf_counter()
@@ -243,7 +260,7 @@ class Checker:
         watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
         # a creating or claiming replica not in here is dead: what it had not handed out goes
-        live = {r.replica_id for r in await self.store.live_replicas()} | {self.lease.holder}
+        live = self._live({r.replica_id for r in await self.store.live_replicas()} | {self.lease.holder})
         containers = await self.backend.nodes(self.mid)
         rebuild = self._rebuild
         # listed now and then, and every pass while some workspace is on its way to being collected

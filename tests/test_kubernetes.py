@@ -547,7 +547,10 @@ def test_deployment_two_replicas_one_engine_and_the_bundled_redis(live: Live) ->
         assert sts.json()["status"].get("readyReplicas") == 1
         assert "Redis is the bundled single instance" in notes
         port = live.node_port(DEP, DEP)
-        ids = [new_session(f"http://{live.hosts.hosts[i % 2].addr}:{port}")[0] for i in range(4)]
+        try:
+            ids = [new_session(f"http://{live.hosts.hosts[i % 2].addr}:{port}")[0] for i in range(4)]
+        except AssertionError as exc:  # what both pods said: which one removed what, and why
+            raise AssertionError(f"{exc}\n{live.diagnose(DEP)}") from None
         assert owners(live.h1) == {live.h1.name} and len(containers(live.h1)) == 4
         assert containers(live.h2) == {}
         for node_id in ids:  # either replica serves every session (shared Redis, shared engine)

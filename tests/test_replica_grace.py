@@ -1,0 +1,71 @@
+"""A live replica whose registry entry lapsed for a moment keeps the node it is creating.
+
+Two replicas of one manager_id on the real engine and Redis: A holds the checker lease, B creates
+a node and is stopped (SIGSTOP, as a stalled event loop or a slow Redis would hold it) long
+enough for its heartbeat entry to expire. The checker must not take B for dead at the first pass
+that misses it: a 503 "its container was removed" in the Kubernetes deployment test came from
+this (two pods, one engine, right after install).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+import httpx
+import redis
+
+from tests.conftest import wait_for
+
+TTL = 4.0  # replica_ttl_seconds: B stays stopped past it, but not past it twice
+
+
+def creating_by(r: redis.Redis, prefix: str, manager_id: str, replica_id: str) -> list[str]:
+    """Ids of the records replica_id is creating."""
+    out = []
+    for m in r.smembers(f"{prefix}:mgr:{manager_id}:nodes"):
+        node_id = m.decode()
+        if node_id.startswith("pending:"):
+            continue
+        rec = r.hgetall(f"{prefix}:node:{node_id}")
+        if rec.get(b"replica_id", b"").decode() == replica_id and rec.get(b"status") == b"creating":
+            out.append(node_id)
+    return out
+
+
+def test_a_replica_stalled_past_its_ttl_keeps_its_creation(start_manager, redis_client: redis.Redis, prefix: str,
+                                                           manager_id: str) -> None:
+    cluster = {"heartbeat_seconds": 0.5, "replica_ttl_seconds": TTL}
+    a = start_manager("a", cluster=cluster, checker={"interval_seconds": 0.3, "lease_ttl_seconds": 3})
+    wait_for(lambda: (redis_client.get(f"{prefix}:mgr:{manager_id}:lease") or b"").startswith(a.replica_id.encode()),
+             timeout=30, what="A to hold the checker lease")
+    b = start_manager("b", cluster=cluster, builtin_monitor=False)
+    out: dict[str, Any] = {}
+
+    def create() -> None:
+        with httpx.Client(base_url=b.url, timeout=120) as c:
+            out["resp"] = c.post("/get_cookie")
+
+    t = threading.Thread(target=create)
+    t.start()
+    (node_id,) = wait_for(lambda: creating_by(redis_client, prefix, manager_id, b.replica_id), timeout=60,
+                          interval=0.005, what="B's creating record")
+    b.signal(signal.SIGSTOP)
+    try:
+        # B's entry expires (TTL after its last beat) and stays expired for a second or more, while
+        # A's checker passes every 0.3 s: before the grace, the first of them removed the creation
+        wait_for(lambda: not redis_client.exists(f"{prefix}:replica:{b.replica_id}"), timeout=2 * TTL,
+                 interval=0.05, what="B's registry entry to expire")
+        time.sleep(1.0)
+        assert redis_client.exists(f"{prefix}:node:{node_id}"), "the checker removed a live replica's creation"
+    finally:
+        b.signal(signal.SIGCONT)
+    t.join(timeout=120)
+    r = out["resp"]
+    assert r.status_code == 200, r.text
+    assert r.cookies["node_id"] == node_id
+    with httpx.Client(base_url=b.url, cookies={"node_id": node_id}, timeout=30) as c:
+        assert c.post("/get_available_tools").status_code == 200
+    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"running"
