@@ -230,6 +230,7 @@ KNOWN_SECONDS: dict[str, float] = {
     "tests/test_prometheus.py": 15,
     "tests/test_images.py": 15,
     "tests/test_fork_client.py": 12,
+    "tests/test_replica_grace.py": 12,
     "tests/test_fuzz.py": 11,
     "tests/test_run_command.py": 11,
     "tests/test_helm.py": 10,
