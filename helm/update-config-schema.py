@@ -37,6 +37,7 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("node.port", {"minimum": 1, "maximum": 65535}),
     ("admin.console_port", {"minimum": 1, "maximum": 65535}),
     ("node.creation_wait_seconds", {"exclusiveMinimum": 0}),
+    ("creation.lease_seconds", {"minimum": 1}),
     ("node.image_pull", {"enum": list(IMAGE_PULL_POLICIES)}),
     ("cluster.placement", {"enum": list(PLACEMENTS)}),
     ("checker.lease_ttl_seconds", {"exclusiveMinimum": 0}),

@@ -50,10 +50,12 @@ class NodeOps:
 
     @property
     def queue(self) -> CreationQueue:
-        """This process's creation queue: clients' creations and the pool's refills take turns in it."""
+        """The engine's creation queue (shared by every process of the manager_id, in Redis): clients'
+        creations and the pool's refills take turns in it."""
         if self.creations is None:
             c = self.cfg.creation
-            self.creations = CreationQueue(c.concurrency, c.queue_size)
+            self.creations = CreationQueue(self.store, self.manager_id, c.concurrency, c.queue_size,
+                                           lease_seconds=c.lease_seconds)
         return self.creations
 
     def one_connection_http(self) -> httpx.AsyncClient:

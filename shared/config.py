@@ -373,11 +373,15 @@ class PoolConfig(Base):
 
 
 class CreationConfig(Base):
-    """How many new nodes one replica process starts at once, and how many wait (nodeops/admission.py)."""
+    """How many new nodes one engine (manager_id) starts at once across all its replica processes,
+    and how many wait (nodeops/admission.py, held in Redis)."""
 
-    concurrency: int = 4  # creations running at once per process; more wait their turn, round-robin by client
-    # client creations waiting per process; one more gets 503 with Retry-After
+    concurrency: int = 4  # creations running at once on the engine; more wait their turn, round-robin by client
+    # client creations waiting on the engine; one more gets 503 with Retry-After
     queue_size: int = 64
+    # a slot or a place in the queue is leased for this long and renewed by its process: one killed
+    # frees what it held after this
+    lease_seconds: float = 10.0
 
 
 class EventsConfig(Base):
@@ -543,8 +547,9 @@ class Config(Base):
                              f"{BRIDGE_MAX_NODES} or less and run more manager_ids for more")
         if self.node.disk.workspace_bytes and self.node.disk.workspace_bytes < 16 << 20:
             raise ValueError("node.disk.workspace_bytes must be 0 (unbounded) or at least 16 MiB")
-        if self.creation.concurrency < 1 or self.creation.queue_size < 0:
-            raise ValueError("creation.concurrency must be at least 1 and creation.queue_size at least 0")
+        if self.creation.concurrency < 1 or self.creation.queue_size < 0 or self.creation.lease_seconds < 1:
+            raise ValueError("creation.concurrency and creation.lease_seconds must be at least 1 and "
+                             "creation.queue_size at least 0")
         p = self.pool
         if min(p.size, p.max_size, p.refill_concurrency - 1) < 0 or p.demand_seconds < 0 \
                 or p.demand_half_life_seconds <= 0:

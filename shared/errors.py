@@ -28,7 +28,7 @@
         ├── NoLiveManager       no live replica of the owning manager_id
         │   └── HostUnreachable the host of a node (or of the owner's replicas) does not answer
         ├── CapacityExhausted   no host has room for another node
-        ├── CreationQueueFull   too many creations waiting on this replica (Retry-After)
+        ├── CreationQueueFull   too many creations waiting on the engine (Retry-After)
         └── ImageMissing        the engine has no node image (not pulled or loaded yet)
 """
 
@@ -197,7 +197,7 @@ class CapacityExhausted(Unavailable):
 
 
 class CreationQueueFull(Unavailable):
-    """The replica's creation queue is full (nodeops/admission.py): the client retries later."""
+    """The engine's creation queue is full (nodeops/admission.py): the client retries later."""
 
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)

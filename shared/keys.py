@@ -90,6 +90,31 @@ class Keys:
         """Counter: creation requests of a manager_id so far (the pool's demand: nodeops/demand.py)."""
         return f"{self._m(manager_id)}:mgr:{manager_id}:arrivals"
 
+    def creation_slots(self, manager_id: str) -> str:
+        """Sorted set: creation slots held on the manager_id's engine (clients' and refills'),
+        scored by when their lease ends (Redis time, ms): a killed process's slots lapse."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:creating"
+
+    def creation_refills(self, manager_id: str) -> str:
+        """Sorted set: of creation_slots, those a pool refill holds (same scores)."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:creating_refills"
+
+    def creation_queue(self, manager_id: str) -> str:
+        """Sorted set: client creations waiting for a slot, scored by their turn (round-robin by client)."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:create_queue"
+
+    def creation_waiters(self, manager_id: str) -> str:
+        """Sorted set: the same waiters scored by when their lease ends (a process that died frees its place)."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:create_waiters"
+
+    def creation_turns(self, manager_id: str) -> str:
+        """Hash: client -> the turn of its last queued creation (the round-robin), while any waits."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:create_turns"
+
+    def creation_round(self, manager_id: str) -> str:
+        """Hash: the turn being served ('round') and the queue's arrival counter ('seq'), while any waits."""
+        return f"{self._m(manager_id)}:mgr:{manager_id}:create_round"
+
     def intents(self, manager_id: str) -> str:
         """Hash: node id -> a lifecycle call (stop, release) accepted while no replica of the owner
         was reachable, for the owner's checker to carry out."""

@@ -54,7 +54,7 @@ NODE_CREATE_PHASE_SECONDS = Histogram(
                                              2.0, 3.0, 5.0, 10.0, 30.0))
 for _ph in CREATE_PHASES:
     NODE_CREATE_PHASE_SECONDS.labels(_ph)
-CREATE_QUEUE_DEPTH = Gauge(P + "create_queue_depth", "Client creations waiting for a creation slot (per "
+CREATE_QUEUE_DEPTH = Gauge(P + "create_queue_depth", "Client creations waiting for the engine's creation slots (this "
                            "process: nodeops/admission.py).", multiprocess_mode="livesum")
 CREATES_RUNNING = Gauge(P + "creates_in_progress", "Creations holding a slot (clients' and pool refills').",
                         multiprocess_mode="livesum")

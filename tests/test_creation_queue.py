@@ -71,6 +71,50 @@ def test_a_burst_past_the_queue_gets_503_with_retry_after_for_the_excess_and_not
     assert not project_containers(docker_client, manager_id)
 
 
+def test_two_replicas_of_one_engine_share_its_bound_a_burst_past_it_gets_503_and_nothing_half_made(
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
+        docker_client: docker.DockerClient) -> None:
+    # two processes of one manager_id (one engine): one creation at once and two waiting on the engine,
+    # not on each process (with a queue per process both would create at once and six would be taken in)
+    creation = {"concurrency": 1, "queue_size": 2}
+    a, b = start_manager("a", creation=creation), start_manager("b", creation=creation)
+    creating: list[int] = []
+    done = False
+
+    def watch() -> None:  # how many sessions are being created at once, seen from Redis
+        while not done:
+            keys = records(redis_client, prefix)
+            creating.append(sum(redis_client.hget(k, "status") == b"creating" for k in keys))
+            time.sleep(0.01)
+
+    with concurrent.futures.ThreadPoolExecutor(11) as ex:
+        watcher = ex.submit(watch)
+        try:
+            rs = list(ex.map(lambda i: httpx.post((a, b)[i % 2].url + "/get_cookie", timeout=120), range(10)))
+        finally:
+            done = True
+        watcher.result()
+    ok = [r for r in rs if r.status_code == 200]
+    refused = [r for r in rs if r.status_code != 200]
+    assert len(ok) >= 3 and refused, [(r.status_code, r.text) for r in rs]
+    for r in refused:
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert "creation queue" in r.json()["detail"] and "full" in r.json()["detail"], r.text
+    assert max(creating) == 1, creating  # never two at once, though both replicas had requests
+    assert sum(metric(m.url, "toolserver_create_queue_rejected_total") for m in (a, b)) == len(refused)
+    assert sum(metric(m.url, 'toolserver_create_queue_wait_seconds_count{kind="client"}') for m in (a, b)) == len(ok)
+    # nothing of a refused creation exists: containers, records and quota entries are the successes'
+    cookies = [r.cookies["node_id"] for r in ok]
+    assert names(docker_client, manager_id) == set(cookies)
+    assert {k.decode().rsplit(":", 1)[1] for k in records(redis_client, prefix)} == set(cookies)
+    assert {x.decode() for x in members(redis_client, prefix, manager_id)} == set(cookies)
+    # and the engine's slots and queue are empty again
+    assert not redis_client.zcard(f"{prefix}:mgr:{manager_id}:creating")
+    assert not redis_client.zcard(f"{prefix}:mgr:{manager_id}:create_queue")
+    release_all(a.url, cookies)
+    assert not project_containers(docker_client, manager_id)
+
+
 def test_clients_take_turns_one_burst_does_not_delay_another_clients_creation_beyond_its_turn(
         start_manager: Any, manager_id: str) -> None:
     m = start_manager(creation={"concurrency": 1, "queue_size": 16}, quota={"client_header": "X-Client",
@@ -183,10 +227,12 @@ def volumes(client: docker.DockerClient, mid: str) -> list[Any]:
     return client.volumes.list(filters={"label": f"toolserver-manager.manager_id={mid}"})
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_queued_creation_whose_client_leaves_is_never_made(
         start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
-        docker_client: docker.DockerClient) -> None:
-    m = start_manager(creation={"concurrency": 1, "queue_size": 8})
+        docker_client: docker.DockerClient, workers: int) -> None:
+    # with two workers the creations and the leaver land on either process: one queue, the engine's
+    m = start_manager(creation={"concurrency": 1, "queue_size": 8}, workers=workers)
     with concurrent.futures.ThreadPoolExecutor(3) as ex:
         burst = [ex.submit(httpx.post, m.url + "/get_cookie", timeout=120) for _ in range(3)]
         wait_for(lambda: metric(m.url, "toolserver_create_queue_depth") == 2, timeout=30, what="burst queued")

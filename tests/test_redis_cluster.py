@@ -132,6 +132,19 @@ async def test_client_quota_across_manager_ids_and_the_pool(cstore: Store) -> No
     assert int(await store.redis.hget(store.keys.client_count("cp"), "cp") or 0) == 1
 
 
+async def test_the_engines_creation_slots_on_the_cluster(cstore: Store) -> None:
+    # the scripts name the manager's home slot only: a slot, a waiter, a release that grants it
+    store = cstore
+    assert await store.creation_slot("cs", "m1", "a", False, 1, 1, 10) == (1, 0, 1, 0)
+    assert await store.creation_slot("cs", "m2", "b", False, 1, 1, 10) == (0, 1, 1, 0)
+    assert (await store.creation_slot("cs", "m3", "c", False, 1, 1, 10))[0] == -1  # the queue is full
+    assert await store.creation_slot("cs", "r1", "", True, 1, 1, 10) == (0, 1, 1, 1)  # a refill waits
+    assert await store.release_creation_slots("cs", ["m1"], 1, 10) == ["m2"]
+    assert await store.renew_creation_slots("cs", ["m2"], 10) == 1
+    assert await store.release_creation_slots("cs", ["m2"], 1, 10) == []
+    assert await store.creation_counts("cs") == (0, 0)
+
+
 async def test_mcp_sessions_and_streams_on_the_cluster(cstore: Store) -> None:
     mcp = cstore.mcp
     await mcp.session_put("h1", {"node": "n1", "owner": "c"}, 30)

@@ -1,7 +1,8 @@
 """Everything the project keeps in Redis, behind one facade (key names in shared/keys.py).
 
 ``Store`` is the sum of the domain parts, one module each: node records and their index
-(nodes), activity, quotas and the client counts' recount (counts), the warm pool, fenced checker writes (fenced), session locks,
+(nodes), activity, quotas and the client counts' recount (counts), the warm pool, the engine-wide creation slots
+(creations), fenced checker writes (fenced), session locks,
 events and watchers, the replica registry and draining (replicas), intents and console logins.
 Checker leases (on a client of their own), MCP's state, snapshots, egress secrets and what the egress agent learned are namespaces of their
 own: ``store.leases``, ``store.mcp``, ``store.snapshots``, ``store.egress_secrets``, ``store.egress_learned``. No part calls another's methods: each reads on its own, over the client
@@ -23,6 +24,7 @@ from shared.store.base import Op, redis_errors
 from shared.store.connection import connect, sync_client
 from shared.store.console import ConsoleLogins
 from shared.store.counts import ClientCounts
+from shared.store.creations import CreationSlots
 from shared.store.egress_learned import EgressLearnedStore
 from shared.store.egress_secrets import EgressSecretStore
 from shared.store.events import ALL, BROADCAST, Events, Scope, compare_ids
@@ -40,7 +42,7 @@ from shared.store.snapshots import SnapshotStore
 __all__ = ["ALL", "BROADCAST", "LeaseRenewer", "Op", "Scope", "Store", "compare_ids", "connect", "redis_errors"]
 
 
-class Store(NodeRecords, Activity, Quotas, ClientCounts, Pool, Fenced, Locks, Events, Replicas, Intents,
+class Store(NodeRecords, Activity, Quotas, ClientCounts, Pool, CreationSlots, Fenced, Locks, Events, Replicas, Intents,
             ConsoleLogins):
     """Typed access to everything the project keeps in Redis."""
 

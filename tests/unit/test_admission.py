@@ -1,16 +1,21 @@
-"""The creation queue (nodeops/admission.py) and the pool's demand arithmetic (nodeops/demand.py)
-as pure logic; tests/test_creation_queue.py drives both through real managers."""
+"""The creation queue (nodeops/admission.py on shared/store/creations.py, on the real Redis: several
+CreationQueues of one manager_id are several processes of one engine) and the pool's demand
+arithmetic (nodeops/demand.py) as pure logic; tests/test_creation_queue.py drives both through
+real managers."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
 from nodeops.admission import CreationQueue
 from nodeops.demand import ArrivalRate, BurstPeak, plan
 from shared.config import PoolConfig
-from shared.errors import CreationQueueFull
+from shared.errors import CreationQueueFull, RedisUnavailable
+from shared.store import Store
+from tests.conftest import until
 
 
 async def _hold(q: CreationQueue, client: str, log: list[str], release: asyncio.Event, *,
@@ -20,91 +25,134 @@ async def _hold(q: CreationQueue, client: str, log: list[str], release: asyncio.
         await release.wait()
 
 
-async def _settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
+def _queues(store: Store, n: int, concurrency: int, max_waiting: int, lease_seconds: float = 10.0,
+            expected_seconds: float = 1.0) -> list[CreationQueue]:
+    """n processes' queues of one fresh engine."""
+    mid = f"adm-{uuid.uuid4().hex[:8]}"
+    return [CreationQueue(store, mid, concurrency, max_waiting, lease_seconds=lease_seconds,
+                          expected_seconds=expected_seconds) for _ in range(n)]
 
 
-async def test_clients_take_turns_so_one_burst_delays_another_client_by_one_turn_at_most() -> None:
-    q = CreationQueue(concurrency=1, max_waiting=10)
+async def _start(q: CreationQueue, client: str, log: list[str], gate: asyncio.Event, *,
+                 waiting: int | None = None, running: int | None = None, refill: bool = False) -> asyncio.Task[None]:
+    """A creation asking for its slot, once the engine has taken it in (in arrival order)."""
+    t = asyncio.create_task(_hold(q, client, log, gate, refill=refill))
+    await until(lambda: _counts(q, waiting, running), timeout=10, interval=0.01, what=f"{client} taken in")
+    return t
+
+
+async def _counts(q: CreationQueue, waiting: int | None, running: int | None) -> bool:
+    w, r = await q.store.creation_counts(q.manager_id)
+    return (waiting is None or w == waiting) and (running is None or r == running)
+
+
+async def test_clients_take_turns_so_one_burst_delays_another_client_by_one_turn_at_most(store: Store) -> None:
+    q, other = _queues(store, 2, concurrency=1, max_waiting=10)
     gate = asyncio.Event()
     log: list[str] = []
-    first = asyncio.create_task(_hold(q, "a", log, gate))
-    await _settle()
-    burst = [asyncio.create_task(_hold(q, "a", log, gate)) for _ in range(4)]
-    await _settle()
-    b = asyncio.create_task(_hold(q, "b", log, gate))
-    c = asyncio.create_task(_hold(q, "c", log, gate))
-    await _settle()
-    assert q.waiting == 6 and q.running == 1
-    # a's burst came first, yet b and c each wait for one of a's creations, not for all four
-    assert q.order() == ["a", "b", "c", "a", "a", "a"]
+    first = await _start(q, "a", log, gate, running=1)
+    burst = [await _start(q, "a", log, gate, waiting=i + 1) for i in range(4)]
+    # b and c come through another process of the same engine: the same queue
+    b = await _start(other, "b", log, gate, waiting=5)
+    c = await _start(other, "c", log, gate, waiting=6)
+    assert log == ["a"] and q.local_waiting == 4 and other.local_waiting == 2
     gate.set()
     await asyncio.gather(first, *burst, b, c)
+    # a's burst came first, yet b and c each wait for one of a's creations, not for all four
     assert log == ["a", "a", "b", "c", "a", "a", "a"]
-    assert q.running == 0 and q.waiting == 0
+    assert await store.creation_counts(q.manager_id) == (0, 0)
 
 
-async def test_a_full_queue_refuses_with_retry_after_and_nothing_else_is_disturbed() -> None:
-    q = CreationQueue(concurrency=2, max_waiting=2, expected_seconds=3.0)
+async def test_a_full_queue_refuses_with_retry_after_and_nothing_else_is_disturbed(store: Store) -> None:
+    q, other = _queues(store, 2, concurrency=2, max_waiting=2, expected_seconds=3.0)
     gate = asyncio.Event()
     log: list[str] = []
-    tasks = [asyncio.create_task(_hold(q, f"c{i}", log, gate)) for i in range(4)]
-    await _settle()
-    with pytest.raises(CreationQueueFull) as info:
-        async with q.slot("late"):
+    tasks = [await _start(q, f"c{i}", log, gate, waiting=max(0, i - 1)) for i in range(4)]
+    with pytest.raises(CreationQueueFull) as info:  # the bound is the engine's: another process is refused too
+        async with other.slot("late"):
             pass
     # (2 waiting + 2 running) / 2 slots * 3 s
     assert info.value.status_code == 503 and info.value.retry_after == 6
     assert "creation queue" in info.value.detail and "full" in info.value.detail
-    assert q.waiting == 2 and q.running == 2
+    assert await store.creation_counts(q.manager_id) == (2, 2)
     gate.set()
     await asyncio.gather(*tasks)
     assert sorted(log) == ["c0", "c1", "c2", "c3"]
 
 
-async def test_a_waiter_that_leaves_gives_its_place_back_and_one_granted_meanwhile_its_slot() -> None:
-    q = CreationQueue(concurrency=1, max_waiting=5)
+async def test_a_waiter_that_leaves_gives_its_place_back_and_one_granted_meanwhile_its_slot(store: Store) -> None:
+    q, = _queues(store, 1, concurrency=1, max_waiting=5)
     gate = asyncio.Event()
     log: list[str] = []
-    holder = asyncio.create_task(_hold(q, "a", log, gate))
-    await _settle()
-    leaver = asyncio.create_task(_hold(q, "b", log, gate))
-    stayer = asyncio.create_task(_hold(q, "c", log, gate))
-    await _settle()
+    holder = await _start(q, "a", log, gate, running=1)
+    leaver = await _start(q, "b", log, gate, waiting=1)
+    stayer = await _start(q, "c", log, gate, waiting=2)
     leaver.cancel()
-    await _settle()
-    assert q.waiting == 1 and q.order() == ["c"]
+    await until(lambda: _counts(q, 1, 1), timeout=10, interval=0.01, what="the leaver's place given back")
     gate.set()
     await asyncio.gather(holder, stayer)
-    assert log == ["a", "c"] and q.running == 0
+    assert log == ["a", "c"]
+    assert await store.creation_counts(q.manager_id) == (0, 0)
     # granted and cancelled before it ran: the slot goes to the next one, not lost
     gate2 = asyncio.Event()
-    h2 = asyncio.create_task(_hold(q, "a", log, gate2))
-    await _settle()
-    w = asyncio.create_task(_hold(q, "b", log, gate2))
-    await _settle()
+    h2 = await _start(q, "a", log, gate2, running=1)
+    w = await _start(q, "b", log, gate2, waiting=1)
+    w2 = await _start(q, "c", log, gate2, waiting=2)
     gate2.set()
-    await asyncio.sleep(0)  # h2 releases, w's future is granted but w has not resumed yet
-    w.cancel()
-    await asyncio.gather(h2, w, return_exceptions=True)
-    assert q.running == 0 and q.waiting == 0
+    await asyncio.sleep(0)
+    w.cancel()  # h2 is giving its slot back, which may already have gone to w
+    await asyncio.gather(h2, w, w2, return_exceptions=True)
+    assert log[-1] == "c" and "b" not in log[2:-1]
+    assert await store.creation_counts(q.manager_id) == (0, 0)
 
 
-async def test_refills_wait_behind_every_client_and_never_hold_the_last_slot() -> None:
-    q = CreationQueue(concurrency=2, max_waiting=5)
+async def test_refills_wait_behind_every_client_and_never_hold_the_last_slot(store: Store) -> None:
+    q, other = _queues(store, 2, concurrency=2, max_waiting=5)
     gate = asyncio.Event()
     log: list[str] = []
     refills = [asyncio.create_task(_hold(q, "pool", log, gate, refill=True)) for _ in range(3)]
-    await _settle()
-    assert q.running == 1 and log == ["pool"]  # one slot stays free for a client
-    client = asyncio.create_task(_hold(q, "a", log, gate))
-    await _settle()
-    assert log == ["pool", "a"]  # at once, ahead of the two refills queued before it
-    assert q.waiting == 0  # refills do not count against the client queue's bound
+    await until(lambda: log == ["pool"], timeout=10, interval=0.01, what="one refill running")
+    assert await store.creation_counts(q.manager_id) == (0, 1)  # one slot stays free for a client
+    client = await _start(other, "a", log, gate, running=2)
+    assert log == ["pool", "a"]  # at once, ahead of the two refills asking before it
+    # refills do not count against the queue's bound
+    assert other.local_waiting == 0 and q.local_waiting == 0 and await store.creation_counts(q.manager_id) == (0, 2)
     gate.set()
     await asyncio.gather(*refills, client)
     assert log.count("pool") == 3
+
+
+async def test_the_bound_is_the_engines_across_processes_and_a_killed_process_frees_its_slots(store: Store) -> None:
+    q, other = _queues(store, 2, concurrency=2, max_waiting=4, lease_seconds=1.0)
+    gate = asyncio.Event()
+    log: list[str] = []
+    held = [await _start(q, "a", log, gate, running=i + 1) for i in range(2)]
+    # the engine's two slots are held by the first process: the second one's creation waits
+    late = await _start(other, "b", log, gate, waiting=1)
+    assert log == ["a", "a"] and other.local_waiting == 1
+    # the first process dies holding both (no give-back, no renewal): its leases lapse and b goes on
+    assert q._renewer is not None
+    q._renewer.cancel()
+    for t in held:
+        t.cancel()
+    q.store = _Dead()  # type: ignore[assignment]
+    await asyncio.gather(*held, return_exceptions=True)
+    await until(lambda: log == ["a", "a", "b"], timeout=20, interval=0.05, what="b served once a's leases lapsed")
+    gate.set()
+    await late
+    # b's slot is given back (the dead process's second one may lapse a moment after the first)
+    held_now = await store.redis.zrange(store.keys.creation_slots(other.manager_id), 0, -1)
+    assert not [m for m in held_now if other._tag in str(m)], held_now
+
+
+class _Dead:
+    """A process that is gone: it never reaches Redis again (what it holds is not given back)."""
+
+    def __getattr__(self, name: str) -> object:
+        async def gone(*a: object, **kw: object) -> None:
+            raise RedisUnavailable("the process is gone")
+
+        return gone
 
 
 def test_arrival_rate_follows_a_burst_and_forgets_it_with_its_half_life() -> None:
