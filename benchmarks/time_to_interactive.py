@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -234,6 +235,61 @@ def _metric(url: str, sample: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
 
 
+def host_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy so far (all cores, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def nodes_cpu(mid: str) -> dict[str, tuple[float, int, float]]:
+    """The manager_id's containers: id -> (CPU seconds so far, throttled periods, throttled seconds) (cgroup v1)."""
+    out: dict[str, tuple[float, int, float]] = {}
+    for c in docker_client().containers.list(sparse=True, filters={"label": f"toolserver-manager.manager_id={mid}"}):
+        with contextlib.suppress(OSError, ValueError):
+            cpu = int(Path(f"/sys/fs/cgroup/cpuacct/docker/{c.id}/cpuacct.usage").read_text()) / 1e9
+            stat = dict(line.split() for line in Path(f"/sys/fs/cgroup/cpu/docker/{c.id}/cpu.stat").read_text().splitlines())
+            out[c.id] = (cpu, int(stat.get("nr_throttled", 0)), int(stat.get("throttled_time", 0)) / 1e9)
+    return out
+
+
+def dockerd_pid() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/var/run/docker.pid").read_text().strip())
+    return 0
+
+
+class CpuWindow:
+    """Where the machine's CPU went over a window: the replica, this manager_id's nodes, the
+    engine (dockerd), this benchmark (the client) and everything else (other work on the machine)."""
+
+    def __init__(self, replica_pid: int, mid: str) -> None:
+        self.replica_pid, self.mid = replica_pid, mid
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        self.nodes = nodes_cpu(self.mid)
+        return {"wall": time.monotonic(), "host": host_busy_seconds(), "replica": cpu_seconds([self.replica_pid]),
+                "dockerd": cpu_seconds([dockerd_pid()]), "client": cpu_seconds([os.getpid()])}
+
+    def end(self) -> str:
+        """The window's split, as a line; nodes counted are those alive at both readings."""
+        before = self.nodes
+        a, b = self.start, self._read()
+        d = {k: b[k] - a[k] for k in a}
+        both = [(before[i], self.nodes[i]) for i in before.keys() & self.nodes.keys()]
+        d["nodes"] = sum(y[0] - x[0] for x, y in both)
+        d["throttled_periods"] = sum(y[1] - x[1] for x, y in both)
+        d["throttled"] = sum(y[2] - x[2] for x, y in both)
+        other = d["host"] - d["replica"] - d["nodes"] - d["dockerd"] - d["client"]
+        cores = os.cpu_count() or 1
+        return (f"CPU over the burst's {d['wall']:.1f} s ({cores} cores, {cores * d['wall']:.1f} CPU s): busy "
+                f"{d['host']:.1f} s; the replica {d['replica']:.2f}, its nodes {d['nodes']:.2f} ({len(both)} alive "
+                f"throughout; throttled "
+                f"{int(d['throttled_periods'])} periods, {d['throttled']:.2f} s), dockerd {d['dockerd']:.2f}, "
+                f"this client {d['client']:.2f}, the rest of the machine {other:.2f}")
+
+
 def node_secret(container_id: str) -> str:
     env = docker_client().api.inspect_container(container_id)["Config"]["Env"]
     return next(e.split("=", 1)[1] for e in env if e.startswith("NODE_SECRET="))
@@ -299,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="off,pool,tiers",
                    help="pool off, pool on, tier resumes, trace (a claimed node phase by phase; with pool), "
                         "demand (a burst, then the next one from the pool it sized) (default off,pool,tiers)")
+    p.add_argument("--release-after-burst", action="store_true",
+                   help="demand: release the next burst's sessions after it, not each once answered")
     args = p.parse_args(argv)
     patterns = [x for x in args.patterns.split(",") if x]
     cases = set(args.cases.split(","))
@@ -394,9 +452,16 @@ def main(argv: list[str] | None = None) -> int:
                               _metric(dm.url, "toolserver_pool_claims_total{"))
             assert dm.proc is not None
             cpu0, wall0, load_before = cpu_seconds([dm.proc.pid]), time.monotonic(), os.getloadavg()[0]
+            window = CpuWindow(dm.proc.pid, mid)
+            # --release-after-burst: the sessions are released once the burst is over, not each as soon
+            # as its call answered (a release is engine work beside the burst's own)
+            held: list[str] = []
             results["pool by demand, next burst"] = asyncio.run(
-                run_pattern("burst", dm.url, args.n, 0, releaser(dm.url)))
+                run_pattern("burst", dm.url, args.n, 0, held.append if args.release_after_burst else releaser(dm.url)))
             cpu, wall = cpu_seconds([dm.proc.pid]) - cpu0, time.monotonic() - wall0
+            cpu_note = window.end()
+            for node_id in held:
+                releaser(dm.url)(node_id)
             hits = _metric(dm.url, 'toolserver_pool_claims_total{result="hit"') - hits0
             claims = _metric(dm.url, "toolserver_pool_claims_total{") - claims0
             releaser.drain()
@@ -405,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"arrival rate {gauges['arrival_rate']:.2f}/s; the next burst: {hits:g} pool hits of "
                            f"{claims:g} claims, the replica used "
                            f"{cpu:.2f} CPU s in {wall:.1f} s ({cpu / max(wall, 1e-9):.0%} of a core; load "
-                           f"{load_before:.1f} → {os.getloadavg()[0]:.1f})")
+                           f"{load_before:.1f} → {os.getloadavg()[0]:.1f}); {cpu_note}")
             print(f"  {demand_note}", file=sys.stderr, flush=True)
             dm.stop()
         if "tiers" in cases:

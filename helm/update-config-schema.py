@@ -38,6 +38,8 @@ CONSTRAINTS: list[tuple[str, dict[str, Any]]] = [
     ("admin.console_port", {"minimum": 1, "maximum": 65535}),
     ("node.creation_wait_seconds", {"exclusiveMinimum": 0}),
     ("creation.lease_seconds", {"minimum": 1}),
+    ("pool.refill_quiet_seconds", {"minimum": 0}),
+    ("pool.refill_defer_seconds", {"minimum": 0}),
     ("node.image_pull", {"enum": list(IMAGE_PULL_POLICIES)}),
     ("cluster.placement", {"enum": list(PLACEMENTS)}),
     ("checker.lease_ttl_seconds", {"exclusiveMinimum": 0}),

@@ -74,6 +74,7 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
 
     async def one() -> None:
         async with sem:
+            await quiet(ops)
             if not allowed():
                 return
             gauge.inc()
@@ -82,6 +83,12 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
             finally:
                 gauge.dec()
             await warm_up(ops, rec)
+            try:  # it booted at a low CPU weight (the engine's background): a client's node has the normal one
+                await ops.backend.foreground(rec.cid)
+            except ManagerError as exc:
+                log.warning("pool_foreground_failed node_id=%s error=%s", rec.id[:12], exc.detail)
+                await primitives.discard(ops, rec)
+                return
             if not await offer(rec):
                 await primitives.discard(ops, rec)
 
@@ -89,6 +96,36 @@ async def refill(ops: NodeOps, n: int, allowed: Callable[[], bool],
     for r in results:
         if isinstance(r, BaseException):
             log.warning("pool_fill_failed manager_id=%s error=%r", ops.manager_id, r)
+
+
+async def quiet(ops: NodeOps) -> float:
+    """Wait until no creation request of this manager_id arrived for pool.refill_quiet_seconds, at
+    most pool.refill_defer_seconds: a refill yields to clients who are claiming (and then calling)
+    pooled nodes; the seconds it waited."""
+    p = ops.cfg.pool
+    t0 = time.monotonic()
+    if p.refill_defer_seconds <= 0 or p.refill_quiet_seconds <= 0:
+        return 0.0
+    deadline = t0 + p.refill_defer_seconds
+    try:
+        while True:
+            count, now = await ops.store.arrivals(ops.manager_id), time.monotonic()
+            seen = _arrivals.get(ops.manager_id)
+            if seen is None or seen[0] != count:  # new arrivals (or none seen before): quiet from now on
+                seen = _arrivals[ops.manager_id] = (count, now)
+            left = p.refill_quiet_seconds - (now - seen[1])
+            if left <= 0 or now >= deadline:
+                break
+            await asyncio.sleep(min(left, deadline - now))
+    except ManagerError as exc:  # Redis is away: the creation will say so
+        log.info("pool_quiet_unknown manager_id=%s error=%s", ops.manager_id, exc.detail)
+    waited = time.monotonic() - t0
+    if waited >= 0.01:
+        log.info("pool_refill_deferred manager_id=%s waited_ms=%.0f", ops.manager_id, waited * 1000)
+    return waited
+
+
+_arrivals: dict[str, tuple[int, float]] = {}  # manager_id -> (its arrivals count, since when it is that)
 
 
 async def warm_up(ops: NodeOps, rec: NodeRecord) -> bool:

@@ -359,6 +359,11 @@ class PoolConfig(Base):
     # the pool also holds the largest burst (arrivals within one creation's time) seen this long; 0: off
     burst_memory_seconds: float = 600.0
     refill_concurrency: int = 4  # pooled nodes created at once at most (fewer while demand is low)
+    # a refill's creation starts only once no creation request (a claim or a miss) arrived for this
+    # long, so clients' claims and first calls do not share the CPU with a refill's boot ...
+    refill_quiet_seconds: float = 0.5
+    # ... but waits for that at most this long: under steady demand the pool still refills; 0: never waits
+    refill_defer_seconds: float = 5.0
     max_age_seconds: float = 3600.0  # pooled nodes older than this are recycled
     claim_timeout_seconds: float = 30.0  # a claimed node not delivered by then is released
     # a request sent to each pooled node once it answers, before a client can claim it, so the
@@ -547,6 +552,8 @@ class Config(Base):
                              f"{BRIDGE_MAX_NODES} or less and run more manager_ids for more")
         if self.node.disk.workspace_bytes and self.node.disk.workspace_bytes < 16 << 20:
             raise ValueError("node.disk.workspace_bytes must be 0 (unbounded) or at least 16 MiB")
+        if self.pool.refill_quiet_seconds < 0 or self.pool.refill_defer_seconds < 0:
+            raise ValueError("pool.refill_quiet_seconds and pool.refill_defer_seconds must not be negative")
         if self.creation.concurrency < 1 or self.creation.queue_size < 0 or self.creation.lease_seconds < 1:
             raise ValueError("creation.concurrency and creation.lease_seconds must be at least 1 and "
                              "creation.queue_size at least 0")

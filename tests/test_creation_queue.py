@@ -6,6 +6,7 @@ pool's target grows under a burst and shrinks back when idle. Pure logic: tests/
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import socket
 import time
 from typing import Any
@@ -184,7 +185,8 @@ def test_the_pool_target_grows_under_a_burst_and_shrinks_back_when_idle(
 
 
 def test_the_pool_holds_the_largest_recent_burst_and_meets_the_next_one_from_it(
-        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis) -> None:
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
+        docker_client: docker.DockerClient) -> None:
     # slow (~1-2 min on a loaded machine): six nodes are made, three cold and three pooled
     # the rate forgets the burst within seconds (half-life 1 s): only the burst's memory keeps the pool
     m = start_manager(pool={"size": 0, "max_size": 3, "demand_half_life_seconds": 1, "burst_memory_seconds": 600},
@@ -204,6 +206,10 @@ def test_the_pool_holds_the_largest_recent_burst_and_meets_the_next_one_from_it(
     release_all(m.url, [r.cookies["node_id"] for r in first])
     wait_for(lambda: metric(m.url, "toolserver_pool_burst_peak") == 3, timeout=30, what="the burst's peak")
     wait_for(lambda: redis_client.llen(pool_key) == 3, timeout=150, what="pool filled to the burst's size")
+    # each booted in the background (a low CPU weight) and has a client node's weight back once offered
+    for node_id in redis_client.lrange(pool_key, 0, -1):
+        shares = docker_client.api.inspect_container(node_id.decode())["HostConfig"]["CpuShares"]
+        assert shares == 1024, (node_id, shares)
     # long after the rate has forgotten the burst, the target still holds it
     wait_for(lambda: metric(m.url, "toolserver_pool_arrival_rate") < 0.04, timeout=60, what="rate decayed")
     assert metric(m.url, "toolserver_pool_target_nodes") == 3
@@ -213,6 +219,42 @@ def test_the_pool_holds_the_largest_recent_burst_and_meets_the_next_one_from_it(
     second = burst()  # met from the pool
     assert metric(m.url, hits) == before + 3
     release_all(m.url, [r.cookies["node_id"] for r in second])
+
+
+def test_a_refill_waits_while_clients_are_asking_and_starts_once_they_stop(
+        start_manager: Any, manager_id: str, prefix: str, redis_client: redis.Redis,
+        docker_client: docker.DockerClient) -> None:
+    m = start_manager(pool={"size": 1, "refill_quiet_seconds": 1, "refill_defer_seconds": 120},
+                      checker={"interval_seconds": 0.3})
+    pool_key = f"{prefix}:mgr:{manager_id}:pool"
+    wait_for(lambda: redis_client.llen(pool_key) == 1, timeout=90, what="the pool filled")
+    arrivals = f"{prefix}:mgr:{manager_id}:arrivals"
+    asking = True
+
+    def demand() -> None:  # clients go on asking (the counter every creation request adds to)
+        while asking:
+            redis_client.incr(arrivals)
+            time.sleep(0.2)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        keep = ex.submit(demand)
+        try:
+            r = httpx.post(m.url + "/get_cookie", timeout=60)  # the pooled node: the pool is below its target
+            assert r.status_code == 200, r.text
+            # the checker has seen the pool empty and a refill waits (it would have started within a pass)
+            wait_for(lambda: metric(m.url, "toolserver_pool_nodes") == 0, timeout=30, what="the pool seen empty")
+            time.sleep(3)  # clients keep asking this long: no refill's creation may start meanwhile
+        finally:
+            asking = False
+        keep.result()
+    stopped = time.time()
+    wait_for(lambda: redis_client.llen(pool_key) == 1, timeout=90, what="the pool refilled once clients stopped")
+    refill = redis_client.lindex(pool_key, 0).decode()  # type: ignore[union-attr]
+    created = docker_client.api.inspect_container(refill)["Created"]  # the engine's clock: this host's
+    made = datetime.datetime.fromisoformat(created[:26] + "+00:00").timestamp()
+    assert made >= stopped - 0.5, (made, stopped)  # not before clients stopped asking (0.5 s of clock slack)
+    assert "pool_refill_deferred" in m.logs()
+    httpx.post(m.url + "/release_session", cookies={"node_id": r.cookies["node_id"]}, timeout=60)
 
 
 def _raw_get_cookie(url: str) -> socket.socket:
@@ -268,3 +310,36 @@ def test_a_creation_whose_client_leaves_while_its_node_starts_leaves_nothing(
              timeout=30, what="nothing of it left: record, container, workspace, quota entry")
     assert metric(m.url, 'toolserver_session_operations_total{op="create",result="client_left"}') == 1
     assert metric(m.url, "toolserver_create_queue_depth") == 0 and metric(m.url, "toolserver_creates_in_progress") == 0
+
+
+@pytest.mark.parametrize("configured", [None, 512])
+async def test_a_pooled_node_boots_at_a_low_cpu_weight_and_gets_its_configured_weight_back(
+        manager_id: str, prefix: str, docker_client: docker.DockerClient, configured: int | None) -> None:
+    # a refill's node boots in the background: its ~150 ms of boot CPU yields to clients' nodes
+    from shared.config import load_config
+    from shared.engines.base import NewNode
+    from shared.engines.docker import DockerBackend
+    from tests.conftest import NODE_IMAGE
+
+    kwargs: dict[str, Any] = {"image": NODE_IMAGE, "labels": {"toolserver-manager.test": "1"}}
+    if configured:
+        kwargs["cpu_shares"] = configured
+    cfg = load_config(None, environ={}, overrides={
+        "manager_id": manager_id, "redis": {"key_prefix": prefix},
+        "engine": {"docker": {"creation_kwargs": kwargs}}})
+    backend = DockerBackend(cfg)
+
+    def shares(cid: str) -> int:
+        return int(docker_client.api.inspect_container(cid)["HostConfig"]["CpuShares"])
+
+    try:
+        pooled = await backend.create(NewNode(owner=manager_id, role="pooled", replica_id="r", created_at=0.0))
+        client = await backend.create(NewNode(owner=manager_id, role="node", replica_id="r", created_at=0.0))
+        assert shares(pooled) == 2
+        assert shares(client) == (configured or 0)  # 0: the engine's default (1024)
+        await backend.foreground(pooled)
+        assert shares(pooled) == (configured or 1024)
+    finally:
+        for c in project_containers(docker_client, manager_id):
+            c.remove(force=True, v=True)
+        await backend.close()

@@ -197,6 +197,10 @@ class NodeBackend(abc.ABC):
         """Remove storage of owner's nodes that no longer exist, made before older_than; how many."""
         return 0
 
+    async def foreground(self, node_id: str) -> None:  # noqa: B027  (engines without CPU weights keep it)
+        """A node made in the background (a pooled node boots at a low CPU weight, so filling the
+        pool never slows clients' own work) gets its configured weight back before it is offered."""
+
     # --- session tiers and workspaces -----------------------------------------------
     @abc.abstractmethod
     async def pause(self, node_id: str) -> None:

@@ -75,6 +75,10 @@ from shared.models import Role
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# a pooled node boots at this CPU weight (cgroup cpu.shares; 1024 is a node's by default), so the
+# boot of a refill's node (about 150 ms of CPU) yields to clients' nodes and the replica's work
+BACKGROUND_CPU_SHARES = 2
+DEFAULT_CPU_SHARES = 1024
 
 
 class DockerBackend(NodeBackend):
@@ -264,7 +268,8 @@ class DockerBackend(NodeBackend):
         if node.seed:
             making = asyncio.ensure_future(self._call(loopdisk.create_from, path, self._seed_path(node.seed)))
         else:
-            making = asyncio.ensure_future(self._call(loopdisk.create, path, self.disk.workspace_bytes))
+            making = asyncio.ensure_future(self._call(loopdisk.create, path, self.disk.workspace_bytes,
+                                                      background=node.role == Role.POOLED))
         try:
             dev = await asyncio.shield(making)
         except asyncio.CancelledError:
@@ -499,6 +504,8 @@ class DockerBackend(NodeBackend):
         if node.workspace:
             labels[LABEL_WORKSPACE] = node.workspace
         kwargs = {k: v for k, v in creation_kwargs.items() if k not in DROP_KWARGS}
+        if node.role == Role.POOLED:  # boots in the background: foreground() gives its weight back
+            kwargs["cpu_shares"] = BACKGROUND_CPU_SHARES
         disk = self.disk
         if self._read_only_root:
             kwargs["read_only"] = True
@@ -575,6 +582,12 @@ class DockerBackend(NodeBackend):
                 raise EngineError(f"engine.docker.runtime {self.runtime!r} is not registered with the engine "
                                   f"({exc.detail}); see the README") from exc
             raise
+
+    async def foreground(self, node_id: str) -> None:
+        """The configured CPU weight (creation_kwargs' cpu_shares, else the engine's default) back
+        on a node that booted in the background."""
+        shares = int(self._creation_kwargs.get("cpu_shares") or DEFAULT_CPU_SHARES)
+        await self._call(self.client.api.update_container, node_id, cpu_shares=shares)
 
     async def start(self, node_id: str) -> Address:
         """Start a container; its node port is published on a host port the engine picks."""

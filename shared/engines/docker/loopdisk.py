@@ -20,6 +20,9 @@ class DiskError(EngineError):
     """A workspace image could not be made or attached (the message names the step)."""
 
 
+BACKGROUND_NICE = 10  # a pool refill's mkfs yields to the replica's own work
+
+
 def check_tools() -> None:
     """Raise ConfigError naming what is missing for bounded workspaces."""
     missing = [t for t in ("mkfs.ext4", "debugfs", "losetup") if shutil.which(t) is None]
@@ -40,14 +43,15 @@ def _run(*argv: str) -> str:
     return res.stdout.strip()
 
 
-def create(path: str, size: int, uid: int = 1000, gid: int = 1000) -> str:
-    """Make an ext4 image of ``size`` bytes owned by uid:gid at its root, attach it; the device."""
+def create(path: str, size: int, uid: int = 1000, gid: int = 1000, background: bool = False) -> str:
+    """Make an ext4 image of ``size`` bytes owned by uid:gid at its root, attach it; the device.
+    In the background (a pool refill) mkfs runs niced, so it yields the CPU to clients' work."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
         # 0600 from the first byte: the image holds a session's files, no other host user may read them
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.truncate(size)
-        _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+        _run(*(("nice", "-n", str(BACKGROUND_NICE)) if background else ()), "mkfs.ext4", "-q", "-F", "-m", "0", "-E",
              f"root_owner={uid}:{gid},lazy_itable_init=1,lazy_journal_init=1", path)
         # an empty workspace, as before: no lost+found in the node's listing
         _run("debugfs", "-w", "-R", "rmdir lost+found", path)
