@@ -33,6 +33,7 @@ from shared.config import Config
 DirectHandler = Callable[[Scope, Receive, Send, Reply], Awaitable[None]]
 SECRET_PARAMS = frozenset({"token", "access_token", "api_key"})
 CONSOLE_PORT_EXTRAS = frozenset({"/metrics", "/alive"})  # the console's charts read /metrics
+_UNSEEN = object()
 
 
 class HeaderLimit:
@@ -77,6 +78,7 @@ class ManagerApp:
         self.console_port = cfg.admin.console_port
         self.rules = HeaderRules(cfg)
         self.url_secrets = SECRET_PARAMS | {n.lower() for n in (cfg.client_auth.cookie, CONSOLE_COOKIE) if n}
+        self._cookie_ids: dict[bytes, str | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and not await self._on_its_port(scope, receive, send):
@@ -120,7 +122,20 @@ class ManagerApp:
     def fast(self, scope: Scope, reply: Reply) -> bool:
         """A request direct() took, its body all here, sent to its node with no task (the proxy's
         start: everything it needs cached); False: the edge runs the direct handler instead."""
-        return self.state.proxy.start(scope, _node_cookie(scope["headers"]), reply)  # type: ignore[no-any-return]
+        return self.state.proxy.start(scope, self._cookie_id(scope["headers"]), reply)  # type: ignore[no-any-return]
+
+    def _cookie_id(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """_node_cookie, remembered by the first Cookie header's bytes: a keep-alive client sends
+        the same one with every request (a pure function of them; bounded like the address cache)."""
+        for k, v in headers:
+            if k == b"cookie":
+                found = self._cookie_ids.get(v, _UNSEEN)
+                if found is _UNSEEN:
+                    if len(self._cookie_ids) >= 10_000:
+                        self._cookie_ids.clear()
+                    found = self._cookie_ids[v] = _node_cookie([(k, v)])
+                return found  # type: ignore[return-value]
+        return None
 
     async def _direct(self, scope: Scope, receive: Receive, send: Send, reply: Reply) -> None:
         try:

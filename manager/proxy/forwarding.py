@@ -55,6 +55,11 @@ class HeaderRules:
             if k == _AUTH and self.is_own_token(v):
                 continue
             if k == _COOKIE:
+                if b";" not in v:  # one cookie (XAgent's node_id): the same test without the list
+                    if v.split(b"=", 1)[0].strip() in self.private_cookies:
+                        continue
+                    out.append((k, v))
+                    continue
                 kept = [c for c in v.split(b";") if c.strip().split(b"=", 1)[0].strip() not in self.private_cookies]
                 if not kept:
                     continue

@@ -377,12 +377,18 @@ class _Flight:
         self.t0 = time.perf_counter()
 
     def head(self, conn: Any) -> None:
-        up = UpstreamResponse(conn, conn.timeout, False)
-        length = up.content_length()
+        length: int | None = 0
+        if conn.status not in (204, 304):  # (no body whatever the headers say: Response's rule)
+            length = None
+            for k, v in conn.headers:
+                if k == b"content-length":
+                    length = int(v) if v.isdigit() else None
+                    break
         limit = conn.limits.read_bytes
         if length is not None and length <= SMALL_BODY and not (limit and length > limit):
             return  # taken whole when it has all come (landed)
         conn.hand_off()
+        up = UpstreamResponse(conn, conn.timeout, False)
         proxy = self.proxy
         proxy._observe(self.path, self.t0, up.status_code)
         answer = NodeAnswer(up, proxy.rt, self.rec.id, proxy.rules)
