@@ -403,7 +403,7 @@ class _Flight:
     def landed(self, conn: Any) -> None:
         proxy, rec, reply = self.proxy, self.rec, self.reply
         error = conn.error
-        if error is not None:
+        if error is not None and not conn.complete:  # (bytes after a whole answer: it stands, as read() gives it)
             conn.abort()
             proxy.rt.activity.end(rec.id)
             if conn.status:
