@@ -162,7 +162,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
-    if not WORKER and config.cache is not None and _file_seconds:
+    if not WORKER and getattr(config, "cache", None) is not None and _file_seconds:
         config.cache.set(FILE_SECONDS, {**config.cache.get(FILE_SECONDS, {}),
                                         **{k: round(v, 1) for k, v in _file_seconds.items()}})
     if WORKER and hasattr(config, "workeroutput"):  # to the controller (pytest_testnodedown)
@@ -240,7 +240,7 @@ KNOWN_SECONDS: dict[str, float] = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not WORKER:
         return
-    past = {**KNOWN_SECONDS, **(config.cache.get(FILE_SECONDS, {}) if config.cache else {})}
+    past = {**KNOWN_SECONDS, **(config.cache.get(FILE_SECONDS, {}) if getattr(config, "cache", None) else {})}
     first: dict[str, int] = {}
     for i, item in enumerate(items):
         first.setdefault(item.nodeid.split("::")[0], i)
