@@ -112,7 +112,11 @@ local t = redis.call('time')
 local until_ = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 local n = 0
 for i = 2, #ARGV do
-  n = n + redis.call('zadd', KEYS[1], 'XX', 'CH', until_, ARGV[i])
+  -- counted by presence: ZADD's CH counts nothing when the new lease ends in the same millisecond
+  if redis.call('zscore', KEYS[1], ARGV[i]) then
+    n = n + 1
+    redis.call('zadd', KEYS[1], 'XX', until_, ARGV[i])
+  end
   redis.call('zadd', KEYS[2], 'XX', until_, ARGV[i])
 end
 return n

@@ -155,6 +155,18 @@ class _Dead:
         return gone
 
 
+async def test_a_renewal_counts_every_slot_still_held_even_in_the_millisecond_it_was_granted(store: Store) -> None:
+    # the count came from ZADD CH, which counts no change when the new lease ends where the old one
+    # did: a renewal in the millisecond of the grant said the slot was lost (seen on the cluster)
+    mid = f"adm-{uuid.uuid4().hex[:8]}"
+    assert (await store.creation_slot(mid, "m1", "a", False, 1, 1, 10))[0] == 1
+    for _ in range(50):
+        got = await asyncio.gather(*(store.renew_creation_slots(mid, ["m1"], 10) for _ in range(4)))
+        assert got == [1, 1, 1, 1], got
+    assert await store.renew_creation_slots(mid, ["gone"], 10) == 0
+    await store.release_creation_slots(mid, ["m1"], 1, 10)
+
+
 def test_arrival_rate_follows_a_burst_and_forgets_it_with_its_half_life() -> None:
     now = [0.0]
     r = ArrivalRate(half_life_seconds=10, clock=lambda: now[0])
