@@ -14,10 +14,6 @@ import redis
 from testing.harness import report
 from tests.conftest import project_containers
 
-# these tests add to the machine's seeds directory, which test_snapshots asserts on whole
-# (tests/conftest.py, machine_state_lock)
-LOCKS = {"seeds": "shared"}
-
 WS = "/app/workspace"
 # every entry with its type and link target, then every regular file's checksum: equal listings
 # mean equal trees

@@ -11,10 +11,6 @@ from tests.test_fork import WS
 from tests.test_snapshots import no_seed_left  # noqa: F401  (an autouse fixture)
 from toolserver_manager import Admin, Session, SnapshotInfo
 
-# these tests add to the machine's seeds directory, which test_snapshots asserts on whole
-# (tests/conftest.py, machine_state_lock)
-LOCKS = {"seeds": "shared"}
-
 
 def out(s: Session, command: str) -> str:
     r = s.execute_tool("shell_command_executor", {"command": command})

@@ -18,10 +18,6 @@ from tests.conftest import wait_for
 from tests.test_fork import WS, session, shell
 from tests.test_snapshots import SEEDS, no_seed_left, seeds  # noqa: F401  (an autouse fixture)
 
-# these tests add to the machine's seeds directory, which test_snapshots asserts on whole
-# (tests/conftest.py, machine_state_lock)
-LOCKS = {"seeds": "shared"}
-
 IMAGES = "/var/lib/toolserver-manager/workspaces"
 BIG = f"head -c 200M /dev/urandom > {WS}/big.bin && sha256sum {WS}/big.bin | cut -c1-64"
 

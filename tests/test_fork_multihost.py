@@ -16,10 +16,6 @@ from tests.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, NODE_IMAGE, wait_for
 from tests.test_fork import WS, shell
 from tests.test_snapshots import remove_seeds
 
-# these tests add to the machine's seeds directory, which test_snapshots asserts on whole
-# (tests/conftest.py, machine_state_lock)
-LOCKS = {"seeds": "shared"}
-
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 FILES = (f"cd {WS} && head -c 100M /dev/urandom > data.bin && echo text > t.txt && ln -s t.txt link && "
          "mkdir -p a/b/c && echo deep > a/b/c/d.txt && sha256sum data.bin t.txt a/b/c/d.txt && readlink link")

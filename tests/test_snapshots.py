@@ -19,10 +19,6 @@ import redis
 from tests.conftest import ADMIN_TOKEN, project_containers, wait_for
 from tests.test_fork import WS, shell
 
-# the seeds directory (snapshots, fork copies) is the machine's; these tests assert on all of it,
-# so no file that adds to it runs meanwhile (tests/conftest.py, machine_state_lock)
-LOCKS = {"seeds": "exclusive"}
-
 SEEDS = "/var/lib/toolserver-manager/workspaces/seeds"
 
 
