@@ -190,7 +190,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 # Seconds each test file takes, for the order of a run with workers: the longest files start
 # first, so that no long file starts last while the other workers idle. Measured by each run into
 # pytest's cache (FILE_SECONDS); these are for a tree the cache has not seen (a fresh clone), from
-# a quiet machine's full run with 3 workers (only their order matters); a file in neither counts as short.
+# a full run with 4 workers (only their order matters); a file in neither counts as short.
 FILE_SECONDS = "toolserver-manager/file-seconds"
 KNOWN_SECONDS: dict[str, float] = {
     "tests/test_kubernetes.py": 308,
