@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
 import threading
 import time
 from typing import Any
@@ -129,3 +130,94 @@ def test_a_full_workspace_still_forks(start_manager) -> None:
     assert r.status_code == 200, r.text
     (cid,) = r.json()["sessions"]
     assert shell(session(m.url, cid), f"sha256sum {WS}/fill | cut -c1-64") == digest
+
+
+POOL_SETUP = (f"cd {WS} && head -c 32M /dev/urandom > data.bin && printf 'hello\\n' > text.txt && "
+              "mkdir -p a/b && echo leaf > a/b/leaf.txt && ln -s text.txt link.txt && sync && echo ok")
+SUMS = f"cd {WS} && find . -type f -print0 | sort -z | xargs -0 sha256sum"
+
+
+def leftovers(session_id: str) -> list[str]:
+    """What of a session's workspace is left on the host: its image (whole, half cloned, device
+    link) and loop devices backed by any of them."""
+    files = glob.glob(f"{IMAGES}/tsm-session-{session_id}.img*")
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture_output=True,
+                           text=True, timeout=60).stdout
+    return files + [line for line in loops.splitlines() if f"tsm-session-{session_id}.img" in line]
+
+
+@pytest.mark.parametrize("when", ["claimed", "cloning"])
+def test_replica_killed_while_handing_copies_to_pool_nodes(start_manager, docker_client: docker.DockerClient,
+                                                           redis_client: redis.Redis, prefix: str,
+                                                           manager_id: str, when: str) -> None:
+    """A fork whose copies go to running pooled nodes, its replica killed -9 while they are being
+    handed over (claimed, or the clone of the source's image being made and mounted in them): a
+    second replica's checker leaves every claimed node a whole copy of the source's client or
+    removed with everything it held, and the pool refills with clean nodes."""
+    over: dict[str, Any] = {"checker": {"stuck_creation_seconds": 5, "interval_seconds": 0.5},
+                            "pool": {"size": 3, "max_size": 3, "max_age_seconds": 3600}}
+    pool_key = f"{prefix}:mgr:{manager_id}:pool"
+    m1 = start_manager("m1", **over)
+    src = httpx.Client(base_url=m1.url, timeout=120)
+    assert src.post("/get_cookie").status_code == 200
+    src_id = src.cookies["node_id"]
+    assert shell(src, POOL_SETUP).endswith("ok")
+    sums = shell(src, SUMS)
+    client = redis_client.hget(f"{prefix}:node:{src_id}", "client")
+    wait_for(lambda: redis_client.llen(pool_key) == 3, timeout=180, what="the pool filled")
+    pooled = {x.decode() for x in redis_client.lrange(pool_key, 0, -1)}
+    before = seeds(prefix)
+
+    def claimed() -> set[str]:
+        return {i for i in pooled if redis_client.hget(f"{prefix}:node:{i}", "role") == b"claiming"}
+
+    def cloning() -> set[str]:  # a pooled node's image has a clone beside it, not yet in its place
+        return {i for i in pooled if os.path.exists(f"{IMAGES}/tsm-session-{i}.img.part")}
+
+    t, out = fork_in_thread(m1.url, src_id, 3)
+    wait_for(claimed if when == "claimed" else cloning, timeout=60, interval=0.003,
+             what=f"the hand-off to pooled nodes ({when})")
+    m1.kill()
+    t.join()
+    assert "resp" not in out or out["resp"].status_code >= 500, out  # it died before answering
+    taken = {i for i in pooled if redis_client.hget(f"{prefix}:node:{i}", "role") != b"pooled"}
+    assert taken, "no pooled node was claimed"
+
+    m2 = start_manager("m2", **over)
+
+    def gone(i: str) -> bool:
+        return (not redis_client.exists(f"{prefix}:node:{i}") and i not in names(docker_client, manager_id)
+                and f"tsm-session-{i}" not in volumes(docker_client, manager_id) and not leftovers(i))
+
+    def whole(i: str) -> bool:  # a session of the source's client holding the source's files
+        rec = redis_client.hgetall(f"{prefix}:node:{i}")
+        return rec.get(b"role") == b"node" and rec.get(b"client") == client and \
+            shell(session(m2.url, i), SUMS) == sums
+
+    def members() -> set[str]:
+        return {x.decode() for x in redis_client.smembers(f"{prefix}:mgr:{manager_id}:nodes")}
+
+    def unsettled() -> list[Any]:  # what is still wrong (empty: all settled)
+        return ([(i, redis_client.hget(f"{prefix}:node:{i}", "role"), leftovers(i)) for i in taken
+                 if not (gone(i) or whole(i))]
+                + [("pool", redis_client.llen(pool_key))] * (redis_client.llen(pool_key) != 3)
+                + [m for m in members() if m.startswith("pending:")] + sorted(seeds(prefix) - before))
+
+    try:
+        wait_for(lambda: not unsettled(), timeout=120, interval=0.5,
+                 what="the claimed pooled nodes finished or removed")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {unsettled()}") from None
+    # the pool holds clean nodes again: none of them has a copy's files in its workspace
+    for i in (x.decode() for x in redis_client.lrange(pool_key, 0, -1)):
+        cid = redis_client.hget(f"{prefix}:node:{i}", "container_id").decode()
+        listing = docker_client.containers.get(cid).exec_run(["ls", "-A", WS]).output.decode()
+        assert not {"data.bin", "text.txt", "a", "link.txt"} & set(listing.split()), (i, listing)
+    # the client counts exactly the sessions it has
+    live = [i for i in members() if redis_client.hget(f"{prefix}:node:{i}", "client") == client
+            and redis_client.hget(f"{prefix}:node:{i}", "role") == b"node"]
+    assert int(redis_client.hget(f"{prefix}:client_count", client) or 0) == len(live), live
+    # the source was thawed and still works, its files whole
+    c = session(m2.url, src_id)
+    assert shell(c, f"echo after > {WS}/after.txt && cat {WS}/after.txt", timeout=30) == "after"
+    assert shell(c, f"rm {WS}/after.txt && " + SUMS) == sums

@@ -89,6 +89,13 @@ def destroy(path: str) -> None:
     # an image a fork's copy replaced (adopt) may still back a device until its node's mount goes
     for dev in devices_of_deleted(path):
         subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=60)
+    # and a copy being handed to it (adopt's clone, not yet in the image's place) whose replica died
+    # mid-way: nobody else would ever remove it
+    part = path + ".part"
+    for dev in ([device_of(part)] if os.path.exists(part) else []) + devices_of_deleted(part):
+        if dev:
+            subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=60)
+    with_unlink(part)
     with_unlink(path)
     with_unlink(link_path(path))
 
