@@ -205,6 +205,8 @@ def post_streamed(host, mode):
             break
         data += chunk
     s.close()
+    if b"\r\n\r\n" not in data:  # say what came back (once in a full run: nothing at all)
+        raise RuntimeError(f"post_streamed {host} {mode}: no whole answer, got {data[:300]!r}")
     return {"sent": hashlib.sha256(body).hexdigest(), "length": len(body),
             "got": json.loads(data.split(b"\r\n\r\n", 1)[1])}
 
