@@ -36,6 +36,7 @@ from shared.models import Event, EventKind
 log = logging.getLogger(__name__)
 
 SYNC_SECONDS = 2.0
+UNKNOWN_WAIT_SECONDS = 2.0  # how long a query from an address not known yet waits for a sync to find it
 # events after which a node may have a new address or policy
 _SYNC_ON = {EventKind.EGRESS_POLICY, EventKind.READY, EventKind.CREATED, EventKind.RESTARTED,
             EventKind.RESUMED, EventKind.ADOPTED, EventKind.RELEASED, EventKind.REMOVED}
@@ -80,6 +81,17 @@ class EgressAgent:
 
     # --- resolver callbacks ---------------------------------------------------------------
     def policy_of(self, ip: str) -> EgressPolicy | None:
+        return self.by_ip.get(ip)
+
+    async def policy_when_known(self, ip: str) -> EgressPolicy | None:
+        """The policy of an address not known yet, after a full sync now (None if it is still no node
+        of this host): a session created through another replica asked before this one's sync saw it,
+        and got REFUSED for its first names (seen in a full run)."""
+        self.full = True
+        self.poke.set()
+        deadline = time.monotonic() + UNKNOWN_WAIT_SECONDS
+        while ip not in self.by_ip and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         return self.by_ip.get(ip)
 
     async def learn(self, ip: str, name: str, addrs: list[tuple[str, int]]) -> None:
@@ -298,6 +310,7 @@ class EgressAgent:
 
     async def _bind(self) -> None:
         res = EgressResolver(policy_of=self.policy_of, learn=self.learn, refused=self.refused, resolved=self.resolved,
+                             unknown=self.policy_when_known,
                              upstream=upstreams_from(self.cfg.upstream_dns), min_ttl=self.cfg.min_ttl_seconds,
                              max_ttl=self.cfg.max_ttl_seconds)
         try:

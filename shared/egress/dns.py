@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PolicyOf = Callable[[str], EgressPolicy | None]
 Learn = Callable[[str, str, list[tuple[str, int]]], Awaitable[None]]
 Refused = Callable[[str, str, str], None]
+Unknown = Callable[[str], Awaitable[EgressPolicy | None]]
 UPSTREAM_TIMEOUT = 2.0
 
 
@@ -53,8 +54,9 @@ class EgressResolver:
 
     def __init__(self, *, policy_of: PolicyOf, learn: Learn, refused: Refused,
                  upstream: list[tuple[str, int]], min_ttl: int, max_ttl: int,
-                 resolved: Callable[[], None] = lambda: None) -> None:
+                 resolved: Callable[[], None] = lambda: None, unknown: Unknown | None = None) -> None:
         self.policy_of = policy_of
+        self.unknown = unknown  # a source not known yet: its policy once the host has looked (None: refused)
         self.resolved = resolved
         self.learn = learn
         self.refused = refused
@@ -115,7 +117,10 @@ class EgressResolver:
         reply = req.reply()
         name = str(req.q.qname).rstrip(".").lower()
         pol = self.policy_of(source)
-        if pol is None:  # not a node this host knows (yet): refuse, never guess
+        if pol is None and self.unknown is not None:
+            # a node made by another replica can ask before this host has heard of it: look first
+            pol = await self.unknown(source)
+        if pol is None:  # not a node this host knows: refuse, never guess
             reply.header.rcode = RCODE.REFUSED
             return bytes(reply.pack())
         allowed, rule = name_allowed(pol, name)
