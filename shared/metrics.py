@@ -204,12 +204,7 @@ class Deferred:
         pending = self._pending
         pending[metric] = pending.get(metric, 0) + amount
         if not self._armed:
-            try:
-                asyncio.get_running_loop().call_later(self.delay, self.flush)
-            except RuntimeError:  # no event loop (a unit test): applied at once
-                self.flush()
-                return
-            self._armed = True
+            self._arm()
 
     def observe(self, histogram: Histogram, amount: float) -> None:
         """histogram.observe(amount) (a labelled child), soon: its bucket found by bisection and

@@ -548,16 +548,9 @@ class UpstreamPool:
             conn.timer = conn.loop.call_later(read_timeout, conn._timed_out)
 
     async def _get(self, key: tuple[str, int], connect_timeout: float) -> tuple[_Conn, bool]:
-        idle = self._idle.get(key)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_SECONDS and conn.transport is not None \
-                    and not conn.transport.is_closing():
-                conn.set_in_use(True)
-                conn._reset()
-                return conn, True
-            conn.abort()
+        kept = self.idle(key)
+        if kept is not None:
+            return kept, True
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, key), key[0], key[1]),
