@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
+import redis.asyncio as aioredis
 
-from shared.errors import QuotaExceeded
+from shared.errors import QuotaExceeded, RedisUnavailable
+from shared.keys import Keys
 from shared.models import NodeRecord, Snapshot
 from shared.store import Store
+from testing.harness import PrivateRedis
+from tests.conftest import REDIS_URL
 
 
 async def test_total_quota_counts_every_manager_id(store: Store) -> None:
@@ -128,3 +133,48 @@ async def test_a_snapshot_recorded_before_names_were_per_client_is_still_its_cli
     assert await store.snapshots.delete("alice", "legacy")
     assert await store.snapshots.all() == [] and await store.snapshots.usage("m1", "alice") == (0, 0)
 
+
+
+async def test_a_thousand_concurrent_lookups_share_few_connections_and_each_gets_its_own_record(
+        prefix: str) -> None:
+    # one connection taken per lookup made the tail of a burst wait past the pool's timeout (503
+    # where 403 was due, tests/test_store_load.py); joined, a burst takes one per pipeline
+    r = aioredis.BlockingConnectionPool.from_url(REDIS_URL, max_connections=2, timeout=2)
+    taken = [0]
+    get_connection = r.get_connection
+
+    async def counted(*a: Any, **kw: Any) -> Any:
+        taken[0] += 1
+        return await get_connection(*a, **kw)
+
+    r.get_connection = counted  # type: ignore[method-assign]
+    client = aioredis.Redis(connection_pool=r)
+    store = Store(client, Keys(prefix))
+    try:
+        ids = [f"n{i:04d}" for i in range(500)]
+        for nid in ids:
+            await store.put_node(NodeRecord(id=nid, manager_id=f"m{nid}", role="node"))
+        asked = ids + [f"absent{i}" for i in range(400)] + ids[:100]  # repeats, and unknown ones
+        # a caller that leaves (a client that hung up) costs the others nothing
+        left = asyncio.ensure_future(store.get_node(ids[0]))
+        got = asyncio.gather(*(store.get_node(nid) for nid in asked))
+        left.cancel()
+        taken[0] = 0
+        recs = await got
+        assert taken[0] <= 3, f"{taken[0]} connections taken for {len(asked)} lookups"
+        assert [rec.manager_id if rec else None for rec in recs] == [
+            f"m{nid}" if not nid.startswith("absent") else None for nid in asked]
+        assert len(r._in_use_connections) == 0 and len(r._available_connections) <= 2
+    finally:
+        await client.aclose()
+
+
+async def test_every_lookup_of_a_batch_hears_that_redis_is_down(private_redis: PrivateRedis) -> None:
+    client = aioredis.Redis.from_url(private_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    store = Store(client, Keys("down"))
+    private_redis.kill()
+    try:
+        got = await asyncio.gather(*(store.get_node(f"x{i}") for i in range(20)), return_exceptions=True)
+        assert all(isinstance(g, RedisUnavailable) for g in got), got
+    finally:
+        await client.aclose()

@@ -14,6 +14,7 @@ from shared.keys import is_reservation
 from shared.models import NodeRecord
 from shared.nodesecret import NodeSecrets
 from shared.store.base import Op, Part, Script, client_count_ops, redis_errors, text
+from shared.store.batch import BatchedHgetall
 
 # KEYS[1] node hash; ARGV: field, value, field, value...
 # Only update a record that still exists: a late write must not resurrect a released node.
@@ -56,6 +57,7 @@ class NodeRecords(Part):
     secrets: NodeSecrets  # a derived secret is never written
     _hset_if_exists = Script(HSET_IF_EXISTS)
     _read_nodes = Script(READ_NODES)
+    _hgetall: BatchedHgetall | None = None
     _read_stamps = Script(READ_STAMPS)
 
     async def put_node(self, rec: NodeRecord, replace_member: str | None = None) -> None:
@@ -72,8 +74,10 @@ class NodeRecords(Part):
             await self.apply(ops)
 
     async def get_node(self, node_id: str) -> NodeRecord | None:
-        with redis_errors():
-            data = await self.redis.hgetall(self.keys.node(node_id))
+        """A record, or None; concurrent lookups share a pipeline (shared/store/batch.py says why)."""
+        if self._hgetall is None:
+            self._hgetall = BatchedHgetall(self.redis, redis_errors)
+        data = await self._hgetall(self.keys.node(node_id))
         if not data or b"manager_id" not in data:
             return None
         try:
