@@ -28,6 +28,7 @@ from collections.abc import Callable
 from shared import netns
 from shared.egress import sniff
 from shared.egress.bodies import BodyStream, Replacer, as_chunked, is_chunked
+from shared.egress.pump import pump
 from shared.egress.secrets import MAX_BODY, CertMint, Secret, body_length, substitute_body, with_length, without_expect
 from shared.egress.secrets import substitute as secrets_substitute
 
@@ -229,25 +230,30 @@ class EgressProxy:
             ctx = self.upstream_tls or ssl.create_default_context()
             up = ctx.wrap_socket(socket.create_connection((dst, port), READ_TIMEOUT), server_hostname=host)
             up.sendall(head)
-            inner.settimeout(None)
-            up.settimeout(None)
-            answer = threading.Thread(target=_copy, args=(up, inner), daemon=True)
-            answer.start()  # a server may answer before the body's end
-            if stream is not None:
-                while not stream.done:
-                    chunk = inner.recv(CHUNK)
-                    if not chunk:
-                        break
-                    out = stream.feed(chunk)
-                    if out:
-                        up.sendall(out)
-                if stream.rest:
-                    up.sendall(stream.rest)
-                used, unbound = used + stream.r.used, unbound + stream.r.unbound
-                if self.secret_use is not None and (used or unbound):
-                    self.secret_use(node, host, used, unbound)
-            _copy(inner, up)
-            answer.join()
+            reported = stream is None
+
+            def report() -> None:
+                nonlocal reported
+                assert stream is not None
+                reported = True
+                if self.secret_use is not None and (used or stream.r.used or unbound or stream.r.unbound):
+                    self.secret_use(node, host, used + stream.r.used, unbound + stream.r.unbound)
+
+            def upward(chunk: bytes) -> bytes:
+                """The node's bytes on their way up: the body through its replacer, then as they are."""
+                if stream is None or stream.done:
+                    return chunk
+                out = stream.feed(chunk)
+                if stream.done:
+                    out, stream.rest = out + stream.rest, b""
+                    report()
+                return out
+
+            # one thread for both directions: a server may answer before the body's end, and an
+            # SSL object must never be read and written from two threads at once (pump.py)
+            pump(inner, up, cut, upward if stream is not None else None)
+            if not reported:
+                report()
         except (OSError, ssl.SSLError, ValueError) as exc:
             if not cut.is_set():
                 log.info("egress_proxy_tls_failed node=%s host=%s error=%r", node, host, exc)
@@ -272,23 +278,6 @@ def _listening(host: str, port: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
-
-
-def _copy(src: socket.socket, dst: socket.socket) -> None:
-    """Bytes from src to dst until src ends (TLS on either side: no splice there)."""
-    try:
-        while True:
-            data = src.recv(CHUNK)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        if isinstance(dst, ssl.SSLSocket):
-            dst.unwrap()
-        else:
-            dst.shutdown(socket.SHUT_WR)
 
 
 async def _peek(conn: socket.socket, seen: int) -> bytes:
