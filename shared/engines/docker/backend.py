@@ -92,6 +92,7 @@ class DockerBackend(NodeBackend):
         self.advertise_host = n.advertise_host
         self._creation_kwargs = d.creation_kwargs
         self._device_requests = d.device_requests
+        self._image_healthcheck = d.image_healthcheck
         self._read_only_root = n.read_only_root or n.disk.read_only_root
         self.workspace_path = n.workspace_path
         # None: nodes on the engine's default bridge with a published port, as before isolation
@@ -506,6 +507,8 @@ class DockerBackend(NodeBackend):
         kwargs = {k: v for k, v in creation_kwargs.items() if k not in DROP_KWARGS}
         if node.role == Role.POOLED:  # boots in the background: foreground() gives its weight back
             kwargs["cpu_shares"] = BACKGROUND_CPU_SHARES
+        if not self._image_healthcheck:  # the engine's exec every interval: see engine.docker.image_healthcheck
+            kwargs.setdefault("healthcheck", {"test": ["NONE"]})
         disk = self.disk
         if self._read_only_root:
             kwargs["read_only"] = True
