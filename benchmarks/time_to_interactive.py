@@ -2,9 +2,12 @@
 (XAgent's ToolServer client) feels it, through one manager replica on loopback.
 
 One iteration is what XAgent's client does first: ``POST /get_cookie``, then ``POST /execute_tool``
-with the session's cookie (``{"tool_name": ..., "arguments": {}}``). The clock runs from sending
-the first to receiving the second's answer (HTTP 200); the session is released afterwards, in the
-background and untimed, so a release never delays the next iteration.
+with the session's cookie (``{"tool_name": ..., "arguments": {}}``), both on one new keep-alive
+connection. The clock runs from opening it to receiving the second's answer (HTTP 200); the
+session is released afterwards, in the background and untimed, so a release never delays the next
+iteration. The timed requests go through a raw asyncio client (benchmarks/rawhttp.py, about
+0.15 ms of CPU a request where httpx took 1 ms and more in a burst), so what is measured is the
+manager and its nodes, not this process sharing their cores.
 
 Arrival patterns (the ComputeSDK method), N iterations each:
 
