@@ -26,7 +26,7 @@ from manager.edge import errors_http, protocol
 from manager.edge.client_auth import ClientKeys, deny
 from manager.edge.responses import REPLICA_HEADER, json_response
 from manager.proxy.forwarding import CONSOLE_COOKIE, HeaderRules
-from manager.proxy.http_proxy import Reply
+from manager.proxy.http_proxy import RawEdge, Reply
 from manager.session.resolve import node_cookie
 from shared.config import Config
 
@@ -123,6 +123,17 @@ class ManagerApp:
         """A request direct() took, its body all here, sent to its node with no task (the proxy's
         start: everything it needs cached); False: the edge runs the direct handler instead."""
         return self.state.proxy.start(scope, self._cookie_id(scope["headers"]), reply)  # type: ignore[no-any-return]
+
+    def raw(self, edge: RawEdge, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]],
+            body: bytes) -> bool:
+        """A request the edge parsed itself (a proxied route and method, no query string, a plain
+        head, its whole body here: manager/edge/protocol.py), sent to its node as fast() sends one;
+        False, with nothing done: the edge parses it as any other. Called only on the proxy's port."""
+        methods = self.proxied.get(path)
+        if methods is None or method not in methods or self.client_keys:
+            return False
+        return self.state.proxy.start_raw(method, target, path, headers, body,  # type: ignore[no-any-return]
+                                          self._cookie_id(headers), edge)
 
     def _cookie_id(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """_node_cookie, remembered by the first Cookie header's bytes: a keep-alive client sends

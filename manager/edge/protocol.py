@@ -23,6 +23,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+import httptools
 import msgspec
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -33,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from manager.edge.responses import REPLICA_HEADER
+from nodeops.forward import VIA_HEADER
 
 ABORT_EXTENSION = "tsm.abort"  # in a WebSocket's scope: {"abort": drop the client's connection now}
 # in an HTTP request's scope: {"cork": hold the response head back until the body's first write}
@@ -40,6 +42,10 @@ CORK_EXTENSION = "tsm.cork"
 _replica = b""  # "x-tsm-replica: <id>\r\n" once the app knows its replica id (each worker its own)
 _replica_pair = (REPLICA_HEADER.encode(), b"")
 BODY_IN_WHOLE = 65536  # a proxied request's body up to this (uvicorn's read buffer) is waited for whole
+_RAW_METHODS = {b"GET": "GET", b"POST": "POST"}  # what the raw path takes (HEAD: the cycle's way)
+# headers that change what the edge does with a request (framing, 100-continue, an upgrade, a hop
+# through another replica): such a request goes httptools' way
+_RAW_NOT = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", VIA_HEADER.encode()})
 
 
 def set_replica(replica_id: str) -> None:
@@ -236,6 +242,34 @@ class _Direct:
         self._start(self._cycle, app)
 
 
+class _RawParse:
+    """The raw path's own parser of a whole request, with the callbacks uvicorn's makes (names
+    lowered, values without trailing blanks), and no scope."""
+
+    __slots__ = ("begun", "body", "ended", "headers", "parser", "url")
+
+    def __init__(self) -> None:
+        self.begun = self.ended = 0
+        self.url = self.body = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.parser = httptools.HttpRequestParser(self)
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.ended += 1
+
+
 class EdgeHttpProtocol(HttpToolsProtocol):
     """One client connection; the head limit is uvicorn's h11_max_incomplete_event_size."""
 
@@ -256,6 +290,19 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._address: str | None = None
         self._cork: _Cork | None = None
         self._waiting: tuple[RequestResponseCycle, Any, _Direct] | None = None  # for its whole body
+        # the raw path (_raw): the app that takes requests parsed here, the request in flight (method,
+        # target, path, headers, body), bytes that came meanwhile, and what its answers need
+        self._raw_app: Any = None
+        self._rp: _RawParse | None = None
+        self._raw_req: tuple[str, bytes, str, list[tuple[bytes, bytes]], bytes] | None = None
+        self._held = b""
+        self._held_paused = False
+        self._clean = True  # no request partly parsed by httptools
+        self._raw_seen = 0.0  # when the last raw answer went out (the keep-alive check's idle time)
+        self._ka_mine = False  # the keep-alive timer is _raw_keepalive, not uvicorn's
+        self._raw_close = False  # shutting down: close once the request in flight is answered
+        self._dh_of: Any = None
+        self._dh = b""  # server_state.default_headers (the date) as head lines
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -275,6 +322,10 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._address = address
             lim.by_address[address] += 1
         self._arm()
+        app = self.app
+        if getattr(app, "raw", None) is not None and not self.root_path and self.limit_concurrency is None \
+                and not (self.server and self.server[1] == app.console_port):
+            self._raw_app = app
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -310,6 +361,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             ws.connection_lost = connection_lost  # type: ignore[method-assign]
 
     def data_received(self, data: bytes) -> None:
+        if self._raw_req is not None or self._held:
+            self._hold(data)  # after the request in flight is answered
+            return
+        if self._raw_app is not None and self._in_head and self._clean and self._waiting is None \
+                and not self.pipeline and (self.cycle is None or self.cycle.response_complete) \
+                and not self.flow.write_paused and self._raw(data):
+            return
         self._read(data)
         waiting = self._waiting
         if waiting is not None and waiting[0].more_body:
@@ -318,6 +376,167 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._waiting = None
             if not waiting[0].disconnected:
                 waiting[2].retry()
+
+    def _raw(self, data: bytes) -> bool:
+        """The raw path: a read that is exactly one whole request (GET or POST, HTTP/1.1, no query,
+        escape, framing of its own, 100-continue or upgrade), on a connection with nothing else under
+        way, is parsed by a parser of its own (httptools too, so read exactly as the cycle's would)
+        and sent to its node by the app (ManagerApp.raw) with no scope, cycle or timer; answered by
+        raw_answer, or through the cycle raw_reply makes when the answer needs one. False, with
+        nothing done: the request goes httptools' way as before."""
+        if len(data) > self._head_limit:
+            return False  # (the cycle's way counts its head and refuses one too large)
+        rp = self._rp
+        if rp is None:
+            rp = self._rp = _RawParse()
+        rp.begun = rp.ended = 0
+        rp.url = rp.body = b""
+        headers = rp.headers = []
+        parser = rp.parser
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._rp = None  # (its state is the failure's: a new one next time)
+            return False
+        if rp.begun != 1 or rp.ended != 1:
+            if rp.begun != rp.ended:
+                self._rp = None  # stopped within a request
+            return False
+        method = _RAW_METHODS.get(parser.get_method())
+        target = rp.url
+        if method is None or parser.get_http_version() != "1.1" or not parser.should_keep_alive() \
+                or target[:1] != b"/" or target[:2] == b"//" or b"?" in target or b"%" in target or b"#" in target:
+            return False
+        for k, _ in headers:
+            if k in _RAW_NOT:
+                return False
+        body = rp.body
+        if len(body) > BODY_IN_WHOLE:
+            return False
+        try:
+            path = target.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+        self._raw_req = (method, target, path, headers, body)
+        if not self._raw_app.raw(self, method, target, path, headers, body):
+            self._raw_req = None
+            return False
+        if self._head_timer is not None:
+            self._disarm()
+        if self.timeout_keep_alive_task is not None and not self._ka_mine:
+            self._unset_keepalive_if_required()  # uvicorn's would close the connection under the request
+        return True
+
+    def raw_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """The raw request's whole answer in one write, as _Direct.send_now writes it; False, with
+        nothing done, when it needs the cycle's way (a client not reading, a header uvicorn refuses)."""
+        transport = self.transport
+        if self._raw_req is None:
+            return False
+        if transport.is_closing():
+            self._raw_done()  # the client left: nobody to answer
+            return True
+        if self.flow.write_paused or HEADER_RE.search(b"".join([k for k, _ in headers])) or \
+                HEADER_VALUE_RE.search(b"".join([v for _, v in headers])):
+            return False
+        dh = self.server_state.default_headers
+        if dh is not self._dh_of:  # a new list each second (the date)
+            self._dh_of, self._dh = dh, b"".join([k + b": " + v + b"\r\n" for k, v in dh])
+        out = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status, self._dh]
+        for k, v in headers:
+            out += (k, b": ", v, b"\r\n")
+        out.append(_replica)
+        if self._raw_close:
+            out.append(b"connection: close\r\n")
+        out += (b"\r\n", body)
+        transport.write(b"".join(out))
+        self._raw_done()
+        return True
+
+    def _raw_done(self) -> None:
+        self._raw_req = None
+        self.server_state.total_requests += 1
+        if self._raw_close:
+            self.transport.close()
+            return
+        self._raw_seen = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            # one timer per connection, not one per request: re-armed for what is left when it fires
+            self._ka_mine = True
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._raw_keepalive)
+        if self._held:
+            self.loop.call_soon(self._release_held)
+
+    def _raw_keepalive(self) -> None:
+        self.timeout_keep_alive_task = None
+        self._ka_mine = False
+        if self.transport.is_closing():
+            return
+        idle = 0.0 if self._raw_req is not None else self.loop.time() - self._raw_seen
+        if idle < self.timeout_keep_alive:
+            self._ka_mine = True
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive - idle, self._raw_keepalive)
+            return
+        self.timeout_keep_alive_handler()
+
+    def _hold(self, data: bytes) -> None:
+        self._held += data
+        if len(self._held) > BODY_IN_WHOLE and not self._held_paused:
+            self._held_paused = True
+            self.transport.pause_reading()
+
+    def _release_held(self) -> None:
+        """What came while a raw request was in flight, read now in order (the next request)."""
+        data, self._held = self._held, b""
+        if self._held_paused:
+            self._held_paused = False
+            self.transport.resume_reading()
+        if data and not self.transport.is_closing():
+            self.data_received(data)
+
+    def raw_reply(self) -> _Direct:
+        """The raw request's cycle, made as uvicorn makes it, and the direct reply through it: for an
+        answer the raw path does not write (streamed, failed, retried, to a client not reading)."""
+        assert self._raw_req is not None
+        method, target, path, headers, _ = self._raw_req
+        self._raw_req = None
+        scope: Any = {
+            "type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"}, "http_version": "1.1",
+            "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
+            "headers": headers, "state": self.app_state.copy(), "method": method, "path": path,
+            "raw_path": target, "query_string": b""}
+        cork = self._cork
+        if cork is not None:
+            scope["extensions"] = {CORK_EXTENSION: {"cork": cork.cork}}
+        self.scope, self.headers = scope, headers
+        cycle = RequestResponseCycle(
+            scope=scope, transport=cork or self.transport, flow=self.flow, logger=self.logger,  # type: ignore[arg-type]
+            access_logger=self.access_logger, access_log=self.access_log,
+            default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
+            expect_100_continue=False, keep_alive=not self._raw_close, on_response=self.on_response_complete)
+        cycle.more_body = False  # its body went to the node with its head
+        if self.transport.is_closing():
+            cycle.disconnected = True
+        self.cycle = cycle
+        reply = _Direct(cycle, super()._start_asgi_task, self._raw_app.direct(scope))
+        # what came meanwhile is parsed now, queued behind this cycle as any pipelined request
+        data, self._held = self._held, b""
+        if self._held_paused:
+            self._held_paused = False
+            self.transport.resume_reading()
+        if data and not self.transport.is_closing():
+            self._read(data)
+        return reply
+
+    def shutdown(self) -> None:
+        if self._raw_req is not None:
+            self._raw_close = True  # answered first, then closed
+            return
+        super().shutdown()
+
+    def on_message_begin(self) -> None:
+        self._clean = False
+        super().on_message_begin()
 
     def _read(self, data: bytes) -> None:
         if self._refused:
@@ -417,6 +636,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             reply.retry()
 
     def on_message_complete(self) -> None:
+        self._clean = True
         if self._bad_upgrade:
             return
         self._disarm_body()
@@ -430,6 +650,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if self._cork is not None:
             self._cork.flush()  # a response without a body write (HEAD) sends its head now
         super().on_response_complete()
+        self._ka_mine = False  # (uvicorn's timer, if it armed one)
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)

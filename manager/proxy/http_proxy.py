@@ -189,6 +189,24 @@ class Proxy:
         forward() does when everything it needs is cached (the session's record, running, its
         confirmed address, an idle connection to it), then answered by callbacks (_Flight). False,
         with nothing done, when anything is not: forward() takes it then."""
+        target = scope.get("raw_path") or scope["path"].encode()
+        qs = scope.get("query_string")
+        if qs:
+            target += b"?" + qs
+        return self._launch(scope["method"], target, scope["path"], scope["headers"], node_id, scope, reply, None, b"")
+
+    def start_raw(self, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                  node_id: str | None, edge: RawEdge) -> bool:
+        """start() for a request the edge parsed itself (manager/edge/protocol.py, the raw path): no
+        scope and no cycle unless its answer needs one (_RawFlight); False, with nothing done, when
+        start() would refuse it, or the manager checks client keys (their checks want a scope)."""
+        if self.client_keys:
+            return False
+        return self._launch(method, target, path, headers, node_id, None, None, edge, body)
+
+    def _launch(self, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]],
+                node_id: str | None, scope: Scope | None, reply: Reply | None, edge: RawEdge | None,
+                body: bytes) -> bool:
         rt = self.rt
         if node_id is None:
             return False
@@ -197,7 +215,7 @@ class Proxy:
             return False
         if self.client_keys:
             try:
-                self.client_keys.check_bound(rec.client, scope, rec.id)
+                self.client_keys.check_bound(rec.client, scope, rec.id)  # type: ignore[arg-type]
             except ManagerError:
                 return False
         route = self._routes.get(rec.id)
@@ -208,11 +226,9 @@ class Proxy:
         key = route[2]
         if rt.circuits.is_open(key[0]):
             return False
-        target = scope.get("raw_path") or scope["path"].encode()
-        qs = scope.get("query_string")
-        lines = [scope["method"].encode(), b" ", target, b"?" if qs else b"", qs or b"", route[3]]
+        lines = [method.encode(), b" ", target, route[3]]
         kept = []
-        for k, v in scope["headers"]:
+        for k, v in headers:
             if k in HOP_BY_HOP:
                 if k == b"transfer-encoding" or (k == b"connection" and v.strip().lower() not in _PLAIN):
                     return False  # re-framed, or naming headers to drop: forward()'s way
@@ -225,10 +241,13 @@ class Proxy:
         conn = self.pool.idle(key)
         if conn is None:
             return False
-        body = reply.whole_body() or b""
+        flight: _Flight
+        if reply is not None:
+            body = reply.whole_body() or b""
+            flight = _Flight(self, reply, rec, key, path, bool(body))
+        else:
+            flight = _RawFlight(self, edge, rec, key, path, bool(body))  # type: ignore[arg-type]
         lines += (b"\r\n", body)
-        path = scope["path"]
-        flight = _Flight(self, reply, scope, rec, key, path, bool(body))
         rt.activity.begin(rec.id, rec.manager_id)  # ended when the flight lands or hands off
         if body:
             metrics.DEFERRED.inc(metrics.PROXY_BYTES_IN, len(body))
@@ -363,18 +382,20 @@ class _Flight:
     A small answer of known length goes out by the edge's reply once whole, as reply_small sends
     it; any other is handed to a task as forward()'s NodeAnswer; a failure answered as forward()'s."""
 
-    __slots__ = ("has_body", "key", "path", "proxy", "rec", "reply", "scope", "t0")
+    __slots__ = ("has_body", "key", "path", "proxy", "rec", "reply", "t0")
 
-    def __init__(self, proxy: Proxy, reply: Reply, scope: Scope, rec: NodeRecord, key: tuple[str, int],
+    def __init__(self, proxy: Proxy, reply: Reply | None, rec: NodeRecord, key: tuple[str, int],
                  path: str, has_body: bool) -> None:
         self.proxy = proxy
         self.reply = reply
-        self.scope = scope
         self.rec = rec
         self.key = key
         self.path = path
         self.has_body = has_body
         self.t0 = time.perf_counter()
+
+    def _reply(self) -> Reply:
+        return self.reply  # type: ignore[return-value]
 
     def head(self, conn: Any) -> None:
         length: int | None = 0
@@ -392,7 +413,7 @@ class _Flight:
         proxy = self.proxy
         proxy._observe(self.path, self.t0, up.status_code)
         answer = NodeAnswer(up, proxy.rt, self.rec.id, proxy.rules)
-        reply = self.reply
+        reply = self._reply()
 
         async def stream(scope: Scope, receive: Receive, send: Send) -> None:
             if not await answer.reply_small(scope, reply):
@@ -401,11 +422,12 @@ class _Flight:
         reply.hand_off(stream)
 
     def landed(self, conn: Any) -> None:
-        proxy, rec, reply = self.proxy, self.rec, self.reply
+        proxy, rec = self.proxy, self.rec
         error = conn.error
         if error is not None and not conn.complete:  # (bytes after a whole answer: it stands, as read() gives it)
             conn.abort()
             proxy.rt.activity.end(rec.id)
+            reply = self._reply()
             if conn.status:
                 # the node dropped the connection mid-body: cut short, as reply_small's
                 proxy._observe(self.path, self.t0, conn.status)
@@ -432,7 +454,11 @@ class _Flight:
         proxy._observe(self.path, self.t0, status)
         if body:
             metrics.DEFERRED.inc(metrics.PROXY_BYTES_OUT, len(body))
-        raw = proxy.rules.from_node(headers, HOP_BY_HOP)
+        self._deliver(status, proxy.rules.from_node(headers, HOP_BY_HOP), body)
+
+    def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The node's whole small answer to the client."""
+        reply = self._reply()
         if not reply.write_paused:
             try:
                 reply.send_now(status, raw, body)
@@ -445,6 +471,38 @@ class _Flight:
             await reply(status, raw, body)  # after the client has read what it was sent before
 
         reply.hand_off(later)
+
+
+class RawEdge(Protocol):
+    """The edge's side of a request it parsed itself (manager/edge/protocol.py EdgeHttpProtocol)."""
+
+    def raw_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool: ...
+
+    def raw_reply(self) -> Reply: ...
+
+
+class _RawFlight(_Flight):
+    """A request of the edge's raw path: a small whole answer is written by the edge itself
+    (raw_answer: no scope, cycle or ASGI message); for anything else (a streamed answer, a failure,
+    a retry, a client not reading, a header uvicorn would refuse) the edge makes the request's
+    uvicorn cycle then (raw_reply) and it goes on as start()'s."""
+
+    __slots__ = ("edge",)
+
+    def __init__(self, proxy: Proxy, edge: RawEdge, rec: NodeRecord, key: tuple[str, int], path: str,
+                 has_body: bool) -> None:
+        super().__init__(proxy, None, rec, key, path, has_body)
+        self.edge = edge
+
+    def _reply(self) -> Reply:
+        if self.reply is None:
+            self.reply = self.edge.raw_reply()
+        return self.reply
+
+    def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes) -> None:
+        if self.reply is None and self.edge.raw_answer(status, raw, body):
+            return
+        super()._deliver(status, raw, body)
 
 
 def _error_app(err: ManagerError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:

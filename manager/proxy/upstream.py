@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import socket
 import time
 import weakref
@@ -127,7 +128,10 @@ class _Conn(asyncio.Protocol):
         # the callback path's request in flight (UpstreamPool.send): told when the response is
         # whole or failed, instead of a task waiting on futures
         self.flight: Flight | None = None
+        # the flight's read timeout: one timer per connection, not one per request; it is left armed
+        # across requests and, when it fires, re-armed for the deadline of the flight then in the air
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
         self.timeout: float | None = None
         self.body_seen = False
         self._reset()
@@ -142,7 +146,11 @@ class _Conn(asyncio.Protocol):
         self.in_head = True
         self.head_bytes = 0
         self.tail = b""
-        self.head_done: asyncio.Future[None] = self.loop.create_future()
+        # the final response's head: parsed (head_ok) or failed (head_exc); a future for a task to
+        # wait on (head_done) only when one asks: the callback path needs none
+        self.head_ok = False
+        self.head_exc: BaseException | None = None
+        self._head_fut: asyncio.Future[None] | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.interim = False
@@ -153,6 +161,22 @@ class _Conn(asyncio.Protocol):
         self.paused_reading = False
         self.got_bytes = False
         self.keep_alive = False
+
+    @property
+    def head_done(self) -> asyncio.Future[None]:
+        """Done once the final response's head is in (or the exchange failed before it)."""
+        fut = self._head_fut
+        if fut is None:
+            fut = self._head_fut = self.loop.create_future()
+            if self.head_ok:
+                fut.set_result(None)
+            elif self.head_exc is not None:
+                fut.set_exception(self.head_exc)
+                fut.exception()  # retrieved here; the caller re-raises it
+        return fut
+
+    def _head_over(self) -> bool:
+        return self.head_ok or self.head_exc is not None
 
     # --- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -197,17 +221,19 @@ class _Conn(asyncio.Protocol):
                 # told after the parser is done with this read: bytes after the response's end
                 # (above) have dropped the connection before it could go back to the pool
                 self._land()
-            elif self.body_seen and self.timer is not None:
+            elif self.body_seen and self.timeout is not None:
                 # the read timeout runs between reads of the body, as next_chunk's does
                 self.body_seen = False
-                self.timer.cancel()
-                self.timer = self.loop.call_later(self.timeout, self._timed_out)  # type: ignore[arg-type]
+                self.deadline = self.loop.time() + self.timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()  # (a failure in flight lands below)
+            self.timer = None
         metrics.UPSTREAM_OPEN.dec()
         if self.in_use and not self.complete:
-            if self.head_done.done() and self.error is None and not self._framed():
+            if self.head_ok and self.error is None and not self._framed():
                 self.complete = True  # a close-delimited body ends with the connection
                 self._wake()
             elif host_unreachable_error(exc):
@@ -229,7 +255,7 @@ class _Conn(asyncio.Protocol):
 
     # --- httptools callbacks ------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.complete or (self.head_done.done() and not self.interim):
+        if self.complete or (self._head_over() and not self.interim):
             raise _Stray
         self.headers = []
         self.in_head = True
@@ -250,13 +276,15 @@ class _Conn(asyncio.Protocol):
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 100 Continue, 103 Early Hints: not the answer, wait for it
             return
-        if self.head_done.done():
+        if self._head_over():
             # a second final response to one request: the node is out of step with us
             self._fail(UpstreamError("node sent more than one response"))
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful before the body
-        self.head_done.set_result(None)
+        self.head_ok = True
+        if self._head_fut is not None:
+            self._head_fut.set_result(None)
         self.can_write.set()  # a writer blocked on flow control must notice the early answer
         if self.flight is not None:
             self.flight.head(self)  # an answer to stream is handed to a task here
@@ -287,9 +315,11 @@ class _Conn(asyncio.Protocol):
             self.error = exc
         if self.flight is not None:
             self.loop.call_soon(self._land)  # not from inside the parser's or the transport's callback
-        if not self.head_done.done():
-            self.head_done.set_exception(exc)
-            self.head_done.exception()  # retrieved here; the caller re-raises it
+        if not self._head_over():
+            self.head_exc = exc
+            if self._head_fut is not None:
+                self._head_fut.set_exception(exc)
+                self._head_fut.exception()  # retrieved here; the caller re-raises it
         self._wake()
         self.can_write.set()
         if self.transport is not None:
@@ -299,22 +329,22 @@ class _Conn(asyncio.Protocol):
     def _land(self) -> None:
         """The callback path's request is over (a whole response, or a failure): tell its flight."""
         flight, self.flight = self.flight, None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if flight is not None:
             flight.landed(self)
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.flight is None or self.closed:
+            return  # no flight in the air (its timer is left armed; the next one re-arms it)
+        if self.deadline - self.loop.time() > 0:
+            if self.deadline != math.inf:  # (a flight without a read timeout)
+                self.timer = self.loop.call_at(self.deadline, self._timed_out)
+            return
         self._fail(UpstreamTimeout("node response timed out"))
 
     def hand_off(self) -> None:
         """The flight's answer goes on through a Response (streamed by a task): no more callbacks."""
         self.flight = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def set_in_use(self, flag: bool) -> None:
         if flag != self.in_use:
@@ -544,8 +574,12 @@ class UpstreamPool:
             conn._fail(exc)
             return
         conn.request_sent = True
-        if read_timeout is not None:
-            conn.timer = conn.loop.call_later(read_timeout, conn._timed_out)
+        if read_timeout is None:
+            conn.deadline = math.inf
+        else:
+            conn.deadline = conn.loop.time() + read_timeout
+            if conn.timer is None:
+                conn.timer = conn.loop.call_at(conn.deadline, conn._timed_out)
 
     async def _get(self, key: tuple[str, int], connect_timeout: float) -> tuple[_Conn, bool]:
         kept = self.idle(key)
