@@ -103,9 +103,9 @@ class Node:
                 body = await reader.readexactly(length)
                 self.seen.append(head + body)
                 path = head.split(b" ", 2)[1]
-                if path == b"/slow":
+                if path in (b"/slow", b"/slowbig"):
                     await self.gate.wait()
-                data = BIG if path == b"/big" else b"answer to " + path
+                data = BIG if path in (b"/big", b"/slowbig") else b"answer to " + path
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
                              % (len(data), data))
                 await writer.drain()
@@ -137,7 +137,7 @@ class Edge:
     """One client connection to a manager's edge, in front of the node."""
 
     def __init__(self, node: Node, keep_alive: float = 5.0, raw: bool = True) -> None:
-        paths = ["/", "/download_file", "/slow", "/big", "/first", "/after"]
+        paths = ["/", "/download_file", "/slow", "/big", "/slowbig", "/first", "/after"]
         cfg = load_config(None, environ={}, overrides={"redirect_to_node_path": {"get": paths, "post": paths}})
         rt: Any = types.SimpleNamespace(
             cfg=cfg, manager_id=cfg.manager_id, cache=AddressCache(60), addresses=ConfirmedAddresses(),
@@ -217,7 +217,7 @@ async def test_the_raw_path_writes_the_bytes_the_cycles_path_writes_both_ways() 
                 await edge.pooled()
                 before = len(node.seen)
                 edge.send(request)
-                await until(lambda: edge.transport.writes != [], "the answer")
+                await until(lambda e=edge: e.transport.writes != [], "the answer")  # type: ignore[misc]
                 assert (edge.protocol.cycle is None) == raw, "the raw path was taken only where it is on"
                 got[raw] = (node.seen[before], edge.transport.data)
             assert got[True] == got[False]
@@ -263,6 +263,21 @@ async def test_a_large_answer_to_a_raw_request_goes_through_a_cycle_whole_and_th
         await until(lambda: len(answers(edge.transport.data)) == 2, "the next answer")
         assert answers(edge.transport.data)[1] == b"answer to /after"
         assert edge.protocol.cycle is cycle, "the next request made a cycle: it did not go the raw way"
+
+    await with_node(run)
+
+
+async def test_a_request_that_came_during_a_raw_one_whose_answer_is_streamed_is_answered_after_it() -> None:
+    async def run(node: Node) -> None:
+        edge = Edge(node)
+        await edge.pooled()
+        edge.send(get(b"/slowbig"))
+        await until(lambda: len(node.seen) == 1, "the node to get the first request")
+        edge.send(get(b"/after"))  # held while the first is in flight, then queued behind its cycle
+        node.gate.set()
+        await until(lambda: len(edge.transport.data) > len(BIG) and len(answers(edge.transport.data)) == 2,
+                    "both answers")
+        assert answers(edge.transport.data) == [BIG, b"answer to /after"]
 
     await with_node(run)
 
