@@ -176,7 +176,8 @@ class _Conn(asyncio.Protocol):
         return fut
 
     def _head_over(self) -> bool:
-        return self.head_ok or self.head_exc is not None
+        # (a task's wait may have ended the future itself: _expire)
+        return self.head_ok or self.head_exc is not None or (self._head_fut is not None and self._head_fut.done())
 
     # --- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -284,7 +285,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful before the body
         self.head_ok = True
         if self._head_fut is not None:
-            self._head_fut.set_result(None)
+            self._head_fut.set_result(None)  # (not done: _head_over above)
         self.can_write.set()  # a writer blocked on flow control must notice the early answer
         if self.flight is not None:
             self.flight.head(self)  # an answer to stream is handed to a task here
@@ -317,7 +318,7 @@ class _Conn(asyncio.Protocol):
             self.loop.call_soon(self._land)  # not from inside the parser's or the transport's callback
         if not self._head_over():
             self.head_exc = exc
-            if self._head_fut is not None:
+            if self._head_fut is not None:  # (not done: _head_over)
                 self._head_fut.set_exception(exc)
                 self._head_fut.exception()  # retrieved here; the caller re-raises it
         self._wake()
