@@ -125,12 +125,12 @@ class ManagerApp:
         return self.state.proxy.start(scope, self._cookie_id(scope["headers"]), reply)  # type: ignore[no-any-return]
 
     def raw(self, edge: RawEdge, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]],
-            body: bytes) -> bool:
-        """A request the edge parsed itself (a proxied route and method, no query string, a plain
-        head, its whole body here: manager/edge/protocol.py), sent to its node as fast() sends one;
-        False, with nothing done: the edge parses it as any other. Called only on the proxy's port."""
+            body: bytes, qs: bytes) -> bool:
+        """A request the edge parsed itself (a plain head, its whole body here: manager/edge/protocol.py)
+        that passes direct()'s checks, sent to its node as fast() sends one; False, with nothing done:
+        the edge parses it as any other. Called only on the proxy's port."""
         methods = self.proxied.get(path)
-        if methods is None or method not in methods or self.client_keys:
+        if methods is None or method not in methods or self.client_keys or (qs and self._secret_in_query(qs)):
             return False
         return self.state.proxy.start_raw(method, target, path, headers, body,  # type: ignore[no-any-return]
                                           self._cookie_id(headers), edge)

@@ -294,7 +294,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # target, path, headers, body), bytes that came meanwhile, and what its answers need
         self._raw_app: Any = None
         self._rp: _RawParse | None = None
-        self._raw_req: tuple[str, bytes, str, list[tuple[bytes, bytes]], bytes] | None = None
+        self._raw_req: tuple[str, bytes, str, list[tuple[bytes, bytes]], bytes, bytes] | None = None
         self._held = b""
         self._held_paused = False
         self._clean = True  # no request partly parsed by httptools
@@ -378,8 +378,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
                 waiting[2].retry()
 
     def _raw(self, data: bytes) -> bool:
-        """The raw path: a read that is exactly one whole request (GET or POST, HTTP/1.1, no query,
-        escape, framing of its own, 100-continue or upgrade), on a connection with nothing else under
+        """The raw path: a read that is exactly one whole request (GET or POST, HTTP/1.1, no escape in
+        its path, no framing of its own, 100-continue or upgrade), on a connection with nothing else under
         way, is parsed by a parser of its own (httptools too, so read exactly as the cycle's would)
         and sent to its node by the app (ManagerApp.raw) with no scope, cycle or timer; answered by
         raw_answer, or through the cycle raw_reply makes when the answer needs one. False, with
@@ -404,8 +404,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return False
         method = _RAW_METHODS.get(parser.get_method())
         target = rp.url
+        raw_path, _, qs = target.partition(b"?")  # (what httptools.parse_url makes of such a target)
         if method is None or parser.get_http_version() != "1.1" or not parser.should_keep_alive() \
-                or target[:1] != b"/" or target[:2] == b"//" or b"?" in target or b"%" in target or b"#" in target:
+                or target[:1] != b"/" or target[:2] == b"//" or b"%" in raw_path or b"#" in target:
             return False
         for k, _ in headers:
             if k in _RAW_NOT:
@@ -414,11 +415,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if len(body) > BODY_IN_WHOLE:
             return False
         try:
-            path = target.decode("ascii")
+            path = raw_path.decode("ascii")
         except UnicodeDecodeError:
             return False
-        self._raw_req = (method, target, path, headers, body)
-        if not self._raw_app.raw(self, method, target, path, headers, body):
+        self._raw_req = (method, raw_path, path, headers, body, qs)
+        if not self._raw_app.raw(self, method, raw_path + b"?" + qs if qs else raw_path, path, headers, body, qs):
             self._raw_req = None
             return False
         if self._head_timer is not None:
@@ -498,13 +499,13 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         """The raw request's cycle, made as uvicorn makes it, and the direct reply through it: for an
         answer the raw path does not write (streamed, failed, retried, to a client not reading)."""
         assert self._raw_req is not None
-        method, target, path, headers, _ = self._raw_req
+        method, raw_path, path, headers, _, qs = self._raw_req
         self._raw_req = None
         scope: Any = {
             "type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"}, "http_version": "1.1",
             "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
             "headers": headers, "state": self.app_state.copy(), "method": method, "path": path,
-            "raw_path": target, "query_string": b""}
+            "raw_path": raw_path, "query_string": qs}
         cork = self._cork
         if cork is not None:
             scope["extensions"] = {CORK_EXTENSION: {"cork": cork.cork}}

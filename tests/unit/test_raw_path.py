@@ -210,7 +210,7 @@ def answers(data: bytes) -> list[bytes]:
 
 async def test_the_raw_path_writes_the_bytes_the_cycles_path_writes_both_ways() -> None:
     async def run(node: Node) -> None:
-        for request in (get(b"/"), post(b"/download_file", b'{"file_path": "f100.bin"}')):
+        for request in (get(b"/"), get(b"/?a=1&b=%20x?c"), post(b"/download_file", b'{"file_path": "f100.bin"}')):
             got: dict[bool, tuple[bytes, bytes]] = {}
             for raw in (True, False):
                 edge = Edge(node, raw=raw)
@@ -225,6 +225,18 @@ async def test_the_raw_path_writes_the_bytes_the_cycles_path_writes_both_ways() 
             assert b"x-node-secret: " + SECRET.encode() in to_node and b"host: 127.0.0.1" in to_node
             assert to_client.startswith(b"HTTP/1.1 200 OK\r\ndate: Sun, 06 Dec 2026 11:00:00 GMT\r\n")
             assert b"x-tsm-replica: r-1\r\n" in to_client and b"x-content-type-options: nosniff" in to_client
+
+    await with_node(run)
+
+
+async def test_a_credential_in_the_query_is_refused_as_before_and_never_sent() -> None:
+    async def run(node: Node) -> None:
+        edge = Edge(node)
+        await edge.pooled()
+        edge.send(get(b"/?x=1&api_key=abc"))
+        await until(lambda: edge.transport.writes != [], "the answer")
+        assert edge.transport.data.startswith(b"HTTP/1.1 400 ") and b"credentials are not accepted" in edge.transport.data
+        assert node.seen == []
 
     await with_node(run)
 
