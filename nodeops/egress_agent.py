@@ -24,12 +24,14 @@ from typing import Any
 
 from nodeops import egress
 from nodeops.context import NodeOps
-from shared import firewall, metrics
+from shared import firewall, metrics, netns
 from shared.egress import nft
+from shared.egress.conntrack import Conntrack
 from shared.egress.dns import EgressResolver, upstreams_from
 from shared.egress.policy import PLATFORM_DENY, EgressPolicy, Network, name_allowed, networks
 from shared.egress.proxy import EgressProxy
 from shared.egress.secrets import CertMint, Secret, SecretBox
+from shared.egress.tlsqueue import MARK_NO, MARK_OK, MARK_QUEUE, TlsQueue, queue_number
 from shared.errors import ManagerError
 from shared.models import Event, EventKind
 
@@ -52,6 +54,12 @@ class EgressAgent:
         # node address -> destination -> {name it resolved for: until (monotonic)}
         self.learned: dict[str, dict[str, dict[str, float]]] = {}
         self.proxy: EgressProxy | None = None
+        # 443 of sessions whose TLS is not terminated: the SNI checked in the kernel's queue, the
+        # bytes then forwarded by the kernel (None: not bound; that 443 goes to the proxy instead)
+        self.tlsq: TlsQueue | None = None
+        self.conntrack: Conntrack | None = None
+        self.mint: CertMint | None = None
+        self.applied_tls: bool | None = None
         self.blocked: list[Network] = []  # never opened, whatever resolves to them
         self.applied: dict[str, EgressPolicy] | None = None
         self.resolver: EgressResolver | None = None
@@ -204,6 +212,15 @@ class EgressAgent:
                 log.warning("egress_secret_unreadable name=%s", name)
         self.secrets = out
 
+    def queue_refused(self, node: str, dst: str, port: int, name: str, why: str) -> None:
+        """From the queue's thread: a refusal audited as the proxy's are."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._queue_refused, node, dst, port, name, why)
+
+    def _queue_refused(self, node: str, dst: str, port: int, name: str, why: str) -> None:
+        metrics.EGRESS_REFUSED.labels("tls").inc()
+        self.audit(node, f"where=tls dst={dst}:{port} name={name or '-'} rule={why!r}")
+
     def proxy_refused(self, node: str, dst: str, port: int, name: str, why: str) -> None:
         metrics.EGRESS_REFUSED.labels("proxy").inc()
         self.audit(node, f"where=proxy dst={dst}:{port} name={name or '-'} rule={why!r}")
@@ -258,6 +275,8 @@ class EgressAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.poke.wait(), SYNC_SECONDS)
                 self.poke.clear()
+                if self.tlsq is not None:
+                    self.tlsq.sweep()
                 if self.resolver is None:
                     await self._bind()
                 if self.resolver is None:
@@ -279,6 +298,10 @@ class EgressAgent:
                 self.resolver.close()
             if self.proxy is not None:
                 self.proxy.close()
+            if self.tlsq is not None:
+                self.tlsq.close()
+            if self.conntrack is not None:
+                self.conntrack.close()
 
     async def _setup(self) -> None:
         found = await self.ops.backend.egress_bridge(self.ops.manager_id)
@@ -297,11 +320,14 @@ class EgressAgent:
         self.blocked = platform + [p for p in private if not any(p.subnet_of(o) for o in opened  # type: ignore[arg-type]
                                                                  if o.version == p.version)]
         await self._nft(nft.table_script(self.bridge, platform, self.gateway, self.cfg.dns_port, self.cfg.proxy_port))
+        ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge)
+               if self.ops.cfg.node.network.firewall_host_namespace else firewall.HERE)
         if self.ops.cfg.node.network.firewall:  # the project's chains refuse the host to nodes: open the resolver
-            ipt = (await asyncio.to_thread(firewall.Iptables.of_engine, self.bridge)
-                   if self.ops.cfg.node.network.firewall_host_namespace else firewall.HERE)
             await asyncio.to_thread(firewall.sync_dns, self.bridge, self.gateway, self.cfg.dns_port, ipt,
                                     self.cfg.proxy_port)
+        # every replica names the same queue (by the bridge), so whichever holds the resolver reads it
+        number = queue_number(self.bridge) if (self.cfg.tls_queue and self.cfg.proxy_port) else None
+        await asyncio.to_thread(firewall.sync_queue, self.bridge, number, MARK_QUEUE, ipt)
         await self._bind()
 
     async def _nft(self, script: str) -> None:
@@ -324,6 +350,9 @@ class EgressAgent:
             mint = None
             if self.cfg.ca_cert_file and self.cfg.ca_key_file:
                 mint = CertMint(Path(self.cfg.ca_cert_file).read_bytes(), Path(self.cfg.ca_key_file).read_bytes())
+            self.mint = mint
+            if self.cfg.tls_queue:
+                await self._bind_queue()
             upstream = ssl.create_default_context(cafile=self.cfg.upstream_ca_file or None)
             proxy = EgressProxy(self.check, self.proxy_refused, self.secrets_for, mint, upstream,
                                 self.secret_use_from_thread)
@@ -337,6 +366,28 @@ class EgressAgent:
         self.applied = None
         log.info("egress_resolver_serving address=%s:%d bridge=%s", self.gateway, self.cfg.dns_port, self.bridge)
         await self.sync()
+
+    async def _bind_queue(self) -> None:
+        """Read the bridge's queue (its socket and the conntrack one made in the bridge's namespace);
+        if it cannot be bound, 443 goes through the proxy as before."""
+        pid = await self.ops.backend.engine_netns(self.ops.manager_id)
+        number = queue_number(self.bridge)
+        tlsq = TlsQueue(self.check, self.queue_refused)
+        try:
+            await asyncio.to_thread(netns.made_in, pid, lambda: tlsq.open_queue(number))
+            self.conntrack = await asyncio.to_thread(netns.made_in, pid, Conntrack)
+        except (OSError, ImportError) as exc:
+            tlsq.close()
+            log.warning("egress_tlsqueue_not_bound queue=%d reason=%r (443 goes through the proxy)", number, str(exc))
+            return
+        tlsq.start()
+        self.tlsq = tlsq
+        log.info("egress_tlsqueue_bound queue=%d bridge=%s", number, self.bridge)
+
+    def _tls_proxy(self) -> bool:
+        """Whether deny-by-default sessions' 443 goes to the proxy: it terminates TLS while secrets
+        exist (a placeholder must be seen to be replaced or recorded), or no queue is read."""
+        return self.tlsq is None or (bool(self.secrets) and self.mint is not None)
 
     async def apply_changed(self, sessions: set[str]) -> bool:
         """Apply new policies of running sessions this host knows; False: one is not known here
@@ -352,14 +403,16 @@ class EgressAgent:
         return True
 
     async def _apply(self, by_ip: dict[str, EgressPolicy]) -> None:
-        if by_ip == self.applied:
+        tls_proxy = self._tls_proxy()
+        if by_ip == self.applied and tls_proxy == self.applied_tls:
             self.by_ip = by_ip
             return
         # learned addresses whose name the new policy no longer allows close now, not at their TTL
         stale = [(ip, a) for ip, seen in self.learned.items() for a, names in seen.items()
                  if ip not in by_ip or not any(name_allowed(by_ip[ip], n)[0] for n in names)]
-        script = nft.nodes_script(self.bridge, by_ip) + nft.forget_script(self.bridge, stale)
+        script = nft.nodes_script(self.bridge, by_ip, tls_proxy) + nft.forget_script(self.bridge, stale)
         await self._nft(script)
+        self.applied_tls = tls_proxy
         gone = [(ip, a, n) for ip, a in stale for n in self.learned.get(ip, {}).pop(a, {})]
         if gone:
             self._spawn(self.ops.store.egress_learned.forget(self.ops.manager_id, gone))
@@ -367,6 +420,11 @@ class EgressAgent:
         self.by_ip, self.applied = by_ip, by_ip
         # connections through the proxy are the host's own: the firewall does not see them again
         cut = self.proxy.cut(self.still_allowed) if self.proxy is not None else 0
+        # connections the kernel forwards after the queue's check: marked refused, so the firewall
+        # resets the node's next packet on one
+        if self.tlsq is not None and self.conntrack is not None:
+            cut += await asyncio.to_thread(self.conntrack.set_mark, self.tlsq.cut(self.still_allowed), MARK_NO,
+                                           MARK_OK)
         self.last_sync = time.monotonic()
         log.info("egress_synced nodes=%d closed=%d cut=%d", len(by_ip), len(stale), cut)
 
@@ -383,3 +441,6 @@ class EgressAgent:
             session_of[info.ip] = info.session
         self.session_of = session_of
         await self._apply(by_ip)
+        if self.tlsq is not None and self.conntrack is not None:  # forget the connections that ended
+            asked = self.tlsq.tracked()
+            self.tlsq.forget_ended(asked, await asyncio.to_thread(self.conntrack.alive, asked))

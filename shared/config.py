@@ -442,6 +442,11 @@ class EgressConfig(Base):
     # the transparent proxy that checks SNI/Host on 80 and 443 of deny-by-default sessions, on the
     # node bridge's address; 0: off (an address opened for one name is then open for any name)
     proxy_port: int = 15001
+    # 443 of those sessions while no secret needs their TLS terminated: the ClientHello's SNI is
+    # checked in the kernel's packet queue (NFQUEUE) by the same rule and the connection is then
+    # forwarded by the kernel, not spliced through the proxy (no second TCP termination); false:
+    # all of it through the proxy
+    tls_queue: bool = True
     # an answer opens its addresses for its TTL, held within these bounds (a 0-second TTL would
     # close the address before the node connects)
     min_ttl_seconds: int = 5

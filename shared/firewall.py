@@ -8,6 +8,9 @@ name starts with one of the node bridge prefixes (the backend names its bridges 
 
   INPUT   -> TSM-DNS:      the egress resolver's port on an enforcing bridge's address accepted
   INPUT   -> TSM-INPUT:    replies pass; anything a node opens to the host is refused
+  mangle FORWARD -> TSM-EGRESSQ: an enforcing bridge's packets its egress table marked for the
+                           agent's queue go there (shared/egress/tlsqueue.py; NFQUEUE is an
+                           xtables target where nft has no queue statement)
   FORWARD -> DOCKER-USER -> TSM-FORWARD:
                            replies pass; TSM-ALLOW (per-bridge exceptions) accepts;
                            node to node refused; private, link-local, loopback and
@@ -40,6 +43,7 @@ ALLOW_CHAIN = "TSM-ALLOW"
 # address, for bridges whose manager enforces egress policies; empty otherwise. Jumped to from
 # INPUT ahead of TSM-INPUT (a chain of its own, so TSM-INPUT's content is the same for every manager)
 DNS_CHAIN = "TSM-DNS"
+QUEUE_CHAIN = "TSM-EGRESSQ"  # in the mangle table: between the egress table's marking and its filter
 # where nodes must never connect to (RFC 1918, link-local incl. cloud metadata, loopback,
 # carrier-grade NAT, "this network", benchmarking, multicast)
 BLOCKED = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
@@ -229,7 +233,40 @@ def prune_allow(ipt: Iptables = HERE) -> int:
     for bridge, rule in _dns_rules(ipt):
         if not ipt.has_interface(bridge):
             gone += ipt("-D", DNS_CHAIN, *rule, check=False).returncode == 0
+    for bridge, rule in _queue_rules(ipt):
+        if not ipt.has_interface(bridge):
+            gone += ipt("-t", "mangle", "-D", QUEUE_CHAIN, *rule, check=False).returncode == 0
     return gone
+
+
+def _queue_rules(ipt: Iptables) -> list[tuple[str, list[str]]]:
+    """(bridge, rule spec) of each TSM-EGRESSQ rule (mangle)."""
+    found = []
+    for line in ipt("-t", "mangle", "-S", QUEUE_CHAIN, check=False).stdout.splitlines():
+        words = line.split()
+        if words[:2] == ["-A", QUEUE_CHAIN] and "-i" in words:
+            found.append((words[words.index("-i") + 1], words[2:]))
+    return found
+
+
+def sync_queue(bridge: str, number: int | None, mark: int, ipt: Iptables = HERE) -> None:
+    """Send ``bridge``'s packets marked ``mark`` to NFQUEUE ``number`` (None: no rule). With no
+    reader bound the packet goes on (--queue-bypass) still marked, and the egress table resets it:
+    a refusal the node sees at once, not a hang."""
+    want = [] if number is None else [
+        ["-i", bridge, "-m", "mark", "--mark", f"{mark:#x}/{mark:#x}", "-j", "NFQUEUE", "--queue-num", str(number),
+         "--queue-bypass"]]
+    if ipt("-t", "mangle", "-n", "-L", QUEUE_CHAIN, check=False).returncode != 0:
+        ipt("-t", "mangle", "-N", QUEUE_CHAIN)
+    have = [rule for b, rule in _queue_rules(ipt) if b == bridge]
+    for rule in have:
+        if rule not in want:
+            ipt("-t", "mangle", "-D", QUEUE_CHAIN, *rule, check=False)
+    for rule in want:
+        if rule not in have:
+            ipt("-t", "mangle", "-A", QUEUE_CHAIN, *rule)
+    if ipt("-t", "mangle", "-C", "FORWARD", "-j", QUEUE_CHAIN, check=False).returncode != 0:
+        ipt("-t", "mangle", "-I", "FORWARD", "1", "-j", QUEUE_CHAIN)
 
 
 def _dns_rules(ipt: Iptables) -> list[tuple[str, list[str]]]:

@@ -66,7 +66,11 @@ CREATE_QUEUE_REJECTED = Counter(P + "create_queue_rejected_total",
                                 "Creations refused with 503 because the creation queue was full.")
 
 EGRESS_REFUSED = Counter(P + "egress_refused_total", "Egress refused by the host agent, by where: dns (NXDOMAIN "
-                         "for a name outside the policy) or proxy (SNI/Host not allowed for the address).", ["where"])
+                         "for a name outside the policy), proxy (SNI/Host not allowed for the address) or tls "
+                         "(the kernel queue's ClientHello check on 443).", ["where"])
+EGRESS_TLS_CHECKED = Counter(P + "egress_tls_checked_total", "TLS connections on 443 whose ClientHello the egress "
+                             "agent checked in the kernel's queue, by verdict: allowed (then forwarded by the "
+                             "kernel) or refused.", ["verdict"])
 EGRESS_RESOLVED = Counter(P + "egress_resolved_total", "Allowed names the egress resolver answered.")
 EGRESS_POLICY_CHANGES = Counter(P + "egress_policy_changes_total", "Session egress policies changed, by who.",
                                 ["by"])
@@ -76,8 +80,10 @@ EGRESS_EVENTS_DROPPED = Counter(P + "egress_audit_events_dropped_total", "Egress
                                 "(over egress.audit_events_per_minute for their session); still counted above.")
 EGRESS_SECRETS = Counter(P + "egress_secret_uses_total", "Secret placeholders the egress proxy saw, by what it did: "
                          "used (replaced for a bound host) or unbound (sent on unreplaced).", ["what"])
-for _w in ("dns", "proxy"):
+for _w in ("dns", "proxy", "tls"):
     EGRESS_REFUSED.labels(_w)
+for _w in ("allowed", "refused"):
+    EGRESS_TLS_CHECKED.labels(_w)
 for _w in ("used", "unbound"):
     EGRESS_SECRETS.labels(_w)
 for _b in ("client", "admin"):

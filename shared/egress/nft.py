@@ -8,8 +8,13 @@ seen half done. The table is ours alone (``inet tsm_egress_<hash>``): installing
 touches no other table, and Docker's and the project's iptables chains (shared/firewall.py) still
 run as before: a packet must pass both, so this can only take egress away, never add to it.
 
-  prerouting, from the bridge: a deny-by-default session's 80/443 to a learned address -> the
-                             proxy (shared/egress/proxy.py), which checks SNI/Host against it
+  prerouting, from the bridge: a deny-by-default session's 80 to a learned address -> the
+                             proxy (shared/egress/proxy.py), which checks Host against it; its
+                             443 too when its TLS is terminated there (``tls_proxy``: secrets)
+  tlsmark (forward, first):  else its 443: the SYN and the first packets with bytes are marked
+                             for the agent's queue (shared/egress/tlsqueue.py), which checks the
+                             ClientHello's SNI and marks the connection checked or refused; a
+                             non-SYN packet of no known connection is reset
   input, from the bridge:    replies pass; the resolver's and the proxy's ports on the bridge
                              address; the rest refused
   forward, from the bridge:  the node's answers to connections made to it pass; the platform
@@ -35,6 +40,7 @@ from collections.abc import Iterable
 
 from shared import netns
 from shared.egress.policy import EgressPolicy, Network, networks
+from shared.egress.tlsqueue import MARK_NO, MARK_OK, MARK_QUEUE
 from shared.firewall import NoPrivilege
 
 TABLE_PREFIX = "tsm_egress_"
@@ -91,6 +97,14 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
         f"add set inet {t} allow_net {{ type ipv4_addr . ipv4_addr; flags interval; }}",
         f"add set inet {t} deny_net {{ type ipv4_addr . ipv4_addr; flags interval; }}",
         f"add set inet {t} open_nodes {{ type ipv4_addr; }}",
+        # deny-by-default sessions whose 443 the proxy terminates (secrets); the others' is checked
+        # in the agent's queue and then forwarded by the kernel
+        f"add set inet {t} tls_proxy {{ type ipv4_addr; }}",
+        # before the mangle table's queueing rule (priority -150, shared/firewall.py)
+        f"add chain inet {t} tlsmark {{ type filter hook forward priority -200; policy accept; }}",
+        f"flush chain inet {t} tlsmark",
+        f"add chain inet {t} tlsq",
+        f"flush chain inet {t} tlsq",
         f"add chain inet {t} forward {{ type filter hook forward priority -5; policy accept; }}",
         f"flush chain inet {t} forward",
         # the host itself: only the resolver's port on the bridge address (the project's iptables
@@ -105,11 +119,33 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
     if plat:
         lines.append(f"add element inet {t} platform {{ {_elems(plat)} }}")
     br = f'iifname "{bridge}"'
+    checked, q = MARK_OK | MARK_NO, f"meta mark set meta mark | {MARK_QUEUE:#x} return"
+    # 443 of deny-by-default sessions to learned addresses, on connections not yet checked: the SYN
+    # (where the stream starts) and every packet with bytes go to the queue; the handshake's ACK
+    # and other empty packets pass. Bytes are told apart by the IP length against the TCP header's
+    # (nft compares a field with a constant only: one rule a header length)
+    if proxy_port:  # without the proxy no name is checked on 80 or 443
+        lines.append(f"add rule inet {t} tlsmark {br} tcp dport 443 ct mark & {checked:#x} == 0 "
+                     f"ip saddr != @open_nodes ip saddr . ip daddr @live jump tlsq")
+    lines += [f"add rule inet {t} tlsq tcp flags & (syn | ack) == syn ip saddr . ip daddr @learned {q}",
+              f"add rule inet {t} tlsq tcp flags & (syn | ack) == syn return",
+              # mid-stream with no connection (its entry taken away by a narrowing): refused
+              f"add rule inet {t} tlsq ct state new,invalid reject with tcp reset",
+              f"add rule inet {t} tlsq ip hdrlength != 5 reject with tcp reset",
+              *[f"add rule inet {t} tlsq tcp doff {d} ip length > {20 + 4 * d} {q}" for d in range(5, 16)]]
     refuse = [f"{br} meta l4proto tcp reject with tcp reset", f"{br} reject with icmpx type admin-prohibited"]
     # no blanket "established: accept" for what the node sends: a connection it opened is held
     # to the policy in force at each packet, so narrowing a policy cuts what is already open
     for rule in (f"{br} ct direction reply accept",  # the node answering a connection made to it
                  f"{br} ct state related accept",
+                 # marked for the queue and not given back by it (no reader bound: --queue-bypass,
+                 # or the queueing rule missing): refused, never let on unchecked
+                 f"{br} meta mark & {MARK_QUEUE:#x} == {MARK_QUEUE:#x} meta l4proto tcp reject with tcp reset",
+                 # the queue's verdicts, kept as the connection's mark
+                 f"{br} meta mark & {MARK_OK:#x} == {MARK_OK:#x} ct mark set ct mark | {MARK_OK:#x} "
+                 f"meta mark set meta mark & {0xFFFFFFFF & ~MARK_OK:#x}",
+                 f"{br} meta mark & {MARK_NO:#x} == {MARK_NO:#x} ct mark set ct mark | {MARK_NO:#x}",
+                 f"{br} ct mark & {MARK_NO:#x} == {MARK_NO:#x} meta l4proto tcp reject with tcp reset",
                  *[f"{br} ip daddr @platform {r.split(' ', 2)[2]}" for r in refuse],
                  *[f"{br} ip saddr . ip daddr @deny_net {r.split(' ', 2)[2]}" for r in refuse],
                  # the accepts in any order (every refusal is above): open sessions, the default
@@ -130,16 +166,20 @@ def table_script(bridge: str, platform: Iterable[Network], gateway: str, dns_por
     if proxy_port:
         # sessions whose default is allow reach any public address by any name: not redirected
         lines += [f"add rule inet {t} prerouting {br} ip saddr @open_nodes return",
-                  f"add rule inet {t} prerouting {br} ip saddr . ip daddr @learned tcp dport {{ 80, 443 }} "
-                  f"redirect to :{proxy_port}"]
+                  f"add rule inet {t} prerouting {br} ip saddr . ip daddr @learned tcp dport 80 "
+                  f"redirect to :{proxy_port}",
+                  f"add rule inet {t} prerouting {br} ip saddr @tls_proxy ip saddr . ip daddr @learned "
+                  f"tcp dport 443 redirect to :{proxy_port}"]
     return "\n".join(lines) + "\n"
 
 
-def nodes_script(bridge: str, policies: dict[str, EgressPolicy]) -> str:
-    """Make the per-node sets exactly ``policies`` (node address -> its policy), in one transaction."""
+def nodes_script(bridge: str, policies: dict[str, EgressPolicy], tls_proxy: bool = True) -> str:
+    """Make the per-node sets exactly ``policies`` (node address -> its policy), in one transaction;
+    ``tls_proxy``: deny-by-default sessions' 443 goes to the proxy (else to the agent's queue)."""
     t = table_name(bridge)
-    lines = [f"flush set inet {t} allow_net", f"flush set inet {t} deny_net", f"flush set inet {t} open_nodes"]
-    allow, deny, open_ = [], [], []
+    lines = [f"flush set inet {t} allow_net", f"flush set inet {t} deny_net", f"flush set inet {t} open_nodes",
+             f"flush set inet {t} tls_proxy"]
+    allow, deny, open_, proxied = [], [], [], []
     for ip, pol in sorted(policies.items()):
         if ipaddress.ip_address(ip).version != 4:
             continue
@@ -147,7 +187,9 @@ def nodes_script(bridge: str, policies: dict[str, EgressPolicy]) -> str:
         deny += [f"{ip} . {n}" for n in networks(pol, "deny") if n.version == 4]
         if pol.default == "allow":
             open_.append(ip)
-    for name, items in (("allow_net", allow), ("deny_net", deny), ("open_nodes", open_)):
+        elif tls_proxy:
+            proxied.append(ip)
+    for name, items in (("allow_net", allow), ("deny_net", deny), ("open_nodes", open_), ("tls_proxy", proxied)):
         if items:
             lines.append(f"add element inet {t} {name} {{ {_elems(items)} }}")
     return "\n".join(lines) + "\n"
