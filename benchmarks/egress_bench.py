@@ -2,10 +2,12 @@
 
 Against a small internet in a network namespace (testing/internet.py), one manager with
 egress.enforce and two sessions: "direct" (open egress, default allow: the kernel forwards,
-nothing on the host touches the bytes) and "by name" (default deny, the one name allowed: every
-connection to 80/443 goes through the host's SNI/Host-checking proxy in the manager). Inside
-each node: a 100 MB download over HTTP, and 1,000 small HTTPS requests, each on a connection of
-its own; ``--rounds`` of both, in alternating order, so that a shared machine's drift in load
+nothing on the host touches the bytes) and "by name" (default deny, the one name allowed: a
+connection to 80 goes through the host's Host-checking proxy in the manager; one to 443 has its
+ClientHello's SNI checked in the agent's packet queue and is then forwarded by the kernel, or,
+with ``--no-tls-queue`` (what was built before), goes through the proxy too). Inside each node:
+a 100 MB download over HTTPS and the same over HTTP, and 1,000 small HTTPS requests, each on a
+connection of its own; ``--rounds`` of both, in alternating order, so that a shared machine's drift in load
 falls on both paths (medians compared). The manager's memory (its process's RSS: the proxy runs
 in it) is sampled through every run. Then the time from a policy change (admin PUT) to its
 rules in force, from the manager's own histogram.
@@ -43,17 +45,22 @@ from testing.internet import internet
 NODE_SCRIPT = r"""
 import json, socket, ssl, sys, time, urllib.request
 size, n = int(sys.argv[1]), int(sys.argv[2])
-t0 = time.perf_counter()
-got = 0
-with urllib.request.urlopen(f"http://allowed.test/bytes/{size}", timeout=120) as r:
-    head = time.perf_counter() - t0  # name resolved, connection made, the response's head read
-    while True:
-        b = r.read(1 << 20)
-        if not b:
-            break
-        got += len(b)
-dl = time.perf_counter() - t0
 ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+
+def download(url):
+    t0 = time.perf_counter()
+    got = 0
+    with urllib.request.urlopen(url, timeout=120, context=ctx) as r:
+        head = time.perf_counter() - t0  # name resolved, connection made, the response's head read
+        while True:
+            b = r.read(1 << 20)
+            if not b:
+                break
+            got += len(b)
+    return got, time.perf_counter() - t0, head
+
+got, dl, head = download(f"https://allowed.test/bytes/{size}")
+got80, dl80, head80 = download(f"http://allowed.test/bytes/{size}")
 t0 = time.perf_counter()
 for _ in range(n):
     s = ctx.wrap_socket(socket.create_connection(("allowed.test", 443), 10), server_hostname="allowed.test")
@@ -62,7 +69,8 @@ for _ in range(n):
         pass
     s.close()
 small = time.perf_counter() - t0
-print("BENCH" + json.dumps({"bytes": got, "download_s": dl, "head_s": head, "requests": n, "requests_s": small}))
+print("BENCH" + json.dumps({"bytes": got, "download_s": dl, "head_s": head, "bytes80": got80, "download80_s": dl80,
+                           "head80_s": head80, "requests": n, "requests_s": small}))
 """
 
 
@@ -108,6 +116,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds of both paths, their order alternating (a loaded machine's drift falls on both)")
     ap.add_argument("--changes", type=int, default=20)
+    ap.add_argument("--no-tls-queue", action="store_true",
+                    help="443 through the proxy as well (egress.tls_queue false: the path before the queue)")
     args = ap.parse_args()
     at_start = os.getloadavg()
     mid = bench_id("egress")
@@ -116,7 +126,8 @@ def main() -> None:
     results: dict[str, Any] = {"runs": runs}
     with internet(["allowed.test", "other.test"]) as net:
         m = ManagerProc(base_config(mid, mid, egress={"enforce": True, "upstream_dns": [net.dns],
-                                                      "client_may_set": True}), tmp, "egress")
+                                                      "client_may_set": True,
+                                                      "tls_queue": not args.no_tls_queue}), tmp, "egress")
         clients: dict[str, httpx.Client] = {}
         try:
             m.start()
@@ -180,27 +191,35 @@ def main() -> None:
     heads = {case: [r["head_s"] * 1000 for r in runs[case]] for case, _ in CASES}
     body = {case: [r["bytes"] / (r["download_s"] - r["head_s"]) / 1e6 for r in runs[case]] for case, _ in CASES}
     rps = {case: [r["requests"] / r["requests_s"] for r in runs[case]] for case, _ in CASES}
+    mbps80 = {case: [r["bytes80"] / r["download80_s"] / 1e6 for r in runs[case]] for case, _ in CASES}
     for case, _ in CASES:
         rows.append([case, fmt(median(mbps[case])), " / ".join(fmt(x) for x in mbps[case]),
                      fmt(median(heads[case])), fmt(median(body[case])),
+                     fmt(median(mbps80[case])), " / ".join(fmt(x) for x in mbps80[case]),
                      fmt(median(rps[case])), " / ".join(fmt(x) for x in rps[case])])
     ratio_dl = median(mbps["by name"]) / median(mbps["direct"])
     ratio_body = median(body["by name"]) / median(body["direct"])
+    ratio_80 = median(mbps80["by name"]) / median(mbps80["direct"])
     ratio_rq = median(rps["by name"]) / median(rps["direct"])
     print(command_line())
-    print(f"{args.mb} MB over HTTP and {args.requests} HTTPS requests (a connection each) from inside a node, "
-          f"{args.rounds} rounds of each path in alternating order; {load_line(at_start)}")
-    print(markdown_table(["egress", "download MB/s (median)", "each round", "to the head ms (median)",
-                          "after the head MB/s (median)", "HTTPS req/s (median)", "each round"], rows))
+    print(f"{args.mb} MB over HTTPS and over HTTP and {args.requests} HTTPS requests (a connection each) from "
+          f"inside a node, {args.rounds} rounds of each path in alternating order; 443 by name "
+          f"{'through the proxy (--no-tls-queue)' if args.no_tls_queue else 'checked in the queue'}; "
+          f"{load_line(at_start)}")
+    print(markdown_table(["egress", "HTTPS download MB/s (median)", "each round", "to the head ms (median)",
+                          "after the head MB/s (median)", "HTTP download MB/s (median)", "each round",
+                          "HTTPS req/s (median)", "each round"], rows))
     for case, _ in CASES:
         print(f"manager CPU through {case}: user " + " / ".join(fmt(r["manager_user_s"]) for r in runs[case])
               + " s, system " + " / ".join(fmt(r["manager_sys_s"]) for r in runs[case]) + " s (each round)")
-    print(f"by name / direct: download {ratio_dl:.2f}x (its bytes after the head {ratio_body:.2f}x), requests "
+    print(f"by name / direct: HTTPS download {ratio_dl:.2f}x (its bytes after the head {ratio_body:.2f}x), "
+          f"HTTP download (the proxy) {ratio_80:.2f}x, requests "
           f"{ratio_rq:.2f}x (goal >= 0.7x); manager RSS "
           f"(the proxy's process) {results['rss_before_mb']:.1f} MB before, {results['rss_peak_mb']:.1f} MB peak; "
           f"policy change to rules in force: mean {results['policy_apply_mean_s'] * 1000:.0f} ms over "
           f"{results['policy_changes']:.0f} changes")
-    results.update(ratio_download=ratio_dl, ratio_download_body=ratio_body, ratio_requests=ratio_rq)
+    results.update(ratio_download=ratio_dl, ratio_download_body=ratio_body, ratio_download_http=ratio_80,
+                   ratio_requests=ratio_rq)
     write_json("egress_bench", {"args": vars(args), "results": results})
 
 

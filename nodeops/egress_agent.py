@@ -60,6 +60,7 @@ class EgressAgent:
         self.conntrack: Conntrack | None = None
         self.mint: CertMint | None = None
         self.applied_tls: bool | None = None
+        self.queue_rule = False  # the iptables rule that feeds the queue is in place
         self.blocked: list[Network] = []  # never opened, whatever resolves to them
         self.applied: dict[str, EgressPolicy] | None = None
         self.resolver: EgressResolver | None = None
@@ -327,7 +328,12 @@ class EgressAgent:
                                     self.cfg.proxy_port)
         # every replica names the same queue (by the bridge), so whichever holds the resolver reads it
         number = queue_number(self.bridge) if (self.cfg.tls_queue and self.cfg.proxy_port) else None
-        await asyncio.to_thread(firewall.sync_queue, self.bridge, number, MARK_QUEUE, ipt)
+        try:
+            await asyncio.to_thread(firewall.sync_queue, self.bridge, number, MARK_QUEUE, ipt)
+            self.queue_rule = number is not None
+        except (firewall.NoPrivilege, firewall.FirewallError) as exc:  # no NFQUEUE target: 443 via the proxy
+            log.warning("egress_tlsqueue_rule_failed error=%r", getattr(exc, "detail", str(exc)))
+            self.queue_rule = False
         await self._bind()
 
     async def _nft(self, script: str) -> None:
@@ -351,7 +357,7 @@ class EgressAgent:
             if self.cfg.ca_cert_file and self.cfg.ca_key_file:
                 mint = CertMint(Path(self.cfg.ca_cert_file).read_bytes(), Path(self.cfg.ca_key_file).read_bytes())
             self.mint = mint
-            if self.cfg.tls_queue:
+            if self.queue_rule:
                 await self._bind_queue()
             upstream = ssl.create_default_context(cafile=self.cfg.upstream_ca_file or None)
             proxy = EgressProxy(self.check, self.proxy_refused, self.secrets_for, mint, upstream,

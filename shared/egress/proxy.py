@@ -1,4 +1,6 @@
-"""The host-side transparent proxy for ports 80 and 443 of nodes under a deny-by-default policy.
+"""The host-side transparent proxy for port 80 of nodes under a deny-by-default policy, and their
+443 while its TLS is terminated here (secrets) or the kernel's queue is not read (else 443 is
+checked there: shared/egress/tlsqueue.py).
 
 The firewall sends it a node's connections to addresses the node may reach (learned from an
 allowed name's answer); it reads the name the connection asks for (SNI or Host) and lets it on
