@@ -267,8 +267,15 @@ class TlsQueue:
 
     def cut(self, still: Callable[[str, str, str], bool]) -> list[Tuple]:
         """The connections let on whose name the policy no longer allows (forgotten here)."""
+        memo: dict[tuple[str, str, str], bool] = {}  # thousands of connections, a few (node, address, name)
+
+        def allowed(node: str, dst: str, name: str) -> bool:
+            if (node, dst, name) not in memo:
+                memo[node, dst, name] = still(node, dst, name)
+            return memo[node, dst, name]
+
         with self.lock:
-            gone = [k for k, (name, dst) in self.open.items() if not still(k[0], dst, name)]
+            gone = [k for k, (name, dst) in self.open.items() if not allowed(k[0], dst, name)]
             for k in gone:
                 del self.open[k]
                 self.flows.pop(k, None)
