@@ -317,3 +317,18 @@ def test_narrowing_cuts_a_connection_the_kernel_forwards(start_manager, net: Int
     out = probe(c, ["tls_split", shared, "a.shared.test", []], ["tls_split", shared, "b.shared.test", []])
     assert out[0].get("error") == "ConnectionResetError" and '"host": ' in out[1].get("body", ""), out
     c.post("/release_session")
+
+
+def test_thousands_of_connections_are_looked_up_and_marked_at_once() -> None:
+    # the agent asks about every connection it let on at each sync (thousands after a burst of
+    # requests, closed ones in TIME_WAIT for 2 minutes): sent all at once they overflowed the
+    # netlink socket (ENOBUFS), the sync failed, and policy changes waited for the next one
+    from shared.egress.conntrack import Conntrack
+
+    ct = Conntrack()
+    try:
+        made_up = [(f"10.250.{i // 250}.{i % 250 + 1}", 40000 + i % 20000, "198.51.100.250", 443) for i in range(5000)]
+        assert ct.alive(made_up) == set()
+        assert ct.set_mark(made_up, 0x08000000, 0x04000000) == 0
+    finally:
+        ct.close()

@@ -21,6 +21,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET = 0, 1
 CTA_MARK, CTA_MARK_MASK = 8, 21
+BATCH = 64
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
@@ -63,31 +64,37 @@ class Conntrack:
         self.sock.close()
 
     def _ask(self, msg_type: int, tuples: list[Tuple], extra: bytes = b"") -> dict[Tuple, int]:
-        """One request per tuple, all sent, then their answers: tuple -> errno (0: done/found)."""
+        """One request per tuple: tuple -> errno (0: done/found)."""
         out: dict[Tuple, int] = {}
         with self.lock:
-            by_seq: dict[int, Tuple] = {}
-            for t in tuples:
-                self.seq = (self.seq + 1) & 0xFFFFFFFF
-                body = struct.pack("=BBH", socket.AF_INET, 0, 0) + _tuple(t) + extra
-                head = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | msg_type,
-                                   NLM_F_REQUEST | NLM_F_ACK, self.seq, 0)
-                self.sock.send(head + body)
-                by_seq[self.seq] = t
-            while by_seq:
-                data = self.sock.recv(1 << 16)
-                p = 0
-                while p + 16 <= len(data):
-                    size, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, p)
-                    if kind == NLMSG_ERROR and seq in by_seq:
-                        (err,) = struct.unpack_from("=i", data, p + 16)
-                        out[by_seq.pop(seq)] = -err
-                    elif seq in by_seq and msg_type == IPCTNL_MSG_CT_GET:
-                        out.setdefault(by_seq[seq], 0)  # the entry itself; its ACK follows
-                    p += (size + 3) & ~3
-                    if size < 16:
-                        break
+            # a batch's answers at a time: thousands sent at once overflow the socket's buffer (ENOBUFS)
+            for i in range(0, len(tuples), BATCH):
+                self._batch(msg_type, tuples[i:i + BATCH], extra, out)
         return out
+
+    def _batch(self, msg_type: int, tuples: list[Tuple], extra: bytes, out: dict[Tuple, int]) -> None:
+        """One request per tuple, all sent, then their answers into ``out``."""
+        by_seq: dict[int, Tuple] = {}
+        for t in tuples:
+            self.seq = (self.seq + 1) & 0xFFFFFFFF
+            body = struct.pack("=BBH", socket.AF_INET, 0, 0) + _tuple(t) + extra
+            head = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | msg_type,
+                               NLM_F_REQUEST | NLM_F_ACK, self.seq, 0)
+            self.sock.send(head + body)
+            by_seq[self.seq] = t
+        while by_seq:
+            data = self.sock.recv(1 << 16)
+            p = 0
+            while p + 16 <= len(data):
+                size, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, p)
+                if kind == NLMSG_ERROR and seq in by_seq:
+                    (err,) = struct.unpack_from("=i", data, p + 16)
+                    out[by_seq.pop(seq)] = -err
+                elif seq in by_seq and msg_type == IPCTNL_MSG_CT_GET:
+                    out.setdefault(by_seq[seq], 0)  # the entry itself; its ACK follows
+                p += (size + 3) & ~3
+                if size < 16:
+                    break
 
     def set_mark(self, tuples: list[Tuple], bits: int, clear: int) -> int:
         """Set ``bits`` and clear ``clear`` in these connections' marks (an existing entry is changed,
