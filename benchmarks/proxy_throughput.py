@@ -169,6 +169,7 @@ class RedisCount:
     run_s: float = 0.0
     idle_calls: list[int] = field(default_factory=list)
     idle_s: list[float] = field(default_factory=list)
+    idle_cpu_s: list[float] = field(default_factory=list)  # the manager's own CPU in the same idle windows
     invalid: str = ""  # why the count means nothing (Redis restarted or its stats were reset)
 
     @property
@@ -183,6 +184,11 @@ class RedisCount:
             return math.nan
         rates = [c / s for c, s in zip(self.idle_calls, self.idle_s)]
         return (max(rates) - min(rates)) * self.run_s / max(1, self.requests)
+
+    @property
+    def idle_cpu_rate(self) -> float:
+        """CPU seconds a second the manager spends with no traffic (heartbeats, checker, event reads)."""
+        return sum(self.idle_cpu_s) / sum(self.idle_s) if self.idle_cpu_s else 0.0
 
     @property
     def net_calls(self) -> float:
@@ -306,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             total += int(res["requests"])
         return total
 
-    def idle(count: RedisCount, seconds: float) -> None:
-        c0, t0 = redis_calls(rc), time.monotonic()
+    def idle(count: RedisCount, seconds: float, pids: list[int]) -> None:
+        c0, t0, cpu0 = redis_calls(rc), time.monotonic(), cpu_seconds(pids)
         time.sleep(seconds)
+        count.idle_cpu_s.append(cpu_seconds(pids) - cpu0)
         n = calls_between(c0, redis_calls(rc))
         if n is None:
             count.invalid = "Redis restarted or its stats were reset"
@@ -327,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         # fills every cache before the idle baseline
         run_wrk(manager.url + bodies[0].path, scripts[bodies[0].label], args.warmup, args.connections, args.threads)
         count = RedisCount(target)
-        idle(count, args.duration)
+        idle(count, args.duration, pids)
         c0, t0 = redis_calls(rc), time.monotonic()
         count.requests = measure(target, manager.url, pids)
         n = calls_between(c0, redis_calls(rc))
         if n is None:
             count.invalid = "Redis restarted or its stats were reset"
         count.run_calls, count.run_s = n or 0, time.monotonic() - t0
-        idle(count, args.duration)
+        idle(count, args.duration, pids)
         redis_counts.append(count)
 
     try:
@@ -495,6 +502,25 @@ def report(args: argparse.Namespace, bodies: list[Body], cases: list[Case], unlo
     if cpu_rows:
         print("\nproxy CPU: user+sys of the proxy's processes during each timed run\n")
         print(markdown_table(["target", "body", "CPU s", "CPU µs/request"], cpu_rows))
+    idle_rate = {k.target: k.idle_cpu_rate for k in counts}
+    issue_rows = []
+    for body in (b.label for b in bodies):
+        chp, ngx = by.get(("chp", body)), by.get(("nginx", body))
+        for t in (t for t in targets if t.startswith("manager")):
+            c = by[(t, body)]
+            if ngx is None or ngx.proxy_cpu_s is None or c.proxy_cpu_s is None:
+                continue
+            us, ngx_us = c.proxy_cpu_s / c.wrk["requests"] * 1e6, ngx.proxy_cpu_s / ngx.wrk["requests"] * 1e6
+            idle_us = idle_rate.get(t, 0.0) * c.wrk["duration_us"] / c.wrk["requests"]
+            issue_rows.append([t, body, f"{us:.0f} / {ngx_us:.0f}", f"{us / ngx_us:.2f}× {verdict(us <= 2 * ngx_us)}",
+                               f"{idle_us:.0f}", f"{(us - idle_us) / ngx_us:.2f}×",
+                               f"{c.rps / chp.rps:.2f}× {verdict(c.rps >= 1.5 * chp.rps)}" if chp else "-"])
+    if issue_rows:
+        print("\nissue 26's goals: the manager's CPU per request ≤ 2× nginx's, req/s ≥ 1.5× CHP's; the idle share "
+              "is the manager's CPU a second with no traffic (its idle windows above) over the run's requests a "
+              "second: work nginx does not have (heartbeats, the checker, event reads), counted in the ratio\n")
+        print(markdown_table(["manager", "body", "CPU µs/request manager / nginx", "ratio (≤ 2)",
+                              "idle share µs/request", "ratio without it", "req/s vs CHP (≥ 1.5)"], issue_rows))
 
     def case_json(c: Case) -> dict[str, Any]:
         return {"target": c.target, "body": c.body, "requests_per_s": c.rps, "p50_ms": c.p50_ms,
@@ -510,7 +536,8 @@ def report(args: argparse.Namespace, bodies: list[Body], cases: list[Case], unlo
         "cases": [case_json(c) for c in cases],
         "unloaded": [case_json(c) for c in unloaded],
         "redis": [{"target": k.target, "requests": k.requests, "run_calls": k.run_calls, "run_s": k.run_s,
-                   "idle_calls": k.idle_calls, "idle_s": k.idle_s, "net_calls": k.net_calls,
+                   "idle_calls": k.idle_calls, "idle_s": k.idle_s, "idle_cpu_s": k.idle_cpu_s,
+                   "net_calls": k.net_calls,
                    "per_request": k.per_request, "invalid": k.invalid, "idle_spread_per_request": k.noise_per_request,
                    "goal_met": k.per_request < GOAL_REDIS_PER_REQ, "verdict": redis_verdict(k)} for k in counts],
         "goals": {"vs_chp": 1.0, "vs_nginx": GOAL_VS_NGINX, "added_p50_ms": GOAL_ADDED_P50_MS,

@@ -26,7 +26,7 @@ from manager.edge import errors_http, protocol
 from manager.edge.client_auth import ClientKeys, deny
 from manager.edge.responses import REPLICA_HEADER, json_response
 from manager.proxy.forwarding import CONSOLE_COOKIE, HeaderRules
-from manager.proxy.http_proxy import RawEdge, Reply
+from manager.proxy.http_proxy import Proxy, RawEdge, Reply
 from manager.session.resolve import node_cookie
 from shared.config import Config
 
@@ -79,6 +79,7 @@ class ManagerApp:
         self.rules = HeaderRules(cfg)
         self.url_secrets = SECRET_PARAMS | {n.lower() for n in (cfg.client_auth.cookie, CONSOLE_COOKIE) if n}
         self._cookie_ids: dict[bytes, str | None] = {}
+        self._the_proxy: Proxy | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and not await self._on_its_port(scope, receive, send):
@@ -132,8 +133,11 @@ class ManagerApp:
         methods = self.proxied.get(path)
         if methods is None or method not in methods or self.client_keys or (qs and self._secret_in_query(qs)):
             return False
-        return self.state.proxy.start_raw(method, target, path, headers, body,  # type: ignore[no-any-return]
-                                          self._cookie_id(headers), edge)
+        proxy = self._the_proxy
+        if proxy is None:
+            proxy = self._the_proxy = self.state.proxy  # (set at start-up; State's lookup is Python's)
+        return proxy.start_raw(method, target, path, headers, body,
+                               self._cookie_id(headers), edge)
 
     def _cookie_id(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """_node_cookie, remembered by the first Cookie header's bytes: a keep-alive client sends

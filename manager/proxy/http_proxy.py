@@ -236,7 +236,7 @@ class Proxy:
             if k == _VIA:
                 return False  # through another replica: forward()'s checks
             kept.append((k, v))
-        for k, v in self.for_node(kept):
+        for k, v in self.for_node(kept) if self.client_keys else self.rules.to_node(kept):
             lines += (k, b": ", v, b"\r\n")
         conn = self.pool.idle(key)
         if conn is None:
@@ -491,7 +491,14 @@ class _RawFlight(_Flight):
 
     def __init__(self, proxy: Proxy, edge: RawEdge, rec: NodeRecord, key: tuple[str, int], path: str,
                  has_body: bool) -> None:
-        super().__init__(proxy, None, rec, key, path, has_body)
+        # (_Flight's, without the call)
+        self.proxy = proxy
+        self.reply = None
+        self.rec = rec
+        self.key = key
+        self.path = path
+        self.has_body = has_body
+        self.t0 = time.perf_counter()
         self.edge = edge
 
     def _reply(self) -> Reply:
