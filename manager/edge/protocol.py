@@ -42,10 +42,12 @@ CORK_EXTENSION = "tsm.cork"
 _replica = b""  # "x-tsm-replica: <id>\r\n" once the app knows its replica id (each worker its own)
 _replica_pair = (REPLICA_HEADER.encode(), b"")
 BODY_IN_WHOLE = 65536  # a proxied request's body up to this (uvicorn's read buffer) is waited for whole
-_RAW_METHODS = {b"GET": "GET", b"POST": "POST"}  # what the raw path takes (HEAD: the cycle's way)
+# what the raw path takes, by the request's first bytes (HEAD: the cycle's way)
+_RAW_METHODS = {b"GET ": "GET", b"POST ": "POST"}
 # headers that change what the edge does with a request (framing, 100-continue, an upgrade, a hop
 # through another replica): such a request goes httptools' way
-_RAW_NOT = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", VIA_HEADER.encode()})
+_RAW_NOT = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", VIA_HEADER.encode(),
+                      b"connection"})  # (but connection: keep-alive)
 
 
 def set_replica(replica_id: str) -> None:
@@ -386,6 +388,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         nothing done: the request goes httptools' way as before."""
         if len(data) > self._head_limit:
             return False  # (the cycle's way counts its head and refuses one too large)
+        method = _RAW_METHODS.get(data[:4]) or _RAW_METHODS.get(data[:5])
+        if method is None:
+            return False
         rp = self._rp
         if rp is None:
             rp = self._rp = _RawParse()
@@ -402,15 +407,15 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             if rp.begun != rp.ended:
                 self._rp = None  # stopped within a request
             return False
-        method = _RAW_METHODS.get(parser.get_method())
         target = rp.url
         raw_path, _, qs = target.partition(b"?")  # (what httptools.parse_url makes of such a target)
-        if method is None or parser.get_http_version() != "1.1" or not parser.should_keep_alive() \
-                or target[:1] != b"/" or target[:2] == b"//" or b"%" in raw_path or b"#" in target:
+        at = len(method) + 1 + len(target)  # the request line as parsed: "METHOD target HTTP/1.1"
+        if data[at:at + 11] != b" HTTP/1.1\r\n" or target[:1] != b"/" or target[:2] == b"//" \
+                or b"%" in raw_path or b"#" in target:
             return False
-        for k, _ in headers:
-            if k in _RAW_NOT:
-                return False
+        for k, v in headers:
+            if k in _RAW_NOT and (k != b"connection" or v.lower() != b"keep-alive"):
+                return False  # (connection: close, or naming headers to drop)
         body = rp.body
         if len(body) > BODY_IN_WHOLE:
             return False
@@ -430,15 +435,16 @@ class EdgeHttpProtocol(HttpToolsProtocol):
 
     def raw_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
         """The raw request's whole answer in one write, as _Direct.send_now writes it; False, with
-        nothing done, when it needs the cycle's way (a client not reading, a header uvicorn refuses)."""
+        nothing done, when it needs the cycle's way (a client not reading). The caller vouches for the
+        headers: what send_now checks (uvicorn's HEADER_RE, HEADER_VALUE_RE) they pass, as any that
+        httptools parsed do (tests/unit/test_raw_path.py holds httptools to that)."""
         transport = self.transport
         if self._raw_req is None:
             return False
         if transport.is_closing():
             self._raw_done()  # the client left: nobody to answer
             return True
-        if self.flow.write_paused or HEADER_RE.search(b"".join([k for k, _ in headers])) or \
-                HEADER_VALUE_RE.search(b"".join([v for _, v in headers])):
+        if self.flow.write_paused:
             return False
         dh = self.server_state.default_headers
         if dh is not self._dh_of:  # a new list each second (the date)

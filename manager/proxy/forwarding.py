@@ -15,6 +15,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
 from shared.config import Config
 
 CONSOLE_COOKIE = "tsm_console"
@@ -39,6 +41,9 @@ class HeaderRules:
         self.tokens = [t.encode() for t in (cfg.admin_token, cfg.internal_token, *cfg.api_keys) if t]
         csp = cfg.proxy.response_csp.strip()
         self.added = [(_CSP, csp.encode()), _NOSNIFF] if csp else [_NOSNIFF]
+        # what uvicorn checks of every header it sends (its _Direct.send_now too), once for these
+        self.added_valid = not any(HEADER_RE.search(k) or HEADER_VALUE_RE.search(v) for k, v in self.added)
+        self._lone_cookies: dict[bytes, bool] = {}  # a lone cookie's bytes -> whether it goes on
 
     def is_own_token(self, value: bytes) -> bool:
         """value (or its credential after a scheme such as Bearer) is one of the manager's tokens."""
@@ -56,9 +61,13 @@ class HeaderRules:
                 continue
             if k == _COOKIE:
                 if b";" not in v:  # one cookie (XAgent's node_id): the same test without the list
-                    if v.split(b"=", 1)[0].strip() in self.private_cookies:
-                        continue
-                    out.append((k, v))
+                    keep = self._lone_cookies.get(v)
+                    if keep is None:
+                        if len(self._lone_cookies) >= 10_000:
+                            self._lone_cookies.clear()
+                        keep = self._lone_cookies[v] = v.split(b"=", 1)[0].strip() not in self.private_cookies
+                    if keep:
+                        out.append((k, v))
                     continue
                 kept = [c for c in v.split(b";") if c.strip().split(b"=", 1)[0].strip() not in self.private_cookies]
                 if not kept:

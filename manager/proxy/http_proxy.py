@@ -211,7 +211,7 @@ class Proxy:
         if node_id is None:
             return False
         rec = rt.cache.get(node_id)
-        if rec is None or rec.status != NodeStatus.RUNNING:
+        if rec is None or rec.status is not _RUNNING:
             return False
         if self.client_keys:
             try:
@@ -375,6 +375,7 @@ class Proxy:
 
 
 _PLAIN = (b"keep-alive", b"close")
+_RUNNING = NodeStatus.RUNNING
 
 
 class _Flight:
@@ -507,7 +508,9 @@ class _RawFlight(_Flight):
         return self.reply
 
     def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes) -> None:
-        if self.reply is None and self.edge.raw_answer(status, raw, body):
+        # the node's headers came through httptools, which refuses what uvicorn would; the proxy's
+        # own added ones were checked once (HeaderRules.added_valid)
+        if self.reply is None and self.proxy.rules.added_valid and self.edge.raw_answer(status, raw, body):
             return
         super()._deliver(status, raw, body)
 

@@ -134,6 +134,7 @@ class _Conn(asyncio.Protocol):
         self.deadline = 0.0
         self.timeout: float | None = None
         self.body_seen = False
+        self.chunks: collections.deque[bytes] = collections.deque()
         self._reset()
 
     def _reset(self) -> None:
@@ -151,7 +152,7 @@ class _Conn(asyncio.Protocol):
         self.head_ok = False
         self.head_exc: BaseException | None = None
         self._head_fut: asyncio.Future[None] | None = None
-        self.chunks: collections.deque[bytes] = collections.deque()
+        self.chunks.clear()  # (every reader takes what it reads out of it)
         self.buffered = 0
         self.interim = False
         self.complete = False

@@ -343,3 +343,28 @@ async def test_a_shutdown_during_a_raw_request_answers_it_then_closes() -> None:
         assert b"connection: close\r\n" in edge.transport.data
 
     await with_node(run)
+
+
+def test_httptools_refuses_every_node_header_uvicorn_would_refuse_to_send() -> None:
+    # the raw path writes a node's headers without uvicorn's checks (HEADER_RE, HEADER_VALUE_RE),
+    # since the node's answer was parsed by httptools: this holds httptools to refusing them all
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    class Headers:
+        def __init__(self) -> None:
+            self.seen: list[tuple[bytes, bytes]] = []
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.seen.append((name, value))
+
+    for c in range(256):
+        for name, value in ((b"x-" + bytes([c]), b"v"), (b"x", b"a" + bytes([c]) + b"b")):
+            got = Headers()
+            try:
+                httptools.HttpResponseParser(got).feed_data(
+                    b"HTTP/1.1 200 OK\r\n" + name + b": " + value + b"\r\ncontent-length: 0\r\n\r\n")
+            except httptools.HttpParserError:
+                continue
+            for k, v in got.seen:
+                assert not HEADER_RE.search(k.lower()) and not HEADER_VALUE_RE.search(v), (k, v)
