@@ -132,8 +132,9 @@ class Proxy:
         self._counters: dict[tuple[str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
         # node id -> (its cached record, the confirmed address entry, (host, port), the head's host and
-        # secret lines): what start() sends a session's requests by while both entries are the ones cached
-        self._routes: dict[str, tuple[NodeRecord, Any, tuple[str, int], bytes]] = {}
+        # secret lines, its container id): what start() sends a session's requests by while both entries
+        # are the ones cached
+        self._routes: dict[str, tuple[NodeRecord, Any, tuple[str, int], bytes, str]] = {}
 
     async def handle(self, request: Request) -> Response:
         """The node's answer to a request of the ASGI app, streamed back as it comes."""
@@ -219,7 +220,7 @@ class Proxy:
             except ManagerError:
                 return False
         route = self._routes.get(rec.id)
-        if route is None or route[0] is not rec or rt.addresses.get(rec.cid) is not route[1]:
+        if route is None or route[0] is not rec or rt.addresses.get(route[4]) is not route[1]:
             route = self._route(rec)
             if route is None:
                 return False
@@ -254,7 +255,7 @@ class Proxy:
         self.pool.send(conn, b"".join(lines), flight, self._timeouts.get(path, self._default_timeout))
         return True
 
-    def _route(self, rec: NodeRecord) -> tuple[NodeRecord, Any, tuple[str, int], bytes] | None:
+    def _route(self, rec: NodeRecord) -> tuple[NodeRecord, Any, tuple[str, int], bytes, str] | None:
         """What start() needs of a node it may reach straight (target() without an await): its
         address as the engine (or its owner) confirmed it, and its secret; None otherwise."""
         rt = self.rt
@@ -267,7 +268,7 @@ class Proxy:
             rec.host.encode(), rec.port, _SECRET, rt.store.secrets.of(rec).encode())
         if len(self._routes) > 100_000:
             self._routes.clear()
-        route = self._routes[rec.id] = (rec, confirmed, (rec.host, rec.port), host_line)
+        route = self._routes[rec.id] = (rec, confirmed, (rec.host, rec.port), host_line, rec.cid)
         return route
 
     def failed(self, rec: NodeRecord, host: str, port: int, exc: UpstreamError, path: str,
