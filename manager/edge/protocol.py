@@ -325,8 +325,9 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             lim.by_address[address] += 1
         self._arm()
         app = self.app
+        # (an access log, a root path or a concurrency limit are the cycle's: the raw path has none)
         if getattr(app, "raw", None) is not None and not self.root_path and self.limit_concurrency is None \
-                and not (self.server and self.server[1] == app.console_port):
+                and not self.access_log and not (self.server and self.server[1] == app.console_port):
             self._raw_app = app
 
     def connection_lost(self, exc: Exception | None) -> None:
