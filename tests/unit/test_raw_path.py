@@ -158,6 +158,8 @@ class Edge:
         state = ServerState()
         state.default_headers = DATE
         self.protocol = EdgeHttpProtocol(ucfg, state, {}, asyncio.get_running_loop(), Limits())
+        # as in the manager (access_log: False); here pytest's log capture would give it a handler
+        self.protocol.access_log = False
         self.transport = Transport()
         self.protocol.connection_made(self.transport)  # type: ignore[arg-type]
         if not raw:
