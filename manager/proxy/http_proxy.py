@@ -361,6 +361,22 @@ class Proxy:
             metrics.DEFERRED.observe(hist, time.perf_counter() - t0)
         self._count(path, status)
 
+    def _answered(self, path: str, t0: float, status: int, sent: int) -> None:
+        """_observe, and the answer's bytes counted (PROXY_BYTES_OUT)."""
+        if metrics.MULTIPROCESS:
+            self._observe(path, t0, status)
+            if sent:
+                metrics.DEFERRED.inc(metrics.PROXY_BYTES_OUT, sent)
+            return
+        hist = self._histograms.get(path)
+        if hist is None:
+            hist = self._histograms[path] = metrics.PROXY_SECONDS.labels(path)
+        key = (path, status // 100)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = metrics.PROXY_REQUESTS.labels(path, metrics.status_class(status))
+        metrics.DEFERRED.answered(hist, time.perf_counter() - t0, child, metrics.PROXY_BYTES_OUT, sent)
+
     def _count(self, path: str, code: int) -> None:
         key = (path, code // 100)
         child = self._counters.get(key)
@@ -453,9 +469,7 @@ class _Flight:
         else:
             conn.abort()
         proxy.rt.activity.end(rec.id)
-        proxy._observe(self.path, self.t0, status)
-        if body:
-            metrics.DEFERRED.inc(metrics.PROXY_BYTES_OUT, len(body))
+        proxy._answered(self.path, self.t0, status, len(body))
         self._deliver(status, proxy.rules.from_node(headers, HOP_BY_HOP), body)
 
     def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes) -> None:

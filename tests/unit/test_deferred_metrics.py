@@ -38,3 +38,16 @@ async def test_deferred_observations_and_counts_render_as_direct_ones() -> None:
     hist_a.labels("/x").observe(0.2)
     deferred.flush()
     assert _text(reg_a) == _text(reg_b)
+
+
+async def test_a_proxied_answers_three_counts_in_one_call_render_as_direct_ones() -> None:
+    reg_a, hist_a, count_a, reg_b, hist_b, count_b = _pair()
+    sent_a, sent_b = (Counter("t_bytes", "t", registry=r) for r in (reg_a, reg_b))
+    deferred = Deferred(delay=3600)
+    for x, n in ((0.0004, 25), (0.2, 0), (3.0, 100)):
+        hist_a.labels("/x").observe(x)
+        count_a.labels("/x").inc()
+        sent_a.inc(n)
+        deferred.answered(hist_b.labels("/x"), x, count_b.labels("/x"), sent_b, n)
+    deferred.flush()
+    assert _text(reg_a) == _text(reg_b)
