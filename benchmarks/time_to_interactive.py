@@ -285,8 +285,9 @@ class CpuWindow:
         return {"wall": time.monotonic(), "host": host_busy_seconds(), "replica": cpu_seconds([self.replica_pid]),
                 "dockerd": cpu_seconds([dockerd_pid()]), "client": cpu_seconds([os.getpid()])}
 
-    def end(self) -> str:
-        """The window's split, as a line; nodes counted are those alive at both readings."""
+    def end(self, sessions: int = 0) -> str:
+        """The window's split, as a line (and per session when sessions > 0); nodes counted are
+        those alive at both readings."""
         before = self.nodes
         a, b = self.start, self._read()
         d = {k: b[k] - a[k] for k in a}
@@ -300,7 +301,11 @@ class CpuWindow:
                 f"{d['host']:.1f} s; the replica {d['replica']:.2f}, its nodes {d['nodes']:.2f} ({len(both)} alive "
                 f"throughout; throttled "
                 f"{int(d['throttled_periods'])} periods, {d['throttled']:.2f} s), dockerd {d['dockerd']:.2f}, "
-                f"this client {d['client']:.2f}, the rest of the machine {other:.2f}")
+                f"this client {d['client']:.2f}, the rest of the machine {other:.2f}"
+                + (f"; CPU ms per session: replica {1000 * d['replica'] / sessions:.1f}, nodes "
+                   f"{1000 * d['nodes'] / sessions:.1f}, dockerd {1000 * d['dockerd'] / sessions:.1f}, client "
+                   f"{1000 * d['client'] / sessions:.1f}, rest {1000 * other / sessions:.1f}, all busy "
+                   f"{1000 * d['host'] / sessions:.1f}" if sessions else ""))
 
 
 def node_secret(container_id: str) -> str:
@@ -473,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             results["pool by demand, next burst"] = asyncio.run(
                 run_pattern("burst", dm.url, args.n, 0, releaser(dm.url) if args.release_during_burst else held.append))
             cpu, wall = cpu_seconds([dm.proc.pid]) - cpu0, time.monotonic() - wall0
-            cpu_note = window.end()
+            cpu_note = window.end(args.n)
             for node_id in held:
                 releaser(dm.url)(node_id)
             hits = _metric(dm.url, 'toolserver_pool_claims_total{result="hit"') - hits0
