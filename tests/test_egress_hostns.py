@@ -21,6 +21,7 @@ from testing.hosts import PrivateEngine, sh
 from testing.internet import Internet, internet, routed_to
 from tests.conftest import ADMIN_TOKEN, wait_for
 from tests.test_egress_enforce import assert_applied_within_a_second, probe, session
+from tests.test_egress_tls import checked
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -63,6 +64,15 @@ def test_enforced_in_the_engines_namespace_from_a_manager_outside_it(private_eng
     assert out[6]["what"] == "ECONNREFUSED", out[6]
     table = sh("nft", "list", "set", "inet", mine[0], "learned", ns=ns).stdout
     assert net.names["allowed.test"] in table, table
+    # 443 is checked in the kernel's queue there: its rule and its reader's socket in that namespace
+    assert "NFQUEUE" in sh("iptables", "-t", "mangle", "-S", "TSM-EGRESSQ", ns=ns).stdout
+    assert "egress_tlsqueue_bound" in m.logs()
+    out = probe(c, ["tls", shared, 443, "a.shared.test", "a.shared.test"],
+                ["tls", shared, 443, "b.shared.test", "b.shared.test"])
+    assert '"host": "a.shared.test"' in out[0].get("body", ""), out
+    assert "error" in out[1], out
+    assert wait_for(lambda: checked(m.url)["refused"] >= 1 and checked(m.url), timeout=30,
+                    what="the queue's verdicts counted")["allowed"] >= 1
 
     # a change is in force there within the feature's second, as on the manager's own host
     result: list[Any] = []
