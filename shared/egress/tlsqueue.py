@@ -211,9 +211,9 @@ class TlsQueue:
         key = seg.key
         with self.lock:
             if seg.syn:  # where the stream starts (a new connection on this tuple starts afresh)
-                flow = self.flows[key] = Flow(Hello(seg.seq))
+                new = self.flows[key] = Flow(Hello(seg.seq))
                 if seg.payload:  # TCP Fast Open: bytes that would reach the server before any check
-                    self._decide(flow, key, False, "", "data in the SYN", pkt)
+                    self._decide(new, key, False, "", "data in the SYN", pkt)
                     return
                 self._verdict(pkt, 0)
                 return
