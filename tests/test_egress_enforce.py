@@ -637,9 +637,14 @@ def test_a_standby_replica_takes_the_resolver_over_when_its_holder_stops(start_m
     assert probe(c, ["http", "http://allowed.test/"])[0].get("status") == 200
     first.stop()
     wait_for(lambda: "egress_resolver_serving" in second.logs(), what="the standby taking over")
+    allowed = net.names["allowed.test"]
     out = probe(c, ["dns", "other.test"], ["http", "http://allowed.test/"],
-                ["connect", net.names["other.test"], 80])
+                ["connect", net.names["other.test"], 80],
+                # 443's queue is read by the replica that took over (an unread one resets everything)
+                ["tls", allowed, 443, "allowed.test", "allowed.test"], ["tls", allowed, 443, "other.test", "other.test"])
     assert out[0]["rcode"] == 3 and out[1].get("status") == 200 and out[2]["what"] == "ECONNREFUSED", out
+    assert '"host": "allowed.test"' in out[3].get("body", "") and "error" in out[4], out
+    assert "egress_tlsqueue_bound" in second.logs()
     c.post("/release_session")
 
 
