@@ -212,7 +212,7 @@ class Proxy:
         if node_id is None:
             return False
         rec = rt.cache.get(node_id)
-        if rec is None or rec.status is not _RUNNING:
+        if rec is None or rec.status != _RUNNING:  # (not `is`: a record may hold the plain string)
             return False
         if self.client_keys:
             try:

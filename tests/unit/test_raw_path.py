@@ -143,8 +143,10 @@ class Edge:
             cfg=cfg, manager_id=cfg.manager_id, cache=AddressCache(60), addresses=ConfirmedAddresses(),
             circuits=Circuits(), activity=ActivityRecorder(None, 1.0),  # type: ignore[arg-type]
             store=types.SimpleNamespace(secrets=types.SimpleNamespace(of=lambda rec: SECRET)))
-        self.rec = NodeRecord(id=NID, manager_id=cfg.manager_id, status=NodeStatus.RUNNING, host="127.0.0.1",
-                              port=node.port, container_id="c" * 64)
+        # as the store reads it from Redis (its status the plain string, not the enum's member)
+        self.rec = NodeRecord.from_hash({"id": NID, "manager_id": cfg.manager_id, "status": "running",
+                                         "host": "127.0.0.1", "port": str(node.port), "container_id": "c" * 64})
+        assert self.rec.status == NodeStatus.RUNNING
         rt.cache.put(self.rec)
         rt.addresses.put(self.rec.cid, self.rec.id, Address("127.0.0.1", node.port))
         self.proxy = Proxy(rt, Resolver(self.rec))  # type: ignore[arg-type]
