@@ -305,6 +305,11 @@ def remove(ipt: Iptables = HERE) -> None:
         if ipt("-n", "-L", chain, check=False).returncode == 0:
             ipt("-F", chain)
             ipt("-X", chain)
+    while ipt("-t", "mangle", "-D", "FORWARD", "-j", QUEUE_CHAIN, check=False).returncode == 0:
+        pass
+    if ipt("-t", "mangle", "-n", "-L", QUEUE_CHAIN, check=False).returncode == 0:
+        ipt("-t", "mangle", "-F", QUEUE_CHAIN)
+        ipt("-t", "mangle", "-X", QUEUE_CHAIN)
 
 
 def _render(chain: str, rule: list[str]) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -332,3 +333,35 @@ def test_thousands_of_connections_are_looked_up_and_marked_at_once() -> None:
         assert ct.set_mark(made_up, 0x08000000, 0x04000000) == 0
     finally:
         ct.close()
+
+
+QUEUE_RULES = r"""
+import json, subprocess
+from shared import firewall as f
+def mangle():
+    return [line for line in subprocess.run(["iptables", "-t", "mangle", "-S"], capture_output=True, text=True,
+                                            check=True).stdout.splitlines() if "TSM-" in line]
+f.sync_queue("tsmoq1", 1234, 0x02000000)
+f.sync_queue("tsmoq1", 1234, 0x02000000)  # again: nothing added twice
+f.sync_queue("tsmoq2", 4321, 0x02000000)
+once = mangle()
+f.sync_queue("tsmoq1", None, 0x02000000)
+without = mangle()
+f.remove()
+print("QUEUE" + json.dumps({"once": once, "without": without, "removed": mangle()}))
+"""
+
+
+def test_the_queue_rules_are_kept_exact_and_removed_with_the_rest() -> None:
+    # in a network namespace of its own (unshare): the machine's tables are not touched
+    out = subprocess.run(["unshare", "--net", sys.executable, "-c", QUEUE_RULES], capture_output=True, text=True,
+                         timeout=60, cwd=str(Path(__file__).resolve().parents[1]))
+    assert "QUEUE" in out.stdout, (out.stdout, out.stderr)
+    got = json.loads(out.stdout.split("QUEUE", 1)[1])
+    rule = "-j NFQUEUE --queue-num {} --queue-bypass"
+    assert sorted(got["once"]) == sorted([
+        "-N TSM-EGRESSQ", "-A FORWARD -j TSM-EGRESSQ",
+        "-A TSM-EGRESSQ -i tsmoq1 -m mark --mark 0x2000000/0x2000000 " + rule.format(1234),
+        "-A TSM-EGRESSQ -i tsmoq2 -m mark --mark 0x2000000/0x2000000 " + rule.format(4321)]), got
+    assert not any("tsmoq1" in line for line in got["without"]) and any("tsmoq2" in line for line in got["without"])
+    assert got["removed"] == [], got  # firewall.remove takes the chain and its jump away too
