@@ -56,11 +56,16 @@ def test_a_change_made_on_one_host_is_in_force_on_a_session_of_the_other(world: 
     assert nft.TABLE_PREFIX in tables, tables
     here = sh("nft", "list", "tables").stdout.split()
     assert not [t for t in tables.split() if t.startswith(nft.TABLE_PREFIX) and t in here], (tables, here)
+    allowed = net.names["allowed.test"]
     out = probe(c, ["http", "http://allowed.test/"], ["dns", "other.test"],
-                ["connect", net.names["other.test"], 80])
-    assert out[0].get("status") == 200 and out[0]["body"]["addr"] == net.names["allowed.test"], out
+                ["connect", net.names["other.test"], 80],
+                ["tls", allowed, 443, "allowed.test", "allowed.test"], ["tls", allowed, 443, "other.test", "other.test"])
+    assert out[0].get("status") == 200 and out[0]["body"]["addr"] == allowed, out
     assert out[1]["rcode"] == 3, out  # NXDOMAIN, from host2's resolver
     assert out[2]["what"] == "ECONNREFUSED" and out[2]["ms"] < 100, out
+    # 443 checked in host2's own queue (its namespace, its agent)
+    assert '"host": "allowed.test"' in out[3].get("body", "") and "error" in out[4], out
+    assert "egress_tlsqueue_bound" in h2.manager.logs()
 
     result: list[Any] = []
     # the node tries other.test every 10 ms while an admin opens it through host1's replica
