@@ -62,7 +62,9 @@ async def test_records_lease_fencing_and_intents_on_the_cluster(cstore: Store, c
     assert set((await store.node_stamps([r.id for r in recs])).keys()) == {r.id for r in recs}
     assert await store.manager_ids() == sorted(mgrs)
 
-    a, b = Lease(store, "m0", "A", ttl=0.6), Lease(store, "m0", "B", ttl=0.6)
+    # A's lease lapses on its own; B's outlives making the renewer's cluster client (discovery took
+    # longer than a 0.6 s lease once, on a loaded machine, and the renewal of a lapsed B failed)
+    a, b = Lease(store, "m0", "A", ttl=0.6), Lease(store, "m0", "B", ttl=60)
     assert await a.acquire() and a.token == 1
     assert not await b.acquire()
     ev = Event(type="node_stopped", node_id=recs[0].id, manager_id="m0")
