@@ -49,11 +49,15 @@ class BatchedHgetall:
                     for key in waiting:
                         p.hgetall(key)
                     replies = await p.execute()
-        except BaseException as exc:  # every caller hears it, cancelled or not (a caller may have left)
+        except BaseException as exc:  # every caller still waiting hears it (a caller may have left)
             for futs in waiting.values():
                 for f in futs:
-                    if not f.done():
-                        f.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                    if f.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        f.set_exception(exc)
+                    else:  # the pipeline's task was cancelled (the loop closing): so are its callers
+                        f.cancel()
             if not isinstance(exc, Exception):
                 raise
             return
