@@ -60,6 +60,7 @@ class Checker:
         self._rebuild = True  # the first pass of a lease holder takes ownerless workspaces for sessions
         self._orphans: dict[str, float] = {}  # workspace -> when first seen without a session
         self._seen_live: dict[str, float] = {}  # replica id -> when this lease holder last saw it registered
+        self._judging_since = 0.0  # when this process took the lease (monotonic)
 
     # --- leadership -------------------------------------------------------------
     async def run(self) -> None:
@@ -214,6 +215,7 @@ class Checker:
         self._rebuild = True
         self._orphans = {}
         self._seen_live = {}
+        self._judging_since = time.monotonic()
         for c in await self.backend.nodes(self.mid, Role.TEST):
             await self.backend.remove(c.id)
             metrics.CHECKER_ACTIONS.labels(self.mid, "remove_test").inc()
@@ -233,19 +235,24 @@ class Checker:
             claim_timeout_seconds=self.cfg.pool.claim_timeout_seconds,
             unwatched_seconds=self.cfg.events.stop_after_unwatched_seconds)
 
-    def _live(self, registered: set[str]) -> set[str]:
-        """The registered replicas, and those registered a moment ago: one lapsed entry is not a death.
+    def _live(self, registered: set[str]) -> set[str] | None:
+        """The registered replicas, and those registered a moment ago: one lapsed entry is not a death
+        (None: too soon to call any replica dead).
 
         A live replica whose beat was late (its event loop or Redis slow for a few seconds) lost its
         entry, and the checker removed the node it was creating under its client (a 503 "its
-        container was removed" right after a two-pod install). Dead is now absent for one more TTL
-        after the entry expired; a new lease holder has seen nobody yet and judges at once, as before.
+        container was removed" right after a two-pod install). Dead is absent for one more TTL after
+        the entry expired. A new lease holder has seen nobody yet, so it judges nobody for one TTL:
+        a pod whose first beats failed (the bundled Redis still starting) was never registered, and
+        the new holder removed the node it was creating (test_kubernetes, full run s8).
         """
         now = time.monotonic()
         for rid in registered:
             self._seen_live[rid] = now
         grace = self.cfg.cluster.replica_ttl_seconds
         self._seen_live = {rid: t for rid, t in self._seen_live.items() if now - t <= grace}
+        if now - self._judging_since <= grace:
+            return None
         return set(self._seen_live)
 
     async def cycle(self) -> reconcile.Plan:
