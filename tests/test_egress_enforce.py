@@ -231,9 +231,9 @@ print("PROBE" + json.dumps(out))
 """
 
 
-def probe(c: httpx.Client, *steps: list[Any]) -> list[dict[str, Any]]:
-    """Run steps inside the cookie's node; their outcomes."""
-    cmd = f"python3 -c {shlex.quote(NODE_PROBE)} {shlex.quote(json.dumps(steps))}"
+def probe(c: httpx.Client, *steps: list[Any], script: str = NODE_PROBE) -> list[dict[str, Any]]:
+    """Run steps inside the cookie's node (through a probe script printing PROBE and its outcomes)."""
+    cmd = f"python3 -c {shlex.quote(script)} {shlex.quote(json.dumps(steps))}"
     r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
                timeout=120)
     assert r.status_code == 200, r.text

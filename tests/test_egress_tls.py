@@ -5,7 +5,6 @@ the SNI decides as the proxy's check did, and an allowed connection is forwarded
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from testing.harness import report
 from testing.internet import Internet, internet
 from tests.conftest import ADMIN_TOKEN, wait_for
 from tests.test_egress_enforce import enforcing, session
+from tests.test_egress_enforce import probe as enforce_probe
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -197,14 +197,8 @@ print("RAW" + json.dumps({"outcome": out}))
 
 
 def probe(c: httpx.Client, *steps: list[Any]) -> list[dict[str, Any]]:
-    """Run steps inside the cookie's node; their outcomes."""
-    cmd = f"python3 -c {shlex.quote(TLS_PROBE)} {shlex.quote(json.dumps(steps))}"
-    r = c.post("/execute_tool", json={"tool_name": "shell_command_executor", "arguments": {"command": cmd}},
-               timeout=120)
-    assert r.status_code == 200, r.text
-    display = r.json()["data"]["display"]
-    assert "PROBE" in display, display
-    return json.loads(display.split("PROBE", 1)[1].strip().splitlines()[0])  # type: ignore[no-any-return]
+    """Run TLS_PROBE's steps inside the cookie's node; their outcomes."""
+    return enforce_probe(c, *steps, script=TLS_PROBE)
 
 
 def raw_probe(docker_client: docker.DockerClient, node_id: str, *args: str) -> str:
