@@ -507,14 +507,7 @@ class _RawFlight(_Flight):
 
     def __init__(self, proxy: Proxy, edge: RawEdge, rec: NodeRecord, key: tuple[str, int], path: str,
                  has_body: bool) -> None:
-        # (_Flight's, without the call)
-        self.proxy = proxy
-        self.reply = None
-        self.rec = rec
-        self.key = key
-        self.path = path
-        self.has_body = has_body
-        self.t0 = time.perf_counter()
+        super().__init__(proxy, None, rec, key, path, has_body)
         self.edge = edge
 
     def _reply(self) -> Reply:
