@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import stat
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -311,9 +312,39 @@ async def download_file(request):
     if file_path.startswith(prefix):
         file_path = file_path[len(prefix):]
     real = paths.resolve(file_path, what="File")
-    if not os.path.isfile(real):
-        raise NodeError(404, f"File {file_path} not found in workspace.")
-    return FileResponse(real, filename=os.path.basename(real), media_type=file_type)
+    small = _small_file(real)
+    if small is None:
+        if not os.path.isfile(real):
+            raise NodeError(404, f"File {file_path} not found in workspace.")
+        return FileResponse(real, filename=os.path.basename(real), media_type=file_type)
+    data, st = small
+    # FileResponse's headers (etag, last-modified, disposition, type), with the bytes already read:
+    # its four thread hops (stat, open, read, close) cost a small file ten times its read
+    head = FileResponse(real, filename=os.path.basename(real), media_type=file_type, stat_result=st)
+    answer = Response(data)
+    answer.raw_headers = head.raw_headers
+    return answer
+
+
+SMALL_FILE = 65536  # read on the loop: a page-cache read this size takes microseconds
+
+
+def _small_file(real: str):
+    """(bytes, stat) of a regular file of at most SMALL_FILE bytes, else None (missing, large, not a file)."""
+    try:
+        # O_NONBLOCK: a FIFO put in the file's place after resolve must not block the loop on open
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > SMALL_FILE:
+            return None
+        data = os.read(fd, SMALL_FILE + 1)
+    finally:
+        os.close(fd)
+    # a file that changed size between fstat and read: the headers would lie, so FileResponse's way
+    return (data, st) if len(data) == st.st_size else None
 
 
 async def download_workspace(request):

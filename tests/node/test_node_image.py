@@ -351,6 +351,28 @@ def test_upload_download_10mb_identical(node):
     assert r.content == b"from xagent" and r.headers["content-type"].startswith("text/plain")
 
 
+def test_small_and_large_downloads_carry_the_same_headers(node):
+    """A file up to 64 KiB is read on the loop, a larger one streamed: a client cannot tell them apart."""
+    for name, size in (("small.bin", 65536), ("large.bin", 65537), ("empty.bin", 0)):
+        data = os.urandom(size)
+        assert node.post("/upload_file", files={"file": (name, data)}).status_code == 200
+        r = node.post("/download_file", json={"file_path": name})
+        assert r.status_code == 200 and r.content == data, name
+        assert set(r.headers) == {"content-type", "content-length", "accept-ranges", "content-disposition",
+                                  "last-modified", "etag", "date"}, (name, r.headers)
+        assert r.headers["content-length"] == str(size) and r.headers["accept-ranges"] == "bytes"
+        assert r.headers["content-disposition"] == f'attachment; filename="{name}"'
+        assert r.headers["content-type"] == "application/octet-stream"
+        again = node.post("/download_file", json={"file_path": name, "file_type": "text/csv"})
+        assert again.headers["etag"] == r.headers["etag"] and again.headers["content-type"].startswith("text/csv")
+    # a FIFO in a file's place is never opened for a blocking read: the node answers at once
+    node.tool("shell_command_executor", command="mkfifo /app/workspace/pipe")
+    r = node.post("/download_file", json={"file_path": "pipe"})
+    assert r.status_code == 404, r.text
+    assert node.http.get("/").status_code == 200
+    node.tool("shell_command_executor", command="rm -f pipe small.bin large.bin empty.bin")
+
+
 def test_upload_is_streamed_to_disk(node):
     """A 64 MB upload must not be held in memory: the node's peak RSS stays far below it."""
     size = 64 * 1024 * 1024
