@@ -69,3 +69,59 @@ def test_a_replica_stalled_past_its_ttl_keeps_its_creation(start_manager, redis_
     with httpx.Client(base_url=b.url, cookies={"node_id": node_id}, timeout=30) as c:
         assert c.post("/get_available_tools").status_code == 200
     assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"running"
+
+
+def test_a_new_lease_holder_keeps_an_unregistered_replicas_creation(start_manager, redis_client: redis.Redis,
+                                                                    prefix: str, manager_id: str) -> None:
+    """A replica creating a node but absent from the registry (its first heartbeats failed: the
+    chart's bundled Redis still starting) keeps the node when another replica takes the checker
+    lease meanwhile: a new holder calls no replica dead for its first replica TTL (test_kubernetes'
+    two-pod install got 502 "container is marked for removal" from the holder's first pass)."""
+    ttl = 10.0  # B's grace: A is registered again well within it, B's passes without A come first
+    cluster = {"heartbeat_seconds": 0.5, "replica_ttl_seconds": ttl}
+    # A's creation waits out its stop: its probe's deadline must not pass while it is stopped
+    node = {"creation_wait_seconds": 120}
+    lease_key = f"{prefix}:mgr:{manager_id}:lease"
+    # the holder before B, gone: its lease keeps B waiting until it lapses (deleted below)
+    redis_client.set(lease_key, "gone-replica:0", px=600_000)
+    b = start_manager("b", cluster=cluster, node=node, checker={"interval_seconds": 0.3, "lease_ttl_seconds": 3})
+    a = start_manager("a", cluster=cluster, node=node, builtin_monitor=False)  # A never holds the lease
+    out: dict[str, Any] = {}
+
+    def create() -> None:
+        with httpx.Client(base_url=a.url, timeout=180) as c:
+            out["resp"] = c.post("/get_cookie")
+
+    t = threading.Thread(target=create)
+    t.start()
+    (node_id,) = wait_for(lambda: creating_by(redis_client, prefix, manager_id, a.replica_id), timeout=60,
+                          interval=0.005, what="A's creating record")
+    a.signal(signal.SIGSTOP)
+    try:
+        # A is out of the registry: deleted, and it cannot beat again while stopped (a beat already
+        # on its way could land after the first delete)
+        entry = f"{prefix}:replica:{a.replica_id}"
+        wait_for(lambda: redis_client.delete(entry) == 0 and not redis_client.exists(entry), timeout=10,
+                 interval=0.2, what="A's registry entry to stay deleted")
+        redis_client.delete(lease_key)  # the old holder's lease lapses: B takes it
+        holder = wait_for(lambda: (redis_client.get(lease_key) or b"").decode(), timeout=30, interval=0.02,
+                          what="B to take the checker lease")
+        assert holder.startswith(b.replica_id + ":"), holder
+        token = holder.rsplit(":", 1)[1]
+        # two passes of B's: the first judged A's creation (removed it, before the grace), the
+        # second began after all the first did
+        stats = f"{prefix}:mgr:{manager_id}:checker_stats"
+        wait_for(lambda: int(redis_client.hget(stats, f"cycles:{token}") or 0) >= 2, timeout=60, interval=0.02,
+                 what="two checker passes of B")
+        assert not redis_client.exists(entry), "A registered while stopped: the passes did not judge it unregistered"
+        assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"creating", \
+            "B's first passes as lease holder removed an unregistered replica's creation"
+    finally:
+        a.signal(signal.SIGCONT)
+    t.join(timeout=180)
+    r = out["resp"]
+    assert r.status_code == 200, r.text
+    assert r.cookies["node_id"] == node_id
+    with httpx.Client(base_url=a.url, cookies={"node_id": node_id}, timeout=30) as c:
+        assert c.post("/get_available_tools").status_code == 200
+    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"running"
