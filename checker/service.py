@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 
 from checker import intents, reconcile
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 
 STORAGE_GC_CYCLES = 30  # one volume listing every 30 passes is enough for leftovers
+# an engine event brings a pass at once and one more this long after the last event: the engine
+# reports some changes before its listing shows them (dockerd 20.10 sends a kill's "die" while the
+# container still lists as running)
+EVENT_SETTLE_SECONDS = 1.0
 
 
 class Checker:
@@ -49,6 +54,7 @@ class Checker:
         self.upkeep = Upkeep(ops.store, cfg)
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        self._recheck_at: float | None = None  # the pass due after the engine's last event (monotonic)
         self._was_leader = False
         self._alive_at = time.monotonic()  # the lease loop's last turn: the keeper renews while it is recent
         self._filling = False
@@ -138,6 +144,11 @@ class Checker:
     async def _cycle_loop(self) -> None:
         interval = self.cfg.checker.interval_seconds
         while not self._stopping.is_set():
+            # cleared before the pass, not after: a change the engine reports during a pass brings
+            # another pass, not the next interval's
+            self._wake.clear()
+            if self._recheck_at is not None and self._recheck_at <= time.monotonic():
+                self._recheck_at = None  # this pass is the one due after the events
             if self.lease.token is not None and not self.lease.held:
                 self._step_down("lease could have expired before renewal")
             if self.lease.held:
@@ -156,24 +167,47 @@ class Checker:
                     log.warning("checker_cycle_failed manager_id=%s error=%s", self.mid, exc.detail)
                 except Exception:
                     log.exception("checker_cycle_crashed manager_id=%s", self.mid)
-            self._wake.clear()
+            wait = interval
+            if self._recheck_at is not None:
+                wait = min(wait, max(0.0, self._recheck_at - time.monotonic()))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _engine_events(self) -> None:
-        """Wake the cycle early when the engine reports a change to one of our containers."""
+        """Wake the cycle early when the engine reports a change to one of our containers.
+
+        The feed blocks in a thread of its own for as long as the checker runs (one stream held
+        open, no wakeup while nothing changes); the stop closes it, which ends the thread at once.
+        """
         loop = asyncio.get_running_loop()
-        stop = self._stopping.is_set
+        feed = self.backend.changes(self.mid)
+        ended = loop.create_future()
 
         def pump() -> None:
-            for _ in self.backend.changes(self.mid, stop):
-                loop.call_soon_threadsafe(self._wake.set)
-
-        while not self._stopping.is_set():
             try:
-                await loop.run_in_executor(None, pump)
-            except (EngineUnavailable, ManagerError):
-                await self._sleep(2.0)
+                while not self._stopping.is_set():
+                    try:
+                        for _ in feed:
+                            loop.call_soon_threadsafe(self._engine_changed)
+                        return  # closed
+                    except Exception:  # the feed retries the engine itself: this is a bug, not an outage
+                        log.exception("engine_events_crashed manager_id=%s", self.mid)
+                        time.sleep(2.0)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop already closed
+                    loop.call_soon_threadsafe(_resolve, ended)
+
+        threading.Thread(target=pump, name=f"engine-events-{self.mid}", daemon=True).start()
+        try:
+            await self._stopping.wait()
+        finally:
+            feed.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(ended), 10)
+
+    def _engine_changed(self) -> None:
+        self._recheck_at = time.monotonic() + EVENT_SETTLE_SECONDS
+        self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -422,6 +456,11 @@ class Checker:
         except LeaseLost:
             return False
         return True
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _count(p: reconcile.Plan, records: list[NodeRecord]) -> dict[str, int]:

@@ -228,3 +228,20 @@ def test_checker_survives_a_dockerd_restart(private_engine: PrivateEngine, start
     assert lease_holder(redis_client, prefix, manager_id) == holder  # kept its lease through the outage
     wait_for(lambda: c.post("/").status_code == 200, timeout=20, what="the session serving again")
     c.post("/release_session")
+
+
+def test_a_container_killed_behind_the_managers_back_is_seen_at_once(
+        start_manager, docker_client: docker.DockerClient, redis_client: redis.Redis, prefix: str,
+        manager_id: str) -> None:
+    # passes five minutes apart (the lease must outlive one): within the test's minute only the
+    # engine's event can wake the checker
+    m = start_manager(checker={"interval_seconds": 300, "lease_ttl_seconds": 400})
+    c = httpx.Client(base_url=m.url, timeout=60)
+    assert c.post("/get_cookie").status_code == 200
+    node_id = c.cookies["node_id"]
+    wait_for(lambda: lease_holder(redis_client, prefix, manager_id), what="a lease holder")
+    wait_for(lambda: sum(cycles_by_token(redis_client, prefix, manager_id).values()) >= 1, what="a first pass")
+    wait_for(lambda: "engine_events_following" in m.logs(), what="the checker following the engine's events")
+    docker_client.containers.get(node_id).kill()
+    wait_for(lambda: redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"exited", timeout=60,
+             what="the killed node's record marked exited")

@@ -9,7 +9,7 @@ Proxy (a few abstract coroutines) and dockerspawner's create_object/remove_objec
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, NamedTuple
 
 import msgspec
@@ -17,7 +17,21 @@ import msgspec
 from shared.errors import BadRequest
 from shared.models import NodeStatus, Role
 
-__all__ = ["Address", "EngineInfo", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role", "WorkspaceInfo"]
+__all__ = ["Address", "Changes", "EngineInfo", "NewNode", "NodeBackend", "NodeInfo", "NodeStatus", "Role", "WorkspaceInfo"]
+
+
+class Changes(abc.ABC):
+    """A feed of one owner's node changes (NodeBackend.changes), iterated once, in a thread of its own:
+    it blocks until a node changes and yields its id, or None when anything may have changed unseen
+    (the feed began, or began again after a break: a full look is due); close() from any other thread
+    ends the iteration promptly."""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[str | None]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop following: the iteration ends now, not at the next change."""
 
 
 class Address(NamedTuple):
@@ -149,8 +163,8 @@ class NodeBackend(abc.ABC):
         """Facts about the engine for cluster-wide reads."""
 
     @abc.abstractmethod
-    def changes(self, owner: str, stop: Callable[[], bool]) -> Iterator[None]:
-        """Blocking: yields whenever a node of owner changes, until stop() (run it in a thread)."""
+    def changes(self, owner: str) -> Changes:
+        """A feed of owner's node changes (Changes: iterate it in a thread, close it to stop)."""
 
     @abc.abstractmethod
     async def close(self) -> None:

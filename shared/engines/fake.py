@@ -12,14 +12,14 @@ import itertools
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import msgspec
 
 from shared.config import Config
-from shared.engines.base import Address, EngineInfo, NewNode, NodeBackend, NodeInfo, WorkspaceInfo
+from shared.engines.base import Address, Changes, EngineInfo, NewNode, NodeBackend, NodeInfo, WorkspaceInfo
 from shared.errors import ContainerGone, EngineError
 from shared.models import NodeStatus
 
@@ -158,16 +158,8 @@ class FakeBackend(NodeBackend):
         return EngineInfo(name="fake", version="0", nodes=len(self._nodes), running=running,
                           stopped=len(self._nodes) - running, cpus=1, memory_bytes=self._cfg.memory_bytes)
 
-    def changes(self, owner: str, stop: Callable[[], bool]) -> Iterator[None]:
-        seen = self._version
-        while not stop():
-            with self._changed:
-                if self._version == seen:
-                    self._changed.wait(timeout=0.2)
-                current = self._version
-            if current != seen:
-                seen = current
-                yield None
+    def changes(self, owner: str) -> Changes:
+        return _FakeChanges(self)
 
     async def close(self) -> None:
         self._bump()
@@ -223,3 +215,30 @@ async def _no_output() -> AsyncIterator[bytes]:
 
 
 BACKEND = FakeBackend
+
+
+class _FakeChanges(Changes):
+    """Every change of the fake engine (it keeps no owner per event), woken by its condition."""
+
+    def __init__(self, fake: FakeBackend) -> None:
+        self._fake = fake
+        self._closed = False
+
+    def __iter__(self) -> Iterator[str | None]:
+        changed = self._fake._changed
+        with changed:
+            seen = self._fake._version
+        yield None
+        while True:
+            with changed:
+                while not self._closed and self._fake._version == seen:
+                    changed.wait()
+                if self._closed:
+                    return
+                seen = self._fake._version
+            yield None
+
+    def close(self) -> None:
+        with self._fake._changed:
+            self._closed = True
+            self._fake._changed.notify_all()

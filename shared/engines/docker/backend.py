@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import docker
@@ -36,7 +36,8 @@ from shared.engines.base import (
     WorkspaceInfo,
 )
 from shared.engines.docker import loopdisk
-from shared.engines.docker.client import Engine, docker_errors
+from shared.engines.docker.client import Engine
+from shared.engines.docker.events import EventFeed
 from shared.engines.docker.labels import (
     DROP_KWARGS,
     LABEL_CLIENT,
@@ -763,17 +764,9 @@ class DockerBackend(NodeBackend):
                           stopped=int(raw.get("ContainersStopped") or 0), cpus=int(raw.get("NCPU") or 0),
                           memory_bytes=int(raw.get("MemTotal") or 0), meta=meta)
 
-    def changes(self, owner: str, stop: Callable[[], bool]) -> Iterator[None]:
-        """Blocking generator, one item per container event of owner (run it in a thread)."""
-        since = time.time()
-        while not stop():
-            with docker_errors():
-                stream = self.client.api.events(since=since, decode=True,
-                                                filters={"type": "container", "label": owner_filter(owner)},
-                                                until=time.time() + 1.0)
-                for ev in stream:
-                    since = max(since, float(ev.get("time", since)))
-                    yield None
+    def changes(self, owner: str) -> EventFeed:
+        """owner's container events as one long-lived stream (events.py)."""
+        return EventFeed(self.engine.host, owner)
 
 
 NODE_CA_BUNDLE = "/etc/toolserver-manager/ca-bundle.pem"  # in the node: the host's CAs and the cluster's
