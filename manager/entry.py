@@ -131,7 +131,10 @@ class ManagerApp:
         that passes direct()'s checks, sent to its node as fast() sends one; False, with nothing done:
         the edge parses it as any other. Called only on the proxy's port."""
         methods = self.proxied.get(path)
-        if methods is None or method not in methods or self.client_keys or (qs and self._secret_in_query(qs)):
+        if methods is None or method not in methods or (qs and self._secret_in_query(qs)):
+            return False
+        # a request without a valid key goes the cycle's way, where __call__ answers its 401
+        if self.client_keys and not self.client_keys.allowed({"path": path, "headers": headers}):
             return False
         proxy = self._the_proxy
         if proxy is None:

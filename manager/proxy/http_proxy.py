@@ -200,9 +200,7 @@ class Proxy:
                   node_id: str | None, edge: RawEdge) -> bool:
         """start() for a request the edge parsed itself (manager/edge/protocol.py, the raw path): no
         scope and no cycle unless its answer needs one (_RawFlight); False, with nothing done, when
-        start() would refuse it, or the manager checks client keys (their checks want a scope)."""
-        if self.client_keys:
-            return False
+        start() would refuse it."""
         return self._launch(method, target, path, headers, node_id, None, None, edge, body)
 
     def _launch(self, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]],
@@ -216,7 +214,8 @@ class Proxy:
             return False
         if self.client_keys:
             try:
-                self.client_keys.check_bound(rec.client, scope, rec.id)  # type: ignore[arg-type]
+                # (the key's checks read only the headers: the raw path's are all there is)
+                self.client_keys.check_bound(rec.client, scope or {"headers": headers}, rec.id)
             except ManagerError:
                 return False
         route = self._routes.get(rec.id)

@@ -20,6 +20,7 @@ import starlette.applications
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from manager.edge.client_auth import ClientKeys
 from manager.edge.protocol import EdgeHttpProtocol, Limits, set_replica
 from manager.entry import ManagerApp
 from manager.proxy.http_proxy import Proxy
@@ -136,16 +137,21 @@ class Resolver:
 class Edge:
     """One client connection to a manager's edge, in front of the node."""
 
-    def __init__(self, node: Node, keep_alive: float = 5.0, raw: bool = True) -> None:
+    def __init__(self, node: Node, keep_alive: float = 5.0, raw: bool = True, keys: tuple[str, ...] = (),
+                 bound_to: str = "") -> None:
         paths = ["/", "/download_file", "/slow", "/big", "/slowbig", "/first", "/after"]
-        cfg = load_config(None, environ={}, overrides={"redirect_to_node_path": {"get": paths, "post": paths}})
+        overrides: dict[str, Any] = {"redirect_to_node_path": {"get": paths, "post": paths}}
+        if keys:
+            overrides["client_auth"] = {"api_keys": list(keys)}
+        cfg = load_config(None, environ={}, overrides=overrides)
         rt: Any = types.SimpleNamespace(
             cfg=cfg, manager_id=cfg.manager_id, cache=AddressCache(60), addresses=ConfirmedAddresses(),
             circuits=Circuits(), activity=ActivityRecorder(None, 1.0),  # type: ignore[arg-type]
             store=types.SimpleNamespace(secrets=types.SimpleNamespace(of=lambda rec: SECRET)))
         # as the store reads it from Redis (its status the plain string, not the enum's member)
         self.rec = NodeRecord.from_hash({"id": NID, "manager_id": cfg.manager_id, "status": "running",
-                                         "host": "127.0.0.1", "port": str(node.port), "container_id": "c" * 64})
+                                         "host": "127.0.0.1", "port": str(node.port), "container_id": "c" * 64,
+                                         "client": bound_to})
         assert self.rec.status == NodeStatus.RUNNING
         rt.cache.put(self.rec)
         rt.addresses.put(self.rec.cid, self.rec.id, Address("127.0.0.1", node.port))
@@ -241,6 +247,64 @@ async def test_a_credential_in_the_query_is_refused_as_before_and_never_sent() -
         await until(lambda: edge.transport.writes != [], "the answer")
         assert edge.transport.data.startswith(b"HTTP/1.1 400 ") and b"credentials are not accepted" in edge.transport.data
         assert node.seen == []
+
+    await with_node(run)
+
+
+def owner_of(key: str) -> str:
+    """Whom a session made with this API key is bound to."""
+    return ClientKeys([key], "X-API-Key", "").owner({"headers": [(b"x-api-key", key.encode())]})
+
+
+def keyed(request: bytes, line: bytes) -> bytes:
+    """The request with one more header line after its request line; a cookie joins its Cookie
+    header, as a browser sends it."""
+    if line.startswith(b"Cookie: "):
+        return request.replace(b"Cookie: node_id=", line + b"; node_id=", 1)
+    first, rest = request.split(b"\r\n", 1)
+    return first + b"\r\n" + line + b"\r\n" + rest
+
+
+async def test_with_api_keys_a_keyed_request_takes_the_raw_path_and_its_key_never_reaches_the_node() -> None:
+    async def run(node: Node) -> None:
+        for line in (b"X-API-Key: k-right", b"Cookie: tsm_api_key=k-right"):
+            got: dict[bool, tuple[bytes, bytes]] = {}
+            for raw in (True, False):
+                # a session made with this key: bound to it, as the manager binds one
+                edge = Edge(node, raw=raw, keys=("k-other", "k-right"), bound_to=owner_of("k-right"))
+                await edge.pooled()
+                before = len(node.seen)
+                edge.send(keyed(post(b"/download_file", b"{}"), line))
+                await until(lambda e=edge: e.transport.writes != [], "the answer")  # type: ignore[misc]
+                assert (edge.protocol.cycle is None) == raw, "the raw path was taken only where it is on"
+                got[raw] = (node.seen[before], edge.transport.data)
+            assert got[True] == got[False], line
+            to_node, to_client = got[True]
+            assert to_client.startswith(b"HTTP/1.1 200 OK\r\n") and to_client.endswith(b"answer to /download_file")
+            assert b"k-right" not in to_node and b"tsm_api_key" not in to_node.lower(), to_node
+            assert b"x-api-key" not in to_node.lower()
+
+    await with_node(run)
+
+
+async def test_with_api_keys_a_request_without_its_sessions_key_is_refused_and_never_sent() -> None:
+    async def run(node: Node) -> None:
+        bound = owner_of("k-right")
+        cases = [(b"", b"401", bound), (b"X-API-Key: k-wrong", b"401", bound), (b"Cookie: tsm_api_key=k-wron", b"401", bound),
+                 (b"X-API-Key: k-righ", b"401", bound),
+                 (b"X-API-Key: k-right ", b"200", bound),  # (trailing blanks are no part of a value)
+                 (b"X-API-Key: k-other", b"403", bound),  # a valid key, but not the one the session was made with
+                 # a session bound to no key (made before keys were set): no key, no answer all the same
+                 (b"", b"401", ""), (b"X-API-Key: k-wrong", b"401", ""), (b"X-API-Key: k-other", b"200", "")]
+        for line, status, bound_to in cases:
+            edge = Edge(node, keys=("k-other", "k-right"), bound_to=bound_to)
+            await edge.pooled()
+            before = len(node.seen)
+            edge.send(keyed(get(b"/"), line) if line else get(b"/"))
+            await until(lambda e=edge: e.transport.writes != [], "the answer")  # type: ignore[misc]
+            assert edge.transport.data.startswith(b"HTTP/1.1 " + status + b" "), (line, bound_to, edge.transport.data[:200])
+            if status != b"200":
+                assert len(node.seen) == before, (line, bound_to, "sent to the node")
 
     await with_node(run)
 
