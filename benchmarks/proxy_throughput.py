@@ -54,6 +54,7 @@ from benchmarks.common import (
     calls_between,
     command_line,
     cpu_seconds,
+    cpu_split,
     delete_keys,
     docker_client,
     fmt,
@@ -143,6 +144,7 @@ class Case:
     body: str
     wrk: dict[str, Any]
     proxy_cpu_s: float | None = None
+    proxy_user_s: float | None = None  # of proxy_cpu_s, the proxy's own code (the rest: the kernel's)
 
     @property
     def rps(self) -> float:
@@ -297,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         run_wrk(base + bodies[0].path, scripts[bodies[0].label], args.warmup, args.connections, args.threads)
         total = 0
         for b in bodies:
-            cpu0 = cpu_seconds(pids) if pids else None
+            u0, s0 = cpu_split(pids) if pids else (0.0, 0.0)
             res = run_wrk(base + b.path, scripts[b.label], args.duration, args.connections, args.threads)
-            cpu = cpu_seconds(pids) - cpu0 if pids and cpu0 is not None else None
-            case = Case(target, b.label, res, cpu)
+            u1, s1 = cpu_split(pids) if pids else (0.0, 0.0)
+            case = Case(target, b.label, res, (u1 - u0) + (s1 - s0) if pids else None, u1 - u0 if pids else None)
             cases.append(case)
             total += int(res["requests"])
             print(f"  {target:<11} {b.label:>10}: {case.rps:9.0f} req/s  p50 {case.p50_ms:6.2f} ms  "
@@ -497,11 +499,14 @@ def report(args: argparse.Namespace, bodies: list[Body], cases: list[Case], unlo
         print(markdown_table(["manager", "proxied requests", "commands during runs", "idle baseline",
                               "per request", "idle spread / request", "goal"], rows))
 
-    cpu_rows = [[c.target, c.body, f"{c.proxy_cpu_s:.2f}", f"{c.proxy_cpu_s / c.wrk['requests'] * 1e6:.0f}"]
+    cpu_rows = [[c.target, c.body, f"{c.proxy_cpu_s:.2f}", f"{c.proxy_cpu_s / c.wrk['requests'] * 1e6:.0f}",
+                 f"{(c.proxy_user_s or 0.0) / c.wrk['requests'] * 1e6:.0f}",
+                 f"{(c.proxy_cpu_s - (c.proxy_user_s or 0.0)) / c.wrk['requests'] * 1e6:.0f}"]
                 for c in cases if c.proxy_cpu_s is not None]
     if cpu_rows:
-        print("\nproxy CPU: user+sys of the proxy's processes during each timed run\n")
-        print(markdown_table(["target", "body", "CPU s", "CPU µs/request"], cpu_rows))
+        print("\nproxy CPU: user+sys of the proxy's processes during each timed run; user is the proxy's own code, "
+              "sys the kernel's (its system calls and the loopback's delivery)\n")
+        print(markdown_table(["target", "body", "CPU s", "CPU µs/request", "user µs", "sys µs"], cpu_rows))
     idle_rate = {k.target: k.idle_cpu_rate for k in counts}
     issue_rows = []
     for body in (b.label for b in bodies):
@@ -524,7 +529,8 @@ def report(args: argparse.Namespace, bodies: list[Body], cases: list[Case], unlo
 
     def case_json(c: Case) -> dict[str, Any]:
         return {"target": c.target, "body": c.body, "requests_per_s": c.rps, "p50_ms": c.p50_ms,
-                "p99_ms": c.p99_ms, "errors": c.errors, "proxy_cpu_s": c.proxy_cpu_s, "wrk": c.wrk}
+                "p99_ms": c.p99_ms, "errors": c.errors, "proxy_cpu_s": c.proxy_cpu_s,
+                "proxy_user_s": c.proxy_user_s, "wrk": c.wrk}
 
     path = write_json("proxy_throughput", {
         "params": {"duration_s": args.duration, "connections": args.connections, "threads": args.threads,
