@@ -77,6 +77,7 @@ def create_app(cfg: Config) -> ManagerApp:
 
         hub = app.state.hub = EventHub(store, rt.cache, on_event, manager_id=cfg.manager_id,
                                        busy=rt.activity.busy_managers, replica_ttl=cfg.cluster.replica_ttl_seconds)
+        rt.activity.on_quiet_work = hub.work_started
         await register(rt)
         checker = Checker(rt) if cfg.builtin_monitor else None
         app.state.checker = checker

@@ -55,12 +55,15 @@ class Replica:
     """A replica's event hub with what it was handed (its on_event) and its address cache."""
 
     def __init__(self, store: Store, manager_id: str, cache_ttl: float = 30.0,
-                 busy: Callable[[], set[str]] | None = None) -> None:
+                 busy: Callable[[], set[str]] | None = None, block_ms: int = 200,
+                 unsplit_check_seconds: float = 3600.0) -> None:
+        # the keeper of readers looks again at a change it is told of, else at the next unsplit check:
+        # an hour unless a test needs that check, so a reader a change needs is started by the change
         self.store = store
         self.cache = AddressCache(cache_ttl)
         self.seen: list[Event] = []
         self.hub = EventHub(store, self.cache, self.seen.append, manager_id=manager_id, busy=busy,
-                            block_ms=200, unsplit_check_seconds=0.2)
+                            block_ms=block_ms, unsplit_check_seconds=unsplit_check_seconds)
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Replica:
@@ -149,11 +152,34 @@ async def test_work_in_progress_on_a_session_follows_its_manager_id(open_store: 
     busy: set[str] = set()
     async with Replica(store, "m-a", busy=lambda: busy) as a:
         busy.add("m-x")
+        a.hub.work_started("m-x")  # as the replica's activity tells it (ActivityRecorder.on_quiet_work)
         await until(lambda: "m-x" in a.hub.cursors, what="m-x followed for work in progress")
         await store.publish(Event(type="paused", node_id="x1", manager_id="m-x"))
         await until(lambda: a.nodes_seen() == ["x1"], what="the paused event of m-x")
         busy.clear()
         await until(lambda: "m-x" not in a.hub.cursors, what="m-x unfollowed once the work ended")
+
+
+async def test_an_idle_hub_looks_only_when_its_readers_read(open_store: Callable[..., Store]) -> None:
+    """Nothing changes, nothing is looked at but by the readers, once a block each: the keeper of
+    readers waits to be told of a change (it looked ten times a second, an idle replica's wakeups)."""
+    store = open_store()
+    async with Replica(store, "m-a", block_ms=1000) as a:
+        looks = 0
+        interest = a.hub.interest
+
+        def counted() -> set[str]:
+            nonlocal looks
+            looks += 1
+            return interest()
+
+        a.hub.interest = counted  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        # the window is the measure (no condition to wait on): a busy machine only makes fewer looks
+        await asyncio.sleep(3.0)
+        readers = len(a.hub.readers)  # one per slot group: one on a Redis, two on the cluster
+        bound = readers * (time.monotonic() - t0 + 1) + 2
+        assert looks <= bound, f"{looks} looks in 3 s with {readers} reader(s): more than their blocks"
 
 
 async def test_sockets_streams_and_resumption_on_another_replica(open_store: Callable[..., Store]) -> None:
@@ -197,7 +223,7 @@ async def test_a_rolling_upgrade_from_the_single_stream(open_store: Callable[...
     entries with field e): it reads what split replicas publish, and they read what it writes."""
     store = open_store()
     r = store.redis
-    async with Replica(store, "m-a") as a:
+    async with Replica(store, "m-a", unsplit_check_seconds=0.2) as a:
         await store.publish(Event(type="ready", node_id="new-1", manager_id="m-b"))
         # what the old reader did: XREAD of the one stream, each entry's JSON in field e
         rows = await r.xrange(store.keys.events())

@@ -17,6 +17,7 @@ slot are read together, one XREAD per slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -79,12 +80,23 @@ class EventHub:
         self.unsplit = False
         self.readers: dict[int, asyncio.Task[None]] = {}  # slot group -> its reader
         self.stopped = False
+        # what may need a reader it has not (a subscriber, a newly followed stream, a reader ended)
+        # wakes the keeper; no change, no wakeup (it looked ten times a second before, issue 26)
+        self._changed = asyncio.Event()
         cache.on_put = self.follow
 
     def follow(self, manager_id: str) -> None:
         """A session of manager_id was cached: follow its stream while the entry may live."""
         if manager_id and manager_id != self.manager_id:
+            if manager_id not in self.remote:
+                self._changed.set()
             self.remote[manager_id] = time.monotonic() + self.linger
+
+    def work_started(self, manager_id: str) -> None:
+        """Work on a node of manager_id started here (ActivityRecorder.on_quiet_work): its stream is
+        followed while the work lasts (busy), from now, not from the next look."""
+        if manager_id and manager_id not in self.cursors:
+            self._changed.set()
 
     def subscribe(self, node_id: str | None = None, manager_id: str | None = None, scope: Scope = ALL,
                   after: str = "0-0") -> Subscription:
@@ -94,6 +106,7 @@ class EventHub:
             prev = self.starts.get(scope)
             self.starts[scope] = after if prev is None or compare_ids(after, prev) < 0 else prev
         self.subscribers.add(sub)
+        self._changed.set()
         return sub
 
     def interest(self) -> set[Scope]:
@@ -118,12 +131,14 @@ class EventHub:
         """Stop reading (before the task is cancelled: a cancel that lands as a Redis read times out
         can be lost, as with asyncio.timeout on Python 3.11, and the loops then end at this flag)."""
         self.stopped = True
+        self._changed.set()
 
     async def run(self) -> None:
         """Keep one reader per slot group of the followed streams, and the rolling-upgrade check."""
         next_check = 0.0
         try:
             while not self.stopped:
+                self._changed.clear()  # before looking: a change made while it looks is looked at again
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + self.unsplit_check_seconds
                     try:
@@ -135,8 +150,10 @@ class EventHub:
                 for g in {self._group(s) for s in self.interest()}:
                     task = self.readers.get(g)
                     if task is None or task.done():
-                        self.readers[g] = asyncio.create_task(self._read(g), name=f"events-{g}")
-                await asyncio.sleep(0.1)
+                        task = self.readers[g] = asyncio.create_task(self._read(g), name=f"events-{g}")
+                        task.add_done_callback(lambda _: self._changed.set())
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), max(0.0, next_check - time.monotonic()))
         finally:
             self.stopped = True  # the readers end at the flag, one block period later at most
             for task in self.readers.values():

@@ -114,6 +114,9 @@ class ActivityRecorder:
         self._busy: dict[str, list[Any]] = {}  # node id -> [manager_id, works in progress]
         self._flushed: dict[str, float] = {}  # node id -> when its activity last went out
         self._wake = asyncio.Event()
+        # told the manager_id of a node whose work starts after a quiet while (the event hub: its
+        # stream must be read while the work lasts, and the hub looks only when told)
+        self.on_quiet_work: Callable[[str], None] | None = None
 
     def record(self, node_id: str, manager_id: str) -> None:
         self._pending[node_id] = (manager_id, time.time())
@@ -128,6 +131,8 @@ class ActivityRecorder:
             # checker may be about to pause it on what it last saw
             if now - self._flushed.get(node_id, 0.0) > 2 * self.interval:
                 self._wake.set()
+                if self.on_quiet_work is not None:
+                    self.on_quiet_work(manager_id)
         else:
             busy[1] += 1
         self._pending[node_id] = (manager_id, now)
