@@ -126,8 +126,9 @@ print("PROBE" + json.dumps([globals()[s[0]](*s[1:]) for s in steps]))
 
 # run on the host in the node's network namespace (root there: a raw socket, TCP_REPAIR): a real
 # connection to addr:443 whose ClientHello is sent as crafted segments, in an order or with
-# contents no socket would send; then whether the server answered ("answered") or the node's end
-# was reset ("reset"). argv: addr, the SNI, the SNI of the contradicting copy, mode
+# contents no socket would send, or a SYN made by hand (modes syn, syndata); then whether the server
+# answered ("answered"), took the SYN ("syn-ack") or the node's end was reset ("reset"). argv: addr,
+# the SNI, the SNI of the contradicting copy, mode
 RAW_PROBE = r"""
 import json, socket, ssl, struct, sys, time
 addr, sni, other, mode = sys.argv[1:5]
@@ -149,20 +150,30 @@ def csum(data):
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
 
-s = socket.create_connection((addr, 443), 5)
-src, sport = s.getsockname()
-s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 2); snd = s.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
-s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 1); rcv = s.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
-s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
 
-def segment(offset, payload):
-    seq = (snd + offset) & 0xFFFFFFFF
-    head = struct.pack("!HHIIBBHHH", sport, 443, seq, rcv, 5 << 4, 0x18, 1024, 0, 0)
+def send(sport, seq, ack, flags, payload):
+    head = struct.pack("!HHIIBBHHH", sport, 443, seq, ack, 5 << 4, flags, 1024, 0, 0)
     pseudo = socket.inet_aton(src) + socket.inet_aton(addr) + struct.pack("!BBH", 0, 6, len(head) + len(payload))
     head = head[:16] + struct.pack("!H", csum(pseudo + head + payload)) + head[18:]
     raw.sendto(head + payload, (addr, 0))
+
+if mode in ("syn", "syndata"):
+    # a SYN made by hand, empty or carrying a ClientHello (TCP Fast Open's data, which a server
+    # with it on reads before the handshake ends); the port held by a socket that never connects
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect((addr, 443)); src = u.getsockname()[0]
+    holder = socket.socket(); holder.bind((src, 0)); sport = holder.getsockname()[1]
+    send(sport, 0x10203040, 0, 0x02, hello(sni) if mode == "syndata" else b"")
+else:
+    s = socket.create_connection((addr, 443), 5)
+    src, sport = s.getsockname()
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 2); snd = s.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, 1); rcv = s.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
+
+def segment(offset, payload):
+    send(sport, (snd + offset) & 0xFFFFFFFF, rcv, 0x18, payload)
     time.sleep(0.05)
 
 h = hello(sni)
@@ -190,6 +201,8 @@ while out == "nothing" and time.monotonic() < deadline:
     flags, doff = pkt[ihl + 13], (pkt[ihl + 12] >> 4) * 4
     if flags & 0x04:
         out = "reset"
+    elif flags & 0x12 == 0x12 and mode in ("syn", "syndata"):
+        out = "syn-ack"  # the server took the SYN (the other modes' was their connection's own)
     elif pkt[ihl + doff:ihl + doff + 1] == b"\x16":
         out = "answered"
 print("RAW" + json.dumps({"outcome": out}))
@@ -269,12 +282,15 @@ def test_sni_is_checked_in_the_queue_and_the_connection_forwarded_by_the_kernel(
     c.post("/release_session")
 
 
-@pytest.mark.parametrize("mode,outcome", [("inorder", "answered"), ("reorder", "reset"), ("contradict", "reset")])
+@pytest.mark.parametrize("mode,outcome", [("inorder", "answered"), ("reorder", "reset"), ("contradict", "reset"),
+                                          ("syn", "syn-ack"), ("syndata", "reset")])
 def test_crafted_segments_are_refused_unless_in_order_and_consistent(start_manager, net: Internet,
                                                                     docker_client: docker.DockerClient,
                                                                     mode: str, outcome: str) -> None:
     # in order (the control: the crafting itself works), out of order, or a retransmission whose
-    # bytes name another host than the first copy's (the agent and the server could read two names)
+    # bytes name another host than the first copy's (the agent and the server could read two names);
+    # a SYN carrying the ClientHello (TCP Fast Open), refused even for an allowed name, against an
+    # empty SYN (the control)
     m = enforcing(start_manager, net)
     c = session(m.url, {"default": "deny", "allow": ["a.shared.test"]})
     shared = net.names["a.shared.test"]
