@@ -21,6 +21,13 @@ from tests.test_snapshots import SEEDS, no_seed_left, seeds  # noqa: F401  (an a
 
 IMAGES = "/var/lib/toolserver-manager/workspaces"
 BIG = f"head -c 200M /dev/urandom > {WS}/big.bin && sha256sum {WS}/big.bin | cut -c1-64"
+# A dead replica's half-made workspace is collected once older than the checker's stuck-creation
+# age, max(stuck_creation_seconds, node.creation_wait_seconds + 5): 25 s with the tests' 20 s wait,
+# by a pass of every 30th (STORAGE_GC_CYCLES), 15 s apart at 0.5 s. With a 15 s wait (still three
+# times a node's start at load 50) and 0.25 s passes it is 20 s and 7.5 s apart: each test that
+# waits for it is about 15 s shorter.
+STORAGE_GC = {"stuck_creation_seconds": 5, "interval_seconds": 0.25}
+NODE_WAIT = {"creation_wait_seconds": 15}
 
 
 
@@ -54,7 +61,7 @@ def volumes(docker_client: docker.DockerClient, manager_id: str) -> set[str]:
 def test_replica_killed_mid_fork_leaves_nothing(start_manager, docker_client: docker.DockerClient,
                                                  redis_client: redis.Redis, prefix: str, manager_id: str,
                                                  when: str) -> None:
-    over = {"checker": {"stuck_creation_seconds": 5}}
+    over = {"checker": STORAGE_GC, "node": NODE_WAIT}
     m1 = start_manager("m1", **over)
     src = httpx.Client(base_url=m1.url, timeout=120)
     assert src.post("/get_cookie").status_code == 200
@@ -154,8 +161,7 @@ def test_replica_killed_while_handing_copies_to_pool_nodes(start_manager, docker
     handed over (claimed, or the clone of the source's image being made and mounted in them): a
     second replica's checker leaves every claimed node a whole copy of the source's client or
     removed with everything it held, and the pool refills with clean nodes."""
-    over: dict[str, Any] = {"checker": {"stuck_creation_seconds": 5, "interval_seconds": 0.5},
-                            "pool": {"size": 3, "max_size": 3, "max_age_seconds": 3600}}
+    over: dict[str, Any] = {"checker": STORAGE_GC, "node": NODE_WAIT, "pool": {"size": 3, "max_size": 3, "max_age_seconds": 3600}}
     pool_key = f"{prefix}:mgr:{manager_id}:pool"
     m1 = start_manager("m1", **over)
     src = httpx.Client(base_url=m1.url, timeout=120)

@@ -404,7 +404,10 @@ def test_a_node_flooding_stdout_leaves_a_bounded_log(start_manager, docker_clien
 def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.DockerClient, manager_id: str,
                                          redis_client: redis.Redis, prefix: str) -> None:
     m = start_manager(node={"disk": DISK, "creation_wait_seconds": 5,
-                            "tiers": {"orphan_workspace_grace_seconds": 1}}, checker={"stuck_creation_seconds": 1})
+                            "tiers": {"orphan_workspace_grace_seconds": 1}},
+                      # a workspace is first seen ownerless by a pass that lists them, every 30th
+                      # (STORAGE_GC_CYCLES): 6 s apart at 0.2 s, not 15 s at the tests' 0.5 s
+                      checker={"stuck_creation_seconds": 1, "interval_seconds": 0.2})
     _c, node_id = new_session(m.url)
     image = workspace_image(docker_client, node_id)
     docker_client.api.remove_container(node_id, force=True)  # behind the manager's back: archived, kept

@@ -128,7 +128,9 @@ def test_snapshot_bytes_bounded_per_host(start_manager, prefix: str) -> None:
 def test_bytes_no_snapshot_names_are_collected(start_manager, prefix: str) -> None:
     """What a replica that died between a snapshot's copy and its record left: collected by the
     checker; a snapshot's own bytes, and another cluster's (key prefix), are kept."""
-    m = start_manager(checker={"stuck_creation_seconds": 1})
+    # stray bytes are collected by a pass of every 30th (STORAGE_GC_CYCLES): 6 s apart at 0.2 s,
+    # not 15 s at the tests' 0.5 s
+    m = start_manager(checker={"stuck_creation_seconds": 1, "interval_seconds": 0.2})
     src = httpx.Client(base_url=m.url, timeout=120)
     assert src.post("/get_cookie").status_code == 200
     shell(src, f"echo kept > {WS}/k.txt")
