@@ -25,7 +25,7 @@ from nodeops.context import NodeOps
 from shared import metrics
 from shared.errors import EngineUnavailable, ManagerError, RedisUnavailable
 from shared.keys import is_reservation
-from shared.models import EventKind, NodeRecord, NodeStatus, Role, stopped_fields
+from shared.models import EventKind, NodeRecord, NodeStatus, ReplicaInfo, Role, stopped_fields
 from shared.store import Op
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,8 @@ class Checker:
         watchers = (await self.store.watchers_left([r.id for r in records if r.status == NodeStatus.RUNNING])
                     if self.cfg.events.stop_after_unwatched_seconds is not None else None)
         # a creating or claiming replica not in here is dead: what it had not handed out goes
-        live = self._live({r.replica_id for r in await self.store.live_replicas()} | {self.lease.holder})
+        replicas = await self.store.live_replicas()  # read once a pass: the gauges below count them too
+        live = self._live({r.replica_id for r in replicas} | {self.lease.holder})
         containers = await self.backend.nodes(self.mid)
         rebuild = self._rebuild
         # listed now and then, and every pass while some workspace is on its way to being collected
@@ -383,7 +384,7 @@ class Checker:
                 metrics.CHECKER_ACTIONS.labels(self.mid, action).inc(len(ids))
                 log.info("checker_%s manager_id=%s count=%d node_ids=%s", action, self.mid, len(ids),
                          ",".join(i[:12] for i in ids[:10]))
-        await self._export_gauges(counts)
+        await self._export_gauges(counts, replicas)
         if self.cfg.pool.enabled:
             await self._keep_pool(records, p)
         elapsed = time.perf_counter() - t0
@@ -408,11 +409,10 @@ class Checker:
             del self._cache[gone]
         return [self._cache[i][0] for i in ids if i in self._cache]
 
-    async def _export_gauges(self, counts: dict[str, int]) -> None:
+    async def _export_gauges(self, counts: dict[str, int], replicas: list[ReplicaInfo]) -> None:
         for status in (*NodeStatus, Role.POOLED):
             metrics.NODES.labels(self.mid, status).set(counts.get(status, 0))
-        replicas = await self.store.live_replicas(self.mid)
-        metrics.REPLICAS.labels(self.mid).set(len(replicas))
+        metrics.REPLICAS.labels(self.mid).set(sum(r.manager_id == self.mid for r in replicas))
         await _export_lost(self.ops)
 
     async def _keep_pool(self, records: list[NodeRecord], p: reconcile.Plan) -> None:

@@ -38,6 +38,10 @@ def test_exactly_one_leader_and_failover_after_sigkill(start_manager, redis_clie
     counts = cycles_by_token(redis_client, prefix, manager_id)
     assert len(counts) == 1, f"more than one checker acted: {counts}"
     assert lease_holder(redis_client, prefix, manager_id) == holder
+    # the holder counts the live replicas of its manager_id from the registry its pass read
+    alive = f'toolserver_replicas_alive{{manager_id="{manager_id}"}} 3.0'
+    leader_url = next(m.url for m in reps if m.replica_id == holder)
+    wait_for(lambda: alive in httpx.get(leader_url + "/metrics").text, what="three replicas alive in the gauge")
     # the admin view says who holds it, with its token and since when
     leases = httpx.get(reps[0].url + "/admin/leases", headers=ADMIN).json()["leases"]
     mine = next(x for x in leases if x["manager_id"] == manager_id)
