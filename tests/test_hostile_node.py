@@ -245,14 +245,16 @@ def upstream_busy(m: Any) -> float:
     raise AssertionError("no upstream gauge")
 
 
-def answered(socks: list[socket.socket], timeout: float) -> dict[socket.socket, bytes]:
-    """What each socket got before the server closed it, waiting up to timeout for all of them."""
+def answered(socks: list[socket.socket], timeout: float, enough: int | None = None) -> dict[socket.socket, bytes]:
+    """What each socket got before the server closed it, waiting up to timeout for all of them (or
+    for enough of them)."""
     got: dict[socket.socket, bytes] = {}
+    want = len(socks) if enough is None else enough
     with selectors.DefaultSelector() as sel:  # epoll: descriptors past 1024
         for s in socks:
             sel.register(s, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout
-        while len(got) < len(socks) and time.monotonic() < deadline:
+        while len(got) < want and time.monotonic() < deadline:
             for key, _ in sel.select(0.5):
                 s = key.fileobj  # type: ignore[assignment]
                 try:
@@ -327,9 +329,11 @@ def test_one_address_cannot_lock_out_another(start_manager) -> None:
     # a balancer (quota.trusted_proxies) carries many clients: only the replica's cap applies to it
     balancer = [held_post(m.port, h.cookies["node_id"], "127.0.0.3") for _ in range(300)]
     try:
-        got = answered(socks, 10)
+        # the 900 over the address's cap are refused at once (the bound is not a measurement; the
+        # test waited all of a 10 s window for them), the other 100 and the balancer's 300 are held
+        got = answered(socks, 60, enough=900)
         assert len(got) >= 900 and all(a.startswith(b"HTTP/1.1 503") for a in got.values())
-        assert answered(balancer, 1) == {}  # all 300 held, none refused
+        assert answered(balancer + [s for s in socks if s not in got], 1) == {}  # all held, none refused
         # a fresh connection from another address is served at once
         assert httpx.get(m.url + "/alive", timeout=10).status_code == 200
         assert h.get("/").status_code == 200
