@@ -74,11 +74,15 @@ def cluster(engine2: str, start_manager, tmp_path: Path, prefix: str, manager_id
     common = {"checker": {"interval_seconds": 0.5, "lease_ttl_seconds": 5},
               "cluster": {"internal_token": INTERNAL_TOKEN, "heartbeat_seconds": 0.5, "replica_ttl_seconds": 2,
                           "fanout_timeout_seconds": 2}}
-    a1 = start_manager(name="a1", **common)
-    a2 = start_manager(name="a2", **common)
+    # the three start side by side (each spends a second or more importing and connecting, mostly
+    # waiting: nine tests took 5-12 s each to set up, one replica after the other)
+    a1 = start_manager(name="a1", wait=False, **common)
+    a2 = start_manager(name="a2", wait=False, **common)
     # sessions made through b1 stay on engine B, whose nodes the tests drive (placement spreads otherwise)
-    b1 = start_manager(name="b1", mid=mid_b, docker_host=engine2,
+    b1 = start_manager(name="b1", mid=mid_b, docker_host=engine2, wait=False,
                        **{**common, "cluster": {**common["cluster"], "placement": "local"}})
+    for m in (a1, a2, b1):
+        m.wait_alive()
     lb = HAProxy([(m.replica_id, m.port) for m in (a1, a2, b1)], tmp_path)
     wait_for(lambda: len(httpx.get(a1.url + "/admin/replicas", headers=ADMIN).json()["replicas"]) == 3,
              what="three registered replicas")
