@@ -403,8 +403,9 @@ def test_a_node_flooding_stdout_leaves_a_bounded_log(start_manager, docker_clien
 
 def test_orphan_workspaces_are_collected(start_manager, docker_client: docker.DockerClient, manager_id: str,
                                          redis_client: redis.Redis, prefix: str) -> None:
-    m = start_manager(node={"disk": DISK, "creation_wait_seconds": 5,
-                            "tiers": {"orphan_workspace_grace_seconds": 1}},
+    # the tests' 20 s wait for a node: 5 s timed the session's creation out at load 19 (full run
+    # s9); no step of the collection depends on it
+    m = start_manager(node={"disk": DISK, "tiers": {"orphan_workspace_grace_seconds": 1}},
                       # a workspace is first seen ownerless by a pass that lists them, every 30th
                       # (STORAGE_GC_CYCLES): 6 s apart at 0.2 s, not 15 s at the tests' 0.5 s
                       checker={"stuck_creation_seconds": 1, "interval_seconds": 0.2})
