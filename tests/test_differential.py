@@ -375,8 +375,10 @@ def test_every_response_reaches_its_own_request(manager_id_b: str, start_manager
                                                 docker_client) -> None:
     mid_b = manager_id_b
     # both sessions on a's engine (spread placement would put the second on b's)
-    a = start_manager(name="a", cluster={"placement": "local"}, **DIAG)
-    b = start_manager(name="b", mid=mid_b, cluster={"proxy_through_owner": {manager_id: True}}, **DIAG)
+    a = start_manager(name="a", cluster={"placement": "local"}, wait=False, **DIAG)
+    b = start_manager(name="b", mid=mid_b, cluster={"proxy_through_owner": {manager_id: True}}, wait=False, **DIAG)
+    for m in (a, b):  # started side by side
+        m.wait_alive()
     cookies = [session(a.url).cookies["node_id"] for _ in range(2)]
     specs = plan(SEED, TOTAL)
     stats: collections.Counter[str] = collections.Counter()
