@@ -175,7 +175,7 @@ class ManagerProc:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, wait: bool = True, timeout: float = 30.0) -> ManagerProc:
+    def start(self, wait: bool = True, timeout: float = 60.0) -> ManagerProc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TSM_")}
         self._log = open(self.log_path, "ab")  # noqa: SIM115  (the child writes to it until stop() closes it)
         self.proc = subprocess.Popen([sys.executable, "-m", "manager.main", "--config", str(self.path)],
@@ -184,7 +184,7 @@ class ManagerProc:
             self.wait_alive(timeout)
         return self
 
-    def wait_alive(self, timeout: float = 30.0) -> None:
+    def wait_alive(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
