@@ -231,6 +231,7 @@ KNOWN_SECONDS: dict[str, float] = {
     "tests/test_fork_multihost.py": 24,
     "tests/test_redis_outage.py": 24,
     "tests/test_fuzz.py": 24,
+    "tests/test_engine_events.py": 25,  # new: a private engine restarted twice
     "tests/test_event_streams.py": 22,
     "tests/test_sentinel.py": 22,
     "tests/test_replica_grace.py": 20,  # s8's 11 and the new lease holder's test
