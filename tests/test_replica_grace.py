@@ -35,6 +35,36 @@ def creating_by(r: redis.Redis, prefix: str, manager_id: str, replica_id: str) -
     return out
 
 
+class Creation:
+    """A client's get_cookie on a replica, in a thread, and the creating record it made."""
+
+    def __init__(self, r: redis.Redis, prefix: str, manager_id: str, m: Any, timeout: float) -> None:
+        self.r, self.prefix, self.m, self.timeout = r, prefix, m, timeout
+        self.out: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._create)
+        self.thread.start()
+        (self.node_id,) = wait_for(lambda: creating_by(r, prefix, manager_id, m.replica_id), timeout=60,
+                                   interval=0.005, what=f"{m.replica_id}'s creating record")
+
+    def _create(self) -> None:
+        with httpx.Client(base_url=self.m.url, timeout=self.timeout) as c:
+            self.out["resp"] = c.post("/get_cookie")
+
+    def status(self) -> bytes | None:
+        """The record's status now (None: removed)."""
+        return self.r.hget(f"{self.prefix}:node:{self.node_id}", "status")  # type: ignore[return-value]
+
+    def check_served(self) -> None:
+        """The client got the node it was creating, and the node answers as a running session."""
+        self.thread.join(timeout=self.timeout)
+        r = self.out["resp"]
+        assert r.status_code == 200, r.text
+        assert r.cookies["node_id"] == self.node_id
+        with httpx.Client(base_url=self.m.url, cookies={"node_id": self.node_id}, timeout=30) as c:
+            assert c.post("/get_available_tools").status_code == 200
+        assert self.status() == b"running"
+
+
 def test_a_replica_stalled_past_its_ttl_keeps_its_creation(start_manager, redis_client: redis.Redis, prefix: str,
                                                            manager_id: str) -> None:
     cluster = {"heartbeat_seconds": 0.5, "replica_ttl_seconds": TTL}
@@ -42,16 +72,7 @@ def test_a_replica_stalled_past_its_ttl_keeps_its_creation(start_manager, redis_
     wait_for(lambda: (redis_client.get(f"{prefix}:mgr:{manager_id}:lease") or b"").startswith(a.replica_id.encode()),
              timeout=30, what="A to hold the checker lease")
     b = start_manager("b", cluster=cluster, builtin_monitor=False)
-    out: dict[str, Any] = {}
-
-    def create() -> None:
-        with httpx.Client(base_url=b.url, timeout=120) as c:
-            out["resp"] = c.post("/get_cookie")
-
-    t = threading.Thread(target=create)
-    t.start()
-    (node_id,) = wait_for(lambda: creating_by(redis_client, prefix, manager_id, b.replica_id), timeout=60,
-                          interval=0.005, what="B's creating record")
+    creation = Creation(redis_client, prefix, manager_id, b, timeout=120)
     b.signal(signal.SIGSTOP)
     try:
         # B's entry expires (TTL after its last beat) and stays expired for a second or more, while
@@ -59,16 +80,10 @@ def test_a_replica_stalled_past_its_ttl_keeps_its_creation(start_manager, redis_
         wait_for(lambda: not redis_client.exists(f"{prefix}:replica:{b.replica_id}"), timeout=2 * TTL,
                  interval=0.05, what="B's registry entry to expire")
         time.sleep(1.0)
-        assert redis_client.exists(f"{prefix}:node:{node_id}"), "the checker removed a live replica's creation"
+        assert creation.status() is not None, "the checker removed a live replica's creation"
     finally:
         b.signal(signal.SIGCONT)
-    t.join(timeout=120)
-    r = out["resp"]
-    assert r.status_code == 200, r.text
-    assert r.cookies["node_id"] == node_id
-    with httpx.Client(base_url=b.url, cookies={"node_id": node_id}, timeout=30) as c:
-        assert c.post("/get_available_tools").status_code == 200
-    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"running"
+    creation.check_served()
 
 
 def test_a_new_lease_holder_keeps_an_unregistered_replicas_creation(start_manager, redis_client: redis.Redis,
@@ -86,16 +101,7 @@ def test_a_new_lease_holder_keeps_an_unregistered_replicas_creation(start_manage
     redis_client.set(lease_key, "gone-replica:0", px=600_000)
     b = start_manager("b", cluster=cluster, node=node, checker={"interval_seconds": 0.3, "lease_ttl_seconds": 3})
     a = start_manager("a", cluster=cluster, node=node, builtin_monitor=False)  # A never holds the lease
-    out: dict[str, Any] = {}
-
-    def create() -> None:
-        with httpx.Client(base_url=a.url, timeout=180) as c:
-            out["resp"] = c.post("/get_cookie")
-
-    t = threading.Thread(target=create)
-    t.start()
-    (node_id,) = wait_for(lambda: creating_by(redis_client, prefix, manager_id, a.replica_id), timeout=60,
-                          interval=0.005, what="A's creating record")
+    creation = Creation(redis_client, prefix, manager_id, a, timeout=180)
     a.signal(signal.SIGSTOP)
     try:
         # A is out of the registry: deleted, and it cannot beat again while stopped (a beat already
@@ -114,14 +120,8 @@ def test_a_new_lease_holder_keeps_an_unregistered_replicas_creation(start_manage
         wait_for(lambda: int(redis_client.hget(stats, f"cycles:{token}") or 0) >= 2, timeout=60, interval=0.02,
                  what="two checker passes of B")
         assert not redis_client.exists(entry), "A registered while stopped: the passes did not judge it unregistered"
-        assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"creating", \
+        assert creation.status() == b"creating", \
             "B's first passes as lease holder removed an unregistered replica's creation"
     finally:
         a.signal(signal.SIGCONT)
-    t.join(timeout=180)
-    r = out["resp"]
-    assert r.status_code == 200, r.text
-    assert r.cookies["node_id"] == node_id
-    with httpx.Client(base_url=a.url, cookies={"node_id": node_id}, timeout=30) as c:
-        assert c.post("/get_available_tools").status_code == 200
-    assert redis_client.hget(f"{prefix}:node:{node_id}", "status") == b"running"
+    creation.check_served()
