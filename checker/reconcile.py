@@ -115,7 +115,8 @@ def plan(manager_id: str, members: list[str], records: list[NodeRecord], contain
                                           or dead(rec.claimed_by)):
             p.remove.append((rec, "claimed from the pool but never delivered"))
             continue
-        if rec.role == Role.POOLED and now - rec.created_at > limits.pool_max_age_seconds:
+        # a pooled node's age runs from when it answered: a slow creation must not eat its time in the pool
+        if rec.role == Role.POOLED and now - (rec.ready_at or rec.created_at) > limits.pool_max_age_seconds:
             p.remove.append((rec, "pooled node past its maximum age"))
             continue
         last = idle.get(rec.id)

@@ -99,6 +99,16 @@ def test_undelivered_pool_claim_is_released() -> None:
     assert p.remove and p.remove[0][1].startswith("claimed")
 
 
+def test_pooled_node_age_runs_from_ready_not_from_creation() -> None:
+    """A creation that took longer than the pool's maximum age must not recycle the node it just made."""
+    limits = Limits(idle_seconds=600, idle_grace_seconds=60, exited_gc_seconds=3600, stuck_creation_seconds=120,
+                    pool_max_age_seconds=4)
+    young = rec("a", role="pooled", created_at=NOW - 7, ready_at=NOW - 1)
+    old = rec("b", role="pooled", created_at=NOW - 7, ready_at=NOW - 5)
+    p = run([young, old], [cont("a"), cont("b")], limits=limits)
+    assert [(r.id, why) for r, why in p.remove] == [("b", "pooled node past its maximum age")]
+
+
 def test_unwatched_nodes_are_stopped_when_configured() -> None:
     limits = Limits(idle_seconds=600, idle_grace_seconds=0, exited_gc_seconds=3600, stuck_creation_seconds=120,
                     unwatched_seconds=30)
