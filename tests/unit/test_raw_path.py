@@ -104,6 +104,13 @@ class Node:
                 body = await reader.readexactly(length)
                 self.seen.append(head + body)
                 path = head.split(b" ", 2)[1]
+                if path == b"/trickle":  # a head and the first bytes now, the rest once the gate opens
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(BIG), BIG[:1000]))
+                    await writer.drain()
+                    await self.gate.wait()
+                    writer.write(BIG[1000:])
+                    await writer.drain()
+                    continue
                 if path in (b"/slow", b"/slowbig"):
                     await self.gate.wait()
                 data = BIG if path in (b"/big", b"/slowbig") else b"answer to " + path
@@ -139,7 +146,7 @@ class Edge:
 
     def __init__(self, node: Node, keep_alive: float = 5.0, raw: bool = True, keys: tuple[str, ...] = (),
                  bound_to: str = "") -> None:
-        paths = ["/", "/download_file", "/slow", "/big", "/slowbig", "/first", "/after"]
+        paths = ["/", "/download_file", "/slow", "/big", "/slowbig", "/trickle", "/first", "/after"]
         overrides: dict[str, Any] = {"redirect_to_node_path": {"get": paths, "post": paths}}
         if keys:
             overrides["client_auth"] = {"api_keys": list(keys)}
@@ -393,6 +400,28 @@ async def test_keep_alive_closes_an_idle_connection_and_never_one_waiting_for_it
         await until(lambda: len(answers(edge.transport.data)) == 2, "the second answer")
         await until(lambda: edge.transport.closed, "the idle connection to be closed")
         assert answers(edge.transport.data) == [b"answer to /first", b"answer to /slow"]
+
+    await with_node(run)
+
+
+async def test_keep_alive_never_closes_under_an_answer_still_streaming_through_a_cycle() -> None:
+    """A raw request whose answer went to a cycle (streamed) is still in flight: the raw path's keep-alive
+    timer, armed by the request before it, must not count that time as idle."""
+    async def run(node: Node) -> None:
+        edge = Edge(node, keep_alive=0.1)
+        await edge.pooled()
+        edge.send(get(b"/first"))
+        await until(lambda: len(answers(edge.transport.data)) == 1, "the first answer")
+        edge.send(get(b"/trickle"))
+        await until(lambda: edge.protocol.cycle is not None and len(edge.transport.data) > 1000,
+                    "the streamed answer under way")
+        await asyncio.sleep(0.4)  # four keep-alive periods with the answer half sent
+        assert not edge.transport.closed, "the keep-alive closed a connection with an answer still streaming"
+        node.gate.set()
+        await until(lambda: len(edge.transport.data) > len(BIG) and len(answers(edge.transport.data)) == 2,
+                    "the whole second answer")
+        assert answers(edge.transport.data) == [b"answer to /first", BIG]
+        await until(lambda: edge.transport.closed, "the idle connection to be closed after it")
 
     await with_node(run)
 
