@@ -38,6 +38,7 @@ from shared.models import Event, EventKind
 log = logging.getLogger(__name__)
 
 SYNC_SECONDS = 2.0
+IN_FORCE_WAIT_SECONDS = 10.0  # how long a new session's hand-out waits for its policy in the firewall
 UNKNOWN_WAIT_SECONDS = 2.0  # how long a query from an address not known yet waits for a sync to find it
 # events after which a node may have a new address or policy
 _SYNC_ON = {EventKind.EGRESS_POLICY, EventKind.READY, EventKind.CREATED, EventKind.RESTARTED,
@@ -87,6 +88,28 @@ class EgressAgent:
             else:
                 self.full = True
             self.poke.set()
+
+    async def in_force(self, session_id: str, timeout: float = IN_FORCE_WAIT_SECONDS) -> bool | None:
+        """Wait until the session's policy as recorded now is in this host's firewall, so it is handed
+        out only then: its first call raced the sync that READY brings (a connection refused, full run
+        f1). False when the time ran out; None at once where this replica's agent stands by (another
+        holds the bridge and applies it as before) or the session has no record."""
+        if self.resolver is None:
+            return None
+        recs = await self.ops.store.get_nodes([session_id])
+        if not recs:
+            return None
+        want = egress.of_record(self.ops, recs[0])
+        deadline = time.monotonic() + timeout
+        self.full = True  # the engine is asked: the node may be new to this host
+        self.poke.set()
+        while True:
+            applied = self.applied or {}
+            if any(sid == session_id and applied.get(ip) == want for ip, sid in self.session_of.items()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
 
     # --- resolver callbacks ---------------------------------------------------------------
     def policy_of(self, ip: str) -> EgressPolicy | None:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from shared.egress import nft
+from shared.engines.docker.labels import LABEL_SESSION
 from shared.firewall import BRIDGE_PREFIXES
 from testing.harness import bridge_gateway, report
 from testing.internet import ALT_PORT, MANY, MANY_RECORDS, Internet, internet
@@ -278,6 +279,28 @@ def test_only_what_an_allowed_name_resolved_to_is_reachable(start_manager, net: 
     table = nft.run(f"list table inet {nft.table_name(bridge_of(m))}\n")
     assert allowed in table and other not in table
     c.post("/release_session")
+
+
+def test_a_session_is_handed_out_with_its_policy_already_in_force(start_manager, net: Internet,
+                                                                    docker_client: Any) -> None:
+    """get_cookie answers once the node's address and policy are in the firewall: a first call made at
+    once must not race the agent's sync (a connection refused in full run f1, at load 7)."""
+    m = enforcing(start_manager, net)
+    other = net.names["other.test"]
+    table = f"list table inet {nft.table_name(bridge_of(m))}\n"
+    for _ in range(3):
+        c = session(m.url, {"default": "deny", "allow": [f"{other}/32"]})
+        seen = nft.run(table)  # at once: nothing waited for between the answer and this read
+        ip = node_ip(docker_client, c.cookies["node_id"])
+        assert f"{ip} . {other}" in seen, f"{ip}'s allowed range not in the firewall when get_cookie answered"
+        c.post("/release_session")
+
+
+def node_ip(docker_client: Any, session_id: str) -> str:
+    """The address of a session's container on its node network (the one the firewall's sets name)."""
+    (c,) = docker_client.containers.list(filters={"label": f"{LABEL_SESSION}={session_id}"})
+    (net,) = c.attrs["NetworkSettings"]["Networks"].values()
+    return str(net["IPAddress"])
 
 
 def assert_applied_within_a_second(url: str) -> None:
