@@ -69,6 +69,8 @@ def create_app(cfg: Config) -> ManagerApp:
         app.state.proxy = Proxy(rt, resolver)
         thawer = Thawer(rt)
         agent = app.state.egress_agent = EgressAgent(rt) if cfg.egress.enforce else None
+        if agent is not None:
+            rt.egress_in_force = agent.in_force
 
         def on_event(ev: Event) -> None:
             thawer(ev)

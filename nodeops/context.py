@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -14,6 +16,8 @@ from shared.config import Config
 from shared.engines.base import NodeBackend
 from shared.models import Event, EventKind, NodeRecord, ReplicaInfo
 from shared.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +47,9 @@ class NodeOps:
     addresses: ConfirmedAddresses = field(default_factory=ConfirmedAddresses)  # what the engine confirmed
     derived_cap: int | None = None  # nodeops.capacity's cap from the engine's memory, once known
     creations: CreationQueue | None = None  # made from cfg.creation on first use (nodeops/admission.py)
+    # the host's egress agent's wait for a session's policy in the firewall (EgressAgent.in_force), where
+    # this process runs one (egress.enforce)
+    egress_in_force: Callable[[str], Awaitable[bool | None]] | None = None
 
     @property
     def manager_id(self) -> str:
@@ -70,6 +77,14 @@ class NodeOps:
         if self.fresh_http is not None:
             await self.fresh_http.aclose()
             self.fresh_http = None
+
+    async def egress_settled(self, rec: NodeRecord) -> None:
+        """Before a session of this host is handed out (made, resumed): wait until its egress policy is
+        in the firewall, or its first call races the agent's sync (a connection refused, full run f1)."""
+        if self.egress_in_force is None or rec.manager_id != self.manager_id:
+            return
+        if await self.egress_in_force(rec.id) is False:
+            log.warning("egress_not_confirmed node_id=%s (handed out before its policy was seen in force)", rec.id[:12])
 
     def forget_address(self, node_id: str) -> None:
         """A node's address changed or it is gone: nothing is cached here; a manager's Runtime

@@ -137,6 +137,7 @@ async def restart_node(ops: NodeOps, node_id: str, *, reason: str = "reconnect")
     await ops.publish(EventKind.RESTARTED, rec, reason)
     if not await wait_ready(ops, rec, t0 + ops.cfg.node.creation_wait_seconds):
         raise NodeTimeout("Node restart timeout!")
+    await ops.egress_settled(rec)  # (a restarted container may have another address)
     rec.ready_at = time.time()
     await ops.store.update_node(node_id, ready_at=rec.ready_at)
     await ops.publish(EventKind.READY, rec)
@@ -211,6 +212,7 @@ async def _recreate(ops: NodeOps, rec: NodeRecord) -> NodeRecord:
     await ops.publish(EventKind.RESUMED, rec, Tier.ARCHIVED)
     if not await wait_ready(ops, rec, t0 + ops.cfg.node.creation_wait_seconds):
         raise NodeTimeout("Node restart timeout!")
+    await ops.egress_settled(rec)  # a new container: a new address
     rec.ready_at = time.time()
     await store.update_node(rec.id, ready_at=rec.ready_at)
     await ops.publish(EventKind.READY, rec)

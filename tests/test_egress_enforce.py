@@ -296,6 +296,22 @@ def test_a_session_is_handed_out_with_its_policy_already_in_force(start_manager,
         c.post("/release_session")
 
 
+def test_a_session_resumed_from_the_archive_calls_out_on_its_first_call(start_manager, net: Internet,
+                                                                        redis_client: Any, prefix: str) -> None:
+    """An archived session comes back in a new container, at a new address: the call that brings it
+    back runs only once that address has the session's policy in the firewall."""
+    m = enforcing(start_manager, net, node={"idle_grace_seconds": 0, "tiers": {"archive_after_seconds": 1.5}},
+                  checker={"interval_seconds": 0.3})
+    other = net.names["other.test"]
+    c = session(m.url, {"default": "deny", "allow": [f"{other}/32"]})
+    key = f"{prefix}:node:{c.cookies['node_id']}"
+    for _ in range(2):
+        wait_for(lambda: redis_client.hget(key, "status") == b"archived", timeout=30, what="the session archived")
+        out = probe(c, ["connect", other, 80])  # the call that resumes it
+        assert out[0]["what"] == "connected", out
+    c.post("/release_session")
+
+
 def node_ip(docker_client: Any, session_id: str) -> str:
     """The address of a session's container on its node network (the one the firewall's sets name)."""
     (c,) = docker_client.containers.list(filters={"label": f"{LABEL_SESSION}={session_id}"})

@@ -130,9 +130,7 @@ async def get_cookie(request: Request) -> Response:
     assert rec is not None
     if pol is not None:
         await egress.put(rt, rec.id, msgspec.to_builtins(pol), by="client")
-    agent = getattr(request.app.state, "egress_agent", None)
-    if agent is not None and rec.manager_id == rt.manager_id and await agent.in_force(rec.id) is False:
-        log.warning("egress_not_confirmed node_id=%s (handed out before its policy was seen in force)", rec.id[:12])
+    await rt.egress_settled(rec)  # the client's policy too, when it gave one
     metrics.SESSION_OPS.labels("create", "ok").inc()
     resp = json_response({"message": "add cookie", "version": rt.cfg.version},
                          headers={"Server": f"ToolServerManager/{rt.cfg.version}"})
