@@ -280,7 +280,8 @@ def test_engine_restart_recovers(private_engine: PrivateEngine, start_manager) -
 def test_readiness_is_the_managers_probe_of_health_path(start_manager, status: int, ready: bool) -> None:
     # the node runs and answers "/" either way; only node.health_path decides when it is ready
     # (XAgent's health_check switch is accepted and ignored: shared/config.py says why)
-    m = start_manager(node={"health_path": f"/diag?status={status}", "creation_wait_seconds": 3})
+    # a short wait only where it must run out: at load 8 a node that does answer took over 3 s (full run f3)
+    m = start_manager(node={"health_path": f"/diag?status={status}", "creation_wait_seconds": 30 if ready else 3})
     c = httpx.Client(base_url=m.url, timeout=30)
     r = c.post("/get_cookie")
     if not ready:
