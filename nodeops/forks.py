@@ -172,6 +172,8 @@ async def fork_local(ops: NodeOps, node_id: str, count: int) -> dict[str, Any]:
             if rec.egress:  # a copy goes where its source may go, no further
                 await egress.put(ops, r.id, msgspec.json.decode(rec.egress), by="fork")
             await ops.publish(EventKind.FORKED, r, node_id)
+        # the copies are handed out with their policy in the firewall, as a new session is
+        await asyncio.gather(*(ops.egress_settled(r) for r in made))
         failed = [r for r in results if not isinstance(r, NodeRecord)]
         elapsed = time.monotonic() - t0
         log.info("session_forked node_id=%s copies=%d from_pool=%d failed=%d stall_s=%.3f elapsed_s=%.3f",

@@ -312,6 +312,22 @@ def test_a_session_resumed_from_the_archive_calls_out_on_its_first_call(start_ma
     c.post("/release_session")
 
 
+def test_the_copies_of_a_fork_call_out_where_their_source_may_on_their_first_call(start_manager,
+                                                                                  net: Internet) -> None:
+    """A fork's copies take their source's policy and are handed out with it in the firewall."""
+    m = enforcing(start_manager, net)
+    other = net.names["other.test"]
+    src = session(m.url, {"default": "deny", "allow": [f"{other}/32"]})
+    r = src.post("/fork_session", json={"count": 2})
+    assert r.status_code == 200, r.text
+    for cid in r.json()["sessions"]:
+        copy = httpx.Client(base_url=m.url, timeout=60, cookies={"node_id": cid})
+        out = probe(copy, ["connect", other, 80], ["connect", net.spare, 443])
+        assert out[0]["what"] == "connected" and out[1]["what"] == "ECONNREFUSED", out
+        copy.post("/release_session")
+    src.post("/release_session")
+
+
 def node_ip(docker_client: Any, session_id: str) -> str:
     """The address of a session's container on its node network (the one the firewall's sets name)."""
     (c,) = docker_client.containers.list(filters={"label": f"{LABEL_SESSION}={session_id}"})
