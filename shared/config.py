@@ -369,7 +369,7 @@ class PoolConfig(Base):
     refill_quiet_seconds: float = 0.5
     # ... but waits for that at most this long: under steady demand the pool still refills; 0: never waits
     refill_defer_seconds: float = 5.0
-    max_age_seconds: float = 3600.0  # pooled nodes older than this are recycled
+    max_age_seconds: float = 3600.0  # pooled nodes that answered longer ago than this are recycled
     claim_timeout_seconds: float = 30.0  # a claimed node not delivered by then is released
     # a request sent to each pooled node once it answers, before a client can claim it, so the
     # client's first call does not pay the node's own first-call work (the reference node imports
