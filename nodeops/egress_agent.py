@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +101,24 @@ class EgressAgent:
         if not recs:
             return None
         want = egress.of_record(self.ops, recs[0])
-        deadline = time.monotonic() + timeout
-        self.full = True  # the engine is asked: the node may be new to this host
+
+        def applied() -> bool:
+            done = self.applied or {}
+            return any(sid == session_id and done.get(ip) == want for ip, sid in self.session_of.items())
+
+        return await self._synced_until(applied, timeout)
+
+    async def _synced_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Ask for a full sync (the engine is listed: a node may be new to this host) and wait until done()
+        holds; False if it still does not after timeout seconds."""
+        self.full = True
         self.poke.set()
-        while True:
-            applied = self.applied or {}
-            if any(sid == session_id and applied.get(ip) == want for ip, sid in self.session_of.items()):
-                return True
+        deadline = time.monotonic() + timeout
+        while not done():
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.02)
+        return True
 
     # --- resolver callbacks ---------------------------------------------------------------
     def policy_of(self, ip: str) -> EgressPolicy | None:
@@ -119,11 +128,7 @@ class EgressAgent:
         """The policy of an address not known yet, after a full sync now (None if it is still no node
         of this host): a session created through another replica asked before this one's sync saw it,
         and got REFUSED for its first names (seen in a full run)."""
-        self.full = True
-        self.poke.set()
-        deadline = time.monotonic() + UNKNOWN_WAIT_SECONDS
-        while ip not in self.by_ip and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._synced_until(lambda: ip in self.by_ip, UNKNOWN_WAIT_SECONDS)
         return self.by_ip.get(ip)
 
     async def learn(self, ip: str, name: str, addrs: list[tuple[str, int]]) -> None:

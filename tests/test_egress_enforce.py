@@ -19,11 +19,11 @@ import httpx
 import pytest
 
 from shared.egress import nft
-from shared.engines.docker.labels import LABEL_SESSION
 from shared.firewall import BRIDGE_PREFIXES
 from testing.harness import bridge_gateway, report
 from testing.internet import ALT_PORT, MANY, MANY_RECORDS, Internet, internet
 from tests.conftest import ADMIN_TOKEN, wait_for
+from tests.test_isolation import networks_of
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -291,7 +291,8 @@ def test_a_session_is_handed_out_with_its_policy_already_in_force(start_manager,
     for _ in range(3):
         c = session(m.url, {"default": "deny", "allow": [f"{other}/32"]})
         seen = nft.run(table)  # at once: nothing waited for between the answer and this read
-        ip = node_ip(docker_client, c.cookies["node_id"])
+        (net_of_node,) = networks_of(docker_client, c.cookies["node_id"]).values()
+        ip = net_of_node["IPAddress"]
         assert f"{ip} . {other}" in seen, f"{ip}'s allowed range not in the firewall when get_cookie answered"
         c.post("/release_session")
 
@@ -326,13 +327,6 @@ def test_the_copies_of_a_fork_call_out_where_their_source_may_on_their_first_cal
         assert out[0]["what"] == "connected" and out[1]["what"] == "ECONNREFUSED", out
         copy.post("/release_session")
     src.post("/release_session")
-
-
-def node_ip(docker_client: Any, session_id: str) -> str:
-    """The address of a session's container on its node network (the one the firewall's sets name)."""
-    (c,) = docker_client.containers.list(filters={"label": f"{LABEL_SESSION}={session_id}"})
-    (net,) = c.attrs["NetworkSettings"]["Networks"].values()
-    return str(net["IPAddress"])
 
 
 def assert_applied_within_a_second(url: str) -> None:

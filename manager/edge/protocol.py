@@ -480,6 +480,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self._ka_mine = False
         if self.transport.is_closing():
             return
+        # a raw request in flight, or one raw_reply handed to a cycle still answering (its end arms
+        # uvicorn's timer): counted from the raw request before, that answer was cut mid-stream
         busy = self._raw_req is not None or (self.cycle is not None and not self.cycle.response_complete)
         idle = 0.0 if busy else self.loop.time() - self._raw_seen
         if idle < self.timeout_keep_alive:
@@ -509,11 +511,6 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         assert self._raw_req is not None
         method, raw_path, path, headers, _, qs = self._raw_req
         self._raw_req = None
-        if self._ka_mine:
-            # the cycle's end arms uvicorn's timer; ours, counting from the raw request before this one,
-            # closed connections with this answer still streaming to them
-            self._unset_keepalive_if_required()
-            self._ka_mine = False
         scope: Any = {
             "type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"}, "http_version": "1.1",
             "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
