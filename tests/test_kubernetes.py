@@ -116,13 +116,23 @@ class Live:
             raise AssertionError(f"{exc}\n{self.diagnose(ns)}") from None
 
     def diagnose(self, ns: str) -> str:
-        """Pods' phases and conditions, and the last lines of each host's pod containers."""
+        """Pods' phases, conditions and events, the last lines of each host's pod containers, and the
+        kubelet's log of a host whose pod is not Ready (a pod stuck in ContainerCreating has no container
+        to read: why it is stuck is only in its events and its kubelet's log)."""
         out = []
+        stuck: set[str] = set()
         for p in self.kube.pods(ns):
             st = p["status"]
+            if not ready(p):
+                stuck.add(p["spec"].get("nodeName") or "")
             out.append(f"pod {p['metadata']['name']} on {p['spec'].get('nodeName')}: {st.get('phase')} "
                        f"{[(c['type'], c['status'], c.get('message', '')) for c in st.get('conditions', [])]} "
                        f"{[c.get('state') for c in st.get('containerStatuses', [])]}")
+        events = self.kube.api("GET", f"/api/v1/namespaces/{ns}/events").json().get("items", [])
+        for e in events[-40:]:
+            out.append(f"event {e.get('lastTimestamp')} {e['involvedObject'].get('name')} {e.get('reason')} "
+                       f"x{e.get('count')}: {e.get('message', '')[:300]}")
+        out.append(self.kube.logs([f"kubelet-{name}" for name in sorted(stuck) if name], tail=6000))
         for h in self.hosts.hosts:
             names = h.docker("ps", "-a", "--filter", "name=k8s_", "--format", "{{.Names}}", check=False).stdout.split()
             for name in names:
