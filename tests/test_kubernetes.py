@@ -132,7 +132,8 @@ class Live:
         for e in events[-40:]:
             out.append(f"event {e.get('lastTimestamp')} {e['involvedObject'].get('name')} {e.get('reason')} "
                        f"x{e.get('count')}: {e.get('message', '')[:300]}")
-        out.append(self.kube.logs([f"kubelet-{name}" for name in sorted(stuck) if name], tail=6000))
+        if stuck - {""}:
+            out.append(self.kube.logs([f"kubelet-{name}" for name in sorted(stuck - {""})], tail=6000))
         for h in self.hosts.hosts:
             ps = h.docker("ps", "-a", "--filter", "name=k8s_", "--format", "{{.Names}}", check=False)
             if ps.returncode != 0 or h.name in stuck:
