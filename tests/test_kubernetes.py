@@ -128,10 +128,14 @@ class Live:
             out.append(f"pod {p['metadata']['name']} on {p['spec'].get('nodeName')}: {st.get('phase')} "
                        f"{[(c['type'], c['status'], c.get('message', '')) for c in st.get('conditions', [])]} "
                        f"{[(c.get('state'), c.get('lastState'), c.get('restartCount')) for c in st.get('containerStatuses', [])]}")
-        events = self.kube.api("GET", f"/api/v1/namespaces/{ns}/events").json().get("items", [])
-        for e in events[-40:]:
-            out.append(f"event {e.get('lastTimestamp')} {e['involvedObject'].get('name')} {e.get('reason')} "
-                       f"x{e.get('count')}: {e.get('message', '')[:300]}")
+        try:
+            events = self.kube.api("GET", f"/api/v1/namespaces/{ns}/events").json().get("items", [])
+        except (httpx.HTTPError, ValueError) as exc:  # the diagnosis must not hide what it diagnoses
+            events = []
+            out.append(f"events of {ns} not read: {exc!r}")
+        for e in sorted(events, key=lambda e: e.get("lastTimestamp") or "")[-40:]:
+            out.append(f"event {e.get('lastTimestamp')} {e.get('involvedObject', {}).get('name')} {e.get('reason')} "
+                       f"x{e.get('count')}: {(e.get('message') or '')[:300]}")
         if stuck - {""}:
             out.append(self.kube.logs([f"kubelet-{name}" for name in sorted(stuck - {""})], tail=6000))
         for h in self.hosts.hosts:
