@@ -10,23 +10,19 @@ built as httpx builds it.
 
 from __future__ import annotations
 
-import functools
 import ssl
 from typing import Any
 
 from httpx._transports import default as _transports
 
+from toolserver_manager.transport import tls_context
+
 _build = _transports.create_ssl_context
 
 
-@functools.cache
-def _verifying() -> ssl.SSLContext:
-    return _build()
-
-
 def _shared(verify: Any = True, cert: Any = None, trust_env: bool = True) -> ssl.SSLContext:
-    if verify is True and cert is None and trust_env:
-        return _verifying()
+    if verify is True and cert is None:
+        return tls_context(True, trust_env)  # the client library's one context per CA setting
     return _build(verify=verify, cert=cert, trust_env=trust_env)
 
 

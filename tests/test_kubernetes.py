@@ -123,8 +123,8 @@ class Live:
         stuck: set[str] = set()
         for p in self.kube.pods(ns):
             st = p["status"]
-            if not ready(p):
-                stuck.add(p["spec"].get("nodeName") or "")
+            if not ready(p) and p["spec"].get("nodeName"):
+                stuck.add(p["spec"]["nodeName"])
             out.append(f"pod {p['metadata']['name']} on {p['spec'].get('nodeName')}: {st.get('phase')} "
                        f"{[(c['type'], c['status'], c.get('message', '')) for c in st.get('conditions', [])]} "
                        f"{[(c.get('state'), c.get('lastState'), c.get('restartCount')) for c in st.get('containerStatuses', [])]}")
@@ -136,8 +136,8 @@ class Live:
         for e in sorted(events, key=lambda e: e.get("lastTimestamp") or "")[-40:]:
             out.append(f"event {e.get('lastTimestamp')} {e.get('involvedObject', {}).get('name')} {e.get('reason')} "
                        f"x{e.get('count')}: {(e.get('message') or '')[:300]}")
-        if stuck - {""}:
-            out.append(self.kube.logs([f"kubelet-{name}" for name in sorted(stuck - {""})], tail=6000))
+        if stuck:
+            out.append(self.kube.logs([f"kubelet-{name}" for name in sorted(stuck)], tail=6000))
         for h in self.hosts.hosts:
             ps = h.docker("ps", "-a", "--filter", "name=k8s_", "--format", "{{.Names}}", check=False)
             if ps.returncode != 0 or h.name in stuck:
