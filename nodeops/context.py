@@ -79,8 +79,9 @@ class NodeOps:
             self.fresh_http = None
 
     async def egress_settled(self, rec: NodeRecord) -> None:
-        """Before a session of this host is handed out (made, resumed): wait until its egress policy is
-        in the firewall, or its first call races the agent's sync (a connection refused, full run f1)."""
+        """Before a session of this host is handed out (made, resumed) or its new policy is confirmed:
+        wait until its egress policy is in the firewall, or its first call races the agent's sync (a
+        connection refused, full run f1)."""
         if self.egress_in_force is None or rec.manager_id != self.manager_id:
             return
         if await self.egress_in_force(rec.id) is False:

@@ -41,7 +41,8 @@ async def get(ops: NodeOps, node_id: str | None) -> EgressPolicy:
 
 
 async def put(ops: NodeOps, node_id: str | None, raw: object, by: str) -> EgressPolicy:
-    """Validate and store a session's new policy, then announce it; BadRequest changes nothing."""
+    """Validate and store a session's new policy, announce it, and answer once this host's agent has
+    it in force (as a hand-out waits: egress_settled); BadRequest changes nothing."""
     pol = egress_policy.validate(raw)
     rec = await _record(ops, node_id)
     encoded = msgspec.json.encode(pol).decode()
@@ -50,6 +51,10 @@ async def put(ops: NodeOps, node_id: str | None, raw: object, by: str) -> Egress
     metrics.EGRESS_POLICY_CHANGES.labels(by).inc()
     await ops.store.publish(Event(type=EventKind.EGRESS_POLICY, node_id=rec.id, manager_id=rec.manager_id,
                                   replica_id=ops.replica.replica_id, detail=f"by={by} policy={encoded}"))
+    # a tightening the caller was told of must already hold for the node's next packet or query (a
+    # query made right after the answer was resolved by the old policy, full run f8)
+    if rec.status == NodeStatus.RUNNING:  # (one stopped or paused gets it when it runs again)
+        await ops.egress_settled(rec)
     return pol
 
 
