@@ -79,6 +79,7 @@ class ManagerApp:
         self.rules = HeaderRules(cfg)
         self.url_secrets = SECRET_PARAMS | {n.lower() for n in (cfg.client_auth.cookie, CONSOLE_COOKIE) if n}
         self._cookie_ids: dict[bytes, str | None] = {}
+        self.raw_heads: dict[bytes, protocol.RawHead] = {}  # the edge's memory of heads (its raw path)
         self._the_proxy: Proxy | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,22 +126,27 @@ class ManagerApp:
         start: everything it needs cached); False: the edge runs the direct handler instead."""
         return self.state.proxy.start(scope, self._cookie_id(scope["headers"]), reply)  # type: ignore[no-any-return]
 
-    def raw(self, edge: RawEdge, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]],
-            body: bytes, qs: bytes) -> bool:
+    def raw(self, edge: RawEdge, head: protocol.RawHead, body: bytes) -> bool:
         """A request the edge parsed itself (a plain head, its whole body here: manager/edge/protocol.py)
         that passes direct()'s checks, sent to its node as fast() sends one; False, with nothing done:
         the edge parses it as any other. Called only on the proxy's port."""
-        methods = self.proxied.get(path)
-        if methods is None or method not in methods or (qs and self._secret_in_query(qs)):
-            return False
-        # a request without a valid key goes the cycle's way, where __call__ answers its 401
-        if self.client_keys and not self.client_keys.allowed({"path": path, "headers": headers}):
+        ok = head.app_ok
+        if ok is None:  # the checks read only the head and the config: made once per known head
+            ok = head.app_ok = self._raw_ok(head)
+            head.node_id = self._cookie_id(head.headers)
+        if not ok:
             return False
         proxy = self._the_proxy
         if proxy is None:
             proxy = self._the_proxy = self.state.proxy  # (set at start-up; State's lookup is Python's)
-        return proxy.start_raw(method, target, path, headers, body,
-                               self._cookie_id(headers), edge)
+        return proxy.start_raw(head, body, edge)
+
+    def _raw_ok(self, head: protocol.RawHead) -> bool:
+        methods = self.proxied.get(head.path)
+        if methods is None or head.method not in methods or (head.qs and self._secret_in_query(head.qs)):
+            return False
+        # a request without a valid key goes the cycle's way, where __call__ answers its 401
+        return not (self.client_keys and not self.client_keys.allowed({"path": head.path, "headers": head.headers}))
 
     def _cookie_id(self, headers: list[tuple[bytes, bytes]]) -> str | None:
         """_node_cookie, remembered by the first Cookie header's bytes: a keep-alive client sends

@@ -244,6 +244,36 @@ class _Direct:
         self._start(self._cycle, app)
 
 
+class RawHead:
+    """A raw request's head as parsed (the request line's parts and its headers), remembered by its
+    bytes: a keep-alive client sends the same head with every request (wrk's, XAgent's for one tool),
+    and what a parse, the app's checks and the node's header block make of it are pure functions of
+    those bytes and the process's fixed config. Never changed once made; a layer above keeps what it
+    derives from it in its slots (the app its checks and session, the proxy the node's header block),
+    so that a known head is one dict lookup instead of a parse and three passes over its headers."""
+
+    __slots__ = ("app_ok", "body_len", "headers", "method", "node_block", "node_id", "node_known", "path", "qs",
+                 "raw_path", "target")
+
+    def __init__(self, method: str, raw_path: bytes, path: str, headers: list[tuple[bytes, bytes]], qs: bytes,
+                 body_len: int) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.path = path
+        self.headers = headers  # (read only: a cycle made for it gets a copy)
+        self.qs = qs
+        self.target = raw_path + b"?" + qs if qs else raw_path
+        self.body_len = body_len  # its Content-Length (0 without one): a known head's body is exactly this
+        self.app_ok: bool | None = None  # ManagerApp.raw's checks of it, once made
+        self.node_id: str | None = None  # the session its cookie names (with app_ok)
+        # the proxy's: its header lines as the node is sent them (None: not taken straight), once known
+        self.node_block: bytes | None = None
+        self.node_known = False
+
+
+RAW_HEADS_MAX = 4096  # heads remembered per app (a new one past it starts the memory afresh)
+
+
 class _RawParse:
     """The raw path's own parser of a whole request, with the callbacks uvicorn's makes (names
     lowered, values without trailing blanks), and no scope."""
@@ -296,7 +326,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         # target, path, headers, body), bytes that came meanwhile, and what its answers need
         self._raw_app: Any = None
         self._rp: _RawParse | None = None
-        self._raw_req: tuple[str, bytes, str, list[tuple[bytes, bytes]], bytes, bytes] | None = None
+        self._raw_req: RawHead | None = None
+        self._raw_heads: dict[bytes, RawHead] = {}  # the app's memory of heads (RawHead), once known
         self._held = b""
         self._held_paused = False
         self._clean = True  # no request partly parsed by httptools
@@ -329,6 +360,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if getattr(app, "raw", None) is not None and not self.root_path and self.limit_concurrency is None \
                 and not self.access_log and not (self.server and self.server[1] == app.console_port):
             self._raw_app = app
+            self._raw_heads = app.raw_heads
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -389,6 +421,12 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         nothing done: the request goes httptools' way as before."""
         if len(data) > self._head_limit:
             return False  # (the cycle's way counts its head and refuses one too large)
+        at = data.find(b"\r\n\r\n") + 4
+        if at > 4:
+            known = self._raw_heads.get(data[:at])
+            # a head seen before, with exactly its body: what the parse below made of it then
+            if known is not None and len(data) - at == known.body_len:
+                return self._raw_go(known, data[at:] if known.body_len else b"")
         method = _RAW_METHODS.get(data[:4]) or _RAW_METHODS.get(data[:5])
         if method is None:
             return False
@@ -410,8 +448,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return False
         target = rp.url
         raw_path, _, qs = target.partition(b"?")  # (what httptools.parse_url makes of such a target)
-        at = len(method) + 1 + len(target)  # the request line as parsed: "METHOD target HTTP/1.1"
-        if data[at:at + 11] != b" HTTP/1.1\r\n" or target[:1] != b"/" or target[:2] == b"//" \
+        line = len(method) + 1 + len(target)  # the request line as parsed: "METHOD target HTTP/1.1"
+        if data[line:line + 11] != b" HTTP/1.1\r\n" or target[:1] != b"/" or target[:2] == b"//" \
                 or b"%" in raw_path or b"#" in target:
             return False
         for k, v in headers:
@@ -424,8 +462,18 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             path = raw_path.decode("ascii")
         except UnicodeDecodeError:
             return False
-        self._raw_req = (method, raw_path, path, headers, body, qs)
-        if not self._raw_app.raw(self, method, raw_path + b"?" + qs if qs else raw_path, path, headers, body, qs):
+        head = RawHead(method, raw_path, path, headers, qs, len(body))
+        # remembered only where the parse's head ended at the first blank line, as a lookup finds it
+        # (a head of bare LFs may end before a CRLF pair inside the body)
+        if at == len(data) - len(body):
+            if len(self._raw_heads) >= RAW_HEADS_MAX:
+                self._raw_heads.clear()
+            self._raw_heads[data[:at]] = head
+        return self._raw_go(head, body)
+
+    def _raw_go(self, head: RawHead, body: bytes) -> bool:
+        self._raw_req = head
+        if not self._raw_app.raw(self, head, body):
             self._raw_req = None
             return False
         if self._head_timer is not None:
@@ -434,7 +482,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()  # uvicorn's would close the connection under the request
         return True
 
-    def raw_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+    def raw_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, block: bytes = b"") -> bool:
         """The raw request's whole answer in one write, as _Direct.send_now writes it; False, with
         nothing done, when it needs the cycle's way (a client not reading). The caller vouches for the
         headers: what send_now checks (uvicorn's HEADER_RE, HEADER_VALUE_RE) they pass, as any that
@@ -451,8 +499,11 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         if dh is not self._dh_of:  # a new list each second (the date)
             self._dh_of, self._dh = dh, b"".join([k + b": " + v + b"\r\n" for k, v in dh])
         out = [STATUS_LINE.get(status) or b"HTTP/1.1 %d \r\n" % status, self._dh]
-        for k, v in headers:
-            out += (k, b": ", v, b"\r\n")
+        if block:  # headers' lines, made once for a remembered head (manager/proxy/upstream.py KnownHead)
+            out.append(block)
+        else:
+            for k, v in headers:
+                out += (k, b": ", v, b"\r\n")
         out.append(_replica)
         if self._raw_close:
             out.append(b"connection: close\r\n")
@@ -509,13 +560,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         """The raw request's cycle, made as uvicorn makes it, and the direct reply through it: for an
         answer the raw path does not write (streamed, failed, retried, to a client not reading)."""
         assert self._raw_req is not None
-        method, raw_path, path, headers, _, qs = self._raw_req
+        head = self._raw_req
         self._raw_req = None
+        headers = list(head.headers)  # (the app may change its scope's; the remembered head stays)
         scope: Any = {
             "type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"}, "http_version": "1.1",
             "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
-            "headers": headers, "state": self.app_state.copy(), "method": method, "path": path,
-            "raw_path": raw_path, "query_string": qs}
+            "headers": headers, "state": self.app_state.copy(), "method": head.method, "path": head.path,
+            "raw_path": head.raw_path, "query_string": head.qs}
         cork = self._cork
         if cork is not None:
             scope["extensions"] = {CORK_EXTENSION: {"cork": cork.cork}}

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from manager.edge import errors_http
 from manager.edge.client_auth import ClientIds, ClientKeys
-from manager.edge.protocol import CORK_EXTENSION
+from manager.edge.protocol import CORK_EXTENSION, RawHead
 from manager.proxy.forwarding import HeaderRules
 from manager.proxy.upstream import (
     ConnectFailed,
@@ -196,16 +196,39 @@ class Proxy:
             target += b"?" + qs
         return self._launch(scope["method"], target, scope["path"], scope["headers"], node_id, scope, reply, None, b"")
 
-    def start_raw(self, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
-                  node_id: str | None, edge: RawEdge) -> bool:
+    def start_raw(self, head: RawHead, body: bytes, edge: RawEdge) -> bool:
         """start() for a request the edge parsed itself (manager/edge/protocol.py, the raw path): no
         scope and no cycle unless its answer needs one (_RawFlight); False, with nothing done, when
         start() would refuse it."""
-        return self._launch(method, target, path, headers, node_id, None, None, edge, body)
+        if not head.node_known:  # the head's lines as the node is sent them: a pure function of it, made once
+            head.node_block, head.node_known = self._node_block(head.headers), True
+        block = head.node_block
+        if block is None:
+            return False
+        return self._launch(head.method, head.target, head.path, head.headers, head.node_id, None, None, edge, body,
+                            block)
+
+    def _node_block(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """The request's header lines as its node is sent them (no hop-by-hop header, no credential
+        of the manager's); None when the request is not for start(): re-framed, naming headers to drop,
+        or through another replica (forward()'s checks)."""
+        kept = []
+        for k, v in headers:
+            if k in HOP_BY_HOP:
+                if k == b"transfer-encoding" or (k == b"connection" and v.strip().lower() not in _PLAIN):
+                    return None
+                continue
+            if k == _VIA:
+                return None
+            kept.append((k, v))
+        lines: list[bytes] = []
+        for k, v in self.for_node(kept) if self.client_keys else self.rules.to_node(kept):
+            lines += (k, b": ", v, b"\r\n")
+        return b"".join(lines)
 
     def _launch(self, method: str, target: bytes, path: str, headers: list[tuple[bytes, bytes]],
                 node_id: str | None, scope: Scope | None, reply: Reply | None, edge: RawEdge | None,
-                body: bytes) -> bool:
+                body: bytes, block: bytes | None = None) -> bool:
         rt = self.rt
         if node_id is None:
             return False
@@ -226,18 +249,10 @@ class Proxy:
         key = route[2]
         if rt.circuits.is_open(key[0]):
             return False
-        lines = [method.encode(), b" ", target, route[3]]
-        kept = []
-        for k, v in headers:
-            if k in HOP_BY_HOP:
-                if k == b"transfer-encoding" or (k == b"connection" and v.strip().lower() not in _PLAIN):
-                    return False  # re-framed, or naming headers to drop: forward()'s way
-                continue
-            if k == _VIA:
-                return False  # through another replica: forward()'s checks
-            kept.append((k, v))
-        for k, v in self.for_node(kept) if self.client_keys else self.rules.to_node(kept):
-            lines += (k, b": ", v, b"\r\n")
+        if block is None:
+            block = self._node_block(headers)
+            if block is None:
+                return False
         conn = self.pool.idle(key)
         if conn is None:
             return False
@@ -247,11 +262,11 @@ class Proxy:
             flight = _Flight(self, reply, rec, key, path, bool(body))
         else:
             flight = _RawFlight(self, edge, rec, key, path, bool(body))  # type: ignore[arg-type]
-        lines += (b"\r\n", body)
         rt.activity.begin(rec.id, rec.manager_id)  # ended when the flight lands or hands off
         if body:
             metrics.DEFERRED.inc(metrics.PROXY_BYTES_IN, len(body))
-        self.pool.send(conn, b"".join(lines), flight, self._timeouts.get(path, self._default_timeout))
+        self.pool.send(conn, b"".join((method.encode(), b" ", target, route[3], block, b"\r\n", body)), flight,
+                       self._timeouts.get(path, self._default_timeout))
         return True
 
     def _route(self, rec: NodeRecord) -> tuple[NodeRecord, Any, tuple[str, int], bytes, str] | None:
@@ -469,10 +484,18 @@ class _Flight:
             conn.abort()
         proxy.rt.activity.end(rec.id)
         proxy._answered(self.path, self.t0, status, len(body))
-        self._deliver(status, proxy.rules.from_node(headers, HOP_BY_HOP), body)
+        known = conn.known
+        if known is None:
+            self._deliver(status, proxy.rules.from_node(headers, HOP_BY_HOP), body, b"")
+            return
+        client = known.client
+        if client is None:  # a remembered head's headers as the client gets them: made once
+            client = known.client = proxy.rules.from_node(headers, HOP_BY_HOP)
+            known.block = b"".join([k + b": " + v + b"\r\n" for k, v in client])
+        self._deliver(status, client, body, known.block)
 
-    def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """The node's whole small answer to the client."""
+    def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes, block: bytes) -> None:
+        """The node's whole small answer to the client (block: raw as head lines, when known)."""
         reply = self._reply()
         if not reply.write_paused:
             try:
@@ -491,7 +514,8 @@ class _Flight:
 class RawEdge(Protocol):
     """The edge's side of a request it parsed itself (manager/edge/protocol.py EdgeHttpProtocol)."""
 
-    def raw_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool: ...
+    def raw_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, block: bytes = b"") -> bool:
+        ...
 
     def raw_reply(self) -> Reply: ...
 
@@ -514,12 +538,12 @@ class _RawFlight(_Flight):
             self.reply = self.edge.raw_reply()
         return self.reply
 
-    def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def _deliver(self, status: int, raw: list[tuple[bytes, bytes]], body: bytes, block: bytes) -> None:
         # the node's headers came through httptools, which refuses what uvicorn would; the proxy's
         # own added ones were checked once (HeaderRules.added_valid)
-        if self.reply is None and self.proxy.rules.added_valid and self.edge.raw_answer(status, raw, body):
+        if self.reply is None and self.proxy.rules.added_valid and self.edge.raw_answer(status, raw, body, block):
             return
-        super()._deliver(status, raw, body)
+        super()._deliver(status, raw, body, block)
 
 
 def _error_app(err: ManagerError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:

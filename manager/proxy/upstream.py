@@ -108,6 +108,26 @@ class Flight(Protocol):
         """The whole response is in (conn.complete), or the exchange failed (conn.error)."""
 
 
+class KnownHead:
+    """A node's response head as parsed, remembered by its bytes (UpstreamPool.heads): a node answers
+    one route with the same head (its date changes once a second), and what the parser makes of it
+    is a pure function of those bytes. Only a final, kept-alive answer framed by one Content-Length
+    is remembered; a read that is exactly such a head and its whole body skips the parser. Never
+    changed once made; the proxy keeps what it derives from it (the client's headers) in its slots."""
+
+    __slots__ = ("block", "client", "headers", "length", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], length: int) -> None:
+        self.status = status
+        self.headers = headers  # (read only: a parse makes a new list for the next response)
+        self.length = length
+        self.client: list[tuple[bytes, bytes]] | None = None  # the proxy's: the headers a client is sent
+        self.block = b""  # the proxy's: those as head lines (with client)
+
+
+KNOWN_HEADS_MAX = 4096  # response heads remembered per pool (past it, the memory starts afresh)
+
+
 class _Stray(Exception):
     """Bytes after the framed end of a response: parsing stops there."""
 
@@ -162,6 +182,8 @@ class _Conn(asyncio.Protocol):
         self.paused_reading = False
         self.got_bytes = False
         self.keep_alive = False
+        self.heads = 0  # heads parsed for this request (interim ones too)
+        self.known: KnownHead | None = None  # its final head, when remembered (UpstreamPool.heads)
 
     @property
     def head_done(self) -> asyncio.Future[None]:
@@ -193,6 +215,14 @@ class _Conn(asyncio.Protocol):
             # are, they must never become the next request's response
             self.abort()
             return
+        first = not self.got_bytes
+        if first and self.flight is not None:
+            at = data.find(b"\r\n\r\n") + 4
+            if at > 4:
+                known = self.pool.heads.get(data[:at])
+                if known is not None and len(data) - at == known.length:
+                    self._known_answer(known, data[at:])
+                    return
         self.got_bytes = True
         limit = self.limits.head_bytes
         if self.in_head and limit and self.head_bytes + len(data) <= limit:
@@ -218,6 +248,8 @@ class _Conn(asyncio.Protocol):
             self._fail(UpstreamError("node switched protocols on a plain request"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"bad response from node: {exc}"))
+        if first and self.complete and self.heads == 1 and self.error is None:
+            self._remember(data)
         if self.flight is not None:
             if self.complete:
                 # told after the parser is done with this read: bytes after the response's end
@@ -274,6 +306,7 @@ class _Conn(asyncio.Protocol):
         self.in_head = False
         self.head_bytes = 0
         self.tail = b""
+        self.heads += 1
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 100 Continue, 103 Early Hints: not the answer, wait for it
@@ -282,8 +315,11 @@ class _Conn(asyncio.Protocol):
             # a second final response to one request: the node is out of step with us
             self._fail(UpstreamError("node sent more than one response"))
             return
+        self._final_head(status, self.parser.should_keep_alive())  # (only meaningful before the body)
+
+    def _final_head(self, status: int, keep_alive: bool) -> None:
         self.status = status
-        self.keep_alive = self.parser.should_keep_alive()  # only meaningful before the body
+        self.keep_alive = keep_alive
         self.head_ok = True
         if self._head_fut is not None:
             self._head_fut.set_result(None)  # (not done: _head_over above)
@@ -306,6 +342,47 @@ class _Conn(asyncio.Protocol):
             return
         self.complete = True
         self._wake()
+
+    # --- remembered heads (KnownHead) -------------------------------------------------------
+    def _known_answer(self, known: KnownHead, body: bytes) -> None:
+        """A first read that is a remembered head and exactly its body: what the parser's callbacks
+        would do with it (a head, the body, the end), without the parser. The parser stands between
+        messages, as after parsing one whole."""
+        self.got_bytes = True
+        self.heads = 1
+        self.in_head = False
+        self.known = known
+        self.headers = known.headers
+        self._final_head(known.status, True)
+        if body:
+            self.on_body(body)
+        self.on_message_complete()
+        if self.flight is not None:  # (head() hands a large answer to a task: it reads the chunks)
+            self._land()
+
+    def _remember(self, data: bytes) -> None:
+        """The first read held one whole answer (no interim head): remembered by its head's bytes when
+        a lookup of the next such read finds the same (final, kept alive, one Content-Length)."""
+        status = self.status
+        if not self.keep_alive or status < 200 or status in (204, 304):
+            return
+        length = -1
+        for k, v in self.headers:
+            if k == b"content-length":
+                if length >= 0 or not v.isdigit():
+                    return
+                length = int(v)
+            elif k == b"transfer-encoding":
+                return
+        at = data.find(b"\r\n\r\n") + 4
+        # the parse's head ended at the first blank line (not a head of bare LFs, with a CRLF pair
+        # in its body), and the body was all of the rest
+        if length < 0 or at < 4 or len(data) - at != length or self.buffered != length:
+            return
+        heads = self.pool.heads
+        if len(heads) >= KNOWN_HEADS_MAX:
+            heads.clear()
+        self.known = heads[data[:at]] = KnownHead(status, self.headers, length)
 
     # --- helpers ------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -526,6 +603,7 @@ class UpstreamPool:
         self.max_idle_per_host = max_idle_per_host
         self.keepalive_seconds = keepalive_seconds  # TCP keep-alive idle time; 0: the system's
         self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
+        self.heads: dict[bytes, KnownHead] = {}  # response heads by their bytes (KnownHead)
 
     def abort_host(self, host: str, why: str) -> int:
         """End every request in flight to a host now (its circuit opened); how many there were."""
