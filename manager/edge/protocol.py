@@ -271,7 +271,10 @@ class RawHead:
         self.node_known = False
 
 
-RAW_HEADS_MAX = 4096  # heads remembered per app (a new one past it starts the memory afresh)
+# heads remembered per app, and the longest (a client's own make hundreds of bytes): a client sending
+# a new head each time costs at most ~4 MiB of keys, and a new one past the count starts afresh
+RAW_HEADS_MAX = 2048
+RAW_HEAD_BYTES_MAX = 2048
 
 
 class _RawParse:
@@ -464,8 +467,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             return False
         head = RawHead(method, raw_path, path, headers, qs, len(body))
         # remembered only where the parse's head ended at the first blank line, as a lookup finds it
-        # (a head of bare LFs may end before a CRLF pair inside the body)
-        if at == len(data) - len(body):
+        # (were bare LFs ever parsed, such a head could end before a CRLF pair inside the body)
+        if at == len(data) - len(body) and at <= RAW_HEAD_BYTES_MAX:
             if len(self._raw_heads) >= RAW_HEADS_MAX:
                 self._raw_heads.clear()
             self._raw_heads[data[:at]] = head

@@ -125,7 +125,10 @@ class KnownHead:
         self.block = b""  # the proxy's: those as head lines (with client)
 
 
-KNOWN_HEADS_MAX = 4096  # response heads remembered per pool (past it, the memory starts afresh)
+# response heads remembered per pool, and the longest: a node sending a new head with each answer
+# costs at most ~4 MiB of keys (and others a parse, as before: a lookup finds only what parsing finds)
+KNOWN_HEADS_MAX = 2048
+KNOWN_HEAD_BYTES_MAX = 2048
 
 
 class _Stray(Exception):
@@ -377,7 +380,7 @@ class _Conn(asyncio.Protocol):
         at = data.find(b"\r\n\r\n") + 4
         # the parse's head ended at the first blank line (not a head of bare LFs, with a CRLF pair
         # in its body), and the body was all of the rest
-        if length < 0 or at < 4 or len(data) - at != length or self.buffered != length:
+        if length < 0 or at < 4 or at > KNOWN_HEAD_BYTES_MAX or len(data) - at != length or self.buffered != length:
             return
         heads = self.pool.heads
         if len(heads) >= KNOWN_HEADS_MAX:
