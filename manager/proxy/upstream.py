@@ -112,8 +112,9 @@ class KnownHead:
     """A node's response head as parsed, remembered by its bytes (UpstreamPool.heads): a node answers
     one route with the same head (its date changes once a second), and what the parser makes of it
     is a pure function of those bytes. Only a final, kept-alive answer framed by one Content-Length
-    is remembered; a read that is exactly such a head and its whole body skips the parser. Never
-    changed once made; the proxy keeps what it derives from it (the client's headers) in its slots."""
+    is remembered; a first read that is such a head and no more than its body skips the parser, and
+    the rest of the body is counted to that length as the parser would. Never changed once made; the
+    proxy keeps what it derives from it (the client's headers) in its slots."""
 
     __slots__ = ("block", "client", "headers", "length", "status")
 
@@ -186,6 +187,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.keep_alive = False
         self.heads = 0  # heads parsed for this request (interim ones too)
+        self.rest = 0  # body bytes still to come after a remembered head (its Content-Length framing)
         self.known: KnownHead | None = None  # its final head, when remembered (UpstreamPool.heads)
 
     @property
@@ -218,12 +220,16 @@ class _Conn(asyncio.Protocol):
             # are, they must never become the next request's response
             self.abort()
             return
+        if self.rest:  # a remembered head's body, still coming
+            self._known_body(data)
+            return
         first = not self.got_bytes
         if first and self.flight is not None:
             at = data.find(b"\r\n\r\n") + 4
             if at > 4:
                 known = self.pool.heads.get(data[:at])
-                if known is not None and len(data) - at == known.length:
+                # (a node's server often writes the head and the body apart: the body may come later)
+                if known is not None and len(data) - at <= known.length:
                     self._known_answer(known, data[at:])
                     return
         self.got_bytes = True
@@ -251,7 +257,7 @@ class _Conn(asyncio.Protocol):
             self._fail(UpstreamError("node switched protocols on a plain request"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"bad response from node: {exc}"))
-        if first and self.complete and self.heads == 1 and self.error is None:
+        if first and self.head_ok and self.heads == 1 and self.error is None:
             self._remember(data)
         if self.flight is not None:
             if self.complete:
@@ -348,24 +354,41 @@ class _Conn(asyncio.Protocol):
 
     # --- remembered heads (KnownHead) -------------------------------------------------------
     def _known_answer(self, known: KnownHead, body: bytes) -> None:
-        """A first read that is a remembered head and exactly its body: what the parser's callbacks
-        would do with it (a head, the body, the end), without the parser. The parser stands between
-        messages, as after parsing one whole."""
+        """A first read that is a remembered head and at most its body: what the parser's callbacks
+        would do with it (the head, the body as it comes, the end), without the parser. The parser
+        stands between messages, as after parsing one whole."""
         self.got_bytes = True
         self.heads = 1
         self.in_head = False
         self.known = known
         self.headers = known.headers
-        self._final_head(known.status, True)
-        if body:
-            self.on_body(body)
-        self.on_message_complete()
-        if self.flight is not None:  # (head() hands a large answer to a task: it reads the chunks)
-            self._land()
+        self.rest = known.length
+        self._final_head(known.status, True)  # (head() hands a large answer to a task: it reads the chunks)
+        self._known_body(body)
+
+    def _known_body(self, data: bytes) -> None:
+        """Body bytes after a remembered head, framed by its Content-Length as the parser frames them:
+        the answer ends at its length, and bytes after that end drop the connection (_Stray's way)."""
+        stray = len(data) > self.rest
+        if stray:
+            data = data[:self.rest]
+        if data:
+            self.rest -= len(data)
+            self.on_body(data)
+        if not self.rest:
+            self.on_message_complete()
+        if stray:
+            self.abort()
+        if self.flight is not None:
+            if self.complete:
+                self._land()
+            elif self.body_seen and self.timeout is not None:
+                self.body_seen = False  # (the read timeout runs between reads of the body)
+                self.deadline = self.loop.time() + self.timeout
 
     def _remember(self, data: bytes) -> None:
-        """The first read held one whole answer (no interim head): remembered by its head's bytes when
-        a lookup of the next such read finds the same (final, kept alive, one Content-Length)."""
+        """The first read held the one final head (no interim one) and nothing past its body: the head
+        is remembered by its bytes when it is final, kept alive and framed by one Content-Length."""
         status = self.status
         if not self.keep_alive or status < 200 or status in (204, 304):
             return
@@ -378,9 +401,10 @@ class _Conn(asyncio.Protocol):
             elif k == b"transfer-encoding":
                 return
         at = data.find(b"\r\n\r\n") + 4
-        # the parse's head ended at the first blank line (not a head of bare LFs, with a CRLF pair
-        # in its body), and the body was all of the rest
-        if length < 0 or at < 4 or at > KNOWN_HEAD_BYTES_MAX or len(data) - at != length or self.buffered != length:
+        # the parse's head ended at the first blank line (httptools refuses bare LFs; a head of them
+        # could end before a CRLF pair in its body), and the rest of the read was body
+        if length < 0 or at < 4 or at > KNOWN_HEAD_BYTES_MAX or len(data) - at > length \
+                or self.buffered != len(data) - at:
             return
         heads = self.pool.heads
         if len(heads) >= KNOWN_HEADS_MAX:

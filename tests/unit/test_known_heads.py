@@ -89,20 +89,46 @@ async def test_a_remembered_response_head_gives_each_request_its_own_body() -> N
         pool.close()
 
 
-async def test_a_known_head_not_followed_by_exactly_its_body_is_parsed_as_any() -> None:
+async def test_a_known_head_whose_body_comes_later_is_framed_by_its_length_as_the_parser_frames_it() -> None:
+    node = await Counting().start()
+    pool = UpstreamPool()
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
+    try:
+        # a node's server that writes the head and the body apart: remembered all the same
+        node.next.append(head + b"<PAUSE>0001")
+        assert await fly(pool, node.port) == ((200, b"0001", True), False)
+        assert list(pool.heads) == [head]
+        # the body after the head, in one later read or in pieces: whole, the connection kept
+        node.next.append(head + b"<PAUSE>abcd")
+        assert await fly(pool, node.port) == ((200, b"abcd", True), True)
+        node.next.append(head + b"a<PAUSE>b<PAUSE>cd")
+        assert await fly(pool, node.port) == ((200, b"abcd", True), True)
+        # more bytes than its body in a later read (a second answer nobody asked for): the answer is
+        # its own, the connection dropped, never pooled with the stray answer waiting in it
+        node.next.append(head + b"ab<PAUSE>cdHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
+        assert await fly(pool, node.port) == ((200, b"abcd", False), True)
+        # ... or in the first read: the parser's way, the same outcome
+        node.next.append(head + b"wxyzHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
+        assert await fly(pool, node.port) == ((200, b"wxyz", False), False)
+        assert (await fly(pool, node.port))[0] == (200, b"0001", True)
+    finally:
+        node.close()
+        pool.close()
+
+
+async def test_a_node_that_stops_within_a_known_heads_body_fails_the_request_as_a_parsed_one() -> None:
     node = await Counting().start()
     pool = UpstreamPool()
     head = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
     try:
         assert (await fly(pool, node.port))[0] == (200, b"0001", True)
-        # its body in a later read: whole all the same
-        node.next.append(head + b"ab<PAUSE>cd")
-        assert await fly(pool, node.port) == ((200, b"abcd", True), False)
-        # more bytes than its body (a second answer nobody asked for): the answer is its own, the
-        # connection dropped, never pooled with the stray answer waiting in it
-        node.next.append(head + b"wxyzHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
-        assert await fly(pool, node.port) == ((200, b"wxyz", False), False)
-        assert (await fly(pool, node.port))[0] == (200, b"0002", True)
+        node.next.append(head + b"ab<PAUSE>")  # then nothing more: the read timeout ends it
+        conn = pool.idle(("127.0.0.1", node.port))
+        assert conn is not None
+        flight = Seeing()
+        pool.send(conn, b"GET /n HTTP/1.1\r\nhost: x\r\n\r\n", flight, 0.3)
+        kind, err, _ = await asyncio.wait_for(flight.done, 10)
+        assert kind == "error" and isinstance(err, upstream.UpstreamTimeout) and flight.known == [True]
     finally:
         node.close()
         pool.close()
