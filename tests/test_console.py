@@ -184,7 +184,7 @@ def test_wrong_token_refused_right_one_logs_in_without_leaking_it(manager: Manag
     assert ADMIN_TOKEN not in manager.logs()
 
 
-def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserContext) -> None:
+def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserContext, docker_client: Any) -> None:
     page = logged_in(context, manager.console_url)
     page.goto(manager.console_url + "/ui/#/sessions")
     page.wait_for_selector("#sessions:not([hidden])")
@@ -213,7 +213,11 @@ def test_session_lifecycle_from_the_page(manager: ManagerProc, context: BrowserC
     try:
         page.wait_for_selector("#terminal:has-text('term-42-ok')", timeout=60_000)
     except PlaywrightTimeout:
-        raise AssertionError(f"the terminal showed: {page.inner_text('#terminal')!r}") from None
+        # once in a full run (f10) nothing came back in 60 s and nothing closed: say what each side saw
+        found = docker_client.containers.list(all=True, filters={"label": f"toolserver-manager.session_id={node_id}"})
+        node_log = found[0].logs(tail=40).decode(errors="replace") if found else "(no container)"
+        raise AssertionError(f"the terminal showed: {page.inner_text('#terminal')!r}\n--- manager log (tail) ---\n"
+                             f"{manager.logs()[-4000:]}\n--- node log (tail) ---\n{node_log}") from None
     page.screenshot(path=str(RESULTS / "console-terminal.png"), full_page=True)
 
     page.goto(manager.console_url + "/ui/#/cluster")  # charts have sampled /metrics since the login
