@@ -504,8 +504,11 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
     # nodes check the secret derived from this key: a reinstall that generated a new one gets 401
     # from every node left behind (seen here), so NOTES tell the operator to keep it
     key = live.secret(DS, DS, "node-secret-key")
+    took: dict[str, float] = {}  # each phase's seconds: the test took 37-126 s in full runs
+    t0 = time.monotonic()
     live.helm("uninstall", DS, "-n", DS, "--wait", "--timeout", "2m")
     wait_for(lambda: live.kube.pods(DS) == [], timeout=120, what="no pod left in the release's namespace")
+    took["uninstall"] = time.monotonic() - t0
     # the nodes of the uninstalled managers stay on their engines, as NOTES say: reported here
     out("\n| host | nodes left after helm uninstall (session: state) | workspace volumes |\n"
                      "| --- | --- | --- |\n")
@@ -521,18 +524,27 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
     assert found == left_behind, (found, left_behind)
     try:
         # as NOTES say, a reinstall with the same Redis and node secret key serves them again
+        t0 = time.monotonic()
         live.helm("install", DS, str(CHART), "-n", DS, "-f", str(st["values"]), "--set", f"secrets.nodeSecretKey={key}",
                   "--wait", "--timeout", "3m")
         live.wait_pods_ready(DS, 2)
+        took["reinstall"] = time.monotonic() - t0
         port = live.node_port(DS, DS)
-        firsts = [served(f"http://{live.h1.addr}:{port}", nid, timeout=60) for nid in sorted(left_behind)]
+        firsts, each = [], []
+        for nid in sorted(left_behind):
+            t0 = time.monotonic()
+            firsts.append(served(f"http://{live.h1.addr}:{port}", nid, timeout=60))
+            each.append(round(time.monotonic() - t0, 1))
+        took["first calls"] = sum(each)
         assert [r.status_code for r in firsts] == [200] * len(firsts), [r.text[:100] for r in firsts]
-        firsts = [f"{len(firsts)} x 200"]
-        out(f"\nfirst call of each left session after the reinstall: {firsts}\n")
+        out(f"\nfirst call of each left session after the reinstall: {len(firsts)} x 200, seconds each {each}\n")
     finally:
+        t0 = time.monotonic()
         live.helm("uninstall", DS, "-n", DS, "--wait", "--timeout", "2m")
         wait_for(lambda: live.kube.pods(DS) == [], timeout=120, what="no pod left after the second uninstall")
         remove_nodes(live)
+        took["second uninstall"] = time.monotonic() - t0
+        out(f"uninstall test phases, s: { {k: round(v, 1) for k, v in took.items()} }\n")
     for h in live.hosts.hosts:
         assert containers(h) == {}
 
