@@ -11,6 +11,7 @@ machine (its containers lack CAP_SYS_RESOURCE), so hostIsolation and Docker-in-D
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
@@ -506,9 +507,11 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
     key = live.secret(DS, DS, "node-secret-key")
     took: dict[str, float] = {}  # each phase's seconds: the test took 37-126 s in full runs
     t0 = time.monotonic()
+    slow = _watch_termination(live, DS, after=15.0)
     live.helm("uninstall", DS, "-n", DS, "--wait", "--timeout", "2m")
     wait_for(lambda: live.kube.pods(DS) == [], timeout=120, what="no pod left in the release's namespace")
     took["uninstall"] = time.monotonic() - t0
+    slow.set()
     # the nodes of the uninstalled managers stay on their engines, as NOTES say: reported here
     out("\n| host | nodes left after helm uninstall (session: state) | workspace volumes |\n"
                      "| --- | --- | --- |\n")
@@ -547,6 +550,32 @@ def test_uninstall_leaves_no_pod_and_reports_the_nodes(live: Live, daemonset: di
         out(f"uninstall test phases, s: { {k: round(v, 1) for k, v in took.items()} }\n")
     for h in live.hosts.hosts:
         assert containers(h) == {}
+
+
+def _watch_termination(live: Live, namespace: str, after: float) -> threading.Event:
+    """Until the event is set: the log of each pod still there `after` seconds from now, printed once
+    (what a pod that outlives its SIGTERM was doing: the uninstall took up to the grace period)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(after):
+            return
+        with contextlib.suppress(httpx.HTTPError, RuntimeError):
+            for pod in live.kube.pods(namespace):
+                name, host = pod["metadata"]["name"], pod["spec"].get("nodeName")
+                # (the API server cannot reach a kubelet by its name here: the host's engine is asked)
+                text = ""
+                for h in live.hosts.hosts:
+                    if h.name == host:
+                        ids = h.docker("ps", "-aq", "--filter", f"label=io.kubernetes.pod.name={name}", "--filter",
+                                       "label=io.kubernetes.container.name=manager").stdout.split()
+                        logs = h.docker("logs", "--tail", "25", ids[0], check=False) if ids else None
+                        text = (logs.stdout + logs.stderr) if logs is not None else "(no container)"
+                out(f"\npod {name} on {host} still there {after:g} s into the uninstall "
+                    f"(phase {pod['status'].get('phase')}); its log:\n{text[-3000:]}\n")
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
 
 
 def remove_nodes(live: Live) -> None:
