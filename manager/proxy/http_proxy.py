@@ -431,7 +431,9 @@ class _Flight:
 
     def head(self, conn: Any) -> None:
         length: int | None = 0
-        if conn.status not in (204, 304):  # (no body whatever the headers say: Response's rule)
+        if conn.known is not None:
+            length = conn.known.length  # (a remembered head's one Content-Length, found when it was parsed)
+        elif conn.status not in (204, 304):  # (no body whatever the headers say: Response's rule)
             length = None
             for k, v in conn.headers:
                 if k == b"content-length":

@@ -8,6 +8,8 @@ bounded, whatever a client or a node sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from manager.edge import protocol
@@ -16,21 +18,17 @@ from manager.proxy.upstream import UpstreamPool
 from tests.unit.test_raw_path import NID, Edge, Node, answers, get, post, until, with_node
 from tests.unit.test_upstream_flight import Flight
 
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"  # the counting node's, for every body of 4 bytes
 
-class Counting:
+
+class Counting(Node):
     """A node answering every request with the same head and a body of its own (the request's number),
     or with what ``next`` holds for the next request (then back to counting)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.n = 0
         self.next: list[bytes] = []
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-
-    async def start(self) -> Counting:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -44,14 +42,23 @@ class Counting:
                         await writer.drain()
                     continue
                 self.n += 1
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n%04d" % self.n)
+                writer.write(HEAD + b"%04d" % self.n)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
+
+@contextlib.asynccontextmanager
+async def counting() -> AsyncIterator[tuple[Counting, UpstreamPool]]:
+    """A counting node and a pool of connections to it, both closed after."""
+    node = Counting()
+    await node.start()
+    pool = UpstreamPool()
+    try:
+        yield node, pool
+    finally:
+        node.close()
+        pool.close()
 
 
 class Seeing(Flight):
@@ -76,68 +83,49 @@ async def fly(pool: UpstreamPool, port: int) -> tuple[Any, bool]:
 
 
 async def test_a_remembered_response_head_gives_each_request_its_own_body() -> None:
-    node = await Counting().start()
-    pool = UpstreamPool()
-    try:
+    async with counting() as (node, pool):
         got = [await fly(pool, node.port) for _ in range(5)]
         assert [g[0] for g in got] == [(200, b"%04d" % i, True) for i in range(1, 6)]
         # the first was parsed (and remembered), the others found by their head's bytes
         assert [g[1] for g in got] == [False, True, True, True, True]
-        assert list(pool.heads) == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"]
-    finally:
-        node.close()
-        pool.close()
+        assert list(pool.heads) == [HEAD]
 
 
 async def test_a_known_head_whose_body_comes_later_is_framed_by_its_length_as_the_parser_frames_it() -> None:
-    node = await Counting().start()
-    pool = UpstreamPool()
-    head = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
-    try:
+    async with counting() as (node, pool):
         # a node's server that writes the head and the body apart: remembered all the same
-        node.next.append(head + b"<PAUSE>0001")
+        node.next.append(HEAD + b"<PAUSE>0001")
         assert await fly(pool, node.port) == ((200, b"0001", True), False)
-        assert list(pool.heads) == [head]
+        assert list(pool.heads) == [HEAD]
         # the body after the head, in one later read or in pieces: whole, the connection kept
-        node.next.append(head + b"<PAUSE>abcd")
+        node.next.append(HEAD + b"<PAUSE>abcd")
         assert await fly(pool, node.port) == ((200, b"abcd", True), True)
-        node.next.append(head + b"a<PAUSE>b<PAUSE>cd")
+        node.next.append(HEAD + b"a<PAUSE>b<PAUSE>cd")
         assert await fly(pool, node.port) == ((200, b"abcd", True), True)
         # more bytes than its body in a later read (a second answer nobody asked for): the answer is
         # its own, the connection dropped, never pooled with the stray answer waiting in it
-        node.next.append(head + b"ab<PAUSE>cdHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
+        node.next.append(HEAD + b"ab<PAUSE>cdHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
         assert await fly(pool, node.port) == ((200, b"abcd", False), True)
         # ... or in the first read: the parser's way, the same outcome
-        node.next.append(head + b"wxyzHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
+        node.next.append(HEAD + b"wxyzHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
         assert await fly(pool, node.port) == ((200, b"wxyz", False), False)
         assert (await fly(pool, node.port))[0] == (200, b"0001", True)
-    finally:
-        node.close()
-        pool.close()
 
 
 async def test_a_node_that_stops_within_a_known_heads_body_fails_the_request_as_a_parsed_one() -> None:
-    node = await Counting().start()
-    pool = UpstreamPool()
-    head = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
-    try:
+    async with counting() as (node, pool):
         assert (await fly(pool, node.port))[0] == (200, b"0001", True)
-        node.next.append(head + b"ab<PAUSE>")  # then nothing more: the read timeout ends it
+        node.next.append(HEAD + b"ab<PAUSE>")  # then nothing more: the read timeout ends it
         conn = pool.idle(("127.0.0.1", node.port))
         assert conn is not None
         flight = Seeing()
         pool.send(conn, b"GET /n HTTP/1.1\r\nhost: x\r\n\r\n", flight, 0.3)
         kind, err, _ = await asyncio.wait_for(flight.done, 10)
         assert kind == "error" and isinstance(err, upstream.UpstreamTimeout) and flight.known == [True]
-    finally:
-        node.close()
-        pool.close()
 
 
 async def test_only_a_final_kept_alive_answer_framed_by_one_length_is_remembered() -> None:
-    node = await Counting().start()
-    pool = UpstreamPool()
-    try:
+    async with counting() as (node, pool):
         for answer, body in (
                 (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nr1", b"r1"),  # interim first
                 (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nr2\r\n0\r\n\r\n", b"r2"),
@@ -150,23 +138,15 @@ async def test_only_a_final_kept_alive_answer_framed_by_one_length_is_remembered
         node.next.append(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nr4")
         assert (await fly(pool, node.port))[0] == (200, b"r4", False)
         assert pool.heads == {}
-    finally:
-        node.close()
-        pool.close()
 
 
 async def test_the_memory_of_heads_stays_bounded_whatever_a_node_sends(monkeypatch: Any) -> None:
     monkeypatch.setattr(upstream, "KNOWN_HEADS_MAX", 8)
-    node = await Counting().start()
-    pool = UpstreamPool()
-    try:
+    async with counting() as (node, pool):
         for i in range(30):
             node.next.append(b"HTTP/1.1 200 OK\r\nx-n: %d\r\ncontent-length: 2\r\n\r\nok" % i)
             assert (await fly(pool, node.port))[0] == (200, b"ok", True)
             assert len(pool.heads) <= 8
-    finally:
-        node.close()
-        pool.close()
 
 
 async def test_a_known_request_head_is_sent_with_its_own_body_and_answered_as_a_parsed_one() -> None:
